@@ -1,0 +1,1 @@
+"""Model adapters: make a model run as any sub-network ψ."""

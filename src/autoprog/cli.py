@@ -1,0 +1,202 @@
+"""``autoprog`` command line: ``pretrain`` one run, ``compare`` several methods side by side.
+
+Every option has a default; ``autoprog compare`` with no arguments runs the built-in default
+comparison on Fashion-MNIST. Options can also come from a YAML file (``--config``) whose keys are the
+option names with ``_`` for ``-``; options given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from .errors import AutoprogError, ConfigError
+from .growth import GROWTH_OPERATORS
+from .schedules import METHODS
+from .train import TrainConfig
+
+DEFAULT_COMPARE_METHODS = "original,prog,progstack"
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit",
+                   help="'vit' (built-in, timm-style) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224 (default: vit)")
+    g.add_argument("--img-size", type=_positive_int, help="full input resolution (default: the dataset's, 224 for timm)")
+    g.add_argument("--patch-size", type=_positive_int, help="patch size (built-in default 4)")
+    g.add_argument("--depth", type=_positive_int, help="number of transformer blocks (built-in default 6)")
+    g.add_argument("--embed-dim", type=_positive_int, help="embedding width (built-in default 64)")
+    g.add_argument("--num-heads", type=_positive_int, help="attention heads (built-in default 4)")
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate (default: 0)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist, digits, or a path to an ImageFolder directory (train/ and val/) "
+                        "(default: fashion-mnist)")
+    g.add_argument("--data-root", help="where Fashion-MNIST's .gz files are (default: /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--subset", type=int, default=10000,
+                   help="train on this many training images (fixed random subset; 0 = all) (default: 10000)")
+    g.add_argument("--eval-samples", type=int, default=2000,
+                   help="test images for the per-epoch evaluation; the last epoch always uses the whole "
+                        "test set (0 = always all) (default: 2000)")
+    g.add_argument("--workers", type=int, default=0, help="data-loader workers for ImageFolder data (default: 0)")
+
+    g = p.add_argument_group("growth")
+    g.add_argument("--growth", choices=sorted(GROWTH_OPERATORS),
+                   help="growth operator (default: mogrow; stacking for progstack)")
+    g.add_argument("--num-stages", type=_positive_int, default=4, help="number of stages (default: 4)")
+    g.add_argument("--start-ratio", type=float, default=0.5,
+                   help="initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25 (default: 0.5)")
+    g.add_argument("--schedule", help="schedule.json to replay with --method fixed")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=d.epochs, help=f"training epochs (default: {d.epochs:g})")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"batch size per process (default: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate (default: {d.lr:g})")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help=f"final cosine learning rate (default: {d.min_lr:g})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay:g})")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help=f"linear warm-up length (default: {d.warmup_epochs:g})")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"(default: {d.label_smoothing:g})")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default: {d.grad_clip:g})")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help=f"momentum m of the EMA network MoGrow copies from (default: {d.ema_decay:g}, the paper's)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="mixed precision through Accelerate (default: no)")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    g.add_argument("--no-flops", action="store_true", help="skip counting FLOPs per step")
+    g.add_argument("--config", help="YAML file of option values (keys: option names with '_')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoprog",
+        description="Automated progressive learning: train vision transformers faster by growing them "
+                    "(patches and depth) during training.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="train one model with a growth schedule",
+                       description="Pre-train a ViT with a growth schedule. Writes OUT/results.json, "
+                                   "OUT/schedule.json and a resumable checkpoint in OUT/checkpoint/.")
+    p.add_argument("--method", choices=METHODS, default="prog",
+                   help="original (full model), prog (uniform linear growth), progstack (progressive stacking), "
+                        "fixed (replay --schedule) (default: prog)")
+    p.add_argument("--out", help="output directory (required unless --resume)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--stop-after-epochs", type=_positive_int,
+                   help="stop after this many epochs, keeping the checkpoint (continue with --resume)")
+    _add_common(p)
+
+    c = sub.add_parser("compare", help="train several methods side by side and report speed-up and accuracy",
+                       description="Train each method with the same seed, data and settings; write OUT/summary.json, "
+                                   "OUT/summary.md and OUT/curves.png. With no arguments: the built-in default "
+                                   "comparison on Fashion-MNIST. Re-running with the same --out reuses finished "
+                                   "runs and resumes unfinished ones.")
+    c.add_argument("--methods", default=DEFAULT_COMPARE_METHODS,
+                   help=f"comma-separated methods; original is always included (default: {DEFAULT_COMPARE_METHODS})")
+    c.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    c.add_argument("--no-budget-baseline", action="store_true",
+                   help="skip original@budget: the original trained for the wall-clock of the fastest "
+                        "progressive method, with its learning rate fully decayed in that time")
+    _add_common(c)
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        import yaml
+
+        try:
+            with open(args.config) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read --config {args.config}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {args.config} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {args.config} must be a mapping of option: value")
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        known = {a.dest for a in sub._actions}
+        unknown = [k for k in values if k.replace("-", "_") not in known]
+        if unknown:
+            raise ConfigError(f"--config {args.config}: unknown option(s) {', '.join(unknown)}")
+        sub.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        args = parser.parse_args(argv)
+    return args
+
+
+def spec_from_args(args: argparse.Namespace, method: str):
+    from .runner import RunSpec
+
+    if not 0.0 < args.start_ratio <= 1.0:
+        raise ConfigError(f"--start-ratio must be in (0, 1], got {args.start_ratio}")
+    tc = {f.name for f in fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in {
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.min_lr,
+        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+        "label_smoothing": args.label_smoothing, "grad_clip": args.grad_clip or None,
+        "ema_decay": args.ema_decay, "seed": args.seed, "eval_samples": args.eval_samples or None,
+        "num_workers": args.workers, "count_flops": not args.no_flops,
+        "stop_after_epochs": getattr(args, "stop_after_epochs", None),
+    }.items() if k in tc})
+    return RunSpec(
+        method=method, growth=args.growth, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
+        depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads, drop_path=args.drop_path,
+        dataset=args.dataset, data_root=args.data_root, subset=args.subset or None, num_stages=args.num_stages,
+        start_ratio=args.start_ratio, schedule=args.schedule, train=train,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parse(parser, argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        from accelerate import Accelerator
+
+        from . import runner
+
+        acc = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+        if args.command == "pretrain":
+            if args.resume:
+                runner.pretrain(None, args.resume, acc, resume=True)
+                return 0
+            if not args.out:
+                raise ConfigError("pretrain needs --out DIR (or --resume DIR)")
+            res = runner.pretrain(spec_from_args(args, args.method), args.out, acc)
+            s = res["summary"]
+            acc.print(f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of training; "
+                      f"results in {args.out}/results.json")
+        else:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            runner.compare(spec_from_args(args, "original"), methods, args.out,
+                           budget_baseline=not args.no_budget_baseline, accelerator=acc)
+            acc.print(f"wrote {args.out}/summary.json, summary.md, curves.png")
+        return 0
+    except AutoprogError as e:
+        print(f"autoprog: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoprog: interrupted; the last finished epoch is checkpointed (continue with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Datasets: Fashion-MNIST (from the Debian package), scikit-learn digits, and any ImageFolder directory.
+
+Small datasets are held in memory as uint8 tensors and augmented a whole batch at a time; ImageFolder
+data goes through torchvision transforms in loader workers. Either way a loader yields ``(x, y)`` and
+:meth:`DataBundle.prepare` turns ``x`` into normalised float images at the dataset's image size. The
+model adapter then resizes them to the current sub-network's resolution.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FIX = "install it with `apt-get install dataset-fashion-mnist` or pass --data-root DIR"
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+}
+DATASETS = ("fashion-mnist", "digits", "<ImageFolder directory>")
+
+
+class TensorImages(Dataset):
+    """uint8 images ``(N, C, H, W)`` and int64 labels, fetched a whole batch at a time."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise DataError("TensorImages needs uint8 images (N, C, H, W) and one label per image")
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+    def subset(self, indices: torch.Tensor) -> TensorImages:
+        return TensorImages(self.images[indices], self.labels[indices])
+
+
+def _collate_batched(batch):
+    """Batches from ``__getitems__`` are already stacked; collate single items the usual way."""
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+@dataclass
+class DataBundle:
+    """A train/test pair plus what a model needs to know about it."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_memory: bool = True
+    hflip: bool = True
+    pad: int = 2
+
+    def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+               num_workers: int = 0, limit: int | None = None) -> DataLoader:
+        ds = self.train if split == "train" else self.test
+        if limit is not None and limit < len(ds):
+            ds = _take(ds, limit, seed=1234)
+        g = torch.Generator().manual_seed(seed)
+        kw = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g)
+        if self.in_memory:
+            return DataLoader(ds, collate_fn=_collate_batched, **kw)
+        return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
+
+    def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 → normalised float; for training, random translation (±pad px) and horizontal flips."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+            if train:
+                x = _augment(x, self.pad, self.hflip, generator)
+            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x
+
+
+def _take(ds: Dataset, n: int, seed: int) -> Dataset:
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(ds, TensorImages):
+        return ds.subset(idx)
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+def _augment(x: torch.Tensor, pad: int, hflip: bool, generator: torch.Generator | None) -> torch.Tensor:
+    b, _, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
+    if hflip:
+        flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+# ------------------------------------------------------------------------------------ Fashion-MNIST
+def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}; {FASHION_MNIST_FIX}") from e
+    if len(raw) < 4 + 4 * expect_dims:
+        raise DataError(f"{path} is truncated; reinstall: {FASHION_MNIST_FIX}")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08 or ndim != expect_dims:
+        raise DataError(f"{path} is not an IDX uint8 file with {expect_dims} dims; {FASHION_MNIST_FIX}")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} has {data.size} bytes of data, header says {dims}; {FASHION_MNIST_FIX}")
+    return data.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}; {FASHION_MNIST_FIX}")
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None) -> DataBundle:
+    root = Path(root or FASHION_MNIST_ROOT)
+    if not root.is_dir():
+        raise DataError(f"Fashion-MNIST not found at {root}: {FASHION_MNIST_FIX}")
+    splits = {}
+    for split, (img, lab, n) in FASHION_FILES.items():
+        x = _read_idx(_find(root, img), 3)
+        y = _read_idx(_find(root, lab), 1)
+        if len(x) != len(y) or x.shape[1:] != (28, 28):
+            raise DataError(f"Fashion-MNIST {split} split in {root} is malformed; {FASHION_MNIST_FIX}")
+        if len(x) != n:
+            raise DataError(f"Fashion-MNIST {split} split has {len(x)} images, expected {n}; {FASHION_MNIST_FIX}")
+        splits[split] = TensorImages(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+    return DataBundle("fashion-mnist", splits["train"], splits["test"], 10, 1, 28, (0.2860,), (0.3530,))
+
+
+# ----------------------------------------------------------------------------------------- digits
+def load_digits() -> DataBundle:
+    """scikit-learn's 8×8 handwritten digits (1797 images), split 80/20 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
+    tr, te = torch.from_numpy(tr), torch.from_numpy(te)
+    full = TensorImages(x, y)
+    return DataBundle("digits", full.subset(tr), full.subset(te), 10, 1, 8, (0.3,), (0.4,), hflip=False, pad=1)
+
+
+# ------------------------------------------------------------------------------------ ImageFolder
+def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBundle:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), torchvision's ImageFolder layout."""
+    from torchvision import datasets, transforms
+
+    root = Path(root)
+    train_dir = root / "train"
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    train_tf = transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    test_tf = transforms.Compose([
+        transforms.Resize(int(image_size * 1.14)),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    try:
+        train = datasets.ImageFolder(str(train_dir), transform=_rgb(train_tf))
+        test = datasets.ImageFolder(str(test_dir), transform=_rgb(test_tf))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read ImageFolder dataset at {root}: {e}") from e
+    if train.classes != test.classes:
+        raise DataError(f"{train_dir} and {test_dir} have different class folders")
+    return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False)
+
+
+def _rgb(tf: Callable) -> Callable:
+    return lambda img: tf(img.convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------------ entry
+def load_dataset(name: str, data_root: str | None = None, subset: int | None = None, image_size: int | None = None,
+                 seed: int = 0) -> DataBundle:
+    """Load a dataset by name (``fashion-mnist``, ``digits``) or as an ImageFolder directory path."""
+    key = name.lower().replace("_", "-")
+    if key in ("fashion-mnist", "fashionmnist"):
+        bundle = load_fashion_mnist(data_root)
+    elif key == "digits":
+        bundle = load_digits()
+    elif key == "imagefolder" or Path(name).is_dir():
+        path = data_root if key == "imagefolder" else name
+        if not path:
+            raise DataError("--dataset imagefolder needs --data-root DIR")
+        bundle = load_image_folder(path, image_size or 32)
+    else:
+        raise DataError(f"unknown dataset {name!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
+    if subset is not None:
+        if subset < 1:
+            raise DataError(f"--subset must be positive, got {subset}")
+        if subset < len(bundle.train):
+            bundle.train = _take(bundle.train, subset, seed)
+    return bundle

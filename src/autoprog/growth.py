@@ -1,0 +1,171 @@
+"""Growth operators ζ (Appendix A) and the momentum network MoGrow copies from (Eq. 3-4).
+
+A growth operator maps the weights of the smaller sub-network ψ_s onto the blocks of the larger ψ_ℓ.
+Following the paper, layer index *i* is counted from the classifier side: i = 0 is the last block.
+
+* ``randinit``:      ω_ℓ^i = ω_s^i for i < l_s, new blocks randomly initialised        (Eq. 20)
+* ``stacking``:      ω_ℓ^i = ω_s^(i mod l_s)                                          (Eq. 21)
+* ``interpolation``: ω_ℓ^i = ω_s^⌊i·l_s/l_ℓ⌋, i.e. each new block copies its nearest  (Eq. 22)
+                     neighbour, inserted starting from the final layers
+* ``identity``:      interpolation, with every inserted copy gated by a zero-initialised learnable
+                     scalar (ReZero), so the network function is unchanged at the moment of growth
+* ``mogrow``:        interpolation from the momentum (EMA) network: ω_k = ζ_Interp(ω̃_{k-1})   (Eq. 4)
+
+Operators change weights only; the trainer remaps optimizer state with the returned block map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters.vit import ElasticViT
+from .errors import ConfigError
+from .space import SubNet
+
+MAPPINGS = ("randinit", "stacking", "interpolation")
+
+
+def depth_mapping(kind: str, n_src: int, n_dst: int) -> list[int | None]:
+    """Source block (forward position in ψ_s) for each forward position of ψ_ℓ; ``None`` = random init."""
+    if kind not in MAPPINGS:
+        raise ConfigError(f"unknown depth mapping {kind!r}; choose from {', '.join(MAPPINGS)}")
+    if n_dst < n_src:
+        raise ConfigError(f"cannot grow from depth {n_src} to a smaller depth {n_dst}")
+    out: list[int | None] = []
+    for j in range(n_dst):
+        i = n_dst - 1 - j  # index from the classifier side
+        if kind == "randinit":
+            src_i = i if i < n_src else None
+        elif kind == "stacking":
+            src_i = i % n_src
+        else:
+            src_i = (i * n_src) // n_dst
+        out.append(None if src_i is None else n_src - 1 - src_i)
+    return out
+
+
+def inserted_positions(mapping: list[int | None]) -> list[int]:
+    """Positions of ψ_ℓ that are new copies (for a monotone interpolation map: repeats of the previous)."""
+    return [j for j in range(1, len(mapping)) if mapping[j] is not None and mapping[j] == mapping[j - 1]]
+
+
+@dataclass
+class GrowthResult:
+    """What a growth did. ``block_map`` maps destination block → source block (``None``: re-initialised)."""
+
+    block_map: dict[int, int | None]
+    gated: list[int] = field(default_factory=list)
+    from_momentum: bool = False
+
+    def changed(self) -> bool:
+        return any(src != dst for dst, src in self.block_map.items()) or bool(self.gated)
+
+
+class GrowthOperator:
+    """Initialise a larger sub-network from a smaller one. Subclasses pick the depth mapping."""
+
+    name = "base"
+    mapping = "interpolation"
+    from_momentum = False
+    rezero = False
+
+    def grow(self, model: ElasticViT, ema: ElasticViT | None, src: SubNet, dst: SubNet) -> GrowthResult:
+        """Write ψ_ℓ=``dst``'s block weights into ``model`` (and ``ema`` if given) from ψ_s=``src``."""
+        if dst.depth < src.depth or dst.resolution < src.resolution:
+            raise ConfigError(f"growth must not shrink the network: {src} -> {dst}")
+        if self.from_momentum and ema is None:
+            raise ConfigError(f"growth operator {self.name!r} needs the momentum (EMA) network")
+        mapping = depth_mapping(self.mapping, src.depth, dst.depth)
+        src_phys, dst_phys = src.active_blocks, dst.active_blocks
+        block_map = {dst_phys[j]: (None if m is None else src_phys[m]) for j, m in enumerate(mapping)}
+        if self.from_momentum:
+            model.load_state_dict(ema.state_dict())
+        _copy_blocks(model, block_map)
+        if ema is not None:
+            _copy_blocks(ema, block_map)
+            for d, s in block_map.items():
+                if s is None:  # same fresh weights in both copies
+                    ema.blocks[d].load_state_dict(model.blocks[d].state_dict())
+        gated = []
+        if self.rezero:
+            gated = [dst_phys[j] for j in inserted_positions(mapping)]
+            for net in (model, ema) if ema is not None else (model,):
+                for d in gated:
+                    net.set_gate(d, 0.0)
+        return GrowthResult(block_map, gated, self.from_momentum)
+
+
+def _copy_blocks(model: ElasticViT, block_map: dict[int, int | None]) -> None:
+    """Copy block weights by ``block_map`` (snapshotting sources first, so maps may overlap)."""
+    sources = {s for s in block_map.values() if s is not None}
+    snap = {s: ({k: v.detach().clone() for k, v in model.blocks[s].state_dict().items()}, model.gated(s))
+            for s in sources}
+    with torch.no_grad():
+        for d, s in block_map.items():
+            if s is None:
+                model.set_gate(d, None)
+                model.reset_block(d)
+                continue
+            if s == d:
+                continue
+            state, gated = snap[s]
+            model.set_gate(d, 0.0 if gated else None)  # match the source's structure before loading
+            model.blocks[d].load_state_dict(state)
+
+
+class RandInit(GrowthOperator):
+    name, mapping = "randinit", "randinit"
+
+
+class Stacking(GrowthOperator):
+    name, mapping = "stacking", "stacking"
+
+
+class Interpolation(GrowthOperator):
+    name, mapping = "interpolation", "interpolation"
+
+
+class Identity(GrowthOperator):
+    name, mapping, rezero = "identity", "interpolation", True
+
+
+class MoGrow(GrowthOperator):
+    name, mapping, from_momentum = "mogrow", "interpolation", True
+
+
+GROWTH_OPERATORS: dict[str, type[GrowthOperator]] = {
+    cls.name: cls for cls in (RandInit, Stacking, Interpolation, Identity, MoGrow)
+}
+
+
+def get_growth_operator(name: str) -> GrowthOperator:
+    try:
+        return GROWTH_OPERATORS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown growth operator {name!r}; choose from {', '.join(GROWTH_OPERATORS)}") from None
+
+
+class MomentumNetwork:
+    """The momentum network ω̃ ← m·ω̃ + (1-m)·ω, updated after every optimizer step (Eq. 3).
+
+    A thin wrapper over timm's ``ModelEmaV3`` that also serves as the evaluation (EMA) model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.998):
+        from timm.utils import ModelEmaV3
+
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {decay}")
+        self._ema = ModelEmaV3(model, decay=decay)
+        for p in self._ema.module.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._ema.module
+
+    def update(self, model: nn.Module) -> None:
+        self._ema.update(model)

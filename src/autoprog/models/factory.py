@@ -1,0 +1,77 @@
+"""Build a ViT by name: ``vit`` (built-in) or ``timm:<model>`` (any timm VisionTransformer / DeiT)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ConfigError
+from .vit import VisionTransformer
+
+
+@dataclass
+class ModelOverrides:
+    """Architecture options; ``None`` keeps the model's own value."""
+
+    img_size: int | None = None
+    patch_size: int | None = None
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.0
+
+
+BUILTIN_DEFAULTS = dict(img_size=28, patch_size=4, depth=6, embed_dim=64, num_heads=4)
+
+
+def build_model(name: str, num_classes: int, in_chans: int, overrides: ModelOverrides | None = None) -> nn.Module:
+    """Create an untrained model. Nothing is downloaded: timm models are built with ``pretrained=False``."""
+    o = overrides or ModelOverrides()
+    if name == "vit":
+        cfg = dict(BUILTIN_DEFAULTS)
+        for k in cfg:
+            if getattr(o, k) is not None:
+                cfg[k] = getattr(o, k)
+        if cfg["embed_dim"] % cfg["num_heads"]:
+            raise ConfigError(f"--embed-dim {cfg['embed_dim']} is not divisible by --num-heads {cfg['num_heads']}")
+        if cfg["img_size"] % cfg["patch_size"]:
+            raise ConfigError(f"--img-size {cfg['img_size']} is not divisible by --patch-size {cfg['patch_size']}")
+        return VisionTransformer(
+            num_classes=num_classes, in_chans=in_chans, drop_path_rate=o.drop_path, **cfg
+        )
+    if name.startswith("timm:"):
+        return _build_timm(name.removeprefix("timm:"), num_classes, in_chans, o)
+    raise ConfigError(f"unknown model {name!r}: use 'vit' (built-in) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224")
+
+
+def _build_timm(name: str, num_classes: int, in_chans: int, o: ModelOverrides) -> nn.Module:
+    import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models("*vit*") + timm.list_models("deit*"), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown timm model {name!r}{hint}")
+    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, dynamic_img_size=True)
+    if o.drop_path:
+        kwargs["drop_path_rate"] = o.drop_path
+    for k in ("img_size", "patch_size", "depth", "embed_dim", "num_heads"):
+        if getattr(o, k) is not None:
+            kwargs[k] = getattr(o, k)
+    if o.embed_dim is not None and o.num_heads is None:
+        kwargs["num_heads"] = max(1, o.embed_dim // 32)
+    if "img_size" in kwargs or "patch_size" in kwargs:
+        probe = timm.create_model(name, pretrained=False, num_classes=0)
+        img = kwargs.get("img_size", probe.patch_embed.img_size[0])
+        patch = kwargs.get("patch_size", probe.patch_embed.patch_size[0])
+        if img % patch:
+            raise ConfigError(f"--img-size {img} is not divisible by the patch size {patch}")
+    try:
+        model = timm.create_model(name, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"cannot build timm model {name!r} with {kwargs}: {e}") from e
+    if not isinstance(model, TimmViT):
+        raise ConfigError(f"timm model {name!r} is a {type(model).__name__}, not a VisionTransformer/DeiT")
+    return model

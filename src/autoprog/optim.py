@@ -1,0 +1,78 @@
+"""Optimizer helpers: AdamW parameter groups, and keeping optimizer state right when the model grows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters.vit import ElasticViT
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; no decay for biases, norms, tokens, position embeddings and ReZero gates (1-D/0-D)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+
+
+def sync_params(optimizer: torch.optim.Optimizer, model: nn.Module, weight_decay: float) -> None:
+    """Point the optimizer's groups at the model's current parameters (after gates were added/removed).
+
+    State of parameters that still exist is kept; state of removed parameters is dropped.
+    """
+    groups = param_groups(model, weight_decay)
+    live = {id(p) for g in groups for p in g["params"]}
+    for p in list(optimizer.state):
+        if id(p) not in live:
+            del optimizer.state[p]
+    for old, new in zip(optimizer.param_groups, groups):
+        old["params"] = new["params"]
+
+
+def remap_block_state(optimizer: torch.optim.Optimizer, model: ElasticViT, block_map: dict[int, int | None]) -> None:
+    """Move optimizer state along with the weights a growth copied: block ``dst`` gets ``src``'s moments.
+
+    Re-initialised blocks (source ``None``) start with no state, as a fresh parameter would.
+    """
+    def block_state(i):
+        return {n: {k: v.clone() for k, v in optimizer.state[p].items()}
+                for n, p in model.blocks[i].named_parameters() if p in optimizer.state}
+
+    snap = {s: block_state(s) for s in set(block_map.values()) if s is not None}
+    for d, s in block_map.items():
+        if s == d:
+            continue
+        src = snap.get(s, {}) if s is not None else {}
+        for n, p in model.blocks[d].named_parameters():
+            optimizer.state.pop(p, None)
+            if n in src:
+                optimizer.state[p] = {k: v.clone() for k, v in src[n].items()}
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Optimizer state keyed by parameter name, for safetensors."""
+    names = {p: n for n, p in model.named_parameters()}
+    out = {}
+    for p, st in optimizer.state.items():
+        if p not in names:
+            continue
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            out[f"{names[p]}::{k}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    optimizer.state.clear()
+    for key, v in tensors.items():
+        name, k = key.rsplit("::", 1)
+        p = params.get(name)
+        if p is None:
+            continue
+        optimizer.state.setdefault(p, {})[k] = v.to(p.device) if k != "step" else v.clone()

@@ -1,0 +1,53 @@
+"""Comparison reports: the Table-3-style markdown table and the accuracy-against-time curves (Fig. 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def summary_markdown(rows: list[dict], title: str = "") -> str:
+    """One row per method: runtime, speed-up, theoretical (FLOPs) speed-up, top-1, EMA top-1."""
+    lines = [f"## {title}", ""] if title else []
+    lines += [
+        "| method | growth | schedule | wall time (s) | speed-up | FLOPs speed-up | top-1 (%) | EMA top-1 (%) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = r["method"] + (f" (budget of {r['budget_of']})" if r.get("budget_of") else "")
+        lines.append(
+            f"| {name} | {r.get('growth') or '–'} | {r.get('schedule_str') or '–'} | {_fmt(r['wall_time_s'], '.1f')} | "
+            f"{_fmt(r.get('speedup'), '.2f')}× | {_fmt(r.get('flops_speedup'), '.2f')}× | "
+            f"{_fmt(r.get('top1'), '.2f')} | {_fmt(r.get('top1_ema'), '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def schedule_string(schedule: dict) -> str:
+    return " → ".join(f"{s['resolution']}px·{s['depth']}" for s in schedule.get("stages", []))
+
+
+def plot_curves(histories: dict[str, list[dict]], path: str | Path, ylabel: str = "top-1 (%)",
+                key: str = "top1") -> None:
+    """Metric against cumulative training time, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method, hist in histories.items():
+        pts = [(h["train_time_s"], h[key]) for h in hist if h.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", markersize=3, label=method)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,166 @@
+"""Library entry points: one pre-training run (:func:`pretrain`) and a side-by-side comparison (:func:`compare`).
+
+The defaults of :class:`RunSpec` and :class:`~autoprog.train.TrainConfig` are the built-in default
+experiment: a ViT on a 10k-image Fashion-MNIST subset, sized to run on a 2-core CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .adapters.vit import ElasticViT
+from .data import load_dataset
+from .errors import ConfigError
+from .growth import get_growth_operator
+from .models.factory import ModelOverrides, build_model
+from .report import plot_curves, schedule_string, summary_markdown
+from .schedules import METHODS, build_schedule
+from .train import CHECKPOINT_DIR, TrainConfig, Trainer
+
+BUDGET_SUFFIX = "@budget"
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a pre-training run besides the output directory."""
+
+    method: str = "prog"
+    growth: str | None = None  # None: the method's own default (mogrow; stacking for progstack)
+    model: str = "vit"
+    img_size: int | None = None
+    patch_size: int | None = None
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.0
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    subset: int | None = 10000
+    num_stages: int = 4
+    start_ratio: float = 0.5
+    schedule: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown run settings: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+
+def build_run(spec: RunSpec):
+    """Load data, build the elastic model, the schedule and the growth operator for ``spec``."""
+    if spec.method not in METHODS:
+        raise ConfigError(f"unknown method {spec.method!r}; choose from {', '.join(METHODS)}")
+    data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size)
+    img_size = spec.img_size
+    if img_size is None and spec.model == "vit":
+        img_size = data.image_size
+    overrides = ModelOverrides(img_size, spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads, spec.drop_path)
+    net = ElasticViT(build_model(spec.model, data.num_classes, data.in_chans, overrides))
+    space = net.growth_space(spec.num_stages, spec.start_ratio)
+    schedule = build_schedule(spec.method, space, spec.schedule)
+    growth = get_growth_operator(spec.growth or schedule.default_growth)
+    return data, net, schedule, growth
+
+
+def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False) -> dict:
+    """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json."""
+    import torch
+
+    out = Path(out)
+    if resume:
+        cfg_path = out / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
+        spec = RunSpec.from_dict(json.loads(cfg_path.read_text()))
+    elif (out / CHECKPOINT_DIR).exists():
+        raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
+    torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
+    data, net, schedule, growth = build_run(spec)
+    trainer = Trainer(net, schedule, growth, data, spec.train, out, accelerator,
+                      run_info={"method": spec.method, "model": spec.model, "dataset": spec.dataset})
+    if trainer.acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return trainer.fit(resume=resume)
+
+
+def _run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
+    """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
+    res_path, cfg_path = out / "results.json", out / "config.json"
+    if cfg_path.is_file():
+        saved = json.loads(cfg_path.read_text())
+        if saved != json.loads(json.dumps(spec.to_dict())):
+            raise ConfigError(f"{out} holds a run with different settings; use another --out for this comparison")
+        if res_path.is_file() and json.loads(res_path.read_text()).get("done"):
+            return json.loads(res_path.read_text())
+        if (out / CHECKPOINT_DIR).exists():
+            return pretrain(spec, out, accelerator, resume=True)
+    return pretrain(spec, out, accelerator)
+
+
+def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline: bool = True,
+            accelerator=None) -> list[dict]:
+    """Train each method with the same seed, data and settings; write summary.json/.md and curves.png.
+
+    With ``budget_baseline`` the original model is also trained for the wall-clock of the fastest
+    progressive method, its learning-rate schedule fully decayed inside that budget.
+    """
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    out = Path(out)
+    methods = list(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if "original" not in methods:
+        methods.insert(0, "original")
+    methods.sort(key=lambda m: m != "original")
+    results = {}
+    for m in methods:
+        acc.print(f"\n=== {m} ===")
+        results[m] = _run_or_reuse(replace(base, method=m), out / m, acc)
+    orig = results["original"]["summary"]
+    progressive = [m for m in methods if m != "original"]
+    if budget_baseline and progressive:
+        fastest = min(progressive, key=lambda m: results[m]["summary"]["wall_time_s"])
+        ratio = results[fastest]["summary"]["wall_time_s"] / orig["wall_time_s"]
+        steps_per_epoch = orig["total_steps"] / orig["epochs"] if orig["epochs"] else orig["total_steps"]
+        steps = max(int(round(steps_per_epoch)), round(orig["total_steps"] * ratio))
+        name = "original" + BUDGET_SUFFIX
+        acc.print(f"\n=== {name}: original for {steps} steps, the wall-clock of {fastest} ===")
+        spec = replace(base, method="original", train=replace(base.train, max_steps=steps))
+        results[name] = _run_or_reuse(spec, out / name, acc)
+        results[name]["summary"]["budget_of"] = fastest
+    rows = []
+    for m, res in results.items():
+        s = res["summary"]
+        rows.append({
+            "method": m, "growth": s["growth"] if s["schedule"]["stages"][1:] else None,
+            "wall_time_s": s["wall_time_s"],
+            "speedup": round(orig["wall_time_s"] / s["wall_time_s"], 4) if s["wall_time_s"] else None,
+            "flops_speedup": round(orig["flops_per_step"] / s["flops_per_step"], 4) if s["flops_per_step"] else None,
+            "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
+            "epochs": s["epochs"], "steps": s["steps"], "budget_of": s.get("budget_of"),
+            "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"]),
+        })
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        title = f"{base.model} on {base.dataset}" + (f" ({base.subset} images)" if base.subset else "")
+        md = summary_markdown(rows, title)
+        (out / "summary.md").write_text(md)
+        plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
+        acc.print("\n" + md)
+    return rows

@@ -1,0 +1,147 @@
+"""Growth schedules Ψ = (ψ_k): which sub-network trains in which part of training.
+
+A schedule only *decides*; the trainer asks it which stage a step belongs to and the adapter applies the
+stage's sub-network. Stage lengths are fractions of the total number of optimizer steps, so the same
+schedule works for any number of epochs. ``schedule.json`` (written by every run, and by AutoProg-One)
+is the format ``--method fixed`` replays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .space import GrowthSpace, SubNet, round_half_up
+
+SCHEDULE_FORMAT = "autoprog-schedule/1"
+
+
+@dataclass(frozen=True)
+class Stage:
+    subnet: SubNet
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A sequence of stages whose fractions sum to 1; the last stage is the full model."""
+
+    method: str
+    stages: tuple[Stage, ...]
+    default_growth: str = "mogrow"
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("a schedule needs at least one stage")
+        if any(s.fraction <= 0 for s in self.stages):
+            raise ConfigError("every stage fraction must be positive")
+        total = sum(s.fraction for s in self.stages)
+        if abs(total - 1.0) > 1e-6:
+            object.__setattr__(self, "stages", tuple(Stage(s.subnet, s.fraction / total) for s in self.stages))
+        for a, b in zip(self.stages, self.stages[1:]):
+            if b.subnet.resolution < a.subnet.resolution or b.subnet.depth < a.subnet.depth:
+                raise ConfigError(f"schedule shrinks the network from {a.subnet} to {b.subnet}; stages must grow")
+
+    def validate_for(self, space: GrowthSpace) -> None:
+        for s in self.stages:
+            space.validate(s.subnet)
+        last = self.stages[-1].subnet
+        if last.resolution != space.full_resolution or last.depth != space.full_depth:
+            raise ConfigError(
+                f"the last stage must be the full model ({space.full}), got {last}"
+            )
+
+    def boundaries(self, total_steps: int) -> list[int]:
+        """First optimizer step of each stage (a stage may be empty when there are very few steps)."""
+        out, acc = [], 0.0
+        for s in self.stages:
+            out.append(min(total_steps, round_half_up(acc * total_steps)))
+            acc += s.fraction
+        return out
+
+    def stage_at(self, step: int, total_steps: int) -> int:
+        starts = self.boundaries(total_steps)
+        k = 0
+        for i, start in enumerate(starts):
+            if step >= start:
+                k = i
+        return k
+
+    def to_dict(self) -> dict:
+        return {
+            "format": SCHEDULE_FORMAT,
+            "method": self.method,
+            "growth": self.default_growth,
+            "stages": [{**s.subnet.to_dict(), "fraction": round(s.fraction, 6)} for s in self.stages],
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict, method: str = "fixed") -> Schedule:
+        if not isinstance(d, dict) or not isinstance(d.get("stages"), list) or not d["stages"]:
+            raise ConfigError("a schedule file needs a non-empty 'stages' list")
+        stages = []
+        for entry in d["stages"]:
+            if not isinstance(entry, dict):
+                raise ConfigError(f"malformed schedule stage {entry!r}")
+            try:
+                frac = float(entry.get("fraction", 1.0 / len(d["stages"])))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"stage fraction must be a number, got {entry.get('fraction')!r}") from e
+            stages.append(Stage(SubNet.from_dict(entry), frac))
+        return cls(method, tuple(stages), str(d.get("growth", "mogrow")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"schedule file {p} does not exist")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"schedule file {p} is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+
+def original(space: GrowthSpace) -> Schedule:
+    """The full model throughout."""
+    return Schedule("original", (Stage(space.full, 1.0),))
+
+
+def prog(space: GrowthSpace) -> Schedule:
+    """The paper's uniform linear growth: n and l scaled by the same ratio, rising linearly to 1."""
+    ratios = space.ratios()
+    return Schedule("prog", tuple(Stage(space.subnet(r), 1.0 / len(ratios)) for r in ratios))
+
+
+def progstack(space: GrowthSpace) -> Schedule:
+    """Progressive stacking (Appendix C): 1/4 depth, stacked twice, steps in ratio 1:2:5, full resolution."""
+    full = space.full_depth
+    depths = [max(1, round_half_up(full / 4)), max(1, round_half_up(full / 2)), full]
+    r = space.full_resolution
+    return Schedule(
+        "progstack",
+        tuple(Stage(SubNet(r, d), f) for d, f in zip(depths, (1 / 8, 2 / 8, 5 / 8))),
+        default_growth="stacking",
+    )
+
+
+MANUAL_METHODS = {"original": original, "prog": prog, "progstack": progstack}
+METHODS = (*MANUAL_METHODS, "fixed")
+
+
+def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = None) -> Schedule:
+    if method == "fixed":
+        if not schedule_path:
+            raise ConfigError("--method fixed needs --schedule PATH (a schedule.json written by a run)")
+        sched = Schedule.load(schedule_path)
+    elif method in MANUAL_METHODS:
+        sched = MANUAL_METHODS[method](space)
+    else:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    sched.validate_for(space)
+    return sched

@@ -1,0 +1,138 @@
+"""Sub-networks ψ and the growth space Ω they are drawn from.
+
+A :class:`SubNet` says *what* runs: the input resolution (which fixes the number of patches) and
+which physical blocks of the full model are active, in forward order. Adapters apply it; schedules
+choose it; neither needs to know how the other works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+def round_half_up(x: float) -> int:
+    """Round to the nearest integer, halves upward (Python's ``round`` rounds halves to even)."""
+    return int(math.floor(x + 0.5))
+
+
+@dataclass(frozen=True)
+class SubNet:
+    """A sub-network ψ: input resolution plus the active blocks.
+
+    ``blocks`` lists physical block indices of the full model in forward order. When omitted the
+    first ``depth`` blocks are active, which is the layout manual schedules keep after each growth.
+    """
+
+    resolution: int
+    depth: int
+    blocks: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.resolution < 1:
+            raise ConfigError(f"sub-network resolution must be positive, got {self.resolution}")
+        if self.depth < 1:
+            raise ConfigError(f"sub-network depth must be at least 1, got {self.depth}")
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+            if len(self.blocks) != self.depth:
+                raise ConfigError(f"sub-network lists {len(self.blocks)} blocks but depth is {self.depth}")
+            if len(set(self.blocks)) != len(self.blocks):
+                raise ConfigError(f"sub-network lists a block twice: {self.blocks}")
+
+    @property
+    def active_blocks(self) -> tuple[int, ...]:
+        return self.blocks if self.blocks is not None else tuple(range(self.depth))
+
+    def num_patches(self, patch_size: int) -> int:
+        return (self.resolution // patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        d = {"resolution": self.resolution, "depth": self.depth}
+        if self.blocks is not None:
+            d["blocks"] = list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SubNet:
+        try:
+            blocks = d.get("blocks")
+            return cls(int(d["resolution"]), int(d["depth"]), tuple(blocks) if blocks is not None else None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"malformed sub-network entry {d!r}: needs integer 'resolution' and 'depth'") from e
+
+    def __str__(self) -> str:
+        return f"{self.resolution}px/{self.depth}blk"
+
+
+@dataclass(frozen=True)
+class GrowthSpace:
+    """The growth space Ω of a ViT: number of patches × depth, scaled by equispaced ratios.
+
+    Ratios run linearly from ``start_ratio`` to 1 over ``num_stages`` values (0.5 → {0.5, 0.67, 0.83, 1}).
+    The number of patches per side ``n`` and the depth ``l`` are each scaled and rounded to valid values:
+    resolution a multiple of the patch size, depth at least 1.
+    """
+
+    full_resolution: int
+    patch_size: int
+    full_depth: int
+    num_stages: int = 4
+    start_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.patch_size < 1 or self.full_resolution % self.patch_size:
+            raise ConfigError(
+                f"image size {self.full_resolution} is not divisible by patch size {self.patch_size}"
+            )
+        if self.full_depth < 1:
+            raise ConfigError(f"model depth must be at least 1, got {self.full_depth}")
+        if self.num_stages < 1:
+            raise ConfigError(f"num_stages must be at least 1, got {self.num_stages}")
+        if not 0.0 < self.start_ratio <= 1.0:
+            raise ConfigError(f"start_ratio must be in (0, 1], got {self.start_ratio}")
+
+    @property
+    def full_patches_per_side(self) -> int:
+        return self.full_resolution // self.patch_size
+
+    def ratios(self) -> list[float]:
+        if self.num_stages == 1:
+            return [1.0]
+        step = (1.0 - self.start_ratio) / (self.num_stages - 1)
+        return [self.start_ratio + i * step for i in range(self.num_stages)]
+
+    def resolution_for(self, ratio: float) -> int:
+        n = max(1, round_half_up(ratio * self.full_patches_per_side))
+        return min(n, self.full_patches_per_side) * self.patch_size
+
+    def depth_for(self, ratio: float) -> int:
+        return min(self.full_depth, max(1, round_half_up(ratio * self.full_depth)))
+
+    def resolutions(self) -> list[int]:
+        return sorted({self.resolution_for(r) for r in self.ratios()})
+
+    def depths(self) -> list[int]:
+        return sorted({self.depth_for(r) for r in self.ratios()})
+
+    def subnet(self, ratio: float) -> SubNet:
+        return SubNet(self.resolution_for(ratio), self.depth_for(ratio))
+
+    @property
+    def full(self) -> SubNet:
+        return SubNet(self.full_resolution, self.full_depth)
+
+    def validate(self, subnet: SubNet) -> None:
+        """Raise :class:`ConfigError` if ``subnet`` cannot run on the full model."""
+        if subnet.resolution % self.patch_size:
+            raise ConfigError(
+                f"sub-network resolution {subnet.resolution} is not a multiple of patch size {self.patch_size}"
+            )
+        if subnet.resolution > self.full_resolution:
+            raise ConfigError(
+                f"sub-network resolution {subnet.resolution} exceeds the model's {self.full_resolution}"
+            )
+        if subnet.depth > self.full_depth or any(not 0 <= b < self.full_depth for b in subnet.active_blocks):
+            raise ConfigError(f"sub-network {subnet.to_dict()} does not fit a {self.full_depth}-block model")
