@@ -13,7 +13,7 @@ from dataclasses import fields
 
 from .errors import AutoprogError, ConfigError
 from .growth import GROWTH_OPERATORS
-from .schedules import METHODS
+from .schedules import METHODS, PLANNED_METHODS
 from .train import TrainConfig
 
 DEFAULT_COMPARE_METHODS = "original,prog,progstack"
@@ -24,6 +24,13 @@ def _positive_int(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but mistakes give the one-line ``autoprog: error: ...`` (exit 2) of every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"autoprog: error: {message} (see '{self.prog} --help')\n")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -58,6 +65,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25 (default: 0.5)")
     g.add_argument("--schedule", help="schedule.json to replay with --method fixed")
 
+    g = p.add_argument_group("AutoProg-One search")
+    g.add_argument("--search-epochs", type=float, default=2.0,
+                   help="epochs of supernet training at the start of each stage before choosing (default: 2)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="runtime exponent in the score L*T^alpha (default: balanced per stage so that loss and "
+                        "runtime span the same range over the candidates)")
+    g.add_argument("--search-samples", type=_positive_int, default=1024,
+                   help="training images (fixed, not augmented) on which candidates' losses are measured (default: 1024)")
+    g.add_argument("--no-recycle", action="store_true",
+                   help="retrain the chosen sub-network from the stage's starting weights instead of inheriting "
+                        "the supernet's (the ablation of Table 11; the search epochs become extra cost)")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float, default=d.epochs, help=f"training epochs (default: {d.epochs:g})")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -69,8 +88,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"linear warm-up length (default: {d.warmup_epochs:g})")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"(default: {d.label_smoothing:g})")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default: {d.grad_clip:g})")
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay,
-                   help=f"momentum m of the EMA network MoGrow copies from (default: {d.ema_decay:g}, the paper's)")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="momentum m of the EMA network MoGrow copies from (default: the paper's 0.998 "
+                        "rescaled to span the same fraction of an epoch as at ImageNet scale, "
+                        "0.998^(1251/steps per epoch))")
     g.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
                    help="mixed precision through Accelerate (default: no)")
@@ -80,7 +101,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autoprog",
         description="Automated progressive learning: train vision transformers faster by growing them "
                     "(patches and depth) during training.",
@@ -90,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train one model with a growth schedule",
                        description="Pre-train a ViT with a growth schedule. Writes OUT/results.json, "
                                    "OUT/schedule.json and a resumable checkpoint in OUT/checkpoint/.")
-    p.add_argument("--method", choices=METHODS, default="prog",
+    p.add_argument("--method", choices=[*METHODS, *PLANNED_METHODS], default="prog",
                    help="original (full model), prog (uniform linear growth), progstack (progressive stacking), "
-                        "fixed (replay --schedule) (default: prog)")
+                        "fixed (replay --schedule), autoprog-one (automatic schedule by one-shot search) "
+                        "(default: prog)")
     p.add_argument("--out", help="output directory (required unless --resume)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--stop-after-epochs", type=_positive_int,
@@ -114,27 +136,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_argv(parser: argparse.ArgumentParser, command: str, path: str) -> list[str]:
+    """Turn a YAML config into command-line tokens, so argparse checks types and choices as for flags."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must be a mapping of option: value")
+    sub = parser._subparsers._group_actions[0].choices[command]
+    actions = {a.dest: a for a in sub._actions if a.option_strings}
+    argv = []
+    for key, value in values.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest in ("config", "help"):
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # store_true switches
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {path}: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"--config {path}: {key} needs a single value, got {value!r}")
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
-        import yaml
-
-        try:
-            with open(args.config) as f:
-                values = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read --config {args.config}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {args.config} is not valid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"--config {args.config} must be a mapping of option: value")
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        known = {a.dest for a in sub._actions}
-        unknown = [k for k in values if k.replace("-", "_") not in known]
-        if unknown:
-            raise ConfigError(f"--config {args.config}: unknown option(s) {', '.join(unknown)}")
-        sub.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
-        args = parser.parse_args(argv)
+        # config values first, so flags given on the command line (parsed later) win
+        cfg = _config_argv(parser, args.command, args.config)
+        args = parser.parse_args([args.command, *cfg, *argv[argv.index(args.command) + 1:]])
     return args
 
 
@@ -156,7 +195,8 @@ def spec_from_args(args: argparse.Namespace, method: str):
         method=method, growth=args.growth, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
         depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads, drop_path=args.drop_path,
         dataset=args.dataset, data_root=args.data_root, subset=args.subset or None, num_stages=args.num_stages,
-        start_ratio=args.start_ratio, schedule=args.schedule, train=train,
+        start_ratio=args.start_ratio, schedule=args.schedule, search_epochs=args.search_epochs, alpha=args.alpha,
+        search_samples=args.search_samples, recycle=not args.no_recycle, train=train,
     )
 
 
@@ -190,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             acc.print(f"wrote {args.out}/summary.json, summary.md, curves.png")
         return 0
     except AutoprogError as e:
+        print(f"autoprog: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
         print(f"autoprog: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

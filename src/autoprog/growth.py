@@ -76,26 +76,38 @@ class GrowthOperator:
         """Write ψ_ℓ=``dst``'s block weights into ``model`` (and ``ema`` if given) from ψ_s=``src``."""
         if dst.depth < src.depth or dst.resolution < src.resolution:
             raise ConfigError(f"growth must not shrink the network: {src} -> {dst}")
-        if self.from_momentum and ema is None:
-            raise ConfigError(f"growth operator {self.name!r} needs the momentum (EMA) network")
         mapping = depth_mapping(self.mapping, src.depth, dst.depth)
         src_phys, dst_phys = src.active_blocks, dst.active_blocks
         block_map = {dst_phys[j]: (None if m is None else src_phys[m]) for j, m in enumerate(mapping)}
+        return self.apply(model, ema, block_map, inserted=[dst_phys[j] for j in inserted_positions(mapping)])
+
+    def apply(self, model: ElasticViT, ema: ElasticViT | None, block_map: dict[int, int | None],
+              inserted: list[int]) -> GrowthResult:
+        """Grow by an explicit map (destination block → source block); ``inserted`` are the new copies.
+
+        Used directly by the elastic supernet, whose inserted blocks are not a depth-mapping's.
+        """
+        if self.from_momentum and ema is None:
+            raise ConfigError(f"growth operator {self.name!r} needs the momentum (EMA) network")
         if self.from_momentum:
             model.load_state_dict(ema.state_dict())
-        _copy_blocks(model, block_map)
-        if ema is not None:
-            _copy_blocks(ema, block_map)
-            for d, s in block_map.items():
-                if s is None:  # same fresh weights in both copies
-                    ema.blocks[d].load_state_dict(model.blocks[d].state_dict())
-        gated = []
-        if self.rezero:
-            gated = [dst_phys[j] for j in inserted_positions(mapping)]
-            for net in (model, ema) if ema is not None else (model,):
-                for d in gated:
-                    net.set_gate(d, 0.0)
+        copy_blocks(model, ema, block_map)
+        gated = list(inserted) if self.rezero else []
+        for net in (model, ema) if ema is not None else (model,):
+            for d in gated:
+                net.set_gate(d, 0.0)
         return GrowthResult(block_map, gated, self.from_momentum)
+
+
+def copy_blocks(model: ElasticViT, ema: ElasticViT | None, block_map: dict[int, int | None]) -> None:
+    """Copy block weights by ``block_map`` in the model and its momentum copy; ``None`` re-initialises
+    (with the same fresh weights in both)."""
+    _copy_blocks(model, block_map)
+    if ema is not None:
+        _copy_blocks(ema, block_map)
+        for d, s in block_map.items():
+            if s is None:
+                ema.blocks[d].load_state_dict(model.blocks[d].state_dict())
 
 
 def _copy_blocks(model: ElasticViT, block_map: dict[int, int | None]) -> None:

@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .growth import get_growth_operator
 from .models.factory import ModelOverrides, build_model
 from .report import plot_curves, schedule_string, summary_markdown
-from .schedules import METHODS, build_schedule
+from .schedules import METHODS, PLANNED_METHODS, build_schedule
 from .train import CHECKPOINT_DIR, TrainConfig, Trainer
 
 BUDGET_SUFFIX = "@budget"
@@ -41,6 +41,10 @@ class RunSpec:
     num_stages: int = 4
     start_ratio: float = 0.5
     schedule: str | None = None
+    search_epochs: float = 2.0
+    alpha: float | None = None
+    search_samples: int = 1024
+    recycle: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -59,7 +63,7 @@ class RunSpec:
 
 def build_run(spec: RunSpec):
     """Load data, build the elastic model, the schedule and the growth operator for ``spec``."""
-    if spec.method not in METHODS:
+    if spec.method not in METHODS and spec.method not in PLANNED_METHODS:
         raise ConfigError(f"unknown method {spec.method!r}; choose from {', '.join(METHODS)}")
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size)
     img_size = spec.img_size
@@ -68,9 +72,24 @@ def build_run(spec: RunSpec):
     overrides = ModelOverrides(img_size, spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads, spec.drop_path)
     net = ElasticViT(build_model(spec.model, data.num_classes, data.in_chans, overrides))
     space = net.growth_space(spec.num_stages, spec.start_ratio)
+    if spec.method == "autoprog-one":
+        from .autoprog_one import AutoProgOne, AutoProgOneConfig
+
+        schedule = AutoProgOne(space, AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples,
+                                                        spec.recycle), seed=spec.train.seed)
+        growth = get_growth_operator(spec.growth or "mogrow")
+        return data, net, schedule, growth
     schedule = build_schedule(spec.method, space, spec.schedule)
     growth = get_growth_operator(spec.growth or schedule.default_growth)
+    schedule = replace(schedule, default_growth=growth.name)  # schedule.json records the operator used
     return data, net, schedule, growth
+
+
+def _validate(spec: RunSpec) -> None:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        build_run(spec)
 
 
 def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False) -> dict:
@@ -83,6 +102,7 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
         if not cfg_path.is_file():
             raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
         spec = RunSpec.from_dict(json.loads(cfg_path.read_text()))
+        spec = replace(spec, train=replace(spec.train, stop_after_epochs=None))  # resume runs to the end
     elif (out / CHECKPOINT_DIR).exists():
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
@@ -121,12 +141,14 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     acc = accelerator or Accelerator()
     out = Path(out)
     methods = list(dict.fromkeys(methods))
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS and m not in PLANNED_METHODS]
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     if "original" not in methods:
         methods.insert(0, "original")
     methods.sort(key=lambda m: m != "original")
+    for m in methods:  # fail on a bad method or setting before spending time training the others
+        _validate(replace(base, method=m))
     results = {}
     for m in methods:
         acc.print(f"\n=== {m} ===")
@@ -152,9 +174,12 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
             "speedup": round(orig["wall_time_s"] / s["wall_time_s"], 4) if s["wall_time_s"] else None,
             "flops_speedup": round(orig["flops_per_step"] / s["flops_per_step"], 4) if s["flops_per_step"] else None,
             "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
+            "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
             "epochs": s["epochs"], "steps": s["steps"], "budget_of": s.get("budget_of"),
             "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"]),
         })
+    for r in rows:  # how much of the theoretical (FLOPs) speed-up the wall-clock realises
+        r["realised_fraction"] = round(r["speedup"] / r["flops_speedup"], 4) if r["speedup"] and r["flops_speedup"] else None
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")

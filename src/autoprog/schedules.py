@@ -59,6 +59,10 @@ class Schedule:
         for s in self.stages:
             out.append(min(total_steps, round_half_up(acc * total_steps)))
             acc += s.fraction
+        if total_steps >= 1:  # the last stage (the full model) always gets at least one step
+            out[-1] = min(out[-1], total_steps - 1)
+            for i in range(len(out) - 2, -1, -1):
+                out[i] = min(out[i], out[i + 1])
         return out
 
     def stage_at(self, step: int, total_steps: int) -> int:
@@ -131,7 +135,8 @@ def progstack(space: GrowthSpace) -> Schedule:
 
 
 MANUAL_METHODS = {"original": original, "prog": prog, "progstack": progstack}
-METHODS = (*MANUAL_METHODS, "fixed")
+METHODS = (*MANUAL_METHODS, "fixed", "autoprog-one")
+PLANNED_METHODS: dict[str, str] = {}
 
 
 def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = None) -> Schedule:
@@ -141,7 +146,63 @@ def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = 
         sched = Schedule.load(schedule_path)
     elif method in MANUAL_METHODS:
         sched = MANUAL_METHODS[method](space)
+    elif method == "autoprog-one":
+        raise ConfigError("autoprog-one finds its schedule while training; build it with autoprog.autoprog_one.AutoProgOne")
+    elif method in PLANNED_METHODS:
+        raise NotImplementedError(
+            f"method {method!r}, {PLANNED_METHODS[method]}, is not implemented yet; "
+            f"available: {', '.join(METHODS)}"
+        )
     else:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     sched.validate_for(space)
     return sched
+
+
+class ScheduleController:
+    """Runs a fixed :class:`Schedule`: grow into each stage's sub-network at its first step.
+
+    Controllers are what the trainer consults; they decide, the trainer grows, applies and measures.
+    The interface: ``setup`` (returns the number of steps to run), ``stage_at``, ``enter_stage``,
+    ``step_subnet`` (a per-step override, or None), ``after_step``, ``schedule`` (as run so far),
+    ``summary``, and ``state_dict``/``load_state_dict`` for checkpoints.
+    """
+
+    def __init__(self, schedule: Schedule):
+        self._schedule = schedule
+        self.starts: list[int] = []
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._schedule.stages)
+
+    def setup(self, trainer, total_steps: int) -> int:
+        self.starts = self._schedule.boundaries(total_steps)
+        return total_steps
+
+    def stage_at(self, step: int) -> int:
+        return max(i for i, start in enumerate(self.starts) if step >= start or i == 0)
+
+    def enter_stage(self, trainer, k: int) -> None:
+        dst = self._schedule.stages[k].subnet
+        growth = trainer.grow_to(dst) if trainer.stage >= 0 else trainer.use_subnet(dst)
+        trainer.log_stage({"stage": k, "subnet": dst.to_dict(), "growth": growth})
+        trainer.print(f"stage {k + 1}/{self.num_stages}: {dst}" + (f" (grown by {growth['operator']})" if growth else ""))
+
+    def step_subnet(self, trainer, step: int) -> SubNet | None:
+        return None
+
+    def after_step(self, trainer) -> None:
+        pass
+
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    def summary(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -26,13 +26,31 @@ from tqdm.auto import tqdm
 from .adapters.vit import ElasticViT
 from .data import DataBundle
 from .errors import ConfigError
-from .growth import GrowthOperator, MomentumNetwork
-from .metrics import top1_correct, train_step_flops
-from .optim import build_optimizer, load_optimizer_state, optimizer_state_tensors, remap_block_state, sync_params
-from .schedules import Schedule
+from .growth import GrowthOperator, MomentumNetwork, copy_blocks
+from .metrics import train_step_flops
+from .optim import (
+    build_optimizer,
+    load_optimizer_state,
+    optimizer_state_tensors,
+    remap_block_state,
+    sync_params,
+)
+from .schedules import Schedule, ScheduleController
 from .space import SubNet
 
 CHECKPOINT_DIR = "checkpoint"
+PAPER_EMA_DECAY = 0.998
+PAPER_STEPS_PER_EPOCH = 1251  # ImageNet-1k (1,281,167 images) at the paper's batch size of 1024
+
+
+def auto_ema_decay(steps_per_epoch: int) -> float:
+    """The paper's momentum m = 0.998 rescaled so the EMA spans the same fraction of an epoch.
+
+    At ImageNet scale m = 0.998 averages over ~500 steps, 0.4 epochs; on a 10k-image set with 78 steps per
+    epoch the same m would average over 6 epochs, and MoGrow would copy a stale network.
+    """
+    m = PAPER_EMA_DECAY ** (PAPER_STEPS_PER_EPOCH / max(1, steps_per_epoch))
+    return min(0.9999, max(0.9, m))
 
 
 @dataclass
@@ -47,7 +65,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip: float | None = 1.0
-    ema_decay: float = 0.998
+    ema_decay: float | None = None  # None: the paper's 0.998 rescaled to this run's steps per epoch
     seed: int = 0
     eval_samples: int | None = None
     max_steps: int | None = None
@@ -67,22 +85,29 @@ class TrainConfig:
 
 
 class Trainer:
-    """Train ``net`` on ``data`` following ``schedule``, growing with ``growth`` at stage boundaries."""
+    """Train ``net`` on ``data`` following ``schedule``, growing with ``growth`` at stage boundaries.
 
-    def __init__(self, net: ElasticViT, schedule: Schedule, growth: GrowthOperator, data: DataBundle,
+    ``schedule`` is a fixed :class:`Schedule` or a controller (such as AutoProg-One's) that decides the
+    sub-network as training goes; the trainer offers it the mechanics (grow, apply, measure).
+    """
+
+    def __init__(self, net: ElasticViT, schedule, growth: GrowthOperator, data: DataBundle,
                  cfg: TrainConfig, out_dir: str | Path, accelerator=None, run_info: dict | None = None):
         from accelerate import Accelerator
 
         cfg.validate()
-        schedule.validate_for(net.growth_space(1, 1.0))
-        self.net, self.schedule, self.growth, self.data, self.cfg = net, schedule, growth, data, cfg
+        if isinstance(schedule, Schedule):
+            schedule.validate_for(net.growth_space(1, 1.0))
+            schedule = ScheduleController(schedule)
+        self.controller = schedule
+        self.net, self.growth, self.data, self.cfg = net, growth, data, cfg
         self.out = Path(out_dir)
         self.acc = accelerator or Accelerator()
         self.run_info = run_info or {}
         self.net.to(self.acc.device)
-        self.ema = MomentumNetwork(self.net, cfg.ema_decay)
         self.optimizer = build_optimizer(self.net, cfg.lr, cfg.weight_decay)
         self.model = self.acc.prepare_model(self.net)
+        self._wrapped_params = {id(p) for p in self.net.parameters() if p.requires_grad}
         self.test_loader = self.acc.prepare_data_loader(
             data.loader("test", cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
         )
@@ -97,16 +122,20 @@ class Trainer:
             raise ConfigError(
                 f"the training set ({len(data.train)} images) is smaller than one batch of {cfg.batch_size}"
             )
-        self.total_steps = cfg.max_steps or max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.ema_decay = cfg.ema_decay if cfg.ema_decay is not None else auto_ema_decay(self.steps_per_epoch)
+        self.ema = MomentumNetwork(self.net, self.ema_decay)
+        self.lr_steps = cfg.max_steps or max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.total_steps = self.controller.setup(self, self.lr_steps)
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         from timm.scheduler import CosineLRScheduler
 
-        warmup = min(self.total_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
+        warmup = min(self.lr_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
         self.lr_sched = CosineLRScheduler(
-            self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=cfg.min_lr, warmup_t=warmup,
+            self.optimizer, t_initial=max(1, self.lr_steps - warmup), lr_min=cfg.min_lr, warmup_t=warmup,
             warmup_lr_init=cfg.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
         )
         self.step = 0
+        self.lr_step = 0  # position in the learning-rate schedule (rewound when search steps are discarded)
         self.epoch = 0
         self.stage = -1
         self.train_time = 0.0
@@ -114,6 +143,10 @@ class Trainer:
         self.flops_cache: dict[tuple, int] = {}
         self.history: list[dict] = []
         self.stage_log: list[dict] = []
+        self._t_epoch: float | None = None
+        self._search_loader = None
+        self._search_samples = None
+        self._time_cache: dict[tuple, float] = {}
 
     # ------------------------------------------------------------------------------------- helpers
     @property
@@ -139,30 +172,134 @@ class Trainer:
                 self.flops_cache[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.global_batch
         return self.flops_cache[key]
 
-    def _enter_stage(self, k: int) -> None:
-        """Grow from the current sub-network to stage ``k``'s, then apply it."""
-        dst = self.schedule.stages[k].subnet
-        src = self.net.subnet
-        info = {"stage": k, "step": self.step, "subnet": dst.to_dict(), "growth": None}
-        if self.stage >= 0 and dst != src:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.seed * 1009 + k)  # same fresh weights on every process
-                result = self.growth.grow(self.net, self.ema.module, src, dst)
-            remap_block_state(self.optimizer, self.net, result.block_map)
-            sync_params(self.optimizer, self.net, self.cfg.weight_decay)  # gates may have come or gone
-            info["growth"] = {"operator": self.growth.name,
-                              "block_map": {str(d): s for d, s in result.block_map.items()},
-                              "gated": result.gated}
-        self.net.apply_subnet(dst)
-        self.ema.module.apply_subnet(dst)
-        self.stage = k
-        if self.acc.num_processes > 1:  # DDP tracks only parameters that required grad when wrapped
+    # ------------------------------------------------------------------ services for controllers
+    def use_subnet(self, subnet: SubNet) -> None:
+        """Apply ``subnet`` to the model and its momentum copy (no weights change)."""
+        self.net.apply_subnet(subnet)
+        self.ema.module.apply_subnet(subnet)
+        self._rewrap_if_needed()
+        self._step_flops(subnet)
+
+    def _rewrap_if_needed(self) -> None:
+        """DDP only tracks the parameters (objects) that required grad when it was wrapped: re-wrap on change."""
+        if self.acc.num_processes == 1:
+            return
+        trained = {id(p) for p in self.net.parameters() if p.requires_grad}
+        if trained != self._wrapped_params:
             self.acc._models = [m for m in self.acc._models if m is not self.model]
             self.model = self.acc.prepare_model(self.net)
-        self._step_flops(dst)
-        self.stage_log.append(info)
-        self.acc.print(f"stage {k + 1}/{len(self.schedule.stages)}: {dst}"
-                       + (f" (grown by {self.growth.name})" if info["growth"] else ""))
+            self._wrapped_params = trained
+
+    def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
+                inserted: list[int] | None = None) -> dict | None:
+        """Grow from the current sub-network to ``dst`` with the growth operator, then apply ``dst``.
+
+        With ``block_map`` (destination block → source block) the operator copies by that map instead of
+        its own depth mapping (the elastic supernet's layout). Optimizer moments follow the weights.
+        """
+        src = self.net.subnet
+        if block_map is None and dst == src:
+            self.use_subnet(dst)
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed * 1009 + self.step)  # same fresh weights on every process
+            if block_map is None:
+                result = self.growth.grow(self.net, self.ema.module, src, dst)
+            else:
+                result = self.growth.apply(self.net, self.ema.module, block_map, inserted or [])
+        self._after_block_copy(result.block_map)
+        self.use_subnet(dst)
+        return {"operator": self.growth.name, "block_map": {str(d): s for d, s in result.block_map.items()},
+                "gated": result.gated}
+
+    def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
+        """Move blocks (weights, momentum weights, optimizer moments) by ``block_map`` and apply ``dst``."""
+        copy_blocks(self.net, self.ema.module, block_map)
+        self._after_block_copy(block_map)
+        self.use_subnet(dst)
+
+    def _after_block_copy(self, block_map) -> None:
+        remap_block_state(self.optimizer, self.net, block_map)
+        sync_params(self.optimizer, self.net, self.cfg.weight_decay)  # gates may have come or gone
+
+    def snapshot(self) -> dict:
+        """Weights, momentum weights, optimizer state and LR position, to :meth:`restore` later."""
+        return {
+            "subnet": self.net.subnet, "gated": self.net.gated_blocks(),
+            "model": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+            "ema": {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()},
+            "optimizer": {k: v.clone() for k, v in optimizer_state_tensors(self.optimizer, self.net).items()},
+            "lr_step": self.lr_step,
+        }
+
+    def restore(self, snap: dict) -> None:
+        for net in (self.net, self.ema.module):
+            for i in range(net.full_depth):
+                net.set_gate(i, 0.0 if i in snap["gated"] else None)
+        self.net.load_state_dict(snap["model"])
+        self.ema.module.load_state_dict(snap["ema"])
+        sync_params(self.optimizer, self.net, self.cfg.weight_decay)
+        load_optimizer_state(self.optimizer, self.net, snap["optimizer"])
+        self.lr_step = snap["lr_step"]
+        self.lr_sched.step_update(self.lr_step)
+        self.use_subnet(snap["subnet"])
+
+    def elapsed(self) -> float:
+        """Training seconds so far (evaluation excluded), including the running epoch."""
+        return self.train_time + (time.perf_counter() - self._t_epoch if self._t_epoch is not None else 0.0)
+
+    def candidate_loss(self, subnet: SubNet, samples: int) -> float:
+        """Mean training loss of ``subnet`` on a fixed, non-augmented subset of the training data."""
+        from .autoprog_one import candidate_loss
+
+        if self._search_loader is None or self._search_samples != samples:
+            self._search_loader = self.data.loader("train", self.cfg.batch_size * 2, shuffle=False,
+                                                   limit=samples, num_workers=self.cfg.num_workers)
+            self._search_samples = samples
+        loader = ((x.to(self.acc.device), y.to(self.acc.device)) for x, y in self._search_loader)
+        return candidate_loss(self.net, self.data, subnet, loader, self.cfg.label_smoothing)
+
+    def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
+        """Median seconds of a forward+backward pass of ``subnet`` on a full batch (one warm-up excluded)."""
+        key = (subnet.resolution, subnet.depth)
+        if key in self._time_cache:
+            return self._time_cache[key]
+        size = self.data.image_size
+        x = torch.randn(self.cfg.batch_size, self.data.in_chans, size, size, device=self.acc.device)
+        y = torch.randint(0, self.data.num_classes, (self.cfg.batch_size,), device=self.acc.device)
+        cur = self.net.subnet
+        self.net.apply_subnet(subnet)
+        times = []
+        try:
+            for i in range(repeats + 1):
+                self._sync()
+                t0 = time.perf_counter()
+                with self.acc.autocast():
+                    loss = F.cross_entropy(self.net(x), y)
+                loss.backward()
+                self._sync()
+                if i:
+                    times.append(time.perf_counter() - t0)
+        finally:
+            for p in self.net.parameters():
+                p.grad = None
+            self.net.apply_subnet(cur)
+        self._time_cache[key] = sorted(times)[len(times) // 2]
+        return self._time_cache[key]
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` on every process."""
+        if self.acc.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
+    def log_stage(self, info: dict) -> None:
+        self.stage_log.append({"step": self.step, **info})
+
+    def print(self, *args) -> None:
+        self.acc.print(*args)
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> tuple[float, float]:
@@ -180,9 +317,9 @@ class Trainer:
                     x = self.data.prepare(x, train=False)
                     with self.acc.autocast():
                         logits = net(x)
-                    c, n = self.acc.gather_for_metrics((top1_correct(logits, y).view(1), torch.tensor([len(y)], device=y.device)))
-                    correct += int(c.sum())
-                    total += int(n.sum())
+                    hits = self.acc.gather_for_metrics(logits.argmax(dim=-1) == y)
+                    correct += int(hits.sum())
+                    total += hits.numel()
             finally:
                 net.subnet = cur
                 net.train(was)
@@ -195,13 +332,7 @@ class Trainer:
             self._load_checkpoint()
         else:
             self.out.mkdir(parents=True, exist_ok=True)
-        if self.acc.is_main_process:
-            self.schedule.save(self.out / "schedule.json")
         full_flops = self._step_flops(self.net.full_subnet) if self.cfg.count_flops else 0
-        starts = self.schedule.boundaries(self.total_steps)
-        k = self.schedule.stage_at(self.step, self.total_steps)
-        if self.stage != k:
-            self._enter_stage(k)
         self.model.train()
         stopped_early = False
         while self.epoch < self.num_epochs:
@@ -213,27 +344,34 @@ class Trainer:
             bar = tqdm(total=steps_this_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}", leave=False,
                        disable=not self.acc.is_local_main_process or None, dynamic_ncols=True)
             self._sync()
-            t_epoch = time.perf_counter()
+            t_epoch = self._t_epoch = time.perf_counter()
             step_times = []
             for x, y in self._train_loader(self.epoch):
                 if self.step >= self.total_steps:
                     break
                 t0 = time.perf_counter()
-                k = self.schedule.stage_at(self.step, self.total_steps)
+                k = self.controller.stage_at(self.step)
                 if k != self.stage:
-                    self._enter_stage(k)
+                    self.controller.enter_stage(self, k)
+                    self.stage = k
+                sub = self.controller.step_subnet(self, self.step)
+                if sub is not None and sub != self.net.subnet:
+                    self.use_subnet(sub)
                 loss = self._train_step(x, y, gen)
                 loss_sum += loss.detach()
                 loss_n += 1
                 self.flops_sum += self._step_flops(self.net.subnet)
                 self.step += 1
+                self.lr_step += 1
+                self.controller.after_step(self)
                 step_times.append(time.perf_counter() - t0)
                 if bar.n % 10 == 0 or bar.n + 1 == steps_this_epoch:
-                    bar.set_postfix(stage=f"{self.stage + 1}/{len(starts)}", subnet=str(self.net.subnet),
+                    bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", subnet=str(self.net.subnet),
                                     loss=f"{loss.item():.3f}", img_s=f"{self.global_batch / step_times[-1]:.0f}")
                 bar.update(1)
             self._sync()
             epoch_time = time.perf_counter() - t_epoch
+            self._t_epoch = None
             bar.close()
             self.train_time += epoch_time
             self.epoch += 1
@@ -275,7 +413,7 @@ class Trainer:
             self.acc.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.lr_sched.step_update(self.step + 1)
+        self.lr_sched.step_update(self.lr_step + 1)
         self.ema.update(self.net)
         return loss
 
@@ -289,17 +427,21 @@ class Trainer:
         avg_flops = self.flops_sum / max(1, self.step)
         return {
             **self.run_info,
-            "growth": self.growth.name,
+            "growth": self.growth.name, "ema_decay": round(self.ema_decay, 6),
             "epochs": self.num_epochs, "steps": self.step, "total_steps": self.total_steps,
             "wall_time_s": round(self.train_time, 3),
             "top1": last.get("top1"), "top1_ema": last.get("top1_ema"),
             "best_top1": max((h["top1"] for h in self.history), default=None),
             "flops_per_step": avg_flops, "full_model_flops_per_step": full_flops,
             "theoretical_speedup": round(full_flops / avg_flops, 4) if avg_flops and full_flops else None,
-            "schedule": self.schedule.to_dict(),
+            "schedule": sched.to_dict() if (sched := self.controller.schedule()) else {"stages": []},
+            **self.controller.summary(),
         }
 
     def _write_results(self, full_flops: int, done: bool) -> dict:
+        sched = self.controller.schedule()
+        if self.acc.is_main_process and sched is not None:
+            sched.save(self.out / "schedule.json")
         res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "epochs": self.history,
                "stages": self.stage_log, "summary": self.summary(full_flops)}
         if self.acc.is_main_process:
@@ -324,6 +466,7 @@ class Trainer:
             "gated_blocks": self.net.gated_blocks(), "train_time_s": self.train_time, "flops_sum": self.flops_sum,
             "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],
             "history": self.history, "stage_log": self.stage_log, "total_steps": self.total_steps,
+            "lr_step": self.lr_step, "controller": self.controller.state_dict(),
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         final = self.out / CHECKPOINT_DIR
@@ -351,17 +494,16 @@ class Trainer:
         opt = load_file(ck / "optimizer.safetensors")
         torch.set_rng_state(opt.pop("__rng__"))
         load_optimizer_state(self.optimizer, self.net, opt)
-        subnet = SubNet.from_dict(state["subnet"])
-        self.net.apply_subnet(subnet)
-        self.ema.module.apply_subnet(subnet)
-        if self.acc.num_processes > 1:
-            self.acc._models = [m for m in self.acc._models if m is not self.model]
-            self.model = self.acc.prepare_model(self.net)
+        self.controller.load_state_dict(state["controller"])
         self.epoch, self.step, self.stage = state["epoch"], state["step"], state["stage"]
+        self.lr_step = state["lr_step"]
+        self.net.apply_subnet(SubNet.from_dict(state["subnet"]))
+        self.ema.module.apply_subnet(self.net.subnet)
+        self._rewrap_if_needed()
         self.train_time, self.flops_sum = state["train_time_s"], state["flops_sum"]
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
         self.history, self.stage_log = state["history"], state["stage_log"]
-        self.lr_sched.step_update(self.step)
+        self.lr_sched.step_update(self.lr_step)
         self.acc.print(f"resumed from {ck} at epoch {self.epoch}, step {self.step}")
 
 

@@ -1,0 +1,196 @@
+"""AutoProg-One (Sec. 3.2, Algorithm 1): the growth schedule found during training by a one-shot search.
+
+At the start of every stage but the last, the previous stage's chosen sub-network ψ*_{k-1} grows (by
+the growth operator, MoGrow by default) into an elastic supernet Φ_k holding every candidate of Λ_k.
+For ``search_epochs`` the supernet trains, one uniformly sampled candidate per step. Then every
+candidate is scored by its loss on a fixed subset of the training data times its measured step time
+to the power α (Eq. 9), and the best one is kept. With weight recycling (default) the chosen
+sub-network simply inherits the supernet's weights and trains on: the search epochs are training
+epochs. Without it (``recycle=False``, Table 11's ablation) the stage restarts from its starting
+weights with the chosen sub-network, so the search epochs are extra cost. The last stage is always
+the full model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .elastic import ElasticLayout, argmin_score, candidates, choose_alpha, sample_index, scores
+from .errors import ConfigError
+from .schedules import Schedule, Stage
+from .space import GrowthSpace, SubNet
+
+
+@dataclass
+class AutoProgOneConfig:
+    search_epochs: float = 2.0
+    alpha: float | None = None  # None: balance loss and runtime ranges (elastic.choose_alpha)
+    search_samples: int = 1024
+    recycle: bool = True
+    time_repeats: int = 3
+
+    def validate(self) -> None:
+        if self.search_epochs <= 0:
+            raise ConfigError(f"--search-epochs must be positive, got {self.search_epochs}")
+        if self.alpha is not None and self.alpha < 0:
+            raise ConfigError(f"--alpha must be non-negative, got {self.alpha}")
+        if self.search_samples < 1:
+            raise ConfigError(f"--search-samples must be positive, got {self.search_samples}")
+
+
+class AutoProgOne:
+    """Controller for the trainer (see :class:`autoprog.schedules.ScheduleController` for the interface)."""
+
+    method = "autoprog-one"
+
+    def __init__(self, space: GrowthSpace, cfg: AutoProgOneConfig | None = None, seed: int = 0):
+        self.space, self.cfg, self.seed = space, cfg or AutoProgOneConfig(), seed
+        self.cfg.validate()
+        self.chosen: list[SubNet] = []  # ψ*_k, compacted to blocks 0..l-1
+        self.cands: list[SubNet] = []
+        self.searching = False
+        self.search_end = 0
+        self.search_log: list[dict] = []
+        self.search_time = 0.0  # scoring the candidates
+        self.supernet_time = 0.0  # training the supernet (the search epochs)
+        self._t_stage = 0.0
+        self._snapshot = None
+
+    @property
+    def num_stages(self) -> int:
+        return self.space.num_stages
+
+    # ------------------------------------------------------------------------------- timeline
+    def setup(self, trainer, total_steps: int) -> int:
+        k = self.num_stages
+        self.stage_len = total_steps / k
+        spe = trainer.steps_per_epoch
+        self.search_steps = max(1, min(round(self.cfg.search_epochs * spe), int(self.stage_len) - 1))
+        extra = 0 if self.cfg.recycle else self.search_steps
+        self.starts = [round(i * self.stage_len) + i * extra for i in range(k)]
+        return total_steps + (k - 1) * extra
+
+    def stage_at(self, step: int) -> int:
+        return max(i for i, start in enumerate(self.starts) if step >= start or i == 0)
+
+    # ---------------------------------------------------------------------------------- stages
+    def enter_stage(self, trainer, k: int) -> None:
+        self._t_stage = trainer.elapsed()
+        prev = self.chosen[-1] if self.chosen else None
+        if k == self.num_stages - 1:
+            full = self.space.full
+            growth = trainer.grow_to(full) if prev is not None else trainer.use_subnet(full)
+            self.chosen.append(full)
+            trainer.log_stage({"stage": k, "subnet": full.to_dict(), "growth": growth})
+            trainer.print(f"stage {k + 1}/{self.num_stages}: full model {full}")
+            return
+        cands = candidates(self.space, prev)
+        base = prev.depth if prev is not None else min(c.depth for c in cands)
+        layout = ElasticLayout(base, max(c.depth for c in cands))
+        self.cands = [SubNet(c.resolution, c.depth, layout.blocks(c.depth)) for c in cands]
+        top = SubNet(max(c.resolution for c in cands), layout.max_depth, layout.blocks(layout.max_depth))
+        if not self.cfg.recycle:
+            self._snapshot = trainer.snapshot()
+        if prev is None:  # nothing trained yet: the supernet starts from the initial weights
+            growth = trainer.use_subnet(top)
+        else:
+            inserted = layout.inserted()
+            growth = trainer.grow_to(top, block_map=dict(inserted), inserted=[p for p, _ in inserted])
+        self.searching = True
+        self.search_end = trainer.step + self.search_steps
+        trainer.log_stage({"stage": k, "supernet": top.to_dict(), "candidates": [c.to_dict() for c in self.cands],
+                           "growth": growth})
+        trainer.print(f"stage {k + 1}/{self.num_stages}: supernet {top} with {len(self.cands)} candidates, "
+                      f"searching for {self.search_steps} steps")
+
+    def step_subnet(self, trainer, step: int) -> SubNet | None:
+        if not self.searching:
+            return None
+        return self.cands[sample_index(self.seed, step, len(self.cands))]
+
+    def after_step(self, trainer) -> None:
+        if self.searching and trainer.step >= self.search_end:
+            self._search(trainer)
+
+    def _search(self, trainer) -> None:
+        k = trainer.stage
+        self.supernet_time += trainer.elapsed() - self._t_stage
+        t0 = time.perf_counter()
+        losses = [trainer.candidate_loss(c, self.cfg.search_samples) for c in self.cands]
+        times = [trainer.measure_step_time(c, self.cfg.time_repeats) for c in self.cands]
+        alpha = self.cfg.alpha if self.cfg.alpha is not None else choose_alpha(losses, times)
+        idx = argmin_score(losses, times, alpha)
+        idx, alpha = trainer.broadcast((idx, alpha))  # every process takes the main process's choice
+        best = self.cands[idx]
+        table = [{"resolution": c.resolution, "depth": c.depth, "loss": round(lo, 5), "step_time_s": round(t, 6),
+                  "score": round(sc, 6), "chosen": i == idx}
+                 for i, (c, lo, t, sc) in enumerate(zip(self.cands, losses, times, scores(losses, times, alpha)))]
+        chosen = SubNet(best.resolution, best.depth)
+        if self.cfg.recycle:  # weight recycling: keep the supernet's weights, compact to blocks 0..l-1
+            trainer.relayout({i: b for i, b in enumerate(best.active_blocks)}, chosen)
+        else:
+            trainer.restore(self._snapshot)
+            self._snapshot = None
+            if self.chosen:
+                trainer.grow_to(chosen)
+            else:
+                trainer.use_subnet(chosen)
+        self.chosen.append(chosen)
+        self.searching = False
+        dt = time.perf_counter() - t0
+        self.search_time += dt
+        self.search_log.append({"stage": k + 1, "alpha": round(alpha, 6), "search_s": round(dt, 3),
+                                "candidates": table, "chosen": chosen.to_dict()})
+        trainer.log_stage({"stage": k, "chosen": chosen.to_dict(), "alpha": alpha, "candidates": table})
+        lines = [f"stage {k + 1} search (alpha={alpha:.3f}):", "  res depth    loss  step_ms    score"]
+        lines += [f"  {r['resolution']:>3} {r['depth']:>5} {r['loss']:7.4f} {1000 * r['step_time_s']:8.2f} "
+                  f"{r['score']:8.4f}{'  <- chosen' if r['chosen'] else ''}" for r in table]
+        trainer.print("\n".join(lines))
+
+    # --------------------------------------------------------------------------------- outputs
+    def schedule(self) -> Schedule | None:
+        if not self.chosen:
+            return None
+        frac = 1.0 / self.num_stages
+        return Schedule(self.method, tuple(Stage(s, frac) for s in self.chosen), default_growth="mogrow")
+
+    def summary(self) -> dict:
+        return {"search_epoch_s": round(self.supernet_time, 3), "search_scoring_s": round(self.search_time, 3),
+                "search": self.search_log, "recycle": self.cfg.recycle}
+
+    def state_dict(self) -> dict:
+        return {"chosen": [c.to_dict() for c in self.chosen], "cands": [c.to_dict() for c in self.cands],
+                "searching": self.searching, "search_end": self.search_end, "search_log": self.search_log,
+                "search_time": self.search_time, "supernet_time": self.supernet_time, "t_stage": self._t_stage}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["searching"] and not self.cfg.recycle:
+            raise ConfigError("this AutoProg-One run (--no-recycle) stopped in the middle of a search, whose "
+                              "starting weights are not checkpointed; start it again")
+        self.chosen = [SubNet.from_dict(c) for c in state["chosen"]]
+        self.cands = [SubNet.from_dict(c) for c in state["cands"]]
+        self.searching, self.search_end = state["searching"], state["search_end"]
+        self.search_log, self.search_time = state["search_log"], state["search_time"]
+        self.supernet_time, self._t_stage = state["supernet_time"], state["t_stage"]
+
+
+def candidate_loss(net, data, subnet: SubNet, loader, label_smoothing: float) -> float:
+    """Mean training loss of ``subnet`` on a fixed, non-augmented subset (no gradients)."""
+    cur, was = net.subnet, net.training
+    net.subnet = subnet
+    net.eval()
+    total, n = 0.0, 0
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                x = data.prepare(x, train=False)
+                total += float(F.cross_entropy(net(x), y, label_smoothing=label_smoothing, reduction="sum"))
+                n += len(y)
+    finally:
+        net.subnet = cur
+        net.train(was)
+    return total / max(1, n)

@@ -1,0 +1,110 @@
+"""Shared fixtures: a fake Fashion-MNIST directory, tiny models and a tiny command line."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Tiny models are dominated by per-op overhead; with a busy CPU, more threads only oversubscribe it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+# The fake Fashion-MNIST the tests train on: small, well-formed IDX files with a learnable class pattern.
+FAKE_TRAIN, FAKE_TEST = 300, 100
+
+
+def write_idx_gz(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as a gzipped IDX file (magic 0x00000803 for images, 0x00000801 labels)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + array.tobytes())
+
+
+def class_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """28×28 uint8 images whose class is visible: class c lights a 3-px horizontal band at row 2 + 2.5c."""
+    n = len(labels)
+    imgs = np.zeros((n, 28, 28), dtype=np.uint8)
+    rows = (2 + (labels * 5) // 2).astype(np.int64)
+    for dr in range(3):
+        imgs[np.arange(n), rows + dr, 4:24] = 220
+    noise = rng.integers(0, 4, size=imgs.shape, dtype=np.uint8) * 10  # a little low-entropy noise
+    return np.maximum(imgs, noise)
+
+
+def make_fake_fashion_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(y)
+        write_idx_gz(root / f"{prefix}-images-idx3-ubyte.gz", class_images(y, rng))
+        write_idx_gz(root / f"{prefix}-labels-idx1-ubyte.gz", y)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist(tmp_path_factory) -> Path:
+    """A fake Fashion-MNIST directory: 300 training and 100 test images, 10 balanced classes."""
+    return make_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"), FAKE_TRAIN, FAKE_TEST)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder dataset: train/ (5 per class) and val/ (2 per class), classes circle and square."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    for split, n in (("train", 5), ("val", 2)):
+        for cls, colour in (("circle", (255, 0, 0)), ("square", (0, 0, 255))):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((20 + i, 24, 3)) * 60).astype(np.uint8)
+                arr[5:15, 5:15] = colour
+                mode = "L" if i == 0 else "RGB"  # a greyscale file must come out as 3 channels too
+                Image.fromarray(arr).convert(mode).save(d / f"{i}.png")
+    return root
+
+
+def tiny_vit(img_size=28, patch_size=4, depth=4, embed_dim=16, num_heads=2, num_classes=10, in_chans=1):
+    from autoprog.adapters.vit import ElasticViT
+    from autoprog.models.vit import VisionTransformer
+
+    return ElasticViT(VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                        num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                                        num_heads=num_heads))
+
+
+def tiny_args(data_root: Path, *extra: str, epochs: str = "2", subset: str = "256") -> list[str]:
+    """Options for a tiny run: 256 images, batches of 32 (8 steps/epoch), a 4-block 16-wide ViT."""
+    return [
+        "--data-root", str(data_root), "--subset", subset, "--batch-size", "32", "--epochs", epochs,
+        "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--eval-samples", "64", "--no-flops",
+        "--cpu", *extra,
+    ]
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``autoprog.cli.main`` in-process; returns (exit code, stdout, stderr)."""
+    from autoprog.cli import main
+
+    def run(*argv: str):
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse-level mistakes exit instead of returning
+            rc = e.code
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+

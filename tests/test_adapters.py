@@ -1,0 +1,214 @@
+"""The elastic ViT adapter really runs the chosen resolution and blocks, on the built-in ViT and on timm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_vit
+from torch import nn
+
+from autoprog.adapters.vit import ElasticViT
+from autoprog.errors import ConfigError
+from autoprog.models.factory import ModelOverrides, build_model
+from autoprog.space import SubNet
+
+
+@pytest.fixture(scope="module")
+def timm_vit():
+    torch.manual_seed(0)
+    model = build_model("timm:deit_tiny_patch16_224", num_classes=10, in_chans=1,
+                        overrides=ModelOverrides(img_size=32, patch_size=8, depth=4, embed_dim=48, num_heads=3))
+    return ElasticViT(model)
+
+
+@pytest.fixture
+def builtin_vit():
+    torch.manual_seed(0)
+    return tiny_vit(img_size=32, patch_size=8, depth=4, embed_dim=16, num_heads=2)
+
+
+@pytest.fixture(params=["builtin", "timm"])
+def net(request, builtin_vit, timm_vit):
+    net = builtin_vit if request.param == "builtin" else timm_vit
+    yield net
+    net.apply_subnet(net.full_subnet)
+    net.zero_grad(set_to_none=True)
+
+
+class Recorder:
+    """Forward hooks on the patch embedding (input size) and on every block (which ran, in order)."""
+
+    def __init__(self, net: ElasticViT):
+        self.sizes, self.ran, self.handles = [], [], []
+        self.handles.append(net.model.patch_embed.register_forward_pre_hook(
+            lambda m, args: self.sizes.append(tuple(args[0].shape[-2:]))))
+        for i, blk in enumerate(net.blocks):
+            self.handles.append(blk.register_forward_hook(lambda m, a, o, i=i: self.ran.append(i)))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _run(net, subnet, batch=3, size=32):
+    net.apply_subnet(subnet)
+    rec = Recorder(net)
+    try:
+        torch.manual_seed(0)
+        out = net(torch.randn(batch, 1, size, size))
+    finally:
+        rec.close()
+    return out, rec
+
+
+def test_full_model_geometry(net):
+    assert net.patch_size == 8 and net.full_resolution == 32 and net.full_depth == 4
+    assert net.full_subnet == SubNet(32, 4)
+    out, rec = _run(net, net.full_subnet)
+    assert out.shape == (3, 10)
+    assert rec.sizes == [(32, 32)]
+    assert rec.ran == [0, 1, 2, 3]
+
+
+def test_small_subnet_runs_lower_resolution_and_first_blocks(net):
+    out, rec = _run(net, SubNet(16, 2))
+    assert out.shape == (3, 10)
+    assert rec.sizes == [(16, 16)], "the input must be resized to the sub-network's resolution"
+    assert rec.ran == [0, 1]
+
+
+def test_chosen_blocks_run_in_the_given_order(net):
+    out, rec = _run(net, SubNet(32, 3, blocks=(0, 2, 3)))
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    assert rec.sizes == [(32, 32)]
+    assert rec.ran == [0, 2, 3]
+    _, rec = _run(net, SubNet(24, 2, blocks=(3, 1)))
+    assert rec.sizes == [(24, 24)] and rec.ran == [3, 1]
+
+
+def test_inputs_already_at_subnet_resolution_are_not_resized(net):
+    _, rec = _run(net, SubNet(16, 2), size=16)
+    assert rec.sizes == [(16, 16)]
+
+
+def test_subnets_compute_different_functions(net):
+    net.eval()
+    full, _ = _run(net, net.full_subnet)
+    small, _ = _run(net, SubNet(16, 2))
+    skip, _ = _run(net, SubNet(32, 3, blocks=(0, 2, 3)))
+    net.train()
+    assert not torch.allclose(full, small) and not torch.allclose(full, skip)
+
+
+def test_inactive_blocks_are_frozen_and_get_no_gradient(net):
+    out, _ = _run(net, SubNet(16, 3, blocks=(0, 2, 3)))
+    for p in net.blocks[1].parameters():
+        assert not p.requires_grad
+    for i in (0, 2, 3):
+        assert all(p.requires_grad for p in net.blocks[i].parameters())
+    assert all(p.requires_grad for p in net.model.patch_embed.parameters())
+    assert all(p.requires_grad for p in net.model.head.parameters())
+    out.sum().backward()
+    assert all(p.grad is None for p in net.blocks[1].parameters())
+    for i in (0, 2, 3):
+        grads = [p.grad for p in net.blocks[i].parameters()]
+        assert all(g is not None for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+    # back to the full model: everything trains again
+    net.apply_subnet(net.full_subnet)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_apply_subnet_rejects_subnets_that_do_not_fit(net):
+    for bad in (SubNet(20, 2), SubNet(40, 2), SubNet(32, 5), SubNet(32, 2, blocks=(0, 4))):
+        with pytest.raises(ConfigError):
+            net.apply_subnet(bad)
+    assert net.subnet == net.full_subnet, "a rejected sub-network must not be applied"
+
+
+def test_growth_space_of_the_model(net):
+    space = net.growth_space(4, 0.5)
+    assert space.full == net.full_subnet
+    assert space.resolutions() == [16, 24, 32]  # 4 patches/side: 2, 2.67→3, 3.33→3, 4
+    assert space.depths() == [2, 3, 4]
+
+
+def test_gates_are_installed_and_removed(net):
+    net.eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        net.set_gate(2, 0.0)
+        assert net.gated(2) and net.gated_blocks() == [2]
+        gated = net(x)
+        net.set_gate(2, None)
+        assert net.gated_blocks() == []
+        back = net(x)
+    net.train()
+    assert not torch.allclose(gated, ref, atol=1e-5), "a zero gate turns the block into an identity map"
+    torch.testing.assert_close(back, ref)
+
+
+def test_reset_block_changes_weights(net):
+    before = net.blocks[1].attn.qkv.weight.detach().clone()
+    torch.manual_seed(123)
+    net.reset_block(1)
+    assert not torch.equal(net.blocks[1].attn.qkv.weight, before)
+
+
+# ----------------------------------------------------------------------------------- the factory
+def test_builtin_model_defaults_and_overrides():
+    m = build_model("vit", num_classes=7, in_chans=3)
+    assert m.patch_embed.img_size == (28, 28) and m.patch_embed.patch_size == (4, 4) and len(m.blocks) == 6
+    m = build_model("vit", 5, 1, ModelOverrides(img_size=16, patch_size=4, depth=2, embed_dim=8, num_heads=2))
+    net = ElasticViT(m)
+    assert (net.full_resolution, net.patch_size, net.full_depth) == (16, 4, 2)
+    assert net(torch.randn(2, 1, 16, 16)).shape == (2, 5)
+
+
+def test_timm_model_is_built_without_download_and_as_asked(timm_vit):
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    assert isinstance(timm_vit.model, TimmViT)
+    assert timm_vit.model.embed_dim == 48 and timm_vit.model.patch_embed.proj.in_channels == 1
+
+
+@pytest.mark.parametrize("name", ["nope", "timm:not_a_model", "deit_tiny_patch16_224"])
+def test_unknown_model_names_raise_config_error(name):
+    with pytest.raises(ConfigError):
+        build_model(name, 10, 1)
+
+
+def test_non_vit_timm_model_raises_config_error():
+    with pytest.raises(ConfigError):
+        build_model("timm:resnet18", 10, 1)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("vit", ModelOverrides(img_size=30, patch_size=4)),
+    ("vit", ModelOverrides(img_size=28, patch_size=3)),
+    ("timm:deit_tiny_patch16_224", ModelOverrides(img_size=36, patch_size=8, depth=2, embed_dim=32, num_heads=2)),
+    ("timm:deit_tiny_patch16_224", ModelOverrides(img_size=40, depth=2, embed_dim=32, num_heads=2)),  # patch 16
+])
+def test_image_size_not_divisible_by_patch_size_raises_config_error(name, overrides):
+    with pytest.raises(ConfigError, match="divisible"):
+        build_model(name, 10, 1, overrides)
+
+
+def test_embed_dim_not_divisible_by_heads_raises_config_error():
+    with pytest.raises(ConfigError):
+        build_model("vit", 10, 1, ModelOverrides(embed_dim=10, num_heads=4))
+
+
+def test_adapter_rejects_modules_that_are_not_vits():
+    with pytest.raises(ConfigError):
+        ElasticViT(nn.Linear(3, 3))
+
+
+def test_adapter_rejects_timm_vit_without_dynamic_img_size():
+    import timm
+
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, in_chans=1, img_size=32,
+                          patch_size=8, depth=1, embed_dim=16, num_heads=2)
+    with pytest.raises(ConfigError, match="dynamic_img_size"):
+        ElasticViT(m)

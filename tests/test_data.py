@@ -1,0 +1,318 @@
+"""Datasets: (fake) Fashion-MNIST, scikit-learn digits, ImageFolder; DataError messages; augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAKE_TEST, FAKE_TRAIN, make_fake_fashion_mnist, write_idx_gz
+
+from autoprog.data import DataBundle, TensorImages, load_dataset, load_digits, load_fashion_mnist
+from autoprog.errors import DataError
+
+FIX = "apt-get install dataset-fashion-mnist"
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def _band_label(images: torch.Tensor) -> torch.Tensor:
+    """Recover the label the fake data encodes: the row of the bright band (row 2 + 2.5·c)."""
+    rows = (images[:, 0, :, 4:24] >= 200).all(dim=-1)  # (N, 28) rows fully lit
+    first = rows.float().argmax(dim=-1)
+    return torch.round((first - 2) / 2.5).long()
+
+
+def _assert_fix_message(err: pytest.ExceptionInfo):
+    msg = str(err.value)
+    assert FIX in msg and "--data-root" in msg, msg
+
+
+# ------------------------------------------------------------------------------------ Fashion-MNIST
+def test_fake_fashion_mnist_loads(fake_fmnist):
+    b = load_dataset("fashion-mnist", str(fake_fmnist))
+    assert b.name == "fashion-mnist"
+    assert (b.num_classes, b.in_chans, b.image_size) == (10, 1, 28)
+    assert len(b.train) == FAKE_TRAIN and len(b.test) == FAKE_TEST
+    for ds in (b.train, b.test):
+        assert ds.images.dtype == torch.uint8 and ds.images.shape[1:] == (1, 28, 28)
+        assert ds.labels.dtype == torch.int64
+        assert int(ds.labels.min()) == 0 and int(ds.labels.max()) == 9
+    # labels belong to their images
+    assert torch.equal(_band_label(b.test.images), b.test.labels)
+    assert torch.equal(_band_label(b.train.images), b.train.labels)
+    assert b.in_memory
+
+
+def test_fashion_mnist_name_variants(fake_fmnist):
+    for name in ("Fashion_MNIST", "fashionmnist"):
+        assert load_dataset(name, str(fake_fmnist)).name == "fashion-mnist"
+
+
+def test_subset_is_a_fixed_random_sample_with_matching_labels(fake_fmnist):
+    a = load_dataset("fashion-mnist", str(fake_fmnist), subset=100)
+    b = load_dataset("fashion-mnist", str(fake_fmnist), subset=100)
+    c = load_dataset("fashion-mnist", str(fake_fmnist), subset=100, seed=1)
+    assert len(a.train) == 100 and len(a.test) == FAKE_TEST, "subset applies to the training set only"
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
+    assert not torch.equal(a.train.labels, c.train.labels)
+    assert torch.equal(_band_label(a.train.images), a.train.labels)
+    full = load_dataset("fashion-mnist", str(fake_fmnist))
+    assert not torch.equal(a.train.images, full.train.images[:100]), "a random sample, not the first images"
+    assert len(load_dataset("fashion-mnist", str(fake_fmnist), subset=10 ** 6).train) == FAKE_TRAIN
+
+
+def test_invalid_subset_raises(fake_fmnist):
+    with pytest.raises(DataError):
+        load_dataset("fashion-mnist", str(fake_fmnist), subset=0)
+
+
+def test_a_copy_of_any_size_loads(tmp_path):
+    """Not only the official 60000/10000 split sizes: a well-formed smaller copy loads as it is."""
+    b = load_fashion_mnist(make_fake_fashion_mnist(tmp_path / "tiny", 50, 20))
+    assert len(b.train) == 50 and len(b.test) == 20
+
+
+def test_empty_split_raises(tmp_path):
+    root = make_fake_fashion_mnist(tmp_path / "empty", 50, 20)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (root / name).unlink()
+    write_idx_gz(root / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx_gz(root / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), dtype=np.uint8))
+    with pytest.raises(DataError):
+        load_fashion_mnist(root)
+
+
+def test_missing_directory_names_the_fix(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist", str(tmp_path / "nonexistent"))
+    _assert_fix_message(err)
+
+
+def test_missing_file_names_the_fix(fake_fmnist, tmp_path):
+    root = _linked_copy(fake_fmnist, tmp_path / "partial")
+    (root / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(root)
+    _assert_fix_message(err)
+    assert "t10k-labels-idx1-ubyte" in str(err.value)
+
+
+def test_uncompressed_files_are_read_too(fake_fmnist, tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    for f in FILES:
+        with gzip.open(fake_fmnist / f) as src:
+            (root / f.removesuffix(".gz")).write_bytes(src.read())
+    b = load_fashion_mnist(root)
+    assert len(b.train) == FAKE_TRAIN
+
+
+def _linked_copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in FILES:
+        os.symlink(src / f, dst / f)
+    return dst
+
+
+def _replace(root: Path, name: str, raw: bytes, compress: bool = True):
+    (root / name).unlink()
+    if compress:
+        with gzip.open(root / name, "wb", compresslevel=1) as f:
+            f.write(raw)
+    else:
+        (root / name).write_bytes(raw)
+
+
+def _raw(root: Path, name: str) -> bytes:
+    with gzip.open(root / name) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("case", ["bad_magic", "wrong_ndim", "short_header", "missing_data", "extra_data",
+                                  "label_count"])
+def test_malformed_files_raise_data_error(fake_fmnist, tmp_path, case):
+    root = _linked_copy(fake_fmnist, tmp_path / case)
+    labels = _raw(fake_fmnist, "t10k-labels-idx1-ubyte.gz")
+    images = _raw(fake_fmnist, "t10k-images-idx3-ubyte.gz")
+    if case == "bad_magic":
+        _replace(root, "t10k-labels-idx1-ubyte.gz", b"\x12\x34" + labels[2:])
+    elif case == "wrong_ndim":  # an image file where labels belong
+        _replace(root, "t10k-labels-idx1-ubyte.gz", images)
+    elif case == "short_header":
+        _replace(root, "t10k-images-idx3-ubyte.gz", images[:7])
+    elif case == "missing_data":  # header says 100 images, fewer bytes follow
+        _replace(root, "t10k-images-idx3-ubyte.gz", images[: len(images) // 2])
+    elif case == "extra_data":
+        _replace(root, "t10k-images-idx3-ubyte.gz", images + b"\x00" * 784)
+    elif case == "label_count":  # consistent file, but one label fewer than images
+        y = np.frombuffer(labels, dtype=np.uint8, offset=8)[:-1]
+        (root / "t10k-labels-idx1-ubyte.gz").unlink()
+        write_idx_gz(root / "t10k-labels-idx1-ubyte.gz", y)
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(root)
+    _assert_fix_message(err)
+
+
+def test_bad_magic_message_says_what_is_wrong(fake_fmnist, tmp_path):
+    root = _linked_copy(fake_fmnist, tmp_path / "m")
+    labels = _raw(fake_fmnist, "train-labels-idx1-ubyte.gz")
+    _replace(root, "train-labels-idx1-ubyte.gz", struct.pack(">HBB", 0, 0x0D, 1) + labels[4:])
+    with pytest.raises(DataError, match="not an IDX uint8 file"):
+        load_fashion_mnist(root)
+
+
+def test_not_gzip_data_with_gz_name_raises_data_error(fake_fmnist, tmp_path):
+    root = _linked_copy(fake_fmnist, tmp_path / "notgz")
+    _replace(root, "t10k-labels-idx1-ubyte.gz", b"this is not gzip data at all", compress=False)
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(root)
+    _assert_fix_message(err)
+
+
+def test_truncated_gzip_file_raises_data_error(fake_fmnist, tmp_path):
+    root = _linked_copy(fake_fmnist, tmp_path / "trunc")
+    raw = (fake_fmnist / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    _replace(root, "t10k-labels-idx1-ubyte.gz", raw[: len(raw) // 2], compress=False)
+    with pytest.raises(DataError) as err:
+        load_fashion_mnist(root)
+    _assert_fix_message(err)
+
+
+def test_unknown_dataset_raises():
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("cifar-1000")
+
+
+# ----------------------------------------------------------------------------------------- digits
+def test_digits_loads():
+    b = load_digits()
+    assert b.name == "digits" and (b.num_classes, b.in_chans, b.image_size) == (10, 1, 8)
+    assert len(b.train) == 1437 and len(b.test) == 360
+    assert b.train.images.dtype == torch.uint8 and b.train.images.shape[1:] == (1, 8, 8)
+    assert int(b.train.images.max()) == 255 and int(b.train.images.min()) == 0
+    assert set(b.train.labels.tolist()) == set(range(10)) == set(b.test.labels.tolist())
+    # stratified: every class appears in the test split in roughly its share
+    counts = torch.bincount(b.test.labels, minlength=10)
+    assert int(counts.min()) >= 30
+    assert load_dataset("digits", subset=100).train.images.shape == (100, 1, 8, 8)
+
+
+# ------------------------------------------------------------------------------------ ImageFolder
+def test_image_folder_loads_and_batches(image_folder):
+    b = load_dataset(str(image_folder))
+    assert b.name == "shapes"
+    assert (b.num_classes, b.in_chans, b.image_size) == (2, 3, 32)
+    assert len(b.train) == 10 and len(b.test) == 4
+    assert not b.in_memory
+    x, y = next(iter(b.loader("train", 4, shuffle=True)))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert set(y.tolist()) <= {0, 1}
+    assert torch.equal(b.prepare(x, train=True), x), "torchvision transforms already normalised the images"
+    xt, yt = next(iter(b.loader("test", 4, shuffle=False)))
+    assert xt.shape == (4, 3, 32, 32) and yt.tolist() == [0, 0, 1, 1]
+
+
+def test_image_folder_by_name_and_size(image_folder):
+    b = load_dataset("imagefolder", str(image_folder), image_size=16)
+    x, _ = next(iter(b.loader("test", 2, shuffle=False)))
+    assert x.shape == (2, 3, 16, 16)
+    with pytest.raises(DataError):
+        load_dataset("imagefolder", None)
+
+
+def test_image_folder_test_split_name(image_folder):
+    (image_folder / "val").rename(image_folder / "test")
+    assert len(load_dataset(str(image_folder)).test) == 4
+
+
+def test_directory_without_train_raises(tmp_path):
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="ImageFolder"):
+        load_dataset(str(tmp_path))
+
+
+def test_directory_without_val_raises(image_folder):
+    import shutil
+
+    shutil.rmtree(image_folder / "val")
+    with pytest.raises(DataError):
+        load_dataset(str(image_folder))
+
+
+def test_image_folder_with_mismatched_classes_raises(image_folder):
+    (image_folder / "val" / "square").rename(image_folder / "val" / "triangle")
+    with pytest.raises(DataError, match="different class"):
+        load_dataset(str(image_folder))
+
+
+# -------------------------------------------------------------------------------- batches & prepare
+def _bundle(n=64):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,))
+    ds = TensorImages(images, labels)
+    return DataBundle("rand", ds, ds, 10, 1, 28, (0.5,), (0.25,))
+
+
+def test_prepare_eval_normalises():
+    b = _bundle()
+    x = b.train.images[:8]
+    out = b.prepare(x, train=False)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, (x.float() / 255 - 0.5) / 0.25)
+    assert torch.equal(b.prepare(out, train=False), out), "float input passes through"
+
+
+def test_prepare_train_augments_but_keeps_shape():
+    b = _bundle()
+    x = b.train.images[:32]
+    plain = b.prepare(x, train=False)
+    aug1 = b.prepare(x, train=True, generator=torch.Generator().manual_seed(0))
+    aug2 = b.prepare(x, train=True, generator=torch.Generator().manual_seed(0))
+    aug3 = b.prepare(x, train=True, generator=torch.Generator().manual_seed(1))
+    assert aug1.shape == plain.shape == (32, 1, 28, 28)
+    assert torch.equal(aug1, aug2), "augmentation is reproducible from the generator"
+    assert not torch.equal(aug1, aug3)
+    changed = [not torch.equal(aug1[i], plain[i]) for i in range(32)]
+    assert sum(changed) >= 16, "most images get shifted or flipped"
+    # augmentation only moves pixels (and pads with black): values stay in the normalised range
+    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
+    assert float(aug1.min()) >= lo - 1e-6 and float(aug1.max()) <= hi + 1e-6
+
+
+def test_prepare_translation_is_within_pad():
+    b = _bundle()
+    b.hflip, b.pad = False, 2
+    x = torch.zeros(16, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 13, 13] = 255  # one bright pixel in the middle
+    aug = b.prepare(x, train=True, generator=torch.Generator().manual_seed(0))
+    hi = (1 - 0.5) / 0.25
+    for img in aug:
+        pos = (img[0] == hi).nonzero()
+        assert len(pos) == 1
+        r, c = pos[0].tolist()
+        assert abs(r - 13) <= 2 and abs(c - 13) <= 2
+
+
+def test_loader_batches_and_limit():
+    b = _bundle(64)
+    batches = list(b.loader("train", 10, shuffle=True, seed=0, drop_last=True))
+    assert len(batches) == 6 and all(x.shape == (10, 1, 28, 28) and y.shape == (10,) for x, y in batches)
+    again = list(b.loader("train", 10, shuffle=True, seed=0, drop_last=True))
+    assert all(torch.equal(a[1], c[1]) for a, c in zip(batches, again)), "same seed, same order"
+    other = list(b.loader("train", 10, shuffle=True, seed=1, drop_last=True))
+    assert not all(torch.equal(a[1], c[1]) for a, c in zip(batches, other))
+    limited = list(b.loader("test", 8, shuffle=False, limit=20))
+    assert sum(len(y) for _, y in limited) == 20
+
+
+def test_tensor_images_validates():
+    with pytest.raises(DataError):
+        TensorImages(torch.zeros(2, 1, 4, 4), torch.zeros(2))
+    with pytest.raises(DataError):
+        TensorImages(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3))

@@ -1,0 +1,135 @@
+"""Two processes on the CPU (torchrun + Accelerate, gloo): a tiny prog run with growth inside DDP training.
+
+A driver script runs ``autoprog.runner.pretrain`` under torchrun with a Trainer subclass that, after ``fit``,
+has every rank save its own weights (the trainer itself saves only on rank 0) and evaluate a network whose
+prediction is known, so the test can check that both processes ended identical and that the distributed
+evaluation counts each test image once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+DRIVER = textwrap.dedent('''
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+    from accelerate import Accelerator
+
+    import autoprog.runner as runner
+    from autoprog.runner import RunSpec
+    from autoprog.train import TrainConfig
+
+    data_root, out, growth = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+
+
+    class RecordingTrainer(runner.Trainer):
+        def fit(self, resume=False):
+            res = super().fit(resume)
+            rank = self.acc.process_index
+            state = {f"net.{k}": v.detach().cpu().clone().contiguous() for k, v in self.net.state_dict().items()}
+            state.update({f"ema.{k}": v.detach().cpu().clone().contiguous()
+                          for k, v in self.ema.module.state_dict().items()})
+            torch.save(state, out.parent / f"rank{rank}.pt")
+            # a network that always predicts class 0: its exact top-1 is the share of class-0 test images
+            with torch.no_grad():
+                for net in (self.net, self.ema.module):
+                    net.model.head.weight.zero_()
+                    net.model.head.bias.zero_()
+                    net.model.head.bias[0] = 1.0
+            top1, top1_ema = self.evaluate(full=True)
+            exact = 100.0 * float((self.data.test.labels == 0).double().mean())
+            info = {"rank": rank, "world": self.acc.num_processes, "steps": self.step,
+                    "constant_top1": top1, "constant_top1_ema": top1_ema, "constant_exact": exact,
+                    "distributed_type": str(self.acc.distributed_type)}
+            (out.parent / f"rank{rank}.json").write_text(json.dumps(info))
+            return res
+
+
+    runner.Trainer = RecordingTrainer
+    spec = RunSpec(method="prog", growth=growth, data_root=data_root, subset=256, depth=4, embed_dim=16, num_heads=2,
+                   train=TrainConfig(epochs=2, batch_size=16, eval_samples=64, count_flops=False))
+    runner.pretrain(spec, out, Accelerator(cpu=True))
+''')
+
+
+@pytest.fixture(scope="module", params=["mogrow", "identity"])
+def ddp_run(request, tmp_path_factory, fake_fmnist):
+    """MoGrow (the default) copies the momentum network; identity adds new gate parameters mid-training,
+    which DDP must be re-wrapped to see."""
+    work = tmp_path_factory.mktemp(f"ddp-{request.param}")
+    driver = work / "driver.py"
+    driver.write_text(DRIVER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(driver), str(fake_fmnist), str(work / "run"), request.param]
+    proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
+    return work, log, request.param
+
+
+def test_two_process_run_finishes(ddp_run):
+    work, log, growth = ddp_run
+    res = json.loads((work / "run" / "results.json").read_text())
+    assert res["done"] is True
+    assert len(res["epochs"]) == 2
+    # 256 images, 16 per process and step, 2 processes: 8 steps per epoch; stages change at steps 4, 8, 12
+    assert res["summary"]["steps"] == res["summary"]["total_steps"] == 16
+    assert [s["step"] for s in res["stages"]] == [0, 4, 8, 12]
+    assert [(s["subnet"]["resolution"], s["subnet"]["depth"]) for s in res["stages"]] == [
+        (16, 2), (20, 3), (24, 3), (28, 4)]
+    assert [(e["stage"], e["resolution"], e["depth"]) for e in res["epochs"]] == [(2, 20, 3), (4, 28, 4)]
+    assert res["summary"]["growth"] == growth
+    assert all(s["growth"]["operator"] == growth for s in res["stages"][1:])
+    infos = [json.loads((work / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world"] for i in infos] == [2, 2]
+    assert all("MULTI_CPU" in i["distributed_type"] for i in infos)
+    assert all(i["steps"] == 16 for i in infos)
+    assert log.count("stage 4/4") == 1, "progress is printed by the main process only"
+
+
+def test_both_processes_end_with_identical_weights(ddp_run):
+    work, _, growth = ddp_run
+    r0 = torch.load(work / "rank0.pt")
+    r1 = torch.load(work / "rank1.pt")
+    assert r0.keys() == r1.keys() and any(k.startswith("ema.") for k in r0)
+    for k in r0:
+        torch.testing.assert_close(r1[k], r0[k], rtol=0, atol=1e-6, msg=k)
+    # and rank 0's checkpoint is exactly those weights
+    saved = load_file(work / "run" / "checkpoint" / "model.safetensors")
+    for k, v in saved.items():
+        assert torch.equal(v, r0[f"net.{k}"]), k
+    # the blocks trained: the copies made at growth have drifted apart
+    assert not torch.equal(r0["net.model.blocks.0.attn.qkv.weight"], r0["net.model.blocks.1.attn.qkv.weight"])
+    gates = [k for k in r0 if k.startswith("net.") and k.endswith(".gate")]
+    if growth == "identity":
+        # 2 → 3 blocks gates block 2, 3 → 4 ([0, 1, 2, 2]) gates block 3; the gates trained in sync
+        assert sorted(gates) == sorted(f"net.model.blocks.{i}.{ls}.gate" for i in (2, 3) for ls in ("ls1", "ls2"))
+        assert any(float(r0[k]) != 0.0 for k in gates)
+    else:
+        assert gates == []
+
+
+def test_distributed_evaluation_counts_each_test_image_once(ddp_run):
+    # 100 test images (10 per class) in eval batches of 32 on 2 processes: Accelerate pads the last round with
+    # repeated images; counting them too would give (10 + k)/128 instead of exactly 10%
+    work = ddp_run[0]
+    for r in (0, 1):
+        info = json.loads((work / f"rank{r}.json").read_text())
+        assert info["constant_exact"] == pytest.approx(10.0)
+        assert info["constant_top1"] == pytest.approx(info["constant_exact"], abs=1e-9)
+        assert info["constant_top1_ema"] == pytest.approx(info["constant_exact"], abs=1e-9)
