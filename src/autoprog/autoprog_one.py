@@ -71,8 +71,13 @@ class AutoProgOne:
         spe = trainer.steps_per_epoch
         self.search_steps = max(1, min(round(self.cfg.search_epochs * spe), int(self.stage_len) - 1))
         extra = 0 if self.cfg.recycle else self.search_steps
+        total = total_steps + (k - 1) * extra
         self.starts = [round(i * self.stage_len) + i * extra for i in range(k)]
-        return total_steps + (k - 1) * extra
+        if total >= 1:  # the last stage (the full model) always gets at least one step
+            self.starts[-1] = min(self.starts[-1], total - 1)
+            for i in range(k - 2, -1, -1):
+                self.starts[i] = min(self.starts[i], self.starts[i + 1])
+        return total
 
     def stage_at(self, step: int) -> int:
         return max(i for i, start in enumerate(self.starts) if step >= start or i == 0)
@@ -98,8 +103,8 @@ class AutoProgOne:
         if prev is None:  # nothing trained yet: the supernet starts from the initial weights
             growth = trainer.use_subnet(top)
         else:
-            inserted = layout.inserted()
-            growth = trainer.grow_to(top, block_map=dict(inserted), inserted=[p for p, _ in inserted])
+            block_map = layout.source_map()
+            growth = trainer.grow_to(top, block_map=block_map, inserted=list(block_map))
         self.searching = True
         self.search_end = trainer.step + self.search_steps
         trainer.log_stage({"stage": k, "supernet": top.to_dict(), "candidates": [c.to_dict() for c in self.cands],

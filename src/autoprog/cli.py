@@ -64,6 +64,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start-ratio", type=float, default=0.5,
                    help="initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25 (default: 0.5)")
     g.add_argument("--schedule", help="schedule.json to replay with --method fixed")
+    g.add_argument("--adareg", action="store_true",
+                   help="adaptive regularization: RandAugment magnitude (4.5-9), random-erasing probability (0-0.25) "
+                        "and drop-path rate (0-0.1) grow linearly with the sub-network's size (Table 14)")
 
     g = p.add_argument_group("AutoProg-One search")
     g.add_argument("--search-epochs", type=float, default=2.0,
@@ -132,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-budget-baseline", action="store_true",
                    help="skip original@budget: the original trained for the wall-clock of the fastest "
                         "progressive method, with its learning rate fully decayed in that time")
+    c.add_argument("--seeds", help="comma-separated seeds: one comparison per seed in OUT/seed<N>, and mean ± std "
+                                  "in OUT/summary.json and summary.md (overrides --seed)")
     _add_common(c)
     return parser
 
@@ -196,7 +201,7 @@ def spec_from_args(args: argparse.Namespace, method: str):
         depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads, drop_path=args.drop_path,
         dataset=args.dataset, data_root=args.data_root, subset=args.subset or None, num_stages=args.num_stages,
         start_ratio=args.start_ratio, schedule=args.schedule, search_epochs=args.search_epochs, alpha=args.alpha,
-        search_samples=args.search_samples, recycle=not args.no_recycle, train=train,
+        search_samples=args.search_samples, recycle=not args.no_recycle, adareg=args.adareg, train=train,
     )
 
 
@@ -225,8 +230,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"results in {args.out}/results.json")
         else:
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            runner.compare(spec_from_args(args, "original"), methods, args.out,
-                           budget_baseline=not args.no_budget_baseline, accelerator=acc)
+            base = spec_from_args(args, "original")
+            if args.seeds:
+                try:
+                    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+                except ValueError:
+                    raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+                if not seeds:
+                    raise ConfigError("--seeds is empty")
+                runner.compare_seeds(base, methods, args.out, seeds, not args.no_budget_baseline, acc)
+            else:
+                runner.compare(base, methods, args.out, budget_baseline=not args.no_budget_baseline, accelerator=acc)
             acc.print(f"wrote {args.out}/summary.json, summary.md, curves.png")
         return 0
     except AutoprogError as e:

@@ -87,15 +87,24 @@ class DataBundle:
             return DataLoader(ds, collate_fn=_collate_batched, **kw)
         return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
 
-    def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 → normalised float; for training, random translation (±pad px) and horizontal flips."""
+    def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None,
+                regularizer=None) -> torch.Tensor:
+        """uint8 → normalised float; for training, random translation (±pad px) and horizontal flips.
+
+        ``regularizer`` (an :class:`~autoprog.adareg.AdaptiveRegularization`) adds RandAugment to
+        in-memory data and random erasing to any training batch.
+        """
         if x.dtype == torch.uint8:
+            if train and regularizer is not None:
+                x = regularizer.randaugment(x)
             x = x.float().div_(255.0)
             if train:
                 x = _augment(x, self.pad, self.hflip, generator)
             mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
             std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
             x = (x - mean) / std
+        if train and regularizer is not None:
+            x = regularizer.erase(x)
         return x
 
 

@@ -65,8 +65,15 @@ class ElasticLayout:
         return tuple(b for chain in chains for b in chain)
 
     def source_map(self) -> dict[int, int]:
-        """Inserted physical position → the position whose weights initialise it."""
-        return dict(self.inserted())
+        """Inserted physical position → the block of ψ*_{k-1} whose weights initialise it.
+
+        A second-round copy is a copy of a copy, so it takes its lineage's original block (the copies
+        do not exist yet when the supernet is initialised).
+        """
+        root = {j: j for j in range(self.base_depth)}
+        for pos, src in self.inserted():
+            root[pos] = root[src]
+        return {pos: root[pos] for pos, _ in self.inserted()}
 
 
 def _pick(values: list[int], idx: list[int]) -> list[int]:
@@ -117,6 +124,10 @@ def choose_alpha(losses: list[float], times: list[float]) -> float:
 
 def scores(losses: list[float], times: list[float], alpha: float) -> list[float]:
     """Eq. 9: L(ψ) · T(ψ)^α for each candidate."""
+    if len(losses) != len(times) or not losses:
+        raise ValueError("need one loss and one time per candidate")
+    if min(losses) <= 0 or min(times) <= 0:
+        raise ValueError("losses and times must be positive")
     return [loss * t ** alpha for loss, t in zip(losses, times)]
 
 

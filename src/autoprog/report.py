@@ -26,6 +26,22 @@ def summary_markdown(rows: list[dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_markdown(rows: list[dict], title: str) -> str:
+    """Mean ± std over seeds, one row per method."""
+    def cell(r, k, spec):
+        return "–" if r[k] is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
+
+    lines = [f"## {title}", "",
+             "| method | wall time (s) | speed-up | FLOPs speed-up | realised / theoretical | top-1 (%) | EMA top-1 (%) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = r["method"] + (f" (budget of {r['budget_of']})" if r.get("budget_of") else "")
+        lines.append(f"| {name} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'speedup', '.2f')}× | "
+                     f"{cell(r, 'flops_speedup', '.2f')}× | {cell(r, 'realised_fraction', '.2f')} | "
+                     f"{cell(r, 'top1', '.2f')} | {cell(r, 'top1_ema', '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def schedule_string(schedule: dict) -> str:
     return " → ".join(f"{s['resolution']}px·{s['depth']}" for s in schedule.get("stages", []))
 

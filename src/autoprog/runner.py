@@ -15,7 +15,7 @@ from .data import load_dataset
 from .errors import ConfigError
 from .growth import get_growth_operator
 from .models.factory import ModelOverrides, build_model
-from .report import plot_curves, schedule_string, summary_markdown
+from .report import plot_curves, schedule_string, seeds_markdown, summary_markdown
 from .schedules import METHODS, PLANNED_METHODS, build_schedule
 from .train import CHECKPOINT_DIR, TrainConfig, Trainer
 
@@ -45,6 +45,7 @@ class RunSpec:
     alpha: float | None = None
     search_samples: int = 1024
     recycle: bool = True
+    adareg: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -107,8 +108,13 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
     data, net, schedule, growth = build_run(spec)
+    adareg = None
+    if spec.adareg:
+        from .adareg import AdaptiveRegularization
+
+        adareg = AdaptiveRegularization(net.growth_space(spec.num_stages, spec.start_ratio))
     trainer = Trainer(net, schedule, growth, data, spec.train, out, accelerator,
-                      run_info={"method": spec.method, "model": spec.model, "dataset": spec.dataset})
+                      run_info={"method": spec.method, "model": spec.model, "dataset": spec.dataset}, adareg=adareg)
     if trainer.acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -187,5 +193,39 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         md = summary_markdown(rows, title)
         (out / "summary.md").write_text(md)
         plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
+        acc.print("\n" + md)
+    return rows
+
+
+def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: list[int],
+                  budget_baseline: bool = True, accelerator=None) -> list[dict]:
+    """:func:`compare` once per seed (in ``out/seed<N>``), then mean ± std per method in ``out/summary.*``.
+
+    Speed-ups are averaged per seed (each is a ratio within one comparison on one machine).
+    """
+    import statistics
+
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    out = Path(out)
+    per_seed = {s: compare(replace(base, train=replace(base.train, seed=s)), methods, out / f"seed{s}",
+                           budget_baseline, acc) for s in seeds}
+    keys = ("wall_time_s", "speedup", "flops_speedup", "realised_fraction", "top1", "top1_ema", "search_epoch_s")
+    rows = []
+    for m in [r["method"] for r in per_seed[seeds[0]]]:
+        runs = [next(r for r in per_seed[s] if r["method"] == m) for s in seeds]
+        row = {"method": m, "seeds": seeds, "budget_of": runs[0].get("budget_of"), "growth": runs[0]["growth"],
+               "schedules": [r["schedule_str"] for r in runs]}
+        for k in keys:
+            vals = [r[k] for r in runs if r.get(k) is not None]
+            row[k] = round(statistics.fmean(vals), 4) if vals else None
+            row[k + "_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
+            row[k + "_per_seed"] = [r.get(k) for r in runs]
+        rows.append(row)
+    if acc.is_main_process:
+        (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)")
+        (out / "summary.md").write_text(md)
         acc.print("\n" + md)
     return rows

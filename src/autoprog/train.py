@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -92,7 +93,8 @@ class Trainer:
     """
 
     def __init__(self, net: ElasticViT, schedule, growth: GrowthOperator, data: DataBundle,
-                 cfg: TrainConfig, out_dir: str | Path, accelerator=None, run_info: dict | None = None):
+                 cfg: TrainConfig, out_dir: str | Path, accelerator=None, run_info: dict | None = None,
+                 adareg=None):
         from accelerate import Accelerator
 
         cfg.validate()
@@ -100,6 +102,7 @@ class Trainer:
             schedule.validate_for(net.growth_space(1, 1.0))
             schedule = ScheduleController(schedule)
         self.controller = schedule
+        self.adareg = adareg  # optional AdaptiveRegularization, re-set whenever the sub-network changes
         self.net, self.growth, self.data, self.cfg = net, growth, data, cfg
         self.out = Path(out_dir)
         self.acc = accelerator or Accelerator()
@@ -144,6 +147,7 @@ class Trainer:
         self.history: list[dict] = []
         self.stage_log: list[dict] = []
         self._t_epoch: float | None = None
+        self._instrument_time = 0.0  # seconds spent measuring (FLOP counts) inside the timed loop
         self._search_loader = None
         self._search_samples = None
         self._time_cache: dict[tuple, float] = {}
@@ -166,10 +170,12 @@ class Trainer:
         if key not in self.flops_cache:
             if not self.cfg.count_flops:
                 return 0
+            t0 = time.perf_counter()
             size = self.data.image_size
             sample = torch.zeros(1, self.data.in_chans, size, size, device=self.acc.device)
             with torch.random.fork_rng(devices=[]):
                 self.flops_cache[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.global_batch
+            self._instrument_time += time.perf_counter() - t0  # counting FLOPs is not training
         return self.flops_cache[key]
 
     # ------------------------------------------------------------------ services for controllers
@@ -177,6 +183,8 @@ class Trainer:
         """Apply ``subnet`` to the model and its momentum copy (no weights change)."""
         self.net.apply_subnet(subnet)
         self.ema.module.apply_subnet(subnet)
+        if self.adareg is not None:
+            self.adareg.set_subnet(self.net, subnet)
         self._rewrap_if_needed()
         self._step_flops(subnet)
 
@@ -246,7 +254,8 @@ class Trainer:
 
     def elapsed(self) -> float:
         """Training seconds so far (evaluation excluded), including the running epoch."""
-        return self.train_time + (time.perf_counter() - self._t_epoch if self._t_epoch is not None else 0.0)
+        running = time.perf_counter() - self._t_epoch - self._instrument_time if self._t_epoch is not None else 0.0
+        return self.train_time + running
 
     def candidate_loss(self, subnet: SubNet, samples: int) -> float:
         """Mean training loss of ``subnet`` on a fixed, non-augmented subset of the training data."""
@@ -337,13 +346,16 @@ class Trainer:
         stopped_early = False
         while self.epoch < self.num_epochs:
             epoch_start_step = self.step
-            torch.manual_seed(self.cfg.seed * 100003 + self.epoch * 131 + self.acc.process_index)
+            epoch_seed = self.cfg.seed * 100003 + self.epoch * 131 + self.acc.process_index
+            torch.manual_seed(epoch_seed)
+            random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
             gen = torch.Generator().manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
             loss_sum, loss_n = torch.zeros((), device=self.acc.device), 0
             steps_this_epoch = min(self.steps_per_epoch, self.total_steps - self.step)
             bar = tqdm(total=steps_this_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}", leave=False,
                        disable=not self.acc.is_local_main_process or None, dynamic_ncols=True)
             self._sync()
+            self._instrument_time = 0.0
             t_epoch = self._t_epoch = time.perf_counter()
             step_times = []
             for x, y in self._train_loader(self.epoch):
@@ -370,7 +382,7 @@ class Trainer:
                                     loss=f"{loss.item():.3f}", img_s=f"{self.global_batch / step_times[-1]:.0f}")
                 bar.update(1)
             self._sync()
-            epoch_time = time.perf_counter() - t_epoch
+            epoch_time = time.perf_counter() - t_epoch - self._instrument_time
             self._t_epoch = None
             bar.close()
             self.train_time += epoch_time
@@ -404,7 +416,7 @@ class Trainer:
         return self._write_results(full_flops, done=not stopped_early)
 
     def _train_step(self, x, y, gen) -> torch.Tensor:
-        x = self.data.prepare(x, train=True, generator=gen)
+        x = self.data.prepare(x, train=True, generator=gen, regularizer=self.adareg)
         with self.acc.autocast():
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
@@ -427,7 +439,7 @@ class Trainer:
         avg_flops = self.flops_sum / max(1, self.step)
         return {
             **self.run_info,
-            "growth": self.growth.name, "ema_decay": round(self.ema_decay, 6),
+            "growth": self.growth.name, "ema_decay": round(self.ema_decay, 6), "adareg": self.adareg is not None,
             "epochs": self.num_epochs, "steps": self.step, "total_steps": self.total_steps,
             "wall_time_s": round(self.train_time, 3),
             "top1": last.get("top1"), "top1_ema": last.get("top1_ema"),

@@ -1,0 +1,667 @@
+"""AutoProg-One (Sec. 3.2, Algorithm 1): the weight-nesting elastic supernet (Definition 3.1), the growth
+space Λ_k of each stage (Appendix B), the L·T^α score (Eq. 9), distributed-safe candidate sampling, weight
+recycling, and the command line end to end (pretrain, schedule replay, resume, compare)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_args, tiny_vit
+from safetensors.torch import load_file
+
+from autoprog import autoprog_one
+from autoprog.autoprog_one import AutoProgOne, AutoProgOneConfig
+from autoprog.elastic import (
+    MAX_CANDIDATES,
+    ElasticLayout,
+    argmin_score,
+    candidates,
+    choose_alpha,
+    sample_index,
+    scores,
+)
+from autoprog.errors import ConfigError
+from autoprog.growth import Interpolation, depth_mapping
+from autoprog.models.vit import VisionTransformer
+from autoprog.schedules import Schedule
+from autoprog.space import GrowthSpace, SubNet
+
+SPACE6 = GrowthSpace(28, 4, 6)  # Ω: resolutions 16, 20, 24, 28; depths 3, 4, 5, 6
+CAND_KEYS = {"resolution", "depth", "loss", "step_time_s", "score", "chosen"}
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def _rd(stages) -> list[tuple[int, int]]:
+    return [(s["resolution"], s["depth"]) for s in stages]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class FakeTrainer:
+    """Just enough of :class:`autoprog.train.Trainer` to drive the controller without training."""
+
+    def __init__(self, steps_per_epoch: int = 8):
+        self.steps_per_epoch = steps_per_epoch
+        self.step = 0
+        self.stage = -1
+        self.applied: list[SubNet] = []
+        self.logs: list[dict] = []
+
+    def use_subnet(self, s):
+        self.applied.append(s)
+
+    def grow_to(self, dst, block_map=None, inserted=None):
+        self.applied.append(dst)
+        return None
+
+    def snapshot(self):
+        return {}
+
+    def elapsed(self):
+        return 0.0
+
+    def log_stage(self, info):
+        self.logs.append(info)
+
+    def print(self, *args):
+        pass
+
+
+# ============================================================================ 1. weight nesting
+def _roots(layout: ElasticLayout, blocks) -> list[int]:
+    """The original block (0..base-1) each physical block descends from."""
+    src = layout.source_map()
+
+    def root(p):
+        while p >= layout.base_depth:
+            p = src[p]
+        return p
+
+    return [root(b) for b in blocks]
+
+
+def test_layout_examples_from_the_issue():
+    lay = ElasticLayout(4, 6)
+    assert lay.blocks(4) == (0, 1, 2, 3)
+    assert lay.blocks(5) == (0, 1, 2, 3, 4)  # the first copy is of the final block, right after it
+    assert lay.blocks(6) == (0, 1, 2, 5, 3, 4)  # the second copies block 2, right after it
+    assert lay.inserted() == [(4, 3), (5, 2)]
+    assert lay.source_map() == {4: 3, 5: 2}
+
+
+def test_layout_more_than_doubling():
+    lay = ElasticLayout(2, 6)
+    assert lay.blocks(2) == (0, 1)
+    assert lay.blocks(3) == (0, 1, 2)
+    assert lay.blocks(4) == (0, 3, 1, 2)
+    assert lay.blocks(5) == (0, 3, 1, 2, 4)  # the second round starts again from the end, copying a copy
+    assert lay.blocks(6) == (0, 3, 5, 1, 2, 4)
+    assert _roots(lay, lay.blocks(6)) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("base", range(1, 8))
+def test_layout_is_weight_nesting(base):
+    for max_depth in range(base, 3 * base + 3):
+        lay = ElasticLayout(base, max_depth)
+        assert lay.blocks(base) == tuple(range(base))
+        assert sorted(lay.blocks(max_depth)) == list(range(max_depth)), "the largest uses every block once"
+        assert [p for p, _ in lay.inserted()] == list(range(base, max_depth))
+        if max_depth > base:
+            assert lay.inserted()[0] == (base, base - 1), "insertion starts from the final layer"
+        for d in range(base, max_depth + 1):
+            blocks = lay.blocks(d)
+            assert len(blocks) == len(set(blocks)) == d
+            # Definition 3.1: a smaller candidate's weights are a subset of every larger one's, and
+            # (inserting *in between*) its blocks keep their order
+            for d2 in range(d, max_depth + 1):
+                bigger = lay.blocks(d2)
+                assert set(blocks) <= set(bigger)
+                assert [b for b in bigger if b in set(blocks)] == list(blocks)
+            # every copy runs right after its source lineage: lineages are contiguous and in order,
+            # and the extra copies (one per block per round) go to the final blocks first
+            roots = _roots(lay, blocks)
+            assert roots == sorted(roots)
+            q, rem = divmod(d, base)
+            counts = collections.Counter(roots)
+            assert [counts[j] for j in range(base)] == [q + (j >= base - rem) for j in range(base)]
+
+
+def test_layout_rejects_bad_depths():
+    with pytest.raises(ConfigError):
+        ElasticLayout(0, 3)
+    with pytest.raises(ConfigError):
+        ElasticLayout(4, 3)
+    lay = ElasticLayout(3, 5)
+    for d in (2, 6):
+        with pytest.raises(ConfigError):
+            lay.blocks(d)
+
+
+def _standalone_vit(net, blocks, img_size=28) -> VisionTransformer:
+    """A separately built VisionTransformer of depth len(blocks) with ``net``'s stem/norm/head and, in order,
+    the weights of ``net``'s physical ``blocks``."""
+    ref = VisionTransformer(img_size=img_size, patch_size=4, in_chans=1, num_classes=10, embed_dim=16,
+                            depth=len(blocks), num_heads=2)
+    sd = {k: v for k, v in net.model.state_dict().items() if not k.startswith("blocks.")}
+    for j, b in enumerate(blocks):
+        sd.update({f"blocks.{j}.{k}": v for k, v in net.model.blocks[b].state_dict().items()})
+    ref.load_state_dict(sd)  # strict: exactly the same parameters
+    return ref.eval()
+
+
+def _grow_supernet(base: int, full: int, block_map: dict | None = None):
+    """A tiny ViT with distinct random blocks, grown by ``block_map`` (default: the layout's source map)
+    into an elastic supernet of ``full`` blocks; also returns the blocks' weights before growing."""
+    torch.manual_seed(0)
+    net = tiny_vit(depth=full).eval()
+    before = [{k: v.clone() for k, v in blk.state_dict().items()} for blk in net.blocks]
+    lay = ElasticLayout(base, full)
+    block_map = lay.source_map() if block_map is None else block_map
+    result = Interpolation().apply(net, None, block_map, [p for p, _ in lay.inserted()])
+    assert result.gated == []
+    return net, lay, before
+
+
+
+@pytest.mark.parametrize("base, full", [
+    (3, 6), (4, 6), (2, 4),
+    (2, 6), (2, 5),
+])
+def test_inserted_blocks_start_as_copies_of_their_lineage(base, full):
+    net, lay, before = _grow_supernet(base, full)
+    roots = _roots(lay, range(full))
+    for pos in range(full):
+        copied = _same(net.blocks[pos].state_dict(), before[roots[pos]])
+        assert copied, f"block {pos} should copy block {roots[pos]}"
+
+
+def test_controller_grows_the_supernet_from_the_previous_choice():
+    """Stage 2 after choosing 2 blocks: candidates of 2..5 blocks, so depth more than doubles."""
+    space = GrowthSpace(28, 4, 6, 4, 0.25)
+    ctrl = AutoProgOne(space, AutoProgOneConfig(search_epochs=1), seed=0)
+    tr = FakeTrainer()
+    calls = []
+    tr.grow_to = lambda dst, block_map=None, inserted=None: calls.append((dst, block_map, inserted))
+    ctrl.setup(tr, 64)
+    ctrl.chosen = [SubNet(16, 2)]
+    ctrl.enter_stage(tr, 1)
+    (top, block_map, inserted), = calls
+    assert top == SubNet(20, 5, (0, 3, 1, 2, 4)) and sorted(inserted) == [2, 3, 4]
+    net, lay, before = _grow_supernet(2, 5, block_map)
+    for pos, root in zip(range(5), _roots(lay, range(5))):
+        copied = _same(net.blocks[pos].state_dict(), before[root])
+        assert copied, f"block {pos} should copy block {root}"
+
+
+@pytest.mark.parametrize("base, full", [(3, 6), (2, 6), (4, 6)])
+def test_supernet_subnets_are_standalone_networks(base, full):
+    net, lay, _ = _grow_supernet(base, full)
+    with torch.no_grad():  # supernet training: the copies drift apart from their sources
+        for p in net.blocks.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    for d in range(base, full + 1):
+        for res in (16, 28):
+            x = torch.randn(3, 1, res, res)
+            net.apply_subnet(SubNet(res, d, lay.blocks(d)))
+            with torch.no_grad():
+                out, ref = net(x), _standalone_vit(net, lay.blocks(d))(x)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # the comparison is sensitive to the block order
+    net.apply_subnet(SubNet(28, full, tuple(range(full))))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert not torch.allclose(net(x), _standalone_vit(net, lay.blocks(full))(x), atol=1e-4)
+
+
+# ======================================================================= 2. candidate sets Λ_k
+@pytest.mark.parametrize("space", [SPACE6, GrowthSpace(224, 16, 12), GrowthSpace(32, 4, 8, 4, 0.25),
+                                   GrowthSpace(28, 4, 4)])
+def test_first_stage_takes_min_medium_max(space):
+    res, dep = space.resolutions(), space.depths()
+    cands = candidates(space, None)
+    rs = sorted({c.resolution for c in cands})
+    ds = sorted({c.depth for c in cands})
+    assert len(cands) == len(set(cands)) == len(rs) * len(ds) <= MAX_CANDIDATES
+    for chosen, omega in ((rs, res), (ds, dep)):
+        assert len(chosen) == min(3, len(omega))
+        assert chosen[0] == omega[0] and chosen[-1] == omega[-1], "smallest and largest of Ω"
+        if len(chosen) == 3:  # the medium one
+            assert chosen[1] in omega and omega.index(chosen[1]) in ((len(omega) - 1) // 2, len(omega) // 2)
+    assert all(c.blocks is None for c in cands)
+    assert space.full in cands, "the whole network is reachable from the first stage"
+
+
+def test_first_stage_examples():
+    assert {(c.resolution, c.depth) for c in candidates(SPACE6, None)} == {
+        (r, d) for r in (16, 24, 28) for d in (3, 5, 6)}  # Ω's medium: 24 px (upper median), 5 blocks
+    big = candidates(GrowthSpace(224, 16, 12), None)
+    assert len(big) == 9
+    assert {c.resolution for c in big} >= {112, 224} and {c.depth for c in big} >= {6, 12}
+
+
+@pytest.mark.parametrize("space, prev, expected_res, expected_depths", [
+    (SPACE6, SubNet(16, 3), [16, 20], [3, 4, 5, 6]),
+    (SPACE6, SubNet(20, 4), [20, 24], [4, 5, 6]),  # clipped at the full depth
+    (SPACE6, SubNet(24, 6), [24, 28], [6]),
+    (SPACE6, SubNet(28, 5), [28], [5, 6]),  # clipped at the full resolution
+    (SPACE6, SubNet(28, 6), [28], [6]),
+    (GrowthSpace(224, 16, 12), SubNet(112, 6), [112, 144], [6, 7, 8, 9]),
+    (GrowthSpace(224, 16, 12), SubNet(144, 8), [144, 192], [8, 9, 10, 11]),
+])
+def test_later_stages_grow_from_the_previous_choice(space, prev, expected_res, expected_depths):
+    cands = candidates(space, prev)
+    assert [(c.resolution, c.depth) for c in cands] == [(r, d) for r in expected_res for d in expected_depths]
+    assert len(cands) <= 8
+    assert SubNet(prev.resolution, prev.depth) in cands, "staying put is a candidate"
+    for c in cands:
+        assert c.resolution >= prev.resolution and c.depth >= prev.depth, "never smaller than ψ*_{k-1}"
+        space.validate(c)
+
+
+# ================================================================================ 3. scoring
+def test_scores_are_loss_times_time_to_the_alpha():
+    assert scores([2.0, 3.0], [4.0, 9.0], 0.5) == pytest.approx([4.0, 9.0])
+    assert scores([2.0, 3.0], [4.0, 9.0], 0.0) == pytest.approx([2.0, 3.0])
+
+
+def test_argmin_trades_loss_against_runtime():
+    losses, times = [1.0, 1.5, 3.0], [4.0, 2.0, 1.0]
+    assert argmin_score(losses, times, 0.0) == 0, "α = 0: the lowest loss"
+    assert argmin_score(losses, times, 10.0) == 2, "large α: the fastest"
+    assert argmin_score(losses, times, 0.5) == 0  # 2, 2.12, 3
+    assert argmin_score([1.0, 1.5, 1.6], times, 1.0) == 2  # 4, 3, 1.6
+
+
+def test_argmin_breaks_ties_faster_then_earlier():
+    assert argmin_score([2.0, 1.0, 1.0], [1.0, 2.0, 1.5], 0.0) == 2, "equal score: the faster one"
+    assert argmin_score([1.0, 1.0, 1.0], [3.0, 2.0, 2.0], 0.0) == 1, "equal score and time: the earlier one"
+    assert argmin_score([2.0, 1.0], [1.0, 4.0], 0.5) == 0  # 2.0 == 2.0, candidate 0 is faster
+
+
+def test_choose_alpha_balances_the_log_ranges():
+    losses, times = [1.0, math.e, 2.0], [math.e ** 2, 1.0, math.e]
+    alpha = choose_alpha(losses, times)
+    assert alpha == pytest.approx(0.5)
+    log_l = [math.log(v) for v in losses]
+    log_t = [alpha * math.log(v) for v in times]
+    assert max(log_t) - min(log_t) == pytest.approx(max(log_l) - min(log_l))
+    # the unit of time does not matter
+    assert choose_alpha(losses, [1000 * t for t in times]) == pytest.approx(alpha)
+    assert choose_alpha([2.0, 4.0], [0.01, 0.1]) == pytest.approx(math.log(2) / math.log(10))
+
+
+def test_choose_alpha_fallbacks():
+    assert choose_alpha([1.0, 2.0, 3.0], [0.5, 0.5, 0.5]) == 0.0, "equal times: pick by loss"
+    assert choose_alpha([2.0], [0.1]) == 0.0
+    times = [0.3, 0.1, 0.2]
+    alpha = choose_alpha([2.0, 2.0, 2.0], times)
+    assert 0.0 < alpha <= 0.01, "equal losses: a small positive α"
+    assert argmin_score([2.0, 2.0, 2.0], times, alpha) == 1, "... which picks the fastest"
+
+
+@pytest.mark.parametrize("losses, times", [
+    ([1.0, 0.0], [1.0, 2.0]), ([1.0, -2.0], [1.0, 2.0]), ([1.0, 2.0], [0.0, 2.0]), ([1.0, 2.0], [1.0, -1.0]),
+    ([], []), ([1.0, 2.0], [1.0]),
+])
+def test_choose_alpha_rejects_bad_inputs(losses, times):
+    with pytest.raises(ValueError):
+        choose_alpha(losses, times)
+
+
+def test_scoring_rejects_bad_inputs():
+    with pytest.raises(ValueError):
+        argmin_score([1.0, 5.0], [1.0, 0.0], 1.0)
+    with pytest.raises(ValueError):
+        scores([1.0, -2.0], [1.0, 2.0], 1.0)
+    with pytest.raises(ValueError):
+        argmin_score([1.0, 2.0, 0.5], [1.0, 2.0], 0.0)
+
+
+# ============================================================================== 4. sampling
+def test_sample_index_is_a_pure_function():
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    a = [sample_index(7, s, 9) for s in range(300)]
+    assert torch.equal(torch.get_rng_state(), state), "sampling must not consume the global random state"
+    torch.manual_seed(12345)  # another "process", with another global random state
+    torch.rand(17)
+    assert [sample_index(7, s, 9) for s in range(300)] == a
+    assert [sample_index(7, s, 9) for s in reversed(range(300))] == a[::-1], "no hidden state between calls"
+    assert a != [sample_index(8, s, 9) for s in range(300)], "the seed matters"
+    assert all(0 <= i < 9 for i in a)
+
+
+@pytest.mark.parametrize("n", [1, 4, 8, 9])
+def test_sample_index_is_uniform(n):
+    for seed in (0, 1, 2):
+        counts = collections.Counter(sample_index(seed, s, n) for s in range(200 * n))
+        assert set(counts) == set(range(n)), "every candidate is trained"
+        assert all(130 <= c <= 270 for c in counts.values()), counts
+
+
+def test_controllers_sample_the_same_candidates():
+    def controller():
+        ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=4), seed=3)
+        tr = FakeTrainer()
+        ctrl.setup(tr, 256)
+        ctrl.enter_stage(tr, 0)
+        return ctrl, tr
+
+    (a, ta), (b, tb) = controller(), controller()
+    assert a.searching and len(a.cands) == 9
+    torch.manual_seed(0)
+    seq_a = [a.step_subnet(ta, s) for s in range(300)]
+    torch.manual_seed(99)
+    seq_b = [b.step_subnet(tb, s) for s in range(300)]
+    assert seq_a == seq_b
+    assert set(seq_a) == set(a.cands), "each candidate is sampled during the search"
+    assert all(c.blocks is not None for c in seq_a), "the supernet assigns each candidate its blocks"
+    assert ta.applied[0] == SubNet(28, 6, ElasticLayout(3, 6).blocks(6)), "the supernet is the largest candidate"
+    a.searching = False
+    assert a.step_subnet(ta, 0) is None, "outside the search the chosen sub-network trains"
+
+
+def test_setup_timeline():
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=1), seed=0)
+    assert ctrl.setup(FakeTrainer(8), 64) == 64, "with recycling the search epochs are training epochs"
+    assert ctrl.search_steps == 8 and ctrl.starts == [0, 16, 32, 48]
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=1, recycle=False), seed=0)
+    assert ctrl.setup(FakeTrainer(8), 64) == 64 + 3 * 8, "without recycling they are extra"
+    assert ctrl.starts == [0, 24, 48, 72]
+    assert [ctrl.stage_at(s) for s in (0, 23, 24, 71, 72, 87)] == [0, 0, 1, 2, 3, 3]
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=10), seed=0)
+    ctrl.setup(FakeTrainer(8), 64)
+    assert ctrl.search_steps == 15, "the search leaves at least one step of the stage to the choice"
+
+
+@pytest.mark.parametrize("kw", [{"search_epochs": 0}, {"alpha": -0.5}, {"search_samples": 0}])
+def test_config_validation(kw):
+    with pytest.raises(ConfigError):
+        AutoProgOne(SPACE6, AutoProgOneConfig(**kw))
+
+
+# ====================================================================== 5. weight recycling
+# forced choices (res, depth) per searched stage of a 6-block model: stage 2's choice, 5 blocks out of a
+# supernet grown from 3, runs the physical blocks (0, 1, 4, 2, 3), so recycling has to move blocks
+FORCED = {0: (16, 3), 1: (20, 5), 2: (24, 6)}
+_ORIG_SEARCH = AutoProgOne._search
+
+
+def _blk(sd: dict, i: int) -> dict:
+    pre = f"model.blocks.{i}."
+    return {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+
+
+def _non_blocks(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if not k.startswith("model.blocks.")}
+
+
+def _clone(sd: dict) -> dict:
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def _opt_blocks(trainer) -> dict:
+    out = {}
+    for i, blk in enumerate(trainer.net.blocks):
+        for n, p in blk.named_parameters():
+            if p in trainer.optimizer.state:
+                out[(i, n)] = {k: v.clone() for k, v in trainer.optimizer.state[p].items() if k != "step"}
+    return out
+
+
+def _recorded_run(out: Path, data_root: Path, recycle: bool):
+    """A tiny autoprog-one run (16 steps, search 2 steps per stage) with forced choices; records the state
+    just before and after each search."""
+    from accelerate import Accelerator
+
+    from autoprog.runner import RunSpec, pretrain
+    from autoprog.train import TrainConfig
+
+    records, cur = [], {}
+    orig_search = _ORIG_SEARCH
+
+    def forced_argmin(losses, times, alpha):
+        ctrl, trainer = cur["ctrl"], cur["trainer"]
+        want = FORCED[trainer.stage]
+        return [(c.resolution, c.depth) for c in ctrl.cands].index(want)
+
+    def search(self, trainer):
+        cur.update(ctrl=self, trainer=trainer)
+        rec = {"stage": trainer.stage, "cands": list(self.cands), "prev": self.chosen[-1] if self.chosen else None,
+               "model": _clone(trainer.net.state_dict()), "ema": _clone(trainer.ema.module.state_dict()),
+               "opt": _opt_blocks(trainer), "snapshot": self._snapshot, "lr_step": trainer.lr_step}
+        orig_search(self, trainer)
+        rec.update(chosen=self.chosen[-1], subnet=trainer.net.subnet, ema_subnet=trainer.ema.module.subnet,
+                   model_after=_clone(trainer.net.state_dict()), ema_after=_clone(trainer.ema.module.state_dict()),
+                   opt_after=_opt_blocks(trainer), lr_step_after=trainer.lr_step, search_steps=self.search_steps,
+                   starts=list(self.starts))
+        records.append(rec)
+
+    spec = RunSpec(method="autoprog-one", growth="mogrow", depth=6, embed_dim=16, num_heads=2,
+                   data_root=str(data_root), subset=256, search_epochs=0.25, search_samples=64, recycle=recycle,
+                   train=TrainConfig(epochs=2, batch_size=32, eval_samples=64, count_flops=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoProgOne, "_search", search)
+        mp.setattr(autoprog_one, "argmin_score", forced_argmin)
+        res = pretrain(spec, out, Accelerator(cpu=True))
+    return res, records
+
+
+@pytest.fixture(scope="module")
+def recycle_runs(tmp_path_factory, fake_fmnist):
+    out = tmp_path_factory.mktemp("recycle")
+    return (_recorded_run(out / "recycle", fake_fmnist, recycle=True),
+            _recorded_run(out / "no-recycle", fake_fmnist, recycle=False))
+
+
+@pytest.mark.slow
+def test_recycling_keeps_the_supernet_weights(recycle_runs):
+    (res, records), _ = recycle_runs
+    assert res["done"] and len(records) == 3
+    assert _rd(res["summary"]["schedule"]["stages"]) == [FORCED[0], FORCED[1], FORCED[2], (28, 6)]
+    for rec in records:
+        best = next(c for c in rec["cands"] if (c.resolution, c.depth) == FORCED[rec["stage"]])
+        d = best.depth
+        assert rec["chosen"] == SubNet(best.resolution, d) and rec["chosen"].blocks is None, "compacted to 0..d-1"
+        assert rec["subnet"] == rec["ema_subnet"] == rec["chosen"]
+        for i, b in enumerate(best.blocks):
+            assert _same(_blk(rec["model_after"], i), _blk(rec["model"], b)), (rec["stage"], i, b)
+            assert _same(_blk(rec["ema_after"], i), _blk(rec["ema"], b)), (rec["stage"], i, b)
+            for n in [n for (j, n) in rec["opt"] if j == b]:
+                assert _same(rec["opt_after"][(i, n)], rec["opt"][(b, n)]), "optimizer moments follow the weights"
+        assert _same(_non_blocks(rec["model_after"]), _non_blocks(rec["model"]))
+        assert _same(_non_blocks(rec["ema_after"]), _non_blocks(rec["ema"]))
+        assert rec["lr_step_after"] == rec["lr_step"], "no steps are discarded"
+    # the stage-2 choice really was a non-trivial layout: 5 of a supernet grown from 3 blocks
+    assert next(c for c in records[1]["cands"] if (c.resolution, c.depth) == (20, 5)).blocks == (0, 1, 4, 2, 3)
+    s = res["summary"]
+    assert s["steps"] == s["total_steps"] == 16 and s["recycle"] is True
+    assert records[0]["search_steps"] == 2 and records[0]["starts"] == [0, 4, 8, 12]
+    assert [st["step"] for st in res["stages"] if "chosen" in st] == [2, 6, 10]
+
+
+@pytest.mark.slow
+def test_without_recycling_the_stage_restarts_from_its_starting_weights(recycle_runs):
+    (ref, _), (res, records) = recycle_runs
+    assert res["done"] and len(records) == 3
+    assert _rd(res["summary"]["schedule"]["stages"]) == _rd(ref["summary"]["schedule"]["stages"])
+    for rec in records:
+        snap, chosen, prev = rec["snapshot"], rec["chosen"], rec["prev"]
+        assert snap is not None and rec["subnet"] == chosen == SubNet(*FORCED[rec["stage"]])
+        assert rec["lr_step_after"] == snap["lr_step"] == rec["lr_step"] - rec["search_steps"], \
+            "the search steps are rewound in the learning-rate schedule"
+        if prev is None:  # the first stage starts from the initial weights
+            src_model, src_ema, mapping = snap["model"], snap["ema"], list(range(chosen.depth))
+        else:  # MoGrow: interpolation of the momentum network's stage-start weights
+            src_model, src_ema = snap["ema"], snap["ema"]
+            mapping = depth_mapping("interpolation", prev.depth, chosen.depth)
+        for j, m in enumerate(mapping):
+            assert _same(_blk(rec["model_after"], j), _blk(src_model, m)), (rec["stage"], j, m)
+            assert _same(_blk(rec["ema_after"], j), _blk(src_ema, m)), (rec["stage"], j, m)
+        assert _same(_non_blocks(rec["model_after"]), _non_blocks(src_model))
+        # ... and not the supernet's weights
+        best = next(c for c in rec["cands"] if (c.resolution, c.depth) == FORCED[rec["stage"]])
+        assert not all(_same(_blk(rec["model_after"], i), _blk(rec["model"], b)) for i, b in enumerate(best.blocks))
+    s, k = res["summary"], 4
+    search_steps = records[0]["search_steps"]
+    assert search_steps == 2
+    assert s["recycle"] is False
+    assert s["steps"] == s["total_steps"] == ref["summary"]["total_steps"] + (k - 1) * search_steps
+    assert records[0]["starts"] == [0, 6, 12, 18]
+    # both runs end with the same learning rate: the discarded steps do not advance the LR schedule
+    assert res["epochs"][-1]["lr"] == pytest.approx(ref["epochs"][-1]["lr"], rel=1e-6)
+
+
+# ============================================================================= 6. end to end
+AP_ARGS = ("--method", "autoprog-one", "--depth", "6", "--alpha", "0", "--search-epochs", "0.5",
+           "--search-samples", "64")
+
+
+@pytest.fixture(scope="module")
+def ap_run(tmp_path_factory, fake_fmnist) -> Path:
+    """`pretrain --method autoprog-one`: 3 epochs of 8 steps, 4 stages of 6 steps, each (but the last)
+    searching for its first 4 steps; α = 0 makes the choices loss-only and reproducible."""
+    from autoprog.cli import main
+
+    out = tmp_path_factory.mktemp("ap") / "ap"
+    assert main(["pretrain", "--out", str(out), *tiny_args(fake_fmnist, epochs="3"), *AP_ARGS]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_pretrain_autoprog_one_writes_its_search(ap_run):
+    res = _results(ap_run)
+    s = res["summary"]
+    assert res["done"] is True and s["method"] == "autoprog-one"
+    assert s["steps"] == s["total_steps"] == 24
+    stages = s["schedule"]["stages"]
+    assert len(stages) == 4 and _rd(stages)[-1] == (28, 6), "the last stage is the full model"
+    assert sum(st["fraction"] for st in stages) == pytest.approx(1.0)
+    for a, b in zip(stages, stages[1:]):
+        assert b["resolution"] >= a["resolution"] and b["depth"] >= a["depth"]
+    search = s["search"]
+    assert len(search) == 3, "one search per stage but the last"
+    prev = None
+    for k, entry in enumerate(search):
+        table = entry["candidates"]
+        assert all(CAND_KEYS <= row.keys() for row in table)
+        assert {(r["resolution"], r["depth"]) for r in table} == {
+            (c.resolution, c.depth) for c in candidates(SPACE6, prev)}
+        assert sum(r["chosen"] for r in table) == 1
+        row = next(r for r in table if r["chosen"])
+        assert (row["resolution"], row["depth"]) == _rd([entry["chosen"]])[0] == _rd(stages)[k]
+        assert entry["alpha"] == 0.0
+        for r in table:
+            assert r["loss"] > 0 and r["step_time_s"] > 0 and r["score"] == pytest.approx(r["loss"], abs=1e-5)
+        assert row["score"] == min(r["score"] for r in table)
+        prev = SubNet(row["resolution"], row["depth"])
+    assert s["search_epoch_s"] > 0 and s["search_scoring_s"] > 0
+    assert s["search_epoch_s"] <= s["wall_time_s"]
+    starts = [st["step"] for st in res["stages"] if "supernet" in st or "subnet" in st]
+    assert starts == [0, 6, 12, 18]
+    assert [st["step"] for st in res["stages"] if "chosen" in st] == [4, 10, 16]
+    assert (res["epochs"][-1]["resolution"], res["epochs"][-1]["depth"]) == (28, 6)
+    state = json.loads((ap_run / "checkpoint" / "state.json").read_text())
+    assert state["subnet"] == {"resolution": 28, "depth": 6} and state["controller"]["searching"] is False
+
+    sched = Schedule.load(ap_run / "schedule.json")
+    sched.validate_for(SPACE6)
+    assert sched.to_dict()["stages"] == stages
+
+
+@pytest.mark.slow
+def test_fixed_replays_an_autoprog_one_schedule(ap_run, cli, fake_fmnist, tmp_path):
+    out = tmp_path / "fixed"
+    rc, _, err = cli("pretrain", "--method", "fixed", "--schedule", ap_run / "schedule.json", "--out", out,
+                     *tiny_args(fake_fmnist, epochs="3"), "--depth", "6")
+    assert rc == 0, err
+    a, b = _results(ap_run), _results(out)
+    assert b["done"] and b["summary"]["method"] == "fixed"
+    assert b["summary"]["schedule"]["stages"] == a["summary"]["schedule"]["stages"]
+    assert [(st["step"], st["subnet"]["resolution"], st["subnet"]["depth"]) for st in b["stages"]] == [
+        (step, r, d) for step, (r, d) in zip([0, 6, 12, 18], _rd(a["summary"]["schedule"]["stages"]))]
+
+
+@pytest.mark.slow
+def test_resume_in_the_middle_of_a_search(ap_run, cli, fake_fmnist, tmp_path):
+    out = tmp_path / "stopped"
+    rc, _, err = cli("pretrain", "--out", out, "--stop-after-epochs", "1", *tiny_args(fake_fmnist, epochs="3"),
+                     *AP_ARGS)
+    assert rc == 0, err
+    part = _results(out)
+    assert part["done"] is False and len(part["summary"]["search"]) == 1
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 8 and state["controller"]["searching"] is True, "stopped during stage 2's search"
+
+    rc, _, err = cli("pretrain", "--resume", out, "--cpu")
+    assert rc == 0, err
+    res, ref = _results(out), _results(ap_run)
+    assert res["done"] is True and res["summary"]["steps"] == 24
+    assert res["summary"]["search"][0] == part["summary"]["search"][0], "the choice made before the stop is kept"
+    assert res["summary"]["schedule"] == ref["summary"]["schedule"]
+    for got, want in zip(res["summary"]["search"], ref["summary"]["search"]):
+        assert got["chosen"] == want["chosen"]
+        assert [r["loss"] for r in got["candidates"]] == pytest.approx([r["loss"] for r in want["candidates"]],
+                                                                       abs=1e-4)
+    wa, wb = load_file(ap_run / "checkpoint" / "model.safetensors"), load_file(out / "checkpoint" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_resume_of_a_no_recycle_search_is_refused(cli, fake_fmnist, tmp_path):
+    out = tmp_path / "nr"
+    # 16 steps + 3 × 3 search steps: stage 2 starts at step 7 and searches until step 10
+    rc, _, err = cli("pretrain", "--out", out, "--stop-after-epochs", "1", *tiny_args(fake_fmnist, epochs="2"),
+                     "--method", "autoprog-one", "--no-recycle", "--search-epochs", "1", "--search-samples", "32")
+    assert rc == 0, err
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["controller"]["searching"] is True
+    rc, _, err = cli("pretrain", "--resume", out, "--cpu")
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("autoprog: error:") and "no-recycle" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_tiny_autoprog_one_run_still_ends_on_the_full_model(cli, fake_fmnist, tmp_path):
+    out = tmp_path / "tiny"
+    rc, _, err = cli("pretrain", "--method", "autoprog-one", "--out", out,
+                     *tiny_args(fake_fmnist, epochs="1", subset="64"))  # 2 steps, 4 stages
+    assert rc == 0, err
+    res = _results(out)
+    assert res["done"] and res["summary"]["steps"] == 2
+    assert (res["epochs"][-1]["resolution"], res["epochs"][-1]["depth"]) == (28, 4)
+    assert _rd(res["summary"]["schedule"]["stages"])[-1] == (28, 4)
+    Schedule.load(out / "schedule.json").validate_for(GrowthSpace(28, 4, 4))
+
+
+# =============================================================================== 7. compare
+@pytest.mark.slow
+def test_compare_reports_the_search_cost_and_schedule(cli, fake_fmnist, tmp_path):
+    out = tmp_path / "cmp"
+    rc, _, err = cli("compare", "--methods", "autoprog-one", "--out", out, "--no-budget-baseline",
+                     "--search-samples", "32", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0, err
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in rows] == ["original", "autoprog-one"]
+    orig, ap = rows
+    assert ap["search_epoch_s"] > 0 and ap["search_scoring_s"] > 0
+    assert orig["search_epoch_s"] == 0.0 and orig["search_scoring_s"] == 0.0
+    stages = ap["schedule"]["stages"]
+    assert len(stages) == 4 and _rd(stages)[-1] == (28, 4)
+    assert _rd(orig["schedule"]["stages"]) == [(28, 4)]
+    assert ap["growth"] == "mogrow" and ap["schedule_str"].count("→") == 3
+    assert ap["steps"] == 8
+    assert _results(out / "autoprog-one")["summary"]["schedule"] == ap["schedule"]
+    assert "| autoprog-one |" in (out / "summary.md").read_text()
