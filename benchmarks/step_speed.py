@@ -52,6 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="timm:deit_small_patch16_224")
     p.add_argument("--img-size", type=int)
+    p.add_argument("--patch-size", type=int)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--start-ratio", type=float, default=0.5)
@@ -63,7 +64,7 @@ def main() -> None:
     in_chans, classes = 3, 1000
     if a.model == "vit":
         in_chans, classes = 1, 10
-    net = ElasticViT(build_model(a.model, classes, in_chans, ModelOverrides(img_size=a.img_size))).to(device)
+    net = ElasticViT(build_model(a.model, classes, in_chans, ModelOverrides(img_size=a.img_size, patch_size=a.patch_size))).to(device)
     opt = build_optimizer(net, 1e-4, 0.05)
     r = net.full_resolution
     x = torch.randn(a.batch_size, in_chans, r, r, device=device)

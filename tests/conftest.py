@@ -87,7 +87,7 @@ def tiny_args(data_root: Path, *extra: str, epochs: str = "2", subset: str = "25
     """Options for a tiny run: 256 images, batches of 32 (8 steps/epoch), a 4-block 16-wide ViT."""
     return [
         "--data-root", str(data_root), "--subset", subset, "--batch-size", "32", "--epochs", epochs,
-        "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--eval-samples", "64", "--no-flops",
+        "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size", "4", "--eval-samples", "64", "--no-flops",
         "--cpu", *extra,
     ]
 

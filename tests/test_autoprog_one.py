@@ -447,7 +447,7 @@ def _recorded_run(out: Path, data_root: Path, recycle: bool):
                    starts=list(self.starts))
         records.append(rec)
 
-    spec = RunSpec(method="autoprog-one", growth="mogrow", depth=6, embed_dim=16, num_heads=2,
+    spec = RunSpec(method="autoprog-one", growth="mogrow", patch_size=4, depth=6, embed_dim=16, num_heads=2,
                    data_root=str(data_root), subset=256, search_epochs=0.25, search_samples=64, recycle=recycle,
                    train=TrainConfig(epochs=2, batch_size=32, eval_samples=64, count_flops=False))
     with pytest.MonkeyPatch.context() as mp:

@@ -278,7 +278,8 @@ def test_growth_option_overrides_the_schedule_default(cli, fake_fmnist, tmp_path
 def test_pretrain_on_an_image_folder(cli, image_folder, tmp_path):
     out = tmp_path / "if"
     rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", out, "--subset", "0", "--batch-size", "4",
-                     "--epochs", "2", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--no-flops", "--cpu")
+                     "--epochs", "2", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size", "4",
+                     "--no-flops", "--cpu")
     assert rc == 0, err
     res = _results(out)
     assert res["done"] and res["summary"]["steps"] == 4  # 10 images, batches of 4, last one dropped
@@ -288,6 +289,15 @@ def test_pretrain_on_an_image_folder(cli, image_folder, tmp_path):
     assert res["epochs"][-1]["eval_samples"] == 4
     w = load_file(out / "checkpoint" / "model.safetensors")
     assert w["model.patch_embed.proj.weight"].shape[1] == 3 and w["model.head.weight"].shape[0] == 2
+
+
+def test_builtin_default_patch_is_a_4x4_grid_of_the_image(cli, image_folder, tmp_path):
+    out = tmp_path / "grid"
+    rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", out, "--subset", "0", "--batch-size", "4",
+                     "--epochs", "1", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--no-flops", "--cpu")
+    assert rc == 0, err
+    w = load_file(out / "checkpoint" / "model.safetensors")
+    assert w["model.patch_embed.proj.weight"].shape[-2:] == (8, 8)  # 32 px ImageFolder images → 8 px patches
 
 
 # ------------------------------------------------------------------------------------- resume

@@ -59,7 +59,7 @@ DRIVER = textwrap.dedent('''
 
 
     runner.Trainer = RecordingTrainer
-    spec = RunSpec(method="prog", growth=growth, data_root=data_root, subset=256, depth=4, embed_dim=16, num_heads=2,
+    spec = RunSpec(method="prog", growth=growth, data_root=data_root, subset=256, patch_size=4, depth=4, embed_dim=16, num_heads=2,
                    train=TrainConfig(epochs=2, batch_size=16, eval_samples=64, count_flops=False))
     runner.pretrain(spec, out, Accelerator(cpu=True))
 ''')

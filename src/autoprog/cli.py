@@ -16,7 +16,7 @@ from .growth import GROWTH_OPERATORS
 from .schedules import METHODS, PLANNED_METHODS
 from .train import TrainConfig
 
-DEFAULT_COMPARE_METHODS = "original,prog,progstack"
+DEFAULT_COMPARE_METHODS = "original,prog,autoprog-one"
 
 
 def _positive_int(s: str) -> int:
@@ -39,7 +39,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="vit",
                    help="'vit' (built-in, timm-style) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224 (default: vit)")
     g.add_argument("--img-size", type=_positive_int, help="full input resolution (default: the dataset's, 224 for timm)")
-    g.add_argument("--patch-size", type=_positive_int, help="patch size (built-in default 4)")
+    g.add_argument("--patch-size", type=_positive_int, help="patch size (built-in default: image size / 4, a 4x4 grid of patches; 7 at 28 px)")
     g.add_argument("--depth", type=_positive_int, help="number of transformer blocks (built-in default 6)")
     g.add_argument("--embed-dim", type=_positive_int, help="embedding width (built-in default 64)")
     g.add_argument("--num-heads", type=_positive_int, help="attention heads (built-in default 4)")

@@ -1,4 +1,4 @@
-"""Measurements: top-1 accuracy and FLOPs per training step."""
+"""Measurements: FLOPs per training step."""
 
 from __future__ import annotations
 
@@ -23,8 +23,3 @@ def train_step_flops(model: nn.Module, sample: torch.Tensor, num_classes: int) -
         p.grad = None
     model.train(was_training)
     return int(counter.get_total_flops())
-
-
-@torch.no_grad()
-def top1_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(dim=-1) == target).sum()

@@ -58,7 +58,7 @@ def auto_ema_decay(steps_per_epoch: int) -> float:
 class TrainConfig:
     """Optimisation settings shared by every method, so comparisons differ only in the schedule."""
 
-    epochs: float = 10.0
+    epochs: float = 30.0
     batch_size: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-5

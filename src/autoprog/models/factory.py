@@ -23,7 +23,8 @@ class ModelOverrides:
     drop_path: float = 0.0
 
 
-BUILTIN_DEFAULTS = dict(img_size=28, patch_size=4, depth=6, embed_dim=64, num_heads=4)
+BUILTIN_DEFAULTS = dict(img_size=28, patch_size=None, depth=6, embed_dim=64, num_heads=4)
+BUILTIN_GRID = 4  # without --patch-size the built-in ViT cuts the image into a 4×4 grid (7 px at 28 px)
 
 
 def build_model(name: str, num_classes: int, in_chans: int, overrides: ModelOverrides | None = None) -> nn.Module:
@@ -34,6 +35,8 @@ def build_model(name: str, num_classes: int, in_chans: int, overrides: ModelOver
         for k in cfg:
             if getattr(o, k) is not None:
                 cfg[k] = getattr(o, k)
+        if cfg["patch_size"] is None:
+            cfg["patch_size"] = max(1, cfg["img_size"] // BUILTIN_GRID)
         if cfg["embed_dim"] % cfg["num_heads"]:
             raise ConfigError(f"--embed-dim {cfg['embed_dim']} is not divisible by --num-heads {cfg['num_heads']}")
         if cfg["img_size"] % cfg["patch_size"]:
