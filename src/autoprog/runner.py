@@ -178,7 +178,9 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
             "method": m, "growth": s["growth"] if s["schedule"]["stages"][1:] else None,
             "wall_time_s": s["wall_time_s"],
             "speedup": round(orig["wall_time_s"] / s["wall_time_s"], 4) if s["wall_time_s"] else None,
-            "flops_speedup": round(orig["flops_per_step"] / s["flops_per_step"], 4) if s["flops_per_step"] else None,
+            # theoretical speed-up: ratio of total training FLOPs (per-step FLOPs × steps)
+            "flops_speedup": round(orig["flops_per_step"] * orig["steps"] / (s["flops_per_step"] * s["steps"]), 4)
+            if s["flops_per_step"] and s["steps"] else None,
             "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
             "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
             "epochs": s["epochs"], "steps": s["steps"], "budget_of": s.get("budget_of"),
