@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
+PORT_RACE = ("Address already in use", "EADDRINUSE", "DistNetworkError")
+
 DRIVER = textwrap.dedent('''
     import json
     import sys
@@ -76,8 +78,13 @@ def ddp_run(request, tmp_path_factory, fake_fmnist):
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(driver), str(fake_fmnist), str(work / "run"), request.param]
-    proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=240)
-    log = proc.stdout + proc.stderr
+    for _attempt in range(2):
+        proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=240)
+        log = proc.stdout + proc.stderr
+        # torchrun --standalone picks a free port that another process can take before the rendezvous binds
+        # it; that (and only that) is worth a second try
+        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
+            break
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
     return work, log, request.param
 
