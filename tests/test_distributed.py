@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -79,6 +80,7 @@ def ddp_run(request, tmp_path_factory, fake_fmnist):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(driver), str(fake_fmnist), str(work / "run"), request.param]
     for _attempt in range(2):
+        shutil.rmtree(work / "run", ignore_errors=True)
         proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=240)
         log = proc.stdout + proc.stderr
         # torchrun --standalone picks a free port that another process can take before the rendezvous binds
