@@ -1,0 +1,74 @@
+"""Adaptive regularization: strengths scale with the sub-network, and reach the batches and the blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_args, tiny_vit
+from timm.layers import DropPath
+
+from autoprog.adareg import AdaptiveRegularization, AdaRegRanges
+from autoprog.space import GrowthSpace, SubNet
+
+SPACE = GrowthSpace(28, 4, 6, 4, 0.5)
+
+
+def test_strengths_run_from_min_at_the_smallest_subnet_to_max_at_the_full_model():
+    reg = AdaptiveRegularization(SPACE)
+    small, full = SPACE.subnet(0.5), SPACE.full
+    assert reg.fraction(small) == 0.0 and reg.fraction(full) == 1.0
+    lo, hi = reg.values(small), reg.values(full)
+    r = AdaRegRanges()
+    assert (lo.randaug_magnitude, lo.erase_prob, lo.drop_path) == (r.randaug_magnitude[0], r.erase_prob[0], r.drop_path[0])
+    assert (hi.randaug_magnitude, hi.erase_prob, hi.drop_path) == (r.randaug_magnitude[1], r.erase_prob[1], r.drop_path[1])
+    mid = SubNet(20, 4)
+    f = reg.fraction(mid)
+    assert 0.0 < f < 1.0
+    # linear in size: (patches × depth − smallest) / (full − smallest)
+    size = lambda s: (s.resolution // 4) ** 2 * s.depth  # noqa: E731
+    assert f == pytest.approx((size(mid) - size(small)) / (size(full) - size(small)))
+    assert reg.values(mid).erase_prob == pytest.approx(0.25 * f)
+
+
+def test_set_subnet_sets_linear_drop_path_over_the_active_blocks_and_the_augment_strengths():
+    net = tiny_vit(depth=6)
+    reg = AdaptiveRegularization(SPACE, AdaRegRanges(drop_path=(0.0, 0.3)))
+    reg.set_subnet(net, SPACE.full)
+    rates = [getattr(net.blocks[i].drop_path1, "drop_prob", 0.0) for i in range(6)]
+    assert rates == pytest.approx([0.0, 0.06, 0.12, 0.18, 0.24, 0.3])
+    assert all(isinstance(net.blocks[i].drop_path2, DropPath) for i in range(1, 6))
+    assert reg.erasing.probability == pytest.approx(0.25)
+    reg.randaugment(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))  # builds the grayscale RandAugment
+    assert all(op.magnitude == pytest.approx(9.0) for op in reg._randaug[1].ops)
+    reg.set_subnet(net, SPACE.subnet(0.5))
+    assert reg.erasing.probability == 0.0
+    assert all(op.magnitude == pytest.approx(4.5) for op in reg._randaug[1].ops)
+    assert net.blocks[2].drop_path1.drop_prob == 0.0
+
+
+def test_randaugment_and_erasing_change_images_but_not_shapes():
+    torch.manual_seed(0)
+    import random
+
+    random.seed(0)
+    reg = AdaptiveRegularization(SPACE)
+    reg.set_subnet(tiny_vit(depth=6), SPACE.full)
+    x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    y = reg.randaugment(x)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert not torch.equal(x, y)
+    rgb = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert reg.randaugment(rgb).shape == rgb.shape
+    reg.erasing.probability = 1.0
+    z = torch.zeros(8, 1, 28, 28)
+    assert not torch.equal(reg.erase(z.clone()), z)
+
+
+def test_pretrain_with_adareg_runs_and_records_it(cli, fake_fmnist, tmp_path):
+    out = tmp_path / "adareg"
+    rc, _, err = cli("pretrain", "--method", "prog", "--adareg", "--out", out, *tiny_args(fake_fmnist))
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["done"] and res["summary"]["adareg"] is True
