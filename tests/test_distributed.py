@@ -64,7 +64,9 @@ DRIVER = textwrap.dedent('''
     runner.Trainer = RecordingTrainer
     spec = RunSpec(method="prog", growth=growth, data_root=data_root, subset=256, patch_size=4, depth=4, embed_dim=16, num_heads=2,
                    train=TrainConfig(epochs=2, batch_size=16, eval_samples=64, count_flops=False))
-    runner.pretrain(spec, out, Accelerator(cpu=True))
+    acc = Accelerator(cpu=True)
+    runner.pretrain(spec, out, acc)
+    acc.end_training()  # destroy the process group before exit, as autoprog's CLI does
 ''')
 
 
@@ -142,3 +144,23 @@ def test_distributed_evaluation_counts_each_test_image_once(ddp_run):
         assert info["constant_exact"] == pytest.approx(10.0)
         assert info["constant_top1"] == pytest.approx(info["constant_exact"], abs=1e-9)
         assert info["constant_top1_ema"] == pytest.approx(info["constant_exact"], abs=1e-9)
+
+
+def test_cli_under_torchrun_exits_cleanly(tmp_path, fake_fmnist):
+    """The CLI itself under torchrun: exit status 0 (the process group is torn down before exit)."""
+    from conftest import tiny_args
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    out = tmp_path / "cli-ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "autoprog.cli",
+           "pretrain", "--method", "prog", "--out", str(out), *tiny_args(fake_fmnist, epochs="1")]
+    for _attempt in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        log = proc.stdout + proc.stderr
+        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
+            break
+    assert proc.returncode == 0, log[-4000:]
+    assert "terminate called" not in log
+    assert json.loads((out / "results.json").read_text())["done"] is True

@@ -205,6 +205,36 @@ def spec_from_args(args: argparse.Namespace, method: str):
     )
 
 
+def _run(args, acc) -> int:
+    from . import runner
+
+    if args.command == "pretrain":
+        if args.resume:
+            runner.pretrain(None, args.resume, acc, resume=True)
+            return 0
+        if not args.out:
+            raise ConfigError("pretrain needs --out DIR (or --resume DIR)")
+        res = runner.pretrain(spec_from_args(args, args.method), args.out, acc)
+        s = res["summary"]
+        acc.print(f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of training; "
+                  f"results in {args.out}/results.json")
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        base = spec_from_args(args, "original")
+        if args.seeds:
+            try:
+                seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+            if not seeds:
+                raise ConfigError("--seeds is empty")
+            runner.compare_seeds(base, methods, args.out, seeds, not args.no_budget_baseline, acc)
+        else:
+            runner.compare(base, methods, args.out, budget_baseline=not args.no_budget_baseline, accelerator=acc)
+        acc.print(f"wrote {args.out}/summary.json, summary.md, curves.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -215,34 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from accelerate import Accelerator
 
-        from . import runner
-
         acc = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
-        if args.command == "pretrain":
-            if args.resume:
-                runner.pretrain(None, args.resume, acc, resume=True)
-                return 0
-            if not args.out:
-                raise ConfigError("pretrain needs --out DIR (or --resume DIR)")
-            res = runner.pretrain(spec_from_args(args, args.method), args.out, acc)
-            s = res["summary"]
-            acc.print(f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of training; "
-                      f"results in {args.out}/results.json")
-        else:
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            base = spec_from_args(args, "original")
-            if args.seeds:
-                try:
-                    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-                except ValueError:
-                    raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-                if not seeds:
-                    raise ConfigError("--seeds is empty")
-                runner.compare_seeds(base, methods, args.out, seeds, not args.no_budget_baseline, acc)
-            else:
-                runner.compare(base, methods, args.out, budget_baseline=not args.no_budget_baseline, accelerator=acc)
-            acc.print(f"wrote {args.out}/summary.json, summary.md, curves.png")
-        return 0
+        try:
+            return _run(args, acc)
+        finally:
+            # tear the process group down before exit: a gloo group left to interpreter shutdown can abort
+            # rank 0 ("terminate called without an active exception") after a successful run
+            if acc.num_processes > 1:
+                acc.end_training()
     except AutoprogError as e:
         print(f"autoprog: error: {e}", file=sys.stderr)
         return 2

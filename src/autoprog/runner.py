@@ -94,7 +94,11 @@ def _validate(spec: RunSpec) -> None:
 
 
 def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False) -> dict:
-    """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json."""
+    """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json.
+
+    Under ``torchrun``/``accelerate launch``, call ``accelerator.end_training()`` when done (the CLI does),
+    so the process group is torn down before the interpreter exits.
+    """
     import torch
 
     out = Path(out)
