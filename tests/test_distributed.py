@@ -23,6 +23,23 @@ pytestmark = pytest.mark.slow
 
 PORT_RACE = ("Address already in use", "EADDRINUSE", "DistNetworkError")
 
+
+def _torchrun(cmd: list[str], cwd, run_dir):
+    """Run ``cmd`` (a torchrun command line) on the CPU; returns (process, combined log).
+
+    torchrun --standalone picks a free port that another process can take before the rendezvous binds it;
+    that, and only that, is worth a second try (from an empty run directory).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    for _attempt in range(2):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
+        log = proc.stdout + proc.stderr
+        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
+            break
+    return proc, log
+
 DRIVER = textwrap.dedent('''
     import json
     import sys
@@ -77,18 +94,9 @@ def ddp_run(request, tmp_path_factory, fake_fmnist):
     work = tmp_path_factory.mktemp(f"ddp-{request.param}")
     driver = work / "driver.py"
     driver.write_text(DRIVER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(driver), str(fake_fmnist), str(work / "run"), request.param]
-    for _attempt in range(2):
-        shutil.rmtree(work / "run", ignore_errors=True)
-        proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=240)
-        log = proc.stdout + proc.stderr
-        # torchrun --standalone picks a free port that another process can take before the rendezvous binds
-        # it; that (and only that) is worth a second try
-        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
-            break
+    proc, log = _torchrun(cmd, cwd=work, run_dir=work / "run")
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
     return work, log, request.param
 
@@ -150,17 +158,10 @@ def test_cli_under_torchrun_exits_cleanly(tmp_path, fake_fmnist):
     """The CLI itself under torchrun: exit status 0 (the process group is torn down before exit)."""
     from conftest import tiny_args
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     out = tmp_path / "cli-ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "autoprog.cli",
            "pretrain", "--method", "prog", "--out", str(out), *tiny_args(fake_fmnist, epochs="1")]
-    for _attempt in range(2):
-        shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-        log = proc.stdout + proc.stderr
-        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
-            break
+    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=out)
     assert proc.returncode == 0, log[-4000:]
     assert "terminate called" not in log
     assert json.loads((out / "results.json").read_text())["done"] is True
