@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .elastic import ElasticLayout, argmin_score, candidates, choose_alpha, sample_index, scores
 from .errors import ConfigError
-from .schedules import Schedule, Stage
+from .schedules import Schedule, Stage, keep_last_stage, stage_index
 from .space import GrowthSpace, SubNet
 
 
@@ -72,15 +72,11 @@ class AutoProgOne:
         self.search_steps = max(1, min(round(self.cfg.search_epochs * spe), int(self.stage_len) - 1))
         extra = 0 if self.cfg.recycle else self.search_steps
         total = total_steps + (k - 1) * extra
-        self.starts = [round(i * self.stage_len) + i * extra for i in range(k)]
-        if total >= 1:  # the last stage (the full model) always gets at least one step
-            self.starts[-1] = min(self.starts[-1], total - 1)
-            for i in range(k - 2, -1, -1):
-                self.starts[i] = min(self.starts[i], self.starts[i + 1])
+        self.starts = keep_last_stage([round(i * self.stage_len) + i * extra for i in range(k)], total)
         return total
 
     def stage_at(self, step: int) -> int:
-        return max(i for i, start in enumerate(self.starts) if step >= start or i == 0)
+        return stage_index(self.starts, step)
 
     # ---------------------------------------------------------------------------------- stages
     def enter_stage(self, trainer, k: int) -> None:

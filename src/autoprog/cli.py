@@ -13,7 +13,7 @@ from dataclasses import fields
 
 from .errors import AutoprogError, ConfigError
 from .growth import GROWTH_OPERATORS
-from .schedules import METHODS, PLANNED_METHODS
+from .schedules import METHODS
 from .train import TrainConfig
 
 DEFAULT_COMPARE_METHODS = "original,prog,autoprog-one"
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train one model with a growth schedule",
                        description="Pre-train a ViT with a growth schedule. Writes OUT/results.json, "
                                    "OUT/schedule.json and a resumable checkpoint in OUT/checkpoint/.")
-    p.add_argument("--method", choices=[*METHODS, *PLANNED_METHODS], default="prog",
+    p.add_argument("--method", choices=METHODS, default="prog",
                    help="original (full model), prog (uniform linear growth), progstack (progressive stacking), "
                         "fixed (replay --schedule), autoprog-one (automatic schedule by one-shot search) "
                         "(default: prog)")
@@ -254,9 +254,6 @@ def main(argv: list[str] | None = None) -> int:
             if acc.num_processes > 1:
                 acc.end_training()
     except AutoprogError as e:
-        print(f"autoprog: error: {e}", file=sys.stderr)
-        return 2
-    except NotImplementedError as e:
         print(f"autoprog: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .growth import get_growth_operator
 from .models.factory import ModelOverrides, build_model
 from .report import plot_curves, schedule_string, seeds_markdown, summary_markdown
-from .schedules import METHODS, PLANNED_METHODS, build_schedule
+from .schedules import METHODS, build_schedule
 from .train import CHECKPOINT_DIR, TrainConfig, Trainer
 
 BUDGET_SUFFIX = "@budget"
@@ -64,7 +64,7 @@ class RunSpec:
 
 def build_run(spec: RunSpec):
     """Load data, build the elastic model, the schedule and the growth operator for ``spec``."""
-    if spec.method not in METHODS and spec.method not in PLANNED_METHODS:
+    if spec.method not in METHODS:
         raise ConfigError(f"unknown method {spec.method!r}; choose from {', '.join(METHODS)}")
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size)
     img_size = spec.img_size
@@ -151,7 +151,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     acc = accelerator or Accelerator()
     out = Path(out)
     methods = list(dict.fromkeys(methods))
-    bad = [m for m in methods if m not in METHODS and m not in PLANNED_METHODS]
+    bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     if "original" not in methods:

@@ -18,6 +18,21 @@ from .space import GrowthSpace, SubNet, round_half_up
 SCHEDULE_FORMAT = "autoprog-schedule/1"
 
 
+def keep_last_stage(starts: list[int], total_steps: int) -> list[int]:
+    """Stage start steps, moved so that the last stage (the full model) gets at least one step."""
+    out = list(starts)
+    if total_steps >= 1:
+        out[-1] = min(out[-1], total_steps - 1)
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1])
+    return out
+
+
+def stage_index(starts: list[int], step: int) -> int:
+    """The stage that ``step`` falls in, given each stage's first step (later stages win ties)."""
+    return max(i for i, start in enumerate(starts) if step >= start or i == 0)
+
+
 @dataclass(frozen=True)
 class Stage:
     subnet: SubNet
@@ -59,19 +74,10 @@ class Schedule:
         for s in self.stages:
             out.append(min(total_steps, round_half_up(acc * total_steps)))
             acc += s.fraction
-        if total_steps >= 1:  # the last stage (the full model) always gets at least one step
-            out[-1] = min(out[-1], total_steps - 1)
-            for i in range(len(out) - 2, -1, -1):
-                out[i] = min(out[i], out[i + 1])
-        return out
+        return keep_last_stage(out, total_steps)
 
     def stage_at(self, step: int, total_steps: int) -> int:
-        starts = self.boundaries(total_steps)
-        k = 0
-        for i, start in enumerate(starts):
-            if step >= start:
-                k = i
-        return k
+        return stage_index(self.boundaries(total_steps), step)
 
     def to_dict(self) -> dict:
         return {
@@ -136,7 +142,6 @@ def progstack(space: GrowthSpace) -> Schedule:
 
 MANUAL_METHODS = {"original": original, "prog": prog, "progstack": progstack}
 METHODS = (*MANUAL_METHODS, "fixed", "autoprog-one")
-PLANNED_METHODS: dict[str, str] = {}
 
 
 def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = None) -> Schedule:
@@ -148,11 +153,6 @@ def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = 
         sched = MANUAL_METHODS[method](space)
     elif method == "autoprog-one":
         raise ConfigError("autoprog-one finds its schedule while training; build it with autoprog.autoprog_one.AutoProgOne")
-    elif method in PLANNED_METHODS:
-        raise NotImplementedError(
-            f"method {method!r}, {PLANNED_METHODS[method]}, is not implemented yet; "
-            f"available: {', '.join(METHODS)}"
-        )
     else:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     sched.validate_for(space)
@@ -181,7 +181,7 @@ class ScheduleController:
         return total_steps
 
     def stage_at(self, step: int) -> int:
-        return max(i for i, start in enumerate(self.starts) if step >= start or i == 0)
+        return stage_index(self.starts, step)
 
     def enter_stage(self, trainer, k: int) -> None:
         dst = self._schedule.stages[k].subnet

@@ -240,10 +240,14 @@ class Trainer:
             "lr_step": self.lr_step,
         }
 
-    def restore(self, snap: dict) -> None:
+    def _set_gated_blocks(self, gated: list[int]) -> None:
+        """Give exactly the blocks in ``gated`` ReZero gates (model and momentum copy), before loading weights."""
         for net in (self.net, self.ema.module):
             for i in range(net.full_depth):
-                net.set_gate(i, 0.0 if i in snap["gated"] else None)
+                net.set_gate(i, 0.0 if i in gated else None)
+
+    def restore(self, snap: dict) -> None:
+        self._set_gated_blocks(snap["gated"])
         self.net.load_state_dict(snap["model"])
         self.ema.module.load_state_dict(snap["ema"])
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)
@@ -496,9 +500,7 @@ class Trainer:
         state = json.loads((ck / "state.json").read_text())
         if state["total_steps"] != self.total_steps:
             raise ConfigError(f"checkpoint was made for {state['total_steps']} steps, this run has {self.total_steps}")
-        for net in (self.net, self.ema.module):
-            for i in state["gated_blocks"]:
-                net.set_gate(i, 0.0)
+        self._set_gated_blocks(state["gated_blocks"])
         dev = self.acc.device
         self.net.load_state_dict(load_file(ck / "model.safetensors", device=str(dev)))
         self.ema.module.load_state_dict(load_file(ck / "ema.safetensors", device=str(dev)))
