@@ -67,3 +67,51 @@ def plot_curves(histories: dict[str, list[dict]], path: str | Path, ylabel: str 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------- fine-tuning
+def _finetune_name(r: dict) -> str:
+    return r["method"] + (f" (time of {r['budget_of']})" if r.get("budget_of") else "")
+
+
+def _params(n) -> str:
+    return "–" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k")
+
+
+def finetune_markdown(rows: list[dict], title: str = "") -> str:
+    """Table 6 style: one row per method with runtime ratio against full fine-tuning, FD and KID."""
+    metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
+    lines = [f"## {title}", ""] if title else []
+    lines += [f"| method | schedule | wall time (s) | runtime vs full | search (s) | trainable params (mean) | "
+              f"{metric} | KID |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {_finetune_name(r)} | {schedule_string({'stages': r.get('schedule') or []}) or '–'} | "
+                     f"{_fmt(r['wall_time_s'], '.1f')} | {_fmt(r.get('runtime_ratio'), '.2f')}× | "
+                     f"{_fmt(r.get('search_time_s'), '.1f')} | {_params(r.get('mean_trainable_params'))} | "
+                     f"{_fmt(r.get('fd'), '.3f')} | {_fmt(r.get('kid'), '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def finetune_seeds_markdown(rows: list[dict], title: str) -> str:
+    def cell(r, k, spec):
+        return "–" if r.get(k) is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
+
+    metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
+    lines = [f"## {title}", "", f"| method | wall time (s) | runtime vs full | {metric} | KID |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {_finetune_name(r)} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'runtime_ratio', '.2f')}× | "
+                     f"{cell(r, 'fd', '.3f')} | {cell(r, 'kid', '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_finetune_report(summary: dict, out: str | Path) -> None:
+    """``summary.md`` and ``fd_curves.png`` (FD against training time, Fig. 8 style) for a fine-tuning comparison."""
+    out = Path(out)
+    rows = summary["rows"]
+    spec = summary.get("spec", {})
+    title = (f"Fine-tuning {spec.get('dataset', '')} classes {spec.get('classes', '')}, "
+             f"{spec.get('train', {}).get('steps', '?')} steps, seed {spec.get('train', {}).get('seed', '?')}")
+    (out / "summary.md").write_text(finetune_markdown(rows, title))
+    metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
+    plot_curves(summary["curves"], out / "fd_curves.png", ylabel=metric, key="fd")

@@ -1,0 +1,1 @@
+"""Class-conditional diffusion fine-tuning and evaluation."""

@@ -1,0 +1,53 @@
+"""AutoProg-Zero (Sec. 4.2, Algorithm 2): the unfreezing schedule chosen zero-shot at every stage start.
+
+At the first step of each stage but the last, every candidate learnable sub-network ψ of Λ_k (Appendix B
+rules, never smaller than ψ*_{k-1}) is scored on the inherited weights, without training:
+
+* H_κ, the condition number of the empirical NTK over ψ's learnable parameters (Eq. 16),
+* H_ZiCo, minus the log gradient signal-to-noise summed over ψ's learnable layers (Eq. 17),
+* T, ψ's measured training step time,
+
+and the winner of the ranked vote R = ½R(H_κ) + ½R(H_ZiCo) + R(T) (Eq. 19) is unfrozen. The last stage
+trains the whole model. Search time is part of the method's runtime and is also reported on its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..proxies import autoprog_zero_vote, ntk_condition_number, zico
+from ..space import GrowthSpace
+from .schedules import _print_table, _Searching
+
+
+class AutoProgZero(_Searching):
+    """Controller for :class:`~autoprog.diffusion.trainer.DiffusionTrainer`."""
+
+    def __init__(self, space: GrowthSpace, ntk_samples: int = 16):
+        super().__init__(space, "autoprog-zero")
+        self.ntk_samples = ntk_samples
+
+    def enter_stage(self, trainer, k: int) -> None:
+        if k == self.num_stages - 1:
+            self._choose(trainer, k, self.space.full)
+            return
+        t0 = time.perf_counter()
+        cands = self.candidates(k)
+        ntk, zc, times = [], [], []
+        for sub in cands:
+            trainer.use_subnet(sub)
+            batches = trainer.proxy_batches(sub.resolution)
+            model = trainer.model
+            ntk.append(ntk_condition_number(model, batches, forward=lambda m, b: m(b[0], b[1], b[2]),
+                                            max_samples=self.ntk_samples))
+            zc.append(zico(model, batches, lambda m, b: (m(b[0], b[1], b[2]) - b[3]).pow(2).mean()))
+            times.append(trainer.measure_step_time(sub))
+        best, table = autoprog_zero_vote(ntk, zc, times)
+        best = trainer.broadcast(best)
+        rows = [{**sub.to_dict(), "ntk_cond": row["ntk"], "zico": row["zico"], "time_s": row["time"],
+                 "R_ntk": row["ntk_rank"], "R_zico": row["zico_rank"], "R_time": row["time_rank"], "R": row["total"]}
+                for sub, row in zip(cands, table)]
+        _print_table(trainer, k, rows, ["ntk_cond", "zico", "time_s", "R"], best)
+        self.search_log.append({"stage": k + 1, "candidates": rows, "chosen": best,
+                                "search_s": round(time.perf_counter() - t0, 3)})
+        self._choose(trainer, k, cands[best])

@@ -1,0 +1,425 @@
+"""Class-conditional diffusion transformers behind one interface.
+
+Two backbones predict the noise ε of Eq. 11 from ``(x_t, t, y)``:
+
+* :class:`DiT`, built in, in the paper's architecture (Peebles & Xie): patchify, adaLN-Zero blocks
+  conditioned on timestep + class embedding, a fixed 2-D sin-cos position embedding computed for
+  whatever grid the input has (positions are interpolated onto the full grid, so a lower input
+  resolution sees the same spatial layout);
+* :class:`DiffusersDiT`, diffusers' ``DiTTransformer2DModel`` wrapped to the same interface.
+
+Both reserve class id ``num_classes`` as the null class of classifier-free guidance and accept a
+Unique Stage Identifier (SID, Sec. 4.1.2): a learnable stage embedding added to the class embedding.
+The interface is what the fine-tuning methods need: ``blocks`` (unfrozen or not as a whole),
+``branch_modules`` (where DiffFit's scale factors go), ``lora_targets`` (linear layers for peft) and
+``condition_parameters`` (the class/stage embeddings, learnable in every fine-tuning method because
+a transfer task brings classes the base model never saw).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+BACKBONES = ("dit", "diffusers-dit")
+
+
+class StageIdentifier(nn.Module):
+    """One learnable embedding per stage, zero at creation so adding it leaves the function unchanged."""
+
+    def __init__(self, num_stages: int, dim: int):
+        super().__init__()
+        if num_stages < 1:
+            raise ConfigError(f"a stage identifier needs at least one stage, got {num_stages}")
+        self.embedding = nn.Embedding(num_stages, dim)
+        nn.init.zeros_(self.embedding.weight)
+        self.stage = num_stages - 1  # sampling uses the last stage's SID unless told otherwise
+
+    @property
+    def num_stages(self) -> int:
+        return self.embedding.num_embeddings
+
+    def set_stage(self, k: int) -> None:
+        if not 0 <= k < self.num_stages:
+            raise ConfigError(f"stage {k + 1} does not exist: the model has {self.num_stages} stage identifiers")
+        self.stage = k
+
+    def forward(self, like: torch.Tensor) -> torch.Tensor:
+        return self.embedding.weight[self.stage].to(like.dtype).expand_as(like)
+
+
+class DiffusionBackbone(nn.Module):
+    """Interface shared by the built-in and the diffusers DiT (see the module docstring)."""
+
+    kind: str
+    config: dict
+    sid: StageIdentifier | None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def block_prefix(self) -> str:
+        """Parameter-name prefix of the blocks, e.g. ``blocks`` (names are ``{prefix}.{i}.…``)."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_classes"]
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self.config["in_chans"]
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    @property
+    def patch_size(self) -> int:
+        return self.config["patch_size"]
+
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """The residual branches of block ``i`` (``attn``, ``mlp``) whose outputs DiffFit scales."""
+        raise NotImplementedError
+
+    lora_targets: tuple[str, ...] = ()
+
+    def class_embedding_modules(self) -> list[nn.Embedding]:
+        raise NotImplementedError
+
+    def condition_parameters(self) -> list[nn.Parameter]:
+        params = [m.weight for m in self.class_embedding_modules()]
+        if self.sid is not None:
+            params.append(self.sid.embedding.weight)
+        return params
+
+    def block_index(self, param_name: str) -> int | None:
+        """The block a parameter belongs to, matched on whole name components (``blocks.1`` ≠ ``blocks.10``)."""
+        prefix = self.block_prefix.split(".")
+        parts = param_name.split(".")
+        for start in range(len(parts) - len(prefix)):
+            if parts[start:start + len(prefix)] == prefix and parts[start + len(prefix)].isdigit():
+                return int(parts[start + len(prefix)])
+        return None
+
+    def add_stage_identifier(self, num_stages: int) -> StageIdentifier:
+        ref = self.class_embedding_modules()[0].weight
+        self.sid = StageIdentifier(num_stages, self.hidden_size).to(ref.device)
+        return self.sid
+
+    def set_stage(self, k: int) -> None:
+        if self.sid is not None:
+            self.sid.set_stage(k)
+
+    def resize_classes(self, num_classes: int) -> None:
+        """Give the class table ``num_classes`` rows (plus the null class), keeping rows that exist."""
+        if num_classes == self.num_classes:
+            return
+        for emb in self.class_embedding_modules():
+            old = emb.weight.data
+            new = torch.randn(num_classes + 1, old.shape[1], device=old.device, dtype=old.dtype) * 0.02
+            keep = min(num_classes, self.num_classes)
+            new[:keep] = old[:keep]
+            new[num_classes] = old[self.num_classes]  # the null class keeps its embedding
+            emb.weight = nn.Parameter(new, requires_grad=emb.weight.requires_grad)
+            emb.num_embeddings = num_classes + 1
+        self.config["num_classes"] = num_classes
+        self._on_resize_classes(num_classes)
+
+    def _on_resize_classes(self, num_classes: int) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------- built-in
+def _modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: the conditioning regresses shift/scale/gate, gates start at zero."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        from timm.layers import Mlp
+        from timm.models.vision_transformer import Attention
+
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + g1.unsqueeze(1) * self.attn(_modulate(self.norm1(x), sh1, sc1))
+        return x + g2.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_chans: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_chans)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        for lin in (self.linear, self.adaLN_modulation[-1]):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(DiffusionBackbone):
+    """The paper's DiT (ε-prediction only), sized by ``hidden_size``, ``depth`` and ``num_heads``."""
+
+    kind = "dit"
+    lora_targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+    def __init__(self, image_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
+                 hidden_size: int = 128, depth: int = 8, num_heads: int = 4, mlp_ratio: float = 4.0):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        if image_size % patch_size:
+            raise ConfigError(f"image size {image_size} is not divisible by patch size {patch_size}")
+        if hidden_size % num_heads:
+            raise ConfigError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.config = dict(image_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.x_embedder = nn.Conv2d(in_chans, hidden_size, patch_size, stride=patch_size)
+        self.t_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.t_embedder = TimestepEmbedding(256, hidden_size)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # last row: the null class
+        self.sid = None
+        # registered directly: ``blocks`` is the interface's property, names stay ``blocks.{i}.…`` as in DiT
+        self._modules["blocks"] = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_chans)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.weight.abs().sum() > 0:
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for lin in (self.t_embedder.linear_1, self.t_embedder.linear_2):
+            nn.init.normal_(lin.weight, std=0.02)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._modules["blocks"]
+
+    @property
+    def block_prefix(self) -> str:
+        return "blocks"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config["hidden_size"]
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        b = self.blocks[i]
+        return {"attn": b.attn, "mlp": b.mlp}
+
+    def class_embedding_modules(self) -> list[nn.Embedding]:
+        return [self.y_embedder]
+
+    def _pos_embed(self, gh: int, gw: int, device, dtype) -> torch.Tensor:
+        key = (gh, gw, str(device), dtype)
+        if key not in self._pos_cache:
+            from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+            if gh != gw:
+                raise ConfigError(f"the built-in DiT takes square inputs, got a {gh}×{gw} patch grid")
+            base = self.image_size // self.patch_size
+            pe = get_2d_sincos_pos_embed(self.hidden_size, gh, base_size=base, interpolation_scale=1.0)
+            self._pos_cache[key] = pe.to(device=device, dtype=dtype).unsqueeze(0)
+        return self._pos_cache[key]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ConfigError(f"input {h}×{w} is not divisible by patch size {p}")
+        tok = self.x_embedder(x).flatten(2).transpose(1, 2)
+        tok = tok + self._pos_embed(h // p, w // p, x.device, tok.dtype)
+        temb = self.t_embedder(self.t_proj(t.reshape(-1).expand(b)).to(tok.dtype))
+        yemb = self.y_embedder(y)
+        if self.sid is not None:
+            yemb = yemb + self.sid(yemb)
+        c = temb + yemb
+        for blk in self.blocks:
+            tok = blk(tok, c)
+        out = self.final_layer(tok, c)  # (B, N, p*p*C)
+        gh, gw = h // p, w // p
+        out = out.reshape(b, gh, gw, p, p, self.in_chans).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, self.in_chans, h, w)
+
+
+# ------------------------------------------------------------------------------------------ diffusers
+class DiffusersDiT(DiffusionBackbone):
+    """diffusers' ``DiTTransformer2DModel`` (ε only, ``out_channels == in_channels``) behind the interface.
+
+    diffusers keeps a timestep/class embedder inside every block and drops classes itself in training
+    mode; here class dropout is switched off (the trainer drops labels to the null class so that every
+    block sees the same label) and the SID reaches every block's class embedder through a forward hook.
+    """
+
+    kind = "diffusers-dit"
+    lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
+
+    def __init__(self, image_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
+                 hidden_size: int = 128, depth: int = 8, num_heads: int = 4, model=None):
+        super().__init__()
+        from diffusers import DiTTransformer2DModel
+
+        if hidden_size % num_heads:
+            raise ConfigError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        if model is None:
+            model = DiTTransformer2DModel(
+                num_attention_heads=num_heads, attention_head_dim=hidden_size // num_heads, in_channels=in_chans,
+                out_channels=in_chans, num_layers=depth, sample_size=image_size // patch_size * patch_size,
+                patch_size=patch_size, num_embeds_ada_norm=num_classes,
+            )
+        self.model = model
+        cfg = model.config
+        if cfg.out_channels != cfg.in_channels:
+            raise ConfigError("only ε-prediction DiTs (out_channels == in_channels) are supported; "
+                              f"this one has {cfg.in_channels} in and {cfg.out_channels} out channels")
+        self.config = dict(image_size=cfg.sample_size, patch_size=cfg.patch_size, in_chans=cfg.in_channels,
+                           num_classes=cfg.num_embeds_ada_norm, hidden_size=cfg.num_attention_heads *
+                           cfg.attention_head_dim, depth=cfg.num_layers, num_heads=cfg.num_attention_heads)
+        self.sid = None
+        for emb in self._label_embedders():
+            emb.dropout_prob = 0.0
+            if emb.embedding_table.num_embeddings != self.num_classes + 1:
+                raise ConfigError("the diffusers DiT has no null-class row; it must be built with class dropout")
+            emb.register_forward_hook(self._add_sid)
+
+    def _label_embedders(self):
+        return [blk.norm1.emb.class_embedder for blk in self.model.transformer_blocks]
+
+    def _add_sid(self, module, args, output):
+        return output if self.sid is None else output + self.sid(output)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer_blocks
+
+    @property
+    def block_prefix(self) -> str:
+        return "model.transformer_blocks"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config["hidden_size"]
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        b = self.model.transformer_blocks[i]
+        return {"attn": b.attn1, "mlp": b.ff}
+
+    def class_embedding_modules(self) -> list[nn.Embedding]:
+        return [e.embedding_table for e in self._label_embedders()]
+
+    def _on_resize_classes(self, num_classes: int) -> None:
+        for e in self._label_embedders():
+            e.num_classes = num_classes
+        self.model.register_to_config(num_embeds_ada_norm=num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).expand(x.shape[0])
+        return self.model(x, timestep=t, class_labels=y).sample
+
+
+# --------------------------------------------------------------------------------------- build / save
+def build_backbone(kind: str = "dit", **kw) -> DiffusionBackbone:
+    if kind == "dit":
+        return DiT(**kw)
+    if kind == "diffusers-dit":
+        kw.pop("mlp_ratio", None)
+        return DiffusersDiT(**kw)
+    raise ConfigError(f"unknown diffusion backbone {kind!r}: choose from {', '.join(BACKBONES)}")
+
+
+def save_backbone(model: DiffusionBackbone, path: str | Path, extra: dict | None = None) -> Path:
+    """Write ``config.json`` + weights (safetensors) to directory ``path``; SID rows are kept."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "autoprog-diffusion/1", "kind": model.kind, "config": model.config,
+            "sid_stages": model.sid.num_stages if model.sid is not None else 0, **(extra or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBackbone, dict]:
+    """Load a backbone written by :func:`save_backbone`, or a diffusers ``DiTTransformer2DModel`` directory
+    (``config.json`` with ``_class_name`` and ``diffusion_pytorch_model.safetensors``) from local disk."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ConfigError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("_class_name") == "DiTTransformer2DModel":
+        from diffusers import DiTTransformer2DModel
+
+        inner = DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
+        return DiffusersDiT(model=inner), {"kind": "diffusers-dit", "source": str(path)}
+    if meta.get("format") != "autoprog-diffusion/1":
+        raise ConfigError(f"{cfg_file} is neither an autoprog diffusion model nor a diffusers DiT")
+    model = build_backbone(meta["kind"], **meta["config"])
+    if meta.get("sid_stages") and with_sid:
+        model.add_stage_identifier(meta["sid_stages"])
+    state = load_file(path / WEIGHTS_FILE)
+    if not with_sid:
+        state = {k: v for k, v in state.items() if not k.startswith("sid.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatch: weights of another architecture
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ConfigError(f"{path} does not match its config: {lines[1] if len(lines) > 1 else lines[0]}") from e
+    if missing or unexpected:
+        raise ConfigError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model, meta
+
+
+def num_parameters(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+__all__ = ["BACKBONES", "DiT", "DiffusersDiT", "DiffusionBackbone", "StageIdentifier", "build_backbone",
+           "load_backbone", "save_backbone", "num_parameters"]

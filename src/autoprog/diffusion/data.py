@@ -1,0 +1,148 @@
+"""Images for diffusion training: uint8 tensors in memory, a class selection, scaled to [-1, 1] on use.
+
+The default transfer task is Fashion-MNIST: the base model learns classes 0-4 and fine-tuning adapts
+it to the unseen classes 5-9 (class ids are kept, so the base model's embedding rows 5-9 are new).
+An ImageFolder directory (``train/<class>/``, ``val/`` or ``test/``) is read once into memory,
+resized and centre-cropped to ``image_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import load_digits, load_fashion_mnist
+from ..errors import DataError
+
+BASE_CLASSES = (0, 1, 2, 3, 4)
+TRANSFER_CLASSES = (5, 6, 7, 8, 9)
+
+
+@dataclass
+class DiffusionData:
+    """Train/test uint8 images ``(N, C, H, W)`` with labels, and what a model needs to know about them."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int  # size of the label space (ids may be a subset of it)
+    classes: tuple[int, ...]  # the class ids present
+    hflip: bool = True
+
+    @property
+    def in_chans(self) -> int:
+        return self.train_images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+    def batch(self, idx: torch.Tensor, resolution: int | None = None, generator: torch.Generator | None = None):
+        """Training batch ``idx`` as floats in [-1, 1] at ``resolution`` (antialiased), randomly flipped."""
+        x = to_float(self.train_images[idx])
+        if self.hflip:
+            flip = torch.rand(len(x), generator=generator) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return resize(x, resolution), self.train_labels[idx]
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(127.5).sub(1.0)
+
+
+def resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    if resolution is None or resolution == x.shape[-1]:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _select(images, labels, classes):
+    keep = torch.isin(labels, torch.tensor(classes))
+    return images[keep], labels[keep]
+
+
+def parse_classes(text: str | None) -> tuple[int, ...] | None:
+    """``"5-9"`` or ``"5,6,7"`` → class ids; ``None``/``"all"`` → all."""
+    if text is None or text == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError as e:
+        raise DataError(f"--classes {text!r}: use ids like 5-9 or 0,2,4") from e
+    if not out:
+        raise DataError(f"--classes {text!r} selects no class")
+    return tuple(sorted(set(out)))
+
+
+def _image_folder(root: Path, image_size: int):
+    from torchvision import datasets, transforms
+
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
+    out = []
+    for d in (root / "train", test_dir):
+        try:
+            ds = datasets.ImageFolder(str(d), transform=lambda im: tf(im.convert("RGB")))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"cannot read ImageFolder dataset at {root}: {e}") from e
+        if len(ds) == 0:
+            raise DataError(f"{d} holds no images")
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        out.append((torch.stack(xs), torch.tensor(ys), ds.classes))
+    if out[0][2] != out[1][2]:
+        raise DataError(f"{root}/train and {test_dir} have different class folders")
+    return out[0][0], out[0][1], out[1][0], out[1][1], len(out[0][2])
+
+
+def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = None,
+                        classes: tuple[int, ...] | None = TRANSFER_CLASSES, image_size: int | None = None,
+                        subset: int | None = None, seed: int = 0) -> DiffusionData:
+    """Load ``dataset`` (``fashion-mnist``, ``digits`` or an ImageFolder path) keeping ``classes`` only."""
+    key = dataset.lower().replace("_", "-")
+    hflip = True
+    if key in ("fashion-mnist", "fashionmnist", "digits"):
+        b = load_fashion_mnist(data_root) if key != "digits" else load_digits()
+        hflip = key != "digits"
+        tr, te = b.train, b.test
+        xtr, ytr, xte, yte, n = tr.images, tr.labels, te.images, te.labels, b.num_classes
+        name = b.name
+    elif Path(dataset).is_dir():
+        xtr, ytr, xte, yte, n = _image_folder(Path(dataset), image_size or 32)
+        name = Path(dataset).name
+    else:
+        raise DataError(f"unknown dataset {dataset!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
+    if classes is not None:
+        bad = [c for c in classes if not 0 <= c < n]
+        if bad:
+            raise DataError(f"{name} has classes 0-{n - 1}; --classes asks for {bad}")
+        xtr, ytr = _select(xtr, ytr, classes)
+        xte, yte = _select(xte, yte, classes)
+    if image_size is not None and image_size != xtr.shape[-1]:
+        xtr = _resize_uint8(xtr, image_size)
+        xte = _resize_uint8(xte, image_size)
+    if subset is not None:
+        if subset < 1:
+            raise DataError(f"--subset must be positive, got {subset}")
+        idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))[:subset]
+        xtr, ytr = xtr[idx], ytr[idx]
+    present = tuple(sorted(int(c) for c in np.unique(ytr.numpy())))
+    return DiffusionData(name, xtr.contiguous(), ytr.long(), xte.contiguous(), yte.long(), n, present, hflip)
+
+
+def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    y = resize(to_float(x), size)
+    return y.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)

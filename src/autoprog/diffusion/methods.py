@@ -1,0 +1,204 @@
+"""What each fine-tuning method trains: the *adapter* side of fine-tuning (it applies, it never decides).
+
+* :class:`Unfreezer` applies a learnable sub-network ψ for the progressive methods (``prog``,
+  ``autoprog-one``, ``autoprog-zero``): ψ = (input resolution, which blocks are learnable). All blocks
+  still run forward; frozen parameters get ``requires_grad=False`` and therefore neither gradients
+  nor optimizer state. The full ψ makes every parameter learnable.
+* The static baselines: ``full`` (everything), ``bitfit`` (biases), ``difffit`` (biases plus a
+  learnable scale factor on every attention and MLP branch, Xie et al. 2023) and ``lora`` (low-rank
+  adapters on the blocks' linear layers, through peft).
+
+Every method also trains the condition embeddings (class table, and the SID when there is one):
+a transfer task brings classes the base model has never seen. :func:`export_backbone` folds DiffFit's
+scale factors and LoRA's adapters back into plain weights, so every method exports the same model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..space import GrowthSpace, SubNet
+from .backbone import DiffusionBackbone
+
+STATIC_METHODS = ("full", "bitfit", "difffit", "lora")
+PROGRESSIVE_METHODS = ("prog", "autoprog-one", "autoprog-zero")
+PEFT_METHODS = ("bitfit", "difffit", "lora")
+_LORA_RE = re.compile(r"^lora(?:-r(\d+))?$")
+
+
+def parse_method(name: str) -> tuple[str, dict]:
+    """``lora-r16`` → ``("lora", {"rank": 16})``; ``autoprog-zero-nosid`` → ``("autoprog-zero", {"sid": False})``."""
+    m = _LORA_RE.match(name)
+    if m:
+        return "lora", {"rank": int(m.group(1)) if m.group(1) else None}
+    if name.endswith("-nosid") and name[:-6] in PROGRESSIVE_METHODS:
+        return name[:-6], {"sid": False}
+    if name in STATIC_METHODS or name in PROGRESSIVE_METHODS:
+        return name, {}
+    raise ConfigError(f"unknown fine-tuning method {name!r}; choose from {', '.join(FINETUNE_METHODS)} "
+                      "(lora-rN sets the rank, a -nosid suffix drops the stage identifier)")
+
+
+FINETUNE_METHODS = (*STATIC_METHODS, "lora-r8", "lora-r16", *PROGRESSIVE_METHODS,
+                    *(f"{m}-nosid" for m in PROGRESSIVE_METHODS))
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _train_conditions(model: DiffusionBackbone) -> None:
+    for p in model.condition_parameters():
+        p.requires_grad_(True)
+
+
+def spread_blocks(depth: int, learnable: int) -> tuple[int, ...]:
+    """``learnable`` block indices spread evenly over ``depth`` blocks, the output-side block always included."""
+    if not 1 <= learnable <= depth:
+        raise ConfigError(f"cannot make {learnable} of {depth} blocks learnable")
+    return tuple(sorted({depth - 1 - math.floor(i * depth / learnable) for i in range(learnable)}))
+
+
+class Unfreezer:
+    """Applies learnable sub-networks ψ to a backbone (the unfreezing adapter)."""
+
+    def __init__(self, model: DiffusionBackbone):
+        self.model = model
+        self.subnet: SubNet | None = None
+
+    def space(self, num_stages: int = 4, start_ratio: float = 0.25) -> GrowthSpace:
+        """Ω for fine-tuning: input patches per side × number of learnable blocks (Sec. 5.1.2: 0.25Ω)."""
+        return GrowthSpace(self.model.image_size, self.model.patch_size, self.model.depth, num_stages, start_ratio)
+
+    def blocks_for(self, subnet: SubNet) -> tuple[int, ...]:
+        return subnet.blocks if subnet.blocks is not None else spread_blocks(self.model.depth, subnet.depth)
+
+    def is_full(self, subnet: SubNet) -> bool:
+        return subnet.depth >= self.model.depth and subnet.resolution >= self.model.image_size
+
+    def apply(self, subnet: SubNet) -> None:
+        if self.is_full(subnet):
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        else:
+            freeze_all(self.model)
+            for i in self.blocks_for(subnet):
+                self.model.blocks[i].requires_grad_(True)
+            _train_conditions(self.model)
+        self.subnet = subnet
+
+
+# ----------------------------------------------------------------------------------- static baselines
+def prepare_full(model: DiffusionBackbone) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def prepare_bitfit(model: DiffusionBackbone) -> None:
+    freeze_all(model)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.requires_grad_(True)
+    _train_conditions(model)
+
+
+class ScaleFactors(nn.Module):
+    """DiffFit's learnable γ per block and branch, initialised to 1, applied by forward hooks."""
+
+    def __init__(self, model: DiffusionBackbone):
+        super().__init__()
+        self.gamma = nn.ParameterDict({
+            f"{i}_{branch}": nn.Parameter(torch.ones((), device=mod_device(model)))
+            for i in range(model.depth) for branch in model.branch_modules(i)
+        })
+        self._handles = []
+        for i in range(model.depth):
+            for branch, mod in model.branch_modules(i).items():
+                g = self.gamma[f"{i}_{branch}"]
+                self._handles.append(mod.register_forward_hook(lambda m, a, out, g=g: out * g))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def mod_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prepare_difffit(model: DiffusionBackbone) -> None:
+    prepare_bitfit(model)
+    model.difffit = ScaleFactors(model)  # registered as a submodule: saved, optimised, moved with the model
+    for mod in model.modules():
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+            for p in mod.parameters(recurse=False):
+                p.requires_grad_(True)  # DiffFit also tunes LayerNorm affine parameters where a model has them
+
+
+def prepare_lora(model: DiffusionBackbone, rank: int = 8, alpha: float | None = None) -> None:
+    """LoRA through peft (``inject_adapter_in_model``: diffusers' DiT has no ``add_adapter``)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ConfigError(f"LoRA rank must be positive, got {rank}")
+    targets = [rf"{re.escape(model.block_prefix)}\.\d+\.{re.escape(t)}" for t in model.lora_targets]
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules="|".join(f"(?:{t})" for t in targets),
+                     lora_dropout=0.0, bias="none")
+    inject_adapter_in_model(cfg, model)
+    freeze_all(model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    _train_conditions(model)
+
+
+def prepare_static(model: DiffusionBackbone, method: str, lora_rank: int = 8) -> None:
+    if method == "full":
+        prepare_full(model)
+    elif method == "bitfit":
+        prepare_bitfit(model)
+    elif method == "difffit":
+        prepare_difffit(model)
+    elif method == "lora":
+        prepare_lora(model, lora_rank)
+    else:
+        raise ConfigError(f"{method!r} is not a static fine-tuning method ({', '.join(STATIC_METHODS)})")
+
+
+@torch.no_grad()
+def export_backbone(model: DiffusionBackbone) -> DiffusionBackbone:
+    """Fold DiffFit scale factors and LoRA adapters into the weights, in place; returns the plain backbone."""
+    sf = getattr(model, "difffit", None)
+    if isinstance(sf, ScaleFactors):
+        sf.remove()
+        for key, g in sf.gamma.items():
+            i, branch = key.split("_", 1)
+            out = _output_linear(model.branch_modules(int(i))[branch])
+            out.weight.mul_(g)
+            if out.bias is not None:
+                out.bias.mul_(g)
+        del model.difffit
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, mod.get_base_layer())
+    return model
+
+
+def _output_linear(branch: nn.Module) -> nn.Linear:
+    """The last linear layer of a branch: its output is the branch output (dropout aside)."""
+    linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(branch).__name__} has no linear layer to fold a scale factor into")
+    return linears[-1]

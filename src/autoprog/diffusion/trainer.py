@@ -1,0 +1,436 @@
+"""The diffusion training loop (base pre-training and every fine-tuning method), on Accelerate.
+
+The trainer runs optimizer steps and asks its controller, at each stage boundary, what to do; it offers
+controllers services (apply a learnable sub-network, time a candidate, draw fixed proxy batches) and
+never decides itself. Training time counts every step and every search, never evaluation or checkpoints.
+
+At ``eval_points`` moments it samples with DDIM + classifier-free guidance and measures FD/KID against
+real test images (the curve of Fig. 8); the last point uses ``fd_samples`` images. A checkpoint
+(safetensors weights + optimizer state + JSON state) is replaced atomically at each of those moments;
+``fit(resume=True)`` continues from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..optim import build_optimizer, load_optimizer_state, optimizer_state_tensors
+from ..space import SubNet
+from ..train import _atomic_write
+from .backbone import DiffusionBackbone, num_parameters, save_backbone
+from .data import DiffusionData
+from .methods import Unfreezer, export_backbone
+from .sampling import balanced_labels, diffusion_loss, sample, training_scheduler
+
+CHECKPOINT_DIR = "checkpoint"
+MODEL_DIR = "model"
+
+
+@dataclass
+class DiffusionConfig:
+    """Optimisation and evaluation settings shared by every method, so runs differ only in what they train."""
+
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-4
+    peft_lr: float | None = None  # bitfit/difffit/lora; None: 10 × lr (they train few parameters)
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+    class_dropout: float = 0.1
+    ema_decay: float | None = None  # evaluate an EMA of the weights (base pre-training uses one)
+    seed: int = 0
+    eval_points: int = 4  # FD measurements during training, the last at the end
+    curve_samples: int = 200
+    fd_samples: int = 500
+    sample_steps: int = 50
+    cfg_scale: float = 1.5
+    proxy_batches: int = 4
+    proxy_batch_size: int = 8
+    time_repeats: int = 3
+    stop_after_steps: int | None = None  # stop early on purpose (to test resuming)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "eval_points", "fd_samples", "curve_samples", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or (self.peft_lr is not None and self.peft_lr <= 0):
+            raise ConfigError("learning rates must be positive")
+        if not 0 <= self.class_dropout < 1:
+            raise ConfigError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
+        if self.cfg_scale < 1:
+            raise ConfigError(f"--cfg-scale must be at least 1, got {self.cfg_scale}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.proxy_batches < 2:
+            raise ConfigError("--proxy-batches must be at least 2 (ZiCo needs a spread across batches)")
+
+
+class DiffusionTrainer:
+    """Train ``model`` on ``data`` under ``controller``; see the module docstring."""
+
+    def __init__(self, model: DiffusionBackbone, controller, data: DiffusionData, cfg: DiffusionConfig,
+                 out_dir: str | Path, lr: float, accelerator=None, evaluator=None, run_info: dict | None = None,
+                 unfreezer: Unfreezer | None = None):
+        from accelerate import Accelerator
+        from timm.scheduler import CosineLRScheduler
+
+        cfg.validate()
+        self.model, self.controller, self.data, self.cfg = model, controller, data, cfg
+        self.unfreezer = unfreezer
+        self.out = Path(out_dir)
+        self.acc = accelerator or Accelerator()
+        self.evaluator = evaluator
+        self.run_info = run_info or {}
+        self.model.to(self.acc.device)
+        self.optimizer = build_optimizer(self.model, lr, cfg.weight_decay)
+        self.wrapped = self.acc.prepare_model(self.model)
+        self._wrapped_params = self._trained_ids()
+        self.ema = None
+        if cfg.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+        self.noise = training_scheduler()
+        if len(data.train_images) < cfg.batch_size * self.acc.num_processes:
+            raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
+        self.resolution = data.image_size
+        self.total_steps = self.controller.setup(self, cfg.steps)
+        warm = min(cfg.warmup_steps, self.total_steps // 2)
+        self.lr_sched = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warm), lr_min=cfg.min_lr,
+                                          warmup_t=warm, warmup_lr_init=lr * 0.01, warmup_prefix=True,
+                                          t_in_epochs=False)
+        self.lr_sched.step_update(0)
+        self.eval_steps = sorted({max(1, round(i * self.total_steps / cfg.eval_points))
+                                  for i in range(1, cfg.eval_points + 1)})
+        self.step = 0
+        self.stage = -1
+        self.train_time = 0.0
+        self.search_time = 0.0
+        self.trainable_steps = 0.0  # Σ trainable parameters over steps, for the mean
+        self.history: list[dict] = []
+        self.stage_log: list[dict] = []
+        self._proxy = None
+        self._time_cache: dict[tuple, float] = {}
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _trained_ids(self) -> set[int]:
+        return {id(p) for p in self.model.parameters() if p.requires_grad}
+
+    def _rewrap_if_needed(self) -> None:
+        """DDP tracks only the parameters that required grad when it was wrapped: re-prepare on change."""
+        if self.acc.num_processes == 1:
+            return
+        trained = self._trained_ids()
+        if trained != self._wrapped_params:
+            self.acc._models = [m for m in self.acc._models if m is not self.wrapped]
+            self.wrapped = self.acc.prepare_model(self.model)
+            self._wrapped_params = trained
+
+    def _sync(self) -> None:
+        if self.acc.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _batch_indices(self, step: int) -> torch.Tensor:
+        """The indices of this process's share of global batch ``step`` (a fresh permutation per epoch)."""
+        n = len(self.data.train_images)
+        gb = self.cfg.batch_size * self.acc.num_processes
+        per_epoch = n // gb
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+        idx = perm[pos * gb:(pos + 1) * gb]
+        return idx[self.acc.process_index::self.acc.num_processes]
+
+    # ---------------------------------------------------------------------- services for controllers
+    def use_subnet(self, subnet: SubNet) -> None:
+        """Make ``subnet``'s parameters learnable and train at its resolution (no weight changes)."""
+        if self.unfreezer is None:
+            raise ConfigError("this method trains a fixed parameter set; it has no learnable sub-networks")
+        self.unfreezer.apply(subnet)
+        self.resolution = subnet.resolution
+        self._rewrap_if_needed()
+
+    @property
+    def subnet(self) -> SubNet | None:
+        return self.unfreezer.subnet if self.unfreezer is not None else None
+
+    def proxy_batches(self, resolution: int) -> list[tuple]:
+        """Fixed small batches ``(x_t, t, y, noise)`` at ``resolution`` (same images, noise and timesteps for
+        every candidate), for the zero-shot proxies."""
+        if self._proxy is None:
+            g = torch.Generator().manual_seed(self.cfg.seed * 31 + 5)
+            n = self.cfg.proxy_batches * self.cfg.proxy_batch_size
+            idx = torch.randperm(len(self.data.train_images), generator=g)[:n]
+            x0 = self.data.train_images[idx]
+            y = self.data.train_labels[idx]
+            noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g)
+            self._proxy = (x0, y, t, noise_seed)
+        from .data import resize, to_float
+
+        x0, y, t, noise_seed = self._proxy
+        x = resize(to_float(x0), resolution)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed))
+        xt = self.noise.add_noise(x, noise, t)
+        dev = self.acc.device
+        b = self.cfg.proxy_batch_size
+        return [(xt[i:i + b].to(dev), t[i:i + b].to(dev), y[i:i + b].to(dev), noise[i:i + b].to(dev))
+                for i in range(0, len(xt), b)]
+
+    def measure_step_time(self, subnet: SubNet) -> float:
+        """Median seconds of a forward+backward training pass with ``subnet`` learnable (warm-up excluded)."""
+        from ..proxies import measure_step_time
+
+        key = (subnet.resolution, self.unfreezer.blocks_for(subnet))
+        if key in self._time_cache:
+            return self._time_cache[key]
+        prev = self.unfreezer.subnet
+        self.unfreezer.apply(subnet)
+        g = torch.Generator().manual_seed(self.cfg.seed + 17)
+        idx = torch.randperm(len(self.data.train_images), generator=g)[:self.cfg.batch_size]
+        x0, y = self.data.batch(idx, subnet.resolution, generator=g)
+        x0, y = x0.to(self.acc.device), y.to(self.acc.device)
+
+        def step():
+            loss = diffusion_loss(self.model, x0, y, self.noise, self.model.null_class,
+                                  generator=torch.Generator().manual_seed(0))
+            loss.backward()
+            for p in self.model.parameters():
+                p.grad = None
+
+        try:
+            self._time_cache[key] = measure_step_time(step, repeats=self.cfg.time_repeats, warmup=1,
+                                                      device=self.acc.device)
+        finally:
+            if prev is not None:
+                self.unfreezer.apply(prev)
+        return self._time_cache[key]
+
+    def broadcast(self, obj):
+        if self.acc.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
+    def log_stage(self, info: dict) -> None:
+        self.stage_log.append({"step": self.step, **info})
+
+    def print(self, *args) -> None:
+        self.acc.print(*args)
+
+    # --------------------------------------------------------------------------------------- loop
+    def fit(self, resume: bool = False) -> dict:
+        if resume:
+            self._load_checkpoint()
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.wrapped.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.run_info.get("method", "train"),
+                   disable=not self.acc.is_local_main_process or None, dynamic_ncols=True, leave=False)
+        loss_sum, loss_n = 0.0, 0
+        stopped = False
+        self._sync()
+        t_start = time.perf_counter()
+        while self.step < self.total_steps:
+            k = self.controller.stage_at(self.step)
+            if k != self.stage:
+                t0 = time.perf_counter()
+                self.controller.enter_stage(self, k)
+                self.model.set_stage(k)
+                self.stage = k
+                self.search_time += time.perf_counter() - t0
+            sub = self.controller.step_subnet(self, self.step)
+            if sub is not None and sub != self.subnet:
+                self.use_subnet(sub)
+            loss = self._train_step()
+            self.controller.after_step(self, float(loss))
+            loss_sum += float(loss)
+            loss_n += 1
+            self.trainable_steps += num_parameters(self.model, trainable=True)
+            self.step += 1
+            bar.update(1)
+            if self.step % 10 == 0:
+                bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=f"{loss:.4f}",
+                                res=self.resolution)
+            if bar.disable and self.step % max(1, self.total_steps // 20) == 0 and self.step not in self.eval_steps:
+                # no progress bar (not a terminal, e.g. a log file): a line every 5 % instead
+                self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
+            if self.step in self.eval_steps:
+                self._sync()
+                self.train_time += time.perf_counter() - t_start
+                self._evaluate_point(loss_sum / max(1, loss_n))
+                loss_sum, loss_n = 0.0, 0
+                self._save_checkpoint()
+                self._write_results(done=self.step >= self.total_steps)
+                if self.cfg.stop_after_steps is not None and self.step >= self.cfg.stop_after_steps \
+                        and self.step < self.total_steps:
+                    stopped = True
+                    break
+                self._sync()
+                t_start = time.perf_counter()
+        bar.close()
+        if not stopped:
+            self._export()
+        return self._write_results(done=not stopped)
+
+    def _train_step(self) -> torch.Tensor:
+        idx = self._batch_indices(self.step)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.step * 101 + self.acc.process_index)
+        x0, y = self.data.batch(idx, self.resolution, generator=gen)
+        x0, y = x0.to(self.acc.device), y.to(self.acc.device)
+        with self.acc.autocast():
+            loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_class, generator=gen,
+                                  class_dropout=self.cfg.class_dropout)
+        self.acc.backward(loss)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.grad_clip:
+            self.acc.clip_grad_norm_(trained, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_sched.step_update(self.step + 1)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss.detach()
+
+    # --------------------------------------------------------------------------------- evaluation
+    def eval_model(self) -> DiffusionBackbone:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _evaluate_point(self, mean_loss: float) -> None:
+        final = self.step >= self.total_steps
+        n = self.cfg.fd_samples if final else self.cfg.curve_samples
+        point = {"step": self.step, "stage": self.stage + 1, "train_time_s": round(self.train_time, 3),
+                 "search_time_s": round(self.search_time, 3), "train_loss": round(mean_loss, 5),
+                 "resolution": self.resolution, "lr": self.optimizer.param_groups[0]["lr"],
+                 "trainable_params": num_parameters(self.model, trainable=True)}
+        if self.evaluator is not None:
+            t0 = time.perf_counter()
+            if self.acc.is_main_process:
+                imgs = self.generate(n, seed=self.cfg.seed + 99991)
+                from .quality import to_uint8
+
+                q = self.evaluator.evaluate(to_uint8(imgs))
+                point.update(fd=round(q["fd"], 4), kid=round(q["kid"], 6), kid_std=round(q["kid_std"], 6),
+                             fd_samples=n, metric=q["metric"])
+            point = self.broadcast(point)
+            point["eval_time_s"] = round(time.perf_counter() - t0, 2)
+        self.history.append(point)
+        fd = f" {point.get('metric', 'FD')} {point['fd']:.3f}" if "fd" in point else ""
+        self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {mean_loss:.4f}{fd} "
+                   f"time {self.train_time:.1f}s (search {self.search_time:.1f}s)")
+
+    @torch.no_grad()
+    def generate(self, n: int, seed: int, stage: int | None = None) -> torch.Tensor:
+        """``n`` class-balanced samples (floats in [-1, 1]) of the classes in the training data."""
+        model = self.eval_model()
+        labels = balanced_labels(self.data.classes, n)
+        return sample(model, labels, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed)
+
+    # ------------------------------------------------------------------------------------ results
+    def summary(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        return {
+            **self.run_info,
+            "steps": self.step, "total_steps": self.total_steps,
+            "wall_time_s": round(self.train_time, 3), "search_time_s": round(self.search_time, 3),
+            "fd": last.get("fd"), "kid": last.get("kid"), "metric": last.get("metric"),
+            "trainable_params": num_parameters(self.model, trainable=True),
+            "mean_trainable_params": round(self.trainable_steps / max(1, self.step)),
+            "total_params": num_parameters(self.model),
+            "schedule": sched.to_dict() if (sched := self.controller.schedule()) else {"stages": []},
+            **self.controller.summary(),
+        }
+
+    def _write_results(self, done: bool) -> dict:
+        sched = self.controller.schedule()
+        if self.acc.is_main_process and sched is not None:
+            sched.save(self.out / "schedule.json")
+        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "curve": self.history,
+               "stages": self.stage_log, "summary": self.summary()}
+        if self.acc.is_main_process:
+            _atomic_write(self.out / "results.json", json.dumps(res, indent=2) + "\n")
+        return res
+
+    def _export(self) -> None:
+        """The trained model as a plain backbone (scale factors and adapters folded in) in ``out/model``."""
+        if not self.acc.is_main_process:
+            return
+        m = copy.deepcopy(self.eval_model()).cpu()
+        export_backbone(m)
+        tmp = self.out / (MODEL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_backbone(m, tmp, extra={"method": self.run_info.get("method"), "classes": list(self.data.classes),
+                                     "steps": self.step})
+        shutil.rmtree(self.out / MODEL_DIR, ignore_errors=True)
+        os.replace(tmp, self.out / MODEL_DIR)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        tmp = self.out / (CHECKPOINT_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
+        if self.ema is not None:
+            save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, tmp / "ema.safetensors")
+        opt = optimizer_state_tensors(self.optimizer, self.model)
+        opt["__rng__"] = torch.get_rng_state()
+        save_file(opt, tmp / "optimizer.safetensors")
+        state = {"step": self.step, "stage": self.stage, "resolution": self.resolution,
+                 "subnet": self.subnet.to_dict() if self.subnet is not None else None,
+                 "train_time_s": self.train_time, "search_time_s": self.search_time,
+                 "trainable_steps": self.trainable_steps, "history": self.history, "stage_log": self.stage_log,
+                 "total_steps": self.total_steps, "controller": self.controller.state_dict(),
+                 "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()]}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        final, old = self.out / CHECKPOINT_DIR, self.out / (CHECKPOINT_DIR + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self) -> None:
+        ck = self.out / CHECKPOINT_DIR
+        if not (ck / "state.json").is_file():
+            raise ConfigError(f"{self.out} has no checkpoint to resume from")
+        state = json.loads((ck / "state.json").read_text())
+        if state["total_steps"] != self.total_steps:
+            raise ConfigError(f"checkpoint was made for {state['total_steps']} steps, this run has {self.total_steps}")
+        dev = str(self.acc.device)
+        self.model.load_state_dict(load_file(ck / "model.safetensors", device=dev))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(load_file(ck / "ema.safetensors", device=dev))
+        opt = load_file(ck / "optimizer.safetensors")
+        torch.set_rng_state(opt.pop("__rng__"))
+        load_optimizer_state(self.optimizer, self.model, opt)
+        self.controller.load_state_dict(state["controller"])
+        self.step, self.stage = state["step"], state["stage"]
+        if state["subnet"] is not None:
+            self.use_subnet(SubNet.from_dict(state["subnet"]))
+        self.resolution = state["resolution"]
+        if self.stage >= 0:
+            self.model.set_stage(self.stage)
+        self.train_time, self.search_time = state["train_time_s"], state["search_time_s"]
+        self.trainable_steps = state["trainable_steps"]
+        self.history, self.stage_log = state["history"], state["stage_log"]
+        self._time_cache = {(r, tuple(b)): v for r, b, v in state["time_cache"]}
+        self.lr_sched.step_update(self.step)
+        self.print(f"resumed from {ck} at step {self.step}")
+
+

@@ -1,0 +1,740 @@
+"""Unit tests of the diffusion package: backbones, SID, save/load, fine-tuning methods, data, sampling.
+
+Every model here is tiny (8-px images, patch 2, 16 wide, 3 blocks) and float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from autoprog.diffusion.backbone import (
+    DiffusersDiT,
+    DiT,
+    StageIdentifier,
+    build_backbone,
+    load_backbone,
+    save_backbone,
+)
+from autoprog.diffusion.data import DiffusionData, load_diffusion_data, parse_classes
+from autoprog.diffusion.methods import (
+    ScaleFactors,
+    Unfreezer,
+    export_backbone,
+    parse_method,
+    prepare_bitfit,
+    prepare_difffit,
+    prepare_lora,
+    spread_blocks,
+)
+from autoprog.diffusion.sampling import balanced_labels, diffusion_loss, sample, training_scheduler
+from autoprog.errors import ConfigError, DataError
+from autoprog.optim import build_optimizer
+from autoprog.space import SubNet
+
+KINDS = ("dit", "diffusers-dit")
+TINY = dict(image_size=8, patch_size=2, in_chans=1, num_classes=4, hidden_size=16, depth=3, num_heads=2)
+
+
+def tiny(kind: str = "dit", **kw):
+    return build_backbone(kind, **{**TINY, **kw}).float()
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, std: float = 0.1) -> None:
+    """Add noise to every parameter so that zero-initialised layers (adaLN-Zero, final layer) pass signal."""
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * std)
+
+
+def inputs(b: int = 4, res: int = 8, chans: int = 1, num_classes: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, chans, res, res, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    y = torch.randint(0, num_classes, (b,), generator=g)
+    return x, t, y
+
+
+def run(model, x, t, y):
+    with torch.no_grad():
+        return model(x, t, y)
+
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def condition_names(model) -> set[str]:
+    ids = {id(p) for p in model.condition_parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+# --------------------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("res", [8, 4])
+def test_forward_keeps_input_shape(kind, res):
+    torch.manual_seed(0)
+    m = tiny(kind)
+    perturb(m)
+    x, t, y = inputs(b=3, res=res)
+    out = run(m, x, t, y)
+    assert out.shape == x.shape
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert out.abs().sum() > 0
+
+
+def test_dit_rejects_input_not_divisible_by_patch():
+    torch.manual_seed(0)
+    m = tiny("dit")
+    x, t, y = inputs(res=5)
+    with pytest.raises(ConfigError):
+        run(m, x, t, y)
+
+
+def test_dit_adaln_zero_output_is_zero_at_init_then_nonzero():
+    torch.manual_seed(0)
+    m = tiny("dit")
+    assert isinstance(m, DiT)
+    x, t, y = inputs()
+    assert torch.equal(run(m, x, t, y), torch.zeros_like(x))
+    perturb(m)
+    assert (run(m, x, t, y) != 0).any()
+
+
+def test_lower_resolution_changes_output_per_position():
+    """The position embedding is computed for the input grid: a 4-px input is not the 8-px output cropped."""
+    torch.manual_seed(0)
+    m = tiny("dit")
+    perturb(m)
+    x, t, y = inputs(res=8)
+    small = torch.nn.functional.interpolate(x, size=4, mode="bilinear", antialias=True)
+    out = run(m, small, t, y)
+    assert out.shape == (4, 1, 4, 4)
+    assert m._pos_embed(2, 2, x.device, x.dtype).shape == (1, 4, 16)
+    assert m._pos_embed(4, 4, x.device, x.dtype).shape == (1, 16, 16)
+
+
+# ----------------------------------------------------------------------------------- block_index
+def test_block_index_dit_matches_whole_components():
+    torch.manual_seed(0)
+    m = tiny("dit", depth=12)
+    names = dict(m.named_parameters())
+    assert "blocks.1.attn.qkv.weight" in names and "blocks.10.mlp.fc1.weight" in names
+    assert m.block_index("blocks.1.attn.qkv.weight") == 1
+    assert m.block_index("blocks.10.mlp.fc1.weight") == 10
+    assert m.block_index("blocks.11.adaLN_modulation.1.bias") == 11
+    assert m.block_index("y_embedder.weight") is None
+    assert m.block_index("final_layer.linear.weight") is None
+    assert m.block_index("x_embedder.weight") is None
+    assert m.block_index("xblocks.1.weight") is None
+    assert m.block_index("difffit.gamma.3_attn") is None
+    assert m.block_index("base_model.blocks.3.attn.qkv.lora_A.default.weight") == 3
+    for name in names:
+        parts = name.split(".")
+        expect = int(parts[1]) if parts[0] == "blocks" else None
+        assert m.block_index(name) == expect, name
+    counts = [sum(m.block_index(n) == i for n in names) for i in range(12)]
+    assert len(set(counts)) == 1 and counts[0] > 0  # every block owns the same number of parameters
+
+
+def test_block_index_diffusers_matches_whole_components():
+    torch.manual_seed(0)
+    m = tiny("diffusers-dit", depth=12)
+    names = dict(m.named_parameters())
+    assert "model.transformer_blocks.11.attn1.to_q.weight" in names
+    assert m.block_index("model.transformer_blocks.11.attn1.to_q.weight") == 11
+    assert m.block_index("model.transformer_blocks.1.ff.net.2.bias") == 1
+    assert m.block_index("model.transformer_blocks.10.norm1.linear.weight") == 10
+    assert m.block_index("model.proj_out_1.weight") is None
+    assert m.block_index("model.pos_embed.proj.weight") is None
+    assert m.block_index("transformer_blocks.1.ff.net.2.bias") is None  # the prefix is two components
+    for name in names:
+        parts = name.split(".")
+        expect = int(parts[2]) if parts[:2] == ["model", "transformer_blocks"] else None
+        assert m.block_index(name) == expect, name
+
+
+# -------------------------------------------------------------------------------------------- SID
+def test_stage_identifier_needs_a_stage():
+    with pytest.raises(ConfigError):
+        StageIdentifier(0, 16)
+    sid = StageIdentifier(3, 16)
+    assert sid.stage == 2 and sid.num_stages == 3
+    assert torch.equal(sid.embedding.weight, torch.zeros(3, 16))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sid_zero_init_stage_switching_and_range(kind):
+    torch.manual_seed(0)
+    m = tiny(kind).eval()
+    perturb(m)
+    x, t, y = inputs()
+    ref = run(m, x, t, y)
+    sid = m.add_stage_identifier(3)
+    assert m.sid is sid
+    assert torch.equal(run(m, x, t, y), ref)  # zero rows: the function is unchanged
+    with torch.no_grad():
+        sid.embedding.weight[1] = torch.randn(m.hidden_size)
+    m.set_stage(1)
+    changed = run(m, x, t, y)
+    assert not torch.allclose(changed, ref, atol=1e-4)
+    m.set_stage(0)
+    assert torch.equal(run(m, x, t, y), ref)
+    m.set_stage(1)
+    assert torch.equal(run(m, x, t, y), changed)
+    for bad in (3, -1, 10):
+        with pytest.raises(ConfigError):
+            m.set_stage(bad)
+    assert sid.stage == 1  # a refused stage leaves the current one
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sid_gradient_only_in_active_row(kind):
+    torch.manual_seed(0)
+    m = tiny(kind).train()
+    perturb(m)
+    m.add_stage_identifier(3)
+    m.set_stage(1)
+    x0, _, y = inputs(b=8)
+    loss = diffusion_loss(m, x0, y, training_scheduler(), m.null_class, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    g = m.sid.embedding.weight.grad
+    assert g is not None
+    assert g[1].abs().sum() > 0
+    assert torch.equal(g[0], torch.zeros_like(g[0]))
+    assert torch.equal(g[2], torch.zeros_like(g[2]))
+
+
+def test_diffusers_sid_reaches_every_block_class_embedder():
+    torch.manual_seed(0)
+    m = tiny("diffusers-dit").eval()
+    perturb(m)
+    m.add_stage_identifier(2)
+    m.set_stage(1)
+    records: dict[int, list[torch.Tensor]] = {i: [] for i in range(m.depth)}
+    handles = [blk.norm1.emb.class_embedder.register_forward_hook(
+        lambda mod, args, out, i=i: records[i].append(out.detach().clone()))
+        for i, blk in enumerate(m.blocks)]
+    x, t, y = inputs()
+    base_out = run(m, x, t, y)
+    base = {i: list(r) for i, r in records.items()}
+    for r in records.values():
+        r.clear()
+    vec = torch.randn(m.hidden_size)
+    with torch.no_grad():
+        m.sid.embedding.weight[1] = vec
+    sid_out = run(m, x, t, y)
+    for h in handles:
+        h.remove()
+    assert not torch.allclose(sid_out, base_out, atol=1e-4)
+    for i in range(m.depth):
+        assert len(records[i]) >= 1 and len(records[i]) == len(base[i]), f"block {i}"
+        for before, after in zip(base[i], records[i]):
+            torch.testing.assert_close(after - before, vec.expand_as(before), rtol=0, atol=1e-6)
+
+
+def test_diffusers_sid_hook_follows_deepcopy():
+    """EMA (timm ModelEmaV3) and export deep-copy the model: the copy's hooks must use the copy's SID."""
+    import copy
+
+    torch.manual_seed(0)
+    m = tiny("diffusers-dit").eval()
+    perturb(m)
+    m.add_stage_identifier(2)
+    c = copy.deepcopy(m)
+    x, t, y = inputs()
+    ref = run(c, x, t, y)
+    with torch.no_grad():
+        m.sid.embedding.weight[1] = 5.0
+    assert torch.equal(run(c, x, t, y), ref)  # the original's SID does not reach the copy
+    with torch.no_grad():
+        c.sid.embedding.weight[1] = 1.0
+    assert not torch.allclose(run(c, x, t, y), ref, atol=1e-4)
+
+
+def test_diffusers_class_dropout_disabled():
+    torch.manual_seed(0)
+    m = tiny("diffusers-dit").train()
+    perturb(m)
+    for blk in m.blocks:
+        assert blk.norm1.emb.class_embedder.dropout_prob == 0.0
+    x, t, y = inputs(b=64)
+    a = run(m, x, t, y)
+    b = run(m, x, t, y)
+    assert torch.equal(a, b)
+    # the check is sensitive: with diffusers' own dropout (0.1) back on, train-mode outputs differ
+    for blk in m.blocks:
+        blk.norm1.emb.class_embedder.dropout_prob = 0.1
+    torch.manual_seed(1)
+    assert not torch.equal(run(m, x, t, y), run(m, x, t, y))
+
+
+# --------------------------------------------------------------------------------- resize_classes
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [6, 2])
+def test_resize_classes_keeps_rows_and_moves_null(kind, n):
+    torch.manual_seed(0)
+    m = tiny(kind).eval()
+    perturb(m)
+    old = [e.weight.detach().clone() for e in m.class_embedding_modules()]
+    x, t, _ = inputs()
+    null_before = run(m, x, t, torch.full((4,), m.null_class))
+    m.resize_classes(n)
+    assert m.num_classes == n and m.null_class == n and m.config["num_classes"] == n
+    embs = m.class_embedding_modules()
+    assert len(embs) == len(old) == (1 if kind == "dit" else m.depth)
+    keep = min(n, 4)
+    for e, w in zip(embs, old):
+        assert e.weight.shape == (n + 1, m.hidden_size) and e.num_embeddings == n + 1
+        assert torch.equal(e.weight[:keep], w[:keep])
+        assert torch.equal(e.weight[n], w[4])
+        assert e.weight.requires_grad
+    if kind == "diffusers-dit":
+        assert m.model.config.num_embeds_ada_norm == n
+        assert all(blk.norm1.emb.class_embedder.num_classes == n for blk in m.blocks)
+    # the null class is still the null class: same output; every new id embeds
+    assert torch.equal(run(m, x, t, torch.full((4,), n)), null_before)
+    run(m, x, t, torch.arange(4) % n)
+    if kind == "dit":
+        with pytest.raises(IndexError):
+            run(m, x, t, torch.full((4,), n + 1))
+
+
+# ------------------------------------------------------------------------------------- save/load
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_sid", [False, True])
+def test_save_load_round_trip(kind, with_sid, tmp_path):
+    torch.manual_seed(0)
+    m = tiny(kind).eval()
+    perturb(m)
+    if with_sid:
+        m.add_stage_identifier(3)
+        with torch.no_grad():
+            m.sid.embedding.weight.normal_()
+    x, t, y = inputs()
+    ref = run(m, x, t, y)
+    save_backbone(m, tmp_path / "m", extra={"note": "hi"})
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["kind"] == kind and meta["sid_stages"] == (3 if with_sid else 0) and meta["note"] == "hi"
+    loaded, meta2 = load_backbone(tmp_path / "m")
+    assert type(loaded) is type(m) and meta2["kind"] == kind
+    assert (loaded.sid is not None) == with_sid
+    torch.testing.assert_close(run(loaded.eval(), x, t, y), ref, rtol=0, atol=0)
+    if with_sid:
+        assert loaded.sid.num_stages == 3 and loaded.sid.stage == 2
+        plain, _ = load_backbone(tmp_path / "m", with_sid=False)
+        assert plain.sid is None
+        m.sid = None
+        torch.testing.assert_close(run(plain.eval(), x, t, y), run(m, x, t, y), rtol=0, atol=0)
+
+
+def test_save_load_after_resize_diffusers(tmp_path):
+    torch.manual_seed(0)
+    m = tiny("diffusers-dit").eval()
+    perturb(m)
+    m.resize_classes(7)
+    x, t, _ = inputs()
+    y = torch.tensor([0, 5, 6, 7])
+    save_backbone(m, tmp_path / "m")
+    loaded, _ = load_backbone(tmp_path / "m")
+    assert loaded.num_classes == 7
+    torch.testing.assert_close(run(loaded.eval(), x, t, y), run(m, x, t, y), rtol=0, atol=0)
+
+
+def test_load_diffusers_save_pretrained_directory(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    inner = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=4)
+    ref_model = DiffusersDiT(model=inner).eval()
+    perturb(ref_model)
+    x, t, y = inputs()
+    ref = run(ref_model, x, t, y)
+    inner.save_pretrained(tmp_path / "hf")
+    loaded, meta = load_backbone(tmp_path / "hf")
+    assert isinstance(loaded, DiffusersDiT) and meta["kind"] == "diffusers-dit"
+    assert loaded.num_classes == 4 and loaded.depth == 2 and loaded.hidden_size == 16
+    torch.testing.assert_close(run(loaded.eval(), x, t, y), ref, rtol=0, atol=0)
+
+
+def test_load_rejects_bad_directories(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        load_backbone(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(ConfigError):
+        load_backbone(tmp_path / "other")
+
+
+def test_load_rejects_weights_with_missing_or_extra_keys(tmp_path):
+    torch.manual_seed(0)
+    m = tiny("dit")
+    d = save_backbone(m, tmp_path / "m")
+    state = load_file(d / "model.safetensors")
+    state.pop("final_layer.linear.weight")
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(ConfigError):
+        load_backbone(d)
+    state = {k: v.contiguous() for k, v in m.state_dict().items()}
+    state["bogus.weight"] = torch.zeros(2)
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(ConfigError):
+        load_backbone(d)
+
+
+def test_load_rejects_weights_with_wrong_shapes(tmp_path):
+    torch.manual_seed(0)
+    d = save_backbone(tiny("dit"), tmp_path / "m")
+    wider = tiny("dit", hidden_size=32)
+    save_file({k: v.contiguous() for k, v in wider.state_dict().items()}, d / "model.safetensors")
+    with pytest.raises(ConfigError):
+        load_backbone(d)
+
+
+# ----------------------------------------------------------------------------------- spread_blocks
+def test_spread_blocks_values():
+    assert spread_blocks(8, 2) == (3, 7)
+    assert spread_blocks(8, 4) == (1, 3, 5, 7)
+    assert spread_blocks(6, 6) == (0, 1, 2, 3, 4, 5)
+    assert spread_blocks(8, 1) == (7,)
+    assert spread_blocks(1, 1) == (0,)
+
+
+def test_spread_blocks_properties():
+    for depth in range(1, 17):
+        for k in range(1, depth + 1):
+            s = spread_blocks(depth, k)
+            assert len(s) == k, (depth, k)
+            assert s == tuple(sorted(set(s)))
+            assert depth - 1 in s
+            assert all(0 <= i < depth for i in s)
+
+
+@pytest.mark.parametrize("depth,k", [(8, 0), (8, 9), (0, 0), (4, -1)])
+def test_spread_blocks_invalid(depth, k):
+    with pytest.raises(ConfigError):
+        spread_blocks(depth, k)
+
+
+# -------------------------------------------------------------------------------------- Unfreezer
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _one_step(model, seed=0):
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.05)  # AdamW over *all* parameters, as the trainer
+    x0, _, y = inputs(b=8, seed=seed)
+    loss = diffusion_loss(model, x0, y, training_scheduler(), model.null_class,
+                          generator=torch.Generator().manual_seed(seed))
+    loss.backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("depth_learnable", [1, 2])
+def test_unfreezer_partial_subnet(kind, depth_learnable):
+    torch.manual_seed(0)
+    m = tiny(kind).train()
+    perturb(m)
+    m.add_stage_identifier(2)
+    u = Unfreezer(m)
+    sub = SubNet(4, depth_learnable)
+    u.apply(sub)
+    assert u.subnet == sub
+    blocks = spread_blocks(m.depth, depth_learnable)
+    assert u.blocks_for(sub) == blocks
+    cond = condition_names(m)
+    assert "sid.embedding.weight" in cond
+    expect = {n for n, _ in m.named_parameters() if m.block_index(n) in blocks} | cond
+    assert trainable(m) == expect
+    before = _snapshot(m)
+    opt = _one_step(m)
+    for n, p in m.named_parameters():
+        if n in expect:
+            assert p.grad is not None and n in before and not torch.equal(p, before[n]), n
+            assert p in opt.state, n
+        else:
+            assert p.grad is None, n
+            assert torch.equal(p, before[n]), n
+            assert p not in opt.state, n
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unfreezer_full_and_explicit_blocks(kind):
+    torch.manual_seed(0)
+    m = tiny(kind)
+    perturb(m)
+    u = Unfreezer(m)
+    u.apply(SubNet(4, 1))
+    assert len(trainable(m)) < len(list(m.parameters()))
+    u.apply(SubNet(8, 3))
+    assert all(p.requires_grad for p in m.parameters())
+    u.apply(SubNet(4, 1, blocks=(0,)))
+    assert {m.block_index(n) for n in trainable(m) - condition_names(m)} == {0}
+    assert trainable(m) == {n for n, _ in m.named_parameters() if m.block_index(n) == 0} | condition_names(m)
+    u.apply(SubNet(8, 3))
+    before = _snapshot(m)
+    _one_step(m)
+    assert all(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
+# ---------------------------------------------------------------------------------- static methods
+@pytest.mark.parametrize("kind", KINDS)
+def test_bitfit_trains_biases_and_conditions(kind):
+    torch.manual_seed(0)
+    m = tiny(kind)
+    m.add_stage_identifier(2)
+    prepare_bitfit(m)
+    names = {n for n, _ in m.named_parameters()}
+    expect = {n for n in names if n.endswith("bias")} | condition_names(m)
+    assert trainable(m) == expect
+    assert "sid.embedding.weight" in expect and any(n.endswith("bias") for n in expect)
+    assert not any(n.endswith("weight") and "embed" not in n and "sid" not in n for n in trainable(m))
+
+
+def _difffit_expect(m) -> set[str]:
+    names = {n for n, _ in m.named_parameters()}
+    return {n for n in names if n.endswith("bias") or n.startswith("difffit.")} | condition_names(m)
+
+
+def test_difffit_trains_scales_biases_conditions_dit():
+    torch.manual_seed(0)
+    m = tiny("dit").eval()
+    perturb(m)
+    x, t, y = inputs()
+    ref = run(m, x, t, y)
+    prepare_difffit(m)
+    assert isinstance(m.difffit, ScaleFactors)
+    assert len(m.difffit.gamma) == 2 * m.depth
+    assert all(torch.equal(g, torch.ones(())) for g in m.difffit.gamma.values())
+    assert torch.equal(run(m, x, t, y), ref)
+    assert trainable(m) == _difffit_expect(m)
+
+
+def test_difffit_trains_scales_biases_conditions_diffusers():
+    torch.manual_seed(0)
+    m = tiny("diffusers-dit").eval()
+    perturb(m)
+    x, t, y = inputs()
+    ref = run(m, x, t, y)
+    prepare_difffit(m)
+    assert len(m.difffit.gamma) == 2 * m.depth
+    assert torch.equal(run(m, x, t, y), ref)
+    assert trainable(m) == _difffit_expect(m)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_difffit_export_folds_scale_factors(kind):
+    torch.manual_seed(0)
+    m = tiny(kind).eval()
+    perturb(m)
+    x, t, y = inputs()
+    plain = run(m, x, t, y)
+    prepare_difffit(m)
+    with torch.no_grad():
+        for g in m.difffit.gamma.values():
+            g.copy_(torch.rand(()) * 2 + 0.25)
+    scaled = run(m, x, t, y)
+    assert not torch.allclose(scaled, plain, atol=1e-4)  # the gammas matter
+    out = export_backbone(m)
+    assert out is m
+    assert not hasattr(m, "difffit")
+    assert not any(n.startswith("difffit") for n, _ in m.named_parameters())
+    for i in range(m.depth):
+        for mod in m.branch_modules(i).values():
+            assert len(mod._forward_hooks) == 0
+    torch.testing.assert_close(run(m, x, t, y), scaled, rtol=1e-5, atol=1e-5)
+    assert set(m.state_dict()) == set(tiny(kind).state_dict())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_trains_adapters_and_exports(kind, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    m = tiny(kind).eval()
+    perturb(m)
+    m.add_stage_identifier(2)
+    x, t, y = inputs()
+    plain = run(m, x, t, y)
+    prepare_lora(m, rank=2)
+    lora_layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, LoraLayer)}
+    assert len(lora_layers) == m.depth * len(m.lora_targets)
+    assert set(lora_layers) == {f"{m.block_prefix}.{i}.{tg}" for i in range(m.depth) for tg in m.lora_targets}
+    assert all(mod.r["default"] == 2 for mod in lora_layers.values())
+    assert torch.equal(run(m, x, t, y), plain)  # lora_B starts at zero
+    names = {n for n, _ in m.named_parameters()}
+    assert trainable(m) == {n for n in names if "lora_" in n} | condition_names(m)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    adapted = run(m, x, t, y)
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+    export_backbone(m)
+    assert not any(isinstance(mod, LoraLayer) for mod in m.modules())
+    assert not any("lora_" in n for n in m.state_dict())
+    torch.testing.assert_close(run(m, x, t, y), adapted, rtol=1e-5, atol=1e-5)
+    # the exported model is a plain backbone again: it saves and loads
+    save_backbone(m, tmp_path / "m")
+    loaded, _ = load_backbone(tmp_path / "m")
+    torch.testing.assert_close(run(loaded.eval(), x, t, y), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_rank_must_be_positive():
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError):
+        prepare_lora(tiny("dit"), rank=0)
+
+
+def test_parse_method():
+    assert parse_method("lora-r16") == ("lora", {"rank": 16})
+    assert parse_method("lora") == ("lora", {"rank": None})
+    assert parse_method("autoprog-zero-nosid") == ("autoprog-zero", {"sid": False})
+    assert parse_method("prog-nosid") == ("prog", {"sid": False})
+    assert parse_method("autoprog-zero") == ("autoprog-zero", {})
+    assert parse_method("difffit") == ("difffit", {})
+    for bad in ("foo", "full-nosid", "lora-r", "lora-16", "LORA", "autoprog", ""):
+        with pytest.raises(ConfigError):
+            parse_method(bad)
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_parse_classes():
+    assert parse_classes("5-9") == (5, 6, 7, 8, 9)
+    assert parse_classes("0,2") == (0, 2)
+    assert parse_classes("2,0,2") == (0, 2)
+    assert parse_classes("0-1,7") == (0, 1, 7)
+    assert parse_classes("all") is None
+    assert parse_classes(None) is None
+    for bad in ("x", "5-", "1-2-3", "", ",", "9-5", "a,b"):
+        with pytest.raises(DataError):
+            parse_classes(bad)
+
+
+def test_load_diffusion_data_selects_classes(fake_fmnist):
+    d = load_diffusion_data("fashion-mnist", data_root=str(fake_fmnist), classes=(5, 6, 7, 8, 9))
+    assert isinstance(d, DiffusionData)
+    assert d.classes == (5, 6, 7, 8, 9) and d.num_classes == 10
+    assert set(d.train_labels.tolist()) == {5, 6, 7, 8, 9}
+    assert set(d.test_labels.tolist()) == {5, 6, 7, 8, 9}
+    assert len(d.train_labels) == 150 and len(d.test_labels) == 50  # half of the balanced fake set
+    assert d.train_images.dtype == torch.uint8 and d.train_images.shape[1:] == (1, 28, 28)
+    assert d.in_chans == 1 and d.image_size == 28
+    with pytest.raises(DataError):
+        load_diffusion_data("fashion-mnist", data_root=str(fake_fmnist), classes=(3, 10))
+
+
+@pytest.mark.parametrize("res", [None, 16, 8])
+def test_diffusion_batch_range_and_resolution(fake_fmnist, res):
+    d = load_diffusion_data("fashion-mnist", data_root=str(fake_fmnist), classes=(5, 6, 7, 8, 9))
+    idx = torch.arange(12)
+    x, y = d.batch(idx, resolution=res, generator=torch.Generator().manual_seed(0))
+    size = res or 28
+    assert x.shape == (12, 1, size, size) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert torch.equal(y, d.train_labels[idx])
+    d.hflip = False
+    x, _ = d.batch(idx)
+    assert torch.equal(x, d.train_images[idx].float() / 127.5 - 1)
+
+
+# --------------------------------------------------------------------------------------- sampling
+class LabelRecorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.labels: list[torch.Tensor] = []
+
+    def forward(self, x, t, y):
+        self.labels.append(y.clone())
+        return torch.zeros_like(x)
+
+
+def test_diffusion_loss_class_dropout():
+    torch.manual_seed(0)
+    rec = LabelRecorder()
+    x0 = torch.zeros(16, 1, 8, 8)
+    y = torch.arange(16) % 4
+    sched = training_scheduler()
+    diffusion_loss(rec, x0, y, sched, null_class=4, generator=torch.Generator().manual_seed(0), class_dropout=1.0)
+    assert torch.equal(rec.labels[-1], torch.full((16,), 4))
+    loss = diffusion_loss(rec, x0, y, sched, null_class=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rec.labels[-1], y)
+    assert loss.item() > 0.5  # zero prediction against unit-variance noise
+
+
+def _counting(model):
+    calls: list[tuple[int, bool, torch.Tensor]] = []
+    handle = model.register_forward_pre_hook(lambda mod, args: calls.append((args[0].shape[0], mod.training,
+                                                                             args[2].clone())))
+    return calls, handle
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sample_deterministic_range_shape_mode(training):
+    torch.manual_seed(0)
+    m = tiny("dit")
+    perturb(m, std=0.3)
+    m.train(training)
+    labels = balanced_labels((0, 1, 2), 5)
+    assert labels.tolist() == [0, 1, 2, 0, 1]
+    a = sample(m, labels, steps=3, cfg_scale=2.0, seed=7)
+    assert m.training == training
+    b = sample(m, labels, steps=3, cfg_scale=2.0, seed=7)
+    c = sample(m, labels, steps=3, cfg_scale=2.0, seed=8)
+    assert a.shape == (5, 1, 8, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+    small = sample(m, labels, steps=2, cfg_scale=1.0, resolution=4, seed=0)
+    assert small.shape == (5, 1, 4, 4)
+    assert m.training == training
+
+
+def test_sample_restores_mode_after_error():
+    torch.manual_seed(0)
+    m = tiny("dit").train()
+    h = m.register_forward_pre_hook(lambda mod, args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        sample(m, torch.tensor([0]), steps=2)
+    h.remove()
+    assert m.training
+
+
+def test_sample_model_calls_and_cfg_batching():
+    torch.manual_seed(0)
+    m = tiny("dit").train()
+    perturb(m)
+    labels = torch.tensor([0, 1, 2])
+    calls, handle = _counting(m)
+    sample(m, labels, steps=4, cfg_scale=1.0)
+    assert len(calls) == 4
+    assert all(bs == 3 and not tr and torch.equal(y, labels) for bs, tr, y in calls)
+    calls.clear()
+    sample(m, labels, steps=4, cfg_scale=3.0)
+    assert len(calls) == 4
+    for bs, tr, y in calls:
+        assert bs == 6 and not tr
+        assert torch.equal(y[:3], labels) and torch.equal(y[3:], torch.full((3,), m.null_class))
+    calls.clear()
+    out = sample(m, torch.arange(5) % 4, steps=2, cfg_scale=1.0, batch_size=2)
+    assert out.shape == (5, 1, 8, 8)
+    assert [bs for bs, _, _ in calls] == [2, 2, 2, 2, 1, 1]
+    handle.remove()
+    assert sample(m, torch.tensor([], dtype=torch.long), steps=2).shape == (0, 1, 8, 8)
+
+
+def test_cfg_scale_one_equals_conditional_prediction():
+    """cfg_scale=1 must give the same samples whether or not the null branch is computed."""
+    torch.manual_seed(0)
+    m = tiny("dit")
+    perturb(m, std=0.3)
+    labels = torch.tensor([0, 3])
+    one = sample(m, labels, steps=3, cfg_scale=1.0, seed=3)
+    near_one = sample(m, labels, steps=3, cfg_scale=1.0 + 1e-7, seed=3)
+    torch.testing.assert_close(one, near_one, rtol=0, atol=1e-4)

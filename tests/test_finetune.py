@@ -1,0 +1,219 @@
+"""End-to-end fine-tuning: every method on a few steps, AutoProg-Zero's choices, resume, the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from autoprog.diffusion.backbone import load_backbone
+from autoprog.diffusion.runner import BaseSpec, FinetuneSpec, finetune, pretrain_base
+from autoprog.diffusion.trainer import DiffusionConfig
+
+pytestmark = pytest.mark.slow
+
+TINY = DiffusionConfig(steps=8, batch_size=16, lr=1e-3, warmup_steps=1, eval_points=4, curve_samples=10,
+                       fd_samples=20, sample_steps=3, proxy_batches=2, proxy_batch_size=4, time_repeats=1)
+TRAIN_FLAGS = ["--steps", "8", "--batch-size", "16", "--eval-points", "2", "--curve-samples", "10", "--fd-samples", "20",
+               "--sample-steps", "3", "--feature-epochs", "1", "--cpu"]
+TINY_FLAGS = [*TRAIN_FLAGS, "--proxy-batches", "2", "--proxy-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def base(fake_fmnist, cache_dir, tmp_path_factory):
+    """A tiny base DiT trained on fake Fashion-MNIST classes 0-4."""
+    out = tmp_path_factory.mktemp("base")
+    spec = BaseSpec(data_root=str(fake_fmnist), hidden_size=16, depth=4, num_heads=2, patch_size=4, feature_epochs=1,
+                    cache_dir=str(cache_dir), train=replace(TINY, steps=6, eval_points=1, ema_decay=0.9))
+    pretrain_base(spec, out)
+    return out / "model"
+
+
+def spec_for(method, base, fake_fmnist, cache_dir, **train):
+    return FinetuneSpec(method=method, base=str(base), data_root=str(fake_fmnist), feature_epochs=1,
+                        cache_dir=str(cache_dir), train=replace(TINY, **train))
+
+
+def test_base_model_is_saved_with_its_classes(base):
+    model, meta = load_backbone(base)
+    assert meta["classes"] == [0, 1, 2, 3, 4]
+    assert model.num_classes == 10 and model.depth == 4 and model.sid is None
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "difffit", "lora-r4", "prog", "autoprog-one", "autoprog-zero",
+                                    "autoprog-zero-nosid"])
+def test_every_method_finetunes_end_to_end(method, base, fake_fmnist, cache_dir, tmp_path):
+    res = finetune(spec_for(method, base, fake_fmnist, cache_dir), tmp_path / method)
+    s = res["summary"]
+    assert res["done"] and s["steps"] == 8 and s["wall_time_s"] > 0
+    assert math.isfinite(s["fd"]) and s["metric"] == "FD (classifier features)"
+    assert s["classes"] == [5, 6, 7, 8, 9]
+    assert [p["step"] for p in res["curve"]] == [2, 4, 6, 8] and all("fd" in p for p in res["curve"])
+    model, meta = load_backbone(tmp_path / method / "model")  # exported as a plain backbone
+    assert meta["method"] == method
+    assert not any("lora_" in n or "difffit" in n for n, _ in model.named_parameters())
+    total = s["total_params"]
+    if method in ("bitfit", "difffit", "lora-r4"):
+        assert s["trainable_params"] < total / 4
+    progressive = method.startswith(("prog", "autoprog"))
+    if progressive:
+        stages = json.loads((tmp_path / method / "schedule.json").read_text())["stages"]
+        assert len(stages) == 4 and stages[-1]["resolution"] == 28 and stages[-1]["depth"] == 4
+        if method != "autoprog-one":  # 2-step stages leave its supernet phase one step: it may pick the full model
+            assert s["mean_trainable_params"] < total  # earlier stages trained less than everything
+        assert (model.sid is not None) == (not method.endswith("nosid"))
+        if model.sid is not None:
+            assert model.sid.num_stages == 4 and model.sid.stage == 3  # sampling uses the last stage's SID
+
+
+def test_autoprog_zero_picks_the_ranked_vote_winner(base, fake_fmnist, cache_dir, tmp_path):
+    res = finetune(spec_for("autoprog-zero", base, fake_fmnist, cache_dir), tmp_path / "az")
+    search = res["summary"]["search"]
+    assert [s["stage"] for s in search] == [1, 2, 3]
+    assert len(search[0]["candidates"]) <= 9 and all(len(s["candidates"]) <= 8 for s in search[1:])
+    prev = None
+    for s in search:
+        rows = s["candidates"]
+        for r in rows:
+            assert r["R"] == pytest.approx(0.5 * r["R_ntk"] + 0.5 * r["R_zico"] + r["R_time"])
+            assert r["time_s"] > 0
+        best = min(range(len(rows)), key=lambda i: rows[i]["R"])
+        assert s["chosen"] == best
+        chosen = rows[best]
+        if prev is not None:  # never smaller than the previous stage's choice
+            assert all(r["resolution"] >= prev["resolution"] and r["depth"] >= prev["depth"] for r in rows)
+        prev = chosen
+    assert res["summary"]["search_time_s"] > 0
+
+
+def test_progressive_unfreezing_leaves_frozen_blocks_untouched(base, fake_fmnist, cache_dir, tmp_path):
+    out = tmp_path / "prog"
+    finetune(spec_for("prog", base, fake_fmnist, cache_dir, stop_after_steps=2), out)
+    stage1 = json.loads((out / "results.json").read_text())["stages"][0]
+    learnable = set(stage1["learnable_blocks"])
+    assert len(learnable) == 1  # 0.25 of 4 blocks
+    before = load_file(base / "model.safetensors")
+    after = load_file(out / "checkpoint" / "model.safetensors")
+    opt = load_file(out / "checkpoint" / "optimizer.safetensors")
+    for name, w in before.items():
+        if not name.startswith("blocks."):
+            continue
+        block = int(name.split(".")[1])
+        if block in learnable:
+            continue
+        assert torch.equal(w, after[name]), name
+        assert not any(k.startswith(name + "::") for k in opt), f"{name} has optimizer state"
+    changed = [n for n in before if n.startswith(f"blocks.{min(learnable)}.") and not torch.equal(before[n], after[n])]
+    assert changed
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, fake_fmnist, cache_dir, tmp_path):
+    finetune(spec_for("prog", base, fake_fmnist, cache_dir), tmp_path / "a")
+    finetune(spec_for("prog", base, fake_fmnist, cache_dir, stop_after_steps=4), tmp_path / "b")
+    assert not (tmp_path / "b" / "model").exists()
+    res = finetune(None, tmp_path / "b", resume=True)
+    assert res["done"] and res["summary"]["steps"] == 8
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_a_run_directory_is_not_overwritten(base, fake_fmnist, cache_dir, tmp_path):
+    from autoprog.errors import ConfigError
+
+    spec = spec_for("bitfit", base, fake_fmnist, cache_dir, stop_after_steps=2)
+    finetune(spec, tmp_path / "r")
+    with pytest.raises(ConfigError, match="--resume"):
+        finetune(spec, tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmnist, cache_dir, tmp_path):
+    out = tmp_path / "cmp"
+    rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
+                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert list(rows) == ["full", "bitfit", "prog", "full@budget"]
+    assert rows["full"]["runtime_ratio"] == 1.0
+    assert rows["full@budget"]["budget_of"] == "prog"
+    assert rows["full@budget"]["steps"] <= 8
+    for r in rows.values():
+        assert math.isfinite(r["fd"]) and r["wall_time_s"] > 0 and r["trainable_params"] > 0
+    md = (out / "summary.md").read_text()
+    assert "FD (classifier features)" in md and "full@budget (time of prog)" in md
+    for f in ("fd_curves.png", "samples.png", "samples.txt"):
+        assert (out / f).stat().st_size > 0
+    # a second invocation reuses every finished run
+    rc, stdout, _ = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
+                        "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+    assert rc == 0 and stdout.count("reusing finished run") == 4
+
+
+def test_cli_finetune_sample_and_stage(cli, base, fake_fmnist, cache_dir, tmp_path):
+    out = tmp_path / "ft"
+    rc, stdout, err = cli("finetune", "--method", "prog", "--base", base, "--data-root", fake_fmnist,
+                          "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+    assert rc == 0, err
+    assert "model in" in stdout
+    rc, stdout, err = cli("sample", out, "--per-class", "2", "--sample-steps", "2", "--stage", "1")
+    assert rc == 0, err
+    from PIL import Image
+
+    for c in range(5, 10):
+        assert Image.open(out / "model" / "samples" / f"class{c}.png").size[0] > 28
+    assert (out / "model" / "samples" / "all.png").is_file()
+
+
+def test_cli_pretrain_diffusion_writes_a_base_model(cli, fake_fmnist, cache_dir, tmp_path):
+    out = tmp_path / "base"
+    rc, stdout, err = cli("pretrain", "--task", "diffusion", "--data-root", fake_fmnist, "--hidden-size", "16",
+                          "--depth", "2", "--num-heads", "2", "--out", out, "--ema-decay", "0.9",
+                          *TRAIN_FLAGS)
+    assert rc == 0, err
+    model, meta = load_backbone(out / "model")
+    assert model.depth == 2 and meta["classes"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--method", "nope", "--out", "x"], "unknown fine-tuning method 'nope'"),
+    (["finetune", "--method", "full"], "finetune needs --out"),
+    (["finetune", "--base", "/nonexistent/base", "--out", "x"], "--base /nonexistent/base: no model there"),
+    (["compare", "--task", "finetune", "--methods", "bitfit,prog"], "needs 'full' among the methods"),
+    (["finetune", "--classes", "5-x", "--out", "x"], "--classes '5-x'"),
+    (["finetune", "--cfg-scale", "0.5", "--out", "x"], "--cfg-scale must be at least 1"),
+    (["sample", "/nonexistent/model"], "is not a model directory"),
+])
+def test_cli_errors_are_one_line(cli, base, argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] != "sample" and "--base" not in argv:
+        argv = [*argv, "--base", str(base)]
+    rc, _, err = cli(*argv)
+    assert rc == 2
+    assert err.startswith("autoprog: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_cli_sample_stage_needs_a_sid_model(cli, base):
+    rc, _, err = cli("sample", base, "--stage", "2")
+    assert rc == 2 and "no stage identifiers" in err
+
+
+def test_missing_shipped_base_explains_how_to_make_one(monkeypatch, tmp_path, fake_fmnist):
+    from autoprog.diffusion import runner
+    from autoprog.errors import ConfigError
+
+    monkeypatch.setattr(runner, "DEFAULT_BASE", tmp_path / "none")
+    with pytest.raises(ConfigError, match="autoprog pretrain --task diffusion"):
+        runner.build_finetune(FinetuneSpec(data_root=str(fake_fmnist)))
