@@ -147,7 +147,9 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
     assert list(rows) == ["full", "bitfit", "prog", "full@budget"]
-    assert rows["full"]["runtime_ratio"] == 1.0
+    assert rows["full"]["runtime_ratio"] == 1.0 and rows["full"]["flops_ratio"] == 1.0
+    # frozen weights need no weight gradients; progressive stages also run at lower resolution
+    assert rows["bitfit"]["flops_ratio"] < 0.9 and rows["prog"]["flops_ratio"] < rows["bitfit"]["flops_ratio"]
     assert rows["full@budget"]["budget_of"] == "prog"
     assert rows["full@budget"]["steps"] <= 8
     for r in rows.values():
@@ -217,3 +219,38 @@ def test_missing_shipped_base_explains_how_to_make_one(monkeypatch, tmp_path, fa
     monkeypatch.setattr(runner, "DEFAULT_BASE", tmp_path / "none")
     with pytest.raises(ConfigError, match="autoprog pretrain --task diffusion"):
         runner.build_finetune(FinetuneSpec(data_root=str(fake_fmnist)))
+
+
+def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, tmp_path):
+    """--vae: a (tiny, locally saved) AutoencoderKL; the base remembers it and fine-tuning/sampling decode with it."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=4, layers_per_block=1, sample_size=28).save_pretrained(vae_dir)
+    base = tmp_path / "base"
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--vae", vae_dir, "--patch-size", "2", "--hidden-size", "16",
+                     "--depth", "2", "--num-heads", "2", "--data-root", fake_fmnist, "--cache-dir", cache_dir,
+                     "--out", base, *TRAIN_FLAGS)
+    assert rc == 0, err
+    model, meta = load_backbone(base / "model")
+    assert model.in_chans == 4 and model.image_size == 14 and meta["vae"] == str(vae_dir)
+    assert list((cache_dir / "latents").glob("latents-*.safetensors"))
+    out = tmp_path / "ft"
+    rc, _, err = cli("finetune", "--method", "prog", "--base", base / "model", "--data-root", fake_fmnist,
+                     "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert math.isfinite(res["summary"]["fd"])
+    assert [s["subnet"]["resolution"] for s in res["stages"]][-1] == 14  # stages are in latent pixels
+    rc, _, err = cli("sample", out, "--per-class", "1", "--sample-steps", "2")
+    assert rc == 0, err
+    from PIL import Image
+
+    assert Image.open(out / "model" / "samples" / "class5.png").mode == "RGB"  # decoded grey images, saved as PNG
+    # a pixel-space base refuses latent data that does not fit it
+    rc, _, err = cli("finetune", "--method", "full", "--base", base / "model", "--vae", "/nonexistent/vae",
+                     "--data-root", fake_fmnist, "--out", tmp_path / "bad", *TINY_FLAGS)
+    assert rc == 2 and "/nonexistent/vae" in err

@@ -65,6 +65,9 @@ def _add_data(p, classes: str) -> None:
     g.add_argument("--classes", default=classes, help=f"class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: {classes})")
     g.add_argument("--subset", type=int, default=0, help="train on this many images (fixed random subset; 0 = all) (default: 0)")
     g.add_argument("--image-size", type=_pos, help="resize images to this size (default: the dataset's; 32 for ImageFolder)")
+    g.add_argument("--vae", metavar="PATH",
+                   help="a local diffusers AutoencoderKL directory: train in its latent space (latents are cached); "
+                        "fine-tuning uses the base model's VAE by default")
 
 
 def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
@@ -133,7 +136,7 @@ def finetune_spec(args, method: str):
         raise ConfigError(f"--start-ratio must be in (0, 1], got {args.start_ratio}")
     return FinetuneSpec(
         method=method, base=args.base, dataset=args.dataset, data_root=args.data_root, classes=args.classes,
-        subset=args.subset or None, image_size=args.image_size, num_stages=args.num_stages,
+        subset=args.subset or None, image_size=args.image_size, vae=args.vae, num_stages=args.num_stages,
         start_ratio=args.start_ratio, lora_rank=args.lora_rank, schedule=args.schedule,
         search_fraction=args.search_fraction, alpha=args.alpha, fid_weights=args.fid_weights,
         feature_epochs=args.feature_epochs, cache_dir=args.cache_dir, train=_train_config(args, DiffusionConfig()),
@@ -146,7 +149,7 @@ def base_spec(args):
     d = BaseSpec()
     return BaseSpec(
         backbone=args.backbone, dataset=args.dataset, data_root=args.data_root, classes=args.classes,
-        num_classes=args.num_classes, image_size=args.image_size, patch_size=args.patch_size,
+        num_classes=args.num_classes, image_size=args.image_size, vae=args.vae, patch_size=args.patch_size,
         hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads, fid_weights=args.fid_weights,
         feature_epochs=args.feature_epochs, cache_dir=args.cache_dir, train=_train_config(args, d.train),
     )
@@ -191,7 +194,9 @@ def run_sample(args, acc) -> None:
         raise ConfigError(f"the model has classes 0-{model.num_classes - 1}; --classes asks for {bad}")
     out = Path(args.out) if args.out else path / "samples"
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
-    imgs = sample(model, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed)
+    from .diffusion.runner import decode_samples
+
+    imgs = decode_samples(meta, sample(model, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed))
     for i, c in enumerate(classes):
         save_grid(imgs[i * args.per_class:(i + 1) * args.per_class], out / f"class{c}.png",
                   nrow=max(1, int(args.per_class ** 0.5)))

@@ -23,3 +23,10 @@ def train_step_flops(model: nn.Module, sample: torch.Tensor, num_classes: int) -
         p.grad = None
     model.train(was_training)
     return int(counter.get_total_flops())
+
+
+def count_flops(step) -> int:
+    """FLOPs of ``step()`` (e.g. a forward + backward pass), counted by ``FlopCounterMode``; ``.grad`` is reset after."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())

@@ -82,11 +82,12 @@ def finetune_markdown(rows: list[dict], title: str = "") -> str:
     """Table 6 style: one row per method with runtime ratio against full fine-tuning, FD and KID."""
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
     lines = [f"## {title}", ""] if title else []
-    lines += [f"| method | schedule | wall time (s) | runtime vs full | search (s) | trainable params (mean) | "
-              f"{metric} | KID |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| method | schedule | wall time (s) | runtime vs full | FLOPs vs full | search (s) | "
+              f"trainable params (mean) | {metric} | KID |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {_finetune_name(r)} | {schedule_string({'stages': r.get('schedule') or []}) or '–'} | "
                      f"{_fmt(r['wall_time_s'], '.1f')} | {_fmt(r.get('runtime_ratio'), '.2f')}× | "
+                     f"{_fmt(r.get('flops_ratio'), '.2f')}× | "
                      f"{_fmt(r.get('search_time_s'), '.1f')} | {_params(r.get('mean_trainable_params'))} | "
                      f"{_fmt(r.get('fd'), '.3f')} | {_fmt(r.get('kid'), '.4f')} |")
     return "\n".join(lines) + "\n"
@@ -97,10 +98,11 @@ def finetune_seeds_markdown(rows: list[dict], title: str) -> str:
         return "–" if r.get(k) is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
 
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
-    lines = [f"## {title}", "", f"| method | wall time (s) | runtime vs full | {metric} | KID |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [f"## {title}", "", f"| method | wall time (s) | runtime vs full | FLOPs vs full | {metric} | KID |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {_finetune_name(r)} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'runtime_ratio', '.2f')}× | "
+                     f"{cell(r, 'flops_ratio', '.2f')}× | "
                      f"{cell(r, 'fd', '.3f')} | {cell(r, 'kid', '.4f')} |")
     return "\n".join(lines) + "\n"
 

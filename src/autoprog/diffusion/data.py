@@ -8,6 +8,7 @@ resized and centre-cropped to ``image_size``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class DiffusionData:
     num_classes: int  # size of the label space (ids may be a subset of it)
     classes: tuple[int, ...]  # the class ids present
     hflip: bool = True
+    latents: torch.Tensor | None = None  # the training images in a VAE's latent space, when training there
+    codec: object | None = None  # the :class:`~autoprog.diffusion.latent.LatentCodec` that made them
 
     @property
     def in_chans(self) -> int:
@@ -43,9 +46,26 @@ class DiffusionData:
     def image_size(self) -> int:
         return self.train_images.shape[-1]
 
+    @property
+    def model_chans(self) -> int:
+        """Channels the denoiser sees: the image's, or the latent's in latent space."""
+        return self.latents.shape[1] if self.latents is not None else self.in_chans
+
+    @property
+    def model_size(self) -> int:
+        return self.latents.shape[-1] if self.latents is not None else self.image_size
+
+    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The denoiser's clean inputs ``x_0`` for training images ``idx``: pixels in [-1, 1], or latents."""
+        return self.latents[idx] if self.latents is not None else to_float(self.train_images[idx])
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated ``x_0`` back to pixels in [-1, 1] (the identity in pixel space)."""
+        return self.codec.decode(x, out_channels=self.in_chans) if self.codec is not None else x
+
     def batch(self, idx: torch.Tensor, resolution: int | None = None, generator: torch.Generator | None = None):
-        """Training batch ``idx`` as floats in [-1, 1] at ``resolution`` (antialiased), randomly flipped."""
-        x = to_float(self.train_images[idx])
+        """Training batch ``idx`` (see :meth:`inputs`) at ``resolution`` (antialiased), randomly flipped."""
+        x = self.inputs(idx)
         if self.hflip:
             flip = torch.rand(len(x), generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -141,6 +161,17 @@ def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = 
         xtr, ytr = xtr[idx], ytr[idx]
     present = tuple(sorted(int(c) for c in np.unique(ytr.numpy())))
     return DiffusionData(name, xtr.contiguous(), ytr.long(), xte.contiguous(), yte.long(), n, present, hflip)
+
+
+def with_latents(data: DiffusionData, vae_path: str, cache_dir: str | os.PathLike, device="cpu") -> DiffusionData:
+    """Encode ``data``'s training images with the AutoencoderKL at ``vae_path`` (cached) for latent-space training."""
+    from .latent import LatentCodec
+
+    codec = LatentCodec.from_pretrained(vae_path, device=device)
+    codec.latent_size(data.image_size)  # refuses sizes the VAE cannot halve down
+    data.latents = codec.encode_cached(data.train_images, Path(cache_dir) / "latents")
+    data.codec = codec
+    return data
 
 
 def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:

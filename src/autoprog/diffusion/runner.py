@@ -17,8 +17,9 @@ import torch
 from ..errors import ConfigError
 from ..schedules import Schedule
 from .backbone import build_backbone, load_backbone
-from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes
+from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes, with_latents
 from .methods import FINETUNE_METHODS, PEFT_METHODS, STATIC_METHODS, Unfreezer, parse_method, prepare_static
+from .quality import default_cache_dir
 from .trainer import CHECKPOINT_DIR, DiffusionConfig, DiffusionTrainer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -42,6 +43,7 @@ class FinetuneSpec:
     classes: str | None = _classes_text(TRANSFER_CLASSES)
     subset: int | None = None
     image_size: int | None = None
+    vae: str | None = None  # train in this AutoencoderKL's latent space (default: the base model's, if any)
     num_stages: int = 4
     start_ratio: float = 0.25
     lora_rank: int = 8
@@ -74,6 +76,7 @@ class BaseSpec:
     classes: str | None = _classes_text(BASE_CLASSES)
     num_classes: int | None = None  # label-table size; None: the dataset's (10 for Fashion-MNIST)
     image_size: int | None = None
+    vae: str | None = None  # a local diffusers AutoencoderKL directory: train in its latent space
     patch_size: int = 4
     hidden_size: int = 96
     depth: int = 6
@@ -98,13 +101,7 @@ class BaseSpec:
 def build_evaluator(spec, data, device, log=print):
     """FD/KID against ``data``'s test images: Inception features with ``spec.fid_weights``, otherwise the
     features of a classifier trained (once, then cached) on every class of ``spec.dataset``."""
-    from .quality import (
-        ClassifierFeatures,
-        QualityEvaluator,
-        default_cache_dir,
-        inception_evaluator,
-        load_or_train_feature_net,
-    )
+    from .quality import ClassifierFeatures, QualityEvaluator, inception_evaluator, load_or_train_feature_net
 
     real = data.test_images
     if spec.fid_weights:
@@ -135,12 +132,17 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     method, opts = parse_method(spec.method)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                spec.subset, seed=0)
-    model, _ = load_backbone(_base_path(spec), with_sid=False)
-    if data.in_chans != model.in_chans:
-        raise ConfigError(f"the data has {data.in_chans} channels, the base model {model.in_chans}")
-    if data.image_size % model.patch_size:
-        raise ConfigError(f"image size {data.image_size} is not divisible by the model's patch size {model.patch_size}")
-    model.config["image_size"] = data.image_size
+    model, meta = load_backbone(_base_path(spec), with_sid=False)
+    vae = spec.vae or meta.get("vae")
+    if vae:
+        with_latents(data, vae, spec.cache_dir or default_cache_dir())
+    if data.model_chans != model.in_chans:
+        space = "latent" if vae else "image"
+        raise ConfigError(f"the {space} has {data.model_chans} channels, the base model takes {model.in_chans}"
+                          + ("" if vae else " (was it trained in a VAE's latent space? pass --vae)"))
+    if data.model_size % model.patch_size:
+        raise ConfigError(f"input size {data.model_size} is not divisible by the model's patch size {model.patch_size}")
+    model.config["image_size"] = data.model_size
     if data.num_classes != model.num_classes:
         model.resize_classes(data.num_classes)
     unfreezer = None
@@ -184,7 +186,8 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
 
     acc = accelerator or Accelerator()
     if evaluator is None:
-        evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+        with acc.main_process_first():  # the feature classifier is trained and cached once
+            evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"task": "finetune", "spec": spec.to_dict()}, indent=2) + "\n")
@@ -209,14 +212,17 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
     spec.train.validate()
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size)
+    if spec.vae:
+        with_latents(data, spec.vae, spec.cache_dir or default_cache_dir())
     torch.manual_seed(spec.train.seed)
-    model = build_backbone(spec.backbone, image_size=data.image_size, patch_size=spec.patch_size,
-                           in_chans=data.in_chans, num_classes=spec.num_classes or data.num_classes,
+    model = build_backbone(spec.backbone, image_size=data.model_size, patch_size=spec.patch_size,
+                           in_chans=data.model_chans, num_classes=spec.num_classes or data.num_classes,
                            hidden_size=spec.hidden_size, depth=spec.depth, num_heads=spec.num_heads)
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
-    evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+    with acc.main_process_first():
+        evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"task": "diffusion", "spec": spec.to_dict()}, indent=2) + "\n")
@@ -247,11 +253,13 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
 
     acc = accelerator or Accelerator()
     data, *_ = build_finetune(replace(spec, method="full"))
-    evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+    with acc.main_process_first():
+        evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     results = {}
     for m in methods:
         results[m] = _run_once(replace(spec, method=m), out / m, acc, evaluator)
     full_t = results["full"]["summary"]["wall_time_s"]
+    full_flops = results["full"]["summary"]["flops_per_step"] * results["full"]["summary"]["steps"]
     prog = [m for m in methods if parse_method(m)[0] not in STATIC_METHODS]
     if budget and prog:
         fastest = min(prog, key=lambda m: results[m]["summary"]["wall_time_s"])
@@ -267,6 +275,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         s = res["summary"]
         rows.append({"method": name, "wall_time_s": s["wall_time_s"],
                      "runtime_ratio": round(s["wall_time_s"] / full_t, 4) if full_t else None,
+                     "flops_ratio": round(s["flops_per_step"] * s["steps"] / full_flops, 4) if full_flops else None,
                      "fd": s["fd"], "kid": s["kid"], "metric": s["metric"],
                      "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
                      "search_time_s": s["search_time_s"], "steps": s["steps"],
@@ -292,12 +301,21 @@ def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], p
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
     rows = []
     for m in methods:
-        model, _ = load_backbone(out / m / "model")
-        rows.append(sample(model, labels, steps=steps, cfg_scale=cfg_scale, seed=seed))
+        model, meta = load_backbone(out / m / "model")
+        rows.append(decode_samples(meta, sample(model, labels, steps=steps, cfg_scale=cfg_scale, seed=seed)))
     (out / "samples.txt").write_text("rows, top to bottom: " + ", ".join(methods) +
                                      f"\nclasses {list(classes)}, {per_class} each, DDIM {steps} steps, "
                                      f"guidance {cfg_scale}\n")
     return save_grid(torch.cat(rows), out / "samples.png", nrow=len(labels))
+
+
+def decode_samples(meta: dict, x0: torch.Tensor) -> torch.Tensor:
+    """A model's samples as pixels: decoded by its VAE when it was trained in latent space."""
+    if not meta.get("vae"):
+        return x0
+    from .latent import LatentCodec
+
+    return LatentCodec.from_pretrained(meta["vae"]).decode(x0, out_channels=meta.get("image_channels"))
 
 
 def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Path, seeds: list[int],
@@ -317,7 +335,7 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
     for m in [r["method"] for r in per_seed[seeds[0]]]:
         runs = [next(r for r in per_seed[s] if r["method"] == m) for s in seeds]
         row = {"method": m, "seeds": seeds, "metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of")}
-        for k in ("wall_time_s", "runtime_ratio", "fd", "kid", "search_time_s"):
+        for k in ("wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid", "search_time_s"):
             vals = [r[k] for r in runs if r.get(k) is not None]
             row[k] = round(statistics.fmean(vals), 4) if vals else None
             row[k + "_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0

@@ -13,6 +13,7 @@ real test images (the curve of Fig. 8); the last point uses ``fd_samples`` image
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -106,7 +107,7 @@ class DiffusionTrainer:
         self.noise = training_scheduler()
         if len(data.train_images) < cfg.batch_size * self.acc.num_processes:
             raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
-        self.resolution = data.image_size
+        self.resolution = data.model_size
         self.total_steps = self.controller.setup(self, cfg.steps)
         warm = min(cfg.warmup_steps, self.total_steps // 2)
         self.lr_sched = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warm), lr_min=cfg.min_lr,
@@ -120,6 +121,9 @@ class DiffusionTrainer:
         self.train_time = 0.0
         self.search_time = 0.0
         self.trainable_steps = 0.0  # Σ trainable parameters over steps, for the mean
+        self.flops_sum = 0.0
+        self.flops_cache: dict[str, int] = {}
+        self._instrument_time = 0.0  # seconds spent counting FLOPs inside the timed loop
         self.history: list[dict] = []
         self.stage_log: list[dict] = []
         self._proxy = None
@@ -153,6 +157,29 @@ class DiffusionTrainer:
         idx = perm[pos * gb:(pos + 1) * gb]
         return idx[self.acc.process_index::self.acc.num_processes]
 
+    def step_flops(self) -> int:
+        """FLOPs of one training step (global batch) with the current resolution and learnable set, counted
+        once per setting on a 2-image batch; the counting time is not training time."""
+        trained = ",".join(n for n, p in self.model.named_parameters() if p.requires_grad)
+        key = f"{self.resolution}:{hashlib.sha1(trained.encode()).hexdigest()[:16]}"
+        if key not in self.flops_cache:
+            from ..metrics import count_flops
+
+            t0 = time.perf_counter()
+            x0, y = self.data.batch(torch.arange(2), self.resolution, generator=torch.Generator().manual_seed(0))
+            x0, y = x0.to(self.acc.device), y.to(self.acc.device)
+
+            def step():
+                with torch.random.fork_rng(devices=[]):
+                    diffusion_loss(self.model, x0, y, self.noise, self.model.null_class).backward()
+                for p in self.model.parameters():
+                    p.grad = None
+
+            per_image = count_flops(step) / 2
+            self.flops_cache[key] = int(per_image * self.cfg.batch_size * self.acc.num_processes)
+            self._instrument_time += time.perf_counter() - t0
+        return self.flops_cache[key]
+
     # ---------------------------------------------------------------------- services for controllers
     def use_subnet(self, subnet: SubNet) -> None:
         """Make ``subnet``'s parameters learnable and train at its resolution (no weight changes)."""
@@ -173,15 +200,14 @@ class DiffusionTrainer:
             g = torch.Generator().manual_seed(self.cfg.seed * 31 + 5)
             n = self.cfg.proxy_batches * self.cfg.proxy_batch_size
             idx = torch.randperm(len(self.data.train_images), generator=g)[:n]
-            x0 = self.data.train_images[idx]
             y = self.data.train_labels[idx]
             noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g)
-            self._proxy = (x0, y, t, noise_seed)
-        from .data import resize, to_float
+            self._proxy = (idx, y, t, noise_seed)
+        from .data import resize
 
-        x0, y, t, noise_seed = self._proxy
-        x = resize(to_float(x0), resolution)
+        idx, y, t, noise_seed = self._proxy
+        x = resize(self.data.inputs(idx), resolution)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed))
         xt = self.noise.add_noise(x, noise, t)
         dev = self.acc.device
@@ -260,6 +286,7 @@ class DiffusionTrainer:
             loss_sum += float(loss)
             loss_n += 1
             self.trainable_steps += num_parameters(self.model, trainable=True)
+            self.flops_sum += self.step_flops()
             self.step += 1
             bar.update(1)
             if self.step % 10 == 0:
@@ -270,7 +297,8 @@ class DiffusionTrainer:
                 self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
             if self.step in self.eval_steps:
                 self._sync()
-                self.train_time += time.perf_counter() - t_start
+                self.train_time += time.perf_counter() - t_start - self._instrument_time
+                self._instrument_time = 0.0
                 self._evaluate_point(loss_sum / max(1, loss_n))
                 loss_sum, loss_n = 0.0, 0
                 self._save_checkpoint()
@@ -280,6 +308,7 @@ class DiffusionTrainer:
                     stopped = True
                     break
                 self._sync()
+                self._instrument_time = 0.0
                 t_start = time.perf_counter()
         bar.close()
         if not stopped:
@@ -333,11 +362,12 @@ class DiffusionTrainer:
                    f"time {self.train_time:.1f}s (search {self.search_time:.1f}s)")
 
     @torch.no_grad()
-    def generate(self, n: int, seed: int, stage: int | None = None) -> torch.Tensor:
+    def generate(self, n: int, seed: int) -> torch.Tensor:
         """``n`` class-balanced samples (floats in [-1, 1]) of the classes in the training data."""
         model = self.eval_model()
         labels = balanced_labels(self.data.classes, n)
-        return sample(model, labels, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed)
+        x0 = sample(model, labels, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed)
+        return self.data.decode(x0)
 
     # ------------------------------------------------------------------------------------ results
     def summary(self) -> dict:
@@ -349,6 +379,7 @@ class DiffusionTrainer:
             "fd": last.get("fd"), "kid": last.get("kid"), "metric": last.get("metric"),
             "trainable_params": num_parameters(self.model, trainable=True),
             "mean_trainable_params": round(self.trainable_steps / max(1, self.step)),
+            "flops_per_step": self.flops_sum / max(1, self.step),
             "total_params": num_parameters(self.model),
             "schedule": sched.to_dict() if (sched := self.controller.schedule()) else {"stages": []},
             **self.controller.summary(),
@@ -372,8 +403,11 @@ class DiffusionTrainer:
         export_backbone(m)
         tmp = self.out / (MODEL_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_backbone(m, tmp, extra={"method": self.run_info.get("method"), "classes": list(self.data.classes),
-                                     "steps": self.step})
+        extra = {"method": self.run_info.get("method"), "classes": list(self.data.classes), "steps": self.step,
+                 "image_channels": self.data.in_chans, "image_size": self.data.image_size}
+        if self.data.codec is not None:
+            extra["vae"] = self.data.codec.path
+        save_backbone(m, tmp, extra=extra)
         shutil.rmtree(self.out / MODEL_DIR, ignore_errors=True)
         os.replace(tmp, self.out / MODEL_DIR)
 
@@ -394,7 +428,8 @@ class DiffusionTrainer:
         state = {"step": self.step, "stage": self.stage, "resolution": self.resolution,
                  "subnet": self.subnet.to_dict() if self.subnet is not None else None,
                  "train_time_s": self.train_time, "search_time_s": self.search_time,
-                 "trainable_steps": self.trainable_steps, "history": self.history, "stage_log": self.stage_log,
+                 "trainable_steps": self.trainable_steps, "flops_sum": self.flops_sum,
+                 "flops_cache": self.flops_cache, "history": self.history, "stage_log": self.stage_log,
                  "total_steps": self.total_steps, "controller": self.controller.state_dict(),
                  "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()]}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -428,6 +463,7 @@ class DiffusionTrainer:
             self.model.set_stage(self.stage)
         self.train_time, self.search_time = state["train_time_s"], state["search_time_s"]
         self.trainable_steps = state["trainable_steps"]
+        self.flops_sum, self.flops_cache = state["flops_sum"], state["flops_cache"]
         self.history, self.stage_log = state["history"], state["stage_log"]
         self._time_cache = {(r, tuple(b)): v for r, b, v in state["time_cache"]}
         self.lr_sched.step_update(self.step)

@@ -1,0 +1,149 @@
+"""LatentCodec: a tiny diffusers AutoencoderKL saved to disk, encoded to and decoded from scaled latents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from autoprog.diffusion.latent import LatentCodec
+from autoprog.errors import ConfigError
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae")
+    tiny_vae().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def codec(vae_dir):
+    return LatentCodec.from_pretrained(vae_dir)
+
+
+def images(n=3, c=3, size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, size, size), generator=gen, dtype=torch.uint8)
+
+
+def test_from_pretrained_properties(codec, vae_dir):
+    assert codec.path == str(vae_dir)
+    assert codec.latent_channels == 4 and codec.downsample == 2
+    assert codec.scaling_factor == pytest.approx(codec.vae.config.scaling_factor)
+    assert codec.latent_size(16) == 8 and codec.latent_size(32) == 16
+    assert not codec.vae.training
+    assert not any(p.requires_grad for p in codec.vae.parameters())
+    assert codec.describe()["path"] == str(vae_dir)
+    with pytest.raises(ConfigError, match="multiple of the VAE's downsampling factor 2"):
+        codec.latent_size(15)
+
+
+def test_from_pretrained_errors(tmp_path, vae_dir):
+    def err(path) -> str:
+        with pytest.raises(ConfigError) as e:
+            LatentCodec.from_pretrained(path)
+        msg = str(e.value)
+        assert "\n" not in msg
+        return msg
+
+    assert "does not exist" in err(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    assert "config.json is missing" in err(tmp_path / "empty")
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 16}))
+    assert "holds a UNet2DModel, not an AutoencoderKL" in err(other)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((vae_dir / "config.json").read_text())  # weights missing
+    assert "cannot load the AutoencoderKL" in err(broken)
+    (broken / "config.json").write_text("{not json")
+    assert "not readable JSON" in err(broken)
+
+
+def test_pipeline_dir_with_vae_subfolder(tmp_path, vae_dir):
+    import shutil
+
+    shutil.copytree(vae_dir, tmp_path / "vae")
+    assert LatentCodec.from_pretrained(tmp_path).path == str(tmp_path / "vae")
+
+
+def test_encode_matches_vae_and_is_deterministic(codec):
+    x = images(5)
+    z = codec.encode(x, batch_size=2)
+    assert z.shape == (5, 4, 8, 8) and z.dtype == torch.float32 and z.device.type == "cpu"
+    with torch.no_grad():
+        ref = codec.vae.encode(x.float() / 127.5 - 1).latent_dist.mean * codec.scaling_factor
+    torch.testing.assert_close(z, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(codec.encode(x, batch_size=5), z, atol=1e-5, rtol=1e-4)
+    assert torch.equal(codec.encode(x, batch_size=2), z)
+    calls = []
+    codec.encode(x, batch_size=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_sample_posterior_is_seeded(codec):
+    sampler = LatentCodec(codec.vae, sample_posterior=True, seed=3)
+    x = images(2)
+    a, b = sampler.encode(x), sampler.encode(x)
+    assert torch.equal(a, b) and not torch.allclose(a, codec.encode(x))
+
+
+def test_roundtrip_rgb_and_grey(codec):
+    x = images(3)
+    out = codec.decode(codec.encode(x), batch_size=2)
+    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+
+    grey = images(2, c=1)
+    z = codec.encode(grey)
+    torch.testing.assert_close(z, LatentCodec(codec.vae).encode(grey.repeat(1, 3, 1, 1)))
+    out = codec.decode(z)  # remembers the grey images from encode
+    assert out.shape == (2, 1, 16, 16) and out.min() >= -1 and out.max() <= 1
+    assert codec.decode(z * 1e3).abs().max() <= 1  # clamped
+    assert codec.decode(z, out_channels=3).shape == (2, 3, 16, 16)
+    with pytest.raises(ConfigError, match="channels"):
+        codec.encode(images(1, c=2))
+    with pytest.raises(ConfigError, match="uint8"):
+        codec.encode(images(1).float())
+    with pytest.raises(ConfigError, match="multiple"):
+        codec.encode(images(1, size=15))
+
+
+def test_encode_cached(tmp_path, vae_dir, monkeypatch):
+    codec = LatentCodec.from_pretrained(vae_dir)
+    calls = []
+    encode = codec.encode
+    monkeypatch.setattr(codec, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    x = images(3, c=1)
+    cache = tmp_path / "cache"
+    z1 = codec.encode_cached(x, cache)
+    files = sorted(cache.iterdir())
+    assert len(calls) == 1 and len(files) == 1 and files[0].suffix == ".safetensors"
+
+    fresh = LatentCodec.from_pretrained(vae_dir)  # same VAE, new object: same key, loaded, remembers grey
+    fresh.encode = lambda *a, **k: pytest.fail("encoded again")
+    z2 = fresh.encode_cached(x, cache)
+    assert torch.equal(z1, z2) and fresh.image_channels == 1
+    assert fresh.decode(z2).shape == (3, 1, 16, 16)
+
+    codec.encode_cached(images(3, c=1, seed=1), cache)
+    assert len(calls) == 2 and len(list(cache.iterdir())) == 2
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+    files[0].write_bytes(b"garbage")  # a damaged entry is re-encoded and replaced
+    torch.testing.assert_close(codec.encode_cached(x, cache), z1)
+    assert len(calls) == 3 and len(list(cache.iterdir())) == 2
