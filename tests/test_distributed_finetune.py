@@ -6,49 +6,75 @@ rank save its own weights and what it saw (the trainer itself writes only on ran
 
 * ``prog``: the learnable parameter set changes at every stage, so DDP must be re-prepared each time
   (``_rewrap_if_needed``); without that the newly unfrozen blocks would train apart on the two ranks;
-* ``autoprog-zero``: the choice made at each stage is rank 0's (broadcast), so both ranks follow one schedule;
+* ``autoprog-zero`` and ``autoprog-one``: the choice made at each stage is rank 0's (broadcast), so both ranks
+  follow one schedule;
 * ``lora-r4``: peft's adapters inside DDP;
 
-and that the CLI itself runs a fine-tuning under torchrun, printing its progress once.
+and that the CLI itself runs a fine-tuning under torchrun, printing its progress once. Every launch runs with a
+short process-group timeout, so a collective that one process never joins fails in seconds, not 30 minutes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import _torchrun
+from test_distributed import PORT_RACE
 
 from autoprog.diffusion.runner import BaseSpec, pretrain_base
 from autoprog.diffusion.trainer import DiffusionConfig
 
 pytestmark = pytest.mark.slow
 
-METHODS = ("prog", "autoprog-zero", "lora-r4")
 STEPS = 8  # 4 stages of 2 steps; 150 training images (classes 5-9), 8 per process and step on 2 processes
+# method -> steps; autoprog-one gets 4-step stages, so that its supernet phase samples 3 candidates (one step
+# would make it train a single candidate, the full model here, and never re-wrap)
+METHODS = {"prog": STEPS, "autoprog-zero": STEPS, "autoprog-one": 2 * STEPS, "lora-r4": STEPS}
 
 DRIVER = textwrap.dedent('''
     import json
     import sys
     from dataclasses import replace
+    from datetime import timedelta
     from pathlib import Path
 
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     import autoprog.diffusion.runner as runner
     from autoprog.diffusion.runner import FinetuneSpec
     from autoprog.diffusion.trainer import DiffusionConfig
 
-    base, data_root, cache_dir, root, methods = sys.argv[1:6]
+    base, data_root, cache_dir, root, methods, pg_timeout, mixed_precision = sys.argv[1:8]
     root = Path(root)
+
+    def stack_depth():
+        frame, n = sys._getframe(), 0
+        while frame is not None:
+            frame, n = frame.f_back, n + 1
+        return n
 
 
     class RecordingTrainer(runner.DiffusionTrainer):
+        def _train_step(self):
+            # how deep the first block runs below _train_step: wrappers piling up around forward show here
+            base = stack_depth()
+            depths = self.__dict__.setdefault("forward_depths", [])
+            hook = self.model.blocks[0].register_forward_pre_hook(lambda m, a: depths.append(stack_depth() - base))
+            try:
+                return super()._train_step()
+            finally:
+                hook.remove()
+
         def fit(self, resume=False):
             res = super().fit(resume)
             rank = self.acc.process_index
@@ -63,7 +89,10 @@ DRIVER = textwrap.dedent('''
                     "distributed_type": str(self.acc.distributed_type),
                     "wrapped": type(self.wrapped).__name__,
                     "wrapped_module_is_model": getattr(self.wrapped, "module", None) is self.model,
-                    "prepared_models": len(self.acc._models)}
+                    # entries for this model Accelerate still holds after fit: re-preparing replaces the old one
+                    # and a finished run releases it, so a comparison's later runs do not keep it alive
+                    "wrappers_held": sum(getattr(m, "module", m) is self.model for m in self.acc._models),
+                    "forward_depths": self.forward_depths}
             (d / f"rank{rank}.json").write_text(json.dumps(info))
             return res
 
@@ -71,13 +100,54 @@ DRIVER = textwrap.dedent('''
     runner.DiffusionTrainer = RecordingTrainer  # finetune() looks the trainer up in its module
     cfg = DiffusionConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, eval_points=2, curve_samples=8,
                           fd_samples=16, sample_steps=2, proxy_batches=2, proxy_batch_size=4, time_repeats=1)
-    acc = Accelerator(cpu=True)
-    for method in methods.split(","):
+    # a collective that one process never joins fails after pg_timeout seconds instead of hanging for 30 minutes
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=int(pg_timeout)))
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision, kwargs_handlers=[pg])
+    for item in methods.split(","):
+        method, steps = item.split(":")
         spec = FinetuneSpec(method=method, base=base, data_root=data_root, cache_dir=cache_dir, feature_epochs=1,
-                            train=replace(cfg))
+                            train=replace(cfg, steps=int(steps)))
         runner.finetune(spec, root / method, acc)
     acc.end_training()  # destroy the process group before exit, as autoprog's CLI does
 ''')
+
+
+# `python -m autoprog.cli ARGS` with the process group created beforehand with a short timeout (Accelerate uses
+# a group that exists), so that a deadlock fails in seconds instead of hanging for gloo's default 30 minutes
+CLI_WRAPPER = textwrap.dedent('''
+    import runpy
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=int(sys.argv[1])))
+    sys.argv = ["autoprog", *sys.argv[2:]]
+    runpy.run_module("autoprog.cli", run_name="__main__", alter_sys=True)
+''')
+
+
+def _launch(cmd: list[str], cwd, run_dir, timeout: int = 200):
+    """Run a torchrun command line on the CPU; returns (exit status, combined log).
+
+    As test_distributed's ``_torchrun`` (one more try, from an empty run directory, when the rendezvous port
+    was taken), but in its own session so that a run past ``timeout`` is killed with all its workers.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    for _attempt in range(2):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+            log, _ = proc.communicate()
+            pytest.fail(f"torchrun did not finish in {timeout}s:\n{log[-6000:]}")
+        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
+            break
+    return proc.returncode, log
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +167,22 @@ def base(fake_fmnist, cache_dir, tmp_path_factory):
     return out / "model"
 
 
+def _run_driver(work, base, fake_fmnist, cache_dir, methods: dict[str, int], mixed_precision="no"):
+    """Fine-tune with each of ``methods`` (name -> steps) in one torchrun launch, FD/KID made rank-local."""
+    driver = work / "driver.py"
+    driver.write_text(DRIVER)
+    runs = ",".join(f"{m}:{n}" for m, n in methods.items())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(base), str(fake_fmnist), str(cache_dir), str(work / "run"), runs, "60", mixed_precision]
+    rc, log = _launch(cmd, cwd=work, run_dir=work / "run")
+    assert rc == 0, f"torchrun failed ({rc}):\n{log[-6000:]}"
+    return work / "run", log
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(base, fake_fmnist, cache_dir, tmp_path_factory):
     """One torchrun launch that fine-tunes with every method of METHODS, one after the other."""
-    work = tmp_path_factory.mktemp("ddp-finetune")
-    driver = work / "driver.py"
-    driver.write_text(DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-           str(base), str(fake_fmnist), str(cache_dir), str(work / "run"), ",".join(METHODS)]
-    proc, log = _torchrun(cmd, cwd=work, run_dir=work / "run")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
-    return work / "run", log
+    return _run_driver(tmp_path_factory.mktemp("ddp-finetune"), base, fake_fmnist, cache_dir, METHODS)
 
 
 def _ranks(run, method):
@@ -128,17 +203,24 @@ def test_two_process_finetuning_finishes(ddp_runs, method):
     run, log = ddp_runs
     res = json.loads((run / method / "results.json").read_text())
     assert res["done"] is True
-    assert res["summary"]["steps"] == res["summary"]["total_steps"] == STEPS
-    assert [p["step"] for p in res["curve"]] == [4, 8] and all("fd" in p for p in res["curve"])
+    n = METHODS[method]
+    assert res["summary"]["steps"] == res["summary"]["total_steps"] == n
+    assert [p["step"] for p in res["curve"]] == [n // 2, n] and all("fd" in p for p in res["curve"])
     assert (run / method / "model" / "model.safetensors").is_file()
     infos, _ = _ranks(run, method)
     assert [i["rank"] for i in infos] == [0, 1] and [i["world"] for i in infos] == [2, 2]
     assert all("MULTI_CPU" in i["distributed_type"] for i in infos)
-    assert all(i["steps"] == i["total_steps"] == STEPS for i in infos)
+    assert all(i["steps"] == i["total_steps"] == n for i in infos)
     assert all(i["wrapped"] == "DistributedDataParallel" and i["wrapped_module_is_model"] for i in infos)
-    # a re-prepared model replaces the previous wrapper in Accelerate's list instead of piling up
-    assert all(i["prepared_models"] == 1 for i in infos), [i["prepared_models"] for i in infos]
+    depths = [d for i in infos for d in i["forward_depths"]]
+    assert len(depths) == 2 * n and len(set(depths)) == 1, depths
     assert "terminate called" not in log
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if not m.startswith("lora")])
+def test_rewrapping_replaces_the_model_in_accelerate(ddp_runs, method):
+    infos, _ = _ranks(ddp_runs[0], method)
+    assert [i["wrappers_held"] for i in infos] == [0, 0]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -161,7 +243,8 @@ def test_prog_rewraps_ddp_at_every_stage_and_trains_every_block(ddp_runs, base):
     assert all(set(a) <= set(b) for a, b in zip(blocks, blocks[1:]))
     assert res["stages"][-1]["subnet"]["resolution"] == 28
     assert infos[0]["learnable"] == sorted(r0)  # the last stage trains the whole model (SID included)
-    assert log.count("stage 4/4") == 1, "progress is printed by the main process only"
+    # printed by the main process only: once per progressive method of the launch
+    assert log.count("stage 4/4: 28px") == sum(not m.startswith("lora") for m in METHODS)
     # rank 0's export is exactly these weights: nothing to fold for prog, and the SID is kept
     exported = load_file(run / "prog" / "model" / "model.safetensors")
     assert exported.keys() == r0.keys() and "sid.embedding.weight" in exported
@@ -176,13 +259,19 @@ def test_prog_rewraps_ddp_at_every_stage_and_trains_every_block(ddp_runs, base):
         assert names and any(not torch.equal(before[n], r0[n]) for n in names), f"block {i} did not train"
 
 
-def test_autoprog_zero_follows_rank_zeros_choices(ddp_runs):
+@pytest.mark.parametrize("method", ["autoprog-zero", "autoprog-one"])
+def test_searching_methods_follow_rank_zeros_choices(ddp_runs, method):
     run, log = ddp_runs
-    infos, (r0, r1) = _ranks(run, "autoprog-zero")
-    res = json.loads((run / "autoprog-zero" / "results.json").read_text())
+    infos, _ = _ranks(run, method)
+    res = json.loads((run / method / "results.json").read_text())
     log0, log1 = infos[0]["stage_log"], infos[1]["stage_log"]
     assert log0 == res["stages"]
-    assert [s["step"] for s in log0] == [s["step"] for s in log1] == [0, 2, 4, 6]
+    n = METHODS[method]
+    starts = [0, n // 4, n // 2, 3 * n // 4, n]
+    assert [s["step"] for s in log0] == [s["step"] for s in log1]
+    assert [s["stage"] for s in log0] == [0, 1, 2, 3]
+    for k, s in enumerate(log0):  # zero-shot: at the stage start; autoprog-one: when its supernet phase ends
+        assert starts[k] <= s["step"] < starts[k + 1] and (method != "autoprog-zero" or s["step"] == starts[k])
     for a, b in zip(log0, log1):
         assert (a["stage"], a["subnet"], a["learnable_blocks"]) == (b["stage"], b["subnet"], b["learnable_blocks"])
     assert log0[-1]["subnet"] == {"resolution": 28, "depth": 4} and log0[-1]["learnable_blocks"] == [0, 1, 2, 3]
@@ -194,8 +283,9 @@ def test_autoprog_zero_follows_rank_zeros_choices(ddp_runs):
         chosen = s["candidates"][s["chosen"]]
         assert {k: chosen[k] for k in stage["subnet"]} == stage["subnet"]
     assert res["summary"]["search"] == s0
-    assert log.count("stage 1 candidates:") == 1
-    sched = json.loads((run / "autoprog-zero" / "schedule.json").read_text())
+    if method == "autoprog-zero":  # its candidate table, printed by the main process only, once per search
+        assert log.count("ntk_cond") == 3
+    sched = json.loads((run / method / "schedule.json").read_text())
     assert [{k: st[k] for k in ("resolution", "depth")} for st in sched["stages"]] == \
         [{k: s["subnet"][k] for k in ("resolution", "depth")} for s in log0]
 
@@ -228,14 +318,16 @@ def test_lora_trains_only_adapters_in_ddp_and_exports_them_merged(ddp_runs, base
 
 
 def test_cli_finetune_under_torchrun(base, fake_fmnist, cache_dir, tmp_path):
+    wrapper = tmp_path / "cli_wrapper.py"
+    wrapper.write_text(CLI_WRAPPER)
     out = tmp_path / "cli-ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "autoprog.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), "15",
            "finetune", "--method", "prog", "--base", str(base), "--data-root", str(fake_fmnist),
            "--cache-dir", str(cache_dir), "--out", str(out), "--steps", str(STEPS), "--batch-size", "8",
            "--eval-points", "2", "--curve-samples", "8", "--fd-samples", "16", "--sample-steps", "2",
            "--feature-epochs", "1", "--cpu"]
-    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=out)
-    assert proc.returncode == 0, log[-4000:]
+    rc, log = _launch(cmd, cwd=tmp_path, run_dir=out)
+    assert rc == 0, log[-4000:]
     assert "terminate called" not in log
     res = json.loads((out / "results.json").read_text())
     assert res["done"] is True and res["summary"]["steps"] == STEPS
@@ -243,3 +335,11 @@ def test_cli_finetune_under_torchrun(base, fake_fmnist, cache_dir, tmp_path):
     assert log.count("done: ") == 1
     assert (out / "model" / "model.safetensors").is_file()
 
+
+def test_rewrapping_under_mixed_precision_does_not_nest_forward_wrappers(base, fake_fmnist, cache_dir, tmp_path):
+    run, _ = _run_driver(tmp_path, base, fake_fmnist, cache_dir, {"prog": STEPS}, mixed_precision="bf16")
+    infos, (r0, r1) = _ranks(run, "prog")
+    _assert_same_weights(r0, r1)
+    depths = [d for i in infos for d in i["forward_depths"]]
+    assert len(depths) == 2 * STEPS
+    assert len(set(depths)) == 1, f"the forward runs deeper after each re-wrap: {depths}"

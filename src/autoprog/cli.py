@@ -241,6 +241,17 @@ def _config_argv(parser: argparse.ArgumentParser, command: str, path: str) -> li
     return argv
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` → ``[0, 1, 2]``."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty")
+    return seeds
+
+
 def task_of(argv: list[str]) -> str | None:
     """The ``--task`` value on the command line, if any (it chooses which options the command has)."""
     for i, a in enumerate(argv):
@@ -306,13 +317,7 @@ def _run(args, acc) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         base = spec_from_args(args, "original")
         if args.seeds:
-            try:
-                seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            except ValueError:
-                raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-            if not seeds:
-                raise ConfigError("--seeds is empty")
-            runner.compare_seeds(base, methods, args.out, seeds, not args.no_budget_baseline, acc)
+            runner.compare_seeds(base, methods, args.out, parse_seeds(args.seeds), not args.no_budget_baseline, acc)
         else:
             runner.compare(base, methods, args.out, budget_baseline=not args.no_budget_baseline, accelerator=acc)
         acc.print(f"wrote {args.out}/summary.json, summary.md, curves.png")

@@ -47,6 +47,9 @@ def _add_optim(p, d) -> None:
     g.add_argument("--fd-samples", type=_pos, default=d.fd_samples,
                    help=f"generated images for the final FD/KID (default: {d.fd_samples})")
     g.add_argument("--sample-steps", type=_pos, default=d.sample_steps, help=f"DDIM steps (default: {d.sample_steps})")
+    g.add_argument("--eta", type=float, default=d.sample_eta,
+                   help="DDIM eta: 0 deterministic, 1 ancestral noise at every step; small CPU-trained models "
+                        f"sample far better with 1 (default: {d.sample_eta:g})")
     g.add_argument("--cfg-scale", type=float, default=d.cfg_scale,
                    help=f"classifier-free guidance scale for evaluation (default: {d.cfg_scale:g}, as the paper)")
     g.add_argument("--fid-weights", metavar="PATH",
@@ -122,6 +125,7 @@ def _train_config(args, base):
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         class_dropout=args.class_dropout, ema_decay=args.ema_decay, seed=args.seed, eval_points=args.eval_points,
         curve_samples=args.curve_samples, fd_samples=args.fd_samples, sample_steps=args.sample_steps,
+        sample_eta=args.eta,
         cfg_scale=args.cfg_scale, stop_after_steps=getattr(args, "stop_after_steps", None),
         **({"proxy_batches": args.proxy_batches, "proxy_batch_size": args.proxy_batch_size}
            if hasattr(args, "proxy_batches") else {}),
@@ -164,6 +168,7 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--classes", help="class ids (default: the classes the model was trained on)")
     s.add_argument("--per-class", type=_pos, default=16, help="images per class (default: 16)")
     s.add_argument("--sample-steps", type=_pos, default=50, help="DDIM steps (default: 50)")
+    s.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 = deterministic (default: 1)")
     s.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default: 4.0, the paper's for visualisation)")
     s.add_argument("--stage", type=_pos, help="use stage K's identifier (default: the last stage's)")
     s.add_argument("--seed", type=int, default=0, help="(default: 0)")
@@ -196,7 +201,8 @@ def run_sample(args, acc) -> None:
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     from .diffusion.runner import decode_samples
 
-    imgs = decode_samples(meta, sample(model, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed))
+    imgs = decode_samples(meta, sample(model, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                                       eta=args.eta))
     for i, c in enumerate(classes):
         save_grid(imgs[i * args.per_class:(i + 1) * args.per_class], out / f"class{c}.png",
                   nrow=max(1, int(args.per_class ** 0.5)))
@@ -231,13 +237,10 @@ def run_diffusion(args, acc) -> None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         spec = finetune_spec(args, "full")
         if args.seeds:
-            try:
-                seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            except ValueError:
-                raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-            if not seeds:
-                raise ConfigError("--seeds is empty")
-            runner.compare_finetune_seeds(methods, spec, args.out, seeds, not args.no_budget_baseline, acc)
+            from .cli import parse_seeds
+
+            runner.compare_finetune_seeds(methods, spec, args.out, parse_seeds(args.seeds), not args.no_budget_baseline,
+                                          acc)
         else:
             runner.compare_finetune(methods, spec, args.out, not args.no_budget_baseline, acc)
         acc.print(f"wrote {args.out}/summary.json, summary.md, fd_curves.png, samples.png")

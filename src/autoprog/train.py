@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .adapters.vit import ElasticViT
 from .data import DataBundle
+from .engine import atomic_write, broadcast, release, replace_dir, rewrap_if_needed, trained_ids
 from .errors import ConfigError
 from .growth import GrowthOperator, MomentumNetwork, copy_blocks
 from .metrics import train_step_flops
@@ -110,7 +110,7 @@ class Trainer:
         self.net.to(self.acc.device)
         self.optimizer = build_optimizer(self.net, cfg.lr, cfg.weight_decay)
         self.model = self.acc.prepare_model(self.net)
-        self._wrapped_params = {id(p) for p in self.net.parameters() if p.requires_grad}
+        self._wrapped_params = trained_ids(self.net)
         self.test_loader = self.acc.prepare_data_loader(
             data.loader("test", cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
         )
@@ -189,14 +189,7 @@ class Trainer:
         self._step_flops(subnet)
 
     def _rewrap_if_needed(self) -> None:
-        """DDP only tracks the parameters (objects) that required grad when it was wrapped: re-wrap on change."""
-        if self.acc.num_processes == 1:
-            return
-        trained = {id(p) for p in self.net.parameters() if p.requires_grad}
-        if trained != self._wrapped_params:
-            self.acc._models = [m for m in self.acc._models if m is not self.model]
-            self.model = self.acc.prepare_model(self.net)
-            self._wrapped_params = trained
+        self.model, self._wrapped_params = rewrap_if_needed(self.acc, self.model, self.net, self._wrapped_params)
 
     def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
                 inserted: list[int] | None = None) -> dict | None:
@@ -302,11 +295,7 @@ class Trainer:
 
     def broadcast(self, obj):
         """The main process's ``obj`` on every process."""
-        if self.acc.num_processes == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj], from_process=0)[0]
+        return broadcast(self.acc, obj)
 
     def log_stage(self, info: dict) -> None:
         self.stage_log.append({"step": self.step, **info})
@@ -417,6 +406,7 @@ class Trainer:
             if self.cfg.stop_after_epochs is not None and self.epoch >= self.cfg.stop_after_epochs and not final:
                 stopped_early = True
                 break
+        release(self.acc, self.model, self.net)  # a comparison's later runs must not keep this model alive
         return self._write_results(full_flops, done=not stopped_early)
 
     def _train_step(self, x, y, gen) -> torch.Tensor:
@@ -461,7 +451,7 @@ class Trainer:
         res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "epochs": self.history,
                "stages": self.stage_log, "summary": self.summary(full_flops)}
         if self.acc.is_main_process:
-            _atomic_write(self.out / "results.json", json.dumps(res, indent=2) + "\n")
+            atomic_write(self.out / "results.json", json.dumps(res, indent=2) + "\n")
         return res
 
     # --------------------------------------------------------------------------------- checkpoints
@@ -485,13 +475,7 @@ class Trainer:
             "lr_step": self.lr_step, "controller": self.controller.state_dict(),
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        final = self.out / CHECKPOINT_DIR
-        old = self.out / (CHECKPOINT_DIR + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, self.out / CHECKPOINT_DIR)
 
     def _load_checkpoint(self) -> None:
         ck = self.out / CHECKPOINT_DIR
@@ -519,10 +503,3 @@ class Trainer:
         self.history, self.stage_log = state["history"], state["stage_log"]
         self.lr_sched.step_update(self.lr_step)
         self.acc.print(f"resumed from {ck} at epoch {self.epoch}, step {self.step}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-

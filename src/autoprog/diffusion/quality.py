@@ -367,11 +367,14 @@ class QualityEvaluator:
             probe = torch.zeros((1, *self.input_img_size), dtype=torch.uint8, device=self.device)
             dim = getattr(feature, "num_features", None) or self.feature(probe).shape[-1]
         shared = _Precomputed(int(dim))
-        self.fid = FrechetInceptionDistance(feature=shared, reset_real_features=False).to(self.device)
+        # only the main process evaluates: torchmetrics must not wait for the others at compute()
+        self.fid = FrechetInceptionDistance(feature=shared, reset_real_features=False,
+                                            sync_on_compute=False).to(self.device)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             self.kid = KernelInceptionDistance(
-                feature=shared, subsets=kid_subsets, subset_size=kid_subset_size, reset_real_features=False
+                feature=shared, subsets=kid_subsets, subset_size=kid_subset_size, reset_real_features=False,
+                sync_on_compute=False,
             ).to(self.device)
         self._update(real_images, real=True)
         self.num_real = len(real_images)

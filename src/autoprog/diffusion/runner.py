@@ -168,18 +168,24 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     return data, model, controller, unfreezer, lr
 
 
-def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None) -> dict:
-    """Run (or resume) one fine-tuning run into ``out``; returns the results also written to results.json."""
-    out = Path(out)
+def _run_spec(cls, spec, out: Path, resume: bool):
+    """The spec to run into ``out``: the stored one when resuming (to the end), else ``spec`` if ``out`` is free."""
     if resume:
         cfg = out / "config.json"
         if not cfg.is_file():
             raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
-        spec = FinetuneSpec.from_dict(json.loads(cfg.read_text())["spec"])
+        spec = cls.from_dict(json.loads(cfg.read_text())["spec"])
         spec = replace(spec, train=replace(spec.train, stop_after_steps=None))
     elif (out / CHECKPOINT_DIR).exists():
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
     spec.train.validate()
+    return spec
+
+
+def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None) -> dict:
+    """Run (or resume) one fine-tuning run into ``out``; returns the results also written to results.json."""
+    out = Path(out)
+    spec = _run_spec(FinetuneSpec, spec, out, resume)
     torch.manual_seed(spec.train.seed)
     data, model, controller, unfreezer, lr = build_finetune(spec)
     from accelerate import Accelerator
@@ -202,15 +208,7 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
     from .schedules import StaticController
 
     out = Path(out)
-    if resume:
-        cfg = out / "config.json"
-        if not cfg.is_file():
-            raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
-        spec = BaseSpec.from_dict(json.loads(cfg.read_text())["spec"])
-        spec = replace(spec, train=replace(spec.train, stop_after_steps=None))
-    elif (out / CHECKPOINT_DIR).exists():
-        raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
-    spec.train.validate()
+    spec = _run_spec(BaseSpec, spec, out, resume)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size)
     if spec.vae:
         with_latents(data, spec.vae, spec.cache_dir or default_cache_dir())
@@ -286,13 +284,13 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_finetune_report(summary, out)
-        sample_comparison(list(results), out, data.classes, seed=spec.train.seed)
+        sample_comparison(list(results), out, data.classes, seed=spec.train.seed, eta=spec.train.sample_eta)
         acc.print("\n" + (out / "summary.md").read_text())
     return summary
 
 
 def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], per_class: int = 2,
-                      cfg_scale: float = 4.0, steps: int = 50, seed: int = 0) -> Path:
+                      cfg_scale: float = 4.0, steps: int = 50, seed: int = 0, eta: float = 1.0) -> Path:
     """``samples.png``: one row per method, the same noise and classes in every row (Fig. 9 style)."""
     from .backbone import load_backbone
     from .quality import save_grid
@@ -302,10 +300,11 @@ def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], p
     rows = []
     for m in methods:
         model, meta = load_backbone(out / m / "model")
-        rows.append(decode_samples(meta, sample(model, labels, steps=steps, cfg_scale=cfg_scale, seed=seed)))
+        rows.append(decode_samples(meta, sample(model, labels, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                                                   eta=eta)))
     (out / "samples.txt").write_text("rows, top to bottom: " + ", ".join(methods) +
                                      f"\nclasses {list(classes)}, {per_class} each, DDIM {steps} steps, "
-                                     f"guidance {cfg_scale}\n")
+                                     f"guidance {cfg_scale}, eta {eta}\n")
     return save_grid(torch.cat(rows), out / "samples.png", nrow=len(labels))
 
 

@@ -37,8 +37,14 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
 
 @torch.no_grad()
 def sample(model: DiffusionBackbone, labels: torch.Tensor, steps: int = 50, cfg_scale: float = 1.5,
-           resolution: int | None = None, seed: int = 0, batch_size: int = 500, progress=None) -> torch.Tensor:
-    """DDIM (η = 0) samples for ``labels``, floats in [-1, 1], with classifier-free guidance ``cfg_scale``."""
+           resolution: int | None = None, seed: int = 0, batch_size: int = 500, progress=None,
+           eta: float = 1.0) -> torch.Tensor:
+    """DDIM samples for ``labels`` (floats in [-1, 1]) with classifier-free guidance ``cfg_scale``.
+
+    ``eta`` = 0 is deterministic DDIM; 1 (the default) adds the ancestral noise of DDPM at each of the
+    ``steps``. The small models autoprog trains on a CPU sample markedly better with η = 1: measured on the
+    default base DiT, η = 0 left grey noise where η = 1 gave recognisable garments.
+    """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(training_scheduler().config)
@@ -62,7 +68,7 @@ def sample(model: DiffusionBackbone, labels: torch.Tensor, steps: int = 50, cfg_
                     e = model(torch.cat([x, x]), tt, torch.cat([y, null]))
                     cond, uncond = e.chunk(2)
                     eps = uncond + cfg_scale * (cond - uncond)
-                x = sched.step(eps, t, x).prev_sample
+                x = sched.step(eps, t, x, eta=eta, generator=gen).prev_sample
             out.append(x.clamp(-1, 1).cpu())
             if progress is not None:
                 progress(len(y))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,10 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..engine import atomic_write, broadcast, release, replace_dir, rewrap_if_needed, trained_ids
 from ..errors import ConfigError
 from ..optim import build_optimizer, load_optimizer_state, optimizer_state_tensors
 from ..space import SubNet
-from ..train import _atomic_write
 from .backbone import DiffusionBackbone, num_parameters, save_backbone
 from .data import DiffusionData
 from .methods import Unfreezer, export_backbone
@@ -57,6 +56,7 @@ class DiffusionConfig:
     curve_samples: int = 200
     fd_samples: int = 500
     sample_steps: int = 50
+    sample_eta: float = 1.0  # DDIM η: 0 deterministic, 1 ancestral (see sampling.sample)
     cfg_scale: float = 1.5
     proxy_batches: int = 4
     proxy_batch_size: int = 8
@@ -71,6 +71,8 @@ class DiffusionConfig:
             raise ConfigError("learning rates must be positive")
         if not 0 <= self.class_dropout < 1:
             raise ConfigError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
+        if not 0 <= self.sample_eta <= 1:
+            raise ConfigError(f"--eta must be in [0, 1], got {self.sample_eta}")
         if self.cfg_scale < 1:
             raise ConfigError(f"--cfg-scale must be at least 1, got {self.cfg_scale}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -98,7 +100,7 @@ class DiffusionTrainer:
         self.model.to(self.acc.device)
         self.optimizer = build_optimizer(self.model, lr, cfg.weight_decay)
         self.wrapped = self.acc.prepare_model(self.model)
-        self._wrapped_params = self._trained_ids()
+        self._wrapped_params = trained_ids(self.model)
         self.ema = None
         if cfg.ema_decay is not None:
             from timm.utils import ModelEmaV3
@@ -130,18 +132,8 @@ class DiffusionTrainer:
         self._time_cache: dict[tuple, float] = {}
 
     # ------------------------------------------------------------------------------------ helpers
-    def _trained_ids(self) -> set[int]:
-        return {id(p) for p in self.model.parameters() if p.requires_grad}
-
     def _rewrap_if_needed(self) -> None:
-        """DDP tracks only the parameters that required grad when it was wrapped: re-prepare on change."""
-        if self.acc.num_processes == 1:
-            return
-        trained = self._trained_ids()
-        if trained != self._wrapped_params:
-            self.acc._models = [m for m in self.acc._models if m is not self.wrapped]
-            self.wrapped = self.acc.prepare_model(self.model)
-            self._wrapped_params = trained
+        self.wrapped, self._wrapped_params = rewrap_if_needed(self.acc, self.wrapped, self.model, self._wrapped_params)
 
     def _sync(self) -> None:
         if self.acc.device.type == "cuda":
@@ -245,11 +237,8 @@ class DiffusionTrainer:
         return self._time_cache[key]
 
     def broadcast(self, obj):
-        if self.acc.num_processes == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj], from_process=0)[0]
+        """The main process's ``obj`` on every process."""
+        return broadcast(self.acc, obj)
 
     def log_stage(self, info: dict) -> None:
         self.stage_log.append({"step": self.step, **info})
@@ -313,6 +302,7 @@ class DiffusionTrainer:
         bar.close()
         if not stopped:
             self._export()
+        release(self.acc, self.wrapped, self.model)  # a comparison's later runs must not keep this model alive
         return self._write_results(done=not stopped)
 
     def _train_step(self) -> torch.Tensor:
@@ -366,7 +356,8 @@ class DiffusionTrainer:
         """``n`` class-balanced samples (floats in [-1, 1]) of the classes in the training data."""
         model = self.eval_model()
         labels = balanced_labels(self.data.classes, n)
-        x0 = sample(model, labels, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed)
+        x0 = sample(model, labels, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed,
+                    eta=self.cfg.sample_eta)
         return self.data.decode(x0)
 
     # ------------------------------------------------------------------------------------ results
@@ -392,7 +383,7 @@ class DiffusionTrainer:
         res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "curve": self.history,
                "stages": self.stage_log, "summary": self.summary()}
         if self.acc.is_main_process:
-            _atomic_write(self.out / "results.json", json.dumps(res, indent=2) + "\n")
+            atomic_write(self.out / "results.json", json.dumps(res, indent=2) + "\n")
         return res
 
     def _export(self) -> None:
@@ -408,8 +399,7 @@ class DiffusionTrainer:
         if self.data.codec is not None:
             extra["vae"] = self.data.codec.path
         save_backbone(m, tmp, extra=extra)
-        shutil.rmtree(self.out / MODEL_DIR, ignore_errors=True)
-        os.replace(tmp, self.out / MODEL_DIR)
+        replace_dir(tmp, self.out / MODEL_DIR)
 
     # -------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
@@ -433,12 +423,7 @@ class DiffusionTrainer:
                  "total_steps": self.total_steps, "controller": self.controller.state_dict(),
                  "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()]}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        final, old = self.out / CHECKPOINT_DIR, self.out / (CHECKPOINT_DIR + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, self.out / CHECKPOINT_DIR)
 
     def _load_checkpoint(self) -> None:
         ck = self.out / CHECKPOINT_DIR

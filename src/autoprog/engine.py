@@ -1,0 +1,58 @@
+"""Mechanics both trainers share: DDP re-wrapping, broadcasting a decision, atomic file and directory writes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+
+def trained_ids(module: nn.Module) -> set[int]:
+    return {id(p) for p in module.parameters() if p.requires_grad}
+
+
+def rewrap_if_needed(acc, wrapped: nn.Module, module: nn.Module, wrapped_ids: set[int]) -> tuple[nn.Module, set[int]]:
+    """DDP only tracks the parameters (objects) that required grad when it was wrapped: re-prepare ``module``
+    when that set changed. Returns the (possibly new) wrapper and the set it tracks."""
+    if acc.num_processes == 1:
+        return wrapped, wrapped_ids
+    now = trained_ids(module)
+    if now == wrapped_ids:
+        return wrapped, wrapped_ids
+    release(acc, wrapped, module)
+    return acc.prepare_model(module), now
+
+
+def release(acc, wrapped: nn.Module, module: nn.Module) -> None:
+    """Forget a prepared model: Accelerate lists the module itself (not its DDP wrapper) and, under mixed
+    precision, wraps its ``forward`` in place; undo both so re-preparing does not nest wrappers and a
+    finished run's model can be freed."""
+    acc._models = [m for m in acc._models if m is not module and m is not wrapped]
+    acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+
+
+def broadcast(acc, obj):
+    """The main process's ``obj`` on every process."""
+    if acc.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``; a crash at any point leaves a complete old or new one."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
