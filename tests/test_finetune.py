@@ -196,6 +196,7 @@ def test_cli_pretrain_diffusion_writes_a_base_model(cli, fake_fmnist, cache_dir,
     (["compare", "--task", "finetune", "--methods", "bitfit,prog"], "needs 'full' among the methods"),
     (["finetune", "--classes", "5-x", "--out", "x"], "--classes '5-x'"),
     (["finetune", "--cfg-scale", "0.5", "--out", "x"], "--cfg-scale must be at least 1"),
+    (["finetune", "--eta", "2", "--out", "x"], "--eta must be in [0, 1]"),
     (["sample", "/nonexistent/model"], "is not a model directory"),
 ])
 def test_cli_errors_are_one_line(cli, base, argv, message, tmp_path, monkeypatch):

@@ -2,7 +2,9 @@
 
 Pre-training grows a ViT along patches and depth, on a manual schedule (Prog, ProgStack) or one found
 during training (AutoProg-One), with growth operators including MoGrow. See ``autoprog.runner`` for the
-library entry points (``pretrain``, ``compare``, ``compare_seeds``).
+library entry points (``pretrain``, ``compare``, ``compare_seeds``). Fine-tuning of diffusion models by
+progressive unfreezing (Prog, AutoProg-Zero) and its baselines is in ``autoprog.diffusion``; the zero-shot
+proxies, usable on any ``nn.Module``, in ``autoprog.proxies``.
 """
 
 from .adapters.vit import ElasticViT
