@@ -58,6 +58,9 @@ def test_every_method_finetunes_end_to_end(method, base, fake_fmnist, cache_dir,
     assert math.isfinite(s["fd"]) and s["metric"] == "FD (classifier features)"
     assert s["classes"] == [5, 6, 7, 8, 9]
     assert [p["step"] for p in res["curve"]] == [2, 4, 6, 8] and all("fd" in p for p in res["curve"])
+    # every curve point is also measured at the curve's sample count (FD depends on it); the last also at fd_samples
+    assert [p["fd_samples"] for p in res["curve"]] == [10, 10, 10, 20]
+    assert all(p["fd_curve"] == p["fd"] for p in res["curve"][:3]) and res["curve"][3]["fd_curve"] != res["curve"][3]["fd"]
     model, meta = load_backbone(tmp_path / method / "model")  # exported as a plain backbone
     assert meta["method"] == method
     assert not any("lora_" in n or "difffit" in n for n, _ in model.named_parameters())

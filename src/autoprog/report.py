@@ -116,4 +116,6 @@ def write_finetune_report(summary: dict, out: str | Path) -> None:
              f"{spec.get('train', {}).get('steps', '?')} steps, seed {spec.get('train', {}).get('seed', '?')}")
     (out / "summary.md").write_text(finetune_markdown(rows, title))
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
-    plot_curves(summary["curves"], out / "fd_curves.png", ylabel=metric, key="fd")
+    curves = {m: [{**p, "fd_curve": p.get("fd_curve", p.get("fd"))} for p in c] for m, c in summary["curves"].items()}
+    plot_curves(curves, out / "fd_curves.png", ylabel=f"{metric}, {spec.get('train', {}).get('curve_samples', '')} samples",
+                key="fd_curve")

@@ -341,9 +341,13 @@ class DiffusionTrainer:
                 imgs = self.generate(n, seed=self.cfg.seed + 99991)
                 from .quality import to_uint8
 
-                q = self.evaluator.evaluate(to_uint8(imgs))
+                imgs = to_uint8(imgs)
+                q = self.evaluator.evaluate(imgs)
                 point.update(fd=round(q["fd"], 4), kid=round(q["kid"], 6), kid_std=round(q["kid_std"], 6),
                              fd_samples=n, metric=q["metric"])
+                # FD is biased by the sample count: the curve compares every point at curve_samples
+                m = min(n, self.cfg.curve_samples)
+                point["fd_curve"] = point["fd"] if m == n else round(self.evaluator.evaluate(imgs[:m])["fd"], 4)
             point = self.broadcast(point)
             point["eval_time_s"] = round(time.perf_counter() - t0, 2)
         self.history.append(point)
