@@ -211,6 +211,20 @@ def test_cli_errors_are_one_line(cli, base, argv, message, tmp_path, monkeypatch
     assert err.startswith("autoprog: error:") and message in err and err.count("\n") == 1, err
 
 
+def test_cli_finetune_options_from_yaml(cli, base, fake_fmnist, cache_dir, tmp_path):
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("method: bitfit\npeft_lr: 0.005\nsteps: 4\nbatch_size: 16\neval_points: 1\nfd_samples: 10\n"
+                   "sample_steps: 2\nfeature_epochs: 1\ncpu: true\n")
+    rc, _, err = cli("finetune", "--config", cfg, "--base", base, "--data-root", fake_fmnist, "--cache-dir", cache_dir,
+                     "--out", tmp_path / "run")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["run"]["method"] == "bitfit" and res["run"]["lr"] == 0.005 and res["summary"]["steps"] == 4
+    cfg.write_text("methd: bitfit\n")
+    rc, _, err = cli("finetune", "--config", cfg, "--out", tmp_path / "x")
+    assert rc == 2 and "unknown option 'methd'" in err
+
+
 def test_cli_sample_stage_needs_a_sid_model(cli, base):
     rc, _, err = cli("sample", base, "--stage", "2")
     assert rc == 2 and "no stage identifiers" in err

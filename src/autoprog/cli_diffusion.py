@@ -97,6 +97,8 @@ def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
     g.add_argument("--alpha", type=float, help="autoprog-one: runtime exponent of L*T^alpha (default: balanced per stage)")
     g.add_argument("--proxy-batches", type=int, default=4, help="autoprog-zero: batches for NTK/ZiCo (default: 4)")
     g.add_argument("--proxy-batch-size", type=_pos, default=8, help="autoprog-zero: samples per proxy batch (default: 8)")
+    g.add_argument("--peft-lr", type=float,
+                   help="learning rate of bitfit, difffit and lora, which train few parameters (default: 10 × --lr)")
     _add_optim(p, DiffusionConfig())
 
 
@@ -127,7 +129,7 @@ def _train_config(args, base):
         curve_samples=args.curve_samples, fd_samples=args.fd_samples, sample_steps=args.sample_steps,
         sample_eta=args.eta,
         cfg_scale=args.cfg_scale, stop_after_steps=getattr(args, "stop_after_steps", None),
-        **({"proxy_batches": args.proxy_batches, "proxy_batch_size": args.proxy_batch_size}
+        **({"proxy_batches": args.proxy_batches, "proxy_batch_size": args.proxy_batch_size, "peft_lr": args.peft_lr}
            if hasattr(args, "proxy_batches") else {}),
     )
 
