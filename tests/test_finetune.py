@@ -272,3 +272,15 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
     rc, _, err = cli("finetune", "--method", "full", "--base", base / "model", "--vae", "/nonexistent/vae",
                      "--data-root", fake_fmnist, "--out", tmp_path / "bad", *TINY_FLAGS)
     assert rc == 2 and "/nonexistent/vae" in err
+
+
+def test_seed_rows_gives_mean_std_and_per_seed_values():
+    from autoprog.runner import seed_rows
+
+    per_seed = {0: [{"method": "full", "fd": 10.0, "metric": "FD"}, {"method": "prog", "fd": None, "metric": "FD"}],
+                1: [{"method": "full", "fd": 14.0, "metric": "FD"}, {"method": "prog", "fd": 3.0, "metric": "FD"}]}
+    rows = seed_rows(per_seed, [0, 1], ("fd",), lambda runs: {"metric": runs[0]["metric"]})
+    assert [r["method"] for r in rows] == ["full", "prog"]
+    assert rows[0]["fd"] == 12.0 and rows[0]["fd_std"] == pytest.approx(2.8284, abs=1e-4)
+    assert rows[0]["fd_per_seed"] == [10.0, 14.0] and rows[0]["metric"] == "FD" and rows[0]["seeds"] == [0, 1]
+    assert rows[1]["fd"] == 3.0 and rows[1]["fd_std"] == 0.0 and rows[1]["fd_per_seed"] == [None, 3.0]

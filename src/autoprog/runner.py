@@ -203,13 +203,32 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     return rows
 
 
+def seed_rows(per_seed: dict[int, list[dict]], seeds: list[int], keys, describe) -> list[dict]:
+    """One row per method over ``seeds``: mean, std and per-seed values of each of ``keys``, plus ``describe(runs)``.
+
+    ``per_seed`` maps a seed to that comparison's rows (one per method, each with ``method``).
+    """
+    import statistics
+
+    rows = []
+    for m in [r["method"] for r in per_seed[seeds[0]]]:
+        runs = [next(r for r in per_seed[s] if r["method"] == m) for s in seeds]
+        row = {"method": m, "seeds": seeds, **describe(runs)}
+        for k in keys:
+            vals = [r[k] for r in runs if r.get(k) is not None]
+            row[k] = round(statistics.fmean(vals), 4) if vals else None
+            row[k + "_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
+            row[k + "_per_seed"] = [r.get(k) for r in runs]
+        rows.append(row)
+    return rows
+
+
 def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: list[int],
                   budget_baseline: bool = True, accelerator=None) -> list[dict]:
     """:func:`compare` once per seed (in ``out/seed<N>``), then mean ± std per method in ``out/summary.*``.
 
     Speed-ups are averaged per seed (each is a ratio within one comparison on one machine).
     """
-    import statistics
 
     from accelerate import Accelerator
 
@@ -218,17 +237,9 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
     per_seed = {s: compare(replace(base, train=replace(base.train, seed=s)), methods, out / f"seed{s}",
                            budget_baseline, acc) for s in seeds}
     keys = ("wall_time_s", "speedup", "flops_speedup", "realised_fraction", "top1", "top1_ema", "search_epoch_s")
-    rows = []
-    for m in [r["method"] for r in per_seed[seeds[0]]]:
-        runs = [next(r for r in per_seed[s] if r["method"] == m) for s in seeds]
-        row = {"method": m, "seeds": seeds, "budget_of": runs[0].get("budget_of"), "growth": runs[0]["growth"],
-               "schedules": [r["schedule_str"] for r in runs]}
-        for k in keys:
-            vals = [r[k] for r in runs if r.get(k) is not None]
-            row[k] = round(statistics.fmean(vals), 4) if vals else None
-            row[k + "_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-            row[k + "_per_seed"] = [r.get(k) for r in runs]
-        rows.append(row)
+    rows = seed_rows(per_seed, seeds, keys, lambda runs: {
+        "budget_of": runs[0].get("budget_of"), "growth": runs[0]["growth"],
+        "schedules": [r["schedule_str"] for r in runs]})
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
         md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)")

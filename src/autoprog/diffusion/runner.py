@@ -320,26 +320,17 @@ def decode_samples(meta: dict, x0: torch.Tensor) -> torch.Tensor:
 def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Path, seeds: list[int],
                            budget: bool = True, accelerator=None) -> list[dict]:
     """:func:`compare_finetune` once per seed (``out/seed<N>``), then mean ± std per method in ``out/summary.*``."""
-    import statistics
-
     from accelerate import Accelerator
 
     from ..report import finetune_seeds_markdown
+    from ..runner import seed_rows
 
     acc = accelerator or Accelerator()
     out = Path(out)
     per_seed = {s: compare_finetune(methods, replace(spec, train=replace(spec.train, seed=s)), out / f"seed{s}",
                                     budget, acc)["rows"] for s in seeds}
-    rows = []
-    for m in [r["method"] for r in per_seed[seeds[0]]]:
-        runs = [next(r for r in per_seed[s] if r["method"] == m) for s in seeds]
-        row = {"method": m, "seeds": seeds, "metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of")}
-        for k in ("wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid", "search_time_s"):
-            vals = [r[k] for r in runs if r.get(k) is not None]
-            row[k] = round(statistics.fmean(vals), 4) if vals else None
-            row[k + "_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-            row[k + "_per_seed"] = [r.get(k) for r in runs]
-        rows.append(row)
+    rows = seed_rows(per_seed, seeds, ("wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid", "search_time_s"),
+                     lambda runs: {"metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of")})
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
         md = finetune_seeds_markdown(rows, f"Fine-tuning {spec.dataset} classes {spec.classes}, {spec.train.steps} "
