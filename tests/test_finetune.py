@@ -165,6 +165,10 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     rc, stdout, _ = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
                         "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
     assert rc == 0 and stdout.count("reusing finished run") == 4
+    # ... but refuses runs made with other settings rather than mixing them into one table
+    rc, _, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
+                     "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS, "--lr", "0.01")
+    assert rc != 0 and "different settings" in err and "train.lr" in err
 
 
 def test_cli_finetune_sample_and_stage(cli, base, fake_fmnist, cache_dir, tmp_path):

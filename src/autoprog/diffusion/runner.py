@@ -341,7 +341,15 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
 
 
 def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
-    res_file = out / "results.json"
+    """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
+    cfg_file, res_file = out / "config.json", out / "results.json"
+    if cfg_file.is_file():
+        saved = json.loads(cfg_file.read_text()).get("spec", {})
+        wanted = json.loads(json.dumps(spec.to_dict()))
+        differ = _differences(saved, wanted)
+        if differ:
+            raise ConfigError(f"{out} holds a {spec.method} run with different settings ({', '.join(differ)}); "
+                              "use another --out for this comparison")
     if res_file.is_file():
         res = json.loads(res_file.read_text())
         if res.get("done"):
@@ -350,6 +358,20 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
     resume = (out / CHECKPOINT_DIR / "state.json").is_file()
     acc.print(f"=== {spec.method} ({'resuming' if resume else 'new run'}) -> {out}")
     return finetune(spec, out, acc, resume=resume, evaluator=evaluator)
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two spec dicts (``stop_after_steps`` ignored)."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if key == "stop_after_steps":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
 
 
 __all__ = ["BaseSpec", "FinetuneSpec", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
