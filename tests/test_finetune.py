@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from autoprog.diffusion.backbone import load_backbone
 from autoprog.diffusion.runner import BaseSpec, FinetuneSpec, finetune, pretrain_base
 from autoprog.diffusion.trainer import DiffusionConfig
+from autoprog.proxies import tie_within
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +90,8 @@ def test_autoprog_zero_picks_the_ranked_vote_winner(base, fake_fmnist, cache_dir
         for r in rows:
             assert r["R"] == pytest.approx(0.5 * r["R_ntk"] + 0.5 * r["R_zico"] + r["R_time"])
             assert r["time_s"] > 0
+        tied = tie_within([r["time_s"] for r in rows], 0.05)  # the default time tolerance
+        assert [r["R_time"] for r in rows] == [1 + sum(o < t for o in tied) for t in tied]
         best = min(range(len(rows)), key=lambda i: rows[i]["R"])
         assert s["chosen"] == best
         chosen = rows[best]
@@ -204,6 +207,7 @@ def test_cli_pretrain_diffusion_writes_a_base_model(cli, fake_fmnist, cache_dir,
     (["finetune", "--classes", "5-x", "--out", "x"], "--classes '5-x'"),
     (["finetune", "--cfg-scale", "0.5", "--out", "x"], "--cfg-scale must be at least 1"),
     (["finetune", "--eta", "2", "--out", "x"], "--eta must be in [0, 1]"),
+    (["finetune", "--time-tolerance", "-0.1", "--out", "x"], "--time-tolerance must be in [0, 1)"),
     (["sample", "/nonexistent/model"], "is not a model directory"),
 ])
 def test_cli_errors_are_one_line(cli, base, argv, message, tmp_path, monkeypatch):

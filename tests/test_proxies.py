@@ -14,6 +14,7 @@ from autoprog.errors import ConfigError
 from autoprog.proxies import (
     PAPER_WEIGHTS,
     autoprog_zero_vote,
+    tie_within,
     learnable_parameters,
     measure_step_time,
     ntk_condition_number,
@@ -254,6 +255,25 @@ def test_a_tie_in_total_goes_to_the_earliest_candidate():
     assert table[0]["total"] == table[1]["total"] and winner == 0
     winner, _ = ranked_vote(["dear", "cheap"], {"a": ([2, 1], 1.0), "b": ([1, 2], 1.0)})
     assert winner == 0
+
+
+def test_times_within_the_tolerance_tie_and_the_proxies_decide():
+    # candidate 1 is 3 % slower than 0 and better on both proxies: timing noise must not decide
+    ntk, zc, t = [2.0, 1.0, 3.0], [2.0, 1.0, 3.0], [1.00, 1.03, 1.50]
+    winner, table = autoprog_zero_vote(ntk, zc, t)
+    assert winner == 1 and [r["time_rank"] for r in table] == [1, 1, 3]
+    assert [r["time"] for r in table] == t  # the table shows what was measured
+    assert autoprog_zero_vote(ntk, zc, t, time_rtol=0.0)[0] == 0  # without tolerance, 3 % decides
+
+
+def test_tie_within_groups_from_the_smallest_value():
+    assert tie_within([1.0, 1.04, 1.06, 1.2, math.inf, 1.03], 0.05) == [1.0, 1.0, 1.06, 1.2, math.inf, 1.0]
+    assert tie_within([-1.0, -0.97, -0.5], 0.05) == [-1.0, -1.0, -0.5]
+    assert tie_within([1.0, 1.01], 0.0) == [1.0, 1.01]
+    nan = tie_within([math.nan, 2.0], 0.1)
+    assert math.isnan(nan[0]) and nan[1] == 2.0
+    with pytest.raises(ConfigError):
+        tie_within([1.0], -0.1)
 
 
 def test_weights_matter():

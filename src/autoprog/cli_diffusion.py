@@ -94,6 +94,9 @@ def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
     g.add_argument("--lora-rank", type=_pos, default=8, help="LoRA rank for --method lora (default: 8)")
     g.add_argument("--search-fraction", type=float, default=0.25,
                    help="autoprog-one: share of each stage spent sampling candidates (default: 0.25)")
+    g.add_argument("--time-tolerance", type=float, default=0.05,
+                   help="autoprog-zero: step times within this relative difference tie on the time ballot, so "
+                        "timing noise does not decide the vote (default: 0.05; 0 = the paper's exact ranking)")
     g.add_argument("--alpha", type=float, help="autoprog-one: runtime exponent of L*T^alpha (default: balanced per stage)")
     g.add_argument("--proxy-batches", type=int, default=4, help="autoprog-zero: batches for NTK/ZiCo (default: 4)")
     g.add_argument("--proxy-batch-size", type=_pos, default=8, help="autoprog-zero: samples per proxy batch (default: 8)")
@@ -140,11 +143,13 @@ def finetune_spec(args, method: str):
 
     if not 0 < args.start_ratio <= 1:
         raise ConfigError(f"--start-ratio must be in (0, 1], got {args.start_ratio}")
+    if not 0 <= args.time_tolerance < 1:
+        raise ConfigError(f"--time-tolerance must be in [0, 1), got {args.time_tolerance}")
     return FinetuneSpec(
         method=method, base=args.base, dataset=args.dataset, data_root=args.data_root, classes=args.classes,
         subset=args.subset or None, image_size=args.image_size, vae=args.vae, num_stages=args.num_stages,
         start_ratio=args.start_ratio, lora_rank=args.lora_rank, schedule=args.schedule,
-        search_fraction=args.search_fraction, alpha=args.alpha, fid_weights=args.fid_weights,
+        search_fraction=args.search_fraction, alpha=args.alpha, time_tolerance=args.time_tolerance, fid_weights=args.fid_weights,
         feature_epochs=args.feature_epochs, cache_dir=args.cache_dir, train=_train_config(args, DiffusionConfig()),
     )
 

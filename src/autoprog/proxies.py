@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 PAPER_WEIGHTS = {"ntk": 0.5, "zico": 0.5, "time": 1.0}
+# Step times closer than this (relative) tie on the time ballot: repeated timings of one candidate on a shared
+# CPU spread by a few per cent, and that spread alone decided between otherwise equal candidates.
+TIME_RTOL = 0.05
 
 
 def learnable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -202,15 +205,41 @@ def ranked_vote(
 
 
 def autoprog_zero_vote(
-    ntk: Sequence[float], zico: Sequence[float], time: Sequence[float], candidates: Sequence | None = None
+    ntk: Sequence[float], zico: Sequence[float], time: Sequence[float], candidates: Sequence | None = None,
+    time_rtol: float = TIME_RTOL,
 ) -> tuple[int, list[dict]]:
     """Eq. 19 with the paper's weights: R = 1/2 R(H_kappa) + 1/2 R(H_ZiCo) + R(T).
 
-    ``candidates`` (default ``range(len(ntk))``) label the table rows; order them cheapest first.
+    ``candidates`` (default ``range(len(ntk))``) label the table rows; order them cheapest first. Step times
+    within ``time_rtol`` of each other tie on the time ballot (see :func:`tie_within`), so that timing noise
+    does not decide between candidates of equal cost; the table keeps the measured times.
     """
     candidates = list(range(len(ntk))) if candidates is None else candidates
-    return ranked_vote(candidates, {k: (v, PAPER_WEIGHTS[k]) for k, v in
-                                    (("ntk", ntk), ("zico", zico), ("time", time))})
+    winner, table = ranked_vote(candidates, {k: (v, PAPER_WEIGHTS[k]) for k, v in
+                                             (("ntk", ntk), ("zico", zico), ("time", tie_within(time, time_rtol)))})
+    for row, t in zip(table, time):
+        row["time"] = float(t)
+    return winner, table
+
+
+def tie_within(values: Sequence[float], rtol: float) -> list[float]:
+    """``values`` with each one replaced by the smallest of its group, for ranking with a noise tolerance.
+
+    Walking the finite values in ascending order, a value joins the current group when it exceeds the group's
+    first (smallest) value by at most ``rtol`` times that value's magnitude, and starts a new group otherwise. Non-finite
+    values are kept. ``rtol = 0`` changes nothing.
+    """
+    if not (math.isfinite(rtol) and rtol >= 0):
+        raise ConfigError(f"rtol must be finite and non-negative, got {rtol}")
+    out = [float(v) for v in values]
+    order = sorted((i for i, v in enumerate(out) if math.isfinite(v)), key=lambda i: out[i])
+    head = None
+    for i in order:
+        v = out[i]
+        if head is None or v - head > rtol * abs(head):
+            head = v
+        out[i] = head
+    return out
 
 
 def measure_step_time(

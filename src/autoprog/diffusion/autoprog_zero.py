@@ -7,7 +7,8 @@ rules, never smaller than ψ*_{k-1}) is scored on the inherited weights, without
 * H_ZiCo, minus the log gradient signal-to-noise summed over ψ's learnable layers (Eq. 17),
 * T, ψ's measured training step time,
 
-and the winner of the ranked vote R = ½R(H_κ) + ½R(H_ZiCo) + R(T) (Eq. 19) is unfrozen. The last stage
+and the winner of the ranked vote R = ½R(H_κ) + ½R(H_ZiCo) + R(T) (Eq. 19) is unfrozen. Step times within
+``time_rtol`` (5 %) of each other tie on the time ballot, so measurement noise does not pick the winner. The last stage
 trains the whole model. Search time is part of the method's runtime and is also reported on its own.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from ..proxies import autoprog_zero_vote, ntk_condition_number, zico
+from ..proxies import TIME_RTOL, autoprog_zero_vote, ntk_condition_number, zico
 from ..space import GrowthSpace
 from .schedules import _print_table, _Searching
 
@@ -23,9 +24,10 @@ from .schedules import _print_table, _Searching
 class AutoProgZero(_Searching):
     """Controller for :class:`~autoprog.diffusion.trainer.DiffusionTrainer`."""
 
-    def __init__(self, space: GrowthSpace, ntk_samples: int = 16):
+    def __init__(self, space: GrowthSpace, ntk_samples: int = 16, time_rtol: float = TIME_RTOL):
         super().__init__(space, "autoprog-zero")
         self.ntk_samples = ntk_samples
+        self.time_rtol = time_rtol
 
     def enter_stage(self, trainer, k: int) -> None:
         if k == self.num_stages - 1:
@@ -42,7 +44,7 @@ class AutoProgZero(_Searching):
                                             max_samples=self.ntk_samples))
             zc.append(zico(model, batches, lambda m, b: (m(b[0], b[1], b[2]) - b[3]).pow(2).mean()))
             times.append(trainer.measure_step_time(sub))
-        best, table = autoprog_zero_vote(ntk, zc, times)
+        best, table = autoprog_zero_vote(ntk, zc, times, time_rtol=self.time_rtol)
         best = trainer.broadcast(best)
         rows = [{**sub.to_dict(), "ntk_cond": row["ntk"], "zico": row["zico"], "time_s": row["time"],
                  "R_ntk": row["ntk_rank"], "R_zico": row["zico_rank"], "R_time": row["time_rank"], "R": row["total"]}

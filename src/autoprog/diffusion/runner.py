@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..proxies import TIME_RTOL
 from ..schedules import Schedule
 from .backbone import build_backbone, load_backbone
 from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes, with_latents
@@ -50,6 +51,7 @@ class FinetuneSpec:
     schedule: str | None = None  # fixed: a schedule.json to replay
     search_fraction: float = 0.25  # autoprog-one: share of each stage spent in the supernet phase
     alpha: float | None = None
+    time_tolerance: float = TIME_RTOL  # autoprog-zero: step times this close (relative) tie on the time ballot
     fid_weights: str | None = None
     feature_epochs: int = 3
     cache_dir: str | None = None
@@ -163,7 +165,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         elif method == "autoprog-one":
             controller = AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
         else:
-            controller = AutoProgZero(space)
+            controller = AutoProgZero(space, time_rtol=spec.time_tolerance)
         unfreezer.apply(space.full)
     return data, model, controller, unfreezer, lr
 
@@ -344,7 +346,8 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
     cfg_file, res_file = out / "config.json", out / "results.json"
     if cfg_file.is_file():
-        saved = json.loads(cfg_file.read_text()).get("spec", {})
+        # through the dataclass, so settings added since the run was made compare at their defaults
+        saved = json.loads(json.dumps(FinetuneSpec.from_dict(json.loads(cfg_file.read_text())["spec"]).to_dict()))
         wanted = json.loads(json.dumps(spec.to_dict()))
         differ = _differences(saved, wanted)
         if differ:
