@@ -14,11 +14,11 @@ from autoprog.errors import ConfigError
 from autoprog.proxies import (
     PAPER_WEIGHTS,
     autoprog_zero_vote,
-    tie_within,
     learnable_parameters,
     measure_step_time,
     ntk_condition_number,
     ranked_vote,
+    tie_within,
     zico,
 )
 
