@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .elastic import ElasticLayout, argmin_score, candidates, choose_alpha, sample_index, scores
 from .errors import ConfigError
-from .schedules import Schedule, Stage, keep_last_stage, stage_index
+from .schedules import Controller, Schedule, Stage, keep_last_stage, stage_index
 from .space import GrowthSpace, SubNet
 
 
@@ -42,7 +42,7 @@ class AutoProgOneConfig:
             raise ConfigError(f"--search-samples must be positive, got {self.search_samples}")
 
 
-class AutoProgOne:
+class AutoProgOne(Controller):
     """Controller for the trainer (see :class:`autoprog.schedules.ScheduleController` for the interface)."""
 
     method = "autoprog-one"

@@ -1,4 +1,5 @@
-"""Mechanics both trainers share: DDP re-wrapping, broadcasting a decision, atomic file and directory writes."""
+"""Mechanics both trainers share: DDP re-wrapping, broadcasting a decision, the calls controllers make on a
+trainer, atomic file and directory writes."""
 
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def broadcast(acc, obj):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([obj], from_process=0)[0]
+
+
+class ControllerCalls:
+    """What a schedule controller may call on either trainer besides its own methods: broadcast a decision,
+    log a stage record, print once. Needs ``acc`` (an Accelerator), ``step`` and ``stage_log``."""
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` on every process."""
+        return broadcast(self.acc, obj)
+
+    def log_stage(self, info: dict) -> None:
+        self.stage_log.append({"step": self.step, **info})
+
+    def print(self, *args) -> None:
+        self.acc.print(*args)
 
 
 def atomic_write(path: Path, text: str) -> None:

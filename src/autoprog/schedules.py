@@ -159,14 +159,33 @@ def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = 
     return sched
 
 
-class ScheduleController:
-    """Runs a fixed :class:`Schedule`: grow into each stage's sub-network at its first step.
+class Controller:
+    """What a trainer consults; controllers decide, the trainer grows, applies and measures.
 
-    Controllers are what the trainer consults; they decide, the trainer grows, applies and measures.
     The interface: ``setup`` (returns the number of steps to run), ``stage_at``, ``enter_stage``,
-    ``step_subnet`` (a per-step override, or None), ``after_step``, ``schedule`` (as run so far),
-    ``summary``, and ``state_dict``/``load_state_dict`` for checkpoints.
+    ``step_subnet`` (a per-step override, or None), ``after_step`` (the fine-tuning trainer also passes the
+    step's loss), ``schedule`` (as run so far), ``summary``, and ``state_dict``/``load_state_dict`` for
+    checkpoints. This base supplies the hooks a fixed schedule needs no code for.
     """
+
+    def step_subnet(self, trainer, step: int) -> SubNet | None:
+        return None
+
+    def after_step(self, trainer, *args) -> None:
+        pass
+
+    def summary(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ScheduleController(Controller):
+    """Runs a fixed :class:`Schedule`: grow into each stage's sub-network at its first step."""
 
     def __init__(self, schedule: Schedule):
         self._schedule = schedule
@@ -189,20 +208,5 @@ class ScheduleController:
         trainer.log_stage({"stage": k, "subnet": dst.to_dict(), "growth": growth})
         trainer.print(f"stage {k + 1}/{self.num_stages}: {dst}" + (f" (grown by {growth['operator']})" if growth else ""))
 
-    def step_subnet(self, trainer, step: int) -> SubNet | None:
-        return None
-
-    def after_step(self, trainer) -> None:
-        pass
-
     def schedule(self) -> Schedule:
         return self._schedule
-
-    def summary(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .adapters.vit import ElasticViT
 from .data import DataBundle
-from .engine import atomic_write, broadcast, release, replace_dir, rewrap_if_needed, trained_ids
+from .engine import ControllerCalls, atomic_write, release, replace_dir, rewrap_if_needed, trained_ids
 from .errors import ConfigError
 from .growth import GrowthOperator, MomentumNetwork, copy_blocks
 from .metrics import train_step_flops
@@ -85,7 +85,7 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}")
 
 
-class Trainer:
+class Trainer(ControllerCalls):
     """Train ``net`` on ``data`` following ``schedule``, growing with ``growth`` at stage boundaries.
 
     ``schedule`` is a fixed :class:`Schedule` or a controller (such as AutoProg-One's) that decides the
@@ -292,16 +292,6 @@ class Trainer:
             self.net.apply_subnet(cur)
         self._time_cache[key] = sorted(times)[len(times) // 2]
         return self._time_cache[key]
-
-    def broadcast(self, obj):
-        """The main process's ``obj`` on every process."""
-        return broadcast(self.acc, obj)
-
-    def log_stage(self, info: dict) -> None:
-        self.stage_log.append({"step": self.step, **info})
-
-    def print(self, *args) -> None:
-        self.acc.print(*args)
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> tuple[float, float]:

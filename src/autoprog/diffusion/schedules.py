@@ -1,6 +1,6 @@
 """Fine-tuning controllers: the *schedule* side (they decide; the trainer applies and measures).
 
-Interface (as :class:`autoprog.schedules.ScheduleController`): ``setup`` (returns the steps to run),
+Interface (:class:`autoprog.schedules.Controller`): ``setup`` (returns the steps to run),
 ``stage_at``, ``enter_stage``, ``step_subnet``, ``after_step(trainer, loss)``, ``schedule``, ``summary``
 and ``state_dict``/``load_state_dict``.
 
@@ -17,11 +17,11 @@ import time
 
 from ..elastic import argmin_score, candidates, choose_alpha, sample_index, scores
 from ..errors import ConfigError
-from ..schedules import Schedule, Stage, keep_last_stage, stage_index
+from ..schedules import Controller, Schedule, Stage, keep_last_stage, stage_index
 from ..space import GrowthSpace, SubNet
 
 
-class StaticController:
+class StaticController(Controller):
     """Fine-tuning with one parameter set throughout (the trainer never changes what is learnable)."""
 
     num_stages = 1
@@ -38,23 +38,8 @@ class StaticController:
     def enter_stage(self, trainer, k: int) -> None:
         trainer.log_stage({"stage": 0, "method": self.method})
 
-    def step_subnet(self, trainer, step: int) -> SubNet | None:
-        return None
-
-    def after_step(self, trainer, loss: float) -> None:
-        pass
-
     def schedule(self) -> Schedule | None:
         return None
-
-    def summary(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class UnfreezeController(StaticController):

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..engine import atomic_write, broadcast, release, replace_dir, rewrap_if_needed, trained_ids
+from ..engine import ControllerCalls, atomic_write, release, replace_dir, rewrap_if_needed, trained_ids
 from ..errors import ConfigError
 from ..optim import build_optimizer, load_optimizer_state, optimizer_state_tensors
 from ..space import SubNet
@@ -81,7 +81,7 @@ class DiffusionConfig:
             raise ConfigError("--proxy-batches must be at least 2 (ZiCo needs a spread across batches)")
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(ControllerCalls):
     """Train ``model`` on ``data`` under ``controller``; see the module docstring."""
 
     def __init__(self, model: DiffusionBackbone, controller, data: DiffusionData, cfg: DiffusionConfig,
@@ -235,16 +235,6 @@ class DiffusionTrainer:
             if prev is not None:
                 self.unfreezer.apply(prev)
         return self._time_cache[key]
-
-    def broadcast(self, obj):
-        """The main process's ``obj`` on every process."""
-        return broadcast(self.acc, obj)
-
-    def log_stage(self, info: dict) -> None:
-        self.stage_log.append({"step": self.step, **info})
-
-    def print(self, *args) -> None:
-        self.acc.print(*args)
 
     # --------------------------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict:
