@@ -406,6 +406,14 @@ def test_compare_writes_summary_and_reuses_runs(cli, fake_fmnist, tmp_path):
     assert budget_cfg["method"] == "original" and budget_cfg["train"]["max_steps"] == by["original@budget"]["steps"]
     # finished runs were reused, not trained again
     assert {m: (out / m / "results.json").stat().st_mtime_ns for m in mtimes} == mtimes
+    # a budget run made for another step count (the other rows changed since) is trained again
+    budget_cfg["train"]["max_steps"] += 1
+    (out / "original@budget" / "config.json").write_text(json.dumps(budget_cfg))
+    rc, stdout, err = cli("compare", "--methods", "prog", "--out", out, *args)
+    assert rc == 0, err
+    assert "training it again" in stdout
+    again = json.loads((out / "original@budget" / "config.json").read_text())
+    assert again["train"]["max_steps"] == by["original@budget"]["steps"]
 
     md = (out / "summary.md").read_text()
     assert "| original |" in md and "| prog |" in md and "budget of prog" in md
@@ -421,7 +429,7 @@ def test_compare_refuses_a_directory_with_other_settings(cli, fake_fmnist, tmp_p
     rc, _, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline", "--seed", "1",
                      *tiny_args(fake_fmnist, epochs="1", subset="64"))
     assert rc == 2
-    assert "different settings" in _one_error_line(err)
+    assert "different settings" in _one_error_line(err) and "train.seed: 0 there, 1 now" in err
 
 
 # ------------------------------------------------------------------------------------- --config

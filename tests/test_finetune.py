@@ -168,6 +168,17 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     rc, stdout, _ = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
                         "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
     assert rc == 0 and stdout.count("reusing finished run") == 4
+    # a budget run made for another step count (the other rows changed since) is trained again
+    cfg_file = out / "full@budget" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    steps = cfg["spec"]["train"]["steps"]
+    cfg["spec"]["train"]["steps"] = steps + 1
+    cfg_file.write_text(json.dumps(cfg))
+    rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
+                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+    assert rc == 0, err
+    assert "training it again" in stdout and stdout.count("reusing finished run") == 3
+    assert json.loads(cfg_file.read_text())["spec"]["train"]["steps"] == steps
     # ... but refuses runs made with other settings rather than mixing them into one table
     rc, _, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
                      "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS, "--lr", "0.01")

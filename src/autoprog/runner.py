@@ -125,13 +125,50 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
     return trainer.fit(resume=resume)
 
 
+def spec_differences(saved: dict, wanted: dict, prefix: str = "", ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"name: X there, Y now"`` for every setting (dotted name) that differs between two spec dicts."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if key in ignore:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_differences(a, b, f"{prefix}{key}.", ignore)
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
+
+
+def _saved_differences(out: Path, spec: RunSpec) -> list[str] | None:
+    """How the run in ``out`` was set up differently from ``spec`` (None: no run there); settings added
+    since the run was made compare at their defaults."""
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        return None
+    saved = json.loads(json.dumps(RunSpec.from_dict(json.loads(cfg_path.read_text())).to_dict()))
+    return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=("stop_after_epochs",))
+
+
+def drop_stale_budget_run(out: Path, differ: list[str] | None, steps_key: str, acc) -> None:
+    """A budget row is derived from the other rows' wall-clock: when they changed (a method added or re-run)
+    its step count changes too, and a budget run made for another step count is removed to be trained again."""
+    import shutil
+
+    if differ and all(d.startswith(f"{steps_key}:") for d in differ):
+        acc.print(f"{out.name}: the budget changed ({differ[0]}); training it again")
+        if acc.is_main_process:
+            shutil.rmtree(out)
+        acc.wait_for_everyone()
+
+
 def _run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
     res_path, cfg_path = out / "results.json", out / "config.json"
     if cfg_path.is_file():
-        saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(json.dumps(spec.to_dict())):
-            raise ConfigError(f"{out} holds a run with different settings; use another --out for this comparison")
+        differ = _saved_differences(out, spec)
+        if differ:
+            raise ConfigError(f"{out} holds a {spec.method} run with different settings ({', '.join(differ)}); "
+                              "use another --out for this comparison")
         if res_path.is_file() and json.loads(res_path.read_text()).get("done"):
             return json.loads(res_path.read_text())
         if (out / CHECKPOINT_DIR).exists():
@@ -173,6 +210,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         name = "original" + BUDGET_SUFFIX
         acc.print(f"\n=== {name}: original for {steps} steps, the wall-clock of {fastest} ===")
         spec = replace(base, method="original", train=replace(base.train, max_steps=steps))
+        drop_stale_budget_run(out / name, _saved_differences(out / name, spec), "train.max_steps", acc)
         results[name] = _run_or_reuse(spec, out / name, acc)
         results[name]["summary"]["budget_of"] = fastest
     rows = []

@@ -267,6 +267,9 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         steps = max(1, round(spec.train.steps * ratio))
         name = "full" + BUDGET_SUFFIX
         bspec = replace(spec, method="full", train=replace(spec.train, steps=steps))
+        from ..runner import drop_stale_budget_run
+
+        drop_stale_budget_run(out / name, _saved_differences(out / name, bspec), "train.steps", acc)
         results[name] = _run_once(bspec, out / name, acc, evaluator)
         results[name]["summary"]["method"] = name
         results[name]["summary"]["budget_of"] = fastest
@@ -344,15 +347,11 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
 
 def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
-    cfg_file, res_file = out / "config.json", out / "results.json"
-    if cfg_file.is_file():
-        # through the dataclass, so settings added since the run was made compare at their defaults
-        saved = json.loads(json.dumps(FinetuneSpec.from_dict(json.loads(cfg_file.read_text())["spec"]).to_dict()))
-        wanted = json.loads(json.dumps(spec.to_dict()))
-        differ = _differences(saved, wanted)
-        if differ:
-            raise ConfigError(f"{out} holds a {spec.method} run with different settings ({', '.join(differ)}); "
-                              "use another --out for this comparison")
+    res_file = out / "results.json"
+    differ = _saved_differences(out, spec)
+    if differ:
+        raise ConfigError(f"{out} holds a {spec.method} run with different settings ({', '.join(differ)}); "
+                          "use another --out for this comparison")
     if res_file.is_file():
         res = json.loads(res_file.read_text())
         if res.get("done"):
@@ -363,18 +362,18 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
     return finetune(spec, out, acc, resume=resume, evaluator=evaluator)
 
 
-def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two spec dicts (``stop_after_steps`` ignored)."""
-    out = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
-        if key == "stop_after_steps":
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-    return out
+def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
+    """How the run in ``out`` was set up differently from ``spec`` (None: no run there).
+
+    Read through the dataclass, so settings added since the run was made compare at their defaults.
+    """
+    cfg_file = out / "config.json"
+    if not cfg_file.is_file():
+        return None
+    saved = json.loads(json.dumps(FinetuneSpec.from_dict(json.loads(cfg_file.read_text())["spec"]).to_dict()))
+    from ..runner import spec_differences
+
+    return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=("stop_after_steps",))
 
 
 __all__ = ["BaseSpec", "FinetuneSpec", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
