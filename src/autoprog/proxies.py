@@ -225,9 +225,9 @@ def autoprog_zero_vote(
 def tie_within(values: Sequence[float], rtol: float) -> list[float]:
     """``values`` with each one replaced by the smallest of its group, for ranking with a noise tolerance.
 
-    Walking the finite values in ascending order, a value joins the current group when it exceeds the group's
-    first (smallest) value by at most ``rtol`` times that value's magnitude, and starts a new group otherwise. Non-finite
-    values are kept. ``rtol = 0`` changes nothing.
+    Walking the finite values in ascending order, a value joins the current group when it exceeds the
+    group's first (smallest) value by at most ``rtol`` times that value's magnitude, and starts a new group
+    otherwise. Non-finite values are kept. ``rtol = 0`` changes nothing.
     """
     if not (math.isfinite(rtol) and rtol >= 0):
         raise ConfigError(f"rtol must be finite and non-negative, got {rtol}")

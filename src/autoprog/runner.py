@@ -139,14 +139,21 @@ def spec_differences(saved: dict, wanted: dict, prefix: str = "", ignore: tuple[
     return out
 
 
-def _saved_differences(out: Path, spec: RunSpec) -> list[str] | None:
-    """How the run in ``out`` was set up differently from ``spec`` (None: no run there); settings added
-    since the run was made compare at their defaults."""
+def saved_differences(out: Path, spec, load_saved, ignore: tuple[str, ...] = ()) -> list[str] | None:
+    """How the run in ``out`` was set up differently from ``spec`` (None: no run there).
+
+    ``load_saved`` turns the run's ``config.json`` into a spec of ``spec``'s class; going through the dataclass
+    makes settings added since the run was made compare at their defaults.
+    """
     cfg_path = out / "config.json"
     if not cfg_path.is_file():
         return None
-    saved = json.loads(json.dumps(RunSpec.from_dict(json.loads(cfg_path.read_text())).to_dict()))
-    return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=("stop_after_epochs",))
+    saved = json.loads(json.dumps(load_saved(json.loads(cfg_path.read_text())).to_dict()))
+    return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=ignore)
+
+
+def _saved_differences(out: Path, spec: RunSpec) -> list[str] | None:
+    return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs",))
 
 
 def drop_stale_budget_run(out: Path, differ: list[str] | None, steps_key: str, acc) -> None:
@@ -267,7 +274,6 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
 
     Speed-ups are averaged per seed (each is a ratio within one comparison on one machine).
     """
-
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()

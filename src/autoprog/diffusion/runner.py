@@ -363,17 +363,9 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
 
 
 def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
-    """How the run in ``out`` was set up differently from ``spec`` (None: no run there).
+    from ..runner import saved_differences
 
-    Read through the dataclass, so settings added since the run was made compare at their defaults.
-    """
-    cfg_file = out / "config.json"
-    if not cfg_file.is_file():
-        return None
-    saved = json.loads(json.dumps(FinetuneSpec.from_dict(json.loads(cfg_file.read_text())["spec"]).to_dict()))
-    from ..runner import spec_differences
-
-    return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=("stop_after_steps",))
+    return saved_differences(out, spec, lambda cfg: FinetuneSpec.from_dict(cfg["spec"]), ignore=("stop_after_steps",))
 
 
 __all__ = ["BaseSpec", "FinetuneSpec", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
