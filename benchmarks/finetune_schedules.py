@@ -23,17 +23,8 @@ from pathlib import Path
 
 from autoprog.diffusion.runner import FinetuneSpec, finetune
 from autoprog.diffusion.trainer import DiffusionConfig
-from autoprog.schedules import Schedule, Stage
-from autoprog.space import SubNet
-
-
-def parse_schedule(text: str) -> Schedule:
-    """``"8x6,16x6,28x6"`` -> equal stages at 8 px with 6 learnable blocks, then 16 px, then 28 px."""
-    stages = []
-    for part in text.split(","):
-        res, _, depth = part.strip().partition("x")
-        stages.append(Stage(SubNet(int(res), int(depth)), 1.0 / len(text.split(","))))
-    return Schedule("fixed", tuple(stages))
+from autoprog.report import schedule_string
+from autoprog.schedules import Schedule
 
 
 def run(spec: FinetuneSpec, out: Path) -> dict:
@@ -46,7 +37,7 @@ def run(spec: FinetuneSpec, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--schedules", nargs="+", required=True, help="RESxBLOCKS per stage, comma-separated")
+    p.add_argument("--schedules", nargs="+", required=True, help="inline schedules, RESxBLOCKS[@FRACTION] per stage, comma-separated")
     p.add_argument("--budgets", default="0.4,0.7", help="fractions of full fine-tuning's steps (default: 0.4,0.7)")
     p.add_argument("--steps", type=int, default=DiffusionConfig.steps)
     p.add_argument("--seed", type=int, default=0)
@@ -61,12 +52,10 @@ def main() -> None:
         rows.append((f"full, {steps} steps", run(replace(base, train=replace(train, steps=steps)),
                                                  out / f"full-{steps}")))
     for text in args.schedules:
-        name = text.replace(",", "-")
-        path = out / "schedules" / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parse_schedule(text).save(path)
-        rows.append((text.replace("x", "px·").replace(",", " → "),
-                     run(replace(base, method="prog", schedule=str(path)), out / name)))
+        Schedule.parse(text)  # fail on a malformed schedule before training anything
+    for text in args.schedules:
+        rows.append((schedule_string(Schedule.parse(text).to_dict()),
+                     run(replace(base, method="prog", schedule=text), out / text.replace(",", "-").replace("@", "_"))))
     full_t = rows[0][1]["wall_time_s"]
     lines = [f"| run | wall time (s) | runtime vs full | {rows[0][1]['metric']} |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {s['wall_time_s']:.1f} | {s['wall_time_s'] / full_t:.2f}× | {s['fd']:.1f} |"

@@ -79,6 +79,16 @@ def test_every_method_finetunes_end_to_end(method, base, fake_fmnist, cache_dir,
             assert model.sid.num_stages == 4 and model.sid.stage == 3  # sampling uses the last stage's SID
 
 
+def test_prog_replays_an_inline_schedule_with_one_sid_per_stage(base, fake_fmnist, cache_dir, tmp_path):
+    spec = replace(spec_for("prog", base, fake_fmnist, cache_dir), schedule="16x2@1,28x4@3")
+    res = finetune(spec, tmp_path / "inline")
+    stages = json.loads((tmp_path / "inline" / "schedule.json").read_text())["stages"]
+    assert [(st["resolution"], st["depth"], st["fraction"]) for st in stages] == [(16, 2, 0.25), (28, 4, 0.75)]
+    assert [st["stage"] for st in res["stages"]] == [0, 1]
+    model, _ = load_backbone(tmp_path / "inline" / "model")
+    assert model.sid.num_stages == 2 and model.sid.stage == 1
+
+
 def test_autoprog_zero_picks_the_ranked_vote_winner(base, fake_fmnist, cache_dir, tmp_path):
     res = finetune(spec_for("autoprog-zero", base, fake_fmnist, cache_dir), tmp_path / "az")
     search = res["summary"]["search"]

@@ -199,3 +199,43 @@ def test_empty_or_nonpositive_schedules_raise():
         Schedule("x", ())
     with pytest.raises(ConfigError):
         Schedule("x", (Stage(SubNet(28, 6), -1.0),))
+
+
+def test_inline_schedule_equal_stages_matches_prog():
+    s = build_schedule("fixed", SPACE, "16x3,20x4,24x5,28x6")
+    assert s.method == "fixed"
+    assert [(st.subnet.resolution, st.subnet.depth) for st in s.stages] == [(16, 3), (20, 4), (24, 5), (28, 6)]
+    assert [st.fraction for st in s.stages] == pytest.approx([0.25] * 4)
+
+
+def test_inline_schedule_with_fractions_is_normalised():
+    s = Schedule.parse("16x6@1, 28X6@3")
+    assert [(st.subnet.resolution, st.subnet.depth) for st in s.stages] == [(16, 6), (28, 6)]
+    assert [st.fraction for st in s.stages] == pytest.approx([0.25, 0.75])
+
+
+@pytest.mark.parametrize("text, match", [
+    ("16x3,28", "malformed"),
+    ("16x3;28x6", "malformed"),
+    ("16x3@0.5,28x6", "every stage or for none"),
+    ("28x6,16x3", "shrink"),
+    ("16x0,28x6", "depth"),
+    ("16x3@0,28x6@1", "positive"),
+])
+def test_bad_inline_schedules_raise(text, match):
+    with pytest.raises(ConfigError, match=match):
+        Schedule.parse(text)
+
+
+def test_inline_schedule_must_fit_the_model():
+    with pytest.raises(ConfigError, match="full model"):
+        build_schedule("fixed", SPACE, "16x3,24x6")
+
+
+def test_from_arg_prefers_an_existing_file_and_names_a_missing_one(tmp_path):
+    p = tmp_path / "16x3,28x6"  # a file whose name looks inline is still read as a file
+    Schedule.parse("20x3,28x6").save(p)
+    assert Schedule.from_arg(str(p)).stages[0].subnet.resolution == 20
+    assert Schedule.from_arg(str(p), "prog").method == "prog"
+    with pytest.raises(ConfigError, match="does not exist"):
+        Schedule.from_arg(str(tmp_path / "missing.json"))

@@ -66,7 +66,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-stages", type=_positive_int, default=4, help="number of stages (default: 4)")
     g.add_argument("--start-ratio", type=float, default=0.5,
                    help="initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25 (default: 0.5)")
-    g.add_argument("--schedule", help="schedule.json to replay with --method fixed")
+    g.add_argument("--schedule", help="schedule to replay with --method fixed: a schedule.json, or inline RESxDEPTH per "
+                                           "stage, e.g. 16x4,20x5,24x7,28x8 (equal stages) or 16x8@0.5,28x8@0.5")
     g.add_argument("--adareg", action="store_true",
                    help="adaptive regularization: RandAugment magnitude (4.5-9), random-erasing probability (0-0.25) "
                         "and drop-path rate (0-0.1) grow linearly with the sub-network's size (Table 14)")

@@ -90,7 +90,8 @@ def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
     g.add_argument("--num-stages", type=_pos, default=4, help="stages of progressive unfreezing (default: 4)")
     g.add_argument("--start-ratio", type=float, default=0.25,
                    help="first stage's share of input patches per side and learnable blocks (default: 0.25, Sec. 5.1.2)")
-    g.add_argument("--schedule", help="schedule.json to replay with --method prog")
+    g.add_argument("--schedule", help="unfreezing schedule to replay with --method prog: a schedule.json, or inline "
+                                           "RESxLEARNABLE_BLOCKS per stage, e.g. 16x6,20x6,24x6,28x6")
     g.add_argument("--lora-rank", type=_pos, default=8, help="LoRA rank for --method lora (default: 8)")
     g.add_argument("--search-fraction", type=float, default=0.25,
                    help="autoprog-one: share of each stage spent sampling candidates (default: 0.25)")

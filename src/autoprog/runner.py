@@ -86,7 +86,8 @@ def build_run(spec: RunSpec):
     return data, net, schedule, growth
 
 
-def _validate(spec: RunSpec) -> None:
+def validate_spec(spec: RunSpec) -> None:
+    """Raise :class:`ConfigError` for settings that would fail, without training (RNG state untouched)."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -168,7 +169,7 @@ def drop_stale_budget_run(out: Path, differ: list[str] | None, steps_key: str, a
         acc.wait_for_everyone()
 
 
-def _run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
+def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
     res_path, cfg_path = out / "results.json", out / "config.json"
     if cfg_path.is_file():
@@ -202,11 +203,11 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         methods.insert(0, "original")
     methods.sort(key=lambda m: m != "original")
     for m in methods:  # fail on a bad method or setting before spending time training the others
-        _validate(replace(base, method=m))
+        validate_spec(replace(base, method=m))
     results = {}
     for m in methods:
         acc.print(f"\n=== {m} ===")
-        results[m] = _run_or_reuse(replace(base, method=m), out / m, acc)
+        results[m] = run_or_reuse(replace(base, method=m), out / m, acc)
     orig = results["original"]["summary"]
     progressive = [m for m in methods if m != "original"]
     if budget_baseline and progressive:
@@ -218,7 +219,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         acc.print(f"\n=== {name}: original for {steps} steps, the wall-clock of {fastest} ===")
         spec = replace(base, method="original", train=replace(base.train, max_steps=steps))
         drop_stale_budget_run(out / name, _saved_differences(out / name, spec), "train.max_steps", acc)
-        results[name] = _run_or_reuse(spec, out / name, acc)
+        results[name] = run_or_reuse(spec, out / name, acc)
         results[name]["summary"]["budget_of"] = fastest
     rows = []
     for m, res in results.items():

@@ -9,13 +9,16 @@ is the format ``--method fixed`` replays.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ConfigError
 from .space import GrowthSpace, SubNet, round_half_up
 
 SCHEDULE_FORMAT = "autoprog-schedule/1"
+INLINE_STAGE = re.compile(r"\d+[xX]\d+(@(\d+(\.\d*)?|\.\d+))?")
+INLINE_SCHEDULE_HINT = re.compile(r"[\dxX@.,\s]+")  # only digits, x, @, dots and commas: meant as inline
 
 
 def keep_last_stage(starts: list[int], total_steps: int) -> list[int]:
@@ -106,10 +109,35 @@ class Schedule:
         return cls(method, tuple(stages), str(d.get("growth", "mogrow")))
 
     @classmethod
+    def parse(cls, text: str, method: str = "fixed") -> Schedule:
+        """An inline schedule: ``"16x4,20x5,24x7,28x8"`` is four equal stages of RESOLUTIONxDEPTH;
+        ``"16x8@0.5,20x8@0.25,28x8@0.25"`` gives each stage its share of the steps (normalised to 1)."""
+        parts = [p.strip() for p in str(text).split(",")]
+        if not parts or not all(INLINE_STAGE.fullmatch(p) for p in parts):
+            raise ConfigError(f"malformed inline schedule {text!r}: expected comma-separated RESxDEPTH[@FRACTION], "
+                              "e.g. 16x4,20x5,24x7,28x8 or 16x8@0.5,28x8@0.5")
+        fracs = [p.partition("@")[2] for p in parts]
+        if any(fracs) and not all(fracs):
+            raise ConfigError(f"inline schedule {text!r}: give a @FRACTION for every stage or for none")
+        stages = []
+        for part, frac in zip(parts, fracs):
+            res, _, depth = part.partition("@")[0].lower().partition("x")
+            stages.append(Stage(SubNet(int(res), int(depth)), float(frac) if frac else 1.0 / len(parts)))
+        return cls(method, tuple(stages))
+
+    @classmethod
+    def from_arg(cls, value: str, method: str = "fixed") -> Schedule:
+        """``--schedule``'s value: a schedule.json path, or an inline schedule (:meth:`parse`)."""
+        if Path(value).is_file() or not INLINE_SCHEDULE_HINT.fullmatch(str(value)):
+            sched = cls.load(value)
+            return sched if method == "fixed" else replace(sched, method=method)
+        return cls.parse(value, method)
+
+    @classmethod
     def load(cls, path: str | Path) -> Schedule:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"schedule file {p} does not exist")
+            raise ConfigError(f"schedule file {p} does not exist (an inline schedule looks like 16x4,20x5,28x8)")
         try:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
@@ -147,8 +175,8 @@ METHODS = (*MANUAL_METHODS, "fixed", "autoprog-one")
 def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = None) -> Schedule:
     if method == "fixed":
         if not schedule_path:
-            raise ConfigError("--method fixed needs --schedule PATH (a schedule.json written by a run)")
-        sched = Schedule.load(schedule_path)
+            raise ConfigError("--method fixed needs --schedule: a schedule.json written by a run, or inline like 16x4,20x5,24x7,28x8")
+        sched = Schedule.from_arg(schedule_path)
     elif method in MANUAL_METHODS:
         sched = MANUAL_METHODS[method](space)
     elif method == "autoprog-one":

@@ -157,11 +157,11 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     else:
         unfreezer = Unfreezer(model)
         space = unfreezer.space(spec.num_stages, spec.start_ratio)
-        if opts.get("sid", True):
-            model.add_stage_identifier(spec.num_stages)
+        sched = Schedule.from_arg(spec.schedule, "prog") if method == "prog" and spec.schedule else None
+        if opts.get("sid", True):  # one identifier per stage, a replayed schedule's stages included
+            model.add_stage_identifier(len(sched.stages) if sched else spec.num_stages)
         if method == "prog":
-            sched = Schedule.load(spec.schedule) if spec.schedule else prog_unfreeze(space)
-            controller = UnfreezeController(sched)
+            controller = UnfreezeController(sched or prog_unfreeze(space))
         elif method == "autoprog-one":
             controller = AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
         else:
