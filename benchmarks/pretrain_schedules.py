@@ -74,12 +74,13 @@ def main() -> None:
     for name, res in rows:
         s = res["summary"]
         table.append({"run": name, "wall_time_s": s["wall_time_s"], "speedup": ref["wall_time_s"] / s["wall_time_s"],
-                      "flops_speedup": ref["flops_per_step"] * ref["steps"] / (s["flops_per_step"] * s["steps"]),
+                      "flops_speedup": ref["flops_per_step"] * ref["steps"] / (s["flops_per_step"] * s["steps"])
+                      if s["flops_per_step"] and ref["flops_per_step"] else None,  # None: run with --no-flops
                       "top1": s["top1"], "top1_ema": s["top1_ema"]})
-    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731 - no EMA without --ema-decay
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731 - None: no EMA or no FLOPs counted
     lines = ["| run | wall time (s) | speed-up | FLOPs speed-up | top-1 (%) | EMA top-1 (%) |",
              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['run']} | {r['wall_time_s']:.1f} | {r['speedup']:.2f}× | {r['flops_speedup']:.2f}× | "
+    lines += [f"| {r['run']} | {r['wall_time_s']:.1f} | {r['speedup']:.2f}× | {fmt(r['flops_speedup'])}× | "
               f"{r['top1']:.2f} | {fmt(r['top1_ema'])} |" for r in table]
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -1,0 +1,65 @@
+"""The benchmark scripts run end to end on tiny settings and report what they measured."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_args
+
+from autoprog.cli import main
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(BENCH / name), run_name="__main__")
+
+
+def test_finetune_step_speed_times_every_stage(tmp_path, monkeypatch):
+    out = tmp_path / "speed.json"
+    run_script("finetune_step_speed.py", "--preset", "tiny", "--batch-size", "2", "--steps", "1",
+               "--schedule", "8x2,16x4,28x6", "--out", str(out), monkeypatch=monkeypatch)
+    d = json.loads(out.read_text())
+    assert [r["subnet"] for r in d["stages"]] == ["8px/2blk", "16px/4blk", "28px/6blk"]
+    learnable = [r["learnable_params"] for r in d["stages"]]
+    assert learnable == sorted(learnable) and learnable[-1] == d["full"]["learnable_params"]
+    assert d["stages"][0]["flops_speedup"] > 5  # 4 of 49 patches and a third of the weight gradients
+    assert d["stages"][-1]["flops_speedup"] == pytest.approx(1.0)
+    assert all(r["step_s"] > 0 for r in d["stages"])
+
+
+def test_pretrain_schedules_reuses_the_reference_and_replays_inline_schedules(fake_fmnist, tmp_path, monkeypatch):
+    like = tmp_path / "original"
+    args = [a for a in tiny_args(fake_fmnist, epochs="1") if a != "--no-flops"]
+    assert main(["pretrain", "--method", "original", "--out", str(like), *args]) == 0
+    out = tmp_path / "sweep"
+    run_script("pretrain_schedules.py", "--like", str(like), "--out", str(out), "--schedules", "16x2,28x4",
+               "16x2@1,28x4@3", "--budgets", "0.5", monkeypatch=monkeypatch)
+    assert not (out / "original").exists()  # the finished reference run was reused, not trained again
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["run"] for r in rows] == ["original", "original, 4 steps", "16px·2 → 28px·4",
+                                       "16px·2 → 28px·4 (16x2@1,28x4@3)"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["flops_speedup"] == 1.0
+    assert rows[1]["flops_speedup"] == pytest.approx(2.0)
+    assert rows[2]["flops_speedup"] > rows[3]["flops_speedup"] > 1.0  # the second spends less time small
+    sched = json.loads((out / "16x2_1-28x4_3" / "schedule.json").read_text())["stages"]
+    assert [s["fraction"] for s in sched] == [0.25, 0.75]
+
+
+def test_pretrain_schedules_rejects_a_bad_schedule_before_training(fake_fmnist, tmp_path, monkeypatch, capsys):
+    like = tmp_path / "cfg"
+    like.mkdir()
+    spec = {"method": "original", "data_root": str(fake_fmnist), "subset": 64, "depth": 4, "embed_dim": 16,
+            "num_heads": 2, "patch_size": 4, "train": {"epochs": 1, "batch_size": 32}}
+    (like / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(SystemExit) as e:
+        run_script("pretrain_schedules.py", "--like", str(like), "--out", str(tmp_path / "o"),
+                   "--schedules", "16x2,24x4", monkeypatch=monkeypatch)
+    assert e.value.code == 2 and "full model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
