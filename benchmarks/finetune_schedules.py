@@ -23,6 +23,7 @@ from pathlib import Path
 
 from autoprog.diffusion.runner import FinetuneSpec, finetune
 from autoprog.diffusion.trainer import DiffusionConfig
+from autoprog.errors import ConfigError
 from autoprog.report import schedule_string
 from autoprog.schedules import Schedule
 
@@ -46,15 +47,17 @@ def main() -> None:
     out = Path(args.out)
     train = replace(DiffusionConfig(), steps=args.steps, seed=args.seed, eval_points=args.eval_points)
     base = FinetuneSpec(method="full", train=train)
+    try:  # fail on a malformed schedule before training anything
+        schedules = [Schedule.parse(text) for text in args.schedules]
+    except ConfigError as e:
+        p.error(str(e))
     rows = [("full", run(base, out / "full"))]
     for frac in (float(f) for f in args.budgets.split(",") if f):
         steps = max(1, round(args.steps * frac))
         rows.append((f"full, {steps} steps", run(replace(base, train=replace(train, steps=steps)),
                                                  out / f"full-{steps}")))
-    for text in args.schedules:
-        Schedule.parse(text)  # fail on a malformed schedule before training anything
-    for text in args.schedules:
-        rows.append((schedule_string(Schedule.parse(text).to_dict()),
+    for text, sched in zip(args.schedules, schedules):
+        rows.append((schedule_string(sched.to_dict()),
                      run(replace(base, method="prog", schedule=text), out / text.replace(",", "-").replace("@", "_"))))
     full_t = rows[0][1]["wall_time_s"]
     lines = [f"| run | wall time (s) | runtime vs full | {rows[0][1]['metric']} |", "|---|---:|---:|---:|"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from autoprog.errors import ConfigError
 from autoprog.report import schedule_string
-from autoprog.runner import RunSpec, run_or_reuse, validate_spec
+from autoprog.runner import RunSpec, run_differences, run_or_reuse, validate_spec
 from autoprog.schedules import Schedule
 
 
@@ -33,13 +33,12 @@ def load_reference(like: Path) -> tuple[RunSpec, dict | None]:
     cfg = like / "config.json"
     if not cfg.is_file():
         raise ConfigError(f"--like {like}: no config.json there; point it at a run directory")
-    saved = json.loads(cfg.read_text())
-    spec = RunSpec.from_dict(saved)
+    spec = RunSpec.from_dict(json.loads(cfg.read_text()))
     spec = replace(spec, method="original", schedule=None,
                    train=replace(spec.train, max_steps=None, stop_after_epochs=None))
     res = like / "results.json"
     done = res.is_file() and json.loads(res.read_text()).get("done")
-    return spec, json.loads(res.read_text()) if done and saved == spec.to_dict() else None
+    return spec, json.loads(res.read_text()) if done and not run_differences(like, spec) else None
 
 
 def main() -> None:

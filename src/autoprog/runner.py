@@ -153,7 +153,8 @@ def saved_differences(out: Path, spec, load_saved, ignore: tuple[str, ...] = ())
     return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=ignore)
 
 
-def _saved_differences(out: Path, spec: RunSpec) -> list[str] | None:
+def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
+    """How the pre-training run in ``out`` differs from ``spec`` (None: no run there)."""
     return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs",))
 
 
@@ -173,7 +174,7 @@ def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
     res_path, cfg_path = out / "results.json", out / "config.json"
     if cfg_path.is_file():
-        differ = _saved_differences(out, spec)
+        differ = run_differences(out, spec)
         if differ:
             raise ConfigError(f"{out} holds a {spec.method} run with different settings ({', '.join(differ)}); "
                               "use another --out for this comparison")
@@ -218,7 +219,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         name = "original" + BUDGET_SUFFIX
         acc.print(f"\n=== {name}: original for {steps} steps, the wall-clock of {fastest} ===")
         spec = replace(base, method="original", train=replace(base.train, max_steps=steps))
-        drop_stale_budget_run(out / name, _saved_differences(out / name, spec), "train.max_steps", acc)
+        drop_stale_budget_run(out / name, run_differences(out / name, spec), "train.max_steps", acc)
         results[name] = run_or_reuse(spec, out / name, acc)
         results[name]["summary"]["budget_of"] = fastest
     rows = []

@@ -113,7 +113,7 @@ class Schedule:
         """An inline schedule: ``"16x4,20x5,24x7,28x8"`` is four equal stages of RESOLUTIONxDEPTH;
         ``"16x8@0.5,20x8@0.25,28x8@0.25"`` gives each stage its share of the steps (normalised to 1)."""
         parts = [p.strip() for p in str(text).split(",")]
-        if not parts or not all(INLINE_STAGE.fullmatch(p) for p in parts):
+        if not all(INLINE_STAGE.fullmatch(p) for p in parts):  # split always gives one part or more
             raise ConfigError(f"malformed inline schedule {text!r}: expected comma-separated RESxDEPTH[@FRACTION], "
                               "e.g. 16x4,20x5,24x7,28x8 or 16x8@0.5,28x8@0.5")
         fracs = [p.partition("@")[2] for p in parts]
