@@ -24,12 +24,11 @@ import time
 
 import torch
 
-from autoprog.diffusion.backbone import DiT
-from autoprog.diffusion.methods import Unfreezer
+from autoprog.adapters.unfreezer import Unfreezer
 from autoprog.diffusion.sampling import diffusion_loss, training_scheduler
-from autoprog.diffusion.schedules import prog_unfreeze
 from autoprog.metrics import count_flops
-from autoprog.schedules import Schedule
+from autoprog.models.dit import DiT
+from autoprog.schedules import Schedule, prog
 
 # name: (latent size, patch, channels, hidden, depth, heads); the paper's DiT sizes on 256-px images
 PRESETS = {
@@ -100,7 +99,7 @@ def main() -> None:
     model = DiT(size, patch, chans, 1000 if chans == 4 else 10, hidden, depth, heads).to(device)
     unfreezer = Unfreezer(model)
     space = unfreezer.space(a.num_stages, a.start_ratio)
-    sched = Schedule.from_arg(a.schedule, "prog") if a.schedule else prog_unfreeze(space)
+    sched = Schedule.from_arg(a.schedule, "prog") if a.schedule else prog(space)
     sched.validate_for(space)
     scheduler = training_scheduler()
     full = time_stage(model, unfreezer, space.full, a.batch_size, a.steps, amp, device, scheduler)

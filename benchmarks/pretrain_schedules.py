@@ -22,9 +22,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from autoprog.classification.runner import RunSpec, run_differences, run_or_reuse, validate_spec
 from autoprog.errors import ConfigError
 from autoprog.report import schedule_string
-from autoprog.runner import RunSpec, run_differences, run_or_reuse, validate_spec
 from autoprog.schedules import Schedule
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_args, tiny_vit
 from timm.layers import DropPath
 
-from autoprog.adareg import AdaptiveRegularization, AdaRegRanges
+from autoprog.classification.adareg import AdaptiveRegularization, AdaRegRanges
 from autoprog.space import GrowthSpace, SubNet
 
 SPACE = GrowthSpace(28, 4, 6, 4, 0.5)

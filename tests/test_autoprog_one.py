@@ -14,22 +14,14 @@ import torch
 from conftest import tiny_args, tiny_vit
 from safetensors.torch import load_file
 
-from autoprog import autoprog_one
-from autoprog.autoprog_one import AutoProgOne, AutoProgOneConfig
-from autoprog.elastic import (
-    MAX_CANDIDATES,
-    ElasticLayout,
-    argmin_score,
-    candidates,
-    choose_alpha,
-    sample_index,
-    scores,
-)
+from autoprog.algorithms import autoprog_one
+from autoprog.algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
+from autoprog.algorithms.elastic import ElasticLayout, argmin_score, choose_alpha, sample_index, scores
+from autoprog.algorithms.growth import Interpolation, depth_mapping
 from autoprog.errors import ConfigError
-from autoprog.growth import Interpolation, depth_mapping
 from autoprog.models.vit import VisionTransformer
 from autoprog.schedules import Schedule
-from autoprog.space import GrowthSpace, SubNet
+from autoprog.space import MAX_CANDIDATES, GrowthSpace, SubNet, candidates
 
 SPACE6 = GrowthSpace(28, 4, 6)  # Ω: resolutions 16, 20, 24, 28; depths 3, 4, 5, 6
 CAND_KEYS = {"resolution", "depth", "loss", "step_time_s", "score", "chosen"}
@@ -48,33 +40,73 @@ def _same(a: dict, b: dict) -> bool:
 
 
 class FakeTrainer:
-    """Just enough of :class:`autoprog.train.Trainer` to drive the controller without training."""
+    """A trainer that trains nothing: the services of :class:`autoprog.controllers.GrowthServices`, recording
+    what a controller asks for."""
 
-    def __init__(self, steps_per_epoch: int = 8):
+    def __init__(self, steps_per_epoch: int = 8, space: GrowthSpace | None = None):
         self.steps_per_epoch = steps_per_epoch
         self.step = 0
         self.stage = -1
+        self.space = space or GrowthSpace(28, 4, 8)
         self.applied: list[SubNet] = []
         self.logs: list[dict] = []
 
+    def growth_space(self):
+        return GrowthSpace(self.space.full_resolution, self.space.patch_size, self.space.full_depth)
+
     def use_subnet(self, s):
         self.applied.append(s)
+
+    def enter_subnet(self, s):
+        return {"growth": self.grow_to(s) if self.stage >= 0 else self.use_subnet(s)}
+
+    def describe(self, s):
+        return str(s)
 
     def grow_to(self, dst, block_map=None, inserted=None):
         self.applied.append(dst)
         return None
 
+    def relayout(self, block_map, dst):
+        self.applied.append(dst)
+
     def snapshot(self):
         return {}
 
+    def restore(self, snap):
+        pass
+
+    def candidate_loss(self, subnet, samples):
+        return 1.0 / (subnet.resolution * subnet.depth)
+
+    def measure_step_time(self, subnet, repeats=3):
+        return 1e-3 * subnet.resolution * subnet.depth
+
     def elapsed(self):
         return 0.0
+
+    def broadcast(self, obj):
+        return obj
 
     def log_stage(self, info):
         self.logs.append(info)
 
     def print(self, *args):
         pass
+
+
+def test_fake_trainer_offers_the_protocol():
+    """The fake drives controllers through the written protocol, not through private trainer attributes."""
+    from autoprog.controllers import GrowthServices, TrainerServices, check_services
+
+    assert isinstance(FakeTrainer(), GrowthServices) and isinstance(FakeTrainer(), TrainerServices)
+    check_services(FakeTrainer(), GrowthServices)
+
+    class Partial:
+        step = stage = steps_per_epoch = 0
+
+    with pytest.raises(ConfigError, match="does not offer .*grow_to"):
+        check_services(Partial(), GrowthServices)
 
 
 # ============================================================================ 1. weight nesting
@@ -424,8 +456,8 @@ def _recorded_run(out: Path, data_root: Path, recycle: bool):
     just before and after each search."""
     from accelerate import Accelerator
 
-    from autoprog.runner import RunSpec, pretrain
-    from autoprog.train import TrainConfig
+    from autoprog.classification.runner import RunSpec, pretrain
+    from autoprog.classification.trainer import TrainConfig
 
     records, cur = [], {}
     orig_search = _ORIG_SEARCH

@@ -213,7 +213,7 @@ def test_pretrain_writes_results_schedule_and_checkpoint(prog_run):
 def test_every_parameter_was_trained(prog_run):
     """Rebuild the run's initial model (same seed) and check training moved every weight, including the
     blocks that only became active (and were grown into) late in the run."""
-    from autoprog.runner import RunSpec, build_run
+    from autoprog.classification.runner import RunSpec, build_run
 
     spec = RunSpec.from_dict(json.loads((prog_run / "config.json").read_text()))
     torch.manual_seed(spec.train.seed)

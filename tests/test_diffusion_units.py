@@ -11,7 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autoprog.diffusion.backbone import (
+from autoprog.adapters.unfreezer import Unfreezer, spread_blocks
+from autoprog.diffusion.data import DiffusionData, load_diffusion_data, parse_classes
+from autoprog.diffusion.methods import (
+    ScaleFactors,
+    export_backbone,
+    parse_method,
+    prepare_bitfit,
+    prepare_difffit,
+    prepare_lora,
+)
+from autoprog.diffusion.sampling import balanced_labels, diffusion_loss, sample, training_scheduler
+from autoprog.errors import ConfigError, DataError
+from autoprog.models.dit import (
     DiffusersDiT,
     DiT,
     StageIdentifier,
@@ -19,19 +31,6 @@ from autoprog.diffusion.backbone import (
     load_backbone,
     save_backbone,
 )
-from autoprog.diffusion.data import DiffusionData, load_diffusion_data, parse_classes
-from autoprog.diffusion.methods import (
-    ScaleFactors,
-    Unfreezer,
-    export_backbone,
-    parse_method,
-    prepare_bitfit,
-    prepare_difffit,
-    prepare_lora,
-    spread_blocks,
-)
-from autoprog.diffusion.sampling import balanced_labels, diffusion_loss, sample, training_scheduler
-from autoprog.errors import ConfigError, DataError
 from autoprog.optim import build_optimizer
 from autoprog.space import SubNet
 

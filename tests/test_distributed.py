@@ -1,6 +1,6 @@
 """Two processes on the CPU (torchrun + Accelerate, gloo): a tiny prog run with growth inside DDP training.
 
-A driver script runs ``autoprog.runner.pretrain`` under torchrun with a Trainer subclass that, after ``fit``,
+A driver script runs ``autoprog.classification.runner.pretrain`` under torchrun with a Trainer subclass that, after ``fit``,
 has every rank save its own weights (the trainer itself saves only on rank 0) and evaluate a network whose
 prediction is known, so the test can check that both processes ended identical and that the distributed
 evaluation counts each test image once.
@@ -48,9 +48,9 @@ DRIVER = textwrap.dedent('''
     import torch
     from accelerate import Accelerator
 
-    import autoprog.runner as runner
-    from autoprog.runner import RunSpec
-    from autoprog.train import TrainConfig
+    import autoprog.classification.runner as runner
+    from autoprog.classification.runner import RunSpec
+    from autoprog.classification.trainer import TrainConfig
 
     data_root, out, growth = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autoprog.diffusion.backbone import load_backbone
+from autoprog.algorithms.proxies import tie_within
 from autoprog.diffusion.runner import BaseSpec, FinetuneSpec, finetune, pretrain_base
 from autoprog.diffusion.trainer import DiffusionConfig
-from autoprog.proxies import tie_within
+from autoprog.models.dit import load_backbone
 
 pytestmark = pytest.mark.slow
 
@@ -304,7 +304,7 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
 
 
 def test_seed_rows_gives_mean_std_and_per_seed_values():
-    from autoprog.runner import seed_rows
+    from autoprog.experiment import seed_rows
 
     per_seed = {0: [{"method": "full", "fd": 10.0, "metric": "FD"}, {"method": "prog", "fd": None, "metric": "FD"}],
                 1: [{"method": "full", "fd": 14.0, "metric": "FD"}, {"method": "prog", "fd": 3.0, "metric": "FD"}]}

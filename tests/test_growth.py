@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from autoprog.errors import ConfigError
-from autoprog.growth import (
+from autoprog.algorithms.growth import (
     GROWTH_OPERATORS,
     MomentumNetwork,
     depth_mapping,
     get_growth_operator,
     inserted_positions,
 )
+from autoprog.errors import ConfigError
 from autoprog.optim import build_optimizer, remap_block_state, sync_params
 from autoprog.space import SubNet
 

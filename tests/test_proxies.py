@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from autoprog.errors import ConfigError
-from autoprog.proxies import (
+from autoprog.algorithms.proxies import (
     PAPER_WEIGHTS,
     autoprog_zero_vote,
     learnable_parameters,
@@ -21,6 +20,7 @@ from autoprog.proxies import (
     tie_within,
     zico,
 )
+from autoprog.errors import ConfigError
 
 
 def mlp(seed: int = 0) -> nn.Sequential:

@@ -1,25 +1,48 @@
 """autoprog: automated progressive learning for efficient training of large vision models.
 
-Pre-training grows a ViT along patches and depth, on a manual schedule (Prog, ProgStack) or one found
-during training (AutoProg-One), with growth operators including MoGrow. See ``autoprog.runner`` for the
-library entry points (``pretrain``, ``compare``, ``compare_seeds``). Fine-tuning of diffusion models by
-progressive unfreezing (Prog, AutoProg-Zero) and its baselines is in ``autoprog.diffusion``; the zero-shot
-proxies, usable on any ``nn.Module``, in ``autoprog.proxies``.
+Pre-training grows a ViT in resolution and depth (Prog, ProgStack, AutoProg-One, AutoProg-Zero, with MoGrow);
+fine-tuning unfreezes a diffusion model progressively (Prog, AutoProg-Zero, AutoProg-One) next to the usual
+baselines. The layout shows the design:
+
+* shared rooms: :mod:`~autoprog.space` (ψ, Ω), :mod:`~autoprog.schedules` (Ψ), :mod:`~autoprog.controllers`
+  (the protocol between a controller and a trainer), :mod:`~autoprog.engine`, :mod:`~autoprog.experiment`;
+* :mod:`autoprog.algorithms`: the paper's pieces (growth operators and MoGrow, elastic supernet,
+  AutoProg-One, AutoProg-Zero, zero-shot proxies), task-agnostic;
+* :mod:`autoprog.adapters`: apply a ψ to a model (elastic ViT, unfreezer); :mod:`autoprog.models`: the models;
+* tasks side by side: :mod:`autoprog.classification` (``pretrain``, ``compare``) and :mod:`autoprog.diffusion`
+  (``finetune``, ``compare_finetune``, ``pretrain_base``).
+
+The names below load their module on first use, so ``import autoprog`` imports no task.
 """
 
-from .adapters.vit import ElasticViT
-from .autoprog_one import AutoProgOne, AutoProgOneConfig
-from .errors import AutoprogError, ConfigError, DataError
-from .growth import GROWTH_OPERATORS, GrowthOperator, MomentumNetwork, depth_mapping, get_growth_operator
-from .runner import RunSpec, compare, compare_seeds, pretrain
-from .schedules import Schedule, Stage, build_schedule
-from .space import GrowthSpace, SubNet
-from .train import TrainConfig, Trainer
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AutoProgOne", "AutoProgOneConfig", "AutoprogError", "ConfigError", "DataError", "ElasticViT", "GROWTH_OPERATORS", "GrowthOperator", "GrowthSpace",
-    "MomentumNetwork", "RunSpec", "Schedule", "Stage", "SubNet", "TrainConfig", "Trainer", "build_schedule",
-    "compare", "compare_seeds", "depth_mapping", "get_growth_operator", "pretrain",
-]
+_EXPORTS = {
+    "AutoprogError": "errors", "ConfigError": "errors", "DataError": "errors",
+    "SubNet": "space", "GrowthSpace": "space",
+    "Schedule": "schedules", "Stage": "schedules", "build_schedule": "schedules",
+    "Controller": "controllers", "ScheduleController": "controllers", "TrainerServices": "controllers",
+    "GrowthServices": "controllers", "ZeroShotServices": "controllers",
+    "ElasticViT": "adapters.vit", "Unfreezer": "adapters.unfreezer",
+    "AutoProgOne": "algorithms.autoprog_one", "AutoProgOneConfig": "algorithms.autoprog_one",
+    "AutoProgZero": "algorithms.autoprog_zero",
+    "GROWTH_OPERATORS": "algorithms.growth", "GrowthOperator": "algorithms.growth",
+    "MomentumNetwork": "algorithms.growth", "depth_mapping": "algorithms.growth",
+    "get_growth_operator": "algorithms.growth",
+    "RunSpec": "classification.runner", "pretrain": "classification.runner", "compare": "classification.runner",
+    "compare_seeds": "classification.runner", "TrainConfig": "classification.trainer",
+    "Trainer": "classification.trainer",
+    "FinetuneSpec": "diffusion.runner", "finetune": "diffusion.runner", "compare_finetune": "diffusion.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autoprog' has no attribute {name!r}")

@@ -91,7 +91,7 @@ class DataBundle:
                 regularizer=None) -> torch.Tensor:
         """uint8 → normalised float; for training, random translation (±pad px) and horizontal flips.
 
-        ``regularizer`` (an :class:`~autoprog.adareg.AdaptiveRegularization`) adds RandAugment to
+        ``regularizer`` (an :class:`~autoprog.classification.adareg.AdaptiveRegularization`) adds RandAugment to
         in-memory data and random erasing to any training batch.
         """
         if x.dtype == torch.uint8:

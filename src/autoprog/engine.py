@@ -9,6 +9,8 @@ from pathlib import Path
 
 from torch import nn
 
+CHECKPOINT_DIR = "checkpoint"  # inside a run directory: the latest resumable state
+
 
 def trained_ids(module: nn.Module) -> set[int]:
     return {id(p) for p in module.parameters() if p.requires_grad}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters.vit import ElasticViT
-
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; no decay for biases, norms, tokens, position embeddings and ReZero gates (1-D/0-D)."""
@@ -34,7 +32,7 @@ def sync_params(optimizer: torch.optim.Optimizer, model: nn.Module, weight_decay
         old["params"] = new["params"]
 
 
-def remap_block_state(optimizer: torch.optim.Optimizer, model: ElasticViT, block_map: dict[int, int | None]) -> None:
+def remap_block_state(optimizer: torch.optim.Optimizer, model: nn.Module, block_map: dict[int, int | None]) -> None:
     """Move optimizer state along with the weights a growth copied: block ``dst`` gets ``src``'s moments.
 
     Re-initialised blocks (source ``None``) start with no state, as a fresh parameter would.

@@ -169,7 +169,8 @@ def progstack(space: GrowthSpace) -> Schedule:
 
 
 MANUAL_METHODS = {"original": original, "prog": prog, "progstack": progstack}
-METHODS = (*MANUAL_METHODS, "fixed", "autoprog-one")
+SEARCHED_METHODS = ("autoprog-one", "autoprog-zero")
+METHODS = (*MANUAL_METHODS, "fixed", *SEARCHED_METHODS)
 
 
 def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = None) -> Schedule:
@@ -180,61 +181,8 @@ def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = 
     elif method in MANUAL_METHODS:
         sched = MANUAL_METHODS[method](space)
     elif method == "autoprog-one":
-        raise ConfigError("autoprog-one finds its schedule while training; build it with autoprog.autoprog_one.AutoProgOne")
+        raise ConfigError("autoprog-one finds its schedule while training; build it with autoprog.algorithms.autoprog_one.AutoProgOne")
     else:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     sched.validate_for(space)
     return sched
-
-
-class Controller:
-    """What a trainer consults; controllers decide, the trainer grows, applies and measures.
-
-    The interface: ``setup`` (returns the number of steps to run), ``stage_at``, ``enter_stage``,
-    ``step_subnet`` (a per-step override, or None), ``after_step`` (the fine-tuning trainer also passes the
-    step's loss), ``schedule`` (as run so far), ``summary``, and ``state_dict``/``load_state_dict`` for
-    checkpoints. This base supplies the hooks a fixed schedule needs no code for.
-    """
-
-    def step_subnet(self, trainer, step: int) -> SubNet | None:
-        return None
-
-    def after_step(self, trainer, *args) -> None:
-        pass
-
-    def summary(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class ScheduleController(Controller):
-    """Runs a fixed :class:`Schedule`: grow into each stage's sub-network at its first step."""
-
-    def __init__(self, schedule: Schedule):
-        self._schedule = schedule
-        self.starts: list[int] = []
-
-    @property
-    def num_stages(self) -> int:
-        return len(self._schedule.stages)
-
-    def setup(self, trainer, total_steps: int) -> int:
-        self.starts = self._schedule.boundaries(total_steps)
-        return total_steps
-
-    def stage_at(self, step: int) -> int:
-        return stage_index(self.starts, step)
-
-    def enter_stage(self, trainer, k: int) -> None:
-        dst = self._schedule.stages[k].subnet
-        growth = trainer.grow_to(dst) if trainer.stage >= 0 else trainer.use_subnet(dst)
-        trainer.log_stage({"stage": k, "subnet": dst.to_dict(), "growth": growth})
-        trainer.print(f"stage {k + 1}/{self.num_stages}: {dst}" + (f" (grown by {growth['operator']})" if growth else ""))
-
-    def schedule(self) -> Schedule:
-        return self._schedule

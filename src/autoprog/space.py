@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
+MAX_CANDIDATES = 9  # |Λ_k| at most (Appendix B)
+
 
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves upward (Python's ``round`` rounds halves to even)."""
@@ -136,3 +138,28 @@ class GrowthSpace:
             )
         if subnet.depth > self.full_depth or any(not 0 <= b < self.full_depth for b in subnet.active_blocks):
             raise ConfigError(f"sub-network {subnet.to_dict()} does not fit a {self.full_depth}-block model")
+
+
+def _pick(values: list[int], idx: list[int]) -> list[int]:
+    return sorted({values[i] for i in idx})
+
+
+def candidates(space: GrowthSpace, previous: SubNet | None) -> list[SubNet]:
+    """Λ_k: the first stage takes the smallest, medium and largest n and l of Ω (at most 9);
+    later stages take ψ*_{k-1}'s n and the next larger one, times its l and the next 3 depths (≤ 8).
+    Candidates are never smaller than ψ*_{k-1}. Depth-only candidates list no blocks; the supernet
+    assigns them (:class:`autoprog.algorithms.elastic.ElasticLayout`).
+    """
+    res, dep = space.resolutions(), space.depths()
+    if previous is None:
+        mid = lambda v: len(v) // 2  # noqa: E731 - the upper median of Ω's values
+        rs = _pick(res, [0, mid(res), len(res) - 1])
+        ds = _pick(dep, [0, mid(dep), len(dep) - 1])
+    else:
+        larger = [r for r in res if r > previous.resolution]
+        rs = [previous.resolution] + larger[:1]
+        ds = [d for d in range(previous.depth, previous.depth + 4) if d <= space.full_depth]
+    out = [SubNet(r, d) for r in rs for d in ds]
+    if len(out) > MAX_CANDIDATES:
+        raise AssertionError("growth space exceeds 9 candidates")  # cannot happen with the rules above
+    return out

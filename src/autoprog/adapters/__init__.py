@@ -1,1 +1,1 @@
-"""Model adapters: make a model run as any sub-network ψ."""
+"""Model adapters: apply a sub-network ψ to a model (elastic ViT for growth, unfreezer for fine-tuning)."""

@@ -8,7 +8,6 @@ resized and centre-cropped to ``image_size``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,17 +160,6 @@ def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = 
         xtr, ytr = xtr[idx], ytr[idx]
     present = tuple(sorted(int(c) for c in np.unique(ytr.numpy())))
     return DiffusionData(name, xtr.contiguous(), ytr.long(), xte.contiguous(), yte.long(), n, present, hflip)
-
-
-def with_latents(data: DiffusionData, vae_path: str, cache_dir: str | os.PathLike, device="cpu") -> DiffusionData:
-    """Encode ``data``'s training images with the AutoencoderKL at ``vae_path`` (cached) for latent-space training."""
-    from .latent import LatentCodec
-
-    codec = LatentCodec.from_pretrained(vae_path, device=device)
-    codec.latent_size(data.image_size)  # refuses sizes the VAE cannot halve down
-    data.latents = codec.encode_cached(data.train_images, Path(cache_dir) / "latents")
-    data.codec = codec
-    return data
 
 
 def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ConfigError
-from .data import to_float
+from .data import DiffusionData, to_float
 
 CACHE_FORMAT = "autoprog-latents/1"
 
@@ -211,3 +211,12 @@ def _one_line(e: BaseException) -> str:
 
 
 __all__ = ["LatentCodec"]
+
+
+def with_latents(data: DiffusionData, vae_path: str, cache_dir: str | os.PathLike, device="cpu") -> DiffusionData:
+    """Encode ``data``'s training images with the AutoencoderKL at ``vae_path`` (cached) for latent-space training."""
+    codec = LatentCodec.from_pretrained(vae_path, device=device)
+    codec.latent_size(data.image_size)  # refuses sizes the VAE cannot halve down
+    data.latents = codec.encode_cached(data.train_images, Path(cache_dir) / "latents")
+    data.codec = codec
+    return data

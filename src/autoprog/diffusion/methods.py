@@ -1,12 +1,9 @@
-"""What each fine-tuning method trains: the *adapter* side of fine-tuning (it applies, it never decides).
+"""The static fine-tuning baselines, applied to a backbone before training (they apply, never decide).
 
-* :class:`Unfreezer` applies a learnable sub-network ψ for the progressive methods (``prog``,
-  ``autoprog-one``, ``autoprog-zero``): ψ = (input resolution, which blocks are learnable). All blocks
-  still run forward; frozen parameters get ``requires_grad=False`` and therefore neither gradients
-  nor optimizer state. The full ψ makes every parameter learnable.
-* The static baselines: ``full`` (everything), ``bitfit`` (biases), ``difffit`` (biases plus a
-  learnable scale factor on every attention and MLP branch, Xie et al. 2023) and ``lora`` (low-rank
-  adapters on the blocks' linear layers, through peft).
+``full`` (everything), ``bitfit`` (biases), ``difffit`` (biases plus a learnable scale factor on every
+attention and MLP branch, Xie et al. 2023) and ``lora`` (low-rank adapters on the blocks' linear layers,
+through peft). The progressive methods (``prog``, ``autoprog-one``, ``autoprog-zero``) apply learnable
+sub-networks through :class:`autoprog.adapters.unfreezer.Unfreezer` instead.
 
 Every method also trains the condition embeddings (class table, and the SID when there is one):
 a transfer task brings classes the base model has never seen. :func:`export_backbone` folds DiffFit's
@@ -15,15 +12,14 @@ scale factors and LoRA's adapters back into plain weights, so every method expor
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 import torch.nn as nn
 
+from ..adapters.unfreezer import freeze_all, train_conditions
 from ..errors import ConfigError
-from ..space import GrowthSpace, SubNet
-from .backbone import DiffusionBackbone
+from ..models.dit import DiffusionBackbone
 
 STATIC_METHODS = ("full", "bitfit", "difffit", "lora")
 PROGRESSIVE_METHODS = ("prog", "autoprog-one", "autoprog-zero")
@@ -48,52 +44,6 @@ FINETUNE_METHODS = (*STATIC_METHODS, "lora-r8", "lora-r16", *PROGRESSIVE_METHODS
                     *(f"{m}-nosid" for m in PROGRESSIVE_METHODS))
 
 
-def freeze_all(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
-def _train_conditions(model: DiffusionBackbone) -> None:
-    for p in model.condition_parameters():
-        p.requires_grad_(True)
-
-
-def spread_blocks(depth: int, learnable: int) -> tuple[int, ...]:
-    """``learnable`` block indices spread evenly over ``depth`` blocks, the output-side block always included."""
-    if not 1 <= learnable <= depth:
-        raise ConfigError(f"cannot make {learnable} of {depth} blocks learnable")
-    return tuple(sorted({depth - 1 - math.floor(i * depth / learnable) for i in range(learnable)}))
-
-
-class Unfreezer:
-    """Applies learnable sub-networks ψ to a backbone (the unfreezing adapter)."""
-
-    def __init__(self, model: DiffusionBackbone):
-        self.model = model
-        self.subnet: SubNet | None = None
-
-    def space(self, num_stages: int = 4, start_ratio: float = 0.25) -> GrowthSpace:
-        """Ω for fine-tuning: input patches per side × number of learnable blocks (Sec. 5.1.2: 0.25Ω)."""
-        return GrowthSpace(self.model.image_size, self.model.patch_size, self.model.depth, num_stages, start_ratio)
-
-    def blocks_for(self, subnet: SubNet) -> tuple[int, ...]:
-        return subnet.blocks if subnet.blocks is not None else spread_blocks(self.model.depth, subnet.depth)
-
-    def is_full(self, subnet: SubNet) -> bool:
-        return subnet.depth >= self.model.depth and subnet.resolution >= self.model.image_size
-
-    def apply(self, subnet: SubNet) -> None:
-        if self.is_full(subnet):
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-        else:
-            freeze_all(self.model)
-            for i in self.blocks_for(subnet):
-                self.model.blocks[i].requires_grad_(True)
-            _train_conditions(self.model)
-        self.subnet = subnet
-
-
 # ----------------------------------------------------------------------------------- static baselines
 def prepare_full(model: DiffusionBackbone) -> None:
     for p in model.parameters():
@@ -105,7 +55,7 @@ def prepare_bitfit(model: DiffusionBackbone) -> None:
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             p.requires_grad_(True)
-    _train_conditions(model)
+    train_conditions(model)
 
 
 class ScaleFactors(nn.Module):
@@ -156,7 +106,7 @@ def prepare_lora(model: DiffusionBackbone, rank: int = 8, alpha: float | None = 
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.requires_grad_(True)
-    _train_conditions(model)
+    train_conditions(model)
 
 
 def prepare_static(model: DiffusionBackbone, method: str, lora_rank: int = 8) -> None:

@@ -14,18 +14,21 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.unfreezer import Unfreezer
+from ..algorithms.proxies import TIME_RTOL
+from ..engine import CHECKPOINT_DIR
 from ..errors import ConfigError
-from ..proxies import TIME_RTOL
+from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
+from ..models.dit import build_backbone, load_backbone
 from ..schedules import Schedule
-from .backbone import build_backbone, load_backbone
-from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes, with_latents
-from .methods import FINETUNE_METHODS, PEFT_METHODS, STATIC_METHODS, Unfreezer, parse_method, prepare_static
+from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes
+from .latent import with_latents
+from .methods import FINETUNE_METHODS, PEFT_METHODS, STATIC_METHODS, parse_method, prepare_static
 from .quality import default_cache_dir
-from .trainer import CHECKPOINT_DIR, DiffusionConfig, DiffusionTrainer
+from .trainer import DiffusionConfig, DiffusionTrainer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_BASE = ASSETS / "dit-fmnist-base"
-BUDGET_SUFFIX = "@budget"
 DEFAULT_COMPARE = ("full", "bitfit", "difffit", "lora", "prog", "autoprog-zero", "autoprog-zero-nosid")
 
 
@@ -128,8 +131,10 @@ def _base_path(spec: FinetuneSpec) -> Path:
 
 def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     """Load data and base model, apply the method; returns ``(data, model, controller, unfreezer, lr)``."""
-    from .autoprog_zero import AutoProgZero
-    from .schedules import AutoProgOneFinetune, StaticController, UnfreezeController, prog_unfreeze
+    from ..algorithms.autoprog_one import AutoProgOneFinetune
+    from ..algorithms.autoprog_zero import AutoProgZero
+    from ..controllers import ScheduleController, StaticController
+    from ..schedules import prog
 
     method, opts = parse_method(spec.method)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
@@ -161,7 +166,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         if opts.get("sid", True):  # one identifier per stage, a replayed schedule's stages included
             model.add_stage_identifier(len(sched.stages) if sched else spec.num_stages)
         if method == "prog":
-            controller = UnfreezeController(sched or prog_unfreeze(space))
+            controller = ScheduleController(sched or prog(space))
         elif method == "autoprog-one":
             controller = AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
         else:
@@ -207,7 +212,7 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
 
 def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: bool = False) -> dict:
     """Train a base DiT from scratch on ``spec.classes``; the model is written to ``out/model``."""
-    from .schedules import StaticController
+    from ..controllers import StaticController
 
     out = Path(out)
     spec = _run_spec(BaseSpec, spec, out, resume)
@@ -241,7 +246,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     ``full@budget`` is full fine-tuning stopped at the wall-clock of the fastest progressive method, its
     learning-rate schedule ending there. Finished runs are reused, unfinished ones resumed.
     """
-    from ..report import write_finetune_report
+    from .report import write_finetune_report
 
     out = Path(out)
     spec.train.validate()
@@ -267,8 +272,6 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         steps = max(1, round(spec.train.steps * ratio))
         name = "full" + BUDGET_SUFFIX
         bspec = replace(spec, method="full", train=replace(spec.train, steps=steps))
-        from ..runner import drop_stale_budget_run
-
         drop_stale_budget_run(out / name, _saved_differences(out / name, bspec), "train.steps", acc)
         results[name] = _run_once(bspec, out / name, acc, evaluator)
         results[name]["summary"]["method"] = name
@@ -297,7 +300,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
 def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], per_class: int = 2,
                       cfg_scale: float = 4.0, steps: int = 50, seed: int = 0, eta: float = 1.0) -> Path:
     """``samples.png``: one row per method, the same noise and classes in every row (Fig. 9 style)."""
-    from .backbone import load_backbone
+    from ..models.dit import load_backbone
     from .quality import save_grid
     from .sampling import sample
 
@@ -327,8 +330,7 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
     """:func:`compare_finetune` once per seed (``out/seed<N>``), then mean ± std per method in ``out/summary.*``."""
     from accelerate import Accelerator
 
-    from ..report import finetune_seeds_markdown
-    from ..runner import seed_rows
+    from .report import finetune_seeds_markdown
 
     acc = accelerator or Accelerator()
     out = Path(out)
@@ -347,24 +349,11 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
 
 def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
-    res_file = out / "results.json"
-    differ = _saved_differences(out, spec)
-    if differ:
-        raise ConfigError(f"{out} holds a {spec.method} run with different settings ({', '.join(differ)}); "
-                          "use another --out for this comparison")
-    if res_file.is_file():
-        res = json.loads(res_file.read_text())
-        if res.get("done"):
-            acc.print(f"{spec.method}: reusing finished run in {out}")
-            return res
-    resume = (out / CHECKPOINT_DIR / "state.json").is_file()
-    acc.print(f"=== {spec.method} ({'resuming' if resume else 'new run'}) -> {out}")
-    return finetune(spec, out, acc, resume=resume, evaluator=evaluator)
+    return reuse_or_run(out, spec.method, _saved_differences(out, spec),
+                        lambda resume: finetune(spec, out, acc, resume=resume, evaluator=evaluator), log=acc.print)
 
 
 def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
-    from ..runner import saved_differences
-
     return saved_differences(out, spec, lambda cfg: FinetuneSpec.from_dict(cfg["spec"]), ignore=("stop_after_steps",))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .backbone import DiffusionBackbone
+from ..models.dit import DiffusionBackbone
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -17,6 +17,8 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,16 +26,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..engine import ControllerCalls, atomic_write, release, replace_dir, rewrap_if_needed, trained_ids
+from ..adapters.unfreezer import Unfreezer
+from ..controllers import ProxyTask
+from ..engine import (
+    CHECKPOINT_DIR,
+    ControllerCalls,
+    atomic_write,
+    release,
+    replace_dir,
+    rewrap_if_needed,
+    trained_ids,
+)
 from ..errors import ConfigError
+from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import build_optimizer, load_optimizer_state, optimizer_state_tensors
-from ..space import SubNet
-from .backbone import DiffusionBackbone, num_parameters, save_backbone
+from ..space import GrowthSpace, SubNet
 from .data import DiffusionData
-from .methods import Unfreezer, export_backbone
+from .methods import export_backbone
 from .sampling import balanced_labels, diffusion_loss, sample, training_scheduler
 
-CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 
 
@@ -110,6 +121,9 @@ class DiffusionTrainer(ControllerCalls):
         if len(data.train_images) < cfg.batch_size * self.acc.num_processes:
             raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
         self.resolution = data.model_size
+        self.steps_per_epoch = max(1, len(data.train_images) // (cfg.batch_size * self.acc.num_processes))
+        self.step, self.stage = 0, -1  # the controller may look at them from setup on
+        self._t_start: float | None = None
         self.total_steps = self.controller.setup(self, cfg.steps)
         warm = min(cfg.warmup_steps, self.total_steps // 2)
         self.lr_sched = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warm), lr_min=cfg.min_lr,
@@ -118,8 +132,6 @@ class DiffusionTrainer(ControllerCalls):
         self.lr_sched.step_update(0)
         self.eval_steps = sorted({max(1, round(i * self.total_steps / cfg.eval_points))
                                   for i in range(1, cfg.eval_points + 1)})
-        self.step = 0
-        self.stage = -1
         self.train_time = 0.0
         self.search_time = 0.0
         self.trainable_steps = 0.0  # Σ trainable parameters over steps, for the mean
@@ -185,6 +197,36 @@ class DiffusionTrainer(ControllerCalls):
     def subnet(self) -> SubNet | None:
         return self.unfreezer.subnet if self.unfreezer is not None else None
 
+    def growth_space(self) -> GrowthSpace:
+        """Ω of the model at full size: input patches per side × learnable blocks."""
+        return GrowthSpace(self.model.image_size, self.model.patch_size, self.model.depth)
+
+    def enter_subnet(self, subnet: SubNet) -> dict:
+        """Unfreeze ``subnet`` at a stage start; the record names its learnable blocks."""
+        self.use_subnet(subnet)
+        return {"learnable_blocks": list(self.unfreezer.blocks_for(subnet))}
+
+    def elapsed(self) -> float:
+        """Training seconds so far (evaluation excluded), including the running stretch since the last point."""
+        running = time.perf_counter() - self._t_start - self._instrument_time if self._t_start is not None else 0.0
+        return self.train_time + running
+
+    def describe(self, subnet: SubNet) -> str:
+        return f"{subnet.resolution}px, learnable blocks {list(self.unfreezer.blocks_for(subnet))}"
+
+    @contextmanager
+    def try_candidate(self, subnet: SubNet) -> Iterator[ProxyTask]:
+        """The model with ``subnet`` learnable and fixed proxy batches at its resolution (see proxy_batches)."""
+        prev = self.subnet
+        self.use_subnet(subnet)
+        try:
+            yield ProxyTask(self.model, self.proxy_batches(subnet.resolution),
+                            forward=lambda m, b: m(b[0], b[1], b[2]),
+                            loss=lambda m, b: (m(b[0], b[1], b[2]) - b[3]).pow(2).mean())
+        finally:
+            if prev is not None:
+                self.use_subnet(prev)
+
     def proxy_batches(self, resolution: int) -> list[tuple]:
         """Fixed small batches ``(x_t, t, y, noise)`` at ``resolution`` (same images, noise and timesteps for
         every candidate), for the zero-shot proxies."""
@@ -209,7 +251,7 @@ class DiffusionTrainer(ControllerCalls):
 
     def measure_step_time(self, subnet: SubNet) -> float:
         """Median seconds of a forward+backward training pass with ``subnet`` learnable (warm-up excluded)."""
-        from ..proxies import measure_step_time
+        from ..algorithms.proxies import measure_step_time
 
         key = (subnet.resolution, self.unfreezer.blocks_for(subnet))
         if key in self._time_cache:
@@ -248,7 +290,7 @@ class DiffusionTrainer(ControllerCalls):
         loss_sum, loss_n = 0.0, 0
         stopped = False
         self._sync()
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         while self.step < self.total_steps:
             k = self.controller.stage_at(self.step)
             if k != self.stage:
@@ -288,7 +330,7 @@ class DiffusionTrainer(ControllerCalls):
                     break
                 self._sync()
                 self._instrument_time = 0.0
-                t_start = time.perf_counter()
+                t_start = self._t_start = time.perf_counter()
         bar.close()
         if not stopped:
             self._export()

@@ -1,1 +1,1 @@
-"""Model definitions and the model factory."""
+"""Models: the built-in ViT and the timm factory, the diffusion backbones (DiT, diffusers DiT) with SID."""

@@ -1,4 +1,4 @@
-"""The elastic supernet Φ with interpolation (Definition 3.1) and the growth space Λ_k (Appendix B).
+"""The elastic supernet Φ with interpolation (Definition 3.1) and AutoProg-One's score (Eq. 9).
 
 From the previous stage's chosen sub-network ψ*_{k-1} (its blocks compacted to physical positions
 ``0..l-1``) the supernet inserts copies of blocks in between them, starting from the final layers: the
@@ -6,7 +6,8 @@ first inserted block copies the last block and runs right after it, the second c
 and so on (a second round starts again from the end when the depth more than doubles). Inserted blocks
 live at physical positions ``l, l+1, ...`` in insertion order, so a candidate of depth ``d`` uses the
 original blocks plus the first ``d - l`` inserted ones. Every candidate's weights are therefore a
-subset of every larger candidate's: the supernet is *weight-nesting*.
+subset of every larger candidate's: the supernet is *weight-nesting*. The candidates Λ_k themselves are
+:func:`autoprog.space.candidates`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import ConfigError
-from .space import GrowthSpace, SubNet
-
-MAX_CANDIDATES = 9
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -74,31 +72,6 @@ class ElasticLayout:
         for pos, src in self.inserted():
             root[pos] = root[src]
         return {pos: root[pos] for pos, _ in self.inserted()}
-
-
-def _pick(values: list[int], idx: list[int]) -> list[int]:
-    return sorted({values[i] for i in idx})
-
-
-def candidates(space: GrowthSpace, previous: SubNet | None) -> list[SubNet]:
-    """Λ_k: the first stage takes the smallest, medium and largest n and l of Ω (at most 9);
-    later stages take ψ*_{k-1}'s n and the next larger one, times its l and the next 3 depths (≤ 8).
-    Candidates are never smaller than ψ*_{k-1}. Depth-only candidates list no blocks; the supernet
-    assigns them (:class:`ElasticLayout`).
-    """
-    res, dep = space.resolutions(), space.depths()
-    if previous is None:
-        mid = lambda v: len(v) // 2  # noqa: E731 - the upper median of Ω's values
-        rs = _pick(res, [0, mid(res), len(res) - 1])
-        ds = _pick(dep, [0, mid(dep), len(dep) - 1])
-    else:
-        larger = [r for r in res if r > previous.resolution]
-        rs = [previous.resolution] + larger[:1]
-        ds = [d for d in range(previous.depth, previous.depth + 4) if d <= space.full_depth]
-    out = [SubNet(r, d) for r in rs for d in ds]
-    if len(out) > MAX_CANDIDATES:
-        raise AssertionError("growth space exceeds 9 candidates")  # cannot happen with the rules above
-    return out
 
 
 def choose_alpha(losses: list[float], times: list[float]) -> float:

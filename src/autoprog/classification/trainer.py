@@ -15,6 +15,8 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,23 +25,31 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .adapters.vit import ElasticViT
-from .data import DataBundle
-from .engine import ControllerCalls, atomic_write, release, replace_dir, rewrap_if_needed, trained_ids
-from .errors import ConfigError
-from .growth import GrowthOperator, MomentumNetwork, copy_blocks
-from .metrics import train_step_flops
-from .optim import (
+from ..adapters.vit import ElasticViT
+from ..algorithms.growth import GrowthOperator, MomentumNetwork, copy_blocks
+from ..controllers import ProxyTask, ScheduleController
+from ..data import DataBundle
+from ..engine import (
+    CHECKPOINT_DIR,
+    ControllerCalls,
+    atomic_write,
+    release,
+    replace_dir,
+    rewrap_if_needed,
+    trained_ids,
+)
+from ..errors import ConfigError
+from ..metrics import train_step_flops
+from ..optim import (
     build_optimizer,
     load_optimizer_state,
     optimizer_state_tensors,
     remap_block_state,
     sync_params,
 )
-from .schedules import Schedule, ScheduleController
-from .space import SubNet
+from ..schedules import Schedule
+from ..space import GrowthSpace, SubNet
 
-CHECKPOINT_DIR = "checkpoint"
 PAPER_EMA_DECAY = 0.998
 PAPER_STEPS_PER_EPOCH = 1251  # ImageNet-1k (1,281,167 images) at the paper's batch size of 1024
 
@@ -72,6 +82,8 @@ class TrainConfig:
     max_steps: int | None = None
     num_workers: int = 0
     count_flops: bool = True
+    proxy_batches: int = 4  # autoprog-zero: fixed batches for the NTK and ZiCo proxies
+    proxy_batch_size: int = 8
     stop_after_epochs: int | None = None  # stop early (checkpoint kept) e.g. to test resuming
 
     def validate(self) -> None:
@@ -81,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.proxy_batches < 2:
+            raise ConfigError("--proxy-batches must be at least 2 (ZiCo needs a spread across batches)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}")
 
@@ -128,6 +142,7 @@ class Trainer(ControllerCalls):
         self.ema_decay = cfg.ema_decay if cfg.ema_decay is not None else auto_ema_decay(self.steps_per_epoch)
         self.ema = MomentumNetwork(self.net, self.ema_decay)
         self.lr_steps = cfg.max_steps or max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.step, self.stage = 0, -1  # the controller may look at them from setup on
         self.total_steps = self.controller.setup(self, self.lr_steps)
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         from timm.scheduler import CosineLRScheduler
@@ -137,10 +152,8 @@ class Trainer(ControllerCalls):
             self.optimizer, t_initial=max(1, self.lr_steps - warmup), lr_min=cfg.min_lr, warmup_t=warmup,
             warmup_lr_init=cfg.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
         )
-        self.step = 0
         self.lr_step = 0  # position in the learning-rate schedule (rewound when search steps are discarded)
         self.epoch = 0
-        self.stage = -1
         self.train_time = 0.0
         self.flops_sum = 0.0
         self.flops_cache: dict[tuple, int] = {}
@@ -187,6 +200,39 @@ class Trainer(ControllerCalls):
             self.adareg.set_subnet(self.net, subnet)
         self._rewrap_if_needed()
         self._step_flops(subnet)
+
+    def growth_space(self) -> GrowthSpace:
+        """Ω of the model at full size: patches per side × depth."""
+        return self.net.growth_space(1, 1.0)
+
+    def enter_subnet(self, subnet: SubNet) -> dict:
+        """Grow into ``subnet`` at a stage start (the first stage just applies it); the record says how."""
+        return {"growth": self.grow_to(subnet) if self.stage >= 0 else self.use_subnet(subnet)}
+
+    def describe(self, subnet: SubNet) -> str:
+        return str(subnet)
+
+    @contextmanager
+    def try_candidate(self, subnet: SubNet) -> Iterator[ProxyTask]:
+        """The model grown into ``subnet`` as a stage start would grow it, with fixed, non-augmented batches of
+        training images; weights, momentum weights and optimizer state are restored on exit."""
+        snap = self.snapshot()
+        try:
+            if subnet != self.net.subnet:
+                self.enter_subnet(subnet)
+            with torch.random.fork_rng(devices=[]):
+                batches = [(self.data.prepare(x.to(self.acc.device), train=False), y.to(self.acc.device))
+                           for x, y in self._proxy_loader()]
+            smoothing = self.cfg.label_smoothing
+            yield ProxyTask(self.net, batches, forward=lambda m, b: m(b[0]),
+                            loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing))
+        finally:
+            self.restore(snap)
+
+    def _proxy_loader(self):
+        """The first ``proxy_batches`` × ``proxy_batch_size`` training images, in a fixed order."""
+        n = self.cfg.proxy_batches * self.cfg.proxy_batch_size
+        return self.data.loader("train", self.cfg.proxy_batch_size, shuffle=False, limit=n, num_workers=0)
 
     def _rewrap_if_needed(self) -> None:
         self.model, self._wrapped_params = rewrap_if_needed(self.acc, self.model, self.net, self._wrapped_params)
@@ -256,7 +302,7 @@ class Trainer(ControllerCalls):
 
     def candidate_loss(self, subnet: SubNet, samples: int) -> float:
         """Mean training loss of ``subnet`` on a fixed, non-augmented subset of the training data."""
-        from .autoprog_one import candidate_loss
+        from ..algorithms.autoprog_one import candidate_loss
 
         if self._search_loader is None or self._search_samples != samples:
             self._search_loader = self.data.loader("train", self.cfg.batch_size * 2, shuffle=False,
@@ -358,7 +404,7 @@ class Trainer(ControllerCalls):
                 self.flops_sum += self._step_flops(self.net.subnet)
                 self.step += 1
                 self.lr_step += 1
-                self.controller.after_step(self)
+                self.controller.after_step(self, loss.detach())
                 step_times.append(time.perf_counter() - t0)
                 if bar.n % 10 == 0 or bar.n + 1 == steps_this_epoch:
                     bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", subnet=str(self.net.subnet),

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import ConfigError
-
-
-def _pos(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+from ..errors import ConfigError
+from .common import parse_seeds, positive_int
 
 
 def _add_optim(p, d) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_pos, default=d.steps, help=f"optimizer steps (default: {d.steps})")
-    g.add_argument("--batch-size", type=_pos, default=d.batch_size, help=f"batch size per process (default: {d.batch_size})")
+    g.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"batch size per process (default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak AdamW learning rate, cosine-decayed to --min-lr (default: {d.lr:g})")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help=f"(default: {d.min_lr:g})")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"(default: {d.warmup_steps})")
@@ -40,13 +34,13 @@ def _add_optim(p, d) -> None:
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-points", type=_pos, default=d.eval_points,
+    g.add_argument("--eval-points", type=positive_int, default=d.eval_points,
                    help=f"FD measurements during training, evenly spaced, the last at the end (default: {d.eval_points})")
-    g.add_argument("--curve-samples", type=_pos, default=d.curve_samples,
+    g.add_argument("--curve-samples", type=positive_int, default=d.curve_samples,
                    help=f"generated images per intermediate measurement (default: {d.curve_samples})")
-    g.add_argument("--fd-samples", type=_pos, default=d.fd_samples,
+    g.add_argument("--fd-samples", type=positive_int, default=d.fd_samples,
                    help=f"generated images for the final FD/KID (default: {d.fd_samples})")
-    g.add_argument("--sample-steps", type=_pos, default=d.sample_steps, help=f"DDIM steps (default: {d.sample_steps})")
+    g.add_argument("--sample-steps", type=positive_int, default=d.sample_steps, help=f"DDIM steps (default: {d.sample_steps})")
     g.add_argument("--eta", type=float, default=d.sample_eta,
                    help="DDIM eta: 0 deterministic, 1 ancestral noise at every step; small CPU-trained models "
                         f"sample far better with 1 (default: {d.sample_eta:g})")
@@ -55,7 +49,7 @@ def _add_optim(p, d) -> None:
     g.add_argument("--fid-weights", metavar="PATH",
                    help="a local Inception checkpoint (torch-fidelity's pt_inception-2015-12-05): report real FID. "
                         "Without it: FD on the features of a classifier autoprog trains on the dataset and caches")
-    g.add_argument("--feature-epochs", type=_pos, default=3, help="epochs of that feature classifier (default: 3)")
+    g.add_argument("--feature-epochs", type=positive_int, default=3, help="epochs of that feature classifier (default: 3)")
     g.add_argument("--cache-dir", help="where the feature classifier is cached (default: $AUTOPROG_CACHE or ~/.cache/autoprog)")
     g.add_argument("--config", help="YAML file of option values (keys: option names with '_')")
 
@@ -67,15 +61,15 @@ def _add_data(p, classes: str) -> None:
     g.add_argument("--data-root", help="where Fashion-MNIST's .gz files are (default: /usr/share/datasets/fashion-mnist)")
     g.add_argument("--classes", default=classes, help=f"class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: {classes})")
     g.add_argument("--subset", type=int, default=0, help="train on this many images (fixed random subset; 0 = all) (default: 0)")
-    g.add_argument("--image-size", type=_pos, help="resize images to this size (default: the dataset's; 32 for ImageFolder)")
+    g.add_argument("--image-size", type=positive_int, help="resize images to this size (default: the dataset's; 32 for ImageFolder)")
     g.add_argument("--vae", metavar="PATH",
                    help="a local diffusers AutoencoderKL directory: train in its latent space (latents are cached); "
                         "fine-tuning uses the base model's VAE by default")
 
 
 def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
-    from .diffusion.methods import FINETUNE_METHODS
-    from .diffusion.trainer import DiffusionConfig
+    from ..diffusion.methods import FINETUNE_METHODS
+    from ..diffusion.trainer import DiffusionConfig
 
     if single:
         p.add_argument("--method", default="autoprog-zero",
@@ -87,12 +81,12 @@ def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
                         "(default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)")
     _add_data(p, "5-9")
     g = p.add_argument_group("unfreezing")
-    g.add_argument("--num-stages", type=_pos, default=4, help="stages of progressive unfreezing (default: 4)")
+    g.add_argument("--num-stages", type=positive_int, default=4, help="stages of progressive unfreezing (default: 4)")
     g.add_argument("--start-ratio", type=float, default=0.25,
                    help="first stage's share of input patches per side and learnable blocks (default: 0.25, Sec. 5.1.2)")
     g.add_argument("--schedule", help="unfreezing schedule to replay with --method prog: a schedule.json, or inline "
                                            "RESxLEARNABLE_BLOCKS per stage, e.g. 16x6,20x6,24x6,28x6")
-    g.add_argument("--lora-rank", type=_pos, default=8, help="LoRA rank for --method lora (default: 8)")
+    g.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank for --method lora (default: 8)")
     g.add_argument("--search-fraction", type=float, default=0.25,
                    help="autoprog-one: share of each stage spent sampling candidates (default: 0.25)")
     g.add_argument("--time-tolerance", type=float, default=0.05,
@@ -100,24 +94,24 @@ def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
                         "timing noise does not decide the vote (default: 0.05; 0 = the paper's exact ranking)")
     g.add_argument("--alpha", type=float, help="autoprog-one: runtime exponent of L*T^alpha (default: balanced per stage)")
     g.add_argument("--proxy-batches", type=int, default=4, help="autoprog-zero: batches for NTK/ZiCo (default: 4)")
-    g.add_argument("--proxy-batch-size", type=_pos, default=8, help="autoprog-zero: samples per proxy batch (default: 8)")
+    g.add_argument("--proxy-batch-size", type=positive_int, default=8, help="autoprog-zero: samples per proxy batch (default: 8)")
     g.add_argument("--peft-lr", type=float,
                    help="learning rate of bitfit, difffit and lora, which train few parameters (default: 10 × --lr)")
     _add_optim(p, DiffusionConfig())
 
 
 def add_base_options(p: argparse.ArgumentParser) -> None:
-    from .diffusion.runner import BaseSpec
+    from ..diffusion.runner import BaseSpec
 
     d = BaseSpec()
     p.add_argument("--backbone", choices=["dit", "diffusers-dit"], default=d.backbone,
                    help="built-in DiT or diffusers' DiTTransformer2DModel (default: dit)")
     g = p.add_argument_group("model")
-    g.add_argument("--patch-size", type=_pos, default=d.patch_size, help=f"(default: {d.patch_size})")
-    g.add_argument("--hidden-size", type=_pos, default=d.hidden_size, help=f"(default: {d.hidden_size})")
-    g.add_argument("--depth", type=_pos, default=d.depth, help=f"transformer blocks (default: {d.depth})")
-    g.add_argument("--num-heads", type=_pos, default=d.num_heads, help=f"(default: {d.num_heads})")
-    g.add_argument("--num-classes", type=_pos, help="size of the class table (default: the dataset's, so that "
+    g.add_argument("--patch-size", type=positive_int, default=d.patch_size, help=f"(default: {d.patch_size})")
+    g.add_argument("--hidden-size", type=positive_int, default=d.hidden_size, help=f"(default: {d.hidden_size})")
+    g.add_argument("--depth", type=positive_int, default=d.depth, help=f"transformer blocks (default: {d.depth})")
+    g.add_argument("--num-heads", type=positive_int, default=d.num_heads, help=f"(default: {d.num_heads})")
+    g.add_argument("--num-classes", type=positive_int, help="size of the class table (default: the dataset's, so that "
                                                     "fine-tuning can add the other classes)")
     _add_data(p, d.classes)
     _add_optim(p, d.train)
@@ -139,8 +133,8 @@ def _train_config(args, base):
 
 
 def finetune_spec(args, method: str):
-    from .diffusion.runner import FinetuneSpec
-    from .diffusion.trainer import DiffusionConfig
+    from ..diffusion.runner import FinetuneSpec
+    from ..diffusion.trainer import DiffusionConfig
 
     if not 0 < args.start_ratio <= 1:
         raise ConfigError(f"--start-ratio must be in (0, 1], got {args.start_ratio}")
@@ -156,7 +150,7 @@ def finetune_spec(args, method: str):
 
 
 def base_spec(args):
-    from .diffusion.runner import BaseSpec
+    from ..diffusion.runner import BaseSpec
 
     d = BaseSpec()
     return BaseSpec(
@@ -174,11 +168,11 @@ def add_sample_parser(sub) -> None:
     s.add_argument("model", help="model directory (or a fine-tuning run directory holding model/)")
     s.add_argument("--out", help="output directory (default: MODEL/samples)")
     s.add_argument("--classes", help="class ids (default: the classes the model was trained on)")
-    s.add_argument("--per-class", type=_pos, default=16, help="images per class (default: 16)")
-    s.add_argument("--sample-steps", type=_pos, default=50, help="DDIM steps (default: 50)")
+    s.add_argument("--per-class", type=positive_int, default=16, help="images per class (default: 16)")
+    s.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 = deterministic (default: 1)")
     s.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default: 4.0, the paper's for visualisation)")
-    s.add_argument("--stage", type=_pos, help="use stage K's identifier (default: the last stage's)")
+    s.add_argument("--stage", type=positive_int, help="use stage K's identifier (default: the last stage's)")
     s.add_argument("--seed", type=int, default=0, help="(default: 0)")
 
 
@@ -187,10 +181,10 @@ def run_sample(args, acc) -> None:
 
     import torch
 
-    from .diffusion.backbone import load_backbone
-    from .diffusion.data import parse_classes
-    from .diffusion.quality import save_grid
-    from .diffusion.sampling import sample
+    from ..diffusion.data import parse_classes
+    from ..diffusion.quality import save_grid
+    from ..diffusion.sampling import sample
+    from ..models.dit import load_backbone
 
     path = Path(args.model)
     if (path / "model" / "config.json").is_file():
@@ -207,7 +201,7 @@ def run_sample(args, acc) -> None:
         raise ConfigError(f"the model has classes 0-{model.num_classes - 1}; --classes asks for {bad}")
     out = Path(args.out) if args.out else path / "samples"
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
-    from .diffusion.runner import decode_samples
+    from ..diffusion.runner import decode_samples
 
     imgs = decode_samples(meta, sample(model, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed,
                                        eta=args.eta))
@@ -219,7 +213,7 @@ def run_sample(args, acc) -> None:
 
 
 def run_diffusion(args, acc) -> None:
-    from .diffusion import runner
+    from ..diffusion import runner
 
     if args.command == "pretrain":
         if args.resume:
@@ -245,8 +239,6 @@ def run_diffusion(args, acc) -> None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         spec = finetune_spec(args, "full")
         if args.seeds:
-            from .cli import parse_seeds
-
             runner.compare_finetune_seeds(methods, spec, args.out, parse_seeds(args.seeds), not args.no_budget_baseline,
                                           acc)
         else:

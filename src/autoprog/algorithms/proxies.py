@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PAPER_WEIGHTS = {"ntk": 0.5, "zico": 0.5, "time": 1.0}
 # Step times closer than this (relative) tie on the time ballot: repeated timings of one candidate on a shared

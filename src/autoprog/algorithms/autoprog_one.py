@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .elastic import ElasticLayout, argmin_score, candidates, choose_alpha, sample_index, scores
-from .errors import ConfigError
-from .schedules import Controller, Schedule, Stage, keep_last_stage, stage_index
-from .space import GrowthSpace, SubNet
+from ..controllers import Controller, SearchingController, print_table
+from ..errors import ConfigError
+from ..schedules import Schedule, Stage, keep_last_stage, stage_index
+from ..space import GrowthSpace, SubNet, candidates
+from .elastic import ElasticLayout, argmin_score, choose_alpha, sample_index, scores
 
 
 @dataclass
@@ -43,7 +44,7 @@ class AutoProgOneConfig:
 
 
 class AutoProgOne(Controller):
-    """Controller for the trainer (see :class:`autoprog.schedules.ScheduleController` for the interface)."""
+    """The pre-training search (needs :class:`~autoprog.controllers.GrowthServices`; protocol in :mod:`autoprog.controllers`)."""
 
     method = "autoprog-one"
 
@@ -113,7 +114,7 @@ class AutoProgOne(Controller):
             return None
         return self.cands[sample_index(self.seed, step, len(self.cands))]
 
-    def after_step(self, trainer) -> None:
+    def after_step(self, trainer, loss=None) -> None:
         if self.searching and trainer.step >= self.search_end:
             self._search(trainer)
 
@@ -195,3 +196,71 @@ def candidate_loss(net, data, subnet: SubNet, loader, label_smoothing: float) ->
         net.subnet = cur
         net.train(was)
     return total / max(1, n)
+
+
+class AutoProgOneFinetune(SearchingController):
+    """AutoProg-One as a fine-tuning baseline (Sec. 5.1.2): supernet phase, then rank by mean loss × T^α."""
+
+    def __init__(self, space: GrowthSpace, search_fraction: float = 0.25, alpha: float | None = None,
+                 seed: int = 0):
+        super().__init__(space, "autoprog-one")
+        if not 0 < search_fraction < 1:
+            raise ConfigError(f"--search-fraction must be in (0, 1), got {search_fraction}")
+        self.search_fraction, self.alpha, self.seed = search_fraction, alpha, seed
+        self.cands: list[SubNet] = []
+        self.losses: dict[int, list[float]] = {}
+        self.search_end = -1
+        self._current = None
+
+    def enter_stage(self, trainer, k: int) -> None:
+        if k == self.num_stages - 1:
+            self.choose(trainer, k, self.space.full)
+            return
+        self.cands = self.candidates(k)
+        self.losses = {i: [] for i in range(len(self.cands))}
+        stage_len = self.starts[k + 1] - self.starts[k]
+        self.search_end = self.starts[k] + max(len(self.cands), round(self.search_fraction * stage_len))
+        self.search_end = min(self.search_end, self.starts[k + 1] - 1)
+        self._stage = k
+        trainer.print(f"stage {k + 1}: supernet phase over {len(self.cands)} candidates until step {self.search_end}")
+
+    def step_subnet(self, trainer, step: int) -> SubNet | None:
+        if not self.cands or step >= self.search_end:
+            return None
+        self._current = sample_index(self.seed, step, len(self.cands))
+        return self.cands[self._current]
+
+    def after_step(self, trainer, loss: float) -> None:
+        if not self.cands or self._current is None:
+            return
+        self.losses[self._current].append(loss)
+        self._current = None
+        if trainer.step + 1 >= self.search_end:
+            self._finish_search(trainer)
+
+    def _finish_search(self, trainer) -> None:
+        t0 = time.perf_counter()
+        seen = [i for i in range(len(self.cands)) if self.losses[i]]
+        losses = [sum(self.losses[i]) / len(self.losses[i]) for i in seen]
+        times = [trainer.measure_step_time(self.cands[i]) for i in seen]
+        alpha = self.alpha if self.alpha is not None else choose_alpha(losses, times)
+        best = trainer.broadcast(argmin_score(losses, times, alpha))
+        sc = scores(losses, times, alpha)
+        rows = [{**self.cands[i].to_dict(), "loss": losses[j], "time_s": times[j], "score": sc[j]}
+                for j, i in enumerate(seen)]
+        print_table(trainer, self._stage, rows, ["loss", "time_s", "score"], best)
+        self.search_log.append({"stage": self._stage + 1, "alpha": alpha, "candidates": rows, "chosen": best,
+                                "scoring_s": round(time.perf_counter() - t0, 3)})
+        self.choose(trainer, self._stage, self.cands[seen[best]])
+        self.cands = []
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "cands": [c.to_dict() for c in self.cands],
+                "losses": {str(i): v for i, v in self.losses.items()}, "search_end": self.search_end,
+                "stage": getattr(self, "_stage", -1)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.cands = [SubNet.from_dict(d) for d in state["cands"]]
+        self.losses = {int(i): v for i, v in state["losses"].items()}
+        self.search_end, self._stage = state["search_end"], state["stage"]

@@ -1,6 +1,6 @@
 """Library entry points: one pre-training run (:func:`pretrain`) and a side-by-side comparison (:func:`compare`).
 
-The defaults of :class:`RunSpec` and :class:`~autoprog.train.TrainConfig` are the built-in default
+The defaults of :class:`RunSpec` and :class:`~autoprog.classification.trainer.TrainConfig` are the built-in default
 experiment: a ViT on a 10k-image Fashion-MNIST subset, sized to run on a 2-core CPU in minutes.
 """
 
@@ -10,16 +10,18 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .adapters.vit import ElasticViT
-from .data import load_dataset
-from .errors import ConfigError
-from .growth import get_growth_operator
-from .models.factory import ModelOverrides, build_model
-from .report import plot_curves, schedule_string, seeds_markdown, summary_markdown
-from .schedules import METHODS, build_schedule
-from .train import CHECKPOINT_DIR, TrainConfig, Trainer
-
-BUDGET_SUFFIX = "@budget"
+from ..adapters.vit import ElasticViT
+from ..algorithms.growth import get_growth_operator
+from ..algorithms.proxies import TIME_RTOL
+from ..data import load_dataset
+from ..engine import CHECKPOINT_DIR
+from ..errors import ConfigError
+from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
+from ..models.factory import ModelOverrides, build_model
+from ..report import plot_curves, schedule_string
+from ..schedules import METHODS, build_schedule
+from .report import seeds_markdown, summary_markdown
+from .trainer import TrainConfig, Trainer
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RunSpec:
     alpha: float | None = None
     search_samples: int = 1024
     recycle: bool = True
+    time_tolerance: float = TIME_RTOL  # autoprog-zero: step times this close (relative) tie on the time ballot
     adareg: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -74,12 +77,18 @@ def build_run(spec: RunSpec):
     net = ElasticViT(build_model(spec.model, data.num_classes, data.in_chans, overrides))
     space = net.growth_space(spec.num_stages, spec.start_ratio)
     if spec.method == "autoprog-one":
-        from .autoprog_one import AutoProgOne, AutoProgOneConfig
+        from ..algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
 
         schedule = AutoProgOne(space, AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples,
                                                         spec.recycle), seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
+    if spec.method == "autoprog-zero":
+        from ..algorithms.autoprog_zero import AutoProgZero
+
+        if not 0 <= spec.time_tolerance < 1:
+            raise ConfigError(f"--time-tolerance must be in [0, 1), got {spec.time_tolerance}")
+        return data, net, AutoProgZero(space, time_rtol=spec.time_tolerance), get_growth_operator(spec.growth or "mogrow")
     schedule = build_schedule(spec.method, space, spec.schedule)
     growth = get_growth_operator(spec.growth or schedule.default_growth)
     schedule = replace(schedule, default_growth=growth.name)  # schedule.json records the operator used
@@ -126,63 +135,16 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
     return trainer.fit(resume=resume)
 
 
-def spec_differences(saved: dict, wanted: dict, prefix: str = "", ignore: tuple[str, ...] = ()) -> list[str]:
-    """``"name: X there, Y now"`` for every setting (dotted name) that differs between two spec dicts."""
-    out = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
-        if key in ignore:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += spec_differences(a, b, f"{prefix}{key}.", ignore)
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-    return out
-
-
-def saved_differences(out: Path, spec, load_saved, ignore: tuple[str, ...] = ()) -> list[str] | None:
-    """How the run in ``out`` was set up differently from ``spec`` (None: no run there).
-
-    ``load_saved`` turns the run's ``config.json`` into a spec of ``spec``'s class; going through the dataclass
-    makes settings added since the run was made compare at their defaults.
-    """
-    cfg_path = out / "config.json"
-    if not cfg_path.is_file():
-        return None
-    saved = json.loads(json.dumps(load_saved(json.loads(cfg_path.read_text())).to_dict()))
-    return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=ignore)
-
-
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     """How the pre-training run in ``out`` differs from ``spec`` (None: no run there)."""
     return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs",))
 
 
-def drop_stale_budget_run(out: Path, differ: list[str] | None, steps_key: str, acc) -> None:
-    """A budget row is derived from the other rows' wall-clock: when they changed (a method added or re-run)
-    its step count changes too, and a budget run made for another step count is removed to be trained again."""
-    import shutil
-
-    if differ and all(d.startswith(f"{steps_key}:") for d in differ):
-        acc.print(f"{out.name}: the budget changed ({differ[0]}); training it again")
-        if acc.is_main_process:
-            shutil.rmtree(out)
-        acc.wait_for_everyone()
-
-
 def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
-    res_path, cfg_path = out / "results.json", out / "config.json"
-    if cfg_path.is_file():
-        differ = run_differences(out, spec)
-        if differ:
-            raise ConfigError(f"{out} holds a {spec.method} run with different settings ({', '.join(differ)}); "
-                              "use another --out for this comparison")
-        if res_path.is_file() and json.loads(res_path.read_text()).get("done"):
-            return json.loads(res_path.read_text())
-        if (out / CHECKPOINT_DIR).exists():
-            return pretrain(spec, out, accelerator, resume=True)
-    return pretrain(spec, out, accelerator)
+    return reuse_or_run(out, spec.method, run_differences(out, spec),
+                        lambda resume: pretrain(spec, out, accelerator, resume=resume),
+                        log=accelerator.print if accelerator is not None else print)
 
 
 def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline: bool = True,
@@ -207,7 +169,6 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         validate_spec(replace(base, method=m))
     results = {}
     for m in methods:
-        acc.print(f"\n=== {m} ===")
         results[m] = run_or_reuse(replace(base, method=m), out / m, acc)
     orig = results["original"]["summary"]
     progressive = [m for m in methods if m != "original"]
@@ -247,26 +208,6 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         (out / "summary.md").write_text(md)
         plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
         acc.print("\n" + md)
-    return rows
-
-
-def seed_rows(per_seed: dict[int, list[dict]], seeds: list[int], keys, describe) -> list[dict]:
-    """One row per method over ``seeds``: mean, std and per-seed values of each of ``keys``, plus ``describe(runs)``.
-
-    ``per_seed`` maps a seed to that comparison's rows (one per method, each with ``method``).
-    """
-    import statistics
-
-    rows = []
-    for m in [r["method"] for r in per_seed[seeds[0]]]:
-        runs = [next(r for r in per_seed[s] if r["method"] == m) for s in seeds]
-        row = {"method": m, "seeds": seeds, **describe(runs)}
-        for k in keys:
-            vals = [r[k] for r in runs if r.get(k) is not None]
-            row[k] = round(statistics.fmean(vals), 4) if vals else None
-            row[k + "_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-            row[k + "_per_seed"] = [r.get(k) for r in runs]
-        rows.append(row)
     return rows
 
 

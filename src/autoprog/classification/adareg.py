@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from timm.layers import DropPath
 
-from .space import GrowthSpace, SubNet
+from ..space import GrowthSpace, SubNet
 
 
 @dataclass(frozen=True)

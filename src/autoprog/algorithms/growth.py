@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters.vit import ElasticViT
-from .errors import ConfigError
-from .space import SubNet
+from ..adapters.vit import ElasticViT
+from ..errors import ConfigError
+from ..space import SubNet
 
 MAPPINGS = ("randinit", "stacking", "interpolation")
 

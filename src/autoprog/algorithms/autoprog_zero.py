@@ -1,4 +1,4 @@
-"""AutoProg-Zero (Sec. 4.2, Algorithm 2): the unfreezing schedule chosen zero-shot at every stage start.
+"""AutoProg-Zero (Sec. 4.2, Algorithm 2): the schedule chosen zero-shot at every stage start.
 
 At the first step of each stage but the last, every candidate learnable sub-network ψ of Λ_k (Appendix B
 rules, never smaller than ψ*_{k-1}) is scored on the inherited weights, without training:
@@ -9,47 +9,54 @@ rules, never smaller than ψ*_{k-1}) is scored on the inherited weights, without
 
 and the winner of the ranked vote R = ½R(H_κ) + ½R(H_ZiCo) + R(T) (Eq. 19) is unfrozen. Step times
 within ``time_rtol`` (5 %) of each other tie on the time ballot, so measurement noise does not pick the
-winner. The last stage trains the whole model. Search time is part of the method's runtime and is also reported on its own.
+winner. The last stage trains the whole model. Search time is part of the method's runtime and is also
+reported on its own.
+
+It runs on any trainer that offers :class:`~autoprog.controllers.ZeroShotServices`: fine-tuning scores
+unfrozen candidates (the paper's use), pre-training scores grown candidates (Table 5: ViT growth with 0.5Ω
+and no SID), each through ``trainer.try_candidate``.
 """
 
 from __future__ import annotations
 
 import time
 
-from ..proxies import TIME_RTOL, autoprog_zero_vote, ntk_condition_number, zico
+from ..controllers import SearchingController, ZeroShotServices, check_services, print_table
 from ..space import GrowthSpace
-from .schedules import _print_table, _Searching
+from .proxies import TIME_RTOL, autoprog_zero_vote, ntk_condition_number, zico
 
 
-class AutoProgZero(_Searching):
-    """Controller for :class:`~autoprog.diffusion.trainer.DiffusionTrainer`."""
+class AutoProgZero(SearchingController):
+    """The zero-shot search as a controller (needs :class:`~autoprog.controllers.ZeroShotServices`)."""
 
     def __init__(self, space: GrowthSpace, ntk_samples: int = 16, time_rtol: float = TIME_RTOL):
         super().__init__(space, "autoprog-zero")
         self.ntk_samples = ntk_samples
         self.time_rtol = time_rtol
 
-    def enter_stage(self, trainer, k: int) -> None:
+    def setup(self, trainer: ZeroShotServices, total_steps: int) -> int:
+        check_services(trainer, ZeroShotServices)
+        return super().setup(trainer, total_steps)
+
+    def enter_stage(self, trainer: ZeroShotServices, k: int) -> None:
         if k == self.num_stages - 1:
-            self._choose(trainer, k, self.space.full)
+            self.choose(trainer, k, self.space.full)
             return
         t0 = time.perf_counter()
         cands = self.candidates(k)
         ntk, zc, times = [], [], []
         for sub in cands:
-            trainer.use_subnet(sub)
-            batches = trainer.proxy_batches(sub.resolution)
-            model = trainer.model
-            ntk.append(ntk_condition_number(model, batches, forward=lambda m, b: m(b[0], b[1], b[2]),
-                                            max_samples=self.ntk_samples))
-            zc.append(zico(model, batches, lambda m, b: (m(b[0], b[1], b[2]) - b[3]).pow(2).mean()))
+            with trainer.try_candidate(sub) as task:
+                ntk.append(ntk_condition_number(task.model, task.batches, forward=task.forward,
+                                                max_samples=self.ntk_samples))
+                zc.append(zico(task.model, task.batches, task.loss))
             times.append(trainer.measure_step_time(sub))
         best, table = autoprog_zero_vote(ntk, zc, times, time_rtol=self.time_rtol)
         best = trainer.broadcast(best)
         rows = [{**sub.to_dict(), "ntk_cond": row["ntk"], "zico": row["zico"], "time_s": row["time"],
                  "R_ntk": row["ntk_rank"], "R_zico": row["zico_rank"], "R_time": row["time_rank"], "R": row["total"]}
                 for sub, row in zip(cands, table)]
-        _print_table(trainer, k, rows, ["ntk_cond", "zico", "time_s", "R"], best)
+        print_table(trainer, k, rows, ["ntk_cond", "zico", "time_s", "R"], best)
         self.search_log.append({"stage": k + 1, "candidates": rows, "chosen": best,
                                 "search_s": round(time.perf_counter() - t0, 3)})
-        self._choose(trainer, k, cands[best])
+        self.choose(trainer, k, cands[best])

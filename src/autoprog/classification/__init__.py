@@ -1,0 +1,1 @@
+"""Image classification (ViT pre-training with growth): trainer, runner, adaptive regularization, reports."""

@@ -1,0 +1,189 @@
+"""``autoprog`` command line: ``pretrain`` one run, ``compare`` several methods side by side, ``finetune``
+a diffusion model, ``sample`` from one.
+
+``--task`` picks the task of ``pretrain`` (classification: a ViT; diffusion: a base DiT) and of ``compare``
+(classification: growth schedules; finetune: fine-tuning methods); it must be given on the command line.
+Every option has a default; ``autoprog compare`` with no arguments runs the built-in default
+comparison on Fashion-MNIST. Options can also come from a YAML file (``--config``) whose keys are the
+option names with ``_`` for ``-``; options given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import AutoprogError, ConfigError
+from .common import Parser, positive_int
+
+TASKS = {"pretrain": ("classification", "diffusion"), "compare": ("classification", "finetune")}
+
+
+def _task_flag(p: argparse.ArgumentParser, command: str) -> None:
+    other = TASKS[command][1]
+    p.add_argument("--task", choices=TASKS[command], default="classification",
+                   help=f"classification (default) or {other}; see 'autoprog {command} --task {other} --help' "
+                        "for that task's options")
+
+
+def build_parser(task: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; ``task`` selects the option set of ``pretrain``/``compare`` (see the module docstring)."""
+    from . import classification as cli_classification
+    from . import diffusion as cli_diffusion
+
+    parser = Parser(
+        prog="autoprog",
+        description="Automated progressive learning: train vision transformers faster by growing them "
+                    "(patches and depth) during training, and fine-tune diffusion models faster by "
+                    "unfreezing them progressively.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    if task == "diffusion":
+        p = sub.add_parser("pretrain", help="train one model",
+                           description="Train a base class-conditional DiT from scratch (default: Fashion-MNIST "
+                                       "classes 0-4), to fine-tune later. Writes OUT/model (config.json + "
+                                       "safetensors), OUT/results.json and a resumable checkpoint.")
+        _task_flag(p, "pretrain")
+        p.add_argument("--out", help="output directory (required unless --resume)")
+        p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+        p.add_argument("--stop-after-steps", type=positive_int, help="stop at the first evaluation point after "
+                                                                      "this many steps (continue with --resume)")
+        cli_diffusion.add_base_options(p)
+    else:
+        p = sub.add_parser("pretrain", help="train one model with a growth schedule (--task diffusion: a base DiT)",
+                           description="Pre-train a ViT with a growth schedule. Writes OUT/results.json, "
+                                       "OUT/schedule.json and a resumable checkpoint in OUT/checkpoint/.")
+        _task_flag(p, "pretrain")
+        cli_classification.add_pretrain_options(p)
+
+    if task == "finetune":
+        from ..diffusion.runner import DEFAULT_COMPARE
+
+        c = sub.add_parser("compare", help="train several methods side by side",
+                           description="Fine-tune the base model with each method (same data, seed and steps), "
+                                       "plus full@budget: full fine-tuning stopped at the wall-clock of the fastest "
+                                       "progressive method with its learning rate decayed by then. Writes "
+                                       "OUT/summary.json, summary.md (Table 6 style), fd_curves.png (Fig. 8 style) "
+                                       "and samples.png. Re-running with the same --out reuses finished runs.")
+        _task_flag(c, "compare")
+        c.add_argument("--methods", default=",".join(DEFAULT_COMPARE),
+                       help=f"comma-separated methods; full is required (default: {','.join(DEFAULT_COMPARE)})")
+        c.add_argument("--out", default="runs/finetune", help="output directory (default: runs/finetune)")
+        c.add_argument("--no-budget-baseline", action="store_true", help="skip the full@budget run")
+        c.add_argument("--seeds", help="comma-separated seeds: one comparison per seed in OUT/seed<N>, mean ± std "
+                                      "in OUT/summary.json and summary.md (overrides --seed)")
+        cli_diffusion.add_finetune_options(c, single=False)
+    else:
+        c = sub.add_parser("compare", help="train several methods side by side (--task finetune: fine-tuning methods)",
+                           description="Train each method with the same seed, data and settings; write "
+                                       "OUT/summary.json, OUT/summary.md and OUT/curves.png. With no arguments: the "
+                                       "built-in default comparison on Fashion-MNIST. Re-running with the same "
+                                       "--out reuses finished runs and resumes unfinished ones.")
+        _task_flag(c, "compare")
+        cli_classification.add_compare_options(c)
+
+    f = sub.add_parser("finetune", help="fine-tune a diffusion model with one method",
+                       description="Fine-tune a pre-trained class-conditional DiT (default: the shipped base model, "
+                                   "to Fashion-MNIST classes 5-9). Writes OUT/model, OUT/results.json (FD curve, "
+                                   "search tables), OUT/schedule.json and a resumable checkpoint.")
+    f.add_argument("--out", help="output directory (required unless --resume)")
+    f.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    f.add_argument("--stop-after-steps", type=positive_int,
+                   help="stop at the first evaluation point after this many steps (continue with --resume)")
+    cli_diffusion.add_finetune_options(f, single=True)
+    cli_diffusion.add_sample_parser(sub)
+    return parser
+
+
+def _config_argv(parser: argparse.ArgumentParser, command: str, path: str) -> list[str]:
+    """Turn a YAML config into command-line tokens, so argparse checks types and choices as for flags."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must be a mapping of option: value")
+    sub = parser._subparsers._group_actions[0].choices[command]
+    actions = {a.dest: a for a in sub._actions if a.option_strings}
+    argv = []
+    for key, value in values.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest in ("config", "help"):
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # store_true switches
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {path}: {key} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"--config {path}: {key} needs a single value, got {value!r}")
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def task_of(argv: list[str]) -> str | None:
+    """The ``--task`` value on the command line, if any (it chooses which options the command has)."""
+    for i, a in enumerate(argv):
+        if a == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--task="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        # config values first, so flags given on the command line (parsed later) win
+        cfg = _config_argv(parser, args.command, args.config)
+        args = parser.parse_args([args.command, *cfg, *argv[argv.index(args.command) + 1:]])
+    return args
+
+
+def _run(args, acc) -> int:
+    from . import diffusion as cli_diffusion
+    from .classification import run_classification
+
+    if args.command == "sample":
+        cli_diffusion.run_sample(args, acc)
+        return 0
+    if args.command == "finetune" or getattr(args, "task", "classification") != "classification":
+        cli_diffusion.run_diffusion(args, acc)
+        return 0
+    run_classification(args, acc)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(task_of(argv))
+    try:
+        args = _parse(parser, argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        from accelerate import Accelerator
+
+        acc = Accelerator(mixed_precision=getattr(args, "mixed_precision", "no"), cpu=getattr(args, "cpu", False))
+        try:
+            return _run(args, acc)
+        finally:
+            # tear the process group down before exit: a gloo group left to interpreter shutdown can abort
+            # rank 0 ("terminate called without an active exception") after a successful run
+            if acc.num_processes > 1:
+                acc.end_training()
+    except AutoprogError as e:
+        print(f"autoprog: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoprog: interrupted; the last checkpoint is kept (continue with --resume)",
+              file=sys.stderr)
+        return 130
+

@@ -1,0 +1,89 @@
+"""What both tasks' experiments share: reuse or resume finished runs, check a saved run's settings, the
+budget-matched baseline runs, and aggregation over seeds. Task runners build on this; it imports no task."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from .engine import CHECKPOINT_DIR
+from .errors import ConfigError
+
+BUDGET_SUFFIX = "@budget"
+
+
+def spec_differences(saved: dict, wanted: dict, prefix: str = "", ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"name: X there, Y now"`` for every setting (dotted name) that differs between two spec dicts."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if key in ignore:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_differences(a, b, f"{prefix}{key}.", ignore)
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
+
+
+def saved_differences(out: Path, spec, load_saved, ignore: tuple[str, ...] = ()) -> list[str] | None:
+    """How the run in ``out`` was set up differently from ``spec`` (None: no run there).
+
+    ``load_saved`` turns the run's ``config.json`` into a spec of ``spec``'s class; going through the dataclass
+    makes settings added since the run was made compare at their defaults.
+    """
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        return None
+    saved = json.loads(json.dumps(load_saved(json.loads(cfg_path.read_text())).to_dict()))
+    return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=ignore)
+
+
+def drop_stale_budget_run(out: Path, differ: list[str] | None, steps_key: str, acc) -> None:
+    """A budget row is derived from the other rows' wall-clock: when they changed (a method added or re-run)
+    its step count changes too, and a budget run made for another step count is removed to be trained again."""
+    if differ and all(d.startswith(f"{steps_key}:") for d in differ):
+        acc.print(f"{out.name}: the budget changed ({differ[0]}); training it again")
+        if acc.is_main_process:
+            shutil.rmtree(out)
+        acc.wait_for_everyone()
+
+
+def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable[[bool], dict],
+                 log: Callable[[str], None] = print) -> dict:
+    """The results of the run in ``out``: reused when finished, else ``run(resume)`` (resuming when a checkpoint
+    is there). ``differ`` lists how a saved run's settings differ from the wanted ones (None: no saved run);
+    a run made with other settings is refused, naming them."""
+    if differ:
+        raise ConfigError(f"{out} holds a {method} run with different settings ({', '.join(differ)}); "
+                          "use another --out for this comparison")
+    res_file = out / "results.json"
+    if differ is not None and res_file.is_file():
+        res = json.loads(res_file.read_text())
+        if res.get("done"):
+            log(f"{method}: reusing finished run in {out}")
+            return res
+    resume = differ is not None and (out / CHECKPOINT_DIR / "state.json").is_file()
+    log(f"=== {method} ({'resuming' if resume else 'new run'}) -> {out}")
+    return run(resume)
+
+
+def seed_rows(per_seed: dict[int, list[dict]], seeds: list[int], keys, describe) -> list[dict]:
+    """One row per method over ``seeds``: mean, std and per-seed values of each of ``keys``, plus ``describe(runs)``.
+
+    ``per_seed`` maps a seed to that comparison's rows (one per method, each with ``method``).
+    """
+    rows = []
+    for m in [r["method"] for r in per_seed[seeds[0]]]:
+        runs = [next(r for r in per_seed[s] if r["method"] == m) for s in seeds]
+        row = {"method": m, "seeds": seeds, **describe(runs)}
+        for k in keys:
+            vals = [r[k] for r in runs if r.get(k) is not None]
+            row[k] = round(statistics.fmean(vals), 4) if vals else None
+            row[k + "_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
+            row[k + "_per_seed"] = [r.get(k) for r in runs]
+        rows.append(row)
+    return rows
