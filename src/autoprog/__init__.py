@@ -10,7 +10,8 @@ baselines. The layout shows the design:
   AutoProg-One, AutoProg-Zero, zero-shot proxies), task-agnostic;
 * :mod:`autoprog.adapters`: apply a ψ to a model (elastic ViT, unfreezer); :mod:`autoprog.models`: the models;
 * tasks side by side: :mod:`autoprog.classification` (``pretrain``, ``compare``) and :mod:`autoprog.diffusion`
-  (``finetune``, ``compare_finetune``, ``pretrain_base``).
+  (``finetune``, ``compare_finetune``, ``pretrain_base``); :mod:`autoprog.loop` puts autoprog inside your own
+  training loop.
 
 The names below load their module on first use, so ``import autoprog`` imports no task.
 """
@@ -34,6 +35,7 @@ _EXPORTS = {
     "RunSpec": "classification.runner", "pretrain": "classification.runner", "compare": "classification.runner",
     "compare_seeds": "classification.runner", "TrainConfig": "classification.trainer",
     "Trainer": "classification.trainer",
+    "ProgressiveLoop": "loop", "ProxyData": "loop",
     "FinetuneSpec": "diffusion.runner", "finetune": "diffusion.runner", "compare_finetune": "diffusion.runner",
 }
 

@@ -1,0 +1,300 @@
+"""autoprog inside your own training loop.
+
+:class:`ProgressiveLoop` is the trainer side of the controller protocol (:mod:`autoprog.controllers`) for a
+plain PyTorch loop: you keep your data, loss, optimizer and ``backward``; it decides nothing itself, but runs a
+schedule's controller (Prog, ProgStack, a fixed schedule, AutoProg-One, AutoProg-Zero) and applies what it
+chooses. Four calls::
+
+    loop = ProgressiveLoop.growing(ElasticViT(vit), optimizer, total_steps=1000)     # pre-training
+    for x, y in batches:
+        loop.before_step()            # stage starts: grow (optimizer state follows the weights) or unfreeze
+        x = loop.resize(x)            # the stage's resolution
+        loss = F.cross_entropy(loop.model(x), y)
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        loop.after_step(loss)         # momentum network, the controller's bookkeeping, the step count
+
+``ProgressiveLoop.unfreezing(dit, optimizer, total_steps)`` does the same for fine-tuning a diffusion backbone
+(:class:`autoprog.models.dit.DiffusionBackbone`): frozen parameters get no gradients, so an optimizer over all
+parameters keeps no state for them. The searches need a few fixed batches and your loss (``proxy=``).
+``before_step`` returns True when the learnable set changed: under DDP, re-prepare the model then.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters.unfreezer import Unfreezer
+from .adapters.vit import ElasticViT
+from .algorithms.growth import (
+    GrowthOperator,
+    MomentumNetwork,
+    auto_ema_decay,
+    copy_blocks,
+    get_growth_operator,
+)
+from .algorithms.proxies import measure_step_time
+from .controllers import Controller, ProxyTask, ScheduleController
+from .errors import ConfigError
+from .optim import remap_block_state
+from .schedules import MANUAL_METHODS, Schedule
+from .space import GrowthSpace, SubNet
+
+
+@dataclass
+class ProxyData:
+    """Fixed batches (the same for every candidate) and your loss on one: what the searches score with.
+
+    A batch is a tuple whose first element is the image tensor (resized to each candidate's resolution);
+    ``loss(model, batch)`` returns a scalar. ``forward(model, batch)`` is the output the NTK proxy uses
+    (default: ``model(batch[0])``)."""
+
+    batches: Sequence[tuple]
+    loss: Callable[[nn.Module, tuple], torch.Tensor]
+    forward: Callable[[nn.Module, tuple], torch.Tensor] | None = None
+
+
+class ProgressiveLoop:
+    """Runs a controller on your own loop (see the module docstring); build one with :meth:`growing` or
+    :meth:`unfreezing`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, controller: Controller,
+                 total_steps: int, space: GrowthSpace, growth: GrowthOperator | None = None,
+                 ema_decay: float | None = None, proxy: ProxyData | None = None, steps_per_epoch: int | None = None,
+                 log: Callable[[str], None] = print):
+        if total_steps < 1:
+            raise ConfigError(f"total_steps must be positive, got {total_steps}")
+        self.model, self.optimizer, self.controller, self._space = model, optimizer, controller, space
+        self.growth, self.proxy, self._log_fn = growth, proxy, log
+        self._unfreezer = Unfreezer(model) if growth is None else None
+        self.steps_per_epoch = steps_per_epoch or max(1, total_steps // max(1, space.num_stages))
+        if ema_decay is None:
+            ema_decay = auto_ema_decay(self.steps_per_epoch)
+        self.ema = MomentumNetwork(model, ema_decay) if growth is not None else None
+        self.step, self.stage = 0, -1
+        self.stage_log: list[dict] = []
+        self._time_cache: dict[tuple, float] = {}
+        self._t0 = time.perf_counter()
+        self.total_steps = controller.setup(self, total_steps)
+
+    # ------------------------------------------------------------------------------------ builders
+    @classmethod
+    def growing(cls, model: ElasticViT, optimizer: torch.optim.Optimizer, total_steps: int,
+                schedule: str | Schedule | Controller = "prog", growth: str = "mogrow", num_stages: int = 4,
+                start_ratio: float = 0.5, ema_decay: float | None = None, **kw) -> ProgressiveLoop:
+        """Pre-training: grow ``model`` (an :class:`ElasticViT`) in resolution and depth along ``schedule``:
+        ``"prog"``, ``"progstack"``, an inline schedule (``"14x3,21x4,28x6"``), a :class:`Schedule`, or a
+        controller (``AutoProgZero(space)``, ``AutoProgOne(space)``). ``ema_decay`` is MoGrow's momentum m
+        (default: the paper's 0.998 rescaled to ``steps_per_epoch``, see :func:`auto_ema_decay`)."""
+        if not isinstance(model, ElasticViT):
+            raise ConfigError("ProgressiveLoop.growing needs an autoprog.adapters.vit.ElasticViT (wrap your ViT)")
+        space = model.growth_space(num_stages, start_ratio)
+        op = get_growth_operator(growth if not isinstance(schedule, str) or schedule != "progstack" else "stacking")
+        return cls(model, optimizer, _controller(schedule, space), total_steps, space, growth=op,
+                   ema_decay=ema_decay, **kw)
+
+    @classmethod
+    def unfreezing(cls, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
+                   schedule: str | Schedule | Controller = "prog", num_stages: int = 4, start_ratio: float = 0.25,
+                   **kw) -> ProgressiveLoop:
+        """Fine-tuning: unfreeze a :class:`~autoprog.models.dit.DiffusionBackbone` progressively along
+        ``schedule`` (as in :meth:`growing`; Sec. 5.1.2's 0.25Ω by default)."""
+        space = Unfreezer(model).space(num_stages, start_ratio)
+        return cls(model, optimizer, _controller(schedule, space), total_steps, space, **kw)
+
+    # ------------------------------------------------------------------------------- the four calls
+    @property
+    def subnet(self) -> SubNet:
+        return self.model.subnet if self._unfreezer is None else (self._unfreezer.subnet or self._space.full)
+
+    @property
+    def resolution(self) -> int:
+        return self.subnet.resolution
+
+    def before_step(self) -> bool:
+        """Enter a new stage or a per-step sub-network when one is due; True when the sub-network changed."""
+        before = self.subnet
+        k = self.controller.stage_at(self.step)
+        if k != self.stage:
+            self.controller.enter_stage(self, k)
+            if self._unfreezer is not None and hasattr(self.model, "set_stage"):
+                self.model.set_stage(k)  # the stage identifier (SID), when the backbone has one
+            self.stage = k
+        sub = self.controller.step_subnet(self, self.step)
+        if sub is not None and sub != self.subnet:
+            self.use_subnet(sub)
+        return self.subnet != before
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (N, C, H, W) at the current stage's resolution."""
+        r = self.resolution
+        if x.shape[-2:] == (r, r):
+            return x
+        return F.interpolate(x, size=(r, r), mode="bilinear", antialias=x.shape[-1] > r, align_corners=False)
+
+    def after_step(self, loss: torch.Tensor | float | None = None) -> None:
+        """After your optimizer step: update the momentum network, let the controller see the step."""
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.controller.after_step(self, float(loss.detach() if torch.is_tensor(loss) else loss)
+                                   if loss is not None else None)
+
+    def schedule(self) -> Schedule | None:
+        """The schedule as run so far (a search's choices included)."""
+        return self.controller.schedule()
+
+    # ------------------------------------------------------------------- services (the protocol)
+    def growth_space(self) -> GrowthSpace:
+        return GrowthSpace(self._space.full_resolution, self._space.patch_size, self._space.full_depth)
+
+    def use_subnet(self, subnet: SubNet) -> None:
+        if self._unfreezer is not None:
+            self._unfreezer.apply(subnet)
+        else:
+            self.model.apply_subnet(subnet)
+            self.ema.module.apply_subnet(subnet)
+
+    def enter_subnet(self, subnet: SubNet) -> dict:
+        if self._unfreezer is not None:
+            self.use_subnet(subnet)
+            return {"learnable_blocks": list(self._unfreezer.blocks_for(subnet))}
+        return {"growth": self.grow_to(subnet) if self.stage >= 0 else self.use_subnet(subnet)}
+
+    def describe(self, subnet: SubNet) -> str:
+        if self._unfreezer is not None:
+            return f"{subnet.resolution}px, learnable blocks {list(self._unfreezer.blocks_for(subnet))}"
+        return str(subnet)
+
+    def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
+                inserted: list[int] | None = None) -> dict | None:
+        """Grow with the growth operator (or by ``block_map``); the optimizer's moments follow the weights."""
+        src = self.model.subnet
+        if block_map is None and dst == src:
+            self.use_subnet(dst)
+            return None
+        if block_map is None:
+            result = self.growth.grow(self.model, self.ema.module, src, dst)
+        else:
+            result = self.growth.apply(self.model, self.ema.module, block_map, inserted or [])
+        self._after_block_copy(result.block_map)
+        self.use_subnet(dst)
+        return {"operator": self.growth.name, "block_map": {str(d): s for d, s in result.block_map.items()},
+                "gated": result.gated}
+
+    def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
+        copy_blocks(self.model, self.ema.module, block_map)
+        self._after_block_copy(block_map)
+        self.use_subnet(dst)
+
+    def _after_block_copy(self, block_map) -> None:
+        if self.optimizer is None:
+            return
+        remap_block_state(self.optimizer, self.model, block_map)
+        known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        new = [p for p in self.model.parameters() if id(p) not in known]
+        if new:  # ReZero gates of the identity operator
+            self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+
+    def snapshot(self) -> dict:
+        return {"subnet": self.subnet, "model": copy.deepcopy(self.model.state_dict()),
+                "ema": copy.deepcopy(self.ema.module.state_dict()) if self.ema is not None else None,
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None}
+
+    def restore(self, snap: dict) -> None:
+        self.model.load_state_dict(snap["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(snap["ema"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(snap["optimizer"])
+        self.use_subnet(snap["subnet"])
+
+    def candidate_loss(self, subnet: SubNet, samples: int) -> float:
+        proxy = self._need_proxy("AutoProg-One's candidate losses")
+        cur, was = self.subnet, self.model.training
+        self.use_subnet(subnet)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                losses = [float(proxy.loss(self.model, self._at(b, subnet.resolution))) for b in proxy.batches]
+        finally:
+            self.use_subnet(cur)
+            self.model.train(was)
+        return sum(losses) / max(1, len(losses))
+
+    @contextmanager
+    def try_candidate(self, subnet: SubNet) -> Iterator[ProxyTask]:
+        proxy = self._need_proxy("AutoProg-Zero's proxies")
+        snap = self.snapshot()
+        try:
+            if subnet != self.subnet:
+                self.enter_subnet(subnet)
+            forward = proxy.forward or (lambda m, b: m(b[0]))
+            yield ProxyTask(self.model, [self._at(b, subnet.resolution) for b in proxy.batches], forward, proxy.loss)
+        finally:
+            self.restore(snap)
+
+    def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
+        key = (subnet.resolution, subnet.depth, subnet.blocks)
+        if key not in self._time_cache:
+            proxy = self._need_proxy("measured step times")
+            batch = self._at(proxy.batches[0], subnet.resolution)
+            cur = self.subnet
+            self.use_subnet(subnet)
+
+            def step():
+                proxy.loss(self.model, batch).backward()
+                for p in self.model.parameters():
+                    p.grad = None
+
+            try:
+                dev = next(self.model.parameters()).device
+                self._time_cache[key] = measure_step_time(step, repeats=repeats, warmup=1, device=dev)
+            finally:
+                self.use_subnet(cur)
+        return self._time_cache[key]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Single process: every decision is already this process's. Under DDP, give every process the same
+        proxy batches and seeds, or broadcast the controller's choices yourself."""
+        return obj
+
+    def log_stage(self, info: dict) -> None:
+        self.stage_log.append({"step": self.step, **info})
+
+    def print(self, *args) -> None:
+        self._log_fn(" ".join(str(a) for a in args))
+
+    # --------------------------------------------------------------------------------- helpers
+    def _need_proxy(self, what: str) -> ProxyData:
+        if self.proxy is None:
+            raise ConfigError(f"{what} need fixed batches and a loss: pass proxy=ProxyData(batches, loss)")
+        return self.proxy
+
+    def _at(self, batch: tuple, resolution: int) -> tuple:
+        x = batch[0]
+        if x.shape[-2:] != (resolution, resolution):
+            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=x.shape[-1] > resolution,
+                              align_corners=False)
+        return (x, *batch[1:])
+
+
+def _controller(schedule: str | Schedule | Controller, space: GrowthSpace) -> Controller:
+    if isinstance(schedule, Controller):
+        return schedule
+    if isinstance(schedule, Schedule):
+        return ScheduleController(schedule)
+    if schedule in MANUAL_METHODS:
+        return ScheduleController(MANUAL_METHODS[schedule](space))
+    return ScheduleController(Schedule.from_arg(schedule))

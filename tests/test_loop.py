@@ -1,0 +1,138 @@
+"""autoprog in your own loop: ProgressiveLoop drives the same controllers as the trainers, through the protocol."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_vit
+
+from autoprog.algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
+from autoprog.algorithms.autoprog_zero import AutoProgZero
+from autoprog.controllers import GrowthServices, ZeroShotServices
+from autoprog.errors import ConfigError
+from autoprog.loop import ProgressiveLoop, ProxyData
+from autoprog.models.dit import DiT
+from autoprog.schedules import prog
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _batches(n=4, res=28, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, res, res, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+def _proxy():
+    return ProxyData(_batches(), loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+
+
+def _run(loop, model, optimizer, data):
+    for i in range(loop.total_steps):
+        x, y = data[i % len(data)]
+        loop.before_step()
+        loss = F.cross_entropy(model(loop.resize(x)), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loop.after_step(loss)
+
+
+def test_growing_follows_prog_and_moves_optimizer_state_with_the_weights():
+    torch.manual_seed(0)
+    model = tiny_vit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loop = ProgressiveLoop.growing(model, opt, 16, log=lambda s: None)
+    assert isinstance(loop, GrowthServices) and isinstance(loop, ZeroShotServices)
+    data = _batches()
+    seen, checked = [], 0
+    for i in range(16):
+        x, y = data[i % 4]
+        before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()
+                  if p in opt.state}
+        if loop.before_step() and loop.stage > 0:
+            grown = loop.stage_log[-1]["growth"]["block_map"]
+            names = dict(model.named_parameters())
+            for dst, src in grown.items():
+                if src is not None and int(dst) != src:
+                    for n in [n for n in before if n.startswith(f"model.blocks.{src}.")]:
+                        moved = n.replace(f"blocks.{src}.", f"blocks.{dst}.", 1)
+                        assert torch.equal(opt.state[names[moved]]["exp_avg"], before[n]["exp_avg"]), moved
+                        checked += 1
+        seen.append(loop.subnet)
+        x = loop.resize(x)
+        assert x.shape[-1] == loop.resolution
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loop.after_step(loss)
+    assert checked > 0, "no copied block was checked"
+    want = [s.subnet for s in prog(model.growth_space()).stages]
+    assert list(dict.fromkeys(seen)) == want
+    assert loop.schedule().to_dict()["stages"] == prog(model.growth_space()).to_dict()["stages"]
+
+
+@pytest.mark.parametrize("make", [lambda s: AutoProgZero(s), lambda s: AutoProgOne(s, AutoProgOneConfig(search_epochs=1,
+                                                                                                         search_samples=16))])
+def test_searches_run_in_your_own_loop(make):
+    torch.manual_seed(0)
+    model = tiny_vit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    space = model.growth_space()
+    loop = ProgressiveLoop.growing(model, opt, 32, schedule=make(space), proxy=_proxy(), steps_per_epoch=4,
+                                   log=lambda s: None)
+    _run(loop, model, opt, _batches())
+    stages = loop.schedule().stages
+    assert len(stages) == 4 and stages[-1].subnet == space.full
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unfreezing_trains_only_the_learnable_blocks():
+    torch.manual_seed(0)
+    model = DiT(image_size=8, patch_size=2, in_chans=1, num_classes=3, hidden_size=16, depth=4, num_heads=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loop = ProgressiveLoop.unfreezing(model, opt, 8, schedule="4x1,8x4", log=lambda s: None)
+    first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loop.before_step()
+    assert loop.resolution == 4
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("blocks.0", "blocks.1", "blocks.2")) or "blocks" not in n for n in frozen)
+    x = loop.resize(torch.randn(4, 1, 8, 8))
+    model(x, torch.randint(0, 1000, (4,)), torch.randint(0, 3, (4,))).pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(first[n], dict(model.named_parameters())[n]) for n in frozen), "frozen weights moved"
+    assert all(dict(model.named_parameters())[n] not in opt.state for n in frozen), "frozen weights got state"
+
+
+def test_clear_errors_for_misuse():
+    with pytest.raises(ConfigError, match="ElasticViT"):
+        ProgressiveLoop.growing(torch.nn.Linear(2, 2), None, 10)
+    model = tiny_vit()
+    with pytest.raises(ConfigError, match="proxy=ProxyData"):
+        ProgressiveLoop.growing(model, None, 16, schedule=AutoProgZero(model.growth_space()), log=lambda s: None
+                                ).before_step()
+    with pytest.raises(ConfigError, match="total_steps"):
+        ProgressiveLoop.growing(model, None, 0)
+
+
+def _example(name, *args):
+    r = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("schedule", ["autoprog-zero", "prog"])
+def test_own_loop_pretrain_example_runs(schedule):
+    out = _example("own_loop_pretrain.py", "--steps", 40, "--schedule", schedule)
+    assert "schedule:" in out and "top-1" in out
+
+
+def test_own_loop_finetune_example_runs(fake_fmnist):
+    out = _example("own_loop_finetune.py", "--steps", 12, "--data-root", fake_fmnist, "--schedule", "autoprog-zero")
+    assert "schedule:" in out and "28px x6" in out
