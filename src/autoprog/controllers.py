@@ -17,9 +17,10 @@ A trainer calls its controller at well-named moments (the :class:`Controller` ho
     the schedule as run so far, extra summary fields, and the controller's part of a checkpoint.
 
 In return a controller may use only the services of :class:`TrainerServices` (and, for the searches that
-need them, :class:`GrowthServices` / :class:`ZeroShotServices`). Both autoprog trainers implement all
-three; a user's own loop implements them through :class:`autoprog.loop.ProgressiveLoop`; the tests' fake
-trainer implements them too. A controller never touches an optimizer or a model's weights itself.
+need them, :class:`GrowthServices` / :class:`ZeroShotServices`). The pre-training trainer and
+:class:`autoprog.loop.ProgressiveLoop` (your own loop) implement all three; the diffusion trainer implements
+:class:`TrainerServices` and :class:`ZeroShotServices`; the tests' fake implements :class:`GrowthServices`. A
+controller never touches an optimizer or a model's weights itself.
 """
 
 from __future__ import annotations

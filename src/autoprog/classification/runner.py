@@ -7,17 +7,18 @@ experiment: a ViT on a 10k-image Fashion-MNIST subset, sized to run on a 2-core 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..adapters.vit import ElasticViT
-from ..algorithms.growth import get_growth_operator
+from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
 from ..data import load_dataset
 from ..engine import CHECKPOINT_DIR
 from ..errors import ConfigError
 from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
 from ..models.factory import ModelOverrides, build_model
+from ..options import from_dict, option
 from ..report import plot_curves, schedule_string
 from ..schedules import METHODS, build_schedule
 from .report import seeds_markdown, summary_markdown
@@ -28,41 +29,61 @@ from .trainer import TrainConfig, Trainer
 class RunSpec:
     """Everything that defines a pre-training run besides the output directory."""
 
-    method: str = "prog"
-    growth: str | None = None  # None: the method's own default (mogrow; stacking for progstack)
-    model: str = "vit"
-    img_size: int | None = None
-    patch_size: int | None = None
-    depth: int | None = None
-    embed_dim: int | None = None
-    num_heads: int | None = None
-    drop_path: float = 0.0
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    subset: int | None = 10000
-    num_stages: int = 4
-    start_ratio: float = 0.5
-    schedule: str | None = None
-    search_epochs: float = 2.0
-    alpha: float | None = None
-    search_samples: int = 1024
-    recycle: bool = True
-    time_tolerance: float = TIME_RTOL  # autoprog-zero: step times this close (relative) tie on the time ballot
-    adareg: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
+    method: str = option("prog", "original (full model), prog (uniform linear growth), progstack (progressive "
+                                 "stacking), fixed (replay --schedule), autoprog-one (automatic schedule by one-shot "
+                                 "search), autoprog-zero (automatic schedule by zero-shot proxies on grown "
+                                 "candidates, Table 5)", choices=METHODS)
+    growth: str | None = option(None, "growth operator (default: mogrow; stacking for progstack)",
+                                choices=sorted(GROWTH_OPERATORS), show_default=False, group="growth")
+    model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224",
+                        group="model")
+    img_size: int | None = option(None, "full input resolution (default: the dataset's, 224 for timm)", minimum=1,
+                                  show_default=False, group="model")
+    patch_size: int | None = option(None, "patch size (built-in default: image size / 4, a 4x4 grid of patches; "
+                                          "7 at 28 px)", minimum=1, show_default=False, group="model")
+    depth: int | None = option(None, "number of transformer blocks (built-in default 6)", minimum=1,
+                               show_default=False, group="model")
+    embed_dim: int | None = option(None, "embedding width (built-in default 64)", minimum=1, show_default=False,
+                                   group="model")
+    num_heads: int | None = option(None, "attention heads (built-in default 4)", minimum=1, show_default=False,
+                                   group="model")
+    drop_path: float = option(0.0, "stochastic depth rate", minimum=0, below=1, group="model")
+    dataset: str = option("fashion-mnist", "fashion-mnist, digits, or a path to an ImageFolder directory (train/ "
+                                           "and val/)", group="data")
+    data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
+                                         "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
+    subset: int | None = option(10000, "train on this many training images (fixed random subset; 0 = all)",
+                                minimum=0, zero_is_none=True, group="data")
+    num_stages: int = option(4, "number of stages", minimum=1, group="growth")
+    start_ratio: float = option(0.5, "initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25", above=0,
+                                maximum=1, group="growth")
+    schedule: str | None = option(None, "schedule to replay with --method fixed: a schedule.json, or inline RESxDEPTH "
+                                        "per stage, e.g. 16x4,20x5,24x7,28x8 (equal stages) or 16x8@0.5,28x8@0.5",
+                                  show_default=False, group="growth")
+    search_epochs: float = option(2.0, "epochs of supernet training at the start of each stage before choosing",
+                                  above=0, group="AutoProg-One search")
+    alpha: float | None = option(None, "runtime exponent in the score L*T^alpha (default: balanced per stage so "
+                                       "that loss and runtime span the same range over the candidates)", minimum=0,
+                                 show_default=False, group="AutoProg-One search")
+    search_samples: int = option(1024, "training images (fixed, not augmented) on which candidates' losses are "
+                                       "measured", minimum=1, group="AutoProg-One search")
+    recycle: bool = option(True, "retrain the chosen sub-network from the stage's starting weights instead of "
+                                 "inheriting the supernet's (the ablation of Table 11; the search epochs become "
+                                 "extra cost)", group="AutoProg-One search")
+    time_tolerance: float = option(TIME_RTOL, "step times within this relative difference tie on the time ballot, so "
+                                              "timing noise does not decide the vote (0 = the paper's exact ranking)",
+                                   minimum=0, below=1, group="AutoProg-Zero search")
+    adareg: bool = option(False, "adaptive regularization: RandAugment magnitude (4.5-9), random-erasing "
+                                 "probability (0-0.25) and drop-path rate (0-0.1) grow linearly with the "
+                                 "sub-network's size (Table 14)", group="growth")
+    train: TrainConfig = option(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown run settings: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        d["train"] = TrainConfig(**d.get("train", {}))
-        return cls(**d)
+        return from_dict(cls, d, where="run settings")
 
 
 def build_run(spec: RunSpec):

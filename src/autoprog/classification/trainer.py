@@ -47,6 +47,7 @@ from ..optim import (
     remap_block_state,
     sync_params,
 )
+from ..options import check_bounds, option
 from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
 
@@ -55,25 +56,37 @@ from ..space import GrowthSpace, SubNet
 class TrainConfig:
     """Optimisation settings shared by every method, so comparisons differ only in the schedule."""
 
-    epochs: float = 30.0
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    grad_clip: float | None = 1.0
-    ema_decay: float | None = None  # None: the paper's 0.998 rescaled to this run's steps per epoch
-    seed: int = 0
-    eval_samples: int | None = None
-    max_steps: int | None = None
-    num_workers: int = 0
-    count_flops: bool = True
-    proxy_batches: int = 4  # autoprog-zero: fixed batches for the NTK and ZiCo proxies
-    proxy_batch_size: int = 8
-    stop_after_epochs: int | None = None  # stop early (checkpoint kept) e.g. to test resuming
+    epochs: float = option(30.0, "training epochs", above=0, group="optimisation")
+    batch_size: int = option(128, "batch size per process", minimum=1, group="optimisation")
+    lr: float = option(1e-3, "peak AdamW learning rate", above=0, group="optimisation")
+    min_lr: float = option(1e-5, "final cosine learning rate", minimum=0, group="optimisation")
+    weight_decay: float = option(0.05, "AdamW weight decay", minimum=0, group="optimisation")
+    warmup_epochs: float = option(1.0, "linear warm-up length", minimum=0, group="optimisation")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", minimum=0, below=1,
+                                    group="optimisation")
+    grad_clip: float | None = option(1.0, "max gradient norm, 0 = off", minimum=0, zero_is_none=True,
+                                     group="optimisation")
+    ema_decay: float | None = option(
+        None, "momentum m of the EMA network MoGrow copies from (default: the paper's 0.998 rescaled to span the "
+              "same fraction of an epoch as at ImageNet scale, 0.998^(1251/steps per epoch))",
+        minimum=0, below=1, show_default=False, group="optimisation")
+    seed: int = option(0, "random seed", group="optimisation")
+    eval_samples: int | None = option(2000, "test images for the per-epoch evaluation; the last epoch always uses "
+                                            "the whole test set (0 = always all)", minimum=0, zero_is_none=True,
+                                      group="data")
+    max_steps: int | None = option(None, "stop the learning-rate schedule and training after this many steps "
+                                         "(the budget-matched original)", minimum=1, cli=False)
+    num_workers: int = option(0, "data-loader workers for ImageFolder data", flag="--workers", minimum=0,
+                              group="data")
+    count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
+    proxy_batches: int = option(4, "fixed training batches for the NTK and ZiCo proxies, at least 2", minimum=2,
+                                group="AutoProg-Zero search")
+    proxy_batch_size: int = option(8, "images per proxy batch", minimum=1, group="AutoProg-Zero search")
+    stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
+                                                 "with --resume)", minimum=1, show_default=False)
 
     def validate(self) -> None:
+        check_bounds(self)
         if self.epochs <= 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
         if self.batch_size < 1:

@@ -1,5 +1,5 @@
 """``autoprog`` command line: ``pretrain`` one run, ``compare`` several methods side by side, ``finetune``
-a diffusion model, ``sample`` from one.
+a diffusion model, ``sample`` from one, list the ``presets``.
 
 ``--task`` picks the task of ``pretrain`` (classification: a ViT; diffusion: a base DiT) and of ``compare``
 (classification: growth schedules; finetune: fine-tuning methods); it must be given on the command line.
@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import AutoprogError, ConfigError
-from .common import Parser, positive_int
+from ..errors import AutoprogError
+from .common import Parser
+from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
 TASKS = {"pretrain": ("classification", "diffusion"), "compare": ("classification", "finetune")}
 
@@ -47,8 +48,6 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         _task_flag(p, "pretrain")
         p.add_argument("--out", help="output directory (required unless --resume)")
         p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-        p.add_argument("--stop-after-steps", type=positive_int, help="stop at the first evaluation point after "
-                                                                      "this many steps (continue with --resume)")
         cli_diffusion.add_base_options(p)
     else:
         p = sub.add_parser("pretrain", help="train one model with a growth schedule (--task diffusion: a base DiT)",
@@ -89,43 +88,12 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                    "search tables), OUT/schedule.json and a resumable checkpoint.")
     f.add_argument("--out", help="output directory (required unless --resume)")
     f.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    f.add_argument("--stop-after-steps", type=positive_int,
-                   help="stop at the first evaluation point after this many steps (continue with --resume)")
     cli_diffusion.add_finetune_options(f, single=True)
     cli_diffusion.add_sample_parser(sub)
+    sub.add_parser("presets", help="list the shipped option presets (use one with --preset NAME)",
+                   description="List the YAML option presets shipped with autoprog: the paper's settings and our "
+                               "CPU defaults. A preset's values come first; --config and flags win over them.")
     return parser
-
-
-def _config_argv(parser: argparse.ArgumentParser, command: str, path: str) -> list[str]:
-    """Turn a YAML config into command-line tokens, so argparse checks types and choices as for flags."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read --config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path} must be a mapping of option: value")
-    sub = parser._subparsers._group_actions[0].choices[command]
-    actions = {a.dest: a for a in sub._actions if a.option_strings}
-    argv = []
-    for key, value in values.items():
-        action = actions.get(str(key).replace("-", "_"))
-        if action is None or action.dest in ("config", "help"):
-            raise ConfigError(f"--config {path}: unknown option {key!r}")
-        flag = action.option_strings[-1]
-        if action.nargs == 0:  # store_true switches
-            if not isinstance(value, bool):
-                raise ConfigError(f"--config {path}: {key} must be true or false, got {value!r}")
-            argv += [flag] if value else []
-        elif value is None or isinstance(value, (dict, list)):
-            raise ConfigError(f"--config {path}: {key} needs a single value, got {value!r}")
-        else:
-            argv += [flag, str(value)]
-    return argv
 
 
 def task_of(argv: list[str]) -> str | None:
@@ -139,12 +107,19 @@ def task_of(argv: list[str]) -> str | None:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; a preset's values come first, then a --config file's, then the flags given (they win)."""
     args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        # config values first, so flags given on the command line (parsed later) win
-        cfg = _config_argv(parser, args.command, args.config)
-        args = parser.parse_args([args.command, *cfg, *argv[argv.index(args.command) + 1:]])
-    return args
+    if args.command is None or not (getattr(args, "preset", None) or getattr(args, "config", None)):
+        return args
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    front = []
+    if args.preset:
+        preset = load_preset(args.preset)
+        check_preset_fits(preset, args.command, command_task(args))
+        front += options_argv(sub, preset["options"], f"preset {args.preset}")
+    if args.config:
+        front += options_argv(sub, read_options(args.config), f"--config {args.config}")
+    return parser.parse_args([args.command, *front, *argv[argv.index(args.command) + 1:]])
 
 
 def _run(args, acc) -> int:
@@ -153,6 +128,10 @@ def _run(args, acc) -> int:
 
     if args.command == "sample":
         cli_diffusion.run_sample(args, acc)
+        return 0
+    if args.command == "presets":
+        for name, commands, description in list_presets():
+            print(f"{name}\n    for: {commands}\n    {description}")
         return 0
     if args.command == "finetune" or getattr(args, "task", "classification") != "classification":
         cli_diffusion.run_diffusion(args, acc)

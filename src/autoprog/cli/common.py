@@ -30,3 +30,13 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise ConfigError("--seeds is empty")
     return seeds
+
+
+def add_run_flags(g, command: str) -> None:
+    """Flags of every training command that are not part of a spec: devices, precision, option files."""
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="mixed precision through Accelerate (default: no)")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    g.add_argument("--config", help="YAML file of option values (keys: option names with '_')")
+    g.add_argument("--preset", help="a shipped YAML preset of option values ('autoprog presets' lists them); "
+                                    "--config and flags win over it")

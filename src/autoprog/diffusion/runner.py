@@ -9,7 +9,7 @@ sized so a whole comparison runs in about half an hour on a 2-core CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from ..engine import CHECKPOINT_DIR
 from ..errors import ConfigError
 from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
 from ..models.dit import build_backbone, load_backbone
+from ..options import from_dict, option
 from ..schedules import Schedule
 from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes
 from .latent import with_latents
@@ -40,56 +41,86 @@ def _classes_text(c: tuple[int, ...]) -> str:
 class FinetuneSpec:
     """Everything that defines a fine-tuning run besides its output directory."""
 
-    method: str = "autoprog-zero"
-    base: str | None = None  # None: the shipped base model
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    classes: str | None = _classes_text(TRANSFER_CLASSES)
-    subset: int | None = None
-    image_size: int | None = None
-    vae: str | None = None  # train in this AutoencoderKL's latent space (default: the base model's, if any)
-    num_stages: int = 4
-    start_ratio: float = 0.25
-    lora_rank: int = 8
-    schedule: str | None = None  # fixed: a schedule.json to replay
-    search_fraction: float = 0.25  # autoprog-one: share of each stage spent in the supernet phase
-    alpha: float | None = None
-    time_tolerance: float = TIME_RTOL  # autoprog-zero: step times this close (relative) tie on the time ballot
-    fid_weights: str | None = None
-    feature_epochs: int = 3
-    cache_dir: str | None = None
-    train: DiffusionConfig = field(default_factory=DiffusionConfig)
+    method: str = option("autoprog-zero", "full, bitfit, difffit, lora (lora-rN for rank N), prog (uniform linear "
+                                          "unfreezing), autoprog-one (supernet-loss search), autoprog-zero (zero-shot "
+                                          "search); a -nosid suffix drops the stage identifier. Known: "
+                                          + ", ".join(FINETUNE_METHODS))
+    base: str | None = option(None, "base model directory (autoprog's model/ or a diffusers DiTTransformer2DModel "
+                                    "folder) (default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
+                              metavar="PATH", show_default=False)
+    dataset: str = option("fashion-mnist", "fashion-mnist, digits, or a path to an ImageFolder directory (train/ "
+                                           "and val/)", group="data")
+    data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
+                                         "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
+    classes: str | None = option(_classes_text(TRANSFER_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or "
+                                                                  "'all'", group="data")
+    subset: int | None = option(None, "train on this many images (fixed random subset; 0 = all)", minimum=0,
+                                zero_is_none=True, group="data")
+    image_size: int | None = option(None, "resize images to this size (default: the dataset's; 32 for ImageFolder)",
+                                    minimum=1, show_default=False, group="data")
+    vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
+                                   "are cached); fine-tuning uses the base model's VAE by default", metavar="PATH",
+                             show_default=False, group="data")
+    num_stages: int = option(4, "stages of progressive unfreezing", minimum=1, group="unfreezing")
+    start_ratio: float = option(0.25, "first stage's share of input patches per side and learnable blocks "
+                                      "(Sec. 5.1.2)", above=0, maximum=1, group="unfreezing")
+    lora_rank: int = option(8, "LoRA rank for --method lora", minimum=1, group="unfreezing")
+    schedule: str | None = option(None, "unfreezing schedule to replay with --method prog: a schedule.json, or "
+                                        "inline RESxLEARNABLE_BLOCKS per stage, e.g. 16x6,20x6,24x6,28x6",
+                                  show_default=False, group="unfreezing")
+    search_fraction: float = option(0.25, "autoprog-one: share of each stage spent sampling candidates", above=0,
+                                    below=1, group="unfreezing")
+    alpha: float | None = option(None, "autoprog-one: runtime exponent of L*T^alpha (default: balanced per stage)",
+                                 minimum=0, show_default=False, group="unfreezing")
+    time_tolerance: float = option(TIME_RTOL, "autoprog-zero: step times within this relative difference tie on the "
+                                              "time ballot, so timing noise does not decide the vote (0 = the "
+                                              "paper's exact ranking)", minimum=0, below=1, group="unfreezing")
+    fid_weights: str | None = option(None, "a local Inception checkpoint (torch-fidelity's "
+                                           "pt_inception-2015-12-05): report real FID. Without it: FD on the "
+                                           "features of a classifier autoprog trains on the dataset and caches",
+                                     metavar="PATH", show_default=False, group="evaluation")
+    feature_epochs: int = option(3, "epochs of that feature classifier", minimum=1, group="evaluation")
+    cache_dir: str | None = option(None, "where the feature classifier is cached (default: $AUTOPROG_CACHE or "
+                                         "~/.cache/autoprog)", show_default=False, group="evaluation")
+    train: DiffusionConfig = option(default_factory=DiffusionConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneSpec:
-        d = dict(d)
-        d["train"] = DiffusionConfig(**d.get("train", {}))
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_dict(cls, d, where="fine-tuning settings")
 
 
 @dataclass
 class BaseSpec:
     """A base DiT trained from scratch (``autoprog pretrain --task diffusion``)."""
 
-    backbone: str = "dit"
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    classes: str | None = _classes_text(BASE_CLASSES)
-    num_classes: int | None = None  # label-table size; None: the dataset's (10 for Fashion-MNIST)
-    image_size: int | None = None
-    vae: str | None = None  # a local diffusers AutoencoderKL directory: train in its latent space
-    patch_size: int = 4
-    hidden_size: int = 96
-    depth: int = 6
-    num_heads: int = 4
-    fid_weights: str | None = None
-    feature_epochs: int = 3
-    cache_dir: str | None = None
-    train: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(
+    backbone: str = option("dit", "built-in DiT or diffusers' DiTTransformer2DModel", choices=("dit", "diffusers-dit"))
+    dataset: str = option("fashion-mnist", "fashion-mnist, digits, or a path to an ImageFolder directory (train/ "
+                                           "and val/)", group="data")
+    data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
+                                         "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
+    classes: str | None = option(_classes_text(BASE_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or 'all'",
+                                 group="data")
+    num_classes: int | None = option(None, "size of the class table (default: the dataset's, so that fine-tuning "
+                                           "can add the other classes)", minimum=1, show_default=False, group="model")
+    image_size: int | None = option(None, "resize images to this size (default: the dataset's; 32 for ImageFolder)",
+                                    minimum=1, show_default=False, group="data")
+    vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
+                                   "are cached)", metavar="PATH", show_default=False, group="data")
+    patch_size: int = option(4, "patch size", minimum=1, group="model")
+    hidden_size: int = option(96, "transformer width", minimum=1, group="model")
+    depth: int = option(6, "transformer blocks", minimum=1, group="model")
+    num_heads: int = option(4, "attention heads", minimum=1, group="model")
+    fid_weights: str | None = option(None, "a local Inception checkpoint (torch-fidelity's "
+                                           "pt_inception-2015-12-05): report real FID. Without it: FD on the "
+                                           "features of a classifier autoprog trains on the dataset and caches",
+                                     metavar="PATH", show_default=False, group="evaluation")
+    feature_epochs: int = option(3, "epochs of that feature classifier", minimum=1, group="evaluation")
+    cache_dir: str | None = option(None, "where the feature classifier is cached (default: $AUTOPROG_CACHE or "
+                                         "~/.cache/autoprog)", show_default=False, group="evaluation")
+    train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
         steps=6000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, eval_points=3))
 
     def to_dict(self) -> dict:
@@ -97,9 +128,7 @@ class BaseSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> BaseSpec:
-        d = dict(d)
-        d["train"] = DiffusionConfig(**d.get("train", {}))
-        return cls(**d)
+        return from_dict(cls, d, where="base-model settings")
 
 
 # ------------------------------------------------------------------------------------------ quality

@@ -40,6 +40,7 @@ from ..engine import (
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import build_optimizer, load_optimizer_state, optimizer_state_tensors
+from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
 from .data import DiffusionData
 from .methods import export_backbone
@@ -52,29 +53,38 @@ MODEL_DIR = "model"
 class DiffusionConfig:
     """Optimisation and evaluation settings shared by every method, so runs differ only in what they train."""
 
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 2e-4
-    peft_lr: float | None = None  # bitfit/difffit/lora; None: 10 × lr (they train few parameters)
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr: float = 0.0
-    grad_clip: float = 1.0
-    class_dropout: float = 0.1
-    ema_decay: float | None = None  # evaluate an EMA of the weights (base pre-training uses one)
-    seed: int = 0
-    eval_points: int = 4  # FD measurements during training, the last at the end
-    curve_samples: int = 200
-    fd_samples: int = 500
-    sample_steps: int = 50
-    sample_eta: float = 1.0  # DDIM η: 0 deterministic, 1 ancestral (see sampling.sample)
-    cfg_scale: float = 1.5
-    proxy_batches: int = 4
-    proxy_batch_size: int = 8
-    time_repeats: int = 3
-    stop_after_steps: int | None = None  # stop early on purpose (to test resuming)
+    steps: int = option(600, "optimizer steps", minimum=1, group="optimisation")
+    batch_size: int = option(64, "batch size per process", minimum=1, group="optimisation")
+    lr: float = option(2e-4, "peak AdamW learning rate, cosine-decayed to --min-lr", above=0, group="optimisation")
+    peft_lr: float | None = option(None, "learning rate of bitfit, difffit and lora, which train few parameters "
+                                         "(default: 10 × --lr)", above=0, show_default=False, group="unfreezing")
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, group="optimisation")
+    warmup_steps: int = option(10, "linear warm-up steps", minimum=0, group="optimisation")
+    min_lr: float = option(0.0, "final learning rate", minimum=0, group="optimisation")
+    grad_clip: float = option(1.0, "max gradient norm, 0 = off", minimum=0, group="optimisation")
+    class_dropout: float = option(0.1, "fraction of labels replaced by the null class, for classifier-free "
+                                       "guidance", minimum=0, below=1, group="optimisation")
+    ema_decay: float | None = option(None, "evaluate and export an EMA of the weights with this decay", above=0,
+                                     below=1, group="optimisation")
+    seed: int = option(0, "random seed", group="optimisation")
+    eval_points: int = option(4, "FD measurements during training, evenly spaced, the last at the end", minimum=1,
+                              group="evaluation")
+    curve_samples: int = option(200, "generated images per intermediate measurement", minimum=1, group="evaluation")
+    fd_samples: int = option(500, "generated images for the final FD/KID", minimum=1, group="evaluation")
+    sample_steps: int = option(50, "DDIM steps", minimum=1, group="evaluation")
+    sample_eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 ancestral noise at every step; small CPU-trained "
+                                    "models sample far better with 1", flag="--eta", minimum=0, maximum=1,
+                               group="evaluation")
+    cfg_scale: float = option(1.5, "classifier-free guidance scale for evaluation (as the paper)", minimum=1,
+                              group="evaluation")
+    proxy_batches: int = option(4, "autoprog-zero: batches for NTK/ZiCo, at least 2", minimum=2, group="unfreezing")
+    proxy_batch_size: int = option(8, "autoprog-zero: samples per proxy batch", minimum=1, group="unfreezing")
+    time_repeats: int = option(3, "timed repeats per candidate step time", minimum=1, cli=False)
+    stop_after_steps: int | None = option(None, "stop at the first evaluation point after this many steps "
+                                                "(continue with --resume)", minimum=1, show_default=False)
 
     def validate(self) -> None:
+        check_bounds(self)
         for name in ("steps", "batch_size", "eval_points", "fd_samples", "curve_samples", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

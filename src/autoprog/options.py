@@ -1,0 +1,217 @@
+"""Options declared once: dataclass fields carry their help text, and the command line, YAML configs and
+``from_dict`` are generated from them.
+
+A spec field is ``name: int = option(64, "images per batch")``; nested spec dataclasses (a run spec's
+``train``) contribute their options too. :func:`add_options` adds one argparse flag per field (``--batch-size``;
+booleans that default to True get a ``--no-…`` switch), :func:`from_args` builds the spec back from the parsed
+flags, and :func:`from_dict` is the one rule for loading a saved spec: every key must be a field (an unknown
+key is a one-line :class:`ConfigError` naming it), missing keys take their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from typing import Any
+
+from .errors import ConfigError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+           choices: typing.Sequence | None = None, metavar: str | None = None, zero_is_none: bool = False,
+           minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+           below: float | None = None, group: str | None = None, cli: bool = True,
+           default_factory: Any = dataclasses.MISSING, show_default: bool = True):
+    """A spec field with what the command line needs: ``help``, an optional ``flag`` name, ``choices``, bounds
+    (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive; checked by :func:`check_bounds`),
+    ``zero_is_none`` (``--subset 0`` means None), an argparse ``group`` and ``cli=False`` for fields that are
+    not flags."""
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "metavar": metavar,
+            "zero_is_none": zero_is_none, "bounds": (minimum, maximum, above, below), "group": group, "cli": cli,
+            "show_default": show_default}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"option": meta})
+    return dataclasses.field(default=default, metadata={"option": meta})
+
+
+def _meta(f: dataclasses.Field) -> dict:
+    return f.metadata.get("option", {"help": "", "flag": None, "choices": None, "metavar": None,
+                                     "zero_is_none": False, "bounds": (None,) * 4, "group": None, "cli": True,
+                                     "show_default": True})
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _scalar_type(tp) -> tuple[type, bool]:
+    """``int | None`` → ``(int, True)``."""
+    args = typing.get_args(tp)
+    if args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], len(inner) < len(args)
+    return tp, False
+
+
+def _is_spec(tp) -> bool:
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def flag_of(f: dataclasses.Field, default: Any) -> str:
+    meta = _meta(f)
+    if meta["flag"]:
+        return meta["flag"]
+    if default is True:
+        return "--no-" + f.name.replace("_", "-")
+    return "--" + f.name.replace("_", "-")
+
+
+def _number(kind: type, flag: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _show(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        return format(v, "g")
+    return str(v)
+
+
+def add_options(parser: argparse.ArgumentParser, spec_cls, *, defaults=None, exclude: set[str] = frozenset(),
+                prefix: str = "", groups: dict | None = None) -> None:
+    """One flag per field of ``spec_cls`` (and of its nested specs); ``defaults`` (an instance) overrides the
+    class defaults, ``exclude`` names dotted fields that get no flag."""
+    defaults = defaults if defaults is not None else spec_cls()
+    groups = {} if groups is None else groups
+    hints = _hints(spec_cls)
+    for f in dataclasses.fields(spec_cls):
+        meta, path = _meta(f), prefix + f.name
+        if not meta["cli"] or path in exclude:
+            continue
+        value = getattr(defaults, f.name)
+        if _is_spec(hints[f.name]):
+            add_options(parser, hints[f.name], defaults=value, exclude=exclude, prefix=path + ".", groups=groups)
+            continue
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        kind, _ = _scalar_type(hints[f.name])
+        help_text = meta["help"]
+        flag = flag_of(f, value)
+        if kind is bool:
+            target.add_argument(flag, dest=path, action="store_false" if value else "store_true", help=help_text)
+            continue
+        if meta["show_default"]:
+            shown = "0" if value is None and meta["zero_is_none"] else _show(value)
+            help_text = f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
+        kw = {"dest": path, "default": value, "help": help_text}
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+        if not meta["choices"]:
+            kw["metavar"] = meta["metavar"] or flag[2:].replace("-", "_").upper()
+        if kind in (int, float):
+            kw["type"] = _number(kind, flag)
+        target.add_argument(flag, **kw)
+
+
+def from_args(spec_cls, args: argparse.Namespace, *, defaults=None, prefix: str = "", **overrides):
+    """The spec of ``spec_cls`` the parsed flags describe (fields without a flag keep ``defaults``')."""
+    defaults = defaults if defaults is not None else spec_cls()
+    hints = _hints(spec_cls)
+    values = {}
+    for f in dataclasses.fields(spec_cls):
+        path = prefix + f.name
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif _is_spec(hints[f.name]):
+            values[f.name] = from_args(hints[f.name], args, defaults=getattr(defaults, f.name), prefix=path + ".")
+        elif hasattr(args, path):
+            v = getattr(args, path)
+            values[f.name] = None if _meta(f)["zero_is_none"] and v == 0 else v
+        else:
+            values[f.name] = getattr(defaults, f.name)
+    spec = spec_cls(**values)
+    check_bounds(spec)
+    return spec
+
+
+def check_bounds(spec, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` (naming the flag) for a value outside its field's bounds or choices."""
+    hints = _hints(type(spec))
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if _is_spec(hints[f.name]):
+            check_bounds(v, prefix + f.name + ".")
+            continue
+        meta = _meta(f)
+        if v is None or isinstance(v, bool):
+            continue
+        name = meta["flag"] or "--" + f.name.replace("_", "-")
+        if meta["choices"] and v not in meta["choices"]:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
+        if not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{name} must be a finite number, got {v}")
+        lo, hi, above, below = meta["bounds"]
+        if (lo is not None and v < lo) or (hi is not None and v > hi) or (above is not None and v <= above) \
+                or (below is not None and v >= below):
+            raise ConfigError(f"{name} must be {_range_text(lo, hi, above, below)}, got {v}")
+
+
+def _range_text(lo, hi, above, below) -> str:
+    left = f"[{lo:g}" if lo is not None else (f"({above:g}" if above is not None else "(-inf")
+    right = f"{hi:g}]" if hi is not None else (f"{below:g})" if below is not None else "inf)")
+    if right == "inf)" and left.startswith("["):
+        return f"at least {lo:g}"
+    if right == "inf)" and left.startswith("("):
+        return f"above {above:g}"
+    return f"in {left}, {right}"
+
+
+def from_dict(spec_cls, d: dict, *, where: str = "settings", prefix: str = ""):
+    """``spec_cls`` from a saved dict: keys must be fields (an unknown one is a one-line error naming it),
+    nested specs load recursively, missing keys take the defaults."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the spec'} must be a mapping, got {type(d).__name__}")
+    hints = _hints(spec_cls)
+    names = {f.name for f in dataclasses.fields(spec_cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(prefix + k for k in unknown)}")
+    values = {}
+    for k, v in d.items():
+        values[k] = from_dict(hints[k], v, where=where, prefix=f"{prefix}{k}.") if _is_spec(hints[k]) else v
+    try:
+        return spec_cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def option_names(spec_cls, prefix: str = "") -> dict[str, str]:
+    """Flag (without ``--``) → dotted field, for every field with a flag."""
+    out = {}
+    hints = _hints(spec_cls)
+    defaults = spec_cls()
+    for f in dataclasses.fields(spec_cls):
+        if not _meta(f)["cli"]:
+            continue
+        if _is_spec(hints[f.name]):
+            out.update(option_names(hints[f.name], prefix + f.name + "."))
+        else:
+            out[flag_of(f, getattr(defaults, f.name))[2:]] = prefix + f.name
+    return out

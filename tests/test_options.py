@@ -1,0 +1,107 @@
+"""Options declared once: the CLI, YAML configs, presets and from_dict all come from the spec dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import tiny_args
+
+from autoprog.classification.runner import RunSpec
+from autoprog.classification.trainer import TrainConfig
+from autoprog.cli import _parse, build_parser
+from autoprog.cli.classification import spec_from_args
+from autoprog.cli.config import list_presets, load_preset
+from autoprog.cli.diffusion import base_spec, finetune_spec
+from autoprog.diffusion.runner import BaseSpec, FinetuneSpec
+from autoprog.errors import ConfigError
+from autoprog.options import check_bounds, option_names
+
+SPECS = [RunSpec, FinetuneSpec, BaseSpec]
+
+
+@pytest.mark.parametrize("cls", SPECS)
+def test_from_dict_round_trips_and_refuses_unknown_keys(cls):
+    spec = cls()
+    assert cls.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ConfigError, match="unknown setting.*bogus") as e:
+        cls.from_dict({**spec.to_dict(), "bogus": 1})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="train.nope"):
+        cls.from_dict({"train": {"nope": 3}})
+
+
+def test_missing_keys_take_defaults():
+    assert RunSpec.from_dict({"method": "original"}) == dataclasses.replace(RunSpec(), method="original")
+
+
+@pytest.mark.parametrize("argv, spec_of, cls", [
+    (["pretrain", "--out", "x"], lambda a: spec_from_args(a, a.method), RunSpec),
+    (["finetune", "--out", "x"], lambda a: finetune_spec(a, a.method), FinetuneSpec),
+    (["pretrain", "--task", "diffusion", "--out", "x"], base_spec, BaseSpec),
+])
+def test_no_flags_give_the_spec_defaults(argv, spec_of, cls):
+    task = "diffusion" if "diffusion" in argv else None
+    assert spec_of(_parse(build_parser(task), argv)) == cls()
+
+
+def test_every_field_with_a_flag_is_on_the_command_line():
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["pretrain"]
+    flags = {s[2:] for a in sub._actions for s in a.option_strings}
+    assert set(option_names(RunSpec)) <= flags
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--grad-clip", "-1", "--grad-clip"), ("--warmup-epochs", "-1", "--warmup-epochs"),
+    ("--drop-path", "2", "--drop-path"), ("--weight-decay", "-1", "--weight-decay"),
+    ("--label-smoothing", "2", "--label-smoothing"), ("--eval-samples", "-1", "--eval-samples"),
+    ("--lr", "nan", "finite"), ("--epochs", "inf", "finite"), ("--start-ratio", "0", "--start-ratio"),
+])
+def test_out_of_range_values_are_one_line_errors(cli, fake_fmnist, tmp_path, flag, value, needle):
+    rc, _, err = cli("pretrain", "--out", tmp_path / "r", *tiny_args(fake_fmnist), flag, value)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bounds_are_checked_on_library_specs_too():
+    with pytest.raises(ConfigError, match="--grad-clip"):
+        TrainConfig(grad_clip=-1.0).validate()
+    check_bounds(RunSpec())
+
+
+# ------------------------------------------------------------------------------------------- presets
+def test_presets_are_listed_and_each_parses_into_a_valid_spec():
+    names = [n for n, _, _ in list_presets()]
+    assert {"cpu-pretrain", "cpu-deit", "deit-s-paper", "cpu-finetune", "dit-xl2-paper"} <= set(names)
+    for name in names:
+        task = load_preset(name)["task"]
+        argv, spec_of, task_flag = {
+            "classification": (["pretrain"], lambda a: spec_from_args(a, a.method), None),
+            "finetune": (["finetune"], lambda a: finetune_spec(a, a.method), None),
+            "diffusion": (["pretrain", "--task", "diffusion"], base_spec, "diffusion"),
+        }[task]
+        spec = spec_of(_parse(build_parser(task_flag), [*argv, "--preset", name, "--out", "x"]))
+        check_bounds(spec)
+
+
+def test_preset_values_apply_and_flags_win():
+    args = _parse(build_parser(), ["pretrain", "--preset", "cpu-deit", "--epochs", "3", "--out", "x"])
+    spec = spec_from_args(args, args.method)
+    assert spec.model == "timm:deit_tiny_patch16_224" and spec.embed_dim == 96 and spec.train.epochs == 3
+
+
+def test_paper_preset_values(cli):
+    args = _parse(build_parser(), ["finetune", "--preset", "dit-xl2-paper", "--out", "x"])
+    spec = finetune_spec(args, args.method)
+    assert spec.train.lr == spec.train.min_lr == 1e-4 and spec.train.steps == 240000 and spec.start_ratio == 0.25
+
+
+def test_presets_command_and_bad_presets(cli, tmp_path):
+    rc, out, _ = cli("presets")
+    assert rc == 0 and "deit-s-paper" in out and "autoprog finetune" in out
+    rc, _, err = cli("pretrain", "--preset", "nope", "--out", tmp_path / "r")
+    assert rc == 2 and "unknown preset" in err and "cpu-deit" in err
+    rc, _, err = cli("pretrain", "--preset", "cpu-finetune", "--out", tmp_path / "r")
+    assert rc == 2 and "autoprog finetune" in err
