@@ -19,10 +19,10 @@ the stage step times, which is what a run with that schedule realises), next to 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _report import report
 
 from autoprog.adapters.unfreezer import Unfreezer
 from autoprog.diffusion.sampling import diffusion_loss, training_scheduler
@@ -114,14 +114,8 @@ def main() -> None:
               f"FLOPs speed-up {row['flops_speedup']:5.2f}x  learnable {row['learnable_params'] / 1e6:.1f}M{mem}")
     total = {"speedup": full["step_s"] / sum(f * r["step_s"] for f, r in zip(fracs, stages)),
              "flops_speedup": full["flops"] / sum(f * r["flops"] for f, r in zip(fracs, stages))}
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     mem = f"; full fine-tuning peaks at {full['peak_gib']:.1f} GiB" if full["peak_gib"] is not None else ""
-    print(f"{sched.method} schedule on {dev} ({a.preset}, batch {a.batch_size}, amp {a.amp}): "
-          f"{total['speedup']:.2f}x realised per step, {total['flops_speedup']:.2f}x in FLOPs "
-          f"({total['speedup'] / total['flops_speedup']:.0%} realised){mem}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": dev, "args": vars(a), "full": full, "stages": stages, "schedule": total}, f, indent=2)
+    report(a, device, f"{sched.method} schedule ({a.preset})", full, stages, total, mem)
 
 
 if __name__ == "__main__":

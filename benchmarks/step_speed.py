@@ -17,15 +17,15 @@ training run with that schedule would realise.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 import torch.nn.functional as F
+from _report import report
 
+from autoprog.adapters.factory import ModelOverrides, build_model
 from autoprog.adapters.vit import ElasticViT
 from autoprog.metrics import train_step_flops
-from autoprog.models.factory import ModelOverrides, build_model
 from autoprog.optim import build_optimizer
 from autoprog.schedules import prog
 
@@ -87,13 +87,7 @@ def main() -> None:
         "speedup": full["step_s"] * len(stages) / sum(r["step_s"] for r in stages),
         "flops_speedup": full["flops"] * len(stages) / sum(r["flops"] for r in stages),
     }
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"prog schedule on {dev} ({a.model}, {r}px, batch {a.batch_size}, amp {a.amp}): "
-          f"{total['speedup']:.2f}x realised per step, {total['flops_speedup']:.2f}x in FLOPs "
-          f"({total['speedup'] / total['flops_speedup']:.0%} realised)")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": dev, "args": vars(a), "full": full, "stages": stages, "schedule": total}, f, indent=2)
+    report(a, device, f"prog schedule ({a.model}, {r}px)", full, stages, total)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,28 @@ def cli(capsys):
 
     return run
 
+
+def replay_fixed(cli, run_dir: Path, out: Path, *args) -> tuple[dict, dict]:
+    """Replay ``run_dir``'s schedule.json with ``pretrain --method fixed``; the two runs' results."""
+    import json
+
+    rc, _, err = cli("pretrain", "--method", "fixed", "--schedule", run_dir / "schedule.json", "--out", out, *args)
+    assert rc == 0, err
+    a, b = (json.loads((d / "results.json").read_text()) for d in (run_dir, out))
+    assert b["done"] and b["summary"]["method"] == "fixed"
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """The feature classifier's cache: trained once per test module (by its base model's run), then loaded."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+def tiny_base_dit(fake_fmnist: Path, cache_dir: Path, out: Path, train) -> Path:
+    """A tiny base DiT (4 blocks, 16 wide) trained in this process on fake Fashion-MNIST classes 0-4."""
+    from autoprog.diffusion.runner import BaseSpec, pretrain_base
+
+    pretrain_base(BaseSpec(data_root=str(fake_fmnist), hidden_size=16, depth=4, num_heads=2, patch_size=4,
+                           feature_epochs=1, cache_dir=str(cache_dir), train=train), out)
+    return out / "model"

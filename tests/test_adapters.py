@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_vit
 from torch import nn
 
+from autoprog.adapters.factory import ModelOverrides, build_model
 from autoprog.adapters.vit import ElasticViT
 from autoprog.errors import ConfigError
-from autoprog.models.factory import ModelOverrides, build_model
 from autoprog.space import SubNet
 
 
@@ -212,3 +214,67 @@ def test_adapter_rejects_timm_vit_without_dynamic_img_size():
                           patch_size=8, depth=1, embed_dim=16, num_heads=2)
     with pytest.raises(ConfigError, match="dynamic_img_size"):
         ElasticViT(m)
+
+
+# ------------------------------------------------------------------------------------------------ VOLO
+def _tiny_volo():
+    from timm.models.volo import VOLO
+
+    torch.manual_seed(0)
+    return VOLO(layers=(1, 1, 2, 1), img_size=32, in_chans=1, num_classes=10, embed_dims=(16, 32, 32, 32),
+                num_heads=(1, 2, 2, 2), stem_hidden_dim=8)
+
+
+def test_volo_is_one_adapter_that_grows_resolution_and_its_transformer_blocks():
+    from autoprog.adapters import elastic
+    from autoprog.adapters.volo import ElasticVOLO
+
+    net = elastic(_tiny_volo())
+    assert isinstance(net, ElasticVOLO)
+    assert (net.patch_size, net.full_resolution, net.full_depth) == (16, 32, 4), "the 4 blocks after downsampling"
+    x = torch.randn(2, 1, 32, 32)
+    for sub in [SubNet(16, 2), SubNet(32, 3), SubNet(32, 4)]:
+        net.apply_subnet(sub)
+        out = net(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+        out.sum().backward()
+        for i, blk in enumerate(net.blocks):
+            got = [p.grad is not None for p in blk.parameters()]
+            assert all(got) if i in sub.active_blocks else not any(got), (sub, i)
+        net.zero_grad(set_to_none=True)
+
+
+def test_volo_gates_and_growth_preserve_the_function():
+    from autoprog.adapters import elastic
+    from autoprog.algorithms.growth import MomentumNetwork, get_growth_operator
+
+    net = elastic(_tiny_volo())
+    net.eval()
+    net.apply_subnet(SubNet(32, 2))
+    x = torch.randn(2, 1, 32, 32)
+    before = net(x)
+    ema = MomentumNetwork(net, 0.9)
+    get_growth_operator("identity").grow(net, ema.module, SubNet(32, 2), SubNet(32, 4))
+    net.apply_subnet(SubNet(32, 4))
+    assert net.gated_blocks() == [1, 3]
+    assert torch.allclose(net(x), before, atol=1e-5), "zero-gated new blocks leave the function unchanged"
+    net.set_gate(1, None)
+    assert net.gated_blocks() == [3]
+
+
+def test_volo_from_the_command_line_and_refusals(cli, fake_fmnist, tmp_path):
+    from conftest import tiny_args
+
+    args = [a for a in tiny_args(fake_fmnist, epochs="1", subset="64")]
+    for flag in ("--embed-dim", "--depth", "--num-heads", "--patch-size"):  # VOLO takes its architecture from its name
+        i = args.index(flag)
+        del args[i:i + 2]
+    rc, _, err = cli("pretrain", "--model", "timm:volo_d1_224", "--img-size", "32", "--method", "prog",
+                     "--out", tmp_path / "v", *args)
+    assert rc == 0, err
+    sched = json.loads((tmp_path / "v" / "schedule.json").read_text())["stages"]
+    assert (sched[-1]["resolution"], sched[-1]["depth"]) == (32, 14)
+    rc, _, err = cli("pretrain", "--model", "timm:volo_d1_224", "--depth", "4", "--out", tmp_path / "w", *args)
+    assert rc == 2 and "--depth" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = cli("pretrain", "--model", "timm:resnet18", "--img-size", "32", "--out", tmp_path / "r", *args)
+    assert rc == 2 and "cannot grow" in err and "VOLO" in err and "ViT" in err and len(err.strip().splitlines()) == 1

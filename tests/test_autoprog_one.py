@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args, tiny_vit
+from conftest import replay_fixed, tiny_args, tiny_vit
 from safetensors.torch import load_file
 
 from autoprog.algorithms import autoprog_one
@@ -613,12 +613,7 @@ def test_pretrain_autoprog_one_writes_its_search(ap_run):
 
 @pytest.mark.slow
 def test_fixed_replays_an_autoprog_one_schedule(ap_run, cli, fake_fmnist, tmp_path):
-    out = tmp_path / "fixed"
-    rc, _, err = cli("pretrain", "--method", "fixed", "--schedule", ap_run / "schedule.json", "--out", out,
-                     *tiny_args(fake_fmnist, epochs="3"), "--depth", "6")
-    assert rc == 0, err
-    a, b = _results(ap_run), _results(out)
-    assert b["done"] and b["summary"]["method"] == "fixed"
+    a, b = replay_fixed(cli, ap_run, tmp_path / "fixed", *tiny_args(fake_fmnist, epochs="3"), "--depth", "6")
     assert b["summary"]["schedule"]["stages"] == a["summary"]["schedule"]["stages"]
     assert [(st["step"], st["subnet"]["resolution"], st["subnet"]["depth"]) for st in b["stages"]] == [
         (step, r, d) for step, (r, d) in zip([0, 6, 12, 18], _rd(a["summary"]["schedule"]["stages"]))]

@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def run_script(name: str, *args: str, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [name, *args])
+    monkeypatch.syspath_prepend(str(BENCH))  # as `python benchmarks/NAME` puts the script's folder first
     runpy.run_path(str(BENCH / name), run_name="__main__")
 
 

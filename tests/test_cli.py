@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import replay_fixed, tiny_args
 from safetensors.torch import load_file
 
 from autoprog.cli import main
@@ -90,20 +90,13 @@ def test_config_with_unknown_key(cli, tmp_path, fake_fmnist):
     assert "bogus_option" in _one_error_line(err)
 
 
-def test_config_that_is_not_a_mapping(cli, tmp_path):
+@pytest.mark.parametrize("text, needle", [("[1, 2]\n", "mapping"), ("epochs: [unclosed\n", "not valid YAML")])
+def test_a_bad_config_file_gives_one_line(cli, tmp_path, text, needle):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("[1, 2]\n")
+    cfg.write_text(text)
     rc, _, err = cli("pretrain", "--out", tmp_path / "run", "--config", cfg)
     assert rc == 2
-    assert "mapping" in _one_error_line(err)
-
-
-def test_config_that_is_not_yaml_gives_one_line(cli, tmp_path):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("epochs: [unclosed\n")
-    rc, _, err = cli("pretrain", "--out", tmp_path / "run", "--config", cfg)
-    assert rc == 2
-    assert "not valid YAML" in _one_error_line(err)
+    assert needle in _one_error_line(err)
 
 
 def test_missing_config_file(cli, tmp_path):
@@ -235,11 +228,7 @@ def test_checkpoint_loads_into_a_fresh_model(prog_run):
 
 def test_fixed_replays_the_schedule(prog_run, cli, fake_fmnist, tmp_path):
     out = tmp_path / "fixed"
-    rc, _, err = cli("pretrain", "--method", "fixed", "--schedule", prog_run / "schedule.json", "--out", out,
-                     *tiny_args(fake_fmnist))
-    assert rc == 0, err
-    a, b = _results(prog_run), _results(out)
-    assert b["done"] and b["summary"]["method"] == "fixed"
+    a, b = replay_fixed(cli, prog_run, out, *tiny_args(fake_fmnist))
     strip = [{k: s[k] for k in ("stage", "step", "subnet", "growth")} for s in a["stages"]]
     assert [{k: s[k] for k in ("stage", "step", "subnet", "growth")} for s in b["stages"]] == strip
     key = [(e["stage"], e["resolution"], e["depth"], e["step"]) for e in a["epochs"]]

@@ -26,10 +26,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_base_dit
 from safetensors.torch import load_file
 from test_distributed import PORT_RACE
 
-from autoprog.diffusion.runner import BaseSpec, pretrain_base
 from autoprog.diffusion.trainer import DiffusionConfig
 
 pytestmark = pytest.mark.slow
@@ -151,20 +151,10 @@ def _launch(cmd: list[str], cwd, run_dir, timeout: int = 200):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """The feature classifier's cache: trained once (by the base model's run), then only loaded."""
-    return tmp_path_factory.mktemp("feature-cache")
-
-
-@pytest.fixture(scope="module")
 def base(fake_fmnist, cache_dir, tmp_path_factory):
-    """A tiny base DiT (4 blocks, 16 wide) trained in this process on fake Fashion-MNIST classes 0-4."""
-    out = tmp_path_factory.mktemp("ddp-base")
     train = DiffusionConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=1, eval_points=1, curve_samples=8,
                             fd_samples=16, sample_steps=2, ema_decay=0.9)
-    pretrain_base(BaseSpec(data_root=str(fake_fmnist), hidden_size=16, depth=4, num_heads=2, patch_size=4,
-                           feature_epochs=1, cache_dir=str(cache_dir), train=train), out)
-    return out / "model"
+    return tiny_base_dit(fake_fmnist, cache_dir, tmp_path_factory.mktemp("ddp-base"), train)
 
 
 def _run_driver(work, base, fake_fmnist, cache_dir, methods: dict[str, int], mixed_precision="no"):

@@ -8,10 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import tiny_base_dit
 from safetensors.torch import load_file
 
 from autoprog.algorithms.proxies import tie_within
-from autoprog.diffusion.runner import BaseSpec, FinetuneSpec, finetune, pretrain_base
+from autoprog.diffusion.runner import FinetuneSpec, finetune
 from autoprog.diffusion.trainer import DiffusionConfig
 from autoprog.models.dit import load_backbone
 
@@ -25,18 +26,9 @@ TINY_FLAGS = [*TRAIN_FLAGS, "--proxy-batches", "2", "--proxy-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def base(fake_fmnist, cache_dir, tmp_path_factory):
-    """A tiny base DiT trained on fake Fashion-MNIST classes 0-4."""
-    out = tmp_path_factory.mktemp("base")
-    spec = BaseSpec(data_root=str(fake_fmnist), hidden_size=16, depth=4, num_heads=2, patch_size=4, feature_epochs=1,
-                    cache_dir=str(cache_dir), train=replace(TINY, steps=6, eval_points=1, ema_decay=0.9))
-    pretrain_base(spec, out)
-    return out / "model"
+    return tiny_base_dit(fake_fmnist, cache_dir, tmp_path_factory.mktemp("base"),
+                         replace(TINY, steps=6, eval_points=1, ema_decay=0.9))
 
 
 def spec_for(method, base, fake_fmnist, cache_dir, **train):

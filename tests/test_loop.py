@@ -110,7 +110,7 @@ def test_unfreezing_trains_only_the_learnable_blocks():
 
 
 def test_clear_errors_for_misuse():
-    with pytest.raises(ConfigError, match="ElasticViT"):
+    with pytest.raises(ConfigError, match="elastic"):
         ProgressiveLoop.growing(torch.nn.Linear(2, 2), None, 10)
     model = tiny_vit()
     with pytest.raises(ConfigError, match="proxy=ProxyData"):

@@ -74,7 +74,7 @@ def test_bounds_are_checked_on_library_specs_too():
 # ------------------------------------------------------------------------------------------- presets
 def test_presets_are_listed_and_each_parses_into_a_valid_spec():
     names = [n for n, _, _ in list_presets()]
-    assert {"cpu-pretrain", "cpu-deit", "deit-s-paper", "cpu-finetune", "dit-xl2-paper"} <= set(names)
+    assert {"cpu-pretrain", "cpu-deit", "deit-s-paper", "volo-d1-paper", "cpu-finetune", "dit-xl2-paper"} <= set(names)
     for name in names:
         task = load_preset(name)["task"]
         argv, spec_of, task_flag = {

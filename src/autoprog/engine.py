@@ -74,3 +74,54 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, optimizer, state: dict) -> None:
+    """Replace ``out/checkpoint`` atomically: safetensors weights of ``model`` (and of the momentum ``ema``), the
+    optimizer state by parameter name plus the torch RNG, and ``state`` as JSON. Main process only; every
+    process waits here first."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .optim import optimizer_state_tensors
+
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    tmp = out / (CHECKPOINT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    opt = optimizer_state_tensors(optimizer, model)
+    opt["__rng__"] = torch.get_rng_state()
+    save_file(opt, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    replace_dir(tmp, out / CHECKPOINT_DIR)
+
+
+def read_checkpoint(out: Path, total_steps: int, device) -> tuple[dict, dict, dict | None, dict]:
+    """``(state, model weights, ema weights or None, optimizer tensors)`` of ``out/checkpoint``, with the torch RNG
+    restored; a missing checkpoint or one made for another number of steps is a :class:`ConfigError`."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from .errors import ConfigError
+
+    ck = out / CHECKPOINT_DIR
+    if not (ck / "state.json").is_file():
+        raise ConfigError(f"{out} has no checkpoint to resume from")
+    state = json.loads((ck / "state.json").read_text())
+    if state["total_steps"] != total_steps:
+        raise ConfigError(f"checkpoint was made for {state['total_steps']} steps, this run has {total_steps}")
+    dev = str(device)
+    model = load_file(ck / "model.safetensors", device=dev)
+    ema = load_file(ck / "ema.safetensors", device=dev) if (ck / "ema.safetensors").is_file() else None
+    opt = load_file(ck / "optimizer.safetensors")
+    torch.set_rng_state(opt.pop("__rng__"))
+    return state, model, ema, opt

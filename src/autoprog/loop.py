@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters.base import ElasticModel
 from .adapters.unfreezer import Unfreezer
-from .adapters.vit import ElasticViT
 from .algorithms.growth import (
     GrowthOperator,
     MomentumNetwork,
@@ -87,15 +87,17 @@ class ProgressiveLoop:
 
     # ------------------------------------------------------------------------------------ builders
     @classmethod
-    def growing(cls, model: ElasticViT, optimizer: torch.optim.Optimizer, total_steps: int,
+    def growing(cls, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
                 schedule: str | Schedule | Controller = "prog", growth: str = "mogrow", num_stages: int = 4,
                 start_ratio: float = 0.5, ema_decay: float | None = None, **kw) -> ProgressiveLoop:
-        """Pre-training: grow ``model`` (an :class:`ElasticViT`) in resolution and depth along ``schedule``:
+        """Pre-training: grow ``model`` (an :class:`~autoprog.adapters.base.ElasticModel`: ``ElasticViT(vit)``,
+        ``ElasticVOLO(volo)``, or ``autoprog.adapters.elastic(model)``) in resolution and depth along ``schedule``:
         ``"prog"``, ``"progstack"``, an inline schedule (``"14x3,21x4,28x6"``), a :class:`Schedule`, or a
         controller (``AutoProgZero(space)``, ``AutoProgOne(space)``). ``ema_decay`` is MoGrow's momentum m
         (default: the paper's 0.998 rescaled to ``steps_per_epoch``, see :func:`auto_ema_decay`)."""
-        if not isinstance(model, ElasticViT):
-            raise ConfigError("ProgressiveLoop.growing needs an autoprog.adapters.vit.ElasticViT (wrap your ViT)")
+        if not isinstance(model, ElasticModel):
+            raise ConfigError("ProgressiveLoop.growing needs an elastic model: wrap yours with "
+                              "autoprog.adapters.elastic(model) (ViT/DeiT, VOLO)")
         space = model.growth_space(num_stages, start_ratio)
         op = get_growth_operator(growth if not isinstance(schedule, str) or schedule != "progstack" else "stacking")
         return cls(model, optimizer, _controller(schedule, space), total_steps, space, growth=op,
@@ -177,18 +179,13 @@ class ProgressiveLoop:
     def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
                 inserted: list[int] | None = None) -> dict | None:
         """Grow with the growth operator (or by ``block_map``); the optimizer's moments follow the weights."""
-        src = self.model.subnet
-        if block_map is None and dst == src:
+        if block_map is None and dst == self.model.subnet:
             self.use_subnet(dst)
             return None
-        if block_map is None:
-            result = self.growth.grow(self.model, self.ema.module, src, dst)
-        else:
-            result = self.growth.apply(self.model, self.ema.module, block_map, inserted or [])
+        result = self.growth.grow_into(self.model, self.ema.module, dst, block_map, inserted)
         self._after_block_copy(result.block_map)
         self.use_subnet(dst)
-        return {"operator": self.growth.name, "block_map": {str(d): s for d, s in result.block_map.items()},
-                "gated": result.gated}
+        return result.record(self.growth.name)
 
     def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
         copy_blocks(self.model, self.ema.module, block_map)

@@ -215,3 +215,16 @@ def option_names(spec_cls, prefix: str = "") -> dict[str, str]:
         else:
             out[flag_of(f, getattr(defaults, f.name))[2:]] = prefix + f.name
     return out
+
+
+class Spec:
+    """Mixin of the run specs: ``to_dict`` (what ``config.json`` holds) and the one ``from_dict`` rule."""
+
+    settings_name = "settings"  # how errors name this spec
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return from_dict(cls, d, where=cls.settings_name)

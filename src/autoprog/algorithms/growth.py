@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters.vit import ElasticViT
+from ..adapters.base import ElasticModel
 from ..errors import ConfigError
 from ..space import SubNet
 
@@ -63,6 +63,11 @@ class GrowthResult:
     def changed(self) -> bool:
         return any(src != dst for dst, src in self.block_map.items()) or bool(self.gated)
 
+    def record(self, operator: str) -> dict:
+        """What a stage log keeps of this growth."""
+        return {"operator": operator, "block_map": {str(d): s for d, s in self.block_map.items()},
+                "gated": self.gated}
+
 
 class GrowthOperator:
     """Initialise a larger sub-network from a smaller one. Subclasses pick the depth mapping."""
@@ -72,7 +77,7 @@ class GrowthOperator:
     from_momentum = False
     rezero = False
 
-    def grow(self, model: ElasticViT, ema: ElasticViT | None, src: SubNet, dst: SubNet) -> GrowthResult:
+    def grow(self, model: ElasticModel, ema: ElasticModel | None, src: SubNet, dst: SubNet) -> GrowthResult:
         """Write ψ_ℓ=``dst``'s block weights into ``model`` (and ``ema`` if given) from ψ_s=``src``."""
         if dst.depth < src.depth or dst.resolution < src.resolution:
             raise ConfigError(f"growth must not shrink the network: {src} -> {dst}")
@@ -81,7 +86,15 @@ class GrowthOperator:
         block_map = {dst_phys[j]: (None if m is None else src_phys[m]) for j, m in enumerate(mapping)}
         return self.apply(model, ema, block_map, inserted=[dst_phys[j] for j in inserted_positions(mapping)])
 
-    def apply(self, model: ElasticViT, ema: ElasticViT | None, block_map: dict[int, int | None],
+    def grow_into(self, model: ElasticModel, ema: ElasticModel | None, dst: SubNet,
+                  block_map: dict[int, int | None] | None = None, inserted: list[int] | None = None) -> GrowthResult:
+        """Grow from ``model``'s current sub-network to ``dst``: by this operator's depth mapping, or by an
+        explicit ``block_map`` (destination block → source block) with its ``inserted`` copies."""
+        if block_map is None:
+            return self.grow(model, ema, model.subnet, dst)
+        return self.apply(model, ema, block_map, inserted or [])
+
+    def apply(self, model: ElasticModel, ema: ElasticModel | None, block_map: dict[int, int | None],
               inserted: list[int]) -> GrowthResult:
         """Grow by an explicit map (destination block → source block); ``inserted`` are the new copies.
 
@@ -99,7 +112,7 @@ class GrowthOperator:
         return GrowthResult(block_map, gated, self.from_momentum)
 
 
-def copy_blocks(model: ElasticViT, ema: ElasticViT | None, block_map: dict[int, int | None]) -> None:
+def copy_blocks(model: ElasticModel, ema: ElasticModel | None, block_map: dict[int, int | None]) -> None:
     """Copy block weights by ``block_map`` in the model and its momentum copy; ``None`` re-initialises
     (with the same fresh weights in both)."""
     _copy_blocks(model, block_map)
@@ -110,7 +123,7 @@ def copy_blocks(model: ElasticViT, ema: ElasticViT | None, block_map: dict[int, 
                 ema.blocks[d].load_state_dict(model.blocks[d].state_dict())
 
 
-def _copy_blocks(model: ElasticViT, block_map: dict[int, int | None]) -> None:
+def _copy_blocks(model: ElasticModel, block_map: dict[int, int | None]) -> None:
     """Copy block weights by ``block_map`` (snapshotting sources first, so maps may overlap)."""
     sources = {s for s in block_map.values() if s is not None}
     snap = {s: ({k: v.detach().clone() for k, v in model.blocks[s].state_dict().items()}, model.gated(s))

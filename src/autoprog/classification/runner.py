@@ -7,18 +7,17 @@ experiment: a ViT on a 10k-image Fashion-MNIST subset, sized to run on a 2-core 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..adapters.vit import ElasticViT
+from ..adapters.factory import ModelOverrides, build_elastic
 from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
 from ..data import load_dataset
 from ..engine import CHECKPOINT_DIR
 from ..errors import ConfigError
 from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
-from ..models.factory import ModelOverrides, build_model
-from ..options import from_dict, option
+from ..options import Spec, option
 from ..report import plot_curves, schedule_string
 from ..schedules import METHODS, build_schedule
 from .report import seeds_markdown, summary_markdown
@@ -26,8 +25,10 @@ from .trainer import TrainConfig, Trainer
 
 
 @dataclass
-class RunSpec:
+class RunSpec(Spec):
     """Everything that defines a pre-training run besides the output directory."""
+
+    settings_name = "run settings"
 
     method: str = option("prog", "original (full model), prog (uniform linear growth), progstack (progressive "
                                  "stacking), fixed (replay --schedule), autoprog-one (automatic schedule by one-shot "
@@ -78,12 +79,6 @@ class RunSpec:
                                  "sub-network's size (Table 14)", group="growth")
     train: TrainConfig = option(default_factory=TrainConfig)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunSpec:
-        return from_dict(cls, d, where="run settings")
 
 
 def build_run(spec: RunSpec):
@@ -95,7 +90,7 @@ def build_run(spec: RunSpec):
     if img_size is None and spec.model == "vit":
         img_size = data.image_size
     overrides = ModelOverrides(img_size, spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads, spec.drop_path)
-    net = ElasticViT(build_model(spec.model, data.num_classes, data.in_chans, overrides))
+    net = build_elastic(spec.model, data.num_classes, data.in_chans, overrides)
     space = net.growth_space(spec.num_stages, spec.start_ratio)
     if spec.method == "autoprog-one":
         from ..algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..adapters.vit import ElasticViT
+from ..adapters.base import ElasticModel
 from ..algorithms.growth import GrowthOperator, MomentumNetwork, auto_ema_decay, copy_blocks
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle
@@ -33,9 +31,10 @@ from ..engine import (
     CHECKPOINT_DIR,
     ControllerCalls,
     atomic_write,
+    read_checkpoint,
     release,
-    replace_dir,
     rewrap_if_needed,
+    save_checkpoint,
     trained_ids,
 )
 from ..errors import ConfigError
@@ -106,7 +105,7 @@ class Trainer(ControllerCalls):
     sub-network as training goes; the trainer offers it the mechanics (grow, apply, measure).
     """
 
-    def __init__(self, net: ElasticViT, schedule, growth: GrowthOperator, data: DataBundle,
+    def __init__(self, net: ElasticModel, schedule, growth: GrowthOperator, data: DataBundle,
                  cfg: TrainConfig, out_dir: str | Path, accelerator=None, run_info: dict | None = None,
                  adareg=None):
         from accelerate import Accelerator
@@ -244,20 +243,15 @@ class Trainer(ControllerCalls):
         With ``block_map`` (destination block → source block) the operator copies by that map instead of
         its own depth mapping (the elastic supernet's layout). Optimizer moments follow the weights.
         """
-        src = self.net.subnet
-        if block_map is None and dst == src:
+        if block_map is None and dst == self.net.subnet:
             self.use_subnet(dst)
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed * 1009 + self.step)  # same fresh weights on every process
-            if block_map is None:
-                result = self.growth.grow(self.net, self.ema.module, src, dst)
-            else:
-                result = self.growth.apply(self.net, self.ema.module, block_map, inserted or [])
+            result = self.growth.grow_into(self.net, self.ema.module, dst, block_map, inserted)
         self._after_block_copy(result.block_map)
         self.use_subnet(dst)
-        return {"operator": self.growth.name, "block_map": {str(d): s for d, s in result.block_map.items()},
-                "gated": result.gated}
+        return result.record(self.growth.name)
 
     def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
         """Move blocks (weights, momentum weights, optimizer moments) by ``block_map`` and apply ``dst``."""
@@ -492,17 +486,6 @@ class Trainer(ControllerCalls):
 
     # --------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
-        self.acc.wait_for_everyone()
-        if not self.acc.is_main_process:
-            return
-        tmp = self.out / (CHECKPOINT_DIR + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, tmp / "ema.safetensors")
-        opt = optimizer_state_tensors(self.optimizer, self.net)
-        opt["__rng__"] = torch.get_rng_state()
-        save_file(opt, tmp / "optimizer.safetensors")
         state = {
             "epoch": self.epoch, "step": self.step, "stage": self.stage, "subnet": self.net.subnet.to_dict(),
             "gated_blocks": self.net.gated_blocks(), "train_time_s": self.train_time, "flops_sum": self.flops_sum,
@@ -510,23 +493,14 @@ class Trainer(ControllerCalls):
             "history": self.history, "stage_log": self.stage_log, "total_steps": self.total_steps,
             "lr_step": self.lr_step, "controller": self.controller.state_dict(),
         }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        replace_dir(tmp, self.out / CHECKPOINT_DIR)
+        save_checkpoint(self.out, self.acc, self.net, self.ema.module, self.optimizer, state)
 
     def _load_checkpoint(self) -> None:
-        ck = self.out / CHECKPOINT_DIR
-        if not (ck / "state.json").is_file():
-            raise ConfigError(f"{self.out} has no checkpoint to resume from")
-        state = json.loads((ck / "state.json").read_text())
-        if state["total_steps"] != self.total_steps:
-            raise ConfigError(f"checkpoint was made for {state['total_steps']} steps, this run has {self.total_steps}")
+        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device)
         self._set_gated_blocks(state["gated_blocks"])
-        dev = self.acc.device
-        self.net.load_state_dict(load_file(ck / "model.safetensors", device=str(dev)))
-        self.ema.module.load_state_dict(load_file(ck / "ema.safetensors", device=str(dev)))
+        self.net.load_state_dict(weights)
+        self.ema.module.load_state_dict(ema)
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)
-        opt = load_file(ck / "optimizer.safetensors")
-        torch.set_rng_state(opt.pop("__rng__"))
         load_optimizer_state(self.optimizer, self.net, opt)
         self.controller.load_state_dict(state["controller"])
         self.epoch, self.step, self.stage = state["epoch"], state["step"], state["stage"]
@@ -538,4 +512,4 @@ class Trainer(ControllerCalls):
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
         self.history, self.stage_log = state["history"], state["stage_log"]
         self.lr_sched.step_update(self.lr_step)
-        self.acc.print(f"resumed from {ck} at epoch {self.epoch}, step {self.step}")
+        self.acc.print(f"resumed from {self.out / CHECKPOINT_DIR} at epoch {self.epoch}, step {self.step}")

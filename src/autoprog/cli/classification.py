@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..classification.runner import RunSpec
-from ..errors import ConfigError
 from ..options import add_options, from_args
-from .common import add_run_flags, parse_seeds
+from .common import add_run_flags, run_compare, run_one
 
 DEFAULT_COMPARE_METHODS = "original,prog,autoprog-one"
 
@@ -50,20 +49,11 @@ def run_classification(args, acc) -> None:
     from ..classification import runner
 
     if args.command == "pretrain":
-        if args.resume:
-            runner.pretrain(None, args.resume, acc, resume=True)
-            return
-        if not args.out:
-            raise ConfigError("pretrain needs --out DIR (or --resume DIR)")
-        res = runner.pretrain(spec_from_args(args, args.method), args.out, acc)
-        s = res["summary"]
-        acc.print(f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of training; "
-                  f"results in {args.out}/results.json")
-    else:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        base = spec_from_args(args, "original")
-        if args.seeds:
-            runner.compare_seeds(base, methods, args.out, parse_seeds(args.seeds), not args.no_budget_baseline, acc)
-        else:
-            runner.compare(base, methods, args.out, budget_baseline=not args.no_budget_baseline, accelerator=acc)
-        acc.print(f"wrote {args.out}/summary.json, summary.md, curves.png")
+        run_one(args, acc, "pretrain", runner.pretrain, lambda: spec_from_args(args, args.method),
+                lambda s: f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of "
+                          f"training; results in {args.out}/results.json")
+        return
+    base = spec_from_args(args, "original")
+    run_compare(args, acc, lambda methods, budget: runner.compare(base, methods, args.out, budget, acc),
+                lambda methods, seeds, budget: runner.compare_seeds(base, methods, args.out, seeds, budget, acc),
+                "curves.png")

@@ -40,3 +40,27 @@ def add_run_flags(g, command: str) -> None:
     g.add_argument("--config", help="YAML file of option values (keys: option names with '_')")
     g.add_argument("--preset", help="a shipped YAML preset of option values ('autoprog presets' lists them); "
                                     "--config and flags win over it")
+
+
+def run_one(args, acc, what: str, run, make_spec, done) -> None:
+    """One run: continue ``--resume DIR``, or start ``make_spec()`` into ``--out`` (required); then print
+    ``done(summary)``, or how to continue a run stopped early on purpose."""
+    if args.resume:
+        run(None, args.resume, acc, resume=True)
+        return
+    if not args.out:
+        raise ConfigError(f"{what} needs --out DIR (or --resume DIR)")
+    res = run(make_spec(), args.out, acc)
+    acc.print(done(res["summary"]) if res.get("done") else f"stopped early as asked; continue with --resume {args.out}")
+
+
+def run_compare(args, acc, one, over_seeds, files: str) -> None:
+    """``compare``: ``one(methods, budget)`` for a single seed, ``over_seeds(methods, seeds, budget)`` with
+    ``--seeds``; ``budget`` says whether to train the budget-matched baseline."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budget = not args.no_budget_baseline
+    if args.seeds:
+        over_seeds(methods, parse_seeds(args.seeds), budget)
+    else:
+        one(methods, budget)
+    acc.print(f"wrote {args.out}/summary.json, summary.md, {files}")

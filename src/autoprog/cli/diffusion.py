@@ -13,7 +13,7 @@ import argparse
 from ..diffusion.runner import BaseSpec, FinetuneSpec
 from ..errors import ConfigError
 from ..options import add_options, from_args
-from .common import add_run_flags, parse_seeds, positive_int
+from .common import add_run_flags, positive_int, run_compare, run_one
 
 GROUPS = ("model", "data", "unfreezing", "optimisation", "evaluation")
 BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr"}
@@ -98,32 +98,16 @@ def run_sample(args, acc) -> None:
 def run_diffusion(args, acc) -> None:
     from ..diffusion import runner
 
-    if args.command == "pretrain":
-        if args.resume:
-            runner.pretrain_base(None, args.resume, acc, resume=True)
-            return
-        if not args.out:
-            raise ConfigError("pretrain --task diffusion needs --out DIR (or --resume DIR)")
-        res = runner.pretrain_base(base_spec(args), args.out, acc)
-        s = res["summary"]
-        acc.print(f"done: {s['metric']} {s['fd']:.3f} after {s['steps']} steps ({s['wall_time_s']:.0f}s); "
-                  f"model in {args.out}/model")
-    elif args.command == "finetune":
-        if args.resume:
-            runner.finetune(None, args.resume, acc, resume=True)
-            return
-        if not args.out:
-            raise ConfigError("finetune needs --out DIR (or --resume DIR)")
-        res = runner.finetune(finetune_spec(args, args.method), args.out, acc)
-        s = res["summary"]
-        acc.print(f"done: {s['metric']} {s['fd']:.3f} in {s['wall_time_s']:.1f}s of training "
-                  f"(search {s['search_time_s']:.1f}s); model in {args.out}/model")
-    else:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        spec = finetune_spec(args, "full")
-        if args.seeds:
-            runner.compare_finetune_seeds(methods, spec, args.out, parse_seeds(args.seeds), not args.no_budget_baseline,
-                                          acc)
-        else:
-            runner.compare_finetune(methods, spec, args.out, not args.no_budget_baseline, acc)
-        acc.print(f"wrote {args.out}/summary.json, summary.md, fd_curves.png, samples.png")
+    if args.command in ("pretrain", "finetune"):
+        base = args.command == "pretrain"
+        run_one(args, acc, "pretrain --task diffusion" if base else "finetune",
+                runner.pretrain_base if base else runner.finetune,
+                (lambda: base_spec(args)) if base else (lambda: finetune_spec(args, args.method)),
+                lambda s: f"done: {s['metric']} {s['fd']:.3f} after {s['steps']} steps ({s['wall_time_s']:.1f}s of "
+                          f"training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
+        return
+    spec = finetune_spec(args, "full")
+    run_compare(args, acc, lambda methods, budget: runner.compare_finetune(methods, spec, args.out, budget, acc),
+                lambda methods, seeds, budget: runner.compare_finetune_seeds(methods, spec, args.out, seeds, budget,
+                                                                             acc),
+                "fd_curves.png, samples.png")

@@ -9,7 +9,7 @@ sized so a whole comparison runs in about half an hour on a 2-core CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from ..engine import CHECKPOINT_DIR
 from ..errors import ConfigError
 from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
 from ..models.dit import build_backbone, load_backbone
-from ..options import from_dict, option
+from ..options import Spec, option
 from ..schedules import Schedule
 from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes
 from .latent import with_latents
@@ -38,8 +38,29 @@ def _classes_text(c: tuple[int, ...]) -> str:
 
 
 @dataclass
-class FinetuneSpec:
+class ImageDataSpec(Spec):
+    """The data and quality settings both diffusion specs share."""
+
+    dataset: str = option("fashion-mnist", "fashion-mnist, digits, or a path to an ImageFolder directory (train/ "
+                                           "and val/)", group="data")
+    data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
+                                         "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
+    image_size: int | None = option(None, "resize images to this size (default: the dataset's; 32 for ImageFolder)",
+                                    minimum=1, show_default=False, group="data")
+    fid_weights: str | None = option(None, "a local Inception checkpoint (torch-fidelity's "
+                                           "pt_inception-2015-12-05): report real FID. Without it: FD on the "
+                                           "features of a classifier autoprog trains on the dataset and caches",
+                                     metavar="PATH", show_default=False, group="evaluation")
+    feature_epochs: int = option(3, "epochs of that feature classifier", minimum=1, group="evaluation")
+    cache_dir: str | None = option(None, "where the feature classifier is cached (default: $AUTOPROG_CACHE or "
+                                         "~/.cache/autoprog)", show_default=False, group="evaluation")
+
+
+@dataclass
+class FinetuneSpec(ImageDataSpec):
     """Everything that defines a fine-tuning run besides its output directory."""
+
+    settings_name = "fine-tuning settings"
 
     method: str = option("autoprog-zero", "full, bitfit, difffit, lora (lora-rN for rank N), prog (uniform linear "
                                           "unfreezing), autoprog-one (supernet-loss search), autoprog-zero (zero-shot "
@@ -48,16 +69,10 @@ class FinetuneSpec:
     base: str | None = option(None, "base model directory (autoprog's model/ or a diffusers DiTTransformer2DModel "
                                     "folder) (default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
                               metavar="PATH", show_default=False)
-    dataset: str = option("fashion-mnist", "fashion-mnist, digits, or a path to an ImageFolder directory (train/ "
-                                           "and val/)", group="data")
-    data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
-                                         "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
     classes: str | None = option(_classes_text(TRANSFER_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or "
                                                                   "'all'", group="data")
     subset: int | None = option(None, "train on this many images (fixed random subset; 0 = all)", minimum=0,
                                 zero_is_none=True, group="data")
-    image_size: int | None = option(None, "resize images to this size (default: the dataset's; 32 for ImageFolder)",
-                                    minimum=1, show_default=False, group="data")
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
                                    "are cached); fine-tuning uses the base model's VAE by default", metavar="PATH",
                              show_default=False, group="data")
@@ -75,60 +90,28 @@ class FinetuneSpec:
     time_tolerance: float = option(TIME_RTOL, "autoprog-zero: step times within this relative difference tie on the "
                                               "time ballot, so timing noise does not decide the vote (0 = the "
                                               "paper's exact ranking)", minimum=0, below=1, group="unfreezing")
-    fid_weights: str | None = option(None, "a local Inception checkpoint (torch-fidelity's "
-                                           "pt_inception-2015-12-05): report real FID. Without it: FD on the "
-                                           "features of a classifier autoprog trains on the dataset and caches",
-                                     metavar="PATH", show_default=False, group="evaluation")
-    feature_epochs: int = option(3, "epochs of that feature classifier", minimum=1, group="evaluation")
-    cache_dir: str | None = option(None, "where the feature classifier is cached (default: $AUTOPROG_CACHE or "
-                                         "~/.cache/autoprog)", show_default=False, group="evaluation")
     train: DiffusionConfig = option(default_factory=DiffusionConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FinetuneSpec:
-        return from_dict(cls, d, where="fine-tuning settings")
 
 
 @dataclass
-class BaseSpec:
+class BaseSpec(ImageDataSpec):
     """A base DiT trained from scratch (``autoprog pretrain --task diffusion``)."""
 
+    settings_name = "base-model settings"
+
     backbone: str = option("dit", "built-in DiT or diffusers' DiTTransformer2DModel", choices=("dit", "diffusers-dit"))
-    dataset: str = option("fashion-mnist", "fashion-mnist, digits, or a path to an ImageFolder directory (train/ "
-                                           "and val/)", group="data")
-    data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
-                                         "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
     classes: str | None = option(_classes_text(BASE_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or 'all'",
                                  group="data")
     num_classes: int | None = option(None, "size of the class table (default: the dataset's, so that fine-tuning "
                                            "can add the other classes)", minimum=1, show_default=False, group="model")
-    image_size: int | None = option(None, "resize images to this size (default: the dataset's; 32 for ImageFolder)",
-                                    minimum=1, show_default=False, group="data")
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
                                    "are cached)", metavar="PATH", show_default=False, group="data")
     patch_size: int = option(4, "patch size", minimum=1, group="model")
     hidden_size: int = option(96, "transformer width", minimum=1, group="model")
     depth: int = option(6, "transformer blocks", minimum=1, group="model")
     num_heads: int = option(4, "attention heads", minimum=1, group="model")
-    fid_weights: str | None = option(None, "a local Inception checkpoint (torch-fidelity's "
-                                           "pt_inception-2015-12-05): report real FID. Without it: FD on the "
-                                           "features of a classifier autoprog trains on the dataset and caches",
-                                     metavar="PATH", show_default=False, group="evaluation")
-    feature_epochs: int = option(3, "epochs of that feature classifier", minimum=1, group="evaluation")
-    cache_dir: str | None = option(None, "where the feature classifier is cached (default: $AUTOPROG_CACHE or "
-                                         "~/.cache/autoprog)", show_default=False, group="evaluation")
     train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
         steps=6000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, eval_points=3))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BaseSpec:
-        return from_dict(cls, d, where="base-model settings")
 
 
 # ------------------------------------------------------------------------------------------ quality

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..adapters.unfreezer import Unfreezer
@@ -32,14 +31,16 @@ from ..engine import (
     CHECKPOINT_DIR,
     ControllerCalls,
     atomic_write,
+    read_checkpoint,
     release,
     replace_dir,
     rewrap_if_needed,
+    save_checkpoint,
     trained_ids,
 )
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
-from ..optim import build_optimizer, load_optimizer_state, optimizer_state_tensors
+from ..optim import build_optimizer, load_optimizer_state
 from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
 from .data import DiffusionData
@@ -449,18 +450,6 @@ class DiffusionTrainer(ControllerCalls):
 
     # -------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
-        self.acc.wait_for_everyone()
-        if not self.acc.is_main_process:
-            return
-        tmp = self.out / (CHECKPOINT_DIR + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
-        if self.ema is not None:
-            save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, tmp / "ema.safetensors")
-        opt = optimizer_state_tensors(self.optimizer, self.model)
-        opt["__rng__"] = torch.get_rng_state()
-        save_file(opt, tmp / "optimizer.safetensors")
         state = {"step": self.step, "stage": self.stage, "resolution": self.resolution,
                  "subnet": self.subnet.to_dict() if self.subnet is not None else None,
                  "train_time_s": self.train_time, "search_time_s": self.search_time,
@@ -468,22 +457,14 @@ class DiffusionTrainer(ControllerCalls):
                  "flops_cache": self.flops_cache, "history": self.history, "stage_log": self.stage_log,
                  "total_steps": self.total_steps, "controller": self.controller.state_dict(),
                  "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()]}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        replace_dir(tmp, self.out / CHECKPOINT_DIR)
+        save_checkpoint(self.out, self.acc, self.model, self.ema.module if self.ema is not None else None,
+                        self.optimizer, state)
 
     def _load_checkpoint(self) -> None:
-        ck = self.out / CHECKPOINT_DIR
-        if not (ck / "state.json").is_file():
-            raise ConfigError(f"{self.out} has no checkpoint to resume from")
-        state = json.loads((ck / "state.json").read_text())
-        if state["total_steps"] != self.total_steps:
-            raise ConfigError(f"checkpoint was made for {state['total_steps']} steps, this run has {self.total_steps}")
-        dev = str(self.acc.device)
-        self.model.load_state_dict(load_file(ck / "model.safetensors", device=dev))
+        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device)
+        self.model.load_state_dict(weights)
         if self.ema is not None:
-            self.ema.module.load_state_dict(load_file(ck / "ema.safetensors", device=dev))
-        opt = load_file(ck / "optimizer.safetensors")
-        torch.set_rng_state(opt.pop("__rng__"))
+            self.ema.module.load_state_dict(ema)
         load_optimizer_state(self.optimizer, self.model, opt)
         self.controller.load_state_dict(state["controller"])
         self.step, self.stage = state["step"], state["stage"]
@@ -498,6 +479,6 @@ class DiffusionTrainer(ControllerCalls):
         self.history, self.stage_log = state["history"], state["stage_log"]
         self._time_cache = {(r, tuple(b)): v for r, b, v in state["time_cache"]}
         self.lr_sched.step_update(self.step)
-        self.print(f"resumed from {ck} at step {self.step}")
+        self.print(f"resumed from {self.out / CHECKPOINT_DIR} at step {self.step}")
 
 

@@ -1,4 +1,5 @@
-"""Build a ViT by name: ``vit`` (built-in) or ``timm:<model>`` (any timm VisionTransformer / DeiT)."""
+"""Build a growable model by name: ``vit`` (built-in) or ``timm:<model>`` of a family an adapter covers (ViT/DeiT,
+VOLO); :func:`build_elastic` also wraps it in that family's adapter."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
-from .vit import VisionTransformer
+from ..models.vit import VisionTransformer
+from .base import FAMILIES, ElasticModel, elastic, family_of
 
 
 @dataclass
@@ -49,32 +51,36 @@ def build_model(name: str, num_classes: int, in_chans: int, overrides: ModelOver
     raise ConfigError(f"unknown model {name!r}: use 'vit' (built-in) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224")
 
 
+def build_elastic(name: str, num_classes: int, in_chans: int, overrides: ModelOverrides | None = None) -> ElasticModel:
+    """:func:`build_model`, wrapped in its family's elastic adapter."""
+    return elastic(build_model(name, num_classes, in_chans, overrides))
+
+
 def _build_timm(name: str, num_classes: int, in_chans: int, o: ModelOverrides) -> nn.Module:
     import timm
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models("*vit*") + timm.list_models("deit*"), n=3)
+        close = difflib.get_close_matches(name, timm.list_models("*vit*") + timm.list_models("deit*")
+                                          + timm.list_models("volo*"), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown timm model {name!r}{hint}")
-    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, dynamic_img_size=True)
+    probe = timm.create_model(name, pretrained=False, num_classes=0)
+    family = family_of(probe)
+    if family is None:
+        raise ConfigError(f"timm model {name!r} is a {type(probe).__name__}, which autoprog cannot grow; supported "
+                          f"families: {', '.join(c.family for c in FAMILIES)}")
+    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, **family.timm_kwargs(o))
     if o.drop_path:
         kwargs["drop_path_rate"] = o.drop_path
-    for k in ("img_size", "patch_size", "depth", "embed_dim", "num_heads"):
-        if getattr(o, k) is not None:
-            kwargs[k] = getattr(o, k)
-    if o.embed_dim is not None and o.num_heads is None:
-        kwargs["num_heads"] = max(1, o.embed_dim // 32)
-    if "img_size" in kwargs or "patch_size" in kwargs:
-        probe = timm.create_model(name, pretrained=False, num_classes=0)
+    if hasattr(probe, "patch_embed") and hasattr(probe.patch_embed, "patch_size") and \
+            ("img_size" in kwargs or "patch_size" in kwargs):
         img = kwargs.get("img_size", probe.patch_embed.img_size[0])
         patch = kwargs.get("patch_size", probe.patch_embed.patch_size[0])
         if img % patch:
             raise ConfigError(f"--img-size {img} is not divisible by the patch size {patch}")
+    if "img_size" in kwargs and family.__name__ == "ElasticVOLO" and kwargs["img_size"] % 16:
+        raise ConfigError(f"--img-size {kwargs['img_size']}: VOLO needs a multiple of 16")
     try:
-        model = timm.create_model(name, **kwargs)
+        return timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise ConfigError(f"cannot build timm model {name!r} with {kwargs}: {e}") from e
-    if not isinstance(model, TimmViT):
-        raise ConfigError(f"timm model {name!r} is a {type(model).__name__}, not a VisionTransformer/DeiT")
-    return model

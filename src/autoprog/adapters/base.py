@@ -1,0 +1,146 @@
+"""What every elastic adapter shares: run a model as any sub-network ψ = (resolution, active blocks).
+
+An adapter *applies* a :class:`~autoprog.space.SubNet`; it never decides which one. Inputs are resized to
+ψ's resolution inside ``forward``, only the active blocks run, and inactive blocks have
+``requires_grad=False`` so they get neither gradients nor optimizer state. Growth operators copy whole
+blocks (``blocks[i]``) and may gate a new block's residual branches with ReZero (``set_gate``).
+
+A new model family is one subclass in one file: say which models it ``fits``, how timm builds one from the
+CLI's architecture options (``timm_kwargs``), where its growable ``blocks`` are, its geometry, the
+residual branches a ReZero gate wraps (``gate_slots``) and its ``forward``. :func:`elastic` picks the
+adapter for a model and refuses, naming the supported families, a model none fits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..space import GrowthSpace, SubNet
+
+FAMILIES: list[type[ElasticModel]] = []  # every adapter class, in the order :func:`elastic` tries them
+
+
+class ReZeroGate(nn.Module):
+    """Scales a residual branch by a learnable scalar (ReZero); zero makes the block an identity map."""
+
+    def __init__(self, inner: nn.Module, value: float = 0.0):
+        super().__init__()
+        self.inner = inner
+        self.gate = nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate * self.inner(x)
+
+
+class ElasticModel(nn.Module):
+    """Base of the elastic adapters (see the module docstring). Subclasses set ``family`` and ``gate_slots``,
+    and implement ``fits``, ``timm_kwargs``, ``_geometry``, ``blocks``, ``init_block`` and ``forward``."""
+
+    family = "model"
+    gate_slots: tuple[str, ...] = ()  # block attributes (residual branches) a ReZero gate wraps
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        FAMILIES.append(cls)
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.patch_size, self.full_resolution, self.full_depth = self._geometry()
+        self.subnet = self.full_subnet
+        self.apply_subnet(self.subnet)
+
+    # ------------------------------------------------------------------------- what a family supplies
+    @classmethod
+    def fits(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def timm_kwargs(cls, overrides) -> dict:
+        """``timm.create_model`` keyword arguments for this family from a :class:`ModelOverrides`."""
+        raise NotImplementedError
+
+    def _geometry(self) -> tuple[int, int, int]:
+        """(resolution step, full resolution, number of growable blocks)."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self):
+        """The growable blocks, indexable in forward order."""
+        raise NotImplementedError
+
+    def init_block(self, block: nn.Module) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------- sub-networks
+    @property
+    def full_subnet(self) -> SubNet:
+        return SubNet(self.full_resolution, self.full_depth)
+
+    def growth_space(self, num_stages: int = 4, start_ratio: float = 0.5) -> GrowthSpace:
+        return GrowthSpace(self.full_resolution, self.patch_size, self.full_depth, num_stages, start_ratio)
+
+    def apply_subnet(self, subnet: SubNet) -> None:
+        """Run as ``subnet`` from now on; only its blocks (and the rest of the model) require grad."""
+        self.growth_space(1, 1.0).validate(subnet)
+        self.subnet = subnet
+        active = set(subnet.active_blocks)
+        for p in self.parameters():
+            p.requires_grad_(True)
+        for i, blk in enumerate(self.blocks):
+            if i not in active:
+                for p in blk.parameters():
+                    p.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------ block surgery
+    def reset_block(self, index: int) -> None:
+        """Randomly re-initialise block ``index`` as the family initialises a fresh model."""
+        self.init_block(self.blocks[index])
+
+    def gated(self, index: int) -> bool:
+        return isinstance(getattr(self.blocks[index], self.gate_slots[0]), ReZeroGate)
+
+    def set_gate(self, index: int, value: float | None) -> None:
+        """Install (value given) or remove (None) ReZero gates on block ``index``'s residual branches."""
+        blk = self.blocks[index]
+        for name in self.gate_slots:
+            cur = getattr(blk, name)
+            if value is None:
+                if isinstance(cur, ReZeroGate):
+                    setattr(blk, name, cur.inner)
+            elif isinstance(cur, ReZeroGate):
+                with torch.no_grad():
+                    cur.gate.fill_(value)
+            else:
+                p = next(blk.parameters())
+                setattr(blk, name, ReZeroGate(cur, value).to(device=p.device, dtype=p.dtype))
+
+    def gated_blocks(self) -> list[int]:
+        return [i for i in range(self.full_depth) if self.gated(i)]
+
+
+def resize_input(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``x`` at ``r``×``r`` (antialiased when shrinking)."""
+    import torch.nn.functional as F
+
+    if x.shape[-2:] == (r, r):
+        return x
+    return F.interpolate(x, size=(r, r), mode="bilinear", antialias=x.shape[-1] > r, align_corners=False)
+
+
+def elastic(model: nn.Module) -> ElasticModel:
+    """The elastic adapter for ``model``; a one-line :class:`ConfigError` naming the supported families when
+    none fits."""
+    if isinstance(model, ElasticModel):
+        return model
+    for cls in FAMILIES:
+        if cls.fits(model):
+            return cls(model)
+    raise ConfigError(f"{type(model).__name__} is not a model autoprog can grow; supported families: "
+                      f"{', '.join(c.family for c in FAMILIES)}")
+
+
+def family_of(model: nn.Module) -> type[ElasticModel] | None:
+    return next((cls for cls in FAMILIES if cls.fits(model)), None)

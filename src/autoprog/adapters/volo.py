@@ -1,0 +1,92 @@
+"""Elastic VOLO adapter (timm's ``volo_d1_224`` …, the paper's main pre-training model).
+
+VOLO runs outlooker blocks on a fine token grid, downsamples once, then transformer blocks on the coarse
+grid. The sub-network grows the input resolution (a multiple of 16, so both grids stay whole: the coarse grid
+is the image / 16) and the number of transformer blocks of the second part, which all have the same width;
+the outlookers, the class-attention blocks and the heads always run. The position embedding of the coarse
+grid is resampled to each resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import ElasticModel, resize_input
+
+GRID = 16  # input pixels per coarse token: VOLO's patch embedding (8) times its downsampling (2)
+
+
+def _is_volo(model: nn.Module) -> bool:
+    try:
+        from timm.models.volo import VOLO
+    except ImportError:  # pragma: no cover - timm always ships VOLO
+        return False
+    return isinstance(model, VOLO)
+
+
+class ElasticVOLO(ElasticModel):
+    """A timm ``VOLO`` run as a sub-network of itself (see the module docstring)."""
+
+    family = "VOLO (timm volo_*)"
+    gate_slots = ("attn", "mlp")
+
+    def __init__(self, model: nn.Module):
+        if not _is_volo(model):
+            raise ConfigError(f"{type(model).__name__} is not a timm VOLO")
+        from timm.models.volo import Transformer
+
+        stages = list(model.network)[2:]
+        if not stages or not all(isinstance(s, nn.Sequential) and all(isinstance(b, Transformer) for b in s)
+                                 for s in stages):
+            raise ConfigError("this VOLO has no transformer blocks after its single downsampling to grow")
+        widths = {b.norm1.normalized_shape[0] for s in stages for b in s}
+        if len(widths) != 1:
+            raise ConfigError(f"VOLO transformer blocks of different widths ({sorted(widths)}) cannot be grown")
+        if model.pos_embed is None:
+            raise ConfigError("this VOLO has no position embedding to resample")
+        self._blocks = [b for s in stages for b in s]  # plain list: the modules stay registered in model
+        super().__init__(model)
+
+    @classmethod
+    def fits(cls, model: nn.Module) -> bool:
+        return _is_volo(model)
+
+    @classmethod
+    def timm_kwargs(cls, o) -> dict:
+        bad = [k for k in ("patch_size", "depth", "embed_dim", "num_heads") if getattr(o, k) is not None]
+        if bad:
+            raise ConfigError(f"VOLO models take their architecture from the model name; drop "
+                              f"{', '.join('--' + k.replace('_', '-') for k in bad)}")
+        return {"img_size": o.img_size} if o.img_size is not None else {}
+
+    def _geometry(self) -> tuple[int, int, int]:
+        grid = self.model.pos_embed.shape[1]
+        return GRID, grid * GRID, len(self._blocks)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return self._blocks
+
+    def init_block(self, block: nn.Module) -> None:
+        block.apply(self.model._init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.subnet.resolution
+        x = resize_input(x, r)
+        m = self.model
+        x = m.patch_embed(x).permute(0, 2, 3, 1)  # B, H, W, C on the fine grid
+        x = m.network[1](m.network[0](x))  # outlookers, then the downsampling to the coarse grid
+        pos = m.pos_embed
+        if pos.shape[1:3] != x.shape[1:3]:
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1)
+        x = m.pos_drop(x + pos)
+        for i in self.subnet.active_blocks:
+            x = self._blocks[i](x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if m.post_network is not None:
+            x = m.forward_cls(x)
+        return m.forward_head(m.norm(x))
