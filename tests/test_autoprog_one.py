@@ -462,10 +462,10 @@ def _recorded_run(out: Path, data_root: Path, recycle: bool):
     records, cur = [], {}
     orig_search = _ORIG_SEARCH
 
-    def forced_argmin(losses, times, alpha):
+    def forced_choose(losses, times, alpha):
         ctrl, trainer = cur["ctrl"], cur["trainer"]
         want = FORCED[trainer.stage]
-        return [(c.resolution, c.depth) for c in ctrl.cands].index(want)
+        return [(c.resolution, c.depth) for c in ctrl.cands].index(want), 1.0, [1.0] * len(losses)
 
     def search(self, trainer):
         cur.update(ctrl=self, trainer=trainer)
@@ -484,7 +484,7 @@ def _recorded_run(out: Path, data_root: Path, recycle: bool):
                    train=TrainConfig(epochs=2, batch_size=32, eval_samples=64, count_flops=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(AutoProgOne, "_search", search)
-        mp.setattr(autoprog_one, "argmin_score", forced_argmin)
+        mp.setattr(autoprog_one, "choose", forced_choose)
         res = pretrain(spec, out, Accelerator(cpu=True))
     return res, records
 

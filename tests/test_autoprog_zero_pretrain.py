@@ -80,3 +80,22 @@ def test_proxy_batches_below_two_are_refused(cli, fake_fmnist, tmp_path):
     rc, _, err = cli("pretrain", "--method", "autoprog-zero", "--proxy-batches", "1", "--out", tmp_path / "r",
                      *tiny_args(fake_fmnist))
     assert rc == 2 and "--proxy-batches" in err and "Traceback" not in err
+
+
+def test_the_flops_time_source_makes_choices_independent_of_timing(cli, fake_fmnist, tmp_path):
+    """Two runs with --time-source flops: the same schedule, and candidate times in the same exact ratios
+    (only the one calibration constant is measured)."""
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}"
+        rc, _, err = cli("pretrain", "--method", "autoprog-zero", "--time-source", "flops", "--out", out,
+                         *tiny_args(fake_fmnist, epochs="1"))
+        assert rc == 0, err
+        runs.append(json.loads((out / "results.json").read_text()))
+    a, b = runs
+    assert a["summary"]["schedule"] == b["summary"]["schedule"]
+    for sa, sb in zip(a["summary"]["search"], b["summary"]["search"]):
+        ta = [c["time_s"] for c in sa["candidates"]]
+        tb = [c["time_s"] for c in sb["candidates"]]
+        assert [x / ta[0] for x in ta] == pytest.approx([x / tb[0] for x in tb], rel=1e-9)
+        assert len(set(ta)) > 1, "candidates of different sizes cost differently"

@@ -64,3 +64,16 @@ def test_pretrain_schedules_rejects_a_bad_schedule_before_training(fake_fmnist, 
                    "--schedules", "16x2,24x4", monkeypatch=monkeypatch)
     assert e.value.code == 2 and "full model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_fault_test_counts_clean_bad_inputs(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_test", BENCH / "fault_test.py")
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    assert len(ft.BAD_INPUTS) >= 50
+    picked = [b for b in ft.BAD_INPUTS if b[1] in ("resume with other settings", "sample guidance nan")]
+    monkeypatch.setattr(ft, "BAD_INPUTS", picked + [(["pretrain", "--help"], "not bad: help exits 0")])
+    counts = ft.bad_inputs(tmp_path)
+    assert counts == {"bad inputs": 3, "clean": 2}, "two clean one-line errors; --help is not one"

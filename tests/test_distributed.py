@@ -165,3 +165,18 @@ def test_cli_under_torchrun_exits_cleanly(tmp_path, fake_fmnist):
     assert proc.returncode == 0, log[-4000:]
     assert "terminate called" not in log
     assert json.loads((out / "results.json").read_text())["done"] is True
+
+
+def test_torchrun_without_gpus_is_one_group_even_without_cpu_flag(tmp_path, fake_fmnist):
+    """torchrun on a CPU-only machine, no --cpu: one gloo group (global batch 2 x 32), not two runs racing."""
+    from conftest import tiny_args
+
+    out = tmp_path / "cli-ddp-nocpu"
+    args = [a for a in tiny_args(fake_fmnist, epochs="1") if a != "--cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "autoprog.cli",
+           "pretrain", "--method", "prog", "--out", str(out), *args]
+    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=out)
+    assert proc.returncode == 0, log[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["summary"]["total_steps"] == 4, "256 images / (2 processes x 32): one group shares the epoch"
+    assert log.count("done: ") == 1, "one run reports, not two"

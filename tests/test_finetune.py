@@ -137,6 +137,34 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, fake_fmnist
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_a_crash_between_evaluation_points_loses_at_most_checkpoint_every_steps(base, fake_fmnist, cache_dir,
+                                                                                 tmp_path, monkeypatch):
+    from autoprog.diffusion.trainer import DiffusionTrainer
+
+    spec = spec_for("autoprog-zero", base, fake_fmnist, cache_dir)
+    spec = replace(spec, train=replace(spec.train, eval_points=1, checkpoint_every=3, time_source="flops"))
+    finetune(spec, tmp_path / "a")
+    step = DiffusionTrainer._train_step
+
+    def crash_at_7(self):
+        if self.step == 6:  # the 7th step: the checkpoint of step 6 is written, the search of stage 4 is past
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(DiffusionTrainer, "_train_step", crash_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(spec, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 6
+    monkeypatch.setattr(DiffusionTrainer, "_train_step", step)
+    res = finetune(None, tmp_path / "b", resume=True)
+    assert res["done"]
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "resumed from step 6, it ends where a did"
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert ra["summary"]["schedule"] == res["summary"]["schedule"]
+
+
 def test_a_run_directory_is_not_overwritten(base, fake_fmnist, cache_dir, tmp_path):
     from autoprog.errors import ConfigError
 

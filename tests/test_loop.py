@@ -136,3 +136,29 @@ def test_own_loop_pretrain_example_runs(schedule):
 def test_own_loop_finetune_example_runs(fake_fmnist):
     out = _example("own_loop_finetune.py", "--steps", 12, "--data-root", fake_fmnist, "--schedule", "autoprog-zero")
     assert "schedule:" in out and "28px x6" in out
+
+
+def test_a_search_with_rezero_gates_restores_structure_and_optimizer():
+    """identity growth adds gates (new parameters, a new optimizer group); trying a candidate must undo both."""
+    torch.manual_seed(0)
+    model = tiny_vit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loop = ProgressiveLoop.growing(model, opt, 16, growth="identity", proxy=_proxy(), log=lambda s: None)
+    _run_some = _batches()
+    for i in range(5):  # into stage 2: gates exist now
+        x, y = _run_some[i % 4]
+        loop.before_step()
+        F.cross_entropy(model(loop.resize(x)), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loop.after_step()
+    gated, groups = model.gated_blocks(), len(opt.param_groups)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with loop.try_candidate(model.full_subnet) as task:
+        assert not task.model.training
+        assert len(model.gated_blocks()) > len(gated)
+    assert model.gated_blocks() == gated and len(opt.param_groups) == groups
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(torch.get_rng_state(), rng), "scoring a candidate draws no training randomness"

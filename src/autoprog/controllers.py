@@ -18,8 +18,9 @@ A trainer calls its controller at well-named moments (the :class:`Controller` ho
 
 In return a controller may use only the services of :class:`TrainerServices` (and, for the searches that
 need them, :class:`GrowthServices` / :class:`ZeroShotServices`). The pre-training trainer and
-:class:`autoprog.loop.ProgressiveLoop` (your own loop) implement all three; the diffusion trainer implements
-:class:`TrainerServices` and :class:`ZeroShotServices`; the tests' fake implements :class:`GrowthServices`. A
+:class:`autoprog.loop.ProgressiveLoop` built with ``growing`` (your own loop) implement all three; the diffusion
+trainer and ``ProgressiveLoop.unfreezing`` implement :class:`TrainerServices` and :class:`ZeroShotServices`; the
+tests' fake implements :class:`GrowthServices`. A
 controller never touches an optimizer or a model's weights itself.
 """
 

@@ -60,20 +60,64 @@ class ControllerCalls:
         self.acc.print(*args)
 
 
+PREVIOUS_SUFFIX = ".prev"  # the checkpoint before the newest, kept as a fallback
+
+
+def fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old or the new file, never a part of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory ``tmp`` to ``final``; a crash at any point leaves a complete old or new one."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    """Make the finished directory ``tmp`` the new ``final``; the previous ``final`` becomes ``final.prev`` (the
+    fallback). A crash at any point leaves a complete newest or previous one."""
+    prev = final.with_name(final.name + PREVIOUS_SUFFIX)
+    for f in tmp.iterdir():
+        fsync(f)
+    fsync(tmp)
     if final.exists():
-        os.replace(final, old)
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync(final.parent)
+
+
+def writable_dir(out: Path) -> Path:
+    """Create ``out`` (and its parents) and check that files can be written there; a one-line
+    :class:`ConfigError` otherwise (a file in the way, a read-only or virtual file system)."""
+    from .errors import ConfigError
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".autoprog-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except FileExistsError:
+        raise ConfigError(f"--out {out}: a file is in the way (it must be a directory)") from None
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create or write there ({err.strerror or err})") from None
+    return out
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint to resume from (the newest or its fallback)."""
+    return any((out / (CHECKPOINT_DIR + s) / "state.json").is_file() for s in ("", PREVIOUS_SUFFIX))
 
 
 def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, optimizer, state: dict) -> None:
@@ -90,6 +134,11 @@ def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, opt
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
+    if not finite_state(model):
+        from .errors import DivergedError
+
+        raise DivergedError(f"the weights are not finite at step {state.get('step')}; {out / CHECKPOINT_DIR} keeps "
+                            "the last good checkpoint")
     tmp = out / (CHECKPOINT_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -99,29 +148,140 @@ def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, opt
     opt = optimizer_state_tensors(optimizer, model)
     opt["__rng__"] = torch.get_rng_state()
     save_file(opt, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "state.json").write_text(json.dumps(strict_json(state), indent=2, allow_nan=False))
     replace_dir(tmp, out / CHECKPOINT_DIR)
 
 
-def read_checkpoint(out: Path, total_steps: int, device) -> tuple[dict, dict, dict | None, dict]:
-    """``(state, model weights, ema weights or None, optimizer tensors)`` of ``out/checkpoint``, with the torch RNG
-    restored; a missing checkpoint or one made for another number of steps is a :class:`ConfigError`."""
+def read_checkpoint(out: Path, total_steps: int, device, log=print, need_ema: bool = False
+                    ) -> tuple[dict, dict, dict | None, dict]:
+    """``(state, model weights, ema weights or None, optimizer tensors)`` of the newest usable checkpoint in
+    ``out``, with the torch RNG restored. A damaged newest checkpoint falls back to the previous one (and says
+    so); none usable, or one made for another number of steps, is a one-line :class:`ConfigError`."""
+    from .errors import ConfigError
+
+    problems = []
+    for suffix in ("", PREVIOUS_SUFFIX):
+        ck = out / (CHECKPOINT_DIR + suffix)
+        if not ck.exists():
+            continue
+        try:
+            found = _read_one(ck, device, need_ema)
+        except _Damaged as e:
+            problems.append(str(e))
+            continue
+        if found[0]["total_steps"] != total_steps:
+            raise ConfigError(f"checkpoint was made for {found[0]['total_steps']} steps, this run has {total_steps}")
+        if problems:
+            log(f"warning: {problems[0]}; resuming from the previous checkpoint {ck} instead")
+        import torch
+
+        torch.set_rng_state(found[3].pop("__rng__"))
+        found[0]["checkpoint_dir"] = str(ck)
+        return found
+    if problems:
+        raise ConfigError(f"no usable checkpoint in {out}: {'; '.join(problems)}")
+    raise ConfigError(f"{out} has no checkpoint to resume from")
+
+
+class _Damaged(Exception):
+    pass
+
+
+STATE_KEYS = ("step", "stage", "total_steps", "controller", "history", "stage_log")
+
+
+def _read_one(ck: Path, device, need_ema: bool) -> tuple[dict, dict, dict | None, dict]:
+    """One checkpoint directory, checked: parseable JSON with the state's keys, loadable safetensors, finite
+    weights, the RNG state present."""
     import json
 
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .errors import ConfigError
+    def load(name: str, required: bool = True, on=device):
+        path = ck / name
+        if not path.is_file():
+            if required:
+                raise _Damaged(f"{path} is missing")
+            return None
+        try:
+            tensors = load_file(path, device=str(on))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise _Damaged(f"{path} cannot be read ({' '.join(str(e).split())[:120]})") from None
+        if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
+            raise _Damaged(f"{path} holds non-finite values")
+        return tensors
 
-    ck = out / CHECKPOINT_DIR
-    if not (ck / "state.json").is_file():
-        raise ConfigError(f"{out} has no checkpoint to resume from")
-    state = json.loads((ck / "state.json").read_text())
-    if state["total_steps"] != total_steps:
-        raise ConfigError(f"checkpoint was made for {state['total_steps']} steps, this run has {total_steps}")
-    dev = str(device)
-    model = load_file(ck / "model.safetensors", device=dev)
-    ema = load_file(ck / "ema.safetensors", device=dev) if (ck / "ema.safetensors").is_file() else None
-    opt = load_file(ck / "optimizer.safetensors")
-    torch.set_rng_state(opt.pop("__rng__"))
+    try:
+        state = json.loads((ck / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Damaged(f"{ck / 'state.json'} cannot be read ({' '.join(str(e).split())[:120]})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise _Damaged(f"{ck / 'state.json'} lacks {', '.join(missing)}")
+    model, ema = load("model.safetensors"), load("ema.safetensors", required=need_ema)
+    opt = load("optimizer.safetensors", on="cpu")
+    rng = opt.get("__rng__")
+    if rng is None or rng.dtype != torch.uint8:
+        raise _Damaged(f"{ck / 'optimizer.safetensors'} lacks the RNG state")
+    opt["__rng__"] = rng.cpu()
     return state, model, ema, opt
+
+
+def check_step(acc, loss, grad_norm, step: int) -> None:
+    """Raise :class:`DivergedError` when step ``step``'s loss (summed over processes, so every process agrees)
+    or gradient norm is not finite: called before the optimizer applies the step."""
+    import math
+
+    import torch
+
+    from .errors import DivergedError
+
+    total = acc.reduce(loss.detach().float(), reduction="sum") if acc.num_processes > 1 else loss.detach()
+    for name, value in (("loss", total), ("gradient norm", grad_norm)):
+        if value is not None and not math.isfinite(float(torch.as_tensor(value).float())):
+            raise DivergedError(f"training diverged at step {step}: the {name} is {float(value)}")
+
+
+def finite_state(module: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is finite."""
+    import torch
+
+    return all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float replaced by None, so ``json.dumps(..., allow_nan=False)`` holds."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (no NaN/Infinity), written atomically."""
+    import json
+
+    atomic_write(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
+
+
+def diverged_note(trainer, error: Exception, write_results) -> str:
+    """Record a divergence on ``trainer`` (``results.json`` gets ``diverged``, ``done`` stays false) and say where
+    the last good checkpoint is."""
+    import json
+
+    trainer.diverged = str(error)
+    write_results()
+    state = trainer.out / CHECKPOINT_DIR / "state.json"
+    if state.is_file():
+        step = json.loads(state.read_text()).get("step")
+        where = f"{state.parent} keeps the last good checkpoint (step {step})"
+    else:
+        where = "no checkpoint had been written yet"
+    return f"{error}; {where}. Lower --lr (or raise the warm-up, or clip gradients) and start again"

@@ -11,3 +11,7 @@ class ConfigError(AutoprogError, ValueError):
 
 class DataError(AutoprogError):
     """A dataset is missing or malformed."""
+
+
+class DivergedError(AutoprogError):
+    """Training diverged (a non-finite loss, gradient or sample): stopped before it could be saved or scored."""

@@ -9,8 +9,8 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine import CHECKPOINT_DIR
-from .errors import ConfigError
+from .engine import has_checkpoint
+from .errors import ConfigError, DivergedError
 
 BUDGET_SUFFIX = "@budget"
 
@@ -66,7 +66,9 @@ def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable
         if res.get("done"):
             log(f"{method}: reusing finished run in {out}")
             return res
-    resume = differ is not None and (out / CHECKPOINT_DIR / "state.json").is_file()
+        if res.get("diverged"):  # it would diverge again: same settings, same seed
+            raise DivergedError(res["diverged"])
+    resume = differ is not None and has_checkpoint(out)
     log(f"=== {method} ({'resuming' if resume else 'new run'}) -> {out}")
     return run(resume)
 
@@ -87,3 +89,25 @@ def seed_rows(per_seed: dict[int, list[dict]], seeds: list[int], keys, describe)
             row[k + "_per_seed"] = [r.get(k) for r in runs]
         rows.append(row)
     return rows
+
+
+def run_methods(methods: list[str], run: Callable[[str], dict], reference: str, log: Callable[[str], None] = print
+                ) -> tuple[dict[str, dict], dict[str, str]]:
+    """``run(method)`` for each method: ``(results, diverged)``, where a method that diverged is set aside with its
+    message instead of failing the comparison (the ``reference`` method diverging does fail it)."""
+    results, diverged = {}, {}
+    for m in methods:
+        try:
+            results[m] = run(m)
+        except DivergedError as e:
+            if m == reference:
+                raise
+            diverged[m] = str(e)
+            log(f"{m} diverged; it is left out of the comparison: {e}")
+    return results, diverged
+
+
+def diverged_rows(rows: list[dict], diverged: dict[str, str]) -> list[dict]:
+    """``rows`` plus one row per diverged method: no figures, only ``diverged`` (it is never ranked)."""
+    keys = rows[0].keys() if rows else ("method",)
+    return rows + [{**dict.fromkeys(keys), "method": m, "diverged": msg} for m, msg in diverged.items()]

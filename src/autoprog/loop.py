@@ -202,15 +202,26 @@ class ProgressiveLoop:
             self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
 
     def snapshot(self) -> dict:
-        return {"subnet": self.subnet, "model": copy.deepcopy(self.model.state_dict()),
+        snap = {"subnet": self.subnet, "model": copy.deepcopy(self.model.state_dict()),
                 "ema": copy.deepcopy(self.ema.module.state_dict()) if self.ema is not None else None,
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
+                "groups": [list(g["params"]) for g in self.optimizer.param_groups] if self.optimizer else None}
+        if self._unfreezer is None:
+            snap["gated"] = self.model.gated_blocks()
+        return snap
 
     def restore(self, snap: dict) -> None:
+        if self._unfreezer is None:  # gates first, so the weights load into the same structure
+            for net in (self.model, self.ema.module):
+                for i in range(net.full_depth):
+                    net.set_gate(i, 0.0 if i in snap["gated"] else None)
         self.model.load_state_dict(snap["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(snap["ema"])
         if self.optimizer is not None:
+            del self.optimizer.param_groups[len(snap["groups"]):]  # groups a growth added since
+            for g, params in zip(self.optimizer.param_groups, snap["groups"]):
+                g["params"] = params
             self.optimizer.load_state_dict(snap["optimizer"])
         self.use_subnet(snap["subnet"])
 
@@ -230,13 +241,17 @@ class ProgressiveLoop:
     @contextmanager
     def try_candidate(self, subnet: SubNet) -> Iterator[ProxyTask]:
         proxy = self._need_proxy("AutoProg-Zero's proxies")
-        snap = self.snapshot()
+        snap, was = self.snapshot(), self.model.training
         try:
-            if subnet != self.subnet:
-                self.enter_subnet(subnet)
-            forward = proxy.forward or (lambda m, b: m(b[0]))
-            yield ProxyTask(self.model, [self._at(b, subnet.resolution) for b in proxy.batches], forward, proxy.loss)
+            with torch.random.fork_rng(devices=[]):  # scoring draws no training randomness
+                if subnet != self.subnet:
+                    self.enter_subnet(subnet)
+                self.model.eval()  # no dropout / drop path: the proxies are deterministic
+                forward = proxy.forward or (lambda m, b: m(b[0]))
+                yield ProxyTask(self.model, [self._at(b, subnet.resolution) for b in proxy.batches], forward,
+                                proxy.loss)
         finally:
+            self.model.train(was)
             self.restore(snap)
 
     def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:

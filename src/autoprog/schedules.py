@@ -60,7 +60,8 @@ class Schedule:
             object.__setattr__(self, "stages", tuple(Stage(s.subnet, s.fraction / total) for s in self.stages))
         for a, b in zip(self.stages, self.stages[1:]):
             if b.subnet.resolution < a.subnet.resolution or b.subnet.depth < a.subnet.depth:
-                raise ConfigError(f"schedule shrinks the network from {a.subnet} to {b.subnet}; stages must grow")
+                raise ConfigError(f"schedule goes from {a.subnet} to {b.subnet}: stages must never shrink, and the "
+                                  "last one is the full model (does a stage ask for more blocks than the model has?)")
 
     def validate_for(self, space: GrowthSpace) -> None:
         for s in self.stages:

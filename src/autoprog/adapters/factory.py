@@ -64,7 +64,10 @@ def _build_timm(name: str, num_classes: int, in_chans: int, o: ModelOverrides) -
                                           + timm.list_models("volo*"), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown timm model {name!r}{hint}")
-    probe = timm.create_model(name, pretrained=False, num_classes=0)
+    import torch
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no weights, no random numbers used up
+        probe = timm.create_model(name, pretrained=False, num_classes=0)
     family = family_of(probe)
     if family is None:
         raise ConfigError(f"timm model {name!r} is a {type(probe).__name__}, which autoprog cannot grow; supported "

@@ -23,7 +23,7 @@ from ..controllers import Controller, SearchingController, print_table
 from ..errors import ConfigError
 from ..schedules import Schedule, Stage, keep_last_stage, stage_index
 from ..space import GrowthSpace, SubNet, candidates
-from .elastic import ElasticLayout, argmin_score, choose_alpha, sample_index, scores
+from .elastic import ElasticLayout, choose, sample_index
 
 
 @dataclass
@@ -124,13 +124,12 @@ class AutoProgOne(Controller):
         t0 = time.perf_counter()
         losses = [trainer.candidate_loss(c, self.cfg.search_samples) for c in self.cands]
         times = [trainer.measure_step_time(c, self.cfg.time_repeats) for c in self.cands]
-        alpha = self.cfg.alpha if self.cfg.alpha is not None else choose_alpha(losses, times)
-        idx = argmin_score(losses, times, alpha)
+        idx, alpha, score = choose(losses, times, self.cfg.alpha)
         idx, alpha = trainer.broadcast((idx, alpha))  # every process takes the main process's choice
         best = self.cands[idx]
         table = [{"resolution": c.resolution, "depth": c.depth, "loss": round(lo, 5), "step_time_s": round(t, 6),
                   "score": round(sc, 6), "chosen": i == idx}
-                 for i, (c, lo, t, sc) in enumerate(zip(self.cands, losses, times, scores(losses, times, alpha)))]
+                 for i, (c, lo, t, sc) in enumerate(zip(self.cands, losses, times, score))]
         chosen = SubNet(best.resolution, best.depth)
         if self.cfg.recycle:  # weight recycling: keep the supernet's weights, compact to blocks 0..l-1
             trainer.relayout({i: b for i, b in enumerate(best.active_blocks)}, chosen)
@@ -150,7 +149,7 @@ class AutoProgOne(Controller):
         trainer.log_stage({"stage": k, "chosen": chosen.to_dict(), "alpha": alpha, "candidates": table})
         lines = [f"stage {k + 1} search (alpha={alpha:.3f}):", "  res depth    loss  step_ms    score"]
         lines += [f"  {r['resolution']:>3} {r['depth']:>5} {r['loss']:7.4f} {1000 * r['step_time_s']:8.2f} "
-                  f"{r['score']:8.4f}{'  <- chosen' if r['chosen'] else ''}" for r in table]
+                  f"{r['score']:8.4f}{'  <- chosen' if r['chosen'] else ''}" for r in table]  # nan: diverged
         trainer.print("\n".join(lines))
 
     # --------------------------------------------------------------------------------- outputs
@@ -243,9 +242,8 @@ class AutoProgOneFinetune(SearchingController):
         seen = [i for i in range(len(self.cands)) if self.losses[i]]
         losses = [sum(self.losses[i]) / len(self.losses[i]) for i in seen]
         times = [trainer.measure_step_time(self.cands[i]) for i in seen]
-        alpha = self.alpha if self.alpha is not None else choose_alpha(losses, times)
-        best = trainer.broadcast(argmin_score(losses, times, alpha))
-        sc = scores(losses, times, alpha)
+        best, alpha, sc = choose(losses, times, self.alpha)
+        best = trainer.broadcast(best)
         rows = [{**self.cands[i].to_dict(), "loss": losses[j], "time_s": times[j], "score": sc[j]}
                 for j, i in enumerate(seen)]
         print_table(trainer, self._stage, rows, ["loss", "time_s", "score"], best)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergedError
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,20 @@ def argmin_score(losses: list[float], times: list[float], alpha: float) -> int:
     """Index of the best candidate; ties go to the faster, then the earlier candidate (deterministic)."""
     s = scores(losses, times, alpha)
     return min(range(len(s)), key=lambda i: (s[i], times[i], i))
+
+
+def choose(losses: list[float], times: list[float], alpha: float | None = None) -> tuple[int, float, list[float]]:
+    """Eq. 9's winner among the candidates with a finite, positive loss and time: ``(index, α, scores)``, α
+    balanced over those candidates unless given; a candidate that diverged scores NaN and never wins.
+    :class:`DivergedError` when no candidate is usable."""
+    ok = [i for i, (lo, t) in enumerate(zip(losses, times))
+          if math.isfinite(lo) and math.isfinite(t) and lo > 0 and t > 0]
+    if not ok:
+        raise DivergedError(f"no candidate has a finite loss (losses {losses}): the supernet diverged")
+    good_l, good_t = [losses[i] for i in ok], [times[i] for i in ok]
+    a = alpha if alpha is not None else choose_alpha(good_l, good_t)
+    best = ok[argmin_score(good_l, good_t, a)]
+    return best, a, [lo * t ** a if i in ok else math.nan for i, (lo, t) in enumerate(zip(losses, times))]
 
 
 def sample_index(seed: int, step: int, n: int) -> int:

@@ -14,6 +14,7 @@ def summary_markdown(rows: list[dict], title: str = "") -> str:
     ]
     for r in rows:
         name = r["method"] + (f" (budget of {r['budget_of']})" if r.get("budget_of") else "")
+        name += " — diverged, not ranked" if r.get("diverged") else ""
         lines.append(
             f"| {name} | {r.get('growth') or '–'} | {r.get('schedule_str') or '–'} | {fmt(r['wall_time_s'], '.1f')} | "
             f"{fmt(r.get('speedup'), '.2f')}× | {fmt(r.get('flops_speedup'), '.2f')}× | "

@@ -14,9 +14,17 @@ from ..adapters.factory import ModelOverrides, build_elastic
 from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
 from ..data import load_dataset
-from ..engine import CHECKPOINT_DIR
+from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError
-from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
+from ..experiment import (
+    BUDGET_SUFFIX,
+    diverged_rows,
+    drop_stale_budget_run,
+    reuse_or_run,
+    run_methods,
+    saved_differences,
+    seed_rows,
+)
 from ..options import Spec, option
 from ..report import plot_curves, schedule_string
 from ..schedules import METHODS, build_schedule
@@ -134,8 +142,10 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
             raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
         spec = RunSpec.from_dict(json.loads(cfg_path.read_text()))
         spec = replace(spec, train=replace(spec.train, stop_after_epochs=None))  # resume runs to the end
-    elif (out / CHECKPOINT_DIR).exists():
+    elif has_checkpoint(out):
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
+    else:
+        writable_dir(out)
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
     data, net, schedule, growth = build_run(spec)
     adareg = None
@@ -173,7 +183,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
-    out = Path(out)
+    out = writable_dir(Path(out))
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -183,11 +193,10 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     methods.sort(key=lambda m: m != "original")
     for m in methods:  # fail on a bad method or setting before spending time training the others
         validate_spec(replace(base, method=m))
-    results = {}
-    for m in methods:
-        results[m] = run_or_reuse(replace(base, method=m), out / m, acc)
+    results, diverged = run_methods(methods, lambda m: run_or_reuse(replace(base, method=m), out / m, acc),
+                                    "original", acc.print)
     orig = results["original"]["summary"]
-    progressive = [m for m in methods if m != "original"]
+    progressive = [m for m in results if m != "original"]
     if budget_baseline and progressive:
         fastest = min(progressive, key=lambda m: results[m]["summary"]["wall_time_s"])
         ratio = results[fastest]["summary"]["wall_time_s"] / orig["wall_time_s"]
@@ -216,9 +225,10 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         })
     for r in rows:  # how much of the theoretical (FLOPs) speed-up the wall-clock realises
         r["realised_fraction"] = round(r["speedup"] / r["flops_speedup"], 4) if r["speedup"] and r["flops_speedup"] else None
+    rows = diverged_rows(rows, diverged)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(out / "summary.json", rows)
         title = f"{base.model} on {base.dataset}" + (f" ({base.subset} images)" if base.subset else "")
         md = summary_markdown(rows, title)
         (out / "summary.md").write_text(md)

@@ -10,7 +10,6 @@ Every epoch it evaluates top-1 (online and momentum/EMA model) at full resolutio
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -28,16 +27,17 @@ from ..algorithms.growth import GrowthOperator, MomentumNetwork, auto_ema_decay,
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle
 from ..engine import (
-    CHECKPOINT_DIR,
     ControllerCalls,
-    atomic_write,
+    check_step,
+    diverged_note,
     read_checkpoint,
     release,
     rewrap_if_needed,
     save_checkpoint,
     trained_ids,
+    write_json,
 )
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergedError
 from ..metrics import train_step_flops
 from ..optim import (
     build_optimizer,
@@ -81,6 +81,10 @@ class TrainConfig:
     proxy_batches: int = option(4, "fixed training batches for the NTK and ZiCo proxies, at least 2", minimum=2,
                                 group="AutoProg-Zero search")
     proxy_batch_size: int = option(8, "images per proxy batch", minimum=1, group="AutoProg-Zero search")
+    time_source: str = option("measured", "step times of the searches' candidates: measured (median of repeats, "
+                                          "afresh each stage), or flops (training FLOPs times one calibration, so a "
+                                          "busy machine cannot change a choice)", choices=("measured", "flops"),
+                              group="AutoProg-One search")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
                                                  "with --resume)", minimum=1, show_default=False)
 
@@ -162,7 +166,12 @@ class Trainer(ControllerCalls):
         self._instrument_time = 0.0  # seconds spent measuring (FLOP counts) inside the timed loop
         self._search_loader = None
         self._search_samples = None
-        self._time_cache: dict[tuple, float] = {}
+        self._time_cache: dict[str, float] = {}  # measured step times of this stage's candidates
+        self._flops_exact: dict[tuple, int] = {}
+        self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
+        self._full_flops = 0
+        self.diverged: str | None = None  # why training stopped, when it diverged
+        self._pending_epoch: dict | None = None  # a trained epoch whose evaluation has not finished
 
     # ------------------------------------------------------------------------------------- helpers
     @property
@@ -215,17 +224,19 @@ class Trainer(ControllerCalls):
     def try_candidate(self, subnet: SubNet) -> Iterator[ProxyTask]:
         """The model grown into ``subnet`` as a stage start would grow it, with fixed, non-augmented batches of
         training images; weights, momentum weights and optimizer state are restored on exit."""
-        snap = self.snapshot()
+        snap, was = self.snapshot(), self.net.training
         try:
-            if subnet != self.net.subnet:
-                self.enter_subnet(subnet)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]):  # scoring draws no training randomness
+                if subnet != self.net.subnet:
+                    self.enter_subnet(subnet)
+                self.net.eval()  # no drop path or dropout: the proxies are deterministic
                 batches = [(self.data.prepare(x.to(self.acc.device), train=False), y.to(self.acc.device))
                            for x, y in self._proxy_loader()]
-            smoothing = self.cfg.label_smoothing
-            yield ProxyTask(self.net, batches, forward=lambda m, b: m(b[0]),
-                            loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing))
+                smoothing = self.cfg.label_smoothing
+                yield ProxyTask(self.net, batches, forward=lambda m, b: m(b[0]),
+                                loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing))
         finally:
+            self.net.train(was)
             self.restore(snap)
 
     def _proxy_loader(self):
@@ -306,10 +317,17 @@ class Trainer(ControllerCalls):
         return candidate_loss(self.net, self.data, subnet, loader, self.cfg.label_smoothing)
 
     def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
-        """Median seconds of a forward+backward pass of ``subnet`` on a full batch (one warm-up excluded)."""
-        key = (subnet.resolution, subnet.depth)
-        if key in self._time_cache:
-            return self._time_cache[key]
+        """Seconds of one forward+backward pass of ``subnet`` on a full batch: measured (median of ``repeats``
+        after two warm-ups, cached for the stage), or with ``time_source="flops"`` its training FLOPs times
+        seconds per FLOP (calibrated once on the full model), so no decision turns on timing noise."""
+        if self.cfg.time_source == "flops":
+            return self._flops_time(subnet)
+        key = f"{subnet.resolution}:{subnet.depth}"
+        if key not in self._time_cache:
+            self._time_cache[key] = self._timed(subnet, repeats)
+        return self._time_cache[key]
+
+    def _timed(self, subnet: SubNet, repeats: int) -> float:
         size = self.data.image_size
         x = torch.randn(self.cfg.batch_size, self.data.in_chans, size, size, device=self.acc.device)
         y = torch.randint(0, self.data.num_classes, (self.cfg.batch_size,), device=self.acc.device)
@@ -317,21 +335,41 @@ class Trainer(ControllerCalls):
         self.net.apply_subnet(subnet)
         times = []
         try:
-            for i in range(repeats + 1):
+            for i in range(repeats + 2):  # two warm-ups: the first pass at a new resolution pays one-off costs
                 self._sync()
                 t0 = time.perf_counter()
                 with self.acc.autocast():
                     loss = F.cross_entropy(self.net(x), y)
                 loss.backward()
                 self._sync()
-                if i:
+                if i >= 2:
                     times.append(time.perf_counter() - t0)
         finally:
             for p in self.net.parameters():
                 p.grad = None
             self.net.apply_subnet(cur)
-        self._time_cache[key] = sorted(times)[len(times) // 2]
-        return self._time_cache[key]
+        return sorted(times)[len(times) // 2]
+
+    def _flops_time(self, subnet: SubNet) -> float:
+        if self._sec_per_flop is None:
+            full = self.net.full_subnet
+            self._sec_per_flop = self._timed(full, 5) / self._subnet_flops(full)
+        return self._subnet_flops(subnet) * self._sec_per_flop
+
+    def _subnet_flops(self, subnet: SubNet) -> int:
+        """FLOPs of one training step of ``subnet`` on a full batch (counted once per sub-network)."""
+        key = (subnet.resolution, subnet.active_blocks)
+        if key not in self._flops_exact:
+            size = self.data.image_size
+            sample = torch.zeros(1, self.data.in_chans, size, size, device=self.acc.device)
+            cur = self.net.subnet
+            self.net.apply_subnet(subnet)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    self._flops_exact[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.cfg.batch_size
+            finally:
+                self.net.apply_subnet(cur)
+        return self._flops_exact[key]
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> tuple[float, float]:
@@ -360,11 +398,24 @@ class Trainer(ControllerCalls):
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict:
+        """Train to the end (or to ``stop_after_epochs``); returns the results also in ``results.json``. A
+        diverged run stops with :class:`DivergedError`; its results say so and the last good checkpoint stays."""
+        try:
+            return self._fit(resume)
+        except DivergedError as e:
+            release(self.acc, self.model, self.net)
+            raise DivergedError(diverged_note(self, e, self._write_results)) from None
+
+    def _fit(self, resume: bool) -> dict:
         if resume:
             self._load_checkpoint()
         else:
             self.out.mkdir(parents=True, exist_ok=True)
-        full_flops = self._step_flops(self.net.full_subnet) if self.cfg.count_flops else 0
+        full_flops = self._full_flops = self._step_flops(self.net.full_subnet) if self.cfg.count_flops else 0
+        if self._pending_epoch is not None:  # stopped during the final evaluation: only that is left to do
+            self._finish_epoch(self._pending_epoch, final=True)
+            self._save_checkpoint()
+            self._write_results(full_flops, done=True)
         self.model.train()
         stopped_early = False
         while self.epoch < self.num_epochs:
@@ -387,6 +438,7 @@ class Trainer(ControllerCalls):
                 t0 = time.perf_counter()
                 k = self.controller.stage_at(self.step)
                 if k != self.stage:
+                    self._time_cache.clear()  # candidates are timed afresh at every stage, never for the whole run
                     self.controller.enter_stage(self, k)
                     self.stage = k
                 sub = self.controller.step_subnet(self, self.step)
@@ -411,26 +463,21 @@ class Trainer(ControllerCalls):
             self.train_time += epoch_time
             self.epoch += 1
             final = self.step >= self.total_steps
-            top1, top1_ema = self.evaluate(full=final)
             mean_loss = float(self.acc.reduce(loss_sum, reduction="mean")) / max(1, loss_n)
             steps = self.step - epoch_start_step
-            self.history.append({
+            record = {
                 "epoch": self.epoch, "step": self.step, "stage": self.stage + 1,
                 "resolution": self.net.subnet.resolution, "depth": self.net.subnet.depth,
                 "lr": self.optimizer.param_groups[0]["lr"], "train_loss": round(mean_loss, 5),
-                "top1": round(top1, 3), "top1_ema": round(top1_ema, 3),
-                "eval_samples": len(self.data.test) if final or self.eval_loader is self.test_loader
-                else self.cfg.eval_samples,
                 "epoch_time_s": round(epoch_time, 3), "train_time_s": round(self.train_time, 3),
                 "step_time_median_s": round(sorted(step_times)[len(step_times) // 2], 5) if step_times else None,
                 "images_per_s": round(steps * self.global_batch / max(epoch_time, 1e-9), 1),
                 "flops_per_step": self.flops_sum / max(1, self.step),
-            })
-            self.acc.print(
-                f"epoch {self.epoch}/{self.num_epochs} stage {self.stage + 1} {self.net.subnet} "
-                f"loss {mean_loss:.4f} top1 {top1:.2f} ema {top1_ema:.2f} "
-                f"time {self.train_time:.1f}s ({self.history[-1]['images_per_s']:.0f} img/s)"
-            )
+            }
+            if final:  # the whole training is safe before the final evaluation on the whole test set
+                self._pending_epoch = record
+                self._save_checkpoint()
+            self._finish_epoch(record, final)
             self._save_checkpoint()
             self._write_results(full_flops, done=final)
             if self.cfg.stop_after_epochs is not None and self.epoch >= self.cfg.stop_after_epochs and not final:
@@ -439,14 +486,28 @@ class Trainer(ControllerCalls):
         release(self.acc, self.model, self.net)  # a comparison's later runs must not keep this model alive
         return self._write_results(full_flops, done=not stopped_early)
 
+    def _finish_epoch(self, record: dict, final: bool) -> None:
+        """Evaluate the epoch that ``record`` describes and add it to the history."""
+        top1, top1_ema = self.evaluate(full=final)
+        self.history.append({**record, "top1": round(top1, 3), "top1_ema": round(top1_ema, 3),
+                             "eval_samples": len(self.data.test) if final or self.eval_loader is self.test_loader
+                             else self.cfg.eval_samples})
+        self._pending_epoch = None
+        r = self.history[-1]
+        self.acc.print(f"epoch {r['epoch']}/{self.num_epochs} stage {r['stage']} {self.net.subnet} "
+                       f"loss {r['train_loss']:.4f} top1 {top1:.2f} ema {top1_ema:.2f} "
+                       f"time {self.train_time:.1f}s ({r['images_per_s']:.0f} img/s)")
+
     def _train_step(self, x, y, gen) -> torch.Tensor:
         x = self.data.prepare(x, train=True, generator=gen, regularizer=self.adareg)
         with self.acc.autocast():
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         self.acc.backward(loss)
+        norm = None
         if self.cfg.grad_clip:
-            self.acc.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], self.cfg.grad_clip)
+            norm = self.acc.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], self.cfg.grad_clip)
+        check_step(self.acc, loss, norm, self.step + 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_sched.step_update(self.lr_step + 1)
@@ -474,14 +535,16 @@ class Trainer(ControllerCalls):
             **self.controller.summary(),
         }
 
-    def _write_results(self, full_flops: int, done: bool) -> dict:
+    def _write_results(self, full_flops: int | None = None, done: bool = False) -> dict:
+        full_flops = self._full_flops if full_flops is None else full_flops
         sched = self.controller.schedule()
         if self.acc.is_main_process and sched is not None:
             sched.save(self.out / "schedule.json")
-        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "epochs": self.history,
+        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "diverged": self.diverged,
+               "epochs": self.history,
                "stages": self.stage_log, "summary": self.summary(full_flops)}
         if self.acc.is_main_process:
-            atomic_write(self.out / "results.json", json.dumps(res, indent=2) + "\n")
+            write_json(self.out / "results.json", res)
         return res
 
     # --------------------------------------------------------------------------------- checkpoints
@@ -492,11 +555,13 @@ class Trainer(ControllerCalls):
             "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],
             "history": self.history, "stage_log": self.stage_log, "total_steps": self.total_steps,
             "lr_step": self.lr_step, "controller": self.controller.state_dict(),
+            "time_cache": self._time_cache, "sec_per_flop": self._sec_per_flop, "pending_epoch": self._pending_epoch,
         }
         save_checkpoint(self.out, self.acc, self.net, self.ema.module, self.optimizer, state)
 
     def _load_checkpoint(self) -> None:
-        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device)
+        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device, log=self.acc.print,
+                                                   need_ema=True)
         self._set_gated_blocks(state["gated_blocks"])
         self.net.load_state_dict(weights)
         self.ema.module.load_state_dict(ema)
@@ -511,5 +576,8 @@ class Trainer(ControllerCalls):
         self.train_time, self.flops_sum = state["train_time_s"], state["flops_sum"]
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
         self.history, self.stage_log = state["history"], state["stage_log"]
+        self._time_cache = dict(state.get("time_cache", {}))
+        self._sec_per_flop = state.get("sec_per_flop")
+        self._pending_epoch = state.get("pending_epoch")
         self.lr_sched.step_update(self.lr_step)
-        self.acc.print(f"resumed from {self.out / CHECKPOINT_DIR} at epoch {self.epoch}, step {self.step}")
+        self.acc.print(f"resumed from {state['checkpoint_dir']} at epoch {self.epoch}, step {self.step}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import AutoprogError
+from ..errors import AutoprogError, ConfigError, DivergedError
 from .common import Parser
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
@@ -109,6 +109,7 @@ def task_of(argv: list[str]) -> str | None:
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; a preset's values come first, then a --config file's, then the flags given (they win)."""
     args = parser.parse_args(argv)
+    args.given = [a.split("=", 1)[0] for a in argv if a.startswith("--")]  # the flags typed, for --resume's check
     if args.command is None or not (getattr(args, "preset", None) or getattr(args, "config", None)):
         return args
     sub = parser._subparsers._group_actions[0].choices[args.command]
@@ -119,7 +120,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         front += options_argv(sub, preset["options"], f"preset {args.preset}")
     if args.config:
         front += options_argv(sub, read_options(args.config), f"--config {args.config}")
-    return parser.parse_args([args.command, *front, *argv[argv.index(args.command) + 1:]])
+    given = args.given
+    args = parser.parse_args([args.command, *front, *argv[argv.index(args.command) + 1:]])
+    args.given = given
+    return args
 
 
 def _run(args, acc) -> int:
@@ -140,6 +144,24 @@ def _run(args, acc) -> int:
     return 0
 
 
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
+    """The Accelerator of a command. Launched by torchrun on a machine without GPUs, the processes join one gloo
+    group by themselves (Accelerate picks multi-CPU only when told ``cpu=True``); processes that still do not
+    form the group their launcher announced are refused, never run as independent copies."""
+    import os
+
+    import torch
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = cpu or (world > 1 and not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if acc.num_processes != world:
+        raise ConfigError(f"the launcher started {world} processes but they formed a group of {acc.num_processes}; "
+                          "refusing to run them as independent copies writing to one --out")
+    return acc
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(task_of(argv))
@@ -148,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        from accelerate import Accelerator
-
-        acc = Accelerator(mixed_precision=getattr(args, "mixed_precision", "no"), cpu=getattr(args, "cpu", False))
+        acc = make_accelerator(getattr(args, "mixed_precision", "no"), getattr(args, "cpu", False))
         try:
             return _run(args, acc)
         finally:
@@ -158,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             # rank 0 ("terminate called without an active exception") after a successful run
             if acc.num_processes > 1:
                 acc.end_training()
+    except DivergedError as e:
+        print(f"autoprog: error: {e}", file=sys.stderr)
+        return 3
     except AutoprogError as e:
         print(f"autoprog: error: {e}", file=sys.stderr)
         return 2

@@ -42,10 +42,17 @@ def add_run_flags(g, command: str) -> None:
                                     "--config and flags win over it")
 
 
+RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision")  # what --resume may come with
+
+
 def run_one(args, acc, what: str, run, make_spec, done) -> None:
     """One run: continue ``--resume DIR``, or start ``make_spec()`` into ``--out`` (required); then print
     ``done(summary)``, or how to continue a run stopped early on purpose."""
     if args.resume:
+        other = [f for f in getattr(args, "given", []) if f not in RESUME_FLAGS]
+        if other:
+            raise ConfigError(f"--resume continues a run with its own saved settings; drop {', '.join(other)} "
+                              "(or start a new run with --out)")
         run(None, args.resume, acc, resume=True)
         return
     if not args.out:

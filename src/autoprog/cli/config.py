@@ -56,9 +56,10 @@ def options_argv(sub: argparse.ArgumentParser, values: dict, where: str) -> list
     return argv
 
 
-def _preset_files() -> dict[str, Path]:
+def _preset_files() -> dict:
+    """Preset name → its resource (a file on disk, or inside an archive)."""
     root = resources.files("autoprog") / "configs"
-    return {Path(str(f)).stem: Path(str(f)) for f in root.iterdir() if str(f).endswith(".yaml")}
+    return {f.name.removesuffix(".yaml"): f for f in root.iterdir() if f.name.endswith(".yaml")}
 
 
 def load_preset(name: str) -> dict:

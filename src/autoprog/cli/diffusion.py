@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..diffusion.runner import BaseSpec, FinetuneSpec
 from ..errors import ConfigError
@@ -16,7 +17,7 @@ from ..options import add_options, from_args
 from .common import add_run_flags, positive_int, run_compare, run_one
 
 GROUPS = ("model", "data", "unfreezing", "optimisation", "evaluation")
-BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr"}
+BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr", "train.time_source"}
 
 
 def _add_spec(p: argparse.ArgumentParser, spec_cls, exclude: set[str], command: str) -> None:
@@ -68,6 +69,11 @@ def run_sample(args, acc) -> None:
     from ..diffusion.quality import save_grid
     from ..diffusion.sampling import sample
     from ..models.dit import load_backbone
+
+    if not 0 <= args.eta <= 1:
+        raise ConfigError(f"--eta must be in [0, 1], got {args.eta}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 1):
+        raise ConfigError(f"--cfg-scale must be a finite number of at least 1, got {args.cfg_scale}")
 
     path = Path(args.model)
     if (path / "model" / "config.json").is_file():

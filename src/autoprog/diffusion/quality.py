@@ -24,7 +24,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from autoprog.errors import ConfigError
+from autoprog.errors import ConfigError, DivergedError
 
 CACHE_FORMAT = "autoprog-feature-net-v1"  # bump when the architecture or training recipe changes
 CLASSIFIER_METRIC = "FD (classifier features)"
@@ -457,6 +457,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] -> uint8 in [0, 255] (clamped, rounded); uint8 input is returned as is."""
     if x.dtype == torch.uint8:
         return x
+    if not torch.isfinite(x).all():
+        raise DivergedError(f"{int((~torch.isfinite(x)).sum())} of {x.numel()} generated pixel values are not finite "
+                            "(a diverged model, or a non-finite guidance scale); refusing to score or save them")
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 

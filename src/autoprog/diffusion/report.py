@@ -8,7 +8,8 @@ from ..report import fmt, plot_curves, schedule_string
 
 
 def _finetune_name(r: dict) -> str:
-    return r["method"] + (f" (time of {r['budget_of']})" if r.get("budget_of") else "")
+    return (r["method"] + (f" (time of {r['budget_of']})" if r.get("budget_of") else "")
+            + (" — diverged, not ranked" if r.get("diverged") else ""))
 
 
 def _params(n) -> str:

@@ -16,9 +16,17 @@ import torch
 
 from ..adapters.unfreezer import Unfreezer
 from ..algorithms.proxies import TIME_RTOL
-from ..engine import CHECKPOINT_DIR
+from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError
-from ..experiment import BUDGET_SUFFIX, drop_stale_budget_run, reuse_or_run, saved_differences, seed_rows
+from ..experiment import (
+    BUDGET_SUFFIX,
+    diverged_rows,
+    drop_stale_budget_run,
+    reuse_or_run,
+    run_methods,
+    saved_differences,
+    seed_rows,
+)
 from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
@@ -45,6 +53,8 @@ class ImageDataSpec(Spec):
                                            "and val/)", group="data")
     data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
                                          "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
+    subset: int | None = option(None, "train on this many images (fixed random subset; 0 = all)", minimum=0,
+                                zero_is_none=True, group="data")
     image_size: int | None = option(None, "resize images to this size (default: the dataset's; 32 for ImageFolder)",
                                     minimum=1, show_default=False, group="data")
     fid_weights: str | None = option(None, "a local Inception checkpoint (torch-fidelity's "
@@ -71,8 +81,6 @@ class FinetuneSpec(ImageDataSpec):
                               metavar="PATH", show_default=False)
     classes: str | None = option(_classes_text(TRANSFER_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or "
                                                                   "'all'", group="data")
-    subset: int | None = option(None, "train on this many images (fixed random subset; 0 = all)", minimum=0,
-                                zero_is_none=True, group="data")
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
                                    "are cached); fine-tuning uses the base model's VAE by default", metavar="PATH",
                              show_default=False, group="data")
@@ -167,7 +175,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     unfreezer = None
     lr = spec.train.lr
     if method in STATIC_METHODS:
-        prepare_static(model, method, opts.get("rank") or spec.lora_rank)
+        prepare_static(model, method, spec.lora_rank if opts.get("rank") is None else opts["rank"])
         controller = StaticController(spec.method)
         if method in PEFT_METHODS:
             lr = spec.train.peft_lr or 10 * spec.train.lr
@@ -195,8 +203,10 @@ def _run_spec(cls, spec, out: Path, resume: bool):
             raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
         spec = cls.from_dict(json.loads(cfg.read_text())["spec"])
         spec = replace(spec, train=replace(spec.train, stop_after_steps=None))
-    elif (out / CHECKPOINT_DIR).exists():
+    elif has_checkpoint(out):
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
+    else:
+        writable_dir(out)
     spec.train.validate()
     return spec
 
@@ -228,7 +238,8 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
 
     out = Path(out)
     spec = _run_spec(BaseSpec, spec, out, resume)
-    data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size)
+    data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
+                               spec.subset, seed=0)
     if spec.vae:
         with_latents(data, spec.vae, spec.cache_dir or default_cache_dir())
     torch.manual_seed(spec.train.seed)
@@ -260,7 +271,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     """
     from .report import write_finetune_report
 
-    out = Path(out)
+    out = writable_dir(Path(out))
     spec.train.validate()
     for m in methods:
         parse_method(m)
@@ -272,12 +283,11 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     data, *_ = build_finetune(replace(spec, method="full"))
     with acc.main_process_first():
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
-    results = {}
-    for m in methods:
-        results[m] = _run_once(replace(spec, method=m), out / m, acc, evaluator)
+    results, diverged = run_methods(methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator),
+                                    "full", acc.print)
     full_t = results["full"]["summary"]["wall_time_s"]
     full_flops = results["full"]["summary"]["flops_per_step"] * results["full"]["summary"]["steps"]
-    prog = [m for m in methods if parse_method(m)[0] not in STATIC_METHODS]
+    prog = [m for m in results if parse_method(m)[0] not in STATIC_METHODS]
     if budget and prog:
         fastest = min(prog, key=lambda m: results[m]["summary"]["wall_time_s"])
         ratio = results[fastest]["summary"]["wall_time_s"] / full_t
@@ -298,11 +308,11 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                      "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
                      "search_time_s": s["search_time_s"], "steps": s["steps"],
                      "schedule": s.get("schedule", {}).get("stages", []), "budget_of": s.get("budget_of")})
-    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": rows,
+    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": diverged_rows(rows, diverged),
                "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "summary.json", summary)
         write_finetune_report(summary, out)
         sample_comparison(list(results), out, data.classes, seed=spec.train.seed, eta=spec.train.sample_eta)
         acc.print("\n" + (out / "summary.md").read_text())

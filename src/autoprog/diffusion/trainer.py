@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,17 +27,18 @@ from tqdm.auto import tqdm
 from ..adapters.unfreezer import Unfreezer
 from ..controllers import ProxyTask
 from ..engine import (
-    CHECKPOINT_DIR,
     ControllerCalls,
-    atomic_write,
+    check_step,
+    diverged_note,
     read_checkpoint,
     release,
     replace_dir,
     rewrap_if_needed,
     save_checkpoint,
     trained_ids,
+    write_json,
 )
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergedError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import build_optimizer, load_optimizer_state
 from ..options import check_bounds, option
@@ -81,6 +81,12 @@ class DiffusionConfig:
     proxy_batches: int = option(4, "autoprog-zero: batches for NTK/ZiCo, at least 2", minimum=2, group="unfreezing")
     proxy_batch_size: int = option(8, "autoprog-zero: samples per proxy batch", minimum=1, group="unfreezing")
     time_repeats: int = option(3, "timed repeats per candidate step time", minimum=1, cli=False)
+    time_source: str = option("measured", "step times of the searches' candidates: measured (median of repeats, "
+                                          "afresh each stage), or flops (FLOPs times one calibration, so a busy "
+                                          "machine cannot change a choice)", choices=("measured", "flops"),
+                              group="unfreezing")
+    checkpoint_every: int = option(50, "also checkpoint every this many steps between evaluation points (0 = only "
+                                       "at them)", minimum=0, group="optimisation")
     stop_after_steps: int | None = option(None, "stop at the first evaluation point after this many steps "
                                                 "(continue with --resume)", minimum=1, show_default=False)
 
@@ -152,7 +158,10 @@ class DiffusionTrainer(ControllerCalls):
         self.history: list[dict] = []
         self.stage_log: list[dict] = []
         self._proxy = None
-        self._time_cache: dict[tuple, float] = {}
+        self._time_cache: dict[tuple, float] = {}  # measured step times of this stage's candidates
+        self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
+        self._loss_sum, self._loss_n = 0.0, 0
+        self.diverged: str | None = None  # why training stopped, when it diverged
 
     # ------------------------------------------------------------------------------------ helpers
     def _rewrap_if_needed(self) -> None:
@@ -261,12 +270,33 @@ class DiffusionTrainer(ControllerCalls):
                 for i in range(0, len(xt), b)]
 
     def measure_step_time(self, subnet: SubNet) -> float:
-        """Median seconds of a forward+backward training pass with ``subnet`` learnable (warm-up excluded)."""
+        """Seconds of a forward+backward training pass with ``subnet`` learnable: measured (median of
+        ``time_repeats`` after two warm-ups, cached for the stage), or with ``time_source="flops"`` its FLOPs
+        times seconds per FLOP (calibrated once on full fine-tuning), so no decision turns on timing noise."""
+        if self.cfg.time_source == "flops":
+            if self._sec_per_flop is None:
+                full = self.growth_space().full
+                self._sec_per_flop = self._timed(full, 5) / self._candidate_flops(full)
+            return self._candidate_flops(subnet) * self._sec_per_flop
+        key = (subnet.resolution, self.unfreezer.blocks_for(subnet))
+        if key not in self._time_cache:
+            self._time_cache[key] = self._timed(subnet, self.cfg.time_repeats)
+        return self._time_cache[key]
+
+    def _candidate_flops(self, subnet: SubNet) -> int:
+        prev, res = self.unfreezer.subnet, self.resolution
+        self.unfreezer.apply(subnet)
+        self.resolution = subnet.resolution
+        try:
+            return self.step_flops()
+        finally:
+            self.resolution = res
+            if prev is not None:
+                self.unfreezer.apply(prev)
+
+    def _timed(self, subnet: SubNet, repeats: int) -> float:
         from ..algorithms.proxies import measure_step_time
 
-        key = (subnet.resolution, self.unfreezer.blocks_for(subnet))
-        if key in self._time_cache:
-            return self._time_cache[key]
         prev = self.unfreezer.subnet
         self.unfreezer.apply(subnet)
         g = torch.Generator().manual_seed(self.cfg.seed + 17)
@@ -282,15 +312,22 @@ class DiffusionTrainer(ControllerCalls):
                 p.grad = None
 
         try:
-            self._time_cache[key] = measure_step_time(step, repeats=self.cfg.time_repeats, warmup=1,
-                                                      device=self.acc.device)
+            return measure_step_time(step, repeats=repeats, warmup=2, device=self.acc.device)
         finally:
             if prev is not None:
                 self.unfreezer.apply(prev)
-        return self._time_cache[key]
 
     # --------------------------------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict:
+        """Train to the end (or to ``stop_after_steps``); returns the results also in ``results.json``. A
+        diverged run stops with :class:`DivergedError`; its results say so and the last good checkpoint stays."""
+        try:
+            return self._fit(resume)
+        except DivergedError as e:
+            release(self.acc, self.wrapped, self.model)
+            raise DivergedError(diverged_note(self, e, lambda: self._write_results(done=False))) from None
+
+    def _fit(self, resume: bool) -> dict:
         if resume:
             self._load_checkpoint()
         else:
@@ -298,13 +335,14 @@ class DiffusionTrainer(ControllerCalls):
         self.wrapped.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.run_info.get("method", "train"),
                    disable=not self.acc.is_local_main_process or None, dynamic_ncols=True, leave=False)
-        loss_sum, loss_n = 0.0, 0
+        loss_sum, loss_n = self._loss_sum, self._loss_n  # since the last evaluation point (kept across a resume)
         stopped = False
         self._sync()
         t_start = self._t_start = time.perf_counter()
         while self.step < self.total_steps:
             k = self.controller.stage_at(self.step)
             if k != self.stage:
+                self._time_cache.clear()  # candidates are timed afresh at every stage, never for the whole run
                 t0 = time.perf_counter()
                 self.controller.enter_stage(self, k)
                 self.model.set_stage(k)
@@ -327,14 +365,25 @@ class DiffusionTrainer(ControllerCalls):
             if bar.disable and self.step % max(1, self.total_steps // 20) == 0 and self.step not in self.eval_steps:
                 # no progress bar (not a terminal, e.g. a log file): a line every 5 % instead
                 self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
+            every = self.cfg.checkpoint_every
+            if every and self.step % every == 0 and self.step not in self.eval_steps:
+                self._sync()  # a checkpoint between evaluation points: little is lost on a crash
+                self.train_time += time.perf_counter() - t_start - self._instrument_time
+                self._loss_sum, self._loss_n = loss_sum, loss_n
+                self._save_checkpoint()
+                self._write_results(done=False)
+                self._sync()
+                self._instrument_time = 0.0
+                t_start = self._t_start = time.perf_counter()
             if self.step in self.eval_steps:
                 self._sync()
                 self.train_time += time.perf_counter() - t_start - self._instrument_time
                 self._instrument_time = 0.0
                 self._evaluate_point(loss_sum / max(1, loss_n))
                 loss_sum, loss_n = 0.0, 0
+                self._loss_sum, self._loss_n = 0.0, 0
                 self._save_checkpoint()
-                self._write_results(done=self.step >= self.total_steps)
+                self._write_results(done=False)  # done only once the model is exported
                 if self.cfg.stop_after_steps is not None and self.step >= self.cfg.stop_after_steps \
                         and self.step < self.total_steps:
                     stopped = True
@@ -358,8 +407,8 @@ class DiffusionTrainer(ControllerCalls):
                                   class_dropout=self.cfg.class_dropout)
         self.acc.backward(loss)
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        if self.cfg.grad_clip:
-            self.acc.clip_grad_norm_(trained, self.cfg.grad_clip)
+        norm = self.acc.clip_grad_norm_(trained, self.cfg.grad_clip) if self.cfg.grad_clip else None
+        check_step(self.acc, loss, norm, self.step + 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_sched.step_update(self.step + 1)
@@ -427,10 +476,11 @@ class DiffusionTrainer(ControllerCalls):
         sched = self.controller.schedule()
         if self.acc.is_main_process and sched is not None:
             sched.save(self.out / "schedule.json")
-        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "curve": self.history,
+        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "diverged": self.diverged,
+               "curve": self.history,
                "stages": self.stage_log, "summary": self.summary()}
         if self.acc.is_main_process:
-            atomic_write(self.out / "results.json", json.dumps(res, indent=2) + "\n")
+            write_json(self.out / "results.json", res)
         return res
 
     def _export(self) -> None:
@@ -456,12 +506,14 @@ class DiffusionTrainer(ControllerCalls):
                  "trainable_steps": self.trainable_steps, "flops_sum": self.flops_sum,
                  "flops_cache": self.flops_cache, "history": self.history, "stage_log": self.stage_log,
                  "total_steps": self.total_steps, "controller": self.controller.state_dict(),
-                 "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()]}
+                 "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()],
+                 "sec_per_flop": self._sec_per_flop, "loss_sum": self._loss_sum, "loss_n": self._loss_n}
         save_checkpoint(self.out, self.acc, self.model, self.ema.module if self.ema is not None else None,
                         self.optimizer, state)
 
     def _load_checkpoint(self) -> None:
-        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device)
+        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device, log=self.acc.print,
+                                                   need_ema=self.ema is not None)
         self.model.load_state_dict(weights)
         if self.ema is not None:
             self.ema.module.load_state_dict(ema)
@@ -478,7 +530,9 @@ class DiffusionTrainer(ControllerCalls):
         self.flops_sum, self.flops_cache = state["flops_sum"], state["flops_cache"]
         self.history, self.stage_log = state["history"], state["stage_log"]
         self._time_cache = {(r, tuple(b)): v for r, b, v in state["time_cache"]}
+        self._sec_per_flop = state.get("sec_per_flop")
+        self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
         self.lr_sched.step_update(self.step)
-        self.print(f"resumed from {self.out / CHECKPOINT_DIR} at step {self.step}")
+        self.print(f"resumed from {state['checkpoint_dir']} at step {self.step}")
 
 

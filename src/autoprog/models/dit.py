@@ -393,7 +393,12 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConfigError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{cfg_file} is not a model config (a JSON object)")
     if meta.get("_class_name") == "DiTTransformer2DModel":
         from diffusers import DiTTransformer2DModel
 
@@ -404,7 +409,15 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     model = build_backbone(meta["kind"], **meta["config"])
     if meta.get("sid_stages") and with_sid:
         model.add_stage_identifier(meta["sid_stages"])
-    state = load_file(path / WEIGHTS_FILE)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(f"{path} has a config but no weights: {WEIGHTS_FILE} is missing")
+    try:
+        state = load_file(weights)
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise ConfigError(f"{weights} cannot be read ({' '.join(str(e).split())[:120]})") from None
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise ConfigError(f"{weights} holds non-finite weights (a diverged model?)")
     if not with_sid:
         state = {k: v for k, v in state.items() if not k.startswith("sid.")}
     try:

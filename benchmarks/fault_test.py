@@ -1,0 +1,257 @@
+"""Fault test: try autoprog as a user who relies on it would, and count what holds.
+
+* kills: ``kill -9`` a tiny run at random moments (mid-epoch, mid-search, mid-checkpoint), resume it until it
+  finishes, and compare its final weights with an uninterrupted run's (they must be identical);
+* corruptions: damage the newest checkpoint (or both) in each of several ways and resume: a clean one-line error
+  or a fallback with a message, never a traceback, never NaN weights accepted;
+* divergence: a learning rate of 1e6 must stop with exit 3, strict JSON and no exported model;
+* bad inputs: every invocation in ``BAD_INPUTS`` must exit 2 with exactly one line and no traceback.
+
+    python benchmarks/fault_test.py --kills 10 --out runs/fault     # figures go to docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TINY = ["--subset", "256", "--batch-size", "32", "--embed-dim", "16", "--depth", "4", "--num-heads", "2",
+        "--patch-size", "4", "--eval-samples", "64", "--no-flops", "--cpu"]
+FT_TINY = ["--steps", "24", "--batch-size", "16", "--eval-points", "2", "--curve-samples", "8", "--fd-samples", "16",
+           "--sample-steps", "2", "--feature-epochs", "1", "--subset", "512", "--cpu"]
+KILL_RUNS = {  # name: the command after `autoprog`, epochs/steps small enough to kill and resume quickly
+    "prog": ["pretrain", "--method", "prog", "--epochs", "4", *TINY],
+    "autoprog-one": ["pretrain", "--method", "autoprog-one", "--epochs", "4", "--search-epochs", "0.5",
+                     "--time-source", "flops", *TINY],
+    "finetune-prog": ["finetune", "--method", "prog", *FT_TINY],
+}
+BAD_INPUTS = [  # (argv after `autoprog`, why it is bad); OUT is replaced by a fresh directory
+    (["pretrain", "--out", "OUT", "--lr", "nan"], "non-finite lr"),
+    (["pretrain", "--out", "OUT", "--lr", "-1"], "negative lr"),
+    (["pretrain", "--out", "OUT", "--epochs", "0"], "no epochs"),
+    (["pretrain", "--out", "OUT", "--epochs", "inf"], "infinite epochs"),
+    (["pretrain", "--out", "OUT", "--batch-size", "0"], "empty batch"),
+    (["pretrain", "--out", "OUT", "--batch-size", "x"], "not a number"),
+    (["pretrain", "--out", "OUT", "--grad-clip", "-1"], "negative clip"),
+    (["pretrain", "--out", "OUT", "--warmup-epochs", "-1"], "negative warm-up"),
+    (["pretrain", "--out", "OUT", "--weight-decay", "-1"], "negative decay"),
+    (["pretrain", "--out", "OUT", "--label-smoothing", "2"], "smoothing above 1"),
+    (["pretrain", "--out", "OUT", "--drop-path", "2"], "drop path above 1"),
+    (["pretrain", "--out", "OUT", "--drop-path", "-0.5"], "negative drop path"),
+    (["pretrain", "--out", "OUT", "--eval-samples", "-1"], "negative eval samples"),
+    (["pretrain", "--out", "OUT", "--workers", "-1"], "negative workers"),
+    (["pretrain", "--out", "OUT", "--start-ratio", "0"], "zero start ratio"),
+    (["pretrain", "--out", "OUT", "--start-ratio", "1.5"], "start ratio above 1"),
+    (["pretrain", "--out", "OUT", "--num-stages", "0"], "no stages"),
+    (["pretrain", "--out", "OUT", "--method", "nope"], "unknown method"),
+    (["pretrain", "--out", "OUT", "--method", "fixed"], "fixed without schedule"),
+    (["pretrain", "--out", "OUT", "--method", "fixed", "--schedule", "8x9,28x6"], "too deep a schedule"),
+    (["pretrain", "--out", "OUT", "--method", "fixed", "--schedule", "abc"], "malformed schedule"),
+    (["pretrain", "--out", "OUT", "--growth", "nope"], "unknown growth"),
+    (["pretrain", "--out", "OUT", "--model", "nope"], "unknown model"),
+    (["pretrain", "--out", "OUT", "--model", "timm:resnet18", "--img-size", "32"], "uncovered timm family"),
+    (["pretrain", "--out", "OUT", "--img-size", "30", "--patch-size", "4"], "indivisible size"),
+    (["pretrain", "--out", "OUT", "--dataset", "/nonexistent"], "missing dataset"),
+    (["pretrain", "--out", "OUT", "--alpha", "-1"], "negative alpha"),
+    (["pretrain", "--out", "OUT", "--search-epochs", "0"], "no search epochs"),
+    (["pretrain", "--out", "OUT", "--time-tolerance", "1"], "tolerance of 1"),
+    (["pretrain", "--out", "OUT", "--proxy-batches", "1"], "one proxy batch"),
+    (["pretrain", "--out", "OUT", "--time-source", "guess"], "unknown time source"),
+    (["pretrain", "--out", "OUT", "--preset", "nope"], "unknown preset"),
+    (["pretrain", "--out", "OUT", "--preset", "cpu-finetune"], "preset of another task"),
+    (["pretrain", "--out", "/proc/autoprog"], "unwritable out"),
+    (["pretrain", "--resume", "OUT"], "resume of nothing"),
+    (["pretrain", "--resume", "OUT", "--lr", "0.1"], "resume with other settings"),
+    (["pretrain"], "no out"),
+    (["compare", "--methods", "bogus", "--out", "OUT"], "unknown compare method"),
+    (["finetune", "--out", "OUT", "--method", "nope"], "unknown fine-tuning method"),
+    (["finetune", "--out", "OUT", "--method", "lora-r0"], "LoRA rank 0"),
+    (["finetune", "--out", "OUT", "--steps", "0"], "no steps"),
+    (["finetune", "--out", "OUT", "--lr", "nan"], "non-finite lr"),
+    (["finetune", "--out", "OUT", "--warmup-steps", "-5"], "negative warm-up"),
+    (["finetune", "--out", "OUT", "--eta", "-3"], "eta below 0"),
+    (["finetune", "--out", "OUT", "--cfg-scale", "0.5"], "guidance below 1"),
+    (["finetune", "--out", "OUT", "--class-dropout", "1"], "all labels dropped"),
+    (["finetune", "--out", "OUT", "--classes", "42"], "absent class"),
+    (["finetune", "--out", "OUT", "--base", "/nonexistent"], "missing base"),
+    (["finetune", "--out", "OUT", "--schedule", "8x9,28x6", "--method", "prog"], "too deep an unfreezing"),
+    (["finetune", "--out", "OUT", "--proxy-batches", "1"], "one proxy batch"),
+    (["finetune", "--out", "OUT", "--search-fraction", "1"], "search fraction of 1"),
+    (["sample", "/nonexistent"], "missing model"),
+    (["sample", "BASE", "--eta", "-3", "--out", "OUT"], "sample eta below 0"),
+    (["sample", "BASE", "--cfg-scale", "nan", "--out", "OUT"], "sample guidance nan"),
+    (["sample", "BASE", "--classes", "99", "--out", "OUT"], "sample absent class"),
+    (["sample", "BASE", "--stage", "3", "--out", "OUT"], "stage of a model without SID"),
+]
+
+
+def autoprog(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoprog.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_clean_line(proc: subprocess.CompletedProcess, code: int = 2) -> bool:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    return proc.returncode == code and len(lines) == 1 and lines[0].startswith("autoprog: error:") \
+        and "Traceback" not in proc.stderr
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoint" / "model.safetensors")
+
+
+def identical(a: Path, b: Path) -> bool:
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def kills(out: Path, n: int, rng: random.Random) -> dict:
+    counts = {"kills": 0, "resumed": 0, "identical": 0, "runs": 0}
+    for name, argv in KILL_RUNS.items():
+        ref = out / f"ref-{name}"
+        shutil.rmtree(ref, ignore_errors=True)
+        assert autoprog(*argv, "--out", ref).returncode == 0, f"reference run {name} failed"
+        t0 = time.perf_counter()  # timed once caches (the feature classifier) are warm, as the killed runs are
+        shutil.rmtree(out / "timing", ignore_errors=True)
+        autoprog(*argv, "--out", out / "timing")
+        took = time.perf_counter() - t0
+        for i in range(max(1, n // len(KILL_RUNS))):
+            run = out / f"kill-{name}-{i}"
+            shutil.rmtree(run, ignore_errors=True)
+            proc = subprocess.Popen([sys.executable, "-m", "autoprog.cli", *argv, "--out", str(run)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.3, 0.9) * took)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                counts["kills"] += 1
+            proc.wait()
+            for _ in range(5):  # resume until it finishes (a resume can itself be the first start)
+                res = run / "results.json"
+                if res.is_file() and json.loads(res.read_text()).get("done"):
+                    break
+                if (run / "checkpoint").exists() or (run / "checkpoint.prev").exists():
+                    cmd = (argv[0], "--resume", run)
+                else:  # killed before its first checkpoint: nothing to resume, start again
+                    shutil.rmtree(run, ignore_errors=True)
+                    cmd = (*argv, "--out", run)
+                autoprog(*cmd)
+            counts["runs"] += 1
+            done = (run / "results.json").is_file() and json.loads((run / "results.json").read_text()).get("done")
+            counts["resumed"] += bool(done)
+            counts["identical"] += bool(done) and identical(ref, run)
+    return counts
+
+
+def corruptions(out: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = out / "corrupt-base"
+    argv = KILL_RUNS["prog"]
+    assert autoprog(*argv, "--out", base, "--stop-after-epochs", "2").returncode == 0
+
+    def nan_weights(ck):
+        w = load_file(ck / "model.safetensors")
+        k = next(iter(w))
+        w[k] = torch.full_like(w[k], float("nan"))
+        save_file(w, ck / "model.safetensors")
+
+    damages = {
+        "truncated model": lambda ck: (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:99]),
+        "empty model": lambda ck: (ck / "model.safetensors").write_bytes(b""),
+        "missing model": lambda ck: (ck / "model.safetensors").unlink(),
+        "missing ema": lambda ck: (ck / "ema.safetensors").unlink(),
+        "missing optimizer": lambda ck: (ck / "optimizer.safetensors").unlink(),
+        "garbage optimizer": lambda ck: (ck / "optimizer.safetensors").write_bytes(b"\x00" * 64),
+        "NaN weights": nan_weights,
+        "missing state": lambda ck: (ck / "state.json").unlink(),
+        "garbage state": lambda ck: (ck / "state.json").write_text("{oops"),
+        "state not an object": lambda ck: (ck / "state.json").write_text("[1, 2]"),
+        "state without keys": lambda ck: (ck / "state.json").write_text("{}"),
+        "binary state": lambda ck: (ck / "state.json").write_bytes(b"\xff\xfe\x00"),
+    }
+    counts = {"corruptions": 0, "clean": 0}
+    for both in (False, True):
+        for name, damage in damages.items():
+            run = out / f"corrupt-{'both-' if both else ''}{name.replace(' ', '-')}"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(base, run)
+            damage(run / "checkpoint")
+            if both:
+                damage(run / "checkpoint.prev")
+            proc = autoprog("pretrain", "--resume", run)
+            counts["corruptions"] += 1
+            fallback = proc.returncode == 0 and "previous checkpoint" in proc.stdout + proc.stderr
+            ok = (fallback and not both) or (both and one_clean_line(proc))
+            counts["clean"] += bool(ok)
+            if not ok:
+                print(f"  not clean: {'both ' if both else ''}{name}: rc {proc.returncode}: {proc.stderr[-300:]}")
+    return counts
+
+
+def divergence(out: Path) -> dict:
+    counts = {"divergences": 0, "stopped": 0}
+    for argv in (["pretrain", "--method", "prog", "--lr", "1e6", "--epochs", "2", *TINY],
+                 ["finetune", "--method", "full", "--lr", "1e6", *FT_TINY]):
+        run = out / f"diverge-{argv[0]}"
+        shutil.rmtree(run, ignore_errors=True)
+        proc = autoprog(*argv, "--out", run)
+        counts["divergences"] += 1
+        try:
+            res = json.loads((run / "results.json").read_text(), parse_constant=lambda c: 1 / 0)
+        except (OSError, ValueError, ZeroDivisionError):
+            res = {}
+        ok = one_clean_line(proc, 3) and res.get("diverged") and not res.get("done") and not (run / "model").exists()
+        counts["stopped"] += bool(ok)
+    return counts
+
+
+def bad_inputs(out: Path) -> dict:
+    from autoprog.diffusion.runner import DEFAULT_BASE
+
+    counts = {"bad inputs": 0, "clean": 0}
+    for i, (argv, why) in enumerate(BAD_INPUTS):
+        run = out / f"bad-{i}"
+        shutil.rmtree(run, ignore_errors=True)
+        args = [str(run) if a == "OUT" else str(DEFAULT_BASE) if a == "BASE" else a for a in argv]
+        proc = autoprog(*args, *(["--cpu"] if args[0] in ("pretrain", "finetune", "compare") else []))
+        counts["bad inputs"] += 1
+        ok = one_clean_line(proc)
+        counts["clean"] += ok
+        if not ok:
+            print(f"  not clean: {why}: {' '.join(argv)}: rc {proc.returncode}: {proc.stderr[-300:]}")
+    return counts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/fault")
+    p.add_argument("--kills", type=int, default=9, help="kill -9s in all (spread over the runs) (default: 9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: kills,corruptions,divergence,bad")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, a.skip.split(",")))
+    figures = {}
+    for part, run in (("kills", lambda: kills(out, a.kills, random.Random(a.seed))), ("corruptions", lambda: corruptions(out)),
+                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out))):
+        if part not in skip:
+            figures[part] = run()
+            print(part, figures[part], flush=True)
+    (out / "fault_test.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Nothing lost: the previous checkpoint is kept as a fallback, damaged checkpoints are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_args
+from safetensors.torch import load_file, save_file
+
+from autoprog.engine import has_checkpoint, read_checkpoint
+
+
+def _weights(run):
+    return load_file(run / "checkpoint" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(fake_fmnist, tmp_path_factory):
+    """An uninterrupted 3-epoch prog run, and the same run stopped after 2 epochs."""
+    from autoprog.cli import main
+
+    root = tmp_path_factory.mktemp("ck")
+    args = ["pretrain", "--method", "prog", *tiny_args(fake_fmnist, epochs="3")]
+    assert main([*args, "--out", str(root / "full")]) == 0
+    assert main([*args, "--out", str(root / "stopped"), "--stop-after-epochs", "2"]) == 0
+    return root
+
+
+def _copy(runs, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(runs / "stopped", dst)
+    return dst
+
+
+def test_the_previous_checkpoint_is_kept(runs):
+    new = json.loads((runs / "stopped" / "checkpoint" / "state.json").read_text())
+    prev = json.loads((runs / "stopped" / "checkpoint.prev" / "state.json").read_text())
+    assert (new["epoch"], prev["epoch"]) == (2, 1)
+
+
+@pytest.mark.parametrize("damage", ["truncate-model", "garbage-state", "nan-weights", "no-optimizer", "no-rng",
+                                    "no-ema"])
+def test_a_damaged_newest_checkpoint_falls_back_and_ends_identical(runs, cli, tmp_path, damage):
+    run = _copy(runs, tmp_path)
+    ck = run / "checkpoint"
+    if damage == "truncate-model":
+        data = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "garbage-state":
+        (ck / "state.json").write_text("{not json")
+    elif damage == "nan-weights":
+        w = load_file(ck / "model.safetensors")
+        w[next(iter(w))] = torch.full_like(w[next(iter(w))], float("nan"))
+        save_file(w, ck / "model.safetensors")
+    elif damage == "no-optimizer":
+        (ck / "optimizer.safetensors").unlink()
+    elif damage == "no-ema":
+        (ck / "ema.safetensors").unlink()
+    else:
+        opt = load_file(ck / "optimizer.safetensors")
+        del opt["__rng__"]
+        save_file(opt, ck / "optimizer.safetensors")
+    rc, out, err = cli("pretrain", "--resume", run)
+    assert rc == 0, err
+    assert "previous checkpoint" in out + err
+    want = _weights(runs / "full")
+    got = _weights(run)
+    assert all(torch.equal(got[k], want[k]) for k in want), "resumed from epoch 1, it must end where the full run did"
+
+
+def test_both_damaged_is_one_line_and_names_the_files(runs, cli, tmp_path):
+    run = _copy(runs, tmp_path)
+    (run / "checkpoint" / "state.json").write_text("[]")
+    (run / "checkpoint.prev" / "model.safetensors").write_bytes(b"\x00" * 10)
+    rc, _, err = cli("pretrain", "--resume", run)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert "no usable checkpoint" in lines[0] and "state.json" in lines[0] and "model.safetensors" in lines[0]
+
+
+def test_a_crash_between_the_renames_loses_nothing(runs, cli, tmp_path, fake_fmnist):
+    run = _copy(runs, tmp_path)
+    shutil.rmtree(run / "checkpoint.prev")
+    (run / "checkpoint").rename(run / "checkpoint.prev")  # the newest moved aside, the new one not yet in place
+    assert has_checkpoint(run)
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
+    assert rc == 2 and "--resume" in err, "a fresh start must not overwrite the surviving checkpoint"
+    state, *_ = read_checkpoint(run, json.loads((run / "checkpoint.prev" / "state.json").read_text())["total_steps"],
+                                "cpu", log=lambda s: None)
+    assert state["epoch"] == 2
+    rc, _, err = cli("pretrain", "--resume", run)
+    assert rc == 0, err
+    want, got = _weights(runs / "full"), _weights(run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_crash_in_the_final_evaluation_keeps_the_training(runs, cli, fake_fmnist, tmp_path, monkeypatch):
+    from autoprog.classification.trainer import Trainer
+
+    evaluate = Trainer.evaluate
+
+    def crash_on_the_final(self, full=False):
+        if full:
+            raise KeyboardInterrupt
+        return evaluate(self, full)
+
+    monkeypatch.setattr(Trainer, "evaluate", crash_on_the_final)
+    run = tmp_path / "run"
+    rc, _, _ = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
+    assert rc == 130
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["pending_epoch"]["epoch"] == 3
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    rc, _, err = cli("pretrain", "--resume", run)
+    assert rc == 0, err
+    want = json.loads((runs / "full" / "results.json").read_text())
+    got = json.loads((run / "results.json").read_text())
+    assert got["done"] and [e["epoch"] for e in got["epochs"]] == [1, 2, 3]
+    assert got["summary"]["top1"] == want["summary"]["top1"], "only the evaluation was left, and it is the same"
+    assert all(torch.equal(_weights(run)[k], v) for k, v in _weights(runs / "full").items())
