@@ -59,6 +59,29 @@ class ControllerCalls:
     def print(self, *args) -> None:
         self.acc.print(*args)
 
+    def fit(self, resume: bool = False) -> dict:
+        """Train to the end (or to the stop asked for); returns the results also in ``results.json``. A diverged
+        run stops with :class:`~autoprog.errors.DivergedError`; its results say so and the last good checkpoint
+        stays. Trainers implement ``_fit``, ``_load_checkpoint`` and ``_write_results(done=...)``."""
+        from .errors import DivergedError
+
+        try:
+            if resume:
+                self._load_checkpoint()
+            else:
+                self.out.mkdir(parents=True, exist_ok=True)
+            return self._fit()
+        except DivergedError as e:
+            self._release()
+            raise DivergedError(diverged_note(self, e, lambda: self._write_results(done=False))) from None
+
+    prepared_names = ("model", "net")  # attribute names of the Accelerate-prepared model and the model itself
+
+    def _release(self) -> None:
+        """Forget the prepared model: a comparison's later runs must not keep it alive."""
+        wrapped, module = (getattr(self, n) for n in self.prepared_names)
+        release(self.acc, wrapped, module)
+
 
 PREVIOUS_SUFFIX = ".prev"  # the checkpoint before the newest, kept as a fallback
 

@@ -35,10 +35,10 @@ from torch import nn
 from .adapters.base import ElasticModel
 from .adapters.unfreezer import Unfreezer
 from .algorithms.growth import (
+    GrowthCalls,
     GrowthOperator,
     MomentumNetwork,
     auto_ema_decay,
-    copy_blocks,
     get_growth_operator,
 )
 from .algorithms.proxies import measure_step_time
@@ -62,7 +62,7 @@ class ProxyData:
     forward: Callable[[nn.Module, tuple], torch.Tensor] | None = None
 
 
-class ProgressiveLoop:
+class ProgressiveLoop(GrowthCalls):
     """Runs a controller on your own loop (see the module docstring); build one with :meth:`growing` or
     :meth:`unfreezing`."""
 
@@ -176,21 +176,9 @@ class ProgressiveLoop:
             return f"{subnet.resolution}px, learnable blocks {list(self._unfreezer.blocks_for(subnet))}"
         return str(subnet)
 
-    def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
-                inserted: list[int] | None = None) -> dict | None:
-        """Grow with the growth operator (or by ``block_map``); the optimizer's moments follow the weights."""
-        if block_map is None and dst == self.model.subnet:
-            self.use_subnet(dst)
-            return None
-        result = self.growth.grow_into(self.model, self.ema.module, dst, block_map, inserted)
-        self._after_block_copy(result.block_map)
-        self.use_subnet(dst)
-        return result.record(self.growth.name)
-
-    def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
-        copy_blocks(self.model, self.ema.module, block_map)
-        self._after_block_copy(block_map)
-        self.use_subnet(dst)
+    @property
+    def growable(self) -> nn.Module:
+        return self.model
 
     def _after_block_copy(self, block_map) -> None:
         if self.optimizer is None:

@@ -208,3 +208,35 @@ class MomentumNetwork:
 
     def update(self, model: nn.Module) -> None:
         self._ema.update(model)
+
+
+class GrowthCalls:
+    """``grow_to`` and ``relayout`` of :class:`~autoprog.controllers.GrowthServices`, for any owner of an elastic
+    model (``growable``), its momentum copy (``ema``), a growth operator (``growth``), ``use_subnet`` and
+    ``_after_block_copy(block_map)`` (the optimizer's side). ``_growth_rng()`` is the context fresh weights are
+    drawn in."""
+
+    def _growth_rng(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
+                inserted: list[int] | None = None) -> dict | None:
+        """Grow from the current sub-network to ``dst`` with the growth operator (or by ``block_map``,
+        destination block → source block: the elastic supernet's layout), then apply ``dst``; optimizer moments
+        follow the weights. Returns the record a stage log keeps (None when nothing grew)."""
+        if block_map is None and dst == self.growable.subnet:
+            self.use_subnet(dst)
+            return None
+        with self._growth_rng():
+            result = self.growth.grow_into(self.growable, self.ema.module, dst, block_map, inserted)
+        self._after_block_copy(result.block_map)
+        self.use_subnet(dst)
+        return result.record(self.growth.name)
+
+    def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
+        """Move blocks (weights, momentum weights, optimizer moments) by ``block_map`` and apply ``dst``."""
+        copy_blocks(self.growable, self.ema.module, block_map)
+        self._after_block_copy(block_map)
+        self.use_subnet(dst)

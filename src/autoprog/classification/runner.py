@@ -254,7 +254,7 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
         "budget_of": runs[0].get("budget_of"), "growth": runs[0]["growth"],
         "schedules": [r["schedule_str"] for r in runs]})
     if acc.is_main_process:
-        (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(out / "summary.json", rows)
         md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)")
         (out / "summary.md").write_text(md)
         acc.print("\n" + md)

@@ -23,21 +23,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.base import ElasticModel
-from ..algorithms.growth import GrowthOperator, MomentumNetwork, auto_ema_decay, copy_blocks
+from ..algorithms.growth import GrowthCalls, GrowthOperator, MomentumNetwork, auto_ema_decay
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle
 from ..engine import (
     ControllerCalls,
     check_step,
-    diverged_note,
     read_checkpoint,
-    release,
     rewrap_if_needed,
     save_checkpoint,
     trained_ids,
     write_json,
 )
-from ..errors import ConfigError, DivergedError
+from ..errors import ConfigError
 from ..metrics import train_step_flops
 from ..optim import (
     build_optimizer,
@@ -102,7 +100,7 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}")
 
 
-class Trainer(ControllerCalls):
+class Trainer(GrowthCalls, ControllerCalls):
     """Train ``net`` on ``data`` following ``schedule``, growing with ``growth`` at stage boundaries.
 
     ``schedule`` is a fixed :class:`Schedule` or a controller (such as AutoProg-One's) that decides the
@@ -247,28 +245,15 @@ class Trainer(ControllerCalls):
     def _rewrap_if_needed(self) -> None:
         self.model, self._wrapped_params = rewrap_if_needed(self.acc, self.model, self.net, self._wrapped_params)
 
-    def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
-                inserted: list[int] | None = None) -> dict | None:
-        """Grow from the current sub-network to ``dst`` with the growth operator, then apply ``dst``.
+    @property
+    def growable(self) -> ElasticModel:
+        return self.net
 
-        With ``block_map`` (destination block → source block) the operator copies by that map instead of
-        its own depth mapping (the elastic supernet's layout). Optimizer moments follow the weights.
-        """
-        if block_map is None and dst == self.net.subnet:
-            self.use_subnet(dst)
-            return None
+    @contextmanager
+    def _growth_rng(self):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed * 1009 + self.step)  # same fresh weights on every process
-            result = self.growth.grow_into(self.net, self.ema.module, dst, block_map, inserted)
-        self._after_block_copy(result.block_map)
-        self.use_subnet(dst)
-        return result.record(self.growth.name)
-
-    def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
-        """Move blocks (weights, momentum weights, optimizer moments) by ``block_map`` and apply ``dst``."""
-        copy_blocks(self.net, self.ema.module, block_map)
-        self._after_block_copy(block_map)
-        self.use_subnet(dst)
+            yield
 
     def _after_block_copy(self, block_map) -> None:
         remap_block_state(self.optimizer, self.net, block_map)
@@ -397,20 +382,7 @@ class Trainer(ControllerCalls):
         return accs[0], accs[1]
 
     # ----------------------------------------------------------------------------------------- loop
-    def fit(self, resume: bool = False) -> dict:
-        """Train to the end (or to ``stop_after_epochs``); returns the results also in ``results.json``. A
-        diverged run stops with :class:`DivergedError`; its results say so and the last good checkpoint stays."""
-        try:
-            return self._fit(resume)
-        except DivergedError as e:
-            release(self.acc, self.model, self.net)
-            raise DivergedError(diverged_note(self, e, self._write_results)) from None
-
-    def _fit(self, resume: bool) -> dict:
-        if resume:
-            self._load_checkpoint()
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
+    def _fit(self) -> dict:
         full_flops = self._full_flops = self._step_flops(self.net.full_subnet) if self.cfg.count_flops else 0
         if self._pending_epoch is not None:  # stopped during the final evaluation: only that is left to do
             self._finish_epoch(self._pending_epoch, final=True)
@@ -483,7 +455,7 @@ class Trainer(ControllerCalls):
             if self.cfg.stop_after_epochs is not None and self.epoch >= self.cfg.stop_after_epochs and not final:
                 stopped_early = True
                 break
-        release(self.acc, self.model, self.net)  # a comparison's later runs must not keep this model alive
+        self._release()
         return self._write_results(full_flops, done=not stopped_early)
 
     def _finish_epoch(self, record: dict, final: bool) -> None:

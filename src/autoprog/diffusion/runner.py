@@ -14,19 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .. import experiment
 from ..adapters.unfreezer import Unfreezer
 from ..algorithms.proxies import TIME_RTOL
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError
-from ..experiment import (
-    BUDGET_SUFFIX,
-    diverged_rows,
-    drop_stale_budget_run,
-    reuse_or_run,
-    run_methods,
-    saved_differences,
-    seed_rows,
-)
 from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
@@ -283,7 +275,8 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     data, *_ = build_finetune(replace(spec, method="full"))
     with acc.main_process_first():
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
-    results, diverged = run_methods(methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator),
+    results, diverged = experiment.run_methods(methods, lambda m: _run_once(replace(spec, method=m), out / m, acc,
+                                                                            evaluator),
                                     "full", acc.print)
     full_t = results["full"]["summary"]["wall_time_s"]
     full_flops = results["full"]["summary"]["flops_per_step"] * results["full"]["summary"]["steps"]
@@ -292,9 +285,9 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         fastest = min(prog, key=lambda m: results[m]["summary"]["wall_time_s"])
         ratio = results[fastest]["summary"]["wall_time_s"] / full_t
         steps = max(1, round(spec.train.steps * ratio))
-        name = "full" + BUDGET_SUFFIX
+        name = "full" + experiment.BUDGET_SUFFIX
         bspec = replace(spec, method="full", train=replace(spec.train, steps=steps))
-        drop_stale_budget_run(out / name, _saved_differences(out / name, bspec), "train.steps", acc)
+        experiment.drop_stale_budget_run(out / name, _saved_differences(out / name, bspec), "train.steps", acc)
         results[name] = _run_once(bspec, out / name, acc, evaluator)
         results[name]["summary"]["method"] = name
         results[name]["summary"]["budget_of"] = fastest
@@ -308,7 +301,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                      "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
                      "search_time_s": s["search_time_s"], "steps": s["steps"],
                      "schedule": s.get("schedule", {}).get("stages", []), "budget_of": s.get("budget_of")})
-    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": diverged_rows(rows, diverged),
+    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": experiment.diverged_rows(rows, diverged),
                "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -358,10 +351,11 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
     out = Path(out)
     per_seed = {s: compare_finetune(methods, replace(spec, train=replace(spec.train, seed=s)), out / f"seed{s}",
                                     budget, acc)["rows"] for s in seeds}
-    rows = seed_rows(per_seed, seeds, ("wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid", "search_time_s"),
-                     lambda runs: {"metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of")})
+    rows = experiment.seed_rows(per_seed, seeds,
+                                ("wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid", "search_time_s"),
+                                lambda runs: {"metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of")})
     if acc.is_main_process:
-        (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(out / "summary.json", rows)
         md = finetune_seeds_markdown(rows, f"Fine-tuning {spec.dataset} classes {spec.classes}, {spec.train.steps} "
                                            f"steps, seeds {', '.join(map(str, seeds))} (mean ± std)")
         (out / "summary.md").write_text(md)
@@ -371,12 +365,13 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
 
 def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
-    return reuse_or_run(out, spec.method, _saved_differences(out, spec),
+    return experiment.reuse_or_run(out, spec.method, _saved_differences(out, spec),
                         lambda resume: finetune(spec, out, acc, resume=resume, evaluator=evaluator), log=acc.print)
 
 
 def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
-    return saved_differences(out, spec, lambda cfg: FinetuneSpec.from_dict(cfg["spec"]), ignore=("stop_after_steps",))
+    return experiment.saved_differences(out, spec, lambda cfg: FinetuneSpec.from_dict(cfg["spec"]),
+                                        ignore=("stop_after_steps",))
 
 
 __all__ = ["BaseSpec", "FinetuneSpec", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",

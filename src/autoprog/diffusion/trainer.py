@@ -29,16 +29,14 @@ from ..controllers import ProxyTask
 from ..engine import (
     ControllerCalls,
     check_step,
-    diverged_note,
     read_checkpoint,
-    release,
     replace_dir,
     rewrap_if_needed,
     save_checkpoint,
     trained_ids,
     write_json,
 )
-from ..errors import ConfigError, DivergedError
+from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import build_optimizer, load_optimizer_state
 from ..options import check_bounds, option
@@ -318,20 +316,9 @@ class DiffusionTrainer(ControllerCalls):
                 self.unfreezer.apply(prev)
 
     # --------------------------------------------------------------------------------------- loop
-    def fit(self, resume: bool = False) -> dict:
-        """Train to the end (or to ``stop_after_steps``); returns the results also in ``results.json``. A
-        diverged run stops with :class:`DivergedError`; its results say so and the last good checkpoint stays."""
-        try:
-            return self._fit(resume)
-        except DivergedError as e:
-            release(self.acc, self.wrapped, self.model)
-            raise DivergedError(diverged_note(self, e, lambda: self._write_results(done=False))) from None
+    prepared_names = ("wrapped", "model")
 
-    def _fit(self, resume: bool) -> dict:
-        if resume:
-            self._load_checkpoint()
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
+    def _fit(self) -> dict:
         self.wrapped.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.run_info.get("method", "train"),
                    disable=not self.acc.is_local_main_process or None, dynamic_ncols=True, leave=False)
@@ -394,7 +381,7 @@ class DiffusionTrainer(ControllerCalls):
         bar.close()
         if not stopped:
             self._export()
-        release(self.acc, self.wrapped, self.model)  # a comparison's later runs must not keep this model alive
+        self._release()
         return self._write_results(done=not stopped)
 
     def _train_step(self) -> torch.Tensor:
