@@ -120,3 +120,23 @@ def test_a_crash_in_the_final_evaluation_keeps_the_training(runs, cli, fake_fmni
     assert got["done"] and [e["epoch"] for e in got["epochs"]] == [1, 2, 3]
     assert got["summary"]["top1"] == want["summary"]["top1"], "only the evaluation was left, and it is the same"
     assert all(torch.equal(_weights(run)[k], v) for k, v in _weights(runs / "full").items())
+
+
+def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(fake_fmnist, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "autoprog.cli", "pretrain", "--method", "prog", "--out", str(run),
+                             *tiny_args(fake_fmnist, epochs="50")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint" / "state.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert has_checkpoint(run)

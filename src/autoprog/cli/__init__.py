@@ -162,9 +162,18 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
     return acc
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's stop, `kill`): the same clean stop as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(task_of(argv))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args = _parse(parser, argv)
         if args.command is None:
