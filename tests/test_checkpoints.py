@@ -140,3 +140,11 @@ def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(fake_fmnist, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert has_checkpoint(run)
+
+
+def test_main_gives_the_callers_sigterm_handler_back(cli):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    rc, _, _ = cli("presets")
+    assert rc == 0 and signal.getsignal(signal.SIGTERM) is before

@@ -172,8 +172,16 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(task_of(argv))
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _main(parser, argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)  # a caller's own handler comes back (autoprog inside a program)
+
+
+def _main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     try:
         args = _parse(parser, argv)
         if args.command is None:
