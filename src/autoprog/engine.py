@@ -128,7 +128,7 @@ def writable_dir(out: Path) -> Path:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".autoprog-write-test"
+        probe = out / f".autoprog-write-test-{os.getpid()}"  # one per process: several may check at once
         probe.write_text("")
         probe.unlink()
     except FileExistsError:
