@@ -165,7 +165,6 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._search_loader = None
         self._search_samples = None
         self._time_cache: dict[str, float] = {}  # measured step times of this stage's candidates
-        self._flops_exact: dict[tuple, int] = {}
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._full_flops = 0
         self.diverged: str | None = None  # why training stopped, when it diverged
@@ -185,15 +184,29 @@ class Trainer(GrowthCalls, ControllerCalls):
                                    process_index=self.acc.process_index, put_on_device=True)
 
     def _step_flops(self, subnet: SubNet) -> int:
+        """FLOPs of one training step of ``subnet`` for the run's figures (0 when counting is off)."""
+        key = (subnet.resolution, subnet.active_blocks)
+        if key not in self.flops_cache and not self.cfg.count_flops:
+            return 0
+        return self._count_flops(subnet)
+
+    def _count_flops(self, subnet: SubNet) -> int:
+        """FLOPs of one training step (global batch) of ``subnet``, counted once per sub-network; the counting
+        time is not training time."""
         key = (subnet.resolution, subnet.active_blocks)
         if key not in self.flops_cache:
-            if not self.cfg.count_flops:
-                return 0
             t0 = time.perf_counter()
             size = self.data.image_size
             sample = torch.zeros(1, self.data.in_chans, size, size, device=self.acc.device)
-            with torch.random.fork_rng(devices=[]):
-                self.flops_cache[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.global_batch
+            cur = self.net.subnet
+            if cur != subnet:
+                self.net.apply_subnet(subnet)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    self.flops_cache[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.global_batch
+            finally:
+                if cur != subnet:
+                    self.net.apply_subnet(cur)
             self._instrument_time += time.perf_counter() - t0  # counting FLOPs is not training
         return self.flops_cache[key]
 
@@ -338,23 +351,8 @@ class Trainer(GrowthCalls, ControllerCalls):
     def _flops_time(self, subnet: SubNet) -> float:
         if self._sec_per_flop is None:
             full = self.net.full_subnet
-            self._sec_per_flop = self._timed(full, 5) / self._subnet_flops(full)
-        return self._subnet_flops(subnet) * self._sec_per_flop
-
-    def _subnet_flops(self, subnet: SubNet) -> int:
-        """FLOPs of one training step of ``subnet`` on a full batch (counted once per sub-network)."""
-        key = (subnet.resolution, subnet.active_blocks)
-        if key not in self._flops_exact:
-            size = self.data.image_size
-            sample = torch.zeros(1, self.data.in_chans, size, size, device=self.acc.device)
-            cur = self.net.subnet
-            self.net.apply_subnet(subnet)
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    self._flops_exact[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.cfg.batch_size
-            finally:
-                self.net.apply_subnet(cur)
-        return self._flops_exact[key]
+            self._sec_per_flop = self._timed(full, 5) / self._count_flops(full)
+        return self._count_flops(subnet) * self._sec_per_flop
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> tuple[float, float]:
