@@ -92,7 +92,9 @@ class Schedule:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .engine import write_json
+
+        write_json(Path(path), self.to_dict())  # atomic: a crash leaves the old or the new file
 
     @classmethod
     def from_dict(cls, d: dict, method: str = "fixed") -> Schedule:

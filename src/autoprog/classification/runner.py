@@ -157,7 +157,7 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
                       run_info={"method": spec.method, "model": spec.model, "dataset": spec.dataset}, adareg=adareg)
     if trainer.acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+        write_json(out / "config.json", spec.to_dict())
     return trainer.fit(resume=resume)
 
 

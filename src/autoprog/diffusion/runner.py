@@ -217,7 +217,7 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
             evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"task": "finetune", "spec": spec.to_dict()}, indent=2) + "\n")
+        write_json(out / "config.json", {"task": "finetune", "spec": spec.to_dict()})
     info = {"task": "finetune", "method": spec.method, "dataset": data.name, "classes": list(data.classes),
             "base": str(_base_path(spec)), "seed": spec.train.seed, "lr": lr}
     trainer = DiffusionTrainer(model, controller, data, spec.train, out, lr, acc, evaluator, info, unfreezer)
@@ -245,7 +245,7 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"task": "diffusion", "spec": spec.to_dict()}, indent=2) + "\n")
+        write_json(out / "config.json", {"task": "diffusion", "spec": spec.to_dict()})
     info = {"task": "diffusion", "method": "base", "dataset": data.name, "classes": list(data.classes),
             "seed": spec.train.seed, "backbone": spec.backbone}
     trainer = DiffusionTrainer(model, StaticController("full"), data, spec.train, out, spec.train.lr, acc, evaluator,
