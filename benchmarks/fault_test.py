@@ -2,6 +2,7 @@
 
 * kills: ``kill -9`` a tiny run at random moments (mid-epoch, mid-search, mid-checkpoint), resume it until it
   finishes, and compare its final weights with an uninterrupted run's (they must be identical);
+* interrupts: the same with Ctrl-C (SIGINT): the run must stop at a step boundary with that step checkpointed;
 * corruptions: damage the newest checkpoint (or both) in each of several ways and resume: a clean one-line error
   or a fallback with a message, never a traceback, never NaN weights accepted;
 * divergence: a learning rate of 1e6 must stop with exit 3, strict JSON and no exported model;
@@ -76,25 +77,34 @@ def identical(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def kills(out: Path, n: int, rng: random.Random) -> dict:
-    counts = {"kills": 0, "resumed": 0, "identical": 0, "runs": 0}
+def kills(out: Path, n: int, rng: random.Random, sig: int = signal.SIGKILL) -> dict:
+    """Stop each run of KILL_RUNS with ``sig`` at random moments and resume it to the end. With SIGINT/SIGTERM a
+    run must also stop cleanly: exit 130 naming the step it stopped at, and that step checkpointed."""
+    name_of = "kills" if sig == signal.SIGKILL else "interrupts"
+    counts = {name_of: 0, "resumed": 0, "identical": 0, "runs": 0}
+    if sig != signal.SIGKILL:
+        counts["stopped at a checkpointed step"] = 0
     for name, argv in KILL_RUNS.items():
         ref = out / f"ref-{name}"
-        shutil.rmtree(ref, ignore_errors=True)
-        assert autoprog(*argv, "--out", ref).returncode == 0, f"reference run {name} failed"
+        if not (ref / "results.json").is_file():
+            shutil.rmtree(ref, ignore_errors=True)
+            assert autoprog(*argv, "--out", ref).returncode == 0, f"reference run {name} failed"
         t0 = time.perf_counter()  # timed once caches (the feature classifier) are warm, as the killed runs are
         shutil.rmtree(out / "timing", ignore_errors=True)
         autoprog(*argv, "--out", out / "timing")
         took = time.perf_counter() - t0
         for i in range(max(1, n // len(KILL_RUNS))):
-            run = out / f"kill-{name}-{i}"
+            run = out / f"{name_of}-{name}-{i}"
             shutil.rmtree(run, ignore_errors=True)
             proc = subprocess.Popen([sys.executable, "-m", "autoprog.cli", *argv, "--out", str(run)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(rng.uniform(0.3, 0.9) * took)
             if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                counts["kills"] += 1
+                proc.send_signal(sig)
+                counts[name_of] += 1
+                _, err = proc.communicate()
+                if sig != signal.SIGKILL:
+                    counts["stopped at a checkpointed step"] += stopped_at_checkpoint(proc.returncode, err, run)
             proc.wait()
             for _ in range(5):  # resume until it finishes (a resume can itself be the first start)
                 res = run / "results.json"
@@ -111,6 +121,21 @@ def kills(out: Path, n: int, rng: random.Random) -> dict:
             counts["resumed"] += bool(done)
             counts["identical"] += bool(done) and identical(ref, run)
     return counts
+
+
+def stopped_at_checkpoint(code: int, err: str, run: Path) -> bool:
+    """Exit 130 with one line ``interrupted at step N`` and N the checkpointed step (a stop before training
+    began, e.g. while loading, counts when it exits 130 in one line)."""
+    import re
+
+    lines = [ln for ln in err.splitlines() if ln.startswith("autoprog:") and "stopping after this step" not in ln]
+    if code != 130 or len(lines) != 1 or "Traceback" in err:
+        return False
+    m = re.search(r"interrupted at step (\d+)", lines[0])
+    if m is None:
+        return True
+    state = run / "checkpoint" / "state.json"
+    return state.is_file() and json.loads(state.read_text())["step"] == int(m.group(1))
 
 
 def corruptions(out: Path) -> dict:
@@ -198,14 +223,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/fault")
     p.add_argument("--kills", type=int, default=9, help="kill -9s in all (spread over the runs) (default: 9)")
+    p.add_argument("--interrupts", type=int, default=6, help="Ctrl-Cs (SIGINT) in all (default: 6)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: kills,corruptions,divergence,bad")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: kills,interrupts,corruptions,divergence,bad")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, a.skip.split(",")))
     figures = {}
-    for part, run in (("kills", lambda: kills(out, a.kills, random.Random(a.seed))), ("corruptions", lambda: corruptions(out)),
+    for part, run in (("kills", lambda: kills(out, a.kills, random.Random(a.seed))),
+                      ("interrupts", lambda: kills(out, a.interrupts, random.Random(a.seed + 1), signal.SIGINT)),
+                      ("corruptions", lambda: corruptions(out)),
                       ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out))):
         if part not in skip:
             figures[part] = run()

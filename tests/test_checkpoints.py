@@ -142,6 +142,53 @@ def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(fake_fmnist, tmp_path):
     assert has_checkpoint(run)
 
 
+@pytest.mark.parametrize("at", [5, 13, 24])
+def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resumes_identical(runs, cli, fake_fmnist, tmp_path, monkeypatch,
+                                                                      at):
+    """Ctrl-C during step ``at`` (8 steps an epoch): that step is finished and checkpointed with the epoch's
+    position and random states; the resumed run ends bit-identical to the uninterrupted one."""
+    import signal
+
+    from autoprog.classification.trainer import Trainer
+
+    step = Trainer._train_step
+
+    def ctrl_c(self, x, y, gen):
+        if self.step == at - 1:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, x, y, gen)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
+    run = tmp_path / "run"
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
+    assert rc == 130 and f"interrupted at step {at}" in err, err
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == at and state["in_epoch"]["start_step"] == (at - 1) // 8 * 8
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    rc, _, err = cli("pretrain", "--resume", run, "--cpu")
+    assert rc == 0, err
+    got, want = (json.loads((r / "results.json").read_text()) for r in (run, runs / "full"))
+    assert [e["train_loss"] for e in got["epochs"]] == [e["train_loss"] for e in want["epochs"]]
+    assert got["summary"]["top1"] == want["summary"]["top1"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(r / "checkpoint" / name) for r in (run, runs / "full"))
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+
+
+def test_a_second_signal_stops_at_once_and_handlers_come_back():
+    import signal
+
+    from autoprog.engine import StopRequest
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_main_gives_the_callers_sigterm_handler_back(cli):
     import signal
 

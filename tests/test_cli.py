@@ -280,6 +280,27 @@ def test_pretrain_on_an_image_folder(cli, image_folder, tmp_path):
     assert w["model.patch_embed.proj.weight"].shape[1] == 3 and w["model.head.weight"].shape[0] == 2
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_corrupt_image_mid_run_is_one_line_naming_it(cli, image_folder, tmp_path, workers):
+    bad = image_folder / "train" / "square" / "3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", tmp_path / "if", "--subset", "0",
+                     "--batch-size", "4", "--epochs", "2", "--embed-dim", "16", "--depth", "4", "--num-heads", "2",
+                     "--patch-size", "4", "--no-flops", "--cpu", "--workers", workers)
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("autoprog:")]
+    assert len(lines) == 1 and f"cannot read image {bad}" in lines[0], err
+
+
+def test_more_stages_than_sub_networks_warns(cli, fake_fmnist, tmp_path):
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "r", "--num-stages", "12",
+                     *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0, err
+    assert "warning: --num-stages 12: the growth space has 6 distinct sub-networks" in err, err
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "r4", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0 and "warning" not in err, err
+
+
 def test_builtin_default_patch_is_a_4x4_grid_of_the_image(cli, image_folder, tmp_path):
     out = tmp_path / "grid"
     rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", out, "--subset", "0", "--batch-size", "4",

@@ -165,6 +165,33 @@ def test_a_crash_between_evaluation_points_loses_at_most_checkpoint_every_steps(
     assert ra["summary"]["schedule"] == res["summary"]["schedule"]
 
 
+def test_sigterm_checkpoints_the_step_it_stops_at(base, fake_fmnist, cache_dir, tmp_path, monkeypatch):
+    import signal
+
+    from autoprog.diffusion.trainer import DiffusionTrainer
+    from autoprog.errors import Interrupted
+
+    spec = spec_for("prog", base, fake_fmnist, cache_dir)
+    spec = replace(spec, train=replace(spec.train, eval_points=1, checkpoint_every=0))
+    finetune(spec, tmp_path / "a")
+    step = DiffusionTrainer._train_step
+
+    def sigterm_in_5(self):
+        if self.step == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return step(self)
+
+    monkeypatch.setattr(DiffusionTrainer, "_train_step", sigterm_in_5)
+    with pytest.raises(Interrupted, match="step 5"):
+        finetune(spec, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 5
+    monkeypatch.setattr(DiffusionTrainer, "_train_step", step)
+    assert finetune(None, tmp_path / "b", resume=True)["done"]
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed from step 5, it ends where a did"
+
+
 def test_a_run_directory_is_not_overwritten(base, fake_fmnist, cache_dir, tmp_path):
     from autoprog.errors import ConfigError
 

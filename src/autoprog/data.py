@@ -212,13 +212,24 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBund
         transforms.Normalize(mean, std),
     ])
     try:
-        train = datasets.ImageFolder(str(train_dir), transform=_rgb(train_tf))
-        test = datasets.ImageFolder(str(test_dir), transform=_rgb(test_tf))
+        train = datasets.ImageFolder(str(train_dir), transform=_rgb(train_tf), loader=_read_image)
+        test = datasets.ImageFolder(str(test_dir), transform=_rgb(test_tf), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot read ImageFolder dataset at {root}: {e}") from e
     if train.classes != test.classes:
         raise DataError(f"{train_dir} and {test_dir} have different class folders")
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False)
+
+
+def _read_image(path: str):
+    """torchvision's image loader; an unreadable file is a :class:`DataError` naming it."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated/unidentified files, bad headers
+        raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}); remove or replace it "
+                        "and continue with --resume") from None
 
 
 def _rgb(tf: Callable) -> Callable:

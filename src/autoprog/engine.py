@@ -66,14 +66,30 @@ class ControllerCalls:
         from .errors import DivergedError
 
         try:
-            if resume:
-                self._load_checkpoint()
-            else:
-                self.out.mkdir(parents=True, exist_ok=True)
-            return self._fit()
+            with StopRequest() as self._stop:
+                if resume:
+                    self._load_checkpoint()
+                else:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                return self._fit()
         except DivergedError as e:
             self._release()
             raise DivergedError(diverged_note(self, e, lambda: self._write_results(done=False))) from None
+
+    _stop: StopRequest | None = None
+    _stop_agreed = False  # set by a training step: every process saw a stop request (see StopRequest)
+
+    def _stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.requested
+
+    def _interrupt(self) -> None:
+        """A stop was agreed after a finished step: checkpoint it (trainers' ``_checkpoint_now``) and stop."""
+        from .errors import Interrupted
+
+        self._checkpoint_now()
+        self._release()
+        raise Interrupted(f"interrupted at step {self.step}; {self.out / CHECKPOINT_DIR} holds that step "
+                          f"(continue with --resume {self.out})")
 
     prepared_names = ("model", "net")  # attribute names of the Accelerate-prepared model and the model itself
 
@@ -252,19 +268,62 @@ def _read_one(ck: Path, device, need_ema: bool) -> tuple[dict, dict, dict | None
     return state, model, ema, opt
 
 
-def check_step(acc, loss, grad_norm, step: int) -> None:
+def check_step(acc, loss, grad_norm, step: int, stop: bool = False) -> bool:
     """Raise :class:`DivergedError` when step ``step``'s loss (summed over processes, so every process agrees)
-    or gradient norm is not finite: called before the optimizer applies the step."""
+    or gradient norm is not finite: called before the optimizer applies the step. Returns whether any process
+    asked to ``stop`` (see :class:`StopRequest`), agreed in the same reduction so all stop at one step."""
     import math
 
     import torch
 
     from .errors import DivergedError
 
-    total = acc.reduce(loss.detach().float(), reduction="sum") if acc.num_processes > 1 else loss.detach()
+    if acc.num_processes > 1:
+        both = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
+        total, stops = acc.reduce(both, reduction="sum").unbind()
+        stop = bool(stops > 0)
+    else:
+        total = loss.detach()
     for name, value in (("loss", total), ("gradient norm", grad_norm)):
         if value is not None and not math.isfinite(float(torch.as_tensor(value).float())):
             raise DivergedError(f"training diverged at step {step}: the {name} is {float(value)}")
+    return stop
+
+
+class StopRequest:
+    """While active (``with``), the first Ctrl-C or SIGTERM only asks training to stop: the trainer finishes the
+    step, checkpoints it and raises :class:`~autoprog.errors.Interrupted`. A second one stops at once (the last
+    checkpoint is kept). Outside the main thread it does nothing (signals are delivered there)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("autoprog: stopping after this step (checkpointing it); press Ctrl-C again to stop at once",
+              flush=True)
+
+    def __enter__(self) -> StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def finite_state(module: nn.Module) -> bool:

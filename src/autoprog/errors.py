@@ -15,3 +15,27 @@ class DataError(AutoprogError):
 
 class DivergedError(AutoprogError):
     """Training diverged (a non-finite loss, gradient or sample): stopped before it could be saved or scored."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` as one line: a data-loader worker re-raises an error with its whole traceback in
+    the message, whose last line is the original one."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    last = lines[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def warn(message: str) -> None:
+    """Print ``autoprog: warning: message`` once (on the main process of a launch)."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"autoprog: warning: {message}", file=sys.stderr)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training at a step boundary, after a checkpoint of that step was written."""

@@ -119,6 +119,19 @@ class GrowthSpace:
     def depths(self) -> list[int]:
         return sorted({self.depth_for(r) for r in self.ratios()})
 
+    def distinct_subnets(self) -> int:
+        """How many different sub-networks the stage ratios give (fewer than ``num_stages`` when they round alike)."""
+        return len({self.subnet(r) for r in self.ratios()})
+
+    def repeated_stages_note(self) -> str | None:
+        """A warning when a ladder schedule (prog) over this space would repeat a sub-network, else None."""
+        distinct = self.distinct_subnets()
+        if distinct >= self.num_stages:
+            return None
+        return (f"--num-stages {self.num_stages}: the growth space has {distinct} distinct sub-networks at these "
+                f"ratios, so {self.num_stages - distinct} of the stages train the same sub-network as the stage "
+                "before")
+
     def subnet(self, ratio: float) -> SubNet:
         return SubNet(self.resolution_for(ratio), self.depth_for(ratio))
 

@@ -15,7 +15,7 @@ from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
 from ..data import load_dataset
 from ..engine import has_checkpoint, writable_dir, write_json
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..experiment import (
     BUDGET_SUFFIX,
     diverged_rows,
@@ -148,6 +148,10 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
         writable_dir(out)
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
     data, net, schedule, growth = build_run(spec)
+    if spec.method in ("prog", "progstack") and not resume:
+        note = net.growth_space(spec.num_stages, spec.start_ratio).repeated_stages_note()
+        if note:
+            warn(note)
     adareg = None
     if spec.adareg:
         from .adareg import AdaptiveRegularization

@@ -168,6 +168,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._full_flops = 0
         self.diverged: str | None = None  # why training stopped, when it diverged
+        self._in_epoch: dict | None = None  # the running epoch's position when a stop was asked mid-epoch
         self._pending_epoch: dict | None = None  # a trained epoch whose evaluation has not finished
 
     # ------------------------------------------------------------------------------------- helpers
@@ -389,20 +390,28 @@ class Trainer(GrowthCalls, ControllerCalls):
         self.model.train()
         stopped_early = False
         while self.epoch < self.num_epochs:
-            epoch_start_step = self.step
+            part = self._in_epoch or {}  # an epoch interrupted at a step and resumed there
+            epoch_start_step = part.get("start_step", self.step)
             epoch_seed = self.cfg.seed * 100003 + self.epoch * 131 + self.acc.process_index
             torch.manual_seed(epoch_seed)
             random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
             gen = torch.Generator().manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
-            loss_sum, loss_n = torch.zeros((), device=self.acc.device), 0
-            steps_this_epoch = min(self.steps_per_epoch, self.total_steps - self.step)
-            bar = tqdm(total=steps_this_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}", leave=False,
+            loss_sum = torch.tensor(part.get("loss_sum", 0.0), device=self.acc.device)
+            loss_n, step_times = part.get("loss_n", 0), list(part.get("step_times", []))
+            steps_this_epoch = min(self.steps_per_epoch, self.total_steps - epoch_start_step)
+            bar = tqdm(total=steps_this_epoch, initial=self.step - epoch_start_step, leave=False,
+                       desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
                        disable=not self.acc.is_local_main_process or None, dynamic_ncols=True)
+            batches = iter(self._train_loader(self.epoch))
+            if part:
+                for _ in range(self.step - epoch_start_step):  # the same batches as before the interruption
+                    next(batches)
+                self._restore_rngs(part["rng"], gen)
+            self._in_epoch = None
             self._sync()
             self._instrument_time = 0.0
             t_epoch = self._t_epoch = time.perf_counter()
-            step_times = []
-            for x, y in self._train_loader(self.epoch):
+            for x, y in batches:
                 if self.step >= self.total_steps:
                     break
                 t0 = time.perf_counter()
@@ -426,11 +435,18 @@ class Trainer(GrowthCalls, ControllerCalls):
                     bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", subnet=str(self.net.subnet),
                                     loss=f"{loss.item():.3f}", img_s=f"{self.global_batch / step_times[-1]:.0f}")
                 bar.update(1)
+                if self._stop_agreed:
+                    self._in_epoch = {"start_step": epoch_start_step, "loss_sum": float(loss_sum), "loss_n": loss_n,
+                                      "step_times": step_times, "time_s": part.get("time_s", 0.0),
+                                      "rng": self._rng_states(gen)}
+                    bar.close()
+                    self._interrupt()
             self._sync()
-            epoch_time = time.perf_counter() - t_epoch - self._instrument_time
+            since = time.perf_counter() - t_epoch - self._instrument_time
             self._t_epoch = None
             bar.close()
-            self.train_time += epoch_time
+            self.train_time += since
+            epoch_time = since + part.get("time_s", 0.0)  # with the part before an interruption
             self.epoch += 1
             final = self.step >= self.total_steps
             mean_loss = float(self.acc.reduce(loss_sum, reduction="mean")) / max(1, loss_n)
@@ -456,6 +472,31 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._release()
         return self._write_results(full_flops, done=not stopped_early)
 
+    def _checkpoint_now(self) -> None:
+        """Checkpoint in the middle of an epoch (a stop was asked): the epoch's position and random states go
+        with it, so a resumed run draws the same batches and augmentations as an uninterrupted one."""
+        self._sync()
+        partial = time.perf_counter() - self._t_epoch - self._instrument_time
+        self._t_epoch = None
+        self.train_time += partial
+        self._in_epoch["time_s"] += partial
+        self._save_checkpoint()
+        self._write_results()
+
+    def _rng_states(self, gen: torch.Generator) -> dict:
+        """The random states a resumed epoch continues from (the torch CPU state travels with the checkpoint)."""
+        states = {"python": _jsonable(random.getstate()), "generator": gen.get_state().tolist()}
+        if torch.cuda.is_available() and self.acc.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.acc.device).tolist()
+        return states
+
+    def _restore_rngs(self, states: dict, gen: torch.Generator) -> None:
+        torch.set_rng_state(self._resumed_rng)
+        random.setstate(_tupled(states["python"]))
+        gen.set_state(torch.tensor(states["generator"], dtype=torch.uint8))
+        if "cuda" in states and torch.cuda.is_available() and self.acc.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8), self.acc.device)
+
     def _finish_epoch(self, record: dict, final: bool) -> None:
         """Evaluate the epoch that ``record`` describes and add it to the history."""
         top1, top1_ema = self.evaluate(full=final)
@@ -477,7 +518,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         norm = None
         if self.cfg.grad_clip:
             norm = self.acc.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], self.cfg.grad_clip)
-        check_step(self.acc, loss, norm, self.step + 1)
+        self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_sched.step_update(self.lr_step + 1)
@@ -526,6 +567,7 @@ class Trainer(GrowthCalls, ControllerCalls):
             "history": self.history, "stage_log": self.stage_log, "total_steps": self.total_steps,
             "lr_step": self.lr_step, "controller": self.controller.state_dict(),
             "time_cache": self._time_cache, "sec_per_flop": self._sec_per_flop, "pending_epoch": self._pending_epoch,
+            "in_epoch": self._in_epoch,
         }
         save_checkpoint(self.out, self.acc, self.net, self.ema.module, self.optimizer, state)
 
@@ -549,5 +591,16 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._time_cache = dict(state.get("time_cache", {}))
         self._sec_per_flop = state.get("sec_per_flop")
         self._pending_epoch = state.get("pending_epoch")
+        self._in_epoch = state.get("in_epoch")
         self.lr_sched.step_update(self.lr_step)
+        self._resumed_rng = torch.get_rng_state()  # a mid-epoch resume sets it again after replaying the batches
         self.acc.print(f"resumed from {state['checkpoint_dir']} at epoch {self.epoch}, step {self.step}")
+
+
+def _jsonable(state):
+    """Python's RNG state (nested tuples) as JSON lists."""
+    return [_jsonable(v) for v in state] if isinstance(state, tuple) else state
+
+
+def _tupled(state):
+    return tuple(_tupled(v) for v in state) if isinstance(state, list) else state

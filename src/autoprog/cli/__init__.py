@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import AutoprogError, ConfigError, DivergedError
+from ..errors import AutoprogError, ConfigError, DivergedError, Interrupted, one_line
 from .common import Parser
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
@@ -196,11 +196,14 @@ def _main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
             if acc.num_processes > 1:
                 acc.end_training()
     except DivergedError as e:
-        print(f"autoprog: error: {e}", file=sys.stderr)
+        print(f"autoprog: error: {one_line(e)}", file=sys.stderr)
         return 3
     except AutoprogError as e:
-        print(f"autoprog: error: {e}", file=sys.stderr)
+        print(f"autoprog: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"autoprog: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("autoprog: interrupted; the last checkpoint is kept (continue with --resume)",
               file=sys.stderr)

@@ -18,7 +18,7 @@ from .. import experiment
 from ..adapters.unfreezer import Unfreezer
 from ..algorithms.proxies import TIME_RTOL
 from ..engine import has_checkpoint, writable_dir, write_json
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
@@ -209,6 +209,10 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
     spec = _run_spec(FinetuneSpec, spec, out, resume)
     torch.manual_seed(spec.train.seed)
     data, model, controller, unfreezer, lr = build_finetune(spec)
+    if parse_method(spec.method)[0] == "prog" and not spec.schedule and not resume:
+        note = unfreezer.space(spec.num_stages, spec.start_ratio).repeated_stages_note()
+        if note:
+            warn(note)
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()

@@ -352,6 +352,10 @@ class DiffusionTrainer(ControllerCalls):
             if bar.disable and self.step % max(1, self.total_steps // 20) == 0 and self.step not in self.eval_steps:
                 # no progress bar (not a terminal, e.g. a log file): a line every 5 % instead
                 self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
+            if self._stop_agreed and self.step < self.total_steps:
+                self._loss_sum, self._loss_n = loss_sum, loss_n
+                bar.close()
+                self._interrupt()
             every = self.cfg.checkpoint_every
             if every and self.step % every == 0 and self.step not in self.eval_steps:
                 self._sync()  # a checkpoint between evaluation points: little is lost on a crash
@@ -384,6 +388,14 @@ class DiffusionTrainer(ControllerCalls):
         self._release()
         return self._write_results(done=not stopped)
 
+    def _checkpoint_now(self) -> None:
+        """Checkpoint the step just finished (a stop was asked); resuming continues from it exactly."""
+        self._sync()
+        self.train_time += time.perf_counter() - self._t_start - self._instrument_time
+        self._instrument_time, self._t_start = 0.0, None
+        self._save_checkpoint()
+        self._write_results(done=False)
+
     def _train_step(self) -> torch.Tensor:
         idx = self._batch_indices(self.step)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.step * 101 + self.acc.process_index)
@@ -395,7 +407,7 @@ class DiffusionTrainer(ControllerCalls):
         self.acc.backward(loss)
         trained = [p for p in self.model.parameters() if p.requires_grad]
         norm = self.acc.clip_grad_norm_(trained, self.cfg.grad_clip) if self.cfg.grad_clip else None
-        check_step(self.acc, loss, norm, self.step + 1)
+        self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_sched.step_update(self.step + 1)
