@@ -677,7 +677,7 @@ def test_a_tiny_autoprog_one_run_still_ends_on_the_full_model(cli, fake_fmnist, 
 @pytest.mark.slow
 def test_compare_reports_the_search_cost_and_schedule(cli, fake_fmnist, tmp_path):
     out = tmp_path / "cmp"
-    rc, _, err = cli("compare", "--methods", "autoprog-one", "--out", out, "--no-budget-baseline",
+    rc, _, err = cli("compare", "--methods", "autoprog-one", "--out", out, "--no-budget-baseline", "--front", "1",
                      "--search-samples", "32", *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 0, err
     rows = json.loads((out / "summary.json").read_text())

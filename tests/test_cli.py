@@ -391,19 +391,26 @@ def test_compare_writes_summary_and_reuses_runs(cli, fake_fmnist, tmp_path):
     out = tmp_path / "cmp"
     # FLOPs are counted here (no --no-flops) so the FLOPs speed-up is meaningful
     args = [a for a in tiny_args(fake_fmnist) if a != "--no-flops"]
-    rc, _, err = cli("compare", "--methods", "prog", "--out", out, "--no-budget-baseline", *args)
+    rc, _, err = cli("compare", "--methods", "prog", "--out", out, "--no-budget-baseline", "--front", "1", *args)
     assert rc == 0, err
     rows = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in rows] == ["original", "prog"]
     mtimes = {m: (out / m / "results.json").stat().st_mtime_ns for m in ("original", "prog")}
 
-    rc, _, err = cli("compare", "--methods", "prog", "--out", out, *args)
+    rc, _, err = cli("compare", "--methods", "prog", "--out", out, "--front", "0.5,0.25,1", *args)
     assert rc == 0, err
     rows = json.loads((out / "summary.json").read_text())
-    assert [r["method"] for r in rows] == ["original", "prog", "original@budget"]
+    assert [r["method"] for r in rows] == ["original", "prog", "original@budget", "original@0.25", "original@0.5"]
     for r in rows:
         assert ROW_KEYS <= r.keys()
         assert r["wall_time_s"] > 0 and r["top1"] is not None and r["top1_ema"] is not None
+        assert r["tq_speedup"] > 0 and r["tq_bound"] in "=<>"
+        assert r["front"] == r["method"].startswith("original")
+    # the front's runs: the original cut to 4 and 8 of its 16 steps, each with its learning rate decayed by then
+    for name, steps in (("original@0.25", 4), ("original@0.5", 8)):
+        cfg = json.loads((out / name / "config.json").read_text())
+        assert cfg["method"] == "original" and cfg["train"]["max_steps"] == steps
+        assert _results(out / name)["epochs"][-1]["lr"] == pytest.approx(cfg["train"]["min_lr"], rel=0.05)
     by = {r["method"]: r for r in rows}
     assert by["original"]["speedup"] == pytest.approx(1.0) and by["original"]["flops_speedup"] == pytest.approx(1.0)
     assert by["prog"]["flops_speedup"] > 1.2, "prog trains smaller sub-networks for 3/4 of the steps"
@@ -419,24 +426,26 @@ def test_compare_writes_summary_and_reuses_runs(cli, fake_fmnist, tmp_path):
     # a budget run made for another step count (the other rows changed since) is trained again
     budget_cfg["train"]["max_steps"] += 1
     (out / "original@budget" / "config.json").write_text(json.dumps(budget_cfg))
-    rc, stdout, err = cli("compare", "--methods", "prog", "--out", out, *args)
+    rc, stdout, err = cli("compare", "--methods", "prog", "--out", out, "--front", "0.5,0.25,1", *args)
     assert rc == 0, err
     assert "training it again" in stdout
     again = json.loads((out / "original@budget" / "config.json").read_text())
     assert again["train"]["max_steps"] == by["original@budget"]["steps"]
 
     md = (out / "summary.md").read_text()
-    assert "| original |" in md and "| prog |" in md and "budget of prog" in md
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| original |" in md and "| prog |" in md and "budget of prog" in md and "time-to-quality" in md
+    for png in ("curves.png", "front.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_refuses_a_directory_with_other_settings(cli, fake_fmnist, tmp_path):
     out = tmp_path / "cmp"
-    rc, _, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline",
+    rc, _, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline", "--front", "1",
                      *tiny_args(fake_fmnist, epochs="1", subset="64"))
     assert rc == 0, err
     assert [r["method"] for r in json.loads((out / "summary.json").read_text())] == ["original"]
-    rc, _, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline", "--seed", "1",
+    rc, _, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline", "--front", "1",
+                     "--seed", "1",
                      *tiny_args(fake_fmnist, epochs="1", subset="64"))
     assert rc == 2
     assert "different settings" in _one_error_line(err) and "train.seed: 0 there, 1 now" in err

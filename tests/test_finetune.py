@@ -205,11 +205,15 @@ def test_a_run_directory_is_not_overwritten(base, fake_fmnist, cache_dir, tmp_pa
 def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmnist, cache_dir, tmp_path):
     out = tmp_path / "cmp"
     rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
-    assert list(rows) == ["full", "bitfit", "prog", "full@budget"]
+    assert list(rows) == ["full", "bitfit", "prog", "full@budget", "full@0.5"]
+    assert [r["front"] for r in rows.values()] == [True, False, False, True, True]
+    assert all(r["tq_speedup"] > 0 and r["tq_bound"] in "=<>" for r in rows.values())
+    assert json.loads((out / "full@0.5" / "config.json").read_text())["spec"]["train"]["steps"] == 4
+    assert summary["front"] and all(a[0] < b[0] and a[1] > b[1] for a, b in zip(summary["front"], summary["front"][1:]))
     assert rows["full"]["runtime_ratio"] == 1.0 and rows["full"]["flops_ratio"] == 1.0
     # frozen weights need no weight gradients; progressive stages also run at lower resolution
     assert rows["bitfit"]["flops_ratio"] < 0.9 and rows["prog"]["flops_ratio"] < rows["bitfit"]["flops_ratio"]
@@ -218,13 +222,14 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     for r in rows.values():
         assert math.isfinite(r["fd"]) and r["wall_time_s"] > 0 and r["trainable_params"] > 0
     md = (out / "summary.md").read_text()
-    assert "FD (classifier features)" in md and "full@budget (time of prog)" in md
-    for f in ("fd_curves.png", "samples.png", "samples.txt"):
+    assert "FD (classifier features)" in md and "full@budget (time of prog)" in md and "time-to-quality" in md
+    assert "full@0.5" not in (out / "samples.txt").read_text(), "the front's runs are not sampled"
+    for f in ("fd_curves.png", "front.png", "samples.png", "samples.txt"):
         assert (out / f).stat().st_size > 0
     # a second invocation reuses every finished run
     rc, stdout, _ = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                        "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
-    assert rc == 0 and stdout.count("reusing finished run") == 4
+                        "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
+    assert rc == 0 and stdout.count("reusing finished run") == 5
     # a budget run made for another step count (the other rows changed since) is trained again
     cfg_file = out / "full@budget" / "config.json"
     cfg = json.loads(cfg_file.read_text())
@@ -232,13 +237,14 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     cfg["spec"]["train"]["steps"] = steps + 1
     cfg_file.write_text(json.dumps(cfg))
     rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
     assert rc == 0, err
-    assert "training it again" in stdout and stdout.count("reusing finished run") == 3
+    assert "training it again" in stdout and stdout.count("reusing finished run") == 4
     assert json.loads(cfg_file.read_text())["spec"]["train"]["steps"] == steps
     # ... but refuses runs made with other settings rather than mixing them into one table
     rc, _, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                     "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS, "--lr", "0.01")
+                     "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS,
+                     "--lr", "0.01")
     assert rc != 0 and "different settings" in err and "train.lr" in err
 
 

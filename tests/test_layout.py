@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "src" / "autoprog"
 # tasks never see each other.
 RANK = {
     "errors": 0,
-    "space": 1, "schedules": 1, "engine": 1, "metrics": 1, "data": 1, "report": 1, "optim": 1, "options": 1,
+    "space": 1, "schedules": 1, "engine": 1, "metrics": 1, "data": 1, "report": 1, "optim": 1, "options": 1, "front": 1,
     "controllers": 2, "experiment": 2, "models": 2,
     "adapters": 3,
     "algorithms": 4,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .engine import has_checkpoint
 from .errors import ConfigError, DivergedError
+from .front import FRONT_SEPARATOR, Front, Speedup, front_name, mean_speedup
 
 BUDGET_SUFFIX = "@budget"
 
@@ -111,3 +112,43 @@ def diverged_rows(rows: list[dict], diverged: dict[str, str]) -> list[dict]:
     """``rows`` plus one row per diverged method: no figures, only ``diverged`` (it is never ranked)."""
     keys = rows[0].keys() if rows else ("method",)
     return rows + [{**dict.fromkeys(keys), "method": m, "diverged": msg} for m, msg in diverged.items()]
+
+
+def front_runs(baseline: str, fractions: list[float], total_steps: int, run: Callable[[str, int], dict],
+               log: Callable[[str], None] = print) -> dict[str, dict]:
+    """The baseline trained at each budget ``fraction`` (< 1) of its ``total_steps``, each with its learning rate
+    fully decayed within that budget: ``run(name, steps)`` for ``name`` like ``original@0.5``."""
+    out = {}
+    for f in fractions:
+        if f >= 1:
+            continue  # the whole run is the baseline itself
+        steps = max(1, round(total_steps * f))
+        name = front_name(baseline, f)
+        log(f"\n=== {name}: the {baseline} run for {steps} of its {total_steps} steps, learning rate decayed by then")
+        out[name] = run(name, steps)
+        out[name]["summary"]["front_fraction"] = f
+    return out
+
+
+def is_front_run(name: str, baseline: str) -> bool:
+    """Whether the row ``name`` is one of the baseline's own runs (the whole run, a front budget, @budget)."""
+    return name == baseline or name.startswith(baseline + FRONT_SEPARATOR)
+
+
+def add_speedups(rows: list[dict], baseline: str, quality: str, higher_is_better: bool) -> Front:
+    """Set ``tq_speedup`` / ``tq_bound`` on every row: the time-to-quality speed-up against the front drawn by
+    the baseline's runs among ``rows`` (see :mod:`autoprog.front`); rows marked ``front`` draw it."""
+    for r in rows:
+        r["front"] = is_front_run(r["method"], baseline) and not r.get("diverged")
+    front = Front([(r["wall_time_s"], r.get(quality)) for r in rows if r["front"]], higher_is_better)
+    for r in rows:
+        s = front.speedup(r.get("wall_time_s"), r.get(quality)) if not r.get("diverged") else Speedup(None)
+        r["tq_speedup"], r["tq_bound"] = s.value, s.bound
+    return front
+
+
+def seed_speedup(runs: list[dict]) -> dict:
+    """Per-seed time-to-quality speed-ups of one method, summarised for :func:`seed_rows`' ``describe``."""
+    mean = mean_speedup([Speedup(r.get("tq_speedup"), r.get("tq_bound", "=")) for r in runs])
+    return {"tq_bound": mean.bound, "tq_bounds_per_seed": [r.get("tq_bound") for r in runs],
+            "front": bool(runs[0].get("front"))}

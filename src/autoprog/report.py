@@ -34,3 +34,39 @@ def plot_curves(histories: dict[str, list[dict]], path: str | Path, ylabel: str 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def speedup_cell(value, bound: str | None) -> str:
+    """A time-to-quality speed-up cell: ``1.42×``, ``>1.10×`` (beyond the front), ``<0.80×`` (before it)."""
+    if value is None:
+        return "–"
+    return f"{'' if bound in (None, '=') else bound}{value:.2f}×"
+
+
+def plot_front(rows: list[dict], envelope: list[tuple[float, float]], path: str | Path, quality: str,
+               ylabel: str) -> None:
+    """The baseline's time–quality front (its runs and their monotone envelope) and every other method as one
+    point on the same axes: a method above-left of the front (top-1) or below-left (FD) beats the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    front = [(r["wall_time_s"], r[quality]) for r in rows if r.get("front") and r.get(quality) is not None]
+    if front:
+        ax.scatter(*zip(*front), color="0.4", s=18, zorder=2, label="baseline runs")
+    if envelope:
+        ax.plot(*zip(*envelope), color="0.4", linestyle="--", zorder=1, label="baseline front")
+    for r in rows:
+        if r.get("front") or r.get(quality) is None or r.get("wall_time_s") is None:
+            continue
+        ax.scatter([r["wall_time_s"]], [r[quality]], s=36, zorder=3,
+                   label=f"{r['method']} ({speedup_cell(r.get('tq_speedup'), r.get('tq_bound'))})")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-from ..report import fmt
+from ..report import fmt, speedup_cell
+
+SPEEDUP_NOTE = ("time-to-quality speed-up: the time the original's front (its runs at several budgets, each with "
+                "its learning rate fully decayed) needs to reach the method's top-1, divided by the method's time; "
+                ">: beyond the longest budget, <: reached by the shortest already, ~: some seeds outside the front")
+
+
+def _name(r: dict) -> str:
+    name = r["method"] + (f" (budget of {r['budget_of']})" if r.get("budget_of") else "")
+    return name + (" — diverged, not ranked" if r.get("diverged") else "")
 
 
 def summary_markdown(rows: list[dict], title: str = "") -> str:
-    """One row per method: runtime, speed-up, theoretical (FLOPs) speed-up, top-1, EMA top-1."""
+    """One row per method: time-to-quality speed-up against the original's front, runtime, wall-clock and
+    theoretical (FLOPs) speed-up at equal epochs, top-1, EMA top-1."""
     lines = [f"## {title}", ""] if title else []
     lines += [
-        "| method | growth | schedule | wall time (s) | speed-up | FLOPs speed-up | top-1 (%) | EMA top-1 (%) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| method | time-to-quality speed-up | growth | schedule | wall time (s) | speed-up | FLOPs speed-up | "
+        "top-1 (%) | EMA top-1 (%) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        name = r["method"] + (f" (budget of {r['budget_of']})" if r.get("budget_of") else "")
-        name += " — diverged, not ranked" if r.get("diverged") else ""
         lines.append(
-            f"| {name} | {r.get('growth') or '–'} | {r.get('schedule_str') or '–'} | {fmt(r['wall_time_s'], '.1f')} | "
+            f"| {_name(r)} | {speedup_cell(r.get('tq_speedup'), r.get('tq_bound'))} | {r.get('growth') or '–'} | "
+            f"{r.get('schedule_str') or '–'} | {fmt(r['wall_time_s'], '.1f')} | "
             f"{fmt(r.get('speedup'), '.2f')}× | {fmt(r.get('flops_speedup'), '.2f')}× | "
             f"{fmt(r.get('top1'), '.2f')} | {fmt(r.get('top1_ema'), '.2f')} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE + "\n"
 
 
 def seeds_markdown(rows: list[dict], title: str) -> str:
@@ -29,11 +39,13 @@ def seeds_markdown(rows: list[dict], title: str) -> str:
         return "–" if r[k] is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
 
     lines = [f"## {title}", "",
-             "| method | wall time (s) | speed-up | FLOPs speed-up | realised / theoretical | top-1 (%) | EMA top-1 (%) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | time-to-quality speed-up | wall time (s) | speed-up | FLOPs speed-up | realised / theoretical "
+             "| top-1 (%) | EMA top-1 (%) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        name = r["method"] + (f" (budget of {r['budget_of']})" if r.get("budget_of") else "")
-        lines.append(f"| {name} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'speedup', '.2f')}× | "
+        tq = "–" if r.get("tq_speedup") is None else (f"{speedup_cell(r['tq_speedup'], r.get('tq_bound'))} ± "
+                                                       f"{r['tq_speedup_std']:.2f}")
+        lines.append(f"| {_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'speedup', '.2f')}× | "
                      f"{cell(r, 'flops_speedup', '.2f')}× | {cell(r, 'realised_fraction', '.2f')} | "
                      f"{cell(r, 'top1', '.2f')} | {cell(r, 'top1_ema', '.2f')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE + "\n"

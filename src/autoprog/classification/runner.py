@@ -18,15 +18,19 @@ from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
 from ..experiment import (
     BUDGET_SUFFIX,
+    add_speedups,
     diverged_rows,
     drop_stale_budget_run,
+    front_runs,
     reuse_or_run,
     run_methods,
     saved_differences,
     seed_rows,
+    seed_speedup,
 )
+from ..front import DEFAULT_FRONT
 from ..options import Spec, option
-from ..report import plot_curves, schedule_string
+from ..report import plot_curves, plot_front, schedule_string
 from ..schedules import METHODS, build_schedule
 from .report import seeds_markdown, summary_markdown
 from .trainer import TrainConfig, Trainer
@@ -178,11 +182,14 @@ def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
 
 
 def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline: bool = True,
-            accelerator=None) -> list[dict]:
-    """Train each method with the same seed, data and settings; write summary.json/.md and curves.png.
+            accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT) -> list[dict]:
+    """Train each method with the same seed, data and settings; write summary.json/.md, curves.png and
+    front.png.
 
-    With ``budget_baseline`` the original model is also trained for the wall-clock of the fastest
-    progressive method, its learning-rate schedule fully decayed inside that budget.
+    The original is also trained at each ``front`` fraction of its steps (each with its learning rate fully
+    decayed within that budget): those runs draw its time–quality front, against which every row gets its
+    time-to-quality speed-up (``tq_speedup``, see :mod:`autoprog.front`). With ``budget_baseline`` the original
+    is also trained for the wall-clock of the fastest progressive method (``original@budget``, a front point).
     """
     from accelerate import Accelerator
 
@@ -212,6 +219,8 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         drop_stale_budget_run(out / name, run_differences(out / name, spec), "train.max_steps", acc)
         results[name] = run_or_reuse(spec, out / name, acc)
         results[name]["summary"]["budget_of"] = fastest
+    results.update(front_runs("original", list(front), orig["total_steps"], lambda name, steps: run_or_reuse(
+        replace(base, method="original", train=replace(base.train, max_steps=steps)), out / name, acc), acc.print))
     rows = []
     for m, res in results.items():
         s = res["summary"]
@@ -225,11 +234,13 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
             "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
             "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
             "epochs": s["epochs"], "steps": s["steps"], "budget_of": s.get("budget_of"),
+            "front_fraction": s.get("front_fraction"),
             "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"]),
         })
     for r in rows:  # how much of the theoretical (FLOPs) speed-up the wall-clock realises
         r["realised_fraction"] = round(r["speedup"] / r["flops_speedup"], 4) if r["speedup"] and r["flops_speedup"] else None
     rows = diverged_rows(rows, diverged)
+    baseline_front = add_speedups(rows, "original", "top1", higher_is_better=True)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", rows)
@@ -237,12 +248,14 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         md = summary_markdown(rows, title)
         (out / "summary.md").write_text(md)
         plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
+        plot_front(rows, baseline_front.envelope, out / "front.png", "top1", "top-1 (%)")
         acc.print("\n" + md)
     return rows
 
 
 def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: list[int],
-                  budget_baseline: bool = True, accelerator=None) -> list[dict]:
+                  budget_baseline: bool = True, accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT
+                  ) -> list[dict]:
     """:func:`compare` once per seed (in ``out/seed<N>``), then mean ± std per method in ``out/summary.*``.
 
     Speed-ups are averaged per seed (each is a ratio within one comparison on one machine).
@@ -252,11 +265,12 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
     acc = accelerator or Accelerator()
     out = Path(out)
     per_seed = {s: compare(replace(base, train=replace(base.train, seed=s)), methods, out / f"seed{s}",
-                           budget_baseline, acc) for s in seeds}
-    keys = ("wall_time_s", "speedup", "flops_speedup", "realised_fraction", "top1", "top1_ema", "search_epoch_s")
+                           budget_baseline, acc, front) for s in seeds}
+    keys = ("tq_speedup", "wall_time_s", "speedup", "flops_speedup", "realised_fraction", "top1", "top1_ema",
+            "search_epoch_s")
     rows = seed_rows(per_seed, seeds, keys, lambda runs: {
         "budget_of": runs[0].get("budget_of"), "growth": runs[0]["growth"],
-        "schedules": [r["schedule_str"] for r in runs]})
+        "schedules": [r["schedule_str"] for r in runs], **seed_speedup(runs)})
     if acc.is_main_process:
         write_json(out / "summary.json", rows)
         md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)")

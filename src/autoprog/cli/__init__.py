@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ..errors import AutoprogError, ConfigError, DivergedError, Interrupted, one_line
-from .common import Parser
+from .common import Parser, add_front_flag
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
 TASKS = {"pretrain": ("classification", "diffusion"), "compare": ("classification", "finetune")}
@@ -72,6 +72,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         c.add_argument("--no-budget-baseline", action="store_true", help="skip the full@budget run")
         c.add_argument("--seeds", help="comma-separated seeds: one comparison per seed in OUT/seed<N>, mean ± std "
                                       "in OUT/summary.json and summary.md (overrides --seed)")
+        add_front_flag(c, "full")
         cli_diffusion.add_finetune_options(c, single=False)
     else:
         c = sub.add_parser("compare", help="train several methods side by side (--task finetune: fine-tuning methods)",

@@ -7,7 +7,7 @@ import argparse
 
 from ..classification.runner import RunSpec
 from ..options import add_options, from_args
-from .common import add_run_flags, run_compare, run_one
+from .common import add_front_flag, add_run_flags, front_of, run_compare, run_one
 
 DEFAULT_COMPARE_METHODS = "original,prog,autoprog-one"
 
@@ -38,6 +38,7 @@ def add_compare_options(c: argparse.ArgumentParser) -> None:
                         "progressive method, with its learning rate fully decayed in that time")
     c.add_argument("--seeds", help="comma-separated seeds: one comparison per seed in OUT/seed<N>, and mean ± std "
                                   "in OUT/summary.json and summary.md (overrides --seed)")
+    add_front_flag(c, "original")
     add_run_options(c, "compare")
 
 
@@ -53,7 +54,8 @@ def run_classification(args, acc) -> None:
                 lambda s: f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of "
                           f"training; results in {args.out}/results.json")
         return
-    base = spec_from_args(args, "original")
-    run_compare(args, acc, lambda methods, budget: runner.compare(base, methods, args.out, budget, acc),
-                lambda methods, seeds, budget: runner.compare_seeds(base, methods, args.out, seeds, budget, acc),
-                "curves.png")
+    base, front = spec_from_args(args, "original"), front_of(args)
+    run_compare(args, acc, lambda methods, budget: runner.compare(base, methods, args.out, budget, acc, front),
+                lambda methods, seeds, budget: runner.compare_seeds(base, methods, args.out, seeds, budget, acc,
+                                                                    front),
+                "curves.png, front.png")

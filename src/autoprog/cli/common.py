@@ -42,6 +42,21 @@ def add_run_flags(g, command: str) -> None:
                                     "--config and flags win over it")
 
 
+def add_front_flag(c, baseline: str) -> None:
+    """``compare --front``: the budgets of the baseline's time–quality front."""
+    c.add_argument("--front", default="0.25,0.5,0.75,1", metavar="FRACTIONS",
+                   help=f"budgets of the {baseline} front, as fractions of its steps, each trained with its learning "
+                        f"rate fully decayed within its budget (runs {baseline}@0.25 and so on; 1 is the {baseline} "
+                        "run itself). Every method's time-to-quality speed-up is read off this front: the time it "
+                        f"needs to reach the method's quality / the method's time (default: 0.25,0.5,0.75,1)")
+
+
+def front_of(args) -> tuple[float, ...]:
+    from ..front import parse_fractions
+
+    return tuple(parse_fractions(args.front))
+
+
 RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision")  # what --resume may come with
 
 

@@ -14,7 +14,7 @@ import math
 from ..diffusion.runner import BaseSpec, FinetuneSpec
 from ..errors import ConfigError
 from ..options import add_options, from_args
-from .common import add_run_flags, positive_int, run_compare, run_one
+from .common import add_run_flags, front_of, positive_int, run_compare, run_one
 
 GROUPS = ("model", "data", "unfreezing", "optimisation", "evaluation")
 BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr", "train.time_source"}
@@ -112,8 +112,9 @@ def run_diffusion(args, acc) -> None:
                 lambda s: f"done: {s['metric']} {s['fd']:.3f} after {s['steps']} steps ({s['wall_time_s']:.1f}s of "
                           f"training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
         return
-    spec = finetune_spec(args, "full")
-    run_compare(args, acc, lambda methods, budget: runner.compare_finetune(methods, spec, args.out, budget, acc),
+    spec, front = finetune_spec(args, "full"), front_of(args)
+    run_compare(args, acc, lambda methods, budget: runner.compare_finetune(methods, spec, args.out, budget, acc,
+                                                                           front),
                 lambda methods, seeds, budget: runner.compare_finetune_seeds(methods, spec, args.out, seeds, budget,
-                                                                             acc),
-                "fd_curves.png, samples.png")
+                                                                             acc, front),
+                "fd_curves.png, front.png, samples.png")

@@ -19,6 +19,7 @@ from ..adapters.unfreezer import Unfreezer
 from ..algorithms.proxies import TIME_RTOL
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
+from ..front import DEFAULT_FRONT
 from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
@@ -259,11 +260,14 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
 
 # ------------------------------------------------------------------------------------------- compare
 def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, budget: bool = True,
-                     accelerator=None) -> dict:
+                     accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT) -> dict:
     """Fine-tune with each method (same base, data, seed and steps) and the budget-matched ``full@budget``.
 
     ``full@budget`` is full fine-tuning stopped at the wall-clock of the fastest progressive method, its
-    learning-rate schedule ending there. Finished runs are reused, unfinished ones resumed.
+    learning-rate schedule ending there. Full fine-tuning is also run at each ``front`` fraction of the steps
+    (``full@0.5`` ...), each with its learning rate fully decayed: those runs draw its time–FD front, against
+    which every row gets its time-to-quality speed-up (``tq_speedup``, see :mod:`autoprog.front`). Finished
+    runs are reused, unfinished ones resumed.
     """
     from .report import write_finetune_report
 
@@ -295,6 +299,10 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         results[name] = _run_once(bspec, out / name, acc, evaluator)
         results[name]["summary"]["method"] = name
         results[name]["summary"]["budget_of"] = fastest
+    front_results = experiment.front_runs(
+        "full", list(front), spec.train.steps, lambda name, steps: _run_once(
+            replace(spec, method="full", train=replace(spec.train, steps=steps)), out / name, acc, evaluator), acc.print)
+    results.update(front_results)
     rows = []
     for name, res in results.items():
         s = res["summary"]
@@ -304,14 +312,18 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                      "fd": s["fd"], "kid": s["kid"], "metric": s["metric"],
                      "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
                      "search_time_s": s["search_time_s"], "steps": s["steps"],
-                     "schedule": s.get("schedule", {}).get("stages", []), "budget_of": s.get("budget_of")})
-    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": experiment.diverged_rows(rows, diverged),
-               "curves": {n: r["curve"] for n, r in results.items()}}
+                     "schedule": s.get("schedule", {}).get("stages", []), "budget_of": s.get("budget_of"),
+                     "front_fraction": s.get("front_fraction")})
+    rows = experiment.diverged_rows(rows, diverged)
+    baseline_front = experiment.add_speedups(rows, "full", "fd", higher_is_better=False)
+    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": rows,
+               "front": baseline_front.envelope, "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", summary)
         write_finetune_report(summary, out)
-        sample_comparison(list(results), out, data.classes, seed=spec.train.seed, eta=spec.train.sample_eta)
+        sample_comparison([m for m in results if m not in front_results], out, data.classes, seed=spec.train.seed,
+                          eta=spec.train.sample_eta)
         acc.print("\n" + (out / "summary.md").read_text())
     return summary
 
@@ -345,7 +357,8 @@ def decode_samples(meta: dict, x0: torch.Tensor) -> torch.Tensor:
 
 
 def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Path, seeds: list[int],
-                           budget: bool = True, accelerator=None) -> list[dict]:
+                           budget: bool = True, accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT
+                           ) -> list[dict]:
     """:func:`compare_finetune` once per seed (``out/seed<N>``), then mean ± std per method in ``out/summary.*``."""
     from accelerate import Accelerator
 
@@ -354,10 +367,12 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
     acc = accelerator or Accelerator()
     out = Path(out)
     per_seed = {s: compare_finetune(methods, replace(spec, train=replace(spec.train, seed=s)), out / f"seed{s}",
-                                    budget, acc)["rows"] for s in seeds}
+                                    budget, acc, front)["rows"] for s in seeds}
     rows = experiment.seed_rows(per_seed, seeds,
-                                ("wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid", "search_time_s"),
-                                lambda runs: {"metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of")})
+                                ("tq_speedup", "wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid",
+                                 "search_time_s"),
+                                lambda runs: {"metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of"),
+                                              **experiment.seed_speedup(runs)})
     if acc.is_main_process:
         write_json(out / "summary.json", rows)
         md = finetune_seeds_markdown(rows, f"Fine-tuning {spec.dataset} classes {spec.classes}, {spec.train.steps} "

@@ -1,0 +1,77 @@
+"""The baseline's time–quality front and time-to-quality speed-up (autoprog.front, experiment.add_speedups)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from autoprog.errors import ConfigError
+from autoprog.experiment import add_speedups, seed_speedup
+from autoprog.front import Front, Speedup, front_name, mean_speedup, parse_fractions
+from autoprog.report import speedup_cell
+
+
+def test_the_front_is_monotone_and_interpolated():
+    # 30 s reached 70 %, 60 s only 68 % (noise): a user would have stopped at 30 s, so the front stays at 70 %
+    f = Front([(60, 68.0), (10, 50.0), (30, 70.0), (90, 80.0)])
+    assert f.envelope == [(10, 50.0), (30, 70.0), (90, 80.0)]
+    assert f.time_to(60.0) == (20.0, "=")
+    assert f.time_to(75.0) == (60.0, "=")
+    assert f.time_to(80.0) == (90.0, "=")
+    assert f.speedup(30.0, 75.0) == Speedup(2.0, "=")  # the front needs 60 s for 75 %
+
+
+def test_outside_the_front_is_a_bound():
+    f = Front([(10, 50.0), (40, 70.0)])
+    assert f.time_to(90.0) == (40.0, ">") and f.speedup(20.0, 90.0) == Speedup(2.0, ">")
+    assert f.time_to(10.0) == (10.0, "<") and f.speedup(20.0, 10.0) == Speedup(0.5, "<")
+
+
+def test_lower_is_better_for_fd():
+    f = Front([(10, 300.0), (20, 200.0), (40, 150.0)], higher_is_better=False)
+    assert f.time_to(250.0) == (15.0, "=")
+    assert f.speedup(5.0, 175.0) == Speedup(6.0, "=")
+    assert f.time_to(100.0)[1] == ">" and f.time_to(400.0)[1] == "<"
+
+
+def test_runs_without_a_finite_quality_draw_nothing():
+    f = Front([(10, None), (20, math.nan), (30, 60.0)])
+    assert f.points == [(30.0, 60.0)]
+    assert f.speedup(10.0, None).value is None and f.speedup(0.0, 50.0).value is None
+    with pytest.raises(ConfigError, match="no finished run"):
+        Front([(10, None)])
+
+
+def test_seed_means_keep_a_common_bound_and_flag_a_mixed_one():
+    assert mean_speedup([Speedup(2.0, ">"), Speedup(3.0, ">")]) == Speedup(2.5, ">")
+    assert mean_speedup([Speedup(2.0, "="), Speedup(3.0, ">")]) == Speedup(2.5, "~")
+    assert mean_speedup([Speedup(None), Speedup(1.5)]) == Speedup(1.5, "=")
+    assert str(Speedup(1.234, ">")) == ">1.23×" and str(Speedup(1.5)) == "1.50×" and str(Speedup(None)) == "–"
+    assert speedup_cell(1.5, "<") == "<1.50×" and speedup_cell(None, "=") == "–"
+
+
+def test_parse_fractions_and_names():
+    assert parse_fractions("0.5, 0.25,1,0.5") == [0.25, 0.5, 1.0]
+    assert parse_fractions("") == []
+    for bad in ("0", "1.5", "x", "nan"):
+        with pytest.raises(ConfigError, match="--front"):
+            parse_fractions(bad)
+    assert front_name("original", 0.25) == "original@0.25" and front_name("full", 1.0) == "full"
+
+
+def test_add_speedups_marks_the_front_and_never_ranks_a_diverged_row():
+    rows = [{"method": "original", "wall_time_s": 40.0, "top1": 70.0},
+            {"method": "original@0.25", "wall_time_s": 10.0, "top1": 50.0},
+            {"method": "original@budget", "wall_time_s": 20.0, "top1": 60.0},
+            {"method": "prog", "wall_time_s": 15.0, "top1": 65.0},
+            {"method": "bad", "wall_time_s": 5.0, "top1": 99.0, "diverged": "the loss is nan"}]
+    front = add_speedups(rows, "original", "top1", higher_is_better=True)
+    by = {r["method"]: r for r in rows}
+    assert [r["front"] for r in rows] == [True, True, True, False, False]
+    assert front.envelope == [(10.0, 50.0), (20.0, 60.0), (40.0, 70.0)]
+    assert by["prog"]["tq_speedup"] == pytest.approx(2.0) and by["prog"]["tq_bound"] == "="  # front: 30 s for 65 %
+    assert by["bad"]["tq_speedup"] is None
+    assert by["original"]["tq_speedup"] == pytest.approx(1.0)
+    per_seed = seed_speedup([by["prog"], {**by["prog"], "tq_bound": ">"}])
+    assert per_seed["tq_bound"] == "~" and per_seed["tq_bounds_per_seed"] == ["=", ">"]
