@@ -192,6 +192,19 @@ def test_sigterm_checkpoints_the_step_it_stops_at(base, fake_fmnist, cache_dir, 
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed from step 5, it ends where a did"
 
 
+def test_autoprog_zero_by_gain_unfreezes_the_largest_predicted_gain(base, fake_fmnist, cache_dir, tmp_path):
+    import math
+
+    spec = replace(spec_for("autoprog-zero", base, fake_fmnist, cache_dir, time_source="flops"), criterion="gain")
+    res = finetune(spec, tmp_path / "gain")
+    assert res["done"] and math.isfinite(res["summary"]["fd"])
+    search = res["summary"]["search"]
+    assert search and all(s["criterion"] == "gain" for s in search)
+    for s in search:
+        gains = [c["gain_per_s"] for c in s["candidates"]]
+        assert all(math.isfinite(g) for g in gains) and s["chosen"] == gains.index(max(gains))
+
+
 def test_a_run_directory_is_not_overwritten(base, fake_fmnist, cache_dir, tmp_path):
     from autoprog.errors import ConfigError
 

@@ -15,6 +15,9 @@ reported on its own.
 It runs on any trainer that offers :class:`~autoprog.controllers.ZeroShotServices`: fine-tuning scores
 unfrozen candidates (the paper's use), pre-training scores grown candidates (Table 5: ViT growth with 0.5Ω
 and no SID), each through ``trainer.try_candidate``.
+
+``criterion="gain"`` replaces the vote by our criterion (:mod:`autoprog.algorithms.gain`): the predicted
+decrease of the full model's full-resolution loss per second of training each candidate.
 """
 
 from __future__ import annotations
@@ -23,16 +26,22 @@ import time
 
 from ..controllers import SearchingController, ZeroShotServices, check_services, print_table
 from ..space import GrowthSpace
+from ..errors import ConfigError
+from .gain import CRITERIA, choose_by_gain, gain_per_second, gradients
 from .proxies import TIME_RTOL, autoprog_zero_vote, ntk_condition_number, zico
 
 
 class AutoProgZero(SearchingController):
     """The zero-shot search as a controller (needs :class:`~autoprog.controllers.ZeroShotServices`)."""
 
-    def __init__(self, space: GrowthSpace, ntk_samples: int = 16, time_rtol: float = TIME_RTOL):
+    def __init__(self, space: GrowthSpace, ntk_samples: int = 16, time_rtol: float = TIME_RTOL,
+                 criterion: str = "paper"):
         super().__init__(space, "autoprog-zero")
+        if criterion not in CRITERIA:
+            raise ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
         self.ntk_samples = ntk_samples
         self.time_rtol = time_rtol
+        self.criterion = criterion
 
     def setup(self, trainer: ZeroShotServices, total_steps: int) -> int:
         check_services(trainer, ZeroShotServices)
@@ -44,6 +53,29 @@ class AutoProgZero(SearchingController):
             return
         t0 = time.perf_counter()
         cands = self.candidates(k)
+        if self.criterion == "gain":
+            best, rows, shown = self._by_gain(trainer, cands)
+        else:
+            best, rows, shown = self._by_vote(trainer, cands)
+        best = trainer.broadcast(best)
+        print_table(trainer, k, rows, shown, best)
+        self.search_log.append({"stage": k + 1, "criterion": self.criterion, "candidates": rows, "chosen": best,
+                                "search_s": round(time.perf_counter() - t0, 3)})
+        self.choose(trainer, k, cands[best])
+
+    def _by_gain(self, trainer: ZeroShotServices, cands: list) -> tuple[int, list[dict], list[str]]:
+        with trainer.try_candidate(self.space.full) as task:
+            target = gradients(task)
+        gains, times = [], []
+        for sub in cands:
+            with trainer.try_candidate(sub) as task:
+                grads = gradients(task)
+            times.append(trainer.measure_step_time(sub))
+            gains.append(gain_per_second(target, grads, times[-1]))
+        rows = [{**sub.to_dict(), "time_s": t, "gain_per_s": g} for sub, t, g in zip(cands, times, gains)]
+        return choose_by_gain(gains), rows, ["time_s", "gain_per_s"]
+
+    def _by_vote(self, trainer: ZeroShotServices, cands: list) -> tuple[int, list[dict], list[str]]:
         ntk, zc, times = [], [], []
         for sub in cands:
             with trainer.try_candidate(sub) as task:
@@ -52,11 +84,7 @@ class AutoProgZero(SearchingController):
                 zc.append(zico(task.model, task.batches, task.loss))
             times.append(trainer.measure_step_time(sub))
         best, table = autoprog_zero_vote(ntk, zc, times, time_rtol=self.time_rtol)
-        best = trainer.broadcast(best)
         rows = [{**sub.to_dict(), "ntk_cond": row["ntk"], "zico": row["zico"], "time_s": row["time"],
                  "R_ntk": row["ntk_rank"], "R_zico": row["zico_rank"], "R_time": row["time_rank"], "R": row["total"]}
                 for sub, row in zip(cands, table)]
-        print_table(trainer, k, rows, ["ntk_cond", "zico", "time_s", "R"], best)
-        self.search_log.append({"stage": k + 1, "candidates": rows, "chosen": best,
-                                "search_s": round(time.perf_counter() - t0, 3)})
-        self.choose(trainer, k, cands[best])
+        return best, rows, ["ntk_cond", "zico", "time_s", "R"]

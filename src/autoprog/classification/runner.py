@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..adapters.factory import ModelOverrides, build_elastic
 from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
+from ..algorithms.gain import CRITERIA
 from ..algorithms.proxies import TIME_RTOL
 from ..data import load_dataset
 from ..engine import has_checkpoint, writable_dir, write_json
@@ -45,7 +46,8 @@ class RunSpec(Spec):
     method: str = option("prog", "original (full model), prog (uniform linear growth), progstack (progressive "
                                  "stacking), fixed (replay --schedule), autoprog-one (automatic schedule by one-shot "
                                  "search), autoprog-zero (automatic schedule by zero-shot proxies on grown "
-                                 "candidates, Table 5)", choices=METHODS)
+                                 "candidates, Table 5), autoprog-zero-gain (autoprog-zero with --criterion gain)",
+                         choices=METHODS)
     growth: str | None = option(None, "growth operator (default: mogrow; stacking for progstack)",
                                 choices=sorted(GROWTH_OPERATORS), show_default=False, group="growth")
     model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224",
@@ -86,6 +88,10 @@ class RunSpec(Spec):
     time_tolerance: float = option(TIME_RTOL, "step times within this relative difference tie on the time ballot, so "
                                               "timing noise does not decide the vote (0 = the paper's exact ranking)",
                                    minimum=0, below=1, group="AutoProg-Zero search")
+    criterion: str = option("paper", "AutoProg-Zero's criterion: paper (the ranked vote of NTK condition number, ZiCo and step time, Eq. 19) "
+                                    "or gain (ours: the predicted decrease of the full model's full-resolution loss per "
+                                    "second of training the candidate, from gradients on the proxy batches)",
+                            choices=CRITERIA, group="AutoProg-Zero search")
     adareg: bool = option(False, "adaptive regularization: RandAugment magnitude (4.5-9), random-erasing "
                                  "probability (0-0.25) and drop-path rate (0-0.1) grow linearly with the "
                                  "sub-network's size (Table 14)", group="growth")
@@ -111,12 +117,14 @@ def build_run(spec: RunSpec):
                                                         spec.recycle), seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
-    if spec.method == "autoprog-zero":
+    if spec.method in ("autoprog-zero", "autoprog-zero-gain"):
         from ..algorithms.autoprog_zero import AutoProgZero
 
         if not 0 <= spec.time_tolerance < 1:
             raise ConfigError(f"--time-tolerance must be in [0, 1), got {spec.time_tolerance}")
-        return data, net, AutoProgZero(space, time_rtol=spec.time_tolerance), get_growth_operator(spec.growth or "mogrow")
+        return data, net, AutoProgZero(space, time_rtol=spec.time_tolerance,
+                                               criterion="gain" if spec.method.endswith("-gain") else spec.criterion), \
+            get_growth_operator(spec.growth or "mogrow")
     schedule = build_schedule(spec.method, space, spec.schedule)
     growth = get_growth_operator(spec.growth or schedule.default_growth)
     schedule = replace(schedule, default_growth=growth.name)  # schedule.json records the operator used

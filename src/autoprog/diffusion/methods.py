@@ -34,14 +34,17 @@ def parse_method(name: str) -> tuple[str, dict]:
         return "lora", {"rank": int(m.group(1)) if m.group(1) else None}
     if name.endswith("-nosid") and name[:-6] in PROGRESSIVE_METHODS:
         return name[:-6], {"sid": False}
+    if name == "autoprog-zero-gain":
+        return "autoprog-zero", {"criterion": "gain"}
     if name in STATIC_METHODS or name in PROGRESSIVE_METHODS:
         return name, {}
     raise ConfigError(f"unknown fine-tuning method {name!r}; choose from {', '.join(FINETUNE_METHODS)} "
-                      "(lora-rN sets the rank, a -nosid suffix drops the stage identifier)")
+                      "(lora-rN sets the rank, a -nosid suffix drops the stage identifier, "
+                      "autoprog-zero-gain is autoprog-zero with --criterion gain)")
 
 
 FINETUNE_METHODS = (*STATIC_METHODS, "lora-r8", "lora-r16", *PROGRESSIVE_METHODS,
-                    *(f"{m}-nosid" for m in PROGRESSIVE_METHODS))
+                    *(f"{m}-nosid" for m in PROGRESSIVE_METHODS), "autoprog-zero-gain")
 
 
 # ----------------------------------------------------------------------------------- static baselines

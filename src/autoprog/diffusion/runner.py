@@ -16,6 +16,7 @@ import torch
 
 from .. import experiment
 from ..adapters.unfreezer import Unfreezer
+from ..algorithms.gain import CRITERIA
 from ..algorithms.proxies import TIME_RTOL
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
@@ -67,7 +68,8 @@ class FinetuneSpec(ImageDataSpec):
 
     method: str = option("autoprog-zero", "full, bitfit, difffit, lora (lora-rN for rank N), prog (uniform linear "
                                           "unfreezing), autoprog-one (supernet-loss search), autoprog-zero (zero-shot "
-                                          "search); a -nosid suffix drops the stage identifier. Known: "
+                                          "search); a -nosid suffix drops the stage identifier; autoprog-zero-gain is autoprog-zero "
+                                          "with --criterion gain. Known: "
                                           + ", ".join(FINETUNE_METHODS))
     base: str | None = option(None, "base model directory (autoprog's model/ or a diffusers DiTTransformer2DModel "
                                     "folder) (default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
@@ -91,6 +93,10 @@ class FinetuneSpec(ImageDataSpec):
     time_tolerance: float = option(TIME_RTOL, "autoprog-zero: step times within this relative difference tie on the "
                                               "time ballot, so timing noise does not decide the vote (0 = the "
                                               "paper's exact ranking)", minimum=0, below=1, group="unfreezing")
+    criterion: str = option("paper", "AutoProg-Zero's criterion: paper (the ranked vote of NTK condition number, ZiCo and step time, Eq. 19) "
+                                    "or gain (ours: the predicted decrease of the full model's full-resolution loss per "
+                                    "second of training the candidate, from gradients on the proxy batches)",
+                            choices=CRITERIA, group="unfreezing")
     train: DiffusionConfig = option(default_factory=DiffusionConfig)
 
 
@@ -183,7 +189,8 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         elif method == "autoprog-one":
             controller = AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
         else:
-            controller = AutoProgZero(space, time_rtol=spec.time_tolerance)
+            controller = AutoProgZero(space, time_rtol=spec.time_tolerance,
+                                      criterion=opts.get("criterion", spec.criterion))
         unfreezer.apply(space.full)
     return data, model, controller, unfreezer, lr
 

@@ -1,0 +1,94 @@
+"""Our search criterion ``gain`` (autoprog.algorithms.gain): the predicted decrease of the full model's
+full-resolution loss per second of training a candidate, for AutoProg-Zero on both tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_args
+from torch import nn
+
+from autoprog.algorithms.gain import choose_by_gain, gain_per_second, gradients, predicted_gain
+from autoprog.controllers import ProxyTask
+
+
+def test_the_gain_is_the_first_order_decrease_of_the_target_loss():
+    target = {"w": torch.tensor([1.0, 2.0, 0.0]), "b": torch.tensor([1.0])}
+    # g = (1, 1, 1) on w only: one Adam-like step along g/rms(g) = (1, 1, 1) lowers the target loss by 3 per lr
+    assert predicted_gain(target, {"w": torch.ones(3)}) == pytest.approx(3.0)
+    # scaling the candidate's gradient changes nothing (Adam normalises it); opposing it makes the gain negative
+    assert predicted_gain(target, {"w": 10 * torch.ones(3)}) == pytest.approx(3.0)
+    assert predicted_gain(target, {"w": -torch.ones(3)}) == pytest.approx(-3.0)
+    # a parameter the target does not have (or of another shape) is left out
+    assert predicted_gain(target, {"w": torch.ones(3), "x": torch.ones(2), "b": torch.ones(2)}) == pytest.approx(3.0)
+    assert predicted_gain(target, {"x": torch.ones(2)}) == 0.0
+    assert predicted_gain(target, {"w": torch.tensor([math.nan, 1.0, 1.0])}) == -math.inf
+
+
+def test_per_second_and_the_choice():
+    target, grads = {"w": torch.ones(4)}, {"w": torch.ones(4)}
+    assert gain_per_second(target, grads, 2.0) == pytest.approx(2.0)
+    assert gain_per_second(target, grads, 0.0) == -math.inf
+    assert choose_by_gain([1.0, 3.0, 3.0, -math.inf]) == 1, "the largest, the first of equals"
+    assert choose_by_gain([-math.inf, math.nan]) == 0
+
+
+def test_gradients_are_the_mean_over_batches_and_leave_no_grad():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    net.bias.requires_grad_(False)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(2)]
+    task = ProxyTask(net, batches, forward=lambda m, b: m(b[0]), loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    got = gradients(task)
+    assert set(got) == {"weight"} and net.weight.grad is None
+    want = torch.autograd.grad(sum(F.cross_entropy(net(x), y) for x, y in batches) / 2, net.weight)[0]
+    torch.testing.assert_close(got["weight"], want)
+
+
+def test_pretraining_autoprog_zero_by_gain(cli, fake_fmnist, tmp_path):
+    out = tmp_path / "gain"
+    rc, _, err = cli("pretrain", "--method", "autoprog-zero", "--criterion", "gain", "--time-source", "flops",
+                     "--out", out, *tiny_args(fake_fmnist))
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    search = res["summary"]["search"]
+    assert [s["stage"] for s in search] == [1, 2, 3] and all(s["criterion"] == "gain" for s in search)
+    for s in search:
+        gains = [c["gain_per_s"] for c in s["candidates"]]
+        assert all(g is not None and math.isfinite(g) for g in gains)
+        assert s["chosen"] == max(range(len(gains)), key=lambda i: (gains[i], -i)), "the largest gain wins"
+    assert (res["summary"]["schedule"]["stages"][-1]["resolution"], res["summary"]["schedule"]["stages"][-1]["depth"]) \
+        == (28, 4)
+    # the same seed on the same machine chooses the same (FLOPs time source: no timing noise)
+    rc, _, err = cli("pretrain", "--method", "autoprog-zero", "--criterion", "gain", "--time-source", "flops",
+                     "--out", tmp_path / "again", *tiny_args(fake_fmnist))
+    assert rc == 0, err
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["summary"]["schedule"] == res["summary"]["schedule"]
+
+
+def test_the_gain_variant_names_run_the_gain_criterion(cli, fake_fmnist, tmp_path):
+    from autoprog.diffusion.methods import parse_method
+
+    assert parse_method("autoprog-zero-gain") == ("autoprog-zero", {"criterion": "gain"})
+    rc, _, err = cli("pretrain", "--method", "autoprog-zero-gain", "--time-source", "flops", "--out", tmp_path / "g",
+                     *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0, err
+    search = json.loads((tmp_path / "g" / "results.json").read_text())["summary"]["search"]
+    assert search and all(s["criterion"] == "gain" for s in search)
+
+
+def test_an_unknown_criterion_is_one_line(cli, fake_fmnist, tmp_path):
+    from autoprog.algorithms.autoprog_zero import AutoProgZero
+    from autoprog.errors import ConfigError
+    from autoprog.space import GrowthSpace
+
+    rc, _, err = cli("pretrain", "--method", "autoprog-zero", "--criterion", "best", "--out", tmp_path / "r",
+                     *tiny_args(fake_fmnist))
+    assert rc == 2 and "--criterion" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="criterion"):
+        AutoProgZero(GrowthSpace(28, 4, 4), criterion="best")
