@@ -77,3 +77,20 @@ def test_fault_test_counts_clean_bad_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "BAD_INPUTS", picked + [(["pretrain", "--help"], "not bad: help exits 0")])
     counts = ft.bad_inputs(tmp_path)
     assert counts == {"bad inputs": 3, "clean": 2}, "two clean one-line errors; --help is not one"
+
+
+def test_search_regret_replays_the_found_schedule_and_its_neighbours(fake_fmnist, tmp_path, monkeypatch):
+    like, out = tmp_path / "searched", tmp_path / "regret"
+    args = [a for a in tiny_args(fake_fmnist, epochs="1") if a != "--no-flops"]
+    assert main(["pretrain", "--method", "autoprog-zero-gain", "--time-source", "flops", "--out", str(like),
+                 *args]) == 0
+    run_script("search_regret.py", "--like", str(like), "--out", str(out), "--max", "2", monkeypatch=monkeypatch)
+    res = json.loads((out / "regret.json").read_text())
+    rows = res["fixed"]
+    assert rows[0]["schedule"] == "found schedule, replayed" and len(rows) == 3
+    assert rows[0]["stages"] == res["searched"]["schedule"]
+    assert all(r["stages"] != rows[0]["stages"] for r in rows[1:]), "neighbours differ from the found schedule"
+    eligible = [r["top1"] for r in rows if r["within_flops"]]
+    assert eligible, "the replay costs what the searched run did"
+    assert res["regret"] == pytest.approx(max(eligible) - res["searched"]["top1"], abs=1e-3)
+    assert "regret" in (out / "regret.md").read_text()
