@@ -71,6 +71,19 @@ def test_pretraining_autoprog_zero_by_gain(cli, fake_fmnist, tmp_path):
     assert again["summary"]["schedule"] == res["summary"]["schedule"]
 
 
+def test_autoprog_one_by_gain_keeps_the_largest_predicted_gain(cli, fake_fmnist, tmp_path):
+    rc, _, err = cli("pretrain", "--method", "autoprog-one", "--criterion", "gain", "--time-source", "flops",
+                     "--search-samples", "32", "--out", tmp_path / "one", *tiny_args(fake_fmnist))
+    assert rc == 0, err
+    search = json.loads((tmp_path / "one" / "results.json").read_text())["summary"]["search"]
+    assert [s["stage"] for s in search] == [1, 2, 3] and all(s["criterion"] == "gain" for s in search)
+    for s in search:
+        scores = [c["score"] for c in s["candidates"]]
+        assert all(math.isfinite(g) for g in scores)
+        chosen = [c["chosen"] for c in s["candidates"]].index(True)
+        assert chosen == scores.index(max(scores)), "the largest gain per second wins"
+
+
 def test_the_gain_variant_names_run_the_gain_criterion(cli, fake_fmnist, tmp_path):
     from autoprog.diffusion.methods import parse_method
 
@@ -79,6 +92,11 @@ def test_the_gain_variant_names_run_the_gain_criterion(cli, fake_fmnist, tmp_pat
                      *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 0, err
     search = json.loads((tmp_path / "g" / "results.json").read_text())["summary"]["search"]
+    assert search and all(s["criterion"] == "gain" for s in search)
+    rc, _, err = cli("pretrain", "--method", "autoprog-one-gain", "--time-source", "flops", "--search-samples", "32",
+                     "--out", tmp_path / "g1", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0, err
+    search = json.loads((tmp_path / "g1" / "results.json").read_text())["summary"]["search"]
     assert search and all(s["criterion"] == "gain" for s in search)
 
 

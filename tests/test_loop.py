@@ -77,8 +77,10 @@ def test_growing_follows_prog_and_moves_optimizer_state_with_the_weights():
     assert loop.schedule().to_dict()["stages"] == prog(model.growth_space()).to_dict()["stages"]
 
 
-@pytest.mark.parametrize("make", [lambda s: AutoProgZero(s), lambda s: AutoProgOne(s, AutoProgOneConfig(search_epochs=1,
-                                                                                                         search_samples=16))])
+@pytest.mark.parametrize("make", [
+    lambda s: AutoProgZero(s), lambda s: AutoProgOne(s, AutoProgOneConfig(search_epochs=1, search_samples=16)),
+    lambda s: AutoProgZero(s, criterion="gain"),
+    lambda s: AutoProgOne(s, AutoProgOneConfig(search_epochs=1, search_samples=16, criterion="gain"))])
 def test_searches_run_in_your_own_loop(make):
     torch.manual_seed(0)
     model = tiny_vit()

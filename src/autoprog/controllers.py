@@ -93,6 +93,15 @@ class GrowthServices(TrainerServices, Protocol):
         """Mean training loss of ``subnet`` on a fixed, non-augmented subset of the training data."""
 
 
+@runtime_checkable
+class GainServices(TrainerServices, Protocol):
+    """What AutoProg-One's ``gain`` criterion needs besides :class:`GrowthServices`."""
+
+    def candidate_gradients(self, subnet: SubNet, samples: int) -> dict:
+        """The mean gradient (by parameter name) of ``subnet``'s training loss on the same fixed subset
+        :meth:`GrowthServices.candidate_loss` uses, with the current weights (nothing changes)."""
+
+
 @dataclass
 class ProxyTask:
     """What the zero-shot proxies need for one candidate: the model with exactly the candidate's parameters

@@ -226,6 +226,20 @@ class ProgressiveLoop(GrowthCalls):
             self.model.train(was)
         return sum(losses) / max(1, len(losses))
 
+    def candidate_gradients(self, subnet: SubNet, samples: int) -> dict:
+        from .algorithms.gain import gradients
+
+        proxy = self._need_proxy("AutoProg-One's gain criterion")
+        cur, was = self.subnet, self.model.training
+        self.use_subnet(subnet)
+        self.model.eval()
+        try:
+            batches = [self._at(b, subnet.resolution) for b in proxy.batches]
+            return gradients(ProxyTask(self.model, batches, forward=lambda m, b: m(b[0]), loss=proxy.loss))
+        finally:
+            self.use_subnet(cur)
+            self.model.train(was)
+
     @contextmanager
     def try_candidate(self, subnet: SubNet) -> Iterator[ProxyTask]:
         proxy = self._need_proxy("AutoProg-Zero's proxies")

@@ -172,7 +172,7 @@ def progstack(space: GrowthSpace) -> Schedule:
 
 
 MANUAL_METHODS = {"original": original, "prog": prog, "progstack": progstack}
-SEARCHED_METHODS = ("autoprog-one", "autoprog-zero", "autoprog-zero-gain")  # -gain: --criterion gain
+SEARCHED_METHODS = ("autoprog-one", "autoprog-zero", "autoprog-one-gain", "autoprog-zero-gain")  # -gain: --criterion gain
 METHODS = (*MANUAL_METHODS, "fixed", *SEARCHED_METHODS)
 
 

@@ -4,7 +4,8 @@ At the start of every stage but the last, the previous stage's chosen sub-networ
 the growth operator, MoGrow by default) into an elastic supernet Φ_k holding every candidate of Λ_k.
 For ``search_epochs`` the supernet trains, one uniformly sampled candidate per step. Then every
 candidate is scored by its loss on a fixed subset of the training data times its measured step time
-to the power α (Eq. 9), and the best one is kept. With weight recycling (default) the chosen
+to the power α (Eq. 9), and the best one is kept (``criterion="gain"``: the largest predicted decrease per
+second of the deepest candidate's loss at full resolution instead, see :mod:`autoprog.algorithms.gain`). With weight recycling (default) the chosen
 sub-network simply inherits the supernet's weights and trains on: the search epochs are training
 epochs. Without it (``recycle=False``, Table 11's ablation) the stage restarts from its starting
 weights with the chosen sub-network, so the search epochs are extra cost. The last stage is always
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..controllers import Controller, SearchingController, print_table
+from ..controllers import Controller, GainServices, SearchingController, check_services, print_table
 from ..errors import ConfigError
 from ..schedules import Schedule, Stage, keep_last_stage, stage_index
 from ..space import GrowthSpace, SubNet, candidates
 from .elastic import ElasticLayout, choose, sample_index
+from .gain import CRITERIA, choose_by_gain, gain_per_second
 
 
 @dataclass
@@ -33,8 +35,11 @@ class AutoProgOneConfig:
     search_samples: int = 1024
     recycle: bool = True
     time_repeats: int = 3
+    criterion: str = "paper"  # or "gain": see autoprog.algorithms.gain
 
     def validate(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.search_epochs <= 0:
             raise ConfigError(f"--search-epochs must be positive, got {self.search_epochs}")
         if self.alpha is not None and self.alpha < 0:
@@ -67,6 +72,8 @@ class AutoProgOne(Controller):
 
     # ------------------------------------------------------------------------------- timeline
     def setup(self, trainer, total_steps: int) -> int:
+        if self.cfg.criterion == "gain":
+            check_services(trainer, GainServices)
         k = self.num_stages
         self.stage_len = total_steps / k
         spe = trainer.steps_per_epoch
@@ -124,7 +131,10 @@ class AutoProgOne(Controller):
         t0 = time.perf_counter()
         losses = [trainer.candidate_loss(c, self.cfg.search_samples) for c in self.cands]
         times = [trainer.measure_step_time(c, self.cfg.time_repeats) for c in self.cands]
-        idx, alpha, score = choose(losses, times, self.cfg.alpha)
+        if self.cfg.criterion == "gain":
+            idx, alpha, score = self._by_gain(trainer, times)
+        else:
+            idx, alpha, score = choose(losses, times, self.cfg.alpha)
         idx, alpha = trainer.broadcast((idx, alpha))  # every process takes the main process's choice
         best = self.cands[idx]
         table = [{"resolution": c.resolution, "depth": c.depth, "loss": round(lo, 5), "step_time_s": round(t, 6),
@@ -144,13 +154,23 @@ class AutoProgOne(Controller):
         self.searching = False
         dt = time.perf_counter() - t0
         self.search_time += dt
-        self.search_log.append({"stage": k + 1, "alpha": round(alpha, 6), "search_s": round(dt, 3),
+        self.search_log.append({"stage": k + 1, "criterion": self.cfg.criterion, "alpha": round(alpha, 6),
+                                "search_s": round(dt, 3),
                                 "candidates": table, "chosen": chosen.to_dict()})
         trainer.log_stage({"stage": k, "chosen": chosen.to_dict(), "alpha": alpha, "candidates": table})
         lines = [f"stage {k + 1} search (alpha={alpha:.3f}):", "  res depth    loss  step_ms    score"]
         lines += [f"  {r['resolution']:>3} {r['depth']:>5} {r['loss']:7.4f} {1000 * r['step_time_s']:8.2f} "
                   f"{r['score']:8.4f}{'  <- chosen' if r['chosen'] else ''}" for r in table]  # nan: diverged
         trainer.print("\n".join(lines))
+
+    def _by_gain(self, trainer, times: list[float]) -> tuple[int, float, list[float]]:
+        """Our criterion: predicted decrease per second of the deepest supernet's loss at full resolution."""
+        deepest = max(self.cands, key=lambda c: (c.depth, c.resolution))
+        target = trainer.candidate_gradients(SubNet(self.space.full_resolution, deepest.depth, deepest.blocks),
+                                             self.cfg.search_samples)
+        gains = [gain_per_second(target, trainer.candidate_gradients(c, self.cfg.search_samples), t)
+                 for c, t in zip(self.cands, times)]
+        return choose_by_gain(gains), 0.0, gains
 
     # --------------------------------------------------------------------------------- outputs
     def schedule(self) -> Schedule | None:

@@ -46,7 +46,7 @@ class RunSpec(Spec):
     method: str = option("prog", "original (full model), prog (uniform linear growth), progstack (progressive "
                                  "stacking), fixed (replay --schedule), autoprog-one (automatic schedule by one-shot "
                                  "search), autoprog-zero (automatic schedule by zero-shot proxies on grown "
-                                 "candidates, Table 5), autoprog-zero-gain (autoprog-zero with --criterion gain)",
+                                 "candidates, Table 5); a -gain suffix (autoprog-one-gain, autoprog-zero-gain) sets --criterion gain",
                          choices=METHODS)
     growth: str | None = option(None, "growth operator (default: mogrow; stacking for progstack)",
                                 choices=sorted(GROWTH_OPERATORS), show_default=False, group="growth")
@@ -88,10 +88,11 @@ class RunSpec(Spec):
     time_tolerance: float = option(TIME_RTOL, "step times within this relative difference tie on the time ballot, so "
                                               "timing noise does not decide the vote (0 = the paper's exact ranking)",
                                    minimum=0, below=1, group="AutoProg-Zero search")
-    criterion: str = option("paper", "AutoProg-Zero's criterion: paper (the ranked vote of NTK condition number, ZiCo and step time, Eq. 19) "
-                                    "or gain (ours: the predicted decrease of the full model's full-resolution loss per "
-                                    "second of training the candidate, from gradients on the proxy batches)",
-                            choices=CRITERIA, group="AutoProg-Zero search")
+    criterion: str = option("paper", "the searches' criterion: paper (AutoProg-One: loss x step time^alpha, Eq. 9; "
+                                     "AutoProg-Zero: the ranked vote of NTK, ZiCo and step time, Eq. 19) or gain "
+                                     "(ours: the predicted decrease of the full-resolution loss of the full model "
+                                     "(AutoProg-One: of the deepest candidate) per second of training the candidate)",
+                            choices=CRITERIA, group="AutoProg-One search")
     adareg: bool = option(False, "adaptive regularization: RandAugment magnitude (4.5-9), random-erasing "
                                  "probability (0-0.25) and drop-path rate (0-0.1) grow linearly with the "
                                  "sub-network's size (Table 14)", group="growth")
@@ -110,11 +111,12 @@ def build_run(spec: RunSpec):
     overrides = ModelOverrides(img_size, spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads, spec.drop_path)
     net = build_elastic(spec.model, data.num_classes, data.in_chans, overrides)
     space = net.growth_space(spec.num_stages, spec.start_ratio)
-    if spec.method == "autoprog-one":
+    if spec.method in ("autoprog-one", "autoprog-one-gain"):
         from ..algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
 
+        criterion = "gain" if spec.method.endswith("-gain") else spec.criterion
         schedule = AutoProgOne(space, AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples,
-                                                        spec.recycle), seed=spec.train.seed)
+                                                        spec.recycle, criterion=criterion), seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
     if spec.method in ("autoprog-zero", "autoprog-zero-gain"):

@@ -308,12 +308,33 @@ class Trainer(GrowthCalls, ControllerCalls):
         """Mean training loss of ``subnet`` on a fixed, non-augmented subset of the training data."""
         from ..algorithms.autoprog_one import candidate_loss
 
+        loader = ((x.to(self.acc.device), y.to(self.acc.device)) for x, y in self._search_subset(samples))
+        return candidate_loss(self.net, self.data, subnet, loader, self.cfg.label_smoothing)
+
+    def _search_subset(self, samples: int):
+        """The loader of the fixed, non-augmented training subset the search scores candidates on."""
         if self._search_loader is None or self._search_samples != samples:
             self._search_loader = self.data.loader("train", self.cfg.batch_size * 2, shuffle=False,
                                                    limit=samples, num_workers=self.cfg.num_workers)
             self._search_samples = samples
-        loader = ((x.to(self.acc.device), y.to(self.acc.device)) for x, y in self._search_loader)
-        return candidate_loss(self.net, self.data, subnet, loader, self.cfg.label_smoothing)
+        return self._search_loader
+
+    def candidate_gradients(self, subnet: SubNet, samples: int) -> dict:
+        """Mean gradient by parameter name of ``subnet``'s training loss on :meth:`candidate_loss`'s subset."""
+        from ..algorithms.gain import gradients
+
+        batches = [(self.data.prepare(x.to(self.acc.device), train=False), y.to(self.acc.device))
+                   for x, y in self._search_subset(samples)]
+        cur, was = self.net.subnet, self.net.training
+        self.net.subnet = subnet
+        self.net.eval()
+        smoothing = self.cfg.label_smoothing
+        try:
+            return gradients(ProxyTask(self.net, batches, forward=lambda m, b: m(b[0]),
+                                       loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing)))
+        finally:
+            self.net.subnet = cur
+            self.net.train(was)
 
     def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
         """Seconds of one forward+backward pass of ``subnet`` on a full batch: measured (median of ``repeats``
