@@ -75,3 +75,24 @@ def test_add_speedups_marks_the_front_and_never_ranks_a_diverged_row():
     assert by["original"]["tq_speedup"] == pytest.approx(1.0)
     per_seed = seed_speedup([by["prog"], {**by["prog"], "tq_bound": ">"}])
     assert per_seed["tq_bound"] == "~" and per_seed["tq_bounds_per_seed"] == ["=", ">"]
+
+
+def test_seed_tables_lead_with_the_mean_speedup_and_its_bound():
+    from autoprog.classification.report import seeds_markdown
+    from autoprog.diffusion.report import finetune_seeds_markdown
+    from autoprog.experiment import seed_rows
+
+    def row(method, tq, bound, **kw):
+        return {"method": method, "tq_speedup": tq, "tq_bound": bound, "front": method == "original", **kw}
+
+    keys = ("tq_speedup", "wall_time_s", "speedup", "flops_speedup", "realised_fraction", "top1", "top1_ema")
+    per_seed = {s: [row("original", 1.0, "=", wall_time_s=10.0, speedup=1.0, flops_speedup=1.0, realised_fraction=1.0,
+                        top1=70.0, top1_ema=70.0),
+                    row("prog", 1.2 + s / 10, ">", wall_time_s=6.0, speedup=1.6, flops_speedup=1.8,
+                        realised_fraction=0.9, top1=71.0, top1_ema=71.0)] for s in (0, 1)}
+    rows = seed_rows(per_seed, [0, 1], keys, seed_speedup)
+    md = seeds_markdown(rows, "t")
+    assert "| prog | >1.25× ± 0.07 |" in md and "| original | 1.00× ± 0.00 |" in md
+    ft = [{**r, "runtime_ratio": 1.0, "runtime_ratio_std": 0.0, "flops_ratio": 1.0, "flops_ratio_std": 0.0,
+           "fd": 100.0, "fd_std": 1.0, "kid": 1.0, "kid_std": 0.0, "metric": "FD"} for r in rows]
+    assert "| prog | >1.25× ± 0.07 |" in finetune_seeds_markdown(ft, "t")

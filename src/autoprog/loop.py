@@ -214,28 +214,25 @@ class ProgressiveLoop(GrowthCalls):
         self.use_subnet(snap["subnet"])
 
     def candidate_loss(self, subnet: SubNet, samples: int) -> float:
-        proxy = self._need_proxy("AutoProg-One's candidate losses")
-        cur, was = self.subnet, self.model.training
-        self.use_subnet(subnet)
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                losses = [float(proxy.loss(self.model, self._at(b, subnet.resolution))) for b in proxy.batches]
-        finally:
-            self.use_subnet(cur)
-            self.model.train(was)
+        with self._as_candidate(subnet, "AutoProg-One's candidate losses") as (proxy, batches), torch.no_grad():
+            losses = [float(proxy.loss(self.model, b)) for b in batches]
         return sum(losses) / max(1, len(losses))
 
     def candidate_gradients(self, subnet: SubNet, samples: int) -> dict:
         from .algorithms.gain import gradients
 
-        proxy = self._need_proxy("AutoProg-One's gain criterion")
+        with self._as_candidate(subnet, "AutoProg-One's gain criterion") as (proxy, batches):
+            return gradients(ProxyTask(self.model, batches, forward=lambda m, b: m(b[0]), loss=proxy.loss))
+
+    @contextmanager
+    def _as_candidate(self, subnet: SubNet, what: str):
+        """``(proxy, its batches at the candidate's resolution)`` with ``subnet`` applied in eval mode, undone on exit."""
+        proxy = self._need_proxy(what)
         cur, was = self.subnet, self.model.training
         self.use_subnet(subnet)
         self.model.eval()
         try:
-            batches = [self._at(b, subnet.resolution) for b in proxy.batches]
-            return gradients(ProxyTask(self.model, batches, forward=lambda m, b: m(b[0]), loss=proxy.loss))
+            yield proxy, [self._at(b, subnet.resolution) for b in proxy.batches]
         finally:
             self.use_subnet(cur)
             self.model.train(was)

@@ -43,6 +43,13 @@ def speedup_cell(value, bound: str | None) -> str:
     return f"{'' if bound in (None, '=') else bound}{value:.2f}×"
 
 
+def speedup_mean_cell(row: dict) -> str:
+    """A seed-mean time-to-quality speed-up with its std: ``1.42× ± 0.10``."""
+    if row.get("tq_speedup") is None:
+        return "–"
+    return f"{speedup_cell(row['tq_speedup'], row.get('tq_bound'))} ± {row.get('tq_speedup_std', 0.0):.2f}"
+
+
 def plot_front(rows: list[dict], envelope: list[tuple[float, float]], path: str | Path, quality: str,
                ylabel: str) -> None:
     """The baseline's time–quality front (its runs and their monotone envelope) and every other method as one

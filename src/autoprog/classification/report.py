@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..report import fmt, speedup_cell
+from ..report import fmt, speedup_cell, speedup_mean_cell
 
 SPEEDUP_NOTE = ("time-to-quality speed-up: the time the original's front (its runs at several budgets, each with "
                 "its learning rate fully decayed) needs to reach the method's top-1, divided by the method's time; "
@@ -43,8 +43,7 @@ def seeds_markdown(rows: list[dict], title: str) -> str:
              "| top-1 (%) | EMA top-1 (%) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        tq = "–" if r.get("tq_speedup") is None else (f"{speedup_cell(r['tq_speedup'], r.get('tq_bound'))} ± "
-                                                       f"{r['tq_speedup_std']:.2f}")
+        tq = speedup_mean_cell(r)
         lines.append(f"| {_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'speedup', '.2f')}× | "
                      f"{cell(r, 'flops_speedup', '.2f')}× | {cell(r, 'realised_fraction', '.2f')} | "
                      f"{cell(r, 'top1', '.2f')} | {cell(r, 'top1_ema', '.2f')} |")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import fmt, plot_curves, plot_front, schedule_string, speedup_cell
+from ..report import fmt, plot_curves, plot_front, schedule_string, speedup_cell, speedup_mean_cell
 
 SPEEDUP_NOTE = ("time-to-quality speed-up: the time full fine-tuning's front (its runs at several budgets, each "
                 "with its learning rate fully decayed) needs to reach the method's {metric}, divided by the method's "
@@ -46,8 +46,7 @@ def finetune_seeds_markdown(rows: list[dict], title: str) -> str:
     lines = [f"## {title}", "", f"| method | time-to-quality speed-up | wall time (s) | runtime vs full | "
                                 f"FLOPs vs full | {metric} | KID |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        tq = "–" if r.get("tq_speedup") is None else (f"{speedup_cell(r['tq_speedup'], r.get('tq_bound'))} ± "
-                                                       f"{r['tq_speedup_std']:.2f}")
+        tq = speedup_mean_cell(r)
         lines.append(f"| {_finetune_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | "
                      f"{cell(r, 'runtime_ratio', '.2f')}× | {cell(r, 'flops_ratio', '.2f')}× | "
                      f"{cell(r, 'fd', '.3f')} | {cell(r, 'kid', '.4f')} |")
