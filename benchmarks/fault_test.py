@@ -86,7 +86,7 @@ def kills(out: Path, n: int, rng: random.Random, sig: int = signal.SIGKILL) -> d
         counts["stopped at a checkpointed step"] = 0
     for name, argv in KILL_RUNS.items():
         ref = out / f"ref-{name}"
-        if not (ref / "results.json").is_file():
+        if not ((ref / "results.json").is_file() and json.loads((ref / "results.json").read_text()).get("done")):
             shutil.rmtree(ref, ignore_errors=True)
             assert autoprog(*argv, "--out", ref).returncode == 0, f"reference run {name} failed"
         t0 = time.perf_counter()  # timed once caches (the feature classifier) are warm, as the killed runs are
@@ -102,7 +102,12 @@ def kills(out: Path, n: int, rng: random.Random, sig: int = signal.SIGKILL) -> d
             if proc.poll() is None:
                 proc.send_signal(sig)
                 counts[name_of] += 1
-                _, err = proc.communicate()
+                try:
+                    _, err = proc.communicate(timeout=300)
+                except subprocess.TimeoutExpired:  # it did not stop: not clean
+                    proc.kill()
+                    _, err = proc.communicate()
+                    err += "\ndid not stop within 300 s"
                 if sig != signal.SIGKILL:
                     counts["stopped at a checkpointed step"] += stopped_at_checkpoint(proc.returncode, err, run)
             proc.wait()
@@ -132,8 +137,8 @@ def stopped_at_checkpoint(code: int, err: str, run: Path) -> bool:
     if code != 130 or len(lines) != 1 or "Traceback" in err:
         return False
     m = re.search(r"interrupted at step (\d+)", lines[0])
-    if m is None:
-        return True
+    if m is None:  # stopped before training began (loading, building): the generic clean stop
+        return "interrupted" in lines[0] and ("stopping after this step" not in err or "had finished" in lines[0])
     state = run / "checkpoint" / "state.json"
     return state.is_file() and json.loads(state.read_text())["step"] == int(m.group(1))
 

@@ -21,6 +21,7 @@ Finished runs in ``--out`` are reused; ``--out/regret.md`` and ``regret.json`` g
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -68,7 +69,10 @@ class Task:
 
             from accelerate import Accelerator
 
-            spec = replace(self.spec, method="prog", schedule=str(schedule_file))
+            from autoprog.diffusion.methods import parse_method
+
+            sid = parse_method(self.spec.method)[1].get("sid", True)  # a -nosid search replays without SID too
+            spec = replace(self.spec, method="prog" if sid else "prog-nosid", schedule=str(schedule_file))
             return _run_once(spec, out, Accelerator(), None)["summary"]
         from autoprog.classification.runner import run_or_reuse
 
@@ -139,7 +143,8 @@ def main() -> None:
         if key in seen:
             continue
         seen.add(key)
-        name = "-".join(f"{r}x{d}" for r, d, _, _ in key) + ("-replay" if label and "replayed" in label else "")
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]  # fractions and blocks too: one name per schedule
+        name = "-".join(f"{r}x{d}" for r, d, _, _ in key) + f"-{digest}"
         sched_file = out / f"{name}.schedule.json"
         sched.save(sched_file)
         s = task.run(sched_file, out / name)

@@ -175,6 +175,25 @@ def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resumes_identical(runs, cli,
         assert all(torch.equal(a[k], b[k]) for k in b), name
 
 
+def test_ctrl_c_during_the_final_evaluation_says_the_run_is_complete(cli, fake_fmnist, tmp_path, monkeypatch):
+    import signal
+
+    from autoprog.classification.trainer import Trainer
+
+    evaluate = Trainer.evaluate
+
+    def ctrl_c_in_final(self, full=False):
+        if full:
+            signal.raise_signal(signal.SIGINT)
+        return evaluate(self, full)
+
+    monkeypatch.setattr(Trainer, "evaluate", ctrl_c_in_final)
+    run = tmp_path / "run"
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 130 and "had finished training and is complete" in err, err
+    assert json.loads((run / "results.json").read_text())["done"] is True
+
+
 def test_a_second_signal_stops_at_once_and_handlers_come_back():
     import signal
 

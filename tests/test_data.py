@@ -316,3 +316,13 @@ def test_tensor_images_validates():
         TensorImages(torch.zeros(2, 1, 4, 4), torch.zeros(2))
     with pytest.raises(DataError):
         TensorImages(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3))
+
+
+def test_the_plain_training_split_is_never_randomly_transformed(image_folder):
+    from autoprog.data import load_dataset
+
+    data = load_dataset(str(image_folder), image_size=16, subset=6)
+    passes = [torch.cat([x for x, _ in data.loader(split, 3, shuffle=False)]) for split in ("train_plain",) * 2]
+    assert torch.equal(*passes), "searches score candidates on the same images every time"
+    assert len(data.train_plain) == len(data.train) == 6
+    assert [data.train[i][1] for i in range(6)] == [data.train_plain[i][1] for i in range(6)], "the same images"

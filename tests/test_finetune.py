@@ -205,6 +205,29 @@ def test_autoprog_zero_by_gain_unfreezes_the_largest_predicted_gain(base, fake_f
         assert all(math.isfinite(g) for g in gains) and s["chosen"] == gains.index(max(gains))
 
 
+def test_a_stop_at_an_evaluation_step_keeps_that_evaluation(base, fake_fmnist, cache_dir, tmp_path, monkeypatch):
+    import signal
+
+    from autoprog.diffusion.trainer import DiffusionTrainer
+    from autoprog.errors import Interrupted
+
+    spec = spec_for("prog", base, fake_fmnist, cache_dir)
+    spec = replace(spec, train=replace(spec.train, eval_points=2, checkpoint_every=0))
+    step = DiffusionTrainer._train_step
+
+    def sigint_in_4(self):  # step 4 of 8 is the first evaluation point
+        if self.step == 3:
+            signal.raise_signal(signal.SIGINT)
+        return step(self)
+
+    monkeypatch.setattr(DiffusionTrainer, "_train_step", sigint_in_4)
+    with pytest.raises(Interrupted, match="step 4"):
+        finetune(spec, tmp_path / "b")
+    monkeypatch.setattr(DiffusionTrainer, "_train_step", step)
+    res = finetune(None, tmp_path / "b", resume=True)
+    assert [p["step"] for p in res["curve"]] == [4, 8], "the evaluation at the stopped step is kept"
+
+
 def test_a_run_directory_is_not_overwritten(base, fake_fmnist, cache_dir, tmp_path):
     from autoprog.errors import ConfigError
 

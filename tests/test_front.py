@@ -46,7 +46,7 @@ def test_runs_without_a_finite_quality_draw_nothing():
 def test_seed_means_keep_a_common_bound_and_flag_a_mixed_one():
     assert mean_speedup([Speedup(2.0, ">"), Speedup(3.0, ">")]) == Speedup(2.5, ">")
     assert mean_speedup([Speedup(2.0, "="), Speedup(3.0, ">")]) == Speedup(2.5, "~")
-    assert mean_speedup([Speedup(None), Speedup(1.5)]) == Speedup(1.5, "=")
+    assert mean_speedup([Speedup(None), Speedup(1.5)]) == Speedup(1.5, "~"), "a seed without a figure is flagged"
     assert str(Speedup(1.234, ">")) == ">1.23×" and str(Speedup(1.5)) == "1.50×" and str(Speedup(None)) == "–"
     assert speedup_cell(1.5, "<") == "<1.50×" and speedup_cell(None, "=") == "–"
 

@@ -34,7 +34,10 @@ def test_per_second_and_the_choice():
     assert gain_per_second(target, grads, 2.0) == pytest.approx(2.0)
     assert gain_per_second(target, grads, 0.0) == -math.inf
     assert choose_by_gain([1.0, 3.0, 3.0, -math.inf]) == 1, "the largest, the first of equals"
-    assert choose_by_gain([-math.inf, math.nan]) == 0
+    from autoprog.errors import DivergedError
+
+    with pytest.raises(DivergedError, match="non-finite"):
+        choose_by_gain([-math.inf, math.nan])
 
 
 def test_gradients_are_the_mean_over_batches_and_leave_no_grad():
@@ -43,8 +46,10 @@ def test_gradients_are_the_mean_over_batches_and_leave_no_grad():
     net.bias.requires_grad_(False)
     batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(2)]
     task = ProxyTask(net, batches, forward=lambda m, b: m(b[0]), loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    net.weight.grad = torch.full_like(net.weight, 7.0)  # a caller's accumulating gradient is kept
     got = gradients(task)
-    assert set(got) == {"weight"} and net.weight.grad is None
+    assert set(got) == {"weight"} and torch.equal(net.weight.grad, torch.full_like(net.weight, 7.0))
+    net.weight.grad = None
     want = torch.autograd.grad(sum(F.cross_entropy(net(x), y) for x, y in batches) / 2, net.weight)[0]
     torch.testing.assert_close(got["weight"], want)
 

@@ -189,7 +189,8 @@ def test_fixed_without_path_raises(path):
 
 
 def test_unknown_method_raises():
-    assert set(METHODS) == {"original", "prog", "progstack", "fixed", "autoprog-one", "autoprog-zero"}
+    assert set(METHODS) == {"original", "prog", "progstack", "fixed", "autoprog-one", "autoprog-zero",
+                            "autoprog-one-gain", "autoprog-zero-gain"}
     with pytest.raises(ConfigError):
         build_schedule("autoprog-two", SPACE)
 

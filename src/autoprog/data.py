@@ -75,10 +75,16 @@ class DataBundle:
     in_memory: bool = True
     hflip: bool = True
     pad: int = 2
+    train_plain: Dataset | None = None  # the training images without random transforms (None: ``train`` is)
 
     def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
                num_workers: int = 0, limit: int | None = None) -> DataLoader:
-        ds = self.train if split == "train" else self.test
+        """``split``: ``train``, ``test``, or ``train_plain`` (the training images, never randomly transformed:
+        what searches score candidates on)."""
+        if split == "train_plain":
+            ds = self.train_plain if self.train_plain is not None else self.train
+        else:
+            ds = self.train if split == "train" else self.test
         if limit is not None and limit < len(ds):
             ds = _take(ds, limit, seed=1234)
         g = torch.Generator().manual_seed(seed)
@@ -213,23 +219,27 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBund
     ])
     try:
         train = datasets.ImageFolder(str(train_dir), transform=_rgb(train_tf), loader=_read_image)
+        plain = datasets.ImageFolder(str(train_dir), transform=_rgb(test_tf), loader=_read_image)
         test = datasets.ImageFolder(str(test_dir), transform=_rgb(test_tf), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot read ImageFolder dataset at {root}: {e}") from e
     if train.classes != test.classes:
         raise DataError(f"{train_dir} and {test_dir} have different class folders")
-    return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False)
+    return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
+                      train_plain=plain)
 
 
 def _read_image(path: str):
     """torchvision's image loader; an unreadable file is a :class:`DataError` naming it."""
     from torchvision.datasets.folder import default_loader
 
+    from PIL import Image
+
     try:
         return default_loader(path)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated/unidentified files, bad headers
-        raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}); remove or replace it "
-                        "and continue with --resume") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: bad or huge files
+        raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}); replace it with a readable "
+                        "image (removing it changes the data set: start the run again)") from None
 
 
 def _rgb(tf: Callable) -> Callable:
@@ -256,5 +266,7 @@ def load_dataset(name: str, data_root: str | None = None, subset: int | None = N
         if subset < 1:
             raise DataError(f"--subset must be positive, got {subset}")
         if subset < len(bundle.train):
+            if bundle.train_plain is not None:  # the same images
+                bundle.train_plain = _take(bundle.train_plain, subset, seed)
             bundle.train = _take(bundle.train, subset, seed)
     return bundle

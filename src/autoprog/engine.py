@@ -71,7 +71,12 @@ class ControllerCalls:
                     self._load_checkpoint()
                 else:
                     self.out.mkdir(parents=True, exist_ok=True)
-                return self._fit()
+                res = self._fit()
+                if self._stop.requested:  # asked after the last step (evaluation, export): the run is complete
+                    from .errors import Interrupted
+
+                    raise Interrupted(f"interrupted; the run in {self.out} had finished training and is complete")
+                return res
         except DivergedError as e:
             self._release()
             raise DivergedError(diverged_note(self, e, lambda: self._write_results(done=False))) from None
@@ -300,13 +305,16 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def _handler(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked data-loader worker: its parent decides
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("autoprog: stopping after this step (checkpointing it); press Ctrl-C again to stop at once",
-              flush=True)
+        if os.environ.get("RANK", "0") == "0":  # os.write: safe even inside another print
+            os.write(2, b"autoprog: stopping after this step (checkpointing it); press Ctrl-C again to stop at once\n")
 
     def __enter__(self) -> StopRequest:
         import signal

@@ -20,9 +20,12 @@ class DivergedError(AutoprogError):
 def one_line(error: BaseException) -> str:
     """The message of ``error`` as one line: a data-loader worker re-raises an error with its whole traceback in
     the message, whose last line is the original one."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(error).__name__
+    text = str(error)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    if "Original Traceback" not in text:
+        return " ".join(lines)
     last = lines[-1]
     prefix = f"{type(error).__module__}.{type(error).__name__}: "
     return last[len(prefix):] if last.startswith(prefix) else last

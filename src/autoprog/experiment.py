@@ -125,7 +125,11 @@ def front_runs(baseline: str, fractions: list[float], total_steps: int, run: Cal
         steps = max(1, round(total_steps * f))
         name = front_name(baseline, f)
         log(f"\n=== {name}: the {baseline} run for {steps} of its {total_steps} steps, learning rate decayed by then")
-        out[name] = run(name, steps)
+        try:
+            out[name] = run(name, steps)
+        except DivergedError as e:  # a front point less; the comparison goes on
+            log(f"{name} diverged; the front goes without it: {e}")
+            continue
         out[name]["summary"]["front_fraction"] = f
     return out
 
@@ -135,14 +139,18 @@ def is_front_run(name: str, baseline: str) -> bool:
     return name == baseline or name.startswith(baseline + FRONT_SEPARATOR)
 
 
-def add_speedups(rows: list[dict], baseline: str, quality: str, higher_is_better: bool) -> Front:
+def add_speedups(rows: list[dict], baseline: str, quality: str, higher_is_better: bool) -> Front | None:
     """Set ``tq_speedup`` / ``tq_bound`` on every row: the time-to-quality speed-up against the front drawn by
-    the baseline's runs among ``rows`` (see :mod:`autoprog.front`); rows marked ``front`` draw it."""
+    the baseline's runs among ``rows`` (see :mod:`autoprog.front`); rows marked ``front`` draw it. Returns the
+    front, None when no baseline run has a finite quality (every speed-up is then None)."""
     for r in rows:
         r["front"] = is_front_run(r["method"], baseline) and not r.get("diverged")
-    front = Front([(r["wall_time_s"], r.get(quality)) for r in rows if r["front"]], higher_is_better)
+    try:
+        front = Front([(r["wall_time_s"], r.get(quality)) for r in rows if r["front"]], higher_is_better)
+    except ConfigError:  # no baseline run with a finite quality: no speed-up can be read off
+        front = None
     for r in rows:
-        s = front.speedup(r.get("wall_time_s"), r.get(quality)) if not r.get("diverged") else Speedup(None)
+        s = front.speedup(r.get("wall_time_s"), r.get(quality)) if front and not r.get("diverged") else Speedup(None)
         r["tq_speedup"], r["tq_bound"] = s.value, s.bound
     return front
 

@@ -100,11 +100,11 @@ class Front:
 
 
 def mean_speedup(values: list[Speedup]) -> Speedup:
-    """Mean over seeds; a bound when every seed's figure is the same kind of bound, "~" when only some are
-    (the per-seed figures say which)."""
+    """Mean over the seeds that have a figure; a bound when every seed's is the same kind of bound, "~" when
+    only some are or some seed has none (diverged): the per-seed figures say which."""
     known = [v for v in values if v.value is not None]
     if not known:
         return Speedup(None)
     bounds = {v.bound for v in known}
-    bound = bounds.pop() if len(bounds) == 1 else "~"
+    bound = bounds.pop() if len(bounds) == 1 and len(known) == len(values) else "~"
     return Speedup(round(sum(v.value for v in known) / len(known), 4), bound)

@@ -70,6 +70,12 @@ class AutoProgOne(Controller):
     def num_stages(self) -> int:
         return self.space.num_stages
 
+    @property
+    def resumable(self) -> bool:
+        """Whether a checkpoint now can be resumed: not inside a search whose starting weights (--no-recycle)
+        are not checkpointed; a stop asked there waits for the search to end."""
+        return not (self.searching and not self.cfg.recycle)
+
     # ------------------------------------------------------------------------------- timeline
     def setup(self, trainer, total_steps: int) -> int:
         if self.cfg.criterion == "gain":
@@ -158,7 +164,8 @@ class AutoProgOne(Controller):
                                 "search_s": round(dt, 3),
                                 "candidates": table, "chosen": chosen.to_dict()})
         trainer.log_stage({"stage": k, "chosen": chosen.to_dict(), "alpha": alpha, "candidates": table})
-        lines = [f"stage {k + 1} search (alpha={alpha:.3f}):", "  res depth    loss  step_ms    score"]
+        how = "criterion gain, score = predicted gain per second" if self.cfg.criterion == "gain" else f"alpha={alpha:.3f}"
+        lines = [f"stage {k + 1} search ({how}):", "  res depth    loss  step_ms    score"]
         lines += [f"  {r['resolution']:>3} {r['depth']:>5} {r['loss']:7.4f} {1000 * r['step_time_s']:8.2f} "
                   f"{r['score']:8.4f}{'  <- chosen' if r['chosen'] else ''}" for r in table]  # nan: diverged
         trainer.print("\n".join(lines))

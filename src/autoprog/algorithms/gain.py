@@ -22,22 +22,25 @@ import math
 import torch
 
 from ..controllers import ProxyTask
+from ..errors import DivergedError
 
 CRITERIA = ("paper", "gain")
 
 
 def gradients(task: ProxyTask) -> dict[str, torch.Tensor]:
-    """The mean gradient of ``task.loss`` over ``task.batches`` for every learnable parameter, by name; the
-    parameters' ``.grad`` are left empty."""
-    params = {n: p for n, p in task.model.named_parameters() if p.requires_grad}
+    """The mean gradient of ``task.loss`` over ``task.batches`` for every learnable parameter, by name; every
+    parameter's ``.grad`` is as before (gradients a caller is accumulating are kept)."""
+    params = dict(task.model.named_parameters())
+    kept = {n: p.grad for n, p in params.items()}
     for p in params.values():
         p.grad = None
-    for batch in task.batches:
-        (task.loss(task.model, batch) / len(task.batches)).backward()
-    out = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
-    for p in params.values():
-        p.grad = None
-    return out
+    try:
+        for batch in task.batches:
+            (task.loss(task.model, batch) / len(task.batches)).backward()
+        return {n: p.grad.detach().clone() for n, p in params.items() if p.requires_grad and p.grad is not None}
+    finally:
+        for n, p in params.items():
+            p.grad = kept[n]
 
 
 def predicted_gain(target: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> float:
@@ -60,6 +63,9 @@ def gain_per_second(target: dict[str, torch.Tensor], grads: dict[str, torch.Tens
 
 
 def choose_by_gain(gains: list[float]) -> int:
-    """The index of the largest finite gain per second (the first on ties); 0 when none is finite."""
+    """The index of the largest finite gain per second (the first on ties); none finite (every candidate, or
+    the target, diverged) is a :class:`~autoprog.errors.DivergedError`."""
     finite = [i for i, g in enumerate(gains) if math.isfinite(g)]
-    return max(finite, key=lambda i: (gains[i], -i)) if finite else 0
+    if not finite:
+        raise DivergedError("every candidate's predicted gain is non-finite: the model diverged during the search")
+    return max(finite, key=lambda i: (gains[i], -i))

@@ -6,7 +6,8 @@ from ..report import fmt, speedup_cell, speedup_mean_cell
 
 SPEEDUP_NOTE = ("time-to-quality speed-up: the time the original's front (its runs at several budgets, each with "
                 "its learning rate fully decayed) needs to reach the method's top-1, divided by the method's time; "
-                ">: beyond the longest budget, <: reached by the shortest already, ~: some seeds outside the front")
+                ">: beyond the longest budget, <: reached by the shortest already, ~: some seeds outside the front "
+                "or without a figure")
 
 
 def _name(r: dict) -> str:

@@ -162,7 +162,7 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
         writable_dir(out)
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
     data, net, schedule, growth = build_run(spec)
-    if spec.method in ("prog", "progstack") and not resume:
+    if spec.method == "prog" and not resume:  # progstack's three stages do not follow --num-stages
         note = net.growth_space(spec.num_stages, spec.start_ratio).repeated_stages_note()
         if note:
             warn(note)
@@ -258,7 +258,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         md = summary_markdown(rows, title)
         (out / "summary.md").write_text(md)
         plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
-        plot_front(rows, baseline_front.envelope, out / "front.png", "top1", "top-1 (%)")
+        plot_front(rows, baseline_front.envelope if baseline_front else [], out / "front.png", "top1", "top-1 (%)")
         acc.print("\n" + md)
     return rows
 

@@ -254,7 +254,7 @@ class Trainer(GrowthCalls, ControllerCalls):
     def _proxy_loader(self):
         """The first ``proxy_batches`` × ``proxy_batch_size`` training images, in a fixed order."""
         n = self.cfg.proxy_batches * self.cfg.proxy_batch_size
-        return self.data.loader("train", self.cfg.proxy_batch_size, shuffle=False, limit=n, num_workers=0)
+        return self.data.loader("train_plain", self.cfg.proxy_batch_size, shuffle=False, limit=n, num_workers=0)
 
     def _rewrap_if_needed(self) -> None:
         self.model, self._wrapped_params = rewrap_if_needed(self.acc, self.model, self.net, self._wrapped_params)
@@ -314,7 +314,7 @@ class Trainer(GrowthCalls, ControllerCalls):
     def _search_subset(self, samples: int):
         """The loader of the fixed, non-augmented training subset the search scores candidates on."""
         if self._search_loader is None or self._search_samples != samples:
-            self._search_loader = self.data.loader("train", self.cfg.batch_size * 2, shuffle=False,
+            self._search_loader = self.data.loader("train_plain", self.cfg.batch_size * 2, shuffle=False,
                                                    limit=samples, num_workers=self.cfg.num_workers)
             self._search_samples = samples
         return self._search_loader
@@ -417,8 +417,9 @@ class Trainer(GrowthCalls, ControllerCalls):
             torch.manual_seed(epoch_seed)
             random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
             gen = torch.Generator().manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
-            loss_sum = torch.tensor(part.get("loss_sum", 0.0), device=self.acc.device)
-            loss_n, step_times = part.get("loss_n", 0), list(part.get("step_times", []))
+            mine = self._own_part(part)
+            loss_sum = torch.tensor(mine.get("loss_sum", 0.0), device=self.acc.device)
+            loss_n, step_times = mine.get("loss_n", 0), list(part.get("step_times", []))
             steps_this_epoch = min(self.steps_per_epoch, self.total_steps - epoch_start_step)
             bar = tqdm(total=steps_this_epoch, initial=self.step - epoch_start_step, leave=False,
                        desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
@@ -427,7 +428,7 @@ class Trainer(GrowthCalls, ControllerCalls):
             if part:
                 for _ in range(self.step - epoch_start_step):  # the same batches as before the interruption
                     next(batches)
-                self._restore_rngs(part["rng"], gen)
+                self._restore_rngs(mine, gen)
             self._in_epoch = None
             self._sync()
             self._instrument_time = 0.0
@@ -456,10 +457,11 @@ class Trainer(GrowthCalls, ControllerCalls):
                     bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", subnet=str(self.net.subnet),
                                     loss=f"{loss.item():.3f}", img_s=f"{self.global_batch / step_times[-1]:.0f}")
                 bar.update(1)
-                if self._stop_agreed:
-                    self._in_epoch = {"start_step": epoch_start_step, "loss_sum": float(loss_sum), "loss_n": loss_n,
-                                      "step_times": step_times, "time_s": part.get("time_s", 0.0),
-                                      "rng": self._rng_states(gen)}
+                if self._stop_agreed and getattr(self.controller, "resumable", True):
+                    self._in_epoch = {"start_step": epoch_start_step, "step_times": step_times,
+                                      "time_s": part.get("time_s", 0.0),
+                                      "per_process": self._gather({"loss_sum": float(loss_sum), "loss_n": loss_n,
+                                                                   **self._rng_states(gen)})}
                     bar.close()
                     self._interrupt()
             self._sync()
@@ -505,14 +507,33 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._write_results()
 
     def _rng_states(self, gen: torch.Generator) -> dict:
-        """The random states a resumed epoch continues from (the torch CPU state travels with the checkpoint)."""
-        states = {"python": _jsonable(random.getstate()), "generator": gen.get_state().tolist()}
+        """This process's random states, from which a resumed epoch continues."""
+        states = {"python": _jsonable(random.getstate()), "generator": gen.get_state().tolist(),
+                  "torch": torch.get_rng_state().tolist()}
         if torch.cuda.is_available() and self.acc.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.acc.device).tolist()
         return states
 
+    def _gather(self, local: dict) -> list[dict]:
+        """``local`` of every process, in process order (the checkpoint is written by the main process)."""
+        if self.acc.num_processes == 1:
+            return [local]
+        from accelerate.utils import gather_object
+
+        return gather_object([local])
+
+    def _own_part(self, part: dict) -> dict:
+        """This process's share of an interrupted epoch's state ({} at an epoch start)."""
+        if not part:
+            return {}
+        shares = part["per_process"]
+        if len(shares) != self.acc.num_processes:
+            raise ConfigError(f"this checkpoint was written mid-epoch by {len(shares)} processes; resume it with "
+                              f"{len(shares)}, not {self.acc.num_processes}")
+        return shares[self.acc.process_index]
+
     def _restore_rngs(self, states: dict, gen: torch.Generator) -> None:
-        torch.set_rng_state(self._resumed_rng)
+        torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
         random.setstate(_tupled(states["python"]))
         gen.set_state(torch.tensor(states["generator"], dtype=torch.uint8))
         if "cuda" in states and torch.cuda.is_available() and self.acc.device.type == "cuda":
@@ -605,6 +626,8 @@ class Trainer(GrowthCalls, ControllerCalls):
         self.lr_step = state["lr_step"]
         self.net.apply_subnet(SubNet.from_dict(state["subnet"]))
         self.ema.module.apply_subnet(self.net.subnet)
+        if self.adareg is not None:  # the sub-network's regularisation strengths, as use_subnet sets them
+            self.adareg.set_subnet(self.net, self.net.subnet)
         self._rewrap_if_needed()
         self.train_time, self.flops_sum = state["train_time_s"], state["flops_sum"]
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
@@ -614,7 +637,6 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._pending_epoch = state.get("pending_epoch")
         self._in_epoch = state.get("in_epoch")
         self.lr_sched.step_update(self.lr_step)
-        self._resumed_rng = torch.get_rng_state()  # a mid-epoch resume sets it again after replaying the batches
         self.acc.print(f"resumed from {state['checkpoint_dir']} at epoch {self.epoch}, step {self.step}")
 
 

@@ -46,9 +46,10 @@ def add_front_flag(c, baseline: str) -> None:
     """``compare --front``: the budgets of the baseline's time–quality front."""
     c.add_argument("--front", default="0.25,0.5,0.75,1", metavar="FRACTIONS",
                    help=f"budgets of the {baseline} front, as fractions of its steps, each trained with its learning "
-                        f"rate fully decayed within its budget (runs {baseline}@0.25 and so on; 1 is the {baseline} "
-                        "run itself). Every method's time-to-quality speed-up is read off this front: the time it "
-                        f"needs to reach the method's quality / the method's time (default: 0.25,0.5,0.75,1)")
+                        f"rate fully decayed within its budget (runs {baseline}@0.25 and so on); the whole {baseline} "
+                        f"run and {baseline}@budget always belong to it, so --front 1 adds no run. Every method's "
+                        "time-to-quality speed-up is read off this front: the time it needs to reach the method's "
+                        "quality / the method's time (default: 0.25,0.5,0.75,1)")
 
 
 def front_of(args) -> tuple[float, ...]:

@@ -9,7 +9,7 @@ from ..report import fmt, plot_curves, plot_front, schedule_string, speedup_cell
 SPEEDUP_NOTE = ("time-to-quality speed-up: the time full fine-tuning's front (its runs at several budgets, each "
                 "with its learning rate fully decayed) needs to reach the method's {metric}, divided by the method's "
                 "time; >: beyond the longest budget, <: reached by the shortest already, ~: some seeds outside "
-                "the front")
+                "the front or without a figure")
 
 
 def _finetune_name(r: dict) -> str:

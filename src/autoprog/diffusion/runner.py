@@ -324,7 +324,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     rows = experiment.diverged_rows(rows, diverged)
     baseline_front = experiment.add_speedups(rows, "full", "fd", higher_is_better=False)
     summary = {"task": "finetune", "spec": spec.to_dict(), "rows": rows,
-               "front": baseline_front.envelope, "curves": {n: r["curve"] for n, r in results.items()}}
+               "front": baseline_front.envelope if baseline_front else [], "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "summary.json", summary)

@@ -352,10 +352,6 @@ class DiffusionTrainer(ControllerCalls):
             if bar.disable and self.step % max(1, self.total_steps // 20) == 0 and self.step not in self.eval_steps:
                 # no progress bar (not a terminal, e.g. a log file): a line every 5 % instead
                 self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
-            if self._stop_agreed and self.step < self.total_steps:
-                self._loss_sum, self._loss_n = loss_sum, loss_n
-                bar.close()
-                self._interrupt()
             every = self.cfg.checkpoint_every
             if every and self.step % every == 0 and self.step not in self.eval_steps:
                 self._sync()  # a checkpoint between evaluation points: little is lost on a crash
@@ -382,6 +378,10 @@ class DiffusionTrainer(ControllerCalls):
                 self._sync()
                 self._instrument_time = 0.0
                 t_start = self._t_start = time.perf_counter()
+            if self._stop_agreed and self.step < self.total_steps:  # after this step's evaluation, if any
+                self._loss_sum, self._loss_n = loss_sum, loss_n
+                bar.close()
+                self._interrupt()
         bar.close()
         if not stopped:
             self._export()
