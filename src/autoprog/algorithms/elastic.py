@@ -104,10 +104,16 @@ def scores(losses: list[float], times: list[float], alpha: float) -> list[float]
     return [loss * t ** alpha for loss, t in zip(losses, times)]
 
 
+SCORE_TIE = 1e-9  # log-scores this close tie: rounding, not the candidates, would decide between them
+
+
 def argmin_score(losses: list[float], times: list[float], alpha: float) -> int:
-    """Index of the best candidate; ties go to the faster, then the earlier candidate (deterministic)."""
-    s = scores(losses, times, alpha)
-    return min(range(len(s)), key=lambda i: (s[i], times[i], i))
+    """Index of the best candidate; ties (log-scores within :data:`SCORE_TIE`) go to the faster, then the
+    earlier candidate. The balanced α makes the two extreme candidates tie exactly (with two candidates, always),
+    so without the tolerance floating-point rounding of the time scale would pick the winner."""
+    s = [math.log(v) for v in scores(losses, times, alpha)]
+    best = min(s)
+    return min((i for i in range(len(s)) if s[i] - best <= SCORE_TIE), key=lambda i: (times[i], i))
 
 
 def choose(losses: list[float], times: list[float], alpha: float | None = None) -> tuple[int, float, list[float]]:
