@@ -194,6 +194,17 @@ def test_ctrl_c_during_the_final_evaluation_says_the_run_is_complete(cli, fake_f
     assert json.loads((run / "results.json").read_text())["done"] is True
 
 
+def test_ctrl_c_while_starting_up_is_one_line(cli, monkeypatch):
+    import autoprog.cli as cli_module
+
+    def interrupted(task):
+        raise KeyboardInterrupt  # Ctrl-C while the command imports torch and the tasks
+
+    monkeypatch.setattr(cli_module, "build_parser", interrupted)
+    rc, _, err = cli("pretrain", "--out", "x")
+    assert rc == 130 and err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err
+
+
 def test_a_second_signal_stops_at_once_and_handlers_come_back():
     import signal
 

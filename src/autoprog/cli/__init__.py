@@ -172,18 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(task_of(argv))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return _main(parser, argv)
+        return _main(argv)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)  # a caller's own handler comes back (autoprog inside a program)
 
 
-def _main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     try:
+        parser = build_parser(task_of(argv))  # imports torch and the tasks: a Ctrl-C here is a clean stop too
         args = _parse(parser, argv)
         if args.command is None:
             parser.print_help()
