@@ -97,7 +97,8 @@ def kills(out: Path, n: int, rng: random.Random, sig: int = signal.SIGKILL) -> d
             run = out / f"{name_of}-{name}-{i}"
             shutil.rmtree(run, ignore_errors=True)
             proc = subprocess.Popen([sys.executable, "-m", "autoprog.cli", *argv, "--out", str(run)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=_default_sigint)
             time.sleep(rng.uniform(0.3, 0.9) * took)
             if proc.poll() is None:
                 proc.send_signal(sig)
@@ -126,6 +127,11 @@ def kills(out: Path, n: int, rng: random.Random, sig: int = signal.SIGKILL) -> d
             counts["resumed"] += bool(done)
             counts["identical"] += bool(done) and identical(ref, run)
     return counts
+
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal (a background `fault_test.py &` passes SIGINT on as ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stopped_at_checkpoint(code: int, err: str, run: Path) -> bool:

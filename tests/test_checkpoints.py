@@ -205,6 +205,19 @@ def test_ctrl_c_while_starting_up_is_one_line(cli, monkeypatch):
     assert rc == 130 and err.strip().count("\n") == 0 and "interrupted" in err and "Traceback" not in err
 
 
+def test_an_ignored_signal_stays_ignored():
+    import signal
+
+    from autoprog.engine import StopRequest
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a launcher's `cmd &` leaves it
+    try:
+        with StopRequest():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_a_second_signal_stops_at_once_and_handlers_come_back():
     import signal
 
