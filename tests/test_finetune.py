@@ -165,6 +165,23 @@ def test_a_crash_between_evaluation_points_loses_at_most_checkpoint_every_steps(
     assert ra["summary"]["schedule"] == res["summary"]["schedule"]
 
 
+def _signal_in_step(monkeypatch, sig, step: int):
+    """Raise ``sig`` during training step ``step`` (1-based); returns the real ``_train_step`` to put back."""
+    import signal
+
+    from autoprog.diffusion.trainer import DiffusionTrainer
+
+    real = DiffusionTrainer._train_step
+
+    def signalled(self):
+        if self.step == step - 1:
+            signal.raise_signal(sig)
+        return real(self)
+
+    monkeypatch.setattr(DiffusionTrainer, "_train_step", signalled)
+    return real
+
+
 def test_sigterm_checkpoints_the_step_it_stops_at(base, fake_fmnist, cache_dir, tmp_path, monkeypatch):
     import signal
 
@@ -174,14 +191,7 @@ def test_sigterm_checkpoints_the_step_it_stops_at(base, fake_fmnist, cache_dir, 
     spec = spec_for("prog", base, fake_fmnist, cache_dir)
     spec = replace(spec, train=replace(spec.train, eval_points=1, checkpoint_every=0))
     finetune(spec, tmp_path / "a")
-    step = DiffusionTrainer._train_step
-
-    def sigterm_in_5(self):
-        if self.step == 4:
-            signal.raise_signal(signal.SIGTERM)
-        return step(self)
-
-    monkeypatch.setattr(DiffusionTrainer, "_train_step", sigterm_in_5)
+    step = _signal_in_step(monkeypatch, signal.SIGTERM, 5)
     with pytest.raises(Interrupted, match="step 5"):
         finetune(spec, tmp_path / "b")
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 5
@@ -213,14 +223,7 @@ def test_a_stop_at_an_evaluation_step_keeps_that_evaluation(base, fake_fmnist, c
 
     spec = spec_for("prog", base, fake_fmnist, cache_dir)
     spec = replace(spec, train=replace(spec.train, eval_points=2, checkpoint_every=0))
-    step = DiffusionTrainer._train_step
-
-    def sigint_in_4(self):  # step 4 of 8 is the first evaluation point
-        if self.step == 3:
-            signal.raise_signal(signal.SIGINT)
-        return step(self)
-
-    monkeypatch.setattr(DiffusionTrainer, "_train_step", sigint_in_4)
+    step = _signal_in_step(monkeypatch, signal.SIGINT, 4)  # step 4 of 8 is the first evaluation point
     with pytest.raises(Interrupted, match="step 4"):
         finetune(spec, tmp_path / "b")
     monkeypatch.setattr(DiffusionTrainer, "_train_step", step)
