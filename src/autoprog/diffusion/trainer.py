@@ -354,13 +354,9 @@ class DiffusionTrainer(ControllerCalls):
                 self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
             every = self.cfg.checkpoint_every
             if every and self.step % every == 0 and self.step not in self.eval_steps:
-                self._sync()  # a checkpoint between evaluation points: little is lost on a crash
-                self.train_time += time.perf_counter() - t_start - self._instrument_time
-                self._loss_sum, self._loss_n = loss_sum, loss_n
-                self._save_checkpoint()
-                self._write_results(done=False)
+                self._loss_sum, self._loss_n = loss_sum, loss_n  # between evaluation points: little lost on a crash
+                self._checkpoint_now()
                 self._sync()
-                self._instrument_time = 0.0
                 t_start = self._t_start = time.perf_counter()
             if self.step in self.eval_steps:
                 self._sync()
@@ -389,7 +385,8 @@ class DiffusionTrainer(ControllerCalls):
         return self._write_results(done=not stopped)
 
     def _checkpoint_now(self) -> None:
-        """Checkpoint the step just finished (a stop was asked); resuming continues from it exactly."""
+        """Checkpoint the step just finished (every --checkpoint-every steps, or a stop was asked); resuming
+        continues from it exactly. The training clock stops here; the caller restarts it."""
         self._sync()
         self.train_time += time.perf_counter() - self._t_start - self._instrument_time
         self._instrument_time, self._t_start = 0.0, None
