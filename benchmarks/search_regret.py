@@ -65,11 +65,10 @@ class Task:
     def run(self, schedule_file: Path, out: Path) -> dict:
         """The finished (or reused) fixed-schedule run of ``schedule_file`` in ``out``: its summary."""
         if self.finetune:
-            from autoprog.diffusion.runner import _run_once
-
             from accelerate import Accelerator
 
             from autoprog.diffusion.methods import parse_method
+            from autoprog.diffusion.runner import _run_once
 
             sid = parse_method(self.spec.method)[1].get("sid", True)  # a -nosid search replays without SID too
             spec = replace(self.spec, method="prog" if sid else "prog-nosid", schedule=str(schedule_file))

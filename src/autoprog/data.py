@@ -231,9 +231,8 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBund
 
 def _read_image(path: str):
     """torchvision's image loader; an unreadable file is a :class:`DataError` naming it."""
-    from torchvision.datasets.folder import default_loader
-
     from PIL import Image
+    from torchvision.datasets.folder import default_loader
 
     try:
         return default_loader(path)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import time
 
 from ..controllers import SearchingController, ZeroShotServices, check_services, print_table
-from ..space import GrowthSpace
 from ..errors import ConfigError
+from ..space import GrowthSpace
 from .gain import CRITERIA, choose_by_gain, gain_per_second, gradients
 from .proxies import TIME_RTOL, autoprog_zero_vote, ntk_condition_number, zico
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..adapters.factory import ModelOverrides, build_elastic
-from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
 from ..algorithms.gain import CRITERIA
+from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
 from ..data import load_dataset
 from ..engine import has_checkpoint, writable_dir, write_json
