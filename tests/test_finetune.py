@@ -405,3 +405,27 @@ def test_seed_rows_gives_mean_std_and_per_seed_values():
     assert rows[0]["fd"] == 12.0 and rows[0]["fd_std"] == pytest.approx(2.8284, abs=1e-4)
     assert rows[0]["fd_per_seed"] == [10.0, 14.0] and rows[0]["metric"] == "FD" and rows[0]["seeds"] == [0, 1]
     assert rows[1]["fd"] == 3.0 and rows[1]["fd_std"] == 0.0 and rows[1]["fd_per_seed"] == [None, 3.0]
+
+
+@pytest.mark.parametrize("method", ["full", "lora-r4", "prog"])
+def test_a_step_budget_fine_tunes_to_the_learning_rate_floor(method, base, fake_fmnist, cache_dir, tmp_path):
+    """--budget-steps 8: full fine-tuning runs 8 steps; LoRA (no weight gradients) and prog (cheaper stages)
+    more, each spending the budget to within a step and ending at the learning-rate floor, evaluated at the end."""
+    res = finetune(spec_for(method, base, fake_fmnist, cache_dir, budget_steps=8.0, min_lr=1e-6), tmp_path / method)
+    s, b = res["summary"], res["summary"]["budget"]
+    assert res["done"] and b["unit"] == "full-model steps" and s["steps"] == b["steps"]
+    assert (s["steps"] == 8) if method == "full" else (s["steps"] > 8)
+    assert 1 - 1 / 8 <= b["used"] <= 1.0, b
+    assert res["curve"][-1]["step"] == s["steps"] and math.isfinite(s["fd"])
+    assert res["curve"][-1]["lr"] == pytest.approx(1e-6)
+
+
+def test_a_budget_fine_tuning_run_resumes_to_the_same_weights(base, fake_fmnist, cache_dir, tmp_path):
+    spec = spec_for("prog", base, fake_fmnist, cache_dir, budget_steps=8.0)
+    finetune(spec, tmp_path / "a")
+    finetune(replace(spec, train=replace(spec.train, stop_after_steps=4)), tmp_path / "b")
+    res = finetune(None, tmp_path / "b", resume=True)
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["done"] and res["summary"]["budget"] == ra["summary"]["budget"]
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -13,6 +13,10 @@ A trainer calls its controller at well-named moments (the :class:`Controller` ho
     a per-step override (a supernet phase samples one candidate per step), or None.
 ``after_step(trainer, loss)``
     after every optimizer step, with that step's loss (a float or a 0-d tensor).
+``plan(space)``
+    budget mode only, before ``setup``: the schedule to size the budget by (a search: Prog's, as a guess).
+``resize(step, total_steps)``
+    budget mode only: the trainer moved the run's end; the stages not yet begun move with it.
 ``schedule()``, ``summary()``, ``state_dict()`` / ``load_state_dict()``
     the schedule as run so far, extra summary fields, and the controller's part of a checkpoint.
 
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import ConfigError
-from .schedules import Schedule, Stage, keep_last_stage, stage_index
+from .schedules import Schedule, Stage, keep_last_stage, original, prog, stage_index
 from .space import GrowthSpace, SubNet, candidates
 
 
@@ -131,6 +135,28 @@ class Controller:
     def setup(self, trainer: TrainerServices, total_steps: int) -> int:
         return total_steps
 
+    def plan(self, space: GrowthSpace) -> Schedule:
+        """The schedule a budget is sized by before training (see :mod:`autoprog.budget`): a fixed schedule
+        itself, a search Prog's schedule of its space (its choices are not known yet), otherwise the full model."""
+        return original(space)
+
+    def resize(self, step: int, total_steps: int) -> None:
+        """The trainer moved the run's end to ``total_steps`` at ``step`` (budget mode re-plans as it goes): the
+        stages not yet begun move with the rest of the run, stretched uniformly (:func:`moved_starts`)."""
+
+    def resize_floor(self) -> int:
+        """The earliest step a stage not yet begun may move to: a running supernet phase keeps its steps."""
+        return 0
+
+    def stage_starts(self) -> list[int]:
+        """The first step of each stage, as planned now."""
+        return getattr(self, "starts", None) or [0]
+
+    def decided(self, k: int) -> SubNet | None:
+        """The sub-network stage ``k`` trains, once it is decided (a search decides at its stage's start or
+        after a supernet phase); None before, or for a controller without sub-networks."""
+        return None
+
     def stage_at(self, step: int) -> int:
         return 0
 
@@ -182,6 +208,8 @@ class ScheduleController(Controller):
         self._schedule = schedule
         self.method = schedule.method
         self.starts: list[int] = []
+        self._total: int | None = None  # the run's end when the trainer moved it (budget mode)
+        self._planned = 0
 
     @property
     def num_stages(self) -> int:
@@ -190,6 +218,7 @@ class ScheduleController(Controller):
     def setup(self, trainer: TrainerServices, total_steps: int) -> int:
         self._schedule.validate_for(trainer.growth_space())
         self.starts = self._schedule.boundaries(total_steps)
+        self._planned = total_steps
         return total_steps
 
     def stage_at(self, step: int) -> int:
@@ -198,8 +227,30 @@ class ScheduleController(Controller):
     def enter_stage(self, trainer: TrainerServices, k: int) -> None:
         enter(trainer, k, self.num_stages, self._schedule.stages[k].subnet)
 
-    def schedule(self) -> Schedule:
+    def plan(self, space: GrowthSpace) -> Schedule:
         return self._schedule
+
+    def decided(self, k: int) -> SubNet | None:
+        return self._schedule.stages[k].subnet if 0 <= k < len(self._schedule.stages) else None
+
+    def resize(self, step: int, total_steps: int) -> None:
+        old = self._total if self._total is not None else self._planned
+        self.starts = moved_starts(self.starts, step, old, total_steps)
+        self._total = total_steps
+
+    def state_dict(self) -> dict:
+        return {"starts": self.starts, "total": self._total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.starts = list(state.get("starts", self.starts))  # budget mode moves them
+        self._total = state.get("total", self._total)
+
+    def schedule(self) -> Schedule:
+        """The schedule run: the fixed one, with the stage fractions as run when the end moved."""
+        if self._total is None:
+            return self._schedule
+        return realised(self._schedule.method, [s.subnet for s in self._schedule.stages], self.starts, self._total,
+                        self._schedule.default_growth)
 
 
 class SearchingController(Controller):
@@ -226,6 +277,16 @@ class SearchingController(Controller):
     def stage_at(self, step: int) -> int:
         return stage_index(self.starts, step)
 
+    def plan(self, space: GrowthSpace) -> Schedule:
+        return prog(self.space)
+
+    def resize(self, step: int, total_steps: int) -> None:
+        self.starts = moved_starts(self.starts, step, self._total_steps, total_steps, self.resize_floor())
+        self._total_steps = total_steps
+
+    def decided(self, k: int) -> SubNet | None:
+        return self.chosen[k] if len(self.chosen) == k + 1 else None
+
     def candidates(self, k: int) -> list[SubNet]:
         """Λ_k: the candidates of stage ``k``, never smaller than the previous choice."""
         return candidates(self.space, self.chosen[-1] if self.chosen else None)
@@ -235,21 +296,43 @@ class SearchingController(Controller):
         enter(trainer, k, self.num_stages, sub, extra)
 
     def schedule(self) -> Schedule | None:
-        stages = []
-        for i, sub in enumerate(self.chosen):
-            end = self.starts[i + 1] if i + 1 < len(self.starts) else self._total_steps
-            stages.append(Stage(sub, (end - self.starts[i]) / max(1, self._total_steps)))
-        return Schedule(self.method, tuple(stages)) if stages else None
+        return realised(self.method, self.chosen, self.starts, self._total_steps) if self.chosen else None
 
     def summary(self) -> dict:
         return {"search": self.search_log}
 
     def state_dict(self) -> dict:
-        return {"chosen": [s.to_dict() for s in self.chosen], "search_log": self.search_log}
+        return {"chosen": [s.to_dict() for s in self.chosen], "search_log": self.search_log,
+                "starts": self.starts, "total_steps": self._total_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.chosen = [SubNet.from_dict(d) for d in state["chosen"]]
         self.search_log = state["search_log"]
+        self.starts = list(state.get("starts", self.starts))  # budget mode moves them
+        self._total_steps = state.get("total_steps", self._total_steps)
+
+
+def moved_starts(starts: list[int], step: int, old_total: int, new_total: int, floor: int = 0) -> list[int]:
+    """Stage starts after the run's end moved from ``old_total`` to ``new_total`` at ``step``: a stage already
+    begun keeps its start, one not yet begun moves with the rest of the run, stretched uniformly (never before
+    ``step`` or ``floor``), the last stage keeping a step."""
+    scale = (new_total - step) / (old_total - step) if old_total > step else 1.0
+    out = [s if s <= step else max(step + round((s - step) * scale), floor) for s in starts]
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1])
+    return keep_last_stage(out, new_total) if out[-1] > step else out
+
+
+def realised(method: str, subnets: list[SubNet], starts: list[int], total_steps: int,
+             default_growth: str = "mogrow") -> Schedule:
+    """The schedule of ``subnets`` entered at steps ``starts`` of a run of ``total_steps``, as fractions of it
+    (empty stages left out)."""
+    stages = []
+    for i, sub in enumerate(subnets):
+        end = starts[i + 1] if i + 1 < len(starts) else total_steps
+        if end > starts[i]:
+            stages.append(Stage(sub, (end - starts[i]) / max(1, total_steps)))
+    return Schedule(method, tuple(stages), default_growth=default_growth)
 
 
 def print_table(trainer: TrainerServices, k: int, rows: list[dict], cols: list[str], winner: int) -> None:

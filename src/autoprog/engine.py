@@ -196,11 +196,12 @@ def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, opt
     replace_dir(tmp, out / CHECKPOINT_DIR)
 
 
-def read_checkpoint(out: Path, total_steps: int, device, log=print, need_ema: bool = False
+def read_checkpoint(out: Path, total_steps: int | None, device, log=print, need_ema: bool = False
                     ) -> tuple[dict, dict, dict | None, dict]:
     """``(state, model weights, ema weights or None, optimizer tensors)`` of the newest usable checkpoint in
     ``out``, with the torch RNG restored. A damaged newest checkpoint falls back to the previous one (and says
-    so); none usable, or one made for another number of steps, is a one-line :class:`ConfigError`."""
+    so); none usable, or one made for another number of steps (unless ``total_steps`` is None: a budget run's
+    end moves), is a one-line :class:`ConfigError`."""
     from .errors import ConfigError
 
     problems = []
@@ -213,7 +214,7 @@ def read_checkpoint(out: Path, total_steps: int, device, log=print, need_ema: bo
         except _Damaged as e:
             problems.append(str(e))
             continue
-        if found[0]["total_steps"] != total_steps:
+        if total_steps is not None and found[0]["total_steps"] != total_steps:
             raise ConfigError(f"checkpoint was made for {found[0]['total_steps']} steps, this run has {total_steps}")
         if problems:
             log(f"warning: {problems[0]}; resuming from the previous checkpoint {ck} instead")

@@ -114,19 +114,21 @@ def diverged_rows(rows: list[dict], diverged: dict[str, str]) -> list[dict]:
     return rows + [{**dict.fromkeys(keys), "method": m, "diverged": msg} for m, msg in diverged.items()]
 
 
-def front_runs(baseline: str, fractions: list[float], total_steps: int, run: Callable[[str, int], dict],
-               log: Callable[[str], None] = print) -> dict[str, dict]:
+def front_runs(baseline: str, fractions: list[float], total_steps: int, run: Callable[[str, int, float], dict],
+               log: Callable[[str], None] = print, budget: str | None = None) -> dict[str, dict]:
     """The baseline trained at each budget ``fraction`` (< 1) of its ``total_steps``, each with its learning rate
-    fully decayed within that budget: ``run(name, steps)`` for ``name`` like ``original@0.5``."""
+    fully decayed within that budget: ``run(name, steps, fraction)`` for ``name`` like ``original@0.5``.
+    ``budget`` (budget mode: the run's budget, described) makes the fractions fractions of it."""
     out = {}
     for f in fractions:
         if f >= 1:
             continue  # the whole run is the baseline itself
         steps = max(1, round(total_steps * f))
         name = front_name(baseline, f)
-        log(f"\n=== {name}: the {baseline} run for {steps} of its {total_steps} steps, learning rate decayed by then")
+        log(f"\n=== {name}: the {baseline} run for " + (f"{f:g} of its budget of {budget}" if budget else
+            f"{steps} of its {total_steps} steps") + ", learning rate decayed by then")
         try:
-            out[name] = run(name, steps)
+            out[name] = run(name, steps, f)
         except DivergedError as e:  # a front point less; the comparison goes on
             log(f"{name} diverged; the front goes without it: {e}")
             continue

@@ -20,9 +20,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..controllers import Controller, GainServices, SearchingController, check_services, print_table
+from ..controllers import (
+    Controller,
+    GainServices,
+    SearchingController,
+    check_services,
+    moved_starts,
+    print_table,
+)
 from ..errors import ConfigError
-from ..schedules import Schedule, Stage, keep_last_stage, stage_index
+from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
 from ..space import GrowthSpace, SubNet, candidates
 from .elastic import ElasticLayout, choose, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
@@ -58,6 +65,8 @@ class AutoProgOne(Controller):
         self.cfg.validate()
         self.chosen: list[SubNet] = []  # ψ*_k, compacted to blocks 0..l-1
         self.cands: list[SubNet] = []
+        self._extra, self._total = 0, None  # a --no-recycle search's redone steps; the end budget mode moved
+        self._planned = 0
         self.searching = False
         self.search_end = 0
         self.search_log: list[dict] = []
@@ -87,7 +96,25 @@ class AutoProgOne(Controller):
         extra = 0 if self.cfg.recycle else self.search_steps
         total = total_steps + (k - 1) * extra
         self.starts = keep_last_stage([round(i * self.stage_len) + i * extra for i in range(k)], total)
+        self._extra, self._total, self._planned = extra, None, total
         return total
+
+    def plan(self, space: GrowthSpace) -> Schedule:
+        if not self.cfg.recycle:
+            raise ConfigError("budget mode is not built for AutoProg-One --no-recycle (its redone search steps "
+                              "would move the learning-rate schedule); use recycling, or --epochs")
+        return prog(self.space)
+
+    def resize(self, step: int, total_steps: int) -> None:
+        old = self._total if self._total is not None else self._planned
+        self.starts = moved_starts(self.starts, step, old, total_steps, self.resize_floor())
+        self._total = total_steps
+
+    def resize_floor(self) -> int:
+        return self.search_end + 1 if self.searching else 0
+
+    def decided(self, k: int) -> SubNet | None:
+        return self.chosen[k] if len(self.chosen) == k + 1 else None
 
     def stage_at(self, step: int) -> int:
         return stage_index(self.starts, step)
@@ -183,8 +210,14 @@ class AutoProgOne(Controller):
     def schedule(self) -> Schedule | None:
         if not self.chosen:
             return None
-        frac = 1.0 / self.num_stages
-        return Schedule(self.method, tuple(Stage(s, frac) for s in self.chosen), default_growth="mogrow")
+        if self._total is None:
+            frac = 1.0 / self.num_stages
+            return Schedule(self.method, tuple(Stage(s, frac) for s in self.chosen), default_growth="mogrow")
+        ends = [*self.starts[1:len(self.chosen)], self._total][:len(self.chosen)]
+        kept = [e - s - (self._extra if i < self.num_stages - 1 else 0)  # a --no-recycle search's steps are redone
+                for i, (s, e) in enumerate(zip(self.starts, ends))]
+        return Schedule(self.method, tuple(Stage(c, n) for c, n in zip(self.chosen, kept) if n > 0),
+                        default_growth="mogrow")
 
     def summary(self) -> dict:
         return {"search_epoch_s": round(self.supernet_time, 3), "search_scoring_s": round(self.search_time, 3),
@@ -193,7 +226,8 @@ class AutoProgOne(Controller):
     def state_dict(self) -> dict:
         return {"chosen": [c.to_dict() for c in self.chosen], "cands": [c.to_dict() for c in self.cands],
                 "searching": self.searching, "search_end": self.search_end, "search_log": self.search_log,
-                "search_time": self.search_time, "supernet_time": self.supernet_time, "t_stage": self._t_stage}
+                "search_time": self.search_time, "supernet_time": self.supernet_time, "t_stage": self._t_stage,
+                "starts": self.starts, "total": self._total}
 
     def load_state_dict(self, state: dict) -> None:
         if state["searching"] and not self.cfg.recycle:
@@ -204,6 +238,8 @@ class AutoProgOne(Controller):
         self.searching, self.search_end = state["searching"], state["search_end"]
         self.search_log, self.search_time = state["search_log"], state["search_time"]
         self.supernet_time, self._t_stage = state["supernet_time"], state["t_stage"]
+        self.starts = list(state.get("starts", self.starts))  # budget mode moves them
+        self._total = state.get("total", self._total)
 
 
 def candidate_loss(net, data, subnet: SubNet, loader, label_smoothing: float) -> float:
@@ -289,3 +325,6 @@ class AutoProgOneFinetune(SearchingController):
         self.cands = [SubNet.from_dict(d) for d in state["cands"]]
         self.losses = {int(i): v for i, v in state["losses"].items()}
         self.search_end, self._stage = state["search_end"], state["stage"]
+
+    def resize_floor(self) -> int:
+        return self.search_end + 1 if self.cands and self.search_end >= 0 else 0

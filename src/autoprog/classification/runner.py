@@ -14,6 +14,7 @@ from ..adapters.factory import ModelOverrides, build_elastic
 from ..algorithms.gain import CRITERIA
 from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
+from ..budget import Budget
 from ..data import load_dataset
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
@@ -137,6 +138,7 @@ def validate_spec(spec: RunSpec) -> None:
     """Raise :class:`ConfigError` for settings that would fail, without training (RNG state untouched)."""
     import torch
 
+    spec.train.validate()
     with torch.random.fork_rng(devices=[]):
         build_run(spec)
 
@@ -218,7 +220,11 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
                                     "original", acc.print)
     orig = results["original"]["summary"]
     progressive = [m for m in results if m != "original"]
-    if budget_baseline and progressive:
+    budget = Budget.from_options(base.train.budget, base.train.budget_steps)
+    if budget is not None and budget_baseline:
+        acc.print(f"budget mode: every method had the same budget ({budget.describe()}), so the original is the "
+                  "budget-matched baseline itself (no original@budget)")
+    if budget_baseline and progressive and budget is None:
         fastest = min(progressive, key=lambda m: results[m]["summary"]["wall_time_s"])
         ratio = results[fastest]["summary"]["wall_time_s"] / orig["wall_time_s"]
         steps_per_epoch = orig["total_steps"] / orig["epochs"] if orig["epochs"] else orig["total_steps"]
@@ -229,8 +235,14 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         drop_stale_budget_run(out / name, run_differences(out / name, spec), "train.max_steps", acc)
         results[name] = run_or_reuse(spec, out / name, acc)
         results[name]["summary"]["budget_of"] = fastest
-    results.update(front_runs("original", list(front), orig["total_steps"], lambda name, steps: run_or_reuse(
-        replace(base, method="original", train=replace(base.train, max_steps=steps)), out / name, acc), acc.print))
+    def front_point(name: str, steps: int, fraction: float) -> dict:
+        train = (replace(base.train, max_steps=steps) if budget is None else
+                 replace(base.train, budget=f"{budget.amount * fraction:g}s") if not budget.in_steps else
+                 replace(base.train, budget_steps=budget.amount * fraction))
+        return run_or_reuse(replace(base, method="original", train=train), out / name, acc)
+
+    results.update(front_runs("original", list(front), orig["total_steps"], front_point, acc.print,
+                              budget.describe() if budget else None))
     rows = []
     for m, res in results.items():
         s = res["summary"]
@@ -244,7 +256,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
             "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
             "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
             "epochs": s["epochs"], "steps": s["steps"], "budget_of": s.get("budget_of"),
-            "front_fraction": s.get("front_fraction"),
+            "front_fraction": s.get("front_fraction"), "budget_used": s.get("budget", {}).get("used"),
             "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"]),
         })
     for r in rows:  # how much of the theoretical (FLOPs) speed-up the wall-clock realises

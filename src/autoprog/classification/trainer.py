@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import ElasticModel
 from ..algorithms.growth import GrowthCalls, GrowthOperator, MomentumNetwork, auto_ema_decay
+from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle
 from ..engine import (
@@ -73,6 +74,8 @@ class TrainConfig:
                                       group="data")
     max_steps: int | None = option(None, "stop the learning-rate schedule and training after this many steps "
                                          "(the budget-matched original)", minimum=1, cli=False)
+    budget: str | None = budget_option("--epochs", "every epoch")
+    budget_steps: float | None = budget_steps_option("--epochs", "full-model")
     num_workers: int = option(0, "data-loader workers for ImageFolder data", flag="--workers", minimum=0,
                               group="data")
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
@@ -98,6 +101,8 @@ class TrainConfig:
             raise ConfigError("--proxy-batches must be at least 2 (ZiCo needs a spread across batches)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}")
+        if Budget.from_options(self.budget, self.budget_steps) is not None and self.max_steps is not None:
+            raise ConfigError("a budget sizes the run itself: give --budget/--budget-steps or max_steps, not both")
 
 
 class Trainer(GrowthCalls, ControllerCalls):
@@ -142,17 +147,7 @@ class Trainer(GrowthCalls, ControllerCalls):
             )
         self.ema_decay = cfg.ema_decay if cfg.ema_decay is not None else auto_ema_decay(self.steps_per_epoch)
         self.ema = MomentumNetwork(self.net, self.ema_decay)
-        self.lr_steps = cfg.max_steps or max(1, round(cfg.epochs * self.steps_per_epoch))
         self.step, self.stage = 0, -1  # the controller may look at them from setup on
-        self.total_steps = self.controller.setup(self, self.lr_steps)
-        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        from timm.scheduler import CosineLRScheduler
-
-        warmup = min(self.lr_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.lr_sched = CosineLRScheduler(
-            self.optimizer, t_initial=max(1, self.lr_steps - warmup), lr_min=cfg.min_lr, warmup_t=warmup,
-            warmup_lr_init=cfg.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
-        )
         self.lr_step = 0  # position in the learning-rate schedule (rewound when search steps are discarded)
         self.epoch = 0
         self.train_time = 0.0
@@ -170,6 +165,52 @@ class Trainer(GrowthCalls, ControllerCalls):
         self.diverged: str | None = None  # why training stopped, when it diverged
         self._in_epoch: dict | None = None  # the running epoch's position when a stop was asked mid-epoch
         self._pending_epoch: dict | None = None  # a trained epoch whose evaluation has not finished
+        self._epoch_start = 0  # the running epoch's first step
+        self.budget = Budget.from_options(cfg.budget, cfg.budget_steps)
+        self.budget_plan = BudgetPlan(self, self.budget) if self.budget else None
+        self._start(self.budget_plan.steps if self.budget_plan
+                    else cfg.max_steps or max(1, round(cfg.epochs * self.steps_per_epoch)))
+
+    def _start(self, lr_steps: int) -> None:
+        """Set the controller up for ``lr_steps`` and build the learning-rate schedule over them."""
+        from timm.scheduler import CosineLRScheduler
+
+        self.lr_steps = lr_steps
+        self.total_steps = self.controller.setup(self, lr_steps)
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        warmup = min(lr_steps // 2, round(self.cfg.warmup_epochs * self.steps_per_epoch))
+        self.lr_sched = CosineLRScheduler(
+            self.optimizer, t_initial=max(1, lr_steps - warmup), lr_min=self.cfg.min_lr, warmup_t=warmup,
+            warmup_lr_init=self.cfg.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
+        )
+        self.lr_remap = LRRemap(lr_steps)  # the identity until budget mode moves the end
+
+    def _set_lr(self, position: int) -> None:
+        self.lr_sched.step_update(self.lr_remap(position))
+
+    def budget_cost(self, subnet: SubNet) -> float:
+        """Predicted cost of one training step of ``subnet`` for budget mode: seconds of a forward and backward
+        pass (measured; the measuring is not training time), or its FLOPs ÷ the full model's."""
+        if self.budget.in_steps:
+            return self._count_flops(subnet) / self._count_flops(self.net.full_subnet)
+        t0 = time.perf_counter()
+        try:
+            return self._timed(subnet, 3)
+        finally:
+            if self._t_epoch is not None:
+                self._instrument_time += time.perf_counter() - t0
+
+    def _replan(self, entering: bool = False) -> None:
+        """Budget mode: move the run's end to where the budget says, the learning rate decaying to it."""
+        end = self.budget_plan.replan(self.step, self.stage, self.controller.stage_starts(), self.total_steps,
+                                      self.controller.decided(self.stage), self.controller.resize_floor(), entering)
+        if end != self.total_steps:
+            self.lr_remap.retarget(self.lr_step, self.lr_step + end - self.step)
+            self.total_steps = end
+            running = self._t_epoch is not None  # mid-epoch (a stage start): the running epoch counts from its start
+            first = self._epoch_start if running else self.step
+            self.num_epochs = self.epoch + max(1 if running else 0, math.ceil((end - first) / self.steps_per_epoch))
+            self.controller.resize(self.step, end)
 
     # ------------------------------------------------------------------------------------- helpers
     @property
@@ -296,7 +337,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)
         load_optimizer_state(self.optimizer, self.net, snap["optimizer"])
         self.lr_step = snap["lr_step"]
-        self.lr_sched.step_update(self.lr_step)
+        self._set_lr(self.lr_step)
         self.use_subnet(snap["subnet"])
 
     def elapsed(self) -> float:
@@ -412,7 +453,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         stopped_early = False
         while self.epoch < self.num_epochs:
             part = self._in_epoch or {}  # an epoch interrupted at a step and resumed there
-            epoch_start_step = part.get("start_step", self.step)
+            epoch_start_step = self._epoch_start = part.get("start_step", self.step)
             epoch_seed = self.cfg.seed * 100003 + self.epoch * 131 + self.acc.process_index
             torch.manual_seed(epoch_seed)
             random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
@@ -442,6 +483,9 @@ class Trainer(GrowthCalls, ControllerCalls):
                     self._time_cache.clear()  # candidates are timed afresh at every stage, never for the whole run
                     self.controller.enter_stage(self, k)
                     self.stage = k
+                    if self.budget_plan is not None:
+                        self.budget_plan.stage_started(self.step)
+                        self._replan(entering=True)
                 sub = self.controller.step_subnet(self, self.step)
                 if sub is not None and sub != self.net.subnet:
                     self.use_subnet(sub)
@@ -449,6 +493,8 @@ class Trainer(GrowthCalls, ControllerCalls):
                 loss_sum += loss.detach()
                 loss_n += 1
                 self.flops_sum += self._step_flops(self.net.subnet)
+                if self.budget_plan is not None:
+                    self.budget_plan.after_step(self.net.subnet)
                 self.step += 1
                 self.lr_step += 1
                 self.controller.after_step(self, loss.detach())
@@ -471,6 +517,8 @@ class Trainer(GrowthCalls, ControllerCalls):
             self.train_time += since
             epoch_time = since + part.get("time_s", 0.0)  # with the part before an interruption
             self.epoch += 1
+            if self.budget_plan is not None:
+                self._replan()
             final = self.step >= self.total_steps
             mean_loss = float(self.acc.reduce(loss_sum, reduction="mean")) / max(1, loss_n)
             steps = self.step - epoch_start_step
@@ -563,7 +611,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.lr_sched.step_update(self.lr_step + 1)
+        self._set_lr(self.lr_step + 1)
         self.ema.update(self.net)
         return loss
 
@@ -585,6 +633,7 @@ class Trainer(GrowthCalls, ControllerCalls):
             "flops_per_step": avg_flops, "full_model_flops_per_step": full_flops,
             "theoretical_speedup": round(full_flops / avg_flops, 4) if avg_flops and full_flops else None,
             "schedule": sched.to_dict() if (sched := self.controller.schedule()) else {"stages": []},
+            **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {}),
             **self.controller.summary(),
         }
 
@@ -610,12 +659,21 @@ class Trainer(GrowthCalls, ControllerCalls):
             "lr_step": self.lr_step, "controller": self.controller.state_dict(),
             "time_cache": self._time_cache, "sec_per_flop": self._sec_per_flop, "pending_epoch": self._pending_epoch,
             "in_epoch": self._in_epoch,
+            "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
+                       "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
         }
         save_checkpoint(self.out, self.acc, self.net, self.ema.module, self.optimizer, state)
 
     def _load_checkpoint(self) -> None:
-        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device, log=self.acc.print,
-                                                   need_ema=True)
+        state, weights, ema, opt = read_checkpoint(self.out, None if self.budget_plan else self.total_steps,
+                                                   self.acc.device, log=self.acc.print, need_ema=True)
+        budget = state.get("budget")
+        if (budget is None) != (self.budget_plan is None):
+            raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "
+                              "it with the settings it started with")
+        if budget is not None:  # the plan as made (step costs measured then), not a new one
+            self.budget_plan.load_state_dict(budget, SubNet.from_dict)
+            self._start(self.budget_plan.steps)
         self._set_gated_blocks(state["gated_blocks"])
         self.net.load_state_dict(weights)
         self.ema.module.load_state_dict(ema)
@@ -636,7 +694,13 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._sec_per_flop = state.get("sec_per_flop")
         self._pending_epoch = state.get("pending_epoch")
         self._in_epoch = state.get("in_epoch")
-        self.lr_sched.step_update(self.lr_step)
+        if budget is not None:
+            self.total_steps = budget["total_steps"]
+            first = self._in_epoch["start_step"] if self._in_epoch else self.step
+            self.num_epochs = self.epoch + max(1 if self._in_epoch else 0,
+                                               math.ceil((self.total_steps - first) / self.steps_per_epoch))
+            self.lr_remap.load_state_dict(budget["lr_remap"])
+        self._set_lr(self.lr_step)
         self.acc.print(f"resumed from {state['checkpoint_dir']} at epoch {self.epoch}, step {self.step}")
 
 

@@ -18,6 +18,7 @@ from .. import experiment
 from ..adapters.unfreezer import Unfreezer
 from ..algorithms.gain import CRITERIA
 from ..algorithms.proxies import TIME_RTOL
+from ..budget import Budget
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
 from ..front import DEFAULT_FRONT
@@ -296,7 +297,11 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     full_t = results["full"]["summary"]["wall_time_s"]
     full_flops = results["full"]["summary"]["flops_per_step"] * results["full"]["summary"]["steps"]
     prog = [m for m in results if parse_method(m)[0] not in STATIC_METHODS]
-    if budget and prog:
+    run_budget = Budget.from_options(spec.train.budget, spec.train.budget_steps)
+    if run_budget is not None and budget:
+        acc.print(f"budget mode: every method had the same budget ({run_budget.describe()}), so full fine-tuning "
+                  "is the budget-matched baseline itself (no full@budget)")
+    if budget and prog and run_budget is None:
         fastest = min(prog, key=lambda m: results[m]["summary"]["wall_time_s"])
         ratio = results[fastest]["summary"]["wall_time_s"] / full_t
         steps = max(1, round(spec.train.steps * ratio))
@@ -306,9 +311,14 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         results[name] = _run_once(bspec, out / name, acc, evaluator)
         results[name]["summary"]["method"] = name
         results[name]["summary"]["budget_of"] = fastest
-    front_results = experiment.front_runs(
-        "full", list(front), spec.train.steps, lambda name, steps: _run_once(
-            replace(spec, method="full", train=replace(spec.train, steps=steps)), out / name, acc, evaluator), acc.print)
+    def front_point(name: str, steps: int, fraction: float) -> dict:
+        train = (replace(spec.train, steps=steps) if run_budget is None else
+                 replace(spec.train, budget=f"{run_budget.amount * fraction:g}s") if not run_budget.in_steps else
+                 replace(spec.train, budget_steps=run_budget.amount * fraction))
+        return _run_once(replace(spec, method="full", train=train), out / name, acc, evaluator)
+
+    front_results = experiment.front_runs("full", list(front), spec.train.steps, front_point, acc.print,
+                                          run_budget.describe() if run_budget else None)
     results.update(front_results)
     rows = []
     for name, res in results.items():
@@ -320,7 +330,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                      "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
                      "search_time_s": s["search_time_s"], "steps": s["steps"],
                      "schedule": s.get("schedule", {}).get("stages", []), "budget_of": s.get("budget_of"),
-                     "front_fraction": s.get("front_fraction")})
+                     "front_fraction": s.get("front_fraction"), "budget_used": s.get("budget", {}).get("used")})
     rows = experiment.diverged_rows(rows, diverged)
     baseline_front = experiment.add_speedups(rows, "full", "fd", higher_is_better=False)
     summary = {"task": "finetune", "spec": spec.to_dict(), "rows": rows,

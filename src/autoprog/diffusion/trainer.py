@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters.unfreezer import Unfreezer
+from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..controllers import ProxyTask
 from ..engine import (
     ControllerCalls,
@@ -83,6 +84,8 @@ class DiffusionConfig:
                                           "afresh each stage), or flops (FLOPs times one calibration, so a busy "
                                           "machine cannot change a choice)", choices=("measured", "flops"),
                               group="unfreezing")
+    budget: str | None = budget_option("--steps", "every 5 %% of the run")
+    budget_steps: float | None = budget_steps_option("--steps", "full fine-tuning")
     checkpoint_every: int = option(50, "also checkpoint every this many steps between evaluation points (0 = only "
                                        "at them)", minimum=0, group="optimisation")
     stop_after_steps: int | None = option(None, "stop at the first evaluation point after this many steps "
@@ -105,6 +108,7 @@ class DiffusionConfig:
             raise ConfigError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
         if self.proxy_batches < 2:
             raise ConfigError("--proxy-batches must be at least 2 (ZiCo needs a spread across batches)")
+        Budget.from_options(self.budget, self.budget_steps)
 
 
 class DiffusionTrainer(ControllerCalls):
@@ -114,7 +118,6 @@ class DiffusionTrainer(ControllerCalls):
                  out_dir: str | Path, lr: float, accelerator=None, evaluator=None, run_info: dict | None = None,
                  unfreezer: Unfreezer | None = None):
         from accelerate import Accelerator
-        from timm.scheduler import CosineLRScheduler
 
         cfg.validate()
         self.model, self.controller, self.data, self.cfg = model, controller, data, cfg
@@ -139,14 +142,7 @@ class DiffusionTrainer(ControllerCalls):
         self.steps_per_epoch = max(1, len(data.train_images) // (cfg.batch_size * self.acc.num_processes))
         self.step, self.stage = 0, -1  # the controller may look at them from setup on
         self._t_start: float | None = None
-        self.total_steps = self.controller.setup(self, cfg.steps)
-        warm = min(cfg.warmup_steps, self.total_steps // 2)
-        self.lr_sched = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warm), lr_min=cfg.min_lr,
-                                          warmup_t=warm, warmup_lr_init=lr * 0.01, warmup_prefix=True,
-                                          t_in_epochs=False)
-        self.lr_sched.step_update(0)
-        self.eval_steps = sorted({max(1, round(i * self.total_steps / cfg.eval_points))
-                                  for i in range(1, cfg.eval_points + 1)})
+        self._lr = lr
         self.train_time = 0.0
         self.search_time = 0.0
         self.trainable_steps = 0.0  # Σ trainable parameters over steps, for the mean
@@ -160,6 +156,69 @@ class DiffusionTrainer(ControllerCalls):
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._loss_sum, self._loss_n = 0.0, 0
         self.diverged: str | None = None  # why training stopped, when it diverged
+        self._full_flops: int | None = None  # full fine-tuning's step FLOPs (budget mode's unit)
+        self.budget = Budget.from_options(cfg.budget, cfg.budget_steps)
+        self.budget_plan = BudgetPlan(self, self.budget) if self.budget else None
+        self._start(self.budget_plan.steps if self.budget_plan else cfg.steps)
+
+    def _start(self, steps: int) -> None:
+        """Set the controller up for ``steps``, the learning-rate schedule over them and the evaluation points."""
+        from timm.scheduler import CosineLRScheduler
+
+        self.total_steps = self.controller.setup(self, steps)
+        warm = min(self.cfg.warmup_steps, self.total_steps // 2)
+        self.lr_sched = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warm),
+                                          lr_min=self.cfg.min_lr, warmup_t=warm, warmup_lr_init=self._lr * 0.01,
+                                          warmup_prefix=True, t_in_epochs=False)
+        self.lr_remap = LRRemap(self.total_steps)  # the identity until budget mode moves the end
+        self._set_lr(0)
+        self.eval_steps = self._eval_plan(self.total_steps)
+
+    def _eval_plan(self, total_steps: int) -> list[int]:
+        """``eval_points`` steps evenly spaced over ``total_steps``, the last at the end."""
+        return sorted({max(1, round(i * total_steps / self.cfg.eval_points)) for i in range(1, self.cfg.eval_points + 1)})
+
+    def _set_lr(self, position: int) -> None:
+        self.lr_sched.step_update(self.lr_remap(position))
+
+    def budget_cost(self, subnet: SubNet) -> float:
+        """Predicted cost of one training step for budget mode: seconds of a forward and backward pass with
+        ``subnet`` learnable (a fixed-set method: its own set), or its FLOPs ÷ full fine-tuning's."""
+        own = None if self.unfreezer is None else subnet
+        if self.budget.in_steps:
+            flops = self.step_flops() if own is None else self._candidate_flops(own)
+            return flops / self._full_finetune_flops()
+        t0 = time.perf_counter()
+        try:
+            return self._timed(own, 3)
+        finally:
+            if self._t_start is not None:
+                self._instrument_time += time.perf_counter() - t0
+
+    def _full_finetune_flops(self) -> int:
+        if self._full_flops is None:
+            flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            res, self.resolution = self.resolution, self.data.model_size
+            try:
+                for p, _ in flags:
+                    p.requires_grad_(True)
+                self._full_flops = self.step_flops()
+            finally:
+                for p, was in flags:
+                    p.requires_grad_(was)
+                self.resolution = res
+        return self._full_flops
+
+    def _replan(self, entering: bool = False) -> None:
+        """Budget mode: move the run's end (and the evaluation points not reached) to where the budget says."""
+        end = self.budget_plan.replan(self.step, self.stage, self.controller.stage_starts(), self.total_steps,
+                                      self.controller.decided(self.stage), self.controller.resize_floor(), entering)
+        if end != self.total_steps:
+            self.lr_remap.retarget(self.step, end)
+            self.total_steps = end
+            self.controller.resize(self.step, end)
+            self.eval_steps = sorted({s for s in self.eval_steps if s < self.step}
+                                     | {s for s in self._eval_plan(end) if s >= self.step})
 
     # ------------------------------------------------------------------------------------ helpers
     def _rewrap_if_needed(self) -> None:
@@ -292,14 +351,16 @@ class DiffusionTrainer(ControllerCalls):
             if prev is not None:
                 self.unfreezer.apply(prev)
 
-    def _timed(self, subnet: SubNet, repeats: int) -> float:
+    def _timed(self, subnet: SubNet | None, repeats: int) -> float:
+        """Seconds of a forward and backward pass with ``subnet`` learnable (None: as the model is now)."""
         from ..algorithms.proxies import measure_step_time
 
-        prev = self.unfreezer.subnet
-        self.unfreezer.apply(subnet)
+        prev = self.unfreezer.subnet if self.unfreezer is not None else None
+        if subnet is not None:
+            self.unfreezer.apply(subnet)
         g = torch.Generator().manual_seed(self.cfg.seed + 17)
         idx = torch.randperm(len(self.data.train_images), generator=g)[:self.cfg.batch_size]
-        x0, y = self.data.batch(idx, subnet.resolution, generator=g)
+        x0, y = self.data.batch(idx, subnet.resolution if subnet is not None else self.resolution, generator=g)
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
         def step():
@@ -335,6 +396,10 @@ class DiffusionTrainer(ControllerCalls):
                 self.model.set_stage(k)
                 self.stage = k
                 self.search_time += time.perf_counter() - t0
+                if self.budget_plan is not None:
+                    self.budget_plan.stage_started(self.step)
+                    self._replan(entering=True)
+                    bar.total = self.total_steps
             sub = self.controller.step_subnet(self, self.step)
             if sub is not None and sub != self.subnet:
                 self.use_subnet(sub)
@@ -344,7 +409,12 @@ class DiffusionTrainer(ControllerCalls):
             loss_n += 1
             self.trainable_steps += num_parameters(self.model, trainable=True)
             self.flops_sum += self.step_flops()
+            if self.budget_plan is not None:
+                self.budget_plan.after_step(self.subnet or self.growth_space().full)
             self.step += 1
+            if self.budget_plan is not None and self.step % max(1, self.total_steps // 20) == 0:
+                self._replan()  # every 5 % of the run
+                bar.total = self.total_steps
             bar.update(1)
             if self.step % 10 == 0:
                 bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=f"{loss:.4f}",
@@ -407,7 +477,7 @@ class DiffusionTrainer(ControllerCalls):
         self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.lr_sched.step_update(self.step + 1)
+        self._set_lr(self.step + 1)
         if self.ema is not None:
             self.ema.update(self.model)
         return loss.detach()
@@ -465,6 +535,7 @@ class DiffusionTrainer(ControllerCalls):
             "flops_per_step": self.flops_sum / max(1, self.step),
             "total_params": num_parameters(self.model),
             "schedule": sched.to_dict() if (sched := self.controller.schedule()) else {"stages": []},
+            **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {}),
             **self.controller.summary(),
         }
 
@@ -503,13 +574,24 @@ class DiffusionTrainer(ControllerCalls):
                  "flops_cache": self.flops_cache, "history": self.history, "stage_log": self.stage_log,
                  "total_steps": self.total_steps, "controller": self.controller.state_dict(),
                  "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()],
-                 "sec_per_flop": self._sec_per_flop, "loss_sum": self._loss_sum, "loss_n": self._loss_n}
+                 "sec_per_flop": self._sec_per_flop, "loss_sum": self._loss_sum, "loss_n": self._loss_n,
+                 "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
+                            "eval_steps": self.eval_steps, "lr_remap": self.lr_remap.state_dict(),
+                            "full_flops": self._full_flops} if self.budget_plan else None}
         save_checkpoint(self.out, self.acc, self.model, self.ema.module if self.ema is not None else None,
                         self.optimizer, state)
 
     def _load_checkpoint(self) -> None:
-        state, weights, ema, opt = read_checkpoint(self.out, self.total_steps, self.acc.device, log=self.acc.print,
-                                                   need_ema=self.ema is not None)
+        state, weights, ema, opt = read_checkpoint(self.out, None if self.budget_plan else self.total_steps,
+                                                   self.acc.device, log=self.acc.print, need_ema=self.ema is not None)
+        budget = state.get("budget")
+        if (budget is None) != (self.budget_plan is None):
+            raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "
+                              "it with the settings it started with")
+        if budget is not None:  # the plan as made (step costs measured then), not a new one
+            self.budget_plan.load_state_dict(budget, SubNet.from_dict)
+            self._full_flops = budget["full_flops"]
+            self._start(self.budget_plan.steps)
         self.model.load_state_dict(weights)
         if self.ema is not None:
             self.ema.module.load_state_dict(ema)
@@ -528,7 +610,10 @@ class DiffusionTrainer(ControllerCalls):
         self._time_cache = {(r, tuple(b)): v for r, b, v in state["time_cache"]}
         self._sec_per_flop = state.get("sec_per_flop")
         self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
-        self.lr_sched.step_update(self.step)
+        if budget is not None:
+            self.total_steps, self.eval_steps = budget["total_steps"], list(budget["eval_steps"])
+            self.lr_remap.load_state_dict(budget["lr_remap"])
+        self._set_lr(self.step)
         self.print(f"resumed from {state['checkpoint_dir']} at step {self.step}")
 
 
