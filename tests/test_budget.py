@@ -34,6 +34,8 @@ def test_a_budget_is_a_duration_or_steps_not_both():
     assert Budget.from_options(None, None) is None
     assert Budget.from_options("2m", None) == Budget(120.0, "s")
     assert Budget.from_options(None, 40).in_steps
+    assert Budget(120.0, "s").scaled(0.25) == {"budget": "30s", "budget_steps": None}
+    assert Budget(40.0, "full-model steps").scaled(0.5) == {"budget": None, "budget_steps": 20.0}
     with pytest.raises(ConfigError, match="not both"):
         Budget.from_options("2m", 40)
     with pytest.raises(ConfigError, match="positive"):

@@ -57,6 +57,12 @@ class Budget:
     def describe(self) -> str:
         return f"{self.amount:g} s" if self.unit == "s" else f"{self.amount:g} full-model steps"
 
+    def scaled(self, fraction: float) -> dict:
+        """The ``budget`` / ``budget_steps`` settings of ``fraction`` of this budget (a front point's)."""
+        if self.in_steps:
+            return {"budget": None, "budget_steps": self.amount * fraction}
+        return {"budget": f"{self.amount * fraction:g}s", "budget_steps": None}
+
     @classmethod
     def from_options(cls, budget: str | None, budget_steps: float | None) -> Budget | None:
         """The budget ``--budget`` / ``--budget-steps`` ask for (None without either; both is an error)."""
@@ -146,8 +152,9 @@ class BudgetPlan:
     def spent(self) -> float:
         return self.done if self.budget.in_steps else self.trainer.elapsed()
 
-    def after_step(self, subnet) -> None:
-        self.done += self.cost(subnet)
+    def after_step(self, subnet=None) -> None:
+        """Count a step of ``subnet`` (None: of the plan's last stage, the full model or a fixed-set method)."""
+        self.done += self.cost(subnet if subnet is not None else self.schedule.stages[-1].subnet)
 
     def stage_started(self, step: int) -> None:
         self._mark = (self.spent(), self.done, step)

@@ -15,7 +15,7 @@ A trainer calls its controller at well-named moments (the :class:`Controller` ho
     after every optimizer step, with that step's loss (a float or a 0-d tensor).
 ``plan(space)``
     budget mode only, before ``setup``: the schedule to size the budget by (a search: Prog's, as a guess).
-``resize(step, total_steps)``
+``resize(step, old_total, new_total)``
     budget mode only: the trainer moved the run's end; the stages not yet begun move with it.
 ``schedule()``, ``summary()``, ``state_dict()`` / ``load_state_dict()``
     the schedule as run so far, extra summary fields, and the controller's part of a checkpoint.
@@ -140,9 +140,10 @@ class Controller:
         itself, a search Prog's schedule of its space (its choices are not known yet), otherwise the full model."""
         return original(space)
 
-    def resize(self, step: int, total_steps: int) -> None:
-        """The trainer moved the run's end to ``total_steps`` at ``step`` (budget mode re-plans as it goes): the
-        stages not yet begun move with the rest of the run, stretched uniformly (:func:`moved_starts`)."""
+    def resize(self, step: int, old_total: int, new_total: int) -> None:
+        """The trainer moved the run's end from ``old_total`` to ``new_total`` at ``step`` (budget mode re-plans
+        as it goes): the stages not yet begun move with the rest of the run, stretched uniformly
+        (:func:`moved_starts`)."""
 
     def resize_floor(self) -> int:
         """The earliest step a stage not yet begun may move to: a running supernet phase keeps its steps."""
@@ -209,7 +210,6 @@ class ScheduleController(Controller):
         self.method = schedule.method
         self.starts: list[int] = []
         self._total: int | None = None  # the run's end when the trainer moved it (budget mode)
-        self._planned = 0
 
     @property
     def num_stages(self) -> int:
@@ -218,7 +218,6 @@ class ScheduleController(Controller):
     def setup(self, trainer: TrainerServices, total_steps: int) -> int:
         self._schedule.validate_for(trainer.growth_space())
         self.starts = self._schedule.boundaries(total_steps)
-        self._planned = total_steps
         return total_steps
 
     def stage_at(self, step: int) -> int:
@@ -233,10 +232,9 @@ class ScheduleController(Controller):
     def decided(self, k: int) -> SubNet | None:
         return self._schedule.stages[k].subnet if 0 <= k < len(self._schedule.stages) else None
 
-    def resize(self, step: int, total_steps: int) -> None:
-        old = self._total if self._total is not None else self._planned
-        self.starts = moved_starts(self.starts, step, old, total_steps)
-        self._total = total_steps
+    def resize(self, step: int, old_total: int, new_total: int) -> None:
+        self.starts = moved_starts(self.starts, step, old_total, new_total)
+        self._total = new_total
 
     def state_dict(self) -> dict:
         return {"starts": self.starts, "total": self._total}
@@ -280,9 +278,9 @@ class SearchingController(Controller):
     def plan(self, space: GrowthSpace) -> Schedule:
         return prog(self.space)
 
-    def resize(self, step: int, total_steps: int) -> None:
-        self.starts = moved_starts(self.starts, step, self._total_steps, total_steps, self.resize_floor())
-        self._total_steps = total_steps
+    def resize(self, step: int, old_total: int, new_total: int) -> None:
+        self.starts = moved_starts(self.starts, step, old_total, new_total, self.resize_floor())
+        self._total_steps = new_total
 
     def decided(self, k: int) -> SubNet | None:
         return self.chosen[k] if len(self.chosen) == k + 1 else None

@@ -66,7 +66,6 @@ class AutoProgOne(Controller):
         self.chosen: list[SubNet] = []  # ψ*_k, compacted to blocks 0..l-1
         self.cands: list[SubNet] = []
         self._extra, self._total = 0, None  # a --no-recycle search's redone steps; the end budget mode moved
-        self._planned = 0
         self.searching = False
         self.search_end = 0
         self.search_log: list[dict] = []
@@ -96,7 +95,7 @@ class AutoProgOne(Controller):
         extra = 0 if self.cfg.recycle else self.search_steps
         total = total_steps + (k - 1) * extra
         self.starts = keep_last_stage([round(i * self.stage_len) + i * extra for i in range(k)], total)
-        self._extra, self._total, self._planned = extra, None, total
+        self._extra, self._total = extra, None
         return total
 
     def plan(self, space: GrowthSpace) -> Schedule:
@@ -105,10 +104,9 @@ class AutoProgOne(Controller):
                               "would move the learning-rate schedule); use recycling, or --epochs")
         return prog(self.space)
 
-    def resize(self, step: int, total_steps: int) -> None:
-        old = self._total if self._total is not None else self._planned
-        self.starts = moved_starts(self.starts, step, old, total_steps, self.resize_floor())
-        self._total = total_steps
+    def resize(self, step: int, old_total: int, new_total: int) -> None:
+        self.starts = moved_starts(self.starts, step, old_total, new_total, self.resize_floor())
+        self._total = new_total
 
     def resize_floor(self) -> int:
         return self.search_end + 1 if self.searching else 0

@@ -238,9 +238,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         results[name] = run_or_reuse(spec, out / name, acc)
         results[name]["summary"]["budget_of"] = fastest
     def front_point(name: str, steps: int, fraction: float) -> dict:
-        train = (replace(base.train, max_steps=steps) if budget is None else
-                 replace(base.train, budget=f"{budget.amount * fraction:g}s") if not budget.in_steps else
-                 replace(base.train, budget_steps=budget.amount * fraction))
+        train = replace(base.train, **({"max_steps": steps} if budget is None else budget.scaled(fraction)))
         return run_or_reuse(replace(base, method="original", train=train), out / name, acc)
 
     results.update(front_runs("original", list(front), orig["total_steps"], front_point, acc.print,

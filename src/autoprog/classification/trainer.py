@@ -206,11 +206,11 @@ class Trainer(GrowthCalls, ControllerCalls):
                                       self.controller.decided(self.stage), self.controller.resize_floor(), entering)
         if end != self.total_steps:
             self.lr_remap.retarget(self.lr_step, self.lr_step + end - self.step)
+            self.controller.resize(self.step, self.total_steps, end)
             self.total_steps = end
             running = self._t_epoch is not None  # mid-epoch (a stage start): the running epoch counts from its start
             first = self._epoch_start if running else self.step
             self.num_epochs = self.epoch + max(1 if running else 0, math.ceil((end - first) / self.steps_per_epoch))
-            self.controller.resize(self.step, end)
 
     # ------------------------------------------------------------------------------------- helpers
     @property

@@ -314,9 +314,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         results[name]["summary"]["method"] = name
         results[name]["summary"]["budget_of"] = fastest
     def front_point(name: str, steps: int, fraction: float) -> dict:
-        train = (replace(spec.train, steps=steps) if run_budget is None else
-                 replace(spec.train, budget=f"{run_budget.amount * fraction:g}s") if not run_budget.in_steps else
-                 replace(spec.train, budget_steps=run_budget.amount * fraction))
+        train = replace(spec.train, **({"steps": steps} if run_budget is None else run_budget.scaled(fraction)))
         return _run_once(replace(spec, method="full", train=train), out / name, acc, evaluator)
 
     front_results = experiment.front_runs("full", list(front), spec.train.steps, front_point, acc.print,

@@ -215,8 +215,8 @@ class DiffusionTrainer(ControllerCalls):
                                       self.controller.decided(self.stage), self.controller.resize_floor(), entering)
         if end != self.total_steps:
             self.lr_remap.retarget(self.step, end)
+            self.controller.resize(self.step, self.total_steps, end)
             self.total_steps = end
-            self.controller.resize(self.step, end)
             self.eval_steps = sorted({s for s in self.eval_steps if s < self.step}
                                      | {s for s in self._eval_plan(end) if s >= self.step})
 
@@ -410,7 +410,7 @@ class DiffusionTrainer(ControllerCalls):
             self.trainable_steps += num_parameters(self.model, trainable=True)
             self.flops_sum += self.step_flops()
             if self.budget_plan is not None:
-                self.budget_plan.after_step(self.subnet or self.growth_space().full)
+                self.budget_plan.after_step(self.subnet)  # None (a fixed-set method): its one stage
             self.step += 1
             if self.budget_plan is not None and self.step % max(1, self.total_steps // 20) == 0:
                 self._replan()  # every 5 % of the run
