@@ -57,6 +57,8 @@ class Unfreezer:
         if self.is_full(subnet):
             for p in self.model.parameters():
                 p.requires_grad_(True)
+            self.model.freeze_fixed()
+            train_conditions(self.model)
         else:
             freeze_all(self.model)
             for i in self.blocks_for(subnet):

@@ -17,14 +17,16 @@ from ..errors import AutoprogError, ConfigError, DivergedError, Interrupted, one
 from .common import Parser, add_front_flag
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
-TASKS = {"pretrain": ("classification", "diffusion"), "compare": ("classification", "finetune")}
+TASKS = {"pretrain": ("classification", "diffusion", "text-to-image"),
+         "compare": ("classification", "finetune", "text-to-image"),
+         "finetune": ("class-conditional", "text-to-image")}
 
 
 def _task_flag(p: argparse.ArgumentParser, command: str) -> None:
-    other = TASKS[command][1]
-    p.add_argument("--task", choices=TASKS[command], default="classification",
-                   help=f"classification (default) or {other}; see 'autoprog {command} --task {other} --help' "
-                        "for that task's options")
+    first, *others = TASKS[command]
+    p.add_argument("--task", choices=TASKS[command], default=first,
+                   help=f"{first} (default), {' or '.join(others)}; see 'autoprog {command} --task {others[-1]} "
+                        "--help' for that task's options")
 
 
 def build_parser(task: str | None = None) -> argparse.ArgumentParser:
@@ -40,15 +42,21 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    if task == "diffusion":
+    if task in ("diffusion", "text-to-image"):
+        text = task == "text-to-image"
         p = sub.add_parser("pretrain", help="train one model",
-                           description="Train a base class-conditional DiT from scratch (default: Fashion-MNIST "
-                                       "classes 0-4), to fine-tune later. Writes OUT/model (config.json + "
-                                       "safetensors), OUT/results.json and a resumable checkpoint.")
+                           description=("Train a base text-to-image model (a small UNet2DConditionModel and CLIP text "
+                                        "encoder) from scratch on captions made from class names (default: "
+                                        "Fashion-MNIST classes 0-4, 'a photo of a t-shirt', ...), to fine-tune "
+                                        "later. Writes OUT/model (a pipeline directory: unet/, text_encoder/, "
+                                        "tokenizer/, scheduler/)" if text else
+                                        "Train a base class-conditional DiT from scratch (default: Fashion-MNIST "
+                                        "classes 0-4), to fine-tune later. Writes OUT/model (config.json + "
+                                        "safetensors)") + ", OUT/results.json and a resumable checkpoint.")
         _task_flag(p, "pretrain")
         p.add_argument("--out", help="output directory (required unless --resume)")
         p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-        cli_diffusion.add_base_options(p)
+        cli_diffusion.add_base_options(p, text)
     else:
         p = sub.add_parser("pretrain", help="train one model with a growth schedule (--task diffusion: a base DiT)",
                            description="Pre-train a ViT with a growth schedule. Writes OUT/results.json, "
@@ -56,7 +64,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         _task_flag(p, "pretrain")
         cli_classification.add_pretrain_options(p)
 
-    if task == "finetune":
+    if task in ("finetune", "text-to-image"):
         from ..diffusion.runner import DEFAULT_COMPARE
 
         c = sub.add_parser("compare", help="train several methods side by side",
@@ -73,7 +81,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         c.add_argument("--seeds", help="comma-separated seeds: one comparison per seed in OUT/seed<N>, mean ± std "
                                       "in OUT/summary.json and summary.md (overrides --seed)")
         add_front_flag(c, "full")
-        cli_diffusion.add_finetune_options(c, single=False)
+        cli_diffusion.add_finetune_options(c, single=False, text=task == "text-to-image")
     else:
         c = sub.add_parser("compare", help="train several methods side by side (--task finetune: fine-tuning methods)",
                            description="Train each method with the same seed, data and settings; write "
@@ -84,12 +92,17 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         cli_classification.add_compare_options(c)
 
     f = sub.add_parser("finetune", help="fine-tune a diffusion model with one method",
-                       description="Fine-tune a pre-trained class-conditional DiT (default: the shipped base model, "
-                                   "to Fashion-MNIST classes 5-9). Writes OUT/model, OUT/results.json (FD curve, "
-                                   "search tables), OUT/schedule.json and a resumable checkpoint.")
+                       description=("Fine-tune a text-to-image model (a Stable Diffusion pipeline directory; default: "
+                                    "the shipped UNet pre-trained on captioned Fashion-MNIST classes 0-4, to the "
+                                    "captions of classes 5-9)" if task == "text-to-image" else
+                                    "Fine-tune a pre-trained class-conditional DiT (default: the shipped base model, "
+                                    "to Fashion-MNIST classes 5-9)") +
+                                   ". Writes OUT/model, OUT/results.json (FD curve, search tables), "
+                                   "OUT/schedule.json and a resumable checkpoint.")
+    _task_flag(f, "finetune")
     f.add_argument("--out", help="output directory (required unless --resume)")
     f.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    cli_diffusion.add_finetune_options(f, single=True)
+    cli_diffusion.add_finetune_options(f, single=True, text=task == "text-to-image")
     cli_diffusion.add_sample_parser(sub)
     sub.add_parser("presets", help="list the shipped option presets (use one with --preset NAME)",
                    description="List the YAML option presets shipped with autoprog: the paper's settings and our "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..diffusion.runner import BaseSpec, FinetuneSpec
+from ..diffusion.runner import BaseSpec, FinetuneSpec, TextBaseSpec, TextFinetuneSpec
 from ..errors import ConfigError
 from ..options import add_options, from_args
 from .common import add_run_flags, front_of, positive_int, run_compare, run_one
@@ -26,23 +26,31 @@ def _add_spec(p: argparse.ArgumentParser, spec_cls, exclude: set[str], command: 
     add_run_flags(groups["optimisation"], command)
 
 
-def add_finetune_options(p: argparse.ArgumentParser, single: bool) -> None:
-    """Every :class:`FinetuneSpec` option; ``single``: one method (``finetune``), else a comparison's."""
-    _add_spec(p, FinetuneSpec, set() if single else {"method", "train.stop_after_steps"},
-              "finetune" if single else "compare")
+TEXT_BASE_EXCLUDE = BASE_EXCLUDE | {"num_classes", "patch_size", "hidden_size", "depth", "num_heads"}
 
 
-def add_base_options(p: argparse.ArgumentParser) -> None:
-    """Every :class:`BaseSpec` option (``pretrain --task diffusion``)."""
-    _add_spec(p, BaseSpec, BASE_EXCLUDE, "pretrain")
+def _is_text(args) -> bool:
+    return getattr(args, "task", None) == "text-to-image"
+
+
+def add_finetune_options(p: argparse.ArgumentParser, single: bool, text: bool = False) -> None:
+    """Every :class:`FinetuneSpec` option (``text``: :class:`TextFinetuneSpec`'s); ``single``: one method
+    (``finetune``), else a comparison's."""
+    _add_spec(p, TextFinetuneSpec if text else FinetuneSpec,
+              set() if single else {"method", "train.stop_after_steps"}, "finetune" if single else "compare")
+
+
+def add_base_options(p: argparse.ArgumentParser, text: bool = False) -> None:
+    """Every :class:`BaseSpec` option (``pretrain --task diffusion``; ``text``: :class:`TextBaseSpec`'s)."""
+    _add_spec(p, TextBaseSpec if text else BaseSpec, TEXT_BASE_EXCLUDE if text else BASE_EXCLUDE, "pretrain")
 
 
 def finetune_spec(args, method: str) -> FinetuneSpec:
-    return from_args(FinetuneSpec, args, method=method)
+    return from_args(TextFinetuneSpec if _is_text(args) else FinetuneSpec, args, method=method)
 
 
 def base_spec(args) -> BaseSpec:
-    return from_args(BaseSpec, args)
+    return from_args(TextBaseSpec if _is_text(args) else BaseSpec, args)
 
 
 def add_sample_parser(sub) -> None:
@@ -51,7 +59,10 @@ def add_sample_parser(sub) -> None:
                                    "model/, or a run directory) and write one grid per class plus one of all classes.")
     s.add_argument("model", help="model directory (or a fine-tuning run directory holding model/)")
     s.add_argument("--out", help="output directory (default: MODEL/samples)")
-    s.add_argument("--classes", help="class ids (default: the classes the model was trained on)")
+    s.add_argument("--classes", help="class ids (default: the classes the model was trained on; a text-to-image "
+                                     "model samples their captions)")
+    s.add_argument("--prompt", action="append", help="a text-to-image model: sample this prompt (repeatable; the "
+                                                     "stage identifier is appended as in training)")
     s.add_argument("--per-class", type=positive_int, default=16, help="images per class (default: 16)")
     s.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 = deterministic (default: 1)")
@@ -76,7 +87,7 @@ def run_sample(args, acc) -> None:
         raise ConfigError(f"--cfg-scale must be a finite number of at least 1, got {args.cfg_scale}")
 
     path = Path(args.model)
-    if (path / "model" / "config.json").is_file():
+    if (path / "model" / "config.json").is_file() or (path / "model" / "unet").is_dir():
         path = path / "model"
     model, meta = load_backbone(path)
     model.to(acc.device)
@@ -84,21 +95,29 @@ def run_sample(args, acc) -> None:
         if model.sid is None:
             raise ConfigError("--stage: this model has no stage identifiers (it was not trained progressively with SID)")
         model.set_stage(args.stage - 1)
-    classes = parse_classes(args.classes) or tuple(meta.get("classes") or range(model.num_classes))
-    bad = [c for c in classes if not 0 <= c < model.num_classes]
-    if bad:
-        raise ConfigError(f"the model has classes 0-{model.num_classes - 1}; --classes asks for {bad}")
-    out = Path(args.out) if args.out else path / "samples"
-    labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
-    from ..diffusion.runner import decode_samples
+    from ..diffusion.runner import conditions_for, decode_samples
 
-    imgs = decode_samples(meta, sample(model, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                                       eta=args.eta))
-    for i, c in enumerate(classes):
-        save_grid(imgs[i * args.per_class:(i + 1) * args.per_class], out / f"class{c}.png",
+    out = Path(args.out) if args.out else path / "samples"
+    if args.prompt:
+        if model.kind != "text-unet":
+            raise ConfigError("--prompt needs a text-to-image model; this one is class-conditional (use --classes)")
+        groups = [f"prompt{i + 1}" for i in range(len(args.prompt))]
+        conditions = model.tokenize([p for p in args.prompt for _ in range(args.per_class)])
+    else:
+        size = len(meta.get("captions") or []) if model.kind == "text-unet" else model.num_classes
+        classes = parse_classes(args.classes) or tuple(meta.get("classes") or range(size))
+        bad = [c for c in classes if not 0 <= c < size]
+        if bad:
+            raise ConfigError(f"the model has classes 0-{size - 1}; --classes asks for {bad}")
+        groups = [f"class{c}" for c in classes]
+        conditions = conditions_for(model, meta, torch.tensor([c for c in classes for _ in range(args.per_class)]))
+    imgs = decode_samples(meta, sample(model, conditions, steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                                       seed=args.seed, eta=args.eta))
+    for i, name in enumerate(groups):
+        save_grid(imgs[i * args.per_class:(i + 1) * args.per_class], out / f"{name}.png",
                   nrow=max(1, int(args.per_class ** 0.5)))
     save_grid(imgs, out / "all.png", nrow=args.per_class)
-    acc.print(f"wrote {len(classes)} class grids and all.png to {out}")
+    acc.print(f"wrote {len(groups)} grids and all.png to {out}")
 
 
 def run_diffusion(args, acc) -> None:
@@ -106,7 +125,7 @@ def run_diffusion(args, acc) -> None:
 
     if args.command in ("pretrain", "finetune"):
         base = args.command == "pretrain"
-        run_one(args, acc, "pretrain --task diffusion" if base else "finetune",
+        run_one(args, acc, f"pretrain --task {args.task}" if base else "finetune",
                 runner.pretrain_base if base else runner.finetune,
                 (lambda: base_spec(args)) if base else (lambda: finetune_spec(args, args.method)),
                 lambda s: f"done: {s['metric']} {s['fd']:.3f} after {s['steps']} steps ({s['wall_time_s']:.1f}s of "

@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from ..data import load_digits, load_fashion_mnist
 from ..errors import DataError
 
+FASHION_MNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                       "ankle boot")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DEFAULT_CAPTION = "a photo of a {}"  # the paper's "a <class name>", in Stable Diffusion's usual phrasing
 BASE_CLASSES = (0, 1, 2, 3, 4)
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 
@@ -36,6 +40,9 @@ class DiffusionData:
     hflip: bool = True
     latents: torch.Tensor | None = None  # the training images in a VAE's latent space, when training there
     codec: object | None = None  # the :class:`~autoprog.diffusion.latent.LatentCodec` that made them
+    class_names: tuple[str, ...] | None = None  # one per class id of the label space
+    captions: tuple[str, ...] | None = None  # one prompt per class id, when a text-to-image model trains
+    caption_ids: torch.Tensor | None = None  # those prompts' token ids (num_classes, L)
 
     @property
     def in_chans(self) -> int:
@@ -63,12 +70,26 @@ class DiffusionData:
         return self.codec.decode(x, out_channels=self.in_chans) if self.codec is not None else x
 
     def batch(self, idx: torch.Tensor, resolution: int | None = None, generator: torch.Generator | None = None):
-        """Training batch ``idx`` (see :meth:`inputs`) at ``resolution`` (antialiased), randomly flipped."""
+        """Training batch ``idx`` (see :meth:`inputs`) at ``resolution`` (antialiased), randomly flipped, with
+        its conditions (see :meth:`conditions`)."""
         x = self.inputs(idx)
         if self.hflip:
             flip = torch.rand(len(x), generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return resize(x, resolution), self.train_labels[idx]
+        return resize(x, resolution), self.conditions(self.train_labels[idx])
+
+    def conditions(self, labels: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is conditioned on for class ids ``labels``: the ids themselves, or with captions
+        (:meth:`caption`) their prompts' token ids ``(B, L)``."""
+        return labels if self.caption_ids is None else self.caption_ids[labels]
+
+    def caption(self, tokenize, template: str = DEFAULT_CAPTION) -> None:
+        """Give every class the prompt ``template.format(class name)``, tokenized by ``tokenize`` (a text model's)."""
+        if "{}" not in template:
+            raise DataError(f"--caption {template!r} needs a {{}} where the class name goes")
+        names = self.class_names or tuple(f"class {i}" for i in range(self.num_classes))
+        self.captions = tuple(template.format(n) for n in names)
+        self.caption_ids = tokenize(list(self.captions))
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +145,7 @@ def _image_folder(root: Path, image_size: int):
         out.append((torch.stack(xs), torch.tensor(ys), ds.classes))
     if out[0][2] != out[1][2]:
         raise DataError(f"{root}/train and {test_dir} have different class folders")
-    return out[0][0], out[0][1], out[1][0], out[1][1], len(out[0][2])
+    return out[0][0], out[0][1], out[1][0], out[1][1], tuple(c.replace("_", " ") for c in out[0][2])
 
 
 def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = None,
@@ -139,8 +160,10 @@ def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = 
         tr, te = b.train, b.test
         xtr, ytr, xte, yte, n = tr.images, tr.labels, te.images, te.labels, b.num_classes
         name = b.name
+        names = FASHION_MNIST_NAMES if key != "digits" else DIGIT_NAMES
     elif Path(dataset).is_dir():
-        xtr, ytr, xte, yte, n = _image_folder(Path(dataset), image_size or 32)
+        xtr, ytr, xte, yte, names = _image_folder(Path(dataset), image_size or 32)
+        n = len(names)
         name = Path(dataset).name
     else:
         raise DataError(f"unknown dataset {dataset!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
@@ -159,7 +182,8 @@ def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = 
         idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))[:subset]
         xtr, ytr = xtr[idx], ytr[idx]
     present = tuple(sorted(int(c) for c in np.unique(ytr.numpy())))
-    return DiffusionData(name, xtr.contiguous(), ytr.long(), xte.contiguous(), yte.long(), n, present, hflip)
+    return DiffusionData(name, xtr.contiguous(), ytr.long(), xte.contiguous(), yte.long(), n, present, hflip,
+                         class_names=tuple(names))
 
 
 def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -51,6 +51,7 @@ FINETUNE_METHODS = (*STATIC_METHODS, "lora-r8", "lora-r16", *PROGRESSIVE_METHODS
 def prepare_full(model: DiffusionBackbone) -> None:
     for p in model.parameters():
         p.requires_grad_(True)
+    model.freeze_fixed()
 
 
 def prepare_bitfit(model: DiffusionBackbone) -> None:
@@ -58,6 +59,7 @@ def prepare_bitfit(model: DiffusionBackbone) -> None:
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             p.requires_grad_(True)
+    model.freeze_fixed()
     train_conditions(model)
 
 
@@ -93,18 +95,24 @@ def prepare_difffit(model: DiffusionBackbone) -> None:
         if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
             for p in mod.parameters(recurse=False):
                 p.requires_grad_(True)  # DiffFit also tunes LayerNorm affine parameters where a model has them
+    model.freeze_fixed()
+    train_conditions(model)
 
 
 def prepare_lora(model: DiffusionBackbone, rank: int = 8, alpha: float | None = None) -> None:
-    """LoRA through peft (``inject_adapter_in_model``: diffusers' DiT has no ``add_adapter``)."""
+    """LoRA through peft: a UNet's own ``add_adapter`` (diffusers' format), else ``inject_adapter_in_model``
+    on the blocks' linear layers (diffusers' DiT has no ``add_adapter``)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
         raise ConfigError(f"LoRA rank must be positive, got {rank}")
-    targets = [rf"{re.escape(model.block_prefix)}\.\d+\.{re.escape(t)}" for t in model.lora_targets]
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules="|".join(f"(?:{t})" for t in targets),
-                     lora_dropout=0.0, bias="none")
-    inject_adapter_in_model(cfg, model)
+    if hasattr(model, "add_lora"):
+        model.add_lora(rank, alpha)
+    else:
+        targets = [rf"{re.escape(model.block_prefix)}\.\d+\.{re.escape(t)}" for t in model.lora_targets]
+        cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules="|".join(f"(?:{t})" for t in targets),
+                         lora_dropout=0.0, bias="none")
+        inject_adapter_in_model(cfg, model)
     freeze_all(model)
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -146,12 +154,17 @@ def export_backbone(model: DiffusionBackbone) -> DiffusionBackbone:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, mod.get_base_layer())
+    for mod in model.modules():  # diffusers' add_adapter flags: the merged model has no adapter left
+        if getattr(mod, "_hf_peft_config_loaded", False):
+            mod._hf_peft_config_loaded = False
+            mod.__dict__.pop("peft_config", None)
     return model
 
 
 def _output_linear(branch: nn.Module) -> nn.Linear:
-    """The last linear layer of a branch: its output is the branch output (dropout aside)."""
-    linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
+    """The last linear (or convolution) layer of a branch, or the branch itself: its output is the branch
+    output (dropout aside)."""
+    linears = [m for m in branch.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not linears:
         raise ConfigError(f"{type(branch).__name__} has no linear layer to fold a scale factor into")
     return linears[-1]

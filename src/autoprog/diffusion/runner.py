@@ -25,7 +25,7 @@ from ..front import DEFAULT_FRONT
 from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
-from .data import BASE_CLASSES, TRANSFER_CLASSES, load_diffusion_data, parse_classes
+from .data import BASE_CLASSES, DEFAULT_CAPTION, TRANSFER_CLASSES, load_diffusion_data, parse_classes
 from .latent import with_latents
 from .methods import FINETUNE_METHODS, PEFT_METHODS, STATIC_METHODS, parse_method, prepare_static
 from .quality import default_cache_dir
@@ -33,6 +33,7 @@ from .trainer import DiffusionConfig, DiffusionTrainer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_BASE = ASSETS / "dit-fmnist-base"
+DEFAULT_TEXT_BASE = ASSETS / "t2i-fmnist-base"
 DEFAULT_COMPARE = ("full", "bitfit", "difffit", "lora", "prog", "autoprog-zero", "autoprog-zero-nosid")
 
 
@@ -104,6 +105,22 @@ class FinetuneSpec(ImageDataSpec):
 
 
 @dataclass
+class TextFinetuneSpec(FinetuneSpec):
+    """Text-to-image fine-tuning (``autoprog finetune --task text-to-image``): a Stable Diffusion pipeline
+    directory (UNet + CLIP text encoder + tokenizer, and a VAE for latent models) learns new captions."""
+
+    settings_name = "text-to-image fine-tuning settings"
+
+    base: str | None = option(None, "base model: a Stable Diffusion pipeline directory (unet/, text_encoder/, "
+                                    "tokenizer/, and vae/ for a latent model) (default: the shipped text-to-image "
+                                    "UNet pre-trained on captioned Fashion-MNIST classes 0-4)", metavar="PATH",
+                              show_default=False)
+    caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name", group="data")
+    train_text_encoder: bool = option(False, "also train the CLIP text encoder (frozen by default, as in Stable "
+                                             "Diffusion fine-tuning)", group="unfreezing")
+
+
+@dataclass
 class BaseSpec(ImageDataSpec):
     """A base DiT trained from scratch (``autoprog pretrain --task diffusion``)."""
 
@@ -124,6 +141,28 @@ class BaseSpec(ImageDataSpec):
         steps=6000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, eval_points=3))
 
 
+@dataclass
+class TextBaseSpec(BaseSpec):
+    """A base text-to-image model trained from scratch (``autoprog pretrain --task text-to-image``): a small
+    ``UNet2DConditionModel`` and CLIP text encoder, on captions made from class names."""
+
+    settings_name = "text-to-image base-model settings"
+
+    backbone: str = option("text-unet", "a UNet conditioned on a CLIP text encoder", choices=("text-unet",))
+    channels: str = option("16,32", "UNet channels per level (its input must divide by 2^(levels-1))",
+                           group="model")
+    text_dim: int = option(64, "text encoder width (the UNet's cross-attention dimension)", minimum=32,
+                           group="model")
+    text_layers: int = option(2, "text encoder layers", minimum=1, group="model")
+    max_length: int = option(16, "prompt length in tokens", minimum=8, group="model")
+    caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name", group="data")
+    train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
+        steps=3000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, eval_points=2))
+
+
+SPEC_CLASSES = {c.__name__: c for c in (FinetuneSpec, TextFinetuneSpec, BaseSpec, TextBaseSpec)}
+
+
 # ------------------------------------------------------------------------------------------ quality
 def build_evaluator(spec, data, device, log=print):
     """FD/KID against ``data``'s test images: Inception features with ``spec.fid_weights``, otherwise the
@@ -142,12 +181,16 @@ def build_evaluator(spec, data, device, log=print):
 
 # --------------------------------------------------------------------------------------------- build
 def _base_path(spec: FinetuneSpec) -> Path:
-    path = Path(spec.base) if spec.base else DEFAULT_BASE
-    if not (path / "config.json").is_file():
+    from ..models.text_unet import is_text_unet_dir
+
+    path = Path(spec.base) if spec.base else (DEFAULT_TEXT_BASE if isinstance(spec, TextFinetuneSpec) else DEFAULT_BASE)
+    if not (path / "config.json").is_file() and not is_text_unet_dir(path):
         if spec.base:
-            raise ConfigError(f"--base {path}: no model there (expected config.json and weights)")
+            raise ConfigError(f"--base {path}: no model there (expected config.json and weights, or a Stable "
+                              "Diffusion pipeline directory)")
+        task = "text-to-image" if isinstance(spec, TextFinetuneSpec) else "diffusion"
         raise ConfigError(f"the shipped base model is missing at {path}; create one with "
-                          "`autoprog pretrain --task diffusion --out DIR` and pass --base DIR/model")
+                          f"`autoprog pretrain --task {task} --out DIR` and pass --base DIR/model")
     return path
 
 
@@ -161,7 +204,14 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     method, opts = parse_method(spec.method)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                spec.subset, seed=0)
+    if isinstance(spec, TextFinetuneSpec) and "{}" not in spec.caption:
+        raise ConfigError(f"--caption {spec.caption!r} needs a {{}} where the class name goes")
     model, meta = load_backbone(_base_path(spec), with_sid=False)
+    text = isinstance(spec, TextFinetuneSpec)
+    if text != (model.kind == "text-unet"):
+        raise ConfigError(f"{_base_path(spec)} is a text-to-image model: add --task text-to-image" if not text else
+                          f"--task text-to-image needs a text-to-image base (a pipeline directory); "
+                          f"{_base_path(spec)} is a class-conditional {model.kind}")
     vae = spec.vae or meta.get("vae")
     if vae:
         with_latents(data, vae, spec.cache_dir or default_cache_dir())
@@ -172,7 +222,10 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     if data.model_size % model.patch_size:
         raise ConfigError(f"input size {data.model_size} is not divisible by the model's patch size {model.patch_size}")
     model.config["image_size"] = data.model_size
-    if data.num_classes != model.num_classes:
+    if text:
+        model.train_text_encoder = spec.train_text_encoder
+        data.caption(model.tokenize, spec.caption)
+    elif data.num_classes != model.num_classes:
         model.resize_classes(data.num_classes)
     unfreezer = None
     lr = spec.train.lr
@@ -204,7 +257,8 @@ def _run_spec(cls, spec, out: Path, resume: bool):
         cfg = out / "config.json"
         if not cfg.is_file():
             raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
-        spec = cls.from_dict(json.loads(cfg.read_text())["spec"])
+        stored = json.loads(cfg.read_text())
+        spec = SPEC_CLASSES.get(stored.get("spec_class"), cls).from_dict(stored["spec"])
         spec = replace(spec, train=replace(spec.train, stop_after_steps=None))
     elif has_checkpoint(out):
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
@@ -217,7 +271,7 @@ def _run_spec(cls, spec, out: Path, resume: bool):
 def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None) -> dict:
     """Run (or resume) one fine-tuning run into ``out``; returns the results also written to results.json."""
     out = Path(out)
-    spec = _run_spec(FinetuneSpec, spec, out, resume)
+    spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume)
     torch.manual_seed(spec.train.seed)
     data, model, controller, unfreezer, lr = build_finetune(spec)
     if parse_method(spec.method)[0] == "prog" and not spec.schedule and not resume:
@@ -232,7 +286,8 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
             evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"task": "finetune", "spec": spec.to_dict()})
+        write_json(out / "config.json", {"task": "finetune", "spec_class": type(spec).__name__,
+                                         "spec": spec.to_dict()})
     info = {"task": "finetune", "method": spec.method, "dataset": data.name, "classes": list(data.classes),
             "base": str(_base_path(spec)), "seed": spec.train.seed, "lr": lr}
     trainer = DiffusionTrainer(model, controller, data, spec.train, out, lr, acc, evaluator, info, unfreezer)
@@ -244,15 +299,18 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
     from ..controllers import StaticController
 
     out = Path(out)
-    spec = _run_spec(BaseSpec, spec, out, resume)
+    spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                spec.subset, seed=0)
     if spec.vae:
         with_latents(data, spec.vae, spec.cache_dir or default_cache_dir())
     torch.manual_seed(spec.train.seed)
-    model = build_backbone(spec.backbone, image_size=data.model_size, patch_size=spec.patch_size,
-                           in_chans=data.model_chans, num_classes=spec.num_classes or data.num_classes,
-                           hidden_size=spec.hidden_size, depth=spec.depth, num_heads=spec.num_heads)
+    if spec.backbone == "text-unet":
+        model = _build_text_base(spec, data)
+    else:
+        model = build_backbone(spec.backbone, image_size=data.model_size, patch_size=spec.patch_size,
+                               in_chans=data.model_chans, num_classes=spec.num_classes or data.num_classes,
+                               hidden_size=spec.hidden_size, depth=spec.depth, num_heads=spec.num_heads)
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
@@ -260,12 +318,31 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"task": "diffusion", "spec": spec.to_dict()})
+        write_json(out / "config.json", {"task": "diffusion", "spec_class": type(spec).__name__,
+                                         "spec": spec.to_dict()})
     info = {"task": "diffusion", "method": "base", "dataset": data.name, "classes": list(data.classes),
             "seed": spec.train.seed, "backbone": spec.backbone}
     trainer = DiffusionTrainer(model, StaticController("full"), data, spec.train, out, spec.train.lr, acc, evaluator,
                                info)
     return trainer.fit(resume=resume)
+
+
+def _build_text_base(spec: TextBaseSpec, data):
+    """A fresh text-to-image model whose tokenizer knows every class name of the dataset (fine-tuning brings
+    the classes the base never saw) and the stage identifiers' words; ``data`` gets its captions."""
+    from ..models.text_unet import SID_TEXT, build_text_unet
+
+    try:
+        channels = tuple(int(c) for c in spec.channels.split(","))
+    except ValueError:
+        raise ConfigError(f"--channels {spec.channels!r}: use numbers like 32,64,64") from None
+    names = data.class_names or ()
+    text = " ".join([spec.caption.replace("{}", " "), *names, SID_TEXT.format(k=1)])
+    words = [w for w in text.replace(",", " ").split() if w.isalpha() or "-" in w]
+    model = build_text_unet(data.model_size, data.model_chans, channels, spec.text_dim, spec.text_layers,
+                            words, spec.max_length)
+    data.caption(model.tokenize, spec.caption)
+    return model
 
 
 # ------------------------------------------------------------------------------------------- compare
@@ -356,12 +433,25 @@ def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], p
     rows = []
     for m in methods:
         model, meta = load_backbone(out / m / "model")
-        rows.append(decode_samples(meta, sample(model, labels, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                                   eta=eta)))
+        rows.append(decode_samples(meta, sample(model, conditions_for(model, meta, labels), steps=steps,
+                                                cfg_scale=cfg_scale, seed=seed, eta=eta)))
     (out / "samples.txt").write_text("rows, top to bottom: " + ", ".join(methods) +
                                      f"\nclasses {list(classes)}, {per_class} each, DDIM {steps} steps, "
                                      f"guidance {cfg_scale}, eta {eta}\n")
     return save_grid(torch.cat(rows), out / "samples.png", nrow=len(labels))
+
+
+def conditions_for(model, meta: dict, labels: torch.Tensor) -> torch.Tensor:
+    """What to sample ``labels`` with: the labels, or for a text-to-image model the captions it was trained on."""
+    if model.kind != "text-unet":
+        return labels
+    captions = meta.get("captions")
+    if not captions:
+        raise ConfigError("this text-to-image model does not record its captions; give prompts instead")
+    bad = [int(c) for c in labels if not 0 <= int(c) < len(captions)]
+    if bad:
+        raise ConfigError(f"the model has captions for classes 0-{len(captions) - 1}; asked for {sorted(set(bad))}")
+    return model.tokenize([captions[int(c)] for c in labels])
 
 
 def decode_samples(meta: dict, x0: torch.Tensor) -> torch.Tensor:
@@ -406,9 +496,9 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
 
 
 def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
-    return experiment.saved_differences(out, spec, lambda cfg: FinetuneSpec.from_dict(cfg["spec"]),
+    return experiment.saved_differences(out, spec, lambda cfg: type(spec).from_dict(cfg["spec"]),
                                         ignore=("stop_after_steps",))
 
 
-__all__ = ["BaseSpec", "FinetuneSpec", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
+__all__ = ["BaseSpec", "FinetuneSpec", "TextBaseSpec", "TextFinetuneSpec", "DEFAULT_TEXT_BASE", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
            "compare_finetune_seeds", "finetune", "pretrain_base", "build_finetune"]

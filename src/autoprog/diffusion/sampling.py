@@ -17,12 +17,14 @@ def training_scheduler():
                          prediction_type="epsilon", clip_sample=True)
 
 
-def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_class: int,
+def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_class: int | torch.Tensor,
                    generator: torch.Generator | None = None, class_dropout: float = 0.0) -> torch.Tensor:
     """Eq. 11: MSE between the true and the predicted noise at a uniformly drawn timestep.
 
-    ``model`` is called as ``model(x_t, t, y)`` (a backbone, or its DDP wrapper). With ``class_dropout``
-    > 0 that fraction of labels becomes ``null_class`` (classifier-free guidance).
+    ``model`` is called as ``model(x_t, t, y)`` (a backbone, or its DDP wrapper); ``y`` is a condition batch
+    (class labels ``(B,)`` or token ids ``(B, L)``). With ``class_dropout`` > 0 that fraction of conditions
+    becomes the null condition: ``null_class`` (a class id, or a condition such as the backbone's
+    ``null_condition(y)``; classifier-free guidance).
     """
     b = x0.shape[0]
     dev = x0.device
@@ -30,24 +32,24 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
     if class_dropout > 0:
         drop = (torch.rand(b, generator=generator) < class_dropout).to(dev)
-        y = torch.where(drop, torch.full_like(y, null_class), y)
+        null = torch.full_like(y, null_class) if isinstance(null_class, int) else null_class.to(dev).expand_as(y)
+        y = torch.where(drop.view(-1, *([1] * (y.ndim - 1))), null, y)
     xt = scheduler.add_noise(x0, noise, t)
     return torch.nn.functional.mse_loss(model(xt, t, y), noise)
 
 
 @torch.no_grad()
-def sample(model: DiffusionBackbone, labels: torch.Tensor, steps: int = 50, cfg_scale: float = 1.5,
+def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, cfg_scale: float = 1.5,
            resolution: int | None = None, seed: int = 0, batch_size: int = 500, progress=None,
            eta: float = 1.0) -> torch.Tensor:
-    """DDIM samples for ``labels`` (floats in [-1, 1]) with classifier-free guidance ``cfg_scale``.
+    """DDIM samples for ``conditions`` (class labels or token ids; floats in [-1, 1]) with classifier-free
+    guidance ``cfg_scale``.
 
     ``eta`` = 0 is deterministic DDIM; 1 (the default) adds the ancestral noise of DDPM at each of the
     ``steps``. The small models autoprog trains on a CPU sample markedly better with η = 1: measured on the
     default base DiT, η = 0 left grey noise where η = 1 gave recognisable garments.
     """
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(training_scheduler().config)
+    sched = sampling_scheduler()
     sched.set_timesteps(steps)
     dev = next(model.parameters()).device
     res = resolution or model.image_size
@@ -56,10 +58,10 @@ def sample(model: DiffusionBackbone, labels: torch.Tensor, steps: int = 50, cfg_
     gen = torch.Generator().manual_seed(seed)
     out = []
     try:
-        for start in range(0, len(labels), batch_size):
-            y = labels[start:start + batch_size].to(dev)
+        for start in range(0, len(conditions), batch_size):
+            y = conditions[start:start + batch_size].to(dev)
             x = torch.randn((len(y), model.in_chans, res, res), generator=gen).to(dev)
-            null = torch.full_like(y, model.null_class)
+            null = model.null_condition(y)
             for t in sched.timesteps:
                 tt = t.to(dev)
                 if cfg_scale == 1.0:
@@ -75,6 +77,13 @@ def sample(model: DiffusionBackbone, labels: torch.Tensor, steps: int = 50, cfg_
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.in_chans, res, res)
+
+
+def sampling_scheduler():
+    """DDIM on the training schedule's β (what sampling and an exported pipeline use)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(training_scheduler().config)
 
 
 def balanced_labels(classes: tuple[int, ...], n: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
 from .data import DiffusionData
 from .methods import export_backbone
-from .sampling import balanced_labels, diffusion_loss, sample, training_scheduler
+from .sampling import balanced_labels, diffusion_loss, sample, sampling_scheduler, training_scheduler
 
 MODEL_DIR = "model"
 
@@ -252,7 +252,7 @@ class DiffusionTrainer(ControllerCalls):
 
             def step():
                 with torch.random.fork_rng(devices=[]):
-                    diffusion_loss(self.model, x0, y, self.noise, self.model.null_class).backward()
+                    diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y)).backward()
                 for p in self.model.parameters():
                     p.grad = None
 
@@ -311,7 +311,7 @@ class DiffusionTrainer(ControllerCalls):
             g = torch.Generator().manual_seed(self.cfg.seed * 31 + 5)
             n = self.cfg.proxy_batches * self.cfg.proxy_batch_size
             idx = torch.randperm(len(self.data.train_images), generator=g)[:n]
-            y = self.data.train_labels[idx]
+            y = self.data.conditions(self.data.train_labels[idx])
             noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g)
             self._proxy = (idx, y, t, noise_seed)
@@ -364,7 +364,7 @@ class DiffusionTrainer(ControllerCalls):
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
         def step():
-            loss = diffusion_loss(self.model, x0, y, self.noise, self.model.null_class,
+            loss = diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y),
                                   generator=torch.Generator().manual_seed(0))
             loss.backward()
             for p in self.model.parameters():
@@ -469,7 +469,7 @@ class DiffusionTrainer(ControllerCalls):
         x0, y = self.data.batch(idx, self.resolution, generator=gen)
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
         with self.acc.autocast():
-            loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_class, generator=gen,
+            loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y), generator=gen,
                                   class_dropout=self.cfg.class_dropout)
         self.acc.backward(loss)
         trained = [p for p in self.model.parameters() if p.requires_grad]
@@ -515,10 +515,11 @@ class DiffusionTrainer(ControllerCalls):
 
     @torch.no_grad()
     def generate(self, n: int, seed: int) -> torch.Tensor:
-        """``n`` class-balanced samples (floats in [-1, 1]) of the classes in the training data."""
+        """``n`` class-balanced samples (floats in [-1, 1]) of the classes in the training data (a text-to-image
+        model: of their captions)."""
         model = self.eval_model()
-        labels = balanced_labels(self.data.classes, n)
-        x0 = sample(model, labels, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed,
+        conditions = self.data.conditions(balanced_labels(self.data.classes, n))
+        x0 = sample(model, conditions, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed,
                     eta=self.cfg.sample_eta)
         return self.data.decode(x0)
 
@@ -555,14 +556,22 @@ class DiffusionTrainer(ControllerCalls):
         if not self.acc.is_main_process:
             return
         m = copy.deepcopy(self.eval_model()).cpu()
-        export_backbone(m)
         tmp = self.out / (MODEL_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         extra = {"method": self.run_info.get("method"), "classes": list(self.data.classes), "steps": self.step,
                  "image_channels": self.data.in_chans, "image_size": self.data.image_size}
         if self.data.codec is not None:
             extra["vae"] = self.data.codec.path
-        save_backbone(m, tmp, extra=extra)
+        if self.data.captions is not None:
+            extra["captions"] = list(self.data.captions)
+        lora = m.lora_layers() if hasattr(m, "lora_layers") else None
+        export_backbone(m)
+        save_backbone(m, tmp, extra=extra, vae=self.data.codec.vae if self.data.codec is not None else None,
+                      scheduler=sampling_scheduler())
+        if lora:  # the adapter alone too, in diffusers' format: pipe.load_lora_weights(tmp / "lora")
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.save_lora_weights(str(tmp / "lora"), unet_lora_layers=lora)
         replace_dir(tmp, self.out / MODEL_DIR)
 
     # -------------------------------------------------------------------------------- checkpoints

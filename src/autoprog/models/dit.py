@@ -26,133 +26,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
+from .backbone import DiffusionBackbone, StageIdentifier
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-BACKBONES = ("dit", "diffusers-dit")
-
-
-class StageIdentifier(nn.Module):
-    """One learnable embedding per stage, zero at creation so adding it leaves the function unchanged."""
-
-    def __init__(self, num_stages: int, dim: int):
-        super().__init__()
-        if num_stages < 1:
-            raise ConfigError(f"a stage identifier needs at least one stage, got {num_stages}")
-        self.embedding = nn.Embedding(num_stages, dim)
-        nn.init.zeros_(self.embedding.weight)
-        self.stage = num_stages - 1  # sampling uses the last stage's SID unless told otherwise
-
-    @property
-    def num_stages(self) -> int:
-        return self.embedding.num_embeddings
-
-    def set_stage(self, k: int) -> None:
-        if not 0 <= k < self.num_stages:
-            raise ConfigError(f"stage {k + 1} does not exist: the model has {self.num_stages} stage identifiers")
-        self.stage = k
-
-    def forward(self, like: torch.Tensor) -> torch.Tensor:
-        return self.embedding.weight[self.stage].to(like.dtype).expand_as(like)
-
-
-class DiffusionBackbone(nn.Module):
-    """Interface shared by the built-in and the diffusers DiT (see the module docstring)."""
-
-    kind: str
-    config: dict
-    sid: StageIdentifier | None
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    @property
-    def block_prefix(self) -> str:
-        """Parameter-name prefix of the blocks, e.g. ``blocks`` (names are ``{prefix}.{i}.…``)."""
-        raise NotImplementedError
-
-    @property
-    def num_classes(self) -> int:
-        return self.config["num_classes"]
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    @property
-    def in_chans(self) -> int:
-        return self.config["in_chans"]
-
-    @property
-    def image_size(self) -> int:
-        return self.config["image_size"]
-
-    @property
-    def patch_size(self) -> int:
-        return self.config["patch_size"]
-
-    @property
-    def hidden_size(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def branch_modules(self, i: int) -> dict[str, nn.Module]:
-        """The residual branches of block ``i`` (``attn``, ``mlp``) whose outputs DiffFit scales."""
-        raise NotImplementedError
-
-    lora_targets: tuple[str, ...] = ()
-
-    def class_embedding_modules(self) -> list[nn.Embedding]:
-        raise NotImplementedError
-
-    def condition_parameters(self) -> list[nn.Parameter]:
-        params = [m.weight for m in self.class_embedding_modules()]
-        if self.sid is not None:
-            params.append(self.sid.embedding.weight)
-        return params
-
-    def block_index(self, param_name: str) -> int | None:
-        """The block a parameter belongs to, matched on whole name components (``blocks.1`` ≠ ``blocks.10``)."""
-        prefix = self.block_prefix.split(".")
-        parts = param_name.split(".")
-        for start in range(len(parts) - len(prefix)):
-            if parts[start:start + len(prefix)] == prefix and parts[start + len(prefix)].isdigit():
-                return int(parts[start + len(prefix)])
-        return None
-
-    def add_stage_identifier(self, num_stages: int) -> StageIdentifier:
-        ref = self.class_embedding_modules()[0].weight
-        self.sid = StageIdentifier(num_stages, self.hidden_size).to(ref.device)
-        return self.sid
-
-    def set_stage(self, k: int) -> None:
-        if self.sid is not None:
-            self.sid.set_stage(k)
-
-    def resize_classes(self, num_classes: int) -> None:
-        """Give the class table ``num_classes`` rows (plus the null class), keeping rows that exist."""
-        if num_classes == self.num_classes:
-            return
-        for emb in self.class_embedding_modules():
-            old = emb.weight.data
-            new = torch.randn(num_classes + 1, old.shape[1], device=old.device, dtype=old.dtype) * 0.02
-            keep = min(num_classes, self.num_classes)
-            new[:keep] = old[:keep]
-            new[num_classes] = old[self.num_classes]  # the null class keeps its embedding
-            emb.weight = nn.Parameter(new, requires_grad=emb.weight.requires_grad)
-            emb.num_embeddings = num_classes + 1
-        self.config["num_classes"] = num_classes
-        self._on_resize_classes(num_classes)
-
-    def _on_resize_classes(self, num_classes: int) -> None:
-        pass
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+BACKBONES = ("dit", "diffusers-dit", "text-unet")
 
 
 # ------------------------------------------------------------------------------------------- built-in
@@ -374,8 +252,15 @@ def build_backbone(kind: str = "dit", **kw) -> DiffusionBackbone:
     raise ConfigError(f"unknown diffusion backbone {kind!r}: choose from {', '.join(BACKBONES)}")
 
 
-def save_backbone(model: DiffusionBackbone, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``config.json`` + weights (safetensors) to directory ``path``; SID rows are kept."""
+def save_backbone(model: DiffusionBackbone, path: str | Path, extra: dict | None = None, vae=None,
+                  scheduler=None) -> Path:
+    """Write ``config.json`` + weights (safetensors) to directory ``path``; SID rows are kept. A text-to-image
+    model is written as a pipeline directory instead, with ``vae`` and ``scheduler`` when it has them
+    (:func:`~autoprog.models.text_unet.save_text_unet`)."""
+    if model.kind == "text-unet":
+        from .text_unet import save_text_unet
+
+        return save_text_unet(model, path, extra, vae=vae, scheduler=scheduler)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "autoprog-diffusion/1", "kind": model.kind, "config": model.config,
@@ -387,9 +272,14 @@ def save_backbone(model: DiffusionBackbone, path: str | Path, extra: dict | None
 
 
 def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBackbone, dict]:
-    """Load a backbone written by :func:`save_backbone`, or a diffusers ``DiTTransformer2DModel`` directory
-    (``config.json`` with ``_class_name`` and ``diffusion_pytorch_model.safetensors``) from local disk."""
+    """Load a backbone written by :func:`save_backbone`, a diffusers ``DiTTransformer2DModel`` directory
+    (``config.json`` with ``_class_name`` and ``diffusion_pytorch_model.safetensors``) or a Stable Diffusion
+    pipeline directory (``unet/``, ``text_encoder/``, ``tokenizer/``) from local disk."""
+    from .text_unet import is_text_unet_dir, load_text_unet
+
     path = Path(path)
+    if is_text_unet_dir(path):
+        return load_text_unet(path, with_sid)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConfigError(f"{path} is not a model directory: {CONFIG_FILE} is missing")

@@ -1,0 +1,143 @@
+"""What every diffusion backbone offers the trainer and the fine-tuning methods (:class:`DiffusionBackbone`),
+and the Unique Stage Identifier (:class:`StageIdentifier`, Sec. 4.1.2) they share.
+
+The class-conditional DiTs are in :mod:`autoprog.models.dit`, the text-to-image UNet in
+:mod:`autoprog.models.text_unet`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+
+
+class StageIdentifier(nn.Module):
+    """One learnable embedding per stage, zero at creation so adding it leaves the function unchanged."""
+
+    def __init__(self, num_stages: int, dim: int):
+        super().__init__()
+        if num_stages < 1:
+            raise ConfigError(f"a stage identifier needs at least one stage, got {num_stages}")
+        self.embedding = nn.Embedding(num_stages, dim)
+        nn.init.zeros_(self.embedding.weight)
+        self.stage = num_stages - 1  # sampling uses the last stage's SID unless told otherwise
+
+    @property
+    def num_stages(self) -> int:
+        return self.embedding.num_embeddings
+
+    def set_stage(self, k: int) -> None:
+        if not 0 <= k < self.num_stages:
+            raise ConfigError(f"stage {k + 1} does not exist: the model has {self.num_stages} stage identifiers")
+        self.stage = k
+
+    def forward(self, like: torch.Tensor) -> torch.Tensor:
+        return self.embedding.weight[self.stage].to(like.dtype).expand_as(like)
+
+
+class DiffusionBackbone(nn.Module):
+    """Interface shared by the built-in and the diffusers DiT (see the module docstring)."""
+
+    kind: str
+    config: dict
+    sid: StageIdentifier | None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def block_prefix(self) -> str:
+        """Parameter-name prefix of the blocks, e.g. ``blocks`` (names are ``{prefix}.{i}.…``)."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.config["num_classes"]
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self.config["in_chans"]
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    @property
+    def patch_size(self) -> int:
+        return self.config["patch_size"]
+
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """The residual branches of block ``i`` (``attn``, ``mlp``) whose outputs DiffFit scales."""
+        raise NotImplementedError
+
+    lora_targets: tuple[str, ...] = ()
+
+    def class_embedding_modules(self) -> list[nn.Embedding]:
+        raise NotImplementedError
+
+    def condition_parameters(self) -> list[nn.Parameter]:
+        params = [m.weight for m in self.class_embedding_modules()]
+        if self.sid is not None:
+            params.append(self.sid.embedding.weight)
+        return params
+
+    def block_index(self, param_name: str) -> int | None:
+        """The block a parameter belongs to, matched on whole name components (``blocks.1`` ≠ ``blocks.10``)."""
+        prefix = self.block_prefix.split(".")
+        parts = param_name.split(".")
+        for start in range(len(parts) - len(prefix)):
+            if parts[start:start + len(prefix)] == prefix and parts[start + len(prefix)].isdigit():
+                return int(parts[start + len(prefix)])
+        return None
+
+    def null_condition(self, y: torch.Tensor) -> torch.Tensor:
+        """The condition of classifier-free guidance's unconditional branch, shaped like ``y``."""
+        return torch.full_like(y, self.null_class)
+
+    def freeze_fixed(self) -> None:
+        """Freeze what no fine-tuning method trains (nothing here; a text-to-image model's text encoder)."""
+
+    def add_stage_identifier(self, num_stages: int) -> StageIdentifier:
+        ref = self.class_embedding_modules()[0].weight
+        self.sid = StageIdentifier(num_stages, self.hidden_size).to(ref.device)
+        return self.sid
+
+    def set_stage(self, k: int) -> None:
+        if self.sid is not None:
+            self.sid.set_stage(k)
+
+    def resize_classes(self, num_classes: int) -> None:
+        """Give the class table ``num_classes`` rows (plus the null class), keeping rows that exist."""
+        if num_classes == self.num_classes:
+            return
+        for emb in self.class_embedding_modules():
+            old = emb.weight.data
+            new = torch.randn(num_classes + 1, old.shape[1], device=old.device, dtype=old.dtype) * 0.02
+            keep = min(num_classes, self.num_classes)
+            new[:keep] = old[:keep]
+            new[num_classes] = old[self.num_classes]  # the null class keeps its embedding
+            emb.weight = nn.Parameter(new, requires_grad=emb.weight.requires_grad)
+            emb.num_embeddings = num_classes + 1
+        self.config["num_classes"] = num_classes
+        self._on_resize_classes(num_classes)
+
+    def _on_resize_classes(self, num_classes: int) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,369 @@
+"""Text-to-image diffusion behind the backbone interface: a diffusers ``UNet2DConditionModel`` conditioned on a
+``transformers.CLIPTextModel`` (Stable Diffusion's layout), with no edit to either library's classes.
+
+The condition ``y`` is a batch of token ids ``(B, L)`` (the tokenizer's fixed length), so everything that moves,
+drops or batches a class label moves, drops or batches a prompt the same way; the null condition of
+classifier-free guidance is the empty prompt. The learnable units that progressive unfreezing spreads over the
+depth are the UNet's down blocks, its mid block and its up blocks, in forward order.
+
+The text SID (Sec. 4.1.2): each stage k gets a token ``[SIDk]`` of its own, added to the tokenizer, whose
+embedding is a learnable row of :class:`StageIdentifier` (every other row of the text encoder's table stays
+as it is); prompts get ``", [SIDk] stage"`` appended before the end-of-text token. An exported model writes
+those rows into the text encoder's table and the tokens into its tokenizer, so any CLIP user can prompt it.
+
+The text encoder is frozen in fine-tuning unless ``train_text_encoder``; a base model trains it.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .backbone import DiffusionBackbone, StageIdentifier
+
+META_FILE = "autoprog.json"
+FORMAT = "autoprog-text-unet/1"
+SID_TEXT = ", [SID{k}] stage"  # the paper's "a [class noun], [SID] stage"
+SUBFOLDERS = ("unet", "text_encoder", "tokenizer")
+
+
+class TextUNet(DiffusionBackbone):
+    """``UNet2DConditionModel`` + CLIP text encoder + tokenizer (see the module docstring)."""
+
+    kind = "text-unet"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' own DreamBooth-LoRA targets
+
+    def __init__(self, unet, text_encoder, tokenizer, train_text_encoder: bool = False):
+        super().__init__()
+        cfg = unet.config
+        if cfg.cross_attention_dim != text_encoder.config.hidden_size:
+            raise ConfigError(f"the UNet attends to {cfg.cross_attention_dim}-dim text features, the text encoder "
+                              f"gives {text_encoder.config.hidden_size}")
+        if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+            raise ConfigError(f"the tokenizer pads to {tokenizer.model_max_length} tokens, the text encoder has "
+                              f"{text_encoder.config.max_position_embeddings} positions")
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self.train_text_encoder = bool(train_text_encoder)
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        self.config = dict(image_size=int(size), patch_size=2 ** (len(cfg.block_out_channels) - 1),
+                           in_chans=int(cfg.in_channels), max_length=int(tokenizer.model_max_length))
+        if cfg.out_channels != cfg.in_channels:
+            raise ConfigError("only ε-prediction UNets (out_channels == in_channels) are supported; this one has "
+                              f"{cfg.in_channels} in and {cfg.out_channels} out channels")
+        self.sid = None
+        self._sid_lut: torch.Tensor | None = None  # token id → stage (−1: not a SID token)
+        self._sid_suffix: list[list[int]] = []
+        self.register_buffer("null_ids", self.tokenize([""])[0], persistent=False)
+        self.text_encoder.get_input_embeddings().register_forward_hook(self._sid_rows)
+
+    # ------------------------------------------------------------------------------- the interface
+    @property
+    def blocks(self) -> list[nn.Module]:
+        mid = [self.unet.mid_block] if self.unet.mid_block is not None else []
+        return [*self.unet.down_blocks, *mid, *self.unet.up_blocks]
+
+    @property
+    def block_prefix(self) -> str:
+        return "unet"
+
+    @property
+    def num_classes(self) -> int:
+        raise ConfigError("a text-to-image model has prompts, not a class table")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """The layers ending unit ``i``'s residual branches (each resnet's ``conv2``, each transformer's
+        ``proj_out``): DiffFit scales their outputs, which folds into their weights."""
+        unit = self.blocks[i]
+        out = {f"resnet{j}": r.conv2 for j, r in enumerate(getattr(unit, "resnets", []))}
+        out.update({f"attn{j}": a.proj_out for j, a in enumerate(getattr(unit, "attentions", None) or [])})
+        return out
+
+    def class_embedding_modules(self) -> list[nn.Embedding]:
+        return []
+
+    def condition_parameters(self) -> list[nn.Parameter]:
+        """The SID rows, and the text encoder when it trains: learnable in every method and stage."""
+        params = [self.sid.embedding.weight] if self.sid is not None else []
+        return params + (list(self.text_encoder.parameters()) if self.train_text_encoder else [])
+
+    def resize_classes(self, num_classes: int) -> None:
+        raise ConfigError("a text-to-image model has prompts, not a class table")
+
+    def freeze_fixed(self) -> None:
+        if not self.train_text_encoder:
+            self.text_encoder.requires_grad_(False)
+
+    def null_condition(self, y: torch.Tensor) -> torch.Tensor:
+        return self.null_ids.to(y.device).expand_as(y)
+
+    # ---------------------------------------------------------------------------------------- text
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids ``(N, max_length)``, padded and truncated as Stable Diffusion's pipeline does."""
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """The UNet's ``encoder_hidden_states`` for token ids (the current stage's SID appended)."""
+        ids = self.with_sid(ids)
+        learnable = self.sid is not None and self.sid.embedding.weight.requires_grad
+        learnable = learnable or any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and learnable):
+            return self.text_encoder(ids).last_hidden_state
+
+    def with_sid(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` with the current stage's ``", [SIDk] stage"`` before each prompt's end-of-text token
+        (the prompt is cut short when there is no room)."""
+        if self.sid is None:
+            return ids
+        suffix = self._sid_suffix[self.sid.stage]
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        length = ids.shape[1]
+        keep = length - 1 - len(suffix)  # room left for the prompt (BOS included) before suffix + EOS
+        out = torch.full_like(ids, eos if pad is None else pad)
+        for row in range(len(ids)):
+            hits = (ids[row] == eos).nonzero()
+            end = min(int(hits[0]) if len(hits) else length, keep)
+            out[row, :end] = ids[row, :end]
+            out[row, end:end + len(suffix)] = torch.tensor(suffix, dtype=ids.dtype)
+            out[row, end + len(suffix)] = eos
+        return out
+
+    def _sid_rows(self, module, args, out):
+        """Forward hook on the token embedding: SID tokens take their learnable rows."""
+        if self.sid is None:
+            return out
+        ids = args[0]
+        stage = self._sid_lut.to(ids.device)[ids.clamp(max=len(self._sid_lut) - 1)]
+        is_sid = stage >= 0
+        if not bool(is_sid.any()):
+            return out
+        rows = self.sid.embedding.weight[stage.clamp(min=0)].to(out.dtype)
+        return torch.where(is_sid.unsqueeze(-1), rows, out)
+
+    def add_stage_identifier(self, num_stages: int) -> StageIdentifier:
+        """Tokens ``[SID1]``…``[SIDn]`` (added to the tokenizer when new) with learnable rows, initialised to the
+        embedding the table already has for them (new tokens: the mean row, a neutral word)."""
+        tokens = [f"[SID{k + 1}]".lower() for k in range(num_stages)]  # CLIP lowercases prompts, so the table does
+        vocab = self.tokenizer.get_vocab()
+        self.tokenizer.add_tokens([t for t in tokens if t not in vocab])
+        if len(self.tokenizer) > self.text_encoder.get_input_embeddings().num_embeddings:
+            old = self.text_encoder.get_input_embeddings().num_embeddings
+            self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            table = self.text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                table[old:] = table[:old].mean(0)
+            self.text_encoder.get_input_embeddings().register_forward_hook(self._sid_rows)
+        table = self.text_encoder.get_input_embeddings().weight
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+        if len(set(ids)) != num_stages or self.tokenizer.unk_token_id in ids:
+            raise ConfigError(f"the tokenizer cannot hold the stage identifiers {tokens}")
+        self.sid = StageIdentifier(num_stages, self.hidden_size).to(table.device)
+        with torch.no_grad():
+            self.sid.embedding.weight.copy_(table[ids])
+        lut = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
+        lut[ids] = torch.arange(num_stages)
+        self._sid_lut = lut
+        self._sid_suffix = [self.tokenizer(SID_TEXT.format(k=k + 1), add_special_tokens=False).input_ids
+                            for k in range(num_stages)]
+        if any(len(s) >= self.config["max_length"] - 2 for s in self._sid_suffix):
+            raise ConfigError(f"prompts of {self.config['max_length']} tokens leave no room for the stage identifier")
+        return self.sid
+
+    def bake_stage_identifier(self) -> None:
+        """Write the SID rows into the text encoder's table and drop the module (for export)."""
+        if self.sid is None:
+            return
+        table = self.text_encoder.get_input_embeddings().weight
+        ids = (self._sid_lut >= 0).nonzero().flatten()
+        with torch.no_grad():
+            table[ids] = self.sid.embedding.weight[self._sid_lut[ids]].to(table.dtype)
+        self.sid = None
+
+    def prompt_suffix(self) -> str:
+        """What an exported model's prompts end with (the last stage's SID), or '' without one."""
+        return SID_TEXT.format(k=self.sid.stage + 1) if self.sid is not None else ""
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.ndim != 2:
+            raise ConfigError(f"a text-to-image model is conditioned on token ids (B, L), got shape {tuple(y.shape)}")
+        t = t.reshape(-1).expand(x.shape[0])
+        return self.unet(x, t, encoder_hidden_states=self.encode_text(y)).sample
+
+    # -------------------------------------------------------------------------------------- LoRA
+    def add_lora(self, rank: int, alpha: float | None = None) -> None:
+        """LoRA on the UNet's attention projections through diffusers' ``add_adapter`` (peft)."""
+        from peft import LoraConfig
+
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                         target_modules=list(self.lora_targets)))
+
+    def lora_layers(self) -> dict[str, torch.Tensor] | None:
+        """The UNet's LoRA weights in diffusers' format (what ``pipe.load_lora_weights`` reads), or None."""
+        if not getattr(self.unet, "_hf_peft_config_loaded", False):
+            return None
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+
+
+# ---------------------------------------------------------------------------------------- build / io
+@contextmanager
+def _quiet():
+    """No per-shard progress bars from transformers while a model directory is read or written."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def build_text_unet(image_size: int = 28, in_chans: int = 1, channels: tuple[int, ...] = (16, 32),
+                    text_dim: int = 64, text_layers: int = 2, vocabulary: list[str] | None = None,
+                    max_length: int = 16, tokenizer=None) -> TextUNet:
+    """A small UNet + CLIP text encoder from sizes (random weights), for a base model autoprog trains itself.
+
+    Without ``tokenizer``, one is written for ``vocabulary`` (see :func:`word_tokenizer`)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if len(channels) < 2:
+        raise ConfigError("a UNet needs at least two levels (--channels 32,64)")
+    if image_size % 2 ** (len(channels) - 1):
+        raise ConfigError(f"image size {image_size} is not divisible by {2 ** (len(channels) - 1)}, the UNet's "
+                          f"downsampling over {len(channels)} levels")
+    groups = min(16, *channels)
+    if any(c % groups for c in channels):
+        raise ConfigError(f"--channels {channels}: every level must be divisible by {groups} (group norm)")
+    if tokenizer is None:
+        tokenizer = word_tokenizer(vocabulary or [], max_length)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1)
+    up = ("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",)
+    unet = UNet2DConditionModel(sample_size=image_size, in_channels=in_chans, out_channels=in_chans,
+                                layers_per_block=1, block_out_channels=tuple(channels), down_block_types=down,
+                                up_block_types=up, cross_attention_dim=text_dim, attention_head_dim=8,
+                                norm_num_groups=groups)
+    vocab = tokenizer.get_vocab()
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
+        num_hidden_layers=text_layers, num_attention_heads=max(1, text_dim // 32),
+        max_position_embeddings=max_length, bos_token_id=vocab[tokenizer.bos_token],
+        eos_token_id=vocab[tokenizer.eos_token], pad_token_id=vocab[tokenizer.pad_token]))
+    return TextUNet(unet, text, tokenizer, train_text_encoder=True)
+
+
+def word_tokenizer(words: list[str], max_length: int = 16):
+    """A ``CLIPTokenizer`` whose vocabulary is ``words`` (one token each where BPE allows) plus every letter,
+    digit and common punctuation mark, so any text tokenizes; written to a temporary directory and loaded
+    from it, as any CLIP tokenizer is."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789-,.'!?&/()") | {c for w in words for c in w.lower()})
+    vocab: dict[str, int] = {}
+    for tok in specials + chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words if len(w) > 1):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), model_max_length=max_length)
+
+
+def is_text_unet_dir(path: str | Path) -> bool:
+    return (Path(path) / "unet" / "config.json").is_file()
+
+
+def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, dict]:
+    """Load a Stable Diffusion pipeline directory (``unet/``, ``text_encoder/``, ``tokenizer/``; ``vae/`` is the
+    latent codec's business) or one autoprog exported, from local disk only; problems are one-line errors."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    missing = [s for s in SUBFOLDERS if not (root / s).is_dir()]
+    if missing:
+        raise ConfigError(f"{root} is not a Stable Diffusion pipeline directory: {', '.join(missing)}/ missing")
+    meta = {}
+    if (root / META_FILE).is_file():
+        meta = json.loads((root / META_FILE).read_text())
+    try:
+        with _quiet():
+            unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
+            text = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)
+            tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ConfigError(f"cannot load the pipeline in {root}: {type(e).__name__}: {first}") from None
+    for name, module in (("unet", unet), ("text_encoder", text)):
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise ConfigError(f"{root / name} holds non-finite weights (a diverged model?)")
+    model = TextUNet(unet, text, tok)
+    stages = int(meta.get("sid_stages") or 0)
+    if stages and with_sid:
+        model.add_stage_identifier(stages)  # the baked rows become the identifiers again
+    info = {"kind": TextUNet.kind, "source": str(root), **meta}
+    if (root / "vae" / "config.json").is_file() and not meta.get("vae"):
+        info["vae"] = str(root)
+    return model, info
+
+
+def save_text_unet(model: TextUNet, path: str | Path, extra: dict | None = None, vae=None,
+                   scheduler=None) -> Path:
+    """Write ``model`` as a pipeline directory: ``unet/``, ``text_encoder/`` (SID rows baked in), ``tokenizer/``,
+    ``scheduler/`` (when given) and ``autoprog.json``; with ``vae`` (and a ``scheduler``) a whole
+    ``StableDiffusionPipeline`` directory that ``StableDiffusionPipeline.from_pretrained`` loads. Changes
+    ``model`` (the SID is baked): pass a copy."""
+    if vae is not None and scheduler is None:
+        raise ConfigError("a Stable Diffusion pipeline directory needs a scheduler")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stages = model.sid.num_stages if model.sid is not None else 0
+    suffix = model.prompt_suffix()
+    model.bake_stage_identifier()
+    with _quiet():
+        _write_pipeline(model, path, scheduler, vae)
+    meta = {"format": FORMAT, "kind": model.kind, "config": model.config, "sid_stages": stages,
+            "prompt_suffix": suffix, **(extra or {})}
+    (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def _write_pipeline(model: TextUNet, path: Path, scheduler, vae) -> None:
+    if vae is not None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                       unet=model.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(path))
+    else:
+        model.unet.save_pretrained(str(path / "unet"))
+        model.text_encoder.save_pretrained(str(path / "text_encoder"))
+        model.tokenizer.save_pretrained(str(path / "tokenizer"))
+        if scheduler is not None:
+            scheduler.save_pretrained(str(path / "scheduler"))

@@ -1,0 +1,379 @@
+"""Text-to-image fine-tuning: the UNet + CLIP backbone, the text SID, unfreezing units, the static methods,
+export as a pipeline directory, LoRA in diffusers' format, and the commands end to end. Every model here is
+built from a tiny config inside the test; nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from autoprog.adapters.unfreezer import Unfreezer
+from autoprog.diffusion.data import DiffusionData, load_diffusion_data
+from autoprog.diffusion.methods import export_backbone, prepare_static
+from autoprog.diffusion.sampling import diffusion_loss, sample, training_scheduler
+from autoprog.diffusion.trainer import DiffusionConfig
+from autoprog.errors import ConfigError, DataError
+from autoprog.models.dit import load_backbone, num_parameters, save_backbone
+from autoprog.models.text_unet import TextUNet, build_text_unet, load_text_unet, word_tokenizer
+from autoprog.space import SubNet
+
+WORDS = "a photo of t-shirt trouser pullover dress coat sandal shirt sneaker bag ankle boot stage".split()
+CAPTIONS = ["a photo of a t-shirt", "a photo of a trouser", "a photo of a sandal"]
+
+
+def tiny(size: int = 8, sid: int = 0, seed: int = 0) -> TextUNet:
+    torch.manual_seed(seed)
+    m = build_text_unet(image_size=size, in_chans=1, channels=(8, 16), text_dim=32, text_layers=1,
+                        vocabulary=WORDS, max_length=12)
+    if sid:
+        m.add_stage_identifier(sid)
+    return m
+
+
+def tokens(m: TextUNet, ids: torch.Tensor) -> list[str]:
+    return [t for t in m.tokenizer.convert_ids_to_tokens(ids) if t != m.tokenizer.eos_token] + ["<eos>"]
+
+
+def step_inputs(m: TextUNet, n: int = 3, size: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, size, size, generator=g), torch.tensor([10, 400, 900][:n]), m.tokenize(CAPTIONS[:n])
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def test_word_tokenizer_keeps_its_words_whole_and_still_spells_unknown_ones():
+    tok = word_tokenizer(WORDS, max_length=12)
+    assert tok.tokenize("a photo of a sandal") == ["a</w>", "photo</w>", "of</w>", "a</w>", "sandal</w>"]
+    spelled = tok.tokenize("zebra")
+    assert len(spelled) > 1 and tok.unk_token not in spelled
+    ids = tok(["a bag"], padding="max_length", max_length=12).input_ids[0]
+    assert len(ids) == 12 and ids[0] == tok.bos_token_id and ids[3] == tok.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------------ SID
+def test_each_stage_appends_its_own_identifier_before_the_end_of_text():
+    m = tiny(sid=3)
+    ids = m.tokenize(["a photo of a bag", ""])
+    seen = []
+    for k in range(3):
+        m.set_stage(k)
+        out = m.with_sid(ids)
+        assert tokens(m, out[0])[:8] == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "bag</w>",
+                                         ",</w>", f"[sid{k + 1}]"]
+        assert tokens(m, out[1])[:4] == ["<|startoftext|>", ",</w>", f"[sid{k + 1}]", "stage</w>"]  # null too
+        seen.append(tuple(out[0].tolist()))
+    assert len(set(seen)) == 3
+    assert m.sid.stage == 2 and m.prompt_suffix() == ", [SID3] stage"
+
+
+def test_a_prompt_too_long_is_cut_so_the_identifier_and_end_token_fit():
+    m = tiny(sid=2)
+    ids = m.tokenize(["a photo of a t-shirt trouser pullover dress coat sandal shirt sneaker bag"])
+    assert ids[0, -1] == m.tokenizer.eos_token_id and (ids[0] == m.tokenizer.eos_token_id).sum() == 1  # full
+    out = m.with_sid(ids)[0].tolist()
+    assert out[-1] == m.tokenizer.eos_token_id and out[-3] == m.tokenizer.convert_tokens_to_ids("[sid2]")
+    assert out[:-4] == ids[0, :-4].tolist()  # the prompt's last words made room
+
+
+def test_only_the_current_stages_identifier_learns_and_the_text_encoder_stays_frozen():
+    m = tiny(sid=4)
+    m.train_text_encoder = False
+    Unfreezer(m).apply(SubNet(8, 2))
+    table = m.text_encoder.get_input_embeddings().weight.detach().clone()
+    m.set_stage(1)
+    x, t, y = step_inputs(m)
+    diffusion_loss(m, x, y, training_scheduler(), m.null_condition(y)).backward()
+    grad = m.sid.embedding.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[[0, 2, 3]].abs().sum() == 0
+    assert all(p.grad is None for p in m.text_encoder.parameters())
+    torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2).step()
+    assert torch.equal(m.text_encoder.get_input_embeddings().weight, table)
+
+
+def test_without_an_identifier_nothing_is_appended():
+    m = tiny()
+    ids = m.tokenize(CAPTIONS)
+    assert torch.equal(m.with_sid(ids), ids)
+
+
+# ----------------------------------------------------------------------------------------- unfreezing
+def test_units_are_down_mid_and_up_blocks_and_a_stage_trains_only_its_units():
+    m = tiny(sid=4)
+    m.train_text_encoder = False
+    u = Unfreezer(m)
+    assert len(m.blocks) == 2 + 1 + 2 and m.blocks[2] is m.unet.mid_block
+    assert m.patch_size == 2 and m.image_size == 8
+    u.apply(SubNet(4, 2))
+    learnable = {n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad and n.startswith("unet.")}
+    chosen = {type(m.blocks[i]).__name__ for i in u.blocks_for(SubNet(4, 2))}
+    assert learnable <= {"down_blocks", "mid_block", "up_blocks"} and "UpBlock2D" in chosen  # output side first
+    assert m.sid.embedding.weight.requires_grad
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+    u.apply(u.space(4, 0.25).full)
+    assert all(p.requires_grad for p in m.unet.parameters())
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+    m.train_text_encoder = True
+    u.apply(SubNet(4, 2))
+    assert all(p.requires_grad for p in m.text_encoder.parameters())  # --train-text-encoder: in every stage
+
+
+# ------------------------------------------------------------------------------------- static methods
+@pytest.mark.parametrize("method", ["full", "bitfit", "difffit", "lora"])
+def test_static_methods_leave_the_text_encoder_frozen_and_fold_into_plain_weights(method):
+    m = tiny()
+    m.train_text_encoder = False
+    prepare_static(m, method, lora_rank=2)
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+    trainable = num_parameters(m, trainable=True)
+    assert (trainable == num_parameters(m.unet)) if method == "full" else (0 < trainable < num_parameters(m.unet) / 4)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    m.eval()
+    x, t, y = step_inputs(m)
+    before = m(x, t, y)
+    export_backbone(m)
+    assert not any("lora" in n or "difffit" in n for n, _ in m.named_parameters())
+    torch.testing.assert_close(m(x, t, y), before, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_weights_are_written_in_diffusers_format_that_load_lora_weights_reads(tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    m = tiny()
+    prepare_static(m, "lora", lora_rank=2)
+    with torch.no_grad():
+        for n, p in m.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)  # B starts at zero: make the adapter change the output
+    layers = m.lora_layers()
+    assert layers and all(k.startswith(("down_blocks", "mid_block", "up_blocks")) for k in layers)
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path / "lora"), unet_lora_layers=layers)
+    m.eval()
+    x, t, y = step_inputs(m)
+    tuned = m(x, t, y)
+    plain = tiny()  # the same seed: the base weights before LoRA
+    plain.eval()
+    assert not torch.allclose(plain(x, t, y), tuned, atol=1e-4)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=1, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=8)
+    from autoprog.diffusion.sampling import sampling_scheduler
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
+                                   unet=plain.unet, scheduler=sampling_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(plain(x, t, y), tuned, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- export / load
+def test_export_bakes_the_identifiers_into_the_tokenizer_and_the_table(tmp_path):
+    m = tiny(sid=3)
+    with torch.no_grad():
+        m.sid.embedding.weight.normal_()
+    m.eval()
+    x, t, y = step_inputs(m)
+    want = m(x, t, y)  # the last stage's identifier, as sampling uses
+    save_backbone(copy.deepcopy(m), tmp_path / "model", extra={"captions": CAPTIONS})
+    meta = json.loads((tmp_path / "model" / "autoprog.json").read_text())
+    assert meta["sid_stages"] == 3 and meta["prompt_suffix"] == ", [SID3] stage"
+    back, info = load_backbone(tmp_path / "model")
+    back.eval()
+    assert back.sid is not None and back.sid.stage == 2 and info["captions"] == CAPTIONS
+    torch.testing.assert_close(back(x, t, y), want)
+    # a plain CLIP user prompts it with the suffix: the baked row is the identifier
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path / "model" / "tokenizer"))
+    text = CLIPTextModel.from_pretrained(str(tmp_path / "model" / "text_encoder")).eval()
+    ids = tok([c + meta["prompt_suffix"] for c in CAPTIONS], padding="max_length", max_length=12,
+              return_tensors="pt").input_ids
+    torch.testing.assert_close(text(ids).last_hidden_state, m.encode_text(y))
+    fresh, _ = load_backbone(tmp_path / "model", with_sid=False)  # fine-tuning it again starts without
+    assert fresh.sid is None
+
+
+def test_a_latent_model_exports_a_pipeline_that_stable_diffusion_loads(tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    unet_size = 4
+    m = tiny(size=unet_size, sid=2)
+    m.unet.register_to_config(in_channels=1)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=1, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8)
+    from autoprog.diffusion.sampling import sampling_scheduler
+
+    save_backbone(copy.deepcopy(m), tmp_path / "pipe", vae=vae, scheduler=sampling_scheduler())
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
+    out = pipe("a photo of a bag, [SID2] stage", num_inference_steps=2, height=8, width=8, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 1, 8, 8) and torch.isfinite(out).all()
+    back, info = load_backbone(tmp_path / "pipe")
+    assert isinstance(back, TextUNet) and info["vae"] == str(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize("missing", ["text_encoder", "tokenizer"])
+def test_a_pipeline_directory_with_a_part_missing_is_refused_in_one_line(tmp_path, missing):
+    save_backbone(tiny(), tmp_path / "model")
+    import shutil
+
+    shutil.rmtree(tmp_path / "model" / missing)
+    with pytest.raises(ConfigError, match=f"not a Stable Diffusion pipeline directory: {missing}/ missing"):
+        load_text_unet(tmp_path / "model")
+
+
+def test_a_text_encoder_of_the_wrong_width_is_refused():
+    m = tiny()
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    other = CLIPTextModel(CLIPTextConfig(vocab_size=len(m.tokenizer), hidden_size=48, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12))
+    with pytest.raises(ConfigError, match="attends to 32-dim text features"):
+        TextUNet(m.unet, other, m.tokenizer)
+
+
+# ------------------------------------------------------------------------------------ loss / sampling
+def test_condition_dropout_replaces_whole_prompts_with_the_empty_prompt():
+    m = tiny()
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, y):
+            seen.append(y.clone())
+            return torch.zeros_like(x)
+
+    x, _, y = step_inputs(m)
+    diffusion_loss(Spy(), x, y, training_scheduler(), m.null_condition(y), class_dropout=0.999999,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[0], m.null_ids.expand_as(y))
+    diffusion_loss(Spy(), x, y, training_scheduler(), m.null_condition(y), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[1], y)
+
+
+def test_sampling_prompts_gives_finite_images_and_guidance_changes_them():
+    m = tiny(sid=2).eval()
+    y = m.tokenize(CAPTIONS[:2])
+    a = sample(m, y, steps=2, cfg_scale=1.0, seed=0)
+    b = sample(m, y, steps=2, cfg_scale=3.0, seed=0)
+    assert a.shape == (2, 1, 8, 8) and torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_captions_map_class_ids_to_their_prompts():
+    data = DiffusionData("x", torch.zeros(3, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 2, 1]),
+                         torch.zeros(1, 1, 8, 8, dtype=torch.uint8), torch.tensor([0]), 3, (0, 1, 2),
+                         class_names=("t-shirt", "trouser", "sandal"))
+    m = tiny()
+    data.caption(m.tokenize)
+    assert data.captions == tuple(CAPTIONS)
+    assert torch.equal(data.conditions(torch.tensor([2, 0])), m.tokenize([CAPTIONS[2], CAPTIONS[0]]))
+    with pytest.raises(DataError, match="needs a {}"):
+        data.caption(m.tokenize, "a photo")
+
+
+def test_fashion_mnist_and_digits_know_their_class_names(fake_fmnist):
+    assert load_diffusion_data("fashion-mnist", str(fake_fmnist), (9,)).class_names[9] == "ankle boot"
+    assert load_diffusion_data("digits", classes=(3,)).class_names[3] == "three"
+
+
+# ----------------------------------------------------------------------------------------- end to end
+TINY = DiffusionConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, eval_points=2, curve_samples=6,
+                       fd_samples=8, sample_steps=2, proxy_batches=2, proxy_batch_size=2, time_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def text_base(fake_fmnist, cache_dir, tmp_path_factory):
+    from autoprog.diffusion.runner import TextBaseSpec, pretrain_base
+
+    out = tmp_path_factory.mktemp("t2i-base")
+    pretrain_base(TextBaseSpec(data_root=str(fake_fmnist), image_size=8, channels="8,16", text_dim=32, text_layers=1,
+                               max_length=12, feature_epochs=1, cache_dir=str(cache_dir),
+                               train=replace(TINY, steps=4, eval_points=1, ema_decay=0.9)), out)
+    return out / "model"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prog", "autoprog-zero", "lora"])
+def test_text_to_image_methods_finetune_end_to_end(method, text_base, fake_fmnist, cache_dir, tmp_path):
+    from autoprog.diffusion.runner import TextFinetuneSpec, finetune
+
+    res = finetune(TextFinetuneSpec(method=method, base=str(text_base), data_root=str(fake_fmnist), image_size=8,
+                                    feature_epochs=1, cache_dir=str(cache_dir), train=TINY), tmp_path / method)
+    s = res["summary"]
+    assert res["done"] and s["steps"] == 8 and s["fd"] is not None and s["classes"] == [5, 6, 7, 8, 9]
+    model, meta = load_backbone(tmp_path / method / "model")
+    assert isinstance(model, TextUNet) and meta["captions"][5] == "a photo of a sandal"
+    assert (model.sid is not None) == (method != "lora")
+    if method != "lora":
+        assert s["mean_trainable_params"] < s["total_params"] and meta["prompt_suffix"] == ", [SID4] stage"
+    else:
+        assert (tmp_path / method / "model" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_commands_pretrain_finetune_resume_and_sample(cli, fake_fmnist, cache_dir, tmp_path):
+    common = ["--data-root", fake_fmnist, "--image-size", "8", "--batch-size", "8", "--eval-points", "1",
+              "--curve-samples", "6", "--fd-samples", "6", "--sample-steps", "2", "--feature-epochs", "1",
+              "--cache-dir", cache_dir, "--cpu"]
+    rc, out, err = cli("pretrain", "--task", "text-to-image", "--out", tmp_path / "base", "--steps", "3",
+                       "--channels", "8,16", "--text-dim", "32", "--text-layers", "1", *common)
+    assert rc == 0, err
+    assert (tmp_path / "base" / "model" / "unet" / "config.json").is_file()
+    rc, out, err = cli("finetune", "--task", "text-to-image", "--base", tmp_path / "base" / "model", "--method",
+                       "prog", "--out", tmp_path / "ft", "--steps", "8", *common, "--eval-points", "2",
+                       "--stop-after-steps", "4", "--caption", "a picture of a {}")
+    assert rc == 0, err
+    assert "continue with --resume" in out
+    rc, out, err = cli("finetune", "--resume", tmp_path / "ft")  # no --task: the run knows its own
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "ft" / "model" / "autoprog.json").read_text())
+    assert meta["captions"][5] == "a picture of a sandal" and meta["steps"] == 8
+    rc, out, err = cli("sample", tmp_path / "ft", "--prompt", "a picture of a bag", "--per-class", "2",
+                       "--sample-steps", "2", "--out", tmp_path / "s")
+    assert rc == 0, err
+    assert (tmp_path / "s" / "prompt1.png").is_file()
+    rc, out, err = cli("sample", tmp_path / "ft", "--per-class", "1", "--sample-steps", "2", "--out", tmp_path / "c")
+    assert rc == 0, err
+    assert (tmp_path / "c" / "class5.png").is_file()
+
+
+def test_finetune_help_names_the_text_options(cli):
+    rc, out, _ = cli("finetune", "--task", "text-to-image", "--help")
+    assert rc == 0 and "--train-text-encoder" in out and "--caption" in out
+    rc, out, _ = cli("finetune", "--help")
+    assert rc == 0 and "--caption" not in out
+
+
+@pytest.mark.slow
+def test_compare_text_to_image_reads_every_method_off_full_finetunings_front(text_base, fake_fmnist, cache_dir,
+                                                                            tmp_path):
+    from autoprog.diffusion.runner import TextFinetuneSpec, compare_finetune
+
+    spec = TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8, feature_epochs=1,
+                            cache_dir=str(cache_dir), train=TINY)
+    summary = compare_finetune(["full", "prog"], spec, tmp_path, budget=False, front=(0.5, 1))
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"full", "prog", "full@0.5"}
+    assert rows["prog"]["tq_speedup"] is not None and rows["full"]["fd"] is not None
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "summary.md").is_file()
+
+
+def test_a_base_of_the_other_kind_is_refused_in_one_line(text_base, fake_fmnist, tmp_path):
+    from autoprog.diffusion.runner import FinetuneSpec, TextFinetuneSpec, build_finetune
+    from autoprog.models.dit import build_backbone
+
+    dit = tmp_path / "dit"
+    save_backbone(build_backbone("dit", image_size=8, patch_size=4, in_chans=1, num_classes=10, hidden_size=16,
+                                 depth=2, num_heads=2), dit)
+    with pytest.raises(ConfigError, match="needs a text-to-image base"):
+        build_finetune(TextFinetuneSpec(base=str(dit), data_root=str(fake_fmnist), image_size=8))
+    with pytest.raises(ConfigError, match="add --task text-to-image"):
+        build_finetune(FinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8))
+    with pytest.raises(ConfigError, match="needs a {}"):
+        build_finetune(TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), caption="a photo"))
