@@ -314,6 +314,7 @@ def test_text_to_image_methods_finetune_end_to_end(method, text_base, fake_fmnis
         assert s["mean_trainable_params"] < s["total_params"] and meta["prompt_suffix"] == ", [SID4] stage"
     else:
         assert (tmp_path / method / "model" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / method / "samples").iterdir()) == ["step4.png", "step8.png"]
 
 
 @pytest.mark.slow
@@ -327,7 +328,7 @@ def test_the_commands_pretrain_finetune_resume_and_sample(cli, fake_fmnist, cach
     assert (tmp_path / "base" / "model" / "unet" / "config.json").is_file()
     rc, out, err = cli("finetune", "--task", "text-to-image", "--base", tmp_path / "base" / "model", "--method",
                        "prog", "--out", tmp_path / "ft", "--steps", "8", *common, "--eval-points", "2",
-                       "--stop-after-steps", "4", "--caption", "a picture of a {}")
+                       "--stop-after-steps", "4", "--caption", "a picture of a {}", "--gradient-checkpointing")
     assert rc == 0, err
     assert "continue with --resume" in out
     rc, out, err = cli("finetune", "--resume", tmp_path / "ft")  # no --task: the run knows its own
@@ -377,3 +378,17 @@ def test_a_base_of_the_other_kind_is_refused_in_one_line(text_base, fake_fmnist,
         build_finetune(FinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8))
     with pytest.raises(ConfigError, match="needs a {}"):
         build_finetune(TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), caption="a photo"))
+
+
+def test_gradient_checkpointing_and_the_text_encoder_flag_reach_the_model(text_base, fake_fmnist):
+    from autoprog.diffusion.runner import TextFinetuneSpec, build_finetune
+
+    _, model, *_ = build_finetune(TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8,
+                                                   method="full", gradient_checkpointing=True,
+                                                   train_text_encoder=True))
+    assert model.unet.is_gradient_checkpointing
+    assert all(p.requires_grad for p in model.text_encoder.parameters())
+    _, model, *_ = build_finetune(TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8,
+                                                   method="full"))
+    assert not model.unet.is_gradient_checkpointing
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())

@@ -500,6 +500,7 @@ class DiffusionTrainer(ControllerCalls):
                 from .quality import to_uint8
 
                 imgs = to_uint8(imgs)
+                self._save_validation_grid(imgs)
                 q = self.evaluator.evaluate(imgs)
                 point.update(fd=round(q["fd"], 4), kid=round(q["kid"], 6), kid_std=round(q["kid_std"], 6),
                              fd_samples=n, metric=q["metric"])
@@ -512,6 +513,16 @@ class DiffusionTrainer(ControllerCalls):
         fd = f" {point.get('metric', 'FD')} {point['fd']:.3f}" if "fd" in point else ""
         self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {mean_loss:.4f}{fd} "
                    f"time {self.train_time:.1f}s (search {self.search_time:.1f}s)")
+
+    def _save_validation_grid(self, imgs: torch.Tensor) -> None:
+        """``OUT/samples/step<N>.png``: this point's first samples, one row per class (prompt), to look at."""
+        from .quality import save_grid
+
+        per_class = max(1, min(8, len(imgs) // max(1, len(self.data.classes))))
+        # generate() cycles through the classes: regroup the first per_class rounds into rows
+        k = len(self.data.classes)
+        rows = [imgs[i + r * k] for i in range(k) for r in range(per_class) if i + r * k < len(imgs)]
+        save_grid(torch.stack(rows), self.out / "samples" / f"step{self.step}.png", nrow=per_class)
 
     @torch.no_grad()
     def generate(self, n: int, seed: int) -> torch.Tensor:
