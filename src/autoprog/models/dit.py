@@ -169,37 +169,55 @@ class DiT(DiffusionBackbone):
 
 # ------------------------------------------------------------------------------------------ diffusers
 class DiffusersDiT(DiffusionBackbone):
-    """diffusers' ``DiTTransformer2DModel`` (ε only, ``out_channels == in_channels``) behind the interface.
+    """diffusers' ``DiTTransformer2DModel`` behind the interface.
 
     diffusers keeps a timestep/class embedder inside every block and drops classes itself in training
     mode; here class dropout is switched off (the trainer drops labels to the null class so that every
     block sees the same label) and the SID reaches every block's class embedder through a forward hook.
+
+    A learned-sigma DiT (``out_channels == 2 × in_channels``, as the official DiT-XL/2) predicts ε in its first
+    half and the variance interpolation in the second. Fine-tuning trains the ε half (Eq. 11); the output rows
+    of the variance half get no gradient (a hook zeroes it), so the variance head stays the base model's
+    (unless ``--weight-decay``, off by default, shrinks them; the shared trunk still moves under them).
+    ``forward`` returns ε only: autoprog samples with DDIM, whose variance is set by η, not learned.
     """
 
     kind = "diffusers-dit"
     lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
 
     def __init__(self, image_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
-                 hidden_size: int = 128, depth: int = 8, num_heads: int = 4, model=None):
+                 hidden_size: int = 128, depth: int = 8, num_heads: int = 4, model=None, learned_sigma: bool = False,
+                 diffusers: dict | None = None):
         super().__init__()
         from diffusers import DiTTransformer2DModel
 
         if hidden_size % num_heads:
             raise ConfigError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        if model is None and diffusers is not None:  # the exact diffusers config a saved model had
+            model = DiTTransformer2DModel.from_config(diffusers)
         if model is None:
             model = DiTTransformer2DModel(
                 num_attention_heads=num_heads, attention_head_dim=hidden_size // num_heads, in_channels=in_chans,
-                out_channels=in_chans, num_layers=depth, sample_size=image_size // patch_size * patch_size,
-                patch_size=patch_size, num_embeds_ada_norm=num_classes,
+                out_channels=in_chans * (2 if learned_sigma else 1), num_layers=depth,
+                sample_size=image_size // patch_size * patch_size, patch_size=patch_size,
+                num_embeds_ada_norm=num_classes,
             )
         self.model = model
         cfg = model.config
-        if cfg.out_channels != cfg.in_channels:
-            raise ConfigError("only ε-prediction DiTs (out_channels == in_channels) are supported; "
-                              f"this one has {cfg.in_channels} in and {cfg.out_channels} out channels")
+        out = cfg.out_channels or cfg.in_channels
+        if out not in (cfg.in_channels, 2 * cfg.in_channels):
+            raise ConfigError("a DiT predicts ε (out_channels == in_channels) or ε and a learned variance "
+                              f"(out_channels == 2 × in_channels); this one has {cfg.in_channels} in and {out} out")
+        self.learned_sigma = out == 2 * cfg.in_channels
         self.config = dict(image_size=cfg.sample_size, patch_size=cfg.patch_size, in_chans=cfg.in_channels,
                            num_classes=cfg.num_embeds_ada_norm, hidden_size=cfg.num_attention_heads *
                            cfg.attention_head_dim, depth=cfg.num_layers, num_heads=cfg.num_attention_heads)
+        if self.learned_sigma:
+            self.config["learned_sigma"] = True
+            head = model.proj_out_2  # rows ordered (patch row, patch column, channel), channel fastest
+            variance = (torch.arange(head.out_features, device=head.weight.device) % out) >= cfg.in_channels
+            for p in (head.weight, head.bias):
+                p.register_hook(lambda g, m=variance: g.masked_fill(m.view(-1, *([1] * (g.ndim - 1))), 0))
         self.sid = None
         for emb in self._label_embedders():
             emb.dropout_prob = 0.0
@@ -239,7 +257,8 @@ class DiffusersDiT(DiffusionBackbone):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0])
-        return self.model(x, timestep=t, class_labels=y).sample
+        out = self.model(x, timestep=t, class_labels=y).sample
+        return out[:, :self.in_chans] if self.learned_sigma else out
 
 
 # --------------------------------------------------------------------------------------- build / save
@@ -263,7 +282,10 @@ def save_backbone(model: DiffusionBackbone, path: str | Path, extra: dict | None
         return save_text_unet(model, path, extra, vae=vae, scheduler=scheduler)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "autoprog-diffusion/1", "kind": model.kind, "config": model.config,
+    config = dict(model.config)
+    if isinstance(model, DiffusersDiT):  # every diffusers setting (attention bias, activation, ...), not only ours
+        config["diffusers"] = {k: v for k, v in dict(model.model.config).items() if not k.startswith("_")}
+    meta = {"format": "autoprog-diffusion/1", "kind": model.kind, "config": config,
             "sid_stages": model.sid.num_stages if model.sid is not None else 0, **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, path / WEIGHTS_FILE)
@@ -289,11 +311,8 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
         raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise ConfigError(f"{cfg_file} is not a model config (a JSON object)")
-    if meta.get("_class_name") == "DiTTransformer2DModel":
-        from diffusers import DiTTransformer2DModel
-
-        inner = DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
-        return DiffusersDiT(model=inner), {"kind": "diffusers-dit", "source": str(path)}
+    if meta.get("_class_name") in ("DiTTransformer2DModel", "Transformer2DModel"):
+        return _load_diffusers_dit(path, meta)
     if meta.get("format") != "autoprog-diffusion/1":
         raise ConfigError(f"{cfg_file} is neither an autoprog diffusion model nor a diffusers DiT")
     model = build_backbone(meta["kind"], **meta["config"])
@@ -318,6 +337,24 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     if missing or unexpected:
         raise ConfigError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model, meta
+
+
+def _load_diffusers_dit(path: Path, meta: dict) -> tuple[DiffusersDiT, dict]:
+    """A diffusers DiT directory; older checkpoints (the official DiT-XL/2's) name their class
+    ``Transformer2DModel``, which is a DiT when its ``norm_type`` is ``ada_norm_zero``."""
+    from diffusers import DiTTransformer2DModel
+
+    if meta["_class_name"] == "Transformer2DModel" and meta.get("norm_type") != "ada_norm_zero":
+        raise ConfigError(f"{path} holds a Transformer2DModel with norm_type {meta.get('norm_type')!r}: "
+                          "autoprog reads it only as a DiT (norm_type 'ada_norm_zero')")
+    try:
+        inner = DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ConfigError(f"cannot load the DiT in {path}: {type(e).__name__}: {first}") from None
+    if not all(torch.isfinite(p).all() for p in inner.parameters()):
+        raise ConfigError(f"{path} holds non-finite weights (a diverged model?)")
+    return DiffusersDiT(model=inner), {"kind": "diffusers-dit", "source": str(path)}
 
 
 def num_parameters(model: nn.Module, trainable: bool = False) -> int:
