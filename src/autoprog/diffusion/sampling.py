@@ -9,12 +9,16 @@ from ..models.dit import DiffusionBackbone
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def training_scheduler():
-    """DiT's linear β schedule (1e-4 → 0.02 over 1000 steps), ε-prediction."""
+def training_scheduler(config: dict | None = None):
+    """The training noise (DDPM): a model's own schedule (``config``, e.g. a Stable Diffusion pipeline's
+    ``scheduler/`` config, whatever its scheduler class), else DiT's linear β (1e-4 → 0.02 over 1000 steps);
+    ε-prediction only."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear",
-                         prediction_type="epsilon", clip_sample=True)
+    if config is None:
+        return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear",
+                             prediction_type="epsilon", clip_sample=True)
+    return DDPMScheduler.from_config({k: v for k, v in dict(config).items() if not k.startswith("_")})
 
 
 def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_class: int | torch.Tensor,
@@ -49,7 +53,7 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
     ``steps``. The small models autoprog trains on a CPU sample markedly better with η = 1: measured on the
     default base DiT, η = 0 left grey noise where η = 1 gave recognisable garments.
     """
-    sched = sampling_scheduler()
+    sched = sampling_scheduler(getattr(model, "noise_config", None))
     sched.set_timesteps(steps)
     dev = next(model.parameters()).device
     res = resolution or model.image_size
@@ -79,11 +83,12 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
     return torch.cat(out) if out else torch.empty(0, model.in_chans, res, res)
 
 
-def sampling_scheduler():
-    """DDIM on the training schedule's β (what sampling and an exported pipeline use)."""
+def sampling_scheduler(config: dict | None = None):
+    """DDIM on the training schedule's β (``config`` as in :func:`training_scheduler`); what sampling and an
+    exported pipeline use."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(training_scheduler().config)
+    return DDIMScheduler.from_config(training_scheduler(config).config)
 
 
 def balanced_labels(classes: tuple[int, ...], n: int) -> torch.Tensor:

@@ -135,7 +135,7 @@ class DiffusionTrainer(ControllerCalls):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
-        self.noise = training_scheduler()
+        self.noise = training_scheduler(getattr(model, "noise_config", None))
         if len(data.train_images) < cfg.batch_size * self.acc.num_processes:
             raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
         self.resolution = data.model_size
@@ -578,7 +578,7 @@ class DiffusionTrainer(ControllerCalls):
         lora = m.lora_layers() if hasattr(m, "lora_layers") else None
         export_backbone(m)
         save_backbone(m, tmp, extra=extra, vae=self.data.codec.vae if self.data.codec is not None else None,
-                      scheduler=sampling_scheduler())
+                      scheduler=sampling_scheduler(getattr(m, "noise_config", None)))
         if lora:  # the adapter alone too, in diffusers' format: pipe.load_lora_weights(tmp / "lora")
             from diffusers import StableDiffusionPipeline
 

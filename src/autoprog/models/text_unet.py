@@ -55,6 +55,7 @@ class TextUNet(DiffusionBackbone):
         if cfg.out_channels != cfg.in_channels:
             raise ConfigError("only ε-prediction UNets (out_channels == in_channels) are supported; this one has "
                               f"{cfg.in_channels} in and {cfg.out_channels} out channels")
+        self.noise_config: dict | None = None  # the pipeline's own noise schedule (scheduler/), when it has one
         self.sid = None
         self._sid_lut: torch.Tensor | None = None  # token id → stage (−1: not a SID token)
         self._sid_suffix: list[list[int]] = []
@@ -323,6 +324,7 @@ def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, d
         if not all(torch.isfinite(p).all() for p in module.parameters()):
             raise ConfigError(f"{root / name} holds non-finite weights (a diverged model?)")
     model = TextUNet(unet, text, tok)
+    model.noise_config = _noise_config(root)
     stages = int(meta.get("sid_stages") or 0)
     if stages and with_sid:
         model.add_stage_identifier(stages)  # the baked rows become the identifiers again
@@ -330,6 +332,22 @@ def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, d
     if (root / "vae" / "config.json").is_file() and not meta.get("vae"):
         info["vae"] = str(root)
     return model, info
+
+
+def _noise_config(root: Path) -> dict | None:
+    """The pipeline's training noise schedule (``scheduler/scheduler_config.json``; Stable Diffusion's is a scaled
+    linear β), refusing what autoprog cannot train: anything but ε-prediction (SD 2.x 768 px is v-prediction)."""
+    file = root / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return None
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{file} is not readable JSON: {e}") from None
+    kind = cfg.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ConfigError(f"{root} predicts {kind!r}; autoprog trains ε-prediction models only")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def save_text_unet(model: TextUNet, path: str | Path, extra: dict | None = None, vae=None,
