@@ -35,6 +35,18 @@ def test_finetune_step_speed_times_every_stage(tmp_path, monkeypatch):
     assert all(r["step_s"] > 0 for r in d["stages"])
 
 
+def test_finetune_step_speed_times_a_text_to_image_unets_stages_with_their_memory(tmp_path, monkeypatch):
+    out = tmp_path / "speed.json"
+    run_script("finetune_step_speed.py", "--preset", "t2i-tiny", "--latent-size", "16", "--batch-size", "2",
+               "--steps", "1", "--warmup", "1", "--out", str(out), monkeypatch=monkeypatch)
+    d = json.loads(out.read_text())
+    assert [r["subnet"] for r in d["stages"]][-1] == "16px/5blk"  # down, down, mid, up, up
+    learnable = [r["learnable_params"] for r in d["stages"]]
+    assert learnable == sorted(learnable) and learnable[-1] == d["full"]["learnable_params"]
+    assert d["stages"][0]["flops_speedup"] > 1.5
+    assert all(r["peak_gib"] is not None and r["peak_gib"] >= 0 for r in [d["full"], *d["stages"]])
+
+
 def test_pretrain_schedules_reuses_the_reference_and_replays_inline_schedules(fake_fmnist, tmp_path, monkeypatch):
     like = tmp_path / "original"
     args = [a for a in tiny_args(fake_fmnist, epochs="1") if a != "--no-flops"]
