@@ -67,6 +67,7 @@ def test_each_stage_appends_its_own_identifier_before_the_end_of_text():
         seen.append(tuple(out[0].tolist()))
     assert len(set(seen)) == 3
     assert m.sid.stage == 2 and m.prompt_suffix() == ", [SID3] stage"
+    assert len(m.text_encoder.get_input_embeddings()._forward_hooks) == 1  # growing the table keeps its one hook
 
 
 def test_a_prompt_too_long_is_cut_so_the_identifier_and_end_token_fit():

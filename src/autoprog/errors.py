@@ -31,6 +31,12 @@ def one_line(error: BaseException) -> str:
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``: a library's error (a load that failed) in one short line."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def warn(message: str) -> None:
     """Print ``autoprog: warning: message`` once (on the main process of a launch)."""
     import os

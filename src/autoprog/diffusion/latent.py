@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .data import DiffusionData, to_float
 
 CACHE_FORMAT = "autoprog-latents/1"
@@ -64,7 +64,7 @@ class LatentCodec:
         try:
             meta = json.loads(cfg_file.read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{cfg_file} is not readable JSON: {_one_line(e)}") from e
+            raise ConfigError(f"{cfg_file} is not readable JSON: {first_line(e)}") from e
         kind = meta.get("_class_name") if isinstance(meta, dict) else None
         if kind != "AutoencoderKL":
             raise ConfigError(f"{vae_dir} holds a {kind or 'non-diffusers model'}, not an AutoencoderKL")
@@ -73,7 +73,7 @@ class LatentCodec:
         try:
             vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
         except Exception as e:  # missing/mismatched weights, bad config values, ...
-            raise ConfigError(f"cannot load the AutoencoderKL in {vae_dir}: {_one_line(e)}") from e
+            raise ConfigError(f"cannot load the AutoencoderKL in {vae_dir}: {first_line(e)}") from e
         codec = cls(vae, device=device, **kw)
         codec.path = str(vae_dir)
         return codec
@@ -203,11 +203,6 @@ class LatentCodec:
 def _plain(cfg: dict) -> dict:
     """Config values only (no ``_name_or_path`` etc.), tuples as lists, so equal VAEs hash equally."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if not k.startswith("_")}
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 __all__ = ["LatentCodec"]

@@ -208,12 +208,13 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
                                spec.subset, seed=0)
     if isinstance(spec, TextFinetuneSpec) and "{}" not in spec.caption:
         raise ConfigError(f"--caption {spec.caption!r} needs a {{}} where the class name goes")
-    model, meta = load_backbone(_base_path(spec), with_sid=False)
+    base = _base_path(spec)
+    model, meta = load_backbone(base, with_sid=False)
     text = isinstance(spec, TextFinetuneSpec)
     if text != (model.kind == "text-unet"):
-        raise ConfigError(f"{_base_path(spec)} is a text-to-image model: add --task text-to-image" if not text else
+        raise ConfigError(f"{base} is a text-to-image model: add --task text-to-image" if not text else
                           f"--task text-to-image needs a text-to-image base (a pipeline directory); "
-                          f"{_base_path(spec)} is a class-conditional {model.kind}")
+                          f"{base} is a class-conditional {model.kind}")
     vae = spec.vae or meta.get("vae")
     if vae:
         with_latents(data, vae, spec.cache_dir or default_cache_dir())

@@ -13,6 +13,12 @@ import torch.nn as nn
 from ..errors import ConfigError
 
 
+def check_finite(tensors, where) -> None:
+    """Refuse weights with a NaN or inf (a diverged model saved by mistake) before anything trains or scores."""
+    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+        raise ConfigError(f"{where} holds non-finite weights (a diverged model?)")
+
+
 class StageIdentifier(nn.Module):
     """One learnable embedding per stage, zero at creation so adding it leaves the function unchanged."""
 

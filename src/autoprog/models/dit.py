@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError
-from .backbone import DiffusionBackbone, StageIdentifier
+from ..errors import ConfigError, first_line
+from .backbone import DiffusionBackbone, StageIdentifier, check_finite
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -325,8 +325,7 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
         state = load_file(weights)
     except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
         raise ConfigError(f"{weights} cannot be read ({' '.join(str(e).split())[:120]})") from None
-    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-        raise ConfigError(f"{weights} holds non-finite weights (a diverged model?)")
+    check_finite(state.values(), weights)
     if not with_sid:
         state = {k: v for k, v in state.items() if not k.startswith("sid.")}
     try:
@@ -350,10 +349,8 @@ def _load_diffusers_dit(path: Path, meta: dict) -> tuple[DiffusersDiT, dict]:
     try:
         inner = DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        raise ConfigError(f"cannot load the DiT in {path}: {type(e).__name__}: {first}") from None
-    if not all(torch.isfinite(p).all() for p in inner.parameters()):
-        raise ConfigError(f"{path} holds non-finite weights (a diverged model?)")
+        raise ConfigError(f"cannot load the DiT in {path}: {first_line(e)}") from None
+    check_finite(inner.parameters(), path)
     return DiffusersDiT(model=inner), {"kind": "diffusers-dit", "source": str(path)}
 
 

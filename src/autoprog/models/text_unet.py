@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .backbone import DiffusionBackbone, StageIdentifier
+from ..errors import ConfigError, first_line
+from .backbone import DiffusionBackbone, StageIdentifier, check_finite
 
 META_FILE = "autoprog.json"
 FORMAT = "autoprog-text-unet/1"
@@ -57,7 +57,7 @@ class TextUNet(DiffusionBackbone):
                               f"{cfg.in_channels} in and {cfg.out_channels} out channels")
         self.noise_config: dict | None = None  # the pipeline's own noise schedule (scheduler/), when it has one
         self.sid = None
-        self._sid_lut: torch.Tensor | None = None  # token id → stage (−1: not a SID token)
+        self.register_buffer("_sid_lut", None, persistent=False)  # token id → stage (−1: not a SID token)
         self._sid_suffix: list[list[int]] = []
         self.register_buffer("null_ids", self.tokenize([""])[0], persistent=False)
         self.text_encoder.get_input_embeddings().register_forward_hook(self._sid_rows)
@@ -143,7 +143,7 @@ class TextUNet(DiffusionBackbone):
         if self.sid is None:
             return out
         ids = args[0]
-        stage = self._sid_lut.to(ids.device)[ids.clamp(max=len(self._sid_lut) - 1)]
+        stage = self._sid_lut[ids.clamp(max=len(self._sid_lut) - 1)]
         is_sid = stage >= 0
         if not bool(is_sid.any()):
             return out
@@ -161,8 +161,7 @@ class TextUNet(DiffusionBackbone):
             self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
             table = self.text_encoder.get_input_embeddings().weight
             with torch.no_grad():
-                table[old:] = table[:old].mean(0)
-            self.text_encoder.get_input_embeddings().register_forward_hook(self._sid_rows)
+                table[old:] = table[:old].mean(0)  # the module (and its hook) stays: only its weight grew
         table = self.text_encoder.get_input_embeddings().weight
         ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens]
         if len(set(ids)) != num_stages or self.tokenizer.unk_token_id in ids:
@@ -172,7 +171,7 @@ class TextUNet(DiffusionBackbone):
             self.sid.embedding.weight.copy_(table[ids])
         lut = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
         lut[ids] = torch.arange(num_stages)
-        self._sid_lut = lut
+        self._sid_lut = lut.to(table.device)
         self._sid_suffix = [self.tokenizer(SID_TEXT.format(k=k + 1), add_special_tokens=False).input_ids
                             for k in range(num_stages)]
         if any(len(s) >= self.config["max_length"] - 2 for s in self._sid_suffix):
@@ -318,11 +317,9 @@ def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, d
             text = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)
             tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        raise ConfigError(f"cannot load the pipeline in {root}: {type(e).__name__}: {first}") from None
+        raise ConfigError(f"cannot load the pipeline in {root}: {first_line(e)}") from None
     for name, module in (("unet", unet), ("text_encoder", text)):
-        if not all(torch.isfinite(p).all() for p in module.parameters()):
-            raise ConfigError(f"{root / name} holds non-finite weights (a diverged model?)")
+        check_finite(module.parameters(), root / name)
     model = TextUNet(unet, text, tok)
     model.noise_config = _noise_config(root)
     stages = int(meta.get("sid_stages") or 0)
