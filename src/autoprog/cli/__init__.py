@@ -18,8 +18,8 @@ from .common import Parser, add_front_flag
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
 TASKS = {"pretrain": ("classification", "diffusion", "text-to-image"),
-         "compare": ("classification", "finetune", "text-to-image"),
-         "finetune": ("class-conditional", "text-to-image")}
+         "compare": ("classification", "finetune", "text-to-image", "dreambooth"),
+         "finetune": ("class-conditional", "text-to-image", "dreambooth")}
 
 
 def _task_flag(p: argparse.ArgumentParser, command: str) -> None:
@@ -64,7 +64,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         _task_flag(p, "pretrain")
         cli_classification.add_pretrain_options(p)
 
-    if task in ("finetune", "text-to-image"):
+    if task in ("finetune", "text-to-image", "dreambooth"):
         from ..diffusion.runner import DEFAULT_COMPARE
 
         c = sub.add_parser("compare", help="train several methods side by side",
@@ -81,7 +81,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         c.add_argument("--seeds", help="comma-separated seeds: one comparison per seed in OUT/seed<N>, mean ± std "
                                       "in OUT/summary.json and summary.md (overrides --seed)")
         add_front_flag(c, "full")
-        cli_diffusion.add_finetune_options(c, single=False, text=task == "text-to-image")
+        cli_diffusion.add_finetune_options(c, single=False, task=task)
     else:
         c = sub.add_parser("compare", help="train several methods side by side (--task finetune: fine-tuning methods)",
                            description="Train each method with the same seed, data and settings; write "
@@ -95,6 +95,12 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                        description=("Fine-tune a text-to-image model (a Stable Diffusion pipeline directory; default: "
                                     "the shipped UNet pre-trained on captioned Fashion-MNIST classes 0-4, to the "
                                     "captions of classes 5-9)" if task == "text-to-image" else
+                                    "DreamBooth: teach a text-to-image model (a Stable Diffusion pipeline directory; "
+                                    "default: the shipped UNet pre-trained on captioned Fashion-MNIST classes 0-4) "
+                                    "one subject from a few images (--instance-dir; default: 5 near-identical dresses "
+                                    "it never saw) and an instance prompt ('a photo of sks dress'); "
+                                    "--with-prior-preservation also trains on class images the base generates once" if
+                                    task == "dreambooth" else
                                     "Fine-tune a pre-trained class-conditional DiT (default: the shipped base model, "
                                     "to Fashion-MNIST classes 5-9)") +
                                    ". Writes OUT/model, OUT/results.json (FD curve, search tables), "
@@ -102,7 +108,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     _task_flag(f, "finetune")
     f.add_argument("--out", help="output directory (required unless --resume)")
     f.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    cli_diffusion.add_finetune_options(f, single=True, text=task == "text-to-image")
+    cli_diffusion.add_finetune_options(f, single=True, task=task)
     cli_diffusion.add_sample_parser(sub)
     sub.add_parser("presets", help="list the shipped option presets (use one with --preset NAME)",
                    description="List the YAML option presets shipped with autoprog: the paper's settings and our "

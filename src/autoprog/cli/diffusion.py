@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..diffusion.runner import BaseSpec, FinetuneSpec, TextBaseSpec, TextFinetuneSpec
+from ..diffusion.runner import BaseSpec, DreamBoothSpec, FinetuneSpec, TextBaseSpec, TextFinetuneSpec
 from ..errors import ConfigError
 from ..options import add_options, from_args
 from .common import add_run_flags, front_of, positive_int, run_compare, run_one
@@ -29,14 +29,22 @@ def _add_spec(p: argparse.ArgumentParser, spec_cls, exclude: set[str], command: 
 TEXT_BASE_EXCLUDE = BASE_EXCLUDE | {"num_classes", "patch_size", "hidden_size", "depth", "num_heads"}
 
 
+FINETUNE_SPECS = {"text-to-image": TextFinetuneSpec, "dreambooth": DreamBoothSpec}
+
+
 def _is_text(args) -> bool:
     return getattr(args, "task", None) == "text-to-image"
 
 
-def add_finetune_options(p: argparse.ArgumentParser, single: bool, text: bool = False) -> None:
-    """Every :class:`FinetuneSpec` option (``text``: :class:`TextFinetuneSpec`'s); ``single``: one method
+def finetune_spec_class(task: str | None):
+    """The spec of a fine-tuning ``--task``: class-conditional (the default), text-to-image or dreambooth."""
+    return FINETUNE_SPECS.get(task, FinetuneSpec)
+
+
+def add_finetune_options(p: argparse.ArgumentParser, single: bool, task: str | None = None) -> None:
+    """Every option of ``task``'s fine-tuning spec (:func:`finetune_spec_class`); ``single``: one method
     (``finetune``), else a comparison's."""
-    _add_spec(p, TextFinetuneSpec if text else FinetuneSpec,
+    _add_spec(p, finetune_spec_class(task),
               set() if single else {"method", "train.stop_after_steps"}, "finetune" if single else "compare")
 
 
@@ -46,7 +54,7 @@ def add_base_options(p: argparse.ArgumentParser, text: bool = False) -> None:
 
 
 def finetune_spec(args, method: str) -> FinetuneSpec:
-    return from_args(TextFinetuneSpec if _is_text(args) else FinetuneSpec, args, method=method)
+    return from_args(finetune_spec_class(getattr(args, "task", None)), args, method=method)
 
 
 def base_spec(args) -> BaseSpec:
@@ -128,7 +136,7 @@ def run_diffusion(args, acc) -> None:
         run_one(args, acc, f"pretrain --task {args.task}" if base else "finetune",
                 runner.pretrain_base if base else runner.finetune,
                 (lambda: base_spec(args)) if base else (lambda: finetune_spec(args, args.method)),
-                lambda s: f"done: {s['metric']} {s['fd']:.3f} after {s['steps']} steps ({s['wall_time_s']:.1f}s of "
+                lambda s: f"done: {s['metric']} {s[s.get('headline', 'fd')]:.3f} after {s['steps']} steps ({s['wall_time_s']:.1f}s of "
                           f"training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
         return
     spec, front = finetune_spec(args, "full"), front_of(args)

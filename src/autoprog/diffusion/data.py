@@ -43,6 +43,8 @@ class DiffusionData:
     class_names: tuple[str, ...] | None = None  # one per class id of the label space
     captions: tuple[str, ...] | None = None  # one prompt per class id, when a text-to-image model trains
     caption_ids: torch.Tensor | None = None  # those prompts' token ids (num_classes, L)
+    num_instance: int | None = None  # DreamBooth: the first this many training images are the subject's
+    prior_weight: float | None = None  # DreamBooth: the class images' loss weight (prior preservation)
 
     @property
     def in_chans(self) -> int:
@@ -78,6 +80,42 @@ class DiffusionData:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return resize(x, resolution), self.conditions(self.train_labels[idx])
 
+    @property
+    def paired(self) -> bool:
+        """DreamBooth with prior preservation: every batch is half subject images, half class images."""
+        return self.num_instance is not None and self.prior_weight is not None \
+            and len(self.train_images) > self.num_instance
+
+    def batch_indices(self, step: int, global_batch: int, seed: int, num_processes: int = 1) -> torch.Tensor:
+        """The global batch ``step``: consecutive slices of a fresh permutation per epoch; DreamBooth's few
+        subject images are cycled through (a batch may be larger than the set), and with prior preservation
+        the batch alternates subject and class images (diffusers' DreamBooth pairs them the same way), so that
+        each of ``num_processes`` taking every ``num_processes``-th index gets both kinds."""
+        n = len(self.train_images)
+        if self.num_instance is None:
+            per_epoch = max(1, n // global_batch)
+            epoch, pos = divmod(step, per_epoch)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            return perm[pos * global_batch:(pos + 1) * global_batch]
+        if not self.paired:
+            return _cycled(torch.arange(self.num_instance), step, global_batch, seed)
+        is_inst = (torch.arange(global_batch) // num_processes) % 2 == 0
+        half = int(is_inst.sum())
+        out = torch.empty(global_batch, dtype=torch.long)
+        out[is_inst] = _cycled(torch.arange(self.num_instance), step, half, seed)
+        out[~is_inst] = _cycled(torch.arange(self.num_instance, n), step, global_batch - half, seed + 1)
+        return out
+
+    def loss_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Per-image weights whose mean over a batch makes diffusers' DreamBooth loss: the subject images' mean
+        loss plus ``prior_weight`` times the class images' (``None``: a plain mean)."""
+        if not self.paired:
+            return None
+        prior = idx >= self.num_instance
+        k = int(prior.sum())
+        w = torch.where(prior, self.prior_weight * len(idx) / max(1, k), len(idx) / max(1, len(idx) - k))
+        return w.float()
+
     def conditions(self, labels: torch.Tensor) -> torch.Tensor:
         """What the denoiser is conditioned on for class ids ``labels``: the ids themselves, or with captions
         (:meth:`caption`) their prompts' token ids ``(B, L)``."""
@@ -90,6 +128,18 @@ class DiffusionData:
         names = self.class_names or tuple(f"class {i}" for i in range(self.num_classes))
         self.captions = tuple(template.format(n) for n in names)
         self.caption_ids = tokenize(list(self.captions))
+
+
+def _cycled(pool: torch.Tensor, step: int, size: int, seed: int) -> torch.Tensor:
+    """Items ``step*size .. step*size+size`` of an endless stream of fresh permutations of ``pool``."""
+    n = len(pool)
+    start = step * size
+    out = []
+    while len(out) < size:
+        epoch, pos = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.extend(perm[pos:pos + size - len(out)].tolist())
+    return pool[torch.tensor(out, dtype=torch.long)]
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

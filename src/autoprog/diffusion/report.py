@@ -21,20 +21,33 @@ def _params(n) -> str:
     return "–" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k")
 
 
-def finetune_markdown(rows: list[dict], title: str = "") -> str:
-    """Table 6 style: one row per method with runtime ratio against full fine-tuning, FD and KID."""
+SCORE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "subject_fidelity": "subject fidelity "
+                "(autoprog features)", "text_agreement": "text agreement (autoprog classifier)"}
+
+
+def quality_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(key, header, format) of the quality columns the rows have: FD and KID, or DreamBooth's scores."""
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
+    scores = [(k, label, ".3f") for k, label in SCORE_LABELS.items() if any(r.get(k) is not None for r in rows)]
+    return scores or [("fd", metric, ".3f"), ("kid", "KID", ".4f")]
+
+
+def finetune_markdown(rows: list[dict], title: str = "") -> str:
+    """Table 6 style: one row per method with runtime ratio against full fine-tuning, FD and KID (DreamBooth:
+    its scores)."""
+    metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
+    cols = quality_columns(rows)
     lines = [f"## {title}", ""] if title else []
-    lines += [f"| method | time-to-quality speed-up | schedule | wall time (s) | runtime vs full | FLOPs vs full | "
-              f"search (s) | trainable params (mean) | {metric} | KID |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| method | time-to-quality speed-up | schedule | wall time (s) | runtime vs full | FLOPs vs full | "
+              "search (s) | trainable params (mean) | " + " | ".join(h for _, h, _ in cols) + " |",
+              "|---|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         lines.append(f"| {_finetune_name(r)} | {speedup_cell(r.get('tq_speedup'), r.get('tq_bound'))} | "
                      f"{schedule_string({'stages': r.get('schedule') or []}) or '–'} | "
                      f"{fmt(r['wall_time_s'], '.1f')} | {fmt(r.get('runtime_ratio'), '.2f')}× | "
                      f"{fmt(r.get('flops_ratio'), '.2f')}× | "
                      f"{fmt(r.get('search_time_s'), '.1f')} | {_params(r.get('mean_trainable_params'))} | "
-                     f"{fmt(r.get('fd'), '.3f')} | {fmt(r.get('kid'), '.4f')} |")
+                     + " | ".join(fmt(r.get(k), f) for k, _, f in cols) + " |")
     return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE.format(metric=metric) + "\n"
 
 
@@ -43,13 +56,15 @@ def finetune_seeds_markdown(rows: list[dict], title: str) -> str:
         return "–" if r.get(k) is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
 
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
-    lines = [f"## {title}", "", f"| method | time-to-quality speed-up | wall time (s) | runtime vs full | "
-                                f"FLOPs vs full | {metric} | KID |", "|---|---:|---:|---:|---:|---:|---:|"]
+    cols = quality_columns(rows)
+    lines = [f"## {title}", "", "| method | time-to-quality speed-up | wall time (s) | runtime vs full | "
+                                "FLOPs vs full | " + " | ".join(h for _, h, _ in cols) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         tq = speedup_mean_cell(r)
         lines.append(f"| {_finetune_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | "
                      f"{cell(r, 'runtime_ratio', '.2f')}× | {cell(r, 'flops_ratio', '.2f')}× | "
-                     f"{cell(r, 'fd', '.3f')} | {cell(r, 'kid', '.4f')} |")
+                     + " | ".join(cell(r, k, f) for k, _, f in cols) + " |")
     return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE.format(metric=metric) + "\n"
 
 
@@ -58,13 +73,20 @@ def write_finetune_report(summary: dict, out: str | Path) -> None:
     out = Path(out)
     rows = summary["rows"]
     spec = summary.get("spec", {})
-    title = (f"Fine-tuning {spec.get('dataset', '')} classes {spec.get('classes', '')}, "
-             f"{spec.get('train', {}).get('steps', '?')} steps, seed {spec.get('train', {}).get('seed', '?')}")
-    (out / "summary.md").write_text(finetune_markdown(rows, title))
+    what = (f"DreamBooth {spec.get('instance_dir') or 'built-in subject'}" if "instance_prompt" in spec else
+            f"Fine-tuning {spec.get('dataset', '')} classes {spec.get('classes', '')}")
+    title = f"{what}, {spec.get('train', {}).get('steps', '?')} steps, seed {spec.get('train', {}).get('seed', '?')}"
+    md = finetune_markdown(rows, title)
+    if summary.get("reference"):
+        md += ("\nThe subject images themselves score " + ", ".join(f"{SCORE_LABELS[k]} {v:.3f}" for k, v in
+                                                              summary["reference"].items()) + ".\n")
+    (out / "summary.md").write_text(md)
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
-    curves = {m: [{**p, "fd_curve": p.get("fd_curve", p.get("fd"))} for p in c] for m, c in summary["curves"].items()}
+    key = summary.get("headline", "fd")
+    curve_key = "fd_curve" if key == "fd" else key
+    curves = {m: [{**p, curve_key: p.get(curve_key, p.get(key))} for p in c] for m, c in summary["curves"].items()}
     plot_curves(curves, out / "fd_curves.png", ylabel=f"{metric}, {spec.get('train', {}).get('curve_samples', '')} samples",
-                key="fd_curve")
+                key=curve_key)
     if summary.get("front"):
-        plot_front(rows, [tuple(p) for p in summary["front"]], out / "front.png", "fd",
+        plot_front(rows, [tuple(p) for p in summary["front"]], out / "front.png", key,
                    f"final {metric}, {spec.get('train', {}).get('fd_samples', '')} samples")

@@ -26,6 +26,13 @@ from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
 from .data import BASE_CLASSES, DEFAULT_CAPTION, TRANSFER_CLASSES, load_diffusion_data, parse_classes
+from .dreambooth import (
+    CLASS_CFG_SCALE,
+    DEFAULT_CLASS_PROMPT,
+    DEFAULT_INSTANCE_PROMPT,
+    DEFAULT_SUBJECT_CLASS,
+    SCORE_KEYS,
+)
 from .latent import with_latents
 from .methods import FINETUNE_METHODS, PEFT_METHODS, STATIC_METHODS, parse_method, prepare_static
 from .quality import default_cache_dir
@@ -123,6 +130,73 @@ class TextFinetuneSpec(FinetuneSpec):
 
 
 @dataclass
+class DreamBoothSpec(TextFinetuneSpec):
+    """DreamBooth (``autoprog finetune --task dreambooth``): a text-to-image base learns one subject from a few
+    images and an instance prompt with a rare identifier; see :mod:`autoprog.diffusion.dreambooth`."""
+
+    settings_name = "DreamBooth settings"
+
+    classes: str | None = option(None, "unused by DreamBooth", cli=False)
+    caption: str = option(DEFAULT_CAPTION, "unused by DreamBooth", cli=False)
+    instance_dir: str | None = option(None, "a folder of 3-6 images of the subject (default: 5 near-identical "
+                                            "Fashion-MNIST test images of --subject-class, which the shipped base "
+                                            "never saw)", metavar="DIR", show_default=False, group="data")
+    subject_class: int | None = option(None, "the subject's class id in --dataset: fills {} in the prompts and is "
+                                             "the class the text agreement asks the feature classifier for "
+                                             f"(default: {DEFAULT_SUBJECT_CLASS}, a dress, for the built-in subject; "
+                                             "none with --instance-dir)", minimum=0, show_default=False,
+                                       group="data")
+    instance_prompt: str = option(DEFAULT_INSTANCE_PROMPT, "the subject's prompt, with a rare identifier word; {} "
+                                                           "is the subject class's name", group="data")
+    class_prompt: str = option(DEFAULT_CLASS_PROMPT, "the prompt of the subject's class, for prior preservation "
+                                                     "and for CLIP-T; {} is the class's name", group="data")
+    with_prior_preservation: bool = option(False, "also train on images the base model generates for "
+                                                  "--class-prompt, so that the class keeps its variety and the "
+                                                  "model does not turn every dress into the subject", group="data")
+    prior_loss_weight: float = option(1.0, "weight of the class images' loss", minimum=0, group="data")
+    num_class_images: int = option(100, "class images for prior preservation (generated once by the base model "
+                                        "with guidance 4, then reused)", minimum=1, group="data")
+    class_dir: str | None = option(None, "where the class images are: those there are used, missing ones are "
+                                         "generated into it (default: a folder of the cache keyed by base model, "
+                                         "prompt and sampler)", metavar="DIR", show_default=False, group="data")
+    clip_model: str | None = option(None, "a local CLIP checkpoint (transformers CLIPModel + processor): report "
+                                          "CLIP-T (image–class prompt) and CLIP-I (image–subject)", metavar="DIR",
+                                    show_default=False, group="evaluation")
+    dino_model: str | None = option(None, "a local DINO ViT checkpoint (transformers): report DINO subject fidelity "
+                                          "and rank by it. Without it: subject fidelity on autoprog's feature "
+                                          "classifier", metavar="DIR", show_default=False, group="evaluation")
+    train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
+        steps=300, batch_size=8, warmup_steps=10, eval_points=2, curve_samples=32, fd_samples=64,
+        sample_steps=25))
+
+    def prompts(self) -> tuple[str, str]:
+        """The instance and class prompts, {} filled with the subject class's name."""
+        from .data import DIGIT_NAMES, FASHION_MNIST_NAMES
+
+        cls = self.subject_class if self.subject_class is not None else (
+            DEFAULT_SUBJECT_CLASS if self.instance_dir is None else None)
+        names = {"digits": DIGIT_NAMES}.get(self.dataset, FASHION_MNIST_NAMES)
+        out = []
+        for flag, p in (("--instance-prompt", self.instance_prompt), ("--class-prompt", self.class_prompt)):
+            if "{}" in p:
+                if cls is None:
+                    raise ConfigError(f"{flag} {p!r}: with --instance-dir, write the class name in the prompt "
+                                      "(or give --subject-class to fill {})")
+                if not 0 <= cls < len(names):
+                    raise ConfigError(f"--subject-class {cls}: {self.dataset} has classes 0-{len(names) - 1}")
+                p = p.replace("{}", names[cls])
+            out.append(p)
+        if out[0] == out[1]:
+            raise ConfigError(f"--instance-prompt and --class-prompt are the same ({out[0]!r}): the instance prompt "
+                              "needs an identifier word the class prompt lacks")
+        return out[0], out[1]
+
+    def subject(self) -> int | None:
+        return self.subject_class if self.subject_class is not None else (
+            DEFAULT_SUBJECT_CLASS if self.instance_dir is None else None)
+
+
+@dataclass
 class BaseSpec(ImageDataSpec):
     """A base DiT trained from scratch (``autoprog pretrain --task diffusion``)."""
 
@@ -162,7 +236,7 @@ class TextBaseSpec(BaseSpec):
         steps=3000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, eval_points=2))
 
 
-SPEC_CLASSES = {c.__name__: c for c in (FinetuneSpec, TextFinetuneSpec, BaseSpec, TextBaseSpec)}
+SPEC_CLASSES = {c.__name__: c for c in (FinetuneSpec, TextFinetuneSpec, DreamBoothSpec, BaseSpec, TextBaseSpec)}
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -171,6 +245,8 @@ def build_evaluator(spec, data, device, log=print):
     features of a classifier trained (once, then cached) on every class of ``spec.dataset``."""
     from .quality import ClassifierFeatures, QualityEvaluator, inception_evaluator, load_or_train_feature_net
 
+    if isinstance(spec, DreamBoothSpec):
+        return _subject_evaluator(spec, data, device, log)
     real = data.test_images
     if spec.fid_weights:
         return inception_evaluator(spec.fid_weights, real, device=device)
@@ -179,6 +255,59 @@ def build_evaluator(spec, data, device, log=print):
                                        spec.cache_dir or default_cache_dir(), test=(src.test_images, src.test_labels),
                                        epochs=spec.feature_epochs, log=log)
     return QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
+
+
+def _subject_evaluator(spec: DreamBoothSpec, data, device, log):
+    from .dreambooth import ClipScorer, DinoScorer, SubjectEvaluator
+    from .quality import load_or_train_feature_net
+
+    dino = DinoScorer(spec.dino_model, device) if spec.dino_model else None
+    clip = ClipScorer(spec.clip_model, device) if spec.clip_model else None
+    net = None
+    if dino is None or spec.subject() is not None:  # the feature classifier answers what the weights do not
+        src = load_diffusion_data(spec.dataset, spec.data_root, classes=None, image_size=data.image_size)
+        net, _ = load_or_train_feature_net(src.train_images, src.train_labels, src.num_classes,
+                                           spec.cache_dir or default_cache_dir(),
+                                           test=(src.test_images, src.test_labels), epochs=spec.feature_epochs,
+                                           log=log)
+        net.to(device)
+    return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip)
+
+
+def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
+    """The subject's images (``--instance-dir`` or the built-in subject) and, with prior preservation, the class
+    images, at the base model's pixel size and channels."""
+    from .dreambooth import class_images, class_images_dir, default_subject, dreambooth_data, read_images
+
+    instance_prompt, class_prompt = spec.prompts()
+    size, chans = meta.get("image_size"), meta.get("image_channels")
+    vae = spec.vae or meta.get("vae")
+    if vae and not (size and chans):  # a pipeline autoprog did not make: pixels are the VAE's factor larger
+        from .latent import LatentCodec
+
+        codec = LatentCodec.from_pretrained(vae)
+        size, chans = size or model.image_size * codec.downsample, chans or codec.in_channels
+    size, chans = size or model.image_size, chans or model.in_chans
+    if spec.instance_dir:
+        instance = read_images(spec.instance_dir, size, chans)
+    else:
+        instance = default_subject(spec.data_root, spec.subject())
+        if (chans, size) != (1, 28):
+            from .dreambooth import _match
+
+            instance = _match(instance, size, chans)
+    prior = None
+    if spec.with_prior_preservation:
+        t = spec.train
+        settings = {"steps": t.sample_steps, "cfg_scale": CLASS_CFG_SCALE, "eta": t.sample_eta, "seed": 0,
+                    "size": size, "channels": chans}
+        folder = Path(spec.class_dir) if spec.class_dir else class_images_dir(
+            spec.cache_dir or default_cache_dir(), base, class_prompt, settings)
+        prior = class_images(model, meta, class_prompt, spec.num_class_images, folder, size, chans,
+                             t.sample_steps, CLASS_CFG_SCALE, t.sample_eta, 0)
+    name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
+    return dreambooth_data(instance, prior, instance_prompt, class_prompt,
+                           spec.prior_loss_weight if prior is not None else None, model.tokenize, name)
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -204,17 +333,22 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     from ..schedules import prog
 
     method, opts = parse_method(spec.method)
-    data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
-                               spec.subset, seed=0)
+    dreambooth = isinstance(spec, DreamBoothSpec)
+    if not dreambooth:
+        data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
+                                   spec.subset, seed=0)
     if isinstance(spec, TextFinetuneSpec) and "{}" not in spec.caption:
         raise ConfigError(f"--caption {spec.caption!r} needs a {{}} where the class name goes")
     base = _base_path(spec)
     model, meta = load_backbone(base, with_sid=False)
     text = isinstance(spec, TextFinetuneSpec)
     if text != (model.kind == "text-unet"):
+        task = "dreambooth" if dreambooth else "text-to-image"
         raise ConfigError(f"{base} is a text-to-image model: add --task text-to-image" if not text else
-                          f"--task text-to-image needs a text-to-image base (a pipeline directory); "
+                          f"--task {task} needs a text-to-image base (a pipeline directory); "
                           f"{base} is a class-conditional {model.kind}")
+    if dreambooth:
+        data = _dreambooth_data(spec, model, meta, base)
     vae = spec.vae or meta.get("vae")
     if vae:
         with_latents(data, vae, spec.cache_dir or default_cache_dir())
@@ -229,7 +363,8 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         model.train_text_encoder = spec.train_text_encoder
         if spec.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
-        data.caption(model.tokenize, spec.caption)
+        if not dreambooth:
+            data.caption(model.tokenize, spec.caption)
     elif data.num_classes != model.num_classes:
         model.resize_classes(data.num_classes)
     unfreezer = None
@@ -409,13 +544,17 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                      "runtime_ratio": round(s["wall_time_s"] / full_t, 4) if full_t else None,
                      "flops_ratio": round(s["flops_per_step"] * s["steps"] / full_flops, 4) if full_flops else None,
                      "fd": s["fd"], "kid": s["kid"], "metric": s["metric"],
+                     **{k: s[k] for k in (*SCORE_KEYS, "headline") if k in s},
                      "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
                      "search_time_s": s["search_time_s"], "steps": s["steps"],
                      "schedule": s.get("schedule", {}).get("stages", []), "budget_of": s.get("budget_of"),
                      "front_fraction": s.get("front_fraction"), "budget_used": s.get("budget", {}).get("used")})
     rows = experiment.diverged_rows(rows, diverged)
-    baseline_front = experiment.add_speedups(rows, "full", "fd", higher_is_better=False)
-    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": rows,
+    key = getattr(evaluator, "headline", "fd")
+    baseline_front = experiment.add_speedups(rows, "full", key,
+                                             higher_is_better=getattr(evaluator, "higher_is_better", False))
+    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": rows, "headline": key,
+               **({"reference": evaluator.reference()} if hasattr(evaluator, "reference") else {}),
                "front": baseline_front.envelope if baseline_front else [], "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -482,16 +621,25 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
                                     budget, acc, front)["rows"] for s in seeds}
     rows = experiment.seed_rows(per_seed, seeds,
                                 ("tq_speedup", "wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid",
-                                 "search_time_s"),
+                                 "search_time_s", *SCORE_KEYS),
                                 lambda runs: {"metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of"),
+                                              "headline": runs[0].get("headline"),
                                               **experiment.seed_speedup(runs)})
     if acc.is_main_process:
         write_json(out / "summary.json", rows)
-        md = finetune_seeds_markdown(rows, f"Fine-tuning {spec.dataset} classes {spec.classes}, {spec.train.steps} "
-                                           f"steps, seeds {', '.join(map(str, seeds))} (mean ± std)")
+        md = finetune_seeds_markdown(rows, f"{_task_title(spec)}, {spec.train.steps} steps, seeds "
+                                           f"{', '.join(map(str, seeds))} (mean ± std)")
         (out / "summary.md").write_text(md)
         acc.print("\n" + md)
     return rows
+
+
+def _task_title(spec: FinetuneSpec) -> str:
+    if isinstance(spec, DreamBoothSpec):
+        inst = spec.prompts()[0]
+        prior = f", prior preservation ×{spec.prior_loss_weight:g}" if spec.with_prior_preservation else ""
+        return f"DreamBooth {spec.instance_dir or 'built-in subject'} ({inst!r}{prior})"
+    return f"Fine-tuning {spec.dataset} classes {spec.classes}"
 
 
 def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:

@@ -22,13 +22,15 @@ def training_scheduler(config: dict | None = None):
 
 
 def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_class: int | torch.Tensor,
-                   generator: torch.Generator | None = None, class_dropout: float = 0.0) -> torch.Tensor:
+                   generator: torch.Generator | None = None, class_dropout: float = 0.0,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 11: MSE between the true and the predicted noise at a uniformly drawn timestep.
 
     ``model`` is called as ``model(x_t, t, y)`` (a backbone, or its DDP wrapper); ``y`` is a condition batch
     (class labels ``(B,)`` or token ids ``(B, L)``). With ``class_dropout`` > 0 that fraction of conditions
     becomes the null condition: ``null_class`` (a class id, or a condition such as the backbone's
-    ``null_condition(y)``; classifier-free guidance).
+    ``null_condition(y)``; classifier-free guidance). ``weights`` ``(B,)``: the mean of the per-sample losses
+    times these (DreamBooth's prior-preservation loss).
     """
     b = x0.shape[0]
     dev = x0.device
@@ -39,7 +41,10 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
         null = torch.full_like(y, null_class) if isinstance(null_class, int) else null_class.to(dev).expand_as(y)
         y = torch.where(drop.view(-1, *([1] * (y.ndim - 1))), null, y)
     xt = scheduler.add_noise(x0, noise, t)
-    return torch.nn.functional.mse_loss(model(xt, t, y), noise)
+    if weights is None:
+        return torch.nn.functional.mse_loss(model(xt, t, y), noise)
+    per_sample = torch.nn.functional.mse_loss(model(xt, t, y), noise, reduction="none").flatten(1).mean(1)
+    return (per_sample * weights.to(dev, per_sample.dtype)).mean()
 
 
 @torch.no_grad()

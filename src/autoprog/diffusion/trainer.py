@@ -43,6 +43,7 @@ from ..optim import build_optimizer, load_optimizer_state
 from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
 from .data import DiffusionData
+from .dreambooth import SCORE_KEYS
 from .methods import export_backbone
 from .sampling import balanced_labels, diffusion_loss, sample, sampling_scheduler, training_scheduler
 
@@ -136,7 +137,7 @@ class DiffusionTrainer(ControllerCalls):
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
         self.noise = training_scheduler(getattr(model, "noise_config", None))
-        if len(data.train_images) < cfg.batch_size * self.acc.num_processes:
+        if data.num_instance is None and len(data.train_images) < cfg.batch_size * self.acc.num_processes:
             raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
         self.resolution = data.model_size
         self.steps_per_epoch = max(1, len(data.train_images) // (cfg.batch_size * self.acc.num_processes))
@@ -229,14 +230,10 @@ class DiffusionTrainer(ControllerCalls):
             torch.cuda.synchronize()
 
     def _batch_indices(self, step: int) -> torch.Tensor:
-        """The indices of this process's share of global batch ``step`` (a fresh permutation per epoch)."""
-        n = len(self.data.train_images)
-        gb = self.cfg.batch_size * self.acc.num_processes
-        per_epoch = n // gb
-        epoch, pos = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-        idx = perm[pos * gb:(pos + 1) * gb]
-        return idx[self.acc.process_index::self.acc.num_processes]
+        """The indices of this process's share of global batch ``step`` (see :meth:`DiffusionData.batch_indices`)."""
+        n = self.acc.num_processes
+        idx = self.data.batch_indices(step, self.cfg.batch_size * n, self.cfg.seed, n)
+        return idx[self.acc.process_index::n]
 
     def step_flops(self) -> int:
         """FLOPs of one training step (global batch) with the current resolution and learnable set, counted
@@ -310,7 +307,7 @@ class DiffusionTrainer(ControllerCalls):
         if self._proxy is None:
             g = torch.Generator().manual_seed(self.cfg.seed * 31 + 5)
             n = self.cfg.proxy_batches * self.cfg.proxy_batch_size
-            idx = torch.randperm(len(self.data.train_images), generator=g)[:n]
+            idx = self._fixed_indices(n, g)
             y = self.data.conditions(self.data.train_labels[idx])
             noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g)
@@ -325,6 +322,13 @@ class DiffusionTrainer(ControllerCalls):
         b = self.cfg.proxy_batch_size
         return [(xt[i:i + b].to(dev), t[i:i + b].to(dev), y[i:i + b].to(dev), noise[i:i + b].to(dev))
                 for i in range(0, len(xt), b)]
+
+    def _fixed_indices(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """``n`` training images drawn by ``g``, in the proportions training batches have (DreamBooth's few
+        subject images are repeated to fill ``n``)."""
+        if self.data.num_instance is None:
+            return torch.randperm(len(self.data.train_images), generator=g)[:n]
+        return self.data.batch_indices(0, n, int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
 
     def measure_step_time(self, subnet: SubNet) -> float:
         """Seconds of a forward+backward training pass with ``subnet`` learnable: measured (median of
@@ -359,7 +363,7 @@ class DiffusionTrainer(ControllerCalls):
         if subnet is not None:
             self.unfreezer.apply(subnet)
         g = torch.Generator().manual_seed(self.cfg.seed + 17)
-        idx = torch.randperm(len(self.data.train_images), generator=g)[:self.cfg.batch_size]
+        idx = self._fixed_indices(self.cfg.batch_size, g)
         x0, y = self.data.batch(idx, subnet.resolution if subnet is not None else self.resolution, generator=g)
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
@@ -470,7 +474,7 @@ class DiffusionTrainer(ControllerCalls):
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
         with self.acc.autocast():
             loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y), generator=gen,
-                                  class_dropout=self.cfg.class_dropout)
+                                  class_dropout=self.cfg.class_dropout, weights=self.data.loss_weights(idx))
         self.acc.backward(loss)
         trained = [p for p in self.model.parameters() if p.requires_grad]
         norm = self.acc.clip_grad_norm_(trained, self.cfg.grad_clip) if self.cfg.grad_clip else None
@@ -502,15 +506,20 @@ class DiffusionTrainer(ControllerCalls):
                 imgs = to_uint8(imgs)
                 self._save_validation_grid(imgs)
                 q = self.evaluator.evaluate(imgs)
-                point.update(fd=round(q["fd"], 4), kid=round(q["kid"], 6), kid_std=round(q["kid_std"], 6),
-                             fd_samples=n, metric=q["metric"])
-                # FD is biased by the sample count: the curve compares every point at curve_samples
-                m = min(n, self.cfg.curve_samples)
-                point["fd_curve"] = point["fd"] if m == n else round(self.evaluator.evaluate(imgs[:m])["fd"], 4)
+                if "fd" in q:
+                    point.update(fd=round(q["fd"], 4), kid=round(q["kid"], 6), kid_std=round(q["kid_std"], 6),
+                                 fd_samples=n, metric=q["metric"])
+                    # FD is biased by the sample count: the curve compares every point at curve_samples
+                    m = min(n, self.cfg.curve_samples)
+                    point["fd_curve"] = point["fd"] if m == n else round(self.evaluator.evaluate(imgs[:m])["fd"], 4)
+                else:  # scores that are means over images (DreamBooth's): no sample-count bias to correct
+                    point.update({k: round(v, 5) for k, v in q.items() if k in SCORE_KEYS},
+                                 fd_samples=n, metric=q["metric"], headline=q["headline"])
             point = self.broadcast(point)
             point["eval_time_s"] = round(time.perf_counter() - t0, 2)
         self.history.append(point)
-        fd = f" {point.get('metric', 'FD')} {point['fd']:.3f}" if "fd" in point else ""
+        key = point.get("headline", "fd")
+        fd = f" {point.get('metric', 'FD')} {point[key]:.3f}" if key in point else ""
         self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {mean_loss:.4f}{fd} "
                    f"time {self.train_time:.1f}s (search {self.search_time:.1f}s)")
 
@@ -542,6 +551,7 @@ class DiffusionTrainer(ControllerCalls):
             "steps": self.step, "total_steps": self.total_steps,
             "wall_time_s": round(self.train_time, 3), "search_time_s": round(self.search_time, 3),
             "fd": last.get("fd"), "kid": last.get("kid"), "metric": last.get("metric"),
+            **{k: last[k] for k in (*SCORE_KEYS, "headline") if k in last},
             "trainable_params": num_parameters(self.model, trainable=True),
             "mean_trainable_params": round(self.trainable_steps / max(1, self.step)),
             "flops_per_step": self.flops_sum / max(1, self.step),

@@ -1,0 +1,273 @@
+"""DreamBooth (Ruiz et al., 2023) on the text-to-image path: a few images of one subject, a prompt with a rare
+identifier (``"a photo of sks dress"``), and optionally prior preservation: images the base model generates
+for the subject's class prompt (``"a photo of a dress"``), trained alongside so that the class keeps its
+variety (the paper's language drift). Each batch is then half subject, half class images, and the loss is
+the subject's mean loss plus ``prior_weight`` times the class images' (as diffusers' ``train_dreambooth.py``).
+
+The built-in subject is :data:`DEFAULT_SUBJECT_IMAGES` near-identical Fashion-MNIST test images of one class
+the shipped base knows (an image and its nearest neighbours in pixel space): the base never saw them.
+
+Metrics (:class:`SubjectEvaluator`) on images generated from the instance prompt:
+
+* ``dino``: mean cosine similarity of DINO CLS features between generated and subject images (needs local
+  weights, ``--dino-model DIR``), DreamBooth's subject fidelity;
+* ``clip_t`` / ``clip_i``: CLIP image–text cosine to the class prompt, and image–image cosine to the subject
+  images (``--clip-model DIR``);
+* without those weights the same questions on autoprog's own feature classifier, named as such:
+  ``subject_fidelity`` (cosine of its features to the subject images) and ``text_agreement`` (its probability
+  that the images show the prompt's class, when the class is one of the dataset's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, DataError, first_line
+from .data import DiffusionData, resize, to_float
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_SUBJECT_CLASS = 3  # Fashion-MNIST "dress": a class the shipped text-to-image base was trained on
+DEFAULT_SUBJECT_IMAGES = 5
+DEFAULT_INSTANCE_PROMPT = "a photo of sks {}"
+DEFAULT_CLASS_PROMPT = "a photo of a {}"
+CLASS_CFG_SCALE = 4.0  # guidance of the generated class images (autoprog sample's default; diffusers' uses 7.5)
+OWN_FIDELITY = "subject fidelity (autoprog features)"
+OWN_TEXT = "text agreement (autoprog classifier)"
+SCORE_KEYS = ("dino", "clip_i", "clip_t", "subject_fidelity", "text_agreement")
+
+
+# ------------------------------------------------------------------------------------------------ images
+def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
+    """Every image file in ``folder`` (sorted by name) as uint8 ``(N, channels, size, size)``: the shorter side
+    resized to ``size``, centre-cropped, grey or RGB."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision import transforms
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                out.append(tf(im.convert("L" if channels == 1 else "RGB")))
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"cannot read image {f}: {first_line(e)}") from None
+    return torch.stack(out)
+
+
+def write_images(images: torch.Tensor, folder: Path, start: int = 0, prefix: str = "class") -> None:
+    """uint8 ``(N, C, H, W)`` images as ``folder/<prefix>-<k>.png`` (each written whole, then renamed)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, img in enumerate(images, start):
+        arr = img.permute(1, 2, 0).numpy()
+        im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        tmp = folder / f".{prefix}-{k:05d}.png.tmp"
+        im.save(tmp, format="PNG")
+        tmp.replace(folder / f"{prefix}-{k:05d}.png")
+
+
+def default_subject(data_root: str | None = None, class_id: int = DEFAULT_SUBJECT_CLASS,
+                    n: int = DEFAULT_SUBJECT_IMAGES) -> torch.Tensor:
+    """The built-in subject: the first Fashion-MNIST test image of ``class_id`` and its ``n - 1`` nearest
+    neighbours (pixel distance) in that class, uint8 ``(n, 1, 28, 28)``."""
+    from .data import load_diffusion_data
+
+    data = load_diffusion_data("fashion-mnist", data_root, classes=(class_id,))
+    pool = data.test_images
+    if len(pool) < n:
+        raise DataError(f"Fashion-MNIST's test split has {len(pool)} images of class {class_id}; need {n}")
+    flat = to_float(pool).flatten(1)
+    nearest = (flat - flat[0]).pow(2).sum(1).argsort()[:n]
+    return pool[nearest].clone()
+
+
+# ------------------------------------------------------------------------------------------ class images
+def _base_identity(base: Path) -> str:
+    """What the base model is, for the class-image cache: its weight files' paths, sizes and times."""
+    files = sorted(p for p in Path(base).rglob("*") if p.suffix in (".safetensors", ".bin", ".json"))
+    return "|".join(f"{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+
+
+def class_images_dir(cache_dir: str | Path, base: Path, prompt: str, settings: dict) -> Path:
+    """The default home of the class images the base generates for ``prompt`` with ``settings``."""
+    key = hashlib.sha1(json.dumps([_base_identity(base), prompt, settings], sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir).expanduser() / "dreambooth" / key[:16]
+
+
+def class_images(model, meta: dict, prompt: str, n: int, folder: Path, size: int, channels: int, steps: int,
+                 cfg_scale: float, eta: float, seed: int, log=print) -> torch.Tensor:
+    """``n`` prior-preservation images for ``prompt``: those already in ``folder``, the rest generated by the
+    base ``model`` (DDIM, guidance ``cfg_scale``) and written there, so they are made once."""
+    from .quality import to_uint8
+    from .runner import decode_samples
+    from .sampling import sample
+
+    have = read_images(folder, size, channels) if folder.is_dir() and any(
+        p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()) else torch.empty(0, channels, size, size,
+                                                                                        dtype=torch.uint8)
+    if len(have) < n:
+        log(f"DreamBooth: generating {n - len(have)} class images for {prompt!r} with the base model into {folder}")
+        ids = model.tokenize([prompt] * (n - len(have)))
+        x0 = sample(model, ids, steps=steps, cfg_scale=cfg_scale, seed=seed + len(have), eta=eta)
+        new = to_uint8(decode_samples(meta, x0).cpu())
+        if new.shape[1] != channels or new.shape[-1] != size:
+            new = _match(new, size, channels)
+        write_images(new, folder, start=len(have))
+        have = torch.cat([have, new])
+    else:
+        log(f"DreamBooth: {n} class images from {folder}")
+    return have[:n]
+
+
+def _match(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """uint8 images converted to ``channels`` (grey ↔ RGB) and resized to ``size``."""
+    x = to_float(images)
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x[:, :1].expand(-1, channels, -1, -1)
+    x = resize(x, size)
+    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def dreambooth_data(instance: torch.Tensor, prior: torch.Tensor | None, instance_prompt: str, class_prompt: str,
+                    prior_weight: float | None, tokenize, name: str = "dreambooth") -> DiffusionData:
+    """Training data: the subject images (label 0, ``instance_prompt``) and, with prior preservation, the class
+    images (label 1, ``class_prompt``, loss weight ``prior_weight``). Evaluation generates the subject."""
+    prior = prior if prior is not None else instance[:0]
+    images = torch.cat([instance, prior]).contiguous()
+    labels = torch.cat([torch.zeros(len(instance)), torch.ones(len(prior))]).long()
+    captions = (instance_prompt, class_prompt)
+    return DiffusionData(name, images, labels, instance.clone(), torch.zeros(len(instance)).long(), 2, (0,),
+                         hflip=False, class_names=None, captions=captions, caption_ids=tokenize(list(captions)),
+                         num_instance=len(instance), prior_weight=prior_weight if len(prior) else None)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def _mean_pair_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.normalize(a.float(), dim=1).matmul(F.normalize(b.float(), dim=1).T).mean())
+
+
+def _rgb_arrays(images: torch.Tensor) -> list:
+    x = images if images.shape[1] == 3 else images[:, :1].expand(-1, 3, -1, -1)
+    return [im.permute(1, 2, 0).numpy() for im in x]
+
+
+def _load_local(cls, path: str, what: str, flag: str):
+    if not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: no such directory")
+    try:
+        return cls.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a wrong folder
+        raise ConfigError(f"{flag} {path}: not a {what} ({first_line(e)})") from None
+
+
+class DinoScorer:
+    """DINO subject fidelity from a local ViT checkpoint (e.g. facebook/dino-vits16 saved with transformers)."""
+
+    def __init__(self, path: str, device="cpu"):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.model = _load_local(AutoModel, path, "vision model directory (transformers)", "--dino-model").eval()
+        self.model.to(device)
+        self.processor = _load_local(AutoImageProcessor, path, "vision model directory with an image processor",
+                                     "--dino-model")
+        self.device = device
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        px = self.processor(images=_rgb_arrays(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return self.model(pixel_values=px).last_hidden_state[:, 0]
+
+
+class ClipScorer:
+    """CLIP-T (image–text cosine) and CLIP-I (image–image cosine) from a local CLIP checkpoint."""
+
+    def __init__(self, path: str, device="cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = _load_local(CLIPModel, path, "CLIP model directory (transformers CLIPModel)",
+                                 "--clip-model").eval().to(device)
+        self.processor = _load_local(CLIPProcessor, path, "CLIP model directory with a processor", "--clip-model")
+        self.device = device
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        px = self.processor(images=_rgb_arrays(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return _embeds(self.model.get_image_features(pixel_values=px))
+
+    @torch.no_grad()
+    def text_features(self, text: str) -> torch.Tensor:
+        tok = self.processor(text=[text], return_tensors="pt", padding=True, truncation=True)
+        return _embeds(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                                    attention_mask=tok["attention_mask"].to(self.device)))
+
+
+def _embeds(out) -> torch.Tensor:
+    """CLIP's projected embeddings: transformers 4 returns the tensor, 5 an output whose pooler_output it is."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class SubjectEvaluator:
+    """Scores images generated from the instance prompt against the ``subject`` images (see the module
+    docstring). The headline (``headline``, higher is better) is ``dino`` when DINO weights are given, else
+    ``subject_fidelity``."""
+
+    higher_is_better = True
+
+    def __init__(self, subject: torch.Tensor, class_prompt: str, feature_net=None, subject_class: int | None = None,
+                 dino: DinoScorer | None = None, clip: ClipScorer | None = None):
+        if dino is None and feature_net is None:
+            raise ConfigError("DreamBooth's metrics need DINO weights (--dino-model) or the feature classifier")
+        self.subject, self.feature_net, self.subject_class = subject, feature_net, subject_class
+        self.dino, self.clip = dino, clip
+        self.headline = "dino" if dino is not None else "subject_fidelity"
+        self.metric = "DINO" if dino is not None else OWN_FIDELITY
+        self._dino_ref = dino.features(subject) if dino is not None else None
+        self._clip_ref = clip.image_features(subject) if clip is not None else None
+        self._clip_text = clip.text_features(class_prompt) if clip is not None else None
+        self._own_ref = self._own(subject)[0] if feature_net is not None else None
+
+    @torch.no_grad()
+    def _own(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self.feature_net
+        size = getattr(self, "_own_size", None) or images.shape[-1]
+        self._own_size = size  # the subject's size: generated images are brought to it
+        x = to_float(_match(images, size, net.in_channels)).to(next(net.parameters()).device)
+        f = net.features(x)
+        return f, net.head(f).softmax(-1)
+
+    def reference(self) -> dict:
+        """The subject images' own scores: the ceiling a model that reproduces them exactly would reach."""
+        return {k: round(v, 5) for k, v in self.evaluate(self.subject).items() if k in SCORE_KEYS}
+
+    def evaluate(self, images: torch.Tensor) -> dict:
+        """Scores of uint8 images ``(N, C, H, W)`` of the subject; every score is a mean in [-1, 1] or [0, 1]."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        out: dict = {"metric": self.metric, "headline": self.headline}
+        if self.feature_net is not None:
+            f, p = self._own(images)
+            out["subject_fidelity"] = _mean_pair_cosine(f, self._own_ref)
+            if self.subject_class is not None and self.subject_class < p.shape[1]:
+                out["text_agreement"] = float(p[:, self.subject_class].mean())
+        if self.dino is not None:
+            out["dino"] = _mean_pair_cosine(self.dino.features(images), self._dino_ref)
+        if self.clip is not None:
+            img = self.clip.image_features(images)
+            out["clip_i"] = _mean_pair_cosine(img, self._clip_ref)
+            out["clip_t"] = _mean_pair_cosine(img, self._clip_text)
+        bad = [k for k in SCORE_KEYS if k in out and not torch.isfinite(torch.tensor(out[k]))]
+        if bad:
+            raise ValueError(f"non-finite DreamBooth scores {bad}: the generated images are not finite")
+        return out

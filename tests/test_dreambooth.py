@@ -1,0 +1,313 @@
+"""DreamBooth: subject and class images, the paired batches and prior-preservation loss, the scores (own
+feature classifier, and CLIP / DINO from tiny local checkpoints written here), the spec's prompts, and the
+command end to end on a tiny text-to-image base."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import test_text_to_image as t2i
+import torch
+
+from autoprog.diffusion.data import DiffusionData
+from autoprog.diffusion.dreambooth import (
+    ClipScorer,
+    DinoScorer,
+    SubjectEvaluator,
+    class_images,
+    default_subject,
+    dreambooth_data,
+    read_images,
+    write_images,
+)
+from autoprog.diffusion.runner import DreamBoothSpec
+from autoprog.diffusion.sampling import diffusion_loss, training_scheduler
+from autoprog.errors import ConfigError, DataError
+from autoprog.models.text_unet import word_tokenizer
+
+
+def images(n: int, value: int = 100, size: int = 8, chans: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(value)
+    return (torch.rand(n, chans, size, size, generator=g) * 255).to(torch.uint8)
+
+
+def toy_data(n_inst=3, n_prior=10, weight=1.0) -> DiffusionData:
+    tok = lambda prompts: torch.zeros(len(prompts), 4, dtype=torch.long)  # noqa: E731
+    return dreambooth_data(images(n_inst), images(n_prior, 7) if n_prior else None, "a photo of sks dress",
+                           "a photo of a dress", weight if n_prior else None, tok)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def test_paired_batches_are_half_subject_half_class_on_every_process():
+    data = toy_data()
+    for procs in (1, 2):
+        for step in range(5):
+            idx = data.batch_indices(step, 8, seed=0, num_processes=procs)
+            assert len(idx) == 8
+            for p in range(procs):
+                share = idx[p::procs]
+                inst = (share < data.num_instance).sum().item()
+                assert inst == len(share) - inst  # both kinds on every process, half each
+    assert torch.equal(data.batch_indices(3, 8, 0), data.batch_indices(3, 8, 0))
+
+
+def test_the_few_subject_images_are_cycled_through_evenly_even_when_a_batch_is_larger():
+    data = toy_data(n_prior=0)
+    assert data.prior_weight is None and not data.paired
+    seen = torch.cat([data.batch_indices(s, 6, seed=1) for s in range(4)])  # 24 draws of 3 images
+    assert seen.max() < 3 and torch.bincount(seen).tolist() == [8, 8, 8]
+    assert data.loss_weights(seen[:6]) is None
+
+
+def test_the_weighted_loss_is_the_subject_mean_plus_the_prior_weight_times_the_class_mean():
+    data = toy_data(weight=0.5)
+    idx = data.batch_indices(0, 6, seed=0)
+    w = data.loss_weights(idx)
+    sched = training_scheduler()
+
+    class Echo(torch.nn.Module):  # predicts zero noise: the per-sample loss is the noise's mean square
+        def forward(self, x, t, y):
+            return torch.zeros_like(x)
+
+    x0 = torch.randn(6, 1, 4, 4)
+    y = torch.zeros(6, 2, dtype=torch.long)
+    loss = diffusion_loss(Echo(), x0, y, sched, 0, generator=torch.Generator().manual_seed(3), weights=w)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    per = noise.pow(2).flatten(1).mean(1)
+    prior = idx >= data.num_instance
+    expected = per[~prior].mean() + 0.5 * per[prior].mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def test_a_folder_of_images_is_read_resized_cropped_and_converted(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((30, 20, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / "b.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    grey = read_images(tmp_path, 8, 1)
+    rgb = read_images(tmp_path, 8, 3)
+    assert grey.shape == (2, 1, 8, 8) and rgb.shape == (2, 3, 8, 8) and grey.dtype == torch.uint8
+
+
+def test_bad_image_folders_are_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        read_images(tmp_path / "missing", 8, 1)
+    with pytest.raises(DataError, match="holds no images"):
+        read_images(tmp_path, 8, 1)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image .*broken.png") as e:
+        read_images(tmp_path, 8, 1)
+    assert "\n" not in str(e.value)
+
+
+def test_the_built_in_subject_is_one_image_and_its_nearest_neighbours_of_the_class(fake_fmnist):
+    from autoprog.diffusion.data import load_diffusion_data
+
+    subject = default_subject(str(fake_fmnist), class_id=3, n=4)
+    pool = load_diffusion_data("fashion-mnist", str(fake_fmnist), classes=(3,)).test_images
+    assert subject.shape == (4, 1, 28, 28) and torch.equal(subject[0], pool[0])
+    d = (pool.float() - pool[0].float()).flatten(1).pow(2).sum(1)
+    chosen = (subject.float() - pool[0].float()).flatten(1).pow(2).sum(1)
+    assert chosen.max() <= d.sort().values[3] + 1e-3  # no other image of the class is nearer than the chosen
+
+
+def test_class_images_are_generated_once_topped_up_and_then_reused(tmp_path):
+    model = t2i.tiny()
+    logs = []
+    folder = tmp_path / "class"
+    first = class_images(model, {}, "a photo of a dress", 3, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
+    assert first.shape == (3, 1, 8, 8) and len(list(folder.glob("class-*.png"))) == 3
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    more = class_images(model, {}, "a photo of a dress", 5, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
+    assert more.shape[0] == 5 and torch.equal(more[:3], first) and "generating 2 class images" in logs[-1]
+    again = class_images(model, {}, "a photo of a dress", 5, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
+    assert torch.equal(again, more) and "generating" not in logs[-1]
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in folder.iterdir() if p.name in mtimes)
+
+
+def test_written_images_read_back_unchanged(tmp_path):
+    x = images(3, size=8, chans=3)
+    write_images(x, tmp_path, prefix="img")
+    assert torch.equal(read_images(tmp_path, 8, 3), x)
+
+
+# ------------------------------------------------------------------------------------------------ scores
+class BandNet(torch.nn.Module):
+    """A feature classifier that reads the fake data's class band: features are row brightnesses."""
+
+    in_channels = 1
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(28, 10)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            for c in range(10):
+                r = 2 + (c * 5) // 2
+                self.head.weight[c, r:r + 3] = 20.0
+
+    def features(self, x):
+        return x.mean(-1).flatten(1) + 1  # [-1, 1] pixels: rows' mean brightness, shifted to be positive
+
+
+def test_own_feature_scores_rank_the_subject_above_noise_and_name_the_class_agreement(fake_fmnist):
+    from autoprog.diffusion.data import load_diffusion_data
+
+    src = load_diffusion_data("fashion-mnist", str(fake_fmnist), classes=None)
+    net = BandNet()
+    subject = src.test_images[src.test_labels == 3][:4]
+    ev = SubjectEvaluator(subject, "a photo of a dress", net, subject_class=3)
+    same = ev.evaluate(src.test_images[src.test_labels == 3][4:8])
+    noise = ev.evaluate(images(4, size=28))
+    assert ev.headline == "subject_fidelity" and same["metric"] == "subject fidelity (autoprog features)"
+    assert same["subject_fidelity"] > noise["subject_fidelity"]
+    assert same["text_agreement"] > noise["text_agreement"]
+    assert "text_agreement" not in SubjectEvaluator(subject, "x", net).evaluate(subject)
+    assert "dino" not in same and "clip_t" not in same
+    with pytest.raises(ValueError, match="uint8"):
+        ev.evaluate(subject.float())
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_and_dino(tmp_path_factory):
+    """A tiny random CLIP (model + processor) and DINO-style ViT (model + image processor), saved locally."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    root = tmp_path_factory.mktemp("scorers")
+    tok = word_tokenizer("a photo of dress sks".split(), max_length=12)
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=12, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2), projection_dim=8))
+    clip.save_pretrained(root / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  tokenizer=tok).save_pretrained(root / "clip")
+    vit = ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2), add_pooling_layer=False)
+    vit.save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
+def test_clip_and_dino_scores_come_from_local_checkpoints(tiny_clip_and_dino):
+    clip_dir, dino_dir = tiny_clip_and_dino
+    subject = images(3, size=8, chans=1)
+    ev = SubjectEvaluator(subject, "a photo of dress", dino=DinoScorer(str(dino_dir)), clip=ClipScorer(str(clip_dir)))
+    assert ev.headline == "dino" and ev.metric == "DINO"
+    same, other = ev.evaluate(subject), ev.evaluate(images(3, value=5, size=8))
+    for k in ("dino", "clip_i", "clip_t"):
+        assert -1 <= same[k] <= 1 and np.isfinite(same[k])
+    one = SubjectEvaluator(subject[:1], "a photo of dress", dino=DinoScorer(str(dino_dir)),
+                           clip=ClipScorer(str(clip_dir))).evaluate(subject[:1])
+    assert one["dino"] == pytest.approx(1.0, abs=1e-4) and one["clip_i"] == pytest.approx(1.0, abs=1e-4)
+    assert other["dino"] < 1 - 1e-4
+    assert "subject_fidelity" not in same  # never named after what was not measured
+
+
+def test_a_missing_or_wrong_scorer_folder_is_a_one_line_error(tiny_clip_and_dino, tmp_path):
+    clip_dir, dino_dir = tiny_clip_and_dino
+    with pytest.raises(ConfigError, match="--clip-model .*no such directory"):
+        ClipScorer(str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="--clip-model .*not a CLIP") as e:
+        ClipScorer(str(dino_dir))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="--dino-model .*not a"):
+        DinoScorer(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ spec
+def test_prompts_fill_in_the_subject_class_and_must_differ():
+    assert DreamBoothSpec().prompts() == ("a photo of sks dress", "a photo of a dress")
+    assert DreamBoothSpec(subject_class=8).prompts() == ("a photo of sks bag", "a photo of a bag")
+    with pytest.raises(ConfigError, match="--instance-prompt .*write the class name"):
+        DreamBoothSpec(instance_dir="x").prompts()
+    assert DreamBoothSpec(instance_dir="x", instance_prompt="a photo of sks mug",
+                          class_prompt="a photo of a mug").prompts()[0] == "a photo of sks mug"
+    with pytest.raises(ConfigError, match="are the same"):
+        DreamBoothSpec(instance_prompt="a photo of a {}").prompts()
+    with pytest.raises(ConfigError, match="--subject-class 12"):
+        DreamBoothSpec(subject_class=12).prompts()
+
+
+# ------------------------------------------------------------------------------------------ end to end
+text_base = t2i.text_base  # the tiny text-to-image base, a fixture
+DB = replace(t2i.TINY, steps=6, batch_size=8, fd_samples=6)  # larger than the built-in subject's 5 images
+
+
+@pytest.mark.slow
+def test_dreambooth_with_prior_preservation_trains_scores_and_exports_a_pipeline(text_base, fake_fmnist, cache_dir,
+                                                                                tmp_path):
+    from diffusers import StableDiffusionPipeline  # noqa: F401  (the export must be its layout)
+
+    from autoprog.diffusion.runner import finetune
+    from autoprog.models.dit import load_backbone
+
+    inst = tmp_path / "subject"
+    write_images(images(4, size=8), inst, prefix="img")
+    spec = DreamBoothSpec(method="autoprog-zero", base=str(text_base), data_root=str(fake_fmnist), instance_dir=str(inst),
+                          subject_class=3, with_prior_preservation=True, num_class_images=5,
+                          class_dir=str(tmp_path / "class"), feature_epochs=1, cache_dir=str(cache_dir), train=DB)
+    res = finetune(spec, tmp_path / "run")
+    s = res["summary"]
+    assert res["done"] and s["headline"] == "subject_fidelity" and s["fd"] is None
+    assert 0 <= s["text_agreement"] <= 1 and -1 <= s["subject_fidelity"] <= 1
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 5
+    model, meta = load_backbone(tmp_path / "run" / "model")
+    assert meta["captions"][0] == "a photo of sks dress" and meta["prompt_suffix"].startswith(", [SID")
+    assert json.loads((tmp_path / "run" / "model" / "unet" / "config.json").read_text())["sample_size"] == 8
+
+
+@pytest.mark.slow
+def test_compare_dreambooth_ranks_by_subject_fidelity_on_full_finetunings_front(text_base, fake_fmnist, cache_dir,
+                                                                               tmp_path):
+    from autoprog.diffusion.runner import compare_finetune
+
+    spec = DreamBoothSpec(base=str(text_base), data_root=str(fake_fmnist), feature_epochs=1, cache_dir=str(cache_dir),
+                          train=DB)
+    summary = compare_finetune(["full", "prog"], spec, tmp_path, budget=False, front=(0.5, 1))
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert summary["headline"] == "subject_fidelity" and set(rows) == {"full", "prog", "full@0.5"}
+    assert rows["prog"]["tq_speedup"] is not None or rows["prog"]["tq_bound"] in (">", "<")
+    md = (tmp_path / "summary.md").read_text()
+    assert "subject fidelity (autoprog features)" in md and "DreamBooth built-in subject" in md
+    assert 0 < summary["reference"]["subject_fidelity"] <= 1 + 1e-6  # the subject images against each other
+    assert "The subject images themselves score" in md
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "front.png").is_file()
+
+
+def test_dreambooth_help_says_what_class_images_are_for(cli):
+    rc, out, _ = cli("finetune", "--task", "dreambooth", "--help")
+    assert rc == 0
+    for flag in ("--instance-dir", "--instance-prompt", "--with-prior-preservation", "--prior-loss-weight",
+                 "--num-class-images", "--class-prompt", "--clip-model", "--dino-model"):
+        assert flag in out
+    assert "variety" in out and "--caption" not in out
+
+
+def test_a_class_conditional_base_is_refused_for_dreambooth(fake_fmnist, tmp_path):
+    from autoprog.diffusion.runner import build_finetune
+    from autoprog.models.dit import build_backbone, save_backbone
+
+    save_backbone(build_backbone("dit", image_size=8, patch_size=4, in_chans=1, num_classes=10, hidden_size=16,
+                                 depth=2, num_heads=2), tmp_path / "dit")
+    with pytest.raises(ConfigError, match="--task dreambooth needs a text-to-image base"):
+        build_finetune(DreamBoothSpec(base=str(tmp_path / "dit"), data_root=str(fake_fmnist)))
+
