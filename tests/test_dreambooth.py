@@ -121,12 +121,12 @@ def test_class_images_are_generated_once_topped_up_and_then_reused(tmp_path):
     model = t2i.tiny()
     logs = []
     folder = tmp_path / "class"
-    first = class_images(model, {}, "a photo of a dress", 3, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
+    first = class_images(model, lambda x: x, "a photo of a dress", 3, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
     assert first.shape == (3, 1, 8, 8) and len(list(folder.glob("class-*.png"))) == 3
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    more = class_images(model, {}, "a photo of a dress", 5, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
+    more = class_images(model, lambda x: x, "a photo of a dress", 5, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
     assert more.shape[0] == 5 and torch.equal(more[:3], first) and "generating 2 class images" in logs[-1]
-    again = class_images(model, {}, "a photo of a dress", 5, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
+    again = class_images(model, lambda x: x, "a photo of a dress", 5, folder, 8, 1, 2, 4.0, 1.0, 0, log=logs.append)
     assert torch.equal(again, more) and "generating" not in logs[-1]
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in folder.iterdir() if p.name in mtimes)
 

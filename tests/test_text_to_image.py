@@ -393,3 +393,31 @@ def test_gradient_checkpointing_and_the_text_encoder_flag_reach_the_model(text_b
                                                    method="full"))
     assert not model.unet.is_gradient_checkpointing
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_a_frozen_text_path_encodes_each_prompt_once_and_afresh_when_its_weights_change():
+    m = tiny()
+    m.text_encoder.requires_grad_(False)
+    calls = []
+    m.text_encoder.register_forward_hook(lambda mod, a, o: calls.append(a[0].shape[0]))
+    ids = m.tokenize(CAPTIONS + CAPTIONS[:1])
+    first = m.encode_text(ids)
+    assert calls == [3]  # three distinct prompts among four rows
+    assert torch.equal(m.encode_text(ids[[1, 0]]), first[[1, 0]]) and calls == [3]
+    with torch.no_grad():
+        m.text_encoder.get_input_embeddings().weight.mul_(2)
+    changed = m.encode_text(ids)
+    assert calls == [3, 3] and not torch.allclose(changed, first)
+    assert torch.allclose(changed, m.text_encoder(m.with_sid(ids)).last_hidden_state, atol=1e-6)
+    copy.deepcopy(m).encode_text(ids)  # a copy has weights of its own: it encodes for itself
+    assert calls[-1] == 3
+
+
+def test_a_learnable_identifier_is_encoded_every_time():
+    m = tiny(sid=2)
+    m.text_encoder.requires_grad_(False)
+    calls = []
+    m.text_encoder.register_forward_hook(lambda mod, a, o: calls.append(1))
+    ids = m.tokenize(CAPTIONS)
+    m.encode_text(ids), m.encode_text(ids)
+    assert len(calls) == 2 and m.sid.embedding.weight.requires_grad

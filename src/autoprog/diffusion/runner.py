@@ -289,6 +289,8 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
         size, chans = size or model.image_size * codec.downsample, chans or codec.in_channels
     size, chans = size or model.image_size, chans or model.in_chans
     if spec.instance_dir:
+        if not Path(spec.instance_dir).is_dir():
+            raise ConfigError(f"--instance-dir {spec.instance_dir}: no such directory")
         instance = read_images(spec.instance_dir, size, chans)
     else:
         instance = default_subject(spec.data_root, spec.subject())
@@ -303,7 +305,7 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
                     "size": size, "channels": chans}
         folder = Path(spec.class_dir) if spec.class_dir else class_images_dir(
             spec.cache_dir or default_cache_dir(), base, class_prompt, settings)
-        prior = class_images(model, meta, class_prompt, spec.num_class_images, folder, size, chans,
+        prior = class_images(model, lambda x: decode_samples(meta, x), class_prompt, spec.num_class_images, folder, size, chans,
                              t.sample_steps, CLASS_CFG_SCALE, t.sample_eta, 0)
     name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
     return dreambooth_data(instance, prior, instance_prompt, class_prompt,

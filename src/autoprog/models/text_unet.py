@@ -113,12 +113,33 @@ class TextUNet(DiffusionBackbone):
                               truncation=True, return_tensors="pt").input_ids
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """The UNet's ``encoder_hidden_states`` for token ids (the current stage's SID appended)."""
+        """The UNet's ``encoder_hidden_states`` for token ids (the current stage's SID appended).
+
+        While nothing in the text path learns, each distinct prompt is encoded once and cached (a run has a
+        few prompts): the cache is keyed by the token ids and by the storage and version counter of every text
+        weight, so any change to them (an optimizer or EMA step, a loaded checkpoint) makes it encode afresh."""
         ids = self.with_sid(ids)
         learnable = self.sid is not None and self.sid.embedding.weight.requires_grad
         learnable = learnable or any(p.requires_grad for p in self.text_encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and learnable):
-            return self.text_encoder(ids).last_hidden_state
+        if learnable or (self.text_encoder.training and self.text_encoder.config.attention_dropout > 0):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and learnable):
+                return self.text_encoder(ids).last_hidden_state
+        return self._cached_text(ids)
+
+    @torch.no_grad()
+    def _cached_text(self, ids: torch.Tensor) -> torch.Tensor:
+        params = [*self.text_encoder.parameters(), *(self.sid.parameters() if self.sid is not None else ())]
+        version = (tuple((p.data_ptr(), p._version) for p in params), str(ids.device),  # new or changed weights
+                   torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None)
+        if getattr(self, "_text_cache_version", None) != version or len(self._text_cache) > 4096:
+            self._text_cache, self._text_cache_version = {}, version
+        rows, inverse = torch.unique(ids, dim=0, return_inverse=True)
+        keys = [r.cpu().numpy().tobytes() for r in rows]
+        todo = [i for i, k in enumerate(keys) if k not in self._text_cache]
+        if todo:
+            for i, h in zip(todo, self.text_encoder(rows[todo]).last_hidden_state):
+                self._text_cache[keys[i]] = h
+        return torch.stack([self._text_cache[k] for k in keys])[inverse]
 
     def with_sid(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` with the current stage's ``", [SIDk] stage"`` before each prompt's end-of-text token
