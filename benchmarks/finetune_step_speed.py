@@ -174,9 +174,8 @@ def main() -> None:
     sched = Schedule.from_arg(a.schedule, "prog") if a.schedule else prog(space)
     sched.validate_for(space)
     scheduler = training_scheduler()
-    # one untimed full step first: the first stage to run would otherwise pay for the allocator's first touch of
-    # the whole model's gradients and optimizer state (measured on SD-1.5 on a CPU: full fine-tuning timed 1.3x
-    # slower than the identical last stage without it)
+    # one untimed full step first, so that the first stage timed does not pay alone for the allocator's first
+    # touch of the whole model's gradients and optimizer state
     time_stage(model, unfreezer, space.full, a.batch_size, 1, amp, device, scheduler, 0)
     full = time_stage(model, unfreezer, space.full, a.batch_size, a.steps, amp, device, scheduler, a.warmup)
     stages = [time_stage(model, unfreezer, s.subnet, a.batch_size, a.steps, amp, device, scheduler, a.warmup)
