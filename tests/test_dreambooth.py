@@ -311,3 +311,13 @@ def test_a_class_conditional_base_is_refused_for_dreambooth(fake_fmnist, tmp_pat
     with pytest.raises(ConfigError, match="--task dreambooth needs a text-to-image base"):
         build_finetune(DreamBoothSpec(base=str(tmp_path / "dit"), data_root=str(fake_fmnist)))
 
+
+
+def test_the_built_in_subject_needs_fashion_mnist_and_prior_preservation_a_batch_of_two(fake_fmnist, tmp_path):
+    from autoprog.diffusion.runner import _dreambooth_data
+    from autoprog.diffusion.trainer import DiffusionConfig, DiffusionTrainer
+
+    with pytest.raises(ConfigError, match="built-in subject is Fashion-MNIST's"):
+        _dreambooth_data(DreamBoothSpec(dataset="digits"), None, {}, tmp_path)
+    with pytest.raises(ConfigError, match="at least 2 per process"):
+        DiffusionTrainer(t2i.tiny(), None, toy_data(), DiffusionConfig(batch_size=1), tmp_path, 1e-3)

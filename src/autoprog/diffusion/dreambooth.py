@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, DataError, first_line
+from ..errors import ConfigError, DataError, DivergedError, first_line
 from .data import DiffusionData, resize, to_float
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,7 +46,7 @@ SCORE_KEYS = ("dino", "clip_i", "clip_t", "subject_fidelity", "text_agreement")
 def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     """Every image file in ``folder`` (sorted by name) as uint8 ``(N, channels, size, size)``: the shorter side
     resized to ``size``, centre-cropped, grey or RGB."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision import transforms
 
     folder = Path(folder)
@@ -59,8 +60,9 @@ def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     for f in files:
         try:
             with Image.open(f) as im:
+                im = ImageOps.exif_transpose(im)  # phone photos: upright, as diffusers' DreamBooth reads them
                 out.append(tf(im.convert("L" if channels == 1 else "RGB")))
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {f}: {first_line(e)}") from None
     return torch.stack(out)
 
@@ -69,13 +71,16 @@ def write_images(images: torch.Tensor, folder: Path, start: int = 0, prefix: str
     """uint8 ``(N, C, H, W)`` images as ``folder/<prefix>-<k>.png`` (each written whole, then renamed)."""
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, img in enumerate(images, start):
-        arr = img.permute(1, 2, 0).numpy()
-        im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        tmp = folder / f".{prefix}-{k:05d}.png.tmp"
-        im.save(tmp, format="PNG")
-        tmp.replace(folder / f"{prefix}-{k:05d}.png")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, img in enumerate(images, start):
+            arr = img.permute(1, 2, 0).numpy()
+            im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+            tmp = folder / f".{prefix}-{k:05d}.{os.getpid()}.png.tmp"  # processes writing the same images
+            im.save(tmp, format="PNG")
+            tmp.replace(folder / f"{prefix}-{k:05d}.png")
+    except OSError as e:
+        raise ConfigError(f"cannot write images to {folder}: {first_line(e)}") from None
 
 
 def default_subject(data_root: str | None = None, class_id: int = DEFAULT_SUBJECT_CLASS,
@@ -120,12 +125,15 @@ def class_images(model, decode, prompt: str, n: int, folder: Path, size: int, ch
     if len(have) < n:
         log(f"DreamBooth: generating {n - len(have)} class images for {prompt!r} with the base model into {folder}")
         ids = model.tokenize([prompt] * (n - len(have)))
-        x0 = sample(model, ids, steps=steps, cfg_scale=cfg_scale, seed=seed + len(have), eta=eta)
-        new = to_uint8(decode(x0).cpu())
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        x0 = sample(model.to(device), ids.to(device), steps=steps, cfg_scale=cfg_scale, seed=seed + len(have),
+                    eta=eta, batch_size=16)
+        model.cpu()
+        new = to_uint8(decode(x0.cpu()).cpu())
         if new.shape[1] != channels or new.shape[-1] != size:
             new = _match(new, size, channels)
         write_images(new, folder, start=len(have))
-        have = torch.cat([have, new])
+        have = read_images(folder, size, channels)  # as a resumed run will read them: sorted by name
     else:
         log(f"DreamBooth: {n} class images from {folder}")
     return have[:n]
@@ -226,11 +234,12 @@ class SubjectEvaluator:
     higher_is_better = True
 
     def __init__(self, subject: torch.Tensor, class_prompt: str, feature_net=None, subject_class: int | None = None,
-                 dino: DinoScorer | None = None, clip: ClipScorer | None = None):
+                 dino: DinoScorer | None = None, clip: ClipScorer | None = None, feature_size: int | None = None):
         if dino is None and feature_net is None:
             raise ConfigError("DreamBooth's metrics need DINO weights (--dino-model) or the feature classifier")
         self.subject, self.feature_net, self.subject_class = subject, feature_net, subject_class
         self.dino, self.clip = dino, clip
+        self._own_size = feature_size  # the size the feature classifier was trained at (default: the subject's)
         self.headline = "dino" if dino is not None else "subject_fidelity"
         self.metric = "DINO" if dino is not None else OWN_FIDELITY
         self._dino_ref = dino.features(subject) if dino is not None else None
@@ -269,5 +278,5 @@ class SubjectEvaluator:
             out["clip_t"] = _mean_pair_cosine(img, self._clip_text)
         bad = [k for k in SCORE_KEYS if k in out and not torch.isfinite(torch.tensor(out[k]))]
         if bad:
-            raise ValueError(f"non-finite DreamBooth scores {bad}: the generated images are not finite")
+            raise DivergedError(f"non-finite DreamBooth scores {bad}: the generated images are not finite")
         return out

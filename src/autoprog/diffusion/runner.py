@@ -265,13 +265,14 @@ def _subject_evaluator(spec: DreamBoothSpec, data, device, log):
     clip = ClipScorer(spec.clip_model, device) if spec.clip_model else None
     net = None
     if dino is None or spec.subject() is not None:  # the feature classifier answers what the weights do not
-        src = load_diffusion_data(spec.dataset, spec.data_root, classes=None, image_size=data.image_size)
+        src = load_diffusion_data(spec.dataset, spec.data_root, classes=None)  # its own size: images are resized
         net, _ = load_or_train_feature_net(src.train_images, src.train_labels, src.num_classes,
                                            spec.cache_dir or default_cache_dir(),
                                            test=(src.test_images, src.test_labels), epochs=spec.feature_epochs,
                                            log=log)
         net.to(device)
-    return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip)
+    return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip,
+                            feature_size=src.image_size if net is not None else None)
 
 
 def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
@@ -279,6 +280,8 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
     images, at the base model's pixel size and channels."""
     from .dreambooth import class_images, class_images_dir, default_subject, dreambooth_data, read_images
 
+    if spec.instance_dir is None and spec.dataset.lower() not in ("fashion-mnist", "fashionmnist"):
+        raise ConfigError(f"the built-in subject is Fashion-MNIST's; with --dataset {spec.dataset} give --instance-dir")
     instance_prompt, class_prompt = spec.prompts()
     size, chans = meta.get("image_size"), meta.get("image_channels")
     vae = spec.vae or meta.get("vae")
@@ -302,10 +305,10 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
     if spec.with_prior_preservation:
         t = spec.train
         settings = {"steps": t.sample_steps, "cfg_scale": CLASS_CFG_SCALE, "eta": t.sample_eta, "seed": 0,
-                    "size": size, "channels": chans}
+                    "size": size, "channels": chans, "vae": vae}
         folder = Path(spec.class_dir) if spec.class_dir else class_images_dir(
             spec.cache_dir or default_cache_dir(), base, class_prompt, settings)
-        prior = class_images(model, lambda x: decode_samples(meta, x), class_prompt, spec.num_class_images, folder, size, chans,
+        prior = class_images(model, lambda x: decode_samples({**meta, "vae": vae}, x), class_prompt, spec.num_class_images, folder, size, chans,
                              t.sample_steps, CLASS_CFG_SCALE, t.sample_eta, 0)
     name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
     return dreambooth_data(instance, prior, instance_prompt, class_prompt,

@@ -137,6 +137,9 @@ class DiffusionTrainer(ControllerCalls):
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
         self.noise = training_scheduler(getattr(model, "noise_config", None))
+        if data.paired and cfg.batch_size < 2:
+            raise ConfigError("prior preservation needs a batch of at least 2 per process (one subject and one "
+                              f"class image), got --batch-size {cfg.batch_size}")
         if data.num_instance is None and len(data.train_images) < cfg.batch_size * self.acc.num_processes:
             raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
         self.resolution = data.model_size

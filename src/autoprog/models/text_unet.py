@@ -131,14 +131,14 @@ class TextUNet(DiffusionBackbone):
         params = [*self.text_encoder.parameters(), *(self.sid.parameters() if self.sid is not None else ())]
         version = (tuple((p.data_ptr(), p._version) for p in params), str(ids.device),  # new or changed weights
                    torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None)
-        if getattr(self, "_text_cache_version", None) != version or len(self._text_cache) > 4096:
+        if getattr(self, "_text_cache_version", None) != version or len(self._text_cache) > 256:
             self._text_cache, self._text_cache_version = {}, version
         rows, inverse = torch.unique(ids, dim=0, return_inverse=True)
         keys = [r.cpu().numpy().tobytes() for r in rows]
         todo = [i for i, k in enumerate(keys) if k not in self._text_cache]
         if todo:
             for i, h in zip(todo, self.text_encoder(rows[todo]).last_hidden_state):
-                self._text_cache[keys[i]] = h
+                self._text_cache[keys[i]] = h.clone()  # not a view that keeps the whole batch alive
         return torch.stack([self._text_cache[k] for k in keys])[inverse]
 
     def with_sid(self, ids: torch.Tensor) -> torch.Tensor:
