@@ -39,7 +39,9 @@ DEFAULT_CLASS_PROMPT = "a photo of a {}"
 CLASS_CFG_SCALE = 4.0  # guidance of the generated class images (autoprog sample's default; diffusers' uses 7.5)
 OWN_FIDELITY = "subject fidelity (autoprog features)"
 OWN_TEXT = "text agreement (autoprog classifier)"
-SCORE_KEYS = ("dino", "clip_i", "clip_t", "subject_fidelity", "text_agreement")
+SCORE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "subject_fidelity": OWN_FIDELITY,
+                "text_agreement": OWN_TEXT}  # each score's name in reports
+SCORE_KEYS = tuple(SCORE_LABELS)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -52,7 +54,7 @@ def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such directory")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
@@ -65,6 +67,11 @@ def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {f}: {first_line(e)}") from None
     return torch.stack(out)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files in ``folder``, sorted by name (none when it does not exist)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 
 def write_images(images: torch.Tensor, folder: Path, start: int = 0, prefix: str = "class") -> None:
@@ -119,9 +126,8 @@ def class_images(model, decode, prompt: str, n: int, folder: Path, size: int, ch
     from .quality import to_uint8
     from .sampling import sample
 
-    have = read_images(folder, size, channels) if folder.is_dir() and any(
-        p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()) else torch.empty(0, channels, size, size,
-                                                                                        dtype=torch.uint8)
+    have = (read_images(folder, size, channels) if image_files(folder) else
+            torch.empty(0, channels, size, size, dtype=torch.uint8))
     if len(have) < n:
         log(f"DreamBooth: generating {n - len(have)} class images for {prompt!r} with the base model into {folder}")
         ids = model.tokenize([prompt] * (n - len(have)))
@@ -129,9 +135,7 @@ def class_images(model, decode, prompt: str, n: int, folder: Path, size: int, ch
         x0 = sample(model.to(device), ids.to(device), steps=steps, cfg_scale=cfg_scale, seed=seed + len(have),
                     eta=eta, batch_size=16)
         model.cpu()
-        new = to_uint8(decode(x0.cpu()).cpu())
-        if new.shape[1] != channels or new.shape[-1] != size:
-            new = _match(new, size, channels)
+        new = match_images(to_uint8(decode(x0.cpu()).cpu()), size, channels)
         write_images(new, folder, start=len(have))
         have = read_images(folder, size, channels)  # as a resumed run will read them: sorted by name
     else:
@@ -139,8 +143,10 @@ def class_images(model, decode, prompt: str, n: int, folder: Path, size: int, ch
     return have[:n]
 
 
-def _match(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """uint8 images converted to ``channels`` (grey ↔ RGB) and resized to ``size``."""
+def match_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """uint8 images converted to ``channels`` (grey ↔ RGB) and resized to ``size`` (as they are when they are)."""
+    if images.shape[1] == channels and images.shape[-1] == size:
+        return images
     x = to_float(images)
     if x.shape[1] != channels:
         x = x.mean(1, keepdim=True) if channels == 1 else x[:, :1].expand(-1, channels, -1, -1)
@@ -252,7 +258,7 @@ class SubjectEvaluator:
         net = self.feature_net
         size = getattr(self, "_own_size", None) or images.shape[-1]
         self._own_size = size  # the subject's size: generated images are brought to it
-        x = to_float(_match(images, size, net.in_channels)).to(next(net.parameters()).device)
+        x = to_float(match_images(images, size, net.in_channels)).to(next(net.parameters()).device)
         f = net.features(x)
         return f, net.head(f).softmax(-1)
 

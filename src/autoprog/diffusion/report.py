@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..report import fmt, plot_curves, plot_front, schedule_string, speedup_cell, speedup_mean_cell
+from .dreambooth import SCORE_LABELS
 
 SPEEDUP_NOTE = ("time-to-quality speed-up: the time full fine-tuning's front (its runs at several budgets, each "
                 "with its learning rate fully decayed) needs to reach the method's {metric}, divided by the method's "
@@ -19,10 +20,6 @@ def _finetune_name(r: dict) -> str:
 
 def _params(n) -> str:
     return "–" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k")
-
-
-SCORE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "subject_fidelity": "subject fidelity "
-                "(autoprog features)", "text_agreement": "text agreement (autoprog classifier)"}
 
 
 def quality_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -73,9 +70,8 @@ def write_finetune_report(summary: dict, out: str | Path) -> None:
     out = Path(out)
     rows = summary["rows"]
     spec = summary.get("spec", {})
-    what = (f"DreamBooth {spec.get('instance_dir') or 'built-in subject'}" if "instance_prompt" in spec else
-            f"Fine-tuning {spec.get('dataset', '')} classes {spec.get('classes', '')}")
-    title = f"{what}, {spec.get('train', {}).get('steps', '?')} steps, seed {spec.get('train', {}).get('seed', '?')}"
+    title = (f"{summary['title']}, {spec.get('train', {}).get('steps', '?')} steps, "
+             f"seed {spec.get('train', {}).get('seed', '?')}")
     md = finetune_markdown(rows, title)
     if summary.get("reference"):
         md += ("\nThe subject images themselves score " + ", ".join(f"{SCORE_LABELS[k]} {v:.3f}" for k, v in

@@ -173,8 +173,7 @@ class DreamBoothSpec(TextFinetuneSpec):
         """The instance and class prompts, {} filled with the subject class's name."""
         from .data import DIGIT_NAMES, FASHION_MNIST_NAMES
 
-        cls = self.subject_class if self.subject_class is not None else (
-            DEFAULT_SUBJECT_CLASS if self.instance_dir is None else None)
+        cls = self.subject()
         names = {"digits": DIGIT_NAMES}.get(self.dataset, FASHION_MNIST_NAMES)
         out = []
         for flag, p in (("--instance-prompt", self.instance_prompt), ("--class-prompt", self.class_prompt)):
@@ -192,6 +191,7 @@ class DreamBoothSpec(TextFinetuneSpec):
         return out[0], out[1]
 
     def subject(self) -> int | None:
+        """The subject's class id: ``--subject-class``, the built-in subject's, or None (unknown)."""
         return self.subject_class if self.subject_class is not None else (
             DEFAULT_SUBJECT_CLASS if self.instance_dir is None else None)
 
@@ -243,42 +243,52 @@ SPEC_CLASSES = {c.__name__: c for c in (FinetuneSpec, TextFinetuneSpec, DreamBoo
 def build_evaluator(spec, data, device, log=print):
     """FD/KID against ``data``'s test images: Inception features with ``spec.fid_weights``, otherwise the
     features of a classifier trained (once, then cached) on every class of ``spec.dataset``."""
-    from .quality import ClassifierFeatures, QualityEvaluator, inception_evaluator, load_or_train_feature_net
+    from .quality import ClassifierFeatures, QualityEvaluator, inception_evaluator
 
     if isinstance(spec, DreamBoothSpec):
         return _subject_evaluator(spec, data, device, log)
     real = data.test_images
     if spec.fid_weights:
         return inception_evaluator(spec.fid_weights, real, device=device)
-    src = load_diffusion_data(spec.dataset, spec.data_root, classes=None, image_size=data.image_size)
+    net, _ = _feature_net(spec, data.image_size, log)
+    return QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
+
+
+def _feature_net(spec: ImageDataSpec, image_size: int | None, log):
+    """The feature classifier of every class of ``spec.dataset`` at ``image_size`` (None: the dataset's own),
+    trained once and cached; returns ``(net, the size it was trained at)``."""
+    from .quality import load_or_train_feature_net
+
+    src = load_diffusion_data(spec.dataset, spec.data_root, classes=None, image_size=image_size)
     net, _ = load_or_train_feature_net(src.train_images, src.train_labels, src.num_classes,
                                        spec.cache_dir or default_cache_dir(), test=(src.test_images, src.test_labels),
                                        epochs=spec.feature_epochs, log=log)
-    return QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
+    return net, src.image_size
 
 
 def _subject_evaluator(spec: DreamBoothSpec, data, device, log):
     from .dreambooth import ClipScorer, DinoScorer, SubjectEvaluator
-    from .quality import load_or_train_feature_net
 
     dino = DinoScorer(spec.dino_model, device) if spec.dino_model else None
     clip = ClipScorer(spec.clip_model, device) if spec.clip_model else None
-    net = None
+    net = size = None
     if dino is None or spec.subject() is not None:  # the feature classifier answers what the weights do not
-        src = load_diffusion_data(spec.dataset, spec.data_root, classes=None)  # its own size: images are resized
-        net, _ = load_or_train_feature_net(src.train_images, src.train_labels, src.num_classes,
-                                           spec.cache_dir or default_cache_dir(),
-                                           test=(src.test_images, src.test_labels), epochs=spec.feature_epochs,
-                                           log=log)
+        net, size = _feature_net(spec, None, log)  # at its own size: generated images are resized to it
         net.to(device)
-    return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip,
-                            feature_size=src.image_size if net is not None else None)
+    return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip, feature_size=size)
 
 
 def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
     """The subject's images (``--instance-dir`` or the built-in subject) and, with prior preservation, the class
     images, at the base model's pixel size and channels."""
-    from .dreambooth import class_images, class_images_dir, default_subject, dreambooth_data, read_images
+    from .dreambooth import (
+        class_images,
+        class_images_dir,
+        default_subject,
+        dreambooth_data,
+        match_images,
+        read_images,
+    )
 
     if spec.instance_dir is None and spec.dataset.lower() not in ("fashion-mnist", "fashionmnist"):
         raise ConfigError(f"the built-in subject is Fashion-MNIST's; with --dataset {spec.dataset} give --instance-dir")
@@ -296,11 +306,7 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
             raise ConfigError(f"--instance-dir {spec.instance_dir}: no such directory")
         instance = read_images(spec.instance_dir, size, chans)
     else:
-        instance = default_subject(spec.data_root, spec.subject())
-        if (chans, size) != (1, 28):
-            from .dreambooth import _match
-
-            instance = _match(instance, size, chans)
+        instance = match_images(default_subject(spec.data_root, spec.subject()), size, chans)
     prior = None
     if spec.with_prior_preservation:
         t = spec.train
@@ -308,8 +314,9 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
                     "size": size, "channels": chans, "vae": vae}
         folder = Path(spec.class_dir) if spec.class_dir else class_images_dir(
             spec.cache_dir or default_cache_dir(), base, class_prompt, settings)
-        prior = class_images(model, lambda x: decode_samples({**meta, "vae": vae}, x), class_prompt, spec.num_class_images, folder, size, chans,
-                             t.sample_steps, CLASS_CFG_SCALE, t.sample_eta, 0)
+        prior = class_images(model, lambda x: decode_samples({**meta, "vae": vae}, x), class_prompt,
+                             spec.num_class_images, folder, size, chans, t.sample_steps, CLASS_CFG_SCALE,
+                             t.sample_eta, 0)
     name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
     return dreambooth_data(instance, prior, instance_prompt, class_prompt,
                            spec.prior_loss_weight if prior is not None else None, model.tokenize, name)
@@ -558,7 +565,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     key = getattr(evaluator, "headline", "fd")
     baseline_front = experiment.add_speedups(rows, "full", key,
                                              higher_is_better=getattr(evaluator, "higher_is_better", False))
-    summary = {"task": "finetune", "spec": spec.to_dict(), "rows": rows, "headline": key,
+    summary = {"task": "finetune", "spec": spec.to_dict(), "title": _task_title(spec), "rows": rows, "headline": key,
                **({"reference": evaluator.reference()} if hasattr(evaluator, "reference") else {}),
                "front": baseline_front.envelope if baseline_front else [], "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
