@@ -136,8 +136,8 @@ def run_diffusion(args, acc) -> None:
         run_one(args, acc, f"pretrain --task {args.task}" if base else "finetune",
                 runner.pretrain_base if base else runner.finetune,
                 (lambda: base_spec(args)) if base else (lambda: finetune_spec(args, args.method)),
-                lambda s: f"done: {s['metric']} {s[s.get('headline', 'fd')]:.3f} after {s['steps']} steps ({s['wall_time_s']:.1f}s of "
-                          f"training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
+                lambda s: f"done: {s['metric']} {s[s.get('headline', 'fd')]:.3f} after {s['steps']} steps "
+                          f"({s['wall_time_s']:.1f}s of training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
         return
     spec, front = finetune_spec(args, "full"), front_of(args)
     run_compare(args, acc, lambda methods, budget: runner.compare_finetune(methods, spec, args.out, budget, acc,

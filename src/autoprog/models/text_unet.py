@@ -134,7 +134,7 @@ class TextUNet(DiffusionBackbone):
         if getattr(self, "_text_cache_version", None) != version or len(self._text_cache) > 256:
             self._text_cache, self._text_cache_version = {}, version
         rows, inverse = torch.unique(ids, dim=0, return_inverse=True)
-        keys = [r.cpu().numpy().tobytes() for r in rows]
+        keys = [r.tobytes() for r in rows.cpu().numpy()]  # one copy to the host, not one per prompt
         todo = [i for i, k in enumerate(keys) if k not in self._text_cache]
         if todo:
             for i, h in zip(todo, self.text_encoder(rows[todo]).last_hidden_state):
