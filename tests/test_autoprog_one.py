@@ -426,7 +426,8 @@ def test_setup_timeline():
     assert ctrl.search_steps == 15, "the search leaves at least one step of the stage to the choice"
 
 
-@pytest.mark.parametrize("kw", [{"search_epochs": 0}, {"alpha": -0.5}, {"search_samples": 0}])
+@pytest.mark.parametrize("kw", [{"search_epochs": 0}, {"alpha": -0.5}, {"search_samples": 0}, {"gain_samples": 1},
+                                {"gain_folds": 0}])
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         AutoProgOne(SPACE6, AutoProgOneConfig(**kw))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_args
 from torch import nn
 
-from autoprog.algorithms.gain import choose_by_gain, gain_per_second, gradients, predicted_gain
+from autoprog.algorithms.gain import Gradients, choose_by_gain, gain_per_second, gradients, predicted_gain
 from autoprog.controllers import ProxyTask
 
 
@@ -48,10 +48,51 @@ def test_gradients_are_the_mean_over_batches_and_leave_no_grad():
     task = ProxyTask(net, batches, forward=lambda m, b: m(b[0]), loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
     net.weight.grad = torch.full_like(net.weight, 7.0)  # a caller's accumulating gradient is kept
     got = gradients(task)
-    assert set(got) == {"weight"} and torch.equal(net.weight.grad, torch.full_like(net.weight, 7.0))
+    assert len(got.folds) == 2 and set(got.mean) == {"weight"}
+    assert torch.equal(net.weight.grad, torch.full_like(net.weight, 7.0))
     net.weight.grad = None
-    want = torch.autograd.grad(sum(F.cross_entropy(net(x), y) for x, y in batches) / 2, net.weight)[0]
-    torch.testing.assert_close(got["weight"], want)
+    losses = [F.cross_entropy(net(x), y) for x, y in batches]
+    for fold, loss in zip(got.folds, losses):  # batch i is in fold i % 2
+        torch.testing.assert_close(fold["weight"], torch.autograd.grad(loss, net.weight, retain_graph=True)[0])
+    torch.testing.assert_close(got.mean["weight"], torch.autograd.grad(sum(losses) / 2, net.weight)[0])
+    assert got.loss == pytest.approx(float(sum(losses)) / 2)
+    one = gradients(task, folds=1)
+    assert len(one.folds) == 1
+    torch.testing.assert_close(one.folds[0]["weight"], got.mean["weight"])
+    assert len(gradients(ProxyTask(net, batches[:1], task.forward, task.loss), folds=2).folds) == 1, \
+        "fewer batches than folds: one fold"
+
+
+def test_cross_fitting_pairs_different_folds_only():
+    a1, a2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    b1, b2 = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
+    target, cand = Gradients([{"w": a1}, {"w": a2}]), Gradients([{"w": b1}, {"w": b2}])
+    rms = math.sqrt(((b1 + b2) / 2).pow(2).mean())
+    cross = (float(a1 @ b2) + float(a2 @ b1)) / 2  # = 0: every matching-fold product is left out
+    assert predicted_gain(target, cand) == pytest.approx(cross / rms)
+    plain = float(((a1 + a2) / 2) @ ((b1 + b2) / 2))
+    assert predicted_gain(target, Gradients([cand.mean])) == pytest.approx(plain / rms), "one fold: the plain dot"
+    assert predicted_gain({"w": target.mean["w"]}, cand.mean) == pytest.approx(plain / rms)
+
+
+def test_cross_fitting_removes_the_noise_bias_toward_the_target():
+    """At a minimum the expected gradient is zero, so no candidate should look like it helps; the same-sample
+    estimate still scores the target model against itself by its gradient noise (always > 0)."""
+    plain, cross = [], []
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        xs, ys = torch.randn(64, 5, generator=g), torch.randn(64, generator=g)
+        net = nn.Linear(5, 1, bias=False)
+        with torch.no_grad():
+            net.weight.zero_()  # y is independent of x: zero weights are the population's minimum
+        batches = [(xs[i:i + 16], ys[i:i + 16]) for i in range(0, 64, 16)]
+        task = ProxyTask(net, batches, lambda m, b: m(b[0]), lambda m, b: (m(b[0]).squeeze(1) - b[1]).pow(2).mean())
+        grads = gradients(task)
+        plain.append(predicted_gain(grads.mean, grads.mean))
+        cross.append(predicted_gain(grads, grads))
+    assert min(plain) > 0
+    assert any(c < 0 for c in cross), "an unbiased estimate of zero takes both signs"
+    assert abs(sum(cross) / len(cross)) < 0.25 * sum(plain) / len(plain)
 
 
 def test_pretraining_autoprog_zero_by_gain(cli, fake_fmnist, tmp_path):

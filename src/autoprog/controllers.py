@@ -101,8 +101,9 @@ class GrowthServices(TrainerServices, Protocol):
 class GainServices(TrainerServices, Protocol):
     """What AutoProg-One's ``gain`` criterion needs besides :class:`GrowthServices`."""
 
-    def candidate_gradients(self, subnet: SubNet, samples: int) -> dict:
-        """The mean gradient (by parameter name) of ``subnet``'s training loss on the same fixed subset
+    def candidate_gradients(self, subnet: SubNet, samples: int, folds: int = 2):
+        """:class:`~autoprog.algorithms.gain.Gradients`: the mean gradients (by parameter name, one dict per
+        fold) and mean loss of ``subnet``'s training loss on the first ``samples`` of the fixed subset
         :meth:`GrowthServices.candidate_loss` uses, with the current weights (nothing changes)."""
 
 

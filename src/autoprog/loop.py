@@ -218,11 +218,11 @@ class ProgressiveLoop(GrowthCalls):
             losses = [float(proxy.loss(self.model, b)) for b in batches]
         return sum(losses) / max(1, len(losses))
 
-    def candidate_gradients(self, subnet: SubNet, samples: int) -> dict:
+    def candidate_gradients(self, subnet: SubNet, samples: int, folds: int = 2):
         from .algorithms.gain import gradients
 
         with self._as_candidate(subnet, "AutoProg-One's gain criterion") as (proxy, batches):
-            return gradients(ProxyTask(self.model, batches, forward=lambda m, b: m(b[0]), loss=proxy.loss))
+            return gradients(ProxyTask(self.model, batches, forward=lambda m, b: m(b[0]), loss=proxy.loss), folds)
 
     @contextmanager
     def _as_candidate(self, subnet: SubNet, what: str):

@@ -43,6 +43,8 @@ class AutoProgOneConfig:
     recycle: bool = True
     time_repeats: int = 3
     criterion: str = "paper"  # or "gain": see autoprog.algorithms.gain
+    gain_samples: int = 512  # gain: training images its gradients are taken on
+    gain_folds: int = 2  # gain: cross-fitting folds (1: the same-sample estimate, biased toward the full model)
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
@@ -53,6 +55,10 @@ class AutoProgOneConfig:
             raise ConfigError(f"--alpha must be non-negative, got {self.alpha}")
         if self.search_samples < 1:
             raise ConfigError(f"--search-samples must be positive, got {self.search_samples}")
+        if self.gain_samples < 2:
+            raise ConfigError(f"--gain-samples must be at least 2, got {self.gain_samples}")
+        if self.gain_folds < 1:
+            raise ConfigError(f"--gain-folds must be positive, got {self.gain_folds}")
 
 
 class AutoProgOne(Controller):
@@ -160,11 +166,11 @@ class AutoProgOne(Controller):
         k = trainer.stage
         self.supernet_time += trainer.elapsed() - self._t_stage
         t0 = time.perf_counter()
-        losses = [trainer.candidate_loss(c, self.cfg.search_samples) for c in self.cands]
         times = [trainer.measure_step_time(c, self.cfg.time_repeats) for c in self.cands]
-        if self.cfg.criterion == "gain":
-            idx, alpha, score = self._by_gain(trainer, times)
+        if self.cfg.criterion == "gain":  # the losses come with the gradients, on gain's own subset
+            idx, alpha, score, losses = self._by_gain(trainer, times)
         else:
+            losses = [trainer.candidate_loss(c, self.cfg.search_samples) for c in self.cands]
             idx, alpha, score = choose(losses, times, self.cfg.alpha)
         idx, alpha = trainer.broadcast((idx, alpha))  # every process takes the main process's choice
         best = self.cands[idx]
@@ -195,14 +201,16 @@ class AutoProgOne(Controller):
                   f"{r['score']:8.4f}{'  <- chosen' if r['chosen'] else ''}" for r in table]  # nan: diverged
         trainer.print("\n".join(lines))
 
-    def _by_gain(self, trainer, times: list[float]) -> tuple[int, float, list[float]]:
-        """Our criterion: predicted decrease per second of the deepest supernet's loss at full resolution."""
+    def _by_gain(self, trainer, times: list[float]) -> tuple[int, float, list[float], list[float]]:
+        """Our criterion: predicted decrease per second of the deepest supernet's loss at full resolution
+        (cross-fitted over ``gain_folds``); also each candidate's loss on the same subset."""
         deepest = max(self.cands, key=lambda c: (c.depth, c.resolution))
+        n, folds = self.cfg.gain_samples, self.cfg.gain_folds
         target = trainer.candidate_gradients(SubNet(self.space.full_resolution, deepest.depth, deepest.blocks),
-                                             self.cfg.search_samples)
-        gains = [gain_per_second(target, trainer.candidate_gradients(c, self.cfg.search_samples), t)
-                 for c, t in zip(self.cands, times)]
-        return choose_by_gain(gains), 0.0, gains
+                                             n, folds)
+        grads = [trainer.candidate_gradients(c, n, folds) for c in self.cands]
+        gains = [gain_per_second(target, g, t) for g, t in zip(grads, times)]
+        return choose_by_gain(gains), 0.0, gains, [g.loss for g in grads]
 
     # --------------------------------------------------------------------------------- outputs
     def schedule(self) -> Schedule | None:

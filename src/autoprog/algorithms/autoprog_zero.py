@@ -35,13 +35,16 @@ class AutoProgZero(SearchingController):
     """The zero-shot search as a controller (needs :class:`~autoprog.controllers.ZeroShotServices`)."""
 
     def __init__(self, space: GrowthSpace, ntk_samples: int = 16, time_rtol: float = TIME_RTOL,
-                 criterion: str = "paper"):
+                 criterion: str = "paper", gain_folds: int = 2):
         super().__init__(space, "autoprog-zero")
         if criterion not in CRITERIA:
             raise ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
         self.ntk_samples = ntk_samples
         self.time_rtol = time_rtol
         self.criterion = criterion
+        if gain_folds < 1:
+            raise ConfigError(f"--gain-folds must be positive, got {gain_folds}")
+        self.gain_folds = gain_folds
 
     def setup(self, trainer: ZeroShotServices, total_steps: int) -> int:
         check_services(trainer, ZeroShotServices)
@@ -65,11 +68,11 @@ class AutoProgZero(SearchingController):
 
     def _by_gain(self, trainer: ZeroShotServices, cands: list) -> tuple[int, list[dict], list[str]]:
         with trainer.try_candidate(self.space.full) as task:
-            target = gradients(task)
+            target = gradients(task, self.gain_folds)
         gains, times = [], []
         for sub in cands:
             with trainer.try_candidate(sub) as task:
-                grads = gradients(task)
+                grads = gradients(task, self.gain_folds)
             times.append(trainer.measure_step_time(sub))
             gains.append(gain_per_second(target, grads, times[-1]))
         rows = [{**sub.to_dict(), "time_s": t, "gain_per_s": g} for sub, t, g in zip(cands, times, gains)]

@@ -83,6 +83,13 @@ class RunSpec(Spec):
                                  show_default=False, group="AutoProg-One search")
     search_samples: int = option(1024, "training images (fixed, not augmented) on which candidates' losses are "
                                        "measured", minimum=1, group="AutoProg-One search")
+    gain_samples: int = option(512, "--criterion gain: training images (the first of the search subset) on which "
+                                    "every candidate's gradient and loss are taken", minimum=2,
+                               group="AutoProg-One search")
+    gain_folds: int = option(2, "--criterion gain: folds of those images; the gain's dot product pairs different "
+                                "folds only, so the gradients' sampling noise does not favour the candidates most "
+                                "like the full model (1: the plain same-sample estimate)", minimum=1,
+                             group="AutoProg-One search")
     recycle: bool = option(True, "retrain the chosen sub-network from the stage's starting weights instead of "
                                  "inheriting the supernet's (the ablation of Table 11; the search epochs become "
                                  "extra cost)", group="AutoProg-One search")
@@ -119,7 +126,9 @@ def build_run(spec: RunSpec):
 
         criterion = "gain" if spec.method.endswith("-gain") else spec.criterion
         schedule = AutoProgOne(space, AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples,
-                                                        spec.recycle, criterion=criterion), seed=spec.train.seed)
+                                                        spec.recycle, criterion=criterion,
+                                                        gain_samples=spec.gain_samples, gain_folds=spec.gain_folds),
+                             seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
     if spec.method in ("autoprog-zero", "autoprog-zero-gain"):
@@ -128,7 +137,8 @@ def build_run(spec: RunSpec):
         if not 0 <= spec.time_tolerance < 1:
             raise ConfigError(f"--time-tolerance must be in [0, 1), got {spec.time_tolerance}")
         return data, net, AutoProgZero(space, time_rtol=spec.time_tolerance,
-                                               criterion="gain" if spec.method.endswith("-gain") else spec.criterion), \
+                                       criterion="gain" if spec.method.endswith("-gain") else spec.criterion,
+                                       gain_folds=spec.gain_folds), \
             get_growth_operator(spec.growth or "mogrow")
     schedule = build_schedule(spec.method, space, spec.schedule)
     growth = get_growth_operator(spec.growth or schedule.default_growth)

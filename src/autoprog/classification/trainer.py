@@ -158,6 +158,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._t_epoch: float | None = None
         self._instrument_time = 0.0  # seconds spent measuring (FLOP counts) inside the timed loop
         self._search_loader = None
+        self._gain_batches = None  # (key, raw batches) of the running search's gain subset
         self._search_samples = None
         self._time_cache: dict[str, float] = {}  # measured step times of this stage's candidates
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
@@ -360,19 +361,28 @@ class Trainer(GrowthCalls, ControllerCalls):
             self._search_samples = samples
         return self._search_loader
 
-    def candidate_gradients(self, subnet: SubNet, samples: int) -> dict:
-        """Mean gradient by parameter name of ``subnet``'s training loss on :meth:`candidate_loss`'s subset."""
+    def candidate_gradients(self, subnet: SubNet, samples: int, folds: int = 2):
+        """Mean gradients by parameter name (one dict per fold) and mean loss of ``subnet``'s training loss on the
+        first ``samples`` of :meth:`candidate_loss`'s subset (read once per search, in at least ``folds`` batches)."""
         from ..algorithms.gain import gradients
 
+        key = (samples, folds, self.step)  # every candidate of one search is scored on the same batches
+        if self._gain_batches is None or self._gain_batches[0] != key:
+            self._gain_batches = None  # free the last search's before reading
+            raw = [(x, y) for x, y in self._search_subset(samples)]
+            size = max(1, min(len(raw[0][1]), -(-samples // max(2, folds))))  # at least `folds` batches
+            xs, ys = torch.cat([x for x, _ in raw])[:samples], torch.cat([y for _, y in raw])[:samples]
+            self._gain_batches = (key, [(xs[i:i + size], ys[i:i + size]) for i in range(0, len(ys), size)])
         batches = [(self.data.prepare(x.to(self.acc.device), train=False), y.to(self.acc.device))
-                   for x, y in self._search_subset(samples)]
+                   for x, y in self._gain_batches[1]]
         cur, was = self.net.subnet, self.net.training
         self.net.subnet = subnet
         self.net.eval()
         smoothing = self.cfg.label_smoothing
         try:
             return gradients(ProxyTask(self.net, batches, forward=lambda m, b: m(b[0]),
-                                       loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing)))
+                                       loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing)),
+                             folds)
         finally:
             self.net.subnet = cur
             self.net.train(was)

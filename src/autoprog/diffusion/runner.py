@@ -108,6 +108,10 @@ class FinetuneSpec(ImageDataSpec):
                                     "the default task over 3 seeds (it unfreezes everything); paper stays the default "
                                     "until a task where growth pays shows it better",
                             choices=CRITERIA, group="unfreezing")
+    gain_folds: int = option(2, "--criterion gain: folds of the proxy batches; the gain's dot product pairs "
+                                "different folds only, so the gradients' sampling noise does not favour the "
+                                "candidates most like the full model (1: the plain same-sample estimate)", minimum=1,
+                             group="unfreezing")
     train: DiffusionConfig = option(default_factory=DiffusionConfig)
 
 
@@ -398,7 +402,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
             controller = AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
         else:
             controller = AutoProgZero(space, time_rtol=spec.time_tolerance,
-                                      criterion=opts.get("criterion", spec.criterion))
+                                      criterion=opts.get("criterion", spec.criterion), gain_folds=spec.gain_folds)
         unfreezer.apply(space.full)
     return data, model, controller, unfreezer, lr
 
