@@ -79,8 +79,8 @@ def gradients(task: ProxyTask, folds: int = 2) -> Gradients:
             p.grad = kept[n]
 
 
-def _as_folds(g) -> list[dict[str, torch.Tensor]]:
-    return g.folds if isinstance(g, Gradients) else [g]
+def _as_gradients(g) -> Gradients:
+    return g if isinstance(g, Gradients) else Gradients([g])
 
 
 def predicted_gain(target, grads) -> float:
@@ -89,18 +89,16 @@ def predicted_gain(target, grads) -> float:
 
     With :class:`Gradients` of two or more folds on both sides, the dot product pairs different folds only
     (cross-fitting, see the module docstring); plain dicts are one fold."""
-    tf, gf = _as_folds(target), _as_folds(grads)
-    g_mean = grads.mean if isinstance(grads, Gradients) else grads
-    t0 = tf[0]
+    target, grads = _as_gradients(target), _as_gradients(grads)
+    g_mean, t0 = grads.mean, target.folds[0]
     shared = [n for n, g in g_mean.items() if n in t0 and t0[n].shape == g.shape]
     if not shared:
         return 0.0
-    if len(tf) > 1 and len(tf) == len(gf):
-        pairs = [(i, j) for i in range(len(tf)) for j in range(len(gf)) if i != j]
+    if 1 < len(target.folds) == len(grads.folds):
+        pairs = [(t, g) for i, t in enumerate(target.folds) for j, g in enumerate(grads.folds) if i != j]
     else:
-        tf = [target.mean if isinstance(target, Gradients) else target]
-        gf, pairs = [g_mean], [(0, 0)]
-    dot = sum(float((tf[i][n].double() * gf[j][n].double()).sum()) for i, j in pairs for n in shared) / len(pairs)
+        pairs = [(target.mean, g_mean)]
+    dot = sum(float((t[n].double() * g[n].double()).sum()) for t, g in pairs for n in shared) / len(pairs)
     sq = sum(float(g_mean[n].double().pow(2).sum()) for n in shared)
     rms = math.sqrt(sq / sum(g_mean[n].numel() for n in shared))
     if not (math.isfinite(dot) and math.isfinite(rms)):
