@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
 from pathlib import Path
 
@@ -14,6 +15,19 @@ import torch
 # Tiny models are dominated by per-op overhead; with a busy CPU, more threads only oversubscribe it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def interactive_sigint():
+    """Give every test Python's own Ctrl-C handler, whatever the suite was launched under.
+
+    A background launch (``nohup pytest &``) starts Python with SIGINT ignored, and autoprog rightly leaves
+    an ignored signal ignored; the tests that press Ctrl-C would then test nothing.
+    """
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
 
 # The fake Fashion-MNIST the tests train on: small, well-formed IDX files with a learnable class pattern.
 FAKE_TRAIN, FAKE_TEST = 300, 100

@@ -50,6 +50,7 @@ class FakeTrainer:
         self.space = space or GrowthSpace(28, 4, 8)
         self.applied: list[SubNet] = []
         self.logs: list[dict] = []
+        self.printed: list[str] = []
 
     def growth_space(self):
         return GrowthSpace(self.space.full_resolution, self.space.patch_size, self.space.full_depth)
@@ -76,7 +77,7 @@ class FakeTrainer:
     def restore(self, snap):
         pass
 
-    def candidate_loss(self, subnet, samples):
+    def candidate_loss(self, subnet, samples, part=0, parts=1, momentum=False):
         return 1.0 / (subnet.resolution * subnet.depth)
 
     def measure_step_time(self, subnet, repeats=3):
@@ -92,7 +93,7 @@ class FakeTrainer:
         self.logs.append(info)
 
     def print(self, *args):
-        pass
+        self.printed.append(" ".join(map(str, args)))
 
 
 def test_fake_trainer_offers_the_protocol():
@@ -218,9 +219,9 @@ def test_inserted_blocks_start_as_copies_of_their_lineage(base, full):
 
 
 def test_controller_grows_the_supernet_from_the_previous_choice():
-    """Stage 2 after choosing 2 blocks: candidates of 2..5 blocks, so depth more than doubles."""
+    """Stage 2 after choosing 2 blocks: candidates of 2..6 blocks, so depth more than doubles."""
     space = GrowthSpace(28, 4, 6, 4, 0.25)
-    ctrl = AutoProgOne(space, AutoProgOneConfig(search_epochs=1), seed=0)
+    ctrl = AutoProgOne(space, AutoProgOneConfig(search_epochs=1, search_min_updates=1), seed=0)
     tr = FakeTrainer()
     calls = []
     tr.grow_to = lambda dst, block_map=None, inserted=None: calls.append((dst, block_map, inserted))
@@ -228,9 +229,9 @@ def test_controller_grows_the_supernet_from_the_previous_choice():
     ctrl.chosen = [SubNet(16, 2)]
     ctrl.enter_stage(tr, 1)
     (top, block_map, inserted), = calls
-    assert top == SubNet(20, 5, (0, 3, 1, 2, 4)) and sorted(inserted) == [2, 3, 4]
-    net, lay, before = _grow_supernet(2, 5, block_map)
-    for pos, root in zip(range(5), _roots(lay, range(5))):
+    assert top == SubNet(20, 6, (0, 3, 5, 1, 2, 4)) and sorted(inserted) == [2, 3, 4, 5]  # Ω's depths 2, 3, 5, 6
+    net, lay, before = _grow_supernet(2, 6, block_map)
+    for pos, root in zip(range(6), _roots(lay, range(6))):
         copied = _same(net.blocks[pos].state_dict(), before[root])
         assert copied, f"block {pos} should copy block {root}"
 
@@ -287,8 +288,8 @@ def test_first_stage_examples():
     (SPACE6, SubNet(24, 6), [24, 28], [6]),
     (SPACE6, SubNet(28, 5), [28], [5, 6]),  # clipped at the full resolution
     (SPACE6, SubNet(28, 6), [28], [6]),
-    (GrowthSpace(224, 16, 12), SubNet(112, 6), [112, 144], [6, 7, 8, 9]),
-    (GrowthSpace(224, 16, 12), SubNet(144, 8), [144, 192], [8, 9, 10, 11]),
+    (GrowthSpace(224, 16, 12), SubNet(112, 6), [112, 144], [6, 8, 10, 12]),  # depths of Ω {6, 8, 10, 12} only
+    (GrowthSpace(224, 16, 12), SubNet(144, 8), [144, 192], [8, 10, 12]),
 ])
 def test_later_stages_grow_from_the_previous_choice(space, prev, expected_res, expected_depths):
     cands = candidates(space, prev)
@@ -298,6 +299,19 @@ def test_later_stages_grow_from_the_previous_choice(space, prev, expected_res, e
     for c in cands:
         assert c.resolution >= prev.resolution and c.depth >= prev.depth, "never smaller than ψ*_{k-1}"
         space.validate(c)
+        assert c.depth in space.depths() and c.resolution in space.resolutions(), "Λ_k is drawn from Ω"
+
+
+@pytest.mark.parametrize("space, prev, expected_depths", [
+    (SPACE6, SubNet(16, 3), [4, 5, 6]),
+    (SPACE6, SubNet(20, 5), [6]),
+    (SPACE6, SubNet(24, 6), [6]),  # at the full depth the depth stays
+    (GrowthSpace(224, 16, 12), SubNet(112, 6), [8, 10, 12]),
+])
+def test_forced_growth_takes_the_next_depths_only(space, prev, expected_depths):
+    cands = candidates(space, prev, forced_growth=True)
+    assert sorted({c.depth for c in cands}) == expected_depths
+    assert sorted({c.resolution for c in cands}) == sorted({c.resolution for c in candidates(space, prev)})
 
 
 # ================================================================================ 3. scoring
@@ -315,19 +329,45 @@ def test_argmin_trades_loss_against_runtime():
 
 
 def test_the_choice_does_not_turn_on_the_time_scale():
-    """Two candidates always tie under the balanced α; the winner must not depend on how fast the machine was
-    (the --time-source flops calibration), only on the candidates (the tie goes to the faster)."""
+    """The winner must not depend on how fast the machine was (the --time-source flops calibration)."""
     from autoprog.algorithms.elastic import choose
 
-    losses, times = [2.25759, 2.25732], [0.004416, 0.006754]  # measured in a run whose resume chose differently
-    picks = {choose(losses, [t * (0.5 + i / 100) for t in times])[0] for i in range(150)}
-    assert picks == {0}  # comparing the raw scores picked either, depending on the scale
+    losses, times = [2.25759, 2.25732, 2.31, 2.2], [0.004416, 0.006754, 0.003, 0.01]
+    for rule in ("fit", "balanced"):
+        picks = {choose(losses, [t * (0.5 + i / 100) for t in times], rule=rule)[0] for i in range(150)}
+        assert len(picks) == 1, rule
 
 
-def test_argmin_breaks_ties_faster_then_earlier():
-    assert argmin_score([2.0, 1.0, 1.0], [1.0, 2.0, 1.5], 0.0) == 2, "equal score: the faster one"
-    assert argmin_score([1.0, 1.0, 1.0], [3.0, 2.0, 2.0], 0.0) == 1, "equal score and time: the earlier one"
-    assert argmin_score([2.0, 1.0], [1.0, 4.0], 0.5) == 0  # 2.0 == 2.0, candidate 0 is faster
+def test_a_tie_goes_to_the_lower_loss_never_the_faster():
+    """The issue's case: under the balanced α (and the fitted one, which passes through both points) two
+    candidates always tie exactly; the one with four times the loss must not win because it is 1 % faster."""
+    from autoprog.algorithms.elastic import choose
+
+    for rule in ("fit", "balanced"):
+        assert choose([0.5, 2.0], [1.01, 1.0], rule=rule)[0] == 0, rule
+        assert choose([2.0, 0.5], [1.0, 1.01], rule=rule)[0] == 1, rule
+    assert argmin_score([2.0, 1.0, 1.0], [1.0, 2.0, 1.5], 0.0) == 1, "equal score: the lower loss, then the earlier"
+    assert argmin_score([1.0, 1.0, 1.0], [3.0, 2.0, 2.0], 0.0) == 0, "equal score and loss: the earlier one"
+    assert argmin_score([2.0, 1.0], [1.0, 4.0], 0.5) == 1  # 2.0 == 2.0: candidate 1 has the lower loss
+
+
+def test_fit_alpha_is_the_official_power_law_exponent():
+    from autoprog.algorithms.elastic import fit_alpha
+
+    times = [0.01, 0.02, 0.03, 0.05]
+    losses = [3.0 * t ** -0.25 for t in times]  # an exact power law L = a·T^-0.25
+    assert fit_alpha(losses, times) == pytest.approx(0.25, rel=1e-4)
+    assert fit_alpha(losses, [1000 * t for t in times]) == pytest.approx(0.25, rel=1e-4), "units do not matter"
+    assert fit_alpha([1.0, 1.1, 1.2], times[:3]) == 0.0, "loss rising with time: α = max(-b, 0) = 0"
+    assert fit_alpha([1.0, 2.0], [0.5, 0.5]) == 0.0, "equal times: pick by loss"
+    noisy = [3.0 * t ** -0.25 * (1 + e) for t, e in zip(times, (0.01, -0.02, 0.015, -0.01))]
+    a = fit_alpha(noisy, times)
+    assert 0.15 < a < 0.35
+    # the least-squares fit on L: with α the candidates above the trend score worse than those below it
+    from autoprog.algorithms.elastic import choose
+
+    idx, alpha, _ = choose(noisy, times)
+    assert alpha == pytest.approx(a) and idx == 1, "the candidate furthest below the fitted trend"
 
 
 def test_choose_alpha_balances_the_log_ranges():
@@ -414,20 +454,61 @@ def test_controllers_sample_the_same_candidates():
 
 
 def test_setup_timeline():
-    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=1), seed=0)
+    one = dict(search_epochs=1, search_min_updates=1)
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(**one), seed=0)
     assert ctrl.setup(FakeTrainer(8), 64) == 64, "with recycling the search epochs are training epochs"
-    assert ctrl.search_steps == 8 and ctrl.starts == [0, 16, 32, 48]
-    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=1, recycle=False), seed=0)
-    assert ctrl.setup(FakeTrainer(8), 64) == 64 + 3 * 8, "without recycling they are extra"
-    assert ctrl.starts == [0, 24, 48, 72]
-    assert [ctrl.stage_at(s) for s in (0, 23, 24, 71, 72, 87)] == [0, 0, 1, 2, 3, 3]
-    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=10), seed=0)
+    assert ctrl.search_steps == 9 and ctrl.starts == [0, 16, 32, 48], "8 steps raised to one per candidate"
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(**one, recycle=False), seed=0)
+    assert ctrl.setup(FakeTrainer(8), 64) == 64 + 3 * 9, "without recycling they are extra"
+    assert ctrl.starts == [0, 25, 50, 75]
+    assert [ctrl.stage_at(s) for s in (0, 24, 25, 74, 75, 90)] == [0, 0, 1, 2, 3, 3]
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=10, search_min_updates=1), seed=0)
     ctrl.setup(FakeTrainer(8), 64)
     assert ctrl.search_steps == 15, "the search leaves at least one step of the stage to the choice"
 
 
+def test_search_fraction_sizes_the_search_by_the_stage():
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.25, search_min_updates=1), seed=0)
+    ctrl.setup(FakeTrainer(8), 200)  # stages of 50 steps
+    assert ctrl.search_steps == 12, "a quarter of the stage (more than one update for each of 9 candidates)"
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_epochs=1, search_fraction=0.25, search_min_updates=1))
+    ctrl.setup(FakeTrainer(10), 200)
+    assert ctrl.search_steps == 10, "--search-epochs, when given, instead"
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(), seed=0)
+    assert ctrl.cfg.search_fraction == 0.08 and ctrl.cfg.search_epochs is None, "the paper's 2 of 25 epochs"
+
+
+def test_the_supernet_phase_keeps_its_floor_of_updates_per_candidate():
+    tr = FakeTrainer(8)
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=4), seed=0)
+    ctrl.setup(tr, 400)  # stages of 100 steps: 5 steps wanted, 36 needed for 9 candidates
+    ctrl.enter_stage(tr, 0)
+    assert len(ctrl.cands) == 9 and ctrl.search_end == 36
+    assert any("36 steps instead of 5" in line and "--search-min-updates" in line for line in tr.printed)
+    tr = FakeTrainer(8)
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_min_updates=4), seed=0)
+    ctrl.setup(tr, 68)  # stages of 17 steps: 9 × 4 = 36 does not fit in 16
+    ctrl.enter_stage(tr, 0)
+    kept = {(c.resolution, c.depth) for c in ctrl.cands}
+    assert kept == {(16, 3), (16, 6), (28, 3), (28, 6)}, "the medium values go first: the extremes stay reachable"
+    assert ctrl.search_end == 16 and any("do not fit" in line for line in tr.printed)
+    ctrl.chosen, tr.step = [SubNet(16, 3)], 17
+    ctrl.searching = False
+    ctrl.enter_stage(tr, 1)  # 8 candidates, 16 steps: 4 kept, the nearest growth
+    assert {(c.resolution, c.depth) for c in ctrl.cands} == {(16, 3), (16, 4), (20, 3), (20, 4)}
+
+
+def test_scoring_points_spread_over_the_second_half():
+    from autoprog.algorithms.autoprog_one import score_steps
+
+    assert score_steps(100, 40, 5) == [120, 125, 130, 135, 140]
+    assert score_steps(0, 8, 1) == [8]
+    assert score_steps(0, 2, 5) == [1, 2], "points on one step count once"
+
+
 @pytest.mark.parametrize("kw", [{"search_epochs": 0}, {"alpha": -0.5}, {"search_samples": 0}, {"gain_samples": 1},
-                                {"gain_folds": 0}])
+                                {"gain_folds": 0}, {"search_fraction": 0.0}, {"search_fraction": 1.0},
+                                {"search_min_updates": -1}, {"score_points": 0}, {"alpha_rule": "x"}])
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         AutoProgOne(SPACE6, AutoProgOneConfig(**kw))
@@ -473,7 +554,7 @@ def _recorded_run(out: Path, data_root: Path, recycle: bool):
     records, cur = [], {}
     orig_search = _ORIG_SEARCH
 
-    def forced_choose(losses, times, alpha):
+    def forced_choose(losses, times, alpha, rule="fit"):
         ctrl, trainer = cur["ctrl"], cur["trainer"]
         want = FORCED[trainer.stage]
         return [(c.resolution, c.depth) for c in ctrl.cands].index(want), 1.0, [1.0] * len(losses)
@@ -491,7 +572,8 @@ def _recorded_run(out: Path, data_root: Path, recycle: bool):
         records.append(rec)
 
     spec = RunSpec(method="autoprog-one", growth="mogrow", patch_size=4, depth=6, embed_dim=16, num_heads=2,
-                   data_root=str(data_root), subset=256, search_epochs=0.25, search_samples=64, recycle=recycle,
+                   data_root=str(data_root), subset=256, search_epochs=0.25, search_min_updates=0, search_samples=64,
+                   recycle=recycle,
                    train=TrainConfig(epochs=2, batch_size=32, eval_samples=64, count_flops=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(AutoProgOne, "_search", search)
@@ -566,7 +648,7 @@ def test_without_recycling_the_stage_restarts_from_its_starting_weights(recycle_
 
 
 # ============================================================================= 6. end to end
-AP_ARGS = ("--method", "autoprog-one", "--depth", "6", "--alpha", "0", "--search-epochs", "0.5",
+AP_ARGS = ("--method", "autoprog-one", "--depth", "6", "--alpha", "0", "--search-epochs", "0.5", "--search-min-updates", "0",
            "--search-samples", "64")
 
 

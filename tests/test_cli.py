@@ -451,6 +451,20 @@ def test_compare_refuses_a_directory_with_other_settings(cli, fake_fmnist, tmp_p
     assert "different settings" in _one_error_line(err) and "train.seed: 0 there, 1 now" in err
 
 
+def test_compare_reuses_runs_whose_method_does_not_read_the_changed_setting(cli, fake_fmnist, tmp_path):
+    out, args = tmp_path / "cmp", tiny_args(fake_fmnist, epochs="4", subset="64")
+    rc, _, err = cli("compare", "--methods", "original,autoprog-one", "--out", out, "--no-budget-baseline",
+                     "--front", "1", *args)
+    assert rc == 0, err
+    rc, stdout, err = cli("compare", "--methods", "original,autoprog-one", "--out", out, "--no-budget-baseline",
+                          "--front", "1", "--search-fraction", "0.5", *args)
+    assert rc == 2 and "different settings" in _one_error_line(err) and "search_fraction: 0.08 there, 0.5 now" in err
+    assert "original: reusing finished run" in stdout, "the original reads no search setting"
+    rc, stdout, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline",
+                          "--front", "1", "--search-fraction", "0.5", "--criterion", "gain", *args)
+    assert rc == 0 and "original: reusing finished run" in stdout, err
+
+
 # ------------------------------------------------------------------------------------- --config
 def test_config_values_are_used_and_flags_override_them(cli, fake_fmnist, tmp_path):
     cfg = tmp_path / "cfg.yaml"

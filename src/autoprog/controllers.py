@@ -93,8 +93,10 @@ class GrowthServices(TrainerServices, Protocol):
 
     def restore(self, snap: dict) -> None: ...
 
-    def candidate_loss(self, subnet: SubNet, samples: int) -> float:
-        """Mean training loss of ``subnet`` on a fixed, non-augmented subset of the training data."""
+    def candidate_loss(self, subnet: SubNet, samples: int, part: int = 0, parts: int = 1,
+                       momentum: bool = False) -> float:
+        """Mean plain loss of ``subnet`` (of the momentum network with ``momentum``) on part ``part`` of ``parts`` of
+        a fixed, non-augmented subset of the training data."""
 
 
 @runtime_checkable

@@ -35,10 +35,10 @@ from torch import nn
 from .adapters.base import ElasticModel
 from .adapters.unfreezer import Unfreezer
 from .algorithms.growth import (
+    PAPER_EMA_DECAY,
     GrowthCalls,
     GrowthOperator,
     MomentumNetwork,
-    auto_ema_decay,
     get_growth_operator,
 )
 from .algorithms.proxies import measure_step_time
@@ -77,7 +77,7 @@ class ProgressiveLoop(GrowthCalls):
         self._unfreezer = Unfreezer(model) if growth is None else None
         self.steps_per_epoch = steps_per_epoch or max(1, total_steps // max(1, space.num_stages))
         if ema_decay is None:
-            ema_decay = auto_ema_decay(self.steps_per_epoch)
+            ema_decay = PAPER_EMA_DECAY
         self.ema = MomentumNetwork(model, ema_decay) if growth is not None else None
         self.step, self.stage = 0, -1
         self.stage_log: list[dict] = []
@@ -94,7 +94,7 @@ class ProgressiveLoop(GrowthCalls):
         ``ElasticVOLO(volo)``, or ``autoprog.adapters.elastic(model)``) in resolution and depth along ``schedule``:
         ``"prog"``, ``"progstack"``, an inline schedule (``"14x3,21x4,28x6"``), a :class:`Schedule`, or a
         controller (``AutoProgZero(space)``, ``AutoProgOne(space)``). ``ema_decay`` is MoGrow's momentum m
-        (default: the paper's 0.998 rescaled to ``steps_per_epoch``, see :func:`auto_ema_decay`)."""
+        (default: the paper's 0.998 per step; :func:`auto_ema_decay` rescales it to a short epoch)."""
         if not isinstance(model, ElasticModel):
             raise ConfigError("ProgressiveLoop.growing needs an elastic model: wrap yours with "
                               "autoprog.adapters.elastic(model) (ViT/DeiT, VOLO)")
@@ -116,6 +116,11 @@ class ProgressiveLoop(GrowthCalls):
     @property
     def subnet(self) -> SubNet:
         return self.model.subnet if self._unfreezer is None else (self._unfreezer.subnet or self._space.full)
+
+    @property
+    def unfreezes(self) -> bool:
+        """Whether stages unfreeze sub-networks (:meth:`unfreezing`) rather than grow them (:meth:`growing`)."""
+        return self._unfreezer is not None
 
     @property
     def resolution(self) -> int:
@@ -213,9 +218,15 @@ class ProgressiveLoop(GrowthCalls):
             self.optimizer.load_state_dict(snap["optimizer"])
         self.use_subnet(snap["subnet"])
 
-    def candidate_loss(self, subnet: SubNet, samples: int) -> float:
+    def candidate_loss(self, subnet: SubNet, samples: int, part: int = 0, parts: int = 1,
+                       momentum: bool = False) -> float:
+        """Your loss on the proxy batches (part ``part`` of ``parts`` of them when there are enough), of the
+        momentum network with ``momentum`` when there is one."""
+        net = self.ema.module if momentum and self.ema is not None else self.model
         with self._as_candidate(subnet, "AutoProg-One's candidate losses") as (proxy, batches), torch.no_grad():
-            losses = [float(proxy.loss(self.model, b)) for b in batches]
+            net.eval()
+            mine = batches[part::parts] if len(batches) >= parts else batches
+            losses = [float(proxy.loss(net, b)) for b in mine]
         return sum(losses) / max(1, len(losses))
 
     def candidate_gradients(self, subnet: SubNet, samples: int, folds: int = 2):

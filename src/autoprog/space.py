@@ -157,11 +157,13 @@ def _pick(values: list[int], idx: list[int]) -> list[int]:
     return sorted({values[i] for i in idx})
 
 
-def candidates(space: GrowthSpace, previous: SubNet | None) -> list[SubNet]:
-    """Λ_k: the first stage takes the smallest, medium and largest n and l of Ω (at most 9);
-    later stages take ψ*_{k-1}'s n and the next larger one, times its l and the next 3 depths (≤ 8).
-    Candidates are never smaller than ψ*_{k-1}. Depth-only candidates list no blocks; the supernet
-    assigns them (:class:`autoprog.algorithms.elastic.ElasticLayout`).
+def candidates(space: GrowthSpace, previous: SubNet | None, forced_growth: bool = False) -> list[SubNet]:
+    """Λ_k of AutoProg-One (Appendix B). The first stage takes the smallest, medium and largest n and l of Ω
+    (at most 9). Each later stage takes ψ*_{k-1}'s n and the next larger one of Ω, times ψ*_{k-1}'s l and
+    the next 3 depths of Ω (2 × 4 = 8), so a stage may also keep its depth. ``forced_growth`` is the official
+    code's variant: the next 3 depths of Ω only (ψ*_{k-1}'s own depth only once it is the full depth).
+    Candidates are never smaller than ψ*_{k-1}. Depth-only candidates list no blocks; the supernet assigns them
+    (:class:`autoprog.algorithms.elastic.ElasticLayout`).
     """
     res, dep = space.resolutions(), space.depths()
     if previous is None:
@@ -169,10 +171,30 @@ def candidates(space: GrowthSpace, previous: SubNet | None) -> list[SubNet]:
         rs = _pick(res, [0, mid(res), len(res) - 1])
         ds = _pick(dep, [0, mid(dep), len(dep) - 1])
     else:
-        larger = [r for r in res if r > previous.resolution]
-        rs = [previous.resolution] + larger[:1]
-        ds = [d for d in range(previous.depth, previous.depth + 4) if d <= space.full_depth]
+        larger_r = [r for r in res if r > previous.resolution]
+        rs = [previous.resolution] + larger_r[:1]
+        larger_d = [d for d in dep if d > previous.depth]
+        if forced_growth and larger_d:
+            ds = larger_d[:3]
+        else:
+            ds = [previous.depth] + larger_d[:3]
     out = [SubNet(r, d) for r in rs for d in ds]
     if len(out) > MAX_CANDIDATES:
         raise AssertionError("growth space exceeds 9 candidates")  # cannot happen with the rules above
     return out
+
+
+def neighbour_candidates(space: GrowthSpace, previous: SubNet | None) -> list[SubNet]:
+    """Λ_k of the official AutoProg-Zero code (``train_apz.py``, fine-tuning): the first stage takes the two
+    smallest n and the two smallest l of Ω (2 × 2; for the paper's four-value 0.25Ω these are the official
+    ``[v[0], v[len(v) // 2 - 1]]``), each later stage ψ*_{k-1}'s n and l and the next larger one of each
+    (at most 2 × 2): neighbours only, never smaller than ψ*_{k-1}, and no forced growth (ψ*_{k-1} itself is a
+    candidate). Depth-only candidates list no blocks; the unfreezer spreads them.
+    """
+    res, dep = space.resolutions(), space.depths()
+    if previous is None:
+        rs, ds = res[:2], dep[:2]
+    else:
+        rs = [previous.resolution] + [r for r in res if r > previous.resolution][:1]
+        ds = [previous.depth] + [d for d in dep if d > previous.depth][:1]
+    return [SubNet(r, d) for r in rs for d in ds]

@@ -2,14 +2,14 @@
 
 At the start of every stage but the last, the previous stage's chosen sub-network ψ*_{k-1} grows (by
 the growth operator, MoGrow by default) into an elastic supernet Φ_k holding every candidate of Λ_k.
-For ``search_epochs`` the supernet trains, one uniformly sampled candidate per step. Then every
-candidate is scored by its loss on a fixed subset of the training data times its measured step time
-to the power α (Eq. 9), and the best one is kept (``criterion="gain"``: the largest predicted decrease per
-second of the deepest candidate's loss at full resolution instead, see :mod:`autoprog.algorithms.gain`). With weight recycling (default) the chosen
-sub-network simply inherits the supernet's weights and trains on: the search epochs are training
-epochs. Without it (``recycle=False``, Table 11's ablation) the stage restarts from its starting
-weights with the chosen sub-network, so the search epochs are extra cost. The last stage is always
-the full model.
+For ``search_epochs`` (or a ``search_fraction`` of the stage) the supernet trains, one uniformly sampled
+candidate per step. Then every candidate is scored by its loss on a fixed subset of the training data
+times its measured step time to the power α (Eq. 9), and the best one is kept (``criterion="gain"``: the
+largest predicted decrease per second of the deepest candidate's loss at full resolution instead, see
+:mod:`autoprog.algorithms.gain`). With weight recycling (default) the chosen sub-network simply inherits
+the supernet's weights and trains on: the search epochs are training epochs. Without it
+(``recycle=False``, Table 11's ablation) the stage restarts from its starting weights with the chosen
+sub-network, so the search epochs are extra cost. The last stage is always the full model.
 """
 
 from __future__ import annotations
@@ -31,26 +31,42 @@ from ..controllers import (
 from ..errors import ConfigError
 from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
 from ..space import GrowthSpace, SubNet, candidates
-from .elastic import ElasticLayout, choose, sample_index
+from .elastic import ALPHA_RULES, ElasticLayout, choose, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
 
 
 @dataclass
 class AutoProgOneConfig:
-    search_epochs: float = 2.0
-    alpha: float | None = None  # None: balance loss and runtime ranges (elastic.choose_alpha)
-    search_samples: int = 1024
+    """AutoProg-One's settings; the defaults are the paper's and its official code's rules (``docs/design.md``)."""
+
+    search_epochs: float | None = None  # the supernet's length in epochs; None: search_fraction of each stage
+    alpha: float | None = None  # None: by alpha_rule over the candidates
+    search_samples: int = 256  # images each candidate is scored on at each scoring point
     recycle: bool = True
     time_repeats: int = 3
     criterion: str = "paper"  # or "gain": see autoprog.algorithms.gain
     gain_samples: int = 512  # gain: training images its gradients are taken on
     gain_folds: int = 2  # gain: cross-fitting folds (1: the same-sample estimate, biased toward the full model)
+    search_fraction: float = 0.08  # the supernet's share of each searched stage (the paper's 2 of 25 epochs)
+    search_min_updates: int = 4  # the floor of supernet updates per candidate (0: none)
+    alpha_rule: str = "fit"  # "fit": the official power-law fit; "balanced": our earlier range rule
+    forced_growth: bool = False  # the official code's Λ_k: the next depths of Ω only
+    score_points: int = 5  # losses averaged over this many points of the supernet phase's second half
+    score_momentum: bool = True  # score the momentum (EMA) network, as the official code; False: the online one
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
             raise ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-        if self.search_epochs <= 0:
+        if self.alpha_rule not in ALPHA_RULES:
+            raise ConfigError(f"--alpha-rule must be one of {', '.join(ALPHA_RULES)}, got {self.alpha_rule!r}")
+        if self.search_epochs is not None and self.search_epochs <= 0:
             raise ConfigError(f"--search-epochs must be positive, got {self.search_epochs}")
+        if not 0 < self.search_fraction < 1:
+            raise ConfigError(f"--search-fraction must be in (0, 1), got {self.search_fraction}")
+        if self.search_min_updates < 0:
+            raise ConfigError(f"--search-min-updates must be non-negative, got {self.search_min_updates}")
+        if self.score_points < 1:
+            raise ConfigError(f"--score-points must be positive, got {self.score_points}")
         if self.alpha is not None and self.alpha < 0:
             raise ConfigError(f"--alpha must be non-negative, got {self.alpha}")
         if self.search_samples < 1:
@@ -59,6 +75,27 @@ class AutoProgOneConfig:
             raise ConfigError(f"--gain-samples must be at least 2, got {self.gain_samples}")
         if self.gain_folds < 1:
             raise ConfigError(f"--gain-folds must be positive, got {self.gain_folds}")
+
+
+def score_steps(start: int, length: int, points: int) -> list[int]:
+    """The steps after which the candidates are scored: ``points`` spread evenly over the second half of a supernet
+    phase of ``length`` steps from ``start``, the last at its end (the official code scores at the start and four
+    quarters of its last search epoch); points that fall on one step count once."""
+    if points == 1:
+        return [start + length]
+    return sorted({start + max(1, round(length * (0.5 + 0.5 * i / (points - 1)))) for i in range(points)})
+
+
+def thin(cands: list[SubNet], keep: int, first_stage: bool) -> list[SubNet]:
+    """At most ``keep`` (≥ 1) of ``cands`` (a grid of resolutions × depths), dropping whole values of the axis with
+    more of them: the medium one at the first stage (the smallest and largest stay reachable), the largest growth
+    later (the nearest growth stays)."""
+    rs = sorted({c.resolution for c in cands})
+    ds = sorted({c.depth for c in cands})
+    while len(rs) * len(ds) > max(1, keep) and (len(rs) > 1 or len(ds) > 1):
+        axis = ds if len(ds) >= len(rs) else rs
+        axis.pop(len(axis) // 2 if first_stage and len(axis) > 2 else -1)
+    return [c for c in cands if c.resolution in rs and c.depth in ds]
 
 
 class AutoProgOne(Controller):
@@ -79,6 +116,9 @@ class AutoProgOne(Controller):
         self.supernet_time = 0.0  # training the supernet (the search epochs)
         self._t_stage = 0.0
         self._snapshot = None
+        self.score_at: list[int] = []  # the running search's scoring steps
+        self.partial: list[list[float]] = []  # its candidates' losses at the points scored so far
+        self._stage_scoring = 0.0  # seconds of the running search's scoring points
 
     @property
     def num_stages(self) -> int:
@@ -96,8 +136,9 @@ class AutoProgOne(Controller):
             check_services(trainer, GainServices)
         k = self.num_stages
         self.stage_len = total_steps / k
-        spe = trainer.steps_per_epoch
-        self.search_steps = max(1, min(round(self.cfg.search_epochs * spe), int(self.stage_len) - 1))
+        self.spe = trainer.steps_per_epoch
+        # the first stage's supernet length (its Λ is the largest); every --no-recycle search takes it
+        _, self.search_steps, _ = self._fit_search(candidates(self.space, None, self.cfg.forced_growth), True)
         extra = 0 if self.cfg.recycle else self.search_steps
         total = total_steps + (k - 1) * extra
         self.starts = keep_last_stage([round(i * self.stage_len) + i * extra for i in range(k)], total)
@@ -134,7 +175,12 @@ class AutoProgOne(Controller):
             trainer.log_stage({"stage": k, "subnet": full.to_dict(), "growth": growth})
             trainer.print(f"stage {k + 1}/{self.num_stages}: full model {full}")
             return
-        cands = candidates(self.space, prev)
+        cands = candidates(self.space, prev, self.cfg.forced_growth)
+        cands, length, notice = self._fit_search(cands, first_stage=prev is None)
+        if not self.cfg.recycle:  # the timeline holds --no-recycle's redone steps, sized in setup
+            length = self.search_steps
+        if notice:
+            trainer.print(f"stage {k + 1}: {notice}")
         base = prev.depth if prev is not None else min(c.depth for c in cands)
         layout = ElasticLayout(base, max(c.depth for c in cands))
         self.cands = [SubNet(c.resolution, c.depth, layout.blocks(c.depth)) for c in cands]
@@ -147,31 +193,76 @@ class AutoProgOne(Controller):
             block_map = layout.source_map()
             growth = trainer.grow_to(top, block_map=block_map, inserted=list(block_map))
         self.searching = True
-        self.search_end = trainer.step + self.search_steps
+        self.search_end = trainer.step + length
+        self.score_at = score_steps(trainer.step, length, self.cfg.score_points)
+        self.partial = [[] for _ in self.cands]  # each candidate's losses at the scoring points so far
+        self._stage_scoring = 0.0
         trainer.log_stage({"stage": k, "supernet": top.to_dict(), "candidates": [c.to_dict() for c in self.cands],
                            "growth": growth})
         trainer.print(f"stage {k + 1}/{self.num_stages}: supernet {top} with {len(self.cands)} candidates, "
-                      f"searching for {self.search_steps} steps")
+                      f"searching for {length} steps, scored at steps {self.score_at}")
 
     def step_subnet(self, trainer, step: int) -> SubNet | None:
         if not self.searching:
             return None
         return self.cands[sample_index(self.seed, step, len(self.cands))]
 
+    def _fit_search(self, cands: list[SubNet], first_stage: bool) -> tuple[list[SubNet], int, str | None]:
+        """The candidates and supernet length for this stage, and a notice when the rules moved either: the
+        length raised to the floor of updates per candidate, or, where that does not fit in the stage, fewer
+        candidates (:func:`thin`)."""
+        cap, floor = int(self.stage_len) - 1, self.cfg.search_min_updates
+        if self.cfg.search_epochs is not None:
+            wanted = round(self.cfg.search_epochs * self.spe)
+        else:
+            wanted = round(self.cfg.search_fraction * self.stage_len)
+        notes = []
+        if floor and floor * len(cands) > cap:
+            kept = thin(cands, cap // floor, first_stage)
+            notes.append(f"{len(cands)} candidates × {floor} updates do not fit in a stage of {cap + 1} steps: "
+                         f"searching {len(kept)} of them ({', '.join(map(str, kept))}); more --epochs or fewer "
+                         "--search-min-updates keep them all")
+            cands = kept
+        length = max(wanted, floor * len(cands))
+        if length > cap:
+            notes.append(f"the supernet's {length} steps are cut to {max(1, cap)}, the stage less one step")
+        elif length > wanted:
+            notes.append(f"the supernet trains {length} steps instead of {wanted}, so each of {len(cands)} "
+                         f"candidates gets about {floor} updates (--search-min-updates)")
+        return cands, max(1, min(length, cap)), "; ".join(notes) or None
+
     def after_step(self, trainer, loss=None) -> None:
-        if self.searching and trainer.step >= self.search_end:
+        if not self.searching:
+            return
+        if self.cfg.criterion == "paper" and trainer.step in self.score_at and trainer.step < self.search_end:
+            self._score(trainer)
+        if trainer.step >= self.search_end:
             self._search(trainer)
+
+    def _score(self, trainer) -> float:
+        """Every candidate's loss at one scoring point, on its own part of the scoring subset; its seconds."""
+        t0 = time.perf_counter()
+        part = len(self.partial[0])
+        for i, c in enumerate(self.cands):
+            self.partial[i].append(trainer.candidate_loss(c, self.cfg.search_samples, part, len(self.score_at),
+                                                          momentum=self.cfg.score_momentum))
+        dt = time.perf_counter() - t0
+        self.search_time += dt
+        self._stage_scoring += dt
+        return dt
 
     def _search(self, trainer) -> None:
         k = trainer.stage
-        self.supernet_time += trainer.elapsed() - self._t_stage
+        # the supernet's training steps; the scoring points inside the phase are scoring time
+        self.supernet_time += trainer.elapsed() - self._t_stage - self._stage_scoring
         t0 = time.perf_counter()
         times = [trainer.measure_step_time(c, self.cfg.time_repeats) for c in self.cands]
         if self.cfg.criterion == "gain":  # the losses come with the gradients, on gain's own subset
             idx, alpha, score, losses = self._by_gain(trainer, times)
         else:
-            losses = [trainer.candidate_loss(c, self.cfg.search_samples) for c in self.cands]
-            idx, alpha, score = choose(losses, times, self.cfg.alpha)
+            t0 += self._score(trainer)  # which counts its own time
+            losses = [sum(v) / len(v) for v in self.partial]
+            idx, alpha, score = choose(losses, times, self.cfg.alpha, self.cfg.alpha_rule)
         idx, alpha = trainer.broadcast((idx, alpha))  # every process takes the main process's choice
         best = self.cands[idx]
         table = [{"resolution": c.resolution, "depth": c.depth, "loss": round(lo, 5), "step_time_s": round(t, 6),
@@ -192,7 +283,8 @@ class AutoProgOne(Controller):
         dt = time.perf_counter() - t0
         self.search_time += dt
         self.search_log.append({"stage": k + 1, "criterion": self.cfg.criterion, "alpha": round(alpha, 6),
-                                "search_s": round(dt, 3),
+                                "alpha_rule": self.cfg.alpha_rule if self.cfg.alpha is None else "given",
+                                "search_s": round(dt + self._stage_scoring, 3), "scored_at": self.score_at,
                                 "candidates": table, "chosen": chosen.to_dict()})
         trainer.log_stage({"stage": k, "chosen": chosen.to_dict(), "alpha": alpha, "candidates": table})
         how = "criterion gain, score = predicted gain per second" if self.cfg.criterion == "gain" else f"alpha={alpha:.3f}"
@@ -233,7 +325,8 @@ class AutoProgOne(Controller):
         return {"chosen": [c.to_dict() for c in self.chosen], "cands": [c.to_dict() for c in self.cands],
                 "searching": self.searching, "search_end": self.search_end, "search_log": self.search_log,
                 "search_time": self.search_time, "supernet_time": self.supernet_time, "t_stage": self._t_stage,
-                "starts": self.starts, "total": self._total}
+                "starts": self.starts, "total": self._total,
+                "score_at": self.score_at, "partial": self.partial, "stage_scoring": self._stage_scoring}
 
     def load_state_dict(self, state: dict) -> None:
         if state["searching"] and not self.cfg.recycle:
@@ -246,10 +339,13 @@ class AutoProgOne(Controller):
         self.supernet_time, self._t_stage = state["supernet_time"], state["t_stage"]
         self.starts = list(state.get("starts", self.starts))  # budget mode moves them
         self._total = state.get("total", self._total)
+        self.score_at, self.partial = state.get("score_at", []), state.get("partial", [])
+        self._stage_scoring = state.get("stage_scoring", 0.0)
 
 
-def candidate_loss(net, data, subnet: SubNet, loader, label_smoothing: float) -> float:
-    """Mean training loss of ``subnet`` on a fixed, non-augmented subset (no gradients)."""
+def candidate_loss(net, data, subnet: SubNet, loader) -> float:
+    """Mean plain cross-entropy of ``subnet`` on a fixed, non-augmented subset (no gradients), as the official
+    code scores candidates (its ``validate_loss_fn``; training uses label smoothing)."""
     cur, was = net.subnet, net.training
     net.subnet = subnet
     net.eval()
@@ -258,7 +354,7 @@ def candidate_loss(net, data, subnet: SubNet, loader, label_smoothing: float) ->
         with torch.no_grad():
             for x, y in loader:
                 x = data.prepare(x, train=False)
-                total += float(F.cross_entropy(net(x), y, label_smoothing=label_smoothing, reduction="sum"))
+                total += float(F.cross_entropy(net(x), y, reduction="sum"))
                 n += len(y)
     finally:
         net.subnet = cur

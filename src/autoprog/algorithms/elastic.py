@@ -74,18 +74,49 @@ class ElasticLayout:
         return {pos: root[pos] for pos, _ in self.inserted()}
 
 
-def choose_alpha(losses: list[float], times: list[float]) -> float:
-    """α that balances the two factors of L·T^α across the candidates.
+ALPHA_RULES = ("fit", "balanced")
 
-    Rule: α = range(log L) / range(log T), so that over the candidates the loss term and the runtime
-    term span the same range in the log-score log L + α·log T; neither factor can dominate the choice
-    merely because of its units or scale. Falls back to 0 (pick by loss) when all times are equal, and
-    to a small positive value when all losses are equal (pick the fastest).
+
+def fit_alpha(losses: list[float], times: list[float]) -> float:
+    """The official code's α: fit the power law L = a·T^b over the candidates, α = max(−b, 0).
+
+    α is then the rate at which loss falls with step time among these candidates, so L·T^α ranks a candidate
+    against that trend: one that buys more loss reduction per second than the trend wins. The fit is least
+    squares on L itself, as ``scipy.optimize.curve_fit`` in the official code; it starts from the log–log
+    line (the official code starts from a = b = 1), and falls back to that line's slope when the fit fails.
     """
-    if len(losses) != len(times) or not losses:
-        raise ValueError("need one loss and one time per candidate")
-    if min(losses) <= 0 or min(times) <= 0:
-        raise ValueError("losses and times must be positive")
+    _check(losses, times)
+    if len(losses) < 2 or max(times) - min(times) <= 1e-12 * max(times):
+        return 0.0  # one candidate, or equal times: nothing to fit, pick by loss
+    import numpy as np
+
+    t, lo = np.asarray(times, dtype=float), np.asarray(losses, dtype=float)
+    slope, intercept = np.polyfit(np.log(t), np.log(lo), 1)
+    b = float(slope)
+    try:
+        import warnings
+
+        from scipy.optimize import OptimizeWarning, curve_fit
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (b_fit, _a), _ = curve_fit(lambda x, b_, a_: a_ * x ** b_, t, lo, p0=(slope, math.exp(intercept)),
+                                       maxfev=10_000)
+        if math.isfinite(b_fit):
+            b = float(b_fit)
+    except (RuntimeError, ValueError):
+        pass
+    return max(-b, 0.0)
+
+
+def choose_alpha(losses: list[float], times: list[float]) -> float:
+    """Our earlier rule (``--alpha-rule balanced``): α = range(log L) / range(log T).
+
+    Loss and runtime then span the same range in the log-score log L + α·log T, which makes the two extreme
+    candidates tie exactly (with two candidates, always); kept for comparison only. Falls back to 0 (pick by
+    loss) when all times are equal, and to a small positive value when all losses are equal.
+    """
+    _check(losses, times)
     lr = math.log(max(losses)) - math.log(min(losses))
     tr = math.log(max(times)) - math.log(min(times))
     if tr < 1e-12:
@@ -95,12 +126,16 @@ def choose_alpha(losses: list[float], times: list[float]) -> float:
     return lr / tr
 
 
-def scores(losses: list[float], times: list[float], alpha: float) -> list[float]:
-    """Eq. 9: L(ψ) · T(ψ)^α for each candidate."""
+def _check(losses: list[float], times: list[float]) -> None:
     if len(losses) != len(times) or not losses:
         raise ValueError("need one loss and one time per candidate")
     if min(losses) <= 0 or min(times) <= 0:
         raise ValueError("losses and times must be positive")
+
+
+def scores(losses: list[float], times: list[float], alpha: float) -> list[float]:
+    """Eq. 9: L(ψ) · T(ψ)^α for each candidate."""
+    _check(losses, times)
     return [loss * t ** alpha for loss, t in zip(losses, times)]
 
 
@@ -108,24 +143,29 @@ SCORE_TIE = 1e-9  # log-scores this close tie: rounding, not the candidates, wou
 
 
 def argmin_score(losses: list[float], times: list[float], alpha: float) -> int:
-    """Index of the best candidate; ties (log-scores within :data:`SCORE_TIE`) go to the faster, then the
-    earlier candidate. The balanced α makes the two extreme candidates tie exactly (with two candidates, always),
-    so without the tolerance floating-point rounding of the time scale would pick the winner."""
+    """Index of the best candidate; ties (log-scores within :data:`SCORE_TIE`) go to the lower loss, then the
+    earlier candidate, never to the faster one: a tie says the time saved is worth exactly the loss given up."""
     s = [math.log(v) for v in scores(losses, times, alpha)]
     best = min(s)
-    return min((i for i in range(len(s)) if s[i] - best <= SCORE_TIE), key=lambda i: (times[i], i))
+    return min((i for i in range(len(s)) if s[i] - best <= SCORE_TIE), key=lambda i: (losses[i], i))
 
 
-def choose(losses: list[float], times: list[float], alpha: float | None = None) -> tuple[int, float, list[float]]:
-    """Eq. 9's winner among the candidates with a finite, positive loss and time: ``(index, α, scores)``, α
-    balanced over those candidates unless given; a candidate that diverged scores NaN and never wins.
-    :class:`DivergedError` when no candidate is usable."""
+def choose(losses: list[float], times: list[float], alpha: float | None = None,
+           rule: str = "fit") -> tuple[int, float, list[float]]:
+    """Eq. 9's winner among the candidates with a finite, positive loss and time: ``(index, α, scores)``, α by
+    ``rule`` (:func:`fit_alpha`, the official one, or :func:`choose_alpha`) over those candidates unless given; a
+    candidate that diverged scores NaN and never wins. :class:`DivergedError` when no candidate is usable."""
+    if rule not in ALPHA_RULES:
+        raise ConfigError(f"--alpha-rule must be one of {', '.join(ALPHA_RULES)}, got {rule!r}")
     ok = [i for i, (lo, t) in enumerate(zip(losses, times))
           if math.isfinite(lo) and math.isfinite(t) and lo > 0 and t > 0]
     if not ok:
         raise DivergedError(f"no candidate has a finite loss (losses {losses}): the supernet diverged")
     good_l, good_t = [losses[i] for i in ok], [times[i] for i in ok]
-    a = alpha if alpha is not None else choose_alpha(good_l, good_t)
+    if alpha is not None:
+        a = alpha
+    else:
+        a = fit_alpha(good_l, good_t) if rule == "fit" else choose_alpha(good_l, good_t)
     best = ok[argmin_score(good_l, good_t, a)]
     return best, a, [lo * t ** a if i in ok else math.nan for i, (lo, t) in enumerate(zip(losses, times))]
 

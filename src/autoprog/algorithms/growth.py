@@ -177,13 +177,13 @@ PAPER_EMA_DECAY = 0.998
 PAPER_STEPS_PER_EPOCH = 1251  # ImageNet-1k (1,281,167 images) at the paper's batch size of 1024
 
 
-def auto_ema_decay(steps_per_epoch: int) -> float:
-    """The paper's momentum m = 0.998 rescaled so the EMA spans the same fraction of an epoch.
+def auto_ema_decay(steps_per_epoch: int, decay: float = PAPER_EMA_DECAY) -> float:
+    """A per-step momentum (the paper's m = 0.998) rescaled so the EMA spans the same fraction of an epoch.
 
     At ImageNet scale m = 0.998 averages over ~500 steps, 0.4 epochs; on a 10k-image set with 78 steps per
     epoch the same m would average over 6 epochs, and MoGrow would copy a stale network.
     """
-    m = PAPER_EMA_DECAY ** (PAPER_STEPS_PER_EPOCH / max(1, steps_per_epoch))
+    m = decay ** (PAPER_STEPS_PER_EPOCH / max(1, steps_per_epoch))
     return min(0.9999, max(0.9, m))
 
 

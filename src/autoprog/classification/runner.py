@@ -76,13 +76,32 @@ class RunSpec(Spec):
     schedule: str | None = option(None, "schedule to replay with --method fixed: a schedule.json, or inline RESxDEPTH "
                                         "per stage, e.g. 16x4,20x5,24x7,28x8 (equal stages) or 16x8@0.5,28x8@0.5",
                                   show_default=False, group="growth")
-    search_epochs: float = option(2.0, "epochs of supernet training at the start of each stage before choosing",
-                                  above=0, group="AutoProg-One search")
-    alpha: float | None = option(None, "runtime exponent in the score L*T^alpha (default: balanced per stage so "
-                                       "that loss and runtime span the same range over the candidates)", minimum=0,
-                                 show_default=False, group="AutoProg-One search")
-    search_samples: int = option(1024, "training images (fixed, not augmented) on which candidates' losses are "
-                                       "measured", minimum=1, group="AutoProg-One search")
+    search_fraction: float = option(0.08, "the supernet's share of each searched stage (the paper's 2 search epochs of "
+                                           "a 25-epoch stage), raised to --search-min-updates per candidate",
+                                    above=0, below=1, group="AutoProg-One search")
+    search_epochs: float | None = option(None, "train the supernet for this many epochs instead of --search-fraction "
+                                               "(the paper's 2 fill a whole stage of a short run)", above=0,
+                                         show_default=False, group="AutoProg-One search")
+    search_min_updates: int = option(4, "the floor of supernet updates per candidate: the search is lengthened to "
+                                        "reach it, and where it does not fit in the stage fewer candidates are "
+                                        "searched (a notice says which); 0 = no floor", minimum=0, group="AutoProg-One search")
+    alpha: float | None = option(None, "runtime exponent in the score L*T^alpha (default: by --alpha-rule over each "
+                                       "stage's candidates)", minimum=0, show_default=False,
+                                 group="AutoProg-One search")
+    alpha_rule: str = option("fit", "how alpha is chosen: fit (the official code: fit L = a*T^b over the candidates, "
+                                    "alpha = max(-b, 0)) or balanced (ours before: range(log L) / range(log T), which "
+                                    "makes the two extreme candidates tie)", choices=("fit", "balanced"),
+                             group="AutoProg-One search")
+    forced_growth: bool = option(False, "the official code's candidates after stage 1: the next 3 depths of the growth "
+                                        "space only (the paper's rule, the default, also keeps the current depth)",
+                                 group="AutoProg-One search")
+    search_samples: int = option(256, "training images (fixed, not augmented) each candidate's loss is measured on "
+                                      "at each scoring point", minimum=1, group="AutoProg-One search")
+    score_points: int = option(5, "the candidates' losses are averaged over this many points spread over the second "
+                                  "half of the supernet phase (the official code: 5, the start and quarters of its "
+                                  "last search epoch; 1 = at its end only)", minimum=1, group="AutoProg-One search")
+    score_momentum: bool = option(True, "score the online network instead of the momentum (EMA) network the "
+                                        "official code scores", group="AutoProg-One search")
     gain_samples: int = option(512, "--criterion gain: training images (the first of the search subset) on which "
                                     "every candidate's gradient and loss are taken", minimum=2,
                                group="AutoProg-One search")
@@ -125,10 +144,12 @@ def build_run(spec: RunSpec):
         from ..algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
 
         criterion = "gain" if spec.method.endswith("-gain") else spec.criterion
-        schedule = AutoProgOne(space, AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples,
-                                                        spec.recycle, criterion=criterion,
-                                                        gain_samples=spec.gain_samples, gain_folds=spec.gain_folds),
-                             seed=spec.train.seed)
+        cfg = AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples, spec.recycle,
+                                criterion=criterion, gain_samples=spec.gain_samples, gain_folds=spec.gain_folds,
+                                search_fraction=spec.search_fraction, search_min_updates=spec.search_min_updates,
+                                alpha_rule=spec.alpha_rule, forced_growth=spec.forced_growth,
+                                score_points=spec.score_points, score_momentum=spec.score_momentum)
+        schedule = AutoProgOne(space, cfg, seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
     if spec.method in ("autoprog-zero", "autoprog-zero-gain"):
@@ -193,9 +214,25 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
     return trainer.fit(resume=resume)
 
 
+# Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
+_AUTOPROG_ONE_ONLY = ("search_epochs", "search_fraction", "search_min_updates", "alpha", "alpha_rule", "forced_growth",
+                      "search_samples", "score_points", "score_momentum", "gain_samples", "recycle")
+_AUTOPROG_ZERO_ONLY = ("time_tolerance",)
+_SEARCHES_ONLY = ("criterion", "gain_folds", "time_source")
+
+
+def unread_settings(method: str) -> tuple[str, ...]:
+    """The settings ``method`` never reads: a saved run of it that differs only in these is the same run."""
+    if method.startswith("autoprog-one"):
+        return _AUTOPROG_ZERO_ONLY
+    if method.startswith("autoprog-zero"):
+        return _AUTOPROG_ONE_ONLY
+    return _AUTOPROG_ONE_ONLY + _AUTOPROG_ZERO_ONLY + _SEARCHES_ONLY
+
+
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
-    """How the pre-training run in ``out`` differs from ``spec`` (None: no run there)."""
-    return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs",))
+    """How the pre-training run in ``out`` differs from ``spec`` in what its method reads (None: no run there)."""
+    return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs", *unread_settings(spec.method)))
 
 
 def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.base import ElasticModel
-from ..algorithms.growth import GrowthCalls, GrowthOperator, MomentumNetwork, auto_ema_decay
+from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, MomentumNetwork, auto_ema_decay
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle
@@ -64,10 +64,13 @@ class TrainConfig:
                                     group="optimisation")
     grad_clip: float | None = option(1.0, "max gradient norm, 0 = off", minimum=0, zero_is_none=True,
                                      group="optimisation")
-    ema_decay: float | None = option(
-        None, "momentum m of the EMA network MoGrow copies from (default: the paper's 0.998 rescaled to span the "
-              "same fraction of an epoch as at ImageNet scale, 0.998^(1251/steps per epoch))",
-        minimum=0, below=1, show_default=False, group="optimisation")
+    ema_decay: float = option(
+        PAPER_EMA_DECAY, "momentum m per step of the EMA network MoGrow copies from and AutoProg-One scores (the "
+                         "paper's 0.998)", minimum=0, below=1, group="optimisation")
+    ema_rescale: bool = option(False, "rescale --ema-decay to span the same fraction of an epoch as at ImageNet scale, "
+                                      "m^(1251/steps per epoch): ours for short runs on small data sets, where 0.998 "
+                                      "averages over several epochs and MoGrow copies a stale network",
+                               group="optimisation")
     seed: int = option(0, "random seed", group="optimisation")
     eval_samples: int | None = option(2000, "test images for the per-epoch evaluation; the last epoch always uses "
                                             "the whole test set (0 = always all)", minimum=0, zero_is_none=True,
@@ -145,7 +148,7 @@ class Trainer(GrowthCalls, ControllerCalls):
             raise ConfigError(
                 f"the training set ({len(data.train)} images) is smaller than one batch of {cfg.batch_size}"
             )
-        self.ema_decay = cfg.ema_decay if cfg.ema_decay is not None else auto_ema_decay(self.steps_per_epoch)
+        self.ema_decay = auto_ema_decay(self.steps_per_epoch, cfg.ema_decay) if cfg.ema_rescale else cfg.ema_decay
         self.ema = MomentumNetwork(self.net, self.ema_decay)
         self.step, self.stage = 0, -1  # the controller may look at them from setup on
         self.lr_step = 0  # position in the learning-rate schedule (rewound when search steps are discarded)
@@ -160,6 +163,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._search_loader = None
         self._gain_batches = None  # (key, raw batches) of the running search's gain subset
         self._search_samples = None
+        self._score_batches = None  # (key, images, labels) of the subset the search scores candidates on
         self._time_cache: dict[str, float] = {}  # measured step times of this stage's candidates
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._full_flops = 0
@@ -346,12 +350,26 @@ class Trainer(GrowthCalls, ControllerCalls):
         running = time.perf_counter() - self._t_epoch - self._instrument_time if self._t_epoch is not None else 0.0
         return self.train_time + running
 
-    def candidate_loss(self, subnet: SubNet, samples: int) -> float:
-        """Mean training loss of ``subnet`` on a fixed, non-augmented subset of the training data."""
+    def candidate_loss(self, subnet: SubNet, samples: int, part: int = 0, parts: int = 1,
+                       momentum: bool = False) -> float:
+        """Mean plain cross-entropy of ``subnet`` (of the momentum network with ``momentum``) on part ``part`` of
+        ``parts`` of a fixed, non-augmented subset of ``samples × parts`` training images (no gradients)."""
         from ..algorithms.autoprog_one import candidate_loss
 
-        loader = ((x.to(self.acc.device), y.to(self.acc.device)) for x, y in self._search_subset(samples))
-        return candidate_loss(self.net, self.data, subnet, loader, self.cfg.label_smoothing)
+        if not 0 <= part < parts:
+            raise ValueError(f"part {part} of {parts}")
+        key = (samples, parts)
+        if self._score_batches is None or self._score_batches[0] != key:
+            self._score_batches = None  # free the last subset before reading
+            raw = list(self._search_subset(samples * parts))
+            xs, ys = torch.cat([x for x, _ in raw]), torch.cat([y for _, y in raw])
+            self._score_batches = (key, xs, ys)
+        _, xs, ys = self._score_batches
+        lo, hi = part * samples, min(len(ys), (part + 1) * samples)
+        size = self.cfg.batch_size * 2
+        loader = ((xs[i:min(hi, i + size)].to(self.acc.device), ys[i:min(hi, i + size)].to(self.acc.device))
+                  for i in range(lo, hi, size))
+        return candidate_loss(self.ema.module if momentum else self.net, self.data, subnet, loader)
 
     def _search_subset(self, samples: int):
         """The loader of the fixed, non-augmented training subset the search scores candidates on."""
