@@ -785,3 +785,15 @@ def test_compare_reports_the_search_cost_and_schedule(cli, fake_fmnist, tmp_path
     assert ap["steps"] == 8
     assert _results(out / "autoprog-one")["summary"]["schedule"] == ap["schedule"]
     assert "| autoprog-one |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_search_time_is_inside_the_runtime_under_flops_time(cli, fake_fmnist, tmp_path):
+    """With --time-source flops the search counts FLOPs of every candidate; that counting is search time, so it
+    must be inside the run's training time (a run once reported 79.5 s of search in a 70.3 s runtime)."""
+    out = tmp_path / "flops"
+    rc, _, err = cli("pretrain", "--out", out, *tiny_args(fake_fmnist, epochs="2"), *AP_ARGS, "--time-source", "flops")
+    assert rc == 0, err
+    s = _results(out)["summary"]
+    assert s["search_scoring_s"] > 0
+    assert s["search_scoring_s"] + s["search_epoch_s"] <= s["wall_time_s"] + 1e-3

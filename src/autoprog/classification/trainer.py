@@ -440,10 +440,14 @@ class Trainer(GrowthCalls, ControllerCalls):
         return sorted(times)[len(times) // 2]
 
     def _flops_time(self, subnet: SubNet) -> float:
-        if self._sec_per_flop is None:
-            full = self.net.full_subnet
-            self._sec_per_flop = self._timed(full, 5) / self._count_flops(full)
-        return self._count_flops(subnet) * self._sec_per_flop
+        before = self._instrument_time  # a search's FLOP counting is search time, inside the runtime
+        try:
+            if self._sec_per_flop is None:
+                full = self.net.full_subnet
+                self._sec_per_flop = self._timed(full, 5) / self._count_flops(full)
+            return self._count_flops(subnet) * self._sec_per_flop
+        finally:
+            self._instrument_time = before
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> tuple[float, float]:
