@@ -96,3 +96,21 @@ def test_seed_tables_lead_with_the_mean_speedup_and_its_bound():
     ft = [{**r, "runtime_ratio": 1.0, "runtime_ratio_std": 0.0, "flops_ratio": 1.0, "flops_ratio_std": 0.0,
            "fd": 100.0, "fd_std": 1.0, "kid": 1.0, "kid_std": 0.0, "metric": "FD"} for r in rows]
     assert "| prog | >1.25× ± 0.07 |" in finetune_seeds_markdown(ft, "t")
+
+
+def test_reading_says_whether_the_best_method_beats_the_front():
+    from autoprog.report import reading
+
+    rows = [{"method": "original", "tq_speedup": 1.0, "tq_bound": "="},
+            {"method": "original@0.5", "tq_speedup": 1.0, "tq_bound": "="},
+            {"method": "original@budget", "tq_speedup": 1.0, "tq_bound": "="},
+            {"method": "prog", "tq_speedup": 1.58, "tq_bound": "="},
+            {"method": "autoprog-one", "tq_speedup": 1.2, "tq_bound": "="}]
+    line = reading(rows, "original")
+    assert line.startswith("reading: prog ") and "1.58×" in line and "pays" in line
+    rows[3]["tq_speedup"], rows[4]["tq_speedup"] = 0.6, None
+    line = reading(rows, "original")
+    assert "no method beats" in line and "prog, 0.60×" in line
+    rows[3].update(tq_speedup=1.2, tq_bound="<")
+    assert "no method beats" in reading(rows, "original"), "an upper bound above 1 is no claim that it pays"
+    assert reading(rows[:3], "original") is None

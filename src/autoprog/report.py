@@ -43,6 +43,21 @@ def speedup_cell(value, bound: str | None) -> str:
     return f"{'' if bound in (None, '=') else bound}{value:.2f}×"
 
 
+def reading(rows: list[dict], baseline: str) -> str | None:
+    """One line that reads a comparison: whether the best method beats training ``baseline`` for less time."""
+    ranked = [r for r in rows if r["method"] != baseline and "@" not in r["method"]  # not the baseline's own runs
+              and r.get("tq_speedup") is not None]
+    if not ranked:
+        return None
+    best = max(ranked, key=lambda r: r["tq_speedup"])
+    cell = speedup_cell(best["tq_speedup"], best.get("tq_bound"))
+    if best["tq_speedup"] >= 1.0 and best.get("tq_bound") != "<":
+        return (f"reading: {best['method']} reaches its quality {cell} sooner than the {baseline}'s front (the "
+                f"{baseline} trained for less time, learning rate decayed): progressive training pays here")
+    return (f"reading: no method beats training the {baseline} for less time here (best: {best['method']}, {cell}); "
+            f"for this budget train the {baseline} (--budget), or a regime further from its plateau")
+
+
 def speedup_mean_cell(row: dict) -> str:
     """A seed-mean time-to-quality speed-up with its std: ``1.42× ± 0.10``."""
     if row.get("tq_speedup") is None:

@@ -32,7 +32,7 @@ from ..experiment import (
 )
 from ..front import DEFAULT_FRONT
 from ..options import Spec, option
-from ..report import plot_curves, plot_front, schedule_string
+from ..report import plot_curves, plot_front, reading, schedule_string
 from ..schedules import METHODS, build_schedule
 from .report import seeds_markdown, summary_markdown
 from .trainer import TrainConfig, Trainer
@@ -319,6 +319,8 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
         plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
         plot_front(rows, baseline_front.envelope if baseline_front else [], out / "front.png", "top1", "top-1 (%)")
         acc.print("\n" + md)
+        if (line := reading(rows, "original")) is not None:
+            acc.print(line)
     return rows
 
 
@@ -345,4 +347,6 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
         md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)")
         (out / "summary.md").write_text(md)
         acc.print("\n" + md)
+        if (line := reading(rows, "original")) is not None:
+            acc.print(line + " (seed means)")
     return rows
