@@ -169,9 +169,45 @@ def test_block_index_diffusers_matches_whole_components():
 def test_stage_identifier_needs_a_stage():
     with pytest.raises(ConfigError):
         StageIdentifier(0, 16)
-    sid = StageIdentifier(3, 16)
-    assert sid.stage == 2 and sid.num_stages == 3
+    sid = StageIdentifier(3, 16, init="zero")
+    assert sid.stage == 2 and sid.num_stages == 3 and not sid.null_row
     assert torch.equal(sid.embedding.weight, torch.zeros(3, 16))
+    # the official init by default: N(0, 0.02) rows (apz_models.py), plus a null-stage row with dropout
+    torch.manual_seed(0)
+    sid = StageIdentifier(4, 256, dropout=0.1)
+    assert sid.num_stages == 4 and sid.null_row and sid.embedding.weight.shape == (5, 256)
+    assert abs(float(sid.embedding.weight.detach().std()) - 0.02) < 0.002
+    assert not torch.equal(sid.embedding.weight[0], torch.zeros(256))
+    with pytest.raises(ConfigError):
+        StageIdentifier(3, 16, init="ones")
+    with pytest.raises(ConfigError):
+        StageIdentifier(3, 16, dropout=0.1, null_row=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sid_dropout_uses_the_null_row_only_in_training_within_dropping(kind):
+    """Stage-id dropout (the official StageEmbedder.token_drop): in training, the samples of the mask get the
+    null-stage row; sampling (eval), proxies and plain forwards always get the stage's own row."""
+    m = perturbed(kind)
+    sid = m.add_stage_identifier(2, dropout=0.5)
+    m.set_stage(1)
+    with torch.no_grad():
+        sid.embedding.weight[2] = 3.0  # a null row far from the stage's
+    x, t, y = inputs(b=6)
+    mask = sid.dropout_mask(6, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, sid.dropout_mask(6, torch.Generator().manual_seed(0)))  # the caller's seeded draw
+    mask = torch.tensor([True, False, True, False, False, True])
+    m.train()
+    plain = m(x, t, y)
+    with sid.dropping(mask):
+        dropped = m(x, t, y)
+    assert torch.equal(m(x, t, y), plain)  # outside dropping: no dropout
+    assert torch.allclose(dropped[~mask], plain[~mask], atol=1e-6)
+    assert all(not torch.allclose(dropped[i], plain[i], atol=1e-4) for i in mask.nonzero().flatten())
+    m.eval()
+    with sid.dropping(mask):
+        assert torch.equal(m(x, t, y), plain)  # sampling never uses the null row
+    assert StageIdentifier(2, 8).dropout_mask(4) is None  # no dropout: nothing to draw
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -179,7 +215,7 @@ def test_sid_zero_init_stage_switching_and_range(kind):
     m = perturbed(kind)
     x, t, y = inputs()
     ref = run(m, x, t, y)
-    sid = m.add_stage_identifier(3)
+    sid = m.add_stage_identifier(3, init="zero")
     assert m.sid is sid
     assert torch.equal(run(m, x, t, y), ref)  # zero rows: the function is unchanged
     with torch.no_grad():
@@ -218,7 +254,7 @@ def test_diffusers_sid_reaches_every_block_class_embedder():
     torch.manual_seed(0)
     m = tiny("diffusers-dit").eval()
     perturb(m)
-    m.add_stage_identifier(2)
+    m.add_stage_identifier(2, init="zero")
     m.set_stage(1)
     records: dict[int, list[torch.Tensor]] = {i: [] for i in range(m.depth)}
     handles = [blk.norm1.emb.class_embedder.register_forward_hook(
@@ -308,6 +344,24 @@ def test_resize_classes_keeps_rows_and_moves_null(kind, n):
 
 
 # ------------------------------------------------------------------------------------- save/load
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_keeps_the_null_stage_row(kind, tmp_path):
+    """A model trained with SID dropout exports its null-stage row; it loads back (shape from the weights) and
+    samples with the stage's own row, exactly as before export."""
+    m = perturbed(kind)
+    m.add_stage_identifier(3, dropout=0.1)
+    x, t, y = inputs()
+    ref = run(m, x, t, y)
+    save_backbone(m, tmp_path / "m")
+    loaded, meta = load_backbone(tmp_path / "m")
+    assert meta["sid_stages"] == 3 and loaded.sid.num_stages == 3 and loaded.sid.null_row
+    assert loaded.sid.embedding.weight.shape == (4, m.hidden_size) and loaded.sid.stage == 2
+    assert torch.equal(run(loaded.eval(), x, t, y), ref)
+    loaded.set_stage(0)
+    with pytest.raises(ConfigError):
+        loaded.set_stage(3)  # the null row is no stage
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("with_sid", [False, True])
 def test_save_load_round_trip(kind, with_sid, tmp_path):

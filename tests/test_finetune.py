@@ -85,7 +85,10 @@ def test_autoprog_zero_picks_the_ranked_vote_winner(base, fake_fmnist, cache_dir
     res = finetune(spec_for("autoprog-zero", base, fake_fmnist, cache_dir), tmp_path / "az")
     search = res["summary"]["search"]
     assert [s["stage"] for s in search] == [1, 2, 3]
-    assert len(search[0]["candidates"]) <= 9 and all(len(s["candidates"]) <= 8 for s in search[1:])
+    # the official AutoProg-Zero candidates: the two smallest resolutions x depths of 0.25Ω, then neighbours
+    assert all(s["candidate_space"] == "neighbours" for s in search)
+    assert [(r["resolution"], r["depth"]) for r in search[0]["candidates"]] == [(8, 1), (8, 2), (16, 1), (16, 2)]
+    assert all(len(s["candidates"]) <= 4 for s in search[1:])
     prev = None
     for s in search:
         rows = s["candidates"]
@@ -248,10 +251,16 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
-    assert list(rows) == ["full", "bitfit", "prog", "full@budget", "full@0.5"]
-    assert [r["front"] for r in rows.values()] == [True, False, False, True, True]
+    # the methods run at the paper's constant learning rate; the baseline's front (and full@budget) decays it to
+    # the floor within each budget, the whole run included (full@1)
+    assert list(rows) == ["full", "bitfit", "prog", "full@budget", "full@0.5", "full@1"]
+    assert [r["front"] for r in rows.values()] == [True, False, False, True, True, True]
     assert all(r["tq_speedup"] > 0 and r["tq_bound"] in "=<>" for r in rows.values())
-    assert json.loads((out / "full@0.5" / "config.json").read_text())["spec"]["train"]["steps"] == 4
+    train = {m: json.loads((out / m / "config.json").read_text())["spec"]["train"] for m in rows}
+    assert train["full@0.5"]["steps"] == 4 and train["full@1"]["steps"] == 8
+    assert {m: t["lr_schedule"] for m, t in train.items()} == {
+        "full": "constant", "bitfit": "constant", "prog": "constant", "full@budget": "cosine", "full@0.5": "cosine",
+        "full@1": "cosine"}
     assert summary["front"] and all(a[0] < b[0] and a[1] > b[1] for a, b in zip(summary["front"], summary["front"][1:]))
     assert rows["full"]["runtime_ratio"] == 1.0 and rows["full"]["flops_ratio"] == 1.0
     # frozen weights need no weight gradients; progressive stages also run at lower resolution
@@ -268,7 +277,7 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     # a second invocation reuses every finished run
     rc, stdout, _ = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
                         "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
-    assert rc == 0 and stdout.count("reusing finished run") == 5
+    assert rc == 0 and stdout.count("reusing finished run") == 6
     # a budget run made for another step count (the other rows changed since) is trained again
     cfg_file = out / "full@budget" / "config.json"
     cfg = json.loads(cfg_file.read_text())
@@ -278,7 +287,7 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
                           "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
     assert rc == 0, err
-    assert "training it again" in stdout and stdout.count("reusing finished run") == 4
+    assert "training it again" in stdout and stdout.count("reusing finished run") == 5
     assert json.loads(cfg_file.read_text())["spec"]["train"]["steps"] == steps
     # ... but refuses runs made with other settings rather than mixing them into one table
     rc, _, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
@@ -411,7 +420,8 @@ def test_seed_rows_gives_mean_std_and_per_seed_values():
 def test_a_step_budget_fine_tunes_to_the_learning_rate_floor(method, base, fake_fmnist, cache_dir, tmp_path):
     """--budget-steps 8: full fine-tuning runs 8 steps; LoRA (no weight gradients) and prog (cheaper stages)
     more, each spending the budget to within a step and ending at the learning-rate floor, evaluated at the end."""
-    res = finetune(spec_for(method, base, fake_fmnist, cache_dir, budget_steps=8.0, min_lr=1e-6), tmp_path / method)
+    res = finetune(spec_for(method, base, fake_fmnist, cache_dir, budget_steps=8.0, min_lr=1e-6,
+                            lr_schedule="cosine"), tmp_path / method)
     s, b = res["summary"], res["summary"]["budget"]
     assert res["done"] and b["unit"] == "full-model steps" and s["steps"] == b["steps"]
     assert (s["steps"] == 8) if method == "full" else (s["steps"] > 8)
@@ -429,3 +439,27 @@ def test_a_budget_fine_tuning_run_resumes_to_the_same_weights(base, fake_fmnist,
     assert res["done"] and res["summary"]["budget"] == ra["summary"]["budget"]
     a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("a", "b"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_the_learning_rate_is_constant_by_default_and_cosine_on_request(base, fake_fmnist, cache_dir, tmp_path):
+    """The paper fine-tunes at a constant rate (after the warm-up); --lr-schedule cosine decays it to --min-lr."""
+    const = finetune(spec_for("full", base, fake_fmnist, cache_dir, eval_points=2, min_lr=1e-5), tmp_path / "c")
+    assert [p["lr"] for p in const["curve"]] == [pytest.approx(1e-3)] * 2
+    cos = finetune(spec_for("full", base, fake_fmnist, cache_dir, eval_points=2, min_lr=1e-5, lr_schedule="cosine"),
+                   tmp_path / "k")
+    assert 1e-5 < cos["curve"][0]["lr"] < 1e-3 and cos["curve"][-1]["lr"] == pytest.approx(1e-5)
+
+
+def test_sid_dropout_resumes_identically_and_exports_its_null_row(base, fake_fmnist, cache_dir, tmp_path):
+    """SID dropout (default: the class-dropout probability) draws from a step-seeded generator: a stopped and
+    resumed run equals an uninterrupted one; the export keeps the null-stage row and loads back."""
+    spec = replace(spec_for("prog", base, fake_fmnist, cache_dir), sid_dropout=0.5)  # prog: a schedule not timed
+    finetune(spec, tmp_path / "a")
+    finetune(replace(spec, train=replace(spec.train, stop_after_steps=4)), tmp_path / "b")
+    finetune(None, tmp_path / "b", resume=True)
+    finetune(replace(spec, sid_dropout=0.0), tmp_path / "z")
+    a, b, z = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("a", "b", "z"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["sid.embedding.weight"].shape[0] == 5 and z["sid.embedding.weight"].shape[0] == 4  # + the null row
+    model, _ = load_backbone(tmp_path / "a" / "model")
+    assert model.sid.null_row and model.sid.stage == 3

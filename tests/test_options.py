@@ -95,7 +95,34 @@ def test_preset_values_apply_and_flags_win():
 def test_paper_preset_values(cli):
     args = _parse(build_parser(), ["finetune", "--preset", "dit-xl2-paper", "--out", "x"])
     spec = finetune_spec(args, args.method)
-    assert spec.train.lr == spec.train.min_lr == 1e-4 and spec.train.steps == 240000 and spec.start_ratio == 0.25
+    assert spec.train.lr == 1e-4 and spec.train.steps == 240000 and spec.start_ratio == 0.25
+    # the paper's constant learning rate, by the schedule, not by a cosine floor: compare's front runs (cosine)
+    # then still decay to --min-lr
+    assert spec.train.lr_schedule == "constant" and spec.train.min_lr == 0 and spec.train.warmup_steps == 0
+
+
+def test_saved_specs_keep_what_they_ran_before_a_default_changed():
+    """A config.json written before --lr-schedule, --candidate-space, --sid-init and --sid-dropout existed ran
+    cosine decay, AutoProg-One's candidates and zero-initialised SIDs without dropout: loading it (resume, or
+    reuse by compare) keeps that, while a new spec takes the paper's defaults."""
+    from autoprog.diffusion.runner import BaseSpec, FinetuneSpec, TextFinetuneSpec
+
+    new = FinetuneSpec()
+    assert (new.train.lr_schedule, new.candidate_space, new.sid_init, new.sid_dropout) == \
+        ("constant", "neighbours", "normal", None)
+    old = new.to_dict()
+    for key in ("candidate_space", "sid_init", "sid_dropout"):
+        del old[key]
+    del old["train"]["lr_schedule"]
+    loaded = FinetuneSpec.from_dict(old)
+    assert (loaded.train.lr_schedule, loaded.candidate_space, loaded.sid_init, loaded.sid_dropout) == \
+        ("cosine", "autoprog-one", "zero", 0.0)
+    assert FinetuneSpec.from_dict(new.to_dict()) == new  # a spec that has the keys keeps them
+    assert TextFinetuneSpec.from_dict(TextFinetuneSpec().to_dict()) == TextFinetuneSpec()
+    base = BaseSpec().to_dict()
+    assert BaseSpec().train.lr_schedule == "cosine"  # a base model trains from scratch: cosine by default
+    del base["train"]["lr_schedule"]
+    assert BaseSpec.from_dict(base) == BaseSpec()
 
 
 def test_presets_command_and_bad_presets(cli, tmp_path):

@@ -320,3 +320,26 @@ def test_measure_step_time_measures_real_time():
     import time
 
     assert 0.004 <= measure_step_time(lambda: time.sleep(0.005), repeats=3, warmup=0) < 0.5
+
+
+# ------------------------------------------------------------------------------- AutoProg-Zero's candidates
+def test_neighbour_candidates_follow_the_official_autoprog_zero_rule():
+    """train_apz.py: stage 1 searches {r0, r1} x {l0, l1} of Ω; later stages ψ*'s r and l and the next of each
+    (no forced growth, never smaller); at the full model ψ* is the only candidate."""
+    from autoprog.algorithms.autoprog_zero import AutoProgZero
+    from autoprog.errors import ConfigError
+    from autoprog.space import GrowthSpace, SubNet, candidates, neighbour_candidates
+
+    space = GrowthSpace(28, 4, 4, num_stages=4, start_ratio=0.25)  # 0.25Ω: 8/16/20/28 px x 1/2/3/4 blocks
+    pairs = lambda subs: [(s.resolution, s.depth) for s in subs]  # noqa: E731
+    assert pairs(neighbour_candidates(space, None)) == [(8, 1), (8, 2), (16, 1), (16, 2)]
+    assert pairs(neighbour_candidates(space, SubNet(16, 2))) == [(16, 2), (16, 3), (20, 2), (20, 3)]
+    assert pairs(neighbour_candidates(space, SubNet(20, 4))) == [(20, 4), (28, 4)]
+    assert pairs(neighbour_candidates(space, SubNet(28, 4))) == [(28, 4)]
+    assert pairs(neighbour_candidates(GrowthSpace(28, 4, 1, num_stages=4, start_ratio=0.25), None)) == [(8, 1), (16, 1)]
+    # AutoProgZero: neighbours or AutoProg-One's rule, by name; None follows the task (set up by the trainer)
+    assert AutoProgZero(space, candidate_space="neighbours").candidates(0) == neighbour_candidates(space, None)
+    assert AutoProgZero(space, candidate_space="autoprog-one").candidates(0) == candidates(space, None)
+    assert AutoProgZero(space).candidate_space is None
+    with pytest.raises(ConfigError):
+        AutoProgZero(space, candidate_space="all")

@@ -115,16 +115,19 @@ def diverged_rows(rows: list[dict], diverged: dict[str, str]) -> list[dict]:
 
 
 def front_runs(baseline: str, fractions: list[float], total_steps: int, run: Callable[[str, int, float], dict],
-               log: Callable[[str], None] = print, budget: str | None = None) -> dict[str, dict]:
+               log: Callable[[str], None] = print, budget: str | None = None, whole: bool = False
+               ) -> dict[str, dict]:
     """The baseline trained at each budget ``fraction`` (< 1) of its ``total_steps``, each with its learning rate
     fully decayed within that budget: ``run(name, steps, fraction)`` for ``name`` like ``original@0.5``.
-    ``budget`` (budget mode: the run's budget, described) makes the fractions fractions of it."""
+    ``budget`` (budget mode: the run's budget, described) makes the fractions fractions of it. The whole run
+    (fraction 1) is the baseline itself, unless ``whole`` (the baseline does not decay its learning rate, e.g.
+    fine-tuning's constant rate): then it is run too, as ``original@1``."""
     out = {}
     for f in fractions:
-        if f >= 1:
+        if f >= 1 and not whole:
             continue  # the whole run is the baseline itself
         steps = max(1, round(total_steps * f))
-        name = front_name(baseline, f)
+        name = front_name(baseline, f) if f < 1 else f"{baseline}{FRONT_SEPARATOR}1"
         log(f"\n=== {name}: the {baseline} run for " + (f"{f:g} of its budget of {budget}" if budget else
             f"{steps} of its {total_steps} steps") + ", learning rate decayed by then")
         try:

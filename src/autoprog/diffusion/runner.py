@@ -16,6 +16,7 @@ import torch
 
 from .. import experiment
 from ..adapters.unfreezer import Unfreezer
+from ..algorithms.autoprog_zero import CANDIDATE_SPACES
 from ..algorithms.gain import CRITERIA
 from ..algorithms.proxies import TIME_RTOL
 from ..budget import Budget
@@ -44,6 +45,13 @@ DEFAULT_TEXT_BASE = ASSETS / "t2i-fmnist-base"
 DEFAULT_COMPARE = ("full", "bitfit", "difffit", "lora", "prog", "autoprog-zero", "autoprog-zero-nosid")
 
 
+# Settings added with a default that differs from what runs did before them: a saved spec without the key ran
+# with this value. (2027-01: the paper's constant fine-tuning learning rate, the official AutoProg-Zero
+# candidate rule and the official stage-identifier initialisation and dropout became the defaults.)
+BEFORE_SETTING = {"train.lr_schedule": "cosine", "candidate_space": "autoprog-one", "sid_init": "zero",
+                  "sid_dropout": 0.0}
+
+
 def _classes_text(c: tuple[int, ...]) -> str:
     return f"{c[0]}-{c[-1]}" if list(c) == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
 
@@ -67,6 +75,22 @@ class ImageDataSpec(Spec):
     feature_epochs: int = option(3, "epochs of that feature classifier", minimum=1, group="evaluation")
     cache_dir: str | None = option(None, "where the feature classifier is cached (default: $AUTOPROG_CACHE or "
                                          "~/.cache/autoprog)", show_default=False, group="evaluation")
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A saved spec; one made before a setting whose default changed ran with the old behaviour
+        (:data:`BEFORE_SETTING`), which it keeps, so that resuming or reusing it does not change what it did."""
+        d = json.loads(json.dumps(d))
+        names = {f for f in cls.__dataclass_fields__}
+        for key, old in BEFORE_SETTING.items():
+            *parents, leaf = key.split(".")
+            node, ok = d, isinstance(d, dict)
+            for part in parents:
+                node = node.get(part) if ok and isinstance(node, dict) else None
+                ok = isinstance(node, dict)
+            if ok and (parents or leaf in names) and leaf not in node:
+                node[leaf] = old
+        return super().from_dict(d)
 
 
 @dataclass
@@ -99,6 +123,23 @@ class FinetuneSpec(ImageDataSpec):
                                     below=1, group="unfreezing")
     alpha: float | None = option(None, "autoprog-one: runtime exponent of L*T^alpha (default: balanced per stage)",
                                  minimum=0, show_default=False, group="unfreezing")
+    candidate_space: str = option("neighbours", "autoprog-zero's candidates per stage: neighbours (the official "
+                                                "AutoProg-Zero code: the two smallest resolutions x the two "
+                                                "smallest learnable depths of the growth space at stage 1, then "
+                                                "the previous choice's resolution and depth and the next of each, "
+                                                "at most 4) or autoprog-one (AutoProg-One's Appendix B rule: "
+                                                "smallest/median/largest at stage 1, then 2 resolutions x 4 "
+                                                "depths, which autoprog used before)",
+                                  choices=CANDIDATE_SPACES, group="unfreezing")
+    sid_init: str = option("normal", "stage identifier rows at creation: normal (N(0, 0.02), the official "
+                                     "AutoProg-Zero code) or zero (adding a zero SID leaves the pre-trained "
+                                     "model's function unchanged at the first step, so stage 1 starts exactly "
+                                     "from the base model)", choices=("normal", "zero"), group="unfreezing")
+    sid_dropout: float | None = option(None, "share of training samples whose stage identifier is replaced by "
+                                             "an extra learnable null-stage row, as the official code's stage "
+                                             "dropout (default: --class-dropout, as the official code; 0: no "
+                                             "null row). Sampling always uses the stage's own row",
+                                       minimum=0, below=1, show_default=False, group="unfreezing")
     time_tolerance: float = option(TIME_RTOL, "autoprog-zero: step times within this relative difference tie on the "
                                               "time ballot, so timing noise does not decide the vote (0 = the "
                                               "paper's exact ranking)", minimum=0, below=1, group="unfreezing")
@@ -127,6 +168,9 @@ class TextFinetuneSpec(FinetuneSpec):
                                     "UNet pre-trained on captioned Fashion-MNIST classes 0-4)", metavar="PATH",
                               show_default=False)
     caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name", group="data")
+    sid_init: str = option("normal", "unused by text-to-image: its SID tokens start at the token table's mean",
+                           cli=False)
+    sid_dropout: float | None = option(None, "unused by text-to-image: its SID tokens are not dropped", cli=False)
     train_text_encoder: bool = option(False, "also train the CLIP text encoder (frozen by default, as in Stable "
                                              "Diffusion fine-tuning)", group="unfreezing")
     gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward pass: less "
@@ -218,7 +262,8 @@ class BaseSpec(ImageDataSpec):
     depth: int = option(6, "transformer blocks", minimum=1, group="model")
     num_heads: int = option(4, "attention heads", minimum=1, group="model")
     train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
-        steps=6000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, eval_points=3))
+        steps=6000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200, ema_decay=0.999,
+        eval_points=3))
 
 
 @dataclass
@@ -237,7 +282,8 @@ class TextBaseSpec(BaseSpec):
     max_length: int = option(16, "prompt length in tokens", minimum=8, group="model")
     caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name", group="data")
     train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
-        steps=3000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999, eval_points=2))
+        steps=3000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200, ema_decay=0.999,
+        eval_points=2))
 
 
 SPEC_CLASSES = {c.__name__: c for c in (FinetuneSpec, TextFinetuneSpec, DreamBoothSpec, BaseSpec, TextBaseSpec)}
@@ -395,14 +441,20 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         space = unfreezer.space(spec.num_stages, spec.start_ratio)
         sched = Schedule.from_arg(spec.schedule, "prog") if method == "prog" and spec.schedule else None
         if opts.get("sid", True):  # one identifier per stage, a replayed schedule's stages included
-            model.add_stage_identifier(len(sched.stages) if sched else spec.num_stages)
+            stages = len(sched.stages) if sched else spec.num_stages
+            if text:
+                model.add_stage_identifier(stages)
+            else:
+                dropout = spec.train.class_dropout if spec.sid_dropout is None else spec.sid_dropout
+                model.add_stage_identifier(stages, init=spec.sid_init, dropout=dropout)
         if method == "prog":
             controller = ScheduleController(sched or prog(space))
         elif method == "autoprog-one":
             controller = AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
         else:
             controller = AutoProgZero(space, time_rtol=spec.time_tolerance,
-                                      criterion=opts.get("criterion", spec.criterion), gain_folds=spec.gain_folds)
+                                      criterion=opts.get("criterion", spec.criterion), gain_folds=spec.gain_folds,
+                                      candidate_space=spec.candidate_space)
         unfreezer.apply(space.full)
     return data, model, controller, unfreezer, lr
 
@@ -507,10 +559,12 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     """Fine-tune with each method (same base, data, seed and steps) and the budget-matched ``full@budget``.
 
     ``full@budget`` is full fine-tuning stopped at the wall-clock of the fastest progressive method, its
-    learning-rate schedule ending there. Full fine-tuning is also run at each ``front`` fraction of the steps
-    (``full@0.5`` ...), each with its learning rate fully decayed: those runs draw its time–FD front, against
-    which every row gets its time-to-quality speed-up (``tq_speedup``, see :mod:`autoprog.front`). Finished
-    runs are reused, unfinished ones resumed.
+    cosine learning-rate schedule ending there. Full fine-tuning is also run at each ``front`` fraction of the
+    steps (``full@0.5`` ...), each with its learning rate cosine-decayed to the floor within that budget, and,
+    when the methods run without decay (``--lr-schedule constant``, the default), once more over all the steps
+    (``full@1``): those runs, with ``full`` itself, draw its time–FD front, against which every row gets its
+    time-to-quality speed-up (``tq_speedup``, see :mod:`autoprog.front`). Finished runs are reused, unfinished
+    ones resumed.
     """
     from .report import write_finetune_report
 
@@ -541,17 +595,21 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
         ratio = results[fastest]["summary"]["wall_time_s"] / full_t
         steps = max(1, round(spec.train.steps * ratio))
         name = "full" + experiment.BUDGET_SUFFIX
-        bspec = replace(spec, method="full", train=replace(spec.train, steps=steps))
+        bspec = replace(spec, method="full", train=replace(spec.train, steps=steps, lr_schedule="cosine"))
         experiment.drop_stale_budget_run(out / name, _saved_differences(out / name, bspec), "train.steps", acc)
         results[name] = _run_once(bspec, out / name, acc, evaluator)
         results[name]["summary"]["method"] = name
         results[name]["summary"]["budget_of"] = fastest
     def front_point(name: str, steps: int, fraction: float) -> dict:
-        train = replace(spec.train, **({"steps": steps} if run_budget is None else run_budget.scaled(fraction)))
+        # the front is the stricter baseline: its learning rate fully decayed within each budget, whatever the
+        # methods' own schedule
+        train = replace(spec.train, lr_schedule="cosine",
+                        **({"steps": steps} if run_budget is None else run_budget.scaled(fraction)))
         return _run_once(replace(spec, method="full", train=train), out / name, acc, evaluator)
 
     front_results = experiment.front_runs("full", list(front), spec.train.steps, front_point, acc.print,
-                                          run_budget.describe() if run_budget else None)
+                                          run_budget.describe() if run_budget else None,
+                                          whole=spec.train.lr_schedule != "cosine")
     results.update(front_results)
     rows = []
     for name, res in results.items():

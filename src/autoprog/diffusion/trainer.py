@@ -17,7 +17,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from .methods import export_backbone
 from .sampling import balanced_labels, diffusion_loss, sample, sampling_scheduler, training_scheduler
 
 MODEL_DIR = "model"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -56,12 +57,21 @@ class DiffusionConfig:
 
     steps: int = option(600, "optimizer steps", minimum=1, group="optimisation")
     batch_size: int = option(64, "batch size per process", minimum=1, group="optimisation")
-    lr: float = option(2e-4, "peak AdamW learning rate, cosine-decayed to --min-lr", above=0, group="optimisation")
+    lr: float = option(2e-4, "peak AdamW learning rate (after the warm-up)", above=0, group="optimisation")
+    lr_schedule: str = option("constant", "learning rate after the warm-up: constant (the paper's fine-tuning, "
+                                          "a constant 1e-4 for DiT; the official AutoProg-Zero code has no "
+                                          "schedule) or cosine (decayed to --min-lr by the run's end). In compare, "
+                                          "full fine-tuning's front runs (full@0.25 ... full@1) and full@budget use "
+                                          "cosine whatever this says: the baseline a method is judged against has "
+                                          "its learning rate fully decayed within each budget",
+                              choices=LR_SCHEDULES, group="optimisation")
     peft_lr: float | None = option(None, "learning rate of bitfit, difffit and lora, which train few parameters "
                                          "(default: 10 × --lr)", above=0, show_default=False, group="unfreezing")
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, group="optimisation")
-    warmup_steps: int = option(10, "linear warm-up steps", minimum=0, group="optimisation")
-    min_lr: float = option(0.0, "final learning rate", minimum=0, group="optimisation")
+    warmup_steps: int = option(10, "linear warm-up steps, at most half the run (the official AutoProg-Zero code "
+                                   "has none: 0 matches it)", minimum=0, group="optimisation")
+    min_lr: float = option(0.0, "final learning rate of the cosine schedule (--lr-schedule cosine, and compare's "
+                                "front runs)", minimum=0, group="optimisation")
     grad_clip: float = option(1.0, "max gradient norm, 0 = off", minimum=0, group="optimisation")
     class_dropout: float = option(0.1, "fraction of labels replaced by the null class, for classifier-free "
                                        "guidance", minimum=0, below=1, group="optimisation")
@@ -171,8 +181,10 @@ class DiffusionTrainer(ControllerCalls):
 
         self.total_steps = self.controller.setup(self, steps)
         warm = min(self.cfg.warmup_steps, self.total_steps // 2)
+        # constant: a cosine from the peak to the peak, so the warm-up is the same linear ramp in both schedules
+        floor = self._lr if self.cfg.lr_schedule == "constant" else self.cfg.min_lr
         self.lr_sched = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warm),
-                                          lr_min=self.cfg.min_lr, warmup_t=warm, warmup_lr_init=self._lr * 0.01,
+                                          lr_min=floor, warmup_t=warm, warmup_lr_init=self._lr * 0.01,
                                           warmup_prefix=True, t_in_epochs=False)
         self.lr_remap = LRRemap(self.total_steps)  # the identity until budget mode moves the end
         self._set_lr(0)
@@ -273,6 +285,11 @@ class DiffusionTrainer(ControllerCalls):
     @property
     def subnet(self) -> SubNet | None:
         return self.unfreezer.subnet if self.unfreezer is not None else None
+
+    @property
+    def unfreezes(self) -> bool:
+        """Whether stages unfreeze sub-networks (a progressive method), as opposed to growing them."""
+        return self.unfreezer is not None
 
     def growth_space(self) -> GrowthSpace:
         """Ω of the model at full size: input patches per side × learnable blocks."""
@@ -472,10 +489,15 @@ class DiffusionTrainer(ControllerCalls):
 
     def _train_step(self) -> torch.Tensor:
         idx = self._batch_indices(self.step)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + self.step * 101 + self.acc.process_index)
+        seed = self.cfg.seed * 1000003 + self.step * 101 + self.acc.process_index
+        gen = torch.Generator().manual_seed(seed)
         x0, y = self.data.batch(idx, self.resolution, generator=gen)
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
-        with self.acc.autocast():
+        sid = self.model.sid
+        # SID dropout from a stream of its own (seeded by the step, so a resumed run draws the same), leaving the
+        # noise, timesteps and class dropout exactly as without it
+        drop = sid.dropout_mask(len(y), torch.Generator().manual_seed(2**40 + seed)) if sid is not None else None
+        with self.acc.autocast(), (sid.dropping(drop) if drop is not None else nullcontext()):
             loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y), generator=gen,
                                   class_dropout=self.cfg.class_dropout, weights=self.data.loss_weights(idx))
         self.acc.backward(loss)

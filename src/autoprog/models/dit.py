@@ -316,8 +316,6 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     if meta.get("format") != "autoprog-diffusion/1":
         raise ConfigError(f"{cfg_file} is neither an autoprog diffusion model nor a diffusers DiT")
     model = build_backbone(meta["kind"], **meta["config"])
-    if meta.get("sid_stages") and with_sid:
-        model.add_stage_identifier(meta["sid_stages"])
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"{path} has a config but no weights: {WEIGHTS_FILE} is missing")
@@ -326,6 +324,9 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
         raise ConfigError(f"{weights} cannot be read ({' '.join(str(e).split())[:120]})") from None
     check_finite(state.values(), weights)
+    if meta.get("sid_stages") and with_sid:  # a model trained with SID dropout also has its null-stage row
+        rows = state["sid.embedding.weight"].shape[0] if "sid.embedding.weight" in state else meta["sid_stages"]
+        model.add_stage_identifier(meta["sid_stages"], init="zero", null_row=rows > meta["sid_stages"])
     if not with_sid:
         state = {k: v for k, v in state.items() if not k.startswith("sid.")}
     try:

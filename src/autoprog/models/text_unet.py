@@ -187,7 +187,7 @@ class TextUNet(DiffusionBackbone):
         ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens]
         if len(set(ids)) != num_stages or self.tokenizer.unk_token_id in ids:
             raise ConfigError(f"the tokenizer cannot hold the stage identifiers {tokens}")
-        self.sid = StageIdentifier(num_stages, self.hidden_size).to(table.device)
+        self.sid = StageIdentifier(num_stages, self.hidden_size, init="zero").to(table.device)  # rows set below
         with torch.no_grad():
             self.sid.embedding.weight.copy_(table[ids])
         lut = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
