@@ -463,3 +463,10 @@ def test_sid_dropout_resumes_identically_and_exports_its_null_row(base, fake_fmn
     assert a["sid.embedding.weight"].shape[0] == 5 and z["sid.embedding.weight"].shape[0] == 4  # + the null row
     model, _ = load_backbone(tmp_path / "a" / "model")
     assert model.sid.null_row and model.sid.stage == 3
+
+
+def test_search_time_is_inside_the_runtime_under_flops_time(base, fake_fmnist, cache_dir, tmp_path):
+    """--time-source flops counts every candidate's FLOPs during the search: search time, so inside the runtime."""
+    res = finetune(spec_for("autoprog-zero", base, fake_fmnist, cache_dir, time_source="flops"), tmp_path / "az")
+    s = res["summary"]
+    assert 0 < s["search_time_s"] <= s["wall_time_s"]

@@ -121,7 +121,7 @@ class FinetuneSpec(ImageDataSpec):
                                   show_default=False, group="unfreezing")
     search_fraction: float = option(0.25, "autoprog-one: share of each stage spent sampling candidates", above=0,
                                     below=1, group="unfreezing")
-    alpha: float | None = option(None, "autoprog-one: runtime exponent of L*T^alpha (default: balanced per stage)",
+    alpha: float | None = option(None, "autoprog-one: runtime exponent of L*T^alpha (default: the official power-law fit per stage)",
                                  minimum=0, show_default=False, group="unfreezing")
     candidate_space: str = option("neighbours", "autoprog-zero's candidates per stage: neighbours (the official "
                                                 "AutoProg-Zero code: the two smallest resolutions x the two "

@@ -355,10 +355,14 @@ class DiffusionTrainer(ControllerCalls):
         ``time_repeats`` after two warm-ups, cached for the stage), or with ``time_source="flops"`` its FLOPs
         times seconds per FLOP (calibrated once on full fine-tuning), so no decision turns on timing noise."""
         if self.cfg.time_source == "flops":
-            if self._sec_per_flop is None:
-                full = self.growth_space().full
-                self._sec_per_flop = self._timed(full, 5) / self._candidate_flops(full)
-            return self._candidate_flops(subnet) * self._sec_per_flop
+            before = self._instrument_time  # a search's FLOP counting is search time, inside the runtime
+            try:
+                if self._sec_per_flop is None:
+                    full = self.growth_space().full
+                    self._sec_per_flop = self._timed(full, 5) / self._candidate_flops(full)
+                return self._candidate_flops(subnet) * self._sec_per_flop
+            finally:
+                self._instrument_time = before
         key = (subnet.resolution, self.unfreezer.blocks_for(subnet))
         if key not in self._time_cache:
             self._time_cache[key] = self._timed(subnet, self.cfg.time_repeats)
