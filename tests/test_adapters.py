@@ -161,7 +161,13 @@ def test_reset_block_changes_weights(net):
 # ----------------------------------------------------------------------------------- the factory
 def test_builtin_model_defaults_and_overrides():
     m = build_model("vit", num_classes=7, in_chans=3)
-    assert m.patch_embed.img_size == (28, 28) and m.patch_embed.patch_size == (7, 7) and len(m.blocks) == 6
+    assert m.patch_embed.img_size == (28, 28) and m.patch_embed.patch_size == (4, 4) and len(m.blocks) == 6
+    from autoprog.adapters.factory import builtin_patch_size
+
+    # the largest patch that divides the image and leaves at least a 7x7 grid
+    assert [builtin_patch_size(s) for s in (8, 28, 64, 224, 30)] == [1, 4, 8, 32, 3]
+    m = build_model("vit", 5, 1, ModelOverrides(img_size=64))
+    assert m.patch_embed.patch_size == (8, 8), "64 px: an 8x8 grid, not a patch of 9 that does not divide 64"
     m = build_model("vit", 5, 1, ModelOverrides(img_size=16, patch_size=4, depth=2, embed_dim=8, num_heads=2))
     net = ElasticViT(m)
     assert (net.full_resolution, net.patch_size, net.full_depth) == (16, 4, 2)

@@ -508,7 +508,8 @@ def test_scoring_points_spread_over_the_second_half():
 
 @pytest.mark.parametrize("kw", [{"search_epochs": 0}, {"alpha": -0.5}, {"search_samples": 0}, {"gain_samples": 1},
                                 {"gain_folds": 0}, {"search_fraction": 0.0}, {"search_fraction": 1.0},
-                                {"search_min_updates": -1}, {"score_points": 0}, {"alpha_rule": "x"}])
+                                {"search_min_updates": -1}, {"score_points": 0}, {"alpha_rule": "x"},
+                                {"sampling": "x"}, {"step_time": "x"}])
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         AutoProgOne(SPACE6, AutoProgOneConfig(**kw))
@@ -797,3 +798,45 @@ def test_search_time_is_inside_the_runtime_under_flops_time(cli, fake_fmnist, tm
     s = _results(out)["summary"]
     assert s["search_scoring_s"] > 0
     assert s["search_scoring_s"] + s["search_epoch_s"] <= s["wall_time_s"] + 1e-3
+
+
+def test_cycle_sampling_gives_every_candidate_its_share():
+    from autoprog.algorithms.elastic import cycle_index
+
+    a = [cycle_index(3, s, 9, start=40) for s in range(40, 40 + 45)]
+    for block in range(5):
+        assert sorted(a[block * 9:(block + 1) * 9]) == list(range(9)), "each block of 9 steps is a permutation"
+    assert a == [cycle_index(3, s, 9, start=40) for s in range(40, 40 + 45)], "a pure function"
+    assert a != [cycle_index(4, s, 9, start=40) for s in range(40, 40 + 45)], "the seed matters"
+    assert a[:9] != a[9:18], "a fresh permutation each block"
+
+
+def test_step_time_is_the_median_of_each_candidates_own_supernet_steps():
+    tr = FakeTrainer(8)
+    clock = [0.0]
+    tr.elapsed = lambda: clock[0]
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=3, alpha=0.0), seed=0)
+    ctrl.setup(tr, 400)
+    ctrl.enter_stage(tr, 0)
+    cost = {c: 0.01 * c.resolution * c.depth for c in ctrl.cands}
+    for s in range(ctrl.search_end):
+        sub = ctrl.step_subnet(tr, s)
+        clock[0] += cost[sub] * (3.0 if s == 0 else 1.0)  # the first step pays a one-off cost
+        tr.step = s + 1
+        ctrl.after_step(tr)
+    log = ctrl.search_log[-1]
+    assert log["step_time_from"] == "supernet steps"
+    for row in log["candidates"]:
+        want = 0.01 * row["resolution"] * row["depth"]
+        assert row["step_time_s"] == pytest.approx(want, rel=1e-4), "the median ignores the one-off first step"
+    probe = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=3, step_time="probe"))
+    tr2 = FakeTrainer(8)
+    probe.setup(tr2, 400)
+    probe.enter_stage(tr2, 0)
+    for s in range(probe.search_end):
+        probe.step_subnet(tr2, s)
+        tr2.step = s + 1
+        probe.after_step(tr2)
+    assert probe.search_log[-1]["step_time_from"] == "probe"
+    assert [r["step_time_s"] for r in probe.search_log[-1]["candidates"]] == pytest.approx(
+        [1e-3 * r["resolution"] * r["depth"] for r in probe.search_log[-1]["candidates"]])

@@ -301,13 +301,13 @@ def test_more_stages_than_sub_networks_warns(cli, fake_fmnist, tmp_path):
     assert rc == 0 and "warning" not in err, err
 
 
-def test_builtin_default_patch_is_a_4x4_grid_of_the_image(cli, image_folder, tmp_path):
+def test_builtin_default_patch_leaves_a_7x7_grid_of_the_image(cli, image_folder, tmp_path):
     out = tmp_path / "grid"
     rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", out, "--subset", "0", "--batch-size", "4",
                      "--epochs", "1", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--no-flops", "--cpu")
     assert rc == 0, err
     w = load_file(out / "checkpoint" / "model.safetensors")
-    assert w["model.patch_embed.proj.weight"].shape[-2:] == (8, 8)  # 32 px ImageFolder images → 8 px patches
+    assert w["model.patch_embed.proj.weight"].shape[-2:] == (4, 4)  # 32 px ImageFolder images → 4 px patches, 8x8
 
 
 # ------------------------------------------------------------------------------------- resume

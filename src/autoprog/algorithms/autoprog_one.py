@@ -14,6 +14,7 @@ sub-network, so the search epochs are extra cost. The last stage is always the f
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from ..controllers import (
 from ..errors import ConfigError
 from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
 from ..space import GrowthSpace, SubNet, candidates
-from .elastic import ALPHA_RULES, ElasticLayout, choose, sample_index
+from .elastic import ALPHA_RULES, ElasticLayout, choose, cycle_index, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
 
 
@@ -53,6 +54,8 @@ class AutoProgOneConfig:
     forced_growth: bool = False  # the official code's Λ_k: the next depths of Ω only
     score_points: int = 5  # losses averaged over this many points of the supernet phase's second half
     score_momentum: bool = True  # score the momentum (EMA) network, as the official code; False: the online one
+    sampling: str = "cycle"  # "cycle": a fresh permutation of the candidates every |Λ| steps; "random": i.i.d.
+    step_time: str = "supernet"  # T: "supernet": the median of the candidate's own supernet steps; "probe": timed passes
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
@@ -65,6 +68,10 @@ class AutoProgOneConfig:
             raise ConfigError(f"--search-fraction must be in (0, 1), got {self.search_fraction}")
         if self.search_min_updates < 0:
             raise ConfigError(f"--search-min-updates must be non-negative, got {self.search_min_updates}")
+        if self.sampling not in ("cycle", "random"):
+            raise ConfigError(f"--supernet-sampling must be cycle or random, got {self.sampling!r}")
+        if self.step_time not in ("supernet", "probe"):
+            raise ConfigError(f"--search-step-time must be supernet or probe, got {self.step_time!r}")
         if self.score_points < 1:
             raise ConfigError(f"--score-points must be positive, got {self.score_points}")
         if self.alpha is not None and self.alpha < 0:
@@ -119,6 +126,10 @@ class AutoProgOne(Controller):
         self.score_at: list[int] = []  # the running search's scoring steps
         self.partial: list[list[float]] = []  # its candidates' losses at the points scored so far
         self._stage_scoring = 0.0  # seconds of the running search's scoring points
+        self.search_start = 0  # the running search's first step
+        self.step_times: list[list[float]] = []  # seconds of each candidate's supernet steps so far
+        self._current, self._t_last = None, None  # the candidate of the running step; when it began
+        self.time_source = "probe"
 
     @property
     def num_stages(self) -> int:
@@ -197,6 +208,9 @@ class AutoProgOne(Controller):
         self.score_at = score_steps(trainer.step, length, self.cfg.score_points)
         self.partial = [[] for _ in self.cands]  # each candidate's losses at the scoring points so far
         self._stage_scoring = 0.0
+        self.search_start = trainer.step
+        self.step_times = [[] for _ in self.cands]  # seconds of each candidate's supernet steps
+        self._current, self._t_last = None, trainer.elapsed()
         trainer.log_stage({"stage": k, "supernet": top.to_dict(), "candidates": [c.to_dict() for c in self.cands],
                            "growth": growth})
         trainer.print(f"stage {k + 1}/{self.num_stages}: supernet {top} with {len(self.cands)} candidates, "
@@ -205,7 +219,10 @@ class AutoProgOne(Controller):
     def step_subnet(self, trainer, step: int) -> SubNet | None:
         if not self.searching:
             return None
-        return self.cands[sample_index(self.seed, step, len(self.cands))]
+        n = len(self.cands)
+        self._current = (cycle_index(self.seed, step, n, self.search_start) if self.cfg.sampling == "cycle"
+                         else sample_index(self.seed, step, n))
+        return self.cands[self._current]
 
     def _fit_search(self, cands: list[SubNet], first_stage: bool) -> tuple[list[SubNet], int, str | None]:
         """The candidates and supernet length for this stage, and a notice when the rules moved either: the
@@ -234,10 +251,15 @@ class AutoProgOne(Controller):
     def after_step(self, trainer, loss=None) -> None:
         if not self.searching:
             return
+        now = trainer.elapsed()
+        if self._current is not None and self._t_last is not None:  # the whole step of the candidate just trained
+            self.step_times[self._current].append(now - self._t_last)
+            self._current = None
         if self.cfg.criterion == "paper" and trainer.step in self.score_at and trainer.step < self.search_end:
             self._score(trainer)
         if trainer.step >= self.search_end:
             self._search(trainer)
+        self._t_last = trainer.elapsed()  # the scoring is not the next step's time
 
     def _score(self, trainer) -> float:
         """Every candidate's loss at one scoring point, on its own part of the scoring subset; its seconds."""
@@ -256,7 +278,7 @@ class AutoProgOne(Controller):
         # the supernet's training steps; the scoring points inside the phase are scoring time
         self.supernet_time += trainer.elapsed() - self._t_stage - self._stage_scoring
         t0 = time.perf_counter()
-        times = [trainer.measure_step_time(c, self.cfg.time_repeats) for c in self.cands]
+        times = self._step_times(trainer)
         if self.cfg.criterion == "gain":  # the losses come with the gradients, on gain's own subset
             idx, alpha, score, losses = self._by_gain(trainer, times)
         else:
@@ -285,6 +307,7 @@ class AutoProgOne(Controller):
         self.search_log.append({"stage": k + 1, "criterion": self.cfg.criterion, "alpha": round(alpha, 6),
                                 "alpha_rule": self.cfg.alpha_rule if self.cfg.alpha is None else "given",
                                 "search_s": round(dt + self._stage_scoring, 3), "scored_at": self.score_at,
+                                "step_time_from": self.time_source,
                                 "candidates": table, "chosen": chosen.to_dict()})
         trainer.log_stage({"stage": k, "chosen": chosen.to_dict(), "alpha": alpha, "candidates": table})
         how = "criterion gain, score = predicted gain per second" if self.cfg.criterion == "gain" else f"alpha={alpha:.3f}"
@@ -292,6 +315,15 @@ class AutoProgOne(Controller):
         lines += [f"  {r['resolution']:>3} {r['depth']:>5} {r['loss']:7.4f} {1000 * r['step_time_s']:8.2f} "
                   f"{r['score']:8.4f}{'  <- chosen' if r['chosen'] else ''}" for r in table]  # nan: diverged
         trainer.print("\n".join(lines))
+
+    def _step_times(self, trainer) -> list[float]:
+        """T per candidate: the median of its own supernet steps (whole steps: forward, backward, optimizer, EMA),
+        or, with ``step_time="probe"`` or where a candidate trained fewer than 2 steps, timed passes for all."""
+        if self.cfg.step_time == "supernet" and all(len(t) >= 2 for t in self.step_times):
+            self.time_source = "supernet steps"
+            return [statistics.median(t) for t in self.step_times]
+        self.time_source = "probe"
+        return [trainer.measure_step_time(c, self.cfg.time_repeats) for c in self.cands]
 
     def _by_gain(self, trainer, times: list[float]) -> tuple[int, float, list[float], list[float]]:
         """Our criterion: predicted decrease per second of the deepest supernet's loss at full resolution
@@ -326,7 +358,8 @@ class AutoProgOne(Controller):
                 "searching": self.searching, "search_end": self.search_end, "search_log": self.search_log,
                 "search_time": self.search_time, "supernet_time": self.supernet_time, "t_stage": self._t_stage,
                 "starts": self.starts, "total": self._total,
-                "score_at": self.score_at, "partial": self.partial, "stage_scoring": self._stage_scoring}
+                "score_at": self.score_at, "partial": self.partial, "stage_scoring": self._stage_scoring,
+                "search_start": self.search_start, "step_times": self.step_times}
 
     def load_state_dict(self, state: dict) -> None:
         if state["searching"] and not self.cfg.recycle:
@@ -341,6 +374,8 @@ class AutoProgOne(Controller):
         self._total = state.get("total", self._total)
         self.score_at, self.partial = state.get("score_at", []), state.get("partial", [])
         self._stage_scoring = state.get("stage_scoring", 0.0)
+        self.search_start, self.step_times = state.get("search_start", 0), state.get("step_times", [])
+        self._current, self._t_last = None, None  # the first step after a resume is not timed (the clock restarts)
 
 
 def candidate_loss(net, data, subnet: SubNet, loader) -> float:

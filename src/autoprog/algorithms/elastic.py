@@ -176,3 +176,15 @@ def sample_index(seed: int, step: int, n: int) -> int:
 
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
     return int(torch.randint(0, n, (1,), generator=g))
+
+
+def cycle_index(seed: int, step: int, n: int, start: int = 0) -> int:
+    """Candidate index for ``step`` of a supernet phase that began at ``start``: every block of ``n`` steps is a
+    fresh random permutation of the candidates, a pure function of (seed, start, block). Each step's candidate is
+    still uniform, but every candidate gets ⌊steps/n⌋ updates or one more (i.i.d. sampling, the official code's,
+    leaves some with far fewer in a short phase, and their losses and step times then rest on one or two steps)."""
+    import torch
+
+    block, pos = divmod(step - start, n)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + start * 7919 + block) % (2**63 - 1))
+    return int(torch.randperm(n, generator=g)[pos])

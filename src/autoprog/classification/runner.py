@@ -55,8 +55,9 @@ class RunSpec(Spec):
                         group="model")
     img_size: int | None = option(None, "full input resolution (default: the dataset's, 224 for timm)", minimum=1,
                                   show_default=False, group="model")
-    patch_size: int | None = option(None, "patch size (built-in default: image size / 4, a 4x4 grid of patches; "
-                                          "7 at 28 px)", minimum=1, show_default=False, group="model")
+    patch_size: int | None = option(None, "patch size (built-in default: the largest that leaves at least a 7x7 "
+                                          "grid, 4 at 28 px; 7 gives the 4x4 grid of the plateau regime)", minimum=1,
+                                    show_default=False, group="model")
     depth: int | None = option(None, "number of transformer blocks (built-in default 6)", minimum=1,
                                show_default=False, group="model")
     embed_dim: int | None = option(None, "embedding width (built-in default 64)", minimum=1, show_default=False,
@@ -102,6 +103,16 @@ class RunSpec(Spec):
                                   "last search epoch; 1 = at its end only)", minimum=1, group="AutoProg-One search")
     score_momentum: bool = option(True, "score the online network instead of the momentum (EMA) network the "
                                         "official code scores", group="AutoProg-One search")
+    supernet_sampling: str = option("cycle", "which candidate each supernet step trains: cycle (ours: a fresh random "
+                                             "permutation of the candidates every |Lambda| steps, so each gets its "
+                                             "share of updates in a short phase) or random (the official code's "
+                                             "independent uniform draw)", choices=("cycle", "random"),
+                                    group="AutoProg-One search")
+    search_step_time: str = option("supernet", "each candidate's step time T: supernet (ours: the median of its own "
+                                               "whole supernet training steps, which costs nothing) or probe (timed "
+                                               "forward+backward passes of a full batch after the supernet phase, "
+                                               "as the official code times them); --time-source flops uses FLOPs",
+                                   choices=("supernet", "probe"), group="AutoProg-One search")
     gain_samples: int = option(512, "--criterion gain: training images (the first of the search subset) on which "
                                     "every candidate's gradient and loss are taken", minimum=2,
                                group="AutoProg-One search")
@@ -148,7 +159,9 @@ def build_run(spec: RunSpec):
                                 criterion=criterion, gain_samples=spec.gain_samples, gain_folds=spec.gain_folds,
                                 search_fraction=spec.search_fraction, search_min_updates=spec.search_min_updates,
                                 alpha_rule=spec.alpha_rule, forced_growth=spec.forced_growth,
-                                score_points=spec.score_points, score_momentum=spec.score_momentum)
+                                score_points=spec.score_points, score_momentum=spec.score_momentum,
+                                sampling=spec.supernet_sampling,
+                                step_time="probe" if spec.train.time_source == "flops" else spec.search_step_time)
         schedule = AutoProgOne(space, cfg, seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
@@ -216,7 +229,8 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
 
 # Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
 _AUTOPROG_ONE_ONLY = ("search_epochs", "search_fraction", "search_min_updates", "alpha", "alpha_rule", "forced_growth",
-                      "search_samples", "score_points", "score_momentum", "gain_samples", "recycle")
+                      "search_samples", "score_points", "score_momentum", "supernet_sampling", "search_step_time",
+                      "gain_samples", "recycle")
 _AUTOPROG_ZERO_ONLY = ("time_tolerance",)
 _SEARCHES_ONLY = ("criterion", "gain_folds", "time_source")
 
