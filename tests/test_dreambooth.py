@@ -284,7 +284,7 @@ def test_compare_dreambooth_ranks_by_subject_fidelity_on_full_finetunings_front(
                           train=DB)
     summary = compare_finetune(["full", "prog"], spec, tmp_path, budget=False, front=(0.5, 1))
     rows = {r["method"]: r for r in summary["rows"]}
-    assert summary["headline"] == "subject_fidelity" and set(rows) == {"full", "prog", "full@0.5"}
+    assert summary["headline"] == "subject_fidelity" and set(rows) == {"full", "prog", "full@0.5", "full@1"}  # full@1: the cosine-decayed whole run
     assert rows["prog"]["tq_speedup"] is not None or rows["prog"]["tq_bound"] in (">", "<")
     md = (tmp_path / "summary.md").read_text()
     assert "subject fidelity (autoprog features)" in md and "DreamBooth built-in subject" in md
