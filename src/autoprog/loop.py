@@ -35,10 +35,10 @@ from torch import nn
 from .adapters.base import ElasticModel
 from .adapters.unfreezer import Unfreezer
 from .algorithms.growth import (
-    PAPER_EMA_DECAY,
     GrowthCalls,
     GrowthOperator,
     MomentumNetwork,
+    auto_ema_decay,
     get_growth_operator,
 )
 from .algorithms.proxies import measure_step_time
@@ -76,8 +76,8 @@ class ProgressiveLoop(GrowthCalls):
         self.growth, self.proxy, self._log_fn = growth, proxy, log
         self._unfreezer = Unfreezer(model) if growth is None else None
         self.steps_per_epoch = steps_per_epoch or max(1, total_steps // max(1, space.num_stages))
-        if ema_decay is None:
-            ema_decay = PAPER_EMA_DECAY
+        if ema_decay is None:  # the paper's 0.998, rescaled to the epoch (as the trainers do by default)
+            ema_decay = auto_ema_decay(self.steps_per_epoch)
         self.ema = MomentumNetwork(model, ema_decay) if growth is not None else None
         self.step, self.stage = 0, -1
         self.stage_log: list[dict] = []
@@ -94,7 +94,7 @@ class ProgressiveLoop(GrowthCalls):
         ``ElasticVOLO(volo)``, or ``autoprog.adapters.elastic(model)``) in resolution and depth along ``schedule``:
         ``"prog"``, ``"progstack"``, an inline schedule (``"14x3,21x4,28x6"``), a :class:`Schedule`, or a
         controller (``AutoProgZero(space)``, ``AutoProgOne(space)``). ``ema_decay`` is MoGrow's momentum m
-        (default: the paper's 0.998 per step; :func:`auto_ema_decay` rescales it to a short epoch)."""
+        (default: the paper's 0.998 rescaled to ``steps_per_epoch``, see :func:`auto_ema_decay`)."""
         if not isinstance(model, ElasticModel):
             raise ConfigError("ProgressiveLoop.growing needs an elastic model: wrap yours with "
                               "autoprog.adapters.elastic(model) (ViT/DeiT, VOLO)")
