@@ -840,3 +840,42 @@ def test_step_time_is_the_median_of_each_candidates_own_supernet_steps():
     assert probe.search_log[-1]["step_time_from"] == "probe"
     assert [r["step_time_s"] for r in probe.search_log[-1]["candidates"]] == pytest.approx(
         [1e-3 * r["resolution"] * r["depth"] for r in probe.search_log[-1]["candidates"]])
+
+
+def test_a_checkpoint_from_before_scoring_points_resumes_mid_search():
+    """A checkpoint written inside a supernet phase before 2026-12-05 has no scoring points or step times: the
+    search it resumes scores once, at its end, and times its candidates by probes."""
+    tr = FakeTrainer(8)
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=1, alpha=0.0), seed=0)
+    ctrl.setup(tr, 400)
+    ctrl.enter_stage(tr, 0)
+    state = ctrl.state_dict()
+    for key in ("score_at", "partial", "stage_scoring", "search_start", "step_times"):
+        del state[key]
+    again = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=1, alpha=0.0), seed=0)
+    again.setup(tr, 400)
+    again.load_state_dict(state)
+    assert again.score_at == [again.search_end]
+    tr.step = again.search_end
+    again.after_step(tr)
+    log = again.search_log[-1]
+    assert log["step_time_from"] == "probe" and len(log["candidates"]) == len(again.cands)
+
+
+def test_scoring_points_share_a_small_training_set_equally(fake_fmnist, tmp_path):
+    """With fewer training images than points × --search-samples, every point gets an equal, non-empty part."""
+    from accelerate import Accelerator
+
+    from autoprog.classification.runner import RunSpec, build_run
+    from autoprog.classification.trainer import TrainConfig, Trainer
+
+    spec = RunSpec(method="prog", patch_size=4, depth=2, embed_dim=16, num_heads=2, data_root=str(fake_fmnist),
+                   subset=100, train=TrainConfig(epochs=1, batch_size=20, eval_samples=20, count_flops=False))
+    data, net, schedule, growth = build_run(spec)
+    tr = Trainer(net, schedule, growth, data, spec.train, tmp_path, Accelerator(cpu=True))
+    sub = net.full_subnet
+    losses = [tr.candidate_loss(sub, 64, part, 5) for part in range(5)]  # 100 images for 5 × 64 wanted
+    assert all(0.5 < lo < 10 for lo in losses), losses
+    assert len(set(losses)) == 5, "each point scores its own images"
+    with pytest.raises(ConfigError, match="too small"):
+        tr.candidate_loss(sub, 64, 0, 200)

@@ -132,3 +132,28 @@ def test_presets_command_and_bad_presets(cli, tmp_path):
     assert rc == 2 and "unknown preset" in err and "cpu-deit" in err
     rc, _, err = cli("pretrain", "--preset", "cpu-finetune", "--out", tmp_path / "r")
     assert rc == 2 and "autoprog finetune" in err
+
+
+def test_a_pretraining_spec_saved_before_2026_12_05_keeps_what_it_ran():
+    """Resuming or reusing an old run must not change it: the old 4x4 default grid, the per-epoch momentum when
+    none was given (an explicit one was per step), and AutoProg-One's earlier rules."""
+    from autoprog.adapters.factory import ModelOverrides, build_model
+    from autoprog.classification.runner import RunSpec
+
+    old = RunSpec().to_dict()
+    del old["train"]["ema_rescale"]
+    for key in ("builtin_grid", "search_min_updates", "alpha_rule", "score_points", "score_momentum",
+                "supernet_sampling", "search_step_time", "search_fraction", "forced_growth"):
+        old.pop(key)
+    old["train"]["ema_decay"] = None
+    spec = RunSpec.from_dict(old)
+    assert spec.train.ema_rescale is True and spec.train.ema_decay == 0.998
+    assert spec.builtin_grid == 4 and spec.alpha_rule == "balanced" and spec.score_points == 1
+    assert spec.supernet_sampling == "random" and spec.search_step_time == "probe" and not spec.score_momentum
+    m = build_model("vit", 10, 1, ModelOverrides(grid=spec.builtin_grid))
+    assert m.patch_embed.patch_size == (7, 7), "the old default: a 4x4 grid at 28 px"
+    old["train"]["ema_decay"] = 0.99
+    spec = RunSpec.from_dict(old)
+    assert spec.train.ema_decay == 0.99 and spec.train.ema_rescale is False, "an explicit momentum was per step"
+    new = RunSpec.from_dict(RunSpec().to_dict())
+    assert new == RunSpec(), "a spec saved now loads as it is"

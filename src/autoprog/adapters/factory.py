@@ -23,15 +23,16 @@ class ModelOverrides:
     embed_dim: int | None = None
     num_heads: int | None = None
     drop_path: float = 0.0
+    grid: int | None = None  # the built-in ViT's least grid without a patch size (None: BUILTIN_GRID)
 
 
 BUILTIN_DEFAULTS = dict(img_size=28, patch_size=None, depth=6, embed_dim=64, num_heads=4)
 BUILTIN_GRID = 7  # without --patch-size the built-in ViT cuts the image into at least a 7×7 grid (4 px at 28 px)
 
 
-def builtin_patch_size(img_size: int) -> int:
-    """The largest patch size that divides ``img_size`` and leaves at least a :data:`BUILTIN_GRID` grid."""
-    return max(p for p in range(1, max(1, img_size // BUILTIN_GRID) + 1) if img_size % p == 0)
+def builtin_patch_size(img_size: int, grid: int = BUILTIN_GRID) -> int:
+    """The largest patch size that divides ``img_size`` and leaves at least a ``grid`` × ``grid`` grid."""
+    return max(p for p in range(1, max(1, img_size // grid) + 1) if img_size % p == 0)
 
 
 def build_model(name: str, num_classes: int, in_chans: int, overrides: ModelOverrides | None = None) -> nn.Module:
@@ -43,7 +44,7 @@ def build_model(name: str, num_classes: int, in_chans: int, overrides: ModelOver
             if getattr(o, k) is not None:
                 cfg[k] = getattr(o, k)
         if cfg["patch_size"] is None:
-            cfg["patch_size"] = builtin_patch_size(cfg["img_size"])
+            cfg["patch_size"] = builtin_patch_size(cfg["img_size"], o.grid or BUILTIN_GRID)
         if cfg["embed_dim"] % cfg["num_heads"]:
             raise ConfigError(f"--embed-dim {cfg['embed_dim']} is not divisible by --num-heads {cfg['num_heads']}")
         if cfg["img_size"] % cfg["patch_size"]:

@@ -14,6 +14,7 @@ sub-network, so the search epochs are extra cost. The last stage is always the f
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -187,7 +188,9 @@ class AutoProgOne(Controller):
             trainer.print(f"stage {k + 1}/{self.num_stages}: full model {full}")
             return
         cands = candidates(self.space, prev, self.cfg.forced_growth)
-        cands, length, notice = self._fit_search(cands, first_stage=prev is None)
+        # the stage as the timeline has it now (budget mode may have moved its end since setup)
+        here = self.starts[k + 1] - self.starts[k] if k + 1 < len(self.starts) else self.stage_len
+        cands, length, notice = self._fit_search(cands, first_stage=prev is None, stage_len=here)
         if not self.cfg.recycle:  # the timeline holds --no-recycle's redone steps, sized in setup
             length = self.search_steps
         if notice:
@@ -224,15 +227,17 @@ class AutoProgOne(Controller):
                          else sample_index(self.seed, step, n))
         return self.cands[self._current]
 
-    def _fit_search(self, cands: list[SubNet], first_stage: bool) -> tuple[list[SubNet], int, str | None]:
-        """The candidates and supernet length for this stage, and a notice when the rules moved either: the
-        length raised to the floor of updates per candidate, or, where that does not fit in the stage, fewer
-        candidates (:func:`thin`)."""
-        cap, floor = int(self.stage_len) - 1, self.cfg.search_min_updates
+    def _fit_search(self, cands: list[SubNet], first_stage: bool,
+                    stage_len: float | None = None) -> tuple[list[SubNet], int, str | None]:
+        """The candidates and supernet length for a stage of ``stage_len`` steps, and a notice when the rules moved
+        either: the length raised to the floor of updates per candidate, or, where that does not fit in the stage,
+        fewer candidates (:func:`thin`)."""
+        stage_len = self.stage_len if stage_len is None else stage_len
+        cap, floor = int(stage_len) - 1, self.cfg.search_min_updates
         if self.cfg.search_epochs is not None:
             wanted = round(self.cfg.search_epochs * self.spe)
         else:
-            wanted = round(self.cfg.search_fraction * self.stage_len)
+            wanted = round(self.cfg.search_fraction * stage_len)
         notes = []
         if floor and floor * len(cands) > cap:
             kept = thin(cands, cap // floor, first_stage)
@@ -319,7 +324,8 @@ class AutoProgOne(Controller):
     def _step_times(self, trainer) -> list[float]:
         """T per candidate: the median of its own supernet steps (whole steps: forward, backward, optimizer, EMA),
         or, with ``step_time="probe"`` or where a candidate trained fewer than 2 steps, timed passes for all."""
-        if self.cfg.step_time == "supernet" and all(len(t) >= 2 for t in self.step_times):
+        if (self.cfg.step_time == "supernet" and len(self.step_times) == len(self.cands)
+                and all(len(t) >= 2 for t in self.step_times)):
             self.time_source = "supernet steps"
             return [statistics.median(t) for t in self.step_times]
         self.time_source = "probe"
@@ -372,9 +378,13 @@ class AutoProgOne(Controller):
         self.supernet_time, self._t_stage = state["supernet_time"], state["t_stage"]
         self.starts = list(state.get("starts", self.starts))  # budget mode moves them
         self._total = state.get("total", self._total)
-        self.score_at, self.partial = state.get("score_at", []), state.get("partial", [])
+        n = len(self.cands)  # a checkpoint from before 2026-12-05 has none of these: one point, at the end
+        self.score_at = state.get("score_at", [self.search_end] if self.searching else [])
+        self.partial = [[math.nan if v is None else v for v in vs]  # a NaN loss was written as null
+                        for vs in state.get("partial", [[] for _ in range(n)])]
         self._stage_scoring = state.get("stage_scoring", 0.0)
-        self.search_start, self.step_times = state.get("search_start", 0), state.get("step_times", [])
+        self.search_start = state.get("search_start", 0)
+        self.step_times = state.get("step_times", [[] for _ in range(n)])
         self._current, self._t_last = None, None  # the first step after a resume is not timed (the clock restarts)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..adapters.factory import ModelOverrides, build_elastic
 from ..algorithms.gain import CRITERIA
-from ..algorithms.growth import GROWTH_OPERATORS, get_growth_operator
+from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
 from ..budget import Budget
 from ..data import load_dataset
@@ -44,6 +44,21 @@ class RunSpec(Spec):
 
     settings_name = "run settings"
 
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A saved spec; one made before 2026-12-05 (no ``train.ema_rescale``) keeps what it ran: the built-in ViT's
+        4×4 default grid, the per-epoch momentum when none was given (an explicit one was per step), and
+        AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing."""
+        d = json.loads(json.dumps(d))
+        train = d.get("train") if isinstance(d, dict) else None
+        if isinstance(train, dict) and "ema_rescale" not in train:
+            train["ema_rescale"] = train.get("ema_decay") is None
+            if train.get("ema_decay") is None:
+                train["ema_decay"] = PAPER_EMA_DECAY
+            for key, old in BEFORE_2026_12_05.items():
+                d.setdefault(key, old)
+        return super().from_dict(d)
+
     method: str = option("prog", "original (full model), prog (uniform linear growth), progstack (progressive "
                                  "stacking), fixed (replay --schedule), autoprog-one (automatic schedule by one-shot "
                                  "search), autoprog-zero (automatic schedule by zero-shot proxies on grown "
@@ -55,6 +70,8 @@ class RunSpec(Spec):
                         group="model")
     img_size: int | None = option(None, "full input resolution (default: the dataset's, 224 for timm)", minimum=1,
                                   show_default=False, group="model")
+    builtin_grid: int = option(7, "the built-in ViT's least grid of patches when --patch-size is not given",
+                               minimum=1, cli=False)
     patch_size: int | None = option(None, "patch size (built-in default: the largest that leaves at least a 7x7 "
                                           "grid, 4 at 28 px; 7 gives the 4x4 grid of the plateau regime)", minimum=1,
                                     show_default=False, group="model")
@@ -140,6 +157,13 @@ class RunSpec(Spec):
 
 
 
+# What a saved spec from before 2026-12-05 ran with, where the default changed since (see RunSpec.from_dict).
+# Its later Λ_k still differs: depths were then the previous one + 0..3 as plain integers.
+BEFORE_2026_12_05 = {"builtin_grid": 4, "search_min_updates": 0, "alpha_rule": "balanced",
+                     "score_points": 1, "score_momentum": False, "supernet_sampling": "random",
+                     "search_step_time": "probe"}
+
+
 def build_run(spec: RunSpec):
     """Load data, build the elastic model, the schedule and the growth operator for ``spec``."""
     if spec.method not in METHODS:
@@ -148,7 +172,8 @@ def build_run(spec: RunSpec):
     img_size = spec.img_size
     if img_size is None and spec.model == "vit":
         img_size = data.image_size
-    overrides = ModelOverrides(img_size, spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads, spec.drop_path)
+    overrides = ModelOverrides(img_size, spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads, spec.drop_path,
+                               grid=spec.builtin_grid)
     net = build_elastic(spec.model, data.num_classes, data.in_chans, overrides)
     space = net.growth_space(spec.num_stages, spec.start_ratio)
     if spec.method in ("autoprog-one", "autoprog-one-gain"):

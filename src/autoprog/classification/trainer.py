@@ -367,9 +367,14 @@ class Trainer(GrowthCalls, ControllerCalls):
             self._score_batches = None  # free the last subset before reading
             raw = list(self._search_subset(samples * parts))
             xs, ys = torch.cat([x for x, _ in raw]), torch.cat([y for _, y in raw])
-            self._score_batches = (key, xs, ys)
+            order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(1234))  # ImageFolder: by class
+            self._score_batches = (key, xs[order], ys[order])
         _, xs, ys = self._score_batches
-        lo, hi = part * samples, min(len(ys), (part + 1) * samples)
+        per = min(samples, len(ys) // parts)  # a small training set: every point gets an equal part
+        if per < 1:
+            raise ConfigError(f"the training set ({len(ys)} images) is too small for {parts} scoring points; give "
+                              "fewer --score-points")
+        lo, hi = part * per, (part + 1) * per
         size = self.cfg.batch_size * 2
         loader = ((xs[i:min(hi, i + size)].to(self.acc.device), ys[i:min(hi, i + size)].to(self.acc.device))
                   for i in range(lo, hi, size))

@@ -46,7 +46,7 @@ DEFAULT_COMPARE = ("full", "bitfit", "difffit", "lora", "prog", "autoprog-zero",
 
 
 # Settings added with a default that differs from what runs did before them: a saved spec without the key ran
-# with this value. (2027-01: the paper's constant fine-tuning learning rate, the official AutoProg-Zero
+# with this value. (2026-12-05: the paper's constant fine-tuning learning rate, the official AutoProg-Zero
 # candidate rule and the official stage-identifier initialisation and dropout became the defaults.)
 BEFORE_SETTING = {"train.lr_schedule": "cosine", "candidate_space": "autoprog-one", "sid_init": "zero",
                   "sid_dropout": 0.0}
