@@ -879,3 +879,19 @@ def test_scoring_points_share_a_small_training_set_equally(fake_fmnist, tmp_path
     assert len(set(losses)) == 5, "each point scores its own images"
     with pytest.raises(ConfigError, match="too small"):
         tr.candidate_loss(sub, 64, 0, 200)
+
+
+def test_the_search_waits_for_the_device_only_on_supernet_steps():
+    """Timing a candidate's whole step needs its queued GPU work done: one sync per supernet step, none after."""
+    tr = FakeTrainer(8)
+    syncs = []
+    tr.sync = lambda: syncs.append(tr.step)
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=1, alpha=0.0), seed=0)
+    ctrl.setup(tr, 400)
+    ctrl.enter_stage(tr, 0)
+    end = ctrl.search_end
+    for s in range(end + 20):
+        ctrl.step_subnet(tr, s)
+        tr.step = s + 1
+        ctrl.after_step(tr)
+    assert syncs == list(range(1, end + 1)), "steady-state steps after the search never wait"

@@ -256,6 +256,8 @@ class AutoProgOne(Controller):
     def after_step(self, trainer, loss=None) -> None:
         if not self.searching:
             return
+        if self.cfg.step_time == "supernet" and callable(getattr(trainer, "sync", None)):
+            trainer.sync()  # a GPU step's queued optimizer and momentum work is this candidate's (search steps only)
         now = trainer.elapsed()
         if self._current is not None and self._t_last is not None:  # the whole step of the candidate just trained
             self.step_times[self._current].append(now - self._t_last)

@@ -656,6 +656,10 @@ class Trainer(GrowthCalls, ControllerCalls):
         self.ema.update(self.net)
         return loss
 
+    def sync(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU): a search's per-step timings call it."""
+        self._sync()
+
     def _sync(self) -> None:
         if torch.cuda.is_available() and self.acc.device.type == "cuda":
             torch.cuda.synchronize()
