@@ -36,6 +36,9 @@ from ..space import GrowthSpace, SubNet, candidates
 from .elastic import ALPHA_RULES, ElasticLayout, choose, cycle_index, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
 
+SAMPLINGS = ("cycle", "random")  # which candidate each supernet step trains
+STEP_TIMES = ("supernet", "probe")  # where a candidate's step time T comes from
+
 
 @dataclass
 class AutoProgOneConfig:
@@ -69,9 +72,9 @@ class AutoProgOneConfig:
             raise ConfigError(f"--search-fraction must be in (0, 1), got {self.search_fraction}")
         if self.search_min_updates < 0:
             raise ConfigError(f"--search-min-updates must be non-negative, got {self.search_min_updates}")
-        if self.sampling not in ("cycle", "random"):
+        if self.sampling not in SAMPLINGS:
             raise ConfigError(f"--supernet-sampling must be cycle or random, got {self.sampling!r}")
-        if self.step_time not in ("supernet", "probe"):
+        if self.step_time not in STEP_TIMES:
             raise ConfigError(f"--search-step-time must be supernet or probe, got {self.step_time!r}")
         if self.score_points < 1:
             raise ConfigError(f"--score-points must be positive, got {self.score_points}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..adapters.factory import ModelOverrides, build_elastic
+from ..algorithms.autoprog_one import SAMPLINGS, STEP_TIMES
+from ..algorithms.elastic import ALPHA_RULES
 from ..algorithms.gain import CRITERIA
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
 from ..algorithms.proxies import TIME_RTOL
@@ -108,7 +110,7 @@ class RunSpec(Spec):
                                  group="AutoProg-One search")
     alpha_rule: str = option("fit", "how alpha is chosen: fit (the official code: fit L = a*T^b over the candidates, "
                                     "alpha = max(-b, 0)) or balanced (ours before: range(log L) / range(log T), which "
-                                    "makes the two extreme candidates tie)", choices=("fit", "balanced"),
+                                    "makes the two extreme candidates tie)", choices=ALPHA_RULES,
                              group="AutoProg-One search")
     forced_growth: bool = option(False, "the official code's candidates after stage 1: the next 3 depths of the growth "
                                         "space only (the paper's rule, the default, also keeps the current depth)",
@@ -123,13 +125,13 @@ class RunSpec(Spec):
     supernet_sampling: str = option("cycle", "which candidate each supernet step trains: cycle (ours: a fresh random "
                                              "permutation of the candidates every |Lambda| steps, so each gets its "
                                              "share of updates in a short phase) or random (the official code's "
-                                             "independent uniform draw)", choices=("cycle", "random"),
+                                             "independent uniform draw)", choices=SAMPLINGS,
                                     group="AutoProg-One search")
     search_step_time: str = option("supernet", "each candidate's step time T: supernet (ours: the median of its own "
                                                "whole supernet training steps, which costs nothing) or probe (timed "
                                                "forward+backward passes of a full batch after the supernet phase, "
                                                "as the official code times them); --time-source flops uses FLOPs",
-                                   choices=("supernet", "probe"), group="AutoProg-One search")
+                                   choices=STEP_TIMES, group="AutoProg-One search")
     gain_samples: int = option(512, "--criterion gain: training images (the first of the search subset) on which "
                                     "every candidate's gradient and loss are taken", minimum=2,
                                group="AutoProg-One search")

@@ -90,7 +90,8 @@ class TrainConfig:
                                 group="AutoProg-Zero search")
     proxy_batch_size: int = option(8, "images per proxy batch", minimum=1, group="AutoProg-Zero search")
     time_source: str = option("measured", "step times of the searches' candidates: measured (median of repeats, "
-                                          "afresh each stage), or flops (training FLOPs times one calibration, so a "
+                                          "afresh each stage; AutoProg-One by default times its candidates' own "
+                                          "supernet steps, see --search-step-time), or flops (training FLOPs times one calibration, so a "
                                           "busy machine cannot change a choice)", choices=("measured", "flops"),
                               group="AutoProg-One search")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
