@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_base_dit
 from safetensors.torch import load_file
 
-from autoprog.algorithms.proxies import tie_within
+from autoprog.algorithms.proxies import TIME_RTOL, tie_within
 from autoprog.diffusion.runner import FinetuneSpec, finetune
 from autoprog.diffusion.trainer import DiffusionConfig
 from autoprog.models.dit import load_backbone
@@ -95,7 +95,7 @@ def test_autoprog_zero_picks_the_ranked_vote_winner(base, fake_fmnist, cache_dir
         for r in rows:
             assert r["R"] == pytest.approx(0.5 * r["R_ntk"] + 0.5 * r["R_zico"] + r["R_time"])
             assert r["time_s"] > 0
-        tied = tie_within([r["time_s"] for r in rows], 0.05)  # the default time tolerance
+        tied = tie_within([r["time_s"] for r in rows], TIME_RTOL)  # the default: exact ranks
         assert [r["R_time"] for r in rows] == [1 + sum(o < t for o in tied) for t in tied]
         best = min(range(len(rows)), key=lambda i: rows[i]["R"])
         assert s["chosen"] == best

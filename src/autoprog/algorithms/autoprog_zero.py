@@ -7,9 +7,9 @@ than ψ*_{k-1}) is scored on the inherited weights, without training:
 * H_ZiCo, minus the log gradient signal-to-noise summed over ψ's learnable layers (Eq. 17),
 * T, ψ's measured training step time,
 
-and the winner of the ranked vote R = ½R(H_κ) + ½R(H_ZiCo) + R(T) (Eq. 19) is unfrozen. Step times
-within ``time_rtol`` (5 %) of each other tie on the time ballot, so measurement noise does not pick the
-winner. The last stage trains the whole model. Search time is part of the method's runtime and is also
+and the winner of the ranked vote R = ½R(H_κ) + ½R(H_ZiCo) + R(T) (Eq. 19) is unfrozen. Step times are ranked
+exactly, as the paper and the official code do; with ``time_rtol`` (ours, e.g. 0.05) times within that relative
+difference tie on the time ballot, so measurement noise does not pick the winner. The last stage trains the whole model. Search time is part of the method's runtime and is also
 reported on its own.
 
 It runs on any trainer that offers :class:`~autoprog.controllers.ZeroShotServices`: fine-tuning scores

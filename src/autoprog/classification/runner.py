@@ -142,8 +142,10 @@ class RunSpec(Spec):
     recycle: bool = option(True, "retrain the chosen sub-network from the stage's starting weights instead of "
                                  "inheriting the supernet's (the ablation of Table 11; the search epochs become "
                                  "extra cost)", group="AutoProg-One search")
-    time_tolerance: float = option(TIME_RTOL, "step times within this relative difference tie on the time ballot, so "
-                                              "timing noise does not decide the vote (0 = the paper's exact ranking)",
+    time_tolerance: float = option(TIME_RTOL, "step times within this relative difference tie on the "
+                                              "time ballot. 0 (default): the paper's and the official code's "
+                                              "exact ranking; 0.05 (ours): timing noise on a shared machine "
+                                              "does not decide between candidates of equal cost",
                                    minimum=0, below=1, group="AutoProg-Zero search")
     criterion: str = option("paper", "the searches' criterion: paper (AutoProg-One: loss x step time^alpha, Eq. 9; "
                                      "AutoProg-Zero: the ranked vote of NTK, ZiCo and step time, Eq. 19) or gain "

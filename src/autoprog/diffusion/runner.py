@@ -141,8 +141,10 @@ class FinetuneSpec(ImageDataSpec):
                                              "null row). Sampling always uses the stage's own row",
                                        minimum=0, below=1, show_default=False, group="unfreezing")
     time_tolerance: float = option(TIME_RTOL, "autoprog-zero: step times within this relative difference tie on the "
-                                              "time ballot, so timing noise does not decide the vote (0 = the "
-                                              "paper's exact ranking)", minimum=0, below=1, group="unfreezing")
+                                              "time ballot. 0 (default): the paper's and the official code's "
+                                              "exact ranking; 0.05 (ours): timing noise on a shared machine "
+                                              "does not decide between candidates of equal cost",
+                                   minimum=0, below=1, group="unfreezing")
     criterion: str = option("paper", "AutoProg-Zero's criterion: paper (the ranked vote of NTK condition number, ZiCo and step time, Eq. 19) "
                                     "or gain (ours: the predicted decrease of the full model's full-resolution loss per "
                                     "second of training the candidate, from gradients on the proxy batches). gain was better on "
