@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autoprog.adapters.unfreezer import Unfreezer, spread_blocks
+from autoprog.adapters.unfreezer import Unfreezer, interleaved_blocks, spread_blocks
 from autoprog.diffusion.data import DiffusionData, load_diffusion_data, parse_classes
 from autoprog.diffusion.methods import (
     ScaleFactors,
@@ -537,6 +537,43 @@ def test_unfreezer_full_and_explicit_blocks(kind):
     before = _snapshot(m)
     _one_step(m)
     assert all(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
+def test_interleaved_blocks_take_whole_groups_from_the_input_side():
+    assert interleaved_blocks(28, 7, 4) == tuple(range(0, 28, 4))  # the official l = 1 of DiT-XL/2
+    assert interleaved_blocks(28, 14, 4) == tuple(i for i in range(28) if i % 4 < 2)
+    assert interleaved_blocks(28, 21, 4) == tuple(i for i in range(28) if i % 4 < 3)
+    assert interleaved_blocks(28, 28, 4) == tuple(range(28))
+    assert interleaved_blocks(4, 1, 4) == (0,) and interleaved_blocks(6, 3, 4) == (0, 1, 4)
+    for k in range(1, 12):  # nested: a larger sub-network keeps every block of a smaller one
+        assert set(interleaved_blocks(12, k, 4)) <= set(interleaved_blocks(12, k + 1, 4))
+    with pytest.raises(ConfigError):
+        interleaved_blocks(4, 5, 4)
+    with pytest.raises(ConfigError):
+        Unfreezer(tiny("dit"), "interleaved")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_official_layout_trains_everything_outside_the_unlearnable_blocks(kind):
+    torch.manual_seed(0)
+    m = tiny(kind).train()
+    perturb(m)
+    m.add_stage_identifier(2)
+    u = Unfreezer(m, "official", groups=4)
+    sub = SubNet(4, 1)
+    u.apply(sub)
+    blocks = interleaved_blocks(m.depth, 1, 4)
+    assert u.blocks_for(sub) == blocks == (0,)
+    outside = {n for n, p in m.named_parameters() if m.block_index(n) is None}
+    expect = {n for n, _ in m.named_parameters() if m.block_index(n) in blocks} | outside | condition_names(m)
+    assert trainable(m) == expect and "sid.embedding.weight" in expect
+    assert any(m.block_index(n) is None and n not in condition_names(m) for n in expect)  # e.g. the embedders
+    before = _snapshot(m)
+    _one_step(m)
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in expect), n
+    u.apply(SubNet(8, m.depth))
+    assert all(p.requires_grad for p in m.parameters())
 
 
 # ---------------------------------------------------------------------------------- static methods

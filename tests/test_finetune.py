@@ -127,6 +127,22 @@ def test_progressive_unfreezing_leaves_frozen_blocks_untouched(base, fake_fmnist
     assert changed
 
 
+def test_the_official_layout_trains_input_side_blocks_and_everything_outside_the_blocks(base, fake_fmnist, cache_dir,
+                                                                                       tmp_path):
+    out = tmp_path / "official"
+    spec = replace(spec_for("prog", base, fake_fmnist, cache_dir, stop_after_steps=2), learnable_layout="official")
+    finetune(spec, out)
+    stage1 = json.loads((out / "results.json").read_text())["stages"][0]
+    assert stage1["learnable_blocks"] == [0]  # 1 of 4 blocks, the first group from the input side
+    before = load_file(base / "model.safetensors")
+    after = load_file(out / "checkpoint" / "model.safetensors")
+    outside = [n for n in before if not n.startswith("blocks.")]
+    assert outside and all(not torch.equal(before[n], after[n]) for n in outside if n in after)  # all trained
+    frozen = [n for n in before if n.startswith(("blocks.1.", "blocks.2.", "blocks.3."))]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert json.loads((out / "config.json").read_text())["spec"]["learnable_layout"] == "official"
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(base, fake_fmnist, cache_dir, tmp_path):
     finetune(spec_for("prog", base, fake_fmnist, cache_dir), tmp_path / "a")
     finetune(spec_for("prog", base, fake_fmnist, cache_dir, stop_after_steps=4), tmp_path / "b")

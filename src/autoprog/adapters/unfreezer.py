@@ -1,9 +1,17 @@
 """The unfreezing adapter: applies a learnable sub-network ψ to a diffusion backbone (it applies, never decides).
 
-ψ = (input resolution, how many blocks are learnable). All blocks still run forward; the learnable ones are
-spread evenly over the depth, the output-side block always among them; frozen parameters get
-``requires_grad=False`` and therefore neither gradients nor optimizer state. The condition embeddings always
-train (a transfer task brings classes the base model has never seen). The full ψ makes everything learnable.
+ψ = (input resolution, how many blocks are learnable). All blocks still run forward; frozen parameters get
+``requires_grad=False`` and therefore neither gradients nor optimizer state. The full ψ makes everything learnable.
+Which parameters a smaller ψ trains is the ``layout``:
+
+* ``"spread"`` (autoprog's): the learnable blocks spread evenly over the depth, the output-side block always
+  among them (:func:`spread_blocks`); besides them only the condition embeddings train (a transfer task brings
+  classes the base model has never seen), so the frozen input side needs no weight gradients.
+* ``"official"`` (the official AutoProg-Zero code's ``set_model_config``): the blocks interleaved from the input
+  side in ``groups`` groups, group g holding blocks g, g + groups, … (:func:`interleaved_blocks`), and every
+  parameter outside the blocks (patch, timestep and condition embedders, the output layer) always trains. The
+  official code matches block names by substring, so its l = 2 and 3 also train blocks 10–19 / 20–27 of
+  DiT-XL/2; autoprog builds the groups it intends.
 """
 
 from __future__ import annotations
@@ -36,11 +44,30 @@ def spread_blocks(depth: int, learnable: int) -> tuple[int, ...]:
     return tuple(sorted({depth - 1 - math.floor(i * depth / learnable) for i in range(learnable)}))
 
 
-class Unfreezer:
-    """Applies learnable sub-networks ψ to a backbone (the unfreezing adapter)."""
+def interleaved_blocks(depth: int, learnable: int, groups: int) -> tuple[int, ...]:
+    """``learnable`` of ``depth`` block indices taken group by group from the input side, group g holding blocks
+    g, g + ``groups``, … (the official code's layout: 1 of 4 groups of 28 blocks is 0, 4, …, 24)."""
+    if not 1 <= learnable <= depth:
+        raise ConfigError(f"cannot make {learnable} of {depth} blocks learnable")
+    if groups < 1:
+        raise ConfigError(f"need at least one block group, got {groups}")
+    return tuple(sorted(sorted(range(depth), key=lambda i: (i % groups, i))[:learnable]))
 
-    def __init__(self, model: DiffusionBackbone):
+
+LAYOUTS = ("spread", "official")
+
+
+class Unfreezer:
+    """Applies learnable sub-networks ψ to a backbone (the unfreezing adapter), in one of :data:`LAYOUTS`."""
+
+    def __init__(self, model: DiffusionBackbone, layout: str = "spread", groups: int = 4):
+        if layout not in LAYOUTS:
+            raise ConfigError(f"--learnable-layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if groups < 1:
+            raise ConfigError(f"need at least one block group, got {groups}")
         self.model = model
+        self.layout = layout
+        self.groups = groups
         self.subnet: SubNet | None = None
 
     def space(self, num_stages: int = 4, start_ratio: float = 0.25) -> GrowthSpace:
@@ -48,7 +75,12 @@ class Unfreezer:
         return GrowthSpace(self.model.image_size, self.model.patch_size, self.model.depth, num_stages, start_ratio)
 
     def blocks_for(self, subnet: SubNet) -> tuple[int, ...]:
-        return subnet.blocks if subnet.blocks is not None else spread_blocks(self.model.depth, subnet.depth)
+        """The learnable block indices of ``subnet`` (its own ``blocks`` where a schedule names them)."""
+        if subnet.blocks is not None:
+            return subnet.blocks
+        if self.layout == "official":
+            return interleaved_blocks(self.model.depth, subnet.depth, self.groups)
+        return spread_blocks(self.model.depth, subnet.depth)
 
     def is_full(self, subnet: SubNet) -> bool:
         return subnet.depth >= self.model.depth and subnet.resolution >= self.model.image_size
@@ -60,8 +92,17 @@ class Unfreezer:
             self.model.freeze_fixed()
             train_conditions(self.model)
         else:
-            freeze_all(self.model)
-            for i in self.blocks_for(subnet):
-                self.model.blocks[i].requires_grad_(True)
+            learnable = set(self.blocks_for(subnet))
+            if self.layout == "official":  # everything outside the blocks trains
+                for p in self.model.parameters():
+                    p.requires_grad_(True)
+                for i, block in enumerate(self.model.blocks):
+                    if i not in learnable:
+                        block.requires_grad_(False)
+                self.model.freeze_fixed()
+            else:
+                freeze_all(self.model)
+                for i in learnable:
+                    self.model.blocks[i].requires_grad_(True)
             train_conditions(self.model)
         self.subnet = subnet

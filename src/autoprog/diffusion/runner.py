@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import experiment
-from ..adapters.unfreezer import Unfreezer
+from ..adapters.unfreezer import LAYOUTS, Unfreezer
 from ..algorithms.autoprog_zero import CANDIDATE_SPACES
 from ..algorithms.gain import CRITERIA
 from ..algorithms.proxies import TIME_RTOL
@@ -131,6 +131,13 @@ class FinetuneSpec(ImageDataSpec):
                                                 "smallest/median/largest at stage 1, then 2 resolutions x 4 "
                                                 "depths, which autoprog used before)",
                                   choices=CANDIDATE_SPACES, group="unfreezing")
+    learnable_layout: str = option("spread", "which parameters a smaller learnable sub-network trains: spread "
+                                             "(ours: its blocks spread evenly over the depth, the output-side block "
+                                             "always included, and the condition embeddings; the frozen input "
+                                             "side needs no weight gradients) or official (the official "
+                                             "AutoProg-Zero code: blocks interleaved in groups from the input "
+                                             "side, every parameter outside the blocks always trained)",
+                                   choices=LAYOUTS, group="unfreezing")
     sid_init: str = option("normal", "stage identifier rows at creation: normal (N(0, 0.02), the official "
                                      "AutoProg-Zero code) or zero (adding a zero SID leaves the pre-trained "
                                      "model's function unchanged at the first step, so stage 1 starts exactly "
@@ -439,7 +446,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         if method in PEFT_METHODS:
             lr = spec.train.peft_lr or 10 * spec.train.lr
     else:
-        unfreezer = Unfreezer(model)
+        unfreezer = Unfreezer(model, spec.learnable_layout, groups=max(1, round(1 / spec.start_ratio)))
         space = unfreezer.space(spec.num_stages, spec.start_ratio)
         sched = Schedule.from_arg(spec.schedule, "prog") if method == "prog" and spec.schedule else None
         if opts.get("sid", True):  # one identifier per stage, a replayed schedule's stages included
