@@ -41,12 +41,12 @@ from .algorithms.growth import (
     auto_ema_decay,
     get_growth_operator,
 )
-from .algorithms.proxies import measure_step_time
 from .controllers import Controller, ProxyTask, ScheduleController
 from .errors import ConfigError
 from .optim import remap_block_state
 from .schedules import MANUAL_METHODS, Schedule
 from .space import GrowthSpace, SubNet
+from .steptime import StepTimer
 
 
 @dataclass
@@ -81,7 +81,7 @@ class ProgressiveLoop(GrowthCalls):
         self.ema = MomentumNetwork(model, ema_decay) if growth is not None else None
         self.step, self.stage = 0, -1
         self.stage_log: list[dict] = []
-        self._time_cache: dict[tuple, float] = {}
+        self.step_timer = StepTimer(warmup=1)  # forward and backward on the first proxy batch
         self._t0 = time.perf_counter()
         self.total_steps = controller.setup(self, total_steps)
 
@@ -265,24 +265,25 @@ class ProgressiveLoop(GrowthCalls):
             self.restore(snap)
 
     def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
-        key = (subnet.resolution, subnet.depth, subnet.blocks)
-        if key not in self._time_cache:
-            proxy = self._need_proxy("measured step times")
-            batch = self._at(proxy.batches[0], subnet.resolution)
-            cur = self.subnet
-            self.use_subnet(subnet)
+        key = f"{subnet.resolution}:{subnet.depth}:{subnet.blocks}"
+        return self.step_timer.time(key, lambda: self._timed(subnet, repeats))
 
-            def step():
-                proxy.loss(self.model, batch).backward()
-                for p in self.model.parameters():
-                    p.grad = None
+    def _timed(self, subnet: SubNet, repeats: int) -> float:
+        proxy = self._need_proxy("measured step times")
+        batch = self._at(proxy.batches[0], subnet.resolution)
+        cur = self.subnet
+        self.use_subnet(subnet)
 
-            try:
-                dev = next(self.model.parameters()).device
-                self._time_cache[key] = measure_step_time(step, repeats=repeats, warmup=1, device=dev)
-            finally:
-                self.use_subnet(cur)
-        return self._time_cache[key]
+        def clear_grads():
+            for p in self.model.parameters():
+                p.grad = None
+
+        try:
+            self.step_timer.device = next(self.model.parameters()).device
+            return self.step_timer.measure(lambda: proxy.loss(self.model, batch).backward(), None, clear_grads,
+                                           repeats)
+        finally:
+            self.use_subnet(cur)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._t0

@@ -22,8 +22,6 @@ Gradients are taken with ``torch.autograd.grad``; nothing is accumulated into ``
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..steptime import measure_step_time  # noqa: F401  (T of Eq. 18 lives with the one step timer)
 
 PAPER_WEIGHTS = {"ntk": 0.5, "zico": 0.5, "time": 1.0}
 # Step times closer than TIME_RTOL (relative) tie on the time ballot. The default, 0, is the paper's and the official
@@ -243,32 +242,3 @@ def tie_within(values: Sequence[float], rtol: float) -> list[float]:
             head = v
         out[i] = head
     return out
-
-
-def measure_step_time(
-    step: Callable[[], None],
-    repeats: int = 5,
-    warmup: int = 2,
-    device: torch.device | str | None = None,
-    clock: Callable[[], float] | None = None,
-) -> float:
-    """T of Eq. 18: median seconds of ``step()`` over ``repeats`` timed calls after ``warmup`` untimed ones.
-
-    On a CUDA ``device`` the device is synchronised before and after each timed call, so queued kernels are
-    counted. ``clock`` defaults to ``time.perf_counter``.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ConfigError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    clock = clock or time.perf_counter
-    cuda = device is not None and torch.device(device).type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = clock()
-        step()
-        sync()
-        times.append(clock() - start)
-    return statistics.median(times)

@@ -48,6 +48,7 @@ from ..optim import (
 from ..options import check_bounds, option
 from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
+from ..steptime import SCOPES, ShadowUpdate, StepTimer
 
 
 @dataclass
@@ -94,6 +95,12 @@ class TrainConfig:
                                           "supernet steps, see --search-step-time), or flops (training FLOPs times one calibration, so a "
                                           "busy machine cannot change a choice)", choices=("measured", "flops"),
                               group="AutoProg-One search")
+    step_time_scope: str = option("forward-backward", "what a candidate's timed step covers (AutoProg-Zero, and "
+                                                      "AutoProg-One's --search-step-time probe): forward-backward "
+                                                      "(the paper's runtime) or whole (ours: also gradient clipping, "
+                                                      "the optimizer step and the momentum update, on shadow "
+                                                      "copies). AutoProg-One's supernet steps are whole steps",
+                                  choices=SCOPES, group="AutoProg-One search")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
                                                  "with --resume)", minimum=1, show_default=False)
 
@@ -169,7 +176,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         self._gain_batches = None  # (key, raw batches) of the running search's gain subset
         self._search_samples = None
         self._score_batches = None  # (key, images, labels) of the subset the search scores candidates on
-        self._time_cache: dict[str, float] = {}  # measured step times of this stage's candidates
+        self.step_timer = StepTimer(scope=cfg.step_time_scope, device=self.acc.device)  # this stage's candidates
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._full_flops = 0
         self.diverged: str | None = None  # why training stopped, when it diverged
@@ -416,38 +423,39 @@ class Trainer(GrowthCalls, ControllerCalls):
             self.net.train(was)
 
     def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
-        """Seconds of one forward+backward pass of ``subnet`` on a full batch: measured (median of ``repeats``
-        after two warm-ups, cached for the stage), or with ``time_source="flops"`` its training FLOPs times
-        seconds per FLOP (calibrated once on the full model), so no decision turns on timing noise."""
+        """Seconds of one training step of ``subnet`` on a full batch (``step_time_scope``: forward and backward,
+        or the whole step): measured (median of ``repeats`` after two warm-ups, once per stage), or with
+        ``time_source="flops"`` its training FLOPs times seconds per FLOP (calibrated once on the full model), so
+        no decision turns on timing noise."""
         if self.cfg.time_source == "flops":
             return self._flops_time(subnet)
-        key = f"{subnet.resolution}:{subnet.depth}"
-        if key not in self._time_cache:
-            self._time_cache[key] = self._timed(subnet, repeats)
-        return self._time_cache[key]
+        return self.step_timer.time(f"{subnet.resolution}:{subnet.depth}", lambda: self._timed(subnet, repeats))
 
     def _timed(self, subnet: SubNet, repeats: int) -> float:
+        """Seconds of a training step of ``subnet`` (two warm-ups: a new resolution's first pass pays one-off
+        costs), not cached."""
         size = self.data.image_size
         x = torch.randn(self.cfg.batch_size, self.data.in_chans, size, size, device=self.acc.device)
         y = torch.randint(0, self.data.num_classes, (self.cfg.batch_size,), device=self.acc.device)
         cur = self.net.subnet
         self.net.apply_subnet(subnet)
-        times = []
-        try:
-            for i in range(repeats + 2):  # two warm-ups: the first pass at a new resolution pays one-off costs
-                self._sync()
-                t0 = time.perf_counter()
-                with self.acc.autocast():
-                    loss = F.cross_entropy(self.net(x), y)
-                loss.backward()
-                self._sync()
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-        finally:
+
+        def forward_backward():
+            with self.acc.autocast():
+                loss = F.cross_entropy(self.net(x), y)
+            loss.backward()
+
+        def clear_grads():
             for p in self.net.parameters():
                 p.grad = None
+
+        try:
+            return self.step_timer.measure(
+                forward_backward, lambda: ShadowUpdate(self.net.parameters(), self.optimizer, self.cfg.grad_clip,
+                                                       self.ema_decay), clear_grads, repeats)
+        finally:
+            clear_grads()
             self.net.apply_subnet(cur)
-        return sorted(times)[len(times) // 2]
 
     def _flops_time(self, subnet: SubNet) -> float:
         before = self._instrument_time  # a search's FLOP counting is search time, inside the runtime
@@ -522,7 +530,7 @@ class Trainer(GrowthCalls, ControllerCalls):
                 t0 = time.perf_counter()
                 k = self.controller.stage_at(self.step)
                 if k != self.stage:
-                    self._time_cache.clear()  # candidates are timed afresh at every stage, never for the whole run
+                    self.step_timer.clear()  # candidates are timed afresh at every stage, never for the whole run
                     self.controller.enter_stage(self, k)
                     self.stage = k
                     if self.budget_plan is not None:
@@ -703,7 +711,7 @@ class Trainer(GrowthCalls, ControllerCalls):
             "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],
             "history": self.history, "stage_log": self.stage_log, "total_steps": self.total_steps,
             "lr_step": self.lr_step, "controller": self.controller.state_dict(),
-            "time_cache": self._time_cache, "sec_per_flop": self._sec_per_flop, "pending_epoch": self._pending_epoch,
+            "time_cache": self.step_timer.state_dict(), "sec_per_flop": self._sec_per_flop, "pending_epoch": self._pending_epoch,
             "in_epoch": self._in_epoch,
             "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
                        "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
@@ -736,7 +744,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         self.train_time, self.flops_sum = state["train_time_s"], state["flops_sum"]
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
         self.history, self.stage_log = state["history"], state["stage_log"]
-        self._time_cache = dict(state.get("time_cache", {}))
+        self.step_timer.load_state_dict(state.get("time_cache", {}))
         self._sec_per_flop = state.get("sec_per_flop")
         self._pending_epoch = state.get("pending_epoch")
         self._in_epoch = state.get("in_epoch")

@@ -17,7 +17,8 @@ from ..options import add_options, from_args
 from .common import add_run_flags, front_of, positive_int, run_compare, run_one
 
 GROUPS = ("model", "data", "unfreezing", "optimisation", "evaluation")
-BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr", "train.time_source"}
+BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr", "train.time_source",
+                "train.step_time_scope"}
 
 
 def _add_spec(p: argparse.ArgumentParser, spec_cls, exclude: set[str], command: str) -> None:

@@ -42,6 +42,7 @@ from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import build_optimizer, load_optimizer_state
 from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
+from ..steptime import SCOPES, ShadowUpdate, StepTimer
 from .data import DiffusionData
 from .dreambooth import SCORE_KEYS
 from .methods import export_backbone
@@ -95,6 +96,11 @@ class DiffusionConfig:
                                           "afresh each stage), or flops (FLOPs times one calibration, so a busy "
                                           "machine cannot change a choice)", choices=("measured", "flops"),
                               group="unfreezing")
+    step_time_scope: str = option("forward-backward", "what a candidate's measured step time covers: "
+                                                      "forward-backward (the paper's runtime and the official code's "
+                                                      "timer) or whole (ours: also gradient clipping, the optimizer "
+                                                      "step and the EMA update, on shadow copies, which is what "
+                                                      "freezing saves)", choices=SCOPES, group="unfreezing")
     budget: str | None = budget_option("--steps", "every 5 %% of the run")
     budget_steps: float | None = budget_steps_option("--steps", "full fine-tuning")
     checkpoint_every: int = option(50, "also checkpoint every this many steps between evaluation points (0 = only "
@@ -166,7 +172,7 @@ class DiffusionTrainer(ControllerCalls):
         self.history: list[dict] = []
         self.stage_log: list[dict] = []
         self._proxy = None
-        self._time_cache: dict[tuple, float] = {}  # measured step times of this stage's candidates
+        self.step_timer = StepTimer(cfg.time_repeats, warmup=2, scope=cfg.step_time_scope, device=self.acc.device)
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._loss_sum, self._loss_n = 0.0, 0
         self.diverged: str | None = None  # why training stopped, when it diverged
@@ -351,9 +357,10 @@ class DiffusionTrainer(ControllerCalls):
         return self.data.batch_indices(0, n, int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
 
     def measure_step_time(self, subnet: SubNet) -> float:
-        """Seconds of a forward+backward training pass with ``subnet`` learnable: measured (median of
-        ``time_repeats`` after two warm-ups, cached for the stage), or with ``time_source="flops"`` its FLOPs
-        times seconds per FLOP (calibrated once on full fine-tuning), so no decision turns on timing noise."""
+        """Seconds of a training step with ``subnet`` learnable (``step_time_scope``: forward and backward, or the
+        whole step): measured (median of ``time_repeats`` after two warm-ups, once per stage), or with
+        ``time_source="flops"`` its FLOPs times seconds per FLOP (calibrated once on full fine-tuning), so no
+        decision turns on timing noise."""
         if self.cfg.time_source == "flops":
             before = self._instrument_time  # a search's FLOP counting is search time, inside the runtime
             try:
@@ -363,10 +370,8 @@ class DiffusionTrainer(ControllerCalls):
                 return self._candidate_flops(subnet) * self._sec_per_flop
             finally:
                 self._instrument_time = before
-        key = (subnet.resolution, self.unfreezer.blocks_for(subnet))
-        if key not in self._time_cache:
-            self._time_cache[key] = self._timed(subnet, self.cfg.time_repeats)
-        return self._time_cache[key]
+        key = f"{subnet.resolution}:{','.join(map(str, self.unfreezer.blocks_for(subnet)))}"
+        return self.step_timer.time(key, lambda: self._timed(subnet))
 
     def _candidate_flops(self, subnet: SubNet) -> int:
         prev, res = self.unfreezer.subnet, self.resolution
@@ -379,10 +384,8 @@ class DiffusionTrainer(ControllerCalls):
             if prev is not None:
                 self.unfreezer.apply(prev)
 
-    def _timed(self, subnet: SubNet | None, repeats: int) -> float:
-        """Seconds of a forward and backward pass with ``subnet`` learnable (None: as the model is now)."""
-        from ..algorithms.proxies import measure_step_time
-
+    def _timed(self, subnet: SubNet | None, repeats: int | None = None) -> float:
+        """Seconds of a training step with ``subnet`` learnable (None: as the model is now), not cached."""
         prev = self.unfreezer.subnet if self.unfreezer is not None else None
         if subnet is not None:
             self.unfreezer.apply(subnet)
@@ -391,15 +394,22 @@ class DiffusionTrainer(ControllerCalls):
         x0, y = self.data.batch(idx, subnet.resolution if subnet is not None else self.resolution, generator=g)
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
-        def step():
-            loss = diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y),
-                                  generator=torch.Generator().manual_seed(0))
+        def forward_backward():
+            with self.acc.autocast():
+                loss = diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y),
+                                      generator=torch.Generator().manual_seed(0))
             loss.backward()
+
+        def clear_grads():
             for p in self.model.parameters():
                 p.grad = None
 
+        def update():
+            return ShadowUpdate(self.model.parameters(), self.optimizer, self.cfg.grad_clip,
+                                self.cfg.ema_decay if self.ema is not None else None)
+
         try:
-            return measure_step_time(step, repeats=repeats, warmup=2, device=self.acc.device)
+            return self.step_timer.measure(forward_backward, update, clear_grads, repeats)
         finally:
             if prev is not None:
                 self.unfreezer.apply(prev)
@@ -418,7 +428,7 @@ class DiffusionTrainer(ControllerCalls):
         while self.step < self.total_steps:
             k = self.controller.stage_at(self.step)
             if k != self.stage:
-                self._time_cache.clear()  # candidates are timed afresh at every stage, never for the whole run
+                self.step_timer.clear()  # candidates are timed afresh at every stage, never for the whole run
                 t0 = time.perf_counter()
                 self.controller.enter_stage(self, k)
                 self.model.set_stage(k)
@@ -632,7 +642,7 @@ class DiffusionTrainer(ControllerCalls):
                  "trainable_steps": self.trainable_steps, "flops_sum": self.flops_sum,
                  "flops_cache": self.flops_cache, "history": self.history, "stage_log": self.stage_log,
                  "total_steps": self.total_steps, "controller": self.controller.state_dict(),
-                 "time_cache": [[r, list(b), v] for (r, b), v in self._time_cache.items()],
+                 "time_cache": self.step_timer.state_dict(),
                  "sec_per_flop": self._sec_per_flop, "loss_sum": self._loss_sum, "loss_n": self._loss_n,
                  "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
                             "eval_steps": self.eval_steps, "lr_remap": self.lr_remap.state_dict(),
@@ -666,7 +676,10 @@ class DiffusionTrainer(ControllerCalls):
         self.trainable_steps = state["trainable_steps"]
         self.flops_sum, self.flops_cache = state["flops_sum"], state["flops_cache"]
         self.history, self.stage_log = state["history"], state["stage_log"]
-        self._time_cache = {(r, tuple(b)): v for r, b, v in state["time_cache"]}
+        times = state["time_cache"]
+        if isinstance(times, list):  # a checkpoint from before 2026-12-06: [[resolution, blocks, seconds], ...]
+            times = {f"{r}:{','.join(map(str, b))}": v for r, b, v in times}
+        self.step_timer.load_state_dict(times)
         self._sec_per_flop = state.get("sec_per_flop")
         self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
         if budget is not None:

@@ -1,0 +1,134 @@
+"""T, a candidate's training step time (Eq. 18): one timer for every search of every task.
+
+* :func:`measure_step_time` -- the median seconds of a step over timed repeats after untimed warm-ups, the device
+  synchronised around each timed call.
+* :class:`ShadowUpdate` -- the update half of a training step (gradient clipping, the optimizer step, the
+  momentum update) run on shadow copies of the learnable parameters, so timing it changes no weight and no
+  optimizer state.
+* :class:`StepTimer` -- measures a candidate once per stage (a cache keyed by the candidate) in one of
+  :data:`SCOPES`: ``"forward-backward"`` is the paper's runtime ("the total GPU hours used in forward and backward
+  pass", footnote 1) and what the official code times; ``"whole"`` (ours) adds the update, which is what freezing
+  parameters saves (no gradient clipping, optimizer state or momentum for frozen weights).
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+SCOPES = ("forward-backward", "whole")
+
+
+def measure_step_time(
+    step: Callable[[], None],
+    repeats: int = 5,
+    warmup: int = 2,
+    device: torch.device | str | None = None,
+    clock: Callable[[], float] | None = None,
+) -> float:
+    """T of Eq. 18: median seconds of ``step()`` over ``repeats`` timed calls after ``warmup`` untimed ones.
+
+    On a CUDA ``device`` the device is synchronised before and after each timed call, so queued kernels are
+    counted. ``clock`` defaults to ``time.perf_counter``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    clock = clock or time.perf_counter
+    cuda = device is not None and torch.device(device).type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = clock()
+        step()
+        sync()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+class ShadowUpdate:
+    """The update half of a training step on shadow copies of ``params`` (those with ``requires_grad``).
+
+    Each call clips the real gradients (they are discarded after timing), hands them to an optimizer of the
+    trainer's optimizer's class and settings over the shadows, steps it and moves a momentum copy towards the
+    shadows: the work a real step does for these parameters, touching none of the real weights or state.
+    Parameters without a gradient are skipped, as the real optimizer skips them.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None,
+                 ema_decay: float | None):
+        self.params = [p for p in params if p.requires_grad]
+        real = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
+        accepts = inspect.signature(type(real)).parameters  # defaults may hold more than the constructor takes
+        self.optimizer = type(real)(self.shadow, **{k: v for k, v in real.defaults.items() if k in accepts})
+        self.grad_clip = grad_clip
+        self.decay = ema_decay
+        self.momentum = [p.detach().clone() for p in self.params] if ema_decay else []
+
+    def __call__(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_([self.params[i].grad for i in live], self.grad_clip)
+        for i in live:
+            self.shadow[i].grad = self.params[i].grad
+        self.optimizer.step()
+        if self.momentum:
+            with torch.no_grad():
+                torch._foreach_lerp_([self.momentum[i] for i in live], [self.shadow[i] for i in live],
+                                     1.0 - self.decay)
+        for s in self.shadow:
+            s.grad = None
+
+
+class StepTimer:
+    """Each candidate's step time, measured once per stage (see the module docstring for ``scope``)."""
+
+    def __init__(self, repeats: int = 3, warmup: int = 2, scope: str = "forward-backward",
+                 device: torch.device | str | None = None):
+        if scope not in SCOPES:
+            raise ConfigError(f"--step-time-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        self.repeats, self.warmup, self.scope, self.device = repeats, warmup, scope, device
+        self.cache: dict[str, float] = {}
+
+    def measure(self, forward_backward: Callable[[], None], update: Callable[[], ShadowUpdate] | None = None,
+                clear_grads: Callable[[], None] | None = None, repeats: int | None = None) -> float:
+        """Seconds of one step: ``forward_backward()`` (which leaves the gradients), then with the ``"whole"``
+        scope the update that ``update()`` builds; ``clear_grads()`` after each step. Not cached."""
+        shadow = update() if self.scope == "whole" and update is not None else None
+
+        def step():
+            forward_backward()
+            if shadow is not None:
+                shadow()
+            if clear_grads is not None:
+                clear_grads()
+
+        return measure_step_time(step, repeats=repeats or self.repeats, warmup=self.warmup, device=self.device)
+
+    def time(self, key: str, measure: Callable[[], float]) -> float:
+        """The step time of the candidate ``key``, measured by ``measure()`` once per stage (until :meth:`clear`)."""
+        if key not in self.cache:
+            self.cache[key] = measure()
+        return self.cache[key]
+
+    def clear(self) -> None:
+        """Forget the measured times (at a new stage every candidate is timed afresh)."""
+        self.cache.clear()
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.cache)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache = {str(k): float(v) for k, v in state.items()}
