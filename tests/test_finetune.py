@@ -310,6 +310,11 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
                      "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS,
                      "--lr", "0.01")
     assert rc != 0 and "different settings" in err and "train.lr" in err
+    # ... while a search setting changes none of these methods' runs
+    rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
+                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1",
+                          *TINY_FLAGS, "--time-tolerance", "0.05", "--step-time-scope", "whole")
+    assert rc == 0 and stdout.count("reusing finished run") == 6, err
 
 
 def test_cli_finetune_sample_and_stage(cli, base, fake_fmnist, cache_dir, tmp_path):

@@ -261,7 +261,7 @@ _AUTOPROG_ONE_ONLY = ("search_epochs", "search_fraction", "search_min_updates", 
                       "search_samples", "score_points", "score_momentum", "supernet_sampling", "search_step_time",
                       "gain_samples", "recycle")
 _AUTOPROG_ZERO_ONLY = ("time_tolerance",)
-_SEARCHES_ONLY = ("criterion", "gain_folds", "time_source")
+_SEARCHES_ONLY = ("criterion", "gain_folds", "time_source", "step_time_scope")
 
 
 def unread_settings(method: str) -> tuple[str, ...]:

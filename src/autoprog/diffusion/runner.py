@@ -731,9 +731,25 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
                         lambda resume: finetune(spec, out, acc, resume=resume, evaluator=evaluator), log=acc.print)
 
 
+# Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
+_AUTOPROG_ONE_ONLY = ("search_fraction", "alpha")
+_AUTOPROG_ZERO_ONLY = ("time_tolerance", "candidate_space", "criterion", "gain_folds")
+_SEARCHES_ONLY = ("time_source", "step_time_scope", "proxy_batches", "proxy_batch_size")
+
+
+def unread_settings(method: str) -> tuple[str, ...]:
+    """The settings ``method`` never reads: a saved run of it that differs only in these is the same run."""
+    name = parse_method(method)[0]
+    if name == "autoprog-one":
+        return _AUTOPROG_ZERO_ONLY
+    if name == "autoprog-zero":
+        return _AUTOPROG_ONE_ONLY
+    return _AUTOPROG_ONE_ONLY + _AUTOPROG_ZERO_ONLY + _SEARCHES_ONLY
+
+
 def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
     return experiment.saved_differences(out, spec, lambda cfg: type(spec).from_dict(cfg["spec"]),
-                                        ignore=("stop_after_steps",))
+                                        ignore=("stop_after_steps", *unread_settings(spec.method)))
 
 
 __all__ = ["BaseSpec", "FinetuneSpec", "TextBaseSpec", "TextFinetuneSpec", "DEFAULT_TEXT_BASE", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
