@@ -17,13 +17,38 @@ import inspect
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .options import option
 
 SCOPES = ("forward-backward", "whole")
+TIME_SOURCES = ("measured", "flops")
+
+
+@dataclass
+class SearchMeasurements:
+    """How the searches measure their candidates, in every task: the zero-shot proxies' fixed batches, and where
+    a candidate's step time T comes from and what it covers. The task configs extend it."""
+
+    proxy_batches: int = option(4, "AutoProg-Zero: fixed training batches for the NTK and ZiCo proxies, at least 2 "
+                                   "(ZiCo needs a spread across batches)", minimum=2, group="searches")
+    proxy_batch_size: int = option(8, "AutoProg-Zero: samples per proxy batch", minimum=1, group="searches")
+    time_source: str = option("measured", "step times of the searches' candidates: measured (median of repeats, "
+                                          "afresh each stage; pre-training's AutoProg-One by default times its "
+                                          "candidates' own supernet steps, see --search-step-time), or flops "
+                                          "(training FLOPs times one calibration, so a busy machine cannot change "
+                                          "a choice)", choices=TIME_SOURCES, group="searches")
+    step_time_scope: str = option("forward-backward", "what a candidate's measured step time covers: "
+                                                      "forward-backward (the paper's runtime, footnote 1, and the "
+                                                      "official code's timer) or whole (ours: also gradient "
+                                                      "clipping, the optimizer step and the momentum update, on "
+                                                      "shadow copies, which is what freezing saves). Pre-training's "
+                                                      "AutoProg-One supernet steps are whole steps",
+                                  choices=SCOPES, group="searches")
 
 
 def measure_step_time(

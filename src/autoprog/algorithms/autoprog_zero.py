@@ -33,11 +33,20 @@ import time
 
 from ..controllers import SearchingController, ZeroShotServices, check_services, print_table
 from ..errors import ConfigError
+from ..options import option
 from ..space import GrowthSpace, SubNet, candidates, neighbour_candidates
 from .gain import CRITERIA, choose_by_gain, gain_per_second, gradients
 from .proxies import TIME_RTOL, autoprog_zero_vote, ntk_condition_number, zico
 
 CANDIDATE_SPACES = ("neighbours", "autoprog-one")
+
+
+def time_tolerance_option(group: str):
+    """The ``time_tolerance`` spec field of every task's AutoProg-Zero, declared once."""
+    return option(TIME_RTOL, "AutoProg-Zero: step times within this relative difference tie on the time ballot. 0 "
+                             "(default): the paper's and the official code's exact ranking; 0.05 (ours): timing "
+                             "noise on a shared machine does not decide between candidates of equal cost",
+                  minimum=0, below=1, group=group)
 
 
 class AutoProgZero(SearchingController):

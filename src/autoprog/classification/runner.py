@@ -12,10 +12,10 @@ from pathlib import Path
 
 from ..adapters.factory import ModelOverrides, build_elastic
 from ..algorithms.autoprog_one import SAMPLINGS, STEP_TIMES
+from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.elastic import ALPHA_RULES
 from ..algorithms.gain import CRITERIA
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
-from ..algorithms.proxies import TIME_RTOL
 from ..budget import Budget
 from ..data import load_dataset
 from ..engine import has_checkpoint, writable_dir, write_json
@@ -142,11 +142,7 @@ class RunSpec(Spec):
     recycle: bool = option(True, "retrain the chosen sub-network from the stage's starting weights instead of "
                                  "inheriting the supernet's (the ablation of Table 11; the search epochs become "
                                  "extra cost)", group="AutoProg-One search")
-    time_tolerance: float = option(TIME_RTOL, "step times within this relative difference tie on the "
-                                              "time ballot. 0 (default): the paper's and the official code's "
-                                              "exact ranking; 0.05 (ours): timing noise on a shared machine "
-                                              "does not decide between candidates of equal cost",
-                                   minimum=0, below=1, group="AutoProg-Zero search")
+    time_tolerance: float = time_tolerance_option("AutoProg-Zero search")
     criterion: str = option("paper", "the searches' criterion: paper (AutoProg-One: loss x step time^alpha, Eq. 9; "
                                      "AutoProg-Zero: the ranked vote of NTK, ZiCo and step time, Eq. 19) or gain "
                                      "(ours: the predicted decrease of the full-resolution loss of the full model "

@@ -48,11 +48,11 @@ from ..optim import (
 from ..options import check_bounds, option
 from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
-from ..steptime import SCOPES, ShadowUpdate, StepTimer
+from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SearchMeasurements):
     """Optimisation settings shared by every method, so comparisons differ only in the schedule."""
 
     epochs: float = option(8.0, "training epochs (8: a budget well before the built-in ViT's plateau, where growth "
@@ -87,20 +87,6 @@ class TrainConfig:
     num_workers: int = option(0, "data-loader workers for ImageFolder data", flag="--workers", minimum=0,
                               group="data")
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
-    proxy_batches: int = option(4, "fixed training batches for the NTK and ZiCo proxies, at least 2", minimum=2,
-                                group="AutoProg-Zero search")
-    proxy_batch_size: int = option(8, "images per proxy batch", minimum=1, group="AutoProg-Zero search")
-    time_source: str = option("measured", "step times of the searches' candidates: measured (median of repeats, "
-                                          "afresh each stage; AutoProg-One by default times its candidates' own "
-                                          "supernet steps, see --search-step-time), or flops (training FLOPs times one calibration, so a "
-                                          "busy machine cannot change a choice)", choices=("measured", "flops"),
-                              group="AutoProg-One search")
-    step_time_scope: str = option("forward-backward", "what a candidate's timed step covers (AutoProg-Zero, and "
-                                                      "AutoProg-One's --search-step-time probe): forward-backward "
-                                                      "(the paper's runtime) or whole (ours: also gradient clipping, "
-                                                      "the optimizer step and the momentum update, on shadow "
-                                                      "copies). AutoProg-One's supernet steps are whole steps",
-                                  choices=SCOPES, group="AutoProg-One search")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
                                                  "with --resume)", minimum=1, show_default=False)
 
@@ -112,8 +98,6 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.proxy_batches < 2:
-            raise ConfigError("--proxy-batches must be at least 2 (ZiCo needs a spread across batches)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}")
         if Budget.from_options(self.budget, self.budget_steps) is not None and self.max_steps is not None:

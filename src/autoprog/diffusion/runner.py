@@ -16,9 +16,8 @@ import torch
 
 from .. import experiment
 from ..adapters.unfreezer import LAYOUTS, Unfreezer
-from ..algorithms.autoprog_zero import CANDIDATE_SPACES
+from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
-from ..algorithms.proxies import TIME_RTOL
 from ..budget import Budget
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
@@ -147,11 +146,7 @@ class FinetuneSpec(ImageDataSpec):
                                              "dropout (default: --class-dropout, as the official code; 0: no "
                                              "null row). Sampling always uses the stage's own row",
                                        minimum=0, below=1, show_default=False, group="unfreezing")
-    time_tolerance: float = option(TIME_RTOL, "autoprog-zero: step times within this relative difference tie on the "
-                                              "time ballot. 0 (default): the paper's and the official code's "
-                                              "exact ranking; 0.05 (ours): timing noise on a shared machine "
-                                              "does not decide between candidates of equal cost",
-                                   minimum=0, below=1, group="unfreezing")
+    time_tolerance: float = time_tolerance_option("unfreezing")
     criterion: str = option("paper", "AutoProg-Zero's criterion: paper (the ranked vote of NTK condition number, ZiCo and step time, Eq. 19) "
                                     "or gain (ours: the predicted decrease of the full model's full-resolution loss per "
                                     "second of training the candidate, from gradients on the proxy batches). gain was better on "

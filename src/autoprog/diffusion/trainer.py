@@ -42,7 +42,7 @@ from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import build_optimizer, load_optimizer_state
 from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
-from ..steptime import SCOPES, ShadowUpdate, StepTimer
+from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
 from .data import DiffusionData
 from .dreambooth import SCORE_KEYS
 from .methods import export_backbone
@@ -53,7 +53,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(SearchMeasurements):
     """Optimisation and evaluation settings shared by every method, so runs differ only in what they train."""
 
     steps: int = option(600, "optimizer steps", minimum=1, group="optimisation")
@@ -89,18 +89,7 @@ class DiffusionConfig:
                                group="evaluation")
     cfg_scale: float = option(1.5, "classifier-free guidance scale for evaluation (as the paper)", minimum=1,
                               group="evaluation")
-    proxy_batches: int = option(4, "autoprog-zero: batches for NTK/ZiCo, at least 2", minimum=2, group="unfreezing")
-    proxy_batch_size: int = option(8, "autoprog-zero: samples per proxy batch", minimum=1, group="unfreezing")
     time_repeats: int = option(3, "timed repeats per candidate step time", minimum=1, cli=False)
-    time_source: str = option("measured", "step times of the searches' candidates: measured (median of repeats, "
-                                          "afresh each stage), or flops (FLOPs times one calibration, so a busy "
-                                          "machine cannot change a choice)", choices=("measured", "flops"),
-                              group="unfreezing")
-    step_time_scope: str = option("forward-backward", "what a candidate's measured step time covers: "
-                                                      "forward-backward (the paper's runtime and the official code's "
-                                                      "timer) or whole (ours: also gradient clipping, the optimizer "
-                                                      "step and the EMA update, on shadow copies, which is what "
-                                                      "freezing saves)", choices=SCOPES, group="unfreezing")
     budget: str | None = budget_option("--steps", "every 5 %% of the run")
     budget_steps: float | None = budget_steps_option("--steps", "full fine-tuning")
     checkpoint_every: int = option(50, "also checkpoint every this many steps between evaluation points (0 = only "
@@ -123,8 +112,6 @@ class DiffusionConfig:
             raise ConfigError(f"--cfg-scale must be at least 1, got {self.cfg_scale}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
-        if self.proxy_batches < 2:
-            raise ConfigError("--proxy-batches must be at least 2 (ZiCo needs a spread across batches)")
         Budget.from_options(self.budget, self.budget_steps)
 
 
