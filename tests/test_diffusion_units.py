@@ -26,11 +26,11 @@ from autoprog.errors import ConfigError, DataError
 from autoprog.models.dit import (
     DiffusersDiT,
     DiT,
-    StageIdentifier,
     build_backbone,
     load_backbone,
     save_backbone,
 )
+from autoprog.models.sid import StageIdentifier
 from autoprog.optim import build_optimizer
 from autoprog.space import SubNet
 

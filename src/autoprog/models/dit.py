@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, first_line
-from .backbone import DiffusionBackbone, StageIdentifier, check_finite
+from .backbone import DiffusionBackbone, check_finite
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -359,5 +359,5 @@ def num_parameters(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-__all__ = ["BACKBONES", "DiT", "DiffusersDiT", "DiffusionBackbone", "StageIdentifier", "build_backbone",
+__all__ = ["BACKBONES", "DiT", "DiffusersDiT", "DiffusionBackbone", "build_backbone",
            "load_backbone", "save_backbone", "num_parameters"]

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, first_line
-from .backbone import DiffusionBackbone, StageIdentifier, check_finite
+from .backbone import DiffusionBackbone, check_finite
+from .sid import StageIdentifier
 
 META_FILE = "autoprog.json"
 FORMAT = "autoprog-text-unet/1"
