@@ -45,9 +45,10 @@ def broadcast(acc, obj):
     return broadcast_object_list([obj], from_process=0)[0]
 
 
-class ControllerCalls:
-    """What a schedule controller may call on either trainer besides its own methods: broadcast a decision,
-    log a stage record, print once. Needs ``acc`` (an Accelerator), ``step`` and ``stage_log``."""
+class RunTemplate:
+    """The run template both trainers share: ``fit`` (resume, stop requests, divergence), and what a schedule
+    controller may call on either trainer besides its own methods (broadcast a decision, log a stage record,
+    print once). Needs ``acc`` (an Accelerator), ``step`` and ``stage_log``."""
 
     def broadcast(self, obj):
         """The main process's ``obj`` on every process."""

@@ -19,9 +19,6 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from ..controllers import (
     Controller,
     GainServices,
@@ -391,25 +388,6 @@ class AutoProgOne(Controller):
         self.search_start = state.get("search_start", 0)
         self.step_times = state.get("step_times", [[] for _ in range(n)])
         self._current, self._t_last = None, None  # the first step after a resume is not timed (the clock restarts)
-
-
-def candidate_loss(net, data, subnet: SubNet, loader) -> float:
-    """Mean plain cross-entropy of ``subnet`` on a fixed, non-augmented subset (no gradients), as the official
-    code scores candidates (its ``validate_loss_fn``; training uses label smoothing)."""
-    cur, was = net.subnet, net.training
-    net.subnet = subnet
-    net.eval()
-    total, n = 0.0, 0
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                x = data.prepare(x, train=False)
-                total += float(F.cross_entropy(net(x), y, reduction="sum"))
-                n += len(y)
-    finally:
-        net.subnet = cur
-        net.train(was)
-    return total / max(1, n)
 
 
 class AutoProgOneFinetune(SearchingController):

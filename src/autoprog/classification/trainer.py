@@ -28,7 +28,7 @@ from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_op
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle
 from ..engine import (
-    ControllerCalls,
+    RunTemplate,
     check_step,
     read_checkpoint,
     rewrap_if_needed,
@@ -104,7 +104,26 @@ class TrainConfig(SearchMeasurements):
             raise ConfigError("a budget sizes the run itself: give --budget/--budget-steps or max_steps, not both")
 
 
-class Trainer(GrowthCalls, ControllerCalls):
+def plain_cross_entropy(net, data, subnet: SubNet, loader) -> float:
+    """Mean plain cross-entropy of ``subnet`` on a fixed, non-augmented subset (no gradients), as the official
+    code scores candidates (its ``validate_loss_fn``; training uses label smoothing)."""
+    cur, was = net.subnet, net.training
+    net.subnet = subnet
+    net.eval()
+    total, n = 0.0, 0
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                x = data.prepare(x, train=False)
+                total += float(F.cross_entropy(net(x), y, reduction="sum"))
+                n += len(y)
+    finally:
+        net.subnet = cur
+        net.train(was)
+    return total / max(1, n)
+
+
+class Trainer(GrowthCalls, RunTemplate):
     """Train ``net`` on ``data`` following ``schedule``, growing with ``growth`` at stage boundaries.
 
     ``schedule`` is a fixed :class:`Schedule` or a controller (such as AutoProg-One's) that decides the
@@ -350,8 +369,6 @@ class Trainer(GrowthCalls, ControllerCalls):
                        momentum: bool = False) -> float:
         """Mean plain cross-entropy of ``subnet`` (of the momentum network with ``momentum``) on part ``part`` of
         ``parts`` of a fixed, non-augmented subset of ``samples × parts`` training images (no gradients)."""
-        from ..algorithms.autoprog_one import candidate_loss
-
         if not 0 <= part < parts:
             raise ValueError(f"part {part} of {parts}")
         key = (samples, parts)
@@ -370,7 +387,7 @@ class Trainer(GrowthCalls, ControllerCalls):
         size = self.cfg.batch_size * 2
         loader = ((xs[i:min(hi, i + size)].to(self.acc.device), ys[i:min(hi, i + size)].to(self.acc.device))
                   for i in range(lo, hi, size))
-        return candidate_loss(self.ema.module if momentum else self.net, self.data, subnet, loader)
+        return plain_cross_entropy(self.ema.module if momentum else self.net, self.data, subnet, loader)
 
     def _search_subset(self, samples: int):
         """The loader of the fixed, non-augmented training subset the search scores candidates on."""

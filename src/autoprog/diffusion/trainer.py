@@ -28,7 +28,7 @@ from ..adapters.unfreezer import Unfreezer
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..controllers import ProxyTask
 from ..engine import (
-    ControllerCalls,
+    RunTemplate,
     check_step,
     read_checkpoint,
     replace_dir,
@@ -115,7 +115,7 @@ class DiffusionConfig(SearchMeasurements):
         Budget.from_options(self.budget, self.budget_steps)
 
 
-class DiffusionTrainer(ControllerCalls):
+class DiffusionTrainer(RunTemplate):
     """Train ``model`` on ``data`` under ``controller``; see the module docstring."""
 
     def __init__(self, model: DiffusionBackbone, controller, data: DiffusionData, cfg: DiffusionConfig,
