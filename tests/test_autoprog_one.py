@@ -881,6 +881,33 @@ def test_scoring_points_share_a_small_training_set_equally(fake_fmnist, tmp_path
         tr.candidate_loss(sub, 64, 0, 200)
 
 
+def test_the_searches_read_their_training_subset_once_per_run(fake_fmnist, tmp_path):
+    """Scoring points and gain gradients share one host copy of the plain subset, read once for the largest size
+    asked; every later search, at any step, reuses it and sees the same images."""
+    from accelerate import Accelerator
+
+    from autoprog.classification.runner import RunSpec, build_run
+    from autoprog.classification.trainer import TrainConfig, Trainer
+
+    spec = RunSpec(method="prog", patch_size=4, depth=2, embed_dim=16, num_heads=2, data_root=str(fake_fmnist),
+                   subset=200, train=TrainConfig(epochs=1, batch_size=20, eval_samples=20, count_flops=False))
+    data, net, schedule, growth = build_run(spec)
+    tr = Trainer(net, schedule, growth, data, spec.train, tmp_path, Accelerator(cpu=True))
+    reads, real = [], data.loader
+    data.loader = lambda split, *a, **k: reads.append((split, k.get("limit"))) or real(split, *a, **k)
+    sub = net.full_subnet
+    first = [tr.candidate_loss(sub, 16, part, 4) for part in range(4)]  # 64 images
+    grads = tr.candidate_gradients(sub, 48)
+    tr.step += 10  # a later search
+    assert [tr.candidate_loss(sub, 16, part, 4) for part in range(4)] == first
+    again = tr.candidate_gradients(sub, 48)
+    assert again.loss == grads.loss and all(torch.equal(grads.mean[k], again.mean[k]) for k in grads.mean)
+    assert reads == [("train_plain", 64)], "one read for every search"
+    tr.candidate_gradients(sub, 100)  # a larger subset is read once more; its first 64 are the same images
+    assert reads[-1] == ("train_plain", 100)
+    assert [tr.candidate_loss(sub, 16, part, 4) for part in range(4)] == first and len(reads) == 2
+
+
 def test_the_search_waits_for_the_device_only_on_supernet_steps():
     """Timing a candidate's whole step needs its queued GPU work done: one sync per supernet step, none after."""
     tr = FakeTrainer(8)

@@ -175,10 +175,8 @@ class Trainer(GrowthCalls, RunTemplate):
         self.stage_log: list[dict] = []
         self._t_epoch: float | None = None
         self._instrument_time = 0.0  # seconds spent measuring (FLOP counts) inside the timed loop
-        self._search_loader = None
-        self._gain_batches = None  # (key, raw batches) of the running search's gain subset
-        self._search_samples = None
-        self._score_batches = None  # (key, images, labels) of the subset the search scores candidates on
+        self._plain: tuple[torch.Tensor, torch.Tensor] | None = None  # the searches' subset, on the host
+        self._score_order: tuple[int, torch.Tensor] | None = None  # (size, the scoring points' shuffled order)
         self.step_timer = StepTimer(scope=cfg.step_time_scope, device=self.acc.device)  # this stage's candidates
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._full_flops = 0
@@ -371,46 +369,41 @@ class Trainer(GrowthCalls, RunTemplate):
         ``parts`` of a fixed, non-augmented subset of ``samples × parts`` training images (no gradients)."""
         if not 0 <= part < parts:
             raise ValueError(f"part {part} of {parts}")
-        key = (samples, parts)
-        if self._score_batches is None or self._score_batches[0] != key:
-            self._score_batches = None  # free the last subset before reading
-            raw = list(self._search_subset(samples * parts))
-            xs, ys = torch.cat([x for x, _ in raw]), torch.cat([y for _, y in raw])
-            order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(1234))  # ImageFolder: by class
-            self._score_batches = (key, xs[order], ys[order])
-        _, xs, ys = self._score_batches
+        xs, ys = self._plain_subset(samples * parts)
+        if self._score_order is None or self._score_order[0] != len(ys):  # ImageFolder reads by class: shuffle
+            self._score_order = (len(ys), torch.randperm(len(ys), generator=torch.Generator().manual_seed(1234)))
+        order = self._score_order[1]
         per = min(samples, len(ys) // parts)  # a small training set: every point gets an equal part
         if per < 1:
             raise ConfigError(f"the training set ({len(ys)} images) is too small for {parts} scoring points; give "
                               "fewer --score-points")
         lo, hi = part * per, (part + 1) * per
         size = self.cfg.batch_size * 2
-        loader = ((xs[i:min(hi, i + size)].to(self.acc.device), ys[i:min(hi, i + size)].to(self.acc.device))
+        loader = ((xs[order[i:min(hi, i + size)]].to(self.acc.device), ys[order[i:min(hi, i + size)]].to(self.acc.device))
                   for i in range(lo, hi, size))
         return plain_cross_entropy(self.ema.module if momentum else self.net, self.data, subnet, loader)
 
-    def _search_subset(self, samples: int):
-        """The loader of the fixed, non-augmented training subset the search scores candidates on."""
-        if self._search_loader is None or self._search_samples != samples:
-            self._search_loader = self.data.loader("train_plain", self.cfg.batch_size * 2, shuffle=False,
-                                                   limit=samples, num_workers=self.cfg.num_workers)
-            self._search_samples = samples
-        return self._search_loader
+    def _plain_subset(self, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed, non-augmented training subset the searches score candidates on: its first ``samples``
+        images and labels, on the host. Read once; a larger request reads the larger subset, whose first
+        ``samples`` are the smaller one (the subset is a prefix of one fixed permutation)."""
+        if self._plain is None or len(self._plain[1]) < samples:
+            self._plain = None  # free the smaller subset before reading
+            raw = list(self.data.loader("train_plain", self.cfg.batch_size * 2, shuffle=False, limit=samples,
+                                        num_workers=self.cfg.num_workers))
+            self._plain = (torch.cat([x for x, _ in raw]), torch.cat([y for _, y in raw]))
+        xs, ys = self._plain
+        return xs[:samples], ys[:samples]
 
     def candidate_gradients(self, subnet: SubNet, samples: int, folds: int = 2):
         """Mean gradients by parameter name (one dict per fold) and mean loss of ``subnet``'s training loss on the
         first ``samples`` of :meth:`candidate_loss`'s subset (read once per search, in at least ``folds`` batches)."""
         from ..algorithms.gain import gradients
 
-        key = (samples, folds, self.step)  # every candidate of one search is scored on the same batches
-        if self._gain_batches is None or self._gain_batches[0] != key:
-            self._gain_batches = None  # free the last search's before reading
-            raw = [(x, y) for x, y in self._search_subset(samples)]
-            size = max(1, min(len(raw[0][1]), -(-samples // max(2, folds))))  # at least `folds` batches
-            xs, ys = torch.cat([x for x, _ in raw])[:samples], torch.cat([y for _, y in raw])[:samples]
-            self._gain_batches = (key, [(xs[i:i + size], ys[i:i + size]) for i in range(0, len(ys), size)])
-        batches = [(self.data.prepare(x.to(self.acc.device), train=False), y.to(self.acc.device))
-                   for x, y in self._gain_batches[1]]
+        xs, ys = self._plain_subset(samples)  # every candidate of every search: the same batches
+        size = max(1, min(self.cfg.batch_size * 2, len(ys), -(-samples // max(2, folds))))  # at least `folds` batches
+        batches = [(self.data.prepare(xs[i:i + size].to(self.acc.device), train=False),
+                    ys[i:i + size].to(self.acc.device)) for i in range(0, len(ys), size)]
         cur, was = self.net.subnet, self.net.training
         self.net.subnet = subnet
         self.net.eval()
