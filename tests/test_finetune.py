@@ -282,7 +282,9 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     # frozen weights need no weight gradients; progressive stages also run at lower resolution
     assert rows["bitfit"]["flops_ratio"] < 0.9 and rows["prog"]["flops_ratio"] < rows["bitfit"]["flops_ratio"]
     assert rows["full@budget"]["budget_of"] == "prog"
-    assert rows["full@budget"]["steps"] <= 8
+    # full fine-tuning for prog's time: its steps follow from the two measured times (on a busy machine prog can
+    # take longer than full, so no bound on the count itself)
+    assert rows["full@budget"]["steps"] == max(1, round(8 * rows["prog"]["wall_time_s"] / rows["full"]["wall_time_s"]))
     for r in rows.values():
         assert math.isfinite(r["fd"]) and r["wall_time_s"] > 0 and r["trainable_params"] > 0
     md = (out / "summary.md").read_text()
