@@ -164,3 +164,64 @@ def test_a_search_with_rezero_gates_restores_structure_and_optimizer():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(torch.get_rng_state(), rng), "scoring a candidate draws no training randomness"
+
+
+def _resumable_run(make, growth, total, stop=None, state=None):
+    """Run a growing loop to ``stop`` (returning everything a user saves) or, from ``state``, to the end."""
+    import io
+
+    torch.manual_seed(0)
+    model = tiny_vit()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loop = ProgressiveLoop.growing(model, opt, total, schedule=make(model.growth_space()), growth=growth,
+                                   proxy=_proxy(), steps_per_epoch=4, log=lambda s: None)
+    start = 0
+    if state is not None:
+        saved = torch.load(io.BytesIO(state), weights_only=False)
+        loop.load_state_dict(saved["loop"])  # first: the structure the weights and moments belong to
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        start = loop.step
+    data = _batches()
+    for i in range(start, loop.total_steps if stop is None else stop):
+        x, y = data[i % len(data)]
+        loop.before_step()
+        loss = F.cross_entropy(model(loop.resize(x)), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loop.after_step(loss)
+    if stop is not None:
+        buf = io.BytesIO()
+        torch.save({"loop": loop.state_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "rng": torch.get_rng_state()}, buf)
+        return buf.getvalue(), loop
+    return model, loop
+
+
+@pytest.mark.parametrize("growth", ["mogrow", "identity"])
+def test_a_loop_resumes_mid_search_bit_identically(growth):
+    # alpha 0: the choice turns on the candidates' losses only, never on a timing
+    make = lambda s: AutoProgOne(s, AutoProgOneConfig(search_fraction=0.5, search_min_updates=1,  # noqa: E731
+                                                      search_samples=16, alpha=0.0))
+    whole, whole_loop = _resumable_run(make, growth, 32)
+    state, stopped = _resumable_run(make, growth, 32, stop=10)  # stage 2's supernet phase
+    assert stopped.controller.searching, "the stop falls inside a search"
+    resumed, resumed_loop = _resumable_run(make, growth, 32, state=state)
+    assert resumed_loop.schedule() == whole_loop.schedule()
+    losses = [[c["loss"] for c in e.get("candidates", []) if "loss" in c] for e in whole_loop.stage_log]
+    assert losses == [[c["loss"] for c in e.get("candidates", []) if "loss" in c] for e in resumed_loop.stage_log]
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_loop_state_of_another_kind_is_refused():
+    torch.manual_seed(0)
+    model = DiT(image_size=8, patch_size=2, in_chans=1, num_classes=3, hidden_size=16, depth=4, num_heads=2)
+    loop = ProgressiveLoop.unfreezing(model, None, 8, log=lambda s: None)
+    with pytest.raises(ConfigError, match="ProgressiveLoop state"):
+        loop.load_state_dict({"step": 3})
+    grown = ProgressiveLoop.growing(tiny_vit(), None, 8, log=lambda s: None)
+    with pytest.raises(ConfigError, match="growing loop"):
+        loop.load_state_dict(grown.state_dict())

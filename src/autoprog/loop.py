@@ -17,6 +17,10 @@ chooses. Four calls::
 (:class:`autoprog.models.dit.DiffusionBackbone`): frozen parameters get no gradients, so an optimizer over all
 parameters keeps no state for them. The searches need a few fixed batches and your loss (``proxy=``).
 ``before_step`` returns True when the learnable set changed: under DDP, re-prepare the model then.
+
+To resume mid-schedule (mid-search included), save ``loop.state_dict()`` beside your model's and optimizer's; to
+resume, build the loop as before, call ``loop.load_state_dict(state)`` *first* (it rebuilds the grown or unfrozen
+structure and adds the optimizer groups a growth added), then load your model's and optimizer's state dicts.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from .optim import remap_block_state
 from .schedules import MANUAL_METHODS, Schedule
 from .space import GrowthSpace, SubNet
 from .steptime import StepTimer
+
+LOOP_STATE_FORMAT = "autoprog-loop/1"
 
 
 @dataclass
@@ -158,6 +164,42 @@ class ProgressiveLoop(GrowthCalls):
     def schedule(self) -> Schedule | None:
         """The schedule as run so far (a search's choices included)."""
         return self.controller.schedule()
+
+    # ----------------------------------------------------------------------------- save and resume
+    def state_dict(self) -> dict:
+        """The loop's own state: step, stage, the controller's decisions (a running search's too), the
+        sub-network's structure, the momentum network and the measured step times. Your model's and optimizer's
+        state dicts are yours to save beside it."""
+        return {"format": LOOP_STATE_FORMAT, "step": self.step, "stage": self.stage, "total_steps": self.total_steps,
+                "subnet": self.subnet.to_dict(), "stage_log": copy.deepcopy(self.stage_log),
+                "gated": self.model.gated_blocks() if self._unfreezer is None else None,
+                "controller": copy.deepcopy(self.controller.state_dict()), "step_times": self.step_timer.state_dict(),
+                "ema": {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()}
+                if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` on a loop built as the saved one was, *before* loading your model's and
+        optimizer's state dicts (see the module docstring)."""
+        if not isinstance(state, dict) or state.get("format") != LOOP_STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ConfigError(f"not a ProgressiveLoop state ({LOOP_STATE_FORMAT}): got {found!r}")
+        if (state["gated"] is None) != (self._unfreezer is not None):
+            raise ConfigError("this state is from a " + ("growing" if state["gated"] is not None else "unfreezing")
+                              + " loop; build the loop the same way to resume it")
+        subnet = SubNet.from_dict(state["subnet"])
+        if self._unfreezer is None:  # gates first, so that the weights load into the same structure
+            for net in (self.model, self.ema.module):
+                for i in range(net.full_depth):
+                    net.set_gate(i, 0.0 if i in state["gated"] else None)
+            self.ema.module.load_state_dict(state["ema"])
+            self._after_block_copy({})  # the optimizer groups a growth added (ReZero gates)
+        self.use_subnet(subnet)
+        self.step, self.stage, self.total_steps = state["step"], state["stage"], state["total_steps"]
+        if self._unfreezer is not None and self.stage >= 0 and hasattr(self.model, "set_stage"):
+            self.model.set_stage(self.stage)
+        self.stage_log = copy.deepcopy(state["stage_log"])
+        self.controller.load_state_dict(copy.deepcopy(state["controller"]))
+        self.step_timer.load_state_dict(state["step_times"])
 
     # ------------------------------------------------------------------- services (the protocol)
     def growth_space(self) -> GrowthSpace:
