@@ -180,3 +180,57 @@ def test_torchrun_without_gpus_is_one_group_even_without_cpu_flag(tmp_path, fake
     res = json.loads((out / "results.json").read_text())
     assert res["summary"]["total_steps"] == 4, "256 images / (2 processes x 32): one group shares the epoch"
     assert log.count("done: ") == 1, "one run reports, not two"
+
+
+LOOP_DRIVER = textwrap.dedent('''
+    import json
+    import sys
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from autoprog.adapters.vit import ElasticViT
+    from autoprog.algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
+    from autoprog.loop import ProgressiveLoop, ProxyData
+    from autoprog.models.vit import VisionTransformer
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = ElasticViT(VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16,
+                                         depth=4, num_heads=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    # rank 1's candidate losses are in reverse order: alone, it would pick the candidate rank 0 likes least
+    proxy = ProxyData(batches, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]) if rank == 0
+                      else 10.0 - F.cross_entropy(m(b[0]), b[1]))
+    ctrl = AutoProgOne(model.growth_space(), AutoProgOneConfig(search_fraction=0.5, search_min_updates=1,
+                                                               search_samples=16, alpha=0.0))
+    loop = ProgressiveLoop.growing(model, opt, 16, schedule=ctrl, proxy=proxy, steps_per_epoch=4,
+                                   log=lambda s: None)
+    for i in range(loop.total_steps):
+        x, y = batches[i % 4]
+        loop.before_step()
+        F.cross_entropy(model(loop.resize(x)), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loop.after_step()
+    sched = [[s.subnet.resolution, s.subnet.depth] for s in loop.schedule().stages]
+    with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
+        json.dump(sched, f)
+    dist.destroy_process_group()
+''')
+
+
+def test_a_progressive_loop_follows_the_main_process_decisions_on_every_rank(tmp_path):
+    driver = tmp_path / "loop_driver.py"
+    driver.write_text(LOOP_DRIVER)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(out)]
+    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
+    a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert a == b and len(a) == 4, "both ranks ran the main process's schedule"

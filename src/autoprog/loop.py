@@ -331,8 +331,15 @@ class ProgressiveLoop(GrowthCalls):
         return time.perf_counter() - self._t0
 
     def broadcast(self, obj: Any) -> Any:
-        """Single process: every decision is already this process's. Under DDP, give every process the same
-        proxy batches and seeds, or broadcast the controller's choices yourself."""
+        """Every decision of the controller goes through here: under ``torch.distributed`` (initialised, more than
+        one process) every process gets the main process's ``obj``, so all ranks follow one schedule even when
+        their timings or proxy batches differ; a single process keeps its own."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
         return obj
 
     def log_stage(self, info: dict) -> None:
