@@ -16,7 +16,6 @@ from autoprog.diffusion.data import DiffusionData, load_diffusion_data, parse_cl
 from autoprog.diffusion.methods import (
     ScaleFactors,
     export_backbone,
-    parse_method,
     prepare_bitfit,
     prepare_difffit,
     prepare_lora,
@@ -666,18 +665,6 @@ def test_lora_rank_must_be_positive():
     torch.manual_seed(0)
     with pytest.raises(ConfigError):
         prepare_lora(tiny("dit"), rank=0)
-
-
-def test_parse_method():
-    assert parse_method("lora-r16") == ("lora", {"rank": 16})
-    assert parse_method("lora") == ("lora", {"rank": None})
-    assert parse_method("autoprog-zero-nosid") == ("autoprog-zero", {"sid": False})
-    assert parse_method("prog-nosid") == ("prog", {"sid": False})
-    assert parse_method("autoprog-zero") == ("autoprog-zero", {})
-    assert parse_method("difffit") == ("difffit", {})
-    for bad in ("foo", "full-nosid", "lora-r", "lora-16", "LORA", "autoprog", ""):
-        with pytest.raises(ConfigError):
-            parse_method(bad)
 
 
 # ------------------------------------------------------------------------------------------- data

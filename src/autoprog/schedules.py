@@ -172,8 +172,6 @@ def progstack(space: GrowthSpace) -> Schedule:
 
 
 MANUAL_METHODS = {"original": original, "prog": prog, "progstack": progstack}
-SEARCHED_METHODS = ("autoprog-one", "autoprog-zero", "autoprog-one-gain", "autoprog-zero-gain")  # -gain: --criterion gain
-METHODS = (*MANUAL_METHODS, "fixed", *SEARCHED_METHODS)
 
 
 def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = None) -> Schedule:
@@ -183,9 +181,8 @@ def build_schedule(method: str, space: GrowthSpace, schedule_path: str | None = 
         sched = Schedule.from_arg(schedule_path)
     elif method in MANUAL_METHODS:
         sched = MANUAL_METHODS[method](space)
-    elif method == "autoprog-one":
-        raise ConfigError("autoprog-one finds its schedule while training; build it with autoprog.algorithms.autoprog_one.AutoProgOne")
     else:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"{method!r} has no schedule fixed in advance; choose from fixed, {', '.join(MANUAL_METHODS)}"
+                          " (a search finds its schedule while training)")
     sched.validate_for(space)
     return sched

@@ -33,9 +33,10 @@ from ..experiment import (
     seed_speedup,
 )
 from ..front import DEFAULT_FRONT
+from ..methods import PRETRAIN, get_method, method_names, methods_help
 from ..options import Spec, option
 from ..report import plot_curves, plot_front, reading, schedule_string
-from ..schedules import METHODS, build_schedule
+from ..schedules import build_schedule
 from .report import seeds_markdown, summary_markdown
 from .trainer import TrainConfig, Trainer
 
@@ -61,11 +62,7 @@ class RunSpec(Spec):
                 d.setdefault(key, old)
         return super().from_dict(d)
 
-    method: str = option("prog", "original (full model), prog (uniform linear growth), progstack (progressive "
-                                 "stacking), fixed (replay --schedule), autoprog-one (automatic schedule by one-shot "
-                                 "search), autoprog-zero (automatic schedule by zero-shot proxies on grown "
-                                 "candidates, Table 5); a -gain suffix (autoprog-one-gain, autoprog-zero-gain) sets --criterion gain",
-                         choices=METHODS)
+    method: str = option("prog", methods_help(PRETRAIN), choices=method_names(PRETRAIN))
     growth: str | None = option(None, "growth operator (default: mogrow; stacking for progstack)",
                                 choices=sorted(GROWTH_OPERATORS), show_default=False, group="growth")
     model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224",
@@ -166,8 +163,7 @@ BEFORE_2026_12_05 = {"builtin_grid": 4, "search_min_updates": 0, "alpha_rule": "
 
 def build_run(spec: RunSpec):
     """Load data, build the elastic model, the schedule and the growth operator for ``spec``."""
-    if spec.method not in METHODS:
-        raise ConfigError(f"unknown method {spec.method!r}; choose from {', '.join(METHODS)}")
+    chosen = get_method(spec.method, PRETRAIN)
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size)
     img_size = spec.img_size
     if img_size is None and spec.model == "vit":
@@ -176,10 +172,10 @@ def build_run(spec: RunSpec):
                                grid=spec.builtin_grid)
     net = build_elastic(spec.model, data.num_classes, data.in_chans, overrides)
     space = net.growth_space(spec.num_stages, spec.start_ratio)
-    if spec.method in ("autoprog-one", "autoprog-one-gain"):
+    if chosen.base == "autoprog-one":
         from ..algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
 
-        criterion = "gain" if spec.method.endswith("-gain") else spec.criterion
+        criterion = chosen.options.get("criterion", spec.criterion)
         cfg = AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples, spec.recycle,
                                 criterion=criterion, gain_samples=spec.gain_samples, gain_folds=spec.gain_folds,
                                 search_fraction=spec.search_fraction, search_min_updates=spec.search_min_updates,
@@ -190,13 +186,13 @@ def build_run(spec: RunSpec):
         schedule = AutoProgOne(space, cfg, seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
-    if spec.method in ("autoprog-zero", "autoprog-zero-gain"):
+    if chosen.base == "autoprog-zero":
         from ..algorithms.autoprog_zero import AutoProgZero
 
         if not 0 <= spec.time_tolerance < 1:
             raise ConfigError(f"--time-tolerance must be in [0, 1), got {spec.time_tolerance}")
         return data, net, AutoProgZero(space, time_rtol=spec.time_tolerance,
-                                       criterion="gain" if spec.method.endswith("-gain") else spec.criterion,
+                                       criterion=chosen.options.get("criterion", spec.criterion),
                                        gain_folds=spec.gain_folds), \
             get_growth_operator(spec.growth or "mogrow")
     schedule = build_schedule(spec.method, space, spec.schedule)
@@ -262,9 +258,10 @@ _SEARCHES_ONLY = ("criterion", "gain_folds", "time_source", "step_time_scope")
 
 def unread_settings(method: str) -> tuple[str, ...]:
     """The settings ``method`` never reads: a saved run of it that differs only in these is the same run."""
-    if method.startswith("autoprog-one"):
+    base = get_method(method, PRETRAIN).base
+    if base == "autoprog-one":
         return _AUTOPROG_ZERO_ONLY
-    if method.startswith("autoprog-zero"):
+    if base == "autoprog-zero":
         return _AUTOPROG_ONE_ONLY
     return _AUTOPROG_ONE_ONLY + _AUTOPROG_ZERO_ONLY + _SEARCHES_ONLY
 
@@ -296,9 +293,9 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     acc = accelerator or Accelerator()
     out = writable_dir(Path(out))
     methods = list(dict.fromkeys(methods))
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in method_names(PRETRAIN)]
     if bad:
-        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(method_names(PRETRAIN))}")
     if "original" not in methods:
         methods.insert(0, "original")
     methods.sort(key=lambda m: m != "original")

@@ -6,7 +6,7 @@ Entry points in :mod:`~autoprog.diffusion.runner` (``pretrain_base``, ``finetune
 backbones are in :mod:`autoprog.models.dit` and :mod:`autoprog.models.text_unet` (text-to-image), the unfreezing adapter in :mod:`autoprog.adapters.unfreezer`.
 """
 
-from .methods import FINETUNE_METHODS, export_backbone, parse_method
+from .methods import export_backbone
 from .runner import (
     BaseSpec,
     FinetuneSpec,
@@ -20,7 +20,7 @@ from .runner import (
 from .trainer import DiffusionConfig, DiffusionTrainer
 
 __all__ = [
-    "BaseSpec", "DiffusionConfig", "DiffusionTrainer", "FINETUNE_METHODS", "FinetuneSpec", "TextBaseSpec",
+    "BaseSpec", "DiffusionConfig", "DiffusionTrainer", "FinetuneSpec", "TextBaseSpec",
     "TextFinetuneSpec",
-    "compare_finetune", "compare_finetune_seeds", "export_backbone", "finetune", "parse_method", "pretrain_base",
+    "compare_finetune", "compare_finetune_seeds", "export_backbone", "finetune", "pretrain_base",
 ]

@@ -21,31 +21,6 @@ from ..adapters.unfreezer import freeze_all, train_conditions
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone
 
-STATIC_METHODS = ("full", "bitfit", "difffit", "lora")
-PROGRESSIVE_METHODS = ("prog", "autoprog-one", "autoprog-zero")
-PEFT_METHODS = ("bitfit", "difffit", "lora")
-_LORA_RE = re.compile(r"^lora(?:-r(\d+))?$")
-
-
-def parse_method(name: str) -> tuple[str, dict]:
-    """``lora-r16`` → ``("lora", {"rank": 16})``; ``autoprog-zero-nosid`` → ``("autoprog-zero", {"sid": False})``."""
-    m = _LORA_RE.match(name)
-    if m:
-        return "lora", {"rank": int(m.group(1)) if m.group(1) else None}
-    if name.endswith("-nosid") and name[:-6] in PROGRESSIVE_METHODS:
-        return name[:-6], {"sid": False}
-    if name == "autoprog-zero-gain":
-        return "autoprog-zero", {"criterion": "gain"}
-    if name in STATIC_METHODS or name in PROGRESSIVE_METHODS:
-        return name, {}
-    raise ConfigError(f"unknown fine-tuning method {name!r}; choose from {', '.join(FINETUNE_METHODS)} "
-                      "(lora-rN sets the rank, a -nosid suffix drops the stage identifier, "
-                      "autoprog-zero-gain is autoprog-zero with --criterion gain)")
-
-
-FINETUNE_METHODS = (*STATIC_METHODS, "lora-r8", "lora-r16", *PROGRESSIVE_METHODS,
-                    *(f"{m}-nosid" for m in PROGRESSIVE_METHODS), "autoprog-zero-gain")
-
 
 # ----------------------------------------------------------------------------------- static baselines
 def prepare_full(model: DiffusionBackbone) -> None:
@@ -130,7 +105,7 @@ def prepare_static(model: DiffusionBackbone, method: str, lora_rank: int = 8) ->
     elif method == "lora":
         prepare_lora(model, lora_rank)
     else:
-        raise ConfigError(f"{method!r} is not a static fine-tuning method ({', '.join(STATIC_METHODS)})")
+        raise ConfigError(f"{method!r} is not a static fine-tuning method")
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from ..budget import Budget
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
 from ..front import DEFAULT_FRONT
+from ..methods import FINETUNE, get_method, methods_help
 from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
@@ -34,7 +35,7 @@ from .dreambooth import (
     SCORE_KEYS,
 )
 from .latent import with_latents
-from .methods import FINETUNE_METHODS, PEFT_METHODS, STATIC_METHODS, parse_method, prepare_static
+from .methods import prepare_static
 from .quality import default_cache_dir
 from .trainer import DiffusionConfig, DiffusionTrainer
 
@@ -98,11 +99,7 @@ class FinetuneSpec(ImageDataSpec):
 
     settings_name = "fine-tuning settings"
 
-    method: str = option("autoprog-zero", "full, bitfit, difffit, lora (lora-rN for rank N), prog (uniform linear "
-                                          "unfreezing), autoprog-one (supernet-loss search), autoprog-zero (zero-shot "
-                                          "search); a -nosid suffix drops the stage identifier; autoprog-zero-gain is autoprog-zero "
-                                          "with --criterion gain. Known: "
-                                          + ", ".join(FINETUNE_METHODS))
+    method: str = option("autoprog-zero", methods_help(FINETUNE) + "; lora-rN: LoRA of rank N")
     base: str | None = option(None, "base model directory (autoprog's model/ or a diffusers DiTTransformer2DModel "
                                     "folder) (default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
                               metavar="PATH", show_default=False)
@@ -398,7 +395,8 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     from ..controllers import ScheduleController, StaticController
     from ..schedules import prog
 
-    method, opts = parse_method(spec.method)
+    chosen = get_method(spec.method, FINETUNE)
+    method, opts = chosen.base, chosen.options
     dreambooth = isinstance(spec, DreamBoothSpec)
     if not dreambooth:
         data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
@@ -435,10 +433,10 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         model.resize_classes(data.num_classes)
     unfreezer = None
     lr = spec.train.lr
-    if method in STATIC_METHODS:
+    if chosen.kind == "static":
         prepare_static(model, method, spec.lora_rank if opts.get("rank") is None else opts["rank"])
         controller = StaticController(spec.method)
-        if method in PEFT_METHODS:
+        if method != "full":  # bitfit, difffit, lora: few parameters
             lr = spec.train.peft_lr or 10 * spec.train.lr
     else:
         unfreezer = Unfreezer(model, spec.learnable_layout, groups=max(1, round(1 / spec.start_ratio)))
@@ -486,7 +484,7 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
     spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume)
     torch.manual_seed(spec.train.seed)
     data, model, controller, unfreezer, lr = build_finetune(spec)
-    if parse_method(spec.method)[0] == "prog" and not spec.schedule and not resume:
+    if get_method(spec.method, FINETUNE).base == "prog" and not spec.schedule and not resume:
         note = unfreezer.space(spec.num_stages, spec.start_ratio).repeated_stages_note()
         if note:
             warn(note)
@@ -575,7 +573,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     out = writable_dir(Path(out))
     spec.train.validate()
     for m in methods:
-        parse_method(m)
+        get_method(m, FINETUNE)
     if "full" not in methods:
         raise ConfigError("compare --task finetune needs 'full' among the methods: ratios are against it")
     from accelerate import Accelerator
@@ -589,7 +587,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                                     "full", acc.print)
     full_t = results["full"]["summary"]["wall_time_s"]
     full_flops = results["full"]["summary"]["flops_per_step"] * results["full"]["summary"]["steps"]
-    prog = [m for m in results if parse_method(m)[0] not in STATIC_METHODS]
+    prog = [m for m in results if get_method(m, FINETUNE).kind != "static"]
     run_budget = Budget.from_options(spec.train.budget, spec.train.budget_steps)
     if run_budget is not None and budget:
         acc.print(f"budget mode: every method had the same budget ({run_budget.describe()}), so full fine-tuning "
@@ -734,7 +732,7 @@ _SEARCHES_ONLY = ("time_source", "step_time_scope", "proxy_batches", "proxy_batc
 
 def unread_settings(method: str) -> tuple[str, ...]:
     """The settings ``method`` never reads: a saved run of it that differs only in these is the same run."""
-    name = parse_method(method)[0]
+    name = get_method(method, FINETUNE).base
     if name == "autoprog-one":
         return _AUTOPROG_ZERO_ONLY
     if name == "autoprog-zero":
@@ -747,5 +745,5 @@ def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
                                         ignore=("stop_after_steps", *unread_settings(spec.method)))
 
 
-__all__ = ["BaseSpec", "FinetuneSpec", "TextBaseSpec", "TextFinetuneSpec", "DEFAULT_TEXT_BASE", "FINETUNE_METHODS", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
+__all__ = ["BaseSpec", "FinetuneSpec", "TextBaseSpec", "TextFinetuneSpec", "DEFAULT_TEXT_BASE", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
            "compare_finetune_seeds", "finetune", "pretrain_base", "build_finetune"]
