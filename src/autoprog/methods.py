@@ -71,6 +71,23 @@ def get_method(name: str, task: str) -> Method:
     return found
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """A task's settings that only its searches read: AutoProg-One's, AutoProg-Zero's, and both's."""
+
+    autoprog_one: tuple[str, ...]
+    autoprog_zero: tuple[str, ...]
+    both: tuple[str, ...]
+
+    def unread_by(self, method: Method) -> tuple[str, ...]:
+        """What ``method`` never reads: a saved run of it that differs only in these is the same run."""
+        if method.base == "autoprog-one":
+            return self.autoprog_zero
+        if method.base == "autoprog-zero":
+            return self.autoprog_one
+        return self.autoprog_one + self.autoprog_zero + self.both
+
+
 def methods_help(task: str) -> str:
     """One clause per registered method of ``task``, for ``--help``."""
     return "; ".join(f"{m.name} ({m.help})" for m in _REGISTRY.values() if task in m.tasks)

@@ -33,7 +33,7 @@ from ..experiment import (
     seed_speedup,
 )
 from ..front import DEFAULT_FRONT
-from ..methods import PRETRAIN, get_method, method_names, methods_help
+from ..methods import PRETRAIN, SearchSettings, get_method, method_names, methods_help
 from ..options import Spec, option
 from ..report import plot_curves, plot_front, reading, schedule_string
 from ..schedules import build_schedule
@@ -249,26 +249,18 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
 
 
 # Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
-_AUTOPROG_ONE_ONLY = ("search_epochs", "search_fraction", "search_min_updates", "alpha", "alpha_rule", "forced_growth",
-                      "search_samples", "score_points", "score_momentum", "supernet_sampling", "search_step_time",
-                      "gain_samples", "recycle")
-_AUTOPROG_ZERO_ONLY = ("time_tolerance",)
-_SEARCHES_ONLY = ("criterion", "gain_folds", "time_source", "step_time_scope")
-
-
-def unread_settings(method: str) -> tuple[str, ...]:
-    """The settings ``method`` never reads: a saved run of it that differs only in these is the same run."""
-    base = get_method(method, PRETRAIN).base
-    if base == "autoprog-one":
-        return _AUTOPROG_ZERO_ONLY
-    if base == "autoprog-zero":
-        return _AUTOPROG_ONE_ONLY
-    return _AUTOPROG_ONE_ONLY + _AUTOPROG_ZERO_ONLY + _SEARCHES_ONLY
+SEARCH_SETTINGS = SearchSettings(
+    autoprog_one=("search_epochs", "search_fraction", "search_min_updates", "alpha", "alpha_rule", "forced_growth",
+                  "search_samples", "score_points", "score_momentum", "supernet_sampling", "search_step_time",
+                  "gain_samples", "recycle"),
+    autoprog_zero=("time_tolerance",),
+    both=("criterion", "gain_folds", "time_source", "step_time_scope"))
 
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     """How the pre-training run in ``out`` differs from ``spec`` in what its method reads (None: no run there)."""
-    return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs", *unread_settings(spec.method)))
+    return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs",
+                             *SEARCH_SETTINGS.unread_by(get_method(spec.method, PRETRAIN))))
 
 
 def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:

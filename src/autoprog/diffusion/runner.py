@@ -22,7 +22,7 @@ from ..budget import Budget
 from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
 from ..front import DEFAULT_FRONT
-from ..methods import FINETUNE, get_method, methods_help
+from ..methods import FINETUNE, SearchSettings, get_method, methods_help
 from ..models.dit import build_backbone, load_backbone
 from ..options import Spec, option
 from ..schedules import Schedule
@@ -725,24 +725,15 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
 
 
 # Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
-_AUTOPROG_ONE_ONLY = ("search_fraction", "alpha")
-_AUTOPROG_ZERO_ONLY = ("time_tolerance", "candidate_space", "criterion", "gain_folds")
-_SEARCHES_ONLY = ("time_source", "step_time_scope", "proxy_batches", "proxy_batch_size")
-
-
-def unread_settings(method: str) -> tuple[str, ...]:
-    """The settings ``method`` never reads: a saved run of it that differs only in these is the same run."""
-    name = get_method(method, FINETUNE).base
-    if name == "autoprog-one":
-        return _AUTOPROG_ZERO_ONLY
-    if name == "autoprog-zero":
-        return _AUTOPROG_ONE_ONLY
-    return _AUTOPROG_ONE_ONLY + _AUTOPROG_ZERO_ONLY + _SEARCHES_ONLY
+SEARCH_SETTINGS = SearchSettings(autoprog_one=("search_fraction", "alpha"),
+                                 autoprog_zero=("time_tolerance", "candidate_space", "criterion", "gain_folds"),
+                                 both=("time_source", "step_time_scope", "proxy_batches", "proxy_batch_size"))
 
 
 def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
     return experiment.saved_differences(out, spec, lambda cfg: type(spec).from_dict(cfg["spec"]),
-                                        ignore=("stop_after_steps", *unread_settings(spec.method)))
+                                        ignore=("stop_after_steps",
+                                                *SEARCH_SETTINGS.unread_by(get_method(spec.method, FINETUNE))))
 
 
 __all__ = ["BaseSpec", "FinetuneSpec", "TextBaseSpec", "TextFinetuneSpec", "DEFAULT_TEXT_BASE", "DEFAULT_BASE", "DEFAULT_COMPARE", "compare_finetune",
