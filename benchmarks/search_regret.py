@@ -67,10 +67,10 @@ class Task:
         if self.finetune:
             from accelerate import Accelerator
 
-            from autoprog.diffusion.methods import parse_method
             from autoprog.diffusion.runner import _run_once
+            from autoprog.methods import FINETUNE, get_method
 
-            sid = parse_method(self.spec.method)[1].get("sid", True)  # a -nosid search replays without SID too
+            sid = get_method(self.spec.method, FINETUNE).options.get("sid", True)  # -nosid replays without SID
             spec = replace(self.spec, method="prog" if sid else "prog-nosid", schedule=str(schedule_file))
             return _run_once(spec, out, Accelerator(), None)["summary"]
         from autoprog.classification.runner import run_or_reuse
