@@ -106,3 +106,23 @@ def test_search_regret_replays_the_found_schedule_and_its_neighbours(fake_fmnist
     assert eligible, "the replay costs what the searched run did"
     assert res["regret"] == pytest.approx(max(eligible) - res["searched"]["top1"], abs=1e-3)
     assert "regret" in (out / "regret.md").read_text()
+
+
+def test_search_regret_replays_a_fine_tuning_search(fake_fmnist, cache_dir, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from conftest import tiny_base_dit
+    from test_finetune import TINY, spec_for
+
+    from autoprog.diffusion.runner import finetune
+
+    base = tiny_base_dit(fake_fmnist, cache_dir, tmp_path / "base", replace(TINY, steps=6, eval_points=1))
+    like, out = tmp_path / "searched", tmp_path / "regret"
+    finetune(spec_for("autoprog-zero-nosid", base, fake_fmnist, cache_dir, eval_points=1, time_source="flops"), like)
+    run_script("search_regret.py", "--like", str(like), "--out", str(out), "--max", "1", monkeypatch=monkeypatch)
+    res = json.loads((out / "regret.json").read_text())
+    assert res["metric"] == "fd" and len(res["fixed"]) == 2
+    assert res["fixed"][0]["schedule"] == "found schedule, replayed"
+    replay = json.loads(next(p for p in out.iterdir() if p.is_dir() and (p / "config.json").is_file())
+                        .joinpath("config.json").read_text())
+    assert replay["spec"]["method"] == "prog-nosid", "a -nosid search is replayed without the stage identifier"

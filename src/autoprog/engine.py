@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -98,6 +100,34 @@ class RunTemplate:
                           f"(continue with --resume {self.out})")
 
     prepared_names = ("model", "net")  # attribute names of the Accelerate-prepared model and the model itself
+
+    # ------------------------------------------------------------------ the training clock's measurements
+    _instrument_time = 0.0  # seconds inside the running training clock that were measurement, not training
+
+    def _clock_running(self) -> bool:
+        """Whether the training clock runs now (each trainer says)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def measuring(self):
+        """What runs inside is measurement (FLOP counts, budget mode's timings), not training: the training clock
+        leaves it out."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._clock_running():
+                self._instrument_time += time.perf_counter() - t0
+
+    @contextmanager
+    def counted_as_search(self):
+        """Measurement inside (a search's FLOP counting under ``time_source="flops"``) is the search's time, which
+        stays inside the run's runtime."""
+        before = self._instrument_time
+        try:
+            yield
+        finally:
+            self._instrument_time = before
 
     def _release(self) -> None:
         """Forget the prepared model: a comparison's later runs must not keep it alive."""

@@ -211,12 +211,11 @@ class Trainer(GrowthCalls, RunTemplate):
         pass (measured; the measuring is not training time), or its FLOPs ÷ the full model's."""
         if self.budget.in_steps:
             return self._count_flops(subnet) / self._count_flops(self.net.full_subnet)
-        t0 = time.perf_counter()
-        try:
+        with self.measuring():
             return self._timed(subnet, 3)
-        finally:
-            if self._t_epoch is not None:
-                self._instrument_time += time.perf_counter() - t0
+
+    def _clock_running(self) -> bool:
+        return self._t_epoch is not None
 
     def _replan(self, entering: bool = False) -> None:
         """Budget mode: move the run's end to where the budget says, the learning rate decaying to it."""
@@ -255,19 +254,17 @@ class Trainer(GrowthCalls, RunTemplate):
         time is not training time."""
         key = (subnet.resolution, subnet.active_blocks)
         if key not in self.flops_cache:
-            t0 = time.perf_counter()
             size = self.data.image_size
             sample = torch.zeros(1, self.data.in_chans, size, size, device=self.acc.device)
             cur = self.net.subnet
             if cur != subnet:
                 self.net.apply_subnet(subnet)
             try:
-                with torch.random.fork_rng(devices=[]):
+                with self.measuring(), torch.random.fork_rng(devices=[]):  # counting FLOPs is not training
                     self.flops_cache[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.global_batch
             finally:
                 if cur != subnet:
                     self.net.apply_subnet(cur)
-            self._instrument_time += time.perf_counter() - t0  # counting FLOPs is not training
         return self.flops_cache[key]
 
     # ------------------------------------------------------------------ services for controllers
@@ -452,14 +449,11 @@ class Trainer(GrowthCalls, RunTemplate):
             self.net.apply_subnet(cur)
 
     def _flops_time(self, subnet: SubNet) -> float:
-        before = self._instrument_time  # a search's FLOP counting is search time, inside the runtime
-        try:
+        with self.counted_as_search():
             if self._sec_per_flop is None:
                 full = self.net.full_subnet
                 self._sec_per_flop = self._timed(full, 5) / self._count_flops(full)
             return self._count_flops(subnet) * self._sec_per_flop
-        finally:
-            self._instrument_time = before
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> tuple[float, float]:

@@ -197,12 +197,11 @@ class DiffusionTrainer(RunTemplate):
         if self.budget.in_steps:
             flops = self.step_flops() if own is None else self._candidate_flops(own)
             return flops / self._full_finetune_flops()
-        t0 = time.perf_counter()
-        try:
+        with self.measuring():
             return self._timed(own, 3)
-        finally:
-            if self._t_start is not None:
-                self._instrument_time += time.perf_counter() - t0
+
+    def _clock_running(self) -> bool:
+        return self._t_start is not None
 
     def _full_finetune_flops(self) -> int:
         if self._full_flops is None:
@@ -251,19 +250,18 @@ class DiffusionTrainer(RunTemplate):
         if key not in self.flops_cache:
             from ..metrics import count_flops
 
-            t0 = time.perf_counter()
-            x0, y = self.data.batch(torch.arange(2), self.resolution, generator=torch.Generator().manual_seed(0))
-            x0, y = x0.to(self.acc.device), y.to(self.acc.device)
+            with self.measuring():
+                x0, y = self.data.batch(torch.arange(2), self.resolution, generator=torch.Generator().manual_seed(0))
+                x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
-            def step():
-                with torch.random.fork_rng(devices=[]):
-                    diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y)).backward()
-                for p in self.model.parameters():
-                    p.grad = None
+                def step():
+                    with torch.random.fork_rng(devices=[]):
+                        diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y)).backward()
+                    for p in self.model.parameters():
+                        p.grad = None
 
-            per_image = count_flops(step) / 2
-            self.flops_cache[key] = int(per_image * self.cfg.batch_size * self.acc.num_processes)
-            self._instrument_time += time.perf_counter() - t0
+                per_image = count_flops(step) / 2
+                self.flops_cache[key] = int(per_image * self.cfg.batch_size * self.acc.num_processes)
         return self.flops_cache[key]
 
     # ---------------------------------------------------------------------- services for controllers
@@ -349,14 +347,11 @@ class DiffusionTrainer(RunTemplate):
         ``time_source="flops"`` its FLOPs times seconds per FLOP (calibrated once on full fine-tuning), so no
         decision turns on timing noise."""
         if self.cfg.time_source == "flops":
-            before = self._instrument_time  # a search's FLOP counting is search time, inside the runtime
-            try:
+            with self.counted_as_search():
                 if self._sec_per_flop is None:
                     full = self.growth_space().full
                     self._sec_per_flop = self._timed(full, 5) / self._candidate_flops(full)
                 return self._candidate_flops(subnet) * self._sec_per_flop
-            finally:
-                self._instrument_time = before
         key = f"{subnet.resolution}:{','.join(map(str, self.unfreezer.blocks_for(subnet)))}"
         return self.step_timer.time(key, lambda: self._timed(subnet))
 
