@@ -126,3 +126,18 @@ def test_search_regret_replays_a_fine_tuning_search(fake_fmnist, cache_dir, tmp_
     replay = json.loads(next(p for p in out.iterdir() if p.is_dir() and (p / "config.json").is_file())
                         .joinpath("config.json").read_text())
     assert replay["spec"]["method"] == "prog-nosid", "a -nosid search is replayed without the stage identifier"
+
+
+def test_flops_to_quality_reads_the_front_against_flops(tmp_path, monkeypatch, capsys):
+    rows = [{"method": "original", "flops_speedup": 1.0, "top1": 70.0},
+            {"method": "original@0.5", "flops_speedup": 2.0, "top1": 60.0},
+            {"method": "prog", "flops_speedup": 2.0, "top1": 65.0},  # the front needs 0.75 of the FLOPs: 1.5×
+            {"method": "fast", "flops_speedup": 4.0, "top1": 50.0}]  # the shortest budget already does better
+    for seed, shift in ((0, 0.0), (1, 5.0)):
+        (tmp_path / f"seed{seed}").mkdir()
+        seeded = [{**r, "top1": r["top1"] + (shift if r["method"] == "prog" else 0.0)} for r in rows]
+        (tmp_path / f"seed{seed}" / "summary.json").write_text(json.dumps(seeded))
+    run_script("flops_to_quality.py", str(tmp_path), monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert "| prog | 1.75× ± 0.35 | 1.50×, 2.00× |" in out  # seed 1 reaches the whole run's 70 %: 1.0 / 0.5
+    assert "| fast | <2.00× ± 0.00 | <2.00×, <2.00× |" in out  # at most 0.5 of the FLOPs, it took 0.25
