@@ -131,9 +131,10 @@ def test_autoprog_one_by_gain_keeps_the_largest_predicted_gain(cli, fake_fmnist,
 
 
 def test_the_gain_variant_names_run_the_gain_criterion(cli, fake_fmnist, tmp_path):
-    from autoprog.diffusion.methods import parse_method
+    from autoprog.methods import FINETUNE, get_method
 
-    assert parse_method("autoprog-zero-gain") == ("autoprog-zero", {"criterion": "gain"})
+    m = get_method("autoprog-zero-gain", FINETUNE)
+    assert (m.base, m.options) == ("autoprog-zero", {"criterion": "gain"})
     rc, _, err = cli("pretrain", "--method", "autoprog-zero-gain", "--time-source", "flops", "--out", tmp_path / "g",
                      *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 0, err
