@@ -30,8 +30,8 @@ def seed_summaries(folder: Path) -> dict[str, list[dict]]:
 def flops_speedups(rows: list[dict], baseline: str = "original") -> dict[str, Speedup]:
     """Each row's FLOPs-to-quality speed-up against ``baseline``'s front (its ``@`` runs and itself)."""
     # FLOPs in units of the baseline's whole run: a row's flops_speedup is the baseline's FLOPs ÷ the run's
-    front = Front([(1.0 / r["flops_speedup"], r["top1"]) for r in rows
-                   if r["method"] == baseline or r["method"].startswith(baseline + "@")])
+    front = Front([(1.0 / r["flops_speedup"], r["top1"]) for r in rows if r.get("flops_speedup")
+                   and (r["method"] == baseline or r["method"].startswith(baseline + "@"))])
     return {r["method"]: front.speedup(1.0 / r["flops_speedup"], r["top1"]) for r in rows if r.get("flops_speedup")}
 
 
@@ -40,8 +40,11 @@ def main() -> None:
     p.add_argument("folders", nargs="+", type=Path)
     a = p.parse_args()
     for folder in a.folders:
-        per_seed = {s: flops_speedups(rows) for s, rows in seed_summaries(folder).items()}
-        methods = list(next(iter(per_seed.values())))
+        summaries = seed_summaries(folder)
+        if not summaries:
+            p.error(f"{folder}: no summary.json (a compare output, or its seed<N> folders)")
+        per_seed = {s: flops_speedups(rows) for s, rows in summaries.items()}
+        methods = list(dict.fromkeys(m for sp in per_seed.values() for m in sp))
         print(f"## {folder} ({', '.join(per_seed)})\n")
         print("| method | FLOPs-to-quality speed-up | per seed |")
         print("|---|---:|---|")

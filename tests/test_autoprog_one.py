@@ -906,6 +906,10 @@ def test_the_searches_read_their_training_subset_once_per_run(fake_fmnist, tmp_p
     tr.candidate_gradients(sub, 100)  # a larger subset is read once more; its first 64 are the same images
     assert reads[-1] == ("train_plain", 100)
     assert [tr.candidate_loss(sub, 16, part, 4) for part in range(4)] == first and len(reads) == 2
+    tr.candidate_gradients(sub, 500)  # more than the 200 training images: all of them, in the same order
+    tr.candidate_gradients(sub, 500)
+    assert len(reads) == 3, "a request beyond the training set is read once, not at every search"
+    assert [tr.candidate_loss(sub, 16, part, 4) for part in range(4)] == first
 
 
 def test_the_search_waits_for_the_device_only_on_supernet_steps():

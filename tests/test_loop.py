@@ -200,14 +200,16 @@ def _resumable_run(make, growth, total, stop=None, state=None):
     return model, loop
 
 
-@pytest.mark.parametrize("growth", ["mogrow", "identity"])
-def test_a_loop_resumes_mid_search_bit_identically(growth):
+@pytest.mark.parametrize("growth, stop", [("mogrow", 10), ("identity", 10), ("identity", 20)])
+def test_a_loop_resumes_mid_search_bit_identically(growth, stop):
+    """Stopped in stage 2's supernet phase (10) or after the second growth (20: identity growth's gates have
+    changed since the first), resumed, it ends where the whole run did."""
     # alpha 0: the choice turns on the candidates' losses only, never on a timing
     make = lambda s: AutoProgOne(s, AutoProgOneConfig(search_fraction=0.5, search_min_updates=1,  # noqa: E731
                                                       search_samples=16, alpha=0.0))
     whole, whole_loop = _resumable_run(make, growth, 32)
-    state, stopped = _resumable_run(make, growth, 32, stop=10)  # stage 2's supernet phase
-    assert stopped.controller.searching, "the stop falls inside a search"
+    state, stopped = _resumable_run(make, growth, 32, stop=stop)
+    assert stopped.controller.searching == (stop == 10), "10 falls inside a search"
     resumed, resumed_loop = _resumable_run(make, growth, 32, state=state)
     assert resumed_loop.schedule() == whole_loop.schedule()
     losses = [[c["loss"] for c in e.get("candidates", []) if "loss" in c] for e in whole_loop.stage_log]

@@ -56,8 +56,8 @@ def test_a_name_is_registered_once_and_help_lists_every_method():
         register_method(Method("prog", "manual", (PRETRAIN,), "again"))
     with pytest.raises(ValueError, match="kind"):
         Method("x", "clever", (PRETRAIN,), "no such kind")
-    assert all(name in methods_help(PRETRAIN) for name in method_names(PRETRAIN))
-    assert all(name in methods_help(FINETUNE) for name in method_names(FINETUNE))
+    assert all(f"{name} (" in methods_help(PRETRAIN) for name in method_names(PRETRAIN))
+    assert all(f"{name} (" in methods_help(FINETUNE) for name in method_names(FINETUNE))
 
 
 def test_the_command_line_offers_the_registry(cli):

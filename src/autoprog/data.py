@@ -80,13 +80,14 @@ class DataBundle:
     def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
                num_workers: int = 0, limit: int | None = None) -> DataLoader:
         """``split``: ``train``, ``test``, or ``train_plain`` (the training images, never randomly transformed:
-        what searches score candidates on)."""
+        what searches score candidates on). ``limit``: the first ``limit`` images of one fixed permutation (all of
+        them, permuted, when there are fewer), so a smaller limit always gives a prefix of a larger one."""
         if split == "train_plain":
             ds = self.train_plain if self.train_plain is not None else self.train
         else:
             ds = self.train if split == "train" else self.test
-        if limit is not None and limit < len(ds):
-            ds = _take(ds, limit, seed=1234)
+        if limit is not None:
+            ds = _take(ds, min(limit, len(ds)), seed=1234)
         g = torch.Generator().manual_seed(seed)
         kw = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g)
         if self.in_memory:

@@ -53,6 +53,7 @@ from .space import GrowthSpace, SubNet
 from .steptime import StepTimer
 
 LOOP_STATE_FORMAT = "autoprog-loop/1"
+GATE_GROUP = "autoprog_gates"  # marks the optimizer group of the parameters a growth added
 
 
 @dataclass
@@ -79,6 +80,7 @@ class ProgressiveLoop(GrowthCalls):
         if total_steps < 1:
             raise ConfigError(f"total_steps must be positive, got {total_steps}")
         self.model, self.optimizer, self.controller, self._space = model, optimizer, controller, space
+        self._user_params = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer else set()
         self.growth, self.proxy, self._log_fn = growth, proxy, log
         self._unfreezer = Unfreezer(model) if growth is None else None
         self.steps_per_epoch = steps_per_epoch or max(1, total_steps // max(1, space.num_stages))
@@ -137,6 +139,7 @@ class ProgressiveLoop(GrowthCalls):
         before = self.subnet
         k = self.controller.stage_at(self.step)
         if k != self.stage:
+            self.step_timer.clear()  # candidates are timed afresh at every stage
             self.controller.enter_stage(self, k)
             if self._unfreezer is not None and hasattr(self.model, "set_stage"):
                 self.model.set_stage(k)  # the stage identifier (SID), when the backbone has one
@@ -171,6 +174,7 @@ class ProgressiveLoop(GrowthCalls):
         sub-network's structure, the momentum network and the measured step times. Your model's and optimizer's
         state dicts are yours to save beside it."""
         return {"format": LOOP_STATE_FORMAT, "step": self.step, "stage": self.stage, "total_steps": self.total_steps,
+                "elapsed": self.elapsed(),
                 "subnet": self.subnet.to_dict(), "stage_log": copy.deepcopy(self.stage_log),
                 "gated": self.model.gated_blocks() if self._unfreezer is None else None,
                 "controller": copy.deepcopy(self.controller.state_dict()), "step_times": self.step_timer.state_dict(),
@@ -195,6 +199,7 @@ class ProgressiveLoop(GrowthCalls):
             self._after_block_copy({})  # the optimizer groups a growth added (ReZero gates)
         self.use_subnet(subnet)
         self.step, self.stage, self.total_steps = state["step"], state["stage"], state["total_steps"]
+        self._t0 = time.perf_counter() - state["elapsed"]  # the searches' clocks continue where they stopped
         if self._unfreezer is not None and self.stage >= 0 and hasattr(self.model, "set_stage"):
             self.model.set_stage(self.stage)
         self.stage_log = copy.deepcopy(state["stage_log"])
@@ -231,10 +236,23 @@ class ProgressiveLoop(GrowthCalls):
         if self.optimizer is None:
             return
         remap_block_state(self.optimizer, self.model, block_map)
-        known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        new = [p for p in self.model.parameters() if id(p) not in known]
-        if new:  # ReZero gates of the identity operator
-            self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+        self._sync_gate_group()
+
+    def _sync_gate_group(self) -> None:
+        """Every parameter a growth added (the identity operator's ReZero gates) in one optimizer group, in the
+        model's order; a gate that is gone leaves it with its state. So a resumed loop, which rebuilds the group
+        from the model, has the groups the saved optimizer state was made with."""
+        gates = [p for p in self.model.parameters() if id(p) not in self._user_params]
+        group = next((g for g in self.optimizer.param_groups if g.get(GATE_GROUP)), None)
+        if group is None:
+            if gates:
+                self.optimizer.add_param_group({"params": gates, "weight_decay": 0.0, GATE_GROUP: True})
+            return
+        live = {id(p) for p in gates}
+        for p in group["params"]:
+            if id(p) not in live:
+                self.optimizer.state.pop(p, None)
+        group["params"] = gates
 
     def snapshot(self) -> dict:
         snap = {"subnet": self.subnet, "model": copy.deepcopy(self.model.state_dict()),

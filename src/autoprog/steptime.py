@@ -7,8 +7,9 @@
   optimizer state.
 * :class:`StepTimer` -- measures a candidate once per stage (a cache keyed by the candidate) in one of
   :data:`SCOPES`: ``"forward-backward"`` is the paper's runtime ("the total GPU hours used in forward and backward
-  pass", footnote 1) and what the official code times; ``"whole"`` (ours) adds the update, which is what freezing
-  parameters saves (no gradient clipping, optimizer state or momentum for frozen weights).
+  pass", footnote 1) and what the official code times; ``"whole"`` (ours) adds the update: gradient clipping and
+  the optimizer step, which freezing saves (frozen weights have neither), and the momentum update of every
+  parameter, as the trainers run it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class SearchMeasurements:
     step_time_scope: str = option("forward-backward", "what a candidate's measured step time covers: "
                                                       "forward-backward (the paper's runtime, footnote 1, and the "
                                                       "official code's timer) or whole (ours: also gradient "
-                                                      "clipping, the optimizer step and the momentum update, on "
-                                                      "shadow copies, which is what freezing saves). Pre-training's "
-                                                      "AutoProg-One supernet steps are whole steps",
+                                                      "clipping and the optimizer step, which freezing saves, and "
+                                                      "the momentum update, on shadow copies). Budget mode always "
+                                                      "plans with forward-backward; pre-training's AutoProg-One "
+                                                      "supernet steps are whole steps",
                                   choices=SCOPES, group="searches")
 
 
@@ -81,40 +83,45 @@ def measure_step_time(
 
 
 class ShadowUpdate:
-    """The update half of a training step on shadow copies of ``params`` (those with ``requires_grad``).
+    """The update half of a training step for a model's ``params``, on shadow copies.
 
-    Each call clips the real gradients (they are discarded after timing), hands them to an optimizer of the
-    trainer's optimizer's class and settings over the shadows, steps it and moves a momentum copy towards the
-    shadows: the work a real step does for these parameters, touching none of the real weights or state.
-    Parameters without a gradient are skipped, as the real optimizer skips them.
+    Each call clips the learnable parameters' real gradients (they are discarded after timing), hands them to an
+    optimizer of the trainer's optimizer's class and default settings (per-group settings such as the no-decay
+    group cost the same and are not copied) over shadows of the learnable parameters, steps it, and moves a
+    momentum copy of *every* parameter, as the trainers' momentum network does (frozen weights included, so
+    freezing saves no momentum time today): the work a real step does, touching none of the real weights or
+    state. Parameters without a gradient are skipped by the optimizer, as the real one skips them. It holds
+    about three copies of the learnable parameters and one of the model while it lives.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None,
                  ema_decay: float | None):
-        self.params = [p for p in params if p.requires_grad]
-        real = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        every = list(params)
+        self.params = [p for p in every if p.requires_grad]
         self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
-        accepts = inspect.signature(type(real)).parameters  # defaults may hold more than the constructor takes
-        self.optimizer = type(real)(self.shadow, **{k: v for k, v in real.defaults.items() if k in accepts})
+        self.optimizer = None
+        if self.params:  # an optimizer refuses an empty parameter list
+            real = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+            accepts = inspect.signature(type(real)).parameters  # defaults may hold more than the constructor takes
+            self.optimizer = type(real)(self.shadow, **{k: v for k, v in real.defaults.items() if k in accepts})
         self.grad_clip = grad_clip
         self.decay = ema_decay
-        self.momentum = [p.detach().clone() for p in self.params] if ema_decay else []
+        self.targets = [p.detach() for p in every if p.is_floating_point()] if ema_decay else []
+        self.momentum = [t.clone() for t in self.targets]
 
     def __call__(self) -> None:
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not live:
-            return
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_([self.params[i].grad for i in live], self.grad_clip)
-        for i in live:
-            self.shadow[i].grad = self.params[i].grad
-        self.optimizer.step()
+        if live:
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_([self.params[i] for i in live], self.grad_clip)
+            for i in live:
+                self.shadow[i].grad = self.params[i].grad
+            self.optimizer.step()
+            for s in self.shadow:
+                s.grad = None
         if self.momentum:
             with torch.no_grad():
-                torch._foreach_lerp_([self.momentum[i] for i in live], [self.shadow[i] for i in live],
-                                     1.0 - self.decay)
-        for s in self.shadow:
-            s.grad = None
+                torch._foreach_lerp_(self.momentum, self.targets, 1.0 - self.decay)
 
 
 class StepTimer:
@@ -128,10 +135,12 @@ class StepTimer:
         self.cache: dict[str, float] = {}
 
     def measure(self, forward_backward: Callable[[], None], update: Callable[[], ShadowUpdate] | None = None,
-                clear_grads: Callable[[], None] | None = None, repeats: int | None = None) -> float:
+                clear_grads: Callable[[], None] | None = None, repeats: int | None = None,
+                scope: str | None = None) -> float:
         """Seconds of one step: ``forward_backward()`` (which leaves the gradients), then with the ``"whole"``
-        scope the update that ``update()`` builds; ``clear_grads()`` after each step. Not cached."""
-        shadow = update() if self.scope == "whole" and update is not None else None
+        scope (``scope``, default: the timer's) the update that ``update()`` builds; ``clear_grads()`` after each
+        step. Not cached."""
+        shadow = update() if (scope or self.scope) == "whole" and update is not None else None
 
         def step():
             forward_backward()

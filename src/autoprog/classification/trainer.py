@@ -175,7 +175,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.stage_log: list[dict] = []
         self._t_epoch: float | None = None
         self._instrument_time = 0.0  # seconds spent measuring (FLOP counts) inside the timed loop
-        self._plain: tuple[torch.Tensor, torch.Tensor] | None = None  # the searches' subset, on the host
+        self._plain: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (size asked, the searches' subset)
         self._score_order: tuple[int, torch.Tensor] | None = None  # (size, the scoring points' shuffled order)
         self.step_timer = StepTimer(scope=cfg.step_time_scope, device=self.acc.device)  # this stage's candidates
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
@@ -211,8 +211,8 @@ class Trainer(GrowthCalls, RunTemplate):
         pass (measured; the measuring is not training time), or its FLOPs ÷ the full model's."""
         if self.budget.in_steps:
             return self._count_flops(subnet) / self._count_flops(self.net.full_subnet)
-        with self.measuring():
-            return self._timed(subnet, 3)
+        with self.measuring():  # forward and backward whatever --step-time-scope says: a plan for any method
+            return self._timed(subnet, 3, scope="forward-backward")
 
     def _clock_running(self) -> bool:
         return self._t_epoch is not None
@@ -382,14 +382,14 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _plain_subset(self, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed, non-augmented training subset the searches score candidates on: its first ``samples``
-        images and labels, on the host. Read once; a larger request reads the larger subset, whose first
-        ``samples`` are the smaller one (the subset is a prefix of one fixed permutation)."""
-        if self._plain is None or len(self._plain[1]) < samples:
+        images and labels (all of them when there are fewer), on the host. Read once; a larger request reads the
+        larger subset, whose first ``samples`` are the smaller one (a prefix of one fixed permutation)."""
+        if self._plain is None or self._plain[0] < samples:
             self._plain = None  # free the smaller subset before reading
             raw = list(self.data.loader("train_plain", self.cfg.batch_size * 2, shuffle=False, limit=samples,
                                         num_workers=self.cfg.num_workers))
-            self._plain = (torch.cat([x for x, _ in raw]), torch.cat([y for _, y in raw]))
-        xs, ys = self._plain
+            self._plain = (samples, torch.cat([x for x, _ in raw]), torch.cat([y for _, y in raw]))
+        _, xs, ys = self._plain
         return xs[:samples], ys[:samples]
 
     def candidate_gradients(self, subnet: SubNet, samples: int, folds: int = 2):
@@ -422,7 +422,7 @@ class Trainer(GrowthCalls, RunTemplate):
             return self._flops_time(subnet)
         return self.step_timer.time(f"{subnet.resolution}:{subnet.depth}", lambda: self._timed(subnet, repeats))
 
-    def _timed(self, subnet: SubNet, repeats: int) -> float:
+    def _timed(self, subnet: SubNet, repeats: int, scope: str | None = None) -> float:
         """Seconds of a training step of ``subnet`` (two warm-ups: a new resolution's first pass pays one-off
         costs), not cached."""
         size = self.data.image_size
@@ -443,7 +443,7 @@ class Trainer(GrowthCalls, RunTemplate):
         try:
             return self.step_timer.measure(
                 forward_backward, lambda: ShadowUpdate(self.net.parameters(), self.optimizer, self.cfg.grad_clip,
-                                                       self.ema_decay), clear_grads, repeats)
+                                                       self.ema_decay), clear_grads, repeats, scope)
         finally:
             clear_grads()
             self.net.apply_subnet(cur)

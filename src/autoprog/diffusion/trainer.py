@@ -197,8 +197,8 @@ class DiffusionTrainer(RunTemplate):
         if self.budget.in_steps:
             flops = self.step_flops() if own is None else self._candidate_flops(own)
             return flops / self._full_finetune_flops()
-        with self.measuring():
-            return self._timed(own, 3)
+        with self.measuring():  # forward and backward whatever --step-time-scope says: a plan for any method
+            return self._timed(own, 3, scope="forward-backward")
 
     def _clock_running(self) -> bool:
         return self._t_start is not None
@@ -366,7 +366,7 @@ class DiffusionTrainer(RunTemplate):
             if prev is not None:
                 self.unfreezer.apply(prev)
 
-    def _timed(self, subnet: SubNet | None, repeats: int | None = None) -> float:
+    def _timed(self, subnet: SubNet | None, repeats: int | None = None, scope: str | None = None) -> float:
         """Seconds of a training step with ``subnet`` learnable (None: as the model is now), not cached."""
         prev = self.unfreezer.subnet if self.unfreezer is not None else None
         if subnet is not None:
@@ -391,7 +391,7 @@ class DiffusionTrainer(RunTemplate):
                                 self.cfg.ema_decay if self.ema is not None else None)
 
         try:
-            return self.step_timer.measure(forward_backward, update, clear_grads, repeats)
+            return self.step_timer.measure(forward_backward, update, clear_grads, repeats, scope)
         finally:
             if prev is not None:
                 self.unfreezer.apply(prev)
