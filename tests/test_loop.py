@@ -31,8 +31,8 @@ def _proxy():
     return ProxyData(_batches(), loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
 
 
-def _run(loop, model, optimizer, data):
-    for i in range(loop.total_steps):
+def _run(loop, model, optimizer, data, start=0, stop=None):
+    for i in range(start, loop.total_steps if stop is None else stop):
         x, y = data[i % len(data)]
         loop.before_step()
         loss = F.cross_entropy(model(loop.resize(x)), y)
@@ -183,15 +183,7 @@ def _resumable_run(make, growth, total, stop=None, state=None):
         opt.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         start = loop.step
-    data = _batches()
-    for i in range(start, loop.total_steps if stop is None else stop):
-        x, y = data[i % len(data)]
-        loop.before_step()
-        loss = F.cross_entropy(model(loop.resize(x)), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loop.after_step(loss)
+    _run(loop, model, opt, _batches(), start, stop)
     if stop is not None:
         buf = io.BytesIO()
         torch.save({"loop": loop.state_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
