@@ -16,13 +16,13 @@ from autoprog.algorithms.proxies import (
     TIME_RTOL,
     autoprog_zero_vote,
     learnable_parameters,
-    measure_step_time,
     ntk_condition_number,
     ranked_vote,
     tie_within,
     zico,
 )
 from autoprog.errors import ConfigError
+from autoprog.steptime import measure_step_time
 
 
 def mlp(seed: int = 0) -> nn.Sequential:

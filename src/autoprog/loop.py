@@ -192,11 +192,10 @@ class ProgressiveLoop(GrowthCalls):
                               + " loop; build the loop the same way to resume it")
         subnet = SubNet.from_dict(state["subnet"])
         if self._unfreezer is None:  # gates first, so that the weights load into the same structure
-            for net in (self.model, self.ema.module):
-                for i in range(net.full_depth):
-                    net.set_gate(i, 0.0 if i in state["gated"] else None)
+            self._set_gates(state["gated"])
             self.ema.module.load_state_dict(state["ema"])
-            self._after_block_copy({})  # the optimizer groups a growth added (ReZero gates)
+            if self.optimizer is not None:
+                self._sync_gate_group()  # the optimizer group of the gates a growth added
         self.use_subnet(subnet)
         self.step, self.stage, self.total_steps = state["step"], state["stage"], state["total_steps"]
         self._t0 = time.perf_counter() - state["elapsed"]  # the searches' clocks continue where they stopped
@@ -263,11 +262,15 @@ class ProgressiveLoop(GrowthCalls):
             snap["gated"] = self.model.gated_blocks()
         return snap
 
+    def _set_gates(self, gated) -> None:
+        """ReZero gates on exactly the blocks ``gated``, in the model and its momentum network."""
+        for net in (self.model, self.ema.module):
+            for i in range(net.full_depth):
+                net.set_gate(i, 0.0 if i in gated else None)
+
     def restore(self, snap: dict) -> None:
         if self._unfreezer is None:  # gates first, so the weights load into the same structure
-            for net in (self.model, self.ema.module):
-                for i in range(net.full_depth):
-                    net.set_gate(i, 0.0 if i in snap["gated"] else None)
+            self._set_gates(snap["gated"])
         self.model.load_state_dict(snap["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(snap["ema"])

@@ -10,7 +10,6 @@ only, without training it. Only the *learnable* parameters count (``requires_gra
 * ``zico`` -- H_ZiCo (Eq. 17), convergence rate and generalisation: minus the sum over layers of the log of
   the summed mean(|grad|)/std(grad) of the layer's learnable parameters, across batches (ZiCo, Li et al.,
   ICLR 2023, with the sign flipped).
-* ``measure_step_time`` -- T (Eq. 18): the median wall-clock time of one training step.
 * ``ranked_vote`` / ``autoprog_zero_vote`` -- Eq. 19: the weighted sum of each candidate's rank on every
   ballot; the smallest total wins.
 
@@ -31,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..steptime import measure_step_time  # noqa: F401  (T of Eq. 18 lives with the one step timer)
 
 PAPER_WEIGHTS = {"ntk": 0.5, "zico": 0.5, "time": 1.0}
 # Step times closer than TIME_RTOL (relative) tie on the time ballot. The default, 0, is the paper's and the official
