@@ -126,10 +126,10 @@ def test_a_budget_run_stopped_mid_epoch_resumes_identical(cli, fake_fmnist, tmp_
     want = _run(cli, fake_fmnist, tmp_path / "full", "prog", "--budget-steps", "24")
     step = Trainer._train_step
 
-    def ctrl_c(self, x, y, gen):
+    def ctrl_c(self, batch):
         if self.step == 12:
             signal.raise_signal(signal.SIGINT)
-        return step(self, x, y, gen)
+        return step(self, batch)
 
     monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
     run = tmp_path / "run"

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_args
 from safetensors.torch import load_file, save_file
 
-from autoprog.engine import has_checkpoint, read_checkpoint
+from autoprog.checkpoint import has_checkpoint, read_checkpoint
 
 
 def _weights(run):
@@ -111,7 +111,7 @@ def test_a_crash_in_the_final_evaluation_keeps_the_training(runs, cli, fake_fmni
     run = tmp_path / "run"
     rc, _, _ = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
     assert rc == 130
-    assert json.loads((run / "checkpoint" / "state.json").read_text())["pending_epoch"]["epoch"] == 3
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["pending_point"]["epoch"] == 3
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     rc, _, err = cli("pretrain", "--resume", run)
     assert rc == 0, err
@@ -153,17 +153,17 @@ def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resumes_identical(runs, cli,
 
     step = Trainer._train_step
 
-    def ctrl_c(self, x, y, gen):
+    def ctrl_c(self, batch):
         if self.step == at - 1:
             signal.raise_signal(signal.SIGINT)
-        return step(self, x, y, gen)
+        return step(self, batch)
 
     monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
     run = tmp_path / "run"
     rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
     assert rc == 130 and f"interrupted at step {at}" in err, err
     state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert state["step"] == at and state["in_epoch"]["start_step"] == (at - 1) // 8 * 8
+    assert state["step"] == at and state["in_segment"]["start_step"] == (at - 1) // 8 * 8
     monkeypatch.setattr(Trainer, "_train_step", step)
     rc, _, err = cli("pretrain", "--resume", run, "--cpu")
     assert rc == 0, err

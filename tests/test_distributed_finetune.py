@@ -65,13 +65,13 @@ DRIVER = textwrap.dedent('''
 
 
     class RecordingTrainer(runner.DiffusionTrainer):
-        def _train_step(self):
+        def _train_step(self, batch=None):
             # how deep the first block runs below _train_step: wrappers piling up around forward show here
             base = stack_depth()
             depths = self.__dict__.setdefault("forward_depths", [])
             hook = self.model.blocks[0].register_forward_pre_hook(lambda m, a: depths.append(stack_depth() - base))
             try:
-                return super()._train_step()
+                return super()._train_step(batch)
             finally:
                 hook.remove()
 

@@ -11,10 +11,10 @@ from conftest import tiny_args
 from safetensors.torch import load_file
 
 from autoprog.algorithms.elastic import choose
+from autoprog.checkpoint import strict_json, write_json
 from autoprog.classification.report import summary_markdown
 from autoprog.data import DataBundle
 from autoprog.diffusion.quality import to_uint8
-from autoprog.engine import strict_json, write_json
 from autoprog.errors import DivergedError
 from autoprog.experiment import diverged_rows, run_methods
 

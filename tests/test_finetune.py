@@ -165,10 +165,10 @@ def test_a_crash_between_evaluation_points_loses_at_most_checkpoint_every_steps(
     finetune(spec, tmp_path / "a")
     step = DiffusionTrainer._train_step
 
-    def crash_at_7(self):
+    def crash_at_7(self, batch=None):
         if self.step == 6:  # the 7th step: the checkpoint of step 6 is written, the search of stage 4 is past
             raise KeyboardInterrupt
-        return step(self)
+        return step(self, batch)
 
     monkeypatch.setattr(DiffusionTrainer, "_train_step", crash_at_7)
     with pytest.raises(KeyboardInterrupt):
@@ -192,10 +192,10 @@ def _signal_in_step(monkeypatch, sig, step: int):
 
     real = DiffusionTrainer._train_step
 
-    def signalled(self):
+    def signalled(self, batch=None):
         if self.step == step - 1:
             signal.raise_signal(sig)
-        return real(self)
+        return real(self, batch)
 
     monkeypatch.setattr(DiffusionTrainer, "_train_step", signalled)
     return real

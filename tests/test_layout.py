@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "src" / "autoprog"
 RANK = {
     "errors": 0,
     "space": 1, "schedules": 1, "engine": 1, "metrics": 1, "data": 1, "report": 1, "optim": 1, "options": 1, "front": 1,
-    "budget": 1, "steptime": 1, "methods": 1,
+    "budget": 1, "steptime": 1, "methods": 1, "checkpoint": 1,
     "controllers": 2, "experiment": 2, "models": 2,
     "adapters": 3,
     "algorithms": 4,
@@ -100,3 +100,10 @@ def test_lazy_exports_resolve():
 
     for name in autoprog.__all__:
         assert getattr(autoprog, name) is not None, name
+
+
+def test_one_step_loop_for_every_task():
+    """The engine's ``_fit`` is the only step loop: the tasks supply batches and a step, never a loop of their own."""
+    loops = [(f.relative_to(PKG), n.name) for f in PKG.rglob("*.py") for n in ast.walk(ast.parse(f.read_text()))
+             if isinstance(n, ast.FunctionDef) and n.name == "_fit"]
+    assert loops == [(Path("engine.py"), "_fit")]

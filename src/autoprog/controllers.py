@@ -1,7 +1,8 @@
 """Controllers decide which sub-network ψ trains when; trainers run the steps. This module is the written
 protocol between the two rooms.
 
-A trainer calls its controller at well-named moments (the :class:`Controller` hooks):
+A trainer calls its controller at well-named moments (the :class:`Controller` hooks); the stage calls before a
+step are made in one place, :func:`autoprog.engine.enter_due_stage`, for every trainer and your own loop:
 
 ``setup(trainer, total_steps)``
     once, before training; returns the number of optimizer steps to run (a search may add some).
@@ -12,7 +13,8 @@ A trainer calls its controller at well-named moments (the :class:`Controller` ho
 ``step_subnet(trainer, step)``
     a per-step override (a supernet phase samples one candidate per step), or None.
 ``after_step(trainer, loss)``
-    after every optimizer step, with that step's loss (a float or a 0-d tensor).
+    after every optimizer step, once ``trainer.step`` counts it, with that step's loss: a detached 0-d tensor
+    (or a float); read its value (a host-device sync) only when a decision needs it.
 ``plan(space)``
     budget mode only, before ``setup``: the schedule to size the budget by (a search: Prog's, as a guess).
 ``resize(step, old_total, new_total)``

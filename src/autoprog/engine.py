@@ -1,17 +1,13 @@
-"""Mechanics both trainers share: DDP re-wrapping, broadcasting a decision, the calls controllers make on a
-trainer, atomic file and directory writes."""
+"""The one training engine: the step loop every task runs (:class:`RunTemplate`), the one place a controller is
+driven before a step (:func:`enter_due_stage`), the divergence and stop checks, and DDP re-wrapping."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from torch import nn
-
-CHECKPOINT_DIR = "checkpoint"  # inside a run directory: the latest resumable state
 
 
 def trained_ids(module: nn.Module) -> set[int]:
@@ -48,10 +44,37 @@ def broadcast(acc, obj):
 
 
 class RunTemplate:
-    """The run template both trainers share: ``fit`` (resume, stop requests, divergence), and what a schedule
-    controller may call on either trainer besides its own methods (broadcast a decision, log a stage record,
-    print once). Needs ``acc`` (an Accelerator), ``step`` and ``stage_log``."""
+    """The one engine of every task: the step loop (:meth:`fit`), the training clock, checkpoint state, results
+    and the calls a schedule controller may make on any trainer besides the task's own (broadcast a decision, log
+    a stage record, print once).
 
+    A task's trainer supplies a small interface (see ``TASK INTERFACE`` below): its batches, one training step,
+    what an evaluation point records and evaluates, its own checkpoint state and summary fields. Training is cut
+    into *segments* that end at evaluation points (an epoch's end, or one of ``eval_steps``); a stop, a crash or a
+    periodic checkpoint inside a segment keeps the segment's position, so a resumed run trains exactly as an
+    uninterrupted one."""
+
+    prepared_names = ("wrapped", "model")  # attribute names of the Accelerate-prepared model and the model itself
+    history_key = "curve"  # results.json's name for the evaluation points
+    point_name = "step"  # what an evaluation point is called in the progress bar and messages
+
+    def _init_run_state(self) -> None:
+        """The engine's state, before a task's ``_start``; the controller may look at ``step`` and ``stage``."""
+        self.step, self.stage = 0, -1
+        self.lr_step = 0  # position in the learning-rate schedule (rewound when search steps are discarded)
+        self.train_time = self.search_time = 0.0
+        self.flops_sum = 0.0
+        self.history: list[dict] = []
+        self.stage_log: list[dict] = []
+        self.diverged: str | None = None  # why training stopped, when it diverged
+        self._t_run: float | None = None  # the training clock's start, while it runs
+        self._instrument_time = 0.0  # seconds inside the running clock that were measurement, not training
+        self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
+        self._segment: dict | None = None  # the running segment's accumulators
+        self._in_segment: dict | None = None  # a segment checkpointed part-way, to continue on resume
+        self._pending_point: dict | None = None  # a trained final point whose evaluation has not finished
+
+    # ------------------------------------------------------------------------- calls for controllers
     def broadcast(self, obj):
         """The main process's ``obj`` on every process."""
         return broadcast(self.acc, obj)
@@ -62,10 +85,23 @@ class RunTemplate:
     def print(self, *args) -> None:
         self.acc.print(*args)
 
+    def elapsed(self) -> float:
+        """Training seconds so far (evaluation and checkpoints excluded), the running stretch included."""
+        running = time.perf_counter() - self._t_run - self._instrument_time if self._t_run is not None else 0.0
+        return self.train_time + running
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (a no-op on the CPU): timings call it."""
+        if self.acc.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.acc.device)
+
+    # ------------------------------------------------------------------------------------ the run
     def fit(self, resume: bool = False) -> dict:
         """Train to the end (or to the stop asked for); returns the results also in ``results.json``. A diverged
         run stops with :class:`~autoprog.errors.DivergedError`; its results say so and the last good checkpoint
-        stays. Trainers implement ``_fit``, ``_load_checkpoint`` and ``_write_results(done=...)``."""
+        stays."""
         from .errors import DivergedError
 
         try:
@@ -84,29 +120,153 @@ class RunTemplate:
             self._release()
             raise DivergedError(diverged_note(self, e, lambda: self._write_results(done=False))) from None
 
-    _stop: StopRequest | None = None
-    _stop_agreed = False  # set by a training step: every process saw a stop request (see StopRequest)
-
-    def _stop_requested(self) -> bool:
-        return self._stop is not None and self._stop.requested
-
-    def _interrupt(self) -> None:
-        """A stop was agreed after a finished step: checkpoint it (trainers' ``_checkpoint_now``) and stop."""
-        from .errors import Interrupted
-
-        self._checkpoint_now()
+    def _fit(self) -> dict:
+        """The step loop: segment after segment to the end, a stop asked for, or ``stop_after_*``."""
+        self._before_run()
+        if self._pending_point is not None:  # stopped during the final evaluation: only that is left to do
+            self._finish_point(self._pending_point, final=True)
+        self.wrapped.train()
+        stopped = False
+        while (self.step < self.total_steps or self._in_segment) and not stopped:  # (stopped at the last step)
+            stopped = self._run_segment()
+        if not stopped:
+            self._finish_run()
         self._release()
-        raise Interrupted(f"interrupted at step {self.step}; {self.out / CHECKPOINT_DIR} holds that step "
-                          f"(continue with --resume {self.out})")
+        return self._write_results(done=not stopped)
 
-    prepared_names = ("model", "net")  # attribute names of the Accelerate-prepared model and the model itself
+    def _run_segment(self) -> bool:
+        """Train to the next evaluation point and evaluate there; True when the run stops after it."""
+        seg = self._open_segment()
+        bar = self._progress_bar()
+        batches = self._segment_batches(seg["start_step"], self._own_share(seg))
+        self._start_clock()
+        for batch in batches:
+            if self.step >= self.total_steps or self._point_due(seg):  # (a segment resumed at its end)
+                break
+            loss = self._train_one(batch, seg)
+            self._show_progress(bar, loss)
+            if self._stop_agreed and getattr(self.controller, "resumable", True):
+                bar.close()
+                self._interrupt()  # before the point's evaluation, if any: a resumed run evaluates it
+            if not self._point_due(seg) and self._checkpoint_due():
+                self._checkpoint_now()
+                self._start_clock()
+        bar.close()
+        self._stop_clock()
+        self._segment = None
+        record = self._point_record(seg, self._mean_loss(seg))
+        final = self.step >= self.total_steps
+        if final:  # the whole training is safe before the final evaluation
+            self._pending_point = record
+            self._save_checkpoint()
+        return self._finish_point(record, final) and not final
 
-    # ------------------------------------------------------------------ the training clock's measurements
-    _instrument_time = 0.0  # seconds inside the running training clock that were measurement, not training
+    def _train_one(self, batch, seg: dict):
+        """One optimizer step, with the controller driven around it; returns the detached loss."""
+        t0 = time.perf_counter()
+        if enter_due_stage(self) and self.budget_plan is not None:
+            self.budget_plan.stage_started(self.step)
+            self._replan(entering=True)
+        loss = self._train_step(batch)
+        seg["loss_sum"] += loss
+        seg["loss_n"] += 1
+        self.flops_sum += self._step_flops_now()
+        self._count_step()
+        if self.budget_plan is not None:
+            self.budget_plan.after_step(self.subnet)
+        self.step += 1
+        self.lr_step += 1
+        self.controller.after_step(self, loss)
+        if self.budget_plan is not None and self._replan_due():
+            self._replan()
+        seg["step_times"].append(time.perf_counter() - t0)
+        return loss
+
+    def _finish_point(self, record: dict, final: bool) -> bool:
+        """Evaluate an evaluation point, checkpoint it, write the results; whether ``stop_after_*`` stops here."""
+        self._evaluate_point(record, final)
+        self._pending_point = None
+        self._save_checkpoint()
+        self._write_results(done=False)  # done once the run's end (an export) is written
+        return self._stop_after_reached()
+
+    def _apply_update(self, loss, module) -> None:
+        """Backward, clip, the divergence and stop check, the optimizer, the learning rate and momentum networks."""
+        self.acc.backward(loss)
+        norm = None
+        if self.cfg.grad_clip:
+            norm = self.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.cfg.grad_clip)
+        self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._set_lr(self.lr_step + 1)
+        self._update_momentum()
+
+    # ------------------------------------------------------------------------------- segments
+    def _open_segment(self) -> dict:
+        """The running segment's accumulators: new, or the checkpointed part of one (its loss so far, per process)."""
+        part, self._in_segment = self._in_segment or {}, None
+        mine = self._own_share(part)
+        import torch
+
+        self._segment = {"start_step": part.get("start_step", self.step), "time_s": part.get("time_s", 0.0),
+                         "step_times": list(part.get("step_times", [])), "per_process": part.get("per_process"),
+                         "loss_sum": torch.tensor(mine.get("loss_sum", 0.0), device=self.acc.device),
+                         "loss_n": mine.get("loss_n", 0)}
+        return self._segment
+
+    def _own_share(self, part: dict) -> dict:
+        """This process's share of a checkpointed segment ({} at a segment's start)."""
+        shares = part.get("per_process")
+        if not shares:
+            return {}
+        if len(shares) != self.acc.num_processes:
+            from .errors import ConfigError
+
+            raise ConfigError(f"this checkpoint was written mid-{self.point_name} by {len(shares)} processes; resume "
+                              f"it with {len(shares)}, not {self.acc.num_processes}")
+        return shares[self.acc.process_index]
+
+    def _segment_state(self) -> dict | None:
+        """The running segment, to continue it after a resume: position, time, and each process's loss so far
+        and random states (gathered to the main process, which writes the checkpoint)."""
+        seg = self._segment
+        if seg is None:
+            return None
+        local = {"loss_sum": float(seg["loss_sum"]), "loss_n": seg["loss_n"], **self._rng_states()}
+        return {"start_step": seg["start_step"], "time_s": seg["time_s"], "step_times": seg["step_times"],
+                "per_process": self._gather(local)}
+
+    def _mean_loss(self, seg: dict) -> float:
+        return float(self.acc.reduce(seg["loss_sum"], reduction="mean")) / max(1, seg["loss_n"])
+
+    def _gather(self, local: dict) -> list[dict]:
+        """``local`` of every process, in process order."""
+        if self.acc.num_processes == 1:
+            return [local]
+        from accelerate.utils import gather_object
+
+        return gather_object([local])
+
+    # ---------------------------------------------------------------------------- the training clock
+    def _start_clock(self) -> None:
+        self.sync()
+        self._instrument_time = 0.0
+        self._t_run = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        """Add the running stretch to the training time (and to the running segment's)."""
+        if self._t_run is None:
+            return
+        self.sync()
+        since = time.perf_counter() - self._t_run - self._instrument_time
+        self._t_run, self._instrument_time = None, 0.0
+        self.train_time += since
+        if self._segment is not None:
+            self._segment["time_s"] += since
 
     def _clock_running(self) -> bool:
-        """Whether the training clock runs now (each trainer says)."""
-        raise NotImplementedError
+        return self._t_run is not None
 
     @contextmanager
     def measuring(self):
@@ -129,180 +289,240 @@ class RunTemplate:
         finally:
             self._instrument_time = before
 
+    # ------------------------------------------------------------------------------ budget mode
+    def _replan(self, entering: bool = False) -> None:
+        """Budget mode: move the run's end to where the budget says, the learning rate decaying to it."""
+        end = self.budget_plan.replan(self.step, self.stage, self.controller.stage_starts(), self.total_steps,
+                                      self.controller.decided(self.stage), self.controller.resize_floor(), entering)
+        if end != self.total_steps:
+            self.lr_remap.retarget(self.lr_step, self.lr_step + end - self.step)
+            self.controller.resize(self.step, self.total_steps, end)
+            self.total_steps = end
+            self._moved_end(end)
+
+    def _set_lr(self, position: int) -> None:
+        self.lr_sched.step_update(self.lr_remap(position))
+
+    # --------------------------------------------------------------------------- stop and interrupt
+    _stop: StopRequest | None = None
+    _stop_agreed = False  # set by a training step: every process saw a stop request (see StopRequest)
+
+    def _stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.requested
+
+    def _interrupt(self) -> None:
+        """A stop was agreed after a finished step: checkpoint it and stop."""
+        self._checkpoint_now()
+        self._release()
+        self._raise_interrupted()
+
+    def _raise_interrupted(self) -> None:
+        from .checkpoint import CHECKPOINT_DIR
+        from .errors import Interrupted
+
+        raise Interrupted(f"interrupted at step {self.step}; {self.out / CHECKPOINT_DIR} holds that step "
+                          f"(continue with --resume {self.out})")
+
+    def _checkpoint_now(self) -> None:
+        """Checkpoint the step just finished, inside a segment; resuming continues from it exactly. The clock
+        stops here; the caller restarts it."""
+        self._stop_clock()
+        self._save_checkpoint()
+        self._write_results(done=False)
+
     def _release(self) -> None:
         """Forget the prepared model: a comparison's later runs must not keep it alive."""
         wrapped, module = (getattr(self, n) for n in self.prepared_names)
         release(self.acc, wrapped, module)
 
+    # ------------------------------------------------------------------------------ progress
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
 
-PREVIOUS_SUFFIX = ".prev"  # the checkpoint before the newest, kept as a fallback
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.run_info.get("method", "train"),
+                    disable=not self.acc.is_local_main_process or None, dynamic_ncols=True, leave=False)
+
+    def _show_progress(self, bar, loss) -> None:
+        bar.total = self.total_steps  # budget mode moves the end
+        bar.update(1)
+        if self.step % 10 == 0:
+            bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=f"{float(loss):.4f}",
+                            **self._progress_fields())
+        every = max(1, self.total_steps // 20)
+        if bar.disable and self.step % every == 0 and not self._point_due(self._segment):
+            # no progress bar (not a terminal, e.g. a log file): a line every 5 % instead
+            self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
+
+    # ------------------------------------------------------------------------- results and checkpoints
+    def _write_results(self, done: bool) -> dict:
+        from dataclasses import asdict
+
+        from .checkpoint import write_json
+
+        sched = self.controller.schedule()
+        if self.acc.is_main_process and sched is not None:
+            sched.save(self.out / "schedule.json")
+        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "diverged": self.diverged,
+               self.history_key: self.history, "stages": self.stage_log, "summary": self.summary()}
+        if self.acc.is_main_process:
+            write_json(self.out / "results.json", res)
+        return res
+
+    def _common_summary(self) -> dict:
+        """The summary fields every task reports."""
+        sched = self.controller.schedule()
+        return {"steps": self.step, "total_steps": self.total_steps, "wall_time_s": round(self.train_time, 3),
+                "flops_per_step": self.flops_sum / max(1, self.step),
+                "schedule": sched.to_dict() if sched else {"stages": []},
+                **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {})}
+
+    def _save_checkpoint(self) -> None:
+        from .checkpoint import RUN_STATE_FORMAT, save_checkpoint
+
+        state = {"format": RUN_STATE_FORMAT, "step": self.step, "stage": self.stage, "lr_step": self.lr_step,
+                 "total_steps": self.total_steps, "train_time_s": self.train_time,
+                 "search_time_s": self.search_time, "flops_sum": self.flops_sum, "history": self.history,
+                 "stage_log": self.stage_log, "controller": self.controller.state_dict(),
+                 "time_cache": self.step_timer.state_dict(), "sec_per_flop": self._sec_per_flop,
+                 "pending_point": self._pending_point, "in_segment": self._segment_state(),
+                 "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
+                            "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
+                 **self._task_state()}
+        save_checkpoint(self.out, self.acc, self._module(), self._momentum_module(), self.optimizer, state)
+
+    def _load_checkpoint(self) -> None:
+        from .checkpoint import read_checkpoint
+        from .errors import ConfigError
+        from .optim import load_optimizer_state
+        from .space import SubNet
+
+        state, weights, ema, opt = read_checkpoint(self.out, None if self.budget_plan else self.total_steps,
+                                                   self.acc.device, log=self.acc.print,
+                                                   need_ema=self._momentum_module() is not None)
+        budget = state.get("budget")
+        if (budget is None) != (self.budget_plan is None):
+            raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "
+                              "it with the settings it started with")
+        if budget is not None:  # the plan as made (step costs measured then), not a new one
+            self.budget_plan.load_state_dict(budget, SubNet.from_dict)
+            self._start(self.budget_plan.steps)
+        self._load_weights(state, weights, ema)
+        load_optimizer_state(self.optimizer, self._module(), opt)
+        self.controller.load_state_dict(state["controller"])
+        self.step, self.stage, self.lr_step = state["step"], state["stage"], state["lr_step"]
+        self.train_time, self.search_time = state["train_time_s"], state["search_time_s"]
+        self.flops_sum, self.history, self.stage_log = state["flops_sum"], state["history"], state["stage_log"]
+        self.step_timer.load_state_dict(state["time_cache"])
+        self._sec_per_flop = state["sec_per_flop"]
+        self._pending_point, self._in_segment = state["pending_point"], state["in_segment"]
+        if budget is not None:
+            self.total_steps = budget["total_steps"]
+            self.lr_remap.load_state_dict(budget["lr_remap"])
+        self._load_task_state(state)
+        self._set_lr(self.lr_step)
+        self.print(f"resumed from {state['checkpoint_dir']} at step {self.step}")
+
+    # --------------------------------------------------------------------------- TASK INTERFACE
+    # What a task's trainer implements (each a few lines in the two trainers).
+    def _train_step(self, batch):
+        """One optimizer step on ``batch`` (ending in :meth:`_apply_update`); the detached loss."""
+        raise NotImplementedError
+
+    def _segment_batches(self, start_step: int, share: dict):
+        """The batches of the segment that began at ``start_step`` from ``self.step`` on, its random streams
+        restored from ``share`` (this process's part of a checkpointed segment; {} at a start)."""
+        raise NotImplementedError
+
+    def _point_due(self, seg: dict | None) -> bool:
+        """Whether the step just finished ends the segment (an evaluation point)."""
+        raise NotImplementedError
+
+    def _point_record(self, seg: dict, mean_loss: float) -> dict:
+        """The training facts of the evaluation point that ends segment ``seg`` (before it is evaluated)."""
+        raise NotImplementedError
+
+    def _evaluate_point(self, record: dict, final: bool) -> None:
+        """Evaluate the point ``record`` describes, add it to the history and say it."""
+        raise NotImplementedError
+
+    def _rng_states(self) -> dict:
+        """This process's random states that a resumed segment continues from ({}: batches drawn by step)."""
+        return {}
+
+    def _step_flops_now(self) -> int:
+        """FLOPs of the step just trained (0 when not counted)."""
+        raise NotImplementedError
+
+    def _count_step(self) -> None:
+        """Task bookkeeping after a step (e.g. mean trainable parameters)."""
+
+    def _update_momentum(self) -> None:
+        """Update the momentum (EMA) network after an optimizer step, if there is one."""
+
+    def _replan_due(self) -> bool:
+        """Budget mode: whether to re-plan after the step just trained (besides stage starts)."""
+        return False
+
+    def _moved_end(self, end: int) -> None:
+        """The run's end moved to ``end`` (budget mode): move what depends on it (epochs, evaluation points)."""
+
+    def _checkpoint_due(self) -> bool:
+        """Whether to checkpoint after the step just trained, inside a segment."""
+        return False
+
+    def _stop_after_reached(self) -> bool:
+        """Whether ``stop_after_*`` stops the run at the point just finished."""
+        return False
+
+    def _before_run(self) -> None:
+        """Before the first step of ``fit`` (a resumed run's too)."""
+
+    def _finish_run(self) -> None:
+        """After the last point of a run that trained to its end (an export)."""
+
+    def _progress_fields(self) -> dict:
+        return {}
+
+    def _stage_entered(self, k: int) -> None:
+        """Stage ``k`` began (after the controller entered it)."""
+
+    def _module(self):
+        """The model being trained (not the prepared wrapper)."""
+        return getattr(self, self.prepared_names[1])
+
+    def _momentum_module(self):
+        """The momentum (EMA) network whose weights a checkpoint keeps, or None."""
+        return None
+
+    def _task_state(self) -> dict:
+        return {}
+
+    def _load_task_state(self, state: dict) -> None:
+        """The task's part of a checkpoint's state, after the engine's (budget mode's moved end included)."""
+
+    def _load_weights(self, state: dict, weights: dict, ema: dict | None) -> None:
+        """Load the checkpoint's model (and momentum) weights into the structure the state describes."""
+        raise NotImplementedError
 
 
-def fsync(path: Path) -> None:
-    """Flush a file (or a directory's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves the old or the new file, never a part of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync(path.parent)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Make the finished directory ``tmp`` the new ``final``; the previous ``final`` becomes ``final.prev`` (the
-    fallback). A crash at any point leaves a complete newest or previous one."""
-    prev = final.with_name(final.name + PREVIOUS_SUFFIX)
-    for f in tmp.iterdir():
-        fsync(f)
-    fsync(tmp)
-    if final.exists():
-        shutil.rmtree(prev, ignore_errors=True)
-        os.replace(final, prev)
-    os.replace(tmp, final)
-    fsync(final.parent)
-
-
-def writable_dir(out: Path) -> Path:
-    """Create ``out`` (and its parents) and check that files can be written there; a one-line
-    :class:`ConfigError` otherwise (a file in the way, a read-only or virtual file system)."""
-    from .errors import ConfigError
-
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".autoprog-write-test-{os.getpid()}"  # one per process: several may check at once
-        probe.write_text("")
-        probe.unlink()
-    except FileExistsError:
-        raise ConfigError(f"--out {out}: a file is in the way (it must be a directory)") from None
-    except OSError as err:
-        raise ConfigError(f"--out {out}: cannot create or write there ({err.strerror or err})") from None
-    return out
-
-
-def has_checkpoint(out: Path) -> bool:
-    """Whether ``out`` holds a checkpoint to resume from (the newest or its fallback)."""
-    return any((out / (CHECKPOINT_DIR + s) / "state.json").is_file() for s in ("", PREVIOUS_SUFFIX))
-
-
-def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, optimizer, state: dict) -> None:
-    """Replace ``out/checkpoint`` atomically: safetensors weights of ``model`` (and of the momentum ``ema``), the
-    optimizer state by parameter name plus the torch RNG, and ``state`` as JSON. Main process only; every
-    process waits here first."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    from .optim import optimizer_state_tensors
-
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        return
-    if not finite_state(model):
-        from .errors import DivergedError
-
-        raise DivergedError(f"the weights are not finite at step {state.get('step')}; {out / CHECKPOINT_DIR} keeps "
-                            "the last good checkpoint")
-    tmp = out / (CHECKPOINT_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-    opt = optimizer_state_tensors(optimizer, model)
-    opt["__rng__"] = torch.get_rng_state()
-    save_file(opt, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps(strict_json(state), indent=2, allow_nan=False))
-    replace_dir(tmp, out / CHECKPOINT_DIR)
-
-
-def read_checkpoint(out: Path, total_steps: int | None, device, log=print, need_ema: bool = False
-                    ) -> tuple[dict, dict, dict | None, dict]:
-    """``(state, model weights, ema weights or None, optimizer tensors)`` of the newest usable checkpoint in
-    ``out``, with the torch RNG restored. A damaged newest checkpoint falls back to the previous one (and says
-    so); none usable, or one made for another number of steps (unless ``total_steps`` is None: a budget run's
-    end moves), is a one-line :class:`ConfigError`."""
-    from .errors import ConfigError
-
-    problems = []
-    for suffix in ("", PREVIOUS_SUFFIX):
-        ck = out / (CHECKPOINT_DIR + suffix)
-        if not ck.exists():
-            continue
-        try:
-            found = _read_one(ck, device, need_ema)
-        except _Damaged as e:
-            problems.append(str(e))
-            continue
-        if total_steps is not None and found[0]["total_steps"] != total_steps:
-            raise ConfigError(f"checkpoint was made for {found[0]['total_steps']} steps, this run has {total_steps}")
-        if problems:
-            log(f"warning: {problems[0]}; resuming from the previous checkpoint {ck} instead")
-        import torch
-
-        torch.set_rng_state(found[3].pop("__rng__"))
-        found[0]["checkpoint_dir"] = str(ck)
-        return found
-    if problems:
-        raise ConfigError(f"no usable checkpoint in {out}: {'; '.join(problems)}")
-    raise ConfigError(f"{out} has no checkpoint to resume from")
-
-
-class _Damaged(Exception):
-    pass
-
-
-STATE_KEYS = ("step", "stage", "total_steps", "controller", "history", "stage_log")
-
-
-def _read_one(ck: Path, device, need_ema: bool) -> tuple[dict, dict, dict | None, dict]:
-    """One checkpoint directory, checked: parseable JSON with the state's keys, loadable safetensors, finite
-    weights, the RNG state present."""
-    import json
-
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    def load(name: str, required: bool = True, on=device):
-        path = ck / name
-        if not path.is_file():
-            if required:
-                raise _Damaged(f"{path} is missing")
-            return None
-        try:
-            tensors = load_file(path, device=str(on))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise _Damaged(f"{path} cannot be read ({' '.join(str(e).split())[:120]})") from None
-        if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
-            raise _Damaged(f"{path} holds non-finite values")
-        return tensors
-
-    try:
-        state = json.loads((ck / "state.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _Damaged(f"{ck / 'state.json'} cannot be read ({' '.join(str(e).split())[:120]})") from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise _Damaged(f"{ck / 'state.json'} lacks {', '.join(missing)}")
-    model, ema = load("model.safetensors"), load("ema.safetensors", required=need_ema)
-    opt = load("optimizer.safetensors", on="cpu")
-    rng = opt.get("__rng__")
-    if rng is None or rng.dtype != torch.uint8:
-        raise _Damaged(f"{ck / 'optimizer.safetensors'} lacks the RNG state")
-    opt["__rng__"] = rng.cpu()
-    return state, model, ema, opt
+def enter_due_stage(trainer) -> bool:
+    """Drive the controller before a step: enter the stage it assigns to ``trainer.step`` when that is a new one
+    (the step timer starts afresh, the trainer hears of it), then the step's own sub-network if it names one.
+    Returns whether a stage began. The one place a controller's stage calls are made, for every trainer and
+    :class:`~autoprog.loop.ProgressiveLoop`."""
+    k = trainer.controller.stage_at(trainer.step)
+    entered = k != trainer.stage
+    if entered:
+        trainer.step_timer.clear()  # candidates are timed afresh at every stage, never for the whole run
+        t0 = time.perf_counter()
+        trainer.controller.enter_stage(trainer, k)
+        trainer._stage_entered(k)
+        trainer.stage = k
+        trainer.search_time += time.perf_counter() - t0
+    sub = trainer.controller.step_subnet(trainer, trainer.step)
+    if sub is not None and sub != trainer.subnet:
+        trainer.use_subnet(sub)
+    return entered
 
 
 def check_step(acc, loss, grad_norm, step: int, stop: bool = False) -> bool:
@@ -367,33 +587,6 @@ class StopRequest:
         self._previous.clear()
 
 
-def finite_state(module: nn.Module) -> bool:
-    """Whether every parameter and buffer of ``module`` is finite."""
-    import torch
-
-    return all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
-
-
-def strict_json(obj):
-    """``obj`` with every non-finite float replaced by None, so ``json.dumps(..., allow_nan=False)`` holds."""
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    """Strict JSON (no NaN/Infinity), written atomically."""
-    import json
-
-    atomic_write(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
-
-
 def diverged_note(trainer, error: Exception, write_results) -> str:
     """Record a divergence on ``trainer`` (``results.json`` gets ``diverged``, ``done`` stays false) and say where
     the last good checkpoint is."""
@@ -401,6 +594,8 @@ def diverged_note(trainer, error: Exception, write_results) -> str:
 
     trainer.diverged = str(error)
     write_results()
+    from .checkpoint import CHECKPOINT_DIR
+
     state = trainer.out / CHECKPOINT_DIR / "state.json"
     if state.is_file():
         step = json.loads(state.read_text()).get("step")

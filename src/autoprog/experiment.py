@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine import has_checkpoint
+from .checkpoint import has_checkpoint
 from .errors import ConfigError, DivergedError
 from .front import FRONT_SEPARATOR, Front, Speedup, front_name, mean_speedup
 

@@ -46,6 +46,7 @@ from .algorithms.growth import (
     get_growth_operator,
 )
 from .controllers import Controller, ProxyTask, ScheduleController
+from .engine import enter_due_stage
 from .errors import ConfigError
 from .optim import remap_block_state
 from .schedules import MANUAL_METHODS, Schedule
@@ -88,6 +89,7 @@ class ProgressiveLoop(GrowthCalls):
             ema_decay = auto_ema_decay(self.steps_per_epoch)
         self.ema = MomentumNetwork(model, ema_decay) if growth is not None else None
         self.step, self.stage = 0, -1
+        self.search_time = 0.0  # seconds the controller spent entering stages (its searches at stage starts)
         self.stage_log: list[dict] = []
         self.step_timer = StepTimer(warmup=1)  # forward and backward on the first proxy batch
         self._t0 = time.perf_counter()
@@ -137,17 +139,12 @@ class ProgressiveLoop(GrowthCalls):
     def before_step(self) -> bool:
         """Enter a new stage or a per-step sub-network when one is due; True when the sub-network changed."""
         before = self.subnet
-        k = self.controller.stage_at(self.step)
-        if k != self.stage:
-            self.step_timer.clear()  # candidates are timed afresh at every stage
-            self.controller.enter_stage(self, k)
-            if self._unfreezer is not None and hasattr(self.model, "set_stage"):
-                self.model.set_stage(k)  # the stage identifier (SID), when the backbone has one
-            self.stage = k
-        sub = self.controller.step_subnet(self, self.step)
-        if sub is not None and sub != self.subnet:
-            self.use_subnet(sub)
+        enter_due_stage(self)
         return self.subnet != before
+
+    def _stage_entered(self, k: int) -> None:
+        if self._unfreezer is not None and hasattr(self.model, "set_stage"):
+            self.model.set_stage(k)  # the stage identifier (SID), when the backbone has one
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (N, C, H, W) at the current stage's resolution."""
@@ -161,8 +158,7 @@ class ProgressiveLoop(GrowthCalls):
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        self.controller.after_step(self, float(loss.detach() if torch.is_tensor(loss) else loss)
-                                   if loss is not None else None)
+        self.controller.after_step(self, loss.detach() if torch.is_tensor(loss) else loss)  # no sync: a tensor stays
 
     def schedule(self) -> Schedule | None:
         """The schedule as run so far (a search's choices included)."""

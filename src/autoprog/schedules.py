@@ -92,7 +92,7 @@ class Schedule:
         }
 
     def save(self, path: str | Path) -> None:
-        from .engine import write_json
+        from .checkpoint import write_json
 
         write_json(Path(path), self.to_dict())  # atomic: a crash leaves the old or the new file
 

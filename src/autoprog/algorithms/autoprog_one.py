@@ -425,9 +425,9 @@ class AutoProgOneFinetune(SearchingController):
     def after_step(self, trainer, loss: float) -> None:
         if not self.cands or self._current is None:
             return
-        self.losses[self._current].append(loss)
+        self.losses[self._current].append(float(loss))
         self._current = None
-        if trainer.step + 1 >= self.search_end:
+        if trainer.step >= self.search_end:  # the steps finished so far
             self._finish_search(trainer)
 
     def _finish_search(self, trainer) -> None:

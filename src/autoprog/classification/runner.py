@@ -17,8 +17,8 @@ from ..algorithms.elastic import ALPHA_RULES
 from ..algorithms.gain import CRITERIA
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
 from ..budget import Budget
+from ..checkpoint import has_checkpoint, writable_dir, write_json
 from ..data import load_dataset
-from ..engine import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
 from ..experiment import (
     BUDGET_SUFFIX,

@@ -12,30 +12,20 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..adapters.base import ElasticModel
 from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, MomentumNetwork, auto_ema_decay
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle
-from ..engine import (
-    RunTemplate,
-    check_step,
-    read_checkpoint,
-    rewrap_if_needed,
-    save_checkpoint,
-    trained_ids,
-    write_json,
-)
+from ..engine import RunTemplate, rewrap_if_needed, trained_ids
 from ..errors import ConfigError
 from ..metrics import train_step_flops
 from ..optim import (
@@ -147,7 +137,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.run_info = run_info or {}
         self.net.to(self.acc.device)
         self.optimizer = build_optimizer(self.net, cfg.lr, cfg.weight_decay)
-        self.model = self.acc.prepare_model(self.net)
+        self.wrapped = self.acc.prepare_model(self.net)
         self._wrapped_params = trained_ids(self.net)
         self.test_loader = self.acc.prepare_data_loader(
             data.loader("test", cfg.batch_size * 2, shuffle=False, num_workers=cfg.num_workers)
@@ -165,25 +155,14 @@ class Trainer(GrowthCalls, RunTemplate):
             )
         self.ema_decay = auto_ema_decay(self.steps_per_epoch, cfg.ema_decay) if cfg.ema_rescale else cfg.ema_decay
         self.ema = MomentumNetwork(self.net, self.ema_decay)
-        self.step, self.stage = 0, -1  # the controller may look at them from setup on
-        self.lr_step = 0  # position in the learning-rate schedule (rewound when search steps are discarded)
+        self._init_run_state()
         self.epoch = 0
-        self.train_time = 0.0
-        self.flops_sum = 0.0
         self.flops_cache: dict[tuple, int] = {}
-        self.history: list[dict] = []
-        self.stage_log: list[dict] = []
-        self._t_epoch: float | None = None
-        self._instrument_time = 0.0  # seconds spent measuring (FLOP counts) inside the timed loop
+        self._gen: torch.Generator | None = None  # the running epoch's augmentation stream
         self._plain: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (size asked, the searches' subset)
         self._score_order: tuple[int, torch.Tensor] | None = None  # (size, the scoring points' shuffled order)
         self.step_timer = StepTimer(scope=cfg.step_time_scope, device=self.acc.device)  # this stage's candidates
-        self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._full_flops = 0
-        self.diverged: str | None = None  # why training stopped, when it diverged
-        self._in_epoch: dict | None = None  # the running epoch's position when a stop was asked mid-epoch
-        self._pending_epoch: dict | None = None  # a trained epoch whose evaluation has not finished
-        self._epoch_start = 0  # the running epoch's first step
         self.budget = Budget.from_options(cfg.budget, cfg.budget_steps)
         self.budget_plan = BudgetPlan(self, self.budget) if self.budget else None
         self._start(self.budget_plan.steps if self.budget_plan
@@ -203,9 +182,6 @@ class Trainer(GrowthCalls, RunTemplate):
         )
         self.lr_remap = LRRemap(lr_steps)  # the identity until budget mode moves the end
 
-    def _set_lr(self, position: int) -> None:
-        self.lr_sched.step_update(self.lr_remap(position))
-
     def budget_cost(self, subnet: SubNet) -> float:
         """Predicted cost of one training step of ``subnet`` for budget mode: seconds of a forward and backward
         pass (measured; the measuring is not training time), or its FLOPs ÷ the full model's."""
@@ -214,20 +190,11 @@ class Trainer(GrowthCalls, RunTemplate):
         with self.measuring():  # forward and backward whatever --step-time-scope says: a plan for any method
             return self._timed(subnet, 3, scope="forward-backward")
 
-    def _clock_running(self) -> bool:
-        return self._t_epoch is not None
-
-    def _replan(self, entering: bool = False) -> None:
-        """Budget mode: move the run's end to where the budget says, the learning rate decaying to it."""
-        end = self.budget_plan.replan(self.step, self.stage, self.controller.stage_starts(), self.total_steps,
-                                      self.controller.decided(self.stage), self.controller.resize_floor(), entering)
-        if end != self.total_steps:
-            self.lr_remap.retarget(self.lr_step, self.lr_step + end - self.step)
-            self.controller.resize(self.step, self.total_steps, end)
-            self.total_steps = end
-            running = self._t_epoch is not None  # mid-epoch (a stage start): the running epoch counts from its start
-            first = self._epoch_start if running else self.step
-            self.num_epochs = self.epoch + max(1 if running else 0, math.ceil((end - first) / self.steps_per_epoch))
+    def _moved_end(self, end: int) -> None:
+        """Budget mode moved the end: the number of epochs (a running epoch counts from its start)."""
+        seg = self._segment or self._in_segment
+        first = seg["start_step"] if seg else self.step
+        self.num_epochs = self.epoch + max(1 if seg else 0, math.ceil((end - first) / self.steps_per_epoch))
 
     # ------------------------------------------------------------------------------------- helpers
     @property
@@ -313,7 +280,7 @@ class Trainer(GrowthCalls, RunTemplate):
         return self.data.loader("train_plain", self.cfg.proxy_batch_size, shuffle=False, limit=n, num_workers=0)
 
     def _rewrap_if_needed(self) -> None:
-        self.model, self._wrapped_params = rewrap_if_needed(self.acc, self.model, self.net, self._wrapped_params)
+        self.wrapped, self._wrapped_params = rewrap_if_needed(self.acc, self.wrapped, self.net, self._wrapped_params)
 
     @property
     def growable(self) -> ElasticModel:
@@ -354,11 +321,6 @@ class Trainer(GrowthCalls, RunTemplate):
         self.lr_step = snap["lr_step"]
         self._set_lr(self.lr_step)
         self.use_subnet(snap["subnet"])
-
-    def elapsed(self) -> float:
-        """Training seconds so far (evaluation excluded), including the running epoch."""
-        running = time.perf_counter() - self._t_epoch - self._instrument_time if self._t_epoch is not None else 0.0
-        return self.train_time + running
 
     def candidate_loss(self, subnet: SubNet, samples: int, part: int = 0, parts: int = 1,
                        momentum: bool = False) -> float:
@@ -480,143 +442,72 @@ class Trainer(GrowthCalls, RunTemplate):
             accs.append(100.0 * correct / max(1, total))
         return accs[0], accs[1]
 
-    # ----------------------------------------------------------------------------------------- loop
-    def _fit(self) -> dict:
-        full_flops = self._full_flops = self._step_flops(self.net.full_subnet) if self.cfg.count_flops else 0
-        if self._pending_epoch is not None:  # stopped during the final evaluation: only that is left to do
-            self._finish_epoch(self._pending_epoch, final=True)
-            self._save_checkpoint()
-            self._write_results(full_flops, done=True)
-        self.model.train()
-        stopped_early = False
-        while self.epoch < self.num_epochs:
-            part = self._in_epoch or {}  # an epoch interrupted at a step and resumed there
-            epoch_start_step = self._epoch_start = part.get("start_step", self.step)
-            epoch_seed = self.cfg.seed * 100003 + self.epoch * 131 + self.acc.process_index
-            torch.manual_seed(epoch_seed)
-            random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
-            gen = torch.Generator().manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
-            mine = self._own_part(part)
-            loss_sum = torch.tensor(mine.get("loss_sum", 0.0), device=self.acc.device)
-            loss_n, step_times = mine.get("loss_n", 0), list(part.get("step_times", []))
-            steps_this_epoch = min(self.steps_per_epoch, self.total_steps - epoch_start_step)
-            bar = tqdm(total=steps_this_epoch, initial=self.step - epoch_start_step, leave=False,
-                       desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
-                       disable=not self.acc.is_local_main_process or None, dynamic_ncols=True)
-            batches = iter(self._train_loader(self.epoch))
-            if part:
-                for _ in range(self.step - epoch_start_step):  # the same batches as before the interruption
-                    next(batches)
-                self._restore_rngs(mine, gen)
-            self._in_epoch = None
-            self._sync()
-            self._instrument_time = 0.0
-            t_epoch = self._t_epoch = time.perf_counter()
-            for x, y in batches:
-                if self.step >= self.total_steps:
-                    break
-                t0 = time.perf_counter()
-                k = self.controller.stage_at(self.step)
-                if k != self.stage:
-                    self.step_timer.clear()  # candidates are timed afresh at every stage, never for the whole run
-                    self.controller.enter_stage(self, k)
-                    self.stage = k
-                    if self.budget_plan is not None:
-                        self.budget_plan.stage_started(self.step)
-                        self._replan(entering=True)
-                sub = self.controller.step_subnet(self, self.step)
-                if sub is not None and sub != self.net.subnet:
-                    self.use_subnet(sub)
-                loss = self._train_step(x, y, gen)
-                loss_sum += loss.detach()
-                loss_n += 1
-                self.flops_sum += self._step_flops(self.net.subnet)
-                if self.budget_plan is not None:
-                    self.budget_plan.after_step(self.net.subnet)
-                self.step += 1
-                self.lr_step += 1
-                self.controller.after_step(self, loss.detach())
-                step_times.append(time.perf_counter() - t0)
-                if bar.n % 10 == 0 or bar.n + 1 == steps_this_epoch:
-                    bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", subnet=str(self.net.subnet),
-                                    loss=f"{loss.item():.3f}", img_s=f"{self.global_batch / step_times[-1]:.0f}")
-                bar.update(1)
-                if self._stop_agreed and getattr(self.controller, "resumable", True):
-                    self._in_epoch = {"start_step": epoch_start_step, "step_times": step_times,
-                                      "time_s": part.get("time_s", 0.0),
-                                      "per_process": self._gather({"loss_sum": float(loss_sum), "loss_n": loss_n,
-                                                                   **self._rng_states(gen)})}
-                    bar.close()
-                    self._interrupt()
-            self._sync()
-            since = time.perf_counter() - t_epoch - self._instrument_time
-            self._t_epoch = None
-            bar.close()
-            self.train_time += since
-            epoch_time = since + part.get("time_s", 0.0)  # with the part before an interruption
-            self.epoch += 1
-            if self.budget_plan is not None:
-                self._replan()
-            final = self.step >= self.total_steps
-            mean_loss = float(self.acc.reduce(loss_sum, reduction="mean")) / max(1, loss_n)
-            steps = self.step - epoch_start_step
-            record = {
-                "epoch": self.epoch, "step": self.step, "stage": self.stage + 1,
-                "resolution": self.net.subnet.resolution, "depth": self.net.subnet.depth,
-                "lr": self.optimizer.param_groups[0]["lr"], "train_loss": round(mean_loss, 5),
-                "epoch_time_s": round(epoch_time, 3), "train_time_s": round(self.train_time, 3),
-                "step_time_median_s": round(sorted(step_times)[len(step_times) // 2], 5) if step_times else None,
-                "images_per_s": round(steps * self.global_batch / max(epoch_time, 1e-9), 1),
-                "flops_per_step": self.flops_sum / max(1, self.step),
-            }
-            if final:  # the whole training is safe before the final evaluation on the whole test set
-                self._pending_epoch = record
-                self._save_checkpoint()
-            self._finish_epoch(record, final)
-            self._save_checkpoint()
-            self._write_results(full_flops, done=final)
-            if self.cfg.stop_after_epochs is not None and self.epoch >= self.cfg.stop_after_epochs and not final:
-                stopped_early = True
-                break
-        self._release()
-        return self._write_results(full_flops, done=not stopped_early)
+    # ------------------------------------------------------------------ the engine's task interface
+    point_name = "epoch"
+    history_key = "epochs"
+    prepared_names = ("wrapped", "net")
 
-    def _checkpoint_now(self) -> None:
-        """Checkpoint in the middle of an epoch (a stop was asked): the epoch's position and random states go
-        with it, so a resumed run draws the same batches and augmentations as an uninterrupted one."""
-        self._sync()
-        partial = time.perf_counter() - self._t_epoch - self._instrument_time
-        self._t_epoch = None
-        self.train_time += partial
-        self._in_epoch["time_s"] += partial
-        self._save_checkpoint()
-        self._write_results()
+    @property
+    def subnet(self) -> SubNet:
+        return self.net.subnet
 
-    def _rng_states(self, gen: torch.Generator) -> dict:
+    def _before_run(self) -> None:
+        self._full_flops = self._step_flops(self.net.full_subnet) if self.cfg.count_flops else 0
+
+    def _segment_batches(self, start_step: int, share: dict):
+        """The running epoch's batches from ``self.step`` on: every epoch draws its own seeded order and
+        augmentations; a resumed epoch skips the batches already trained and continues their random streams."""
+        epoch_seed = self.cfg.seed * 100003 + self.epoch * 131 + self.acc.process_index
+        torch.manual_seed(epoch_seed)
+        random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
+        self._gen = torch.Generator().manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
+        batches = iter(self._train_loader(self.epoch))
+        if share:
+            for _ in range(self.step - start_step):  # the same batches as before the interruption
+                next(batches)
+            self._restore_rngs(share, self._gen)
+        return batches
+
+    def _point_due(self, seg: dict | None) -> bool:
+        return seg is not None and (self.step - seg["start_step"] >= self.steps_per_epoch
+                                    or self.step >= self.total_steps)
+
+    def _point_record(self, seg: dict, mean_loss: float) -> dict:
+        self.epoch += 1
+        if self.budget_plan is not None:
+            self._replan()
+        steps, epoch_time, times = self.step - seg["start_step"], seg["time_s"], sorted(seg["step_times"])
+        return {
+            "epoch": self.epoch, "step": self.step, "stage": self.stage + 1,
+            "resolution": self.net.subnet.resolution, "depth": self.net.subnet.depth,
+            "lr": self.optimizer.param_groups[0]["lr"], "train_loss": round(mean_loss, 5),
+            "epoch_time_s": round(epoch_time, 3), "train_time_s": round(self.train_time, 3),
+            "step_time_median_s": round(times[len(times) // 2], 5) if times else None,
+            "images_per_s": round(steps * self.global_batch / max(epoch_time, 1e-9), 1),
+            "flops_per_step": self.flops_sum / max(1, self.step),
+        }
+
+    def _evaluate_point(self, record: dict, final: bool) -> None:
+        """Evaluate the epoch that ``record`` describes and add it to the history."""
+        top1, top1_ema = self.evaluate(full=final)
+        self.history.append({**record, "top1": round(top1, 3), "top1_ema": round(top1_ema, 3),
+                             "eval_samples": len(self.data.test) if final or self.eval_loader is self.test_loader
+                             else self.cfg.eval_samples})
+        r = self.history[-1]
+        self.acc.print(f"epoch {r['epoch']}/{self.num_epochs} stage {r['stage']} {self.net.subnet} "
+                       f"loss {r['train_loss']:.4f} top1 {top1:.2f} ema {top1_ema:.2f} "
+                       f"time {self.train_time:.1f}s ({r['images_per_s']:.0f} img/s)")
+
+    def _stop_after_reached(self) -> bool:
+        return self.cfg.stop_after_epochs is not None and self.epoch >= self.cfg.stop_after_epochs
+
+    def _rng_states(self) -> dict:
         """This process's random states, from which a resumed epoch continues."""
-        states = {"python": _jsonable(random.getstate()), "generator": gen.get_state().tolist(),
+        states = {"python": _jsonable(random.getstate()), "generator": self._gen.get_state().tolist(),
                   "torch": torch.get_rng_state().tolist()}
         if torch.cuda.is_available() and self.acc.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.acc.device).tolist()
         return states
-
-    def _gather(self, local: dict) -> list[dict]:
-        """``local`` of every process, in process order (the checkpoint is written by the main process)."""
-        if self.acc.num_processes == 1:
-            return [local]
-        from accelerate.utils import gather_object
-
-        return gather_object([local])
-
-    def _own_part(self, part: dict) -> dict:
-        """This process's share of an interrupted epoch's state ({} at an epoch start)."""
-        if not part:
-            return {}
-        shares = part["per_process"]
-        if len(shares) != self.acc.num_processes:
-            raise ConfigError(f"this checkpoint was written mid-epoch by {len(shares)} processes; resume it with "
-                              f"{len(shares)}, not {self.acc.num_processes}")
-        return shares[self.acc.process_index]
 
     def _restore_rngs(self, states: dict, gen: torch.Generator) -> None:
         torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
@@ -625,125 +516,63 @@ class Trainer(GrowthCalls, RunTemplate):
         if "cuda" in states and torch.cuda.is_available() and self.acc.device.type == "cuda":
             torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8), self.acc.device)
 
-    def _finish_epoch(self, record: dict, final: bool) -> None:
-        """Evaluate the epoch that ``record`` describes and add it to the history."""
-        top1, top1_ema = self.evaluate(full=final)
-        self.history.append({**record, "top1": round(top1, 3), "top1_ema": round(top1_ema, 3),
-                             "eval_samples": len(self.data.test) if final or self.eval_loader is self.test_loader
-                             else self.cfg.eval_samples})
-        self._pending_epoch = None
-        r = self.history[-1]
-        self.acc.print(f"epoch {r['epoch']}/{self.num_epochs} stage {r['stage']} {self.net.subnet} "
-                       f"loss {r['train_loss']:.4f} top1 {top1:.2f} ema {top1_ema:.2f} "
-                       f"time {self.train_time:.1f}s ({r['images_per_s']:.0f} img/s)")
-
-    def _train_step(self, x, y, gen) -> torch.Tensor:
-        x = self.data.prepare(x, train=True, generator=gen, regularizer=self.adareg)
+    def _train_step(self, batch) -> torch.Tensor:
+        x, y = batch
+        x = self.data.prepare(x, train=True, generator=self._gen, regularizer=self.adareg)
         with self.acc.autocast():
-            logits = self.model(x)
+            logits = self.wrapped(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-        self.acc.backward(loss)
-        norm = None
-        if self.cfg.grad_clip:
-            norm = self.acc.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], self.cfg.grad_clip)
-        self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._set_lr(self.lr_step + 1)
+        self._apply_update(loss, self.net)
+        return loss.detach()
+
+    def _update_momentum(self) -> None:
         self.ema.update(self.net)
-        return loss
 
-    def sync(self) -> None:
-        """Wait for the device's queued work (a no-op on the CPU): a search's per-step timings call it."""
-        self._sync()
+    def _step_flops_now(self) -> int:
+        return self._step_flops(self.net.subnet)
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available() and self.acc.device.type == "cuda":
-            torch.cuda.synchronize()
+    def _progress_fields(self) -> dict:
+        return {"epoch": f"{self.epoch + 1}/{self.num_epochs}", "subnet": str(self.net.subnet)}
 
     # ------------------------------------------------------------------------------------- results
-    def summary(self, full_flops: int) -> dict:
+    def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
-        avg_flops = self.flops_sum / max(1, self.step)
+        full_flops, avg_flops = self._full_flops, self.flops_sum / max(1, self.step)
         return {
             **self.run_info,
             "growth": self.growth.name, "ema_decay": round(self.ema_decay, 6), "adareg": self.adareg is not None,
-            "epochs": self.num_epochs, "steps": self.step, "total_steps": self.total_steps,
-            "wall_time_s": round(self.train_time, 3),
+            "epochs": self.num_epochs, **self._common_summary(),
             "top1": last.get("top1"), "top1_ema": last.get("top1_ema"),
             "best_top1": max((h["top1"] for h in self.history), default=None),
-            "flops_per_step": avg_flops, "full_model_flops_per_step": full_flops,
+            "full_model_flops_per_step": full_flops,
             "theoretical_speedup": round(full_flops / avg_flops, 4) if avg_flops and full_flops else None,
-            "schedule": sched.to_dict() if (sched := self.controller.schedule()) else {"stages": []},
-            **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {}),
             **self.controller.summary(),
         }
 
-    def _write_results(self, full_flops: int | None = None, done: bool = False) -> dict:
-        full_flops = self._full_flops if full_flops is None else full_flops
-        sched = self.controller.schedule()
-        if self.acc.is_main_process and sched is not None:
-            sched.save(self.out / "schedule.json")
-        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "diverged": self.diverged,
-               "epochs": self.history,
-               "stages": self.stage_log, "summary": self.summary(full_flops)}
-        if self.acc.is_main_process:
-            write_json(self.out / "results.json", res)
-        return res
-
     # --------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self) -> None:
-        state = {
-            "epoch": self.epoch, "step": self.step, "stage": self.stage, "subnet": self.net.subnet.to_dict(),
-            "gated_blocks": self.net.gated_blocks(), "train_time_s": self.train_time, "flops_sum": self.flops_sum,
-            "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],
-            "history": self.history, "stage_log": self.stage_log, "total_steps": self.total_steps,
-            "lr_step": self.lr_step, "controller": self.controller.state_dict(),
-            "time_cache": self.step_timer.state_dict(), "sec_per_flop": self._sec_per_flop, "pending_epoch": self._pending_epoch,
-            "in_epoch": self._in_epoch,
-            "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
-                       "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
-        }
-        save_checkpoint(self.out, self.acc, self.net, self.ema.module, self.optimizer, state)
+    def _momentum_module(self):
+        return self.ema.module
 
-    def _load_checkpoint(self) -> None:
-        state, weights, ema, opt = read_checkpoint(self.out, None if self.budget_plan else self.total_steps,
-                                                   self.acc.device, log=self.acc.print, need_ema=True)
-        budget = state.get("budget")
-        if (budget is None) != (self.budget_plan is None):
-            raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "
-                              "it with the settings it started with")
-        if budget is not None:  # the plan as made (step costs measured then), not a new one
-            self.budget_plan.load_state_dict(budget, SubNet.from_dict)
-            self._start(self.budget_plan.steps)
+    def _task_state(self) -> dict:
+        return {"epoch": self.epoch, "subnet": self.net.subnet.to_dict(), "gated_blocks": self.net.gated_blocks(),
+                "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()]}
+
+    def _load_weights(self, state: dict, weights: dict, ema: dict | None) -> None:
         self._set_gated_blocks(state["gated_blocks"])
         self.net.load_state_dict(weights)
         self.ema.module.load_state_dict(ema)
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)
-        load_optimizer_state(self.optimizer, self.net, opt)
-        self.controller.load_state_dict(state["controller"])
-        self.epoch, self.step, self.stage = state["epoch"], state["step"], state["stage"]
-        self.lr_step = state["lr_step"]
+
+    def _load_task_state(self, state: dict) -> None:
+        self.epoch = state["epoch"]
         self.net.apply_subnet(SubNet.from_dict(state["subnet"]))
         self.ema.module.apply_subnet(self.net.subnet)
         if self.adareg is not None:  # the sub-network's regularisation strengths, as use_subnet sets them
             self.adareg.set_subnet(self.net, self.net.subnet)
         self._rewrap_if_needed()
-        self.train_time, self.flops_sum = state["train_time_s"], state["flops_sum"]
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
-        self.history, self.stage_log = state["history"], state["stage_log"]
-        self.step_timer.load_state_dict(state.get("time_cache", {}))
-        self._sec_per_flop = state.get("sec_per_flop")
-        self._pending_epoch = state.get("pending_epoch")
-        self._in_epoch = state.get("in_epoch")
-        if budget is not None:
-            self.total_steps = budget["total_steps"]
-            first = self._in_epoch["start_step"] if self._in_epoch else self.step
-            self.num_epochs = self.epoch + max(1 if self._in_epoch else 0,
-                                               math.ceil((self.total_steps - first) / self.steps_per_epoch))
-            self.lr_remap.load_state_dict(budget["lr_remap"])
-        self._set_lr(self.lr_step)
-        self.acc.print(f"resumed from {state['checkpoint_dir']} at epoch {self.epoch}, step {self.step}")
+        if self.budget_plan is not None:
+            self._moved_end(self.total_steps)
 
 
 def _jsonable(state):

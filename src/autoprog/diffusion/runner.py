@@ -19,7 +19,7 @@ from ..adapters.unfreezer import LAYOUTS, Unfreezer
 from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
 from ..budget import Budget
-from ..engine import has_checkpoint, writable_dir, write_json
+from ..checkpoint import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
 from ..front import DEFAULT_FRONT
 from ..methods import FINETUNE, SearchSettings, get_method, methods_help

@@ -14,32 +14,24 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adapters.unfreezer import Unfreezer
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
+from ..checkpoint import replace_dir
 from ..controllers import ProxyTask
-from ..engine import (
-    RunTemplate,
-    check_step,
-    read_checkpoint,
-    replace_dir,
-    rewrap_if_needed,
-    save_checkpoint,
-    trained_ids,
-    write_json,
-)
+from ..engine import RunTemplate, rewrap_if_needed, trained_ids
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
-from ..optim import build_optimizer, load_optimizer_state
+from ..optim import build_optimizer
 from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
@@ -147,22 +139,12 @@ class DiffusionTrainer(RunTemplate):
             raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
         self.resolution = data.model_size
         self.steps_per_epoch = max(1, len(data.train_images) // (cfg.batch_size * self.acc.num_processes))
-        self.step, self.stage = 0, -1  # the controller may look at them from setup on
-        self._t_start: float | None = None
+        self._init_run_state()
         self._lr = lr
-        self.train_time = 0.0
-        self.search_time = 0.0
         self.trainable_steps = 0.0  # Σ trainable parameters over steps, for the mean
-        self.flops_sum = 0.0
         self.flops_cache: dict[str, int] = {}
-        self._instrument_time = 0.0  # seconds spent counting FLOPs inside the timed loop
-        self.history: list[dict] = []
-        self.stage_log: list[dict] = []
         self._proxy = None
         self.step_timer = StepTimer(cfg.time_repeats, warmup=2, scope=cfg.step_time_scope, device=self.acc.device)
-        self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
-        self._loss_sum, self._loss_n = 0.0, 0
-        self.diverged: str | None = None  # why training stopped, when it diverged
         self._full_flops: int | None = None  # full fine-tuning's step FLOPs (budget mode's unit)
         self.budget = Budget.from_options(cfg.budget, cfg.budget_steps)
         self.budget_plan = BudgetPlan(self, self.budget) if self.budget else None
@@ -187,9 +169,6 @@ class DiffusionTrainer(RunTemplate):
         """``eval_points`` steps evenly spaced over ``total_steps``, the last at the end."""
         return sorted({max(1, round(i * total_steps / self.cfg.eval_points)) for i in range(1, self.cfg.eval_points + 1)})
 
-    def _set_lr(self, position: int) -> None:
-        self.lr_sched.step_update(self.lr_remap(position))
-
     def budget_cost(self, subnet: SubNet) -> float:
         """Predicted cost of one training step for budget mode: seconds of a forward and backward pass with
         ``subnet`` learnable (a fixed-set method: its own set), or its FLOPs ÷ full fine-tuning's."""
@@ -199,9 +178,6 @@ class DiffusionTrainer(RunTemplate):
             return flops / self._full_finetune_flops()
         with self.measuring():  # forward and backward whatever --step-time-scope says: a plan for any method
             return self._timed(own, 3, scope="forward-backward")
-
-    def _clock_running(self) -> bool:
-        return self._t_start is not None
 
     def _full_finetune_flops(self) -> int:
         if self._full_flops is None:
@@ -217,24 +193,9 @@ class DiffusionTrainer(RunTemplate):
                 self.resolution = res
         return self._full_flops
 
-    def _replan(self, entering: bool = False) -> None:
-        """Budget mode: move the run's end (and the evaluation points not reached) to where the budget says."""
-        end = self.budget_plan.replan(self.step, self.stage, self.controller.stage_starts(), self.total_steps,
-                                      self.controller.decided(self.stage), self.controller.resize_floor(), entering)
-        if end != self.total_steps:
-            self.lr_remap.retarget(self.step, end)
-            self.controller.resize(self.step, self.total_steps, end)
-            self.total_steps = end
-            self.eval_steps = sorted({s for s in self.eval_steps if s < self.step}
-                                     | {s for s in self._eval_plan(end) if s >= self.step})
-
     # ------------------------------------------------------------------------------------ helpers
     def _rewrap_if_needed(self) -> None:
         self.wrapped, self._wrapped_params = rewrap_if_needed(self.acc, self.wrapped, self.model, self._wrapped_params)
-
-    def _sync(self) -> None:
-        if self.acc.device.type == "cuda":
-            torch.cuda.synchronize()
 
     def _batch_indices(self, step: int) -> torch.Tensor:
         """The indices of this process's share of global batch ``step`` (see :meth:`DiffusionData.batch_indices`)."""
@@ -290,11 +251,6 @@ class DiffusionTrainer(RunTemplate):
         """Unfreeze ``subnet`` at a stage start; the record names its learnable blocks."""
         self.use_subnet(subnet)
         return {"learnable_blocks": list(self.unfreezer.blocks_for(subnet))}
-
-    def elapsed(self) -> float:
-        """Training seconds so far (evaluation excluded), including the running stretch since the last point."""
-        running = time.perf_counter() - self._t_start - self._instrument_time if self._t_start is not None else 0.0
-        return self.train_time + running
 
     def describe(self, subnet: SubNet) -> str:
         return f"{subnet.resolution}px, learnable blocks {list(self.unfreezer.blocks_for(subnet))}"
@@ -396,94 +352,49 @@ class DiffusionTrainer(RunTemplate):
             if prev is not None:
                 self.unfreezer.apply(prev)
 
-    # --------------------------------------------------------------------------------------- loop
     prepared_names = ("wrapped", "model")
 
-    def _fit(self) -> dict:
-        self.wrapped.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.run_info.get("method", "train"),
-                   disable=not self.acc.is_local_main_process or None, dynamic_ncols=True, leave=False)
-        loss_sum, loss_n = self._loss_sum, self._loss_n  # since the last evaluation point (kept across a resume)
-        stopped = False
-        self._sync()
-        t_start = self._t_start = time.perf_counter()
-        while self.step < self.total_steps:
-            k = self.controller.stage_at(self.step)
-            if k != self.stage:
-                self.step_timer.clear()  # candidates are timed afresh at every stage, never for the whole run
-                t0 = time.perf_counter()
-                self.controller.enter_stage(self, k)
-                self.model.set_stage(k)
-                self.stage = k
-                self.search_time += time.perf_counter() - t0
-                if self.budget_plan is not None:
-                    self.budget_plan.stage_started(self.step)
-                    self._replan(entering=True)
-                    bar.total = self.total_steps
-            sub = self.controller.step_subnet(self, self.step)
-            if sub is not None and sub != self.subnet:
-                self.use_subnet(sub)
-            loss = self._train_step()
-            self.controller.after_step(self, float(loss))
-            loss_sum += float(loss)
-            loss_n += 1
-            self.trainable_steps += num_parameters(self.model, trainable=True)
-            self.flops_sum += self.step_flops()
-            if self.budget_plan is not None:
-                self.budget_plan.after_step(self.subnet)  # None (a fixed-set method): its one stage
-            self.step += 1
-            if self.budget_plan is not None and self.step % max(1, self.total_steps // 20) == 0:
-                self._replan()  # every 5 % of the run
-                bar.total = self.total_steps
-            bar.update(1)
-            if self.step % 10 == 0:
-                bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=f"{loss:.4f}",
-                                res=self.resolution)
-            if bar.disable and self.step % max(1, self.total_steps // 20) == 0 and self.step not in self.eval_steps:
-                # no progress bar (not a terminal, e.g. a log file): a line every 5 % instead
-                self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
-            every = self.cfg.checkpoint_every
-            if every and self.step % every == 0 and self.step not in self.eval_steps:
-                self._loss_sum, self._loss_n = loss_sum, loss_n  # between evaluation points: little lost on a crash
-                self._checkpoint_now()
-                self._sync()
-                t_start = self._t_start = time.perf_counter()
-            if self.step in self.eval_steps:
-                self._sync()
-                self.train_time += time.perf_counter() - t_start - self._instrument_time
-                self._instrument_time = 0.0
-                self._evaluate_point(loss_sum / max(1, loss_n))
-                loss_sum, loss_n = 0.0, 0
-                self._loss_sum, self._loss_n = 0.0, 0
-                self._save_checkpoint()
-                self._write_results(done=False)  # done only once the model is exported
-                if self.cfg.stop_after_steps is not None and self.step >= self.cfg.stop_after_steps \
-                        and self.step < self.total_steps:
-                    stopped = True
-                    break
-                self._sync()
-                self._instrument_time = 0.0
-                t_start = self._t_start = time.perf_counter()
-            if self._stop_agreed and self.step < self.total_steps:  # after this step's evaluation, if any
-                self._loss_sum, self._loss_n = loss_sum, loss_n
-                bar.close()
-                self._interrupt()
-        bar.close()
-        if not stopped:
-            self._export()
-        self._release()
-        return self._write_results(done=not stopped)
+    # ------------------------------------------------------------------ the engine's task interface
+    def _segment_batches(self, start_step: int, share: dict):
+        """Batches are drawn by step (see :meth:`_train_step`): nothing to carry between steps."""
+        return itertools.repeat(None)
 
-    def _checkpoint_now(self) -> None:
-        """Checkpoint the step just finished (every --checkpoint-every steps, or a stop was asked); resuming
-        continues from it exactly. The training clock stops here; the caller restarts it."""
-        self._sync()
-        self.train_time += time.perf_counter() - self._t_start - self._instrument_time
-        self._instrument_time, self._t_start = 0.0, None
-        self._save_checkpoint()
-        self._write_results(done=False)
+    def _point_due(self, seg: dict | None) -> bool:
+        return seg is not None and self.step > seg["start_step"] and self.step in self.eval_steps
 
-    def _train_step(self) -> torch.Tensor:
+    def _replan_due(self) -> bool:
+        return self.step % max(1, self.total_steps // 20) == 0  # every 5 % of the run
+
+    def _moved_end(self, end: int) -> None:
+        """Budget mode moved the end: so do the evaluation points not reached."""
+        self.eval_steps = sorted({s for s in self.eval_steps if s < self.step}
+                                 | {s for s in self._eval_plan(end) if s >= self.step})
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint_every
+        return bool(every) and self.step % every == 0  # between evaluation points: little lost on a crash
+
+    def _stop_after_reached(self) -> bool:
+        return self.cfg.stop_after_steps is not None and self.step >= self.cfg.stop_after_steps
+
+    def _finish_run(self) -> None:
+        self._export()
+
+    def _stage_entered(self, k: int) -> None:
+        self.model.set_stage(k)  # the stage identifier (SID), when the model has one
+
+    def _count_step(self) -> None:
+        self.trainable_steps += num_parameters(self.model, trainable=True)
+
+    def _step_flops_now(self) -> int:
+        return self.step_flops()
+
+    def _progress_fields(self) -> dict:
+        return {"res": self.resolution}
+
+    def _train_step(self, batch=None) -> torch.Tensor:
+        """One step on global batch ``self.step``: its images, noise, timesteps and dropouts are drawn from
+        seeds of the step, so a resumed run draws the same."""
         idx = self._batch_indices(self.step)
         seed = self.cfg.seed * 1000003 + self.step * 101 + self.acc.process_index
         gen = torch.Generator().manual_seed(seed)
@@ -496,28 +407,26 @@ class DiffusionTrainer(RunTemplate):
         with self.acc.autocast(), (sid.dropping(drop) if drop is not None else nullcontext()):
             loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y), generator=gen,
                                   class_dropout=self.cfg.class_dropout, weights=self.data.loss_weights(idx))
-        self.acc.backward(loss)
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        norm = self.acc.clip_grad_norm_(trained, self.cfg.grad_clip) if self.cfg.grad_clip else None
-        self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._set_lr(self.step + 1)
+        self._apply_update(loss, self.model)
+        return loss.detach()
+
+    def _update_momentum(self) -> None:
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss.detach()
 
     # --------------------------------------------------------------------------------- evaluation
     def eval_model(self) -> DiffusionBackbone:
         return self.ema.module if self.ema is not None else self.model
 
-    def _evaluate_point(self, mean_loss: float) -> None:
-        final = self.step >= self.total_steps
+    def _point_record(self, seg: dict, mean_loss: float) -> dict:
+        return {"step": self.step, "stage": self.stage + 1, "train_time_s": round(self.train_time, 3),
+                "search_time_s": round(self.search_time, 3), "train_loss": round(mean_loss, 5),
+                "resolution": self.resolution, "lr": self.optimizer.param_groups[0]["lr"],
+                "trainable_params": num_parameters(self.model, trainable=True)}
+
+    def _evaluate_point(self, record: dict, final: bool) -> None:
         n = self.cfg.fd_samples if final else self.cfg.curve_samples
-        point = {"step": self.step, "stage": self.stage + 1, "train_time_s": round(self.train_time, 3),
-                 "search_time_s": round(self.search_time, 3), "train_loss": round(mean_loss, 5),
-                 "resolution": self.resolution, "lr": self.optimizer.param_groups[0]["lr"],
-                 "trainable_params": num_parameters(self.model, trainable=True)}
+        point = dict(record)
         if self.evaluator is not None:
             t0 = time.perf_counter()
             if self.acc.is_main_process:
@@ -541,7 +450,7 @@ class DiffusionTrainer(RunTemplate):
         self.history.append(point)
         key = point.get("headline", "fd")
         fd = f" {point.get('metric', 'FD')} {point[key]:.3f}" if key in point else ""
-        self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {mean_loss:.4f}{fd} "
+        self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {point['train_loss']:.4f}{fd} "
                    f"time {self.train_time:.1f}s (search {self.search_time:.1f}s)")
 
     def _save_validation_grid(self, imgs: torch.Tensor) -> None:
@@ -568,30 +477,14 @@ class DiffusionTrainer(RunTemplate):
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
         return {
-            **self.run_info,
-            "steps": self.step, "total_steps": self.total_steps,
-            "wall_time_s": round(self.train_time, 3), "search_time_s": round(self.search_time, 3),
+            **self.run_info, **self._common_summary(), "search_time_s": round(self.search_time, 3),
             "fd": last.get("fd"), "kid": last.get("kid"), "metric": last.get("metric"),
             **{k: last[k] for k in (*SCORE_KEYS, "headline") if k in last},
             "trainable_params": num_parameters(self.model, trainable=True),
             "mean_trainable_params": round(self.trainable_steps / max(1, self.step)),
-            "flops_per_step": self.flops_sum / max(1, self.step),
             "total_params": num_parameters(self.model),
-            "schedule": sched.to_dict() if (sched := self.controller.schedule()) else {"stages": []},
-            **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {}),
             **self.controller.summary(),
         }
-
-    def _write_results(self, done: bool) -> dict:
-        sched = self.controller.schedule()
-        if self.acc.is_main_process and sched is not None:
-            sched.save(self.out / "schedule.json")
-        res = {"config": asdict(self.cfg), "run": self.run_info, "done": done, "diverged": self.diverged,
-               "curve": self.history,
-               "stages": self.stage_log, "summary": self.summary()}
-        if self.acc.is_main_process:
-            write_json(self.out / "results.json", res)
-        return res
 
     def _export(self) -> None:
         """The trained model as a plain backbone (scale factors and adapters folded in) in ``out/model``."""
@@ -617,57 +510,27 @@ class DiffusionTrainer(RunTemplate):
         replace_dir(tmp, self.out / MODEL_DIR)
 
     # -------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self) -> None:
-        state = {"step": self.step, "stage": self.stage, "resolution": self.resolution,
-                 "subnet": self.subnet.to_dict() if self.subnet is not None else None,
-                 "train_time_s": self.train_time, "search_time_s": self.search_time,
-                 "trainable_steps": self.trainable_steps, "flops_sum": self.flops_sum,
-                 "flops_cache": self.flops_cache, "history": self.history, "stage_log": self.stage_log,
-                 "total_steps": self.total_steps, "controller": self.controller.state_dict(),
-                 "time_cache": self.step_timer.state_dict(),
-                 "sec_per_flop": self._sec_per_flop, "loss_sum": self._loss_sum, "loss_n": self._loss_n,
-                 "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
-                            "eval_steps": self.eval_steps, "lr_remap": self.lr_remap.state_dict(),
-                            "full_flops": self._full_flops} if self.budget_plan else None}
-        save_checkpoint(self.out, self.acc, self.model, self.ema.module if self.ema is not None else None,
-                        self.optimizer, state)
+    def _momentum_module(self):
+        return self.ema.module if self.ema is not None else None
 
-    def _load_checkpoint(self) -> None:
-        state, weights, ema, opt = read_checkpoint(self.out, None if self.budget_plan else self.total_steps,
-                                                   self.acc.device, log=self.acc.print, need_ema=self.ema is not None)
-        budget = state.get("budget")
-        if (budget is None) != (self.budget_plan is None):
-            raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "
-                              "it with the settings it started with")
-        if budget is not None:  # the plan as made (step costs measured then), not a new one
-            self.budget_plan.load_state_dict(budget, SubNet.from_dict)
-            self._full_flops = budget["full_flops"]
-            self._start(self.budget_plan.steps)
+    def _task_state(self) -> dict:
+        return {"resolution": self.resolution, "subnet": self.subnet.to_dict() if self.subnet is not None else None,
+                "trainable_steps": self.trainable_steps, "flops_cache": self.flops_cache,
+                "eval_steps": self.eval_steps, "full_flops": self._full_flops}
+
+    def _load_weights(self, state: dict, weights: dict, ema: dict | None) -> None:
         self.model.load_state_dict(weights)
         if self.ema is not None:
             self.ema.module.load_state_dict(ema)
-        load_optimizer_state(self.optimizer, self.model, opt)
-        self.controller.load_state_dict(state["controller"])
-        self.step, self.stage = state["step"], state["stage"]
+
+    def _load_task_state(self, state: dict) -> None:
         if state["subnet"] is not None:
             self.use_subnet(SubNet.from_dict(state["subnet"]))
         self.resolution = state["resolution"]
         if self.stage >= 0:
             self.model.set_stage(self.stage)
-        self.train_time, self.search_time = state["train_time_s"], state["search_time_s"]
-        self.trainable_steps = state["trainable_steps"]
-        self.flops_sum, self.flops_cache = state["flops_sum"], state["flops_cache"]
-        self.history, self.stage_log = state["history"], state["stage_log"]
-        times = state["time_cache"]
-        if isinstance(times, list):  # a checkpoint from before 2026-12-06: [[resolution, blocks, seconds], ...]
-            times = {f"{r}:{','.join(map(str, b))}": v for r, b, v in times}
-        self.step_timer.load_state_dict(times)
-        self._sec_per_flop = state.get("sec_per_flop")
-        self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
-        if budget is not None:
-            self.total_steps, self.eval_steps = budget["total_steps"], list(budget["eval_steps"])
-            self.lr_remap.load_state_dict(budget["lr_remap"])
-        self._set_lr(self.step)
-        self.print(f"resumed from {state['checkpoint_dir']} at step {self.step}")
-
-
+        self.trainable_steps, self.flops_cache = state["trainable_steps"], state["flops_cache"]
+        budget = state["budget"] or {}  # before 2026-12-06 the budget's record held these
+        self._full_flops = state.get("full_flops", budget.get("full_flops"))
+        if self.budget_plan is not None:
+            self.eval_steps = list(state.get("eval_steps") or budget["eval_steps"])

@@ -1,0 +1,238 @@
+"""The run folder's files: resumable checkpoints (safetensors weights, optimizer state, JSON state) and results,
+each written so that a crash leaves the old or the new version, never a part of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoint"  # inside a run directory: the latest resumable state
+
+PREVIOUS_SUFFIX = ".prev"  # the checkpoint before the newest, kept as a fallback
+
+
+def fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a crash leaves the old or the new file, never a part of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Make the finished directory ``tmp`` the new ``final``; the previous ``final`` becomes ``final.prev`` (the
+    fallback). A crash at any point leaves a complete newest or previous one."""
+    prev = final.with_name(final.name + PREVIOUS_SUFFIX)
+    for f in tmp.iterdir():
+        fsync(f)
+    fsync(tmp)
+    if final.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
+    os.replace(tmp, final)
+    fsync(final.parent)
+
+
+def writable_dir(out: Path) -> Path:
+    """Create ``out`` (and its parents) and check that files can be written there; a one-line
+    :class:`ConfigError` otherwise (a file in the way, a read-only or virtual file system)."""
+    from .errors import ConfigError
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".autoprog-write-test-{os.getpid()}"  # one per process: several may check at once
+        probe.write_text("")
+        probe.unlink()
+    except FileExistsError:
+        raise ConfigError(f"--out {out}: a file is in the way (it must be a directory)") from None
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create or write there ({err.strerror or err})") from None
+    return out
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint to resume from (the newest or its fallback)."""
+    return any((out / (CHECKPOINT_DIR + s) / "state.json").is_file() for s in ("", PREVIOUS_SUFFIX))
+
+
+def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, optimizer, state: dict) -> None:
+    """Replace ``out/checkpoint`` atomically: safetensors weights of ``model`` (and of the momentum ``ema``), the
+    optimizer state by parameter name plus the torch RNG, and ``state`` as JSON. Main process only; every
+    process waits here first."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .optim import optimizer_state_tensors
+
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    if not finite_state(model):
+        from .errors import DivergedError
+
+        raise DivergedError(f"the weights are not finite at step {state.get('step')}; {out / CHECKPOINT_DIR} keeps "
+                            "the last good checkpoint")
+    tmp = out / (CHECKPOINT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    opt = optimizer_state_tensors(optimizer, model)
+    opt["__rng__"] = torch.get_rng_state()
+    save_file(opt, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps(strict_json(state), indent=2, allow_nan=False))
+    replace_dir(tmp, out / CHECKPOINT_DIR)
+
+
+def read_checkpoint(out: Path, total_steps: int | None, device, log=print, need_ema: bool = False
+                    ) -> tuple[dict, dict, dict | None, dict]:
+    """``(state, model weights, ema weights or None, optimizer tensors)`` of the newest usable checkpoint in
+    ``out``, with the torch RNG restored. A damaged newest checkpoint falls back to the previous one (and says
+    so); none usable, or one made for another number of steps (unless ``total_steps`` is None: a budget run's
+    end moves), is a one-line :class:`ConfigError`."""
+    from .errors import ConfigError
+
+    problems = []
+    for suffix in ("", PREVIOUS_SUFFIX):
+        ck = out / (CHECKPOINT_DIR + suffix)
+        if not ck.exists():
+            continue
+        try:
+            found = _read_one(ck, device, need_ema)
+        except _Damaged as e:
+            problems.append(str(e))
+            continue
+        if total_steps is not None and found[0]["total_steps"] != total_steps:
+            raise ConfigError(f"checkpoint was made for {found[0]['total_steps']} steps, this run has {total_steps}")
+        if problems:
+            log(f"warning: {problems[0]}; resuming from the previous checkpoint {ck} instead")
+        import torch
+
+        torch.set_rng_state(found[3].pop("__rng__"))
+        found = (migrate_state(found[0]), *found[1:])
+        found[0]["checkpoint_dir"] = str(ck)
+        return found
+    if problems:
+        raise ConfigError(f"no usable checkpoint in {out}: {'; '.join(problems)}")
+    raise ConfigError(f"{out} has no checkpoint to resume from")
+
+
+class _Damaged(Exception):
+    pass
+
+
+STATE_KEYS = ("step", "stage", "total_steps", "controller", "history", "stage_log")
+RUN_STATE_FORMAT = "autoprog-run/2"  # the engine's checkpoint state; /1 (no "format" key) is migrated on reading
+
+
+def migrate_state(state: dict) -> dict:
+    """A checkpoint state of an older autoprog in the current format (``RUN_STATE_FORMAT``): before 2026-12-06
+    each trainer wrote its own keys (the pre-training's epoch in progress, fine-tuning's loss since the last
+    point, a list-shaped step-time cache)."""
+    fmt = state.get("format", "autoprog-run/1")
+    if fmt == RUN_STATE_FORMAT:
+        return state
+    if fmt != "autoprog-run/1":
+        from .errors import ConfigError
+
+        raise ConfigError(f"this checkpoint's state is {fmt!r}, newer than this autoprog reads ({RUN_STATE_FORMAT}); "
+                          "update autoprog to resume it")
+    state = dict(state, format=RUN_STATE_FORMAT)
+    state.setdefault("lr_step", state["step"])
+    state.setdefault("search_time_s", 0.0)
+    state.setdefault("sec_per_flop", None)
+    state["pending_point"] = state.pop("pending_epoch", None)
+    state["in_segment"] = state.pop("in_epoch", None)
+    if state.get("loss_n"):  # fine-tuning, checkpointed between evaluation points
+        state["in_segment"] = {"start_step": state["step"], "time_s": 0.0, "step_times": [],
+                               "per_process": [{"loss_sum": state.pop("loss_sum"), "loss_n": state.pop("loss_n")}]}
+    times = state.get("time_cache", {})
+    if isinstance(times, list):  # [[resolution, blocks, seconds], ...]
+        times = {f"{r}:{','.join(map(str, b))}": v for r, b, v in times}
+    state["time_cache"] = times
+    return state
+
+
+def _read_one(ck: Path, device, need_ema: bool) -> tuple[dict, dict, dict | None, dict]:
+    """One checkpoint directory, checked: parseable JSON with the state's keys, loadable safetensors, finite
+    weights, the RNG state present."""
+    import json
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    def load(name: str, required: bool = True, on=device):
+        path = ck / name
+        if not path.is_file():
+            if required:
+                raise _Damaged(f"{path} is missing")
+            return None
+        try:
+            tensors = load_file(path, device=str(on))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise _Damaged(f"{path} cannot be read ({' '.join(str(e).split())[:120]})") from None
+        if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
+            raise _Damaged(f"{path} holds non-finite values")
+        return tensors
+
+    try:
+        state = json.loads((ck / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Damaged(f"{ck / 'state.json'} cannot be read ({' '.join(str(e).split())[:120]})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise _Damaged(f"{ck / 'state.json'} lacks {', '.join(missing)}")
+    model, ema = load("model.safetensors"), load("ema.safetensors", required=need_ema)
+    opt = load("optimizer.safetensors", on="cpu")
+    rng = opt.get("__rng__")
+    if rng is None or rng.dtype != torch.uint8:
+        raise _Damaged(f"{ck / 'optimizer.safetensors'} lacks the RNG state")
+    opt["__rng__"] = rng.cpu()
+    return state, model, ema, opt
+
+
+def finite_state(module: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is finite."""
+    import torch
+
+    return all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point())
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float replaced by None, so ``json.dumps(..., allow_nan=False)`` holds."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (no NaN/Infinity), written atomically."""
+    import json
+
+    atomic_write(path, json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
