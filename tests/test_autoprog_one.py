@@ -509,7 +509,7 @@ def test_scoring_points_spread_over_the_second_half():
 @pytest.mark.parametrize("kw", [{"search_epochs": 0}, {"alpha": -0.5}, {"search_samples": 0}, {"gain_samples": 1},
                                 {"gain_folds": 0}, {"search_fraction": 0.0}, {"search_fraction": 1.0},
                                 {"search_min_updates": -1}, {"score_points": 0}, {"alpha_rule": "x"},
-                                {"sampling": "x"}, {"step_time": "x"}])
+                                {"supernet_sampling": "x"}, {"search_step_time": "x"}])
 def test_config_validation(kw):
     with pytest.raises(ConfigError):
         AutoProgOne(SPACE6, AutoProgOneConfig(**kw))
@@ -829,7 +829,7 @@ def test_step_time_is_the_median_of_each_candidates_own_supernet_steps():
     for row in log["candidates"]:
         want = 0.01 * row["resolution"] * row["depth"]
         assert row["step_time_s"] == pytest.approx(want, rel=1e-4), "the median ignores the one-off first step"
-    probe = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=3, step_time="probe"))
+    probe = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=3, search_step_time="probe"))
     tr2 = FakeTrainer(8)
     probe.setup(tr2, 400)
     probe.enter_stage(tr2, 0)

@@ -157,3 +157,15 @@ def test_a_pretraining_spec_saved_before_2026_12_05_keeps_what_it_ran():
     assert spec.train.ema_decay == 0.99 and spec.train.ema_rescale is False, "an explicit momentum was per step"
     new = RunSpec.from_dict(RunSpec().to_dict())
     assert new == RunSpec(), "a spec saved now loads as it is"
+
+
+def test_autoprog_ones_settings_are_declared_once():
+    """The pre-training spec inherits AutoProg-One's settings (flags, help, bounds) instead of repeating them."""
+    import dataclasses
+
+    from autoprog.algorithms.autoprog_one import AutoProgOneConfig
+    from autoprog.classification.runner import RunSpec
+
+    one = AutoProgOneConfig.__dataclass_fields__
+    assert all(RunSpec.__dataclass_fields__[name] is f for name, f in one.items())
+    assert {f.name for f in dataclasses.fields(RunSpec)} >= set(one)

@@ -114,6 +114,28 @@ def diverged_rows(rows: list[dict], diverged: dict[str, str]) -> list[dict]:
     return rows + [{**dict.fromkeys(keys), "method": m, "diverged": msg} for m, msg in diverged.items()]
 
 
+def budget_matched_run(results: dict[str, dict], baseline: str, methods: list[str], budget_mode: str | None,
+                       total_steps: int, run: Callable[[str, int], dict], min_steps: int = 1,
+                       log: Callable[[str], None] = print) -> None:
+    """Add ``baseline@budget`` to ``results``: the baseline trained for the wall-clock of the fastest of
+    ``methods`` (its steps scaled from the baseline's ``total_steps`` by the measured times; at least
+    ``min_steps``), with ``run(name, steps)``. Under a budget (``budget_mode`` describes it) every method had the
+    same budget, so the baseline is its own budget-matched run and none is added."""
+    if budget_mode is not None:
+        log(f"budget mode: every method had the same budget ({budget_mode}), so {baseline} is the budget-matched "
+            f"baseline itself (no {baseline}{BUDGET_SUFFIX})")
+        return
+    if not methods:
+        return
+    fastest = min(methods, key=lambda m: results[m]["summary"]["wall_time_s"])
+    ratio = results[fastest]["summary"]["wall_time_s"] / results[baseline]["summary"]["wall_time_s"]
+    steps = max(min_steps, round(total_steps * ratio))
+    name = baseline + BUDGET_SUFFIX
+    log(f"\n=== {name}: {baseline} for {steps} steps, the wall-clock of {fastest} ===")
+    results[name] = run(name, steps)
+    results[name]["summary"]["budget_of"] = fastest
+
+
 def front_runs(baseline: str, fractions: list[float], total_steps: int, run: Callable[[str, int, float], dict],
                log: Callable[[str], None] = print, budget: str | None = None, whole: bool = False
                ) -> dict[str, dict]:
@@ -142,6 +164,27 @@ def front_runs(baseline: str, fractions: list[float], total_steps: int, run: Cal
 def is_front_run(name: str, baseline: str) -> bool:
     """Whether the row ``name`` is one of the baseline's own runs (the whole run, a front budget, @budget)."""
     return name == baseline or name.startswith(baseline + FRONT_SEPARATOR)
+
+
+def ratio_fields(summary: dict, baseline: dict) -> dict:
+    """A run's ratios against the baseline run, the same in every task: ``speedup`` (the baseline's wall-clock ÷
+    the run's), ``flops_speedup`` (the baseline's training FLOPs ÷ the run's: the theoretical speed-up) and
+    ``realised_fraction`` (how much of the FLOPs speed-up the wall-clock realises)."""
+    t, bt = summary.get("wall_time_s"), baseline.get("wall_time_s")
+    speedup = round(bt / t, 4) if t and bt else None
+    flops = (summary.get("flops_per_step") or 0) * (summary.get("steps") or 0)
+    base_flops = (baseline.get("flops_per_step") or 0) * (baseline.get("steps") or 0)
+    flops_speedup = round(base_flops / flops, 4) if flops and base_flops else None
+    return {"speedup": speedup, "flops_speedup": flops_speedup,
+            "realised_fraction": round(speedup / flops_speedup, 4) if speedup and flops_speedup else None}
+
+
+def comparison_row(name: str, summary: dict, baseline: dict) -> dict:
+    """The fields every task's comparison row has: the run's name, wall-clock, :func:`ratio_fields` against the
+    baseline's summary, steps, and which budget it ran for (``budget_of``, ``front_fraction``, ``budget_used``)."""
+    return {"method": name, "wall_time_s": summary["wall_time_s"], **ratio_fields(summary, baseline),
+            "steps": summary["steps"], "budget_of": summary.get("budget_of"),
+            "front_fraction": summary.get("front_fraction"), "budget_used": summary.get("budget", {}).get("used")}
 
 
 def add_speedups(rows: list[dict], baseline: str, quality: str, higher_is_better: bool) -> Front | None:

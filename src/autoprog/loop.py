@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .adapters.base import ElasticModel
+from .adapters.base import ElasticModel, resize_input
 from .adapters.unfreezer import Unfreezer
 from .algorithms.growth import (
     GrowthCalls,
@@ -148,10 +147,7 @@ class ProgressiveLoop(GrowthCalls):
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (N, C, H, W) at the current stage's resolution."""
-        r = self.resolution
-        if x.shape[-2:] == (r, r):
-            return x
-        return F.interpolate(x, size=(r, r), mode="bilinear", antialias=x.shape[-1] > r, align_corners=False)
+        return resize_input(x, self.resolution)
 
     def after_step(self, loss: torch.Tensor | float | None = None) -> None:
         """After your optimizer step: update the momentum network, let the controller see the step."""
@@ -257,12 +253,6 @@ class ProgressiveLoop(GrowthCalls):
         if self._unfreezer is None:
             snap["gated"] = self.model.gated_blocks()
         return snap
-
-    def _set_gates(self, gated) -> None:
-        """ReZero gates on exactly the blocks ``gated``, in the model and its momentum network."""
-        for net in (self.model, self.ema.module):
-            for i in range(net.full_depth):
-                net.set_gate(i, 0.0 if i in gated else None)
 
     def restore(self, snap: dict) -> None:
         if self._unfreezer is None:  # gates first, so the weights load into the same structure
@@ -372,11 +362,7 @@ class ProgressiveLoop(GrowthCalls):
         return self.proxy
 
     def _at(self, batch: tuple, resolution: int) -> tuple:
-        x = batch[0]
-        if x.shape[-2:] != (resolution, resolution):
-            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=x.shape[-1] > resolution,
-                              align_corners=False)
-        return (x, *batch[1:])
+        return (resize_input(batch[0], resolution), *batch[1:])
 
 
 def _controller(schedule: str | Schedule | Controller, space: GrowthSpace) -> Controller:

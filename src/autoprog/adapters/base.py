@@ -120,6 +120,11 @@ class ElasticModel(nn.Module):
     def gated_blocks(self) -> list[int]:
         return [i for i in range(self.full_depth) if self.gated(i)]
 
+    def set_gated_blocks(self, gated) -> None:
+        """ReZero gates on exactly the blocks ``gated`` (a saved state's structure, before loading its weights)."""
+        for i in range(self.full_depth):
+            self.set_gate(i, 0.0 if i in gated else None)
+
 
 def resize_input(x: torch.Tensor, r: int) -> torch.Tensor:
     """``x`` at ``r``×``r`` (antialiased when shrinking)."""

@@ -28,6 +28,7 @@ from ..controllers import (
     print_table,
 )
 from ..errors import ConfigError
+from ..options import check_bounds, option
 from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
 from ..space import GrowthSpace, SubNet, candidates
 from .elastic import ALPHA_RULES, ElasticLayout, choose, cycle_index, sample_index
@@ -39,50 +40,68 @@ STEP_TIMES = ("supernet", "probe")  # where a candidate's step time T comes from
 
 @dataclass
 class AutoProgOneConfig:
-    """AutoProg-One's settings; the defaults are the paper's and its official code's rules (``docs/design.md``)."""
+    """AutoProg-One's settings, declared once: the pre-training run spec (:class:`~autoprog.classification.runner.
+    RunSpec`) extends this class, so each is also a flag and a ``config.json`` key. The defaults are the paper's and
+    its official code's rules (``docs/design.md``); ours are options."""
 
-    search_epochs: float | None = None  # the supernet's length in epochs; None: search_fraction of each stage
-    alpha: float | None = None  # None: by alpha_rule over the candidates
-    search_samples: int = 256  # images each candidate is scored on at each scoring point
-    recycle: bool = True
-    time_repeats: int = 3
-    criterion: str = "paper"  # or "gain": see autoprog.algorithms.gain
-    gain_samples: int = 512  # gain: training images its gradients are taken on
-    gain_folds: int = 2  # gain: cross-fitting folds (1: the same-sample estimate, biased toward the full model)
-    search_fraction: float = 0.08  # the supernet's share of each searched stage (the paper's 2 of 25 epochs)
-    search_min_updates: int = 4  # the floor of supernet updates per candidate (0: none)
-    alpha_rule: str = "fit"  # "fit": the official power-law fit; "balanced": our earlier range rule
-    forced_growth: bool = False  # the official code's Λ_k: the next depths of Ω only
-    score_points: int = 5  # losses averaged over this many points of the supernet phase's second half
-    score_momentum: bool = True  # score the momentum (EMA) network, as the official code; False: the online one
-    sampling: str = "cycle"  # "cycle": a fresh permutation of the candidates every |Λ| steps; "random": i.i.d.
-    step_time: str = "supernet"  # T: "supernet": the median of the candidate's own supernet steps; "probe": timed passes
+    search_fraction: float = option(0.08, "the supernet's share of each searched stage (the paper's 2 search epochs of "
+                                           "a 25-epoch stage), raised to --search-min-updates per candidate",
+                                    above=0, below=1, group="AutoProg-One search")
+    search_epochs: float | None = option(None, "train the supernet for this many epochs instead of --search-fraction "
+                                               "(the paper's 2 fill a whole stage of a short run)", above=0,
+                                         show_default=False, group="AutoProg-One search")
+    search_min_updates: int = option(4, "the floor of supernet updates per candidate: the search is lengthened to "
+                                        "reach it, and where it does not fit in the stage fewer candidates are "
+                                        "searched (a notice says which); 0 = no floor", minimum=0,
+                                     group="AutoProg-One search")
+    alpha: float | None = option(None, "runtime exponent in the score L*T^alpha (default: by --alpha-rule over each "
+                                       "stage's candidates)", minimum=0, show_default=False,
+                                 group="AutoProg-One search")
+    alpha_rule: str = option("fit", "how alpha is chosen: fit (the official code: fit L = a*T^b over the candidates, "
+                                    "alpha = max(-b, 0)) or balanced (ours before: range(log L) / range(log T), which "
+                                    "makes the two extreme candidates tie)", choices=ALPHA_RULES,
+                             group="AutoProg-One search")
+    forced_growth: bool = option(False, "the official code's candidates after stage 1: the next 3 depths of the growth "
+                                        "space only (the paper's rule, the default, also keeps the current depth)",
+                                 group="AutoProg-One search")
+    search_samples: int = option(256, "training images (fixed, not augmented) each candidate's loss is measured on "
+                                      "at each scoring point", minimum=1, group="AutoProg-One search")
+    score_points: int = option(5, "the candidates' losses are averaged over this many points spread over the second "
+                                  "half of the supernet phase (the official code: 5, the start and quarters of its "
+                                  "last search epoch; 1 = at its end only)", minimum=1, group="AutoProg-One search")
+    score_momentum: bool = option(True, "score the online network instead of the momentum (EMA) network the "
+                                        "official code scores", group="AutoProg-One search")
+    supernet_sampling: str = option("cycle", "which candidate each supernet step trains: cycle (ours: a fresh random "
+                                             "permutation of the candidates every |Lambda| steps, so each gets its "
+                                             "share of updates in a short phase) or random (the official code's "
+                                             "independent uniform draw)", choices=SAMPLINGS,
+                                    group="AutoProg-One search")
+    search_step_time: str = option("supernet", "each candidate's step time T: supernet (ours: the median of its own "
+                                               "whole supernet training steps, which costs nothing) or probe (timed "
+                                               "forward+backward passes of a full batch after the supernet phase, "
+                                               "as the official code times them); --time-source flops uses FLOPs",
+                                   choices=STEP_TIMES, group="AutoProg-One search")
+    gain_samples: int = option(512, "--criterion gain: training images (the first of the search subset) on which "
+                                    "every candidate's gradient and loss are taken", minimum=2,
+                               group="AutoProg-One search")
+    gain_folds: int = option(2, "--criterion gain: folds of those images; the gain's dot product pairs different "
+                                "folds only, so the gradients' sampling noise does not favour the candidates most "
+                                "like the full model (1: the plain same-sample estimate)", minimum=1,
+                             group="AutoProg-One search")
+    recycle: bool = option(True, "retrain the chosen sub-network from the stage's starting weights instead of "
+                                 "inheriting the supernet's (the ablation of Table 11; the search epochs become "
+                                 "extra cost)", group="AutoProg-One search")
+    criterion: str = option("paper", "the searches' criterion: paper (AutoProg-One: loss x step time^alpha, Eq. 9; "
+                                     "AutoProg-Zero: the ranked vote of NTK, ZiCo and step time, Eq. 19) or gain "
+                                     "(ours: the predicted decrease of the full-resolution loss of the full model "
+                                     "(AutoProg-One: of the deepest candidate) per second of training the candidate). "
+                                     "Measured over 3 seeds: gain is better near the original's plateau (30 epochs), "
+                                     "paper in short runs (8 epochs), so paper stays the default",
+                            choices=CRITERIA, group="AutoProg-One search")
+    time_repeats: int = option(3, "timed repeats per candidate (--search-step-time probe)", minimum=1, cli=False)
 
     def validate(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-        if self.alpha_rule not in ALPHA_RULES:
-            raise ConfigError(f"--alpha-rule must be one of {', '.join(ALPHA_RULES)}, got {self.alpha_rule!r}")
-        if self.search_epochs is not None and self.search_epochs <= 0:
-            raise ConfigError(f"--search-epochs must be positive, got {self.search_epochs}")
-        if not 0 < self.search_fraction < 1:
-            raise ConfigError(f"--search-fraction must be in (0, 1), got {self.search_fraction}")
-        if self.search_min_updates < 0:
-            raise ConfigError(f"--search-min-updates must be non-negative, got {self.search_min_updates}")
-        if self.sampling not in SAMPLINGS:
-            raise ConfigError(f"--supernet-sampling must be cycle or random, got {self.sampling!r}")
-        if self.step_time not in STEP_TIMES:
-            raise ConfigError(f"--search-step-time must be supernet or probe, got {self.step_time!r}")
-        if self.score_points < 1:
-            raise ConfigError(f"--score-points must be positive, got {self.score_points}")
-        if self.alpha is not None and self.alpha < 0:
-            raise ConfigError(f"--alpha must be non-negative, got {self.alpha}")
-        if self.search_samples < 1:
-            raise ConfigError(f"--search-samples must be positive, got {self.search_samples}")
-        if self.gain_samples < 2:
-            raise ConfigError(f"--gain-samples must be at least 2, got {self.gain_samples}")
-        if self.gain_folds < 1:
-            raise ConfigError(f"--gain-folds must be positive, got {self.gain_folds}")
+        check_bounds(self)
 
 
 def score_steps(start: int, length: int, points: int) -> list[int]:
@@ -223,7 +242,7 @@ class AutoProgOne(Controller):
         if not self.searching:
             return None
         n = len(self.cands)
-        self._current = (cycle_index(self.seed, step, n, self.search_start) if self.cfg.sampling == "cycle"
+        self._current = (cycle_index(self.seed, step, n, self.search_start) if self.cfg.supernet_sampling == "cycle"
                          else sample_index(self.seed, step, n))
         return self.cands[self._current]
 
@@ -256,7 +275,7 @@ class AutoProgOne(Controller):
     def after_step(self, trainer, loss=None) -> None:
         if not self.searching:
             return
-        if self.cfg.step_time == "supernet" and callable(getattr(trainer, "sync", None)):
+        if self.cfg.search_step_time == "supernet" and callable(getattr(trainer, "sync", None)):
             trainer.sync()  # a GPU step's queued optimizer and momentum work is this candidate's (search steps only)
         now = trainer.elapsed()
         if self._current is not None and self._t_last is not None:  # the whole step of the candidate just trained
@@ -325,8 +344,8 @@ class AutoProgOne(Controller):
 
     def _step_times(self, trainer) -> list[float]:
         """T per candidate: the median of its own supernet steps (whole steps: forward, backward, optimizer, EMA),
-        or, with ``step_time="probe"`` or where a candidate trained fewer than 2 steps, timed passes for all."""
-        if (self.cfg.step_time == "supernet" and len(self.step_times) == len(self.cands)
+        or, with ``search_step_time="probe"`` or where a candidate trained fewer than 2 steps, timed passes for all."""
+        if (self.cfg.search_step_time == "supernet" and len(self.step_times) == len(self.cands)
                 and all(len(t) >= 2 for t in self.step_times)):
             self.time_source = "supernet steps"
             return [statistics.median(t) for t in self.step_times]

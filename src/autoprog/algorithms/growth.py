@@ -235,6 +235,11 @@ class GrowthCalls:
         self.use_subnet(dst)
         return result.record(self.growth.name)
 
+    def _set_gates(self, gated) -> None:
+        """ReZero gates on exactly the blocks ``gated``, in the model and its momentum copy."""
+        for net in (self.growable, self.ema.module):
+            net.set_gated_blocks(gated)
+
     def relayout(self, block_map: dict[int, int], dst: SubNet) -> None:
         """Move blocks (weights, momentum weights, optimizer moments) by ``block_map`` and apply ``dst``."""
         copy_blocks(self.growable, self.ema.module, block_map)

@@ -7,22 +7,21 @@ experiment: a ViT on a 10k-image Fashion-MNIST subset, sized to run on a 2-core 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..adapters.factory import ModelOverrides, build_elastic
-from ..algorithms.autoprog_one import SAMPLINGS, STEP_TIMES
+from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
-from ..algorithms.elastic import ALPHA_RULES
-from ..algorithms.gain import CRITERIA
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
 from ..budget import Budget
 from ..checkpoint import has_checkpoint, writable_dir, write_json
 from ..data import load_dataset
 from ..errors import ConfigError, warn
 from ..experiment import (
-    BUDGET_SUFFIX,
     add_speedups,
+    budget_matched_run,
+    comparison_row,
     diverged_rows,
     drop_stale_budget_run,
     front_runs,
@@ -42,8 +41,9 @@ from .trainer import TrainConfig, Trainer
 
 
 @dataclass
-class RunSpec(Spec):
-    """Everything that defines a pre-training run besides the output directory."""
+class RunSpec(Spec, AutoProgOneConfig):
+    """Everything that defines a pre-training run besides the output directory (AutoProg-One's settings from
+    :class:`AutoProgOneConfig`, their only declaration)."""
 
     settings_name = "run settings"
 
@@ -93,60 +93,7 @@ class RunSpec(Spec):
     schedule: str | None = option(None, "schedule to replay with --method fixed: a schedule.json, or inline RESxDEPTH "
                                         "per stage, e.g. 16x4,20x5,24x7,28x8 (equal stages) or 16x8@0.5,28x8@0.5",
                                   show_default=False, group="growth")
-    search_fraction: float = option(0.08, "the supernet's share of each searched stage (the paper's 2 search epochs of "
-                                           "a 25-epoch stage), raised to --search-min-updates per candidate",
-                                    above=0, below=1, group="AutoProg-One search")
-    search_epochs: float | None = option(None, "train the supernet for this many epochs instead of --search-fraction "
-                                               "(the paper's 2 fill a whole stage of a short run)", above=0,
-                                         show_default=False, group="AutoProg-One search")
-    search_min_updates: int = option(4, "the floor of supernet updates per candidate: the search is lengthened to "
-                                        "reach it, and where it does not fit in the stage fewer candidates are "
-                                        "searched (a notice says which); 0 = no floor", minimum=0, group="AutoProg-One search")
-    alpha: float | None = option(None, "runtime exponent in the score L*T^alpha (default: by --alpha-rule over each "
-                                       "stage's candidates)", minimum=0, show_default=False,
-                                 group="AutoProg-One search")
-    alpha_rule: str = option("fit", "how alpha is chosen: fit (the official code: fit L = a*T^b over the candidates, "
-                                    "alpha = max(-b, 0)) or balanced (ours before: range(log L) / range(log T), which "
-                                    "makes the two extreme candidates tie)", choices=ALPHA_RULES,
-                             group="AutoProg-One search")
-    forced_growth: bool = option(False, "the official code's candidates after stage 1: the next 3 depths of the growth "
-                                        "space only (the paper's rule, the default, also keeps the current depth)",
-                                 group="AutoProg-One search")
-    search_samples: int = option(256, "training images (fixed, not augmented) each candidate's loss is measured on "
-                                      "at each scoring point", minimum=1, group="AutoProg-One search")
-    score_points: int = option(5, "the candidates' losses are averaged over this many points spread over the second "
-                                  "half of the supernet phase (the official code: 5, the start and quarters of its "
-                                  "last search epoch; 1 = at its end only)", minimum=1, group="AutoProg-One search")
-    score_momentum: bool = option(True, "score the online network instead of the momentum (EMA) network the "
-                                        "official code scores", group="AutoProg-One search")
-    supernet_sampling: str = option("cycle", "which candidate each supernet step trains: cycle (ours: a fresh random "
-                                             "permutation of the candidates every |Lambda| steps, so each gets its "
-                                             "share of updates in a short phase) or random (the official code's "
-                                             "independent uniform draw)", choices=SAMPLINGS,
-                                    group="AutoProg-One search")
-    search_step_time: str = option("supernet", "each candidate's step time T: supernet (ours: the median of its own "
-                                               "whole supernet training steps, which costs nothing) or probe (timed "
-                                               "forward+backward passes of a full batch after the supernet phase, "
-                                               "as the official code times them); --time-source flops uses FLOPs",
-                                   choices=STEP_TIMES, group="AutoProg-One search")
-    gain_samples: int = option(512, "--criterion gain: training images (the first of the search subset) on which "
-                                    "every candidate's gradient and loss are taken", minimum=2,
-                               group="AutoProg-One search")
-    gain_folds: int = option(2, "--criterion gain: folds of those images; the gain's dot product pairs different "
-                                "folds only, so the gradients' sampling noise does not favour the candidates most "
-                                "like the full model (1: the plain same-sample estimate)", minimum=1,
-                             group="AutoProg-One search")
-    recycle: bool = option(True, "retrain the chosen sub-network from the stage's starting weights instead of "
-                                 "inheriting the supernet's (the ablation of Table 11; the search epochs become "
-                                 "extra cost)", group="AutoProg-One search")
     time_tolerance: float = time_tolerance_option("AutoProg-Zero search")
-    criterion: str = option("paper", "the searches' criterion: paper (AutoProg-One: loss x step time^alpha, Eq. 9; "
-                                     "AutoProg-Zero: the ranked vote of NTK, ZiCo and step time, Eq. 19) or gain "
-                                     "(ours: the predicted decrease of the full-resolution loss of the full model "
-                                     "(AutoProg-One: of the deepest candidate) per second of training the candidate). Measured "
-                                     "over 3 seeds: gain is better near the original's plateau (30 epochs), paper in "
-                                     "short runs (8 epochs), so paper stays the default",
-                            choices=CRITERIA, group="AutoProg-One search")
     adareg: bool = option(False, "adaptive regularization: RandAugment magnitude (4.5-9), random-erasing "
                                  "probability (0-0.25) and drop-path rate (0-0.1) grow linearly with the "
                                  "sub-network's size (Table 14)", group="growth")
@@ -173,16 +120,11 @@ def build_run(spec: RunSpec):
     net = build_elastic(spec.model, data.num_classes, data.in_chans, overrides)
     space = net.growth_space(spec.num_stages, spec.start_ratio)
     if chosen.base == "autoprog-one":
-        from ..algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
+        from ..algorithms.autoprog_one import AutoProgOne
 
-        criterion = chosen.options.get("criterion", spec.criterion)
-        cfg = AutoProgOneConfig(spec.search_epochs, spec.alpha, spec.search_samples, spec.recycle,
-                                criterion=criterion, gain_samples=spec.gain_samples, gain_folds=spec.gain_folds,
-                                search_fraction=spec.search_fraction, search_min_updates=spec.search_min_updates,
-                                alpha_rule=spec.alpha_rule, forced_growth=spec.forced_growth,
-                                score_points=spec.score_points, score_momentum=spec.score_momentum,
-                                sampling=spec.supernet_sampling,
-                                step_time="probe" if spec.train.time_source == "flops" else spec.search_step_time)
+        cfg = AutoProgOneConfig(**{f.name: getattr(spec, f.name) for f in fields(AutoProgOneConfig)})
+        cfg = replace(cfg, criterion=chosen.options.get("criterion", spec.criterion),
+                      search_step_time="probe" if spec.train.time_source == "flops" else spec.search_step_time)
         schedule = AutoProgOne(space, cfg, seed=spec.train.seed)
         growth = get_growth_operator(spec.growth or "mogrow")
         return data, net, schedule, growth
@@ -252,7 +194,7 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
 SEARCH_SETTINGS = SearchSettings(
     autoprog_one=("search_epochs", "search_fraction", "search_min_updates", "alpha", "alpha_rule", "forced_growth",
                   "search_samples", "score_points", "score_momentum", "supernet_sampling", "search_step_time",
-                  "gain_samples", "recycle"),
+                  "gain_samples", "recycle", "time_repeats"),
     autoprog_zero=("time_tolerance",),
     both=("criterion", "gain_folds", "time_source", "step_time_scope"))
 
@@ -298,58 +240,48 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     orig = results["original"]["summary"]
     progressive = [m for m in results if m != "original"]
     budget = Budget.from_options(base.train.budget, base.train.budget_steps)
-    if budget is not None and budget_baseline:
-        acc.print(f"budget mode: every method had the same budget ({budget.describe()}), so the original is the "
-                  "budget-matched baseline itself (no original@budget)")
-    if budget_baseline and progressive and budget is None:
-        fastest = min(progressive, key=lambda m: results[m]["summary"]["wall_time_s"])
-        ratio = results[fastest]["summary"]["wall_time_s"] / orig["wall_time_s"]
-        steps_per_epoch = orig["total_steps"] / orig["epochs"] if orig["epochs"] else orig["total_steps"]
-        steps = max(int(round(steps_per_epoch)), round(orig["total_steps"] * ratio))
-        name = "original" + BUDGET_SUFFIX
-        acc.print(f"\n=== {name}: original for {steps} steps, the wall-clock of {fastest} ===")
+
+    def budget_point(name: str, steps: int) -> dict:
         spec = replace(base, method="original", train=replace(base.train, max_steps=steps))
         drop_stale_budget_run(out / name, run_differences(out / name, spec), "train.max_steps", acc)
-        results[name] = run_or_reuse(spec, out / name, acc)
-        results[name]["summary"]["budget_of"] = fastest
+        return run_or_reuse(spec, out / name, acc)
+
+    if budget_baseline:
+        steps_per_epoch = orig["total_steps"] / orig["epochs"] if orig["epochs"] else orig["total_steps"]
+        budget_matched_run(results, "original", progressive, budget.describe() if budget else None,
+                           orig["total_steps"], budget_point, int(round(steps_per_epoch)), acc.print)
     def front_point(name: str, steps: int, fraction: float) -> dict:
         train = replace(base.train, **({"max_steps": steps} if budget is None else budget.scaled(fraction)))
         return run_or_reuse(replace(base, method="original", train=train), out / name, acc)
 
     results.update(front_runs("original", list(front), orig["total_steps"], front_point, acc.print,
                               budget.describe() if budget else None))
-    rows = []
-    for m, res in results.items():
-        s = res["summary"]
-        rows.append({
-            "method": m, "growth": s["growth"] if s["schedule"]["stages"][1:] else None,
-            "wall_time_s": s["wall_time_s"],
-            "speedup": round(orig["wall_time_s"] / s["wall_time_s"], 4) if s["wall_time_s"] else None,
-            # theoretical speed-up: ratio of total training FLOPs (per-step FLOPs × steps)
-            "flops_speedup": round(orig["flops_per_step"] * orig["steps"] / (s["flops_per_step"] * s["steps"]), 4)
-            if s["flops_per_step"] and s["steps"] else None,
-            "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
-            "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
-            "epochs": s["epochs"], "steps": s["steps"], "budget_of": s.get("budget_of"),
-            "front_fraction": s.get("front_fraction"), "budget_used": s.get("budget", {}).get("used"),
-            "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"]),
-        })
-    for r in rows:  # how much of the theoretical (FLOPs) speed-up the wall-clock realises
-        r["realised_fraction"] = round(r["speedup"] / r["flops_speedup"], 4) if r["speedup"] and r["flops_speedup"] else None
-    rows = diverged_rows(rows, diverged)
+    rows = diverged_rows([_comparison_row(m, res["summary"], orig) for m, res in results.items()], diverged)
     baseline_front = add_speedups(rows, "original", "top1", higher_is_better=True)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "summary.json", rows)
-        title = f"{base.model} on {base.dataset}" + (f" ({base.subset} images)" if base.subset else "")
-        md = summary_markdown(rows, title)
-        (out / "summary.md").write_text(md)
-        plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
-        plot_front(rows, baseline_front.envelope if baseline_front else [], out / "front.png", "top1", "top-1 (%)")
-        acc.print("\n" + md)
-        if (line := reading(rows, "original")) is not None:
-            acc.print(line)
+        _write_comparison(base, rows, results, baseline_front, out, acc.print)
     return rows
+
+
+def _comparison_row(name: str, s: dict, orig: dict) -> dict:
+    return {**comparison_row(name, s, orig), "growth": s["growth"] if s["schedule"]["stages"][1:] else None,
+            "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
+            "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
+            "epochs": s["epochs"], "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"])}
+
+
+def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_front, out: Path, log) -> None:
+    """``summary.json``, ``summary.md``, ``curves.png`` and ``front.png`` of a comparison (main process)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", rows)
+    title = f"{base.model} on {base.dataset}" + (f" ({base.subset} images)" if base.subset else "")
+    md = summary_markdown(rows, title)
+    (out / "summary.md").write_text(md)
+    plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
+    plot_front(rows, baseline_front.envelope if baseline_front else [], out / "front.png", "top1", "top-1 (%)")
+    log("\n" + md)
+    if (line := reading(rows, "original")) is not None:
+        log(line)
 
 
 def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: list[int],

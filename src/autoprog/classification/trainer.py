@@ -306,14 +306,8 @@ class Trainer(GrowthCalls, RunTemplate):
             "lr_step": self.lr_step,
         }
 
-    def _set_gated_blocks(self, gated: list[int]) -> None:
-        """Give exactly the blocks in ``gated`` ReZero gates (model and momentum copy), before loading weights."""
-        for net in (self.net, self.ema.module):
-            for i in range(net.full_depth):
-                net.set_gate(i, 0.0 if i in gated else None)
-
     def restore(self, snap: dict) -> None:
-        self._set_gated_blocks(snap["gated"])
+        self._set_gates(snap["gated"])
         self.net.load_state_dict(snap["model"])
         self.ema.module.load_state_dict(snap["ema"])
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)
@@ -558,7 +552,7 @@ class Trainer(GrowthCalls, RunTemplate):
                 "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()]}
 
     def _load_weights(self, state: dict, weights: dict, ema: dict | None) -> None:
-        self._set_gated_blocks(state["gated_blocks"])
+        self._set_gates(state["gated_blocks"])
         self.net.load_state_dict(weights)
         self.ema.module.load_state_dict(ema)
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)

@@ -31,7 +31,6 @@ def _task_flag(p: argparse.ArgumentParser, command: str) -> None:
 
 def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; ``task`` selects the option set of ``pretrain``/``compare`` (see the module docstring)."""
-    from . import classification as cli_classification
     from . import diffusion as cli_diffusion
 
     parser = Parser(
@@ -41,6 +40,19 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                     "unfreezing them progressively.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_pretrain(sub, task)
+    _add_compare(sub, task)
+    _add_finetune(sub, task)
+    cli_diffusion.add_sample_parser(sub)
+    sub.add_parser("presets", help="list the shipped option presets (use one with --preset NAME)",
+                   description="List the YAML option presets shipped with autoprog: the paper's settings and our "
+                               "CPU defaults. A preset's values come first; --config and flags win over them.")
+    return parser
+
+
+def _add_pretrain(sub, task: str | None) -> None:
+    from . import classification as cli_classification
+    from . import diffusion as cli_diffusion
 
     if task in ("diffusion", "text-to-image"):
         text = task == "text-to-image"
@@ -63,6 +75,11 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
                                        "OUT/schedule.json and a resumable checkpoint in OUT/checkpoint/.")
         _task_flag(p, "pretrain")
         cli_classification.add_pretrain_options(p)
+
+
+def _add_compare(sub, task: str | None) -> None:
+    from . import classification as cli_classification
+    from . import diffusion as cli_diffusion
 
     if task in ("finetune", "text-to-image", "dreambooth"):
         from ..diffusion.runner import DEFAULT_COMPARE
@@ -91,6 +108,10 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
         _task_flag(c, "compare")
         cli_classification.add_compare_options(c)
 
+
+def _add_finetune(sub, task: str | None) -> None:
+    from . import diffusion as cli_diffusion
+
     f = sub.add_parser("finetune", help="fine-tune a diffusion model with one method",
                        description=("Fine-tune a text-to-image model (a Stable Diffusion pipeline directory; default: "
                                     "the shipped UNet pre-trained on captioned Fashion-MNIST classes 0-4, to the "
@@ -109,11 +130,6 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     f.add_argument("--out", help="output directory (required unless --resume)")
     f.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     cli_diffusion.add_finetune_options(f, single=True, task=task)
-    cli_diffusion.add_sample_parser(sub)
-    sub.add_parser("presets", help="list the shipped option presets (use one with --preset NAME)",
-                   description="List the YAML option presets shipped with autoprog: the paper's settings and our "
-                               "CPU defaults. A preset's values come first; --config and flags win over them.")
-    return parser
 
 
 def task_of(argv: list[str]) -> str | None:

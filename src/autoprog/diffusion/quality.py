@@ -155,7 +155,22 @@ def train_feature_classifier(
         torch.manual_seed(seed)
         net = FeatureClassifier(images.shape[1], num_classes, feature_dim=feature_dim)
     net.to(device).train()
-    gen = torch.Generator().manual_seed(seed)
+    _train_classifier(net, images, labels, epochs, batch_size, lr, torch.Generator().manual_seed(seed), flip, device)
+    net.cpu().eval()
+    info = {
+        "train_images": len(images),
+        "epochs": epochs,
+        "seed": seed,
+        "image_size": list(images.shape[1:]),
+        "test_top1": classifier_top1(net, *test) if test is not None else None,
+        "train_seconds": round(time.perf_counter() - start, 2),
+    }
+    return net, info
+
+
+def _train_classifier(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
+                      lr: float, gen: torch.Generator, flip: bool, device) -> None:
+    """AdamW with a cosine schedule over ``epochs``, random ±2 px shifts (and flips), batches drawn by ``gen``."""
     steps_per_epoch = -(-len(images) // batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps_per_epoch, 1))
@@ -175,16 +190,6 @@ def train_feature_classifier(
                 sched.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    net.cpu().eval()
-    info = {
-        "train_images": len(images),
-        "epochs": epochs,
-        "seed": seed,
-        "image_size": list(images.shape[1:]),
-        "test_top1": classifier_top1(net, *test) if test is not None else None,
-        "train_seconds": round(time.perf_counter() - start, 2),
-    }
-    return net, info
 
 
 # --------------------------------------------------------------------------------------------------------

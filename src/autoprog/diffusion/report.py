@@ -30,19 +30,19 @@ def quality_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def finetune_markdown(rows: list[dict], title: str = "") -> str:
-    """Table 6 style: one row per method with runtime ratio against full fine-tuning, FD and KID (DreamBooth:
+    """Table 6 style: one row per method with its speed-ups against full fine-tuning, FD and KID (DreamBooth:
     its scores)."""
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
     cols = quality_columns(rows)
     lines = [f"## {title}", ""] if title else []
-    lines += ["| method | time-to-quality speed-up | schedule | wall time (s) | runtime vs full | FLOPs vs full | "
+    lines += ["| method | time-to-quality speed-up | schedule | wall time (s) | speed-up | FLOPs speed-up | "
               "search (s) | trainable params (mean) | " + " | ".join(h for _, h, _ in cols) + " |",
               "|---|---:|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         lines.append(f"| {_finetune_name(r)} | {speedup_cell(r.get('tq_speedup'), r.get('tq_bound'))} | "
                      f"{schedule_string({'stages': r.get('schedule') or []}) or '–'} | "
-                     f"{fmt(r['wall_time_s'], '.1f')} | {fmt(r.get('runtime_ratio'), '.2f')}× | "
-                     f"{fmt(r.get('flops_ratio'), '.2f')}× | "
+                     f"{fmt(r['wall_time_s'], '.1f')} | {fmt(r.get('speedup'), '.2f')}× | "
+                     f"{fmt(r.get('flops_speedup'), '.2f')}× | "
                      f"{fmt(r.get('search_time_s'), '.1f')} | {_params(r.get('mean_trainable_params'))} | "
                      + " | ".join(fmt(r.get(k), f) for k, _, f in cols) + " |")
     return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE.format(metric=metric) + "\n"
@@ -54,13 +54,13 @@ def finetune_seeds_markdown(rows: list[dict], title: str) -> str:
 
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
     cols = quality_columns(rows)
-    lines = [f"## {title}", "", "| method | time-to-quality speed-up | wall time (s) | runtime vs full | "
-                                "FLOPs vs full | " + " | ".join(h for _, h, _ in cols) + " |",
+    lines = [f"## {title}", "", "| method | time-to-quality speed-up | wall time (s) | speed-up | "
+                                "FLOPs speed-up | " + " | ".join(h for _, h, _ in cols) + " |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         tq = speedup_mean_cell(r)
         lines.append(f"| {_finetune_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | "
-                     f"{cell(r, 'runtime_ratio', '.2f')}× | {cell(r, 'flops_ratio', '.2f')}× | "
+                     f"{cell(r, 'speedup', '.2f')}× | {cell(r, 'flops_speedup', '.2f')}× | "
                      + " | ".join(cell(r, k, f) for k, _, f in cols) + " |")
     return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE.format(metric=metric) + "\n"
 

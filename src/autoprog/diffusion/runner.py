@@ -390,22 +390,33 @@ def _base_path(spec: FinetuneSpec) -> Path:
 
 def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     """Load data and base model, apply the method; returns ``(data, model, controller, unfreezer, lr)``."""
-    from ..algorithms.autoprog_one import AutoProgOneFinetune
-    from ..algorithms.autoprog_zero import AutoProgZero
-    from ..controllers import ScheduleController, StaticController
-    from ..schedules import prog
-
     chosen = get_method(spec.method, FINETUNE)
-    method, opts = chosen.base, chosen.options
-    dreambooth = isinstance(spec, DreamBoothSpec)
+    data, model = _data_and_base(spec)
+    if chosen.kind == "static":
+        prepare_static(model, chosen.base, spec.lora_rank if chosen.options.get("rank") is None
+                       else chosen.options["rank"])
+        lr = spec.train.lr if chosen.base == "full" else spec.train.peft_lr or 10 * spec.train.lr  # few parameters
+        from ..controllers import StaticController
+
+        return data, model, StaticController(spec.method), None, lr
+    unfreezer = Unfreezer(model, spec.learnable_layout, groups=max(1, round(1 / spec.start_ratio)))
+    space = unfreezer.space(spec.num_stages, spec.start_ratio)
+    controller = _progressive_controller(spec, chosen, model, space, seed)
+    unfreezer.apply(space.full)
+    return data, model, controller, unfreezer, spec.train.lr
+
+
+def _data_and_base(spec: FinetuneSpec):
+    """The training data and the base model, checked against each other and fitted to the data (input size,
+    classes or captions)."""
+    dreambooth, text = isinstance(spec, DreamBoothSpec), isinstance(spec, TextFinetuneSpec)
     if not dreambooth:
         data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                    spec.subset, seed=0)
-    if isinstance(spec, TextFinetuneSpec) and "{}" not in spec.caption:
+    if text and "{}" not in spec.caption:
         raise ConfigError(f"--caption {spec.caption!r} needs a {{}} where the class name goes")
     base = _base_path(spec)
     model, meta = load_backbone(base, with_sid=False)
-    text = isinstance(spec, TextFinetuneSpec)
     if text != (model.kind == "text-unet"):
         task = "dreambooth" if dreambooth else "text-to-image"
         raise ConfigError(f"{base} is a text-to-image model: add --task text-to-image" if not text else
@@ -431,34 +442,32 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
             data.caption(model.tokenize, spec.caption)
     elif data.num_classes != model.num_classes:
         model.resize_classes(data.num_classes)
-    unfreezer = None
-    lr = spec.train.lr
-    if chosen.kind == "static":
-        prepare_static(model, method, spec.lora_rank if opts.get("rank") is None else opts["rank"])
-        controller = StaticController(spec.method)
-        if method != "full":  # bitfit, difffit, lora: few parameters
-            lr = spec.train.peft_lr or 10 * spec.train.lr
-    else:
-        unfreezer = Unfreezer(model, spec.learnable_layout, groups=max(1, round(1 / spec.start_ratio)))
-        space = unfreezer.space(spec.num_stages, spec.start_ratio)
-        sched = Schedule.from_arg(spec.schedule, "prog") if method == "prog" and spec.schedule else None
-        if opts.get("sid", True):  # one identifier per stage, a replayed schedule's stages included
-            stages = len(sched.stages) if sched else spec.num_stages
-            if text:
-                model.add_stage_identifier(stages)
-            else:
-                dropout = spec.train.class_dropout if spec.sid_dropout is None else spec.sid_dropout
-                model.add_stage_identifier(stages, init=spec.sid_init, dropout=dropout)
-        if method == "prog":
-            controller = ScheduleController(sched or prog(space))
-        elif method == "autoprog-one":
-            controller = AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
+    return data, model
+
+
+def _progressive_controller(spec: FinetuneSpec, chosen, model, space, seed: int | None):
+    """The controller of a progressive method (prog, autoprog-one, autoprog-zero), the model given its stage
+    identifier first unless the method is a ``-nosid`` one."""
+    from ..algorithms.autoprog_one import AutoProgOneFinetune
+    from ..algorithms.autoprog_zero import AutoProgZero
+    from ..controllers import ScheduleController
+    from ..schedules import prog
+
+    method, opts = chosen.base, chosen.options
+    sched = Schedule.from_arg(spec.schedule, "prog") if method == "prog" and spec.schedule else None
+    if opts.get("sid", True):  # one identifier per stage, a replayed schedule's stages included
+        stages = len(sched.stages) if sched else spec.num_stages
+        if isinstance(spec, TextFinetuneSpec):
+            model.add_stage_identifier(stages)
         else:
-            controller = AutoProgZero(space, time_rtol=spec.time_tolerance,
-                                      criterion=opts.get("criterion", spec.criterion), gain_folds=spec.gain_folds,
-                                      candidate_space=spec.candidate_space)
-        unfreezer.apply(space.full)
-    return data, model, controller, unfreezer, lr
+            dropout = spec.train.class_dropout if spec.sid_dropout is None else spec.sid_dropout
+            model.add_stage_identifier(stages, init=spec.sid_init, dropout=dropout)
+    if method == "prog":
+        return ScheduleController(sched or prog(space))
+    if method == "autoprog-one":
+        return AutoProgOneFinetune(space, spec.search_fraction, spec.alpha, seed or spec.train.seed)
+    return AutoProgZero(space, time_rtol=spec.time_tolerance, criterion=opts.get("criterion", spec.criterion),
+                        gain_folds=spec.gain_folds, candidate_space=spec.candidate_space)
 
 
 def _run_spec(cls, spec, out: Path, resume: bool):
@@ -557,7 +566,7 @@ def _build_text_base(spec: TextBaseSpec, data):
 
 # ------------------------------------------------------------------------------------------- compare
 def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, budget: bool = True,
-                     accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT) -> dict:
+                     accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT) -> list[dict]:
     """Fine-tune with each method (same base, data, seed and steps) and the budget-matched ``full@budget``.
 
     ``full@budget`` is full fine-tuning stopped at the wall-clock of the fastest progressive method, its
@@ -566,42 +575,34 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     when the methods run without decay (``--lr-schedule constant``, the default), once more over all the steps
     (``full@1``): those runs, with ``full`` itself, draw its time–FD front, against which every row gets its
     time-to-quality speed-up (``tq_speedup``, see :mod:`autoprog.front`). Finished runs are reused, unfinished
-    ones resumed.
+    ones resumed. Returns one row per run, as pre-training's :func:`autoprog.classification.runner.compare` does
+    (the same ratios: ``speedup``, ``flops_speedup``, ``tq_speedup``); ``summary.json`` adds the front and the
+    curves.
     """
-    from .report import write_finetune_report
-
-    out = writable_dir(Path(out))
-    spec.train.validate()
-    for m in methods:
-        get_method(m, FINETUNE)
-    if "full" not in methods:
-        raise ConfigError("compare --task finetune needs 'full' among the methods: ratios are against it")
     from accelerate import Accelerator
 
+    out = writable_dir(Path(out))
+    _check_comparison(spec, methods)
     acc = accelerator or Accelerator()
     data, *_ = build_finetune(replace(spec, method="full"))
     with acc.main_process_first():
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
-    results, diverged = experiment.run_methods(methods, lambda m: _run_once(replace(spec, method=m), out / m, acc,
-                                                                            evaluator),
-                                    "full", acc.print)
-    full_t = results["full"]["summary"]["wall_time_s"]
-    full_flops = results["full"]["summary"]["flops_per_step"] * results["full"]["summary"]["steps"]
+    results, diverged = experiment.run_methods(
+        methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator), "full", acc.print)
+    full = results["full"]["summary"]
     prog = [m for m in results if get_method(m, FINETUNE).kind != "static"]
     run_budget = Budget.from_options(spec.train.budget, spec.train.budget_steps)
-    if run_budget is not None and budget:
-        acc.print(f"budget mode: every method had the same budget ({run_budget.describe()}), so full fine-tuning "
-                  "is the budget-matched baseline itself (no full@budget)")
-    if budget and prog and run_budget is None:
-        fastest = min(prog, key=lambda m: results[m]["summary"]["wall_time_s"])
-        ratio = results[fastest]["summary"]["wall_time_s"] / full_t
-        steps = max(1, round(spec.train.steps * ratio))
-        name = "full" + experiment.BUDGET_SUFFIX
+
+    def budget_point(name: str, steps: int) -> dict:
         bspec = replace(spec, method="full", train=replace(spec.train, steps=steps, lr_schedule="cosine"))
         experiment.drop_stale_budget_run(out / name, _saved_differences(out / name, bspec), "train.steps", acc)
-        results[name] = _run_once(bspec, out / name, acc, evaluator)
-        results[name]["summary"]["method"] = name
-        results[name]["summary"]["budget_of"] = fastest
+        res = _run_once(bspec, out / name, acc, evaluator)
+        res["summary"]["method"] = name
+        return res
+
+    if budget:
+        experiment.budget_matched_run(results, "full", prog, run_budget.describe() if run_budget else None,
+                                      spec.train.steps, budget_point, log=acc.print)
     def front_point(name: str, steps: int, fraction: float) -> dict:
         # the front is the stricter baseline: its learning rate fully decayed within each budget, whatever the
         # methods' own schedule
@@ -613,19 +614,8 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                                           run_budget.describe() if run_budget else None,
                                           whole=spec.train.lr_schedule != "cosine")
     results.update(front_results)
-    rows = []
-    for name, res in results.items():
-        s = res["summary"]
-        rows.append({"method": name, "wall_time_s": s["wall_time_s"],
-                     "runtime_ratio": round(s["wall_time_s"] / full_t, 4) if full_t else None,
-                     "flops_ratio": round(s["flops_per_step"] * s["steps"] / full_flops, 4) if full_flops else None,
-                     "fd": s["fd"], "kid": s["kid"], "metric": s["metric"],
-                     **{k: s[k] for k in (*SCORE_KEYS, "headline") if k in s},
-                     "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
-                     "search_time_s": s["search_time_s"], "steps": s["steps"],
-                     "schedule": s.get("schedule", {}).get("stages", []), "budget_of": s.get("budget_of"),
-                     "front_fraction": s.get("front_fraction"), "budget_used": s.get("budget", {}).get("used")})
-    rows = experiment.diverged_rows(rows, diverged)
+    rows = experiment.diverged_rows([_comparison_row(n, res["summary"], full) for n, res in results.items()],
+                                    diverged)
     key = getattr(evaluator, "headline", "fd")
     baseline_front = experiment.add_speedups(rows, "full", key,
                                              higher_is_better=getattr(evaluator, "higher_is_better", False))
@@ -633,13 +623,36 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                **({"reference": evaluator.reference()} if hasattr(evaluator, "reference") else {}),
                "front": baseline_front.envelope if baseline_front else [], "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "summary.json", summary)
-        write_finetune_report(summary, out)
-        sample_comparison([m for m in results if m not in front_results], out, data.classes, seed=spec.train.seed,
-                          eta=spec.train.sample_eta)
-        acc.print("\n" + (out / "summary.md").read_text())
-    return summary
+        _write_comparison(summary, [m for m in results if m not in front_results], out, data.classes, spec.train,
+                          acc.print)
+    return rows
+
+
+def _check_comparison(spec: FinetuneSpec, methods: list[str]) -> None:
+    """Every method known and full fine-tuning among them, before any training."""
+    spec.train.validate()
+    for m in methods:
+        get_method(m, FINETUNE)
+    if "full" not in methods:
+        raise ConfigError("compare --task finetune needs 'full' among the methods: ratios are against it")
+
+
+def _comparison_row(name: str, s: dict, full: dict) -> dict:
+    return {**experiment.comparison_row(name, s, full), "fd": s["fd"], "kid": s["kid"], "metric": s["metric"],
+            **{k: s[k] for k in (*SCORE_KEYS, "headline") if k in s},
+            "trainable_params": s["trainable_params"], "mean_trainable_params": s["mean_trainable_params"],
+            "search_time_s": s["search_time_s"], "schedule": s.get("schedule", {}).get("stages", [])}
+
+
+def _write_comparison(summary: dict, sampled: list[str], out: Path, classes, train: DiffusionConfig, log) -> None:
+    """``summary.json``, ``summary.md``, the curves, the front and ``samples.png`` of the ``sampled`` methods."""
+    from .report import write_finetune_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    write_finetune_report(summary, out)
+    sample_comparison(sampled, out, classes, seed=train.seed, eta=train.sample_eta)
+    log("\n" + (out / "summary.md").read_text())
 
 
 def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], per_class: int = 2,
@@ -694,9 +707,9 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
     acc = accelerator or Accelerator()
     out = Path(out)
     per_seed = {s: compare_finetune(methods, replace(spec, train=replace(spec.train, seed=s)), out / f"seed{s}",
-                                    budget, acc, front)["rows"] for s in seeds}
+                                    budget, acc, front) for s in seeds}
     rows = experiment.seed_rows(per_seed, seeds,
-                                ("tq_speedup", "wall_time_s", "runtime_ratio", "flops_ratio", "fd", "kid",
+                                ("tq_speedup", "wall_time_s", "speedup", "flops_speedup", "fd", "kid",
                                  "search_time_s", *SCORE_KEYS),
                                 lambda runs: {"metric": runs[0]["metric"], "budget_of": runs[0].get("budget_of"),
                                               "headline": runs[0].get("headline"),
