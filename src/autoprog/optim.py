@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from .options import option
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation settings every task shares (AdamW, a warm-up then a cosine or constant learning rate,
+    gradient clipping, the seed), declared once: each task's config extends this class and picks its own
+    defaults with :func:`autoprog.options.default`."""
+
+    batch_size: int = option(64, "batch size per process", minimum=1, group="optimisation")
+    lr: float = option(2e-4, "peak AdamW learning rate (after the warm-up)", above=0, group="optimisation")
+    min_lr: float = option(0.0, "final learning rate of the cosine schedule", minimum=0, group="optimisation")
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, group="optimisation")
+    grad_clip: float | None = option(1.0, "max gradient norm, 0 = off", minimum=0, zero_is_none=True,
+                                     group="optimisation")
+    seed: int = option(0, "random seed", group="optimisation")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

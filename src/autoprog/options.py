@@ -36,6 +36,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     return dataclasses.field(default=default, metadata={"option": meta})
 
 
+def default(base, name: str, value: Any):
+    """``base``'s option ``name`` (help, flag, bounds, group: declared once there) with another default, for a
+    subclass's own default: ``batch_size: int = default(OptimConfig, "batch_size", 128)``."""
+    return dataclasses.field(default=value, metadata=base.__dataclass_fields__[name].metadata)
+
+
 def _meta(f: dataclasses.Field) -> dict:
     return f.metadata.get("option", {"help": "", "flag": None, "choices": None, "metavar": None,
                                      "zero_is_none": False, "bounds": (None,) * 4, "group": None, "cli": True,

@@ -29,34 +29,33 @@ from ..engine import RunTemplate, rewrap_if_needed, trained_ids
 from ..errors import ConfigError
 from ..metrics import train_step_flops
 from ..optim import (
+    OptimConfig,
     build_optimizer,
     load_optimizer_state,
     optimizer_state_tensors,
     remap_block_state,
     sync_params,
 )
-from ..options import check_bounds, option
+from ..options import check_bounds, default, option
 from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
 
 
 @dataclass
-class TrainConfig(SearchMeasurements):
+class TrainConfig(OptimConfig, SearchMeasurements):
     """Optimisation settings shared by every method, so comparisons differ only in the schedule."""
 
     epochs: float = option(8.0, "training epochs (8: a budget well before the built-in ViT's plateau, where growth "
                                 "pays; --epochs 30 --patch-size 7 is the plateau regime, where it does not)", above=0,
                            group="optimisation")
-    batch_size: int = option(128, "batch size per process", minimum=1, group="optimisation")
-    lr: float = option(1e-3, "peak AdamW learning rate", above=0, group="optimisation")
-    min_lr: float = option(1e-5, "final cosine learning rate", minimum=0, group="optimisation")
-    weight_decay: float = option(0.05, "AdamW weight decay", minimum=0, group="optimisation")
+    batch_size: int = default(OptimConfig, "batch_size", 128)
+    lr: float = default(OptimConfig, "lr", 1e-3)
+    min_lr: float = default(OptimConfig, "min_lr", 1e-5)
+    weight_decay: float = default(OptimConfig, "weight_decay", 0.05)
     warmup_epochs: float = option(1.0, "linear warm-up length", minimum=0, group="optimisation")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", minimum=0, below=1,
                                     group="optimisation")
-    grad_clip: float | None = option(1.0, "max gradient norm, 0 = off", minimum=0, zero_is_none=True,
-                                     group="optimisation")
     ema_decay: float = option(
         PAPER_EMA_DECAY, "momentum m per step of the EMA network MoGrow copies from and AutoProg-One scores (the "
                          "paper's 0.998; rescaled to the epoch unless --no-ema-rescale)", minimum=0, below=1,
@@ -66,7 +65,6 @@ class TrainConfig(SearchMeasurements):
                                      "rescaling is ours: with 78 steps per epoch, 0.998 per step averages over six "
                                      "epochs and MoGrow copies a stale network (prog in 8 epochs, 3 seeds: top-1 "
                                      "49.6 per step against 71.2 rescaled, docs/results.md)", group="optimisation")
-    seed: int = option(0, "random seed", group="optimisation")
     eval_samples: int | None = option(2000, "test images for the per-epoch evaluation; the last epoch always uses "
                                             "the whole test set (0 = always all)", minimum=0, zero_is_none=True,
                                       group="data")
@@ -81,15 +79,7 @@ class TrainConfig(SearchMeasurements):
                                                  "with --resume)", minimum=1, show_default=False)
 
     def validate(self) -> None:
-        check_bounds(self)
-        if self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be positive, got {self.max_steps}")
+        check_bounds(self)  # every option's bounds and choices, as declared
         if Budget.from_options(self.budget, self.budget_steps) is not None and self.max_steps is not None:
             raise ConfigError("a budget sizes the run itself: give --budget/--budget-steps or max_steps, not both")
 

@@ -575,9 +575,8 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     when the methods run without decay (``--lr-schedule constant``, the default), once more over all the steps
     (``full@1``): those runs, with ``full`` itself, draw its time–FD front, against which every row gets its
     time-to-quality speed-up (``tq_speedup``, see :mod:`autoprog.front`). Finished runs are reused, unfinished
-    ones resumed. Returns one row per run, as pre-training's :func:`autoprog.classification.runner.compare` does
-    (the same ratios: ``speedup``, ``flops_speedup``, ``tq_speedup``); ``summary.json`` adds the front and the
-    curves.
+    ones resumed. Returns one row per run with pre-training's ratios (``speedup``, ``flops_speedup``,
+    ``tq_speedup``); ``summary.json`` adds the front and the curves.
     """
     from accelerate import Accelerator
 

@@ -31,7 +31,7 @@ from ..controllers import ProxyTask
 from ..engine import RunTemplate, rewrap_if_needed, trained_ids
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
-from ..optim import build_optimizer
+from ..optim import OptimConfig, build_optimizer
 from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
@@ -45,12 +45,10 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
-class DiffusionConfig(SearchMeasurements):
+class DiffusionConfig(OptimConfig, SearchMeasurements):
     """Optimisation and evaluation settings shared by every method, so runs differ only in what they train."""
 
     steps: int = option(600, "optimizer steps", minimum=1, group="optimisation")
-    batch_size: int = option(64, "batch size per process", minimum=1, group="optimisation")
-    lr: float = option(2e-4, "peak AdamW learning rate (after the warm-up)", above=0, group="optimisation")
     lr_schedule: str = option("constant", "learning rate after the warm-up: constant (the paper's fine-tuning, "
                                           "a constant 1e-4 for DiT; the official AutoProg-Zero code has no "
                                           "schedule) or cosine (decayed to --min-lr by the run's end). In compare, "
@@ -60,17 +58,12 @@ class DiffusionConfig(SearchMeasurements):
                               choices=LR_SCHEDULES, group="optimisation")
     peft_lr: float | None = option(None, "learning rate of bitfit, difffit and lora, which train few parameters "
                                          "(default: 10 × --lr)", above=0, show_default=False, group="unfreezing")
-    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, group="optimisation")
     warmup_steps: int = option(10, "linear warm-up steps, at most half the run (the official AutoProg-Zero code "
                                    "has none: 0 matches it)", minimum=0, group="optimisation")
-    min_lr: float = option(0.0, "final learning rate of the cosine schedule (--lr-schedule cosine, and compare's "
-                                "front runs)", minimum=0, group="optimisation")
-    grad_clip: float = option(1.0, "max gradient norm, 0 = off", minimum=0, group="optimisation")
     class_dropout: float = option(0.1, "fraction of labels replaced by the null class, for classifier-free "
                                        "guidance", minimum=0, below=1, group="optimisation")
     ema_decay: float | None = option(None, "evaluate and export an EMA of the weights with this decay", above=0,
                                      below=1, group="optimisation")
-    seed: int = option(0, "random seed", group="optimisation")
     eval_points: int = option(4, "FD measurements during training, evenly spaced, the last at the end", minimum=1,
                               group="evaluation")
     curve_samples: int = option(200, "generated images per intermediate measurement", minimum=1, group="evaluation")
@@ -90,20 +83,7 @@ class DiffusionConfig(SearchMeasurements):
                                                 "(continue with --resume)", minimum=1, show_default=False)
 
     def validate(self) -> None:
-        check_bounds(self)
-        for name in ("steps", "batch_size", "eval_points", "fd_samples", "curve_samples", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or (self.peft_lr is not None and self.peft_lr <= 0):
-            raise ConfigError("learning rates must be positive")
-        if not 0 <= self.class_dropout < 1:
-            raise ConfigError(f"--class-dropout must be in [0, 1), got {self.class_dropout}")
-        if not 0 <= self.sample_eta <= 1:
-            raise ConfigError(f"--eta must be in [0, 1], got {self.sample_eta}")
-        if self.cfg_scale < 1:
-            raise ConfigError(f"--cfg-scale must be at least 1, got {self.cfg_scale}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        check_bounds(self)  # every option's bounds and choices, as declared
         Budget.from_options(self.budget, self.budget_steps)
 
 
