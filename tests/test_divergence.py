@@ -15,7 +15,7 @@ from autoprog.checkpoint import strict_json, write_json
 from autoprog.classification.report import summary_markdown
 from autoprog.data import DataBundle
 from autoprog.diffusion.quality import to_uint8
-from autoprog.errors import DivergedError
+from autoprog.errors import ConfigError, DivergedError
 from autoprog.experiment import diverged_rows, run_methods
 
 
@@ -160,3 +160,48 @@ def test_a_damaged_base_model_is_one_line(cli, tmp_path, damage, needle):
         weights.write_bytes(weights.read_bytes()[:1000])
     rc, _, err = cli("sample", base, "--out", tmp_path / "s", "--per-class", "1")
     assert rc == 2 and needle in _one_line(err)
+
+
+def test_the_guard_names_the_first_non_finite_step_without_a_sync_per_step():
+    from types import SimpleNamespace
+
+    from autoprog.engine import HealthWatch
+
+    acc = SimpleNamespace(num_processes=1)
+    watch = HealthWatch(every=50)
+    for step in range(1, 11):
+        loss = torch.tensor(float("nan") if step >= 3 else 1.0)
+        norm = torch.tensor(float("inf") if step == 2 else 0.5)
+        watch.watch(step, loss, norm)
+    with pytest.raises(DivergedError, match="at step 2: the gradient norm is inf"):
+        watch.check(acc)
+    watch = HealthWatch()
+    for step in range(1, 5):
+        watch.watch(step, torch.tensor(float("nan") if step == 4 else 2.0), None)
+    with pytest.raises(DivergedError, match="at step 4: the loss is nan"):
+        watch.check(acc)
+    fine = HealthWatch()
+    fine.watch(1, torch.tensor(0.25), torch.tensor(1.0))
+    fine.check(acc)
+    assert fine.last_loss == 0.25
+
+
+def test_an_older_checkpoint_state_is_migrated():
+    from types import SimpleNamespace
+
+    from autoprog.checkpoint import RUN_STATE_FORMAT, migrate_state
+    from autoprog.engine import RunTemplate
+
+    pre = migrate_state({"step": 13, "lr_step": 13, "pending_epoch": None,
+                         "in_epoch": {"start_step": 8, "time_s": 1.5, "step_times": [0.1],
+                                      "per_process": [{"loss_sum": 4.0, "loss_n": 5}]},
+                         "time_cache": {"16:2": 0.01}})
+    assert pre["format"] == RUN_STATE_FORMAT and pre["in_segment"]["start_step"] == 8
+    assert pre["pending_point"] is None and "in_epoch" not in pre and pre["search_time_s"] == 0.0
+    ft = migrate_state({"step": 50, "loss_sum": 3.0, "loss_n": 6, "time_cache": [[16, [3, 4], 0.2]]})
+    assert ft["lr_step"] == 50 and ft["time_cache"] == {"16:3,4": 0.2}
+    trainer = SimpleNamespace(acc=SimpleNamespace(num_processes=2, process_index=1))
+    # the old fine-tuning trainer read its one loss sum back on every process: any process count resumes it
+    assert RunTemplate._own_share(trainer, ft["in_segment"]) == {"loss_sum": 3.0, "loss_n": 6}
+    with pytest.raises(ConfigError, match="newer"):
+        migrate_state({"format": "autoprog-run/9", "step": 1})

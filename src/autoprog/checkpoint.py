@@ -162,9 +162,9 @@ def migrate_state(state: dict) -> dict:
     state.setdefault("sec_per_flop", None)
     state["pending_point"] = state.pop("pending_epoch", None)
     state["in_segment"] = state.pop("in_epoch", None)
-    if state.get("loss_n"):  # fine-tuning, checkpointed between evaluation points
+    if state.get("loss_n"):  # fine-tuning, checkpointed between evaluation points: every process read this back
         state["in_segment"] = {"start_step": state["step"], "time_s": 0.0, "step_times": [],
-                               "per_process": [{"loss_sum": state.pop("loss_sum"), "loss_n": state.pop("loss_n")}]}
+                               "shared": {"loss_sum": state.pop("loss_sum"), "loss_n": state.pop("loss_n")}}
     times = state.get("time_cache", {})
     if isinstance(times, list):  # [[resolution, blocks, seconds], ...]
         times = {f"{r}:{','.join(map(str, b))}": v for r, b, v in times}

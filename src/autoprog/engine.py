@@ -73,6 +73,7 @@ class RunTemplate:
         self._segment: dict | None = None  # the running segment's accumulators
         self._in_segment: dict | None = None  # a segment checkpointed part-way, to continue on resume
         self._pending_point: dict | None = None  # a trained final point whose evaluation has not finished
+        self.health = HealthWatch()  # the divergence guard, read every health.every steps
 
     # ------------------------------------------------------------------------- calls for controllers
     def broadcast(self, obj):
@@ -179,11 +180,16 @@ class RunTemplate:
         self.controller.after_step(self, loss)
         if self.budget_plan is not None and self._replan_due():
             self._replan()
+        at_check = self.step % self.health.every == 0
+        if at_check:
+            self.health.check(self.acc)
+        self._stop_agreed = agree_stop(self.acc, self._stop_requested(), at_check)
         seg["step_times"].append(time.perf_counter() - t0)
         return loss
 
     def _finish_point(self, record: dict, final: bool) -> bool:
         """Evaluate an evaluation point, checkpoint it, write the results; whether ``stop_after_*`` stops here."""
+        self.health.check(self.acc)  # a non-finite model is never scored
         self._evaluate_point(record, final)
         self._pending_point = None
         self._save_checkpoint()
@@ -196,7 +202,7 @@ class RunTemplate:
         norm = None
         if self.cfg.grad_clip:
             norm = self.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.cfg.grad_clip)
-        self._stop_agreed = check_step(self.acc, loss, norm, self.step + 1, self._stop_requested())
+        self.health.watch(self.step + 1, loss, norm)  # on the device: no sync
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._set_lr(self.lr_step + 1)
@@ -217,6 +223,8 @@ class RunTemplate:
 
     def _own_share(self, part: dict) -> dict:
         """This process's share of a checkpointed segment ({} at a segment's start)."""
+        if "shared" in part:  # migrated from a checkpoint whose one loss sum every process read back
+            return part["shared"]
         shares = part.get("per_process")
         if not shares:
             return {}
@@ -343,15 +351,17 @@ class RunTemplate:
                     disable=not self.acc.is_local_main_process or None, dynamic_ncols=True, leave=False)
 
     def _show_progress(self, bar, loss) -> None:
+        """The bar (the loss as of the last health check: reading it is a sync), or without a terminal a line every
+        5 % of the run."""
         bar.total = self.total_steps  # budget mode moves the end
         bar.update(1)
-        if self.step % 10 == 0:
-            bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=f"{float(loss):.4f}",
+        shown = "–" if self.health.last_loss is None else f"{self.health.last_loss:.4f}"
+        if self.step % self.health.every == 0:
+            bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=shown,
                             **self._progress_fields())
         every = max(1, self.total_steps // 20)
         if bar.disable and self.step % every == 0 and not self._point_due(self._segment):
-            # no progress bar (not a terminal, e.g. a log file): a line every 5 % instead
-            self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {float(loss):.4f}")
+            self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {shown}")
 
     # ------------------------------------------------------------------------- results and checkpoints
     def _write_results(self, done: bool) -> dict:
@@ -379,6 +389,7 @@ class RunTemplate:
     def _save_checkpoint(self) -> None:
         from .checkpoint import RUN_STATE_FORMAT, save_checkpoint
 
+        self.health.check(self.acc)  # nor saved
         state = {"format": RUN_STATE_FORMAT, "step": self.step, "stage": self.stage, "lr_step": self.lr_step,
                  "total_steps": self.total_steps, "train_time_s": self.train_time,
                  "search_time_s": self.search_time, "flops_sum": self.flops_sum, "history": self.history,
@@ -525,26 +536,66 @@ def enter_due_stage(trainer) -> bool:
     return entered
 
 
-def check_step(acc, loss, grad_norm, step: int, stop: bool = False) -> bool:
-    """Raise :class:`DivergedError` when step ``step``'s loss (summed over processes, so every process agrees)
-    or gradient norm is not finite: called before the optimizer applies the step. Returns whether any process
-    asked to ``stop`` (see :class:`StopRequest`), agreed in the same reduction so all stop at one step."""
-    import math
+class HealthWatch:
+    """The divergence guard, without a host-device sync per step. Each step's loss and gradient norm are checked on
+    the device, which keeps the first non-finite one (its step, which of the two, its value); :meth:`check` reads
+    that (one sync) every ``every`` steps and before every evaluation and checkpoint, and raises
+    :class:`~autoprog.errors.DivergedError` naming the step. A non-finite model is therefore never saved or scored;
+    under several processes the check agrees on the earliest such step."""
 
+    def __init__(self, every: int = 50):
+        self.every = every
+        self._first = None  # device tensor [step, 0 loss / 1 gradient norm, value]; step -1: none yet
+        self._loss = None  # the last step's loss (device)
+        self.last_loss: float | None = None  # the loss as of the last check: what the progress shows
+
+    def watch(self, step: int, loss, grad_norm) -> None:
+        """Step ``step``'s loss and gradient norm (None: not clipped), kept on the device."""
+        import torch
+
+        loss = loss.detach().float().reshape(())
+        bad_loss = ~torch.isfinite(loss)
+        bad, value = bad_loss, loss
+        if grad_norm is not None:
+            norm = grad_norm.detach().float().reshape(())
+            bad = bad_loss | ~torch.isfinite(norm)
+            value = torch.where(bad_loss, loss, norm)
+        if self._first is None:
+            self._first = torch.full((3,), -1.0, device=loss.device)
+        candidate = torch.stack([torch.full((), float(step), device=loss.device), torch.where(bad_loss, 0.0, 1.0),
+                                 value])
+        self._first = torch.where(bad & (self._first[0] < 0), candidate, self._first)
+        self._loss = loss
+
+    def check(self, acc) -> None:
+        """Read the device's record (every process's, gathered); raise if a step was not finite."""
+        import torch
+
+        from .errors import DivergedError
+
+        if self._first is None:
+            return
+        mine = torch.cat([self._first, self._loss.reshape(1)])[None]
+        rows = (acc.gather(mine) if acc.num_processes > 1 else mine).tolist()
+        self.last_loss = sum(r[3] for r in rows) / len(rows)
+        bad = sorted(r[:3] for r in rows if r[0] >= 0)
+        if bad:
+            step, what, value = bad[0]
+            raise DivergedError(f"training diverged at step {int(step)}: the "
+                                f"{'loss' if what == 0 else 'gradient norm'} is {value}")
+
+
+def agree_stop(acc, requested: bool, at_check: bool) -> bool:
+    """Whether to stop after this step: a single process stops at once when asked; several agree at check steps
+    only (one reduction), so all stop at the same step and other steps make no collective call."""
+    if acc.num_processes == 1:
+        return requested
+    if not at_check:
+        return False
     import torch
 
-    from .errors import DivergedError
-
-    if acc.num_processes > 1:
-        both = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
-        total, stops = acc.reduce(both, reduction="sum").unbind()
-        stop = bool(stops > 0)
-    else:
-        total = loss.detach()
-    for name, value in (("loss", total), ("gradient norm", grad_norm)):
-        if value is not None and not math.isfinite(float(torch.as_tensor(value).float())):
-            raise DivergedError(f"training diverged at step {step}: the {name} is {float(value)}")
-    return stop
+    flag = torch.full((), 1.0 if requested else 0.0, device=acc.device)
+    return bool(acc.reduce(flag, reduction="sum") > 0)
 
 
 class StopRequest:

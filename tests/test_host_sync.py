@@ -1,0 +1,63 @@
+"""No host-device sync in a steady-state training step (#26). On a GPU every ``Tensor.item``, ``float(t)``,
+``bool(t)``, ``int(t)``, ``.cpu()`` or ``.tolist()`` of a device tensor waits for all queued work. On the CPU these
+tests count such calls made by autoprog's own code inside the engine's steps (evaluation points and checkpoints
+excluded); the libraries' calls are on host tensors (AdamW's step counts) and are not counted."""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import pytest
+import torch
+from conftest import tiny_args
+
+SYNCS = ("item", "__float__", "__bool__", "__int__", "cpu", "tolist")
+CHECK_EVERY = 50  # the engine's default --check-every
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """Counts of the sync-making tensor calls made inside the engine's steps (``RunTemplate._train_one`` and the
+    progress shown after it), and the number of steps."""
+    from autoprog.engine import RunTemplate
+
+    counts = collections.Counter()
+    inside = [False]
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if inside[0] and sys._getframe(1).f_globals.get("__name__", "").startswith("autoprog"):
+                counts[f"{_name} in {sys._getframe(1).f_code.co_name}"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for name in ("_train_one", "_show_progress"):
+        real = getattr(RunTemplate, name)
+
+        def inside_step(self, *a, _real=real, _name=name, **k):
+            inside[0] = True
+            try:
+                return _real(self, *a, **k)
+            finally:
+                inside[0] = False
+
+        monkeypatch.setattr(RunTemplate, name, inside_step)
+    return counts
+
+
+def test_pretraining_steps_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs):
+    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "run",
+                     *tiny_args(fake_fmnist, epochs="13"))  # 104 steps of one stage
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 104 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+def test_finetuning_steps_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs):
+    rc, _, err = cli("finetune", "--method", "full", "--steps", "100", "--batch-size", "8", "--eval-points", "1",
+                     "--fd-samples", "8", "--curve-samples", "8", "--sample-steps", "2", "--feature-epochs", "1",
+                     "--checkpoint-every", "0", "--cache-dir", tmp_path / "cache", "--data-root", fake_fmnist,
+                     "--out", tmp_path / "ft", "--cpu")
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3, dict(count_syncs)
