@@ -33,8 +33,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), foreach=True)
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameter groups: fused (one kernel for every parameter) when they are all on a CUDA
+    device or ``fused`` says so, else the multi-tensor ``foreach`` implementation (the CPU's, bit for bit as
+    before)."""
+    if fused is None:
+        fused = all(p.device.type == "cuda" for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999),
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def sync_params(optimizer: torch.optim.Optimizer, model: nn.Module, weight_decay: float) -> None:

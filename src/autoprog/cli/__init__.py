@@ -180,7 +180,16 @@ def _run(args, acc) -> int:
     return 0
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
+def resolve_precision(requested: str, cpu: bool) -> str:
+    """``--mixed-precision auto``: bf16 where a CUDA device that supports it will run the job, else no."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(mixed_precision: str = "auto", cpu: bool = False):
     """The Accelerator of a command. Launched by torchrun on a machine without GPUs, the processes join one gloo
     group by themselves (Accelerate picks multi-CPU only when told ``cpu=True``); processes that still do not
     form the group their launcher announced are refused, never run as independent copies."""
@@ -191,7 +200,10 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = cpu or (world > 1 and not torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    acc = Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu)
+    if acc.device.type == "cuda":  # TF32 matrix products for whatever runs in fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if acc.num_processes != world:
         raise ConfigError(f"the launcher started {world} processes but they formed a group of {acc.num_processes}; "
                           "refusing to run them as independent copies writing to one --out")
@@ -223,7 +235,7 @@ def _main(argv: list[str]) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        acc = make_accelerator(getattr(args, "mixed_precision", "no"), getattr(args, "cpu", False))
+        acc = make_accelerator(getattr(args, "mixed_precision", "auto"), getattr(args, "cpu", False))
         try:
             return _run(args, acc)
         finally:

@@ -34,8 +34,9 @@ def parse_seeds(text: str) -> list[int]:
 
 def add_run_flags(g, command: str) -> None:
     """Flags of every training command that are not part of a spec: devices, precision, option files."""
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="mixed precision through Accelerate (default: no)")
+    g.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="mixed precision through Accelerate: auto (default) is bf16 on a CUDA device that supports "
+                        "it and no (fp32) elsewhere; on CUDA, fp32 matrix products use TF32")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     g.add_argument("--config", help="YAML file of option values (keys: option names with '_')")
     g.add_argument("--preset", help="a shipped YAML preset of option values ('autoprog presets' lists them); "
