@@ -8,6 +8,7 @@ model adapter then resizes them to the current sub-network's resolution.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -78,10 +79,11 @@ class DataBundle:
     train_plain: Dataset | None = None  # the training images without random transforms (None: ``train`` is)
 
     def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-               num_workers: int = 0, limit: int | None = None) -> DataLoader:
+               num_workers: int = 0, limit: int | None = None, pin_memory: bool = False) -> DataLoader:
         """``split``: ``train``, ``test``, or ``train_plain`` (the training images, never randomly transformed:
         what searches score candidates on). ``limit``: the first ``limit`` images of one fixed permutation (all of
-        them, permuted, when there are fewer), so a smaller limit always gives a prefix of a larger one."""
+        them, permuted, when there are fewer), so a smaller limit always gives a prefix of a larger one.
+        ``pin_memory``: page-locked batches, which a CUDA device copies without waiting (``non_blocking``)."""
         if split == "train_plain":
             ds = self.train_plain if self.train_plain is not None else self.train
         else:
@@ -89,7 +91,7 @@ class DataBundle:
         if limit is not None:
             ds = _take(ds, min(limit, len(ds)), seed=1234)
         g = torch.Generator().manual_seed(seed)
-        kw = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g)
+        kw = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g, pin_memory=pin_memory)
         if self.in_memory:
             return DataLoader(ds, collate_fn=_collate_batched, **kw)
         return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
@@ -107,12 +109,25 @@ class DataBundle:
             x = x.float().div_(255.0)
             if train:
                 x = _augment(x, self.pad, self.hflip, generator)
-            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            mean, std = _channel_stats(self.mean, self.std, x.device)
             x = (x - mean) / std
         if train and regularizer is not None:
             x = regularizer.erase(x)
         return x
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    """The normalisation's mean and std as (1, C, 1, 1) tensors on ``device``, made once (not copied every step)."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (made on the host) on ``device``; to a CUDA device through page-locked memory without waiting for the
+    device's queued work (the same numbers as on the CPU)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _take(ds: Dataset, n: int, seed: int) -> Dataset:
@@ -127,13 +142,13 @@ def _augment(x: torch.Tensor, pad: int, hflip: bool, generator: torch.Generator 
     dev = x.device
     if pad > 0:
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+        dy = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)
+        dx = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
         x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
     if hflip:
-        flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+        flip = to_device(torch.rand(b, generator=generator) < 0.5, dev)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x
 

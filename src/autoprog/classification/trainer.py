@@ -192,12 +192,13 @@ class Trainer(GrowthCalls, RunTemplate):
         return self.cfg.batch_size * self.acc.num_processes
 
     def _train_loader(self, epoch: int):
+        cuda = self.acc.device.type == "cuda"
         loader = self.data.loader("train", self.cfg.batch_size, shuffle=True, seed=self.cfg.seed * 7919 + epoch,
-                                  drop_last=True, num_workers=self.cfg.num_workers)
+                                  drop_last=True, num_workers=self.cfg.num_workers, pin_memory=cuda)
         from accelerate.data_loader import prepare_data_loader
 
         return prepare_data_loader(loader, self.acc.device, num_processes=self.acc.num_processes,
-                                   process_index=self.acc.process_index, put_on_device=True)
+                                   process_index=self.acc.process_index, put_on_device=True, non_blocking=cuda)
 
     def _step_flops(self, subnet: SubNet) -> int:
         """FLOPs of one training step of ``subnet`` for the run's figures (0 when counting is off)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data import to_device
 from ..models.dit import DiffusionBackbone
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -34,17 +35,17 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
     """
     b = x0.shape[0]
     dev = x0.device
-    noise = torch.randn(x0.shape, generator=generator).to(dev)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
+    noise = to_device(torch.randn(x0.shape, generator=generator), dev)  # drawn on the host: the same numbers anywhere
+    t = to_device(torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator), dev)
     if class_dropout > 0:
-        drop = (torch.rand(b, generator=generator) < class_dropout).to(dev)
+        drop = to_device(torch.rand(b, generator=generator) < class_dropout, dev)
         null = torch.full_like(y, null_class) if isinstance(null_class, int) else null_class.to(dev).expand_as(y)
         y = torch.where(drop.view(-1, *([1] * (y.ndim - 1))), null, y)
     xt = scheduler.add_noise(x0, noise, t)
     if weights is None:
         return torch.nn.functional.mse_loss(model(xt, t, y), noise)
     per_sample = torch.nn.functional.mse_loss(model(xt, t, y), noise, reduction="none").flatten(1).mean(1)
-    return (per_sample * weights.to(dev, per_sample.dtype)).mean()
+    return (per_sample * to_device(weights, dev).to(per_sample.dtype)).mean()
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from ..adapters.unfreezer import Unfreezer
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..checkpoint import replace_dir
 from ..controllers import ProxyTask
+from ..data import to_device
 from ..engine import RunTemplate, rewrap_if_needed, trained_ids
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
@@ -379,7 +380,7 @@ class DiffusionTrainer(RunTemplate):
         seed = self.cfg.seed * 1000003 + self.step * 101 + self.acc.process_index
         gen = torch.Generator().manual_seed(seed)
         x0, y = self.data.batch(idx, self.resolution, generator=gen)
-        x0, y = x0.to(self.acc.device), y.to(self.acc.device)
+        x0, y = to_device(x0, self.acc.device), to_device(y, self.acc.device)
         sid = self.model.sid
         # SID dropout from a stream of its own (seeded by the step, so a resumed run draws the same), leaving the
         # noise, timesteps and class dropout exactly as without it
