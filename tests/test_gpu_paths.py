@@ -67,3 +67,97 @@ def test_shadow_update_builds_the_same_kind_of_optimizer(fused):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ShadowUpdate(model.parameters(), opt, 1.0, 0.99)()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "shadow copies only"
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps one process-wide state, made with the first Accelerator's precision: start and end these
+    tests with a new one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class _OneLayer:
+    """The engine's update on a one-layer model, with ``--mixed-precision`` ``precision`` (CPU)."""
+
+    def __new__(cls, precision: str):
+        from types import SimpleNamespace
+
+        from accelerate import Accelerator
+
+        from autoprog.engine import RunTemplate
+
+        class Tiny(RunTemplate):
+            def _set_lr(self, position):
+                pass
+
+        t = Tiny.__new__(Tiny)
+        t.acc = Accelerator(mixed_precision=precision, cpu=True)
+        t.cfg = SimpleNamespace(grad_clip=1.0)
+        torch.manual_seed(0)
+        t.model = torch.nn.Linear(8, 1)
+        t.optimizer = torch.optim.AdamW(t.model.parameters(), lr=0.1)
+        t._init_run_state()
+        return t
+
+
+def _step(t, scale_grads: float = 1.0):
+    x = torch.full((4, 8), 0.1)
+    with t.autocast():
+        loss = t.model(x).float().pow(2).mean()  # a loss in fp32, as cross-entropy and MSE are under autocast
+    hook = t.model.weight.register_hook(lambda g: g * scale_grads)
+    try:
+        t._apply_update(loss, t.model)
+    finally:
+        hook.remove()
+    t.step += 1
+
+
+def test_fp16_unscales_before_clipping_and_skips_an_overflow(monkeypatch, fresh_accelerate):
+    from autoprog.errors import DivergedError
+
+    t = _OneLayer("fp16")
+    assert t._scaler is not None and t._scaler.get_scale() == 65536.0
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        seen.append(float(torch.stack([p.grad.norm() for p in params]).norm()))
+        return clip(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(8, 1)  # the same weights in fp32
+    loss = ref(torch.full((4, 8), 0.1)).pow(2).mean()
+    loss.backward()
+    true_norm = float(torch.stack([p.grad.norm() for p in ref.parameters()]).norm())
+    _step(t)
+    assert seen[0] == pytest.approx(true_norm, rel=0.05), "clipping sees the unscaled gradients"
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    _step(t, scale_grads=float("inf"))  # an overflow: skipped, the scale halves, no divergence
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert t._scaler.get_scale() == 32768.0
+    t.health.check(t.acc)
+    for _ in range(t.health.overflow_patience):
+        _step(t, scale_grads=float("inf"))
+    with pytest.raises(DivergedError, match="overflowed"):
+        t.health.check(t.acc)
+
+
+def test_fp16_training_runs_and_resumes(cli, fake_fmnist, tmp_path, fresh_accelerate):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--method", "prog", "--mixed-precision", "fp16", *tiny_args(fake_fmnist)]
+    rc, _, err = cli("pretrain", "--out", a, *args)
+    assert rc == 0, err
+    assert cli("pretrain", "--out", b, "--stop-after-epochs", "1", *args)[0] == 0
+    assert json.loads((b / "checkpoint" / "state.json").read_text())["scaler"]["scale"] > 0
+    rc, _, err = cli("pretrain", "--resume", b, "--cpu", "--mixed-precision", "fp16")
+    assert rc == 0, err
+    wa, wb = (load_file(r / "checkpoint" / "model.safetensors") for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -79,6 +79,27 @@ def test_a_prompt_too_long_is_cut_so_the_identifier_and_end_token_fit():
     assert out[:-4] == ids[0, :-4].tolist()  # the prompt's last words made room
 
 
+def test_the_identifier_is_placed_in_every_row_at_once_as_row_by_row():
+    """with_sid works on the whole batch on the device; the row-by-row rule it replaced gives the same ids."""
+    m = tiny(sid=3)
+    eos, pad = m.tokenizer.eos_token_id, m.tokenizer.pad_token_id
+    prompts = ["", "a bag", "a photo of a t-shirt trouser pullover dress coat sandal shirt sneaker bag", "a coat"]
+    ids = m.tokenize(prompts)
+    ids[3, -1] = 7  # a row with no end-of-text token at all
+    for k in range(3):
+        m.set_stage(k)
+        suffix = m._sid_suffix[k]
+        keep = ids.shape[1] - 1 - len(suffix)
+        want = torch.full_like(ids, eos if pad is None else pad)
+        for r in range(len(ids)):
+            hits = (ids[r] == eos).nonzero()
+            end = min(int(hits[0]) if len(hits) else ids.shape[1], keep)
+            want[r, :end] = ids[r, :end]
+            want[r, end:end + len(suffix)] = torch.tensor(suffix)
+            want[r, end + len(suffix)] = eos
+        assert torch.equal(m.with_sid(ids), want)
+
+
 def test_only_the_current_stages_identifier_learns_and_the_text_encoder_stays_frozen():
     m = tiny(sid=4)
     m.train_text_encoder = False

@@ -74,6 +74,12 @@ class RunTemplate:
         self._in_segment: dict | None = None  # a segment checkpointed part-way, to continue on resume
         self._pending_point: dict | None = None  # a trained final point whose evaluation has not finished
         self.health = HealthWatch()  # the divergence guard, read every health.every steps
+        self._scaler = None  # --mixed-precision fp16: the loss scaler (unscales before clipping, skips overflows)
+        if self.acc.mixed_precision == "fp16":
+            import torch
+
+            self._scaler = torch.amp.GradScaler(self.acc.device.type)
+            self.health.overflow_patience = OVERFLOW_PATIENCE
 
     # ------------------------------------------------------------------------- calls for controllers
     def broadcast(self, obj):
@@ -196,14 +202,37 @@ class RunTemplate:
         self._write_results(done=False)  # done once the run's end (an export) is written
         return self._stop_after_reached()
 
+    def autocast(self):
+        """The forward pass's precision: Accelerate's (bf16), or for ``--mixed-precision fp16`` float16 autocast on
+        any device (with :attr:`_scaler`)."""
+        if self._scaler is None:
+            return self.acc.autocast()
+        import torch
+
+        return torch.autocast(self.acc.device.type, dtype=torch.float16)
+
     def _apply_update(self, loss, module) -> None:
-        """Backward, clip, the divergence and stop check, the optimizer, the learning rate and momentum networks."""
-        self.acc.backward(loss)
+        """Backward, clip, the divergence and stop check, the optimizer, the learning rate and momentum networks.
+        Under fp16 the gradients are unscaled before clipping and a step whose gradients overflowed is skipped (the
+        scale then halves); only ``OVERFLOW_PATIENCE`` overflows in a row count as divergence."""
+        params = [p for p in module.parameters() if p.requires_grad]
         norm = None
-        if self.cfg.grad_clip:
-            norm = self.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.cfg.grad_clip)
+        if self._scaler is None:
+            self.acc.backward(loss)
+            if self.cfg.grad_clip:
+                norm = self.acc.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            import torch
+
+            self._scaler.scale(loss).backward()
+            self._scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
         self.health.watch(self.step + 1, loss, norm)  # on the device: no sync
-        self.optimizer.step()
+        if self._scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._set_lr(self.lr_step + 1)
         self._update_momentum()
@@ -396,6 +425,7 @@ class RunTemplate:
                  "stage_log": self.stage_log, "controller": self.controller.state_dict(),
                  "time_cache": self.step_timer.state_dict(), "sec_per_flop": self._sec_per_flop,
                  "pending_point": self._pending_point, "in_segment": self._segment_state(),
+                 "scaler": self._scaler.state_dict() if self._scaler is not None else None,
                  "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
                             "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
                  **self._task_state()}
@@ -426,6 +456,8 @@ class RunTemplate:
         self.step_timer.load_state_dict(state["time_cache"])
         self._sec_per_flop = state["sec_per_flop"]
         self._pending_point, self._in_segment = state["pending_point"], state["in_segment"]
+        if self._scaler is not None and state.get("scaler"):
+            self._scaler.load_state_dict(state["scaler"])
         if budget is not None:
             self.total_steps = budget["total_steps"]
             self.lr_remap.load_state_dict(budget["lr_remap"])
@@ -536,6 +568,9 @@ def enter_due_stage(trainer) -> bool:
     return entered
 
 
+OVERFLOW_PATIENCE = 20  # fp16: this many overflowing steps in a row (each skipped) count as divergence
+
+
 class HealthWatch:
     """The divergence guard, without a host-device sync per step. Each step's loss and gradient norm are checked on
     the device, which keeps the first non-finite one (its step, which of the two, its value); :meth:`check` reads
@@ -548,6 +583,8 @@ class HealthWatch:
         self._first = None  # device tensor [step, 0 loss / 1 gradient norm, value]; step -1: none yet
         self._loss = None  # the last step's loss (device)
         self.last_loss: float | None = None  # the loss as of the last check: what the progress shows
+        self.overflow_patience: int | None = None  # fp16: a non-finite gradient is an overflow, skipped, until
+        self._overflows = None  # this many in a row (device count)
 
     def watch(self, step: int, loss, grad_norm) -> None:
         """Step ``step``'s loss and gradient norm (None: not clipped), kept on the device."""
@@ -558,7 +595,12 @@ class HealthWatch:
         bad, value = bad_loss, loss
         if grad_norm is not None:
             norm = grad_norm.detach().float().reshape(())
-            bad = bad_loss | ~torch.isfinite(norm)
+            bad_norm = ~torch.isfinite(norm)
+            if self.overflow_patience:
+                running = self._overflows if self._overflows is not None else torch.zeros((), device=loss.device)
+                self._overflows = torch.where(bad_norm, running + 1, 0.0)
+                bad_norm = self._overflows >= self.overflow_patience
+            bad = bad_loss | bad_norm
             value = torch.where(bad_loss, loss, norm)
         if self._first is None:
             self._first = torch.full((3,), -1.0, device=loss.device)
@@ -581,6 +623,9 @@ class HealthWatch:
         bad = sorted(r[:3] for r in rows if r[0] >= 0)
         if bad:
             step, what, value = bad[0]
+            if what == 1 and self.overflow_patience:
+                raise DivergedError(f"training diverged at step {int(step)}: the fp16 gradients overflowed "
+                                    f"{self.overflow_patience} steps in a row")
             raise DivergedError(f"training diverged at step {int(step)}: the "
                                 f"{'loss' if what == 0 else 'gradient norm'} is {value}")
 

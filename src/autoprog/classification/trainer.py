@@ -379,7 +379,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.net.apply_subnet(subnet)
 
         def forward_backward():
-            with self.acc.autocast():
+            with self.autocast():
                 loss = F.cross_entropy(self.net(x), y)
             loss.backward()
 
@@ -416,7 +416,7 @@ class Trainer(GrowthCalls, RunTemplate):
             try:
                 for x, y in loader:
                     x = self.data.prepare(x, train=False)
-                    with self.acc.autocast():
+                    with self.autocast():
                         logits = net(x)
                     hits = self.acc.gather_for_metrics(logits.argmax(dim=-1) == y)
                     correct += int(hits.sum())
@@ -504,7 +504,7 @@ class Trainer(GrowthCalls, RunTemplate):
     def _train_step(self, batch) -> torch.Tensor:
         x, y = batch
         x = self.data.prepare(x, train=True, generator=self._gen, regularizer=self.adareg)
-        with self.acc.autocast():
+        with self.autocast():
             logits = self.wrapped(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         self._apply_update(loss, self.net)

@@ -314,7 +314,7 @@ class DiffusionTrainer(RunTemplate):
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
         def forward_backward():
-            with self.acc.autocast():
+            with self.autocast():
                 loss = diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y),
                                       generator=torch.Generator().manual_seed(0))
             loss.backward()
@@ -385,7 +385,7 @@ class DiffusionTrainer(RunTemplate):
         # SID dropout from a stream of its own (seeded by the step, so a resumed run draws the same), leaving the
         # noise, timesteps and class dropout exactly as without it
         drop = sid.dropout_mask(len(y), torch.Generator().manual_seed(2**40 + seed)) if sid is not None else None
-        with self.acc.autocast(), (sid.dropping(drop) if drop is not None else nullcontext()):
+        with self.autocast(), (sid.dropping(drop) if drop is not None else nullcontext()):
             loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y), generator=gen,
                                   class_dropout=self.cfg.class_dropout, weights=self.data.loss_weights(idx))
         self._apply_update(loss, self.model)

@@ -149,16 +149,18 @@ class TextUNet(DiffusionBackbone):
             return ids
         suffix = self._sid_suffix[self.sid.stage]
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        length = ids.shape[1]
-        keep = length - 1 - len(suffix)  # room left for the prompt (BOS included) before suffix + EOS
-        out = torch.full_like(ids, eos if pad is None else pad)
-        for row in range(len(ids)):
-            hits = (ids[row] == eos).nonzero()
-            end = min(int(hits[0]) if len(hits) else length, keep)
-            out[row, :end] = ids[row, :end]
-            out[row, end:end + len(suffix)] = torch.tensor(suffix, dtype=ids.dtype)
-            out[row, end + len(suffix)] = eos
-        return out
+        length, n = ids.shape[1], len(suffix)
+        keep = length - 1 - n  # room left for the prompt (BOS included) before suffix + EOS
+        # every row at once, on the device (no per-prompt read back to the host)
+        pos = torch.arange(length, device=ids.device).expand_as(ids)
+        end = torch.where(ids == eos, pos, length).min(dim=1, keepdim=True).values.clamp(max=keep)
+        key = (self.sid.stage, ids.device, ids.dtype)
+        if getattr(self, "_sid_tail", (None,))[0] != key:  # made once per stage, not copied at every step
+            self._sid_tail = (key, torch.tensor([*suffix, eos], dtype=ids.dtype, device=ids.device))
+        tail = self._sid_tail[1]
+        out = torch.where(pos < end, ids, eos if pad is None else pad)
+        inside = (pos >= end) & (pos <= end + n)
+        return torch.where(inside, tail[(pos - end).clamp(0, n)], out)
 
     def _sid_rows(self, module, args, out):
         """Forward hook on the token embedding: SID tokens take their learnable rows."""
@@ -166,9 +168,7 @@ class TextUNet(DiffusionBackbone):
             return out
         ids = args[0]
         stage = self._sid_lut[ids.clamp(max=len(self._sid_lut) - 1)]
-        is_sid = stage >= 0
-        if not bool(is_sid.any()):
-            return out
+        is_sid = stage >= 0  # no early return on "none": reading that back would wait for the device
         rows = self.sid.embedding.weight[stage.clamp(min=0)].to(out.dtype)
         return torch.where(is_sid.unsqueeze(-1), rows, out)
 
