@@ -238,3 +238,23 @@ def test_main_gives_the_callers_sigterm_handler_back(cli):
     before = signal.getsignal(signal.SIGTERM)
     rc, _, _ = cli("presets")
     assert rc == 0 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_checkpoints_by_elapsed_time_change_no_weight_and_report_their_time(runs, cli, fake_fmnist, tmp_path,
+                                                                             monkeypatch):
+    """--checkpoint-minutes (here: every step) checkpoints inside epochs; training is the same, and the seconds the
+    checkpoints took are reported (outside the training time)."""
+    from autoprog import engine
+
+    saved = []
+    save = engine.RunTemplate._save_checkpoint
+    monkeypatch.setattr(engine.RunTemplate, "_save_checkpoint", lambda self: (saved.append(self.step), save(self)))
+    run = tmp_path / "run"
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, "--checkpoint-minutes", "1e-9",
+                     *tiny_args(fake_fmnist, epochs="3"))
+    assert rc == 0, err
+    assert saved[:4] == [1, 2, 3, 4], "a checkpoint after every step once the time is due"
+    got, want = (json.loads((r / "results.json").read_text()) for r in (run, runs / "full"))
+    assert got["summary"]["checkpoint_time_s"] > 0
+    a, b = (load_file(r / "checkpoint" / "model.safetensors") for r in (run, runs / "full"))
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -74,6 +74,8 @@ class RunTemplate:
         self._in_segment: dict | None = None  # a segment checkpointed part-way, to continue on resume
         self._pending_point: dict | None = None  # a trained final point whose evaluation has not finished
         self.health = HealthWatch()  # the divergence guard, read every health.every steps
+        self.checkpoint_time = 0.0  # seconds spent writing checkpoints (outside the training time)
+        self._last_checkpoint = time.perf_counter()
         self._scaler = None  # --mixed-precision fp16: the loss scaler (unscales before clipping, skips overflows)
         if self.acc.mixed_precision == "fp16":
             import torch
@@ -155,7 +157,7 @@ class RunTemplate:
             if self._stop_agreed and getattr(self.controller, "resumable", True):
                 bar.close()
                 self._interrupt()  # before the point's evaluation, if any: a resumed run evaluates it
-            if not self._point_due(seg) and self._checkpoint_due():
+            if not self._point_due(seg) and (self._checkpoint_due() or self._checkpoint_time_due()):
                 self._checkpoint_now()
                 self._start_clock()
         bar.close()
@@ -360,6 +362,17 @@ class RunTemplate:
         raise Interrupted(f"interrupted at step {self.step}; {self.out / CHECKPOINT_DIR} holds that step "
                           f"(continue with --resume {self.out})")
 
+    def _checkpoint_time_due(self) -> bool:
+        """``checkpoint_minutes`` of wall-clock since the last checkpoint (several processes: the main process's
+        clock, agreed at health checks only)."""
+        minutes = getattr(self.cfg, "checkpoint_minutes", 0)
+        if not minutes:
+            return False
+        due = time.perf_counter() - self._last_checkpoint >= 60 * minutes
+        if self.acc.num_processes == 1:
+            return due
+        return self.step % self.health.every == 0 and bool(self.broadcast(due))
+
     def _checkpoint_now(self) -> None:
         """Checkpoint the step just finished, inside a segment; resuming continues from it exactly. The clock
         stops here; the caller restarts it."""
@@ -411,6 +424,7 @@ class RunTemplate:
         """The summary fields every task reports."""
         sched = self.controller.schedule()
         return {"steps": self.step, "total_steps": self.total_steps, "wall_time_s": round(self.train_time, 3),
+                "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "flops_per_step": self.flops_sum / max(1, self.step),
                 "schedule": sched.to_dict() if sched else {"stages": []},
                 **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {})}
@@ -419,9 +433,11 @@ class RunTemplate:
         from .checkpoint import RUN_STATE_FORMAT, save_checkpoint
 
         self.health.check(self.acc)  # nor saved
+        t0 = time.perf_counter()
         state = {"format": RUN_STATE_FORMAT, "step": self.step, "stage": self.stage, "lr_step": self.lr_step,
                  "total_steps": self.total_steps, "train_time_s": self.train_time,
-                 "search_time_s": self.search_time, "flops_sum": self.flops_sum, "history": self.history,
+                 "search_time_s": self.search_time, "checkpoint_time_s": self.checkpoint_time,
+                 "flops_sum": self.flops_sum, "history": self.history,
                  "stage_log": self.stage_log, "controller": self.controller.state_dict(),
                  "time_cache": self.step_timer.state_dict(), "sec_per_flop": self._sec_per_flop,
                  "pending_point": self._pending_point, "in_segment": self._segment_state(),
@@ -430,6 +446,8 @@ class RunTemplate:
                             "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
                  **self._task_state()}
         save_checkpoint(self.out, self.acc, self._module(), self._momentum_module(), self.optimizer, state)
+        self._last_checkpoint = time.perf_counter()
+        self.checkpoint_time += self._last_checkpoint - t0
 
     def _load_checkpoint(self) -> None:
         from .checkpoint import read_checkpoint
@@ -452,6 +470,7 @@ class RunTemplate:
         self.controller.load_state_dict(state["controller"])
         self.step, self.stage, self.lr_step = state["step"], state["stage"], state["lr_step"]
         self.train_time, self.search_time = state["train_time_s"], state["search_time_s"]
+        self.checkpoint_time = state.get("checkpoint_time_s", 0.0)
         self.flops_sum, self.history, self.stage_log = state["flops_sum"], state["history"], state["stage_log"]
         self.step_timer.load_state_dict(state["time_cache"])
         self._sec_per_flop = state["sec_per_flop"]

@@ -23,6 +23,10 @@ class OptimConfig:
     grad_clip: float | None = option(1.0, "max gradient norm, 0 = off", minimum=0, zero_is_none=True,
                                      group="optimisation")
     seed: int = option(0, "random seed", group="optimisation")
+    checkpoint_minutes: float = option(10.0, "also checkpoint inside an epoch or evaluation interval once this many "
+                                             "minutes of training passed since the last checkpoint (0 = off); the "
+                                             "seconds checkpoints take are reported as checkpoint_time_s",
+                                       minimum=0, group="optimisation")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
