@@ -397,7 +397,9 @@ class RunTemplate:
         5 % of the run."""
         bar.total = self.total_steps  # budget mode moves the end
         bar.update(1)
-        shown = "–" if self.health.last_loss is None else f"{self.health.last_loss:.4f}"
+        last = self.health
+        shown = "–" if last.last_loss is None else f"{last.last_loss:.4f}" + (
+            f" (step {last.last_step})" if last.last_step != self.step else "")
         if self.step % self.health.every == 0:
             bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=shown,
                             **self._progress_fields())
@@ -602,6 +604,7 @@ class HealthWatch:
         self._first = None  # device tensor [step, 0 loss / 1 gradient norm, value]; step -1: none yet
         self._loss = None  # the last step's loss (device)
         self.last_loss: float | None = None  # the loss as of the last check: what the progress shows
+        self.last_step: int | None = None  # the step of that loss
         self.overflow_patience: int | None = None  # fp16: a non-finite gradient is an overflow, skipped, until
         self._overflows = None  # this many in a row (device count)
 
@@ -626,7 +629,7 @@ class HealthWatch:
         candidate = torch.stack([torch.full((), float(step), device=loss.device), torch.where(bad_loss, 0.0, 1.0),
                                  value])
         self._first = torch.where(bad & (self._first[0] < 0), candidate, self._first)
-        self._loss = loss
+        self._loss, self._step = loss, step
 
     def check(self, acc) -> None:
         """Read the device's record (every process's, gathered); raise if a step was not finite."""
@@ -639,6 +642,7 @@ class HealthWatch:
         mine = torch.cat([self._first, self._loss.reshape(1)])[None]
         rows = (acc.gather(mine) if acc.num_processes > 1 else mine).tolist()
         self.last_loss = sum(r[3] for r in rows) / len(rows)
+        self.last_step = self._step
         bad = sorted(r[:3] for r in rows if r[0] >= 0)
         if bad:
             step, what, value = bad[0]
