@@ -145,9 +145,9 @@ class RunTemplate:
 
     def _run_segment(self) -> bool:
         """Train to the next evaluation point and evaluate there; True when the run stops after it."""
-        seg = self._open_segment()
+        seg, share = self._open_segment()
         bar = self._progress_bar()
-        batches = self._segment_batches(seg["start_step"], self._own_share(seg))
+        batches = self._segment_batches(seg["start_step"], share)
         self._start_clock()
         for batch in batches:
             if self.step >= self.total_steps or self._point_due(seg):  # (a segment resumed at its end)
@@ -217,18 +217,19 @@ class RunTemplate:
         """Backward, clip, the divergence and stop check, the optimizer, the learning rate and momentum networks.
         Under fp16 the gradients are unscaled before clipping and a step whose gradients overflowed is skipped (the
         scale then halves); only ``OVERFLOW_PATIENCE`` overflows in a row count as divergence."""
-        params = [p for p in module.parameters() if p.requires_grad]
         norm = None
         if self._scaler is None:
             self.acc.backward(loss)
             if self.cfg.grad_clip:
-                norm = self.acc.clip_grad_norm_(params, self.cfg.grad_clip)
+                norm = self.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
+                                                self.cfg.grad_clip)
         else:
             import torch
 
             self._scaler.scale(loss).backward()
             self._scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
+                                                  self.cfg.grad_clip or float("inf"))
         self.health.watch(self.step + 1, loss, norm)  # on the device: no sync
         if self._scaler is None:
             self.optimizer.step()
@@ -240,17 +241,18 @@ class RunTemplate:
         self._update_momentum()
 
     # ------------------------------------------------------------------------------- segments
-    def _open_segment(self) -> dict:
-        """The running segment's accumulators: new, or the checkpointed part of one (its loss so far, per process)."""
+    def _open_segment(self) -> tuple[dict, dict]:
+        """The running segment's accumulators (new, or the checkpointed part of one) and this process's share of
+        that part (its loss so far and random states; {} at a segment's start)."""
         part, self._in_segment = self._in_segment or {}, None
         mine = self._own_share(part)
         import torch
 
         self._segment = {"start_step": part.get("start_step", self.step), "time_s": part.get("time_s", 0.0),
-                         "step_times": list(part.get("step_times", [])), "per_process": part.get("per_process"),
+                         "step_times": list(part.get("step_times", [])),
                          "loss_sum": torch.tensor(mine.get("loss_sum", 0.0), device=self.acc.device),
                          "loss_n": mine.get("loss_n", 0)}
-        return self._segment
+        return self._segment, mine
 
     def _own_share(self, part: dict) -> dict:
         """This process's share of a checkpointed segment ({} at a segment's start)."""
@@ -365,7 +367,7 @@ class RunTemplate:
     def _checkpoint_time_due(self) -> bool:
         """``checkpoint_minutes`` of wall-clock since the last checkpoint (several processes: the main process's
         clock, agreed at health checks only)."""
-        minutes = getattr(self.cfg, "checkpoint_minutes", 0)
+        minutes = self.cfg.checkpoint_minutes
         if not minutes:
             return False
         due = time.perf_counter() - self._last_checkpoint >= 60 * minutes
@@ -397,15 +399,19 @@ class RunTemplate:
         5 % of the run."""
         bar.total = self.total_steps  # budget mode moves the end
         bar.update(1)
-        last = self.health
-        shown = "–" if last.last_loss is None else f"{last.last_loss:.4f}" + (
-            f" (step {last.last_step})" if last.last_step != self.step else "")
         if self.step % self.health.every == 0:
-            bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=shown,
+            bar.set_postfix(stage=f"{self.stage + 1}/{self.controller.num_stages}", loss=self._loss_shown(),
                             **self._progress_fields())
         every = max(1, self.total_steps // 20)
         if bar.disable and self.step % every == 0 and not self._point_due(self._segment):
-            self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {shown}")
+            self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {self._loss_shown()}")
+
+    def _loss_shown(self) -> str:
+        """The loss as of the last health check, with its step when that is not the current one."""
+        last = self.health
+        if last.last_loss is None:
+            return "–"
+        return f"{last.last_loss:.4f}" + (f" (step {last.last_step})" if last.last_step != self.step else "")
 
     # ------------------------------------------------------------------------- results and checkpoints
     def _write_results(self, done: bool) -> dict:
