@@ -2,18 +2,25 @@
 # The same four short runs on an older commit and on the working tree; the trained weights and per-point
 # losses must be identical (a refactor of the engine changes no number).
 #   bash benchmarks/engine_equivalence.sh a2b6190      # the commit before the one training engine
+#   bash benchmarks/engine_equivalence.sh b27b20f HEAD # two commits (the working tree stays free to edit)
 # Needs the project's .venv; about 6 minutes on 2 CPU cores. Writes runs/engine-equivalence/{old,new}.
 set -euo pipefail
-ref=${1:?usage: engine_equivalence.sh COMMIT}
+ref=${1:?usage: engine_equivalence.sh COMMIT [NEW_COMMIT]}
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/runs/engine-equivalence
 tree=$(mktemp -d)/old
 git -C "$root" worktree add -f -q "$tree" "$ref"
-trap 'git -C "$root" worktree remove --force "$tree"' EXIT
+new_src=$root/src
+if [ -n "${2:-}" ]; then
+  new_tree=$(dirname "$tree")/new
+  git -C "$root" worktree add -f -q "$new_tree" "$2"
+  new_src=$new_tree/src
+fi
+trap 'git -C "$root" worktree remove --force "$tree"; [ -z "${new_tree:-}" ] || git -C "$root" worktree remove --force "$new_tree"' EXIT
 source "$root/.venv/bin/activate"
 run() { python -c "import sys; from autoprog.cli import main; sys.exit(main())" "$@"; }
 for ver in old new; do
-  if [ $ver = old ]; then export PYTHONPATH=$tree/src; else export PYTHONPATH=$root/src; fi
+  if [ $ver = old ]; then export PYTHONPATH=$tree/src; else export PYTHONPATH=$new_src; fi
   o=$out/$ver; rm -rf "$o"; mkdir -p "$o"
   run pretrain --method prog --epochs 2 --subset 2000 --out "$o/prog" --cpu > "$o/prog.log" 2>&1
   run pretrain --method autoprog-one --epochs 2 --subset 2000 --time-source flops --out "$o/ap1" --cpu > "$o/ap1.log" 2>&1

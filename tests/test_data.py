@@ -210,9 +210,12 @@ def test_image_folder_loads_and_batches(image_folder):
     assert len(b.train) == 10 and len(b.test) == 4
     assert not b.in_memory
     x, y = next(iter(b.loader("train", 4, shuffle=True)))
-    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8, "batches travel as uint8"
     assert set(y.tolist()) <= {0, 1}
-    assert torch.equal(b.prepare(x, train=True), x), "torchvision transforms already normalised the images"
+    prepared = b.prepare(x, train=True)
+    mean, std = torch.tensor(b.mean).view(1, 3, 1, 1), torch.tensor(b.std).view(1, 3, 1, 1)
+    assert prepared.dtype == torch.float32
+    assert torch.allclose(prepared, (x.float() / 255 - mean) / std), "normalised where prepared, not cropped again"
     xt, yt = next(iter(b.loader("test", 4, shuffle=False)))
     assert xt.shape == (4, 3, 32, 32) and yt.tolist() == [0, 0, 1, 1]
 
@@ -326,3 +329,79 @@ def test_the_plain_training_split_is_never_randomly_transformed(image_folder):
     assert torch.equal(*passes), "searches score candidates on the same images every time"
     assert len(data.train_plain) == len(data.train) == 6
     assert [data.train[i][1] for i in range(6)] == [data.train_plain[i][1] for i in range(6)], "the same images"
+
+
+# ------------------------------------------------------------------------------- loader built once
+def test_epoch_sampler_replays_the_shuffling_loader_it_replaces():
+    """The order of epoch e is the one ``DataLoader(shuffle=True, generator=seed + e)`` drew, so runs made before
+    the loader was built once replay exactly; a skip drops the trained prefix without reading it."""
+    from torch.utils.data import DataLoader
+
+    from autoprog.data import EpochSampler
+
+    data = list(range(103))
+    sampler = EpochSampler(103, seed=7919 * 3)
+    for epoch in (0, 1, 5):
+        old = DataLoader(data, batch_size=10, shuffle=True, drop_last=True,
+                         generator=torch.Generator().manual_seed(7919 * 3 + epoch))
+        sampler.begin_epoch(epoch)
+        new = DataLoader(data, batch_size=10, drop_last=True, sampler=sampler)
+        flat = [int(v) for batch in new for v in batch]
+        assert flat == [int(v) for batch in old for v in batch]
+        sampler.begin_epoch(epoch, skip=30)
+        assert [int(v) for batch in new for v in batch] == flat[30:]
+        assert len(new) == 7
+    sampler.begin_epoch(1)
+    first = list(sampler)
+    sampler.begin_epoch(2)
+    assert list(sampler) != first, "every epoch has its own order"
+
+
+def test_image_folder_augmentation_does_not_depend_on_workers_or_resume(image_folder):
+    """Each image's random crop and flip follow from the seed, the epoch and the image: the same batches with 0
+    or 2 workers, across rebuilt loaders (a resumed run), and another epoch crops differently."""
+    b = load_dataset(str(image_folder))
+
+    def epoch_batches(epoch, workers, skip=0):
+        sampler = b.epoch_sampler(seed=11)
+        sampler.begin_epoch(epoch, skip=skip)
+        loader = b.loader("train", 2, drop_last=True, num_workers=workers, sampler=sampler)
+        return [x for x, _ in loader]
+
+    main = epoch_batches(1, 0)
+    assert all(torch.equal(a, c) for a, c in zip(main, epoch_batches(1, 2), strict=True))
+    assert all(torch.equal(a, c) for a, c in zip(main[2:], epoch_batches(1, 0, skip=4), strict=True))
+    assert not all(torch.equal(a, c) for a, c in zip(main, epoch_batches(2, 0), strict=True))
+    state = torch.get_rng_state()
+    epoch_batches(3, 0)
+    assert torch.equal(torch.get_rng_state(), state), "seeding an image leaves the training process's stream alone"
+
+
+def test_persistent_workers_serve_every_epoch_of_one_loader(image_folder):
+    """The training loader is built once: the next epoch's order reaches the same (persistent) workers."""
+    b = load_dataset(str(image_folder))
+    sampler = b.epoch_sampler(seed=5)
+    loader = b.loader("train", 5, drop_last=True, num_workers=1, sampler=sampler)
+    labels = []
+    for epoch in range(3):
+        sampler.begin_epoch(epoch)
+        labels.append([y.tolist() for _, y in loader])
+    assert loader._iterator is not None and loader.persistent_workers
+    orders = [sum(e, []) for e in labels]
+    assert all(sorted(o) == sorted(orders[0]) for o in orders) and len({tuple(o) for o in orders}) > 1
+
+
+def test_default_workers_leaves_a_core_for_training(monkeypatch):
+    from autoprog import data as data_mod
+
+    for cores, expect in ((1, 0), (2, 1), (16, 8), (4, 3)):
+        monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert data_mod.default_workers() == expect
+
+
+def test_in_memory_data_moves_to_the_device_once_and_is_never_pinned():
+    b = load_dataset("digits")
+    images = b.train.images
+    assert b.to("cpu").train.images is images, "already there: nothing copied"
+    loader = b.loader("train", 8, shuffle=True, pin_memory=True)
+    assert not loader.pin_memory or b.device.type == "cpu"

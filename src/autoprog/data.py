@@ -1,9 +1,14 @@
 """Datasets: Fashion-MNIST (from the Debian package), scikit-learn digits, and any ImageFolder directory.
 
-Small datasets are held in memory as uint8 tensors and augmented a whole batch at a time; ImageFolder
-data goes through torchvision transforms in loader workers. Either way a loader yields ``(x, y)`` and
-:meth:`DataBundle.prepare` turns ``x`` into normalised float images at the dataset's image size. The
-model adapter then resizes them to the current sub-network's resolution.
+Small datasets are held in memory as uint8 tensors (on the training device, :meth:`DataBundle.to`) and
+augmented a whole batch at a time there; ImageFolder images are decoded, cropped and flipped by torchvision in
+loader workers and travel as uint8. Either way a loader yields ``(x, y)`` and :meth:`DataBundle.prepare` turns
+``x`` into normalised float images on the device. The model adapter then resizes them to the current
+sub-network's resolution.
+
+A training loader is built once (its workers persist) and ordered by an :class:`EpochSampler`: each epoch's
+order, and each ImageFolder image's random crop and flip, follow from the seed, the epoch and the image alone,
+so they do not depend on the number of workers, and a resumed epoch skips what it trained without reading it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import DataError
 
@@ -54,6 +59,65 @@ class TensorImages(Dataset):
         return TensorImages(self.images[indices], self.labels[indices])
 
 
+def default_workers() -> int:
+    """Loader workers for decoded (ImageFolder) data: the cores this process may use, less one for the training
+    loop, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+class EpochSampler(Sampler):
+    """A training set's order one epoch at a time, from ``seed`` and the epoch alone (:meth:`begin_epoch`).
+
+    The order is the one a shuffling ``DataLoader`` seeded with ``seed + epoch`` drew (it took one 64-bit number
+    for its workers' seed first), so runs from before the loader was built once replay exactly. ``keyed``:
+    yield ``(epoch key, index)`` pairs, which :class:`SeededSamples` turns into per-image random transforms.
+    """
+
+    def __init__(self, size: int, seed: int, keyed: bool = False):
+        self.size, self.seed, self.keyed = size, seed, keyed
+        self.epoch, self.skip = 0, 0
+
+    def begin_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration is ``epoch``'s order without its first ``skip`` items (already trained)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.skip)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        order = torch.randperm(self.size, generator=g)[self.skip:].tolist()
+        if not self.keyed:
+            return iter(order)
+        key = self.seed + self.epoch
+        return ((key, i) for i in order)
+
+
+class SeededSamples(Dataset):
+    """A dataset whose random transforms are seeded per image: item ``(key, i)`` is image ``i`` transformed with
+    torch's random numbers seeded from ``key`` and ``i`` (the caller's random state untouched), whichever worker
+    reads it; a plain index reads the image as the dataset would."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        if not isinstance(item, tuple):
+            return self.dataset[item]
+        key, i = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((key * 1_000_003 + i) % (2**63 - 1))
+            return self.dataset[i]
+
+
 def _collate_batched(batch):
     """Batches from ``__getitems__`` are already stacked; collate single items the usual way."""
     if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
@@ -78,23 +142,51 @@ class DataBundle:
     pad: int = 2
     train_plain: Dataset | None = None  # the training images without random transforms (None: ``train`` is)
 
-    def loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-               num_workers: int = 0, limit: int | None = None, pin_memory: bool = False) -> DataLoader:
+    def _split(self, split: str) -> Dataset:
+        if split == "train_plain":
+            return self.train_plain if self.train_plain is not None else self.train
+        return self.train if split == "train" else self.test
+
+    def epoch_sampler(self, seed: int) -> EpochSampler:
+        """The training split's order, epoch by epoch (:class:`EpochSampler`); decoded data is keyed so that
+        each image's random transforms are seeded."""
+        return EpochSampler(len(self.train), seed, keyed=not self.in_memory)
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+               num_workers: int = 0, limit: int | None = None, pin_memory: bool = False,
+               sampler: EpochSampler | None = None) -> DataLoader:
         """``split``: ``train``, ``test``, or ``train_plain`` (the training images, never randomly transformed:
         what searches score candidates on). ``limit``: the first ``limit`` images of one fixed permutation (all of
         them, permuted, when there are fewer), so a smaller limit always gives a prefix of a larger one.
-        ``pin_memory``: page-locked batches, which a CUDA device copies without waiting (``non_blocking``)."""
-        if split == "train_plain":
-            ds = self.train_plain if self.train_plain is not None else self.train
-        else:
-            ds = self.train if split == "train" else self.test
+        ``sampler``: the order (a training loader built once, :meth:`epoch_sampler`); ``shuffle``: one order from
+        ``seed`` instead. ``pin_memory``: page-locked batches, which a CUDA device copies without waiting
+        (``non_blocking``); never for data already on a device. ``num_workers`` serve decoded data only."""
+        ds = self._split(split)
         if limit is not None:
             ds = _take(ds, min(limit, len(ds)), seed=1234)
-        g = torch.Generator().manual_seed(seed)
-        kw = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g, pin_memory=pin_memory)
+        if sampler is not None and getattr(sampler, "keyed", False):
+            ds = SeededSamples(ds)
+        kw = dict(batch_size=batch_size, drop_last=drop_last, sampler=sampler, shuffle=shuffle and sampler is None,
+                  generator=torch.Generator().manual_seed(seed),  # the loader's own draws leave torch's stream alone
+                  pin_memory=pin_memory and self.device.type == "cpu")
         if self.in_memory:
             return DataLoader(ds, collate_fn=_collate_batched, **kw)
         return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the in-memory images are (always the CPU for decoded data)."""
+        return self.train.images.device if isinstance(self.train, TensorImages) else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> DataBundle:
+        """Move in-memory images (Fashion-MNIST, digits: a few MB of uint8) to ``device`` once, so that no batch
+        is copied there again; decoded data stays with its workers."""
+        device = torch.device(device)
+        for name in ("train", "test", "train_plain"):
+            ds = getattr(self, name)
+            if isinstance(ds, TensorImages) and ds.images.device != device:
+                setattr(self, name, TensorImages(ds.images.to(device), ds.labels.to(device)))
+        return self
 
     def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None,
                 regularizer=None) -> torch.Tensor:
@@ -142,13 +234,13 @@ def _augment(x: torch.Tensor, pad: int, hflip: bool, generator: torch.Generator 
     dev = x.device
     if pad > 0:
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)
-        dx = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
         x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
     if hflip:
-        flip = to_device(torch.rand(b, generator=generator) < 0.5, dev)
+        flip = torch.rand(b, generator=generator, device=dev) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -221,17 +313,15 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBund
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    train_tf = transforms.Compose([
+    train_tf = transforms.Compose([  # uint8 out: a quarter of float32's bytes; normalised on the device
         transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        transforms.PILToTensor(),
     ])
     test_tf = transforms.Compose([
         transforms.Resize(int(image_size * 1.14)),
         transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        transforms.PILToTensor(),
     ])
     try:
         train = datasets.ImageFolder(str(train_dir), transform=_rgb(train_tf), loader=_read_image)
@@ -242,7 +332,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBund
     if train.classes != test.classes:
         raise DataError(f"{train_dir} and {test_dir} have different class folders")
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
-                      train_plain=plain)
+                      hflip=False, pad=0, train_plain=plain)  # cropped and flipped in the workers
 
 
 def _read_image(path: str):
