@@ -141,3 +141,13 @@ def test_flops_to_quality_reads_the_front_against_flops(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert "| prog | 1.75× ± 0.35 | 1.50×, 2.00× |" in out  # seed 1 reaches the whole run's 70 %: 1.0 / 0.5
     assert "| fast | <2.00× ± 0.00 | <2.00×, <2.00× |" in out  # at most 0.5 of the FLOPs, it took 0.25
+
+
+def test_loader_speed_compares_the_defaults_with_the_old_loader(tmp_path, monkeypatch):
+    out = tmp_path / "loader.json"
+    run_script("loader_speed.py", "--images", "16", "--size", "32", "--batch-size", "4", "--epochs", "1",
+               "--workers", "1", "--out", str(out), monkeypatch=monkeypatch)
+    d = json.loads(out.read_text())
+    assert d["workers"] == 1 and d["old_images_per_s"] > 0 and d["new_images_per_s"] > 0
+    assert len(d["per_epoch"]["old"]) == len(d["per_epoch"]["new"]) == 1
+    assert d["ratio"] == pytest.approx(d["new_images_per_s"] / d["old_images_per_s"], rel=1e-2)

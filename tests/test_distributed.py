@@ -182,6 +182,31 @@ def test_torchrun_without_gpus_is_one_group_even_without_cpu_flag(tmp_path, fake
     assert log.count("done: ") == 1, "one run reports, not two"
 
 
+
+def test_a_supernet_search_builds_one_ddp_wrapper_per_trainable_set_and_stage(tmp_path, fake_fmnist):
+    """AutoProg-One's supernet steps train a different candidate at most steps. DDP needs a wrapper per trainable
+    set; one is built the first time a set trains in a stage and reused after, never one per step."""
+    from conftest import tiny_args
+
+    out = tmp_path / "ap-ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "autoprog.cli",
+           "pretrain", "--out", str(out), *tiny_args(fake_fmnist, epochs="4"), "--batch-size", "16",
+           "--method", "autoprog-one", "--depth", "6", "--alpha", "0", "--search-epochs", "1", "--search-min-updates", "0", "--search-samples",
+           "32", "--score-points", "2"]
+    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=out)
+    assert proc.returncode == 0, log[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    searches = res["summary"]["search"]
+    assert len(searches) == 3
+    # a trainable set is a depth (the resolution changes no parameter): the candidates' distinct depths, the
+    # stage's chosen sub-network, and the first wrapper bound what may be built
+    bound = 1 + sum(len({r["depth"] for r in s["candidates"]}) + 1 for s in searches)
+    built, changes = res["summary"]["ddp_wrappers_built"], res["summary"]["trainable_set_changes"]
+    assert 2 <= built <= bound, (built, bound)
+    assert changes > built, "the set changed more often than wrappers were built: they were reused (re-wrapping " \
+                            "at every change, as before, builds changes + 1)"
+
+
 LOOP_DRIVER = textwrap.dedent('''
     import json
     import sys

@@ -1,5 +1,5 @@
 """The one training engine: the step loop every task runs (:class:`RunTemplate`), the one place a controller is
-driven before a step (:func:`enter_due_stage`), the divergence and stop checks, and DDP re-wrapping."""
+driven before a step (:func:`enter_due_stage`), the divergence and stop checks, and the DDP wrappers of a changing trainable set."""
 
 from __future__ import annotations
 
@@ -14,16 +14,57 @@ def trained_ids(module: nn.Module) -> set[int]:
     return {id(p) for p in module.parameters() if p.requires_grad}
 
 
-def rewrap_if_needed(acc, wrapped: nn.Module, module: nn.Module, wrapped_ids: set[int]) -> tuple[nn.Module, set[int]]:
-    """DDP only tracks the parameters (objects) that required grad when it was wrapped: re-prepare ``module``
-    when that set changed. Returns the (possibly new) wrapper and the set it tracks."""
-    if acc.num_processes == 1:
-        return wrapped, wrapped_ids
-    now = trained_ids(module)
-    if now == wrapped_ids:
-        return wrapped, wrapped_ids
-    release(acc, wrapped, module)
-    return acc.prepare_model(module), now
+class PreparedModel:
+    """The model as Accelerate prepared it, and under DDP one wrapper per trainable set.
+
+    DDP tracks only the parameters that required grad when it was built. A search that trains a different
+    candidate at each step (a supernet epoch) changes that set most steps; rebuilding the wrapper each time would
+    broadcast every parameter and allocate new gradient buckets every step. Instead a wrapper is built once per
+    set and kept until the next stage begins (:meth:`keep_current_only`): at most one per candidate of a stage.
+    An idle wrapper's gradient hooks do nothing (DDP acts only on the backward of its own forward).
+    """
+
+    def __init__(self, acc, module: nn.Module):
+        self.acc, self.module = acc, module
+        self.wrapped = acc.prepare_model(module)
+        self._first = self.wrapped  # the one Accelerate knows (it may have wrapped forward for mixed precision)
+        self._by_set = {frozenset(trained_ids(module)): self.wrapped}
+        self.built = 1  # wrappers built over the run (DDP's cost; a test counts them)
+        self.changes = 0  # times the trainable set changed (what re-wrapping each time would have built)
+
+    def current(self) -> nn.Module:
+        """The wrapper that tracks the parameters that require grad now (built on first use of this set)."""
+        if self.acc.num_processes == 1:
+            return self.wrapped
+        key = frozenset(trained_ids(self.module))
+        wrapped = self._by_set.get(key)
+        self.changes += wrapped is not self.wrapped
+        if wrapped is None:
+            wrapped = self._ddp() if key else self.module
+            self._by_set[key] = wrapped
+            self.built += 1
+        self.wrapped = wrapped
+        return wrapped
+
+    def keep_current_only(self) -> None:
+        """Forget every other set's wrapper (a stage began: its candidates are new)."""
+        self._by_set = {k: w for k, w in self._by_set.items() if w is self.wrapped or w is self._first}
+
+    def _ddp(self) -> nn.Module:
+        """A DDP wrapper as Accelerate builds one, around the module Accelerate already prepared (its forward keeps
+        the mixed-precision wrapper Accelerate gave it once)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        kwargs = self.acc.ddp_handler.to_kwargs() if self.acc.ddp_handler is not None else {}
+        if self.acc.device.type == "cuda":
+            kwargs.update(device_ids=[self.acc.local_process_index], output_device=self.acc.local_process_index)
+        return DistributedDataParallel(self.module, **kwargs)
+
+    def release(self) -> None:
+        """Forget every wrapper (a comparison's later runs must not keep this model alive)."""
+        self._by_set = {}
+        release(self.acc, self._first, self.module)
+        self.wrapped = self._first = self.module
 
 
 def release(acc, wrapped: nn.Module, module: nn.Module) -> None:
@@ -55,6 +96,7 @@ class RunTemplate:
     uninterrupted one."""
 
     prepared_names = ("wrapped", "model")  # attribute names of the Accelerate-prepared model and the model itself
+    prepared: PreparedModel  # set by the task's trainer: ``self.prepared = PreparedModel(acc, model)``
     history_key = "curve"  # results.json's name for the evaluation points
     point_name = "step"  # what an evaluation point is called in the progress bar and messages
 
@@ -384,8 +426,11 @@ class RunTemplate:
 
     def _release(self) -> None:
         """Forget the prepared model: a comparison's later runs must not keep it alive."""
-        wrapped, module = (getattr(self, n) for n in self.prepared_names)
-        release(self.acc, wrapped, module)
+        self.prepared.release()
+
+    def _rewrap_if_needed(self) -> None:
+        """Under DDP, the wrapper that tracks the parameters that require grad now (the trainable set changed)."""
+        self.wrapped = self.prepared.current()
 
     # ------------------------------------------------------------------------------ progress
     def _progress_bar(self):
@@ -435,7 +480,9 @@ class RunTemplate:
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "flops_per_step": self.flops_sum / max(1, self.step),
                 "schedule": sched.to_dict() if sched else {"stages": []},
-                **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {})}
+                **({"budget": self.budget_plan.record(self.total_steps)} if self.budget_plan else {}),
+                **({"ddp_wrappers_built": self.prepared.built, "trainable_set_changes": self.prepared.changes}
+                   if self.acc.num_processes > 1 else {})}
 
     def _save_checkpoint(self) -> None:
         from .checkpoint import RUN_STATE_FORMAT, save_checkpoint
@@ -586,6 +633,8 @@ def enter_due_stage(trainer) -> bool:
         trainer.step_timer.clear()  # candidates are timed afresh at every stage, never for the whole run
         t0 = time.perf_counter()
         trainer.controller.enter_stage(trainer, k)
+        if getattr(trainer, "prepared", None) is not None:
+            trainer.prepared.keep_current_only()
         trainer._stage_entered(k)
         trainer.stage = k
         trainer.search_time += time.perf_counter() - t0

@@ -25,7 +25,7 @@ from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, Mo
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle, default_workers
-from ..engine import RunTemplate, rewrap_if_needed, trained_ids
+from ..engine import PreparedModel, RunTemplate
 from ..errors import ConfigError
 from ..metrics import train_step_flops
 from ..optim import (
@@ -132,8 +132,8 @@ class Trainer(GrowthCalls, RunTemplate):
             data.to(self.acc.device)  # in-memory images, copied once
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers
         self.optimizer = build_optimizer(self.net, cfg.lr, cfg.weight_decay)
-        self.wrapped = self.acc.prepare_model(self.net)
-        self._wrapped_params = trained_ids(self.net)
+        self.prepared = PreparedModel(self.acc, self.net)
+        self.wrapped = self.prepared.wrapped
         self.test_loader = self.acc.prepare_data_loader(
             data.loader("test", cfg.batch_size * 2, num_workers=self.workers)
         )
@@ -276,9 +276,6 @@ class Trainer(GrowthCalls, RunTemplate):
         """The first ``proxy_batches`` × ``proxy_batch_size`` training images, in a fixed order."""
         n = self.cfg.proxy_batches * self.cfg.proxy_batch_size
         return self.data.loader("train_plain", self.cfg.proxy_batch_size, shuffle=False, limit=n, num_workers=0)
-
-    def _rewrap_if_needed(self) -> None:
-        self.wrapped, self._wrapped_params = rewrap_if_needed(self.acc, self.wrapped, self.net, self._wrapped_params)
 
     @property
     def growable(self) -> ElasticModel:

@@ -29,7 +29,7 @@ from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_op
 from ..checkpoint import replace_dir
 from ..controllers import ProxyTask
 from ..data import to_device
-from ..engine import RunTemplate, rewrap_if_needed, trained_ids
+from ..engine import PreparedModel, RunTemplate
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import OptimConfig, build_optimizer
@@ -105,8 +105,8 @@ class DiffusionTrainer(RunTemplate):
         self.run_info = run_info or {}
         self.model.to(self.acc.device)
         self.optimizer = build_optimizer(self.model, lr, cfg.weight_decay)
-        self.wrapped = self.acc.prepare_model(self.model)
-        self._wrapped_params = trained_ids(self.model)
+        self.prepared = PreparedModel(self.acc, self.model)
+        self.wrapped = self.prepared.wrapped
         self.ema = None
         if cfg.ema_decay is not None:
             from timm.utils import ModelEmaV3
@@ -175,9 +175,6 @@ class DiffusionTrainer(RunTemplate):
         return self._full_flops
 
     # ------------------------------------------------------------------------------------ helpers
-    def _rewrap_if_needed(self) -> None:
-        self.wrapped, self._wrapped_params = rewrap_if_needed(self.acc, self.wrapped, self.model, self._wrapped_params)
-
     def _batch_indices(self, step: int) -> torch.Tensor:
         """The indices of this process's share of global batch ``step`` (see :meth:`DiffusionData.batch_indices`)."""
         n = self.acc.num_processes
