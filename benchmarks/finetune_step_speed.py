@@ -20,6 +20,11 @@ above what it held before the stage (sampled every 10 ms):
 
     python benchmarks/finetune_step_speed.py --preset SD-1.5 --batch-size 1 --steps 1 --latent-size 32
 
+``--layout tail --frozen-prefix no-grad`` times the stages as they run with the learnable blocks contiguous from
+the output side and the frozen prefix without autograd (nothing below the first learnable block kept for the
+backward pass); each stage's line then says whether its share of full fine-tuning's step time is within its FLOPs
+share + 0.10.
+
 Prints one line per stage and the schedule's average over equal-length stages (harmonic combination of
 the stage step times, which is what a run with that schedule realises), next to the FLOPs speed-up.
 """
@@ -33,7 +38,7 @@ import time
 import torch
 from _report import report
 
-from autoprog.adapters.unfreezer import Unfreezer
+from autoprog.adapters.unfreezer import FROZEN_PREFIX, LAYOUTS, Unfreezer
 from autoprog.diffusion.sampling import diffusion_loss, training_scheduler
 from autoprog.metrics import count_flops
 from autoprog.models.dit import DiT
@@ -163,13 +168,16 @@ def main() -> None:
     p.add_argument("--schedule", help="time this schedule (inline RESxLEARNABLE_BLOCKS,... or a schedule.json) "
                                       "instead of the uniform linear one")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--layout", choices=LAYOUTS, default="spread", help="which blocks a stage trains (as "
+                                                                        "--learnable-layout)")
+    p.add_argument("--frozen-prefix", choices=FROZEN_PREFIX, default="backprop", help="as autoprog's option")
     p.add_argument("--out", help="write the figures as JSON here")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.amp]
     torch.manual_seed(0)
     model = build_model(a.preset, a.latent_size).to(device)
-    unfreezer = Unfreezer(model)
+    unfreezer = Unfreezer(model, a.layout, frozen_prefix=a.frozen_prefix)
     space = unfreezer.space(a.num_stages, a.start_ratio)
     sched = Schedule.from_arg(a.schedule, "prog") if a.schedule else prog(space)
     sched.validate_for(space)
@@ -184,9 +192,13 @@ def main() -> None:
     for row in stages:
         row["speedup"] = full["step_s"] / row["step_s"]
         row["flops_speedup"] = full["flops"] / row["flops"]
+        row["time_share"], row["flops_share"] = 1 / row["speedup"], 1 / row["flops_speedup"]
+        row["within_flops_share_plus_0.1"] = row["time_share"] <= row["flops_share"] + 0.10
         mem = f"  peak {row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else ""
         print(f"{row['subnet']:>14}: {1000 * row['step_s']:8.1f} ms/step  speed-up {row['speedup']:5.2f}x  "
-              f"FLOPs speed-up {row['flops_speedup']:5.2f}x  learnable {row['learnable_params'] / 1e6:.1f}M{mem}")
+              f"FLOPs speed-up {row['flops_speedup']:5.2f}x  learnable {row['learnable_params'] / 1e6:.1f}M{mem}  "
+              f"time share {row['time_share']:.2f} vs FLOPs share {row['flops_share']:.2f}"
+              f"{'' if row['within_flops_share_plus_0.1'] else '  (over FLOPs share + 0.10)'}")
     total = {"speedup": full["step_s"] / sum(f * r["step_s"] for f, r in zip(fracs, stages)),
              "flops_speedup": full["flops"] / sum(f * r["flops"] for f, r in zip(fracs, stages))}
     mem = f"; full fine-tuning peaks at {full['peak_gib']:.2f} GiB" if full["peak_gib"] is not None else ""

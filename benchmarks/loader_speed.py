@@ -1,6 +1,7 @@
 """Images per second that the ImageFolder training loader delivers, prepared on the device, with autoprog's
-defaults against the loader it replaced (0 workers, float32 batches normalised in the worker, a new loader every
-epoch), in one run on a generated ImageFolder of JPEGs. No model runs: this is the data path's ceiling.
+defaults against the loader it replaced (0 workers, float32 batches normalised as they are decoded, a new loader
+every epoch), in one run on a generated ImageFolder of JPEGs. Twice: with no model (the data path's ceiling), and
+with a training step of a small ViT on every batch (``--model``), where workers decode while the model trains.
 
     python benchmarks/loader_speed.py                      # 224-px JPEGs, 512 images, 3 epochs, batch 64
     python benchmarks/loader_speed.py --images 256 --size 128 --epochs 2 --out loader.json
@@ -46,10 +47,27 @@ def old_loader(root: Path, size: int, batch: int, epoch: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(epoch))
 
 
-def timed_epoch(batches, prepare, device) -> tuple[float, int]:
+def make_step(model_name: str, size: int, device):
+    """One training step of a small timm ViT on a batch (patches of ``size``/7 pixels: a 7×7 token grid)."""
+    import timm
+
+    net = timm.create_model(model_name, img_size=size, patch_size=size // 7, num_classes=4).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(net(x), y.to(device, non_blocking=True))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timed_epoch(batches, prepare, device, step=None) -> tuple[float, int]:
     start, n = time.perf_counter(), 0
-    for x, _ in batches:
+    for x, y in batches:
         x = prepare(x.to(device, non_blocking=True))
+        if step is not None:
+            step(x, y)
         n += len(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -64,33 +82,42 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workers", type=int, default=None, help="the new loader's workers (default: autoprog's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model trained on each batch in the second "
+                                                                    "measurement ('none': only the first)")
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
     a = p.parse_args(argv)
     from autoprog.data import default_workers, load_image_folder
 
     device = torch.device(a.device)
     workers = default_workers() if a.workers is None else a.workers
+    steps = {"data only": None}
+    if a.model != "none":
+        steps[f"with {a.model} training"] = make_step(a.model, a.size, device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "args": vars(a),
+              "workers": workers, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = make_folder(Path(tmp) / "jpegs", a.images, a.size)
         bundle = load_image_folder(root, a.size)
         sampler = bundle.epoch_sampler(seed=0)
         new = bundle.loader("train", a.batch_size, drop_last=True, num_workers=workers,
                             pin_memory=device.type == "cuda", sampler=sampler)
-        rates = {"old": [], "new": []}
-        for epoch in range(a.epochs + 1):  # the first epoch of each warms up (worker start-up counts once)
-            t, n = timed_epoch(old_loader(root, a.size, a.batch_size, epoch), lambda x: x, device)
-            if epoch:
-                rates["old"].append(n / t)
-            sampler.begin_epoch(epoch)
-            t, n = timed_epoch(new, lambda x: bundle.prepare(x, train=False), device)
-            if epoch:
-                rates["new"].append(n / t)
-    old, new_rate = statistics.median(rates["old"]), statistics.median(rates["new"])
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    result = {"device": dev, "args": vars(a), "workers": workers, "old_images_per_s": round(old, 1),
-              "new_images_per_s": round(new_rate, 1), "ratio": round(new_rate / old, 3), "per_epoch": rates}
-    print(f"ImageFolder {a.size}-px JPEGs on {dev}: {new_rate:.0f} images/s with the defaults ({workers} workers, "
-          f"uint8) against {old:.0f} before (0 workers, float32): {new_rate / old:.2f}x")
+        for what, step in steps.items():
+            rates = {"old": [], "new": []}
+            for epoch in range(a.epochs + 1):  # the first epoch of each warms up (worker start-up counts once)
+                t, n = timed_epoch(old_loader(root, a.size, a.batch_size, epoch), lambda x: x, device, step)
+                if epoch:
+                    rates["old"].append(n / t)
+                sampler.begin_epoch(epoch)
+                t, n = timed_epoch(new, lambda x: bundle.prepare(x, train=False), device, step)
+                if epoch:
+                    rates["new"].append(n / t)
+            old, new_rate = statistics.median(rates["old"]), statistics.median(rates["new"])
+            result["rows"].append({"what": what, "old_images_per_s": round(old, 1),
+                                   "new_images_per_s": round(new_rate, 1), "ratio": round(new_rate / old, 3),
+                                   "per_epoch": rates})
+            print(f"ImageFolder {a.size}-px JPEGs on {result['device']}, {what}: {new_rate:.0f} images/s with the "
+                  f"defaults ({workers} workers, uint8) against {old:.0f} before (0 workers, float32): "
+                  f"{new_rate / old:.2f}x")
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2))
     return result

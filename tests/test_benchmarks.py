@@ -148,6 +148,8 @@ def test_loader_speed_compares_the_defaults_with_the_old_loader(tmp_path, monkey
     run_script("loader_speed.py", "--images", "16", "--size", "32", "--batch-size", "4", "--epochs", "1",
                "--workers", "1", "--out", str(out), monkeypatch=monkeypatch)
     d = json.loads(out.read_text())
-    assert d["workers"] == 1 and d["old_images_per_s"] > 0 and d["new_images_per_s"] > 0
-    assert len(d["per_epoch"]["old"]) == len(d["per_epoch"]["new"]) == 1
-    assert d["ratio"] == pytest.approx(d["new_images_per_s"] / d["old_images_per_s"], rel=1e-2)
+    assert d["workers"] == 1 and [r["what"] for r in d["rows"]] == ["data only", "with vit_tiny_patch16_224 training"]
+    for row in d["rows"]:
+        assert row["old_images_per_s"] > 0 and row["new_images_per_s"] > 0
+        assert len(row["per_epoch"]["old"]) == len(row["per_epoch"]["new"]) == 1
+        assert row["ratio"] == pytest.approx(row["new_images_per_s"] / row["old_images_per_s"], rel=1e-2)

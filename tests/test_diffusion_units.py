@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autoprog.adapters.unfreezer import Unfreezer, interleaved_blocks, spread_blocks
+from autoprog.adapters.unfreezer import Unfreezer, interleaved_blocks, spread_blocks, tail_blocks
 from autoprog.diffusion.data import DiffusionData, load_diffusion_data, parse_classes
 from autoprog.diffusion.methods import (
     ScaleFactors,
@@ -573,6 +573,72 @@ def test_official_layout_trains_everything_outside_the_unlearnable_blocks(kind):
         assert torch.equal(p, before[n]) == (n not in expect), n
     u.apply(SubNet(8, m.depth))
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_tail_blocks_are_the_last_ones():
+    assert tail_blocks(28, 7) == tuple(range(21, 28)) and tail_blocks(4, 4) == (0, 1, 2, 3)
+    for k in range(1, 12):  # nested
+        assert set(tail_blocks(12, k)) <= set(tail_blocks(12, k + 1))
+    with pytest.raises(ConfigError):
+        tail_blocks(4, 0)
+
+
+def _saved_tensors(model, seed=0) -> tuple[int, dict]:
+    """How many tensors autograd saves for the backward pass of one loss, and the gradients it gives."""
+    x0, _, y = inputs(b=4, seed=seed)
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = diffusion_loss(model, x0, y, training_scheduler(), model.null_class,
+                              generator=torch.Generator().manual_seed(seed))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return count, grads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_no_grad_prefix_keeps_no_activation_below_the_first_learnable_block(kind):
+    """--frozen-prefix no-grad: the same forward and the same gradients of the learnable blocks, far fewer
+    tensors kept for the backward pass; the condition embeddings learn through the learnable blocks only."""
+    import copy
+
+    torch.manual_seed(0)
+    m = tiny(kind).train()
+    perturb(m)
+    m.add_stage_identifier(2)
+    sub = SubNet(4, 1)
+    Unfreezer(m, "tail").apply(sub)
+    saved_full, grads_full = _saved_tensors(m)
+    u = Unfreezer(m, "tail", frozen_prefix="no-grad")
+    u.apply(sub)
+    assert m.no_grad_prefix == m.depth - 1
+    saved, grads = _saved_tensors(m)
+    assert saved < saved_full / 2, (saved, saved_full)
+    assert grads.keys() <= grads_full.keys()
+    assert all(m.block_index(n) < m.depth - 1 for n in grads_full.keys() - grads.keys()), "only prefix tables"
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == grads.keys()
+    last = {n for n in grads if m.block_index(n) == m.depth - 1}
+    assert last and all(torch.allclose(grads[n], grads_full[n], atol=1e-6) for n in last)
+    cond = condition_names(m) & grads.keys()
+    assert cond and any(not torch.allclose(grads[n], grads_full[n]) for n in cond), "fewer paths to the conditions"
+    x0, t, y = inputs(b=2)
+    with torch.no_grad():
+        out = m(x0, t, y)
+        clone = copy.deepcopy(m)  # a momentum network: runs its own weights
+        for p in clone.parameters():
+            p.add_(1.0)
+        assert not torch.allclose(clone(x0, t, y), out)
+        assert torch.equal(m(x0, t, y), out)
+    u.apply(SubNet(8, m.depth))  # the full model: every block recorded again
+    assert m.no_grad_prefix == 0 and all("forward" not in vars(b) for b in m.blocks)
+    with pytest.raises(ConfigError, match="no-grad"):
+        Unfreezer(m, "official", frozen_prefix="no-grad")
 
 
 # ---------------------------------------------------------------------------------- static methods

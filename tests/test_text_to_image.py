@@ -142,6 +142,38 @@ def test_units_are_down_mid_and_up_blocks_and_a_stage_trains_only_its_units():
     assert all(p.requires_grad for p in m.text_encoder.parameters())  # --train-text-encoder: in every stage
 
 
+def test_a_no_grad_prefix_of_down_blocks_keeps_fewer_activations_and_the_same_output_side_gradients():
+    m = tiny(sid=4)
+    m.train_text_encoder = False
+    x, t, y = step_inputs(m)
+
+    def saved_and_grads():
+        count = 0
+
+        def pack(tensor):
+            nonlocal count
+            count += 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = diffusion_loss(m, x, y, training_scheduler(), m.null_condition(y),
+                                  generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad(set_to_none=True)
+        return count, grads
+
+    Unfreezer(m, "tail").apply(SubNet(4, 2))  # the two up blocks
+    full_count, full_grads = saved_and_grads()
+    Unfreezer(m, "tail", frozen_prefix="no-grad").apply(SubNet(4, 2))
+    assert m.no_grad_prefix == 3  # both down blocks and the mid block
+    count, grads = saved_and_grads()
+    assert count < full_count * 0.8, (count, full_count)
+    ups = {n for n in grads if n.startswith("unet.up_blocks.")}
+    assert ups and all(torch.allclose(grads[n], full_grads[n], atol=1e-6) for n in ups)
+    assert "sid.embedding.weight" in grads, "the identifier still learns, through the up blocks' cross-attention"
+
+
 # ------------------------------------------------------------------------------------- static methods
 @pytest.mark.parametrize("method", ["full", "bitfit", "difffit", "lora"])
 def test_static_methods_leave_the_text_encoder_frozen_and_fold_into_plain_weights(method):

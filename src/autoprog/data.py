@@ -113,8 +113,12 @@ class SeededSamples(Dataset):
         if not isinstance(item, tuple):
             return self.dataset[item]
         key, i = item
+        seed = (key * 1_000_003 + i) % (2**63 - 1)
+        if torch.utils.data.get_worker_info() is not None:  # a worker's stream serves nothing else
+            torch.manual_seed(seed)
+            return self.dataset[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((key * 1_000_003 + i) % (2**63 - 1))
+            torch.manual_seed(seed)
             return self.dataset[i]
 
 

@@ -7,11 +7,20 @@ Which parameters a smaller ψ trains is the ``layout``:
 * ``"spread"`` (autoprog's): the learnable blocks spread evenly over the depth, the output-side block always
   among them (:func:`spread_blocks`); besides them only the condition embeddings train (a transfer task brings
   classes the base model has never seen), so the frozen input side needs no weight gradients.
+* ``"tail"`` (ours): the last ``learnable`` blocks, contiguous from the output side (:func:`tail_blocks`), and the
+  condition embeddings; everything below the first learnable block is a frozen prefix.
 * ``"official"`` (the official AutoProg-Zero code's ``set_model_config``): the blocks interleaved from the input
   side in ``groups`` groups, group g holding blocks g, g + groups, … (:func:`interleaved_blocks`), and every
   parameter outside the blocks (patch, timestep and condition embedders, the output layer) always trains. The
   official code matches block names by substring, so its l = 2 and 3 also train blocks 10–19 / 20–27 of
   DiT-XL/2; autoprog builds the groups it intends.
+
+``frozen_prefix`` says how the blocks below the first learnable one run: ``"backprop"`` (the paper's: autograd
+records them, so the learnable condition embeddings get gradients through them too, and their activations are
+kept for the backward pass) or ``"no-grad"`` (ours: they run without autograd, so none of their activations are
+kept and the backward pass stops at the first learnable block; the condition embeddings then learn through the
+learnable blocks only, and a condition table inside a prefix block, as diffusers' DiT keeps one per block, stays
+as it is). ``"no-grad"`` needs a layout that trains nothing else below that block (not ``official``).
 """
 
 from __future__ import annotations
@@ -44,6 +53,13 @@ def spread_blocks(depth: int, learnable: int) -> tuple[int, ...]:
     return tuple(sorted({depth - 1 - math.floor(i * depth / learnable) for i in range(learnable)}))
 
 
+def tail_blocks(depth: int, learnable: int) -> tuple[int, ...]:
+    """The last ``learnable`` of ``depth`` block indices (contiguous from the output side)."""
+    if not 1 <= learnable <= depth:
+        raise ConfigError(f"cannot make {learnable} of {depth} blocks learnable")
+    return tuple(range(depth - learnable, depth))
+
+
 def interleaved_blocks(depth: int, learnable: int, groups: int) -> tuple[int, ...]:
     """``learnable`` of ``depth`` block indices taken group by group from the input side, group g holding blocks
     g, g + ``groups``, … (the official code's layout: 1 of 4 groups of 28 blocks is 0, 4, …, 24)."""
@@ -54,20 +70,28 @@ def interleaved_blocks(depth: int, learnable: int, groups: int) -> tuple[int, ..
     return tuple(sorted(sorted(range(depth), key=lambda i: (i % groups, i))[:learnable]))
 
 
-LAYOUTS = ("spread", "official")
+LAYOUTS = ("spread", "tail", "official")
+FROZEN_PREFIX = ("backprop", "no-grad")
 
 
 class Unfreezer:
     """Applies learnable sub-networks ψ to a backbone (the unfreezing adapter), in one of :data:`LAYOUTS`."""
 
-    def __init__(self, model: DiffusionBackbone, layout: str = "spread", groups: int = 4):
+    def __init__(self, model: DiffusionBackbone, layout: str = "spread", groups: int = 4,
+                 frozen_prefix: str = "backprop"):
         if layout not in LAYOUTS:
             raise ConfigError(f"--learnable-layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if frozen_prefix not in FROZEN_PREFIX:
+            raise ConfigError(f"--frozen-prefix must be one of {', '.join(FROZEN_PREFIX)}, got {frozen_prefix!r}")
+        if frozen_prefix == "no-grad" and layout == "official":
+            raise ConfigError("--frozen-prefix no-grad needs --learnable-layout spread or tail: the official layout "
+                              "trains the input embedding, which a prefix without autograd would leave untrained")
         if groups < 1:
             raise ConfigError(f"need at least one block group, got {groups}")
         self.model = model
         self.layout = layout
         self.groups = groups
+        self.frozen_prefix = frozen_prefix
         self.subnet: SubNet | None = None
 
     def space(self, num_stages: int = 4, start_ratio: float = 0.25) -> GrowthSpace:
@@ -80,6 +104,8 @@ class Unfreezer:
             return subnet.blocks
         if self.layout == "official":
             return interleaved_blocks(self.model.depth, subnet.depth, self.groups)
+        if self.layout == "tail":
+            return tail_blocks(self.model.depth, subnet.depth)
         return spread_blocks(self.model.depth, subnet.depth)
 
     def is_full(self, subnet: SubNet) -> bool:
@@ -105,4 +131,10 @@ class Unfreezer:
                 for i in learnable:
                     self.model.blocks[i].requires_grad_(True)
             train_conditions(self.model)
+        prefix = 0
+        if self.frozen_prefix == "no-grad" and not self.is_full(subnet):
+            prefix = min(self.blocks_for(subnet))
+            for block in self.model.blocks[:prefix]:  # a block's own condition table (diffusers' DiT) gets no
+                block.requires_grad_(False)             # gradient there: it stays as it is
+        self.model.set_no_grad_prefix(prefix)
         self.subnet = subnet

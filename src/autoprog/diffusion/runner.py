@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import experiment
-from ..adapters.unfreezer import LAYOUTS, Unfreezer
+from ..adapters.unfreezer import FROZEN_PREFIX, LAYOUTS, Unfreezer
 from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
 from ..budget import Budget
@@ -132,8 +132,17 @@ class FinetuneSpec(ImageDataSpec):
                                              "always included, and the condition embeddings; the frozen input "
                                              "side needs no weight gradients) or official (the official "
                                              "AutoProg-Zero code: blocks interleaved in groups from the input "
-                                             "side, every parameter outside the blocks always trained)",
+                                             "side, every parameter outside the blocks always trained) or tail "
+                                             "(ours: the last blocks, contiguous from the output side, and the "
+                                             "condition embeddings)",
                                    choices=LAYOUTS, group="unfreezing")
+    frozen_prefix: str = option("backprop", "how the frozen blocks below the first learnable one run: backprop (the "
+                                            "paper's: recorded by autograd, so the condition embeddings learn "
+                                            "through them too) or no-grad (ours: without autograd, so the backward "
+                                            "pass stops at the first learnable block and none of their activations "
+                                            "are kept: less time and memory per step; the condition embeddings learn "
+                                            "through the learnable blocks only). Not with --learnable-layout "
+                                            "official", choices=FROZEN_PREFIX, group="unfreezing")
     sid_init: str = option("normal", "stage identifier rows at creation: normal (N(0, 0.02), the official "
                                      "AutoProg-Zero code) or zero (adding a zero SID leaves the pre-trained "
                                      "model's function unchanged at the first step, so stage 1 starts exactly "
@@ -399,7 +408,8 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
         from ..controllers import StaticController
 
         return data, model, StaticController(spec.method), None, lr
-    unfreezer = Unfreezer(model, spec.learnable_layout, groups=max(1, round(1 / spec.start_ratio)))
+    unfreezer = Unfreezer(model, spec.learnable_layout, groups=max(1, round(1 / spec.start_ratio)),
+                          frozen_prefix=spec.frozen_prefix)
     space = unfreezer.space(spec.num_stages, spec.start_ratio)
     controller = _progressive_controller(spec, chosen, model, space, seed)
     unfreezer.apply(space.full)

@@ -8,6 +8,8 @@ The class-conditional DiTs are in :mod:`autoprog.models.dit`, the text-to-image 
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 
@@ -19,6 +21,13 @@ def check_finite(tensors, where) -> None:
     """Refuse weights with a NaN or inf (a diverged model saved by mistake) before anything trains or scores."""
     if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
         raise ConfigError(f"{where} holds non-finite weights (a diverged model?)")
+
+
+def _forward_without_autograd(block: nn.Module, *args, **kwargs):
+    """``block``'s own class forward under ``torch.no_grad`` (installed as a bound method, so that a deep copy of
+    the model, a momentum network, runs its own weights)."""
+    with torch.no_grad():
+        return type(block).forward(block, *args, **kwargs)
 
 
 class DiffusionBackbone(nn.Module):
@@ -95,6 +104,24 @@ class DiffusionBackbone(nn.Module):
 
     def freeze_fixed(self) -> None:
         """Freeze what no fine-tuning method trains (nothing here; a text-to-image model's text encoder)."""
+
+    @property
+    def no_grad_prefix(self) -> int:
+        """How many leading blocks run without autograd (:meth:`set_no_grad_prefix`)."""
+        return getattr(self, "_no_grad_prefix", 0)
+
+    def set_no_grad_prefix(self, n: int) -> None:
+        """Run blocks ``0 .. n-1`` without autograd: none of their activations are kept and no gradient flows into
+        or through them (what they compute is unchanged). For a frozen prefix below the first learnable block;
+        ``0`` records every block again."""
+        if not 0 <= n <= self.depth:
+            raise ConfigError(f"a no-grad prefix of {n} blocks in a model of {self.depth}")
+        for i, block in enumerate(self.blocks):
+            if i < n and "forward" not in vars(block):
+                block.forward = types.MethodType(_forward_without_autograd, block)
+            elif i >= n and "forward" in vars(block):
+                del block.forward  # the class's forward again
+        self._no_grad_prefix = n
 
     def add_stage_identifier(self, num_stages: int, init: str = "normal", dropout: float = 0.0,
                              null_row: bool | None = None) -> StageIdentifier:
