@@ -152,8 +152,26 @@ def time_stage(model, unfreezer, subnet, batch, steps, amp, device, scheduler, w
         for p in model.parameters():
             p.grad = None
 
+    def saved_bytes() -> int:
+        """Bytes autograd keeps for the backward pass of one step (each storage once): the activation memory a
+        stage needs, exactly, where the CPU's resident-memory peak is blurred by the allocator."""
+        seen = {}
+
+        def pack(t):
+            if t.device.type != "meta":
+                seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = diffusion_loss(model, x0, y, scheduler, model.null_condition(y), generator=g)
+        del loss
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for (ptr, _), n in seen.items() if ptr not in params)  # weights are not activations
+
     return {"subnet": str(subnet), "step_s": sorted(times)[len(times) // 2], "flops": count_flops(count) * batch,
-            "learnable_params": sum(p.numel() for p in params), "peak_gib": peak}
+            "learnable_params": sum(p.numel() for p in params), "peak_gib": peak,
+            "saved_activations_gib": saved_bytes() / 2**30}
 
 
 def main() -> None:
@@ -171,12 +189,17 @@ def main() -> None:
     p.add_argument("--layout", choices=LAYOUTS, default="spread", help="which blocks a stage trains (as "
                                                                         "--learnable-layout)")
     p.add_argument("--frozen-prefix", choices=FROZEN_PREFIX, default="backprop", help="as autoprog's option")
+    p.add_argument("--no-sid", action="store_true", help="no stage identifier (by default the model has one, as "
+                                                         "autoprog-zero fine-tuning gives it; it is learnable, so "
+                                                         "gradients reach the condition through every block)")
     p.add_argument("--out", help="write the figures as JSON here")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.amp]
     torch.manual_seed(0)
     model = build_model(a.preset, a.latent_size).to(device)
+    if not a.no_sid:
+        model.add_stage_identifier(a.num_stages)
     unfreezer = Unfreezer(model, a.layout, frozen_prefix=a.frozen_prefix)
     space = unfreezer.space(a.num_stages, a.start_ratio)
     sched = Schedule.from_arg(a.schedule, "prog") if a.schedule else prog(space)
@@ -195,6 +218,7 @@ def main() -> None:
         row["time_share"], row["flops_share"] = 1 / row["speedup"], 1 / row["flops_speedup"]
         row["within_flops_share_plus_0.1"] = row["time_share"] <= row["flops_share"] + 0.10
         mem = f"  peak {row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else ""
+        mem += f"  activations {row['saved_activations_gib']:.2f} GiB"
         print(f"{row['subnet']:>14}: {1000 * row['step_s']:8.1f} ms/step  speed-up {row['speedup']:5.2f}x  "
               f"FLOPs speed-up {row['flops_speedup']:5.2f}x  learnable {row['learnable_params'] / 1e6:.1f}M{mem}  "
               f"time share {row['time_share']:.2f} vs FLOPs share {row['flops_share']:.2f}"
@@ -202,6 +226,7 @@ def main() -> None:
     total = {"speedup": full["step_s"] / sum(f * r["step_s"] for f, r in zip(fracs, stages)),
              "flops_speedup": full["flops"] / sum(f * r["flops"] for f, r in zip(fracs, stages))}
     mem = f"; full fine-tuning peaks at {full['peak_gib']:.2f} GiB" if full["peak_gib"] is not None else ""
+    mem += f", keeps {full['saved_activations_gib']:.2f} GiB of activations"
     report(a, device, f"{sched.method} schedule ({a.preset})", full, stages, total, mem)
 
 

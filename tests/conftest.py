@@ -147,3 +147,16 @@ def tiny_base_dit(fake_fmnist: Path, cache_dir: Path, out: Path, train) -> Path:
     pretrain_base(BaseSpec(data_root=str(fake_fmnist), hidden_size=16, depth=4, num_heads=2, patch_size=4,
                            feature_epochs=1, cache_dir=str(cache_dir), train=train), out)
     return out / "model"
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps one process-wide state, made with the first Accelerator's precision: start and end these
+    tests with a new one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -69,19 +69,6 @@ def test_shadow_update_builds_the_same_kind_of_optimizer(fused):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "shadow copies only"
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """Accelerate keeps one process-wide state, made with the first Accelerator's precision: start and end these
-    tests with a new one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 class _OneLayer:
     """The engine's update on a one-layer model, with ``--mixed-precision`` ``precision`` (CPU)."""
 
@@ -161,3 +148,121 @@ def test_fp16_training_runs_and_resumes(cli, fake_fmnist, tmp_path, fresh_accele
     assert rc == 0, err
     wa, wb = (load_file(r / "checkpoint" / "model.safetensors") for r in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ------------------------------------------------------------------------------ gradient checkpointing
+def _saved_and_grads(model, loss_fn) -> tuple[int, dict]:
+    """Tensors autograd keeps for the backward pass of ``loss_fn(model)``, and the gradients it gives."""
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return count, grads
+
+
+def _assert_checkpointing_keeps_less_and_changes_no_gradient(model, set_on, loss_fn):
+    torch.manual_seed(3)
+    plain, grads = _saved_and_grads(model, loss_fn)
+    set_on(model)
+    torch.manual_seed(3)
+    kept, grads_ckpt = _saved_and_grads(model, loss_fn)
+    assert kept < plain / 2, (kept, plain)
+    assert grads.keys() == grads_ckpt.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_gradient_checkpointing_of_a_growing_vit_keeps_less_and_draws_the_same_drop_path():
+    from autoprog.adapters.factory import ModelOverrides, build_elastic
+    from autoprog.space import SubNet
+
+    net = build_elastic("vit", 10, 1, ModelOverrides(patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                                                     drop_path=0.2)).train()
+    net.apply_subnet(SubNet(20, 3))
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+
+    def on(m):
+        m.gradient_checkpointing = True
+
+    _assert_checkpointing_keeps_less_and_changes_no_gradient(
+        net, on, lambda m: torch.nn.functional.cross_entropy(m(x), y))
+
+
+@pytest.mark.parametrize("kind", ["dit", "diffusers-dit", "text-unet"])
+def test_gradient_checkpointing_of_each_diffusion_backbone(kind):
+    from autoprog.diffusion.sampling import diffusion_loss, training_scheduler
+    from autoprog.models.dit import build_backbone
+    from autoprog.models.text_unet import build_text_unet
+
+    torch.manual_seed(0)
+    if kind == "text-unet":
+        model = build_text_unet(image_size=8, in_chans=1, channels=(8, 16), text_dim=32, text_layers=1,
+                                vocabulary="a photo of a coat".split(), max_length=12)
+        model.train_text_encoder = True
+        y = model.tokenize(["a photo of a coat"] * 4)
+    else:
+        model = build_backbone(kind, image_size=8, patch_size=2, in_chans=1, num_classes=4, hidden_size=16, depth=3,
+                               num_heads=2)
+        y = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():  # the zero-initialised output layers would make most gradients zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.train()
+    x0 = torch.randn(4, 1, 8, 8)
+
+    def loss(m):
+        return diffusion_loss(m, x0, y, training_scheduler(), m.null_condition(y),
+                              generator=torch.Generator().manual_seed(0))
+
+    _assert_checkpointing_keeps_less_and_changes_no_gradient(
+        model, lambda m: m.set_gradient_checkpointing(True), loss)
+
+
+def test_gradient_checkpointing_is_an_option_of_both_tasks():
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.diffusion.trainer import DiffusionConfig
+
+    assert TrainConfig().gradient_checkpointing is False and DiffusionConfig().gradient_checkpointing is False
+    assert "gradient_checkpointing" in TrainConfig.__dataclass_fields__
+
+
+# ------------------------------------------------------------------------------------------ --compile
+@pytest.fixture
+def light_compile(monkeypatch):
+    """torch.compile through dynamo and AOT autograd without generating C++ (the inductor backend a GPU run uses
+    takes minutes to compile on 2 cores); the compile caches start empty and are reset after."""
+    import torch._dynamo
+
+    import autoprog.compute as compute
+
+    monkeypatch.setattr(compute, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_grows_through_a_prog_run_to_the_same_weights(cli, fake_fmnist, tmp_path, light_compile):
+    """--compile: every block compiled in place (checkpoint names unchanged), recompiled per resolution as the
+    network grows, and the trained weights are those of the uncompiled run."""
+    import torch._dynamo.utils
+
+    args = tiny_args(fake_fmnist, "--method", "prog", epochs="2")
+    assert cli("pretrain", *args, "--out", tmp_path / "plain")[0] == 0
+    torch._dynamo.utils.counters.clear()
+    assert cli("pretrain", *args, "--compile", "--out", tmp_path / "compiled")[0] == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 4, "blocks ran compiled, at several sizes"
+    plain = load_file(tmp_path / "plain" / "checkpoint" / "model.safetensors")
+    compiled = load_file(tmp_path / "compiled" / "checkpoint" / "model.safetensors")
+    assert plain.keys() == compiled.keys()
+    for k in plain:
+        torch.testing.assert_close(compiled[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
+    cfg = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert cfg["train"]["compile"] is True

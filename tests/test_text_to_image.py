@@ -437,11 +437,15 @@ def test_a_base_of_the_other_kind_is_refused_in_one_line(text_base, fake_fmnist,
 
 def test_gradient_checkpointing_and_the_text_encoder_flag_reach_the_model(text_base, fake_fmnist):
     from autoprog.diffusion.runner import TextFinetuneSpec, build_finetune
+    from autoprog.diffusion.trainer import DiffusionConfig
 
-    _, model, *_ = build_finetune(TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8,
-                                                   method="full", gradient_checkpointing=True,
-                                                   train_text_encoder=True))
+    spec = TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8, method="full",
+                            train=DiffusionConfig(gradient_checkpointing=True), train_text_encoder=True)
+    _, model, *_ = build_finetune(spec)
     assert model.unet.is_gradient_checkpointing
+    saved = spec.to_dict()  # as a run written before the option moved to every task's training settings
+    saved["gradient_checkpointing"] = saved["train"].pop("gradient_checkpointing")
+    assert TextFinetuneSpec.from_dict(saved) == spec
     assert all(p.requires_grad for p in model.text_encoder.parameters())
     _, model, *_ = build_finetune(TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8,
                                                    method="full"))

@@ -1,5 +1,6 @@
 """The one training engine: the step loop every task runs (:class:`RunTemplate`), the one place a controller is
-driven before a step (:func:`enter_due_stage`), the divergence and stop checks, and the DDP wrappers of a changing trainable set."""
+driven before a step (:func:`enter_due_stage`), the divergence and stop checks, and the DDP wrappers of a changing
+trainable set (:class:`PreparedModel`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from contextlib import contextmanager
 
 from torch import nn
+
+from . import tracking
 
 
 def trained_ids(module: nn.Module) -> set[int]:
@@ -132,6 +135,7 @@ class RunTemplate:
 
     def log_stage(self, info: dict) -> None:
         self.stage_log.append({"step": self.step, **info})
+        tracking.log(self.acc, tracking.stage_values(info), self.step)
 
     def print(self, *args) -> None:
         self.acc.print(*args)
@@ -170,9 +174,14 @@ class RunTemplate:
         except DivergedError as e:
             self._release()
             raise DivergedError(diverged_note(self, e, lambda: self._write_results(done=False))) from None
+        finally:
+            tracking.end_tracking(self.acc)
 
     def _fit(self) -> dict:
         """The step loop: segment after segment to the end, a stop asked for, or ``stop_after_*``."""
+        from dataclasses import asdict
+
+        tracking.start_tracking(self.acc, self.out, {"config": asdict(self.cfg), "run": self.run_info})
         self._before_run()
         if self._pending_point is not None:  # stopped during the final evaluation: only that is left to do
             self._finish_point(self._pending_point, final=True)
@@ -199,7 +208,8 @@ class RunTemplate:
             if self._stop_agreed and getattr(self.controller, "resumable", True):
                 bar.close()
                 self._interrupt()  # before the point's evaluation, if any: a resumed run evaluates it
-            if not self._point_due(seg) and (self._checkpoint_due() or self._checkpoint_time_due()):
+            if not self._point_due(seg) and (self._checkpoint_due() or self._checkpoint_time_due()
+                                             or self._stage_ends_here()):
                 self._checkpoint_now()
                 self._start_clock()
         bar.close()
@@ -233,6 +243,7 @@ class RunTemplate:
         at_check = self.step % self.health.every == 0
         if at_check:
             self.health.check(self.acc)
+            self._track_training(seg)
         self._stop_agreed = agree_stop(self.acc, self._stop_requested(), at_check)
         seg["step_times"].append(time.perf_counter() - t0)
         return loss
@@ -241,6 +252,7 @@ class RunTemplate:
         """Evaluate an evaluation point, checkpoint it, write the results; whether ``stop_after_*`` stops here."""
         self.health.check(self.acc)  # a non-finite model is never scored
         self._evaluate_point(record, final)
+        tracking.log(self.acc, tracking.numbers(self.history[-1] if self.history else record, "eval"), self.step)
         self._pending_point = None
         self._save_checkpoint()
         self._write_results(done=False)  # done once the run's end (an export) is written
@@ -451,6 +463,18 @@ class RunTemplate:
         if bar.disable and self.step % every == 0 and not self._point_due(self._segment):
             self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {self._loss_shown()}")
 
+    def _track_training(self, seg: dict) -> None:
+        """The training figures for the experiment trackers, at a health check (values already read)."""
+        if not tracking.is_on(self.acc):
+            return
+        recent = seg["step_times"][-(self.health.every - 1):]  # this step's time is not in yet
+        values = {"train/loss": self.health.last_loss, "train/lr": self.optimizer.param_groups[0]["lr"],
+                  "train/stage": self.stage + 1}
+        batch = getattr(self, "global_batch", None)
+        if batch and recent and sum(recent) > 0:
+            values["train/images_per_s"] = batch * len(recent) / sum(recent)
+        tracking.log(self.acc, values, self.step)
+
     def _loss_shown(self) -> str:
         """The loss as of the last health check, with its step when that is not the current one."""
         last = self.health
@@ -586,6 +610,10 @@ class RunTemplate:
     def _checkpoint_due(self) -> bool:
         """Whether to checkpoint after the step just trained, inside a segment."""
         return False
+
+    def _stage_ends_here(self) -> bool:
+        """Whether the step just trained was its stage's last (a checkpoint is taken at every stage's end)."""
+        return self.step < self.total_steps and self.controller.stage_at(self.step) != self.stage
 
     def _stop_after_reached(self) -> bool:
         """Whether ``stop_after_*`` stops the run at the point just finished."""

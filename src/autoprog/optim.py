@@ -27,6 +27,12 @@ class OptimConfig:
                                              "minutes of training passed since the last checkpoint (0 = off); the "
                                              "seconds checkpoints take are reported as checkpoint_time_s",
                                        minimum=0, group="optimisation")
+    gradient_checkpointing: bool = option(False, "recompute each block's activations in the backward pass instead "
+                                                 "of keeping them: less memory (a larger batch fits), about a third "
+                                                 "more compute per step", group="optimisation")
+    compile: bool = option(False, "torch.compile each block (static shapes: one graph per input resolution the "
+                                  "run meets, the compile cache sized to the growth space); the first step at each "
+                                  "new resolution pays for compiling", group="optimisation")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..compute import checkpointed
 from ..errors import ConfigError
 from ..space import GrowthSpace, SubNet
 
@@ -40,6 +41,7 @@ class ElasticModel(nn.Module):
 
     family = "model"
     gate_slots: tuple[str, ...] = ()  # block attributes (residual branches) a ReZero gate wraps
+    gradient_checkpointing = False  # recompute each block's activations in the backward pass (--gradient-checkpointing)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -73,6 +75,10 @@ class ElasticModel(nn.Module):
 
     def init_block(self, block: nn.Module) -> None:
         raise NotImplementedError
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``block(x)``, its activations recomputed in the backward pass under :attr:`gradient_checkpointing`."""
+        return checkpointed(block, x) if self.gradient_checkpointing and self.training else block(x)
 
     # ------------------------------------------------------------------------------- sub-networks
     @property

@@ -65,5 +65,5 @@ class ElasticViT(ElasticModel):
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         for i in self.subnet.active_blocks:
-            x = m.blocks[i](x)
+            x = self.run_block(m.blocks[i], x)
         return m.forward_head(m.norm(x))

@@ -85,7 +85,7 @@ class ElasticVOLO(ElasticModel):
                                 align_corners=False).permute(0, 2, 3, 1)
         x = m.pos_drop(x + pos)
         for i in self.subnet.active_blocks:
-            x = self._blocks[i](x)
+            x = self.run_block(self._blocks[i], x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         if m.post_network is not None:
             x = m.forward_cls(x)

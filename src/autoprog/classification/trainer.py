@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..adapters.base import ElasticModel
 from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, MomentumNetwork, auto_ema_decay
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
+from ..compute import compile_blocks
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle, default_workers
 from ..engine import PreparedModel, RunTemplate
@@ -128,6 +129,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.acc = accelerator or Accelerator()
         self.run_info = run_info or {}
         self.net.to(self.acc.device)
+        self.net.gradient_checkpointing = cfg.gradient_checkpointing
         if self.acc.device.type == "cuda":
             data.to(self.acc.device)  # in-memory images, copied once
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers
@@ -151,6 +153,8 @@ class Trainer(GrowthCalls, RunTemplate):
             )
         self.ema_decay = auto_ema_decay(self.steps_per_epoch, cfg.ema_decay) if cfg.ema_rescale else cfg.ema_decay
         self.ema = MomentumNetwork(self.net, self.ema_decay)
+        if cfg.compile:  # after the momentum copy, which runs uncompiled (evaluation only)
+            compile_blocks(list(self.net.blocks), net.full_resolution // net.patch_size)
         self._init_run_state()
         self.epoch = 0
         self.flops_cache: dict[tuple, int] = {}

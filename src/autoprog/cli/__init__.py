@@ -189,7 +189,7 @@ def resolve_precision(requested: str, cpu: bool) -> str:
     return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(mixed_precision: str = "auto", cpu: bool = False):
+def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with: str | None = None):
     """The Accelerator of a command. Launched by torchrun on a machine without GPUs, the processes join one gloo
     group by themselves (Accelerate picks multi-CPU only when told ``cpu=True``); processes that still do not
     form the group their launcher announced are refused, never run as independent copies."""
@@ -200,7 +200,10 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = cpu or (world > 1 and not torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu)
+    from ..tracking import parse_log_with
+
+    trackers = parse_log_with(log_with)
+    acc = Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu, log_with=trackers or None)
     if acc.device.type == "cuda":  # TF32 matrix products for whatever runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -235,7 +238,8 @@ def _main(argv: list[str]) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        acc = make_accelerator(getattr(args, "mixed_precision", "auto"), getattr(args, "cpu", False))
+        acc = make_accelerator(getattr(args, "mixed_precision", "auto"), getattr(args, "cpu", False),
+                               getattr(args, "log_with", None))
         try:
             return _run(args, acc)
         finally:

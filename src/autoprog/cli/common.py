@@ -38,6 +38,11 @@ def add_run_flags(g, command: str) -> None:
                    help="mixed precision through Accelerate: auto (default) is bf16 on a CUDA device that supports "
                         "it and no (fp32) elsewhere; on CUDA, fp32 matrix products use TF32")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    g.add_argument("--log-with", metavar="TRACKERS",
+                   help="experiment trackers through Accelerate, comma-separated: tensorboard (files under "
+                        "OUT/logs), wandb (WANDB_MODE=offline keeps it local), mlflow, trackio, comet_ml, aim, "
+                        "clearml, dvclive or swanlab, each installed by you; they get the training loss, learning "
+                        "rate, stage and images/s every 50 steps, every evaluation and each stage's search")
     g.add_argument("--config", help="YAML file of option values (keys: option names with '_')")
     g.add_argument("--preset", help="a shipped YAML preset of option values ('autoprog presets' lists them); "
                                     "--config and flags win over it")
@@ -59,7 +64,7 @@ def front_of(args) -> tuple[float, ...]:
     return tuple(parse_fractions(args.front))
 
 
-RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision")  # what --resume may come with
+RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision", "--log-with")  # what --resume may come with
 
 
 def run_one(args, acc, what: str, run, make_spec, done) -> None:

@@ -183,8 +183,16 @@ class TextFinetuneSpec(FinetuneSpec):
     sid_dropout: float | None = option(None, "unused by text-to-image: its SID tokens are not dropped", cli=False)
     train_text_encoder: bool = option(False, "also train the CLIP text encoder (frozen by default, as in Stable "
                                              "Diffusion fine-tuning)", group="unfreezing")
-    gradient_checkpointing: bool = option(False, "recompute the UNet's activations in the backward pass: less "
-                                                 "memory, about a third more time per step", group="optimisation")
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A saved spec; one written before 2026-12-06 kept ``gradient_checkpointing`` here, now every task's
+        ``train`` option."""
+        if isinstance(d, dict) and "gradient_checkpointing" in d:
+            d = dict(d)
+            moved = d.pop("gradient_checkpointing")
+            d["train"] = {**(d.get("train") or {}), "gradient_checkpointing": moved}
+        return super().from_dict(d)
 
 
 @dataclass
@@ -446,8 +454,7 @@ def _data_and_base(spec: FinetuneSpec):
     model.config["image_size"] = data.model_size
     if text:
         model.train_text_encoder = spec.train_text_encoder
-        if spec.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
+        model.set_gradient_checkpointing(spec.train.gradient_checkpointing)
         if not dreambooth:
             data.caption(model.tokenize, spec.caption)
     elif data.num_classes != model.num_classes:

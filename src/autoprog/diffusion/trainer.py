@@ -27,6 +27,7 @@ import torch
 from ..adapters.unfreezer import Unfreezer
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..checkpoint import replace_dir
+from ..compute import compile_blocks
 from ..controllers import ProxyTask
 from ..data import to_device
 from ..engine import PreparedModel, RunTemplate
@@ -78,8 +79,9 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
     time_repeats: int = option(3, "timed repeats per candidate step time", minimum=1, cli=False)
     budget: str | None = budget_option("--steps", "every 5 %% of the run")
     budget_steps: float | None = budget_steps_option("--steps", "full fine-tuning")
-    checkpoint_every: int = option(50, "also checkpoint every this many steps between evaluation points (0 = only "
-                                       "at them)", minimum=0, group="optimisation")
+    checkpoint_every: int = option(0, "also checkpoint every this many steps between evaluation points (0 = only "
+                                      "at them, at stage ends and every --checkpoint-minutes)", minimum=0,
+                                   group="optimisation")
     stop_after_steps: int | None = option(None, "stop at the first evaluation point after this many steps "
                                                 "(continue with --resume)", minimum=1, show_default=False)
 
@@ -104,6 +106,7 @@ class DiffusionTrainer(RunTemplate):
         self.evaluator = evaluator
         self.run_info = run_info or {}
         self.model.to(self.acc.device)
+        self.model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self.optimizer = build_optimizer(self.model, lr, cfg.weight_decay)
         self.prepared = PreparedModel(self.acc, self.model)
         self.wrapped = self.prepared.wrapped
@@ -112,6 +115,8 @@ class DiffusionTrainer(RunTemplate):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+        if cfg.compile:  # after the momentum copy, which runs uncompiled (sampling only)
+            compile_blocks(list(self.model.blocks), model.image_size // model.patch_size)
         self.noise = training_scheduler(getattr(model, "noise_config", None))
         if data.paired and cfg.batch_size < 2:
             raise ConfigError("prior preservation needs a batch of at least 2 per process (one subject and one "
@@ -354,6 +359,10 @@ class DiffusionTrainer(RunTemplate):
 
     def _stop_after_reached(self) -> bool:
         return self.cfg.stop_after_steps is not None and self.step >= self.cfg.stop_after_steps
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.acc.num_processes
 
     def _finish_run(self) -> None:
         self._export()

@@ -13,6 +13,7 @@ import types
 import torch
 import torch.nn as nn
 
+from ..compute import checkpointed
 from ..errors import ConfigError
 from .sid import StageIdentifier
 
@@ -104,6 +105,16 @@ class DiffusionBackbone(nn.Module):
 
     def freeze_fixed(self) -> None:
         """Freeze what no fine-tuning method trains (nothing here; a text-to-image model's text encoder)."""
+
+    gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        self.gradient_checkpointing = bool(on)
+
+    def run_block(self, block: nn.Module, *args):
+        """``block(*args)``, its activations recomputed in the backward pass under :attr:`gradient_checkpointing`."""
+        return checkpointed(block, *args) if self.gradient_checkpointing and self.training else block(*args)
 
     @property
     def no_grad_prefix(self) -> int:

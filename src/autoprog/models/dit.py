@@ -160,7 +160,7 @@ class DiT(DiffusionBackbone):
             yemb = yemb + self.sid(yemb)
         c = temb + yemb
         for blk in self.blocks:
-            tok = blk(tok, c)
+            tok = self.run_block(blk, tok, c)
         out = self.final_layer(tok, c)  # (B, N, p*p*C)
         gh, gw = h // p, w // p
         out = out.reshape(b, gh, gw, p, p, self.in_chans).permute(0, 5, 1, 3, 2, 4)
@@ -249,6 +249,14 @@ class DiffusersDiT(DiffusionBackbone):
 
     def class_embedding_modules(self) -> list[nn.Embedding]:
         return [e.embedding_table for e in self._label_embedders()]
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """diffusers' own per-block checkpointing."""
+        super().set_gradient_checkpointing(on)
+        if on:
+            self.model.enable_gradient_checkpointing()
+        else:
+            self.model.disable_gradient_checkpointing()
 
     def _on_resize_classes(self, num_classes: int) -> None:
         for e in self._label_embedders():

@@ -107,6 +107,16 @@ class TextUNet(DiffusionBackbone):
     def null_condition(self, y: torch.Tensor) -> torch.Tensor:
         return self.null_ids.to(y.device).expand_as(y)
 
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """diffusers' checkpointing of the UNet's blocks, and transformers' of the text encoder's layers."""
+        super().set_gradient_checkpointing(on)
+        if on:
+            self.unet.enable_gradient_checkpointing()
+            self.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.unet.disable_gradient_checkpointing()
+            self.text_encoder.activation_checkpointing_disable()
+
     # ---------------------------------------------------------------------------------------- text
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids ``(N, max_length)``, padded and truncated as Stable Diffusion's pipeline does."""
