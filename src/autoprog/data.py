@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FIX = "install it with `apt-get install dataset-fashion-mnist` or pass --data-root DIR"
@@ -307,8 +307,9 @@ def load_digits() -> DataBundle:
 
 
 # ------------------------------------------------------------------------------------ ImageFolder
-def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBundle:
-    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), torchvision's ImageFolder layout."""
+def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment: str | None = None) -> DataBundle:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), torchvision's ImageFolder layout.
+    ``randaugment``: timm's RandAugment string, applied to training images in the loader workers."""
     from torchvision import datasets, transforms
 
     root = Path(root)
@@ -317,9 +318,13 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBund
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    augment = []
+    if randaugment:
+        augment = [randaugment_transform(randaugment, image_size, mean)]
     train_tf = transforms.Compose([  # uint8 out: a quarter of float32's bytes; normalised on the device
         transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
         transforms.RandomHorizontalFlip(),
+        *augment,
         transforms.PILToTensor(),
     ])
     test_tf = transforms.Compose([
@@ -337,6 +342,25 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> DataBund
         raise DataError(f"{train_dir} and {test_dir} have different class folders")
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
                       hflip=False, pad=0, train_plain=plain)  # cropped and flipped in the workers
+
+
+def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...]):
+    """timm's RandAugment for PIL images from its config string (``rand-m9-mstd0.5-inc1``); a bad string is a
+    one-line error."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    import re
+
+    section = r"(m|mstd|mmax|p)\d+(\.\d+)?|n\d+|w\d+|inc[01]"
+    if not re.fullmatch(rf"rand(-({section}))*", config):
+        raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as rand-m9-mstd0.5-inc1 "
+                          "(sections: mN magnitude, nN operations, mstdX, mmaxX, incN, wN, pX)")
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    try:
+        return rand_augment_transform(config, {"translate_const": max(1, int(image_size * 0.45)), "img_mean": fill})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as "
+                          f"rand-m9-mstd0.5-inc1 ({e or 'unknown section'})") from None
 
 
 def _read_image(path: str):
@@ -357,7 +381,7 @@ def _rgb(tf: Callable) -> Callable:
 
 # ------------------------------------------------------------------------------------------ entry
 def load_dataset(name: str, data_root: str | None = None, subset: int | None = None, image_size: int | None = None,
-                 seed: int = 0) -> DataBundle:
+                 seed: int = 0, randaugment: str | None = None) -> DataBundle:
     """Load a dataset by name (``fashion-mnist``, ``digits``) or as an ImageFolder directory path."""
     key = name.lower().replace("_", "-")
     if key in ("fashion-mnist", "fashionmnist"):
@@ -368,7 +392,7 @@ def load_dataset(name: str, data_root: str | None = None, subset: int | None = N
         path = data_root if key == "imagefolder" else name
         if not path:
             raise DataError("--dataset imagefolder needs --data-root DIR")
-        bundle = load_image_folder(path, image_size or 32)
+        bundle = load_image_folder(path, image_size or 32, randaugment)
     else:
         raise DataError(f"unknown dataset {name!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
     if subset is not None:

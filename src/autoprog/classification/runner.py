@@ -36,6 +36,7 @@ from ..methods import PRETRAIN, SearchSettings, get_method, method_names, method
 from ..options import Spec, option
 from ..report import plot_curves, plot_front, reading, schedule_string
 from ..schedules import build_schedule
+from .recipe import check_recipe
 from .report import seeds_markdown, summary_markdown
 from .trainer import TrainConfig, Trainer
 
@@ -111,7 +112,9 @@ BEFORE_2026_12_05 = {"builtin_grid": 4, "search_min_updates": 0, "alpha_rule": "
 def build_run(spec: RunSpec):
     """Load data, build the elastic model, the schedule and the growth operator for ``spec``."""
     chosen = get_method(spec.method, PRETRAIN)
-    data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size)
+    if spec.adareg:
+        check_recipe(spec.train, adareg=True)
+    data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size, randaugment=spec.train.randaugment)
     img_size = spec.img_size
     if img_size is None and spec.model == "vit":
         img_size = data.image_size

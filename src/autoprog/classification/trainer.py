@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +42,7 @@ from ..options import check_bounds, default, option
 from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
+from .recipe import TrainingRecipe, check_recipe
 
 
 @dataclass
@@ -57,6 +59,19 @@ class TrainConfig(OptimConfig, SearchMeasurements):
     warmup_epochs: float = option(1.0, "linear warm-up length", minimum=0, group="optimisation")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", minimum=0, below=1,
                                     group="optimisation")
+    randaugment: str | None = option(None, "RandAugment as timm's config string, e.g. rand-m9-mstd0.5-inc1 (the "
+                                           "paper's DeiT recipe, Appendix B); ImageFolder images get it in the "
+                                           "loader workers, Fashion-MNIST and digits on the host",
+                                     show_default=False, group="augmentation")
+    mixup: float = option(0.0, "Mixup alpha (the paper's DeiT recipe: 0.8; 0 = off); mixed batches train on soft "
+                               "targets with the label smoothing folded in", minimum=0, group="augmentation")
+    cutmix: float = option(0.0, "CutMix alpha (DeiT: 1.0; 0 = off)", minimum=0, group="augmentation")
+    mixup_prob: float = option(1.0, "probability that a batch is mixed (Mixup or CutMix)", minimum=0, maximum=1,
+                               group="augmentation")
+    mixup_switch_prob: float = option(0.5, "probability of CutMix instead of Mixup when both are on", minimum=0,
+                                      maximum=1, group="augmentation")
+    random_erasing: float = option(0.0, "random-erasing probability per image (DeiT: 0.25; 0 = off), on the device",
+                                   minimum=0, maximum=1, group="augmentation")
     ema_decay: float = option(
         PAPER_EMA_DECAY, "momentum m per step of the EMA network MoGrow copies from and AutoProg-One scores (the "
                          "paper's 0.998; rescaled to the epoch unless --no-ema-rescale)", minimum=0, below=1,
@@ -85,6 +100,7 @@ class TrainConfig(OptimConfig, SearchMeasurements):
         check_bounds(self)  # every option's bounds and choices, as declared
         if Budget.from_options(self.budget, self.budget_steps) is not None and self.max_steps is not None:
             raise ConfigError("a budget sizes the run itself: give --budget/--budget-steps or max_steps, not both")
+        check_recipe(self, adareg=False)
 
 
 def plain_cross_entropy(net, data, subnet: SubNet, loader) -> float:
@@ -124,6 +140,7 @@ class Trainer(GrowthCalls, RunTemplate):
             schedule = ScheduleController(schedule)
         self.controller = schedule
         self.adareg = adareg  # optional AdaptiveRegularization, re-set whenever the sub-network changes
+        self.recipe = TrainingRecipe(cfg, data.num_classes, data.in_memory, data.image_size, data.mean)
         self.net, self.growth, self.data, self.cfg = net, growth, data, cfg
         self.out = Path(out_dir)
         self.acc = accelerator or Accelerator()
@@ -453,6 +470,7 @@ class Trainer(GrowthCalls, RunTemplate):
         epoch_seed = self.cfg.seed * 100003 + self.epoch * 131 + self.acc.process_index
         torch.manual_seed(epoch_seed)
         random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
+        np.random.seed(epoch_seed % 2**32)  # Mixup/CutMix from numpy's
         self._gen = torch.Generator(self.acc.device)  # augmentations drawn where the images are
         self._gen.manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
         trained = (self.step - start_step) * self.global_batch if share else 0  # skipped unread
@@ -497,8 +515,10 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _rng_states(self) -> dict:
         """This process's random states, from which a resumed epoch continues."""
+        name, keys, pos, has_gauss, cached = np.random.get_state()
         states = {"python": _jsonable(random.getstate()), "generator": self._gen.get_state().tolist(),
-                  "torch": torch.get_rng_state().tolist()}
+                  "torch": torch.get_rng_state().tolist(),
+                  "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
         if torch.cuda.is_available() and self.acc.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.acc.device).tolist()
         return states
@@ -507,15 +527,20 @@ class Trainer(GrowthCalls, RunTemplate):
         torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
         random.setstate(_tupled(states["python"]))
         gen.set_state(torch.tensor(states["generator"], dtype=torch.uint8))
+        if "numpy" in states:  # (checkpoints from before 2026-12-06 have none: nothing drew from it)
+            name, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         if "cuda" in states and torch.cuda.is_available() and self.acc.device.type == "cuda":
             torch.cuda.set_rng_state(torch.tensor(states["cuda"], dtype=torch.uint8), self.acc.device)
 
     def _train_step(self, batch) -> torch.Tensor:
         x, y = batch
-        x = self.data.prepare(x, train=True, generator=self._gen, regularizer=self.adareg)
+        x = self.data.prepare(x, train=True, generator=self._gen,
+                              regularizer=self.adareg if self.adareg is not None else self.recipe)
+        x, target = self.recipe.mix(x, y)
         with self.autocast():
             logits = self.wrapped(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            loss = self.recipe.loss(logits, target)
         self._apply_update(loss, self.net)
         return loss.detach()
 

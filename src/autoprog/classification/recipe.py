@@ -1,0 +1,101 @@
+"""The paper's training recipe for DeiT (Appendix B) through timm: RandAugment, Mixup/CutMix, random erasing and
+label smoothing, each an option (off by default, as autoprog's short CPU runs train without them).
+
+* RandAugment (``--randaugment rand-m9-mstd0.5-inc1``, timm's config string) runs where the images are decoded:
+  in the loader workers for ImageFolder data (:func:`autoprog.data.load_image_folder`), on the host per image for
+  the small in-memory datasets.
+* Mixup/CutMix (``--mixup 0.8 --cutmix 1.0``) mix each batch on the device with timm's ``Mixup`` (per batch, as
+  DeiT does); the loss is then the soft-target cross-entropy, label smoothing folded into the targets.
+* Random erasing (``--random-erasing 0.25``) erases on the normalised batch on the device (timm's
+  ``RandomErasing``, pixel mode).
+
+:class:`TrainingRecipe` offers the same ``randaugment``/``erase``/``set_subnet`` calls as AdaReg
+(:mod:`.adareg`), which varies RandAugment and random erasing with the sub-network's size instead; the two do
+not combine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import randaugment_transform
+from ..errors import ConfigError
+
+# the paper's DeiT recipe (Appendix B), what the deit-s-paper preset sets
+DEIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25}
+
+
+def check_recipe(cfg, adareg: bool) -> None:
+    """Refuse what cannot run, before anything trains."""
+    if adareg and (cfg.randaugment or cfg.random_erasing):
+        raise ConfigError("--adareg sets RandAugment and random erasing itself (by the sub-network's size): give "
+                          "--randaugment/--random-erasing without it, or neither")
+    if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
+        raise ConfigError(f"--mixup/--cutmix need an even --batch-size (timm mixes a batch with its reverse), got "
+                          f"{cfg.batch_size}")
+    if cfg.randaugment:
+        randaugment_transform(cfg.randaugment, 32, (0.5,))
+
+
+class TrainingRecipe:
+    """Applies the options of the module docstring to training batches (see there)."""
+
+    def __init__(self, cfg, num_classes: int, in_memory: bool, image_size: int, mean: tuple[float, ...]):
+        self.cfg = cfg
+        self._ra = None
+        if cfg.randaugment and in_memory:  # decoded data gets it in the loader workers
+            self._ra = randaugment_transform(cfg.randaugment, image_size, mean)
+        self._erase = None
+        if cfg.random_erasing:
+            from timm.data.random_erasing import RandomErasing
+
+            self._erase = RandomErasing(probability=cfg.random_erasing, mode="pixel", device="cpu")
+        self.mixup = None
+        if cfg.mixup or cfg.cutmix:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, mode="batch",
+                               label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+    @property
+    def active(self) -> bool:
+        return self._ra is not None or self._erase is not None or self.mixup is not None
+
+    def set_subnet(self, net, subnet) -> None:
+        """Fixed strengths: nothing changes with the sub-network."""
+
+    def randaugment(self, x: torch.Tensor) -> torch.Tensor:
+        """RandAugment each image of an in-memory uint8 batch (N, C, H, W), on the host."""
+        if self._ra is None:
+            return x
+        from PIL import Image
+
+        dev, host = x.device, x.cpu()
+        out = torch.empty_like(host)
+        for i in range(len(host)):
+            a = host[i].permute(1, 2, 0).numpy()
+            img = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
+            out[i] = torch.from_numpy(np.asarray(self._ra(img)).copy()).reshape(a.shape).permute(2, 0, 1)
+        return out.to(dev, non_blocking=True)
+
+    def erase(self, x: torch.Tensor) -> torch.Tensor:
+        """Random erasing on a normalised float batch, on its device."""
+        if self._erase is None:
+            return x
+        self._erase.device = x.device
+        return self._erase(x)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix of a batch: mixed images and soft targets (smoothing included), or the batch as it is."""
+        if self.mixup is None:
+            return x, y
+        return self.mixup(x, y)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against soft targets (mixed), or with label smoothing against class labels."""
+        if target.ndim == 2:
+            return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, target, label_smoothing=self.cfg.label_smoothing)

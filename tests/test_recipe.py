@@ -1,0 +1,100 @@
+"""The paper's DeiT training recipe through timm (#26, item 10): RandAugment, Mixup/CutMix, random erasing."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from conftest import tiny_args
+from safetensors.torch import load_file
+
+from autoprog.classification.recipe import DEIT_RECIPE, TrainingRecipe, check_recipe
+from autoprog.classification.trainer import TrainConfig
+from autoprog.errors import ConfigError
+
+RECIPE_ARGS = ("--randaugment", DEIT_RECIPE["randaugment"], "--mixup", "0.8", "--cutmix", "1.0",
+               "--random-erasing", "0.25")
+
+
+def test_mixed_batches_train_on_soft_targets_with_the_smoothing_folded_in():
+    torch.manual_seed(0)
+    recipe = TrainingRecipe(TrainConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1), 10, True, 28, (0.5,))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    mixed, target = recipe.mix(x.clone(), y)
+    assert target.shape == (8, 10) and torch.allclose(target.sum(1), torch.ones(8))
+    assert target.min() > 0, "label smoothing gives every class some weight"
+    assert not torch.equal(mixed, x)
+    logits = torch.randn(8, 10)
+    assert torch.isfinite(recipe.loss(logits, target))
+    plain = TrainingRecipe(TrainConfig(label_smoothing=0.1), 10, True, 28, (0.5,))
+    assert not plain.active and plain.mix(x, y)[1] is y
+    assert torch.equal(plain.loss(logits, y), torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1))
+
+
+def test_in_memory_randaugment_and_erasing_change_images_on_their_device():
+    import random
+
+    random.seed(0)
+    recipe = TrainingRecipe(TrainConfig(randaugment="rand-m9-mstd0.5-inc1", random_erasing=1.0), 10, True, 28,
+                            (0.3,))
+    x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    out = recipe.randaugment(x)
+    assert out.dtype == torch.uint8 and out.shape == x.shape and not torch.equal(out, x)
+    erased = recipe.erase(torch.zeros(6, 1, 28, 28))
+    assert (erased != 0).any(), "every image got a random-noise patch (probability 1)"
+    decoded = TrainingRecipe(TrainConfig(randaugment="rand-m9"), 10, False, 28, (0.3,))
+    assert torch.equal(decoded.randaugment(x), x), "decoded data gets it in the loader workers instead"
+
+
+def test_imagefolder_randaugment_runs_in_the_workers(image_folder):
+    from autoprog.data import load_dataset
+
+    plain, augmented = (load_dataset(str(image_folder), randaugment=ra) for ra in (None, "rand-m9-mstd0.5-inc1"))
+    names = [type(t).__name__ for t in augmented.train.transform.__closure__[0].cell_contents.transforms]
+    assert "RandAugment" in names and "RandAugment" not in [
+        type(t).__name__ for t in plain.train.transform.__closure__[0].cell_contents.transforms]
+
+
+def test_what_cannot_run_is_refused_before_training():
+    with pytest.raises(ConfigError, match="even --batch-size"):
+        check_recipe(TrainConfig(mixup=0.8, batch_size=33), adareg=False)
+    with pytest.raises(ConfigError, match="--adareg sets RandAugment"):
+        check_recipe(TrainConfig(randaugment="rand-m9"), adareg=True)
+    with pytest.raises(ConfigError, match="not a timm RandAugment string"):
+        TrainConfig(randaugment="rand-mX").validate()
+    check_recipe(TrainConfig(mixup=0.8, batch_size=32), adareg=True)  # mixing and AdaReg do combine
+
+
+def test_the_cli_refuses_a_bad_recipe_in_one_line(cli, fake_fmnist, tmp_path):
+    rc, _, err = cli("pretrain", *tiny_args(fake_fmnist), "--randaugment", "magic", "--out", tmp_path / "x")
+    assert rc == 2 and "not a timm RandAugment string" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_whole_recipe_trains_and_resumes_mid_epoch_bit_identical(cli, fake_fmnist, tmp_path, monkeypatch):
+    """RandAugment (host), Mixup/CutMix (numpy's random numbers) and random erasing (Python's): a run stopped
+    mid-epoch and resumed ends with the uninterrupted run's weights."""
+    from autoprog.classification.trainer import Trainer
+
+    args = (*tiny_args(fake_fmnist, epochs="2"), "--method", "prog", *RECIPE_ARGS)
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert cli("pretrain", *args, "--out", full)[0] == 0
+    step = Trainer._train_step
+
+    def ctrl_c(self, batch):
+        if self.step == 10:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
+    assert cli("pretrain", *args, "--out", run)[0] == 130
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    rc, _, err = cli("pretrain", "--resume", run)
+    assert rc == 0, err
+    got, want = (json.loads((r / "results.json").read_text()) for r in (run, full))
+    assert [e["train_loss"] for e in got["epochs"]] == [e["train_loss"] for e in want["epochs"]]
+    a, b = (load_file(r / "checkpoint" / "model.safetensors") for r in (run, full))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    cfg = json.loads((full / "config.json").read_text())["train"]
+    assert (cfg["mixup"], cfg["cutmix"], cfg["random_erasing"]) == (0.8, 1.0, 0.25)
