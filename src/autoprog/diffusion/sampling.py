@@ -35,10 +35,15 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
     """
     b = x0.shape[0]
     dev = x0.device
-    noise = to_device(torch.randn(x0.shape, generator=generator), dev)  # drawn on the host: the same numbers anywhere
-    t = to_device(torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator), dev)
+    # drawn where the batch is when the generator is that device's (no copy, no host work), else on the host
+    # and copied: a CPU generator gives the same numbers on any device
+    here = generator is None or generator.device == dev
+    draw_on = dev if here else torch.device("cpu")
+    noise = to_device(torch.randn(x0.shape, generator=generator, device=draw_on), dev)
+    t = to_device(torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=draw_on),
+                  dev)
     if class_dropout > 0:
-        drop = to_device(torch.rand(b, generator=generator) < class_dropout, dev)
+        drop = to_device(torch.rand(b, generator=generator, device=draw_on) < class_dropout, dev)
         null = torch.full_like(y, null_class) if isinstance(null_class, int) else null_class.to(dev).expand_as(y)
         y = torch.where(drop.view(-1, *([1] * (y.ndim - 1))), null, y)
     xt = scheduler.add_noise(x0, noise, t)

@@ -387,15 +387,24 @@ class DiffusionTrainer(RunTemplate):
         gen = torch.Generator().manual_seed(seed)
         x0, y = self.data.batch(idx, self.resolution, generator=gen)
         x0, y = to_device(x0, self.acc.device), to_device(y, self.acc.device)
+        noise_gen = gen if self.acc.device.type == "cpu" else self._device_generator(seed)  # (the CPU: one stream)
         sid = self.model.sid
         # SID dropout from a stream of its own (seeded by the step, so a resumed run draws the same), leaving the
         # noise, timesteps and class dropout exactly as without it
         drop = sid.dropout_mask(len(y), torch.Generator().manual_seed(2**40 + seed)) if sid is not None else None
         with self.autocast(), (sid.dropping(drop) if drop is not None else nullcontext()):
-            loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y), generator=gen,
-                                  class_dropout=self.cfg.class_dropout, weights=self.data.loss_weights(idx))
+            loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y),
+                                  generator=noise_gen, class_dropout=self.cfg.class_dropout,
+                                  weights=self.data.loss_weights(idx))
         self._apply_update(loss, self.model)
         return loss.detach()
+
+    def _device_generator(self, seed: int) -> torch.Generator:
+        """A generator on the training device, re-seeded (seeding is host-side: no sync): the step's noise,
+        timesteps and class dropout are drawn there, from the step's seed, so a resumed run draws the same."""
+        if getattr(self, "_dev_gen", None) is None:
+            self._dev_gen = torch.Generator(self.acc.device)
+        return self._dev_gen.manual_seed(seed)
 
     def _update_momentum(self) -> None:
         if self.ema is not None:
