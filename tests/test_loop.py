@@ -219,3 +219,23 @@ def test_a_loop_state_of_another_kind_is_refused():
     grown = ProgressiveLoop.growing(tiny_vit(), None, 8, log=lambda s: None)
     with pytest.raises(ConfigError, match="growing loop"):
         loop.load_state_dict(grown.state_dict())
+
+
+def test_measured_step_times_use_the_timing_batch_of_your_real_size():
+    """The first proxy batch (8 images) on a GPU times kernel launches; ``timing_batch`` times a real step."""
+    from autoprog.space import SubNet
+
+    seen = []
+
+    def loss(m, b):
+        seen.append(len(b[0]))
+        return F.cross_entropy(m(b[0]), b[1])
+
+    big = (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    model = tiny_vit()
+    for timing, want in ((None, 8), (big, 64)):
+        loop = ProgressiveLoop.growing(model, torch.optim.AdamW(model.parameters()), 16,
+                                       proxy=ProxyData(_batches(), loss=loss, timing_batch=timing))
+        seen.clear()
+        assert loop.measure_step_time(SubNet(16, 2)) > 0
+        assert set(seen) == {want}

@@ -347,9 +347,9 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
 def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...]):
     """timm's RandAugment for PIL images from its config string (``rand-m9-mstd0.5-inc1``); a bad string is a
     one-line error."""
-    from timm.data.auto_augment import rand_augment_transform
-
     import re
+
+    from timm.data.auto_augment import rand_augment_transform
 
     section = r"(m|mstd|mmax|p)\d+(\.\d+)?|n\d+|w\d+|inc[01]"
     if not re.fullmatch(rf"rand(-({section}))*", config):

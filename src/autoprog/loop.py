@@ -62,11 +62,14 @@ class ProxyData:
 
     A batch is a tuple whose first element is the image tensor (resized to each candidate's resolution);
     ``loss(model, batch)`` returns a scalar. ``forward(model, batch)`` is the output the NTK proxy uses
-    (default: ``model(batch[0])``)."""
+    (default: ``model(batch[0])``). ``timing_batch``: a batch of the real training size that measured step times
+    use (default: the first of ``batches``)."""
 
     batches: Sequence[tuple]
     loss: Callable[[nn.Module, tuple], torch.Tensor]
     forward: Callable[[nn.Module, tuple], torch.Tensor] | None = None
+    timing_batch: tuple | None = None  # a batch of your real training size for measured step times (default: the
+    # first proxy batch, which on a GPU times kernel launches more than work: every candidate then looks alike)
 
 
 class ProgressiveLoop(GrowthCalls):
@@ -319,7 +322,7 @@ class ProgressiveLoop(GrowthCalls):
 
     def _timed(self, subnet: SubNet, repeats: int) -> float:
         proxy = self._need_proxy("measured step times")
-        batch = self._at(proxy.batches[0], subnet.resolution)
+        batch = self._at(proxy.timing_batch if proxy.timing_batch is not None else proxy.batches[0], subnet.resolution)
         cur = self.subnet
         self.use_subnet(subnet)
 
