@@ -372,9 +372,27 @@ def test_image_folder_augmentation_does_not_depend_on_workers_or_resume(image_fo
     assert all(torch.equal(a, c) for a, c in zip(main, epoch_batches(1, 2), strict=True))
     assert all(torch.equal(a, c) for a, c in zip(main[2:], epoch_batches(1, 0, skip=4), strict=True))
     assert not all(torch.equal(a, c) for a, c in zip(main, epoch_batches(2, 0), strict=True))
-    state = torch.get_rng_state()
+    import random
+
+    import numpy as np
+
+    state, py, npy = torch.get_rng_state(), random.getstate(), np.random.get_state()
     epoch_batches(3, 0)
     assert torch.equal(torch.get_rng_state(), state), "seeding an image leaves the training process's stream alone"
+    assert random.getstate() == py and np.random.get_state()[1].tolist() == npy[1].tolist()
+
+
+def test_imagefolder_randaugment_is_seeded_per_image_too(image_folder):
+    """timm's RandAugment picks operations with numpy and magnitudes with Python's random: seeded per image as
+    well, so 0 and 2 workers give the same batches with it."""
+    b = load_dataset(str(image_folder), randaugment="rand-m9-mstd0.5-inc1")
+
+    def epoch_batches(workers):
+        sampler = b.epoch_sampler(seed=3)
+        sampler.begin_epoch(1)
+        return [x for x, _ in b.loader("train", 2, drop_last=True, num_workers=workers, sampler=sampler)]
+
+    assert all(torch.equal(a, c) for a, c in zip(epoch_batches(0), epoch_batches(2), strict=True))
 
 
 def test_persistent_workers_serve_every_epoch_of_one_loader(image_folder):
@@ -397,6 +415,16 @@ def test_default_workers_leaves_a_core_for_training(monkeypatch):
     for cores, expect in ((1, 0), (2, 1), (16, 8), (4, 3)):
         monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert data_mod.default_workers() == expect
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight processes launched on a 16-core machine share its cores
+    monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert data_mod.default_workers() == 1
+
+
+def test_a_tensor_already_on_the_device_is_not_copied_again():
+    from autoprog.data import to_device
+
+    t = torch.arange(4)
+    assert to_device(t, t.device) is t
 
 
 def test_in_memory_data_moves_to_the_device_once_and_is_never_pinned():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from autoprog.algorithms.proxies import TIME_RTOL, tie_within
 from autoprog.diffusion.runner import FinetuneSpec, finetune
 from autoprog.diffusion.trainer import DiffusionConfig
-from autoprog.models.dit import load_backbone
+from autoprog.models.dit import load_backbone, save_backbone
 
 pytestmark = pytest.mark.slow
 
@@ -493,3 +493,18 @@ def test_search_time_is_inside_the_runtime_under_flops_time(base, fake_fmnist, c
     res = finetune(spec_for("autoprog-zero", base, fake_fmnist, cache_dir, time_source="flops"), tmp_path / "az")
     s = res["summary"]
     assert 0 < s["search_time_s"] <= s["wall_time_s"]
+
+
+def test_a_diffusers_dit_trains_with_gradient_checkpointing_and_its_sid_dropout(fake_fmnist, cache_dir, tmp_path):
+    """diffusers' DiT adds the SID inside every block; with --gradient-checkpointing the backward pass runs those
+    blocks again, so it must see the same SID dropout as the forward pass (else a CheckpointError)."""
+    from autoprog.models.dit import DiffusersDiT
+
+    torch.manual_seed(0)
+    save_backbone(DiffusersDiT(image_size=28, patch_size=4, in_chans=1, num_classes=10, hidden_size=16, depth=2,
+                               num_heads=2), tmp_path / "base", extra={"classes": list(range(10))})
+    spec = spec_for("prog", tmp_path / "base", fake_fmnist, cache_dir, gradient_checkpointing=True,
+                    class_dropout=0.5, steps=4)
+    res = finetune(spec, tmp_path / "run")
+    assert res["done"] and res["summary"]["steps"] == 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["spec"]["train"]["gradient_checkpointing"]

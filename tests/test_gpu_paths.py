@@ -266,3 +266,24 @@ def test_compile_grows_through_a_prog_run_to_the_same_weights(cli, fake_fmnist, 
         torch.testing.assert_close(compiled[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
     cfg = json.loads((tmp_path / "compiled" / "config.json").read_text())
     assert cfg["train"]["compile"] is True
+
+
+def test_an_augmentation_stream_saved_on_another_device_is_reseeded_with_a_warning(capsys):
+    """A mid-epoch checkpoint from a CUDA run resumed with --cpu (or the other way): a CUDA generator's state does
+    not fit a CPU one, so the rest of the epoch draws from a fresh seed, said in one warning."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from autoprog.classification.trainer import TrainConfig, Trainer
+
+    trainer = SimpleNamespace(cfg=TrainConfig(seed=3), epoch=2, step=17)
+    gen = torch.Generator()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state().tolist(), "python": Trainer._rng_states.__globals__["_jsonable"](
+              random.getstate()), "generator": [0] * 16, "generator_device": "cuda",
+              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    Trainer._restore_rngs(trainer, states, gen)
+    assert "drawn on cuda" in capsys.readouterr().err
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(3 * 7 + 2 * 104729 + 17).get_state())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import random
 import struct
 import zlib
 from collections.abc import Callable
@@ -60,13 +61,14 @@ class TensorImages(Dataset):
 
 
 def default_workers() -> int:
-    """Loader workers for decoded (ImageFolder) data: the cores this process may use, less one for the training
-    loop, at most 8."""
+    """Loader workers per process for decoded (ImageFolder) data: this machine's cores shared among the processes
+    launched on it, less one for the training loop, at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # processes sharing this machine's cores
+    return max(0, min(8, cores // per_node - 1))
 
 
 class EpochSampler(Sampler):
@@ -100,8 +102,8 @@ class EpochSampler(Sampler):
 
 class SeededSamples(Dataset):
     """A dataset whose random transforms are seeded per image: item ``(key, i)`` is image ``i`` transformed with
-    torch's random numbers seeded from ``key`` and ``i`` (the caller's random state untouched), whichever worker
-    reads it; a plain index reads the image as the dataset would."""
+    torch's, Python's and numpy's random numbers seeded from ``key`` and ``i`` (the caller's random state
+    untouched), whichever worker reads it; a plain index reads the image as the dataset would."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -114,12 +116,25 @@ class SeededSamples(Dataset):
             return self.dataset[item]
         key, i = item
         seed = (key * 1_000_003 + i) % (2**63 - 1)
-        if torch.utils.data.get_worker_info() is not None:  # a worker's stream serves nothing else
-            torch.manual_seed(seed)
+        if torch.utils.data.get_worker_info() is not None:  # a worker's streams serve nothing else
+            _seed_all(seed)
             return self.dataset[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            _seed_all(seed)
             return self.dataset[i]
+        finally:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
+
+
+def _seed_all(seed: int) -> None:
+    """torch's, Python's and numpy's streams (torchvision crops with torch's; timm's RandAugment picks operations
+    with numpy's and magnitudes with Python's)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _collate_batched(batch):
@@ -219,9 +234,9 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (made on the host) on ``device``; to a CUDA device through page-locked memory without waiting for the
-    device's queued work (the same numbers as on the CPU)."""
-    if device.type != "cuda":
+    """``t`` on ``device``; from the host to a CUDA device through page-locked memory without waiting for the
+    device's queued work (the same numbers as on the CPU); a tensor already there is returned as it is."""
+    if t.device == device or device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

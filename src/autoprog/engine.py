@@ -50,8 +50,12 @@ class PreparedModel:
         return wrapped
 
     def keep_current_only(self) -> None:
-        """Forget every other set's wrapper (a stage began: its candidates are new)."""
-        self._by_set = {k: w for k, w in self._by_set.items() if w is self.wrapped or w is self._first}
+        """Forget every other set's wrapper (a stage began: its candidates are new), Accelerate's first one too, so
+        that no stage keeps the gradient buckets of a set it no longer trains."""
+        self._by_set = {k: w for k, w in self._by_set.items() if w is self.wrapped}
+        if self._first is not self.wrapped and self._first is not self.module:
+            self.acc._models = [m for m in self.acc._models if m is not self._first]
+            self._first = self.module
 
     def _ddp(self) -> nn.Module:
         """A DDP wrapper as Accelerate builds one, around the module Accelerate already prepared (its forward keeps
@@ -66,7 +70,7 @@ class PreparedModel:
     def release(self) -> None:
         """Forget every wrapper (a comparison's later runs must not keep this model alive)."""
         self._by_set = {}
-        release(self.acc, self._first, self.module)
+        release(self.acc, self._first, self.module)  # (the module itself once the first wrapper is gone)
         self.wrapped = self._first = self.module
 
 

@@ -28,7 +28,7 @@ from ..compute import compile_blocks
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle, default_workers
 from ..engine import PreparedModel, RunTemplate
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
 from ..metrics import train_step_flops
 from ..optim import (
     OptimConfig,
@@ -517,6 +517,7 @@ class Trainer(GrowthCalls, RunTemplate):
         """This process's random states, from which a resumed epoch continues."""
         name, keys, pos, has_gauss, cached = np.random.get_state()
         states = {"python": _jsonable(random.getstate()), "generator": self._gen.get_state().tolist(),
+                  "generator_device": self._gen.device.type,
                   "torch": torch.get_rng_state().tolist(),
                   "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
         if torch.cuda.is_available() and self.acc.device.type == "cuda":
@@ -526,7 +527,13 @@ class Trainer(GrowthCalls, RunTemplate):
     def _restore_rngs(self, states: dict, gen: torch.Generator) -> None:
         torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
         random.setstate(_tupled(states["python"]))
-        gen.set_state(torch.tensor(states["generator"], dtype=torch.uint8))
+        if states.get("generator_device", "cpu") == gen.device.type:
+            gen.set_state(torch.tensor(states["generator"], dtype=torch.uint8))
+        else:  # a CPU generator's state does not fit a CUDA one (or the other way)
+            warn(f"the checkpoint's augmentation stream was drawn on {states.get('generator_device', 'cpu')}, this "
+                 f"run trains on {gen.device.type}: the rest of the epoch is augmented from a fresh seed (the run is "
+                 "no longer bit-identical to an uninterrupted one)")
+            gen.manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.step)
         if "numpy" in states:  # (checkpoints from before 2026-12-06 have none: nothing drew from it)
             name, keys, pos, has_gauss, cached = states["numpy"]
             np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

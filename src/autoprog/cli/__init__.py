@@ -203,7 +203,13 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
     from ..tracking import parse_log_with
 
     trackers = parse_log_with(log_with)
-    acc = Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu, log_with=trackers or None)
+    project = None
+    if trackers:  # TensorBoard wants a folder now; every run sets its own (OUT/logs) when it starts
+        from accelerate.utils import ProjectConfiguration
+
+        project = ProjectConfiguration(project_dir=".", logging_dir="logs")
+    acc = Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu, log_with=trackers or None,
+                      project_config=project)
     if acc.device.type == "cuda":  # TF32 matrix products for whatever runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

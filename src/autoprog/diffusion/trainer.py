@@ -392,11 +392,13 @@ class DiffusionTrainer(RunTemplate):
         # SID dropout from a stream of its own (seeded by the step, so a resumed run draws the same), leaving the
         # noise, timesteps and class dropout exactly as without it
         drop = sid.dropout_mask(len(y), torch.Generator().manual_seed(2**40 + seed)) if sid is not None else None
-        with self.autocast(), (sid.dropping(drop) if drop is not None else nullcontext()):
-            loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y),
-                                  generator=noise_gen, class_dropout=self.cfg.class_dropout,
-                                  weights=self.data.loss_weights(idx))
-        self._apply_update(loss, self.model)
+        # the backward pass inside the dropout too: under --gradient-checkpointing it runs the blocks again
+        with sid.dropping(drop) if drop is not None else nullcontext():
+            with self.autocast():
+                loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y),
+                                      generator=noise_gen, class_dropout=self.cfg.class_dropout,
+                                      weights=self.data.loss_weights(idx))
+            self._apply_update(loss, self.model)
         return loss.detach()
 
     def _device_generator(self, seed: int) -> torch.Generator:

@@ -108,14 +108,24 @@ class TextUNet(DiffusionBackbone):
         return self.null_ids.to(y.device).expand_as(y)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
-        """diffusers' checkpointing of the UNet's blocks, and transformers' of the text encoder's layers."""
+        """diffusers' checkpointing of the UNet's blocks, and transformers' of the text encoder's layers (switched
+        off only where it was on: nothing is called for a run that never asks for it)."""
+        was = self.gradient_checkpointing
         super().set_gradient_checkpointing(on)
+        text = self.text_encoder
+        new_api = hasattr(text, "activation_checkpointing_enable")  # transformers 5; 4.x names it gradient_…
         if on:
             self.unet.enable_gradient_checkpointing()
-            self.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
+            if new_api:
+                text.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif was:
             self.unet.disable_gradient_checkpointing()
-            self.text_encoder.activation_checkpointing_disable()
+            if new_api:
+                text.activation_checkpointing_disable()
+            else:
+                text.gradient_checkpointing_disable()
 
     # ---------------------------------------------------------------------------------------- text
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
