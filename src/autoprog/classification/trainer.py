@@ -88,8 +88,9 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                          "(the budget-matched original)", minimum=1, cli=False)
     budget: str | None = budget_option("--epochs", "every epoch")
     budget_steps: float | None = budget_steps_option("--epochs", "full-model")
-    num_workers: int | None = option(None, "data-loader workers for ImageFolder data (default: this machine's "
-                                           "cores less one, at most 8; 0 reads in the training process). "
+    num_workers: int | None = option(None, "data-loader workers per process for ImageFolder data (default: this "
+                                           "machine's cores shared among the processes launched on it, less one, "
+                                           "at most 8; 0 reads in the training process). "
                                            "Fashion-MNIST and digits need none: they stay on the device",
                                      flag="--workers", minimum=0, group="data", show_default=False)
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
