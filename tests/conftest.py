@@ -160,3 +160,23 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def saved_tensors_and_grads(model, loss_fn) -> tuple[int, dict]:
+    """How many tensors autograd keeps for the backward pass of ``loss_fn(model)``, and the gradients it gives
+    (cleared after)."""
+    import torch
+
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return count, grads

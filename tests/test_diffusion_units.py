@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import saved_tensors_and_grads
 from safetensors.torch import load_file, save_file
 
 from autoprog.adapters.unfreezer import Unfreezer, interleaved_blocks, spread_blocks, tail_blocks
@@ -586,20 +587,8 @@ def test_tail_blocks_are_the_last_ones():
 def _saved_tensors(model, seed=0) -> tuple[int, dict]:
     """How many tensors autograd saves for the backward pass of one loss, and the gradients it gives."""
     x0, _, y = inputs(b=4, seed=seed)
-    count = 0
-
-    def pack(t):
-        nonlocal count
-        count += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = diffusion_loss(model, x0, y, training_scheduler(), model.null_class,
-                              generator=torch.Generator().manual_seed(seed))
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return count, grads
+    return saved_tensors_and_grads(model, lambda m: diffusion_loss(m, x0, y, training_scheduler(), m.null_class,
+                                                                    generator=torch.Generator().manual_seed(seed)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import saved_tensors_and_grads, tiny_args
 from safetensors.torch import load_file
 
 
@@ -151,29 +151,12 @@ def test_fp16_training_runs_and_resumes(cli, fake_fmnist, tmp_path, fresh_accele
 
 
 # ------------------------------------------------------------------------------ gradient checkpointing
-def _saved_and_grads(model, loss_fn) -> tuple[int, dict]:
-    """Tensors autograd keeps for the backward pass of ``loss_fn(model)``, and the gradients it gives."""
-    count = 0
-
-    def pack(t):
-        nonlocal count
-        count += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return count, grads
-
-
 def _assert_checkpointing_keeps_less_and_changes_no_gradient(model, set_on, loss_fn):
     torch.manual_seed(3)
-    plain, grads = _saved_and_grads(model, loss_fn)
+    plain, grads = saved_tensors_and_grads(model, loss_fn)
     set_on(model)
     torch.manual_seed(3)
-    kept, grads_ckpt = _saved_and_grads(model, loss_fn)
+    kept, grads_ckpt = saved_tensors_and_grads(model, loss_fn)
     assert kept < plain / 2, (kept, plain)
     assert grads.keys() == grads_ckpt.keys() and grads
     for n in grads:

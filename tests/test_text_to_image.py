@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import saved_tensors_and_grads
 
 from autoprog.adapters.unfreezer import Unfreezer
 from autoprog.diffusion.data import DiffusionData, load_diffusion_data
@@ -148,20 +149,8 @@ def test_a_no_grad_prefix_of_down_blocks_keeps_fewer_activations_and_the_same_ou
     x, t, y = step_inputs(m)
 
     def saved_and_grads():
-        count = 0
-
-        def pack(tensor):
-            nonlocal count
-            count += 1
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = diffusion_loss(m, x, y, training_scheduler(), m.null_condition(y),
-                                  generator=torch.Generator().manual_seed(0))
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-        m.zero_grad(set_to_none=True)
-        return count, grads
+        return saved_tensors_and_grads(m, lambda model: diffusion_loss(
+            model, x, y, training_scheduler(), model.null_condition(y), generator=torch.Generator().manual_seed(0)))
 
     Unfreezer(m, "tail").apply(SubNet(4, 2))  # the two up blocks
     full_count, full_grads = saved_and_grads()
