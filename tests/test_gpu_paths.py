@@ -172,11 +172,8 @@ def test_gradient_checkpointing_of_a_growing_vit_keeps_less_and_draws_the_same_d
     net.apply_subnet(SubNet(20, 3))
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
 
-    def on(m):
-        m.gradient_checkpointing = True
-
     _assert_checkpointing_keeps_less_and_changes_no_gradient(
-        net, on, lambda m: torch.nn.functional.cross_entropy(m(x), y))
+        net, lambda m: m.set_gradient_checkpointing(True), lambda m: torch.nn.functional.cross_entropy(m(x), y))
 
 
 @pytest.mark.parametrize("kind", ["dit", "diffusers-dit", "text-unet"])

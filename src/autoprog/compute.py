@@ -17,6 +17,22 @@ def checkpointed(block: nn.Module, *args):
     return checkpoint(block, *args, use_reentrant=False)
 
 
+class CheckpointedBlocks:
+    """What a model that runs its blocks one by one needs for ``--gradient-checkpointing``: the switch, and
+    :meth:`run_block` for its forward's block loop (mixed into the elastic ViTs and the diffusion backbones)."""
+
+    gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        self.gradient_checkpointing = bool(on)
+
+    def run_block(self, block: nn.Module, *args):
+        """``block(*args)``, its activations recomputed in the backward pass under :attr:`gradient_checkpointing`
+        (in training)."""
+        return checkpointed(block, *args) if self.gradient_checkpointing and self.training else block(*args)
+
+
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for --compile (tests use a lighter one)
 
 

@@ -91,13 +91,11 @@ class EpochSampler(Sampler):
         return max(0, self.size - self.skip)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        key = self.seed + self.epoch
+        g = torch.Generator().manual_seed(key)
         torch.empty((), dtype=torch.int64).random_(generator=g)
         order = torch.randperm(self.size, generator=g)[self.skip:].tolist()
-        if not self.keyed:
-            return iter(order)
-        key = self.seed + self.epoch
-        return ((key, i) for i in order)
+        return ((key, i) for i in order) if self.keyed else iter(order)
 
 
 class SeededSamples(Dataset):
@@ -376,6 +374,20 @@ def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...])
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as "
                           f"rand-m9-mstd0.5-inc1 ({e or 'unknown section'})") from None
+
+
+def randaugment_images(x: torch.Tensor, transform) -> torch.Tensor:
+    """A PIL ``transform`` (RandAugment) applied to each image of a uint8 batch (N, C, H, W), on the host; the
+    batch comes back on its device."""
+    from PIL import Image
+
+    dev, host = x.device, x.cpu()
+    out = torch.empty_like(host)
+    for i in range(len(host)):
+        a = host[i].permute(1, 2, 0).numpy()
+        img = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
+        out[i] = torch.from_numpy(np.asarray(transform(img)).copy()).reshape(a.shape).permute(2, 0, 1)
+    return out.to(dev, non_blocking=True)
 
 
 def _read_image(path: str):

@@ -102,7 +102,6 @@ class RunTemplate:
     periodic checkpoint inside a segment keeps the segment's position, so a resumed run trains exactly as an
     uninterrupted one."""
 
-    prepared_names = ("wrapped", "model")  # attribute names of the Accelerate-prepared model and the model itself
     prepared: PreparedModel  # set by the task's trainer: ``self.prepared = PreparedModel(acc, model)``
     history_key = "curve"  # results.json's name for the evaluation points
     point_name = "step"  # what an evaluation point is called in the progress bar and messages
@@ -440,6 +439,11 @@ class RunTemplate:
         self._save_checkpoint()
         self._write_results(done=False)
 
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes."""
+        return self.cfg.batch_size * self.acc.num_processes
+
     def _release(self) -> None:
         """Forget the prepared model: a comparison's later runs must not keep it alive."""
         self.prepared.release()
@@ -474,9 +478,8 @@ class RunTemplate:
         recent = seg["step_times"][-(self.health.every - 1):]  # this step's time is not in yet
         values = {"train/loss": self.health.last_loss, "train/lr": self.optimizer.param_groups[0]["lr"],
                   "train/stage": self.stage + 1}
-        batch = getattr(self, "global_batch", None)
-        if batch and recent and sum(recent) > 0:
-            values["train/images_per_s"] = batch * len(recent) / sum(recent)
+        if recent and sum(recent) > 0:
+            values["train/images_per_s"] = self.global_batch * len(recent) / sum(recent)
         tracking.log(self.acc, values, self.step)
 
     def _loss_shown(self) -> str:
@@ -637,7 +640,7 @@ class RunTemplate:
 
     def _module(self):
         """The model being trained (not the prepared wrapper)."""
-        return getattr(self, self.prepared_names[1])
+        return self.prepared.module
 
     def _momentum_module(self):
         """The momentum (EMA) network whose weights a checkpoint keeps, or None."""

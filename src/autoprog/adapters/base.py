@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compute import checkpointed
+from ..compute import CheckpointedBlocks
 from ..errors import ConfigError
 from ..space import GrowthSpace, SubNet
 
@@ -35,13 +35,12 @@ class ReZeroGate(nn.Module):
         return self.gate * self.inner(x)
 
 
-class ElasticModel(nn.Module):
+class ElasticModel(CheckpointedBlocks, nn.Module):
     """Base of the elastic adapters (see the module docstring). Subclasses set ``family`` and ``gate_slots``,
     and implement ``fits``, ``timm_kwargs``, ``_geometry``, ``blocks``, ``init_block`` and ``forward``."""
 
     family = "model"
     gate_slots: tuple[str, ...] = ()  # block attributes (residual branches) a ReZero gate wraps
-    gradient_checkpointing = False  # recompute each block's activations in the backward pass (--gradient-checkpointing)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -75,10 +74,6 @@ class ElasticModel(nn.Module):
 
     def init_block(self, block: nn.Module) -> None:
         raise NotImplementedError
-
-    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``block(x)``, its activations recomputed in the backward pass under :attr:`gradient_checkpointing`."""
-        return checkpointed(block, x) if self.gradient_checkpointing and self.training else block(x)
 
     # ------------------------------------------------------------------------------- sub-networks
     @property

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from timm.layers import DropPath
 
+from ..data import randaugment_images
 from ..space import GrowthSpace, SubNet
 
 
@@ -89,22 +89,12 @@ class AdaptiveRegularization:
 
     def randaugment(self, x: torch.Tensor) -> torch.Tensor:
         """RandAugment each image of a uint8 batch (N, C, H, W)."""
-        from PIL import Image
-
         c = x.shape[1]
         if c not in self._randaug:
             self._randaug[c] = self._make_ra(c)
             for op in self._randaug[c].ops:
                 op.magnitude = self.settings.randaug_magnitude
-        ra = self._randaug[c]
-        dev, x = x.device, x.cpu()
-        out = torch.empty_like(x)
-        for i in range(len(x)):
-            a = x[i].permute(1, 2, 0).numpy()
-            img = Image.fromarray(a[..., 0] if c == 1 else a)
-            res = np.asarray(ra(img))
-            out[i] = torch.from_numpy(res.copy()).reshape(a.shape).permute(2, 0, 1)
-        return out.to(dev)
+        return randaugment_images(x, self._randaug[c])
 
     def erase(self, x: torch.Tensor) -> torch.Tensor:
         """Random erasing on a normalised float batch."""

@@ -16,11 +16,10 @@ not combine.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import randaugment_transform
+from ..data import randaugment_images, randaugment_transform
 from ..errors import ConfigError
 
 # the paper's DeiT recipe (Appendix B), what the deit-s-paper preset sets
@@ -69,17 +68,7 @@ class TrainingRecipe:
 
     def randaugment(self, x: torch.Tensor) -> torch.Tensor:
         """RandAugment each image of an in-memory uint8 batch (N, C, H, W), on the host."""
-        if self._ra is None:
-            return x
-        from PIL import Image
-
-        dev, host = x.device, x.cpu()
-        out = torch.empty_like(host)
-        for i in range(len(host)):
-            a = host[i].permute(1, 2, 0).numpy()
-            img = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
-            out[i] = torch.from_numpy(np.asarray(self._ra(img)).copy()).reshape(a.shape).permute(2, 0, 1)
-        return out.to(dev, non_blocking=True)
+        return x if self._ra is None else randaugment_images(x, self._ra)
 
     def erase(self, x: torch.Tensor) -> torch.Tensor:
         """Random erasing on a normalised float batch, on its device."""

@@ -147,7 +147,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.acc = accelerator or Accelerator()
         self.run_info = run_info or {}
         self.net.to(self.acc.device)
-        self.net.gradient_checkpointing = cfg.gradient_checkpointing
+        self.net.set_gradient_checkpointing(cfg.gradient_checkpointing)
         if self.acc.device.type == "cuda":
             data.to(self.acc.device)  # in-memory images, copied once
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers
@@ -215,10 +215,6 @@ class Trainer(GrowthCalls, RunTemplate):
         self.num_epochs = self.epoch + max(1 if seg else 0, math.ceil((end - first) / self.steps_per_epoch))
 
     # ------------------------------------------------------------------------------------- helpers
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.batch_size * self.acc.num_processes
-
     def _train_loader(self):
         """The training loader, built once: its workers persist and :attr:`sampler` sets each epoch's order."""
         cuda = self.acc.device.type == "cuda"
@@ -456,7 +452,6 @@ class Trainer(GrowthCalls, RunTemplate):
     # ------------------------------------------------------------------ the engine's task interface
     point_name = "epoch"
     history_key = "epochs"
-    prepared_names = ("wrapped", "net")
 
     @property
     def subnet(self) -> SubNet:

@@ -121,10 +121,10 @@ class DiffusionTrainer(RunTemplate):
         if data.paired and cfg.batch_size < 2:
             raise ConfigError("prior preservation needs a batch of at least 2 per process (one subject and one "
                               f"class image), got --batch-size {cfg.batch_size}")
-        if data.num_instance is None and len(data.train_images) < cfg.batch_size * self.acc.num_processes:
+        if data.num_instance is None and len(data.train_images) < self.global_batch:
             raise ConfigError(f"the training set ({len(data.train_images)} images) is smaller than one batch")
         self.resolution = data.model_size
-        self.steps_per_epoch = max(1, len(data.train_images) // (cfg.batch_size * self.acc.num_processes))
+        self.steps_per_epoch = max(1, len(data.train_images) // self.global_batch)
         self._init_run_state()
         self._lr = lr
         self.trainable_steps = 0.0  # Σ trainable parameters over steps, for the mean
@@ -205,7 +205,7 @@ class DiffusionTrainer(RunTemplate):
                         p.grad = None
 
                 per_image = count_flops(step) / 2
-                self.flops_cache[key] = int(per_image * self.cfg.batch_size * self.acc.num_processes)
+                self.flops_cache[key] = int(per_image * self.global_batch)
         return self.flops_cache[key]
 
     # ---------------------------------------------------------------------- services for controllers
@@ -335,8 +335,6 @@ class DiffusionTrainer(RunTemplate):
             if prev is not None:
                 self.unfreezer.apply(prev)
 
-    prepared_names = ("wrapped", "model")
-
     # ------------------------------------------------------------------ the engine's task interface
     def _segment_batches(self, start_step: int, share: dict):
         """Batches are drawn by step (see :meth:`_train_step`): nothing to carry between steps."""
@@ -359,10 +357,6 @@ class DiffusionTrainer(RunTemplate):
 
     def _stop_after_reached(self) -> bool:
         return self.cfg.stop_after_steps is not None and self.step >= self.cfg.stop_after_steps
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.batch_size * self.acc.num_processes
 
     def _finish_run(self) -> None:
         self._export()

@@ -13,7 +13,7 @@ import types
 import torch
 import torch.nn as nn
 
-from ..compute import checkpointed
+from ..compute import CheckpointedBlocks
 from ..errors import ConfigError
 from .sid import StageIdentifier
 
@@ -31,7 +31,7 @@ def _forward_without_autograd(block: nn.Module, *args, **kwargs):
         return type(block).forward(block, *args, **kwargs)
 
 
-class DiffusionBackbone(nn.Module):
+class DiffusionBackbone(CheckpointedBlocks, nn.Module):
     """Interface shared by the built-in and the diffusers DiT (see the module docstring)."""
 
     kind: str
@@ -105,16 +105,6 @@ class DiffusionBackbone(nn.Module):
 
     def freeze_fixed(self) -> None:
         """Freeze what no fine-tuning method trains (nothing here; a text-to-image model's text encoder)."""
-
-    gradient_checkpointing = False
-
-    def set_gradient_checkpointing(self, on: bool) -> None:
-        """Recompute each block's activations in the backward pass instead of keeping them."""
-        self.gradient_checkpointing = bool(on)
-
-    def run_block(self, block: nn.Module, *args):
-        """``block(*args)``, its activations recomputed in the backward pass under :attr:`gradient_checkpointing`."""
-        return checkpointed(block, *args) if self.gradient_checkpointing and self.training else block(*args)
 
     @property
     def no_grad_prefix(self) -> int:
