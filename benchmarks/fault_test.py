@@ -213,20 +213,172 @@ def divergence(out: Path) -> dict:
     return counts
 
 
-def bad_inputs(out: Path) -> dict:
+def _images(root: Path, classes: dict[str, int], bad: dict[str, bytes] | None = None) -> Path:
+    """An image folder: ``classes`` maps a sub-folder (``train/a``, or ``""`` for root itself) to its number of
+    readable 8-px PNGs; ``bad`` maps file paths under ``root`` to the bytes written there."""
+    import numpy as np
+    from PIL import Image
+
+    for sub, n in classes.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            Image.fromarray(np.full((8, 8, 3), 40 * k % 255, np.uint8)).save(root / sub / f"{k}.png")
+    for name, data in (bad or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _model_copy(d: Path, change=None) -> Path:
+    """A copy of the shipped base model whose config.json is rewritten by ``change(config) -> text``."""
     from autoprog.diffusion.runner import DEFAULT_BASE
+
+    shutil.copytree(DEFAULT_BASE, d)
+    if change is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        text = change(cfg)
+        (d / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return d
+
+
+def _drop(d: dict, *keys: str) -> None:
+    for k in keys[:-1]:
+        d = d[k]
+    d.pop(keys[-1])
+
+
+def _set(d: dict, value, *keys: str) -> None:
+    for k in keys[:-1]:
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def _run_folder(d: Path, argv: list[str], change=None) -> Path:
+    """A real run folder: ``argv`` stopped after its first checkpoint; ``change(config) -> text`` rewrites its
+    config.json."""
+    if not (d / "config.json").is_file():
+        assert autoprog(*argv, "--out", d).returncode == 0, f"fixture run {argv} failed"
+    if change is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        text = change(cfg)
+        (d / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return d
+
+
+PRETRAIN_RUN = ["pretrain", "--method", "prog", "--epochs", "2", "--stop-after-epochs", "1", *TINY]
+FINETUNE_RUN = ["finetune", "--method", "full", "--stop-after-steps", "4", *FT_TINY]
+SCHEDULE = {"method": "fixed", "stages": [{"resolution": 14, "depth": 6, "fraction": 0.5},
+                                          {"resolution": 28, "depth": 12, "fraction": 0.5}]}
+# FIX:<name> in bad_inputs.txt: a file or folder made for the case, in its own directory
+FIXTURES = {
+    "yaml-duplicate-key": lambda d: _write(d / "c.yaml", "epochs: 1\nepochs: 2\n"),
+    "yaml-not-utf8": lambda d: _write(d / "c.yaml", b"epochs: \xff\xfe1\n"),
+    "yaml-empty": lambda d: _write(d / "c.yaml", ""),
+    "yaml-nan": lambda d: _write(d / "c.yaml", "lr: .nan\n"),
+    "yaml-huge-int": lambda d: _write(d / "c.yaml", "seed: 99999999999999999999999\n"),
+    "yaml-list": lambda d: _write(d / "c.yaml", "- epochs\n"),
+    "a-folder": lambda d: d,
+    "schedule-truncated": lambda d: _write(d / "s.json", json.dumps(SCHEDULE)[:30]),
+    "schedule-not-utf8": lambda d: _write(d / "s.json", b"\xff\xfe{}"),
+    "schedule-nan": lambda d: _write(d / "s.json", json.dumps(SCHEDULE).replace("0.5", "NaN", 1)),
+    "schedule-fractional-resolution": lambda d: _write(d / "s.json", json.dumps(SCHEDULE).replace("14", "14.5")),
+    "schedule-duplicate-key": lambda d: _write(d / "s.json", json.dumps(SCHEDULE)[:-1] + ', "stages": []}'),
+    "schedule-string-depth": lambda d: _write(d / "s.json", json.dumps(SCHEDULE).replace("6", '"6"', 1)),
+    "schedule-not-object": lambda d: _write(d / "s.json", "[1, 2]"),
+    "model-missing-key": lambda d: _model_copy(d / "m", lambda c: json.dumps(_drop(c, "config", "depth") or c)),
+    "model-wrong-type": lambda d: _model_copy(d / "m", lambda c: json.dumps(_set(c, "six", "config", "depth") or c)),
+    "model-negative-width": lambda d: _model_copy(d / "m", lambda c: json.dumps(_set(c, -96, "config", "hidden_size")
+                                                                                   or c)),
+    "model-truncated-config": lambda d: _model_copy(d / "m", lambda c: json.dumps(c)[:40]),
+    "model-config-not-utf8": lambda d: _model_copy(d / "m", lambda c: b"\xff" + json.dumps(c).encode()),
+    "model-nan-config": lambda d: _model_copy(d / "m", lambda c: json.dumps(c).replace("4.0", "NaN")),
+    "model-classes-not-list": lambda d: _model_copy(d / "m", lambda c: json.dumps(_set(c, 3, "classes") or c)),
+    "model-without-weights": lambda d: (_model_copy(d / "m") / "model.safetensors").unlink() or d / "m",
+    "model-garbage-weights": lambda d: _write(_model_copy(d / "m") / "model.safetensors", b"\x00" * 64).parent,
+    "model": lambda d: _model_copy(d / "m"),
+    "folder-with-a-file": lambda d: _write(d / "mine" / "notes.txt", "my notes").parent,
+    "a-file": lambda d: _write(d / "notes.txt", "my notes"),
+    "images-corrupt": lambda d: _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2},
+                                         {"train/a/bad.png": b"not a png"}),
+    "images-empty-file": lambda d: _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2},
+                                            {"train/b/empty.png": b""}),
+    "images-one-class": lambda d: _images(d / "ds", {"train/a": 8, "val/a": 2}),
+    "images-no-val-images": lambda d: _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 0, "val/b": 0}),
+    "instance-corrupt": lambda d: _images(d / "inst", {"": 3}, {"bad.jpg": b"\x00\x01"}),
+    "instance-empty": lambda d: _images(d / "inst", {"": 0}),
+    "run-pretrain": lambda d: _run_folder(d.parent / "fixture-pretrain", PRETRAIN_RUN),
+    "run-finetune": lambda d: _run_folder(d.parent / "fixture-finetune", FINETUNE_RUN),
+    "run-config-truncated": lambda d: _run_folder(_copy_run(d, "pretrain"), [], lambda c: json.dumps(c)[:50]),
+    "run-config-not-utf8": lambda d: _run_folder(_copy_run(d, "pretrain"), [], lambda c: b"\xff" + json.dumps(c).encode()),
+    "run-config-nan-lr": lambda d: _run_folder(_copy_run(d, "pretrain"), [],
+                                               lambda c: json.dumps(_set(c, float("nan"), "train", "lr") or c)),
+    "run-config-wrong-type": lambda d: _run_folder(_copy_run(d, "pretrain"), [],
+                                                   lambda c: json.dumps(_set(c, "x", "train", "epochs") or c)),
+    "run-config-missing-key": lambda d: _run_folder(_copy_run(d, "pretrain"), [],
+                                                    lambda c: json.dumps(_drop(c, "train") or c)),
+    "run-config-not-object": lambda d: _run_folder(_copy_run(d, "pretrain"), [], lambda c: "[]"),
+    "finetune-config-wrong-type": lambda d: _run_folder(_copy_run(d, "finetune"), [],
+                                                        lambda c: json.dumps(_set(c, "x", "steps") or c)),
+}
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def _copy_run(d: Path, kind: str) -> Path:
+    src = FIXTURES[f"run-{kind}"](d)
+    shutil.copytree(src, d / "run")
+    return d / "run"
+
+
+def case_argv(argv: list[str], run: Path) -> tuple[list[str], dict]:
+    """A bad_inputs.txt case ready to run in ``run``: placeholders filled in, leading ``NAME=value`` tokens taken
+    as environment variables."""
+    from autoprog.diffusion.runner import DEFAULT_BASE
+
+    env = {}
+    while argv and "=" in argv[0] and not argv[0].startswith("-"):
+        name, _, value = argv[0].partition("=")
+        env[name] = value
+        argv = argv[1:]
+    out = []
+    for a in argv:
+        if a.startswith("FIX:"):
+            fix = run.parent / f"{run.name}-fixture"
+            shutil.rmtree(fix, ignore_errors=True)
+            fix.mkdir(parents=True)
+            a = str(FIXTURES[a[4:]](fix))
+        out.append(str(run) if a == "OUT" else str(DEFAULT_BASE) if a == "BASE" else a.replace("OUT/", f"{run}/"))
+    return out, env
+
+
+def bad_inputs(out: Path, match: str = "", start: int = 0, timeout: int = 90) -> dict:
+    import os
+    import re
 
     counts = {"bad inputs": 0, "clean": 0}
     for i, (argv, why) in enumerate(BAD_INPUTS):
+        if i < start or (match and not re.search(match, why)):
+            continue
         run = out / f"bad-{i}"
         shutil.rmtree(run, ignore_errors=True)
-        args = [str(run) if a == "OUT" else str(DEFAULT_BASE) if a == "BASE" else a for a in argv]
-        proc = autoprog(*args, *(["--cpu"] if args[0] in ("pretrain", "finetune", "compare") else []), timeout=90)
+        args, env = case_argv(argv, run)
+        cpu = ["--cpu"] if args[0] in ("pretrain", "finetune", "compare") else []
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            proc = autoprog(*args, *cpu, timeout=timeout)
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         counts["bad inputs"] += 1
         ok = one_clean_line(proc)
         counts["clean"] += ok
         if not ok:
-            print(f"  not clean: {why}: {' '.join(argv)}: rc {proc.returncode}: {proc.stderr[-300:]}")
+            print(f"  not clean: {why}: {' '.join(argv)}: rc {proc.returncode}: {proc.stderr[-300:]}", flush=True)
     return counts
 
 
@@ -237,6 +389,10 @@ def main() -> None:
     p.add_argument("--interrupts", type=int, default=6, help="Ctrl-Cs (SIGINT) in all (default: 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: kills,interrupts,corruptions,divergence,bad")
+    p.add_argument("--match", default="", help="bad inputs: only the cases whose reason matches this regex")
+    p.add_argument("--start", type=int, default=0, help="bad inputs: skip the first START cases")
+    p.add_argument("--timeout", type=int, default=90, help="bad inputs: seconds before a case counts as accepted "
+                                                           "(it trains instead of refusing) (default: 90)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +401,7 @@ def main() -> None:
     for part, run in (("kills", lambda: kills(out, a.kills, random.Random(a.seed))),
                       ("interrupts", lambda: kills(out, a.interrupts, random.Random(a.seed + 1), signal.SIGINT)),
                       ("corruptions", lambda: corruptions(out)),
-                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out))):
+                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out, a.match, a.start, a.timeout))):
         if part not in skip:
             figures[part] = run()
             print(part, figures[part], flush=True)

@@ -460,9 +460,14 @@ def test_compare_reuses_runs_whose_method_does_not_read_the_changed_setting(cli,
                           "--front", "1", "--search-fraction", "0.5", *args)
     assert rc == 2 and "different settings" in _one_error_line(err) and "search_fraction: 0.08 there, 0.5 now" in err
     assert "original: reusing finished run" in stdout, "the original reads no search setting"
+    shared = tmp_path / "shared.yaml"  # a config shared by several commands may set what a method does not read
+    shared.write_text("search_fraction: 0.5\ncriterion: gain\n")
     rc, stdout, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline",
-                          "--front", "1", "--search-fraction", "0.5", "--criterion", "gain", *args)
+                          "--front", "1", "--config", shared, *args)
     assert rc == 0 and "original: reusing finished run" in stdout, err
+    rc, _, err = cli("compare", "--methods", "original", "--out", out, "--no-budget-baseline",
+                     "--front", "1", "--search-fraction", "0.5", *args)  # typed for no method that reads it
+    assert rc == 2 and "--search-fraction is read only by autoprog-one" in _one_error_line(err)
 
 
 # ------------------------------------------------------------------------------------- --config

@@ -263,7 +263,7 @@ def test_a_run_directory_is_not_overwritten(base, fake_fmnist, cache_dir, tmp_pa
 def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmnist, cache_dir, tmp_path):
     out = tmp_path / "cmp"
     rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
+                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TRAIN_FLAGS)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["rows"]}
@@ -294,7 +294,7 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
         assert (out / f).stat().st_size > 0
     # a second invocation reuses every finished run
     rc, stdout, _ = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                        "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
+                        "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TRAIN_FLAGS)
     assert rc == 0 and stdout.count("reusing finished run") == 6
     # a budget run made for another step count (the other rows changed since) is trained again
     cfg_file = out / "full@budget" / "config.json"
@@ -303,26 +303,29 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     cfg["spec"]["train"]["steps"] = steps + 1
     cfg_file.write_text(json.dumps(cfg))
     rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS)
+                          "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TRAIN_FLAGS)
     assert rc == 0, err
     assert "training it again" in stdout and stdout.count("reusing finished run") == 5
     assert json.loads(cfg_file.read_text())["spec"]["train"]["steps"] == steps
     # ... but refuses runs made with other settings rather than mixing them into one table
     rc, _, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
-                     "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TINY_FLAGS,
+                     "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1", *TRAIN_FLAGS,
                      "--lr", "0.01")
     assert rc != 0 and "different settings" in err and "train.lr" in err
-    # ... while a search setting changes none of these methods' runs
+    # ... while a search setting (from a config shared with searches: typed, it is refused) changes none of these
+    # methods' runs
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("time_tolerance: 0.05\nstep_time_scope: whole\nproxy_batches: 2\n")
     rc, stdout, err = cli("compare", "--task", "finetune", "--methods", "full,bitfit,prog", "--base", base,
                           "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, "--front", "0.5,1",
-                          *TINY_FLAGS, "--time-tolerance", "0.05", "--step-time-scope", "whole")
+                          *TRAIN_FLAGS, "--config", shared)
     assert rc == 0 and stdout.count("reusing finished run") == 6, err
 
 
 def test_cli_finetune_sample_and_stage(cli, base, fake_fmnist, cache_dir, tmp_path):
     out = tmp_path / "ft"
     rc, stdout, err = cli("finetune", "--method", "prog", "--base", base, "--data-root", fake_fmnist,
-                          "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+                          "--cache-dir", cache_dir, "--out", out, *TRAIN_FLAGS)
     assert rc == 0, err
     assert "model in" in stdout
     rc, stdout, err = cli("sample", out, "--per-class", "2", "--sample-steps", "2", "--stage", "1")
@@ -411,7 +414,7 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
     assert list((cache_dir / "latents").glob("latents-*.safetensors"))
     out = tmp_path / "ft"
     rc, _, err = cli("finetune", "--method", "prog", "--base", base / "model", "--data-root", fake_fmnist,
-                     "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+                     "--cache-dir", cache_dir, "--out", out, *TRAIN_FLAGS)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert math.isfinite(res["summary"]["fd"])
@@ -423,7 +426,7 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
     assert Image.open(out / "model" / "samples" / "class5.png").mode == "RGB"  # decoded grey images, saved as PNG
     # a pixel-space base refuses latent data that does not fit it
     rc, _, err = cli("finetune", "--method", "full", "--base", base / "model", "--vae", "/nonexistent/vae",
-                     "--data-root", fake_fmnist, "--out", tmp_path / "bad", *TINY_FLAGS)
+                     "--data-root", fake_fmnist, "--out", tmp_path / "bad", *TRAIN_FLAGS)
     assert rc == 2 and "/nonexistent/vae" in err
 
 

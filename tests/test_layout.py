@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parent.parent / "src" / "autoprog"
 # What each part of the package may import: a part sees only parts of a lower or equal rank, and the two
 # tasks never see each other.
 RANK = {
-    "errors": 0,
+    "errors": 0, "formats": 0,
     "space": 1, "schedules": 1, "engine": 1, "metrics": 1, "data": 1, "report": 1, "optim": 1, "options": 1, "front": 1,
     "budget": 1, "steptime": 1, "methods": 1, "checkpoint": 1, "tracking": 1, "compute": 1,
     "controllers": 2, "experiment": 2, "models": 2,

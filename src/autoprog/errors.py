@@ -37,6 +37,16 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+_NO_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "Storage size calculation overflowed")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says that what was asked for does not fit in (host or device) memory."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _NO_MEMORY)
+
+
 def warn(message: str) -> None:
     """Print ``autoprog: warning: message`` once (on the main process of a launch)."""
     import os

@@ -11,9 +11,33 @@ from pathlib import Path
 
 from .checkpoint import has_checkpoint
 from .errors import ConfigError, DivergedError
+from .formats import read_json_object
 from .front import FRONT_SEPARATOR, Front, Speedup, front_name, mean_speedup
 
 BUDGET_SUFFIX = "@budget"
+
+
+RUN_KINDS = {  # config.json's "task" → what made the run, and the command that continues it
+    "classification": ("a pre-training (classification) run", "autoprog pretrain --resume"),
+    "diffusion": ("a base diffusion model's run", "autoprog pretrain --task diffusion --resume"),
+    "finetune": ("a fine-tuning run", "autoprog finetune --resume"),
+}
+
+
+def read_run_config(out: Path, kind: str) -> dict:
+    """The ``config.json`` of the run in ``out``, which must be a run of ``kind`` (a key of :data:`RUN_KINDS`):
+    a missing, unreadable or malformed file, or a run of another kind, is a one-line error saying what to do."""
+    cfg = out / "config.json"
+    if not cfg.is_file():
+        raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
+    d = read_json_object(cfg, "run settings")
+    found = d.get("task", "classification")
+    if found not in RUN_KINDS:
+        raise ConfigError(f"{cfg}: unknown task {found!r}; expected {', '.join(RUN_KINDS)}")
+    if found != kind:
+        what, command = RUN_KINDS[found]
+        raise ConfigError(f"--resume {out}: that is {what}; continue it with '{command} {out}'")
+    return d
 
 
 def spec_differences(saved: dict, wanted: dict, prefix: str = "", ignore: tuple[str, ...] = ()) -> list[str]:
@@ -39,7 +63,7 @@ def saved_differences(out: Path, spec, load_saved, ignore: tuple[str, ...] = ())
     cfg_path = out / "config.json"
     if not cfg_path.is_file():
         return None
-    saved = json.loads(json.dumps(load_saved(json.loads(cfg_path.read_text())).to_dict()))
+    saved = json.loads(json.dumps(load_saved(read_json_object(cfg_path, "run settings")).to_dict()))
     return spec_differences(saved, json.loads(json.dumps(spec.to_dict())), ignore=ignore)
 
 

@@ -9,6 +9,7 @@ tasks build what a method's ``base`` and ``options`` say.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,21 @@ class SearchSettings:
         if method.base == "autoprog-zero":
             return self.autoprog_one
         return self.autoprog_one + self.autoprog_zero + self.both
+
+
+    def users(self) -> dict[str, Callable[[Method], bool]]:
+        """Setting → whether a method reads it, for every setting listed here (see :func:`unused_options`)."""
+        return {name: (lambda m, name=name: name not in self.unread_by(m))
+                for name in self.autoprog_one + self.autoprog_zero + self.both}
+
+
+def unused_options(given: Iterable[str], methods: Iterable[Method],
+                   users: dict[str, Callable[[Method], bool]]) -> list[str]:
+    """The settings among ``given`` (dotted option names) that none of ``methods`` reads, by ``users``: setting
+    (the last part of its name) → whether a method reads it; a setting not in ``users`` is read by every method."""
+    methods = list(methods)
+    return [name for name in given if (rule := users.get(name.rsplit(".", 1)[-1])) is not None
+            and not any(rule(m) for m in methods)]
 
 
 def methods_help(task: str) -> str:

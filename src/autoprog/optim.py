@@ -9,6 +9,8 @@ from torch import nn
 
 from .options import option
 
+SEED_MAX = 2 ** 32 - 1  # numpy's range; the seeds derived from it (seed * 1000003 + step) stay within 64 bits
+
 
 @dataclass
 class OptimConfig:
@@ -22,7 +24,7 @@ class OptimConfig:
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, group="optimisation")
     grad_clip: float | None = option(1.0, "max gradient norm, 0 = off", minimum=0, zero_is_none=True,
                                      group="optimisation")
-    seed: int = option(0, "random seed", group="optimisation")
+    seed: int = option(0, "random seed, 0 to 2^32-1", minimum=0, maximum=SEED_MAX, group="optimisation")
     checkpoint_minutes: float = option(10.0, "also checkpoint inside an epoch or evaluation interval once this many "
                                              "minutes of training passed since the last checkpoint (0 = off); the "
                                              "seconds checkpoints take are reported as checkpoint_time_s",

@@ -17,6 +17,9 @@ import typing
 from typing import Any
 
 from .errors import ConfigError
+from .formats import INT64, check_value
+
+MAX_IMAGE_SIZE = 65536  # pixels per side: beyond it sizes overflow torch's 64-bit counts before memory runs out
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
@@ -76,15 +79,22 @@ def flag_of(f: dataclasses.Field, default: Any) -> str:
 
 def _number(kind: type, flag: str):
     def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if kind is float and not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        return v
+        return parse_number(kind, text)
     parse.__name__ = kind.__name__
     return parse
+
+
+def parse_number(kind: type, text: str):
+    """``text`` as an ``int`` (fitting in 64 bits) or a finite ``float``; else :class:`argparse.ArgumentTypeError`."""
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if kind is int and not INT64[0] <= v <= INT64[1]:
+        raise argparse.ArgumentTypeError(f"must be an integer that fits in 64 bits, got {text}")
+    return v
 
 
 def _show(v) -> str:
@@ -155,18 +165,19 @@ def from_args(spec_cls, args: argparse.Namespace, *, defaults=None, prefix: str 
     return spec
 
 
-def check_bounds(spec, prefix: str = "") -> None:
-    """Raise :class:`ConfigError` (naming the flag) for a value outside its field's bounds or choices."""
+def check_bounds(spec, prefix: str = "", where: str | None = None) -> None:
+    """Raise :class:`ConfigError` (naming the flag, or the file ``where`` and the key) for a value outside its
+    field's bounds or choices."""
     hints = _hints(type(spec))
     for f in dataclasses.fields(spec):
         v = getattr(spec, f.name)
         if _is_spec(hints[f.name]):
-            check_bounds(v, prefix + f.name + ".")
+            check_bounds(v, prefix + f.name + ".", where)
             continue
         meta = _meta(f)
         if v is None or isinstance(v, bool):
             continue
-        name = meta["flag"] or "--" + f.name.replace("_", "-")
+        name = f"{where}: {prefix}{f.name}" if where else meta["flag"] or "--" + f.name.replace("_", "-")
         if meta["choices"] and v not in meta["choices"]:
             raise ConfigError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
         if not isinstance(v, (int, float)):
@@ -179,13 +190,17 @@ def check_bounds(spec, prefix: str = "") -> None:
             raise ConfigError(f"{name} must be {_range_text(lo, hi, above, below)}, got {v}")
 
 
+def _g(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def _range_text(lo, hi, above, below) -> str:
-    left = f"[{lo:g}" if lo is not None else (f"({above:g}" if above is not None else "(-inf")
-    right = f"{hi:g}]" if hi is not None else (f"{below:g})" if below is not None else "inf)")
+    left = f"[{_g(lo)}" if lo is not None else (f"({_g(above)}" if above is not None else "(-inf")
+    right = f"{_g(hi)}]" if hi is not None else (f"{_g(below)})" if below is not None else "inf)")
     if right == "inf)" and left.startswith("["):
-        return f"at least {lo:g}"
+        return f"at least {_g(lo)}"
     if right == "inf)" and left.startswith("("):
-        return f"above {above:g}"
+        return f"above {_g(above)}"
     return f"in {left}, {right}"
 
 
@@ -201,11 +216,24 @@ def from_dict(spec_cls, d: dict, *, where: str = "settings", prefix: str = ""):
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(prefix + k for k in unknown)}")
     values = {}
     for k, v in d.items():
-        values[k] = from_dict(hints[k], v, where=where, prefix=f"{prefix}{k}.") if _is_spec(hints[k]) else v
+        if _is_spec(hints[k]):
+            values[k] = from_dict(hints[k], v, where=where, prefix=f"{prefix}{k}.")
+        else:
+            check_value(v, _expected(hints[k]), f"{where}: {prefix}{k}")
+            values[k] = v
     try:
-        return spec_cls(**values)
+        spec = spec_cls(**values)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if not prefix:
+        check_bounds(spec, where=where)
+    return spec
+
+
+def _expected(hint) -> tuple:
+    """The :func:`~autoprog.formats.check_value` type of a field's annotation (``int | None`` → ``(int, None)``)."""
+    kind, optional = _scalar_type(hint)
+    return (kind, None) if optional else (kind,)
 
 
 def option_names(spec_cls, prefix: str = "") -> dict[str, str]:
@@ -232,5 +260,6 @@ class Spec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict):
-        return from_dict(cls, d, where=cls.settings_name)
+    def from_dict(cls, d: dict, where: str | None = None):
+        """The spec saved as ``d``; ``where`` (the file it came from) names it in errors."""
+        return from_dict(cls, d, where=where or cls.settings_name)

@@ -8,12 +8,12 @@ is the format ``--method fixed`` replays.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .formats import check_fields, read_json
 from .space import GrowthSpace, SubNet, round_half_up
 
 SCHEDULE_FORMAT = "autoprog-schedule/1"
@@ -97,17 +97,17 @@ class Schedule:
         write_json(Path(path), self.to_dict())  # atomic: a crash leaves the old or the new file
 
     @classmethod
-    def from_dict(cls, d: dict, method: str = "fixed") -> Schedule:
-        if not isinstance(d, dict) or not isinstance(d.get("stages"), list) or not d["stages"]:
-            raise ConfigError("a schedule file needs a non-empty 'stages' list")
+    def from_dict(cls, d: dict, method: str = "fixed", where: str = "a schedule file") -> Schedule:
+        """A schedule saved as ``d`` (``schedule.json``): ``stages``, a non-empty list of ``{resolution, depth,
+        fraction, blocks}`` (integers, a number, a list of integers or null), and the ``growth`` operator."""
+        check_fields(d, {"stages": [dict], "growth": str, "method": str}, where, required=("stages",))
+        if not d["stages"]:
+            raise ConfigError(f"{where}: 'stages' is empty")
         stages = []
-        for entry in d["stages"]:
-            if not isinstance(entry, dict):
-                raise ConfigError(f"malformed schedule stage {entry!r}")
-            try:
-                frac = float(entry.get("fraction", 1.0 / len(d["stages"])))
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"stage fraction must be a number, got {entry.get('fraction')!r}") from e
+        for i, entry in enumerate(d["stages"]):
+            check_fields(entry, {"fraction": float, **SubNet.FIELDS}, f"{where}: stages[{i}]",
+                         required=("resolution", "depth"))
+            frac = float(entry.get("fraction", 1.0 / len(d["stages"])))
             stages.append(Stage(SubNet.from_dict(entry), frac))
         return cls(method, tuple(stages), str(d.get("growth", "mogrow")))
 
@@ -141,11 +141,7 @@ class Schedule:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"schedule file {p} does not exist (an inline schedule looks like 16x4,20x5,28x8)")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"schedule file {p} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(p, "schedule file"), where=f"schedule file {p}")
 
 
 def original(space: GrowthSpace) -> Schedule:

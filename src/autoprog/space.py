@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .formats import check_fields
 
 MAX_CANDIDATES = 9  # |Λ_k| at most (Appendix B)
 
@@ -57,8 +58,11 @@ class SubNet:
             d["blocks"] = list(self.blocks)
         return d
 
+    FIELDS = {"resolution": int, "depth": int, "blocks": ([int], None)}  # the saved form's types
+
     @classmethod
     def from_dict(cls, d: dict) -> SubNet:
+        check_fields(d, cls.FIELDS, "sub-network", required=("resolution", "depth"))
         try:
             blocks = d.get("blocks")
             return cls(int(d["resolution"]), int(d["depth"]), tuple(blocks) if blocks is not None else None)

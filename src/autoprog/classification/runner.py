@@ -25,6 +25,7 @@ from ..experiment import (
     diverged_rows,
     drop_stale_budget_run,
     front_runs,
+    read_run_config,
     reuse_or_run,
     run_methods,
     saved_differences,
@@ -33,7 +34,7 @@ from ..experiment import (
 )
 from ..front import DEFAULT_FRONT
 from ..methods import PRETRAIN, SearchSettings, get_method, method_names, methods_help
-from ..options import Spec, option
+from ..options import MAX_IMAGE_SIZE, Spec, option
 from ..report import plot_curves, plot_front, reading, schedule_string
 from ..schedules import build_schedule
 from .recipe import check_recipe
@@ -49,7 +50,7 @@ class RunSpec(Spec, AutoProgOneConfig):
     settings_name = "run settings"
 
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls, d: dict, where: str | None = None):
         """A saved spec; one made before 2026-12-05 (no ``train.ema_rescale``) keeps what it ran: the built-in ViT's
         4×4 default grid, the per-epoch momentum when none was given (an explicit one was per step), and
         AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing."""
@@ -61,7 +62,7 @@ class RunSpec(Spec, AutoProgOneConfig):
                 train["ema_decay"] = PAPER_EMA_DECAY
             for key, old in BEFORE_2026_12_05.items():
                 d.setdefault(key, old)
-        return super().from_dict(d)
+        return super().from_dict(d, where)
 
     method: str = option("prog", methods_help(PRETRAIN), choices=method_names(PRETRAIN))
     growth: str | None = option(None, "growth operator (default: mogrow; stacking for progstack)",
@@ -69,6 +70,7 @@ class RunSpec(Spec, AutoProgOneConfig):
     model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224",
                         group="model")
     img_size: int | None = option(None, "full input resolution (default: the dataset's, 224 for timm)", minimum=1,
+                                  maximum=MAX_IMAGE_SIZE,
                                   show_default=False, group="model")
     builtin_grid: int = option(7, "the built-in ViT's least grid of patches when --patch-size is not given",
                                minimum=1, cli=False)
@@ -165,10 +167,7 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
 
     out = Path(out)
     if resume:
-        cfg_path = out / "config.json"
-        if not cfg_path.is_file():
-            raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
-        spec = RunSpec.from_dict(json.loads(cfg_path.read_text()))
+        spec = RunSpec.from_dict(read_run_config(out, "classification"), str(out / "config.json"))
         spec = replace(spec, train=replace(spec.train, stop_after_epochs=None))  # resume runs to the end
     elif has_checkpoint(out):
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
@@ -200,6 +199,10 @@ SEARCH_SETTINGS = SearchSettings(
                   "gain_samples", "recycle", "time_repeats"),
     autoprog_zero=("time_tolerance",),
     both=("criterion", "gain_folds", "time_source", "step_time_scope"))
+
+
+# Settings only some methods read (the rest, every method): a flag typed for a method that ignores it is refused.
+OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixed"}
 
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:

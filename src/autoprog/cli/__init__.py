@@ -13,8 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import AutoprogError, ConfigError, DivergedError, Interrupted, one_line
-from .common import Parser, add_front_flag
+from ..errors import (
+    AutoprogError,
+    ConfigError,
+    DivergedError,
+    Interrupted,
+    first_line,
+    one_line,
+    out_of_memory,
+)
+from .common import Parser, add_front_flag, given_dests
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
 TASKS = {"pretrain": ("classification", "diffusion", "text-to-image"),
@@ -146,19 +154,21 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     """Parse ``argv``; a preset's values come first, then a --config file's, then the flags given (they win)."""
     args = parser.parse_args(argv)
     args.given = [a.split("=", 1)[0] for a in argv if a.startswith("--")]  # the flags typed, for --resume's check
-    if args.command is None or not (getattr(args, "preset", None) or getattr(args, "config", None)):
+    if args.command is not None:
+        args.given_dests = given_dests(parser._subparsers._group_actions[0].choices[args.command], args.given)
+    if args.command is None or (getattr(args, "preset", None) is None and getattr(args, "config", None) is None):
         return args
     sub = parser._subparsers._group_actions[0].choices[args.command]
     front = []
-    if args.preset:
+    if args.preset is not None:
         preset = load_preset(args.preset)
         check_preset_fits(preset, args.command, command_task(args))
         front += options_argv(sub, preset["options"], f"preset {args.preset}")
-    if args.config:
+    if args.config is not None:
         front += options_argv(sub, read_options(args.config), f"--config {args.config}")
-    given = args.given
+    given, dests = args.given, args.given_dests
     args = parser.parse_args([args.command, *front, *argv[argv.index(args.command) + 1:]])
-    args.given = given
+    args.given, args.given_dests = given, dests
     return args
 
 
@@ -266,4 +276,10 @@ def _main(argv: list[str]) -> int:
         print("autoprog: interrupted; the last checkpoint is kept (continue with --resume)",
               file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        print(f"autoprog: error: out of memory ({first_line(e)[:160]}): lower --batch-size or the image size; "
+              "a run's last checkpoint is kept", file=sys.stderr)
+        return 2
 

@@ -6,8 +6,17 @@ from __future__ import annotations
 import argparse
 
 from ..classification.runner import RunSpec
+from ..methods import PRETRAIN
 from ..options import add_options, from_args
-from .common import add_front_flag, add_run_flags, front_of, run_compare, run_one
+from .common import (
+    add_front_flag,
+    add_run_flags,
+    compare_methods,
+    front_of,
+    refuse_unused,
+    run_compare,
+    run_one,
+)
 
 DEFAULT_COMPARE_METHODS = "original,prog,autoprog-one"
 
@@ -50,10 +59,13 @@ def run_classification(args, acc) -> None:
     from ..classification import runner
 
     if args.command == "pretrain":
+        if not args.resume:
+            refuse_unused(args, [args.method], PRETRAIN, runner.OPTION_USERS)
         run_one(args, acc, "pretrain", runner.pretrain, lambda: spec_from_args(args, args.method),
                 lambda s: f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of "
                           f"training; results in {args.out}/results.json")
         return
+    refuse_unused(args, list(dict.fromkeys(["original", *compare_methods(args)])), PRETRAIN, runner.OPTION_USERS)
     base, front = spec_from_args(args, "original"), front_of(args)
     run_compare(args, acc, lambda methods, budget: runner.compare(base, methods, args.out, budget, acc, front),
                 lambda methods, seeds, budget: runner.compare_seeds(base, methods, args.out, seeds, budget, acc,

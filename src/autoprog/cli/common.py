@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..optim import SEED_MAX
+from ..options import parse_number
 
 
 def positive_int(s: str) -> int:
-    v = int(s)
+    v = parse_number(int, s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
@@ -21,6 +23,32 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"autoprog: error: {message} (see '{self.prog} --help')\n")
 
 
+def given_dests(parser: argparse.ArgumentParser, flags: list[str]) -> dict[str, str]:
+    """Flag typed → the option it sets (its argparse ``dest``), abbreviations resolved as argparse does."""
+    strings = parser._option_string_actions
+    out = {}
+    for flag in flags:
+        matches = [s for s in strings if s == flag] or [s for s in strings if s.startswith(flag)]
+        if len(matches) == 1:
+            out[matches[0]] = strings[matches[0]].dest
+    return out
+
+
+def refuse_unused(args, methods: list[str], task: str, users: dict) -> None:
+    """A flag typed on the command line that none of ``methods`` reads (``users``: see
+    :func:`autoprog.methods.unused_options`) is a one-line error; a --config file or preset may set it."""
+    from ..methods import get_method, method_names, unused_options
+
+    given = getattr(args, "given_dests", {})
+    unused = unused_options(given.values(), [get_method(m, task) for m in methods], users)
+    if unused:
+        flag = next(f for f, d in given.items() if d == unused[0])
+        readers = [m for m in method_names(task) if users[unused[0].rsplit(".", 1)[-1]](get_method(m, task))]
+        which = f"--method {methods[0]} does not" if len(methods) == 1 else f"none of --methods {','.join(methods)}"
+        raise ConfigError(f"{flag} is read only by {', '.join(readers)}; {which} read{'s' * (len(methods) > 1)} it "
+                          f"(drop {flag})")
+
+
 def parse_seeds(text: str) -> list[int]:
     """``--seeds 0,1,2`` → ``[0, 1, 2]``."""
     try:
@@ -29,7 +57,18 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds is empty")
+    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if bad:
+        raise ConfigError(f"--seeds must be in 0 to 2^32-1, got {bad[0]}")
     return seeds
+
+
+def seed(text: str) -> int:
+    """A ``--seed`` value: an integer in 0 to 2^32-1."""
+    v = parse_number(int, text)
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in 0 to 2^32-1, got {text}")
+    return v
 
 
 def add_run_flags(g, command: str) -> None:
@@ -83,10 +122,18 @@ def run_one(args, acc, what: str, run, make_spec, done) -> None:
     acc.print(done(res["summary"]) if res.get("done") else f"stopped early as asked; continue with --resume {args.out}")
 
 
+def compare_methods(args) -> list[str]:
+    """``--methods``: comma-separated names, at least one."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods names no method, got {args.methods!r}")
+    return methods
+
+
 def run_compare(args, acc, one, over_seeds, files: str) -> None:
     """``compare``: ``one(methods, budget)`` for a single seed, ``over_seeds(methods, seeds, budget)`` with
     ``--seeds``; ``budget`` says whether to train the budget-matched baseline."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = compare_methods(args)
     budget = not args.no_budget_baseline
     if args.seeds:
         over_seeds(methods, parse_seeds(args.seeds), budget)

@@ -6,31 +6,22 @@ from __future__ import annotations
 
 import argparse
 from importlib import resources
-from pathlib import Path
 
 from ..errors import ConfigError
+from ..formats import parse_yaml, read_text
 
 PRESET_TASKS = {"classification": "autoprog pretrain / autoprog compare",
                 "diffusion": "autoprog pretrain --task diffusion",
                 "finetune": "autoprog finetune / autoprog compare --task finetune"}
 
 
-def _yaml(text: str, where: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from e
-
-
 def read_options(path: str) -> dict:
-    """The option mapping of a --config file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read --config {path}: {e.strerror}") from e
-    values = _yaml(text, f"--config {path}")
+    """The option mapping of a --config file (UTF-8 YAML, each key once, not empty)."""
+    if not path:
+        raise ConfigError("--config needs a YAML file's path, got ''")
+    values = parse_yaml(read_text(path, "--config"), f"--config {path}")
+    if values is None:
+        raise ConfigError(f"--config {path} is empty; give option: value lines, or drop --config")
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path} must be a mapping of option: value")
     return values
@@ -52,8 +43,19 @@ def options_argv(sub: argparse.ArgumentParser, values: dict, where: str) -> list
         elif value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: {key} needs a single value, got {value!r}")
         else:
+            _check_value(action, str(value), f"{where}: {key} ({flag})")
             argv += [flag, str(value)]
     return argv
+
+
+def _check_value(action: argparse.Action, text: str, where: str) -> None:
+    """The check argparse makes of a flag's value, made here so that the error names the file and the key."""
+    try:
+        value = action.type(text) if callable(action.type) else text
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise ConfigError(f"{where} {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {text!r}")
 
 
 def _preset_files() -> dict:
@@ -65,9 +67,11 @@ def _preset_files() -> dict:
 def load_preset(name: str) -> dict:
     """A shipped preset: ``{"description", "task", "options"}``."""
     files = _preset_files()
+    if not name:
+        raise ConfigError(f"--preset needs a name, got ''; choose from {', '.join(sorted(files))}")
     if name not in files:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(sorted(files))} (see 'autoprog presets')")
-    d = _yaml(files[name].read_text(), f"preset {name}")
+    d = parse_yaml(files[name].read_text(encoding="utf-8"), f"preset {name}")
     if not isinstance(d, dict) or set(d) != {"description", "task", "options"} or d["task"] not in PRESET_TASKS \
             or not isinstance(d["options"], dict):
         raise ConfigError(f"preset {name} ({files[name]}) needs exactly description, task "

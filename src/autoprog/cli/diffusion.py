@@ -13,8 +13,18 @@ import math
 
 from ..diffusion.runner import BaseSpec, DreamBoothSpec, FinetuneSpec, TextBaseSpec, TextFinetuneSpec
 from ..errors import ConfigError
+from ..methods import FINETUNE
 from ..options import add_options, from_args
-from .common import add_run_flags, front_of, positive_int, run_compare, run_one
+from .common import (
+    add_run_flags,
+    compare_methods,
+    front_of,
+    positive_int,
+    refuse_unused,
+    run_compare,
+    run_one,
+    seed,
+)
 
 GROUPS = ("model", "data", "unfreezing", "optimisation", "evaluation")
 BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr", "train.time_source",
@@ -77,7 +87,7 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 = deterministic (default: 1)")
     s.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default: 4.0, the paper's for visualisation)")
     s.add_argument("--stage", type=positive_int, help="use stage K's identifier (default: the last stage's)")
-    s.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    s.add_argument("--seed", type=seed, default=0, help="0 to 2^32-1 (default: 0)")
 
 
 def run_sample(args, acc) -> None:
@@ -134,12 +144,15 @@ def run_diffusion(args, acc) -> None:
 
     if args.command in ("pretrain", "finetune"):
         base = args.command == "pretrain"
+        if not base and not args.resume:
+            refuse_unused(args, [args.method], FINETUNE, runner.OPTION_USERS)
         run_one(args, acc, f"pretrain --task {args.task}" if base else "finetune",
                 runner.pretrain_base if base else runner.finetune,
                 (lambda: base_spec(args)) if base else (lambda: finetune_spec(args, args.method)),
                 lambda s: f"done: {s['metric']} {s[s.get('headline', 'fd')]:.3f} after {s['steps']} steps "
                           f"({s['wall_time_s']:.1f}s of training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
         return
+    refuse_unused(args, list(dict.fromkeys(["full", *compare_methods(args)])), FINETUNE, runner.OPTION_USERS)
     spec, front = finetune_spec(args, "full"), front_of(args)
     run_compare(args, acc, lambda methods, budget: runner.compare_finetune(methods, spec, args.out, budget, acc,
                                                                            front),

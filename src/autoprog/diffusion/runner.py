@@ -21,10 +21,11 @@ from ..algorithms.gain import CRITERIA
 from ..budget import Budget
 from ..checkpoint import has_checkpoint, writable_dir, write_json
 from ..errors import ConfigError, warn
+from ..formats import check_fields
 from ..front import DEFAULT_FRONT
 from ..methods import FINETUNE, SearchSettings, get_method, methods_help
 from ..models.dit import build_backbone, load_backbone
-from ..options import Spec, option
+from ..options import MAX_IMAGE_SIZE, Spec, option
 from ..schedules import Schedule
 from .data import BASE_CLASSES, DEFAULT_CAPTION, TRANSFER_CLASSES, load_diffusion_data, parse_classes
 from .dreambooth import (
@@ -67,7 +68,7 @@ class ImageDataSpec(Spec):
     subset: int | None = option(None, "train on this many images (fixed random subset; 0 = all)", minimum=0,
                                 zero_is_none=True, group="data")
     image_size: int | None = option(None, "resize images to this size (default: the dataset's; 32 for ImageFolder)",
-                                    minimum=1, show_default=False, group="data")
+                                    minimum=1, maximum=MAX_IMAGE_SIZE, show_default=False, group="data")
     fid_weights: str | None = option(None, "a local Inception checkpoint (torch-fidelity's "
                                            "pt_inception-2015-12-05): report real FID. Without it: FD on the "
                                            "features of a classifier autoprog trains on the dataset and caches",
@@ -77,7 +78,7 @@ class ImageDataSpec(Spec):
                                          "~/.cache/autoprog)", show_default=False, group="evaluation")
 
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls, d: dict, where: str | None = None):
         """A saved spec; one made before a setting whose default changed ran with the old behaviour
         (:data:`BEFORE_SETTING`), which it keeps, so that resuming or reusing it does not change what it did."""
         d = json.loads(json.dumps(d))
@@ -90,7 +91,7 @@ class ImageDataSpec(Spec):
                 ok = isinstance(node, dict)
             if ok and (parents or leaf in names) and leaf not in node:
                 node[leaf] = old
-        return super().from_dict(d)
+        return super().from_dict(d, where)
 
 
 @dataclass
@@ -185,14 +186,14 @@ class TextFinetuneSpec(FinetuneSpec):
                                              "Diffusion fine-tuning)", group="unfreezing")
 
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls, d: dict, where: str | None = None):
         """A saved spec; one written before 2026-12-06 kept ``gradient_checkpointing`` here, now every task's
         ``train`` option."""
         if isinstance(d, dict) and "gradient_checkpointing" in d:
             d = dict(d)
             moved = d.pop("gradient_checkpointing")
             d["train"] = {**(d.get("train") or {}), "gradient_checkpointing": moved}
-        return super().from_dict(d)
+        return super().from_dict(d, where)
 
 
 @dataclass
@@ -487,14 +488,20 @@ def _progressive_controller(spec: FinetuneSpec, chosen, model, space, seed: int 
                         gain_folds=spec.gain_folds, candidate_space=spec.candidate_space)
 
 
+def saved_spec(stored: dict, cls, where: str):
+    """The spec a diffusion run's ``config.json`` (``{"task", "spec_class", "spec"}``) holds."""
+    check_fields(stored, {"spec_class": str, "spec": dict}, where, required=("spec",))
+    name = stored.get("spec_class", cls.__name__)
+    if name not in SPEC_CLASSES:
+        raise ConfigError(f"{where}: unknown spec_class {name!r}; expected one of {', '.join(SPEC_CLASSES)}")
+    return SPEC_CLASSES[name].from_dict(stored["spec"], where)
+
+
 def _run_spec(cls, spec, out: Path, resume: bool):
     """The spec to run into ``out``: the stored one when resuming (to the end), else ``spec`` if ``out`` is free."""
     if resume:
-        cfg = out / "config.json"
-        if not cfg.is_file():
-            raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
-        stored = json.loads(cfg.read_text())
-        spec = SPEC_CLASSES.get(stored.get("spec_class"), cls).from_dict(stored["spec"])
+        stored = experiment.read_run_config(out, "diffusion" if issubclass(cls, BaseSpec) else "finetune")
+        spec = saved_spec(stored, cls, str(out / "config.json"))
         spec = replace(spec, train=replace(spec.train, stop_after_steps=None))
     elif has_checkpoint(out):
         raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
@@ -759,8 +766,20 @@ SEARCH_SETTINGS = SearchSettings(autoprog_one=("search_fraction", "alpha"),
                                  both=("time_source", "step_time_scope", "proxy_batches", "proxy_batch_size"))
 
 
+
+def _progressive(m) -> bool:
+    return m.kind != "static"
+
+
+# Settings only some methods read (the rest, every method): a flag typed for a method that ignores it is refused.
+OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.base == "prog",
+                "lora_rank": lambda m: m.base == "lora" and m.options.get("rank") is None,
+                **dict.fromkeys(("num_stages", "start_ratio", "learnable_layout", "frozen_prefix"), _progressive),
+                **dict.fromkeys(("sid_init", "sid_dropout"), lambda m: _progressive(m) and m.options.get("sid", True))}
+
+
 def _saved_differences(out: Path, spec: FinetuneSpec) -> list[str] | None:
-    return experiment.saved_differences(out, spec, lambda cfg: type(spec).from_dict(cfg["spec"]),
+    return experiment.saved_differences(out, spec, lambda cfg: saved_spec(cfg, type(spec), str(out / "config.json")),
                                         ignore=("stop_after_steps",
                                                 *SEARCH_SETTINGS.unread_by(get_method(spec.method, FINETUNE))))
 
