@@ -28,11 +28,32 @@ def test_from_dict_round_trips_and_refuses_unknown_keys(cls):
         cls.from_dict({**spec.to_dict(), "bogus": 1})
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="train.nope"):
-        cls.from_dict({"train": {"nope": 3}})
+        cls.from_dict({**({"method": "prog"} if "method" in cls.__dataclass_fields__ else {}), "train": {"nope": 3}})
 
 
-def test_missing_keys_take_defaults():
-    assert RunSpec.from_dict({"method": "original"}) == dataclasses.replace(RunSpec(), method="original")
+def test_missing_keys_take_defaults_but_not_the_method_or_a_section():
+    d = dataclasses.replace(RunSpec(), method="original").to_dict()
+    del d["train"]["warmup_epochs"], d["num_stages"]  # settings a file written before them lacks
+    assert RunSpec.from_dict(d) == dataclasses.replace(RunSpec(), method="original")
+    for cut in ({"method": "original"}, {"train": {}}):
+        with pytest.raises(ConfigError, match="lacks"):
+            RunSpec.from_dict(cut, "run/config.json")
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("epochs", "x", "train.epochs must be a number, got 'x'"),
+    ("stop_after_epochs", 2.5, "train.stop_after_epochs must be an integer or null, got 2.5"),
+    ("lr", float("nan"), "train.lr must be a finite number"),
+    ("lr", -1.0, "train.lr must be above 0"),
+    ("seed", 2 ** 70, "fits in 64 bits"),
+    ("label_smoothing", True, "must be a number, got True"),
+])
+def test_a_saved_spec_is_type_and_bound_checked_naming_file_and_key(key, value, needle):
+    d = RunSpec().to_dict()
+    d["train"][key] = value
+    with pytest.raises(ConfigError, match="run/config.json") as e:
+        RunSpec.from_dict(d, "run/config.json")
+    assert needle in str(e.value)
 
 
 @pytest.mark.parametrize("argv, spec_of, cls", [

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from torch import nn
 
+from .errors import ConfigError
+from .formats import check_fields, read_json_object
+
 CHECKPOINT_DIR = "checkpoint"  # inside a run directory: the latest resumable state
 
 PREVIOUS_SUFFIX = ".prev"  # the checkpoint before the newest, kept as a fallback
@@ -64,6 +67,52 @@ def writable_dir(out: Path) -> Path:
     except OSError as err:
         raise ConfigError(f"--out {out}: cannot create or write there ({err.strerror or err})") from None
     return out
+
+
+# what a run writes in its folder (besides hidden temporary files): all that --overwrite removes
+RUN_FILES = ("config.json", "results.json", "schedule.json", "samples", "logs",
+             *(d + s for d in (CHECKPOINT_DIR, "model") for s in ("", PREVIOUS_SUFFIX, ".tmp")))
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds an exported model (autoprog's, a diffusers model or pipeline, or a timm checkpoint)."""
+    return any((path / f).exists() for f in ("model.safetensors", "diffusion_pytorch_model.safetensors",
+                                              "pytorch_model.bin", "model_index.json", "autoprog.json", "unet"))
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def new_run_dir(out: Path, overwrite: bool = False, protected: dict[str, str | Path | None] | None = None) -> Path:
+    """Make ``out`` the folder of a new run: a new or empty folder, or one holding only a run's files (a run
+    stopped before its first checkpoint is started again there). Never a model folder, a folder holding other
+    files, or one of ``protected`` (what it is → its path: the ``--base`` a run reads); a run with a checkpoint
+    or results there is continued with ``--resume``, or removed first with ``overwrite``. One-line
+    :class:`ConfigError` otherwise."""
+    out = Path(out)
+    for what, path in (protected or {}).items():
+        if path and Path(path).exists() and _same_or_inside(out, Path(path)):
+            raise ConfigError(f"--out {out} is inside {what} {path}, which this run reads; choose another --out")
+    if out.is_dir():
+        if is_model_dir(out):
+            raise ConfigError(f"--out {out} is a model folder; choose a new or empty folder (a run writes its model "
+                              "to OUT/model)")
+        entries = sorted(e.name for e in out.iterdir() if not e.name.startswith("."))
+        others = [e for e in entries if e not in RUN_FILES]
+        if others:
+            raise ConfigError(f"--out {out} holds files that are not a run's ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
+        if has_checkpoint(out) or (out / "results.json").is_file():
+            if not overwrite:
+                raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, --overwrite to "
+                                  "start it again, or choose another --out")
+            if os.environ.get("RANK", "0") == "0":  # one process removes; the others only check
+                for name in entries:
+                    target = out / name
+                    shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    return writable_dir(out)
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -175,7 +224,6 @@ def migrate_state(state: dict) -> dict:
 def _read_one(ck: Path, device, need_ema: bool) -> tuple[dict, dict, dict | None, dict]:
     """One checkpoint directory, checked: parseable JSON with the state's keys, loadable safetensors, finite
     weights, the RNG state present."""
-    import json
 
     import torch
     from safetensors import SafetensorError
@@ -196,12 +244,11 @@ def _read_one(ck: Path, device, need_ema: bool) -> tuple[dict, dict, dict | None
         return tensors
 
     try:
-        state = json.loads((ck / "state.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _Damaged(f"{ck / 'state.json'} cannot be read ({' '.join(str(e).split())[:120]})") from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise _Damaged(f"{ck / 'state.json'} lacks {', '.join(missing)}")
+        state = read_json_object(ck / "state.json", "checkpoint state")
+        check_fields(state, {"step": int, "stage": int, "total_steps": int, "history": [dict], "stage_log": [dict]},
+                     str(ck / "state.json"), required=STATE_KEYS)
+    except ConfigError as e:
+        raise _Damaged(str(e)) from None
     model, ema = load("model.safetensors"), load("ema.safetensors", required=need_ema)
     opt = load("optimizer.safetensors", on="cpu")
     rng = opt.get("__rng__")

@@ -40,6 +40,21 @@ def read_run_config(out: Path, kind: str) -> dict:
     return d
 
 
+def input_paths(spec, prefix: str = "--") -> dict[str, str]:
+    """Flag → value of every text setting of ``spec`` that names an existing file or folder (what the run
+    reads: a dataset, a base model, a VAE...), which its ``--out`` must not be; the cache is autoprog's own."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(input_paths(v, prefix))
+        elif isinstance(v, str) and f.name != "cache_dir" and v and Path(v).exists():
+            out[prefix + f.name.replace("_", "-")] = v
+    return out
+
+
 def spec_differences(saved: dict, wanted: dict, prefix: str = "", ignore: tuple[str, ...] = ()) -> list[str]:
     """``"name: X there, Y now"`` for every setting (dotted name) that differs between two spec dicts."""
     out = []

@@ -206,7 +206,8 @@ def _range_text(lo, hi, above, below) -> str:
 
 def from_dict(spec_cls, d: dict, *, where: str = "settings", prefix: str = ""):
     """``spec_cls`` from a saved dict: keys must be fields (an unknown one is a one-line error naming it),
-    nested specs load recursively, missing keys take the defaults."""
+    nested specs load recursively, missing keys take the defaults (settings added since the file was written) except
+    ``method`` and the nested sections, which every saved spec has."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the spec'} must be a mapping, got {type(d).__name__}")
     hints = _hints(spec_cls)
@@ -214,6 +215,10 @@ def from_dict(spec_cls, d: dict, *, where: str = "settings", prefix: str = ""):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(prefix + k for k in unknown)}")
+    # a saved spec always held its method and nested sections: one without them was cut, not made by an old version
+    missing = [k for k in sorted(names) if (k == "method" or _is_spec(hints[k])) and k not in d]
+    if missing:
+        raise ConfigError(f"{where}: lacks {', '.join(prefix + k for k in missing)}")
     values = {}
     for k, v in d.items():
         if _is_spec(hints[k]):

@@ -15,7 +15,7 @@ from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
 from ..budget import Budget
-from ..checkpoint import has_checkpoint, writable_dir, write_json
+from ..checkpoint import new_run_dir, writable_dir, write_json
 from ..data import load_dataset
 from ..errors import ConfigError, warn
 from ..experiment import (
@@ -25,6 +25,7 @@ from ..experiment import (
     diverged_rows,
     drop_stale_budget_run,
     front_runs,
+    input_paths,
     read_run_config,
     reuse_or_run,
     run_methods,
@@ -157,8 +158,9 @@ def validate_spec(spec: RunSpec) -> None:
         build_run(spec)
 
 
-def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False) -> dict:
+def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json.
+    ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there).
 
     Under ``torchrun``/``accelerate launch``, call ``accelerator.end_training()`` when done (the CLI does),
     so the process group is torn down before the interpreter exits.
@@ -169,10 +171,8 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
     if resume:
         spec = RunSpec.from_dict(read_run_config(out, "classification"), str(out / "config.json"))
         spec = replace(spec, train=replace(spec.train, stop_after_epochs=None))  # resume runs to the end
-    elif has_checkpoint(out):
-        raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
     else:
-        writable_dir(out)
+        new_run_dir(out, overwrite, input_paths(spec))
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
     data, net, schedule, growth = build_run(spec)
     if spec.method == "prog" and not resume:  # progstack's three stages do not follow --num-stages

@@ -22,7 +22,7 @@ from ..errors import (
     one_line,
     out_of_memory,
 )
-from .common import Parser, add_front_flag, given_dests
+from .common import Parser, add_front_flag, add_out_flags, given_dests
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
 TASKS = {"pretrain": ("classification", "diffusion", "text-to-image"),
@@ -74,8 +74,7 @@ def _add_pretrain(sub, task: str | None) -> None:
                                         "classes 0-4), to fine-tune later. Writes OUT/model (config.json + "
                                         "safetensors)") + ", OUT/results.json and a resumable checkpoint.")
         _task_flag(p, "pretrain")
-        p.add_argument("--out", help="output directory (required unless --resume)")
-        p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+        add_out_flags(p)
         cli_diffusion.add_base_options(p, text)
     else:
         p = sub.add_parser("pretrain", help="train one model with a growth schedule (--task diffusion: a base DiT)",
@@ -135,8 +134,7 @@ def _add_finetune(sub, task: str | None) -> None:
                                    ". Writes OUT/model, OUT/results.json (FD curve, search tables), "
                                    "OUT/schedule.json and a resumable checkpoint.")
     _task_flag(f, "finetune")
-    f.add_argument("--out", help="output directory (required unless --resume)")
-    f.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    add_out_flags(f)
     cli_diffusion.add_finetune_options(f, single=True, task=task)
 
 

@@ -10,6 +10,7 @@ from ..methods import PRETRAIN
 from ..options import add_options, from_args
 from .common import (
     add_front_flag,
+    add_out_flags,
     add_run_flags,
     compare_methods,
     front_of,
@@ -33,8 +34,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def add_pretrain_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="output directory (required unless --resume)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    add_out_flags(p)
     add_run_options(p, "pretrain")
 
 

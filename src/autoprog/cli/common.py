@@ -87,6 +87,14 @@ def add_run_flags(g, command: str) -> None:
                                     "--config and flags win over it")
 
 
+def add_out_flags(p) -> None:
+    """Where one run goes: ``--out`` (a new or empty folder), ``--resume``, ``--overwrite``."""
+    p.add_argument("--out", help="output directory (required unless --resume): a new or empty folder, never a model "
+                                 "folder, the base model or data the run reads, or a folder of other files")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="--out holds a run: remove its files and start again")
+
+
 def add_front_flag(c, baseline: str) -> None:
     """``compare --front``: the budgets of the baseline's time–quality front."""
     c.add_argument("--front", default="0.25,0.5,0.75,1", metavar="FRACTIONS",
@@ -118,7 +126,7 @@ def run_one(args, acc, what: str, run, make_spec, done) -> None:
         return
     if not args.out:
         raise ConfigError(f"{what} needs --out DIR (or --resume DIR)")
-    res = run(make_spec(), args.out, acc)
+    res = run(make_spec(), args.out, acc, overwrite=args.overwrite)
     acc.print(done(res["summary"]) if res.get("done") else f"stopped early as asked; continue with --resume {args.out}")
 
 

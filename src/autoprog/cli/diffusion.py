@@ -95,6 +95,7 @@ def run_sample(args, acc) -> None:
 
     import torch
 
+    from ..checkpoint import is_model_dir
     from ..diffusion.data import parse_classes
     from ..diffusion.quality import save_grid
     from ..diffusion.sampling import sample
@@ -117,6 +118,9 @@ def run_sample(args, acc) -> None:
     from ..diffusion.runner import conditions_for, decode_samples
 
     out = Path(args.out) if args.out else path / "samples"
+    if args.out and is_model_dir(out):
+        raise ConfigError(f"--out {out} is a model folder; sample grids go to a folder of their own "
+                          f"(default: {path / 'samples'})")
     if args.prompt:
         if model.kind != "text-unet":
             raise ConfigError("--prompt needs a text-to-image model; this one is class-conditional (use --classes)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_digits, load_fashion_mnist
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 FASHION_MNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                        "ankle boot")
@@ -122,12 +122,35 @@ class DiffusionData:
         return labels if self.caption_ids is None else self.caption_ids[labels]
 
     def caption(self, tokenize, template: str = DEFAULT_CAPTION) -> None:
-        """Give every class the prompt ``template.format(class name)``, tokenized by ``tokenize`` (a text model's)."""
-        if "{}" not in template:
-            raise DataError(f"--caption {template!r} needs a {{}} where the class name goes")
+        """Give every class the prompt ``template`` filled with its name, tokenized by ``tokenize`` (a text model's)."""
+        check_template(template, "--caption")
         names = self.class_names or tuple(f"class {i}" for i in range(self.num_classes))
-        self.captions = tuple(template.format(n) for n in names)
+        self.captions = tuple(fill_template(template, n) for n in names)
         self.caption_ids = tokenize(list(self.captions))
+
+
+def check_template(template: str, flag: str, required: bool = True) -> int:
+    """The number of ``{}`` slots (0 or 1) of a prompt template: text with one ``{}`` where the class name goes
+    (none allowed when not ``required``); literal braces are written ``{{`` and ``}}``. Anything else is a
+    one-line error naming ``flag``."""
+    from string import Formatter
+
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"{flag} {template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    if any(name or spec or conv for name, spec, conv in fields):
+        raise ConfigError(f"{flag} {template!r}: only an empty {{}} (the class name) may stand in braces")
+    if len(fields) > 1:
+        raise ConfigError(f"{flag} {template!r} has {len(fields)} {{}} slots; give one, where the class name goes")
+    if required and not fields:
+        raise ConfigError(f"{flag} {template!r} needs a {{}} where the class name goes")
+    return len(fields)
+
+
+def fill_template(template: str, name: str) -> str:
+    """``template`` (checked by :func:`check_template`) with ``name`` in its ``{}``."""
+    return template.format(name)
 
 
 def _cycled(pool: torch.Tensor, step: int, size: int, seed: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, first_line
+from ..formats import read_json_object
 from .data import DiffusionData, to_float
 
 CACHE_FORMAT = "autoprog-latents/1"
@@ -61,11 +62,8 @@ class LatentCodec:
         cfg_file = vae_dir / "config.json"
         if not cfg_file.is_file():
             raise ConfigError(f"{root} is not a diffusers AutoencoderKL directory: config.json is missing")
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{cfg_file} is not readable JSON: {first_line(e)}") from e
-        kind = meta.get("_class_name") if isinstance(meta, dict) else None
+        meta = read_json_object(cfg_file, "VAE config")
+        kind = meta.get("_class_name")
         if kind != "AutoencoderKL":
             raise ConfigError(f"{vae_dir} holds a {kind or 'non-diffusers model'}, not an AutoencoderKL")
         from diffusers import AutoencoderKL

@@ -19,7 +19,7 @@ from ..adapters.unfreezer import FROZEN_PREFIX, LAYOUTS, Unfreezer
 from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
 from ..budget import Budget
-from ..checkpoint import has_checkpoint, writable_dir, write_json
+from ..checkpoint import new_run_dir, writable_dir, write_json
 from ..errors import ConfigError, warn
 from ..formats import check_fields
 from ..front import DEFAULT_FRONT
@@ -27,7 +27,15 @@ from ..methods import FINETUNE, SearchSettings, get_method, methods_help
 from ..models.dit import build_backbone, load_backbone
 from ..options import MAX_IMAGE_SIZE, Spec, option
 from ..schedules import Schedule
-from .data import BASE_CLASSES, DEFAULT_CAPTION, TRANSFER_CLASSES, load_diffusion_data, parse_classes
+from .data import (
+    BASE_CLASSES,
+    DEFAULT_CAPTION,
+    TRANSFER_CLASSES,
+    check_template,
+    fill_template,
+    load_diffusion_data,
+    parse_classes,
+)
 from .dreambooth import (
     CLASS_CFG_SCALE,
     DEFAULT_CLASS_PROMPT,
@@ -244,14 +252,13 @@ class DreamBoothSpec(TextFinetuneSpec):
         names = {"digits": DIGIT_NAMES}.get(self.dataset, FASHION_MNIST_NAMES)
         out = []
         for flag, p in (("--instance-prompt", self.instance_prompt), ("--class-prompt", self.class_prompt)):
-            if "{}" in p:
+            if check_template(p, flag, required=False):  # it has a {} slot
                 if cls is None:
                     raise ConfigError(f"{flag} {p!r}: with --instance-dir, write the class name in the prompt "
                                       "(or give --subject-class to fill {})")
                 if not 0 <= cls < len(names):
                     raise ConfigError(f"--subject-class {cls}: {self.dataset} has classes 0-{len(names) - 1}")
-                p = p.replace("{}", names[cls])
-            out.append(p)
+            out.append(fill_template(p, names[cls] if cls is not None and 0 <= cls < len(names) else ""))
         if out[0] == out[1]:
             raise ConfigError(f"--instance-prompt and --class-prompt are the same ({out[0]!r}): the instance prompt "
                               "needs an identifier word the class prompt lacks")
@@ -432,8 +439,8 @@ def _data_and_base(spec: FinetuneSpec):
     if not dreambooth:
         data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                    spec.subset, seed=0)
-    if text and "{}" not in spec.caption:
-        raise ConfigError(f"--caption {spec.caption!r} needs a {{}} where the class name goes")
+    if text:
+        check_template(spec.caption, "--caption")
     base = _base_path(spec)
     model, meta = load_backbone(base, with_sid=False)
     if text != (model.kind == "text-unet"):
@@ -497,24 +504,28 @@ def saved_spec(stored: dict, cls, where: str):
     return SPEC_CLASSES[name].from_dict(stored["spec"], where)
 
 
-def _run_spec(cls, spec, out: Path, resume: bool):
-    """The spec to run into ``out``: the stored one when resuming (to the end), else ``spec`` if ``out`` is free."""
+def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False):
+    """The spec to run into ``out``: the stored one when resuming (to the end), else ``spec`` if ``out`` may hold
+    a new run (:func:`~autoprog.checkpoint.new_run_dir`)."""
     if resume:
         stored = experiment.read_run_config(out, "diffusion" if issubclass(cls, BaseSpec) else "finetune")
         spec = saved_spec(stored, cls, str(out / "config.json"))
         spec = replace(spec, train=replace(spec.train, stop_after_steps=None))
-    elif has_checkpoint(out):
-        raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, or choose another --out")
     else:
-        writable_dir(out)
+        reads = experiment.input_paths(spec)
+        if isinstance(spec, FinetuneSpec):
+            reads["--base"] = _base_path(spec)
+        new_run_dir(out, overwrite, reads)
     spec.train.validate()
     return spec
 
 
-def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None) -> dict:
-    """Run (or resume) one fine-tuning run into ``out``; returns the results also written to results.json."""
+def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None,
+             overwrite: bool = False) -> dict:
+    """Run (or resume) one fine-tuning run into ``out``; returns the results also written to results.json.
+    ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there)."""
     out = Path(out)
-    spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume)
+    spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume, overwrite)
     torch.manual_seed(spec.train.seed)
     data, model, controller, unfreezer, lr = build_finetune(spec)
     if get_method(spec.method, FINETUNE).base == "prog" and not spec.schedule and not resume:
@@ -537,12 +548,13 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
     return trainer.fit(resume=resume)
 
 
-def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: bool = False) -> dict:
+def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: bool = False,
+                  overwrite: bool = False) -> dict:
     """Train a base DiT from scratch on ``spec.classes``; the model is written to ``out/model``."""
     from ..controllers import StaticController
 
     out = Path(out)
-    spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume)
+    spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                spec.subset, seed=0)
     if spec.vae:
@@ -580,7 +592,7 @@ def _build_text_base(spec: TextBaseSpec, data):
     except ValueError:
         raise ConfigError(f"--channels {spec.channels!r}: use numbers like 32,64,64") from None
     names = data.class_names or ()
-    text = " ".join([spec.caption.replace("{}", " "), *names, SID_TEXT.format(k=1)])
+    text = " ".join([fill_template(spec.caption, " "), *names, SID_TEXT.format(k=1)])
     words = [w for w in text.replace(",", " ").split() if w.isalpha() or "-" in w]
     model = build_text_unet(data.model_size, data.model_chans, channels, spec.text_dim, spec.text_layers,
                             words, spec.max_length)

@@ -65,6 +65,7 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
     default base DiT, η = 0 left grey noise where η = 1 gave recognisable garments.
     """
     sched = sampling_scheduler(getattr(model, "noise_config", None))
+    check_sample_steps(steps, sched)
     sched.set_timesteps(steps)
     dev = next(model.parameters()).device
     res = resolution or model.image_size
@@ -100,6 +101,16 @@ def sampling_scheduler(config: dict | None = None):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(training_scheduler(config).config)
+
+
+def check_sample_steps(steps: int, scheduler) -> None:
+    """DDIM takes at most as many steps as the noise schedule has; more is a one-line error."""
+    from ..errors import ConfigError
+
+    most = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= most:
+        raise ConfigError(f"--sample-steps {steps}: the model's noise schedule has {most} steps; sample with 1 to "
+                          f"{most}")
 
 
 def balanced_labels(classes: tuple[int, ...], n: int) -> torch.Tensor:

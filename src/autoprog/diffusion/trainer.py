@@ -40,7 +40,14 @@ from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
 from .data import DiffusionData
 from .dreambooth import SCORE_KEYS
 from .methods import export_backbone
-from .sampling import balanced_labels, diffusion_loss, sample, sampling_scheduler, training_scheduler
+from .sampling import (
+    balanced_labels,
+    check_sample_steps,
+    diffusion_loss,
+    sample,
+    sampling_scheduler,
+    training_scheduler,
+)
 
 MODEL_DIR = "model"
 LR_SCHEDULES = ("constant", "cosine")
@@ -68,8 +75,10 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
                                      below=1, group="optimisation")
     eval_points: int = option(4, "FD measurements during training, evenly spaced, the last at the end", minimum=1,
                               group="evaluation")
-    curve_samples: int = option(200, "generated images per intermediate measurement", minimum=1, group="evaluation")
-    fd_samples: int = option(500, "generated images for the final FD/KID", minimum=1, group="evaluation")
+    curve_samples: int = option(200, "generated images per intermediate measurement (a covariance needs 2)",
+                                minimum=2, group="evaluation")
+    fd_samples: int = option(500, "generated images for the final FD/KID (a covariance needs 2)", minimum=2,
+                             group="evaluation")
     sample_steps: int = option(50, "DDIM steps", minimum=1, group="evaluation")
     sample_eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 ancestral noise at every step; small CPU-trained "
                                     "models sample far better with 1", flag="--eta", minimum=0, maximum=1,
@@ -118,6 +127,7 @@ class DiffusionTrainer(RunTemplate):
         if cfg.compile:  # after the momentum copy, which runs uncompiled (sampling only)
             compile_blocks(list(self.model.blocks), model.image_size // model.patch_size)
         self.noise = training_scheduler(getattr(model, "noise_config", None))
+        check_sample_steps(cfg.sample_steps, self.noise)  # before training, not at the first evaluation
         if data.paired and cfg.batch_size < 2:
             raise ConfigError("prior preservation needs a batch of at least 2 per process (one subject and one "
                               f"class image), got --batch-size {cfg.batch_size}")

@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, first_line
+from ..formats import check_fields, check_value, read_json_object
 from .backbone import DiffusionBackbone, check_finite
 
 CONFIG_FILE = "config.json"
@@ -313,16 +314,12 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConfigError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ConfigError(f"{cfg_file} is not a model config (a JSON object)")
+    meta = read_json_object(cfg_file, "model config")
     if meta.get("_class_name") in ("DiTTransformer2DModel", "Transformer2DModel"):
         return _load_diffusers_dit(path, meta)
     if meta.get("format") != "autoprog-diffusion/1":
         raise ConfigError(f"{cfg_file} is neither an autoprog diffusion model nor a diffusers DiT")
+    check_model_config(meta, str(cfg_file))
     model = build_backbone(meta["kind"], **meta["config"])
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -345,6 +342,35 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     if missing or unexpected:
         raise ConfigError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model, meta
+
+
+# what an autoprog model's config.json holds, beside the backbone's own arguments under "config"
+MODEL_FIELDS = {"format": str, "kind": str, "config": dict, "sid_stages": int, "method": str, "steps": int,
+                "classes": ([int], None), "captions": ([str], None), "vae": (str, None), "image_channels": (int, None)}
+
+
+def check_model_config(meta: dict, where: str) -> None:
+    """One-line errors for a model ``config.json`` that would not build: a key of the wrong type, an unknown
+    backbone or argument, a size that is not positive."""
+    import inspect
+
+    check_fields(meta, MODEL_FIELDS, where, required=("kind", "config"))
+    builders = {"dit": DiT, "diffusers-dit": DiffusersDiT}
+    if meta["kind"] not in builders:
+        raise ConfigError(f"{where}: kind must be one of {', '.join(builders)}, got {meta['kind']!r}")
+    params = inspect.signature(builders[meta["kind"]].__init__).parameters
+    for key, value in meta["config"].items():
+        if key == "mlp_ratio" and meta["kind"] != "dit":
+            continue  # build_backbone drops it
+        if key not in params or key in ("self", "model"):
+            raise ConfigError(f"{where}: config: unknown argument {key!r} of a {meta['kind']} backbone")
+        kind = {"int": int, "float": float, "bool": bool}.get(str(params[key].annotation))
+        if kind is not None:
+            check_value(value, kind, f"{where}: config: {key}")
+            if kind is not bool and value <= 0:
+                raise ConfigError(f"{where}: config: {key} must be positive, got {value}")
+    if meta.get("sid_stages", 0) < 0:
+        raise ConfigError(f"{where}: sid_stages must be 0 or more, got {meta['sid_stages']}")
 
 
 def _load_diffusers_dit(path: Path, meta: dict) -> tuple[DiffusersDiT, dict]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, first_line
+from ..formats import check_fields, read_json_object
 from .backbone import DiffusionBackbone, check_finite
 from .sid import StageIdentifier
 
@@ -352,7 +353,9 @@ def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, d
         raise ConfigError(f"{root} is not a Stable Diffusion pipeline directory: {', '.join(missing)}/ missing")
     meta = {}
     if (root / META_FILE).is_file():
-        meta = json.loads((root / META_FILE).read_text())
+        meta = read_json_object(root / META_FILE, "model settings")
+        check_fields(meta, {"sid_stages": int, "captions": ([str], None), "classes": ([int], None),
+                            "vae": (str, None), "image_channels": (int, None)}, str(root / META_FILE))
     try:
         with _quiet():
             unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
@@ -379,10 +382,7 @@ def _noise_config(root: Path) -> dict | None:
     file = root / "scheduler" / "scheduler_config.json"
     if not file.is_file():
         return None
-    try:
-        cfg = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{file} is not readable JSON: {e}") from None
+    cfg = read_json_object(file, "scheduler config")
     kind = cfg.get("prediction_type", "epsilon")
     if kind != "epsilon":
         raise ConfigError(f"{root} predicts {kind!r}; autoprog trains ε-prediction models only")
