@@ -318,7 +318,8 @@ FIXTURES = {
                                                     lambda c: json.dumps(_drop(c, "train") or c)),
     "run-config-not-object": lambda d: _run_folder(_copy_run(d, "pretrain"), [], lambda c: "[]"),
     "finetune-config-wrong-type": lambda d: _run_folder(_copy_run(d, "finetune"), [],
-                                                        lambda c: json.dumps(_set(c, "x", "steps") or c)),
+                                                        lambda c: json.dumps(_set(c, "x", "spec", "train", "steps")
+                                                                             or c)),
 }
 
 

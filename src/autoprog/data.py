@@ -323,7 +323,7 @@ def load_digits() -> DataBundle:
 def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment: str | None = None) -> DataBundle:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), torchvision's ImageFolder layout.
     ``randaugment``: timm's RandAugment string, applied to training images in the loader workers."""
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     root = Path(root)
     train_dir = root / "train"
@@ -345,12 +345,9 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
         transforms.CenterCrop(image_size),
         transforms.PILToTensor(),
     ])
-    try:
-        train = datasets.ImageFolder(str(train_dir), transform=_rgb(train_tf), loader=_read_image)
-        plain = datasets.ImageFolder(str(train_dir), transform=_rgb(test_tf), loader=_read_image)
-        test = datasets.ImageFolder(str(test_dir), transform=_rgb(test_tf), loader=_read_image)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"cannot read ImageFolder dataset at {root}: {e}") from e
+    train = image_folder(root, train_dir, train_tf, min_classes=2)
+    plain = image_folder(root, train_dir, test_tf, min_classes=2)
+    test = image_folder(root, test_dir, test_tf)
     if train.classes != test.classes:
         raise DataError(f"{train_dir} and {test_dir} have different class folders")
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
@@ -390,20 +387,36 @@ def randaugment_images(x: torch.Tensor, transform) -> torch.Tensor:
     return out.to(dev, non_blocking=True)
 
 
-def _read_image(path: str):
-    """torchvision's image loader; an unreadable file is a :class:`DataError` naming it."""
-    from PIL import Image
-    from torchvision.datasets.folder import default_loader
+def read_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = False):
+    """The image file ``path`` as a PIL image in ``mode`` (``upright``: turned by its EXIF orientation, as
+    diffusers' DreamBooth reads photos; torchvision's ImageFolder does not), for every loader of autoprog; an
+    unreadable, empty or truncated file is a one-line :class:`DataError` naming it."""
+    from PIL import Image, ImageOps
 
     try:
-        return default_loader(path)
+        with Image.open(path) as im:
+            return (ImageOps.exif_transpose(im) if upright else im).convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: bad or huge files
         raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}); replace it with a readable "
                         "image (removing it changes the data set: start the run again)") from None
 
 
-def _rgb(tf: Callable) -> Callable:
-    return lambda img: tf(img.convert("RGB"))
+def image_folder(root: Path, split: Path, transform: Callable | None = None, min_classes: int = 1):
+    """torchvision's ``ImageFolder`` of ``split`` (``root/train`` or ``root/val``) read by :func:`read_image`:
+    one-line :class:`DataError`s for a split without images, a class folder without images, or fewer than
+    ``min_classes`` classes."""
+    from torchvision import datasets
+
+    try:
+        ds = datasets.ImageFolder(str(split), transform=transform, loader=read_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot read ImageFolder dataset at {root}: {' '.join(str(e).split())[:200]}") from None
+    if len(ds) == 0:
+        raise DataError(f"{split} holds no images")
+    if len(ds.classes) < min_classes:
+        raise DataError(f"{split} has {len(ds.classes)} class folder(s) ({', '.join(ds.classes)}); a classifier "
+                        f"needs at least {min_classes} (with one, top-1 is 100 % whatever it learns)")
+    return ds
 
 
 # ------------------------------------------------------------------------------------------ entry

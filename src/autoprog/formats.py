@@ -155,10 +155,15 @@ _WANTED = {None: "null", bool: "true or false", int: "an integer", float: "a num
            dict: "a mapping"}
 
 
-def check_fields(d: Mapping, schema: Mapping[str, Any], where: str, required: tuple[str, ...] = ()) -> None:
-    """Check each key of ``schema`` present in ``d`` with :func:`check_value`; ``required`` keys must be present."""
+def check_fields(d: Mapping, schema: Mapping[str, Any], where: str, required: tuple[str, ...] = (),
+                 closed: bool = False) -> None:
+    """Check each key of ``schema`` present in ``d`` with :func:`check_value`; ``required`` keys must be present,
+    and with ``closed`` no other key may be."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{where} must be a mapping, got a {_kind(d)}")
+    unknown = sorted(set(d) - set(schema)) if closed else []
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
     missing = [k for k in required if k not in d]
     if missing:
         raise ConfigError(f"{where} lacks {', '.join(map(repr, missing))}")

@@ -197,16 +197,63 @@ def resolve_precision(requested: str, cpu: bool) -> str:
     return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with: str | None = None):
+def launch_env() -> tuple[int, int]:
+    """``(WORLD_SIZE, RANK)`` set by a launcher (1, 0 without one); a value that is not a valid count or rank is a
+    one-line error."""
+    import os
+
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ConfigError(f"the environment's {name}={text!r} is not an integer (set by torchrun or "
+                              "accelerate launch; unset it to run one process)") from None
+    world, rank = values["WORLD_SIZE"], values["RANK"]
+    if world < 1 or not 0 <= rank < world or values["LOCAL_RANK"] < 0:
+        raise ConfigError(f"the environment's WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={values['LOCAL_RANK']} "
+                          "do not describe a process of a group")
+    return world, rank
+
+
+def _while_listening(fn):
+    """``fn()`` in a helper thread, so that Ctrl-C (heard by the main thread only) stops a wait that blocks in
+    C++ (joining a process group)."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with: str | None = None,
+                     rendezvous_timeout: float = 120):
     """The Accelerator of a command. Launched by torchrun on a machine without GPUs, the processes join one gloo
     group by themselves (Accelerate picks multi-CPU only when told ``cpu=True``); processes that still do not
-    form the group their launcher announced are refused, never run as independent copies."""
+    form the group their launcher announced are refused, never run as independent copies. A process waits
+    ``rendezvous_timeout`` seconds for the others to join (Ctrl-C stops the wait); collectives then wait up to 30
+    minutes."""
     import os
+    from datetime import timedelta
 
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank = launch_env()
     cpu = cpu or (world > 1 and not torch.cuda.is_available())
     from ..tracking import parse_log_with
 
@@ -216,8 +263,23 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
         from accelerate.utils import ProjectConfiguration
 
         project = ProjectConfiguration(project_dir=".", logging_dir="logs")
-    acc = Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu, log_with=trackers or None,
-                      project_config=project)
+    def accelerator():
+        return Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu, log_with=trackers or None,
+                           project_config=project,
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=rendezvous_timeout))])
+
+    if world == 1:
+        acc = accelerator()
+    else:
+        try:
+            acc = _while_listening(accelerator)
+        except (RuntimeError, ValueError) as e:  # torch's DistNetworkError / DistStoreError / timeouts
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise ConfigError(f"process {rank} of {world} could not join its group at {where} within "
+                              f"{rendezvous_timeout:g} s ({first_line(e)[:120]}); start all {world} processes, or "
+                              "raise --rendezvous-timeout") from None
+        if torch.distributed.is_initialized():
+            torch.distributed.set_timeout(timedelta(minutes=30))
     if acc.device.type == "cuda":  # TF32 matrix products for whatever runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -245,7 +307,46 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)  # a caller's own handler comes back (autoprog inside a program)
 
 
+def entry() -> None:
+    """The ``autoprog`` program: :func:`main`, then exit with its code; a Ctrl-C or SIGTERM while the process
+    winds down (after the results are written) no longer kills it by the signal."""
+    import signal
+
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between main's own handlers and here: everything was written
+        print("autoprog: interrupted after the command had finished; results complete", file=sys.stderr)
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _interrupted(args) -> str:
+    """What a Ctrl-C outside a training step (loading, building, evaluating, writing) leaves, truthfully."""
+    from pathlib import Path
+
+    from ..checkpoint import has_checkpoint
+    from ..formats import read_json_object
+
+    run = getattr(args, "resume", None) or (getattr(args, "out", None) if args.command in ("pretrain", "finetune")
+                                            else None)
+    if run is None:
+        return "interrupted (re-run the same command to continue: finished runs are reused)" \
+            if args.command == "compare" else "interrupted"
+    try:
+        done = read_json_object(Path(run) / "results.json").get("done") is True
+    except AutoprogError:  # none yet, or cut
+        done = False
+    if done:
+        return f"interrupted after the run had finished; results complete in {run}"
+    if has_checkpoint(Path(run)):
+        return f"interrupted; the last checkpoint in {run} is kept (continue with --resume {run})"
+    return f"interrupted before the first checkpoint; nothing to resume in {run} (start the run again)"
+
+
 def _main(argv: list[str]) -> int:
+    args = None
     try:
         parser = build_parser(task_of(argv))  # imports torch and the tasks: a Ctrl-C here is a clean stop too
         args = _parse(parser, argv)
@@ -253,7 +354,7 @@ def _main(argv: list[str]) -> int:
             parser.print_help()
             return 2
         acc = make_accelerator(getattr(args, "mixed_precision", "auto"), getattr(args, "cpu", False),
-                               getattr(args, "log_with", None))
+                               getattr(args, "log_with", None), getattr(args, "rendezvous_timeout", 120))
         try:
             return _run(args, acc)
         finally:
@@ -262,22 +363,31 @@ def _main(argv: list[str]) -> int:
             if acc.num_processes > 1:
                 acc.end_training()
     except DivergedError as e:
-        print(f"autoprog: error: {one_line(e)}", file=sys.stderr)
+        _say(f"error: {one_line(e)}")
         return 3
     except AutoprogError as e:
-        print(f"autoprog: error: {one_line(e)}", file=sys.stderr)
+        _say(f"error: {one_line(e)}")
         return 2
     except Interrupted as e:
-        print(f"autoprog: {e}", file=sys.stderr)
+        _say(str(e))
         return 130
     except KeyboardInterrupt:
-        print("autoprog: interrupted; the last checkpoint is kept (continue with --resume)",
-              file=sys.stderr)
+        _say(_interrupted(args) if args is not None and args.command is not None else "interrupted")
         return 130
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        print(f"autoprog: error: out of memory ({first_line(e)[:160]}): lower --batch-size or the image size; "
-              "a run's last checkpoint is kept", file=sys.stderr)
+        _say(f"error: out of memory ({first_line(e)[:160]}): lower --batch-size or the image size; a run's last "
+             "checkpoint is kept")
         return 2
+
+
+def _say(message: str) -> None:
+    """``autoprog: message`` on stderr, once per launch: processes other than the first stay silent (they meet
+    the same error, or stop because the first did)."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    if not (rank.isdigit() and int(rank) > 0):
+        print(f"autoprog: {message}", file=sys.stderr)
 

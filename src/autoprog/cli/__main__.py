@@ -1,7 +1,5 @@
 """``python -m autoprog.cli``: the ``autoprog`` command (what ``torchrun`` launches)."""
 
-import sys
+from . import entry
 
-from . import main
-
-sys.exit(main())
+entry()

@@ -82,6 +82,10 @@ def add_run_flags(g, command: str) -> None:
                         "OUT/logs), wandb (WANDB_MODE=offline keeps it local), mlflow, trackio, comet_ml, aim, "
                         "clearml, dvclive or swanlab, each installed by you; they get the training loss, learning "
                         "rate, stage and images/s every 50 steps, every evaluation and each stage's search")
+    g.add_argument("--rendezvous-timeout", type=positive_int, default=120, metavar="SECONDS",
+                   help="under torchrun / accelerate launch: how long a process waits for the others to join its "
+                        "group before it stops with an error (default: 120); once joined, collective operations "
+                        "wait up to 30 minutes")
     g.add_argument("--config", help="YAML file of option values (keys: option names with '_')")
     g.add_argument("--preset", help="a shipped YAML preset of option values ('autoprog presets' lists them); "
                                     "--config and flags win over it")
@@ -111,7 +115,7 @@ def front_of(args) -> tuple[float, ...]:
     return tuple(parse_fractions(args.front))
 
 
-RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision", "--log-with")  # what --resume may come with
+RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision", "--log-with", "--rendezvous-timeout")  # what --resume may come with
 
 
 def run_one(args, acc, what: str, run, make_spec, done) -> None:

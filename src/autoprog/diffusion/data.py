@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import load_digits, load_fashion_mnist
+from ..data import image_folder, load_digits, load_fashion_mnist
 from ..errors import ConfigError, DataError
 
 FASHION_MNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -200,7 +200,7 @@ def parse_classes(text: str | None) -> tuple[int, ...] | None:
 
 
 def _image_folder(root: Path, image_size: int):
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
@@ -208,12 +208,7 @@ def _image_folder(root: Path, image_size: int):
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
     out = []
     for d in (root / "train", test_dir):
-        try:
-            ds = datasets.ImageFolder(str(d), transform=lambda im: tf(im.convert("RGB")))
-        except (FileNotFoundError, RuntimeError) as e:
-            raise DataError(f"cannot read ImageFolder dataset at {root}: {e}") from e
-        if len(ds) == 0:
-            raise DataError(f"{d} holds no images")
+        ds = image_folder(root, d, tf)
         xs, ys = zip(*(ds[i] for i in range(len(ds))))
         out.append((torch.stack(xs), torch.tensor(ys), ds.classes))
     if out[0][2] != out[1][2]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data import read_image
 from ..errors import ConfigError, DataError, DivergedError, first_line
 from .data import DiffusionData, resize, to_float
 
@@ -48,7 +49,6 @@ SCORE_KEYS = tuple(SCORE_LABELS)
 def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     """Every image file in ``folder`` (sorted by name) as uint8 ``(N, channels, size, size)``: the shorter side
     resized to ``size``, centre-cropped, grey or RGB."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision import transforms
 
     folder = Path(folder)
@@ -58,15 +58,8 @@ def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = ImageOps.exif_transpose(im)  # phone photos: upright, as diffusers' DreamBooth reads them
-                out.append(tf(im.convert("L" if channels == 1 else "RGB")))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            raise DataError(f"cannot read image {f}: {first_line(e)}") from None
-    return torch.stack(out)
+    # phone photos upright, as diffusers' DreamBooth reads them
+    return torch.stack([tf(read_image(f, "L" if channels == 1 else "RGB", upright=True)) for f in files])
 
 
 def image_files(folder: Path) -> list[Path]:

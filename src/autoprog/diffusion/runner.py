@@ -497,7 +497,7 @@ def _progressive_controller(spec: FinetuneSpec, chosen, model, space, seed: int 
 
 def saved_spec(stored: dict, cls, where: str):
     """The spec a diffusion run's ``config.json`` (``{"task", "spec_class", "spec"}``) holds."""
-    check_fields(stored, {"spec_class": str, "spec": dict}, where, required=("spec",))
+    check_fields(stored, {"task": str, "spec_class": str, "spec": dict}, where, required=("spec",), closed=True)
     name = stored.get("spec_class", cls.__name__)
     if name not in SPEC_CLASSES:
         raise ConfigError(f"{where}: unknown spec_class {name!r}; expected one of {', '.join(SPEC_CLASSES)}")
