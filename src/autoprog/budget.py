@@ -28,6 +28,10 @@ from .errors import ConfigError
 _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)h)?(?:(\d+(?:\.\d*)?|\.\d+)m)?(?:(\d+(?:\.\d*)?|\.\d+)s?)?")
 
 
+MAX_STEPS = 2 ** 53  # optimizer steps a run may take: counted exactly in floats, far beyond any real run
+MAX_SECONDS = 10 ** 8  # about three years of training
+
+
 def parse_duration(text: str, flag: str = "--budget") -> float:
     """Seconds in ``text``: ``90``, ``90s``, ``20m``, ``1.5h``, ``1h30m``, ``2m30s``; a one-line
     :class:`ConfigError` for anything else, or for zero."""
@@ -40,6 +44,8 @@ def parse_duration(text: str, flag: str = "--budget") -> float:
     seconds = h * 3600 + mins * 60 + s
     if not seconds > 0 or not math.isfinite(seconds):
         raise ConfigError(f"{flag} must be a positive duration, got {text!r}")
+    if seconds > MAX_SECONDS:
+        raise ConfigError(f"{flag} {text!r} is longer than any run (at most {MAX_SECONDS / 3600:g}h)")
     return seconds
 
 
@@ -240,4 +246,4 @@ def budget_steps_option(instead_of: str, full: str):
 
     return option(None, f"train for the cost of this many {full} steps instead of {instead_of} (a step costs its "
                         f"FLOPs / a {full} step's): the budget mode that no timing noise moves", above=0,
-                  show_default=False, group="budget")
+                  maximum=MAX_STEPS, show_default=False, group="budget")

@@ -37,9 +37,12 @@ def check_trackers(names: list[str]) -> list[str]:
 
 def parse_log_with(text: str | None) -> list[str]:
     """``--log-with tensorboard,wandb`` → the checked tracker names (empty: none)."""
-    if not text:
+    if text is None:
         return []
-    return check_trackers([t.strip() for t in text.split(",") if t.strip()])
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--log-with names no tracker, got {text!r}")
+    return check_trackers(names)
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:

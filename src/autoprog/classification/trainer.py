@@ -44,6 +44,8 @@ from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
 from .recipe import TrainingRecipe, check_recipe
 
+MAX_EPOCHS = 10 ** 9  # far beyond any real run; more would overflow the step count
+
 
 @dataclass
 class TrainConfig(OptimConfig, SearchMeasurements):
@@ -51,7 +53,7 @@ class TrainConfig(OptimConfig, SearchMeasurements):
 
     epochs: float = option(8.0, "training epochs (8: a budget well before the built-in ViT's plateau, where growth "
                                 "pays; --epochs 30 --patch-size 7 is the plateau regime, where it does not)", above=0,
-                           group="optimisation")
+                           maximum=MAX_EPOCHS, group="optimisation")
     batch_size: int = default(OptimConfig, "batch_size", 128)
     lr: float = default(OptimConfig, "lr", 1e-3)
     min_lr: float = default(OptimConfig, "min_lr", 1e-5)

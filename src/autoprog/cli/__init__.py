@@ -384,10 +384,11 @@ def _main(argv: list[str]) -> int:
 
 def _say(message: str) -> None:
     """``autoprog: message`` on stderr, once per launch: processes other than the first stay silent (they meet
-    the same error, or stop because the first did)."""
-    import os
-
-    rank = os.environ.get("RANK", "0")
-    if not (rank.isdigit() and int(rank) > 0):
+    the same error, or stop because the first did); all of them when the launch itself is broken."""
+    try:
+        _, rank = launch_env()
+    except AutoprogError:
+        rank = 0
+    if rank == 0:
         print(f"autoprog: {message}", file=sys.stderr)
 

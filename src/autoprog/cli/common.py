@@ -112,7 +112,10 @@ def add_front_flag(c, baseline: str) -> None:
 def front_of(args) -> tuple[float, ...]:
     from ..front import parse_fractions
 
-    return tuple(parse_fractions(args.front))
+    fractions = parse_fractions(args.front)
+    if not fractions:
+        raise ConfigError(f"--front names no fraction, got {args.front!r} (--front 1 adds no run)")
+    return tuple(fractions)
 
 
 RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision", "--log-with", "--rendezvous-timeout")  # what --resume may come with
@@ -147,7 +150,7 @@ def run_compare(args, acc, one, over_seeds, files: str) -> None:
     ``--seeds``; ``budget`` says whether to train the budget-matched baseline."""
     methods = compare_methods(args)
     budget = not args.no_budget_baseline
-    if args.seeds:
+    if args.seeds is not None:
         over_seeds(methods, parse_seeds(args.seeds), budget)
     else:
         one(methods, budget)

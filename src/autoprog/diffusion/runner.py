@@ -46,6 +46,7 @@ from .dreambooth import (
 from .latent import with_latents
 from .methods import prepare_static
 from .quality import default_cache_dir
+from .sampling import check_sample_steps, training_scheduler
 from .trainer import DiffusionConfig, DiffusionTrainer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -417,6 +418,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     """Load data and base model, apply the method; returns ``(data, model, controller, unfreezer, lr)``."""
     chosen = get_method(spec.method, FINETUNE)
     data, model = _data_and_base(spec)
+    check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
     if chosen.kind == "static":
         prepare_static(model, chosen.base, spec.lora_rank if chosen.options.get("rank") is None
                        else chosen.options["rank"])
@@ -566,6 +568,7 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
         model = build_backbone(spec.backbone, image_size=data.model_size, patch_size=spec.patch_size,
                                in_chans=data.model_chans, num_classes=spec.num_classes or data.num_classes,
                                hidden_size=spec.hidden_size, depth=spec.depth, num_heads=spec.num_heads)
+    check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()

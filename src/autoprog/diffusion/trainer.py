@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.unfreezer import Unfreezer
-from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
+from ..budget import MAX_STEPS, Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..checkpoint import replace_dir
 from ..compute import compile_blocks
 from ..controllers import ProxyTask
@@ -57,7 +57,7 @@ LR_SCHEDULES = ("constant", "cosine")
 class DiffusionConfig(OptimConfig, SearchMeasurements):
     """Optimisation and evaluation settings shared by every method, so runs differ only in what they train."""
 
-    steps: int = option(600, "optimizer steps", minimum=1, group="optimisation")
+    steps: int = option(600, "optimizer steps", minimum=1, maximum=MAX_STEPS, group="optimisation")
     lr_schedule: str = option("constant", "learning rate after the warm-up: constant (the paper's fine-tuning, "
                                           "a constant 1e-4 for DiT; the official AutoProg-Zero code has no "
                                           "schedule) or cosine (decayed to --min-lr by the run's end). In compare, "
