@@ -91,6 +91,22 @@ def test_fault_test_counts_clean_bad_inputs(tmp_path, monkeypatch):
     assert counts == {"bad inputs": 3, "clean": 2}, "two clean one-line errors; --help is not one"
 
 
+def test_fault_test_fixtures_and_environment_prefixes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_test", BENCH / "fault_test.py")
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    used = {a[4:] for argv, _ in ft.BAD_INPUTS for a in argv if a.startswith("FIX:")}
+    assert used <= set(ft.FIXTURES), f"cases name fixtures that do not exist: {used - set(ft.FIXTURES)}"
+    argv, env = ft.case_argv(["WORLD_SIZE=x", "pretrain", "--out", "OUT", "--config", "FIX:yaml-duplicate-key",
+                              "--x", "OUT/none"], tmp_path / "bad-0")
+    assert env == {"WORLD_SIZE": "x"} and argv[:3] == ["pretrain", "--out", str(tmp_path / "bad-0")]
+    assert Path(argv[4]).read_text() == "epochs: 1\nepochs: 2\n" and argv[6] == f"{tmp_path / 'bad-0'}/none"
+    model = Path(ft.case_argv(["finetune", "--base", "FIX:model-wrong-type"], tmp_path / "bad-1")[0][2])
+    assert json.loads((model / "config.json").read_text())["config"]["depth"] == "six"
+
+
 def test_search_regret_replays_the_found_schedule_and_its_neighbours(fake_fmnist, tmp_path, monkeypatch):
     like, out = tmp_path / "searched", tmp_path / "regret"
     args = [a for a in tiny_args(fake_fmnist, epochs="1") if a != "--no-flops"]
