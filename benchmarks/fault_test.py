@@ -6,7 +6,9 @@
 * corruptions: damage the newest checkpoint (or both) in each of several ways and resume: a clean one-line error
   or a fallback with a message, never a traceback, never NaN weights accepted;
 * divergence: a learning rate of 1e6 must stop with exit 3, strict JSON and no exported model;
-* bad inputs: every invocation in ``bad_inputs.txt`` must exit 2 with exactly one line and no traceback.
+* bad inputs: every invocation in ``bad_inputs.txt`` must exit 2 with exactly one line and no traceback;
+* fuzz: tests/test_fuzz.py with new random command lines and damaged files (exit 0/2/3/130, no traceback, one
+  line when refused, nothing outside --out touched).
 
     python benchmarks/fault_test.py --kills 10 --out runs/fault     # figures go to docs/results.md
 """
@@ -277,6 +279,8 @@ FIXTURES = {
     "yaml-nan": lambda d: _write(d / "c.yaml", "lr: .nan\n"),
     "yaml-huge-int": lambda d: _write(d / "c.yaml", "seed: 99999999999999999999999\n"),
     "yaml-list": lambda d: _write(d / "c.yaml", "- epochs\n"),
+    "yaml-list-key": lambda d: _write(d / "c.yaml", "? [1, 2]\n: 3\n"),
+    "yaml-deep": lambda d: _write(d / "c.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n"),
     "a-folder": lambda d: d,
     "schedule-truncated": lambda d: _write(d / "s.json", json.dumps(SCHEDULE)[:30]),
     "schedule-not-utf8": lambda d: _write(d / "s.json", b"\xff\xfe{}"),
@@ -296,6 +300,7 @@ FIXTURES = {
     "model-without-weights": lambda d: (_model_copy(d / "m") / "model.safetensors").unlink() or d / "m",
     "model-garbage-weights": lambda d: _write(_model_copy(d / "m") / "model.safetensors", b"\x00" * 64).parent,
     "model": lambda d: _model_copy(d / "m"),
+    "run-with-model": lambda d: _write(_model_copy(d / "r" / "model").parent / "results.json", '{"done": true}').parent,
     "folder-with-a-file": lambda d: _write(d / "mine" / "notes.txt", "my notes").parent,
     "a-file": lambda d: _write(d / "notes.txt", "my notes"),
     "images-corrupt": lambda d: _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2},
@@ -345,13 +350,16 @@ def case_argv(argv: list[str], run: Path) -> tuple[list[str], dict]:
         name, _, value = argv[0].partition("=")
         env[name] = value
         argv = argv[1:]
-    out = []
+    out, made = [], {}
     for a in argv:
-        if a.startswith("FIX:"):
-            fix = run.parent / f"{run.name}-fixture"
-            shutil.rmtree(fix, ignore_errors=True)
-            fix.mkdir(parents=True)
-            a = str(FIXTURES[a[4:]](fix))
+        if a.startswith("FIX:"):  # FIX:name, or FIX:name/inside to name a path inside the fixture
+            name, _, inside = a[4:].partition("/")
+            if name not in made:
+                fix = run.parent / f"{run.name}-fixture-{len(made)}"
+                shutil.rmtree(fix, ignore_errors=True)
+                fix.mkdir(parents=True)
+                made[name] = FIXTURES[name](fix)
+            a = str(made[name] / inside) if inside else str(made[name])
         out.append(str(run) if a == "OUT" else str(DEFAULT_BASE) if a == "BASE" else a.replace("OUT/", f"{run}/"))
     return out, env
 
@@ -383,13 +391,30 @@ def bad_inputs(out: Path, match: str = "", start: int = 0, timeout: int = 90) ->
     return counts
 
 
+def fuzz(out: Path, examples: int) -> dict:
+    """tests/test_fuzz.py with ``examples`` new random examples (not the suite's fixed sequence): hypothesis stops
+    at the first case that is not clean and shrinks it; its report goes to OUT/fuzz.log."""
+    import os
+
+    env = {**os.environ, "AUTOPROG_FUZZ_EXAMPLES": str(examples), "AUTOPROG_FUZZ_RANDOM": "1"}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           str(root / "tests" / "test_fuzz.py")], capture_output=True, text=True, env=env, cwd=root)
+    (out / "fuzz.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        print(f"  not clean: a fuzzed case, see {out / 'fuzz.log'}", flush=True)
+    return {"fuzz examples": examples, "all clean": proc.returncode == 0}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/fault")
     p.add_argument("--kills", type=int, default=9, help="kill -9s in all (spread over the runs) (default: 9)")
     p.add_argument("--interrupts", type=int, default=6, help="Ctrl-Cs (SIGINT) in all (default: 6)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: kills,interrupts,corruptions,divergence,bad")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: kills,interrupts,corruptions,divergence,"
+                                                "bad,fuzz")
+    p.add_argument("--fuzz", type=int, default=300, help="random command lines for the fuzz part (default: 300)")
     p.add_argument("--match", default="", help="bad inputs: only the cases whose reason matches this regex")
     p.add_argument("--start", type=int, default=0, help="bad inputs: skip the first START cases")
     p.add_argument("--timeout", type=int, default=90, help="bad inputs: seconds before a case counts as accepted "
@@ -402,7 +427,8 @@ def main() -> None:
     for part, run in (("kills", lambda: kills(out, a.kills, random.Random(a.seed))),
                       ("interrupts", lambda: kills(out, a.interrupts, random.Random(a.seed + 1), signal.SIGINT)),
                       ("corruptions", lambda: corruptions(out)),
-                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out, a.match, a.start, a.timeout))):
+                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out, a.match, a.start, a.timeout)),
+                      ("fuzz", lambda: fuzz(out, a.fuzz))):
         if part not in skip:
             figures[part] = run()
             print(part, figures[part], flush=True)

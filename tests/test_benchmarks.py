@@ -97,7 +97,7 @@ def test_fault_test_fixtures_and_environment_prefixes(tmp_path):
     spec = importlib.util.spec_from_file_location("fault_test", BENCH / "fault_test.py")
     ft = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ft)
-    used = {a[4:] for argv, _ in ft.BAD_INPUTS for a in argv if a.startswith("FIX:")}
+    used = {a[4:].partition("/")[0] for argv, _ in ft.BAD_INPUTS for a in argv if a.startswith("FIX:")}
     assert used <= set(ft.FIXTURES), f"cases name fixtures that do not exist: {used - set(ft.FIXTURES)}"
     argv, env = ft.case_argv(["WORLD_SIZE=x", "pretrain", "--out", "OUT", "--config", "FIX:yaml-duplicate-key",
                               "--x", "OUT/none"], tmp_path / "bad-0")

@@ -55,6 +55,28 @@ def test_out_must_not_be_a_model_folder_the_base_or_a_folder_of_other_files(cli,
     assert (model / "config.json").read_bytes() == before and (mine / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_never_deletes_what_the_run_reads(cli, tmp_path):
+    from autoprog.diffusion.runner import DEFAULT_BASE
+
+    run = tmp_path / "run"
+    shutil.copytree(DEFAULT_BASE, run / "model")
+    (run / "results.json").write_text('{"done": true}')
+    line = _error(cli, "finetune", "--base", run / "model", "--out", run, "--overwrite", "--cpu")
+    assert "lies inside --out" in line and (run / "model" / "config.json").is_file()
+
+
+def test_only_path_settings_are_protected(tmp_path, monkeypatch):
+    from autoprog.classification.runner import RunSpec
+    from autoprog.experiment import input_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("prog", "digits", "vit"):
+        (tmp_path / name).mkdir()
+    spec = RunSpec(method="prog", dataset="digits", model="vit", schedule=None)
+    assert input_paths(spec) == {}, "a method, a built-in dataset's or a model's name is no path"
+    assert input_paths(RunSpec(dataset=str(tmp_path / "prog"))) == {"--dataset": str(tmp_path / "prog")}
+
+
 def test_a_run_folder_is_resumed_or_overwritten_never_silently_reused(cli, fake_fmnist, tmp_path, no_training):
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
@@ -84,6 +106,12 @@ def test_a_typed_flag_the_method_does_not_read_is_refused_a_config_may_set_it(cl
     _accepted(cli, "pretrain", "--method", "autoprog-one", "--search-ep", "2", "--out", tmp_path / "d",
               *tiny_args(fake_fmnist))  # an abbreviation is the same flag
     assert "names no method" in _error(cli, "compare", "--methods", ",", "--out", tmp_path / "e")
+
+
+def test_resume_of_a_model_folder_says_what_it_is(cli):
+    from autoprog.diffusion.runner import DEFAULT_BASE
+
+    assert "that is a model folder" in _error(cli, "finetune", "--resume", DEFAULT_BASE, "--cpu")
 
 
 def test_resume_of_a_run_of_another_task_names_the_command(cli, tmp_path):
@@ -121,6 +149,15 @@ def test_a_broken_launch_environment_is_one_line(cli, monkeypatch, tmp_path, env
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert needle in _error(cli, "pretrain", "--out", tmp_path / "r", "--cpu")
+
+
+def test_one_process_ignores_stray_rank_variables(monkeypatch):
+    from autoprog.cli import launch_env
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "-1")
+    monkeypatch.setenv("RANK", "x")
+    assert launch_env() == (1, 0)
 
 
 def test_an_interrupt_before_the_first_checkpoint_says_so(cli, fake_fmnist, tmp_path, monkeypatch):
@@ -181,8 +218,8 @@ def test_other_runtime_errors_still_raise(cli, fake_fmnist, tmp_path, monkeypatc
 
 
 def test_seeds_are_refused_outside_numpys_range(cli, tmp_path):
-    assert "--seed must be in [0, 4294967295]" in _error(cli, "pretrain", "--seed", "-1", "--out", tmp_path / "r",
-                                                        "--cpu")
+    assert "--seed must be in [-2147483648, 4294967295]" in _error(cli, "pretrain", "--seed", str(-2 ** 31 - 1),
+                                                                  "--out", tmp_path / "r", "--cpu")
     assert "fits in 64 bits" in _error(cli, "pretrain", "--seed", str(2 ** 70), "--out", tmp_path / "r", "--cpu")
-    assert "--seeds must be in 0 to 2^32-1" in _error(cli, "compare", "--seeds", "0,4294967296", "--out",
-                                                      tmp_path / "c", "--cpu")
+    assert "--seeds must be 32-bit integers" in _error(cli, "compare", "--seeds", "0,4294967296", "--out",
+                                                       tmp_path / "c", "--cpu")

@@ -95,6 +95,8 @@ def new_run_dir(out: Path, overwrite: bool = False, protected: dict[str, str | P
     for what, path in (protected or {}).items():
         if path and Path(path).exists() and _same_or_inside(out, Path(path)):
             raise ConfigError(f"--out {out} is inside {what} {path}, which this run reads; choose another --out")
+        if path and Path(path).exists() and _same_or_inside(Path(path), out):
+            raise ConfigError(f"{what} {path} lies inside --out {out}, where the run writes; choose another --out")
     if out.is_dir():
         if is_model_dir(out):
             raise ConfigError(f"--out {out} is a model folder; choose a new or empty folder (a run writes its model "

@@ -36,6 +36,7 @@ FASHION_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 DATASETS = ("fashion-mnist", "digits", "<ImageFolder directory>")
+BUILTIN_DATASETS = ("fashion-mnist", "fashionmnist", "fashion_mnist", "digits")  # names, never paths
 
 
 class TensorImages(Dataset):

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import has_checkpoint
+from .checkpoint import has_checkpoint, is_model_dir
 from .errors import ConfigError, DivergedError
 from .formats import read_json_object
 from .front import FRONT_SEPARATOR, Front, Speedup, front_name, mean_speedup
@@ -28,9 +28,14 @@ def read_run_config(out: Path, kind: str) -> dict:
     """The ``config.json`` of the run in ``out``, which must be a run of ``kind`` (a key of :data:`RUN_KINDS`):
     a missing, unreadable or malformed file, or a run of another kind, is a one-line error saying what to do."""
     cfg = out / "config.json"
+    if is_model_dir(out):
+        raise ConfigError(f"--resume {out}: that is a model folder, not a run's (a run folder holds config.json "
+                          "and checkpoint/)")
     if not cfg.is_file():
         raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
     d = read_json_object(cfg, "run settings")
+    if "task" not in d and "method" not in d:
+        raise ConfigError(f"--resume {out}: {cfg} is not a run's settings (no task or method)")
     found = d.get("task", "classification")
     if found not in RUN_KINDS:
         raise ConfigError(f"{cfg}: unknown task {found!r}; expected {', '.join(RUN_KINDS)}")
@@ -40,18 +45,21 @@ def read_run_config(out: Path, kind: str) -> dict:
     return d
 
 
-def input_paths(spec, prefix: str = "--") -> dict[str, str]:
-    """Flag → value of every text setting of ``spec`` that names an existing file or folder (what the run
-    reads: a dataset, a base model, a VAE...), which its ``--out`` must not be; the cache is autoprog's own."""
-    import dataclasses
+# the settings that name files or folders a run reads (a dataset, a base model, a VAE, a schedule...)
+PATH_SETTINGS = ("dataset", "data_root", "base", "vae", "schedule", "instance_dir", "fid_weights", "clip_model",
+                 "dino_model")
+
+
+def input_paths(spec) -> dict[str, str]:
+    """Flag → value of every setting of ``spec`` in :data:`PATH_SETTINGS` that names an existing file or folder
+    (a built-in dataset's name is no path), which its ``--out`` must neither be nor hold."""
+    from .data import BUILTIN_DATASETS
 
     out = {}
-    for f in dataclasses.fields(spec):
-        v = getattr(spec, f.name)
-        if dataclasses.is_dataclass(v):
-            out.update(input_paths(v, prefix))
-        elif isinstance(v, str) and f.name != "cache_dir" and v and Path(v).exists():
-            out[prefix + f.name.replace("_", "-")] = v
+    for name in PATH_SETTINGS:
+        v = getattr(spec, name, None)
+        if isinstance(v, str) and v and Path(v).exists() and not (name == "dataset" and v.lower() in BUILTIN_DATASETS):
+            out["--" + name.replace("_", "-")] = v
     return out
 
 

@@ -56,10 +56,20 @@ def _no_constant(where: str):
     return refuse
 
 
+def _finite(where: str):
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {text} is too large for a number")
+        return value
+    return number
+
+
 def parse_json(text: str, where: str) -> Any:
     """Strict JSON: finite numbers, each key once."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys(where), parse_constant=_no_constant(where))
+        return json.loads(text, object_pairs_hook=_unique_keys(where), parse_constant=_no_constant(where),
+                          parse_float=_finite(where))
     except json.JSONDecodeError as e:
         truncated = " (the file ends early: truncated?)" if e.pos >= len(text.rstrip()) else ""
         raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}{truncated}") \
@@ -92,6 +102,11 @@ def parse_yaml(text: str, where: str) -> Any:
         keys = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise ConfigError(f"{where}: a key must be a name or number, got {key!r} "
+                                  f"(line {key_node.start_mark.line + 1})") from None
             if key in keys:
                 raise ConfigError(f"{where}: key {key!r} appears twice (line {key_node.start_mark.line + 1})")
             keys.add(key)
@@ -102,6 +117,8 @@ def parse_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a settings file") from None
 
 
 def read_yaml(path: str | Path, what: str = "") -> Any:

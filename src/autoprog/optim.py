@@ -9,7 +9,8 @@ from torch import nn
 
 from .options import option
 
-SEED_MAX = 2 ** 32 - 1  # numpy's range; the seeds derived from it (seed * 1000003 + step) stay within 64 bits
+SEED_MIN, SEED_MAX = -(2 ** 31), 2 ** 32 - 1  # 32 bits, signed or not: derived seeds (seed * 1000003 + step) stay
+# within 64 bits, and numpy takes seed % 2^32
 
 
 @dataclass
@@ -24,7 +25,8 @@ class OptimConfig:
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, group="optimisation")
     grad_clip: float | None = option(1.0, "max gradient norm, 0 = off", minimum=0, zero_is_none=True,
                                      group="optimisation")
-    seed: int = option(0, "random seed, 0 to 2^32-1", minimum=0, maximum=SEED_MAX, group="optimisation")
+    seed: int = option(0, "random seed, a 32-bit integer (-2^31 to 2^32-1)", minimum=SEED_MIN, maximum=SEED_MAX,
+                       group="optimisation")
     checkpoint_minutes: float = option(10.0, "also checkpoint inside an epoch or evaluation interval once this many "
                                              "minutes of training passed since the last checkpoint (0 = off); the "
                                              "seconds checkpoints take are reported as checkpoint_time_s",

@@ -207,7 +207,8 @@ OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixe
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     """How the pre-training run in ``out`` differs from ``spec`` in what its method reads (None: no run there)."""
-    return saved_differences(out, spec, RunSpec.from_dict, ignore=("stop_after_epochs",
+    return saved_differences(out, spec, lambda d: RunSpec.from_dict(d, str(out / "config.json")),
+                             ignore=("stop_after_epochs",
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, PRETRAIN))))
 
 

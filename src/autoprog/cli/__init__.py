@@ -16,6 +16,7 @@ import sys
 from ..errors import (
     AutoprogError,
     ConfigError,
+    DataError,
     DivergedError,
     Interrupted,
     first_line,
@@ -203,6 +204,8 @@ def launch_env() -> tuple[int, int]:
     import os
 
     values = {}
+    if os.environ.get("WORLD_SIZE", "1").strip() == "1":  # one process: a stray RANK or LOCAL_RANK=-1 means nothing
+        return 1, 0
     for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         text = os.environ.get(name, default)
         try:
@@ -215,6 +218,13 @@ def launch_env() -> tuple[int, int]:
         raise ConfigError(f"the environment's WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={values['LOCAL_RANK']} "
                           "do not describe a process of a group")
     return world, rank
+
+
+def _failed_to_join(error: BaseException) -> bool:
+    """Whether ``error`` is torch's report that a process group could not be formed (a store that was not
+    reached, or not every process arriving in time)."""
+    names = {type(error).__name__} | {c.__name__ for c in type(error).__mro__}
+    return bool(names & {"DistNetworkError", "DistStoreError", "DistError"}) or "timed out" in str(error).lower()
 
 
 def _while_listening(fn):
@@ -273,11 +283,15 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
     else:
         try:
             acc = _while_listening(accelerator)
-        except (RuntimeError, ValueError) as e:  # torch's DistNetworkError / DistStoreError / timeouts
+        except RuntimeError as e:
+            if not _failed_to_join(e):
+                raise
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise ConfigError(f"process {rank} of {world} could not join its group at {where} within "
                               f"{rendezvous_timeout:g} s ({first_line(e)[:120]}); start all {world} processes, or "
                               "raise --rendezvous-timeout") from None
+        if acc.device.type == "cuda":  # the current device is per thread: the group was joined in another one
+            torch.cuda.set_device(acc.device)
         if torch.distributed.is_initialized():
             torch.distributed.set_timeout(timedelta(minutes=30))
     if acc.device.type == "cuda":  # TF32 matrix products for whatever runs in fp32
@@ -362,9 +376,12 @@ def _main(argv: list[str]) -> int:
             # rank 0 ("terminate called without an active exception") after a successful run
             if acc.num_processes > 1:
                 acc.end_training()
-    except DivergedError as e:
+    except DivergedError as e:  # decided on every process alike
         _say(f"error: {one_line(e)}")
         return 3
+    except DataError as e:  # a file of one process's share of the data
+        _say(f"error: {one_line(e)}", every_process=True)
+        return 2
     except AutoprogError as e:
         _say(f"error: {one_line(e)}")
         return 2
@@ -378,17 +395,21 @@ def _main(argv: list[str]) -> int:
         if not out_of_memory(e):
             raise
         _say(f"error: out of memory ({first_line(e)[:160]}): lower --batch-size or the image size; a run's last "
-             "checkpoint is kept")
+             "checkpoint is kept", every_process=True)
         return 2
 
 
-def _say(message: str) -> None:
+def _say(message: str, every_process: bool = False) -> None:
     """``autoprog: message`` on stderr, once per launch: processes other than the first stay silent (they meet
-    the same error, or stop because the first did); all of them when the launch itself is broken."""
+    the same settings error, or stop because the first did), unless ``every_process`` (what may happen to one
+    process only: a bad image in its share of the data, its device's memory), when they name themselves. All
+    speak when the launch itself is broken."""
     try:
         _, rank = launch_env()
     except AutoprogError:
         rank = 0
     if rank == 0:
         print(f"autoprog: {message}", file=sys.stderr)
+    elif every_process:
+        print(f"autoprog: process {rank}: {message}", file=sys.stderr)
 

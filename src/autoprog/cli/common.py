@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from ..optim import SEED_MAX
+from ..optim import SEED_MAX, SEED_MIN
 from ..options import parse_number
 
 
@@ -13,6 +13,14 @@ def positive_int(s: str) -> int:
     v = parse_number(int, s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def seconds(s: str) -> int:
+    """A wait in whole seconds: 1 to 10^6 (11.6 days)."""
+    v = positive_int(s)
+    if v > 10 ** 6:
+        raise argparse.ArgumentTypeError(f"must be at most 1000000 seconds, got {s}")
     return v
 
 
@@ -57,17 +65,17 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds is empty")
-    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    bad = [s for s in seeds if not SEED_MIN <= s <= SEED_MAX]
     if bad:
-        raise ConfigError(f"--seeds must be in 0 to 2^32-1, got {bad[0]}")
+        raise ConfigError(f"--seeds must be 32-bit integers (-2^31 to 2^32-1), got {bad[0]}")
     return seeds
 
 
 def seed(text: str) -> int:
-    """A ``--seed`` value: an integer in 0 to 2^32-1."""
+    """A ``--seed`` value: a 32-bit integer (-2^31 to 2^32-1)."""
     v = parse_number(int, text)
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in 0 to 2^32-1, got {text}")
+    if not SEED_MIN <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be a 32-bit integer (-2^31 to 2^32-1), got {text}")
     return v
 
 
@@ -82,7 +90,7 @@ def add_run_flags(g, command: str) -> None:
                         "OUT/logs), wandb (WANDB_MODE=offline keeps it local), mlflow, trackio, comet_ml, aim, "
                         "clearml, dvclive or swanlab, each installed by you; they get the training loss, learning "
                         "rate, stage and images/s every 50 steps, every evaluation and each stage's search")
-    g.add_argument("--rendezvous-timeout", type=positive_int, default=120, metavar="SECONDS",
+    g.add_argument("--rendezvous-timeout", type=seconds, default=120, metavar="SECONDS",
                    help="under torchrun / accelerate launch: how long a process waits for the others to join its "
                         "group before it stops with an error (default: 120); once joined, collective operations "
                         "wait up to 30 minutes")

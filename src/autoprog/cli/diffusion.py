@@ -87,7 +87,7 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--eta", type=float, default=1.0, help="DDIM eta, 0 = deterministic (default: 1)")
     s.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default: 4.0, the paper's for visualisation)")
     s.add_argument("--stage", type=positive_int, help="use stage K's identifier (default: the last stage's)")
-    s.add_argument("--seed", type=seed, default=0, help="0 to 2^32-1 (default: 0)")
+    s.add_argument("--seed", type=seed, default=0, help="a 32-bit integer (default: 0)")
 
 
 def run_sample(args, acc) -> None:

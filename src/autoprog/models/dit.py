@@ -345,7 +345,7 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
 
 
 # what an autoprog model's config.json holds, beside the backbone's own arguments under "config"
-MODEL_FIELDS = {"format": str, "kind": str, "config": dict, "sid_stages": int, "method": str, "steps": int,
+MODEL_FIELDS = {"format": str, "kind": str, "config": dict, "sid_stages": int, "method": (str, None), "steps": int,
                 "classes": ([int], None), "captions": ([str], None), "vae": (str, None), "image_channels": (int, None)}
 
 
