@@ -27,9 +27,10 @@ from autoprog.engine import RunTemplate
 pytestmark = pytest.mark.slow
 
 NASTY = ["", " ", "0", "-1", "1", "2", "3", "0.5", "-0.0", "nan", "inf", "-inf", "1e400", "1e-400",
-         "99999999999999999999", "-99999999999999999999", "x", "1,2", ",", "a,,b", "{}", "{", "}", "{x}", "a {} {}",
+         "99999999999999999999", "-99999999999999999999", "100000000000000", "4294967296", "-2147483649", "x", "1,2", ",", "a,,b", "{}", "{", "}", "{x}", "a {} {}",
          "é", "16x4,28x6", "/nonexistent", "auto", "none", "true", "3.5", "5-9", "0,2,4", "1h", "10s"]
-FILES = ["yaml-duplicate", "not-utf8", "folder", "json-nan", "json-truncated", "empty", "schedule"]
+FILES = ["yaml-duplicate", "not-utf8", "folder", "json-nan", "json-truncated", "empty", "schedule", "yaml-list-key",
+         "yaml-deep"]
 NEVER = {"--help", "--out", "--resume", "--cpu", "--data-root", "--cache-dir", "--overwrite", "--task", "--seeds"}
 COMMANDS = {  # the command, and the options that keep an accepted run small
     "pretrain": ["--subset", "64", "--batch-size", "32", "--epochs", "1", "--embed-dim", "16", "--depth", "2",
@@ -60,7 +61,8 @@ def _files(root: Path) -> dict[str, Path]:
     made = {"yaml-duplicate": ("c.yaml", b"epochs: 1\nepochs: 2\n"), "not-utf8": ("b.json", b"\xff\xfe{}"),
             "json-nan": ("n.json", b'{"stages": [{"resolution": 14, "depth": 2, "fraction": NaN}]}'),
             "json-truncated": ("t.json", b'{"stages": [{"resolution": 1'), "empty": ("e.yaml", b""),
-            "schedule": ("s.json", b'{"stages": [{"resolution": 14.5, "depth": 2}]}')}
+            "schedule": ("s.json", b'{"stages": [{"resolution": 14.5, "depth": 2}]}'),
+            "yaml-list-key": ("k.yaml", b"? [1, 2]\n: 3\n"), "yaml-deep": ("d.yaml", b"a: " + b"[" * 3000 + b"]" * 3000)}
     out = {"folder": root}
     for key, (name, data) in made.items():
         (root / name).write_bytes(data)
