@@ -65,6 +65,15 @@ def test_overwrite_never_deletes_what_the_run_reads(cli, tmp_path):
     assert "lies inside --out" in line and (run / "model" / "config.json").is_file()
 
 
+def test_a_comparison_never_writes_into_a_model_folder_or_its_base(cli, tmp_path):
+    from autoprog.diffusion.runner import DEFAULT_BASE
+
+    assert "overlap" in _error(cli, "compare", "--task", "finetune", "--out", DEFAULT_BASE, "--cpu")
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_BASE, model)
+    assert "is a model folder" in _error(cli, "compare", "--out", model, "--cpu")
+
+
 def test_only_path_settings_are_protected(tmp_path, monkeypatch):
     from autoprog.classification.runner import RunSpec
     from autoprog.experiment import input_paths

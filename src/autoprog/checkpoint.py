@@ -117,6 +117,18 @@ def new_run_dir(out: Path, overwrite: bool = False, protected: dict[str, str | P
     return writable_dir(out)
 
 
+def comparison_dir(out: Path, protected: dict[str, str | Path | None] | None = None) -> Path:
+    """Make ``out`` the folder of a comparison (its runs and summaries; re-running reuses them): never a model
+    folder, or a folder an input lies in or that lies in an input (``protected``, as in :func:`new_run_dir`)."""
+    out = Path(out)
+    for what, path in (protected or {}).items():
+        if path and Path(path).exists() and (_same_or_inside(out, Path(path)) or _same_or_inside(Path(path), out)):
+            raise ConfigError(f"--out {out} and {what} {path} overlap; choose another --out")
+    if out.is_dir() and is_model_dir(out):
+        raise ConfigError(f"--out {out} is a model folder; choose a new or empty folder")
+    return writable_dir(out)
+
+
 def has_checkpoint(out: Path) -> bool:
     """Whether ``out`` holds a checkpoint to resume from (the newest or its fallback)."""
     return any((out / (CHECKPOINT_DIR + s) / "state.json").is_file() for s in ("", PREVIOUS_SUFFIX))

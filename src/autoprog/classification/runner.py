@@ -15,7 +15,7 @@ from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
 from ..budget import Budget
-from ..checkpoint import new_run_dir, writable_dir, write_json
+from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..data import load_dataset
 from ..errors import ConfigError, warn
 from ..experiment import (
@@ -232,7 +232,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator()
-    out = writable_dir(Path(out))
+    out = comparison_dir(Path(out), input_paths(base))
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in method_names(PRETRAIN)]
     if bad:

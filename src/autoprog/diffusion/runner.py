@@ -19,7 +19,7 @@ from ..adapters.unfreezer import FROZEN_PREFIX, LAYOUTS, Unfreezer
 from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
 from ..budget import Budget
-from ..checkpoint import new_run_dir, writable_dir, write_json
+from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..errors import ConfigError, warn
 from ..formats import check_fields
 from ..front import DEFAULT_FRONT
@@ -519,6 +519,10 @@ def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False):
             reads["--base"] = _base_path(spec)
         new_run_dir(out, overwrite, reads)
     spec.train.validate()
+    if isinstance(spec, DreamBoothSpec):  # prompt templates before any model or data loads
+        spec.prompts()
+    elif hasattr(spec, "caption"):
+        check_template(spec.caption, "--caption")
     return spec
 
 
@@ -619,7 +623,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     """
     from accelerate import Accelerator
 
-    out = writable_dir(Path(out))
+    out = comparison_dir(Path(out), {**experiment.input_paths(spec), "--base": _base_path(spec)})
     _check_comparison(spec, methods)
     acc = accelerator or Accelerator()
     data, *_ = build_finetune(replace(spec, method="full"))
