@@ -501,3 +501,19 @@ def test_config_values_are_used_and_flags_override_them(cli, fake_fmnist, tmp_pa
     assert res["summary"]["steps"] == 2 and res["epochs"][0]["depth"] == 3
     assert len(load_file(out / "checkpoint" / "model.safetensors")) > 0
     assert os.path.isfile(out / "schedule.json")
+
+
+def test_eval_size_reports_top1_at_a_larger_test_resolution(cli, fake_fmnist, tmp_path, monkeypatch):
+    import autoprog.adapters.vit as vit_adapter
+
+    seen, resize = set(), vit_adapter.resize_input
+    monkeypatch.setattr(vit_adapter, "resize_input", lambda x, r: seen.add(r) or resize(x, r))
+    out = tmp_path / "r"
+    rc, stdout, err = cli("pretrain", "--method", "prog", "--eval-size", "36", "--out", out,
+                          *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0, err
+    s = _results(out)["summary"]
+    assert s["eval_size"] == 36 and 0 <= s["top1_at_eval_size"] <= 100 and 0 <= s["top1_ema_at_eval_size"] <= 100
+    assert "top1 at 36px" in stdout and 36 in seen, "the model ran at the evaluation size"
+    rc, _, err = cli("pretrain", "--eval-size", "30", "--out", tmp_path / "bad", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 2 and "not a multiple of the patch size 4" in _one_error_line(err)

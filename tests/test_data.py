@@ -433,3 +433,12 @@ def test_in_memory_data_moves_to_the_device_once_and_is_never_pinned():
     assert b.to("cpu").train.images is images, "already there: nothing copied"
     loader = b.loader("train", 8, shuffle=True, pin_memory=True)
     assert not loader.pin_memory or b.device.type == "cpu"
+
+
+def test_image_folder_test_images_at_another_size(image_folder):
+    b = load_dataset(str(image_folder), image_size=16)
+    x, _ = next(iter(b.loader("test", 4, size=24)))
+    assert tuple(x.shape[-2:]) == (24, 24) and x.dtype == torch.uint8, "cropped at the evaluation size"
+    assert tuple(next(iter(b.loader("test", 4)))[0].shape[-2:]) == (16, 16)
+    mem = load_digits()
+    assert mem.test_at(24) is mem.test, "in-memory images are resized by the model"

@@ -159,6 +159,12 @@ class DataBundle:
     hflip: bool = True
     pad: int = 2
     train_plain: Dataset | None = None  # the training images without random transforms (None: ``train`` is)
+    test_at_size: Callable[[int], Dataset] | None = None  # decoded data: the test images cropped at another size
+
+    def test_at(self, size: int) -> Dataset:
+        """The test images for evaluation at ``size`` pixels: decoded images are resized and cropped at that size
+        (as at the training size); in-memory ones stay as they are, the model resizes its input."""
+        return self.test_at_size(size) if self.test_at_size is not None else self.test
 
     def _split(self, split: str) -> Dataset:
         if split == "train_plain":
@@ -172,14 +178,15 @@ class DataBundle:
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                num_workers: int = 0, limit: int | None = None, pin_memory: bool = False,
-               sampler: EpochSampler | None = None) -> DataLoader:
+               sampler: EpochSampler | None = None, size: int | None = None) -> DataLoader:
         """``split``: ``train``, ``test``, or ``train_plain`` (the training images, never randomly transformed:
         what searches score candidates on). ``limit``: the first ``limit`` images of one fixed permutation (all of
         them, permuted, when there are fewer), so a smaller limit always gives a prefix of a larger one.
         ``sampler``: the order (a training loader built once, :meth:`epoch_sampler`); ``shuffle``: one order from
         ``seed`` instead. ``pin_memory``: page-locked batches, which a CUDA device copies without waiting
-        (``non_blocking``); never for data already on a device. ``num_workers`` serve decoded data only."""
-        ds = self._split(split)
+        (``non_blocking``); never for data already on a device. ``num_workers`` serve decoded data only.
+        ``size``: the test images for evaluation at that size (:meth:`test_at`)."""
+        ds = self.test_at(size) if split == "test" and size else self._split(split)
         if limit is not None:
             ds = _take(ds, min(limit, len(ds)), seed=1234)
         if sampler is not None and getattr(sampler, "keyed", False):
@@ -341,18 +348,27 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
         *augment,
         transforms.PILToTensor(),
     ])
-    test_tf = transforms.Compose([
-        transforms.Resize(int(image_size * 1.14)),
-        transforms.CenterCrop(image_size),
-        transforms.PILToTensor(),
-    ])
+    test_tf = _test_transform(image_size)
     train = image_folder(root, train_dir, train_tf, min_classes=2)
     plain = image_folder(root, train_dir, test_tf, min_classes=2)
     test = image_folder(root, test_dir, test_tf)
     if train.classes != test.classes:
         raise DataError(f"{train_dir} and {test_dir} have different class folders")
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
-                      hflip=False, pad=0, train_plain=plain)  # cropped and flipped in the workers
+                      hflip=False, pad=0, train_plain=plain,  # cropped and flipped in the workers
+                      test_at_size=functools.partial(_test_images_at, root, test_dir))
+
+
+def _test_transform(size: int):
+    """Evaluation images at ``size``: resized to 1.14× (DeiT's 256/224) and centre-cropped, as uint8."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(int(size * 1.14)), transforms.CenterCrop(size),
+                               transforms.PILToTensor()])
+
+
+def _test_images_at(root: Path, test_dir: Path, size: int) -> Dataset:
+    return image_folder(root, test_dir, _test_transform(size))
 
 
 def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...]):

@@ -274,7 +274,8 @@ def _comparison_row(name: str, s: dict, orig: dict) -> dict:
     return {**comparison_row(name, s, orig), "growth": s["growth"] if s["schedule"]["stages"][1:] else None,
             "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
             "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
-            "epochs": s["epochs"], "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"])}
+            "epochs": s["epochs"], "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"]),
+            **{k: s[k] for k in ("eval_size", "top1_at_eval_size", "top1_ema_at_eval_size") if k in s}}
 
 
 def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_front, out: Path, log) -> None:

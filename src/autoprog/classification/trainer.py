@@ -38,7 +38,7 @@ from ..optim import (
     remap_block_state,
     sync_params,
 )
-from ..options import check_bounds, default, option
+from ..options import MAX_IMAGE_SIZE, check_bounds, default, option
 from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
@@ -86,6 +86,11 @@ class TrainConfig(OptimConfig, SearchMeasurements):
     eval_samples: int | None = option(2000, "test images for the per-epoch evaluation; the last epoch always uses "
                                             "the whole test set (0 = always all)", minimum=0, zero_is_none=True,
                                       group="data")
+    eval_size: int | None = option(None, "also report the final top-1 at this test resolution, as the paper's "
+                                         "Tables 3 and 15 do (e.g. 288 for 224-px training; 35 for 28-px Fashion-MNIST, "
+                                         "1.25x): position embeddings are interpolated; ImageFolder test images are "
+                                         "resized and cropped at this size, in-memory ones resized by the model",
+                                   minimum=1, maximum=MAX_IMAGE_SIZE, show_default=False, group="data")
     max_steps: int | None = option(None, "stop the learning-rate schedule and training after this many steps "
                                          "(the budget-matched original)", minimum=1, cli=False)
     budget: str | None = budget_option("--epochs", "every epoch")
@@ -164,6 +169,12 @@ class Trainer(GrowthCalls, RunTemplate):
             self.eval_loader = self.acc.prepare_data_loader(
                 data.loader("test", cfg.batch_size * 2, num_workers=self.workers, limit=cfg.eval_samples)
             )
+        self.size_loader = None  # the test set at --eval-size
+        if cfg.eval_size is not None:
+            if cfg.eval_size % self.net.patch_size:
+                raise ConfigError(f"--eval-size {cfg.eval_size} is not a multiple of the patch size {self.net.patch_size}")
+            self.size_loader = self.acc.prepare_data_loader(
+                data.loader("test", cfg.batch_size * 2, num_workers=self.workers, size=cfg.eval_size))
         self.sampler = data.epoch_sampler(cfg.seed * 7919)
         self.train_loader = self._train_loader()
         self.steps_per_epoch = len(self.train_loader)
@@ -427,13 +438,14 @@ class Trainer(GrowthCalls, RunTemplate):
             return self._count_flops(subnet) * self._sec_per_flop
 
     @torch.no_grad()
-    def evaluate(self, full: bool = False) -> tuple[float, float]:
-        """Top-1 of the online and the momentum model at full resolution with the current blocks."""
-        loader = self.test_loader if full else self.eval_loader
+    def evaluate(self, full: bool = False, size: int | None = None) -> tuple[float, float]:
+        """Top-1 of the online and the momentum model at full resolution (or at the test resolution ``size``, on the
+        whole test set) with the current blocks."""
+        loader = self.size_loader if size else self.test_loader if full else self.eval_loader
         accs = []
         for net in (self.net, self.ema.module):
             cur = net.subnet
-            net.subnet = replace(cur, resolution=net.full_resolution)
+            net.subnet = replace(cur, resolution=size or net.full_resolution)
             was = net.training
             net.eval()
             correct = total = 0
@@ -503,6 +515,11 @@ class Trainer(GrowthCalls, RunTemplate):
         self.history.append({**record, "top1": round(top1, 3), "top1_ema": round(top1_ema, 3),
                              "eval_samples": len(self.data.test) if final or self.eval_loader is self.test_loader
                              else self.cfg.eval_samples})
+        if final and self.size_loader is not None:
+            at_size, at_size_ema = self.evaluate(size=self.cfg.eval_size)
+            self.history[-1].update(eval_size=self.cfg.eval_size, top1_at_eval_size=round(at_size, 3),
+                                    top1_ema_at_eval_size=round(at_size_ema, 3))
+            self.acc.print(f"top1 at {self.cfg.eval_size}px {at_size:.2f} ema {at_size_ema:.2f}")
         r = self.history[-1]
         self.acc.print(f"epoch {r['epoch']}/{self.num_epochs} stage {r['stage']} {self.net.subnet} "
                        f"loss {r['train_loss']:.4f} top1 {top1:.2f} ema {top1_ema:.2f} "
@@ -568,6 +585,8 @@ class Trainer(GrowthCalls, RunTemplate):
             "epochs": self.num_epochs, **self._common_summary(),
             "top1": last.get("top1"), "top1_ema": last.get("top1_ema"),
             "best_top1": max((h["top1"] for h in self.history), default=None),
+            **({"eval_size": self.cfg.eval_size, "top1_at_eval_size": last.get("top1_at_eval_size"),
+                "top1_ema_at_eval_size": last.get("top1_ema_at_eval_size")} if self.cfg.eval_size else {}),
             "full_model_flops_per_step": full_flops,
             "theoretical_speedup": round(full_flops / avg_flops, 4) if avg_flops and full_flops else None,
             **self.controller.summary(),
