@@ -21,6 +21,7 @@ KINDS = {
     "fixed": "a schedule you give (--schedule)",
     "search": "a schedule chosen during training",
     "static": "the same learnable parameters for the whole run",
+    "supernet": "an elastic supernet trained throughout",
 }
 
 
@@ -123,6 +124,8 @@ for _m in (
     Method("fixed", "fixed", (PRETRAIN,), "replay --schedule"),
     Method("autoprog-one", "search", BOTH, "one-shot search on an elastic supernet"),
     Method("autoprog-zero", "search", BOTH, "zero-shot proxies' ranked vote"),
+    Method("supernet-only", "supernet", (PRETRAIN,), "Table 20's baseline: the elastic supernet trained the whole "
+           "run, a random sub-network of the growth space per step, the full model evaluated"),
     Method("autoprog-one-gain", "search", (PRETRAIN,), "autoprog-one with --criterion gain", base="autoprog-one",
            options={"criterion": "gain"}),
     Method("autoprog-zero-gain", "search", BOTH, "autoprog-zero with --criterion gain", base="autoprog-zero",

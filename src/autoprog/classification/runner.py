@@ -143,6 +143,10 @@ def build_run(spec: RunSpec):
                                        criterion=chosen.options.get("criterion", spec.criterion),
                                        gain_folds=spec.gain_folds), \
             get_growth_operator(spec.growth or "mogrow")
+    if chosen.base == "supernet-only":
+        from ..algorithms.supernet import SupernetOnly
+
+        return data, net, SupernetOnly(space, seed=spec.train.seed), get_growth_operator(spec.growth or "mogrow")
     schedule = build_schedule(spec.method, space, spec.schedule)
     growth = get_growth_operator(spec.growth or schedule.default_growth)
     schedule = replace(schedule, default_growth=growth.name)  # schedule.json records the operator used
@@ -274,7 +278,9 @@ def _comparison_row(name: str, s: dict, orig: dict) -> dict:
     return {**comparison_row(name, s, orig), "growth": s["growth"] if s["schedule"]["stages"][1:] else None,
             "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
             "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
-            "epochs": s["epochs"], "schedule": s["schedule"], "schedule_str": schedule_string(s["schedule"]),
+            "epochs": s["epochs"], "schedule": s["schedule"],
+            "schedule_str": f"supernet of {len(s['supernet_candidates'])} sub-networks" if "supernet_candidates" in s
+            else schedule_string(s["schedule"]),
             **{k: s[k] for k in ("eval_size", "top1_at_eval_size", "top1_ema_at_eval_size") if k in s}}
 
 
