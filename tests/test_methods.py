@@ -18,7 +18,7 @@ from autoprog.methods import (
 
 def test_each_task_lists_its_methods():
     assert method_names(PRETRAIN) == ("original", "prog", "progstack", "fixed", "autoprog-one", "autoprog-zero",
-                                      "autoprog-one-gain", "autoprog-zero-gain")
+                                      "supernet-only", "autoprog-one-gain", "autoprog-zero-gain")
     assert set(method_names(FINETUNE)) == {
         "prog", "autoprog-one", "autoprog-zero", "autoprog-zero-gain", "full", "bitfit", "difffit", "lora",
         "lora-r8", "lora-r16", "prog-nosid", "autoprog-one-nosid", "autoprog-zero-nosid"}
