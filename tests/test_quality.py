@@ -164,13 +164,27 @@ def test_to_uint8_and_save_grid(tmp_path):
     x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0])
     assert to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255]
     images = torch.rand(6, 1, SIZE, SIZE) * 2 - 1
-    path = save_grid(images, tmp_path / "a" / "b" / "grid.png", nrow=3)
-    with Image.open(path) as im:
-        assert im.size == (3 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)
+    save_grid(images, tmp_path / "a" / "b" / "grid.png", nrow=3)
+    cell = -(-96 // SIZE) * SIZE  # enlarged by a whole factor to at least 96 px, 4 px apart
+    with Image.open(tmp_path / "a" / "b" / "grid.png") as im:
+        assert im.size == (3 * (cell + 4) + 4, 2 * (cell + 4) + 4) and im.mode == "RGB"
     rgb = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    with Image.open(save_grid(rgb, tmp_path / "rgb.png", nrow=4)) as im:
-        assert im.size == (4 * 10 + 2, 12)
-        assert im.getpixel((2, 2)) == tuple(rgb[0, :, 0, 0].tolist())
+    save_grid(rgb, tmp_path / "rgb.png", nrow=4)
+    with Image.open(tmp_path / "rgb.png") as im:
+        assert im.size == (4 * 100 + 4, 104)
+        assert im.getpixel((4, 4)) == im.getpixel((4 + 11, 4 + 11)) == tuple(rgb[0, :, 0, 0].tolist()), \
+            "nearest: each pixel a 12x12 block"
+
+
+def test_grids_are_labelled_and_titled(tmp_path):
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    plain = save_grid(images, tmp_path / "p.png", nrow=2)
+    labelled = save_grid(images, tmp_path / "l.png", nrow=2, labels=["sandal", "a photo of a bag"],
+                         title="prog · step 8 · stage 2/4")
+    assert labelled.size[0] > plain.size[0] and labelled.size[1] == plain.size[1] + 24
+    dark = [x for x in range(labelled.size[0] - plain.size[0]) if labelled.getpixel((x, 24 + 50))[0] < 128]
+    assert dark, "the first row's label is drawn left of the images"
+    assert any(labelled.getpixel((x, 10))[0] < 128 for x in range(200)), "the title is drawn on top"
 
 
 def test_inception_evaluator_errors(tmp_path, monkeypatch):

@@ -73,7 +73,9 @@ def test_flat_config_keeps_only_scalars():
 
 
 def test_unknown_or_missing_trackers_are_one_line_errors(monkeypatch):
-    assert parse_log_with(None) == [] and parse_log_with("") == []
+    assert parse_log_with(None) == []
+    with pytest.raises(ConfigError, match="names no tracker"):
+        parse_log_with(" , ")
     with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'"):
         check_trackers(["tensorbord"])
     from accelerate.utils import imports
@@ -90,3 +92,29 @@ def test_the_cli_refuses_a_tracker_that_is_not_installed(cli, fake_fmnist, tmp_p
     rc, _, err = cli("pretrain", "--data-root", fake_fmnist, "--log-with", "wandb", "--out", tmp_path / "x", "--cpu")
     assert rc == 2 and "pip install wandb" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+class ImageRecorder(Recorder):
+    name = "image-recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    def log_images(self, values, step=None, **kwargs):
+        self.images.append((step, {k: v.shape for k, v in values.items()}))
+
+
+def test_sample_grids_go_to_trackers_that_take_images(fresh_accelerate):
+    import torch
+    from accelerate import Accelerator
+
+    from autoprog.diffusion.quality import labelled_grid
+    from autoprog.tracking import log_images
+
+    rec, plain = ImageRecorder(), Recorder()
+    acc = Accelerator(cpu=True, log_with=[rec, plain])
+    acc.init_trackers("t")
+    grid = labelled_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), 2, ["a", "b"], "title")
+    log_images(acc, {"samples": grid}, step=12)
+    assert rec.images == [(12, {"samples": (grid.size[1], grid.size[0], 3)})] and plain.logs == []

@@ -95,6 +95,18 @@ def log(acc, values: dict, step: int) -> None:
         acc.log(values, step=step)
 
 
+def log_images(acc, images: dict, step: int) -> None:
+    """Send PIL images (sample grids) to the trackers that take images (TensorBoard, W&B, ...)."""
+    if not (is_on(acc) and acc.trackers and images):
+        return
+    import numpy as np
+
+    arrays = {k: np.asarray(v) for k, v in images.items()}
+    for tracker in acc.trackers:
+        if callable(getattr(tracker, "log_images", None)):
+            tracker.log_images(arrays, step=step, **({"dataformats": "HWC"} if tracker.name == "tensorboard" else {}))
+
+
 def stage_values(info: dict) -> dict:
     """A stage record for the trackers: the sub-networks it names (resolution, depth), its numbers, and a search's
     candidate table as text."""

@@ -115,7 +115,7 @@ def run_sample(args, acc) -> None:
         if model.sid is None:
             raise ConfigError("--stage: this model has no stage identifiers (it was not trained progressively with SID)")
         model.set_stage(args.stage - 1)
-    from ..diffusion.runner import conditions_for, decode_samples
+    from ..diffusion.runner import class_label, conditions_for, decode_samples
 
     out = Path(args.out) if args.out else path / "samples"
     if args.out and is_model_dir(out):
@@ -125,6 +125,7 @@ def run_sample(args, acc) -> None:
         if model.kind != "text-unet":
             raise ConfigError("--prompt needs a text-to-image model; this one is class-conditional (use --classes)")
         groups = [f"prompt{i + 1}" for i in range(len(args.prompt))]
+        names = list(args.prompt)
         conditions = model.tokenize([p for p in args.prompt for _ in range(args.per_class)])
     else:
         size = len(meta.get("captions") or []) if model.kind == "text-unet" else model.num_classes
@@ -133,13 +134,16 @@ def run_sample(args, acc) -> None:
         if bad:
             raise ConfigError(f"the model has classes 0-{size - 1}; --classes asks for {bad}")
         groups = [f"class{c}" for c in classes]
+        names = [class_label(meta, c) for c in classes]
         conditions = conditions_for(model, meta, torch.tensor([c for c in classes for _ in range(args.per_class)]))
     imgs = decode_samples(meta, sample(model, conditions, steps=args.sample_steps, cfg_scale=args.cfg_scale,
                                        seed=args.seed, eta=args.eta))
-    for i, name in enumerate(groups):
-        save_grid(imgs[i * args.per_class:(i + 1) * args.per_class], out / f"{name}.png",
-                  nrow=max(1, int(args.per_class ** 0.5)))
-    save_grid(imgs, out / "all.png", nrow=args.per_class)
+    how = f"DDIM {args.sample_steps} steps, guidance {args.cfg_scale:g}" + (
+        f", stage {args.stage}" if args.stage is not None else "")
+    for i, (group, name) in enumerate(zip(groups, names)):
+        save_grid(imgs[i * args.per_class:(i + 1) * args.per_class], out / f"{group}.png",
+                  nrow=max(1, int(args.per_class ** 0.5)), title=f"{name} · {how}")
+    save_grid(imgs, out / "all.png", nrow=args.per_class, labels=names, title=f"{path.parent.name}/{path.name} · {how}" if path.name == "model" else f"{path.name} · {how}")
     acc.print(f"wrote {len(groups)} grids and all.png to {out}")
 
 

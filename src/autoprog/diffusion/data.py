@@ -121,6 +121,13 @@ class DiffusionData:
         (:meth:`caption`) their prompts' token ids ``(B, L)``."""
         return labels if self.caption_ids is None else self.caption_ids[labels]
 
+    def label(self, c: int) -> str:
+        """How a picture names class id ``c``: its prompt, else its name, else ``class c``."""
+        for names in (self.captions, self.class_names):
+            if names is not None and 0 <= c < len(names):
+                return names[c]
+        return f"class {c}"
+
     def caption(self, tokenize, template: str = DEFAULT_CAPTION) -> None:
         """Give every class the prompt ``template`` filled with its name, tokenized by ``tokenize`` (a text model's)."""
         check_template(template, "--caption")

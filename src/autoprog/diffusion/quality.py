@@ -468,11 +468,53 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Save uint8 or [-1, 1] float images (N, C, H, W) as one PNG grid (2 px padding), creating folders."""
-    from torchvision.utils import save_image
+GRID_CELL = 96  # pixels a grid cell has at least: small images are enlarged (nearest, so pixels stay pixels)
 
+
+def labelled_grid(images: torch.Tensor, nrow: int, labels: list[str] | None = None, title: str = "",
+                  cell: int = GRID_CELL):
+    """uint8 or [-1, 1] float images (N, C, H, W) as one RGB PIL image a person can read: ``nrow`` images per
+    row, each enlarged by an integer factor (nearest) to at least ``cell`` pixels, ``labels`` (one per row: a
+    class name or prompt) on the left and ``title`` on top."""
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    x = to_uint8(images).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    scale = max(1, -(-cell // x.shape[-1]))
+    if scale > 1:
+        x = F.interpolate(x.float(), scale_factor=scale, mode="nearest").to(torch.uint8)
+    pad = 4
+    grid = make_grid(x, nrow=nrow, padding=pad, pad_value=255).permute(1, 2, 0).numpy()
+    font = ImageFont.load_default(size=14)
+    rows = -(-len(x) // nrow)
+    labels = [str(s) for s in (labels or [])][:rows]
+    left = (max((font.getlength(s) for s in labels), default=0) + 2 * pad) if labels else 0
+    left = int(min(left, 360))
+    top = 24 if title else 0
+    width = max(grid.shape[1] + left, int(font.getlength(title)) + 2 * pad if title else 0)
+    canvas = Image.new("RGB", (width, grid.shape[0] + top), "white")
+    canvas.paste(Image.fromarray(grid), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 4), title, fill="black", font=font)
+    step = x.shape[-2] + pad
+    for i, text in enumerate(labels):
+        if font.getlength(text) > left - 2 * pad:
+            while len(text) > 1 and font.getlength(text + "...") > left - 2 * pad:
+                text = text[:-1]
+            text += "..."
+        draw.text((pad, top + pad + i * step + x.shape[-2] // 2 - 7), text, fill="black", font=font)
+    return canvas
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, labels: list[str] | None = None,
+              title: str = ""):
+    """Save :func:`labelled_grid` of ``images`` as a PNG at ``path`` (folders created); returns the image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(to_uint8(images).float().cpu() / 255, path, nrow=nrow)
-    return path
+    image = labelled_grid(images, nrow, labels, title)
+    image.save(path)
+    return image

@@ -713,7 +713,19 @@ def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], p
     (out / "samples.txt").write_text("rows, top to bottom: " + ", ".join(methods) +
                                      f"\nclasses {list(classes)}, {per_class} each, DDIM {steps} steps, "
                                      f"guidance {cfg_scale}, eta {eta}\n")
-    return save_grid(torch.cat(rows), out / "samples.png", nrow=len(labels))
+    save_grid(torch.cat(rows), out / "samples.png", nrow=len(labels), labels=list(methods),
+              title=f"{', '.join(class_label(meta, c) for c in classes)}: {per_class} each, DDIM {steps} steps, "
+                    f"guidance {cfg_scale:g}")
+    return out / "samples.png"
+
+
+def class_label(meta: dict, c: int) -> str:
+    """How a picture names class ``c`` of a saved model: its caption, else its class name, else ``class c``."""
+    for key in ("captions", "class_names"):
+        names = meta.get(key) or []
+        if 0 <= c < len(names):
+            return names[c]
+    return f"class {c}"
 
 
 def conditions_for(model, meta: dict, labels: torch.Tensor) -> torch.Tensor:

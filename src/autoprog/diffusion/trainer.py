@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import tracking
 from ..adapters.unfreezer import Unfreezer
 from ..budget import MAX_STEPS, Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..checkpoint import replace_dir
@@ -463,7 +464,11 @@ class DiffusionTrainer(RunTemplate):
         # generate() cycles through the classes: regroup the first per_class rounds into rows
         k = len(self.data.classes)
         rows = [imgs[i + r * k] for i in range(k) for r in range(per_class) if i + r * k < len(imgs)]
-        save_grid(torch.stack(rows), self.out / "samples" / f"step{self.step}.png", nrow=per_class)
+        title = (f"{self.run_info.get('method', '')} · step {self.step}/{self.total_steps} · stage {self.stage + 1}"
+                 f"/{self.controller.num_stages}")
+        image = save_grid(torch.stack(rows), self.out / "samples" / f"step{self.step}.png", nrow=per_class,
+                          labels=[self.data.label(c) for c in self.data.classes], title=title)
+        tracking.log_images(self.acc, {"samples": image}, self.step)
 
     @torch.no_grad()
     def generate(self, n: int, seed: int) -> torch.Tensor:
@@ -501,6 +506,8 @@ class DiffusionTrainer(RunTemplate):
             extra["vae"] = self.data.codec.path
         if self.data.captions is not None:
             extra["captions"] = list(self.data.captions)
+        if self.data.class_names is not None:
+            extra["class_names"] = list(self.data.class_names)
         lora = m.lora_layers() if hasattr(m, "lora_layers") else None
         export_backbone(m)
         save_backbone(m, tmp, extra=extra, vae=self.data.codec.vae if self.data.codec is not None else None,

@@ -346,7 +346,7 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
 
 # what an autoprog model's config.json holds, beside the backbone's own arguments under "config"
 MODEL_FIELDS = {"format": str, "kind": str, "config": dict, "sid_stages": int, "method": (str, None), "steps": int,
-                "classes": ([int], None), "captions": ([str], None), "vae": (str, None), "image_channels": (int, None)}
+                "classes": ([int], None), "captions": ([str], None), "class_names": ([str], None), "vae": (str, None), "image_channels": (int, None)}
 
 
 def check_model_config(meta: dict, where: str) -> None:

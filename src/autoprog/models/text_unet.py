@@ -354,7 +354,8 @@ def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, d
     meta = {}
     if (root / META_FILE).is_file():
         meta = read_json_object(root / META_FILE, "model settings")
-        check_fields(meta, {"sid_stages": int, "captions": ([str], None), "classes": ([int], None),
+        check_fields(meta, {"sid_stages": int, "captions": ([str], None), "class_names": ([str], None),
+                            "classes": ([int], None),
                             "vae": (str, None), "image_channels": (int, None)}, str(root / META_FILE))
     try:
         with _quiet():
