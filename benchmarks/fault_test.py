@@ -112,7 +112,10 @@ def kills(out: Path, n: int, rng: random.Random, sig: int = signal.SIGKILL) -> d
                     _, err = proc.communicate()
                     err += "\ndid not stop within 300 s"
                 if sig != signal.SIGKILL:
-                    counts["stopped at a checkpointed step"] += stopped_at_checkpoint(proc.returncode, err, run)
+                    clean = stopped_at_checkpoint(proc.returncode, err, run)
+                    counts["stopped at a checkpointed step"] += clean
+                    if not clean:
+                        print(f"  not clean: {name_of} of {name}: rc {proc.returncode}: {err[-400:]!r}", flush=True)
             proc.wait()
             for _ in range(5):  # resume until it finishes (a resume can itself be the first start)
                 res = run / "results.json"

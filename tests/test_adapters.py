@@ -284,3 +284,35 @@ def test_volo_from_the_command_line_and_refusals(cli, fake_fmnist, tmp_path):
     assert rc == 2 and "--depth" in err and len(err.strip().splitlines()) == 1
     rc, _, err = cli("pretrain", "--model", "timm:resnet18", "--img-size", "32", "--out", tmp_path / "r", *args)
     assert rc == 2 and "cannot grow" in err and "VOLO" in err and "ViT" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, adapter", [("timm:eva02_tiny_patch14_224", "ElasticEva"),
+                                           ("timm:deit3_small_patch16_224", "ElasticViT")])
+def test_eva_and_deit3_grow_and_their_gates_preserve_the_function(name, adapter):
+    from autoprog.adapters.factory import ModelOverrides, build_elastic
+    from autoprog.algorithms.growth import MomentumNetwork, get_growth_operator
+
+    torch.manual_seed(0)
+    net = build_elastic(name, 10, 1, ModelOverrides(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2))
+    assert type(net).__name__ == adapter
+    net.eval()
+    x = torch.randn(2, 1, 32, 32)
+    net.apply_subnet(SubNet(32, 2))
+    before = net(x)
+    ema = MomentumNetwork(net, 0.9)
+    get_growth_operator("identity").grow(net, ema.module, SubNet(32, 2), SubNet(32, 4))
+    net.apply_subnet(SubNet(32, 4))
+    assert net.gated_blocks() == [1, 3]
+    assert torch.allclose(net(x), before, rtol=1e-4, atol=1e-9), "zero-gated new blocks leave the function unchanged"
+    net.set_gated_blocks([])
+    assert not torch.allclose(net(x), before, rtol=1e-4, atol=1e-9), "ungated, the new blocks change it"
+
+
+def test_eva_from_the_command_line(cli, fake_fmnist, tmp_path):
+    from conftest import tiny_args
+
+    rc, _, err = cli("pretrain", "--model", "timm:eva02_tiny_patch14_224", "--img-size", "28", "--method", "prog",
+                     "--out", tmp_path / "e", *tiny_args(fake_fmnist, epochs="1", subset="64"))
+    assert rc == 0, err
+    sched = json.loads((tmp_path / "e" / "schedule.json").read_text())["stages"]
+    assert (sched[-1]["resolution"], sched[-1]["depth"]) == (28, 4)

@@ -4,6 +4,7 @@ backbone for fine-tuning. A new family is one file with an :class:`~autoprog.ada
 subclass, imported here."""
 
 from . import vit as _vit  # noqa: F401 - registers the family
+from . import eva as _eva  # noqa: F401 - registers the family (before ViT's check, which an Eva also passes)
 from . import volo as _volo  # noqa: F401 - registers the family
 from .base import FAMILIES, ElasticModel, elastic, family_of
 

@@ -67,7 +67,7 @@ def _build_timm(name: str, num_classes: int, in_chans: int, o: ModelOverrides) -
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models("*vit*") + timm.list_models("deit*")
-                                          + timm.list_models("volo*"), n=3)
+                                          + timm.list_models("volo*") + timm.list_models("eva*"), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown timm model {name!r}{hint}")
     import torch

@@ -20,11 +20,11 @@ _REQUIRED = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "n
 class ElasticViT(ElasticModel):
     """A timm-style ViT run as a sub-network of itself.
 
-    Works for :class:`autoprog.models.vit.VisionTransformer` and timm's ``VisionTransformer`` (DeiT, ViT)
-    created with ``dynamic_img_size=True``.
+    Works for :class:`autoprog.models.vit.VisionTransformer` and timm's ``VisionTransformer`` (ViT, DeiT, DeiT III)
+    created with ``dynamic_img_size=True``; timm's ``Eva`` has its own adapter (:mod:`autoprog.adapters.eva`).
     """
 
-    family = "ViT/DeiT (timm VisionTransformer, built-in vit)"
+    family = "ViT/DeiT/DeiT III (timm VisionTransformer, built-in vit)"
     gate_slots = ("ls1", "ls2")
 
     def __init__(self, model: nn.Module):
@@ -37,7 +37,7 @@ class ElasticViT(ElasticModel):
 
     @classmethod
     def fits(cls, model: nn.Module) -> bool:
-        return all(hasattr(model, a) for a in _REQUIRED)
+        return all(hasattr(model, a) for a in _REQUIRED) and not any(c.__name__ == "Eva" for c in type(model).__mro__)
 
     @classmethod
     def timm_kwargs(cls, o) -> dict:

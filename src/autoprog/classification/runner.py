@@ -68,7 +68,9 @@ class RunSpec(Spec, AutoProgOneConfig):
     method: str = option("prog", methods_help(PRETRAIN), choices=method_names(PRETRAIN))
     growth: str | None = option(None, "growth operator (default: mogrow; stacking for progstack)",
                                 choices=sorted(GROWTH_OPERATORS), show_default=False, group="growth")
-    model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224",
+    model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>' of a family autoprog grows: ViT/DeiT/"
+                               "DeiT III (timm:deit_tiny_patch16_224), Eva (timm:eva02_tiny_patch14_224), VOLO "
+                               "(timm:volo_d1_224)",
                         group="model")
     img_size: int | None = option(None, "full input resolution (default: the dataset's, 224 for timm)", minimum=1,
                                   maximum=MAX_IMAGE_SIZE,
