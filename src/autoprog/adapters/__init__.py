@@ -3,8 +3,8 @@ adapter (ViT/DeiT, VOLO) for growth; :class:`~autoprog.adapters.unfreezer.Unfree
 backbone for fine-tuning. A new family is one file with an :class:`~autoprog.adapters.base.ElasticModel`
 subclass, imported here."""
 
+from . import eva as _eva  # noqa: F401 - registers the family (the ViT check leaves Eva to it)
 from . import vit as _vit  # noqa: F401 - registers the family
-from . import eva as _eva  # noqa: F401 - registers the family (before ViT's check, which an Eva also passes)
 from . import volo as _volo  # noqa: F401 - registers the family
 from .base import FAMILIES, ElasticModel, elastic, family_of
 
