@@ -24,7 +24,7 @@ from ..errors import ConfigError, warn
 from ..formats import check_fields
 from ..front import DEFAULT_FRONT
 from ..methods import FINETUNE, SearchSettings, get_method, methods_help
-from ..models.dit import build_backbone, load_backbone
+from ..models.dit import OFFICIAL_SUFFIXES, build_backbone, load_backbone
 from ..options import MAX_IMAGE_SIZE, Spec, option
 from ..schedules import Schedule
 from .data import (
@@ -110,8 +110,9 @@ class FinetuneSpec(ImageDataSpec):
     settings_name = "fine-tuning settings"
 
     method: str = option("autoprog-zero", methods_help(FINETUNE) + "; lora-rN: LoRA of rank N")
-    base: str | None = option(None, "base model directory (autoprog's model/ or a diffusers DiTTransformer2DModel "
-                                    "folder) (default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
+    base: str | None = option(None, "base model: autoprog's model/ folder, a diffusers DiTTransformer2DModel folder, "
+                                    "or the official DiT code's .pt state dict (DiT-XL-2-256x256.pt; its ε half) "
+                                    "(default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
                               metavar="PATH", show_default=False)
     classes: str | None = option(_classes_text(TRANSFER_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or "
                                                                   "'all'", group="data")
@@ -404,10 +405,12 @@ def _base_path(spec: FinetuneSpec) -> Path:
     from ..models.text_unet import is_text_unet_dir
 
     path = Path(spec.base) if spec.base else (DEFAULT_TEXT_BASE if isinstance(spec, TextFinetuneSpec) else DEFAULT_BASE)
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:  # the official DiT code's state dict
+        return path
     if not (path / "config.json").is_file() and not is_text_unet_dir(path):
         if spec.base:
-            raise ConfigError(f"--base {path}: no model there (expected config.json and weights, or a Stable "
-                              "Diffusion pipeline directory)")
+            raise ConfigError(f"--base {path}: no model there (expected config.json and weights, a Stable "
+                              "Diffusion pipeline directory, or an official DiT .pt state dict)")
         task = "text-to-image" if isinstance(spec, TextFinetuneSpec) else "diffusion"
         raise ConfigError(f"the shipped base model is missing at {path}; create one with "
                           f"`autoprog pretrain --task {task} --out DIR` and pass --base DIR/model")

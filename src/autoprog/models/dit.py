@@ -309,6 +309,8 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     from .text_unet import is_text_unet_dir, load_text_unet
 
     path = Path(path)
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        return load_official_dit(path)
     if is_text_unet_dir(path):
         return load_text_unet(path, with_sid)
     cfg_file = path / CONFIG_FILE
@@ -342,6 +344,71 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     if missing or unexpected:
         raise ConfigError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model, meta
+
+
+# ------------------------------------------------------------------------------------- the official DiT
+OFFICIAL_SUFFIXES = (".pt", ".pth")
+OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S, -B, -L, -XL: heads are not in the weights
+_OFFICIAL_NAMES = {"x_embedder.proj.": "x_embedder.", "t_embedder.mlp.0.": "t_embedder.linear_1.",
+                   "t_embedder.mlp.2.": "t_embedder.linear_2.", "y_embedder.embedding_table.": "y_embedder."}
+
+
+def load_official_dit(path: Path) -> tuple[DiT, dict]:
+    """A checkpoint of the official DiT code (facebookresearch/DiT): ``DiT-XL-2-256x256.pt`` (a plain state dict)
+    or a ``train.py`` checkpoint (its ``ema`` weights), read safely (``weights_only``). The architecture follows
+    from the weights (heads from the official model sizes); a learned-sigma model keeps its ε half, which is
+    what autoprog trains and samples (DDIM sets the variance); the fixed position embedding must equal the one
+    autoprog computes."""
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py saves its arguments beside
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refused (not weights only), truncated or not a torch file
+        raise ConfigError(f"{path} cannot be read as a DiT state dict ({first_line(e)[:150]})") from None
+    if isinstance(state, dict) and isinstance(state.get("ema", state.get("model")), dict):
+        state = state.get("ema", state.get("model"))
+    need = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight", "pos_embed")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise ConfigError(f"{path} is not an official DiT checkpoint (it lacks {', '.join(need)})")
+    w = state["x_embedder.proj.weight"]
+    hidden, chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    if hidden not in OFFICIAL_HEADS:
+        raise ConfigError(f"{path}: a DiT {hidden} wide is none of the official sizes ({', '.join(map(str, OFFICIAL_HEADS))}); "
+                          "its number of heads is unknown")
+    tokens = int(state["pos_embed"].shape[1])
+    grid = round(tokens ** 0.5)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    config = dict(image_size=grid * patch, patch_size=patch, in_chans=chans,
+                  num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1, hidden_size=hidden,
+                  depth=depth, num_heads=OFFICIAL_HEADS[hidden],
+                  mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
+    model = DiT(**config)
+    ours = {}
+    for k, v in state.items():
+        if k == "pos_embed":
+            continue
+        for old, new in _OFFICIAL_NAMES.items():
+            k = k.replace(old, new) if k.startswith(old) else k
+        ours[k] = v
+    out = int(state["final_layer.linear.weight"].shape[0]) // (patch * patch)
+    learned_sigma = out == 2 * chans
+    if learned_sigma:  # rows ordered (p, q, channel): keep the first C channels of every pixel
+        keep = torch.tensor([r for r in range(patch * patch * out) if r % out < chans])
+        ours["final_layer.linear.weight"] = ours["final_layer.linear.weight"][keep]
+        ours["final_layer.linear.bias"] = ours["final_layer.linear.bias"][keep]
+    elif out != chans:
+        raise ConfigError(f"{path}: its final layer predicts {out} channels per pixel for {chans} input channels")
+    try:
+        model.load_state_dict(ours)
+    except RuntimeError as e:
+        raise ConfigError(f"{path} does not match the DiT its weights describe: {first_line(e)[:150]}") from None
+    pos = model._pos_embed(grid, grid, torch.device("cpu"), torch.float32)
+    if not torch.allclose(pos, state["pos_embed"].float(), atol=1e-5):
+        raise ConfigError(f"{path}: its position embedding is not the fixed sin-cos one autoprog computes")
+    check_finite(model.parameters(), path)
+    return model, {"kind": "dit", "source": str(path), "config": config, "learned_sigma": learned_sigma,
+                   "format": "official DiT"}
 
 
 # what an autoprog model's config.json holds, beside the backbone's own arguments under "config"
