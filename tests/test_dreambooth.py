@@ -322,3 +322,29 @@ def test_the_built_in_subject_needs_fashion_mnist_and_prior_preservation_a_batch
         _dreambooth_data(DreamBoothSpec(dataset="digits"), None, {}, tmp_path)
     with pytest.raises(ConfigError, match="at least 2 per process"):
         DiffusionTrainer(t2i.tiny(), None, toy_data(), DiffusionConfig(batch_size=1), tmp_path, 1e-3)
+
+
+def test_text_to_image_reports_clip_t_against_each_images_prompt(tiny_clip_and_dino):
+    import torch.nn.functional as F
+
+    from autoprog.diffusion.dreambooth import ClipScorer, PromptAgreement
+    from autoprog.diffusion.report import quality_columns
+
+    class FD:
+        higher_is_better = False
+
+        def evaluate(self, images):
+            return {"fd": 1.5, "kid": 0.1, "kid_std": 0.0, "metric": "FD"}
+
+    clip = ClipScorer(str(tiny_clip_and_dino[0]))
+    captions = ("a photo of dress", "a photo of sks", "a photo of a photo")
+    ev = PromptAgreement(FD(), clip, captions, classes=(2, 0))
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    out = ev.evaluate(images)
+    assert out["fd"] == 1.5 and ev.higher_is_better is False, "the inner evaluator's figures and attributes"
+    prompts = [captions[(2, 0)[i % 2]] for i in range(5)]  # generated class-balanced, cycling through the classes
+    want = torch.stack([F.cosine_similarity(clip.image_features(images[i:i + 1]), clip.text_features(p), dim=-1)
+                        for i, p in enumerate(prompts)]).mean()
+    assert out["clip_t"] == pytest.approx(float(want), abs=1e-5)
+    cols = [k for k, _, _ in quality_columns([{"fd": 1.0, "kid": 0.1, "clip_t": 0.2, "metric": "FD"}])]
+    assert cols == ["fd", "kid", "clip_t"], "text-to-image tables show FD, KID and CLIP-T"

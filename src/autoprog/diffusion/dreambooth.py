@@ -220,6 +220,28 @@ class ClipScorer:
                                                     attention_mask=tok["attention_mask"].to(self.device)))
 
 
+class PromptAgreement:
+    """An evaluator (FD/KID) that also reports CLIP-T for text-to-image (Table 7): the mean cosine between each
+    generated image's CLIP embedding and its prompt's. Images come as the trainer generates them, class-balanced
+    and cycling through ``classes`` in order, each with its class's caption."""
+
+    def __init__(self, inner, clip: ClipScorer, captions: tuple[str, ...], classes: tuple[int, ...]):
+        self.inner, self.clip = inner, clip
+        self._text = torch.cat([clip.text_features(captions[c]) for c in classes])
+
+    def __getattr__(self, name):  # the inner evaluator's attributes (higher_is_better, ...)
+        return getattr(self.inner, name)
+
+    def evaluate(self, images: torch.Tensor) -> dict:
+        out = dict(self.inner.evaluate(images))
+        img = self.clip.image_features(images)
+        text = self._text[torch.arange(len(images)) % len(self._text)]
+        score = float(F.cosine_similarity(img.float(), text.float(), dim=-1).mean())
+        if not torch.isfinite(torch.tensor(score)):
+            raise DivergedError("a non-finite CLIP-T: the generated images are not finite")
+        return {**out, "clip_t": score}
+
+
 def _embeds(out) -> torch.Tensor:
     """CLIP's projected embeddings: transformers 4 returns the tensor, 5 an output whose pooler_output it is."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output

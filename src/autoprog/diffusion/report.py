@@ -26,7 +26,8 @@ def quality_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """(key, header, format) of the quality columns the rows have: FD and KID, or DreamBooth's scores."""
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
     scores = [(k, label, ".3f") for k, label in SCORE_LABELS.items() if any(r.get(k) is not None for r in rows)]
-    return scores or [("fd", metric, ".3f"), ("kid", "KID", ".4f")]
+    fd = [("fd", metric, ".3f"), ("kid", "KID", ".4f")]
+    return (fd + scores if any(r.get("fd") is not None for r in rows) else scores) or fd
 
 
 def finetune_markdown(rows: list[dict], title: str = "") -> str:

@@ -194,6 +194,9 @@ class TextFinetuneSpec(FinetuneSpec):
     sid_dropout: float | None = option(None, "unused by text-to-image: its SID tokens are not dropped", cli=False)
     train_text_encoder: bool = option(False, "also train the CLIP text encoder (frozen by default, as in Stable "
                                              "Diffusion fine-tuning)", group="unfreezing")
+    clip_model: str | None = option(None, "a local CLIP checkpoint (transformers CLIPModel + processor): also report "
+                                          "CLIP-T, the mean cosine between each generated image and its prompt "
+                                          "(Table 7)", metavar="DIR", show_default=False, group="evaluation")
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
@@ -327,9 +330,15 @@ def build_evaluator(spec, data, device, log=print):
         return _subject_evaluator(spec, data, device, log)
     real = data.test_images
     if spec.fid_weights:
-        return inception_evaluator(spec.fid_weights, real, device=device)
-    net, _ = _feature_net(spec, data.image_size, log)
-    return QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
+        evaluator = inception_evaluator(spec.fid_weights, real, device=device)
+    else:
+        net, _ = _feature_net(spec, data.image_size, log)
+        evaluator = QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
+    if getattr(spec, "clip_model", None) and data.captions is not None:
+        from .dreambooth import ClipScorer, PromptAgreement
+
+        evaluator = PromptAgreement(evaluator, ClipScorer(spec.clip_model, device), data.captions, data.classes)
+    return evaluator
 
 
 def _feature_net(spec: ImageDataSpec, image_size: int | None, log):
