@@ -141,8 +141,13 @@ def _default_sigint() -> None:
 
 def stopped_at_checkpoint(code: int, err: str, run: Path) -> bool:
     """Exit 130 with one line ``interrupted at step N`` and N the checkpointed step (a stop before training
-    began, e.g. while loading, counts when it exits 130 in one line)."""
+    began, e.g. while loading, counts when it exits 130 in one line); a signal that lands once the results are
+    written may also end in exit 0 (the run is complete)."""
     import re
+
+    res = run / "results.json"
+    if code == 0 and "Traceback" not in err and res.is_file() and json.loads(res.read_text()).get("done"):
+        return True
 
     lines = [ln for ln in err.splitlines() if ln.startswith("autoprog:") and "stopping after this step" not in ln]
     if code != 130 or len(lines) != 1 or "Traceback" in err:

@@ -71,7 +71,7 @@ def test_from_pretrained_errors(tmp_path, vae_dir):
     (broken / "config.json").write_text((vae_dir / "config.json").read_text())  # weights missing
     assert "cannot load the AutoencoderKL" in err(broken)
     (broken / "config.json").write_text("{not json")
-    assert "not readable JSON" in err(broken)
+    assert "is not valid JSON" in err(broken)
 
 
 def test_pipeline_dir_with_vae_subfolder(tmp_path, vae_dir):

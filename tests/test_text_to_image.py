@@ -316,7 +316,7 @@ def test_captions_map_class_ids_to_their_prompts():
     data.caption(m.tokenize)
     assert data.captions == tuple(CAPTIONS)
     assert torch.equal(data.conditions(torch.tensor([2, 0])), m.tokenize([CAPTIONS[2], CAPTIONS[0]]))
-    with pytest.raises(DataError, match="needs a {}"):
+    with pytest.raises(ConfigError, match="needs a {}"):
         data.caption(m.tokenize, "a photo")
 
 
