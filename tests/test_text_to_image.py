@@ -17,7 +17,7 @@ from autoprog.diffusion.data import DiffusionData, load_diffusion_data
 from autoprog.diffusion.methods import export_backbone, prepare_static
 from autoprog.diffusion.sampling import diffusion_loss, sample, training_scheduler
 from autoprog.diffusion.trainer import DiffusionConfig
-from autoprog.errors import ConfigError, DataError
+from autoprog.errors import ConfigError
 from autoprog.models.dit import load_backbone, num_parameters, save_backbone
 from autoprog.models.text_unet import TextUNet, build_text_unet, load_text_unet, word_tokenizer
 from autoprog.space import SubNet
