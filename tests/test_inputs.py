@@ -115,6 +115,17 @@ def test_a_typed_flag_the_method_does_not_read_is_refused_a_config_may_set_it(cl
     _accepted(cli, "pretrain", "--method", "autoprog-one", "--search-ep", "2", "--out", tmp_path / "d",
               *tiny_args(fake_fmnist))  # an abbreviation is the same flag
     assert "names no method" in _error(cli, "compare", "--methods", ",", "--out", tmp_path / "e")
+    assert "--growth is read only by" in _error(cli, "pretrain", "--method", "original", "--growth", "identity",
+                                                "--out", tmp_path / "f", *tiny_args(fake_fmnist))
+    assert "--num-stages is read only by" in _error(cli, "pretrain", "--method", "fixed", "--schedule", "14x4,28x4",
+                                                    "--num-stages", "3", "--out", tmp_path / "g",
+                                                    *tiny_args(fake_fmnist))
+    line = _error(cli, "pretrain", "--method", "autoprog-zero-gain", "--criterion", "paper", "--out", tmp_path / "h",
+                  *tiny_args(fake_fmnist))
+    assert "--criterion is read only by" in line and "autoprog-zero-gain does not read it" in line
+    line = _error(cli, "finetune", "--method", "autoprog-zero-gain", "--criterion", "paper", "--out", tmp_path / "i",
+                  "--cpu")
+    assert "--criterion is read only by autoprog-zero, autoprog-zero-nosid" in line
 
 
 def test_resume_of_a_model_folder_says_what_it_is(cli):

@@ -208,7 +208,11 @@ SEARCH_SETTINGS = SearchSettings(
 
 
 # Settings only some methods read (the rest, every method): a flag typed for a method that ignores it is refused.
-OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixed"}
+GROWING = ("prog", "autoprog-one", "autoprog-zero", "supernet-only")  # the methods that read the growth space
+OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixed",
+                "criterion": lambda m: m.kind == "search" and "criterion" not in m.options,  # -gain sets its own
+                "growth": lambda m: m.base not in ("original", "supernet-only"),
+                **dict.fromkeys(("num_stages", "start_ratio"), lambda m: m.base in GROWING)}
 
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:

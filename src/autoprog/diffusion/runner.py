@@ -816,6 +816,7 @@ def _progressive(m) -> bool:
 
 # Settings only some methods read (the rest, every method): a flag typed for a method that ignores it is refused.
 OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.base == "prog",
+                "criterion": lambda m: m.base == "autoprog-zero" and "criterion" not in m.options,
                 "lora_rank": lambda m: m.base == "lora" and m.options.get("rank") is None,
                 **dict.fromkeys(("num_stages", "start_ratio", "learnable_layout", "frozen_prefix"), _progressive),
                 **dict.fromkeys(("sid_init", "sid_dropout"), lambda m: _progressive(m) and m.options.get("sid", True))}
