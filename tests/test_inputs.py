@@ -74,6 +74,16 @@ def test_a_comparison_never_writes_into_a_model_folder_or_its_base(cli, tmp_path
     assert "is a model folder" in _error(cli, "compare", "--out", model, "--cpu")
 
 
+def test_sample_grids_never_land_among_other_files(cli, tmp_path):
+    from autoprog.diffusion.runner import DEFAULT_BASE
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "class0.png").write_bytes(b"old grid")  # a grid of an earlier sample run may be replaced
+    (mine / "holiday.png").write_bytes(b"mine")
+    assert "holds files that are not sample grids (holiday.png)" in _error(cli, "sample", DEFAULT_BASE, "--out", mine)
+
+
 def test_only_path_settings_are_protected(tmp_path, monkeypatch):
     from autoprog.classification.runner import RunSpec
     from autoprog.experiment import input_paths

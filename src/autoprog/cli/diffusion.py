@@ -91,6 +91,7 @@ def add_sample_parser(sub) -> None:
 
 
 def run_sample(args, acc) -> None:
+    import re
     from pathlib import Path
 
     import torch
@@ -121,6 +122,11 @@ def run_sample(args, acc) -> None:
     if args.out and is_model_dir(out):
         raise ConfigError(f"--out {out} is a model folder; sample grids go to a folder of their own "
                           f"(default: {path / 'samples'})")
+    others = sorted(f.name for f in out.iterdir() if not re.fullmatch(r"(class\d+|prompt\d+|all)\.png", f.name)) \
+        if out.is_dir() else []
+    if others:
+        raise ConfigError(f"--out {out} holds files that are not sample grids ({', '.join(others[:3])}); choose a "
+                          "new or empty folder")
     if args.prompt:
         if model.kind != "text-unet":
             raise ConfigError("--prompt needs a text-to-image model; this one is class-conditional (use --classes)")
