@@ -68,7 +68,8 @@ def test_overwrite_never_deletes_what_the_run_reads(cli, tmp_path):
 def test_a_comparison_never_writes_into_a_model_folder_or_its_base(cli, tmp_path):
     from autoprog.diffusion.runner import DEFAULT_BASE
 
-    assert "overlap" in _error(cli, "compare", "--task", "finetune", "--out", DEFAULT_BASE, "--cpu")
+    assert f"is inside --base {DEFAULT_BASE}" in _error(cli, "compare", "--task", "finetune", "--out", DEFAULT_BASE,
+                                                       "--cpu")
     model = tmp_path / "model"
     shutil.copytree(DEFAULT_BASE, model)
     assert "is a model folder" in _error(cli, "compare", "--out", model, "--cpu")

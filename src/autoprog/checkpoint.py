@@ -85,6 +85,18 @@ def _same_or_inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def _refuse_overlap(out: Path, protected: dict[str, str | Path | None] | None) -> None:
+    """A one-line :class:`ConfigError` when ``out`` is or lies in one of ``protected`` (what it is → its path:
+    what the run reads), or one of them lies in ``out``."""
+    for what, path in (protected or {}).items():
+        if not path or not Path(path).exists():
+            continue
+        if _same_or_inside(out, Path(path)):
+            raise ConfigError(f"--out {out} is inside {what} {path}, which this run reads; choose another --out")
+        if _same_or_inside(Path(path), out):
+            raise ConfigError(f"{what} {path} lies inside --out {out}, where the run writes; choose another --out")
+
+
 def new_run_dir(out: Path, overwrite: bool = False, protected: dict[str, str | Path | None] | None = None) -> Path:
     """Make ``out`` the folder of a new run: a new or empty folder, or one holding only a run's files (a run
     stopped before its first checkpoint is started again there). Never a model folder, a folder holding other
@@ -92,11 +104,7 @@ def new_run_dir(out: Path, overwrite: bool = False, protected: dict[str, str | P
     or results there is continued with ``--resume``, or removed first with ``overwrite``. One-line
     :class:`ConfigError` otherwise."""
     out = Path(out)
-    for what, path in (protected or {}).items():
-        if path and Path(path).exists() and _same_or_inside(out, Path(path)):
-            raise ConfigError(f"--out {out} is inside {what} {path}, which this run reads; choose another --out")
-        if path and Path(path).exists() and _same_or_inside(Path(path), out):
-            raise ConfigError(f"{what} {path} lies inside --out {out}, where the run writes; choose another --out")
+    _refuse_overlap(out, protected)
     if out.is_dir():
         if is_model_dir(out):
             raise ConfigError(f"--out {out} is a model folder; choose a new or empty folder (a run writes its model "
@@ -121,9 +129,7 @@ def comparison_dir(out: Path, protected: dict[str, str | Path | None] | None = N
     """Make ``out`` the folder of a comparison (its runs and summaries; re-running reuses them): never a model
     folder, or a folder an input lies in or that lies in an input (``protected``, as in :func:`new_run_dir`)."""
     out = Path(out)
-    for what, path in (protected or {}).items():
-        if path and Path(path).exists() and (_same_or_inside(out, Path(path)) or _same_or_inside(Path(path), out)):
-            raise ConfigError(f"--out {out} and {what} {path} overlap; choose another --out")
+    _refuse_overlap(out, protected)
     if out.is_dir() and is_model_dir(out):
         raise ConfigError(f"--out {out} is a model folder; choose a new or empty folder")
     return writable_dir(out)

@@ -12,7 +12,6 @@ from .common import (
     add_front_flag,
     add_out_flags,
     add_run_flags,
-    compare_methods,
     front_of,
     refuse_unused,
     run_compare,
@@ -58,14 +57,12 @@ def spec_from_args(args: argparse.Namespace, method: str) -> RunSpec:
 def run_classification(args, acc) -> None:
     from ..classification import runner
 
+    refuse_unused(args, PRETRAIN, runner.OPTION_USERS, baseline="original")
     if args.command == "pretrain":
-        if not args.resume:
-            refuse_unused(args, [args.method], PRETRAIN, runner.OPTION_USERS)
         run_one(args, acc, "pretrain", runner.pretrain, lambda: spec_from_args(args, args.method),
                 lambda s: f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of "
                           f"training; results in {args.out}/results.json")
         return
-    refuse_unused(args, list(dict.fromkeys(["original", *compare_methods(args)])), PRETRAIN, runner.OPTION_USERS)
     base, front = spec_from_args(args, "original"), front_of(args)
     run_compare(args, acc, lambda methods, budget: runner.compare(base, methods, args.out, budget, acc, front),
                 lambda methods, seeds, budget: runner.compare_seeds(base, methods, args.out, seeds, budget, acc,

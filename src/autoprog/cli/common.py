@@ -42,11 +42,19 @@ def given_dests(parser: argparse.ArgumentParser, flags: list[str]) -> dict[str, 
     return out
 
 
-def refuse_unused(args, methods: list[str], task: str, users: dict) -> None:
-    """A flag typed on the command line that none of ``methods`` reads (``users``: see
-    :func:`autoprog.methods.unused_options`) is a one-line error; a --config file or preset may set it."""
+def refuse_unused(args, task: str, users: dict, baseline: str) -> None:
+    """A flag typed on the command line that the command's methods do not read (``users``: see
+    :func:`autoprog.methods.unused_options`) is a one-line error; a --config file or preset may set it. The methods
+    are ``--method``'s (nothing is checked on ``--resume``, which takes no options), or a comparison's
+    ``baseline`` and ``--methods``."""
     from ..methods import get_method, method_names, unused_options
 
+    if args.command == "compare":
+        methods = list(dict.fromkeys([baseline, *compare_methods(args)]))
+    elif args.resume:
+        return
+    else:
+        methods = [args.method]
     given = getattr(args, "given_dests", {})
     unused = unused_options(given.values(), [get_method(m, task) for m in methods], users)
     if unused:

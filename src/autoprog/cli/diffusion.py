@@ -17,7 +17,6 @@ from ..methods import FINETUNE
 from ..options import add_options, from_args
 from .common import (
     add_run_flags,
-    compare_methods,
     front_of,
     positive_int,
     refuse_unused,
@@ -116,7 +115,7 @@ def run_sample(args, acc) -> None:
         if model.sid is None:
             raise ConfigError("--stage: this model has no stage identifiers (it was not trained progressively with SID)")
         model.set_stage(args.stage - 1)
-    from ..diffusion.runner import class_label, conditions_for, decode_samples
+    from ..diffusion.runner import conditions_for, decode_samples, saved_class_label
 
     out = Path(args.out) if args.out else path / "samples"
     if args.out and is_model_dir(out):
@@ -140,7 +139,7 @@ def run_sample(args, acc) -> None:
         if bad:
             raise ConfigError(f"the model has classes 0-{size - 1}; --classes asks for {bad}")
         groups = [f"class{c}" for c in classes]
-        names = [class_label(meta, c) for c in classes]
+        names = [saved_class_label(meta, c) for c in classes]
         conditions = conditions_for(model, meta, torch.tensor([c for c in classes for _ in range(args.per_class)]))
     imgs = decode_samples(meta, sample(model, conditions, steps=args.sample_steps, cfg_scale=args.cfg_scale,
                                        seed=args.seed, eta=args.eta))
@@ -149,24 +148,24 @@ def run_sample(args, acc) -> None:
     for i, (group, name) in enumerate(zip(groups, names)):
         save_grid(imgs[i * args.per_class:(i + 1) * args.per_class], out / f"{group}.png",
                   nrow=max(1, int(args.per_class ** 0.5)), title=f"{name} · {how}")
-    save_grid(imgs, out / "all.png", nrow=args.per_class, labels=names, title=f"{path.parent.name}/{path.name} · {how}" if path.name == "model" else f"{path.name} · {how}")
+    shown = f"{path.parent.name}/{path.name}" if path.name == "model" else path.name  # a run's model: the run's name
+    save_grid(imgs, out / "all.png", nrow=args.per_class, labels=names, title=f"{shown} · {how}")
     acc.print(f"wrote {len(groups)} grids and all.png to {out}")
 
 
 def run_diffusion(args, acc) -> None:
     from ..diffusion import runner
 
+    if args.command != "pretrain":  # a base model's training has no methods
+        refuse_unused(args, FINETUNE, runner.OPTION_USERS, baseline="full")
     if args.command in ("pretrain", "finetune"):
         base = args.command == "pretrain"
-        if not base and not args.resume:
-            refuse_unused(args, [args.method], FINETUNE, runner.OPTION_USERS)
         run_one(args, acc, f"pretrain --task {args.task}" if base else "finetune",
                 runner.pretrain_base if base else runner.finetune,
                 (lambda: base_spec(args)) if base else (lambda: finetune_spec(args, args.method)),
                 lambda s: f"done: {s['metric']} {s[s.get('headline', 'fd')]:.3f} after {s['steps']} steps "
                           f"({s['wall_time_s']:.1f}s of training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
         return
-    refuse_unused(args, list(dict.fromkeys(["full", *compare_methods(args)])), FINETUNE, runner.OPTION_USERS)
     spec, front = finetune_spec(args, "full"), front_of(args)
     run_compare(args, acc, lambda methods, budget: runner.compare_finetune(methods, spec, args.out, budget, acc,
                                                                            front),

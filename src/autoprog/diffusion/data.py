@@ -122,11 +122,8 @@ class DiffusionData:
         return labels if self.caption_ids is None else self.caption_ids[labels]
 
     def label(self, c: int) -> str:
-        """How a picture names class id ``c``: its prompt, else its name, else ``class c``."""
-        for names in (self.captions, self.class_names):
-            if names is not None and 0 <= c < len(names):
-                return names[c]
-        return f"class {c}"
+        """How a picture names class id ``c`` (:func:`class_label`)."""
+        return class_label(c, self.captions, self.class_names)
 
     def caption(self, tokenize, template: str = DEFAULT_CAPTION) -> None:
         """Give every class the prompt ``template`` filled with its name, tokenized by ``tokenize`` (a text model's)."""
@@ -134,6 +131,14 @@ class DiffusionData:
         names = self.class_names or tuple(f"class {i}" for i in range(self.num_classes))
         self.captions = tuple(fill_template(template, n) for n in names)
         self.caption_ids = tokenize(list(self.captions))
+
+
+def class_label(c: int, captions=None, class_names=None) -> str:
+    """How a picture names class id ``c``: its prompt, else its name, else ``class c``."""
+    for names in (captions, class_names):
+        if names and 0 <= c < len(names):
+            return names[c]
+    return f"class {c}"
 
 
 def check_template(template: str, flag: str, required: bool = True) -> int:

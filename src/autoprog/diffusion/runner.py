@@ -32,6 +32,7 @@ from .data import (
     DEFAULT_CAPTION,
     TRANSFER_CLASSES,
     check_template,
+    class_label,
     fill_template,
     load_diffusion_data,
     parse_classes,
@@ -453,8 +454,6 @@ def _data_and_base(spec: FinetuneSpec):
     if not dreambooth:
         data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                    spec.subset, seed=0)
-    if text:
-        check_template(spec.caption, "--caption")
     base = _base_path(spec)
     model, meta = load_backbone(base, with_sid=False)
     if text != (model.kind == "text-unet"):
@@ -531,11 +530,17 @@ def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False):
             reads["--base"] = _base_path(spec)
         new_run_dir(out, overwrite, reads)
     spec.train.validate()
-    if isinstance(spec, DreamBoothSpec):  # prompt templates before any model or data loads
+    _check_prompts(spec)
+    return spec
+
+
+def _check_prompts(spec) -> None:
+    """The prompt templates of ``spec``, checked before any model or data loads: DreamBooth's instance and class
+    prompts, a text-to-image caption (:func:`~autoprog.diffusion.data.check_template`)."""
+    if isinstance(spec, DreamBoothSpec):
         spec.prompts()
     elif hasattr(spec, "caption"):
         check_template(spec.caption, "--caption")
-    return spec
 
 
 def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None,
@@ -685,6 +690,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
 def _check_comparison(spec: FinetuneSpec, methods: list[str]) -> None:
     """Every method known and full fine-tuning among them, before any training."""
     spec.train.validate()
+    _check_prompts(spec)
     for m in methods:
         get_method(m, FINETUNE)
     if "full" not in methods:
@@ -726,18 +732,14 @@ def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], p
                                      f"\nclasses {list(classes)}, {per_class} each, DDIM {steps} steps, "
                                      f"guidance {cfg_scale}, eta {eta}\n")
     save_grid(torch.cat(rows), out / "samples.png", nrow=len(labels), labels=list(methods),
-              title=f"{', '.join(class_label(meta, c) for c in classes)}: {per_class} each, DDIM {steps} steps, "
+              title=f"{', '.join(saved_class_label(meta, c) for c in classes)}: {per_class} each, DDIM {steps} steps, "
                     f"guidance {cfg_scale:g}")
     return out / "samples.png"
 
 
-def class_label(meta: dict, c: int) -> str:
-    """How a picture names class ``c`` of a saved model: its caption, else its class name, else ``class c``."""
-    for key in ("captions", "class_names"):
-        names = meta.get(key) or []
-        if 0 <= c < len(names):
-            return names[c]
-    return f"class {c}"
+def saved_class_label(meta: dict, c: int) -> str:
+    """How a picture names class ``c`` of a saved model (``meta``: its settings; :func:`.data.class_label`)."""
+    return class_label(c, meta.get("captions"), meta.get("class_names"))
 
 
 def conditions_for(model, meta: dict, labels: torch.Tensor) -> torch.Tensor:
@@ -807,7 +809,6 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
 SEARCH_SETTINGS = SearchSettings(autoprog_one=("search_fraction", "alpha"),
                                  autoprog_zero=("time_tolerance", "candidate_space", "criterion", "gain_folds"),
                                  both=("time_source", "step_time_scope", "proxy_batches", "proxy_batch_size"))
-
 
 
 def _progressive(m) -> bool:

@@ -17,6 +17,12 @@ from ..compute import CheckpointedBlocks
 from ..errors import ConfigError
 from .sid import StageIdentifier
 
+# what an exported model's settings file holds beside its architecture (autoprog's config.json, a pipeline's
+# autoprog.json), with the types autoprog.formats.check_fields checks
+SAVED_META_FIELDS = {"sid_stages": int, "method": (str, None), "steps": int, "classes": ([int], None),
+                     "captions": ([str], None), "class_names": ([str], None), "vae": (str, None),
+                     "image_channels": (int, None)}
+
 
 def check_finite(tensors, where) -> None:
     """Refuse weights with a NaN or inf (a diverged model saved by mistake) before anything trains or scores."""

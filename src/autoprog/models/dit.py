@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, first_line
 from ..formats import check_fields, check_value, read_json_object
-from .backbone import DiffusionBackbone, check_finite
+from .backbone import SAVED_META_FIELDS, DiffusionBackbone, check_finite
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -412,8 +412,7 @@ def load_official_dit(path: Path) -> tuple[DiT, dict]:
 
 
 # what an autoprog model's config.json holds, beside the backbone's own arguments under "config"
-MODEL_FIELDS = {"format": str, "kind": str, "config": dict, "sid_stages": int, "method": (str, None), "steps": int,
-                "classes": ([int], None), "captions": ([str], None), "class_names": ([str], None), "vae": (str, None), "image_channels": (int, None)}
+MODEL_FIELDS = {"format": str, "kind": str, "config": dict, **SAVED_META_FIELDS}
 
 
 def check_model_config(meta: dict, where: str) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError, first_line
 from ..formats import check_fields, read_json_object
-from .backbone import DiffusionBackbone, check_finite
+from .backbone import SAVED_META_FIELDS, DiffusionBackbone, check_finite
 from .sid import StageIdentifier
 
 META_FILE = "autoprog.json"
@@ -354,9 +354,7 @@ def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, d
     meta = {}
     if (root / META_FILE).is_file():
         meta = read_json_object(root / META_FILE, "model settings")
-        check_fields(meta, {"sid_stages": int, "captions": ([str], None), "class_names": ([str], None),
-                            "classes": ([int], None),
-                            "vae": (str, None), "image_channels": (int, None)}, str(root / META_FILE))
+        check_fields(meta, SAVED_META_FIELDS, str(root / META_FILE))
     try:
         with _quiet():
             unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
