@@ -21,6 +21,7 @@ RUN_KINDS = {  # config.json's "task" → what made the run, and the command tha
     "classification": ("a pre-training (classification) run", "autoprog pretrain --resume"),
     "diffusion": ("a base diffusion model's run", "autoprog pretrain --task diffusion --resume"),
     "finetune": ("a fine-tuning run", "autoprog finetune --resume"),
+    "transfer": ("a classifier's fine-tuning run", "autoprog finetune --task classification --resume"),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-PRETRAIN, FINETUNE = "pretrain", "finetune"
+PRETRAIN, FINETUNE, TRANSFER = "pretrain", "finetune", "transfer"  # transfer: fine-tuning a classifier
 KINDS = {
     "manual": "a schedule fixed in advance",
     "fixed": "a schedule you give (--schedule)",
@@ -111,24 +111,25 @@ def methods_help(task: str) -> str:
 
 
 BOTH = (PRETRAIN, FINETUNE)
+ALL = (PRETRAIN, FINETUNE, TRANSFER)
 for _m in (
-    Method("full", "static", (FINETUNE,), "every parameter"),
+    Method("full", "static", (FINETUNE, TRANSFER), "every parameter"),
     Method("bitfit", "static", (FINETUNE,), "biases"),
     Method("difffit", "static", (FINETUNE,), "biases and scale factors"),
     Method("lora", "static", (FINETUNE,), "low-rank adapters through peft, --lora-rank", options={"rank": None}),
     Method("lora-r8", "static", (FINETUNE,), "LoRA of rank 8", base="lora", options={"rank": 8}),
     Method("lora-r16", "static", (FINETUNE,), "LoRA of rank 16", base="lora", options={"rank": 16}),
     Method("original", "manual", (PRETRAIN,), "the full model throughout"),
-    Method("prog", "manual", BOTH, "uniform linear growth, or unfreezing when fine-tuning"),
+    Method("prog", "manual", ALL, "uniform linear growth, or unfreezing when fine-tuning"),
     Method("progstack", "manual", (PRETRAIN,), "progressive stacking"),
     Method("fixed", "fixed", (PRETRAIN,), "replay --schedule"),
     Method("autoprog-one", "search", BOTH, "one-shot search on an elastic supernet"),
-    Method("autoprog-zero", "search", BOTH, "zero-shot proxies' ranked vote"),
+    Method("autoprog-zero", "search", ALL, "zero-shot proxies' ranked vote"),
     Method("supernet-only", "supernet", (PRETRAIN,), "Table 20's baseline: the elastic supernet trained the whole "
            "run, a random sub-network of the growth space per step, the full model evaluated"),
     Method("autoprog-one-gain", "search", (PRETRAIN,), "autoprog-one with --criterion gain", base="autoprog-one",
            options={"criterion": "gain"}),
-    Method("autoprog-zero-gain", "search", BOTH, "autoprog-zero with --criterion gain", base="autoprog-zero",
+    Method("autoprog-zero-gain", "search", ALL, "autoprog-zero with --criterion gain", base="autoprog-zero",
            options={"criterion": "gain"}),
     Method("prog-nosid", "manual", (FINETUNE,), "prog without the stage identifier", base="prog",
            options={"sid": False}),

@@ -2,7 +2,12 @@
 
 An adapter *applies* a :class:`~autoprog.space.SubNet`; it never decides which one. Inputs are resized to
 ψ's resolution inside ``forward``, only the active blocks run, and inactive blocks have
-``requires_grad=False`` so they get neither gradients nor optimizer state. Growth operators copy whole
+``requires_grad=False`` so they get neither gradients nor optimizer state.
+
+Fine-tuning a pre-trained classifier (``unfreezing``) reads ψ's depth as the number of *learnable* blocks instead:
+every block runs, and only the last ψ.depth blocks and the head (the family's ``head_names``) learn; ψ = the full
+model trains everything. Nothing below the first learnable block requires grad, so autograd keeps no activations
+there and the backward pass stops at that block. Growth operators copy whole
 blocks (``blocks[i]``) and may gate a new block's residual branches with ReZero (``set_gate``).
 
 A new model family is one subclass in one file: say which models it ``fits``, how timm builds one from the
@@ -41,6 +46,8 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
 
     family = "model"
     gate_slots: tuple[str, ...] = ()  # block attributes (residual branches) a ReZero gate wraps
+    head_names: tuple[str, ...] = ()  # the model's modules after the blocks (they learn in every unfreezing stage)
+    unfreezing = False  # fine-tuning: ψ's depth counts learnable blocks, every block runs (see the module docstring)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -83,11 +90,37 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
     def growth_space(self, num_stages: int = 4, start_ratio: float = 0.5) -> GrowthSpace:
         return GrowthSpace(self.full_resolution, self.patch_size, self.full_depth, num_stages, start_ratio)
 
+    def set_unfreezing(self, on: bool = True) -> None:
+        """Read sub-networks as learnable blocks (fine-tuning a pre-trained model) instead of running blocks."""
+        self.unfreezing = bool(on)
+        self.apply_subnet(self.subnet)
+
+    @property
+    def running_blocks(self):
+        """The blocks ``forward`` runs, in order: ψ's active blocks, or every block when unfreezing."""
+        return range(self.full_depth) if self.unfreezing else self.subnet.active_blocks
+
+    def learnable_blocks(self, subnet: SubNet) -> tuple[int, ...]:
+        """The blocks that learn under ``subnet``: its active blocks, or when unfreezing the last ``subnet.depth``."""
+        if not self.unfreezing:
+            return subnet.active_blocks
+        return tuple(range(self.full_depth - subnet.depth, self.full_depth))
+
     def apply_subnet(self, subnet: SubNet) -> None:
-        """Run as ``subnet`` from now on; only its blocks (and the rest of the model) require grad."""
+        """Run as ``subnet`` from now on; only its blocks (and the rest of the model) require grad. When
+        unfreezing, only its learnable blocks and the head do, unless ``subnet`` is the whole depth."""
         self.growth_space(1, 1.0).validate(subnet)
         self.subnet = subnet
-        active = set(subnet.active_blocks)
+        if self.unfreezing and subnet.depth < self.full_depth:
+            self.requires_grad_(False)
+            for i in self.learnable_blocks(subnet):
+                self.blocks[i].requires_grad_(True)
+            for name in self.head_names:
+                head = getattr(self.model, name, None)
+                if isinstance(head, nn.Module):
+                    head.requires_grad_(True)
+            return
+        active = set(subnet.active_blocks) if not self.unfreezing else set(range(self.full_depth))
         for p in self.parameters():
             p.requires_grad_(True)
         for i, blk in enumerate(self.blocks):

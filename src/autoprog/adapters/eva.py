@@ -39,6 +39,6 @@ class ElasticEva(ElasticViT):
         m = self.model
         x, rope = m._pos_embed(m.patch_embed(x))
         x = m.norm_pre(x)
-        for i in self.subnet.active_blocks:
+        for i in self.running_blocks:
             x = self.run_block(m.blocks[i], x, rope)
         return m.forward_head(m.norm(x))

@@ -26,6 +26,7 @@ class ElasticViT(ElasticModel):
 
     family = "ViT/DeiT/DeiT III (timm VisionTransformer, built-in vit)"
     gate_slots = ("ls1", "ls2")
+    head_names = ("norm", "fc_norm", "attn_pool", "head")
 
     def __init__(self, model: nn.Module):
         missing = [a for a in _REQUIRED if not hasattr(model, a)]
@@ -64,6 +65,6 @@ class ElasticViT(ElasticModel):
         x = resize_input(x, self.subnet.resolution)
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        for i in self.subnet.active_blocks:
+        for i in self.running_blocks:
             x = self.run_block(m.blocks[i], x)
         return m.forward_head(m.norm(x))

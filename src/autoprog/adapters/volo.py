@@ -32,6 +32,7 @@ class ElasticVOLO(ElasticModel):
 
     family = "VOLO (timm volo_*)"
     gate_slots = ("attn", "mlp")
+    head_names = ("post_network", "norm", "head", "aux_head")
 
     def __init__(self, model: nn.Module):
         if not _is_volo(model):
@@ -84,7 +85,7 @@ class ElasticVOLO(ElasticModel):
             pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
                                 align_corners=False).permute(0, 2, 3, 1)
         x = m.pos_drop(x + pos)
-        for i in self.subnet.active_blocks:
+        for i in self.running_blocks:
             x = self.run_block(self._blocks[i], x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         if m.post_network is not None:

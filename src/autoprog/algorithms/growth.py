@@ -161,6 +161,19 @@ class MoGrow(GrowthOperator):
     name, mapping, from_momentum = "mogrow", "interpolation", True
 
 
+class KeepWeights(GrowthOperator):
+    """Fine-tuning a pre-trained model: a stage start changes which blocks learn, never a weight (not a user's
+    ``--growth``)."""
+
+    name = "none"
+
+    def grow_into(self, model: ElasticModel, ema: ElasticModel | None, dst: SubNet,
+                  block_map: dict[int, int | None] | None = None, inserted: list[int] | None = None) -> GrowthResult:
+        if block_map:
+            raise ConfigError("a fine-tuning run does not move blocks")
+        return GrowthResult({})
+
+
 GROWTH_OPERATORS: dict[str, type[GrowthOperator]] = {
     cls.name: cls for cls in (RandInit, Stacking, Interpolation, Identity, MoGrow)
 }

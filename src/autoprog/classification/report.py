@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..report import fmt, speedup_cell, speedup_mean_cell
 
-SPEEDUP_NOTE = ("time-to-quality speed-up: the time the original's front (its runs at several budgets, each with "
-                "its learning rate fully decayed) needs to reach the method's top-1, divided by the method's time; "
-                ">: beyond the longest budget, <: reached by the shortest already, ~: some seeds outside the front "
-                "or without a figure")
+def speedup_note(baseline: str = "original") -> str:
+    return (f"time-to-quality speed-up: the time the {baseline}'s front (its runs at several budgets, each with its "
+            "learning rate fully decayed) needs to reach the method's top-1, divided by the method's time; "
+            ">: beyond the longest budget, <: reached by the shortest already, ~: some seeds outside the front "
+            "or without a figure")
 
 
 def _name(r: dict) -> str:
@@ -15,8 +16,8 @@ def _name(r: dict) -> str:
     return name + (" — diverged, not ranked" if r.get("diverged") else "")
 
 
-def summary_markdown(rows: list[dict], title: str = "") -> str:
-    """One row per method: time-to-quality speed-up against the original's front, runtime, wall-clock and
+def summary_markdown(rows: list[dict], title: str = "", baseline: str = "original") -> str:
+    """One row per method: time-to-quality speed-up against the ``baseline``'s front, runtime, wall-clock and
     theoretical (FLOPs) speed-up at equal epochs, top-1, EMA top-1."""
     lines = [f"## {title}", ""] if title else []
     size = next((r["eval_size"] for r in rows if r.get("eval_size")), None)  # --eval-size: its column too
@@ -33,10 +34,10 @@ def summary_markdown(rows: list[dict], title: str = "") -> str:
             f"{fmt(r.get('top1'), '.2f')} | {fmt(r.get('top1_ema'), '.2f')} |"
             + (f" {fmt(r.get('top1_at_eval_size'), '.2f')} |" if size else "")
         )
-    return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE + "\n"
+    return "\n".join(lines) + "\n\n" + speedup_note(baseline) + "\n"
 
 
-def seeds_markdown(rows: list[dict], title: str) -> str:
+def seeds_markdown(rows: list[dict], title: str, baseline: str = "original") -> str:
     """Mean ± std over seeds, one row per method."""
     def cell(r, k, spec):
         return "–" if r[k] is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
@@ -50,4 +51,4 @@ def seeds_markdown(rows: list[dict], title: str) -> str:
         lines.append(f"| {_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'speedup', '.2f')}× | "
                      f"{cell(r, 'flops_speedup', '.2f')}× | {cell(r, 'realised_fraction', '.2f')} | "
                      f"{cell(r, 'top1', '.2f')} | {cell(r, 'top1_ema', '.2f')} |")
-    return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE + "\n"
+    return "\n".join(lines) + "\n\n" + speedup_note(baseline) + "\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..adapters.factory import ModelOverrides, build_elastic
 from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
-from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, get_growth_operator
+from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..data import load_dataset
@@ -34,13 +34,14 @@ from ..experiment import (
     seed_speedup,
 )
 from ..front import DEFAULT_FRONT
-from ..methods import PRETRAIN, SearchSettings, get_method, method_names, methods_help
-from ..options import MAX_IMAGE_SIZE, Spec, option
+from ..methods import PRETRAIN, TRANSFER, SearchSettings, get_method, method_names, methods_help
+from ..options import MAX_IMAGE_SIZE, Spec, default, option
 from ..report import plot_curves, plot_front, reading, schedule_string
 from ..schedules import build_schedule
+from .pretrained import build_args_of, load_pretrained, pretrained_resolution
 from .recipe import check_recipe
 from .report import seeds_markdown, summary_markdown
-from .trainer import TrainConfig, Trainer
+from .trainer import MAX_EPOCHS, TrainConfig, Trainer
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RunSpec(Spec, AutoProgOneConfig):
     :class:`AutoProgOneConfig`, their only declaration)."""
 
     settings_name = "run settings"
+    task = "classification"  # config.json's task (see experiment.RUN_KINDS)
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
@@ -114,8 +116,67 @@ BEFORE_2026_12_05 = {"builtin_grid": 4, "search_min_updates": 0, "alpha_rule": "
                      "search_step_time": "probe"}
 
 
+SHIPPED_VIT = Path(__file__).resolve().parent.parent / "assets" / "vit-fmnist-base"
+
+
+@dataclass
+class TransferTrainConfig(TrainConfig):
+    """Fine-tuning's optimisation defaults (the other settings as in pre-training)."""
+
+    epochs: float = option(10.0, "fine-tuning epochs", above=0, maximum=MAX_EPOCHS, group="optimisation")
+    batch_size: int = default(TrainConfig, "batch_size", 64)
+    lr: float = default(TrainConfig, "lr", 5e-4)
+
+
+@dataclass
+class TransferSpec(RunSpec):
+    """A pre-trained classifier fine-tuned on another dataset (Table 4's transfer): ``full`` trains the whole model
+    from the first step; ``prog`` and ``autoprog-zero`` unfreeze it progressively, ψ = (input resolution, learnable
+    blocks counted from the output side), the head always learning. The architecture comes from ``base``."""
+
+    settings_name = "fine-tuning settings"
+    task = "transfer"
+
+    method: str = option("full", methods_help(TRANSFER), choices=method_names(TRANSFER))
+    base: str | None = option(None, "the pre-trained classifier: an autoprog model folder (a pre-training run's "
+                                    "OUT/model, or the run folder), a timm checkpoint folder (config.json with "
+                                    "'architecture' and model.safetensors or pytorch_model.bin), or a weights file "
+                                    "with --model timm:NAME; never downloaded (default: the shipped built-in ViT "
+                                    "pre-trained on Fashion-MNIST)", show_default=False, group="model")
+    model: str = option("vit", "with a weights file as --base: its architecture, timm:NAME (a folder names its own)",
+                        group="model")
+    dataset: str = option("digits", "the dataset to fine-tune on: digits (scikit-learn's, the default transfer "
+                                    "task), fashion-mnist, or an ImageFolder directory (train/ and val/); images "
+                                    "are resized to the base model's resolution", group="data")
+    start_ratio: float = option(0.25, "unfreezing's first sub-network as a ratio of input patches per side and of "
+                                      "learnable blocks (the paper's fine-tuning 0.25)", above=0, maximum=1,
+                                group="growth")
+    train: TransferTrainConfig = option(default_factory=TransferTrainConfig)
+
+    @property
+    def base_path(self) -> str:
+        return self.base or str(SHIPPED_VIT)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, **super().to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | None = None):
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k != "task"}
+        return super().from_dict(d, where)
+
+
+# RunSpec options a fine-tuning run takes from its base or does not have (no flag for them)
+TRANSFER_EXCLUDE = {"growth", "img_size", "patch_size", "depth", "embed_dim", "num_heads", "drop_path", "schedule",
+                    "adareg"}
+
+
 def build_run(spec: RunSpec):
-    """Load data, build the elastic model, the schedule and the growth operator for ``spec``."""
+    """Load data, build the elastic model, the schedule and the growth operator for ``spec`` (a
+    :class:`TransferSpec`: the pre-trained model with a new head, unfreezing instead of growing)."""
+    if isinstance(spec, TransferSpec):
+        return _build_transfer(spec)
     chosen = get_method(spec.method, PRETRAIN)
     if spec.adareg:
         check_recipe(spec.train, adareg=True)
@@ -126,6 +187,7 @@ def build_run(spec: RunSpec):
     overrides = ModelOverrides(img_size, spec.patch_size, spec.depth, spec.embed_dim, spec.num_heads, spec.drop_path,
                                grid=spec.builtin_grid)
     net = build_elastic(spec.model, data.num_classes, data.in_chans, overrides)
+    net.build_args = build_args_of(spec.model, overrides, net)  # the model folder the run writes records them
     space = net.growth_space(spec.num_stages, spec.start_ratio)
     if chosen.base == "autoprog-one":
         from ..algorithms.autoprog_one import AutoProgOne
@@ -155,6 +217,29 @@ def build_run(spec: RunSpec):
     return data, net, schedule, growth
 
 
+def _build_transfer(spec: TransferSpec):
+    """A fine-tuning run: the pre-trained classifier with a new head; ``full`` trains it whole, the progressive
+    methods unfreeze it by (resolution, learnable blocks from the output side)."""
+    chosen = get_method(spec.method, TRANSFER)
+    size = pretrained_resolution(spec.base_path, spec.model)
+    data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment)
+    net, info = load_pretrained(spec.base_path, data.num_classes, data.in_chans, spec.model)
+    net.build_args = info["build_args"]
+    net.set_unfreezing(chosen.base != "full")
+    space = net.growth_space(spec.num_stages, spec.start_ratio)
+    if chosen.base == "autoprog-zero":
+        from ..algorithms.autoprog_zero import AutoProgZero
+
+        if not 0 <= spec.time_tolerance < 1:
+            raise ConfigError(f"--time-tolerance must be in [0, 1), got {spec.time_tolerance}")
+        schedule = AutoProgZero(space, time_rtol=spec.time_tolerance,
+                                criterion=chosen.options.get("criterion", spec.criterion), gain_folds=spec.gain_folds)
+    else:
+        schedule = replace(build_schedule("original" if chosen.base == "full" else chosen.base, space),
+                           default_growth=KeepWeights.name)
+    return data, net, schedule, KeepWeights()
+
+
 def validate_spec(spec: RunSpec) -> None:
     """Raise :class:`ConfigError` for settings that would fail, without training (RNG state untouched)."""
     import torch
@@ -165,23 +250,35 @@ def validate_spec(spec: RunSpec) -> None:
 
 
 def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json.
-    ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there).
+    """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json,
+    and the trained model is written to ``out/model`` (see :mod:`.pretrained`). ``out`` must be a new or empty
+    folder, or hold a run's files only (``overwrite``: replacing a run there).
 
     Under ``torchrun``/``accelerate launch``, call ``accelerator.end_training()`` when done (the CLI does),
     so the process group is torn down before the interpreter exits.
     """
+    return _train(RunSpec, spec, out, accelerator, resume, overwrite)
+
+
+def finetune_classifier(spec: TransferSpec, out: str | Path, accelerator=None, resume: bool = False,
+                        overwrite: bool = False) -> dict:
+    """Fine-tune (or resume fine-tuning) a pre-trained classifier on ``spec.dataset`` into ``out`` (Table 4's
+    transfer): ``full``, ``prog`` (unfreezing) or ``autoprog-zero``; the model is written to ``out/model``."""
+    return _train(TransferSpec, spec, out, accelerator, resume, overwrite)
+
+
+def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume: bool, overwrite: bool) -> dict:
     import torch
 
     out = Path(out)
     if resume:
-        spec = RunSpec.from_dict(read_run_config(out, "classification"), str(out / "config.json"))
+        spec = spec_cls.from_dict(read_run_config(out, spec_cls.task), str(out / "config.json"))
         spec = replace(spec, train=replace(spec.train, stop_after_epochs=None))  # resume runs to the end
     else:
         new_run_dir(out, overwrite, input_paths(spec))
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
     data, net, schedule, growth = build_run(spec)
-    if spec.method == "prog" and not resume:  # progstack's three stages do not follow --num-stages
+    if spec.method == "prog" and not resume and spec_cls is RunSpec:  # progstack: three stages whatever --num-stages
         note = net.growth_space(spec.num_stages, spec.start_ratio).repeated_stages_note()
         if note:
             warn(note)
@@ -190,8 +287,10 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
         from .adareg import AdaptiveRegularization
 
         adareg = AdaptiveRegularization(net.growth_space(spec.num_stages, spec.start_ratio))
-    trainer = Trainer(net, schedule, growth, data, spec.train, out, accelerator,
-                      run_info={"method": spec.method, "model": spec.model, "dataset": spec.dataset}, adareg=adareg)
+    info = {"method": spec.method, "model": net.build_args["model"], "dataset": spec.dataset}
+    if isinstance(spec, TransferSpec):
+        info.update(task="transfer", base=spec.base_path)
+    trainer = Trainer(net, schedule, growth, data, spec.train, out, accelerator, run_info=info, adareg=adareg)
     if trainer.acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", spec.to_dict())
@@ -216,16 +315,27 @@ OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixe
 
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
-    """How the pre-training run in ``out`` differs from ``spec`` in what its method reads (None: no run there)."""
-    return saved_differences(out, spec, lambda d: RunSpec.from_dict(d, str(out / "config.json")),
+    """How the run in ``out`` differs from ``spec`` in what its method reads (None: no run there)."""
+    return saved_differences(out, spec, lambda d: type(spec).from_dict(d, str(out / "config.json")),
                              ignore=("stop_after_epochs",
-                             *SEARCH_SETTINGS.unread_by(get_method(spec.method, PRETRAIN))))
+                             *SEARCH_SETTINGS.unread_by(get_method(spec.method, _task(spec)))))
+
+
+def _task(spec: RunSpec) -> str:
+    """The method registry's task of ``spec``."""
+    return TRANSFER if isinstance(spec, TransferSpec) else PRETRAIN
+
+
+def baseline_method(spec: RunSpec) -> str:
+    """The method whose front a comparison measures against: the original (pre-training) or full fine-tuning."""
+    return "full" if isinstance(spec, TransferSpec) else "original"
 
 
 def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
+    run = finetune_classifier if isinstance(spec, TransferSpec) else pretrain
     return reuse_or_run(out, spec.method, run_differences(out, spec),
-                        lambda resume: pretrain(spec, out, accelerator, resume=resume),
+                        lambda resume: run(spec, out, accelerator, resume=resume),
                         log=accelerator.print if accelerator is not None else print)
 
 
@@ -244,44 +354,46 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     acc = accelerator or Accelerator()
     out = comparison_dir(Path(out), input_paths(base))
     methods = list(dict.fromkeys(methods))
-    bad = [m for m in methods if m not in method_names(PRETRAIN)]
+    task, first = _task(base), baseline_method(base)
+    bad = [m for m in methods if m not in method_names(task)]
     if bad:
-        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(method_names(PRETRAIN))}")
-    if "original" not in methods:
-        methods.insert(0, "original")
-    methods.sort(key=lambda m: m != "original")
+        raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(method_names(task))}")
+    if first not in methods:
+        methods.insert(0, first)
+    methods.sort(key=lambda m: m != first)
     for m in methods:  # fail on a bad method or setting before spending time training the others
         validate_spec(replace(base, method=m))
     results, diverged = run_methods(methods, lambda m: run_or_reuse(replace(base, method=m), out / m, acc),
-                                    "original", acc.print)
-    orig = results["original"]["summary"]
-    progressive = [m for m in results if m != "original"]
+                                    first, acc.print)
+    orig = results[first]["summary"]
+    progressive = [m for m in results if m != first]
     budget = Budget.from_options(base.train.budget, base.train.budget_steps)
 
     def budget_point(name: str, steps: int) -> dict:
-        spec = replace(base, method="original", train=replace(base.train, max_steps=steps))
+        spec = replace(base, method=first, train=replace(base.train, max_steps=steps))
         drop_stale_budget_run(out / name, run_differences(out / name, spec), "train.max_steps", acc)
         return run_or_reuse(spec, out / name, acc)
 
     if budget_baseline:
         steps_per_epoch = orig["total_steps"] / orig["epochs"] if orig["epochs"] else orig["total_steps"]
-        budget_matched_run(results, "original", progressive, budget.describe() if budget else None,
+        budget_matched_run(results, first, progressive, budget.describe() if budget else None,
                            orig["total_steps"], budget_point, int(round(steps_per_epoch)), acc.print)
     def front_point(name: str, steps: int, fraction: float) -> dict:
         train = replace(base.train, **({"max_steps": steps} if budget is None else budget.scaled(fraction)))
-        return run_or_reuse(replace(base, method="original", train=train), out / name, acc)
+        return run_or_reuse(replace(base, method=first, train=train), out / name, acc)
 
-    results.update(front_runs("original", list(front), orig["total_steps"], front_point, acc.print,
+    results.update(front_runs(first, list(front), orig["total_steps"], front_point, acc.print,
                               budget.describe() if budget else None))
     rows = diverged_rows([_comparison_row(m, res["summary"], orig) for m, res in results.items()], diverged)
-    baseline_front = add_speedups(rows, "original", "top1", higher_is_better=True)
+    baseline_front = add_speedups(rows, first, "top1", higher_is_better=True)
     if acc.is_main_process:
         _write_comparison(base, rows, results, baseline_front, out, acc.print)
     return rows
 
 
 def _comparison_row(name: str, s: dict, orig: dict) -> dict:
-    return {**comparison_row(name, s, orig), "growth": s["growth"] if s["schedule"]["stages"][1:] else None,
+    grew = s["schedule"]["stages"][1:] and s["growth"] != KeepWeights.name
+    return {**comparison_row(name, s, orig), "growth": s["growth"] if grew else None,
             "top1": s["top1"], "top1_ema": s["top1_ema"], "best_top1": s["best_top1"],
             "search_epoch_s": s.get("search_epoch_s", 0.0), "search_scoring_s": s.get("search_scoring_s", 0.0),
             "epochs": s["epochs"], "schedule": s["schedule"],
@@ -294,13 +406,15 @@ def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_f
     """``summary.json``, ``summary.md``, ``curves.png`` and ``front.png`` of a comparison (main process)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", rows)
-    title = f"{base.model} on {base.dataset}" + (f" ({base.subset} images)" if base.subset else "")
-    md = summary_markdown(rows, title)
+    title = (f"{base.model} on {base.dataset}" if not isinstance(base, TransferSpec) else
+             f"{Path(base.base_path).name} fine-tuned on {base.dataset}") + (
+        f" ({base.subset} images)" if base.subset else "")
+    md = summary_markdown(rows, title, baseline_method(base))
     (out / "summary.md").write_text(md)
     plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
     plot_front(rows, baseline_front.envelope if baseline_front else [], out / "front.png", "top1", "top-1 (%)")
     log("\n" + md)
-    if (line := reading(rows, "original")) is not None:
+    if (line := reading(rows, baseline_method(base))) is not None:
         log(line)
 
 
@@ -324,9 +438,10 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
         "schedules": [r["schedule_str"] for r in runs], **seed_speedup(runs)})
     if acc.is_main_process:
         write_json(out / "summary.json", rows)
-        md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)")
+        md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)",
+                            baseline_method(base))
         (out / "summary.md").write_text(md)
         acc.print("\n" + md)
-        if (line := reading(rows, "original")) is not None:
+        if (line := reading(rows, baseline_method(base))) is not None:
             acc.print(line + " (seed means)")
     return rows

@@ -279,6 +279,9 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def enter_subnet(self, subnet: SubNet) -> dict:
         """Grow into ``subnet`` at a stage start (the first stage just applies it); the record says how."""
+        if self.net.unfreezing:  # fine-tuning: no weight changes, only which blocks learn
+            self.use_subnet(subnet)
+            return {"learnable_blocks": list(self.net.learnable_blocks(subnet))}
         return {"growth": self.grow_to(subnet) if self.stage >= 0 else self.use_subnet(subnet)}
 
     def describe(self, subnet: SubNet) -> str:
@@ -568,6 +571,24 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _update_momentum(self) -> None:
         self.ema.update(self.net)
+
+    def _finish_run(self) -> None:
+        """The trained model in ``out/model``, to fine-tune on other data (:mod:`.pretrained`); written when the
+        run knows how its model was built (``net.build_args``)."""
+        build_args = getattr(self.net, "build_args", None)
+        if build_args is None or not self.acc.is_main_process:
+            return
+        from .pretrained import save_classifier
+
+        last = self.history[-1] if self.history else {}
+        save_classifier(self.net, self.out / "model", build_args,
+                        extra={"method": self.run_info.get("method"), "dataset": self.run_info.get("dataset"),
+                               "steps": self.step, "top1": last.get("top1")})
+
+    @property
+    def unfreezes(self) -> bool:
+        """Whether sub-networks are learnable blocks of a pre-trained model (fine-tuning) rather than grown ones."""
+        return self.net.unfreezing
 
     def _step_flops_now(self) -> int:
         return self._step_flops(self.net.subnet)

@@ -27,8 +27,8 @@ from .common import Parser, add_front_flag, add_out_flags, given_dests
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
 TASKS = {"pretrain": ("classification", "diffusion", "text-to-image"),
-         "compare": ("classification", "finetune", "text-to-image", "dreambooth"),
-         "finetune": ("class-conditional", "text-to-image", "dreambooth")}
+         "compare": ("classification", "finetune", "text-to-image", "dreambooth", "transfer"),
+         "finetune": ("class-conditional", "text-to-image", "dreambooth", "classification")}
 
 
 def _task_flag(p: argparse.ArgumentParser, command: str) -> None:
@@ -107,6 +107,15 @@ def _add_compare(sub, task: str | None) -> None:
                                       "in OUT/summary.json and summary.md (overrides --seed)")
         add_front_flag(c, "full")
         cli_diffusion.add_finetune_options(c, single=False, task=task)
+    elif task == "transfer":
+        c = sub.add_parser("compare", help="train several methods side by side",
+                           description="Fine-tune a pre-trained classifier with each method (full, prog and "
+                                       "autoprog-zero unfreezing; same data, seed and steps), plus full@budget and "
+                                       "full's front; write OUT/summary.json, summary.md, curves.png and "
+                                       "front.png. Default: the shipped Fashion-MNIST ViT to scikit-learn digits. "
+                                       "Re-running with the same --out reuses finished runs.")
+        _task_flag(c, "compare")
+        cli_classification.add_compare_options(c, transfer=True)
     else:
         c = sub.add_parser("compare", help="train several methods side by side (--task finetune: fine-tuning methods)",
                            description="Train each method with the same seed, data and settings; write "
@@ -118,9 +127,21 @@ def _add_compare(sub, task: str | None) -> None:
 
 
 def _add_finetune(sub, task: str | None) -> None:
+    from . import classification as cli_classification
     from . import diffusion as cli_diffusion
 
-    f = sub.add_parser("finetune", help="fine-tune a diffusion model with one method",
+    if task == "classification":
+        f = sub.add_parser("finetune", help="fine-tune a model with one method",
+                           description="Fine-tune a pre-trained classifier on another dataset (Table 4's transfer; "
+                                       "default: the shipped built-in ViT pre-trained on Fashion-MNIST, to "
+                                       "scikit-learn digits): full, or unfreezing it progressively (prog, "
+                                       "autoprog-zero). Writes OUT/model, OUT/results.json, OUT/schedule.json and a "
+                                       "resumable checkpoint.")
+        _task_flag(f, "finetune")
+        cli_classification.add_transfer_options(f)
+        return
+
+    f = sub.add_parser("finetune", help="fine-tune a diffusion model (--task classification: a classifier) with one method",
                        description=("Fine-tune a text-to-image model (a Stable Diffusion pipeline directory; default: "
                                     "the shipped UNet pre-trained on captioned Fashion-MNIST classes 0-4, to the "
                                     "captions of classes 5-9)" if task == "text-to-image" else
@@ -182,7 +203,10 @@ def _run(args, acc) -> int:
         for name, commands, description in list_presets():
             print(f"{name}\n    for: {commands}\n    {description}")
         return 0
-    if args.command == "finetune" or getattr(args, "task", "classification") != "classification":
+    from .classification import is_transfer
+
+    if not is_transfer(args) and (args.command == "finetune"
+                                  or getattr(args, "task", "classification") != "classification"):
         cli_diffusion.run_diffusion(args, acc)
         return 0
     run_classification(args, acc)
