@@ -264,11 +264,13 @@ def test_dreambooth_with_prior_preservation_trains_scores_and_exports_a_pipeline
     write_images(images(4, size=8), inst, prefix="img")
     spec = DreamBoothSpec(method="autoprog-zero", base=str(text_base), data_root=str(fake_fmnist), instance_dir=str(inst),
                           subject_class=3, with_prior_preservation=True, num_class_images=5,
-                          class_dir=str(tmp_path / "class"), feature_epochs=1, cache_dir=str(cache_dir), train=DB)
+                          class_dir=str(tmp_path / "class"), feature_epochs=1, cache_dir=str(cache_dir), train=DB,
+                          eval_prompts="a photo of sks {} on the beach")
     res = finetune(spec, tmp_path / "run")
     s = res["summary"]
     assert res["done"] and s["headline"] == "subject_fidelity" and s["fd"] is None
     assert 0 <= s["text_agreement"] <= 1 and -1 <= s["subject_fidelity"] <= 1
+    assert 0 <= s["text_agreement_p1"] <= 1 and "clip_t_p1" not in s  # Prompt-A, scored without CLIP weights
     assert len(list((tmp_path / "class").glob("class-*.png"))) == 5
     model, meta = load_backbone(tmp_path / "run" / "model")
     assert meta["captions"][0] == "a photo of sks dress" and meta["prompt_suffix"].startswith(", [SID")
@@ -348,3 +350,39 @@ def test_text_to_image_reports_clip_t_against_each_images_prompt(tiny_clip_and_d
     assert out["clip_t"] == pytest.approx(float(want), abs=1e-5)
     cols = [k for k, _, _ in quality_columns([{"fd": 1.0, "kid": 0.1, "clip_t": 0.2, "metric": "FD"}])]
     assert cols == ["fd", "kid", "clip_t"], "text-to-image tables show FD, KID and CLIP-T"
+
+
+def test_eval_prompts_are_filled_bounded_and_need_a_scorer():
+    spec = DreamBoothSpec(eval_prompts="a photo of sks {} sleeping under a tree | a photo of sks {} on the beach")
+    assert spec.evaluation_prompts() == ("a photo of sks dress sleeping under a tree", "a photo of sks dress on the beach")
+    assert DreamBoothSpec().evaluation_prompts() == ()
+    with pytest.raises(ConfigError, match="empty prompt"):
+        DreamBoothSpec(eval_prompts="a|").evaluation_prompts()
+    with pytest.raises(ConfigError, match="at most 4"):
+        DreamBoothSpec(eval_prompts="a|b|c|d|e").evaluation_prompts()
+    with pytest.raises(ConfigError, match="nothing would score"):
+        DreamBoothSpec(instance_dir="x", instance_prompt="sks mug", class_prompt="a mug",
+                       eval_prompts="sks mug on a beach").evaluation_prompts()
+
+
+def test_prompt_scores_are_clip_t_to_that_prompt_and_the_classifiers_agreement(tiny_clip_and_dino, fake_fmnist):
+    import torch.nn.functional as F
+
+    from autoprog.diffusion.data import load_diffusion_data
+    from autoprog.diffusion.dreambooth import ClipScorer
+    from autoprog.diffusion.report import quality_columns
+
+    src = load_diffusion_data("fashion-mnist", str(fake_fmnist), classes=None)
+    subject = src.test_images[src.test_labels == 3][:4]
+    clip = ClipScorer(str(tiny_clip_and_dino[0]))
+    ev = SubjectEvaluator(subject, "a photo of a dress", BandNet(), subject_class=3, clip=clip)
+    gen = src.test_images[src.test_labels == 3][4:8]
+    out = ev.prompt_scores(gen, "a photo of sks dress on the beach", 2)
+    assert set(out) == {"clip_t_p2", "text_agreement_p2"}
+    want = F.cosine_similarity(clip.image_features(gen), clip.text_features("a photo of sks dress on the beach")).mean()
+    assert out["clip_t_p2"] == pytest.approx(float(want), abs=1e-5)
+    assert out["text_agreement_p2"] > ev.prompt_scores(images(4, size=28), "x", 2)["text_agreement_p2"]
+    cols = quality_columns([{"subject_fidelity": 0.9, "clip_t_p1": 0.2, "clip_t_p2": 0.3, "metric": "m"}])
+    assert [h for _, h, _ in cols] == ["subject fidelity (autoprog features)", "CLIP-T, prompt 1", "CLIP-T, prompt 2"]
+    with pytest.raises(ValueError, match="prompt index"):
+        ev.prompt_scores(gen, "x", 5)

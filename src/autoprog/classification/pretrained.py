@@ -220,7 +220,7 @@ def adapt_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def _num_classes(model: nn.Module) -> int:
-    return int(getattr(model, "num_classes"))
+    return int(model.num_classes)
 
 
 def _in_chans(model: nn.Module) -> int:

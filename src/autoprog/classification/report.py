@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..report import fmt, speedup_cell, speedup_mean_cell
 
+
 def speedup_note(baseline: str = "original") -> str:
     return (f"time-to-quality speed-up: the time the {baseline}'s front (its runs at several budgets, each with its "
             "learning rate fully decayed) needs to reach the method's top-1, divided by the method's time; "

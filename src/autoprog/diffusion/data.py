@@ -45,6 +45,7 @@ class DiffusionData:
     caption_ids: torch.Tensor | None = None  # those prompts' token ids (num_classes, L)
     num_instance: int | None = None  # DreamBooth: the first this many training images are the subject's
     prior_weight: float | None = None  # DreamBooth: the class images' loss weight (prior preservation)
+    eval_prompts: tuple[str, ...] = ()  # DreamBooth: more prompts to generate the subject from at evaluations
 
     @property
     def in_chans(self) -> int:

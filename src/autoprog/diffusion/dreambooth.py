@@ -15,7 +15,9 @@ Metrics (:class:`SubjectEvaluator`) on images generated from the instance prompt
   images (``--clip-model DIR``);
 * without those weights the same questions on autoprog's own feature classifier, named as such:
   ``subject_fidelity`` (cosine of its features to the subject images) and ``text_agreement`` (its probability
-  that the images show the prompt's class, when the class is one of the dataset's).
+  that the images show the prompt's class, when the class is one of the dataset's);
+* ``clip_t_pK`` / ``text_agreement_pK``: the same on images generated from the K-th of ``--eval-prompts`` (Table 8's
+  Prompt-A and Prompt-B, e.g. "a photo of sks dog sleeping under a tree"), CLIP-T against that prompt.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ DEFAULT_CLASS_PROMPT = "a photo of a {}"
 CLASS_CFG_SCALE = 4.0  # guidance of the generated class images (autoprog sample's default; diffusers' uses 7.5)
 OWN_FIDELITY = "subject fidelity (autoprog features)"
 OWN_TEXT = "text agreement (autoprog classifier)"
+MAX_EVAL_PROMPTS = 4  # --eval-prompts (Table 8's Prompt-A and Prompt-B are two)
 SCORE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "subject_fidelity": OWN_FIDELITY,
-                "text_agreement": OWN_TEXT}  # each score's name in reports
+                "text_agreement": OWN_TEXT,  # each score's name in reports; then those of each --eval-prompts prompt
+                **{f"{key}_p{i}": f"{label}, prompt {i}" for i in range(1, MAX_EVAL_PROMPTS + 1)
+                   for key, label in (("clip_t", "CLIP-T"), ("text_agreement", OWN_TEXT))}}
 SCORE_KEYS = tuple(SCORE_LABELS)
 
 
@@ -148,16 +153,19 @@ def match_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor
 
 
 def dreambooth_data(instance: torch.Tensor, prior: torch.Tensor | None, instance_prompt: str, class_prompt: str,
-                    prior_weight: float | None, tokenize, name: str = "dreambooth") -> DiffusionData:
+                    prior_weight: float | None, tokenize, name: str = "dreambooth",
+                    eval_prompts: tuple[str, ...] = ()) -> DiffusionData:
     """Training data: the subject images (label 0, ``instance_prompt``) and, with prior preservation, the class
-    images (label 1, ``class_prompt``, loss weight ``prior_weight``). Evaluation generates the subject."""
+    images (label 1, ``class_prompt``, loss weight ``prior_weight``). Evaluation generates the subject, from the
+    instance prompt and from each of ``eval_prompts``."""
     prior = prior if prior is not None else instance[:0]
     images = torch.cat([instance, prior]).contiguous()
     labels = torch.cat([torch.zeros(len(instance)), torch.ones(len(prior))]).long()
     captions = (instance_prompt, class_prompt)
     return DiffusionData(name, images, labels, instance.clone(), torch.zeros(len(instance)).long(), 2, (0,),
                          hflip=False, class_names=None, captions=captions, caption_ids=tokenize(list(captions)),
-                         num_instance=len(instance), prior_weight=prior_weight if len(prior) else None)
+                         num_instance=len(instance), prior_weight=prior_weight if len(prior) else None,
+                         eval_prompts=tuple(eval_prompts))
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -276,6 +284,27 @@ class SubjectEvaluator:
         x = to_float(match_images(images, size, net.in_channels)).to(next(net.parameters()).device)
         f = net.features(x)
         return f, net.head(f).softmax(-1)
+
+    def prompt_scores(self, images: torch.Tensor, prompt: str, index: int) -> dict:
+        """Scores of uint8 images generated from ``prompt`` (the ``index``-th of ``--eval-prompts``, from 1):
+        ``clip_t_p{index}`` (CLIP-T to ``prompt``, with CLIP weights) and ``text_agreement_p{index}`` (autoprog's
+        classifier's probability of the subject's class, when it is known)."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if not 1 <= index <= MAX_EVAL_PROMPTS:
+            raise ValueError(f"prompt index {index} outside 1-{MAX_EVAL_PROMPTS}")
+        out = {}
+        if self.clip is not None:
+            out[f"clip_t_p{index}"] = _mean_pair_cosine(self.clip.image_features(images),
+                                                        self.clip.text_features(prompt))
+        if self.feature_net is not None and self.subject_class is not None:
+            _, p = self._own(images)
+            if self.subject_class < p.shape[1]:
+                out[f"text_agreement_p{index}"] = float(p[:, self.subject_class].mean())
+        bad = [k for k, v in out.items() if not torch.isfinite(torch.tensor(v))]
+        if bad:
+            raise DivergedError(f"non-finite DreamBooth scores {bad}: the generated images are not finite")
+        return out
 
     def reference(self) -> dict:
         """The subject images' own scores: the ceiling a model that reproduces them exactly would reach."""

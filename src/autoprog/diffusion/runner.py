@@ -42,6 +42,7 @@ from .dreambooth import (
     DEFAULT_CLASS_PROMPT,
     DEFAULT_INSTANCE_PROMPT,
     DEFAULT_SUBJECT_CLASS,
+    MAX_EVAL_PROMPTS,
     SCORE_KEYS,
 )
 from .latent import with_latents
@@ -246,25 +247,48 @@ class DreamBoothSpec(TextFinetuneSpec):
     dino_model: str | None = option(None, "a local DINO ViT checkpoint (transformers): report DINO subject fidelity "
                                           "and rank by it. Without it: subject fidelity on autoprog's feature "
                                           "classifier", metavar="DIR", show_default=False, group="evaluation")
+    eval_prompts: str | None = option(None, "more prompts with the identifier to generate the subject from and score, "
+                                            f"separated by '|' (at most {MAX_EVAL_PROMPTS}; {{}} is the class's name): "
+                                            "CLIP-T to each with --clip-model, else autoprog's classifier's text "
+                                            "agreement. Table 8's Prompt-A and Prompt-B: 'a photo of sks {} sleeping "
+                                            "under a tree|a photo of sks {} on the beach'", metavar="PROMPTS",
+                                      show_default=False, group="evaluation")
     train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
         steps=300, batch_size=8, warmup_steps=10, eval_points=2, curve_samples=32, fd_samples=64,
         sample_steps=25))
 
-    def prompts(self) -> tuple[str, str]:
-        """The instance and class prompts, {} filled with the subject class's name."""
+    def _filled(self, flag: str, prompt: str) -> str:
+        """``prompt`` with {} filled by the subject class's name."""
         from .data import DIGIT_NAMES, FASHION_MNIST_NAMES
 
         cls = self.subject()
         names = {"digits": DIGIT_NAMES}.get(self.dataset, FASHION_MNIST_NAMES)
-        out = []
-        for flag, p in (("--instance-prompt", self.instance_prompt), ("--class-prompt", self.class_prompt)):
-            if check_template(p, flag, required=False):  # it has a {} slot
-                if cls is None:
-                    raise ConfigError(f"{flag} {p!r}: with --instance-dir, write the class name in the prompt "
-                                      "(or give --subject-class to fill {})")
-                if not 0 <= cls < len(names):
-                    raise ConfigError(f"--subject-class {cls}: {self.dataset} has classes 0-{len(names) - 1}")
-            out.append(fill_template(p, names[cls] if cls is not None and 0 <= cls < len(names) else ""))
+        if check_template(prompt, flag, required=False):  # it has a {} slot
+            if cls is None:
+                raise ConfigError(f"{flag} {prompt!r}: with --instance-dir, write the class name in the prompt "
+                                  "(or give --subject-class to fill {})")
+            if not 0 <= cls < len(names):
+                raise ConfigError(f"--subject-class {cls}: {self.dataset} has classes 0-{len(names) - 1}")
+        return fill_template(prompt, names[cls] if cls is not None and 0 <= cls < len(names) else "")
+
+    def evaluation_prompts(self) -> tuple[str, ...]:
+        """``--eval-prompts``, each filled (Table 8's Prompt-A and Prompt-B)."""
+        if self.eval_prompts is None:
+            return ()
+        parts = [p.strip() for p in self.eval_prompts.split("|")]
+        if not all(parts):
+            raise ConfigError(f"--eval-prompts {self.eval_prompts!r} has an empty prompt (separate prompts with '|')")
+        if len(parts) > MAX_EVAL_PROMPTS:
+            raise ConfigError(f"--eval-prompts: at most {MAX_EVAL_PROMPTS} prompts, got {len(parts)}")
+        if self.clip_model is None and self.subject() is None:
+            raise ConfigError("--eval-prompts: nothing would score them; give --clip-model (CLIP-T) or --subject-class "
+                              "(autoprog's classifier's text agreement)")
+        return tuple(self._filled("--eval-prompts", p) for p in parts)
+
+    def prompts(self) -> tuple[str, str]:
+        """The instance and class prompts, {} filled with the subject class's name."""
+        out = [self._filled(flag, p) for flag, p in (("--instance-prompt", self.instance_prompt),
+                                                     ("--class-prompt", self.class_prompt))]
         if out[0] == out[1]:
             raise ConfigError(f"--instance-prompt and --class-prompt are the same ({out[0]!r}): the instance prompt "
                               "needs an identifier word the class prompt lacks")
@@ -407,7 +431,8 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
                              t.sample_eta, 0)
     name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
     return dreambooth_data(instance, prior, instance_prompt, class_prompt,
-                           spec.prior_loss_weight if prior is not None else None, model.tokenize, name)
+                           spec.prior_loss_weight if prior is not None else None, model.tokenize, name,
+                           spec.evaluation_prompts())
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -539,6 +564,7 @@ def _check_prompts(spec) -> None:
     prompts, a text-to-image caption (:func:`~autoprog.diffusion.data.check_template`)."""
     if isinstance(spec, DreamBoothSpec):
         spec.prompts()
+        spec.evaluation_prompts()
     elif hasattr(spec, "caption"):
         check_template(spec.caption, "--caption")
 

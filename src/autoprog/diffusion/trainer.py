@@ -450,6 +450,9 @@ class DiffusionTrainer(RunTemplate):
                 else:  # scores that are means over images (DreamBooth's): no sample-count bias to correct
                     point.update({k: round(v, 5) for k, v in q.items() if k in SCORE_KEYS},
                                  fd_samples=n, metric=q["metric"], headline=q["headline"])
+                    for i, prompt in enumerate(self.data.eval_prompts, 1):  # --eval-prompts (Table 8)
+                        more = to_uint8(self.generate_from(prompt, n, seed=self.cfg.seed + 99991 + i))
+                        point.update({k: round(v, 5) for k, v in self.evaluator.prompt_scores(more, prompt, i).items()})
             point = self.broadcast(point)
             point["eval_time_s"] = round(time.perf_counter() - t0, 2)
         self.history.append(point)
@@ -480,6 +483,14 @@ class DiffusionTrainer(RunTemplate):
         conditions = self.data.conditions(balanced_labels(self.data.classes, n))
         x0 = sample(model, conditions, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed,
                     eta=self.cfg.sample_eta)
+        return self.data.decode(x0)
+
+    def generate_from(self, prompt: str, n: int, seed: int) -> torch.Tensor:
+        """``n`` samples (floats in [-1, 1]) of a text-to-image model from ``prompt`` (the stage identifier is
+        appended as in training)."""
+        model = self.eval_model()
+        x0 = sample(model, model.tokenize([prompt] * n), steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
+                    seed=seed, eta=self.cfg.sample_eta)
         return self.data.decode(x0)
 
     # ------------------------------------------------------------------------------------ results
