@@ -42,8 +42,8 @@ def test_base_model_is_saved_with_its_classes(base):
     assert model.num_classes == 10 and model.depth == 4 and model.sid is None
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "difffit", "lora-r4", "prog", "autoprog-one", "autoprog-zero",
-                                    "autoprog-zero-nosid"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "difffit", "lora-r4", "adapter-parallel", "adapter-sequential",
+                                    "vpt-deep", "prog", "autoprog-one", "autoprog-zero", "autoprog-zero-nosid"])
 def test_every_method_finetunes_end_to_end(method, base, fake_fmnist, cache_dir, tmp_path):
     res = finetune(spec_for(method, base, fake_fmnist, cache_dir), tmp_path / method)
     s = res["summary"]
@@ -54,11 +54,13 @@ def test_every_method_finetunes_end_to_end(method, base, fake_fmnist, cache_dir,
     # every curve point is also measured at the curve's sample count (FD depends on it); the last also at fd_samples
     assert [p["fd_samples"] for p in res["curve"]] == [10, 10, 10, 20]
     assert all(p["fd_curve"] == p["fd"] for p in res["curve"][:3]) and res["curve"][3]["fd_curve"] != res["curve"][3]["fd"]
-    model, meta = load_backbone(tmp_path / method / "model")  # exported as a plain backbone
+    model, meta = load_backbone(tmp_path / method / "model")  # exported as a plain backbone (Adapter, VPT: + extras)
     assert meta["method"] == method
     assert not any("lora_" in n or "difffit" in n for n, _ in model.named_parameters())
+    extras = method.startswith(("adapter", "vpt"))
+    assert (getattr(model, "extras", None) is not None) == extras and ("extras" in meta) == extras
     total = s["total_params"]
-    if method in ("bitfit", "difffit", "lora-r4"):
+    if method in ("bitfit", "difffit", "lora-r4", "adapter-parallel", "adapter-sequential", "vpt-deep"):
         assert s["trainable_params"] < total / 4
     progressive = method.startswith(("prog", "autoprog"))
     if progressive:

@@ -119,6 +119,12 @@ for _m in (
     Method("lora", "static", (FINETUNE,), "low-rank adapters through peft, --lora-rank", options={"rank": None}),
     Method("lora-r8", "static", (FINETUNE,), "LoRA of rank 8", base="lora", options={"rank": 8}),
     Method("lora-r16", "static", (FINETUNE,), "LoRA of rank 16", base="lora", options={"rank": 16}),
+    Method("adapter-parallel", "static", (FINETUNE,), "bottleneck adapters beside each block's attention and MLP, "
+           "--adapter-dim", base="adapter", options={"parallel": True}),
+    Method("adapter-sequential", "static", (FINETUNE,), "bottleneck adapters after each block's attention and MLP",
+           base="adapter", options={"parallel": False}),
+    Method("vpt-deep", "static", (FINETUNE,), "VPT-Deep: learnable prompt tokens at every block's input, "
+           "--vpt-tokens", base="vpt"),
     Method("original", "manual", (PRETRAIN,), "the full model throughout"),
     Method("prog", "manual", ALL, "uniform linear growth, or unfreezing when fine-tuning"),
     Method("progstack", "manual", (PRETRAIN,), "progressive stacking"),

@@ -1,17 +1,20 @@
 """The static fine-tuning baselines, applied to a backbone before training (they apply, never decide).
 
 ``full`` (everything), ``bitfit`` (biases), ``difffit`` (biases plus a learnable scale factor on every
-attention and MLP branch, Xie et al. 2023) and ``lora`` (low-rank adapters on the blocks' linear layers,
-through peft). The progressive methods (``prog``, ``autoprog-one``, ``autoprog-zero``) apply learnable
+attention and MLP branch, Xie et al. 2023), ``lora`` (low-rank adapters on the blocks' linear layers,
+through peft), ``adapter`` (bottleneck adapters, parallel or sequential) and ``vpt`` (VPT-Deep prompt tokens);
+peft offers neither of the last two for these models, so they are :mod:`autoprog.models.extras`. The progressive methods (``prog``, ``autoprog-one``, ``autoprog-zero``) apply learnable
 sub-networks through :class:`autoprog.adapters.unfreezer.Unfreezer` instead.
 
 Every method also trains the condition embeddings (class table, and the SID when there is one):
 a transfer task brings classes the base model has never seen. :func:`export_backbone` folds DiffFit's
-scale factors and LoRA's adapters back into plain weights, so every method exports the same model.
+scale factors and LoRA's adapters back into plain weights, so every method exports the same model, except
+Adapter and VPT-Deep, whose modules stay (``extras``, reinstalled when the model loads).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -49,9 +52,11 @@ class ScaleFactors(nn.Module):
         })
         self._handles = []
         for i in range(model.depth):
-            for branch, mod in model.branch_modules(i).items():
-                g = self.gamma[f"{i}_{branch}"]
-                self._handles.append(mod.register_forward_hook(lambda m, a, out, g=g: out * g))
+            for branch, mod in model.branch_modules(i).items():  # bound: a deep copy (the EMA) scales by its own γ
+                self._handles.append(mod.register_forward_hook(functools.partial(self._scale, f"{i}_{branch}")))
+
+    def _scale(self, key: str, module: nn.Module, args, out):
+        return out * self.gamma[key]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -95,7 +100,18 @@ def prepare_lora(model: DiffusionBackbone, rank: int = 8, alpha: float | None = 
     train_conditions(model)
 
 
-def prepare_static(model: DiffusionBackbone, method: str, lora_rank: int = 8) -> None:
+def prepare_extras(model: DiffusionBackbone, settings: dict) -> None:
+    """Adapter or VPT-Deep (:func:`~autoprog.models.extras.install_extras`): only its module (and the condition
+    embeddings) learns."""
+    from ..models.extras import install_extras
+
+    freeze_all(model)
+    install_extras(model, settings).requires_grad_(True)
+    train_conditions(model)
+
+
+def prepare_static(model: DiffusionBackbone, method: str, lora_rank: int = 8, adapter_dim: int = 8,
+                   parallel: bool = True, vpt_tokens: int = 10) -> None:
     if method == "full":
         prepare_full(model)
     elif method == "bitfit":
@@ -104,6 +120,10 @@ def prepare_static(model: DiffusionBackbone, method: str, lora_rank: int = 8) ->
         prepare_difffit(model)
     elif method == "lora":
         prepare_lora(model, lora_rank)
+    elif method == "adapter":
+        prepare_extras(model, {"kind": "adapter", "dim": adapter_dim, "parallel": parallel})
+    elif method == "vpt":
+        prepare_extras(model, {"kind": "vpt", "tokens": vpt_tokens})
     else:
         raise ConfigError(f"{method!r} is not a static fine-tuning method")
 

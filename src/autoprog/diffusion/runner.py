@@ -125,6 +125,9 @@ class FinetuneSpec(ImageDataSpec):
     start_ratio: float = option(0.25, "first stage's share of input patches per side and learnable blocks "
                                       "(Sec. 5.1.2)", above=0, maximum=1, group="unfreezing")
     lora_rank: int = option(8, "LoRA rank for --method lora", minimum=1, group="unfreezing")
+    adapter_dim: int = option(8, "bottleneck width of --method adapter-parallel / adapter-sequential", minimum=1,
+                              group="unfreezing")
+    vpt_tokens: int = option(10, "prompt tokens per block of --method vpt-deep", minimum=1, group="unfreezing")
     schedule: str | None = option(None, "unfreezing schedule to replay with --method prog: a schedule.json, or "
                                         "inline RESxLEARNABLE_BLOCKS per stage, e.g. 16x6,20x6,24x6,28x6",
                                   show_default=False, group="unfreezing")
@@ -459,7 +462,8 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
     if chosen.kind == "static":
         prepare_static(model, chosen.base, spec.lora_rank if chosen.options.get("rank") is None
-                       else chosen.options["rank"])
+                       else chosen.options["rank"], adapter_dim=spec.adapter_dim,
+                       parallel=chosen.options.get("parallel", True), vpt_tokens=spec.vpt_tokens)
         lr = spec.train.lr if chosen.base == "full" else spec.train.peft_lr or 10 * spec.train.lr  # few parameters
         from ..controllers import StaticController
 
@@ -845,6 +849,7 @@ def _progressive(m) -> bool:
 OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.base == "prog",
                 "criterion": lambda m: m.base == "autoprog-zero" and "criterion" not in m.options,
                 "lora_rank": lambda m: m.base == "lora" and m.options.get("rank") is None,
+                "adapter_dim": lambda m: m.base == "adapter", "vpt_tokens": lambda m: m.base == "vpt",
                 **dict.fromkeys(("num_stages", "start_ratio", "learnable_layout", "frozen_prefix"), _progressive),
                 **dict.fromkeys(("sid_init", "sid_dropout"), lambda m: _progressive(m) and m.options.get("sid", True))}
 

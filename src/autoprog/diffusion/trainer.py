@@ -523,6 +523,8 @@ class DiffusionTrainer(RunTemplate):
             extra["class_names"] = list(self.data.class_names)
         lora = m.lora_layers() if hasattr(m, "lora_layers") else None
         export_backbone(m)
+        if getattr(m, "extras", None) is not None:  # Adapter / VPT-Deep: reinstalled when the model loads
+            extra["extras"] = m.extras.settings()
         save_backbone(m, tmp, extra=extra, vae=self.data.codec.vae if self.data.codec is not None else None,
                       scheduler=sampling_scheduler(getattr(m, "noise_config", None)))
         if lora:  # the adapter alone too, in diffusers' format: pipe.load_lora_weights(tmp / "lora")

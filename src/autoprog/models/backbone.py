@@ -21,7 +21,7 @@ from .sid import StageIdentifier
 # autoprog.json), with the types autoprog.formats.check_fields checks
 SAVED_META_FIELDS = {"sid_stages": int, "method": (str, None), "steps": int, "classes": ([int], None),
                      "captions": ([str], None), "class_names": ([str], None), "vae": (str, None),
-                     "image_channels": (int, None)}
+                     "image_channels": (int, None), "extras": (dict, None)}
 
 
 def check_finite(tensors, where) -> None:

@@ -336,6 +336,10 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
         model.add_stage_identifier(meta["sid_stages"], init="zero", null_row=rows > meta["sid_stages"])
     if not with_sid:
         state = {k: v for k, v in state.items() if not k.startswith("sid.")}
+    if meta.get("extras"):  # a model fine-tuned with Adapter or VPT-Deep keeps those modules
+        from .extras import install_extras
+
+        install_extras(model, meta["extras"], f"{cfg_file}: extras")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # size mismatch: weights of another architecture

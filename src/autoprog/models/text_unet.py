@@ -369,10 +369,35 @@ def load_text_unet(path: str | Path, with_sid: bool = True) -> tuple[TextUNet, d
     stages = int(meta.get("sid_stages") or 0)
     if stages and with_sid:
         model.add_stage_identifier(stages)  # the baked rows become the identifiers again
+    if meta.get("extras"):  # Adapter / VPT-Deep: their modules, beside the pipeline's folders
+        _load_extras(model, meta["extras"], root)
     info = {"kind": TextUNet.kind, "source": str(root), **meta}
     if (root / "vae" / "config.json").is_file() and not meta.get("vae"):
         info["vae"] = str(root)
     return model, info
+
+
+EXTRAS_FILE = "extras.safetensors"  # an Adapter / VPT-Deep model's own modules (diffusers' folders lack them)
+
+
+def _load_extras(model: TextUNet, settings: dict, root: Path) -> None:
+    from safetensors.torch import load_file
+
+    from .extras import install_extras
+
+    module = install_extras(model, settings, f"{root / META_FILE}: extras")
+    file = root / EXTRAS_FILE
+    if not file.is_file():
+        raise ConfigError(f"{root} was fine-tuned with {settings['kind']} but {EXTRAS_FILE} is missing")
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # safetensors' own error types
+        raise ConfigError(f"{file} cannot be read ({' '.join(str(e).split())[:120]})") from None
+    check_finite(state.values(), file)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{file} does not match {META_FILE}'s extras: {first_line(e)}") from None
 
 
 def _noise_config(root: Path) -> dict | None:
@@ -403,6 +428,11 @@ def save_text_unet(model: TextUNet, path: str | Path, extra: dict | None = None,
     model.bake_stage_identifier()
     with _quiet():
         _write_pipeline(model, path, scheduler, vae)
+    if getattr(model, "extras", None) is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.extras.state_dict().items()},
+                  str(path / EXTRAS_FILE))
     meta = {"format": FORMAT, "kind": model.kind, "config": model.config, "sid_stages": stages,
             "prompt_suffix": suffix, **(extra or {})}
     (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
