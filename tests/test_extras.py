@@ -45,8 +45,8 @@ def test_parallel_reads_the_branch_input_and_sequential_its_output():
         ad = install_extras(mm, {"kind": "adapter", "dim": 2, "parallel": parallel})
         _randomise(ad)
         got = {}
-        mm.blocks[0].mlp.register_forward_hook(lambda mod, a, out: got.update(out=out))
-        mm.blocks[0].mlp.register_forward_hook(lambda mod, a, out: got.update(inp=a[0]), prepend=True)
+        mm.blocks[0].mlp.register_forward_hook(lambda mod, a, out, got=got: got.update(out=out))
+        mm.blocks[0].mlp.register_forward_hook(lambda mod, a, out, got=got: got.update(inp=a[0]), prepend=True)
         run(mm, *inputs())
         base = mm.blocks[0].mlp.forward(got["inp"])  # the branch alone (forward bypasses the hooks)
         src = got["inp"] if parallel else base
