@@ -3,6 +3,8 @@
 Pre-trains the built-in default (Fashion-MNIST, 10,000 images, 8 epochs, the built-in ViT on a 7x7 grid) with each
 method, then fine-tunes each pre-trained model in full on scikit-learn digits (``autoprog finetune --task
 classification``'s defaults: 10 epochs, batch 64, lr 5e-4), with the same seed. Finished runs are reused.
+``original-eN`` is the original pre-trained for N epochs (its learning rate decayed within them): a point of its
+front, to compare transfer at equal pre-training quality.
 
     python benchmarks/transfer_table4.py SEED [--methods original,prog,autoprog-one] [--out runs/table4]
 
@@ -41,7 +43,9 @@ def main() -> None:
     for method in a.methods.split(","):
         pre, ft = root / "pretrain" / method, root / "transfer" / method
         if done(pre) is None:
-            autoprog("pretrain", "--method", method, "--seed", str(a.seed), "--out", str(pre), "--overwrite")
+            base, _, epochs = method.partition("-e")
+            args = ["--method", base] + (["--epochs", epochs] if epochs else [])
+            autoprog("pretrain", *args, "--seed", str(a.seed), "--out", str(pre), "--overwrite")
         if done(ft) is None:
             autoprog("finetune", "--task", "classification", "--method", "full", "--base", str(pre / "model"),
                      "--seed", str(a.seed), "--out", str(ft), "--overwrite")

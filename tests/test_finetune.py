@@ -513,3 +513,30 @@ def test_a_diffusers_dit_trains_with_gradient_checkpointing_and_its_sid_dropout(
     res = finetune(spec, tmp_path / "run")
     assert res["done"] and res["summary"]["steps"] == 4
     assert json.loads((tmp_path / "run" / "config.json").read_text())["spec"]["train"]["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("kind", ["dit", "diffusers-dit"])
+def test_hybrid_loss_finetunes_a_learned_sigma_dit_and_moves_its_variance_head(kind, base, fake_fmnist, cache_dir,
+                                                                              tmp_path):
+    from autoprog.models.dit import build_backbone, save_backbone
+
+    plain, meta = load_backbone(base)
+    torch.manual_seed(0)
+    sigma = {"learn_sigma": True} if kind == "dit" else {"learned_sigma": True}
+    m = build_backbone(kind, image_size=28, patch_size=4, in_chans=1, num_classes=10, hidden_size=16, depth=2,
+                       num_heads=2, **sigma)
+    save_backbone(m, tmp_path / "base", extra={"classes": meta["classes"]})
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    spec = spec_for("full", tmp_path / "base", fake_fmnist, cache_dir, hybrid_loss=True)
+    res = finetune(spec, tmp_path / "run")
+    assert res["done"] and math.isfinite(res["summary"]["fd"])
+    tuned, _ = load_backbone(tmp_path / "run" / "model")
+    assert tuned.learned_sigma
+    head = "final_layer.linear" if kind == "dit" else "model.proj_out_2"
+    w0, w1 = before[head + ".weight"], tuned.state_dict()[head + ".weight"]
+    out = w0.shape[0] // 16  # rows per pixel (2C), channel fastest
+    variance = (torch.arange(w0.shape[0]) % out) >= out // 2
+    assert not torch.equal(w0[variance], w1[variance]), "the variance rows learned"
+    res = finetune(replace(spec, train=replace(spec.train, hybrid_loss=False)), tmp_path / "plain")
+    tuned, _ = load_backbone(tmp_path / "plain" / "model")
+    assert torch.equal(w0[variance], tuned.state_dict()[head + ".weight"][variance]), "without it they do not"

@@ -1,5 +1,6 @@
 """The official DiT code's checkpoints (``DiT-XL-2-256x256.pt``: a plain state dict; ``train.py``'s: ``ema``) load
-as autoprog's DiT, read with ``weights_only``; a learned-sigma model keeps its ε half."""
+as autoprog's DiT, read with ``weights_only``; a learned-sigma model keeps its variance half, which DiT's hybrid loss
+(``--hybrid-loss``) trains."""
 
 from __future__ import annotations
 
@@ -48,6 +49,73 @@ def test_an_official_checkpoint_loads_and_predicts_the_same_epsilon(tmp_path, le
     x, t, y = torch.randn(3, 4, 16, 16), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 7])
     with torch.no_grad():
         assert torch.allclose(model(x, t, y), ref(x, t, y), atol=1e-5)
+    if learned_sigma:  # the variance half is kept, in the official layout (channel fastest per pixel)
+        model.variance_output = True
+        with torch.no_grad():
+            both = model(x, t, y)
+        assert both.shape == (3, 8, 16, 16) and torch.allclose(both[:, :4], ref(x, t, y), atol=1e-5)
+        w = state["final_layer.linear.weight"].view(4, 8, -1)[:, 4:]  # (p*p, variance channels, hidden)
+        assert torch.equal(model.final_layer.linear.weight.view(4, 8, -1)[:, 4:], w)
+
+
+def _schedule():
+    from autoprog.diffusion.sampling import training_scheduler
+
+    return training_scheduler()
+
+
+def test_the_variational_bound_is_zero_for_the_true_posterior_and_the_closed_form_otherwise():
+    import math
+
+    from autoprog.diffusion.sampling import variational_bound
+
+    sch = _schedule()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 2, 4, 4, generator=g) * 2 - 1, torch.randn(4, 2, 4, 4, generator=g)
+    t = torch.tensor([1, 10, 50, 100])  # (later, β_t and β̃_t agree to float precision)
+    xt = sch.add_noise(x0, noise, t)
+    at_posterior = variational_bound(sch, x0, xt, t, noise, -torch.ones_like(x0))  # v = -1: log β̃_t exactly
+    assert torch.allclose(at_posterior, torch.zeros(4), atol=1e-5)
+    at_beta = variational_bound(sch, x0, xt, t, noise, torch.ones_like(x0))  # v = +1: log β_t
+    b, ac = sch.betas.double(), sch.alphas_cumprod.double()
+    post = b * (1 - torch.cat([ac.new_ones(1), ac[:-1]])) / (1 - ac)
+    lb, lp = b[t].log(), post[t].log()
+    want = 0.5 * (-1 + lb - lp + (lp - lb).exp()) / math.log(2)
+    assert torch.allclose(at_beta.double(), want, rtol=1e-4) and (at_beta > 0).all()
+    t0 = torch.zeros(4, dtype=torch.long)  # t = 0: the decoder's NLL of the bin of x0 (the mean is x0 exactly)
+    x0q = torch.randint(1, 255, x0.shape, generator=g).float() / 127.5 - 1  # inside (-1, 1): no edge bins
+    nll = variational_bound(sch, x0q, sch.add_noise(x0q, noise, t0), t0, noise, -torch.ones_like(x0))
+    std = math.sqrt(float(post[1]))  # the clipped posterior variance at t = 0
+    normal = torch.distributions.Normal(0.0, std)
+    bits = -math.log2(float(normal.cdf(torch.tensor(1 / 255)) - normal.cdf(torch.tensor(-1 / 255))))
+    assert torch.allclose(nll, torch.full((4,), bits), rtol=1e-2)
+
+
+def test_the_hybrid_loss_trains_the_variance_head_and_only_through_the_bound():
+    from autoprog.diffusion.sampling import diffusion_loss
+
+    torch.manual_seed(0)
+    m = DiT(image_size=8, patch_size=2, in_chans=2, num_classes=3, hidden_size=32, depth=1, num_heads=2,
+            learn_sigma=True)
+    for prm in m.parameters():
+        torch.nn.init.normal_(prm, std=0.05)
+    x0, y = torch.rand(4, 2, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    sch = _schedule()
+    rows = m.final_layer.linear.weight.view(4, 4, -1)  # (p*p, 2C, hidden): channels 2-3 are the variance's
+    m.variance_output = True
+    diffusion_loss(m, x0, y, sch, 3, generator=torch.Generator().manual_seed(1), variance=True).backward()
+    grad = m.final_layer.linear.weight.grad.view(4, 4, -1)
+    assert grad[:, 2:].abs().sum() > 0 and grad[:, :2].abs().sum() > 0
+    m.zero_grad()
+    m.variance_output = False  # the plain loss: the variance rows get nothing
+    diffusion_loss(m, x0, y, sch, 3, generator=torch.Generator().manual_seed(1)).backward()
+    assert m.final_layer.linear.weight.grad.view(4, 4, -1)[:, 2:].abs().sum() == 0
+    assert rows.shape == (4, 4, 32)
+
+
+def test_hybrid_loss_needs_a_learned_sigma(cli, tmp_path):
+    rc, _, err = cli("finetune", "--method", "full", "--hybrid-loss", "--cpu", "--steps", "2", "--out", tmp_path / "h")
+    assert rc == 2 and "--hybrid-loss trains a learned variance" in err and len(err.strip().splitlines()) == 1
 
 
 def test_what_is_not_an_official_checkpoint_is_one_line(tmp_path):

@@ -27,7 +27,7 @@ from .common import (
 
 GROUPS = ("model", "data", "unfreezing", "optimisation", "evaluation")
 BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr", "train.time_source",
-                "train.step_time_scope"}
+                "train.step_time_scope", "train.hybrid_loss"}
 
 
 def _add_spec(p: argparse.ArgumentParser, spec_cls, exclude: set[str], command: str) -> None:

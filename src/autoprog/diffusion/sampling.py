@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..data import to_device
@@ -24,14 +26,15 @@ def training_scheduler(config: dict | None = None):
 
 def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_class: int | torch.Tensor,
                    generator: torch.Generator | None = None, class_dropout: float = 0.0,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None = None, variance: bool = False) -> torch.Tensor:
     """Eq. 11: MSE between the true and the predicted noise at a uniformly drawn timestep.
 
     ``model`` is called as ``model(x_t, t, y)`` (a backbone, or its DDP wrapper); ``y`` is a condition batch
     (class labels ``(B,)`` or token ids ``(B, L)``). With ``class_dropout`` > 0 that fraction of conditions
     becomes the null condition: ``null_class`` (a class id, or a condition such as the backbone's
     ``null_condition(y)``; classifier-free guidance). ``weights`` ``(B,)``: the mean of the per-sample losses
-    times these (DreamBooth's prior-preservation loss).
+    times these (DreamBooth's prior-preservation loss). ``variance``: the model returns ε and its variance values
+    (2C channels) and the loss is DiT's hybrid one, the MSE plus :func:`variational_bound`.
     """
     b = x0.shape[0]
     dev = x0.device
@@ -47,10 +50,79 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
         null = torch.full_like(y, null_class) if isinstance(null_class, int) else null_class.to(dev).expand_as(y)
         y = torch.where(drop.view(-1, *([1] * (y.ndim - 1))), null, y)
     xt = scheduler.add_noise(x0, noise, t)
+    if variance:
+        out = model(xt, t, y)
+        c = x0.shape[1]
+        eps = out[:, :c]
+        per_sample = torch.nn.functional.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
+        per_sample = per_sample + variational_bound(scheduler, x0, xt, t, eps.detach(), out[:, c:])
+        if weights is None:
+            return per_sample.mean()
+        return (per_sample * to_device(weights, dev).to(per_sample.dtype)).mean()
     if weights is None:
         return torch.nn.functional.mse_loss(model(xt, t, y), noise)
     per_sample = torch.nn.functional.mse_loss(model(xt, t, y), noise, reduction="none").flatten(1).mean(1)
     return (per_sample * to_device(weights, dev).to(per_sample.dtype)).mean()
+
+
+_TERMS: dict = {}  # (scheduler, device) → the posterior's coefficients, computed once
+
+
+def _posterior_terms(scheduler, device) -> dict[str, torch.Tensor]:
+    """q(x_{t-1} | x_t, x_0)'s coefficients over the schedule (improved DDPM's, as DiT's gaussian_diffusion)."""
+    key = (id(scheduler), str(device))
+    if key not in _TERMS:
+        betas = scheduler.betas.double()
+        ac = scheduler.alphas_cumprod.double()
+        ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        post_var = betas * (1 - ac_prev) / (1 - ac)
+        terms = {"log_beta": betas.log(), "sqrt_recip_ac": (1 / ac).sqrt(), "sqrt_recipm1_ac": (1 / ac - 1).sqrt(),
+                 "post_log_var": torch.cat([post_var[1:2], post_var[1:]]).log(),  # clipped: no log 0 at t = 0
+                 "coef1": betas * ac_prev.sqrt() / (1 - ac), "coef2": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)}
+        _TERMS[key] = (scheduler, {k: v.float().to(device) for k, v in terms.items()})  # keeps the id valid
+    return _TERMS[key][1]
+
+
+def variational_bound(scheduler, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+    """Per-sample L_vlb term in bits per dimension of a learned-range variance (Nichol & Dhariwal 2021, as DiT
+    trains it): the model's log variance interpolates log β_t and the posterior's log β̃_t by (v + 1) / 2, its mean
+    comes from ``eps`` (passed detached, so only the variance learns from this term); the KL to the true posterior
+    for t > 0, the discretized Gaussian decoder NLL of ``x0`` (in [-1, 1]) at t = 0."""
+    k = _posterior_terms(scheduler, x0.device)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+
+    def at(name):
+        return k[name][t].view(shape)
+
+    x0, xt, eps, v = x0.float(), xt.float(), eps.float(), v.float()
+    true_mean = at("coef1") * x0 + at("coef2") * xt
+    true_log_var = at("post_log_var")
+    frac = (v + 1) / 2
+    log_var = frac * at("log_beta") + (1 - frac) * true_log_var
+    pred_x0 = at("sqrt_recip_ac") * xt - at("sqrt_recipm1_ac") * eps
+    mean = at("coef1") * pred_x0 + at("coef2") * xt
+    kl = 0.5 * (-1.0 + log_var - true_log_var + (true_log_var - log_var).exp()
+                + (true_mean - mean) ** 2 * (-log_var).exp())
+    kl = kl.flatten(1).mean(1) / math.log(2.0)
+    nll = -_discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).flatten(1).mean(1) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) of data in [-1, 1] quantised to 256 levels under N(mean, exp(log_scale)²) (improved DDPM's decoder)."""
+    def cdf(z):  # the standard normal's, by its tanh approximation (as the reference code)
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
+
+    centred = x - mean
+    inv_std = (-log_scale).exp()
+    cdf_plus = cdf(inv_std * (centred + 1.0 / 255.0))
+    cdf_min = cdf(inv_std * (centred - 1.0 / 255.0))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
+    log_probs = torch.where(x < -0.999, log_cdf_plus, torch.where(
+        x > 0.999, log_one_minus_cdf_min, (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return log_probs
 
 
 @torch.no_grad()

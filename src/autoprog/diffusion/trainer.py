@@ -72,6 +72,12 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
                                    "has none: 0 matches it)", minimum=0, group="optimisation")
     class_dropout: float = option(0.1, "fraction of labels replaced by the null class, for classifier-free "
                                        "guidance", minimum=0, below=1, group="optimisation")
+    hybrid_loss: bool = option(False, "a learned-sigma DiT (the official DiT-XL/2's) also trains its variance head, "
+                                      "with DiT's hybrid loss: the noise MSE plus the variational bound of the "
+                                      "learned variance (its mean from the stopped noise prediction), as the "
+                                      "official AutoProg-Zero code trains DiT-XL/2. Off: only the noise prediction "
+                                      "trains (the paper's Eq. 11) and sampling sets the variance",
+                               group="optimisation")
     ema_decay: float | None = option(None, "evaluate and export an EMA of the weights with this decay", above=0,
                                      below=1, group="optimisation")
     eval_points: int = option(4, "FD measurements during training, evenly spaced, the last at the end", minimum=1,
@@ -109,6 +115,11 @@ class DiffusionTrainer(RunTemplate):
         from accelerate import Accelerator
 
         cfg.validate()
+        if cfg.hybrid_loss and not model.learned_sigma:
+            raise ConfigError("--hybrid-loss trains a learned variance: it needs a DiT that predicts one (the official "
+                              "DiT-XL/2 checkpoint, or a diffusers DiT with out_channels twice in_channels); this "
+                              f"{model.kind} model predicts the noise only")
+        model.train_variance = cfg.hybrid_loss
         self.model, self.controller, self.data, self.cfg = model, controller, data, cfg
         self.unfreezer = unfreezer
         self.out = Path(out_dir)
@@ -400,9 +411,13 @@ class DiffusionTrainer(RunTemplate):
         # the backward pass inside the dropout too: under --gradient-checkpointing it runs the blocks again
         with sid.dropping(drop) if drop is not None else nullcontext():
             with self.autocast():
-                loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y),
-                                      generator=noise_gen, class_dropout=self.cfg.class_dropout,
-                                      weights=self.data.loss_weights(idx))
+                self.model.variance_output = self.cfg.hybrid_loss
+                try:
+                    loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y),
+                                          generator=noise_gen, class_dropout=self.cfg.class_dropout,
+                                          weights=self.data.loss_weights(idx), variance=self.cfg.hybrid_loss)
+                finally:
+                    self.model.variance_output = False
             self._apply_update(loss, self.model)
         return loss.detach()
 

@@ -43,6 +43,9 @@ class DiffusionBackbone(CheckpointedBlocks, nn.Module):
     kind: str
     config: dict
     sid: StageIdentifier | None
+    learned_sigma = False  # whether the model also predicts a variance (DiT's learned sigma)
+    variance_output = False  # set while the hybrid loss runs: forward returns ε and the variance values (2C channels)
+    train_variance = False  # whether the variance head learns (the hybrid loss); else its gradient is zero
 
     @property
     def blocks(self) -> nn.ModuleList:

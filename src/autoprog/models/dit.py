@@ -83,7 +83,8 @@ class DiT(DiffusionBackbone):
     lora_targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
     def __init__(self, image_size: int = 28, patch_size: int = 4, in_chans: int = 1, num_classes: int = 10,
-                 hidden_size: int = 128, depth: int = 8, num_heads: int = 4, mlp_ratio: float = 4.0):
+                 hidden_size: int = 128, depth: int = 8, num_heads: int = 4, mlp_ratio: float = 4.0,
+                 learn_sigma: bool = False):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
@@ -93,6 +94,9 @@ class DiT(DiffusionBackbone):
             raise ConfigError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
         self.config = dict(image_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.learned_sigma = bool(learn_sigma)
+        if self.learned_sigma:  # the official DiT's: ε and the variance values, channel fastest per pixel
+            self.config["learn_sigma"] = True
         self.x_embedder = nn.Conv2d(in_chans, hidden_size, patch_size, stride=patch_size)
         self.t_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.t_embedder = TimestepEmbedding(256, hidden_size)
@@ -100,7 +104,7 @@ class DiT(DiffusionBackbone):
         self.sid = None
         # registered directly: ``blocks`` is the interface's property, names stay ``blocks.{i}.…`` as in DiT
         self._modules["blocks"] = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_chans)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_chans * (2 if self.learned_sigma else 1))
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._init_weights()
 
@@ -162,10 +166,11 @@ class DiT(DiffusionBackbone):
         c = temb + yemb
         for blk in self.blocks:
             tok = self.run_block(blk, tok, c)
-        out = self.final_layer(tok, c)  # (B, N, p*p*C)
+        out = self.final_layer(tok, c)  # (B, N, p*p*C), or p*p*2C with a learned sigma
         gh, gw = h // p, w // p
-        out = out.reshape(b, gh, gw, p, p, self.in_chans).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, self.in_chans, h, w)
+        oc = out.shape[-1] // (p * p)
+        out = out.reshape(b, gh, gw, p, p, oc).permute(0, 5, 1, 3, 2, 4).reshape(b, oc, h, w)
+        return out if self.variance_output or not self.learned_sigma else out[:, :self.in_chans]
 
 
 # ------------------------------------------------------------------------------------------ diffusers
@@ -179,8 +184,10 @@ class DiffusersDiT(DiffusionBackbone):
     A learned-sigma DiT (``out_channels == 2 × in_channels``, as the official DiT-XL/2) predicts ε in its first
     half and the variance interpolation in the second. Fine-tuning trains the ε half (Eq. 11); the output rows
     of the variance half get no gradient (a hook zeroes it), so the variance head stays the base model's
-    (unless ``--weight-decay``, off by default, shrinks them; the shared trunk still moves under them).
-    ``forward`` returns ε only: autoprog samples with DDIM, whose variance is set by η, not learned.
+    (unless ``--weight-decay``, off by default, shrinks them; the shared trunk still moves under them), unless
+    ``--hybrid-loss`` trains it with DiT's hybrid loss (``train_variance``).
+    ``forward`` returns ε only (both halves while ``variance_output`` is set): autoprog samples with DDIM, whose
+    variance is set by η, not learned.
     """
 
     kind = "diffusers-dit"
@@ -217,8 +224,9 @@ class DiffusersDiT(DiffusionBackbone):
             self.config["learned_sigma"] = True
             head = model.proj_out_2  # rows ordered (patch row, patch column, channel), channel fastest
             variance = (torch.arange(head.out_features, device=head.weight.device) % out) >= cfg.in_channels
-            for p in (head.weight, head.bias):
-                p.register_hook(lambda g, m=variance: g.masked_fill(m.view(-1, *([1] * (g.ndim - 1))), 0))
+            for p in (head.weight, head.bias):  # the variance rows learn only under the hybrid loss
+                p.register_hook(lambda g, m=variance: g if self.train_variance
+                                else g.masked_fill(m.view(-1, *([1] * (g.ndim - 1))), 0))
         self.sid = None
         for emb in self._label_embedders():
             emb.dropout_prob = 0.0
@@ -267,7 +275,7 @@ class DiffusersDiT(DiffusionBackbone):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0])
         out = self.model(x, timestep=t, class_labels=y).sample
-        return out[:, :self.in_chans] if self.learned_sigma else out
+        return out[:, :self.in_chans] if self.learned_sigma and not self.variance_output else out
 
 
 # --------------------------------------------------------------------------------------- build / save
@@ -360,9 +368,10 @@ _OFFICIAL_NAMES = {"x_embedder.proj.": "x_embedder.", "t_embedder.mlp.0.": "t_em
 def load_official_dit(path: Path) -> tuple[DiT, dict]:
     """A checkpoint of the official DiT code (facebookresearch/DiT): ``DiT-XL-2-256x256.pt`` (a plain state dict)
     or a ``train.py`` checkpoint (its ``ema`` weights), read safely (``weights_only``). The architecture follows
-    from the weights (heads from the official model sizes); a learned-sigma model keeps its ε half, which is
-    what autoprog trains and samples (DDIM sets the variance); the fixed position embedding must equal the one
-    autoprog computes."""
+    from the weights (heads from the official model sizes); a learned-sigma model keeps its variance half too
+    (``learn_sigma``: ``forward`` returns ε, which is what autoprog samples with, DDIM setting the variance; the
+    variance head trains only with ``--hybrid-loss``); the fixed position embedding must equal the one autoprog
+    computes."""
     import argparse
 
     try:
@@ -387,6 +396,12 @@ def load_official_dit(path: Path) -> tuple[DiT, dict]:
                   num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1, hidden_size=hidden,
                   depth=depth, num_heads=OFFICIAL_HEADS[hidden],
                   mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
+    out = int(state["final_layer.linear.weight"].shape[0]) // (patch * patch)
+    learned_sigma = out == 2 * chans
+    if out not in (chans, 2 * chans):
+        raise ConfigError(f"{path}: its final layer predicts {out} channels per pixel for {chans} input channels")
+    if learned_sigma:
+        config["learn_sigma"] = True
     model = DiT(**config)
     ours = {}
     for k, v in state.items():
@@ -395,14 +410,6 @@ def load_official_dit(path: Path) -> tuple[DiT, dict]:
         for old, new in _OFFICIAL_NAMES.items():
             k = k.replace(old, new) if k.startswith(old) else k
         ours[k] = v
-    out = int(state["final_layer.linear.weight"].shape[0]) // (patch * patch)
-    learned_sigma = out == 2 * chans
-    if learned_sigma:  # rows ordered (p, q, channel): keep the first C channels of every pixel
-        keep = torch.tensor([r for r in range(patch * patch * out) if r % out < chans])
-        ours["final_layer.linear.weight"] = ours["final_layer.linear.weight"][keep]
-        ours["final_layer.linear.bias"] = ours["final_layer.linear.bias"][keep]
-    elif out != chans:
-        raise ConfigError(f"{path}: its final layer predicts {out} channels per pixel for {chans} input channels")
     try:
         model.load_state_dict(ours)
     except RuntimeError as e:
