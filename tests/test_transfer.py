@@ -154,45 +154,31 @@ def test_bad_bases_are_one_line(tmp_path):
         load_pretrained(path, 2, 1)
 
 
-def test_finetune_prog_unfreezes_by_stage_and_leaves_frozen_blocks_unchanged(pretrained_run, tmp_path, cli):
+def test_finetune_prog_unfreezes_by_stage_trains_no_frozen_weight_and_resumes(pretrained_run, tmp_path, cli):
     from safetensors.torch import load_file
 
     out = tmp_path / "ft"
-    rc, _, err = cli("finetune", "--task", "classification", "--method", "prog", "--base", pretrained_run,
-                     "--dataset", "digits", "--batch-size", "32", "--epochs", "1", "--num-stages", "2",
-                     "--start-ratio", "0.5", "--no-flops", "--cpu", "--out", out, "--stop-after-epochs", "1")
-    assert rc == 0, err
-    res = json.loads((out / "results.json").read_text())
-    stages = res["summary"]["schedule"]["stages"]
-    assert [s["depth"] for s in stages] == [2, 4]
-    assert res["stages"][0]["learnable_blocks"] == [2, 3]
-    rc, _, err = cli("finetune", "--resume", out, "--task", "classification")
-    assert rc == 0, err
-    res = json.loads((out / "results.json").read_text())
-    assert res["done"] and res["summary"]["method"] == "prog" and res["summary"]["task"] == "transfer"
-    cfg = json.loads((out / "model" / "config.json").read_text())
-    assert cfg["num_classes"] == 10 and cfg["dataset"] == "digits"
-    # the fine-tuned model is itself a base: it loads again
-    net, _ = load_pretrained(out, num_classes=4, in_chans=1)
-    before = load_file(str(pretrained_run / "model" / "model.safetensors"))
-    after = load_file(str(out / "model" / "model.safetensors"))
-    assert not torch.equal(before["blocks.3.mlp.fc1.weight"], after["blocks.3.mlp.fc1.weight"])
-
-
-def test_finetune_stage_one_trains_no_frozen_weight(pretrained_run, tmp_path, cli):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "ft1"
     rc, _, err = cli("finetune", "--task", "classification", "--method", "prog", "--base", pretrained_run,
                      "--dataset", "digits", "--batch-size", "32", "--epochs", "2", "--num-stages", "2",
                      "--start-ratio", "0.5", "--no-flops", "--cpu", "--out", out, "--stop-after-epochs", "1")
     assert rc == 0, err
     before = load_file(str(pretrained_run / "model" / "model.safetensors"))
-    ck = load_file(str(out / "checkpoint" / "model.safetensors"))
+    ck = load_file(str(out / "checkpoint" / "model.safetensors"))  # after stage 1: blocks 2-3 and the head learn
     for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.attn.qkv.weight",
                 "blocks.1.mlp.fc2.bias"):
         assert torch.equal(before[key], ck["model." + key]), key
     assert not torch.equal(before["blocks.3.attn.qkv.weight"], ck["model.blocks.3.attn.qkv.weight"])
+    rc, _, err = cli("finetune", "--resume", out, "--task", "classification")
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["done"] and res["summary"]["method"] == "prog" and res["summary"]["task"] == "transfer"
+    assert [s["depth"] for s in res["summary"]["schedule"]["stages"]] == [2, 4]
+    assert res["stages"][0]["learnable_blocks"] == [2, 3]
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["num_classes"] == 10 and cfg["dataset"] == "digits"
+    load_pretrained(out, num_classes=4, in_chans=1)  # the fine-tuned model is itself a base
+    after = load_file(str(out / "model" / "model.safetensors"))
+    assert not torch.equal(before["blocks.0.mlp.fc1.weight"], after["blocks.0.mlp.fc1.weight"])  # stage 2: all
 
 
 def test_finetune_autoprog_zero_scores_neighbouring_candidates(pretrained_run, tmp_path, cli):
