@@ -50,7 +50,7 @@ def test_parallel_reads_the_branch_input_and_sequential_its_output():
         run(mm, *inputs())
         base = mm.blocks[0].mlp.forward(got["inp"])  # the branch alone (forward bypasses the hooks)
         src = got["inp"] if parallel else base
-        want = base + ad.up["0_mlp"](F.gelu(ad.down["0_mlp"](src)))
+        want = base + ad.up["blocks_0__mlp"](F.gelu(ad.down["blocks_0__mlp"](src)))
         torch.testing.assert_close(got["out"], want)
 
 
@@ -61,17 +61,17 @@ def test_vpt_deep_prepends_prompt_tokens_to_every_block_and_drops_them(kind):
     plain = run(m, x, t, y)
     prepare_static(m, "vpt", vpt_tokens=3)
     widths = []
-    for block in token_blocks(m):  # after the prompts' own hook
+    for block in token_blocks(m).values():  # after the prompts' own hook
         block.register_forward_pre_hook(lambda mod, args, kwargs: widths.append(
             (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
     assert isinstance(m.extras, DeepPrompts) and len(m.extras.prompts) == m.depth
     out = run(m, x, t, y)
     assert out.shape == plain.shape and not torch.allclose(out, plain, atol=1e-4)
     assert widths == [16 + 3] * m.depth, "each block sees the 4x4 patch tokens and 3 prompts"
-    assert trainable(m) == {f"extras.prompts.{i}" for i in range(m.depth)} | condition_names(m)
+    assert trainable(m) == {f"extras.prompts.{k}" for k in token_blocks(m)} | condition_names(m)
     m.train()
     F.mse_loss(m(x, t, y), torch.zeros_like(plain)).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.extras.prompts)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.extras.prompts.values())
 
 
 @pytest.mark.parametrize("method", ["adapter", "vpt", "difffit"])
@@ -142,3 +142,14 @@ def test_their_options_are_refused_for_other_methods(cli, tmp_path):
     assert rc == 2 and "--adapter-dim is read only by adapter-parallel, adapter-sequential" in err
     rc, _, err = cli("finetune", "--method", "adapter-parallel", "--vpt-tokens", "4", "--cpu", "--out", tmp_path / "b")
     assert rc == 2 and "--vpt-tokens is read only by vpt-deep" in err
+
+
+def test_a_model_carrying_extras_takes_no_second_set_nor_diffFit(tmp_path):
+    from autoprog.diffusion.methods import prepare_difffit
+
+    m = perturbed("dit")
+    install_extras(m, {"kind": "vpt", "tokens": 2})
+    with pytest.raises(ConfigError, match="already carries vpt"):
+        prepare_static(m, "adapter")
+    with pytest.raises(ConfigError, match="DiffFit's scale factors cannot fold"):
+        prepare_difffit(m)

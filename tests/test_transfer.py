@@ -218,3 +218,18 @@ def test_compare_transfer_measures_against_full_fine_tunings_front(pretrained_ru
     assert rows[0]["tq_speedup"] is not None and rows[1]["growth"] is None
     md = (out / "summary.md").read_text()
     assert "full's front" in md and "fine-tuned on digits" in md
+
+
+def test_unfreezing_volo_trains_its_class_token_and_post_network_with_the_last_blocks():
+    from test_adapters import _tiny_volo
+
+    from autoprog.adapters.base import elastic
+
+    net = elastic(_tiny_volo())
+    net.set_unfreezing()
+    net.apply_subnet(SubNet(net.full_resolution, 1))
+    m = net.model
+    assert m.cls_token.requires_grad and all(p.requires_grad for p in m.post_network.parameters())
+    assert all(p.requires_grad for p in net.blocks[-1].parameters())
+    assert not any(p.requires_grad for p in net.blocks[0].parameters())
+    assert not any(p.requires_grad for p in m.network[0].parameters())  # the outlookers: a frozen prefix

@@ -46,7 +46,8 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
 
     family = "model"
     gate_slots: tuple[str, ...] = ()  # block attributes (residual branches) a ReZero gate wraps
-    head_names: tuple[str, ...] = ()  # the model's modules after the blocks (they learn in every unfreezing stage)
+    head_names: tuple[str, ...] = ()  # the model's modules (or parameters) after the blocks: they learn in every
+    # unfreezing stage
     unfreezing = False  # fine-tuning: ψ's depth counts learnable blocks, every block runs (see the module docstring)
 
     def __init_subclass__(cls, **kw):
@@ -92,6 +93,8 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
 
     def set_unfreezing(self, on: bool = True) -> None:
         """Read sub-networks as learnable blocks (fine-tuning a pre-trained model) instead of running blocks."""
+        if on and not self.head_names:
+            raise ConfigError(f"{self.family} names no head modules: it cannot be unfrozen progressively")
         self.unfreezing = bool(on)
         self.apply_subnet(self.subnet)
 
@@ -117,7 +120,7 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
                 self.blocks[i].requires_grad_(True)
             for name in self.head_names:
                 head = getattr(self.model, name, None)
-                if isinstance(head, nn.Module):
+                if isinstance(head, (nn.Module, nn.Parameter)):
                     head.requires_grad_(True)
             return
         active = set(subnet.active_blocks) if not self.unfreezing else set(range(self.full_depth))

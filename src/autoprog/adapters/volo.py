@@ -32,7 +32,7 @@ class ElasticVOLO(ElasticModel):
 
     family = "VOLO (timm volo_*)"
     gate_slots = ("attn", "mlp")
-    head_names = ("post_network", "norm", "head", "aux_head")
+    head_names = ("cls_token", "post_network", "norm", "head", "aux_head")  # the class token feeds post_network
 
     def __init__(self, model: nn.Module):
         if not _is_volo(model):

@@ -6,7 +6,7 @@ options that rebuild it, its classes and ReZero gates) and ``model.safetensors``
 timm loads a gate-free one directly). :func:`load_pretrained` also reads timm's folder format (``config.json``
 with ``architecture``, beside ``model.safetensors`` or ``pytorch_model.bin``) and a single weights file with
 ``--model timm:NAME``. Nothing is downloaded. The classifier head is always new: the target task's classes are not
-the source's.
+the source's. The weights exported are the online model's (the run's ``top1``), not its EMA.
 """
 
 from __future__ import annotations

@@ -402,13 +402,17 @@ def _comparison_row(name: str, s: dict, orig: dict) -> dict:
             **{k: s[k] for k in ("eval_size", "top1_at_eval_size", "top1_ema_at_eval_size") if k in s}}
 
 
+def _title(base: RunSpec) -> str:
+    if isinstance(base, TransferSpec):
+        return f"{Path(base.base_path).name} fine-tuned on {base.dataset}"
+    return f"{base.model} on {base.dataset}"
+
+
 def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_front, out: Path, log) -> None:
     """``summary.json``, ``summary.md``, ``curves.png`` and ``front.png`` of a comparison (main process)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", rows)
-    title = (f"{base.model} on {base.dataset}" if not isinstance(base, TransferSpec) else
-             f"{Path(base.base_path).name} fine-tuned on {base.dataset}") + (
-        f" ({base.subset} images)" if base.subset else "")
+    title = _title(base) + (f" ({base.subset} images)" if base.subset else "")
     md = summary_markdown(rows, title, baseline_method(base))
     (out / "summary.md").write_text(md)
     plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
@@ -438,7 +442,7 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
         "schedules": [r["schedule_str"] for r in runs], **seed_speedup(runs)})
     if acc.is_main_process:
         write_json(out / "summary.json", rows)
-        md = seeds_markdown(rows, f"{base.model} on {base.dataset}, seeds {', '.join(map(str, seeds))} (mean ± std)",
+        md = seeds_markdown(rows, f"{_title(base)}, seeds {', '.join(map(str, seeds))} (mean ± std)",
                             baseline_method(base))
         (out / "summary.md").write_text(md)
         acc.print("\n" + md)

@@ -16,8 +16,10 @@ Metrics (:class:`SubjectEvaluator`) on images generated from the instance prompt
 * without those weights the same questions on autoprog's own feature classifier, named as such:
   ``subject_fidelity`` (cosine of its features to the subject images) and ``text_agreement`` (its probability
   that the images show the prompt's class, when the class is one of the dataset's);
-* ``clip_t_pK`` / ``text_agreement_pK``: the same on images generated from the K-th of ``--eval-prompts`` (Table 8's
-  Prompt-A and Prompt-B, e.g. "a photo of sks dog sleeping under a tree"), CLIP-T against that prompt.
+* ``clip_t_pK`` / ``text_agreement_pK``: on images generated from the K-th of ``--eval-prompts`` (Table 8's
+  Prompt-A and Prompt-B, e.g. "a photo of sks dog sleeping under a tree"): CLIP-T against that prompt; without
+  CLIP, the classifier's probability of the subject's class (whether the subject survives the new context; it
+  cannot read the rest of the prompt).
 """
 
 from __future__ import annotations

@@ -69,6 +69,9 @@ def mod_device(model: nn.Module) -> torch.device:
 
 
 def prepare_difffit(model: DiffusionBackbone) -> None:
+    if getattr(model, "extras", None) is not None:  # its scale would act on the extras' output, then fold without it
+        raise ConfigError("this base carries Adapter or VPT-Deep modules (it was fine-tuned with one); DiffFit's scale "
+                          "factors cannot fold into it: fine-tune it with another method")
     prepare_bitfit(model)
     model.difffit = ScaleFactors(model)  # registered as a submodule: saved, optimised, moved with the model
     for mod in model.modules():

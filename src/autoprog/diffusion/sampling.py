@@ -53,6 +53,9 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
     if variance:
         out = model(xt, t, y)
         c = x0.shape[1]
+        if out.shape[1] != 2 * c:
+            raise ValueError(f"the hybrid loss needs the noise and the variance values ({2 * c} channels), the model "
+                             f"returned {out.shape[1]}")
         eps = out[:, :c]
         per_sample = torch.nn.functional.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
         per_sample = per_sample + variational_bound(scheduler, x0, xt, t, eps.detach(), out[:, c:])

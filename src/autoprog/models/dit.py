@@ -225,8 +225,8 @@ class DiffusersDiT(DiffusionBackbone):
             head = model.proj_out_2  # rows ordered (patch row, patch column, channel), channel fastest
             variance = (torch.arange(head.out_features, device=head.weight.device) % out) >= cfg.in_channels
             for p in (head.weight, head.bias):  # the variance rows learn only under the hybrid loss
-                p.register_hook(lambda g, m=variance: g if self.train_variance
-                                else g.masked_fill(m.view(-1, *([1] * (g.ndim - 1))), 0))
+                p.register_hook(lambda g, m=variance: g if self.train_variance  # (the mask follows the model
+                                else g.masked_fill(m.to(g.device).view(-1, *([1] * (g.ndim - 1))), 0))  # to a GPU)
         self.sid = None
         for emb in self._label_embedders():
             emb.dropout_prob = 0.0

@@ -28,13 +28,15 @@ from ..errors import ConfigError
 from ..formats import check_fields
 
 
-def token_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model`` that take tokens ``(B, N, D)``, in module order."""
+def token_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The transformer blocks of ``model`` that take tokens ``(B, N, D)``, by module path (``.`` as ``_``: the
+    keys of the extras' own parameters, so they follow the block, not its position in the module order)."""
     from diffusers.models.attention import BasicTransformerBlock
 
     from .dit import DiTBlock
 
-    found = [m for m in model.modules() if isinstance(m, (DiTBlock, BasicTransformerBlock))]
+    found = {name.replace(".", "_"): m for name, m in model.named_modules()
+             if isinstance(m, (DiTBlock, BasicTransformerBlock))}
     if not found:
         raise ConfigError(f"{type(model).__name__} has no transformer blocks for adapters or prompt tokens")
     return found
@@ -79,7 +81,7 @@ class BottleneckAdapters(_Hooked):
             raise ConfigError(f"--adapter-dim must be positive, got {dim}")
         self.dim, self.parallel = int(dim), bool(parallel)
         self.down, self.up = nn.ModuleDict(), nn.ModuleDict()
-        targets = {f"{i}_{name}": (branch, _width(block)) for i, block in enumerate(token_blocks(model))
+        targets = {f"{path}__{name}": (branch, _width(block)) for path, block in token_blocks(model).items()
                    for name, branch in _branches(block).items()}
         for key, (_, width) in targets.items():
             self.down[key] = nn.Linear(width, self.dim)
@@ -110,25 +112,26 @@ class DeepPrompts(_Hooked):
             raise ConfigError(f"--vpt-tokens must be positive, got {tokens}")
         self.tokens = int(tokens)
         blocks = token_blocks(model)
-        patch = int(getattr(model, "patch_size", 1) or 1)
+        patch = int(getattr(model, "patch_size", 1) or 1)  # a token's pixels: VPT's fan-in is channels × patch²
+        chans = int(model.config.get("in_chans", 3)) if isinstance(getattr(model, "config", None), dict) else 3
         p = next(model.parameters())
-        self.prompts = nn.ParameterList()
-        for block in blocks:
+        self.prompts = nn.ParameterDict()
+        for key, block in blocks.items():
             width = _width(block)
-            bound = math.sqrt(6.0 / (3 * patch * patch + width))  # VPT's uniform initialisation
-            self.prompts.append(nn.Parameter(torch.empty(1, self.tokens, width, device=p.device, dtype=p.dtype)
-                                             .uniform_(-bound, bound)))
-        for i, block in enumerate(blocks):
-            self._handles.append(block.register_forward_pre_hook(functools.partial(self._prepend, i),
+            bound = math.sqrt(6.0 / (chans * patch * patch + width))  # VPT's uniform initialisation
+            self.prompts[key] = nn.Parameter(torch.empty(1, self.tokens, width, device=p.device, dtype=p.dtype)
+                                             .uniform_(-bound, bound))
+        for key, block in blocks.items():
+            self._handles.append(block.register_forward_pre_hook(functools.partial(self._prepend, key),
                                                                  with_kwargs=True))
-            self._handles.append(block.register_forward_hook(functools.partial(self._strip, i), with_kwargs=True))
+            self._handles.append(block.register_forward_hook(functools.partial(self._strip, key), with_kwargs=True))
 
-    def _prepend(self, i: int, module: nn.Module, args: tuple, kwargs: dict):
+    def _prepend(self, key: str, module: nn.Module, args: tuple, kwargs: dict):
         x = _hidden_states(args, kwargs)
-        x = torch.cat([self.prompts[i].to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        x = torch.cat([self.prompts[key].to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
-    def _strip(self, i: int, module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+    def _strip(self, key: str, module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
         return out[:, self.tokens:]
 
     def settings(self) -> dict:
@@ -142,6 +145,9 @@ def install_extras(model: nn.Module, settings: dict, where: str = "extras") -> n
     """Add the extras module ``settings`` describe (:meth:`BottleneckAdapters.settings` /
     :meth:`DeepPrompts.settings`) to ``model`` as ``model.extras``; returns it."""
     check_fields(settings, EXTRAS_FIELDS, where, required=("kind",), closed=True)
+    if getattr(model, "extras", None) is not None:
+        raise ConfigError(f"the model already carries {model.extras.kind} modules (it was fine-tuned with them); "
+                          "fine-tune it with full, bitfit, lora or a progressive method, or start from its base")
     kind = settings["kind"]
     if kind == BottleneckAdapters.kind:
         module = BottleneckAdapters(model, settings.get("dim", 8), settings.get("parallel", True))
