@@ -148,6 +148,8 @@ class TransferSpec(RunSpec):
     dataset: str = option("digits", "the dataset to fine-tune on: digits (scikit-learn's, the default transfer "
                                     "task), fashion-mnist, or an ImageFolder directory (train/ and val/); images "
                                     "are resized to the base model's resolution", group="data")
+    subset: int | None = option(None, "fine-tune on this many training images (fixed random subset; default: all)",
+                                minimum=0, zero_is_none=True, group="data")
     start_ratio: float = option(0.25, "unfreezing's first sub-network as a ratio of input patches per side and of "
                                       "learnable blocks (the paper's fine-tuning 0.25)", above=0, maximum=1,
                                 group="growth")
