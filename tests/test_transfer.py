@@ -233,3 +233,11 @@ def test_unfreezing_volo_trains_its_class_token_and_post_network_with_the_last_b
     assert all(p.requires_grad for p in net.blocks[-1].parameters())
     assert not any(p.requires_grad for p in net.blocks[0].parameters())
     assert not any(p.requires_grad for p in m.network[0].parameters())  # the outlookers: a frozen prefix
+
+
+def test_the_python_api_refuses_what_a_fine_tuning_run_takes_from_its_base(pretrained_run, tmp_path):
+    from autoprog.classification.runner import TransferSpec, finetune_classifier
+
+    for bad in ({"adareg": True}, {"depth": 3}, {"growth": "mogrow"}):
+        with pytest.raises(ConfigError, match="cannot be set"):
+            finetune_classifier(TransferSpec(base=str(pretrained_run), **bad), tmp_path / "x", overwrite=True)

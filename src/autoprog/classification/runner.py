@@ -223,6 +223,10 @@ def _build_transfer(spec: TransferSpec):
     """A fine-tuning run: the pre-trained classifier with a new head; ``full`` trains it whole, the progressive
     methods unfreeze it by (resolution, learnable blocks from the output side)."""
     chosen = get_method(spec.method, TRANSFER)
+    unread = [name for name in sorted(TRANSFER_EXCLUDE) if getattr(spec, name) != getattr(TransferSpec, name)]
+    if unread:  # (the command line has no such flags; a Python caller or a --config file may set them)
+        raise ConfigError(f"a fine-tuning run takes its architecture and schedule from the base and its method: "
+                          f"{', '.join(unread)} cannot be set")
     size = pretrained_resolution(spec.base_path, spec.model)
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment)
     net, info = load_pretrained(spec.base_path, data.num_classes, data.in_chans, spec.model)
