@@ -42,6 +42,8 @@ def _modulate(x, shift, scale):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: the conditioning regresses shift/scale/gate, gates start at zero."""
 
+    takes_tokens = True  # a transformer block on (B, N, D) tokens: Adapter and VPT-Deep attach here (models.extras)
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         from timm.layers import Mlp

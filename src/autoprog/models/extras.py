@@ -33,10 +33,8 @@ def token_blocks(model: nn.Module) -> dict[str, nn.Module]:
     keys of the extras' own parameters, so they follow the block, not its position in the module order)."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    from .dit import DiTBlock
-
     found = {name.replace(".", "_"): m for name, m in model.named_modules()
-             if isinstance(m, (DiTBlock, BasicTransformerBlock))}
+             if isinstance(m, BasicTransformerBlock) or getattr(type(m), "takes_tokens", False)}
     if not found:
         raise ConfigError(f"{type(model).__name__} has no transformer blocks for adapters or prompt tokens")
     return found
