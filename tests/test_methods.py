@@ -8,6 +8,7 @@ from autoprog.errors import ConfigError
 from autoprog.methods import (
     FINETUNE,
     PRETRAIN,
+    TRANSFER,
     Method,
     get_method,
     method_names,
@@ -21,7 +22,9 @@ def test_each_task_lists_its_methods():
                                       "supernet-only", "autoprog-one-gain", "autoprog-zero-gain")
     assert set(method_names(FINETUNE)) == {
         "prog", "autoprog-one", "autoprog-zero", "autoprog-zero-gain", "full", "bitfit", "difffit", "lora",
-        "lora-r8", "lora-r16", "prog-nosid", "autoprog-one-nosid", "autoprog-zero-nosid"}
+        "lora-r8", "lora-r16", "adapter-parallel", "adapter-sequential", "vpt-deep", "prog-nosid", "autoprog-one-nosid",
+        "autoprog-zero-nosid"}
+    assert method_names(TRANSFER) == ("full", "prog", "autoprog-zero", "autoprog-zero-gain")
 
 
 @pytest.mark.parametrize("name, task, base, kind, options", [
