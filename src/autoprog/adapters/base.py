@@ -123,7 +123,7 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
                 if isinstance(head, (nn.Module, nn.Parameter)):
                     head.requires_grad_(True)
             return
-        active = set(subnet.active_blocks) if not self.unfreezing else set(range(self.full_depth))
+        active = set(self.learnable_blocks(subnet))
         for p in self.parameters():
             p.requires_grad_(True)
         for i, blk in enumerate(self.blocks):

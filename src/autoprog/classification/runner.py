@@ -51,6 +51,8 @@ class RunSpec(Spec, AutoProgOneConfig):
 
     settings_name = "run settings"
     task = "classification"  # config.json's task (see experiment.RUN_KINDS)
+    method_task = PRETRAIN  # the method registry's task
+    baseline = "original"  # the method whose front a comparison measures against
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
@@ -136,6 +138,8 @@ class TransferSpec(RunSpec):
 
     settings_name = "fine-tuning settings"
     task = "transfer"
+    method_task = TRANSFER
+    baseline = "full"
 
     method: str = option("full", methods_help(TRANSFER), choices=method_names(TRANSFER))
     base: str | None = option(None, "the pre-trained classifier: an autoprog model folder (a pre-training run's "
@@ -324,24 +328,13 @@ def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     """How the run in ``out`` differs from ``spec`` in what its method reads (None: no run there)."""
     return saved_differences(out, spec, lambda d: type(spec).from_dict(d, str(out / "config.json")),
                              ignore=("stop_after_epochs",
-                             *SEARCH_SETTINGS.unread_by(get_method(spec.method, _task(spec)))))
-
-
-def _task(spec: RunSpec) -> str:
-    """The method registry's task of ``spec``."""
-    return TRANSFER if isinstance(spec, TransferSpec) else PRETRAIN
-
-
-def baseline_method(spec: RunSpec) -> str:
-    """The method whose front a comparison measures against: the original (pre-training) or full fine-tuning."""
-    return "full" if isinstance(spec, TransferSpec) else "original"
+                             *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))
 
 
 def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
-    run = finetune_classifier if isinstance(spec, TransferSpec) else pretrain
     return reuse_or_run(out, spec.method, run_differences(out, spec),
-                        lambda resume: run(spec, out, accelerator, resume=resume),
+                        lambda resume: _train(type(spec), spec, out, accelerator, resume, overwrite=False),
                         log=accelerator.print if accelerator is not None else print)
 
 
@@ -360,7 +353,7 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     acc = accelerator or Accelerator()
     out = comparison_dir(Path(out), input_paths(base))
     methods = list(dict.fromkeys(methods))
-    task, first = _task(base), baseline_method(base)
+    task, first = base.method_task, base.baseline
     bad = [m for m in methods if m not in method_names(task)]
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(method_names(task))}")
@@ -419,12 +412,12 @@ def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_f
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", rows)
     title = _title(base) + (f" ({base.subset} images)" if base.subset else "")
-    md = summary_markdown(rows, title, baseline_method(base))
+    md = summary_markdown(rows, title, base.baseline)
     (out / "summary.md").write_text(md)
     plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
     plot_front(rows, baseline_front.envelope if baseline_front else [], out / "front.png", "top1", "top-1 (%)")
     log("\n" + md)
-    if (line := reading(rows, baseline_method(base))) is not None:
+    if (line := reading(rows, base.baseline)) is not None:
         log(line)
 
 
@@ -449,9 +442,9 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
     if acc.is_main_process:
         write_json(out / "summary.json", rows)
         md = seeds_markdown(rows, f"{_title(base)}, seeds {', '.join(map(str, seeds))} (mean ± std)",
-                            baseline_method(base))
+                            base.baseline)
         (out / "summary.md").write_text(md)
         acc.print("\n" + md)
-        if (line := reading(rows, baseline_method(base))) is not None:
+        if (line := reading(rows, base.baseline)) is not None:
             acc.print(line + " (seed means)")
     return rows

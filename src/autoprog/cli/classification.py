@@ -91,8 +91,7 @@ def run_classification(args, acc) -> None:
                 lambda s: f"done: top-1 {s['top1']:.2f} (EMA {s['top1_ema']:.2f}) in {s['wall_time_s']:.1f}s of "
                           f"training; results in {args.out}/results.json, model in {args.out}/model")
         return
-    base, front = spec_from_args(args, runner.baseline_method(TransferSpec() if is_transfer(args) else RunSpec())), \
-        front_of(args)
+    base, front = spec_from_args(args, (TransferSpec if is_transfer(args) else RunSpec).baseline), front_of(args)
     run_compare(args, acc, lambda methods, budget: runner.compare(base, methods, args.out, budget, acc, front),
                 lambda methods, seeds, budget: runner.compare_seeds(base, methods, args.out, seeds, budget, acc,
                                                                     front),

@@ -59,12 +59,12 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
         eps = out[:, :c]
         per_sample = torch.nn.functional.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
         per_sample = per_sample + variational_bound(scheduler, x0, xt, t, eps.detach(), out[:, c:])
-        if weights is None:
-            return per_sample.mean()
-        return (per_sample * to_device(weights, dev).to(per_sample.dtype)).mean()
-    if weights is None:
+    elif weights is None:
         return torch.nn.functional.mse_loss(model(xt, t, y), noise)
-    per_sample = torch.nn.functional.mse_loss(model(xt, t, y), noise, reduction="none").flatten(1).mean(1)
+    else:
+        per_sample = torch.nn.functional.mse_loss(model(xt, t, y), noise, reduction="none").flatten(1).mean(1)
+    if weights is None:
+        return per_sample.mean()
     return (per_sample * to_device(weights, dev).to(per_sample.dtype)).mean()
 
 

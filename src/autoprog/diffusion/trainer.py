@@ -494,17 +494,16 @@ class DiffusionTrainer(RunTemplate):
     def generate(self, n: int, seed: int) -> torch.Tensor:
         """``n`` class-balanced samples (floats in [-1, 1]) of the classes in the training data (a text-to-image
         model: of their captions)."""
-        model = self.eval_model()
-        conditions = self.data.conditions(balanced_labels(self.data.classes, n))
-        x0 = sample(model, conditions, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=seed,
-                    eta=self.cfg.sample_eta)
-        return self.data.decode(x0)
+        return self._sample(self.data.conditions(balanced_labels(self.data.classes, n)), seed)
 
     def generate_from(self, prompt: str, n: int, seed: int) -> torch.Tensor:
         """``n`` samples (floats in [-1, 1]) of a text-to-image model from ``prompt`` (the stage identifier is
         appended as in training)."""
-        model = self.eval_model()
-        x0 = sample(model, model.tokenize([prompt] * n), steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
+        return self._sample(self.eval_model().tokenize([prompt] * n), seed)
+
+    def _sample(self, conditions: torch.Tensor, seed: int) -> torch.Tensor:
+        """Samples of the evaluation model for ``conditions``, with the run's sampler settings, decoded."""
+        x0 = sample(self.eval_model(), conditions, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
                     seed=seed, eta=self.cfg.sample_eta)
         return self.data.decode(x0)
 
