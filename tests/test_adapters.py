@@ -12,7 +12,7 @@ from torch import nn
 from autoprog.adapters.factory import ModelOverrides, build_model
 from autoprog.adapters.vit import ElasticViT
 from autoprog.errors import ConfigError
-from autoprog.space import SubNet
+from autoprog.space import GrowthSpace, SubNet
 
 
 @pytest.fixture(scope="module")
@@ -224,48 +224,131 @@ def test_adapter_rejects_timm_vit_without_dynamic_img_size():
 
 # ------------------------------------------------------------------------------------------------ VOLO
 def _tiny_volo():
+    """Two outlookers on the fine grid, then 1 + 2 + 1 transformers: block segments (2, 4)."""
     from timm.models.volo import VOLO
 
     torch.manual_seed(0)
-    return VOLO(layers=(1, 1, 2, 1), img_size=32, in_chans=1, num_classes=10, embed_dims=(16, 32, 32, 32),
+    return VOLO(layers=(2, 1, 2, 1), img_size=32, in_chans=1, num_classes=10, embed_dims=(16, 32, 32, 32),
                 num_heads=(1, 2, 2, 2), stem_hidden_dim=8)
 
 
-def test_volo_is_one_adapter_that_grows_resolution_and_its_transformer_blocks():
+def test_volo_is_one_adapter_that_grows_resolution_and_both_its_block_kinds():
     from autoprog.adapters import elastic
     from autoprog.adapters.volo import ElasticVOLO
 
     net = elastic(_tiny_volo())
     assert isinstance(net, ElasticVOLO)
-    assert (net.patch_size, net.full_resolution, net.full_depth) == (16, 32, 4), "the 4 blocks after downsampling"
+    assert (net.patch_size, net.full_resolution, net.full_depth) == (16, 32, 6), "2 outlookers + 4 transformers"
+    assert net.segments.sizes == (2, 4)
     x = torch.randn(2, 1, 32, 32)
-    for sub in [SubNet(16, 2), SubNet(32, 3), SubNet(32, 4)]:
+    for sub, blocks in [(SubNet(16, 2), (0, 2)), (SubNet(32, 3), (0, 1, 2)), (SubNet(32, 5), (0, 1, 2, 3, 4)),
+                        (SubNet(32, 6), tuple(range(6)))]:
         net.apply_subnet(sub)
+        assert net.blocks_of(sub) == blocks, "each segment runs its first blocks, as the official split says"
         out = net(x)
         assert out.shape == (2, 10) and torch.isfinite(out).all()
         out.sum().backward()
         for i, blk in enumerate(net.blocks):
             got = [p.grad is not None for p in blk.parameters()]
-            assert all(got) if i in sub.active_blocks else not any(got), (sub, i)
+            assert all(got) if i in blocks else not any(got), (sub, i)
         net.zero_grad(set_to_none=True)
 
 
-def test_volo_gates_and_growth_preserve_the_function():
+def test_volo_depth_splits_as_the_official_code_does():
+    """``models/volo.py: set_sample_config``: make_divisible(0.23·l, 2) outlookers, the rest transformers; VOLO-D1's
+    0.5Ω and 0.4Ω depths (9, 12, 15 and 7, 11, 14) are nested, so every stage grows both kinds of block."""
+    from autoprog.space import Segments
+
+    d1 = Segments((4, 14), first_share=0.23)
+    want = {2: (1, 1), 3: (2, 1), 7: (2, 5), 9: (2, 7), 10: (4, 6), 11: (4, 7), 12: (4, 8), 14: (4, 10),
+            15: (4, 11), 18: (4, 14)}
+    assert {d: d1.split(d) for d in want} == want
+    for ratio in (0.5, 0.4, 0.25):
+        GrowthSpace(224, 16, 18, 4, ratio, d1)  # nested: accepted
+    with pytest.raises(ConfigError, match="would remove blocks") as e:  # 9 = 2 + 7 but 10 = 4 + 6
+        GrowthSpace(224, 16, 18, 10, 0.5, d1)
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="each segment runs at least one"):
+        GrowthSpace(224, 16, 18, 1, 1.0, d1).validate(SubNet(224, 1))
+    with pytest.raises(ConfigError, match="after a later segment"):
+        GrowthSpace(224, 16, 18, 1, 1.0, d1).validate(SubNet(224, 2, (5, 0)))
+
+
+def test_volo_growth_maps_depth_inside_each_block_segment():
     from autoprog.adapters import elastic
     from autoprog.algorithms.growth import MomentumNetwork, get_growth_operator
 
     net = elastic(_tiny_volo())
     net.eval()
-    net.apply_subnet(SubNet(32, 2))
+    net.apply_subnet(SubNet(32, 2))  # outlooker 0, transformer 2
     x = torch.randn(2, 1, 32, 32)
     before = net(x)
     ema = MomentumNetwork(net, 0.9)
-    get_growth_operator("identity").grow(net, ema.module, SubNet(32, 2), SubNet(32, 4))
-    net.apply_subnet(SubNet(32, 4))
-    assert net.gated_blocks() == [1, 3]
+    result = get_growth_operator("identity").grow(net, ema.module, SubNet(32, 2), SubNet(32, 6))
+    assert result.block_map == {0: 0, 1: 0, 2: 2, 3: 2, 4: 2, 5: 2}, "no block is copied across the downsampling"
+    net.apply_subnet(SubNet(32, 6))
+    assert net.gated_blocks() == [1, 3, 4, 5], "the new outlooker and the new transformers start as identities"
     assert torch.allclose(net(x), before, atol=1e-5), "zero-gated new blocks leave the function unchanged"
     net.set_gate(1, None)
-    assert net.gated_blocks() == [3]
+    assert net.gated_blocks() == [3, 4, 5]
+    with pytest.raises(ConfigError, match="remove blocks"):
+        get_growth_operator("interpolation").grow(net, None, SubNet(32, 4, (0, 1, 2, 3)), SubNet(32, 5, (0, 2, 3, 4, 5)))
+
+
+def test_volo_supernet_layout_nests_each_segment_and_recycles_into_it():
+    from autoprog.algorithms.elastic import ElasticLayout, elastic_layout
+    from autoprog.space import Segments
+
+    space = GrowthSpace(224, 16, 18, 4, 0.5, Segments((4, 14), first_share=0.23))
+    lay = elastic_layout(space, 9, 15)  # a stage after choosing 9 = 2 + 7: candidates 9, 12, 15
+    seen = set()
+    for d in (9, 12, 15):
+        blocks = lay.blocks(d)
+        outl = [b for b in blocks if b < 4]
+        assert len(blocks) == d and len(outl) == space.segments.split(d)[0] and blocks[:len(outl)] == tuple(outl)
+        assert seen <= set(blocks), "weight-nesting: a deeper candidate holds every block of a shallower one"
+        seen = set(blocks)
+    assert lay.blocks(12)[:4] == ElasticLayout(2, 4).blocks(4), "the outlookers' own layout"
+    assert all((dst < 4) == (src < 4) for dst, src in lay.source_map().items()), "copies stay in their segment"
+    assert sorted(lay.source_map()) == [2, 3, 11, 12, 13, 14]
+    moved = space.segments.compaction(lay.blocks(12))
+    assert sorted(moved) == [0, 1, 2, 3, *range(4, 12)], "recycled into each segment's first positions"
+    assert all((dst < 4) == (src < 4) for dst, src in moved.items())
+
+
+def test_autoprog_one_searches_a_volo_in_your_own_loop():
+    import torch.nn.functional as F
+
+    from autoprog.adapters import elastic
+    from autoprog.algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
+    from autoprog.loop import ProgressiveLoop, ProxyData
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 1, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    net = elastic(_tiny_volo())
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    space = net.growth_space(3, 0.34)  # depths 2 (1 + 1), 4 (2 + 2), 6 (2 + 4)
+    ctrl = AutoProgOne(space, AutoProgOneConfig(search_epochs=1, search_samples=8, search_min_updates=1))
+    loop = ProgressiveLoop.growing(net, opt, 24, schedule=ctrl, steps_per_epoch=4, log=lambda s: None,
+                                   proxy=ProxyData(data, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1])))
+    supernets = []
+    for i in range(loop.total_steps):
+        x, y = data[i % 2]
+        loop.before_step()
+        if ctrl.searching and ctrl.cands not in supernets:
+            supernets.append(ctrl.cands)
+            for c in ctrl.cands:  # every candidate runs its own segments' blocks, outlookers first
+                parts = space.segments.partition(c.active_blocks)
+                assert [len(p) for p in parts] == list(space.segments.split(c.depth))
+        loss = F.cross_entropy(net(loop.resize(x)), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loop.after_step(loss)
+    assert supernets, "no supernet phase ran"
+    stages = loop.schedule().stages
+    assert stages[-1].subnet == space.full and net.blocks_of(net.subnet) == tuple(range(6))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
 def test_volo_from_the_command_line_and_refusals(cli, fake_fmnist, tmp_path):
@@ -279,7 +362,11 @@ def test_volo_from_the_command_line_and_refusals(cli, fake_fmnist, tmp_path):
                      "--out", tmp_path / "v", *args)
     assert rc == 0, err
     sched = json.loads((tmp_path / "v" / "schedule.json").read_text())["stages"]
-    assert (sched[-1]["resolution"], sched[-1]["depth"]) == (32, 14)
+    assert (sched[-1]["resolution"], sched[-1]["depth"]) == (32, 18), "4 outlookers + 14 transformers"
+    assert [s["depth"] for s in sched] == [9, 12, 15, 18]
+    rc, _, err = cli("pretrain", "--model", "timm:volo_d1_224", "--img-size", "32", "--method", "prog",
+                     "--num-stages", "10", "--out", tmp_path / "n", *args)
+    assert rc == 2 and "would remove blocks" in err and len(err.strip().splitlines()) == 1
     rc, _, err = cli("pretrain", "--model", "timm:volo_d1_224", "--depth", "4", "--out", tmp_path / "w", *args)
     assert rc == 2 and "--depth" in err and len(err.strip().splitlines()) == 1
     rc, _, err = cli("pretrain", "--model", "timm:resnet18", "--img-size", "32", "--out", tmp_path / "r", *args)

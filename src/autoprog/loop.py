@@ -26,6 +26,7 @@ structure and adds the optimizer groups a growth added), then load your model's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -202,7 +203,7 @@ class ProgressiveLoop(GrowthCalls):
 
     # ------------------------------------------------------------------- services (the protocol)
     def growth_space(self) -> GrowthSpace:
-        return GrowthSpace(self._space.full_resolution, self._space.patch_size, self._space.full_depth)
+        return dataclasses.replace(self._space, num_stages=1, start_ratio=1.0)  # keeps VOLO's block segments
 
     def use_subnet(self, subnet: SubNet) -> None:
         if self._unfreezer is not None:

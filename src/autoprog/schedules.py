@@ -66,6 +66,8 @@ class Schedule:
     def validate_for(self, space: GrowthSpace) -> None:
         for s in self.stages:
             space.validate(s.subnet)
+        if space.segments is not None:  # each block segment grows too (VOLO: outlookers and transformers)
+            space.segments.check_nested([s.subnet.depth for s in self.stages if s.subnet.blocks is None])
         last = self.stages[-1].subnet
         if last.resolution != space.full_resolution or last.depth != space.full_depth:
             raise ConfigError(

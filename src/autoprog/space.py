@@ -74,6 +74,98 @@ class SubNet:
 
 
 @dataclass(frozen=True)
+class Segments:
+    """The growable blocks of a model in consecutive segments of one block kind each (VOLO: outlookers on the fine
+    grid, then transformers on the coarse one), and how a sub-network's depth is shared among them.
+
+    A block never moves or is copied across segments: growth maps depth inside each segment, and a sub-network of
+    depth ``d`` without explicit blocks runs the first ``split(d)[s]`` blocks of each segment ``s``. ``first_share``
+    is the official code's rule (``models/volo.py: set_sample_config``): the first segment gets
+    ``make_divisible(first_share · d, 2)`` blocks (at most its size, and never so many that another segment would be
+    empty or overfull), the second the rest. Without it the model is one segment and the split is ``(d,)``.
+    """
+
+    sizes: tuple[int, ...]
+    first_share: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
+        if not self.sizes or min(self.sizes) < 1:
+            raise ConfigError(f"every block segment needs at least one block, got {self.sizes}")
+        if self.first_share is not None and len(self.sizes) != 2:
+            raise ConfigError("a first-segment share splits exactly two segments")
+        if self.first_share is None and len(self.sizes) != 1:
+            raise ConfigError(f"{len(self.sizes)} block segments need a rule that splits a depth among them")
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def min_depth(self) -> int:
+        return len(self.sizes)
+
+    def starts(self) -> list[int]:
+        """Physical index of each segment's first block."""
+        out, acc = [], 0
+        for n in self.sizes:
+            out.append(acc)
+            acc += n
+        return out
+
+    def split(self, depth: int) -> tuple[int, ...]:
+        """Blocks of each segment in a sub-network of ``depth`` blocks."""
+        if not self.min_depth <= depth <= self.total:
+            raise ConfigError(f"depth {depth} does not fit block segments of sizes {list(self.sizes)} (from "
+                              f"{self.min_depth} to {self.total} blocks)")
+        if self.first_share is None:
+            return (depth,)
+        from timm.layers import (
+            make_divisible,  # the official code's rounding (prog/progressive.py), the same function
+        )
+
+        first = min(make_divisible(self.first_share * depth, 2), self.sizes[0], depth - 1)
+        first = max(first, depth - self.sizes[1])
+        return first, depth - first
+
+    def segment_of(self, block: int) -> int:
+        for s, (a, n) in enumerate(zip(self.starts(), self.sizes)):
+            if a <= block < a + n:
+                return s
+        raise ConfigError(f"block {block} is outside the model's {self.total} blocks")
+
+    def partition(self, blocks) -> list[list[int]]:
+        """``blocks`` (forward order) by segment; refuses a list that runs a segment after a later one."""
+        out: list[list[int]] = [[] for _ in self.sizes]
+        last = 0
+        for b in blocks:
+            s = self.segment_of(b)
+            if s < last:
+                raise ConfigError(f"blocks {list(blocks)} run block {b} after a later segment's block")
+            last = s
+            out[s].append(b)
+        return out
+
+    def default_blocks(self, depth: int) -> tuple[int, ...]:
+        """The first ``split(depth)[s]`` blocks of each segment, in forward order."""
+        return tuple(a + j for a, k in zip(self.starts(), self.split(depth)) for j in range(k))
+
+    def compaction(self, blocks) -> dict[int, int]:
+        """Destination → source that moves ``blocks`` to each segment's first positions (weight recycling)."""
+        return {a + j: b for a, part in zip(self.starts(), self.partition(blocks)) for j, b in enumerate(part)}
+
+    def check_nested(self, depths) -> None:
+        """Refuse depths whose splits are not nested: growing from one to the next would remove a segment's blocks."""
+        ds = sorted(set(depths))
+        for a, b in zip(ds, ds[1:]):
+            sa, sb = self.split(a), self.split(b)
+            if any(y < x for x, y in zip(sa, sb)):
+                raise ConfigError(f"depths {a} and {b} split into {'+'.join(map(str, sa))} and "
+                                  f"{'+'.join(map(str, sb))} blocks per segment: growing from one to the other would "
+                                  "remove blocks; use fewer --num-stages or another --start-ratio")
+
+
+@dataclass(frozen=True)
 class GrowthSpace:
     """The growth space Ω of a ViT: number of patches × depth, scaled by equispaced ratios.
 
@@ -87,6 +179,7 @@ class GrowthSpace:
     full_depth: int
     num_stages: int = 4
     start_ratio: float = 0.5
+    segments: Segments | None = None  # several kinds of growable block (VOLO); None: one segment of full_depth
 
     def __post_init__(self):
         if self.patch_size < 1 or self.full_resolution % self.patch_size:
@@ -99,6 +192,11 @@ class GrowthSpace:
             raise ConfigError(f"num_stages must be at least 1, got {self.num_stages}")
         if not 0.0 < self.start_ratio <= 1.0:
             raise ConfigError(f"start_ratio must be in (0, 1], got {self.start_ratio}")
+        if self.segments is not None:
+            if self.segments.total != self.full_depth:
+                raise ConfigError(f"block segments {list(self.segments.sizes)} do not add up to the model's "
+                                  f"{self.full_depth} blocks")
+            self.segments.check_nested(self.depths())
 
     @property
     def full_patches_per_side(self) -> int:
@@ -114,8 +212,18 @@ class GrowthSpace:
         n = max(1, round_half_up(ratio * self.full_patches_per_side))
         return min(n, self.full_patches_per_side) * self.patch_size
 
+    @property
+    def min_depth(self) -> int:
+        return self.segments.min_depth if self.segments is not None else 1
+
     def depth_for(self, ratio: float) -> int:
-        return min(self.full_depth, max(1, round_half_up(ratio * self.full_depth)))
+        return min(self.full_depth, max(self.min_depth, round_half_up(ratio * self.full_depth)))
+
+    def blocks_of(self, subnet: SubNet) -> tuple[int, ...]:
+        """``subnet``'s physical blocks in forward order: its own list, or each segment's first blocks."""
+        if subnet.blocks is not None or self.segments is None:
+            return subnet.active_blocks
+        return self.segments.default_blocks(subnet.depth)
 
     def resolutions(self) -> list[int]:
         return sorted({self.resolution_for(r) for r in self.ratios()})
@@ -155,6 +263,11 @@ class GrowthSpace:
             )
         if subnet.depth > self.full_depth or any(not 0 <= b < self.full_depth for b in subnet.active_blocks):
             raise ConfigError(f"sub-network {subnet.to_dict()} does not fit a {self.full_depth}-block model")
+        if self.segments is not None:
+            if subnet.depth < self.segments.min_depth:
+                raise ConfigError(f"sub-network {subnet} has fewer blocks than the model has block segments "
+                                  f"({list(self.segments.sizes)}): each segment runs at least one")
+            self.segments.partition(self.blocks_of(subnet))
 
 
 def _pick(values: list[int], idx: list[int]) -> list[int]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..compute import CheckpointedBlocks
 from ..errors import ConfigError
-from ..space import GrowthSpace, SubNet
+from ..space import GrowthSpace, Segments, SubNet
 
 FAMILIES: list[type[ElasticModel]] = []  # every adapter class, in the order :func:`elastic` tries them
 
@@ -88,8 +88,19 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
     def full_subnet(self) -> SubNet:
         return SubNet(self.full_resolution, self.full_depth)
 
+    @property
+    def segments(self) -> Segments | None:
+        """The growable blocks' segments of one kind each (VOLO: outlookers, transformers), or None for one kind.
+        Unfreezing counts learnable blocks from the output side across segments, so it has none."""
+        return None
+
     def growth_space(self, num_stages: int = 4, start_ratio: float = 0.5) -> GrowthSpace:
-        return GrowthSpace(self.full_resolution, self.patch_size, self.full_depth, num_stages, start_ratio)
+        return GrowthSpace(self.full_resolution, self.patch_size, self.full_depth, num_stages, start_ratio,
+                           None if self.unfreezing else self.segments)
+
+    def blocks_of(self, subnet: SubNet) -> tuple[int, ...]:
+        """``subnet``'s physical blocks in forward order (its own list, or each segment's first blocks)."""
+        return self.growth_space(1, 1.0).blocks_of(subnet)
 
     def set_unfreezing(self, on: bool = True) -> None:
         """Read sub-networks as learnable blocks (fine-tuning a pre-trained model) instead of running blocks."""
@@ -101,12 +112,12 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
     @property
     def running_blocks(self):
         """The blocks ``forward`` runs, in order: ψ's active blocks, or every block when unfreezing."""
-        return range(self.full_depth) if self.unfreezing else self.subnet.active_blocks
+        return range(self.full_depth) if self.unfreezing else self.blocks_of(self.subnet)
 
     def learnable_blocks(self, subnet: SubNet) -> tuple[int, ...]:
         """The blocks that learn under ``subnet``: its active blocks, or when unfreezing the last ``subnet.depth``."""
         if not self.unfreezing:
-            return subnet.active_blocks
+            return self.blocks_of(subnet)
         return tuple(range(self.full_depth - subnet.depth, self.full_depth))
 
     def apply_subnet(self, subnet: SubNet) -> None:

@@ -30,8 +30,8 @@ from ..controllers import (
 from ..errors import ConfigError
 from ..options import check_bounds, option
 from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
-from ..space import GrowthSpace, SubNet, candidates
-from .elastic import ALPHA_RULES, ElasticLayout, choose, cycle_index, sample_index
+from ..space import GrowthSpace, Segments, SubNet, candidates
+from .elastic import ALPHA_RULES, choose, cycle_index, elastic_layout, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
 
 SAMPLINGS = ("cycle", "random")  # which candidate each supernet step trains
@@ -215,7 +215,7 @@ class AutoProgOne(Controller):
         if notice:
             trainer.print(f"stage {k + 1}: {notice}")
         base = prev.depth if prev is not None else min(c.depth for c in cands)
-        layout = ElasticLayout(base, max(c.depth for c in cands))
+        layout = elastic_layout(self.space, base, max(c.depth for c in cands))
         self.cands = [SubNet(c.resolution, c.depth, layout.blocks(c.depth)) for c in cands]
         top = SubNet(max(c.resolution for c in cands), layout.max_depth, layout.blocks(layout.max_depth))
         if not self.cfg.recycle:
@@ -317,8 +317,9 @@ class AutoProgOne(Controller):
                   "score": round(sc, 6), "chosen": i == idx}
                  for i, (c, lo, t, sc) in enumerate(zip(self.cands, losses, times, score))]
         chosen = SubNet(best.resolution, best.depth)
-        if self.cfg.recycle:  # weight recycling: keep the supernet's weights, compact to blocks 0..l-1
-            trainer.relayout({i: b for i, b in enumerate(best.active_blocks)}, chosen)
+        if self.cfg.recycle:  # weight recycling: keep the supernet's weights, compact to blocks 0..l-1 (per segment)
+            segments = self.space.segments or Segments((self.space.full_depth,))
+            trainer.relayout(segments.compaction(best.active_blocks), chosen)
         else:
             trainer.restore(self._snapshot)
             self._snapshot = None

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError, DivergedError
+from ..space import GrowthSpace, Segments
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,43 @@ class ElasticLayout:
         for pos, src in self.inserted():
             root[pos] = root[src]
         return {pos: root[pos] for pos, _ in self.inserted()}
+
+
+@dataclass(frozen=True)
+class SegmentedLayout:
+    """An :class:`ElasticLayout` per block segment (:class:`autoprog.space.Segments`, VOLO's outlookers and
+    transformers): a candidate of depth ``d`` runs, in each segment, that segment's layout at its share of ``d``.
+    Copies stay inside their segment, so the supernet is weight-nesting segment by segment."""
+
+    segments: Segments
+    base_depth: int
+    max_depth: int
+
+    def __post_init__(self):
+        self.segments.check_nested([self.base_depth, self.max_depth])
+
+    def _parts(self) -> list[tuple[int, ElasticLayout]]:
+        lo, hi = self.segments.split(self.base_depth), self.segments.split(self.max_depth)
+        return [(a, ElasticLayout(b, m)) for a, b, m in zip(self.segments.starts(), lo, hi)]
+
+    def inserted(self) -> list[tuple[int, int]]:
+        return [(a + p, a + q) for a, lay in self._parts() for p, q in lay.inserted()]
+
+    def blocks(self, depth: int) -> tuple[int, ...]:
+        if not self.base_depth <= depth <= self.max_depth:
+            raise ConfigError(f"candidate depth {depth} is outside [{self.base_depth}, {self.max_depth}]")
+        self.segments.check_nested([self.base_depth, depth, self.max_depth])
+        return tuple(a + b for (a, lay), k in zip(self._parts(), self.segments.split(depth)) for b in lay.blocks(k))
+
+    def source_map(self) -> dict[int, int]:
+        return {a + p: a + q for a, lay in self._parts() for p, q in lay.source_map().items()}
+
+
+def elastic_layout(space: GrowthSpace, base_depth: int, max_depth: int) -> ElasticLayout | SegmentedLayout:
+    """The supernet layout for ``space``'s model: one :class:`ElasticLayout`, or one per block segment."""
+    if space.segments is None:
+        return ElasticLayout(base_depth, max_depth)
+    return SegmentedLayout(space.segments, base_depth, max_depth)
 
 
 ALPHA_RULES = ("fit", "balanced")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters.base import ElasticModel
 from ..errors import ConfigError
-from ..space import SubNet
+from ..space import Segments, SubNet
 
 MAPPINGS = ("randinit", "stacking", "interpolation")
 
@@ -81,10 +81,18 @@ class GrowthOperator:
         """Write ψ_ℓ=``dst``'s block weights into ``model`` (and ``ema`` if given) from ψ_s=``src``."""
         if dst.depth < src.depth or dst.resolution < src.resolution:
             raise ConfigError(f"growth must not shrink the network: {src} -> {dst}")
-        mapping = depth_mapping(self.mapping, src.depth, dst.depth)
-        src_phys, dst_phys = src.active_blocks, dst.active_blocks
-        block_map = {dst_phys[j]: (None if m is None else src_phys[m]) for j, m in enumerate(mapping)}
-        return self.apply(model, ema, block_map, inserted=[dst_phys[j] for j in inserted_positions(mapping)])
+        segments = model.growth_space(1, 1.0).segments or Segments((model.full_depth,))
+        block_map: dict[int, int | None] = {}
+        inserted: list[int] = []
+        for s, (src_phys, dst_phys) in enumerate(zip(segments.partition(model.blocks_of(src)),
+                                                     segments.partition(model.blocks_of(dst)))):
+            if len(dst_phys) < len(src_phys):
+                raise ConfigError(f"growth from {src} to {dst} would remove blocks of block segment {s} "
+                                  f"({len(src_phys)} -> {len(dst_phys)})")
+            mapping = depth_mapping(self.mapping, len(src_phys), len(dst_phys))
+            block_map.update({dst_phys[j]: (None if m is None else src_phys[m]) for j, m in enumerate(mapping)})
+            inserted += [dst_phys[j] for j in inserted_positions(mapping)]
+        return self.apply(model, ema, block_map, inserted=inserted)
 
     def grow_into(self, model: ElasticModel, ema: ElasticModel | None, dst: SubNet,
                   block_map: dict[int, int | None] | None = None, inserted: list[int] | None = None) -> GrowthResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..controllers import Controller
 from ..schedules import Schedule, Stage
 from ..space import GrowthSpace, SubNet
-from .elastic import ElasticLayout, sample_index
+from .elastic import elastic_layout, sample_index
 
 
 class SupernetOnly(Controller):
@@ -21,7 +21,7 @@ class SupernetOnly(Controller):
     def __init__(self, space: GrowthSpace, seed: int = 0):
         self.space, self.seed = space, seed
         depths = space.depths()
-        layout = ElasticLayout(min(depths), max(depths))
+        layout = elastic_layout(space, min(depths), max(depths))
         self.cands = [SubNet(r, d, layout.blocks(d)) for r in space.resolutions() for d in depths]
         self.full = SubNet(space.full.resolution, space.full.depth, layout.blocks(space.full.depth))
         self.counts = [0] * len(self.cands)  # steps each sub-network trained (for the summary)

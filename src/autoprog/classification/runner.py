@@ -74,7 +74,7 @@ class RunSpec(Spec, AutoProgOneConfig):
                                 choices=sorted(GROWTH_OPERATORS), show_default=False, group="growth")
     model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>' of a family autoprog grows: ViT/DeiT/"
                                "DeiT III (timm:deit_tiny_patch16_224), Eva (timm:eva02_tiny_patch14_224), VOLO "
-                               "(timm:volo_d1_224)",
+                               "(timm:volo_d1_224; its depth counts outlookers and transformers)",
                         group="model")
     img_size: int | None = option(None, "full input resolution (default: the dataset's, 224 for timm)", minimum=1,
                                   maximum=MAX_IMAGE_SIZE,
