@@ -340,7 +340,7 @@ def test_text_to_image_reports_clip_t_against_each_images_prompt(tiny_clip_and_d
 
     clip = ClipScorer(str(tiny_clip_and_dino[0]))
     captions = ("a photo of dress", "a photo of sks", "a photo of a photo")
-    ev = PromptAgreement(FD(), clip, captions, classes=(2, 0))
+    ev = PromptAgreement(FD(), captions, classes=(2, 0), clip=clip)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     out = ev.evaluate(images)
     assert out["fd"] == 1.5 and ev.higher_is_better is False, "the inner evaluator's figures and attributes"
@@ -350,6 +350,48 @@ def test_text_to_image_reports_clip_t_against_each_images_prompt(tiny_clip_and_d
     assert out["clip_t"] == pytest.approx(float(want), abs=1e-5)
     cols = [k for k, _, _ in quality_columns([{"fd": 1.0, "kid": 0.1, "clip_t": 0.2, "metric": "FD"}])]
     assert cols == ["fd", "kid", "clip_t"], "text-to-image tables show FD, KID and CLIP-T"
+
+
+def test_text_to_image_without_clip_reports_the_own_classifiers_agreement_with_each_prompt():
+    """Table 7's question without CLIP weights: the feature classifier's probability of each image's prompted class,
+    averaged; an image of the wrong class scores low, and the column is named as the classifier's."""
+    from torch import nn
+
+    from autoprog.diffusion.dreambooth import OWN_TEXT, SCORE_LABELS, PromptAgreement
+    from autoprog.diffusion.report import quality_columns
+
+    class FD:
+        higher_is_better = False
+
+        def evaluate(self, images):
+            return {"fd": 1.5, "kid": 0.1, "kid_std": 0.0, "metric": "FD"}
+
+    class ByBrightness(nn.Module):  # class 0 for dark images, class 1 for bright ones
+        in_channels = 1
+
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(1, 2)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.tensor([[-20.0], [20.0]]))
+                self.head.bias.zero_()
+
+        def features(self, x):
+            return x.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+    dark = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    bright = torch.full((1, 1, 8, 8), 255, dtype=torch.uint8)
+    ev = PromptAgreement(FD(), ("a photo of a dark", "a photo of a bright"), classes=(0, 1), feature_net=ByBrightness())
+    right = ev.evaluate(torch.cat([dark, bright, dark, bright]))  # cycling through classes 0, 1, 0, 1
+    wrong = ev.evaluate(torch.cat([bright, dark, bright, dark]))
+    assert right["text_agreement"] > 0.99 and wrong["text_agreement"] < 0.01 and "clip_t" not in right
+    assert right["fd"] == 1.5
+    cols = quality_columns([{"fd": 1.0, "kid": 0.1, "text_agreement": 0.5, "metric": "FD"}])
+    assert [k for k, _, _ in cols] == ["fd", "kid", "text_agreement"] and SCORE_LABELS["text_agreement"] == OWN_TEXT
+    with pytest.raises(ConfigError, match="outside the feature classifier"):
+        PromptAgreement(FD(), ("a", "b", "c"), classes=(2,), feature_net=ByBrightness()).evaluate(dark)
+    with pytest.raises(ConfigError, match="needs CLIP weights"):
+        PromptAgreement(FD(), ("a",), classes=(0,))
 
 
 def test_eval_prompts_are_filled_bounded_and_need_a_scorer():

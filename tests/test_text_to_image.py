@@ -406,7 +406,9 @@ def test_compare_text_to_image_reads_every_method_off_full_finetunings_front(tex
     assert summary["rows"] == list(rows.values())
     assert set(rows) == {"full", "prog", "full@0.5", "full@1"}  # full@1: the whole run with the rate decayed
     assert rows["prog"]["tq_speedup"] is not None and rows["full"]["fd"] is not None
-    assert (tmp_path / "samples.png").is_file() and (tmp_path / "summary.md").is_file()
+    assert all(0.0 <= r["text_agreement"] <= 1.0 for r in rows.values()), "Table 7's prompt agreement, without CLIP"
+    assert (tmp_path / "samples.png").is_file() and "text agreement (autoprog classifier)" in (
+        tmp_path / "summary.md").read_text()
 
 
 def test_a_base_of_the_other_kind_is_refused_in_one_line(text_base, fake_fmnist, tmp_path):

@@ -231,25 +231,42 @@ class ClipScorer:
 
 
 class PromptAgreement:
-    """An evaluator (FD/KID) that also reports CLIP-T for text-to-image (Table 7): the mean cosine between each
-    generated image's CLIP embedding and its prompt's. Images come as the trainer generates them, class-balanced
-    and cycling through ``classes`` in order, each with its class's caption."""
+    """An evaluator (FD/KID) that also scores how well each generated image agrees with its prompt, for
+    text-to-image (Table 7): ``clip_t``, the mean cosine between each image's CLIP embedding and its prompt's (with
+    ``clip``, local CLIP weights), and ``text_agreement``, autoprog's own classifier's mean probability of each
+    image's prompted class (with ``feature_net``; named as such in reports). Images come as the trainer generates
+    them, class-balanced and cycling through ``classes`` (dataset class ids) in order, each with its caption."""
 
-    def __init__(self, inner, clip: ClipScorer, captions: tuple[str, ...], classes: tuple[int, ...]):
-        self.inner, self.clip = inner, clip
-        self._text = torch.cat([clip.text_features(captions[c]) for c in classes])
+    def __init__(self, inner, captions: tuple[str, ...], classes: tuple[int, ...], clip: ClipScorer | None = None,
+                 feature_net=None):
+        if clip is None and feature_net is None:
+            raise ConfigError("prompt agreement needs CLIP weights (--clip-model) or the feature classifier")
+        self.inner, self.clip, self.feature_net = inner, clip, feature_net
+        self.classes = torch.as_tensor(classes, dtype=torch.long)
+        self._text = torch.cat([clip.text_features(captions[c]) for c in classes]) if clip is not None else None
 
     def __getattr__(self, name):  # the inner evaluator's attributes (higher_is_better, ...)
         return getattr(self.inner, name)
 
     def evaluate(self, images: torch.Tensor) -> dict:
         out = dict(self.inner.evaluate(images))
-        img = self.clip.image_features(images)
-        text = self._text[torch.arange(len(images)) % len(self._text)]
-        score = float(F.cosine_similarity(img.float(), text.float(), dim=-1).mean())
-        if not torch.isfinite(torch.tensor(score)):
-            raise DivergedError("a non-finite CLIP-T: the generated images are not finite")
-        return {**out, "clip_t": score}
+        if self.clip is not None:
+            img = self.clip.image_features(images)
+            text = self._text[torch.arange(len(images)) % len(self._text)]
+            out["clip_t"] = float(F.cosine_similarity(img.float(), text.float(), dim=-1).mean())
+        if self.feature_net is not None:
+            net = self.feature_net
+            with torch.no_grad():
+                x = to_float(match_images(images, images.shape[-1], net.in_channels)).to(next(net.parameters()).device)
+                p = net.head(net.features(x)).softmax(-1).cpu()
+            want = self.classes[torch.arange(len(images)) % len(self.classes)]
+            if int(want.max()) >= p.shape[1]:
+                raise ConfigError(f"class {int(want.max())} is outside the feature classifier's {p.shape[1]} classes")
+            out["text_agreement"] = float(p[torch.arange(len(images)), want].mean())
+        bad = [k for k in ("clip_t", "text_agreement") if k in out and not torch.isfinite(torch.tensor(out[k]))]
+        if bad:
+            raise DivergedError(f"non-finite {', '.join(bad)}: the generated images are not finite")
+        return out
 
 
 def _embeds(out) -> torch.Tensor:

@@ -201,7 +201,8 @@ class TextFinetuneSpec(FinetuneSpec):
                                              "Diffusion fine-tuning)", group="unfreezing")
     clip_model: str | None = option(None, "a local CLIP checkpoint (transformers CLIPModel + processor): also report "
                                           "CLIP-T, the mean cosine between each generated image and its prompt "
-                                          "(Table 7)", metavar="DIR", show_default=False, group="evaluation")
+                                          "(Table 7). Without it: text agreement, autoprog's classifier's mean "
+                                          "probability of each image's prompted class", metavar="DIR", show_default=False, group="evaluation")
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
@@ -357,15 +358,18 @@ def build_evaluator(spec, data, device, log=print):
     if isinstance(spec, DreamBoothSpec):
         return _subject_evaluator(spec, data, device, log)
     real = data.test_images
+    net = None
     if spec.fid_weights:
         evaluator = inception_evaluator(spec.fid_weights, real, device=device)
     else:
         net, _ = _feature_net(spec, data.image_size, log)
         evaluator = QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
-    if getattr(spec, "clip_model", None) and data.captions is not None:
+    if data.captions is not None:  # text-to-image: CLIP-T with CLIP weights, the own classifier's agreement without
         from .dreambooth import ClipScorer, PromptAgreement
 
-        evaluator = PromptAgreement(evaluator, ClipScorer(spec.clip_model, device), data.captions, data.classes)
+        clip = ClipScorer(spec.clip_model, device) if getattr(spec, "clip_model", None) else None
+        evaluator = PromptAgreement(evaluator, data.captions, data.classes, clip=clip,
+                                    feature_net=net if clip is None else None)
     return evaluator
 
 

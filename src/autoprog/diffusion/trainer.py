@@ -457,8 +457,8 @@ class DiffusionTrainer(RunTemplate):
                 if "fd" in q:
                     point.update(fd=round(q["fd"], 4), kid=round(q["kid"], 6), kid_std=round(q["kid_std"], 6),
                                  fd_samples=n, metric=q["metric"])
-                    if "clip_t" in q:  # text-to-image with --clip-model
-                        point["clip_t"] = round(q["clip_t"], 5)
+                    # text-to-image: CLIP-T (--clip-model), or the own classifier's prompt agreement
+                    point.update({k: round(q[k], 5) for k in ("clip_t", "text_agreement") if k in q})
                     # FD is biased by the sample count: the curve compares every point at curve_samples
                     m = min(n, self.cfg.curve_samples)
                     point["fd_curve"] = point["fd"] if m == n else round(self.evaluator.evaluate(imgs[:m])["fd"], 4)
