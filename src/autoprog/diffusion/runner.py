@@ -202,7 +202,8 @@ class TextFinetuneSpec(FinetuneSpec):
     clip_model: str | None = option(None, "a local CLIP checkpoint (transformers CLIPModel + processor): also report "
                                           "CLIP-T, the mean cosine between each generated image and its prompt "
                                           "(Table 7). Without it: text agreement, autoprog's classifier's mean "
-                                          "probability of each image's prompted class", metavar="DIR", show_default=False, group="evaluation")
+                                          "probability of each image's prompted class", metavar="DIR",
+                                    show_default=False, group="evaluation")
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
