@@ -403,3 +403,30 @@ def test_eva_from_the_command_line(cli, fake_fmnist, tmp_path):
     assert rc == 0, err
     sched = json.loads((tmp_path / "e" / "schedule.json").read_text())["stages"]
     assert (sched[-1]["resolution"], sched[-1]["depth"]) == (28, 4)
+
+
+def test_volo_adareg_ramps_drop_path_over_the_blocks_that_run():
+    from timm.layers import DropPath
+
+    from autoprog.adapters import elastic
+    from autoprog.classification.adareg import AdaptiveRegularization, AdaRegRanges
+
+    net = elastic(_tiny_volo())
+    space = net.growth_space(3, 0.34)
+    reg = AdaptiveRegularization(space, AdaRegRanges(drop_path=(0.2, 0.2)))
+    reg.set_subnet(net, SubNet(32, 2))  # outlooker 0 and transformer 2 run
+    rate = lambda i: getattr(net.blocks[i].drop_path1, "drop_prob", 0.0)  # noqa: E731
+    assert rate(0) == 0.0 and rate(2) == pytest.approx(0.2), "the ramp spans the running blocks, outlookers first"
+    assert not isinstance(net.blocks[1].drop_path1, DropPath) or rate(1) == 0.0, "an idle outlooker gets no rate"
+
+
+def test_a_volo_state_from_before_outlookers_grew_is_refused_in_one_line():
+    from autoprog.adapters import elastic
+    from autoprog.adapters.base import check_segments, segment_sizes
+
+    net = elastic(_tiny_volo())
+    assert segment_sizes(net) == [2, 4] and segment_sizes(elastic(tiny_vit())) is None
+    check_segments(net, [2, 4], "state")
+    with pytest.raises(ConfigError, match="before VOLO's depth counted its outlookers") as e:
+        check_segments(net, None, "this run's checkpoint")
+    assert len(str(e.value).splitlines()) == 1

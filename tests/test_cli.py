@@ -517,3 +517,14 @@ def test_eval_size_reports_top1_at_a_larger_test_resolution(cli, fake_fmnist, tm
     assert "top1 at 36px" in stdout and 36 in seen, "the model ran at the evaluation size"
     rc, _, err = cli("pretrain", "--eval-size", "30", "--out", tmp_path / "bad", *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 2 and "not a multiple of the patch size 4" in _one_error_line(err)
+
+
+def test_a_subset_larger_than_the_dataset_is_said_and_the_images_used_are_recorded(cli, fake_fmnist, tmp_path):
+    from conftest import FAKE_TRAIN
+
+    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "r",
+                     *tiny_args(fake_fmnist, epochs="1", subset="100000"))
+    assert rc == 0, err
+    assert f"--subset 100000: fashion-mnist has {FAKE_TRAIN} training images, and all of them are used" in err
+    summary = json.loads((tmp_path / "r" / "results.json").read_text())["summary"]
+    assert summary["train_images"] == FAKE_TRAIN

@@ -87,3 +87,25 @@ def test_check_fields_required_and_closed():
         check_fields({"a": 1, "zz": 2}, schema, "f", closed=True)
     with pytest.raises(ConfigError, match="f must be a mapping, got a list"):
         check_fields([1], schema, "f")
+
+
+def test_weights_are_read_safely_and_must_be_finite(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from autoprog.formats import read_weights
+
+    good = {"w": torch.ones(2, 2), "step": torch.tensor(3)}
+    save_file(good, str(tmp_path / "a.safetensors"))
+    torch.save({"state_dict": good}, tmp_path / "b.pth")
+    for name in ("a.safetensors", "b.pth"):  # a checkpoint's state_dict entry is unwrapped
+        assert torch.equal(read_weights(tmp_path / name)["w"], good["w"])
+    save_file({"w": torch.tensor([1.0, float("inf")])}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConfigError, match="bad.safetensors holds non-finite weights"):
+        read_weights(tmp_path / "bad.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes()[:40])
+    torch.save({"w": torch.ones(1), "code": tmp_path}, tmp_path / "pickle.pth")  # not a plain state dict
+    for name in ("cut.safetensors", "pickle.pth"):
+        with pytest.raises(ConfigError, match=f"{name} cannot be read") as e:
+            read_weights(tmp_path / name)
+        assert len(str(e.value).splitlines()) == 1

@@ -150,7 +150,7 @@ def test_bad_bases_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="non-finite"):
         load_pretrained(path, 2, 1)
     (path / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot be read"):
         load_pretrained(path, 2, 1)
 
 

@@ -6,7 +6,9 @@ each is checked the same way before anything trains.
 * JSON is strict: ``NaN`` and ``Infinity`` (which Python's ``json`` accepts) and duplicate keys are refused;
 * YAML duplicate keys are refused (PyYAML lets the last one win silently);
 * :func:`check_fields` checks a mapping against a schema of expected types (integers where integers are meant,
-  finite numbers, required keys).
+  finite numbers, required keys);
+* weights (:func:`read_weights`: a ``.safetensors`` file, or a PyTorch state dict read with ``weights_only``) must
+  be readable and finite (:func:`check_finite`).
 
 Every error is a one-line :class:`~autoprog.errors.ConfigError` that names the file, the key and what was expected.
 """
@@ -187,3 +189,31 @@ def check_fields(d: Mapping, schema: Mapping[str, Any], where: str, required: tu
     for key, expected in schema.items():
         if key in d:
             check_value(d[key], expected, f"{where}: {key}")
+
+
+def check_finite(tensors, where) -> None:
+    """Refuse weights with a NaN or inf (a diverged model saved by mistake) before anything trains or scores."""
+    import torch
+
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        raise ConfigError(f"{where} holds non-finite weights (a diverged model?)")
+
+
+def read_weights(path: str | Path) -> dict:
+    """The tensors of a weights file: ``.safetensors``, or a PyTorch checkpoint read safely (``weights_only``, timm's
+    ``load_state_dict``: a ``state_dict``/``model`` entry is unwrapped). A damaged or foreign file and non-finite
+    weights are one-line errors."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            from timm.models import load_state_dict
+
+            state = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as e:  # safetensors / torch.load raise their own types for truncated or foreign files
+        raise ConfigError(f"{path} cannot be read ({' '.join(str(e).split())[:120]})") from None
+    check_finite(state.values(), path)
+    return state

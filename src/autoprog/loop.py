@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.base import ElasticModel, resize_input
+from .adapters.base import ElasticModel, check_segments, resize_input, segment_sizes
 from .adapters.unfreezer import Unfreezer
 from .algorithms.growth import (
     GrowthCalls,
@@ -173,6 +173,7 @@ class ProgressiveLoop(GrowthCalls):
                 "elapsed": self.elapsed(),
                 "subnet": self.subnet.to_dict(), "stage_log": copy.deepcopy(self.stage_log),
                 "gated": self.model.gated_blocks() if self._unfreezer is None else None,
+                "block_segments": segment_sizes(self.model) if self._unfreezer is None else None,
                 "controller": copy.deepcopy(self.controller.state_dict()), "step_times": self.step_timer.state_dict(),
                 "ema": {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()}
                 if self.ema is not None else None}
@@ -188,6 +189,7 @@ class ProgressiveLoop(GrowthCalls):
                               + " loop; build the loop the same way to resume it")
         subnet = SubNet.from_dict(state["subnet"])
         if self._unfreezer is None:  # gates first, so that the weights load into the same structure
+            check_segments(self.model, state.get("block_segments"), "this loop state")
             self._set_gates(state["gated"])
             self.ema.module.load_state_dict(state["ema"])
             if self.optimizer is not None:

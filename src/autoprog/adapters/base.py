@@ -100,7 +100,10 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
 
     def blocks_of(self, subnet: SubNet) -> tuple[int, ...]:
         """``subnet``'s physical blocks in forward order (its own list, or each segment's first blocks)."""
-        return self.growth_space(1, 1.0).blocks_of(subnet)
+        segments = None if self.unfreezing else self.segments
+        if subnet.blocks is not None or segments is None:
+            return subnet.active_blocks
+        return segments.default_blocks(subnet.depth)
 
     def set_unfreezing(self, on: bool = True) -> None:
         """Read sub-networks as learnable blocks (fine-tuning a pre-trained model) instead of running blocks."""
@@ -172,6 +175,20 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
         """ReZero gates on exactly the blocks ``gated`` (a saved state's structure, before loading its weights)."""
         for i in range(self.full_depth):
             self.set_gate(i, 0.0 if i in gated else None)
+
+
+def segment_sizes(model: ElasticModel) -> list[int] | None:
+    """What a saved state records of ``model``'s block segments (None: one kind of block)."""
+    return list(model.segments.sizes) if model.segments is not None else None
+
+
+def check_segments(model: ElasticModel, saved, what: str) -> None:
+    """Refuse a saved state whose sub-networks count ``model``'s blocks another way: a VOLO state from before
+    2026-12-06, when its depth counted the transformer blocks only."""
+    if saved != segment_sizes(model):
+        raise ConfigError(f"{what} counts {model.family} blocks as {saved or 'one segment'}, this autoprog as "
+                          f"{segment_sizes(model)} (outlookers, transformers): it was written before VOLO's depth "
+                          "counted its outlookers and cannot be resumed; start it afresh")
 
 
 def resize_input(x: torch.Tensor, r: int) -> torch.Tensor:

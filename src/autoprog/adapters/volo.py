@@ -57,11 +57,13 @@ class ElasticVOLO(ElasticModel):
             raise ConfigError("this VOLO has no position embedding to resample")
         self._outlookers = len(first)
         self._blocks = [*first, *(b for s in stages for b in s)]  # plain list: the modules stay registered in model
+        self._segments = Segments((self._outlookers, len(self._blocks) - self._outlookers),
+                                  first_share=OUTLOOKER_SHARE)
         super().__init__(model)
 
     @property
     def segments(self) -> Segments:
-        return Segments((self._outlookers, len(self._blocks) - self._outlookers), first_share=OUTLOOKER_SHARE)
+        return self._segments
 
     @classmethod
     def fits(cls, model: nn.Module) -> bool:

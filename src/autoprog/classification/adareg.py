@@ -76,7 +76,7 @@ class AdaptiveRegularization:
             for op in ra.ops:
                 op.magnitude = s.randaug_magnitude
         self.erasing.probability = s.erase_prob
-        active = subnet.active_blocks
+        active = net.blocks_of(subnet)  # VOLO: each block segment's first blocks
         for j, i in enumerate(active):
             rate = s.drop_path * j / max(1, len(active) - 1)
             blk = net.blocks[i]

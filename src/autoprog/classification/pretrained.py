@@ -22,7 +22,7 @@ from ..adapters.base import ElasticModel, elastic
 from ..adapters.factory import ModelOverrides, build_model
 from ..checkpoint import replace_dir
 from ..errors import ConfigError
-from ..formats import check_fields, read_json_object
+from ..formats import check_fields, check_finite, read_json_object, read_weights
 
 FORMAT = "autoprog-classifier/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -144,18 +144,7 @@ def load_pretrained(base: str | Path, num_classes: int, in_chans: int, model: st
     (see :func:`save_classifier`)."""
     found = locate(base, model)
     net = found.build(num_classes, in_chans)
-    try:
-        if found.weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            weights = load_file(str(found.weights))
-        else:
-            from timm.models import load_state_dict
-
-            weights = load_state_dict(str(found.weights), use_ema=False, weights_only=True)
-    except Exception as e:  # safetensors / torch.load: damaged or foreign files
-        raise ConfigError(f"cannot read {found.weights}: {' '.join(str(e).split())[:160]}") from None
-    load_matching(net.model, weights, str(found.weights))
+    load_matching(net.model, read_weights(found.weights), str(found.weights))
     return net, {**found.config, "base": str(found.weights.parent if found.config else found.weights),
                  "build_args": build_args_of(found.model, found.overrides)}
 
@@ -200,8 +189,7 @@ def load_matching(model: nn.Module, weights: dict, where: str) -> None:
                                      f"{len(unexpected)} unknown ({', '.join(unexpected[:3])})" if unexpected else "")
                          if s)
         raise ConfigError(f"{where} does not fit the model: {what}")
-    if not all(bool(torch.isfinite(v).all()) for v in loaded.values() if v.is_floating_point()):
-        raise ConfigError(f"{where} holds non-finite weights")
+    check_finite(loaded.values(), where)
     model.load_state_dict(loaded, strict=False)
 
 

@@ -297,7 +297,10 @@ def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume:
         from .adareg import AdaptiveRegularization
 
         adareg = AdaptiveRegularization(net.growth_space(spec.num_stages, spec.start_ratio))
-    info = {"method": spec.method, "model": net.build_args["model"], "dataset": spec.dataset}
+    if spec.subset and spec.subset > len(data.train) and not resume:
+        warn(f"--subset {spec.subset}: {spec.dataset} has {len(data.train)} training images, and all of them are used")
+    info = {"method": spec.method, "model": net.build_args["model"], "dataset": spec.dataset,
+            "train_images": len(data.train)}
     if isinstance(spec, TransferSpec):
         info.update(task="transfer", base=spec.base_path)
     trainer = Trainer(net, schedule, growth, data, spec.train, out, accelerator, run_info=info, adareg=adareg)
@@ -411,7 +414,10 @@ def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_f
     """``summary.json``, ``summary.md``, ``curves.png`` and ``front.png`` of a comparison (main process)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", rows)
-    title = _title(base) + (f" ({base.subset} images)" if base.subset else "")
+    used = {res["summary"].get("train_images") for res in results.values()} - {None}  # as trained (a run before
+    # 2026-12-06 did not record it: then the --subset asked for)
+    n = used.pop() if len(used) == 1 else base.subset
+    title = _title(base) + (f" ({n} images)" if n else "")
     md = summary_markdown(rows, title, base.baseline)
     (out / "summary.md").write_text(md)
     plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")

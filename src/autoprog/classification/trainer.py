@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..adapters.base import ElasticModel
+from ..adapters.base import ElasticModel, check_segments, segment_sizes
 from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, MomentumNetwork, auto_ema_decay
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..compute import compile_blocks
@@ -240,7 +240,7 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _step_flops(self, subnet: SubNet) -> int:
         """FLOPs of one training step of ``subnet`` for the run's figures (0 when counting is off)."""
-        key = (subnet.resolution, subnet.active_blocks)
+        key = (subnet.resolution, self.net.blocks_of(subnet))
         if key not in self.flops_cache and not self.cfg.count_flops:
             return 0
         return self._count_flops(subnet)
@@ -248,7 +248,7 @@ class Trainer(GrowthCalls, RunTemplate):
     def _count_flops(self, subnet: SubNet) -> int:
         """FLOPs of one training step (global batch) of ``subnet``, counted once per sub-network; the counting
         time is not training time."""
-        key = (subnet.resolution, subnet.active_blocks)
+        key = (subnet.resolution, self.net.blocks_of(subnet))
         if key not in self.flops_cache:
             size = self.data.image_size
             sample = torch.zeros(1, self.data.in_chans, size, size, device=self.acc.device)
@@ -619,7 +619,8 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _task_state(self) -> dict:
         return {"epoch": self.epoch, "subnet": self.net.subnet.to_dict(), "gated_blocks": self.net.gated_blocks(),
-                "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()]}
+                "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],
+                "block_segments": segment_sizes(self.net)}
 
     def _load_weights(self, state: dict, weights: dict, ema: dict | None) -> None:
         self._set_gates(state["gated_blocks"])
@@ -628,6 +629,7 @@ class Trainer(GrowthCalls, RunTemplate):
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)
 
     def _load_task_state(self, state: dict) -> None:
+        check_segments(self.net, state.get("block_segments"), "this run's checkpoint")
         self.epoch = state["epoch"]
         self.net.apply_subnet(SubNet.from_dict(state["subnet"]))
         self.ema.module.apply_subnet(self.net.subnet)

@@ -44,6 +44,7 @@ DEFAULT_CLASS_PROMPT = "a photo of a {}"
 CLASS_CFG_SCALE = 4.0  # guidance of the generated class images (autoprog sample's default; diffusers' uses 7.5)
 OWN_FIDELITY = "subject fidelity (autoprog features)"
 OWN_TEXT = "text agreement (autoprog classifier)"
+AGREEMENT_CHUNK = 256  # images the classifier scores at once (text agreement)
 MAX_EVAL_PROMPTS = 4  # --eval-prompts (Table 8's Prompt-A and Prompt-B are two)
 SCORE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "subject_fidelity": OWN_FIDELITY,
                 "text_agreement": OWN_TEXT,  # each score's name in reports; then those of each --eval-prompts prompt
@@ -256,9 +257,11 @@ class PromptAgreement:
             out["clip_t"] = float(F.cosine_similarity(img.float(), text.float(), dim=-1).mean())
         if self.feature_net is not None:
             net = self.feature_net
-            with torch.no_grad():
-                x = to_float(match_images(images, images.shape[-1], net.in_channels)).to(next(net.parameters()).device)
-                p = net.head(net.features(x)).softmax(-1).cpu()
+            device = next(net.parameters()).device
+            with torch.no_grad():  # in chunks, as the FD features are computed
+                p = torch.cat([net.head(net.features(to_float(match_images(chunk, chunk.shape[-1], net.in_channels))
+                                                     .to(device))).softmax(-1).cpu()
+                               for chunk in images.split(AGREEMENT_CHUNK)])
             want = self.classes[torch.arange(len(images)) % len(self.classes)]
             if int(want.max()) >= p.shape[1]:
                 raise ConfigError(f"class {int(want.max())} is outside the feature classifier's {p.shape[1]} classes")

@@ -365,10 +365,12 @@ def build_evaluator(spec, data, device, log=print):
     else:
         net, _ = _feature_net(spec, data.image_size, log)
         evaluator = QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
-    if data.captions is not None:  # text-to-image: CLIP-T with CLIP weights, the own classifier's agreement without
+    clip_model = getattr(spec, "clip_model", None)
+    if data.captions is not None and (clip_model or net is not None):  # text-to-image: CLIP-T with CLIP weights,
+        # the own classifier's agreement without (with Inception weights and no CLIP: FD and KID alone)
         from .dreambooth import ClipScorer, PromptAgreement
 
-        clip = ClipScorer(spec.clip_model, device) if getattr(spec, "clip_model", None) else None
+        clip = ClipScorer(clip_model, device) if clip_model else None
         evaluator = PromptAgreement(evaluator, data.captions, data.classes, clip=clip,
                                     feature_net=net if clip is None else None)
     return evaluator

@@ -461,7 +461,8 @@ class DiffusionTrainer(RunTemplate):
                     point.update({k: round(q[k], 5) for k in ("clip_t", "text_agreement") if k in q})
                     # FD is biased by the sample count: the curve compares every point at curve_samples
                     m = min(n, self.cfg.curve_samples)
-                    point["fd_curve"] = point["fd"] if m == n else round(self.evaluator.evaluate(imgs[:m])["fd"], 4)
+                    fd_only = getattr(self.evaluator, "inner", self.evaluator)  # not CLIP-T or text agreement again
+                    point["fd_curve"] = point["fd"] if m == n else round(fd_only.evaluate(imgs[:m])["fd"], 4)
                 else:  # scores that are means over images (DreamBooth's): no sample-count bias to correct
                     point.update({k: round(v, 5) for k, v in q.items() if k in SCORE_KEYS},
                                  fd_samples=n, metric=q["metric"], headline=q["headline"])

@@ -24,12 +24,6 @@ SAVED_META_FIELDS = {"sid_stages": int, "method": (str, None), "steps": int, "cl
                      "image_channels": (int, None), "extras": (dict, None)}
 
 
-def check_finite(tensors, where) -> None:
-    """Refuse weights with a NaN or inf (a diverged model saved by mistake) before anything trains or scores."""
-    if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
-        raise ConfigError(f"{where} holds non-finite weights (a diverged model?)")
-
-
 def _forward_without_autograd(block: nn.Module, *args, **kwargs):
     """``block``'s own class forward under ``torch.no_grad`` (installed as a bound method, so that a deep copy of
     the model, a momentum network, runs its own weights)."""

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import ConfigError, first_line
-from ..formats import check_fields, check_value, read_json_object
-from .backbone import SAVED_META_FIELDS, DiffusionBackbone, check_finite
+from ..formats import check_fields, check_finite, check_value, read_json_object, read_weights
+from .backbone import SAVED_META_FIELDS, DiffusionBackbone
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -336,11 +336,7 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"{path} has a config but no weights: {WEIGHTS_FILE} is missing")
-    try:
-        state = load_file(weights)
-    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
-        raise ConfigError(f"{weights} cannot be read ({' '.join(str(e).split())[:120]})") from None
-    check_finite(state.values(), weights)
+    state = read_weights(weights)
     if meta.get("sid_stages") and with_sid:  # a model trained with SID dropout also has its null-stage row
         rows = state["sid.embedding.weight"].shape[0] if "sid.embedding.weight" in state else meta["sid_stages"]
         model.add_stage_identifier(meta["sid_stages"], init="zero", null_row=rows > meta["sid_stages"])

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, first_line
-from ..formats import check_fields, read_json_object
-from .backbone import SAVED_META_FIELDS, DiffusionBackbone, check_finite
+from ..formats import check_fields, check_finite, read_json_object, read_weights
+from .backbone import SAVED_META_FIELDS, DiffusionBackbone
 from .sid import StageIdentifier
 
 META_FILE = "autoprog.json"
@@ -381,19 +381,13 @@ EXTRAS_FILE = "extras.safetensors"  # an Adapter / VPT-Deep model's own modules 
 
 
 def _load_extras(model: TextUNet, settings: dict, root: Path) -> None:
-    from safetensors.torch import load_file
-
     from .extras import install_extras
 
     module = install_extras(model, settings, f"{root / META_FILE}: extras")
     file = root / EXTRAS_FILE
     if not file.is_file():
         raise ConfigError(f"{root} was fine-tuned with {settings['kind']} but {EXTRAS_FILE} is missing")
-    try:
-        state = load_file(str(file))
-    except Exception as e:  # safetensors' own error types
-        raise ConfigError(f"{file} cannot be read ({' '.join(str(e).split())[:120]})") from None
-    check_finite(state.values(), file)
+    state = read_weights(file)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
