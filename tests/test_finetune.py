@@ -540,3 +540,17 @@ def test_hybrid_loss_finetunes_a_learned_sigma_dit_and_moves_its_variance_head(k
     res = finetune(replace(spec, train=replace(spec.train, hybrid_loss=False)), tmp_path / "plain")
     tuned, _ = load_backbone(tmp_path / "plain" / "model")
     assert torch.equal(w0[variance], tuned.state_dict()[head + ".weight"][variance]), "without it they do not"
+
+
+def test_a_learned_sigma_base_is_pre_trained_with_the_hybrid_loss_and_fine_tunes_with_it(cli, fake_fmnist, cache_dir,
+                                                                                         tmp_path):
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--data-root", fake_fmnist, "--hidden-size", "16",
+                     "--depth", "2", "--num-heads", "2", "--learn-sigma", "--hybrid-loss", "--out", tmp_path / "base",
+                     *TRAIN_FLAGS)
+    assert rc == 0, err
+    model, _ = load_backbone(tmp_path / "base" / "model")
+    assert model.learned_sigma and model.config["learn_sigma"]
+    rc, _, err = cli("finetune", "--base", tmp_path / "base" / "model", "--method", "prog", "--hybrid-loss",
+                     "--data-root", fake_fmnist, "--out", tmp_path / "ft", *TRAIN_FLAGS)
+    assert rc == 0, err
+    assert load_backbone(tmp_path / "ft" / "model")[0].learned_sigma

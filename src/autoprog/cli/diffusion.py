@@ -27,7 +27,7 @@ from .common import (
 
 GROUPS = ("model", "data", "unfreezing", "optimisation", "evaluation")
 BASE_EXCLUDE = {"train.proxy_batches", "train.proxy_batch_size", "train.peft_lr", "train.time_source",
-                "train.step_time_scope", "train.hybrid_loss"}
+                "train.step_time_scope"}
 
 
 def _add_spec(p: argparse.ArgumentParser, spec_cls, exclude: set[str], command: str) -> None:
@@ -36,7 +36,8 @@ def _add_spec(p: argparse.ArgumentParser, spec_cls, exclude: set[str], command: 
     add_run_flags(groups["optimisation"], command)
 
 
-TEXT_BASE_EXCLUDE = BASE_EXCLUDE | {"num_classes", "patch_size", "hidden_size", "depth", "num_heads"}
+TEXT_BASE_EXCLUDE = BASE_EXCLUDE | {"num_classes", "patch_size", "hidden_size", "depth", "num_heads",
+                                    "train.hybrid_loss"}
 
 
 FINETUNE_SPECS = {"text-to-image": TextFinetuneSpec, "dreambooth": DreamBoothSpec}

@@ -322,6 +322,9 @@ class BaseSpec(ImageDataSpec):
     hidden_size: int = option(96, "transformer width", minimum=1, group="model")
     depth: int = option(6, "transformer blocks", minimum=1, group="model")
     num_heads: int = option(4, "attention heads", minimum=1, group="model")
+    learn_sigma: bool = option(False, "also predict the variance (DiT's learned sigma, as the official DiT-XL/2); "
+                                      "--hybrid-loss trains it, otherwise it keeps its initial weights",
+                               group="model")
     train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
         steps=6000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200, ema_decay=0.999,
         eval_points=3))
@@ -335,6 +338,7 @@ class TextBaseSpec(BaseSpec):
     settings_name = "text-to-image base-model settings"
 
     backbone: str = option("text-unet", "a UNet conditioned on a CLIP text encoder", choices=("text-unet",))
+    learn_sigma: bool = option(False, "unused by text-to-image: its UNet predicts the noise only", cli=False)
     channels: str = option("16,32", "UNet channels per level (its input must divide by 2^(levels-1))",
                            group="model")
     text_dim: int = option(64, "text encoder width (the UNet's cross-attention dimension)", minimum=32,
@@ -625,7 +629,9 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
     else:
         model = build_backbone(spec.backbone, image_size=data.model_size, patch_size=spec.patch_size,
                                in_chans=data.model_chans, num_classes=spec.num_classes or data.num_classes,
-                               hidden_size=spec.hidden_size, depth=spec.depth, num_heads=spec.num_heads)
+                               hidden_size=spec.hidden_size, depth=spec.depth, num_heads=spec.num_heads,
+                               **({"learn_sigma" if spec.backbone == "dit" else "learned_sigma": True}
+                                  if spec.learn_sigma else {}))
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
     from accelerate import Accelerator
 

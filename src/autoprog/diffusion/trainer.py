@@ -117,7 +117,8 @@ class DiffusionTrainer(RunTemplate):
         cfg.validate()
         if cfg.hybrid_loss and not model.learned_sigma:
             raise ConfigError("--hybrid-loss trains a learned variance: it needs a DiT that predicts one (the official "
-                              "DiT-XL/2 checkpoint, or a diffusers DiT with out_channels twice in_channels); this "
+                              "DiT-XL/2 checkpoint, a diffusers DiT with out_channels twice in_channels, or a base "
+                              "pre-trained with --learn-sigma); this "
                               f"{model.kind} model predicts the noise only")
         model.train_variance = cfg.hybrid_loss
         self.model, self.controller, self.data, self.cfg = model, controller, data, cfg
