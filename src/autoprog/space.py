@@ -165,6 +165,14 @@ class Segments:
                                   "remove blocks; use fewer --num-stages or another --start-ratio")
 
 
+def blocks_of(subnet: SubNet, segments: Segments | None) -> tuple[int, ...]:
+    """``subnet``'s physical blocks in forward order: its own list, or the first ``depth`` blocks of the model (with
+    ``segments``: each segment's first blocks)."""
+    if subnet.blocks is not None or segments is None:
+        return subnet.active_blocks
+    return segments.default_blocks(subnet.depth)
+
+
 @dataclass(frozen=True)
 class GrowthSpace:
     """The growth space Ω of a ViT: number of patches × depth, scaled by equispaced ratios.
@@ -219,11 +227,14 @@ class GrowthSpace:
     def depth_for(self, ratio: float) -> int:
         return min(self.full_depth, max(self.min_depth, round_half_up(ratio * self.full_depth)))
 
+    @property
+    def block_segments(self) -> Segments:
+        """The block segments, or the whole depth as one segment."""
+        return self.segments if self.segments is not None else Segments((self.full_depth,))
+
     def blocks_of(self, subnet: SubNet) -> tuple[int, ...]:
         """``subnet``'s physical blocks in forward order: its own list, or each segment's first blocks."""
-        if subnet.blocks is not None or self.segments is None:
-            return subnet.active_blocks
-        return self.segments.default_blocks(subnet.depth)
+        return blocks_of(subnet, self.segments)
 
     def resolutions(self) -> list[int]:
         return sorted({self.resolution_for(r) for r in self.ratios()})

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..compute import CheckpointedBlocks
 from ..errors import ConfigError
-from ..space import GrowthSpace, Segments, SubNet
+from ..space import GrowthSpace, Segments, SubNet, blocks_of
 
 FAMILIES: list[type[ElasticModel]] = []  # every adapter class, in the order :func:`elastic` tries them
 
@@ -100,10 +100,7 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
 
     def blocks_of(self, subnet: SubNet) -> tuple[int, ...]:
         """``subnet``'s physical blocks in forward order (its own list, or each segment's first blocks)."""
-        segments = None if self.unfreezing else self.segments
-        if subnet.blocks is not None or segments is None:
-            return subnet.active_blocks
-        return segments.default_blocks(subnet.depth)
+        return blocks_of(subnet, None if self.unfreezing else self.segments)  # no GrowthSpace built per forward
 
     def set_unfreezing(self, on: bool = True) -> None:
         """Read sub-networks as learnable blocks (fine-tuning a pre-trained model) instead of running blocks."""

@@ -30,7 +30,7 @@ from ..controllers import (
 from ..errors import ConfigError
 from ..options import check_bounds, option
 from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
-from ..space import GrowthSpace, Segments, SubNet, candidates
+from ..space import GrowthSpace, SubNet, candidates
 from .elastic import ALPHA_RULES, choose, cycle_index, elastic_layout, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
 
@@ -318,8 +318,7 @@ class AutoProgOne(Controller):
                  for i, (c, lo, t, sc) in enumerate(zip(self.cands, losses, times, score))]
         chosen = SubNet(best.resolution, best.depth)
         if self.cfg.recycle:  # weight recycling: keep the supernet's weights, compact to blocks 0..l-1 (per segment)
-            segments = self.space.segments or Segments((self.space.full_depth,))
-            trainer.relayout(segments.compaction(best.active_blocks), chosen)
+            trainer.relayout(self.space.block_segments.compaction(best.active_blocks), chosen)
         else:
             trainer.restore(self._snapshot)
             self._snapshot = None

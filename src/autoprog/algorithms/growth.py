@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters.base import ElasticModel
 from ..errors import ConfigError
-from ..space import Segments, SubNet
+from ..space import SubNet
 
 MAPPINGS = ("randinit", "stacking", "interpolation")
 
@@ -81,7 +81,7 @@ class GrowthOperator:
         """Write ψ_ℓ=``dst``'s block weights into ``model`` (and ``ema`` if given) from ψ_s=``src``."""
         if dst.depth < src.depth or dst.resolution < src.resolution:
             raise ConfigError(f"growth must not shrink the network: {src} -> {dst}")
-        segments = model.growth_space(1, 1.0).segments or Segments((model.full_depth,))
+        segments = model.growth_space(1, 1.0).block_segments
         block_map: dict[int, int | None] = {}
         inserted: list[int] = []
         for s, (src_phys, dst_phys) in enumerate(zip(segments.partition(model.blocks_of(src)),

@@ -44,7 +44,7 @@ DEFAULT_CLASS_PROMPT = "a photo of a {}"
 CLASS_CFG_SCALE = 4.0  # guidance of the generated class images (autoprog sample's default; diffusers' uses 7.5)
 OWN_FIDELITY = "subject fidelity (autoprog features)"
 OWN_TEXT = "text agreement (autoprog classifier)"
-AGREEMENT_CHUNK = 256  # images the classifier scores at once (text agreement)
+CLASSIFIER_CHUNK = 256  # images the feature classifier scores at once
 MAX_EVAL_PROMPTS = 4  # --eval-prompts (Table 8's Prompt-A and Prompt-B are two)
 SCORE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "subject_fidelity": OWN_FIDELITY,
                 "text_agreement": OWN_TEXT,  # each score's name in reports; then those of each --eval-prompts prompt
@@ -231,6 +231,19 @@ class ClipScorer:
                                                     attention_mask=tok["attention_mask"].to(self.device)))
 
 
+@torch.no_grad()
+def classifier_outputs(net, images: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature classifier's features and class probabilities of uint8 ``images`` brought to ``size``, in chunks
+    of :data:`CLASSIFIER_CHUNK` images."""
+    device = next(net.parameters()).device
+    feats, probs = [], []
+    for chunk in images.split(CLASSIFIER_CHUNK):
+        f = net.features(to_float(match_images(chunk, size, net.in_channels)).to(device))
+        feats.append(f)
+        probs.append(net.head(f).softmax(-1))
+    return torch.cat(feats), torch.cat(probs)
+
+
 class PromptAgreement:
     """An evaluator (FD/KID) that also scores how well each generated image agrees with its prompt, for
     text-to-image (Table 7): ``clip_t``, the mean cosine between each image's CLIP embedding and its prompt's (with
@@ -256,12 +269,7 @@ class PromptAgreement:
             text = self._text[torch.arange(len(images)) % len(self._text)]
             out["clip_t"] = float(F.cosine_similarity(img.float(), text.float(), dim=-1).mean())
         if self.feature_net is not None:
-            net = self.feature_net
-            device = next(net.parameters()).device
-            with torch.no_grad():  # in chunks, as the FD features are computed
-                p = torch.cat([net.head(net.features(to_float(match_images(chunk, chunk.shape[-1], net.in_channels))
-                                                     .to(device))).softmax(-1).cpu()
-                               for chunk in images.split(AGREEMENT_CHUNK)])
+            p = classifier_outputs(self.feature_net, images, images.shape[-1])[1].cpu()
             want = self.classes[torch.arange(len(images)) % len(self.classes)]
             if int(want.max()) >= p.shape[1]:
                 raise ConfigError(f"class {int(want.max())} is outside the feature classifier's {p.shape[1]} classes")
@@ -298,14 +306,10 @@ class SubjectEvaluator:
         self._clip_text = clip.text_features(class_prompt) if clip is not None else None
         self._own_ref = self._own(subject)[0] if feature_net is not None else None
 
-    @torch.no_grad()
     def _own(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        net = self.feature_net
         size = getattr(self, "_own_size", None) or images.shape[-1]
         self._own_size = size  # the subject's size: generated images are brought to it
-        x = to_float(match_images(images, size, net.in_channels)).to(next(net.parameters()).device)
-        f = net.features(x)
-        return f, net.head(f).softmax(-1)
+        return classifier_outputs(self.feature_net, images, size)
 
     def prompt_scores(self, images: torch.Tensor, prompt: str, index: int) -> dict:
         """Scores of uint8 images generated from ``prompt`` (the ``index``-th of ``--eval-prompts``, from 1):
