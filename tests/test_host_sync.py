@@ -1,7 +1,7 @@
 """No host-device sync in a steady-state training step (#26). On a GPU every ``Tensor.item``, ``float(t)``,
 ``bool(t)``, ``int(t)``, ``.cpu()`` or ``.tolist()`` of a device tensor waits for all queued work. On the CPU these
-tests count such calls made by autoprog's own code inside the engine's steps (evaluation points and checkpoints
-excluded); the libraries' calls are on host tensors (AdamW's step counts) and are not counted."""
+tests count such calls made by autoprog's own code inside the engine's steps (evaluation points, checkpoints and
+the searches at a stage's start excluded); the libraries' calls are on host tensors (AdamW's step counts) and are not counted."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def count_syncs(monkeypatch):
                 inside[0] = False
 
         monkeypatch.setattr(RunTemplate, name, inside_step)
+    import autoprog.engine as engine
+
+    real_enter = engine.enter_due_stage
+
+    def enter(trainer):  # a stage's start (its search) is not a steady-state step: what it reads is not counted
+        before = collections.Counter(counts)
+        entered = real_enter(trainer)
+        if entered:
+            counts.clear()
+            counts.update(before)
+        return entered
+
+    monkeypatch.setattr(engine, "enter_due_stage", enter)
     return counts
 
 
@@ -61,3 +74,34 @@ def test_finetuning_steps_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs):
                      "--out", tmp_path / "ft", "--cpu")
     assert rc == 0, err
     assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+# the tiny text-to-image base, a module fixture of the text-to-image tests
+from test_text_to_image import text_base  # noqa: E402,F401
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "autoprog-zero"])  # the text path frozen (cached), and an SID learning
+def test_text_to_image_steps_do_not_sync(method, cli, text_base, fake_fmnist, cache_dir, tmp_path,  # noqa: F811
+                                         count_syncs):
+    rc, _, err = cli("finetune", "--task", "text-to-image", "--base", text_base, "--method", method, "--steps", "100",
+                     "--batch-size", "4", "--image-size", "8", "--eval-points", "1", "--fd-samples", "4",
+                     "--curve-samples", "4", "--sample-steps", "2", "--feature-epochs", "1", "--checkpoint-every",
+                     "0", "--cache-dir", cache_dir, "--data-root", fake_fmnist, "--out", tmp_path / "t2i", "--cpu",
+                     *(["--proxy-batches", "2", "--proxy-batch-size", "2"] if method == "autoprog-zero" else []))
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+@pytest.mark.slow
+def test_transfer_steps_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs):
+    from autoprog.cli import main
+
+    assert main(["pretrain", "--method", "original", "--out", str(tmp_path / "pre"),
+                 *tiny_args(fake_fmnist, epochs="1")]) == 0
+    count_syncs.clear()
+    rc, _, err = cli("finetune", "--task", "classification", "--method", "prog", "--base", tmp_path / "pre",
+                     "--dataset", "digits", "--batch-size", "16", "--epochs", "1", "--num-stages", "2",
+                     "--no-flops", "--cpu", "--out", tmp_path / "ft")  # 1797 * 0.9 / 16: about 100 steps
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3 + 2, dict(count_syncs)  # + a stage change

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import numpy as np
 import pytest
@@ -311,13 +313,39 @@ def test_measure_step_time_is_the_median_of_timed_calls_after_untimed_warmup():
     assert events == ["step", "step"] + ["clock", "step", "clock"] * 5
 
 
-def test_measure_step_time_synchronises_cuda(monkeypatch):
+def test_measure_step_time_synchronises_cuda_around_each_call_of_a_given_clock(monkeypatch):
     syncs = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
-    measure_step_time(lambda: None, repeats=3, warmup=1, device="cuda:0")
+    measure_step_time(lambda: None, repeats=3, warmup=1, device="cuda:0", clock=time.perf_counter)
     assert syncs == ["cuda:0"] * 6
     measure_step_time(lambda: None, repeats=3, device="cpu")
     assert len(syncs) == 6
+
+
+def test_measure_step_time_on_cuda_reads_events_recorded_between_steps_and_syncs_once(monkeypatch):
+    """On a GPU the steps are timed by CUDA events, one after each step: the median of their gaps, in seconds."""
+    log, gpu_ms = [], iter([0.0, 4.0, 5.0, 8.0, 108.0, 110.0])  # gaps 4, 1, 3, 100, 2 ms: median 3 ms
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = next(gpu_ms)
+            log.append("record")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, later):
+            return later.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("device sync"))
+    assert measure_step_time(lambda: log.append("step"), repeats=5, warmup=2, device="cuda:0") == 0.003
+    assert log == ["step", "step", "record"] + ["step", "record"] * 5 + ["sync"]
 
 
 def test_measure_step_time_measures_real_time():

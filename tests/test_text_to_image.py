@@ -471,3 +471,46 @@ def test_a_learnable_identifier_is_encoded_every_time():
     ids = m.tokenize(CAPTIONS)
     m.encode_text(ids), m.encode_text(ids)
     assert len(calls) == 2 and m.sid.embedding.weight.requires_grad
+
+
+def test_training_steps_look_prompts_up_in_the_declared_table_and_count_strangers():
+    m = tiny()
+    m.text_encoder.requires_grad_(False)
+    calls = []
+    m.text_encoder.register_forward_hook(lambda mod, a, o: calls.append(a[0].shape[0]))
+    m.expect_conditions(m.tokenize(CAPTIONS))
+    ids = m.tokenize([CAPTIONS[2], CAPTIONS[0], CAPTIONS[2]])
+    ids = torch.cat([ids, m.null_ids[None]])  # classifier-free guidance's dropped prompt is in the table too
+    with torch.no_grad():
+        expected = m.text_encoder(ids).last_hidden_state
+    calls.clear()
+    looked_up = m.encode_text(ids)  # autograd on: a training step
+    assert calls == [4] and torch.allclose(looked_up, expected, atol=1e-6)  # the table (3 captions + empty) encoded
+    assert torch.equal(m.encode_text(ids[[3, 1]]), looked_up[[3, 1]]) and calls == [4]  # once
+    assert int(m.unexpected_conditions()) == 0
+    m.encode_text(m.tokenize(["a photo of a bag"]))  # not a caption of the run: counted, for the health check
+    assert int(m.unexpected_conditions()) == 1
+    with torch.no_grad():  # sampling (autograd off) may use any prompt: the exact per-prompt cache
+        assert torch.allclose(m.encode_text(m.tokenize(["a photo of a bag"])),
+                              m.text_encoder(m.tokenize(["a photo of a bag"])).last_hidden_state, atol=1e-6)
+    assert int(m.unexpected_conditions()) == 1
+
+
+def test_the_health_check_raises_on_a_training_prompt_outside_the_table():
+    from accelerate import Accelerator
+
+    from autoprog.engine import HealthWatch
+
+    m = tiny()
+    m.text_encoder.requires_grad_(False)
+    m.expect_conditions(m.tokenize(CAPTIONS))
+    watch = HealthWatch()
+    watch.guard(m.unexpected_conditions, "a training prompt was not among the run's captions")
+    watch.watch(1, torch.tensor(0.5), None)
+    acc = Accelerator(cpu=True)
+    watch.check(acc)  # nothing looked up yet
+    m.encode_text(m.tokenize(CAPTIONS[:2]))
+    watch.check(acc)
+    m.encode_text(m.tokenize(["a photo of a bag"]))
+    with pytest.raises(RuntimeError, match="internal error: a training prompt was not among"):
+        watch.check(acc)

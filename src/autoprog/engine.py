@@ -697,6 +697,12 @@ class HealthWatch:
         self.last_step: int | None = None  # the step of that loss
         self.overflow_patience: int | None = None  # fp16: a non-finite gradient is an overflow, skipped, until
         self._overflows = None  # this many in a row (device count)
+        self._guards: list = []  # (device count that must stay 0, or None; what a non-zero count means)
+
+    def guard(self, count, meaning: str) -> None:
+        """Also read, at every check and in the same sync, the device count ``count()`` returns (None: nothing
+        counted yet); a non-zero count raises ``RuntimeError(meaning)``: an invariant of autoprog's own broken."""
+        self._guards.append((count, meaning))
 
     def watch(self, step: int, loss, grad_norm) -> None:
         """Step ``step``'s loss and gradient norm (None: not clipped), kept on the device."""
@@ -729,8 +735,13 @@ class HealthWatch:
 
         if self._first is None:
             return
-        mine = torch.cat([self._first, self._loss.reshape(1)])[None]
+        counts = [c() for c, _ in self._guards]
+        counts = [torch.zeros((), device=self._loss.device) if c is None else c.to(self._loss) for c in counts]
+        mine = torch.cat([self._first, self._loss.reshape(1), *(c.reshape(1) for c in counts)])[None]
         rows = (acc.gather(mine) if acc.num_processes > 1 else mine).tolist()
+        for i, (_, meaning) in enumerate(self._guards):
+            if any(r[4 + i] for r in rows):
+                raise RuntimeError(f"internal error: {meaning}")
         self.last_loss = sum(r[3] for r in rows) / len(rows)
         self.last_step = self._step
         bad = sorted(r[:3] for r in rows if r[0] >= 0)

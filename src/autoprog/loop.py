@@ -94,7 +94,7 @@ class ProgressiveLoop(GrowthCalls):
         self.step, self.stage = 0, -1
         self.search_time = 0.0  # seconds the controller spent entering stages (its searches at stage starts)
         self.stage_log: list[dict] = []
-        self.step_timer = StepTimer(warmup=1)  # forward and backward on the first proxy batch
+        self.step_timer = StepTimer()  # forward and backward on the first proxy batch
         self._t0 = time.perf_counter()
         self.total_steps = controller.setup(self, total_steps)
 
@@ -319,11 +319,11 @@ class ProgressiveLoop(GrowthCalls):
             self.model.train(was)
             self.restore(snap)
 
-    def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
+    def measure_step_time(self, subnet: SubNet, repeats: int | None = None) -> float:
         key = f"{subnet.resolution}:{subnet.depth}:{subnet.blocks}"
         return self.step_timer.time(key, lambda: self._timed(subnet, repeats))
 
-    def _timed(self, subnet: SubNet, repeats: int) -> float:
+    def _timed(self, subnet: SubNet, repeats: int | None) -> float:
         proxy = self._need_proxy("measured step times")
         batch = self._at(proxy.timing_batch if proxy.timing_batch is not None else proxy.batches[0], subnet.resolution)
         cur = self.subnet

@@ -1,7 +1,7 @@
 """T, a candidate's training step time (Eq. 18): one timer for every search of every task.
 
-* :func:`measure_step_time` -- the median seconds of a step over timed repeats after untimed warm-ups, the device
-  synchronised around each timed call.
+* :func:`measure_step_time` -- the median seconds of a step over timed repeats (5) after untimed warm-ups (2); on
+  a GPU timed by CUDA events.
 * :class:`ShadowUpdate` -- the update half of a training step (gradient clipping, the optimizer step, the
   momentum update) run on shadow copies of the learnable parameters, so timing it changes no weight and no
   optimizer state.
@@ -53,25 +53,32 @@ class SearchMeasurements:
                                   choices=SCOPES, group="searches")
 
 
+REPEATS = 5  # timed steps per candidate (their median), after WARMUP untimed ones: one default for every search
+WARMUP = 2  # a new resolution's or sub-network's first steps pay one-off costs (allocation, autotuning)
+
+
 def measure_step_time(
     step: Callable[[], None],
-    repeats: int = 5,
-    warmup: int = 2,
+    repeats: int = REPEATS,
+    warmup: int = WARMUP,
     device: torch.device | str | None = None,
     clock: Callable[[], float] | None = None,
 ) -> float:
     """T of Eq. 18: median seconds of ``step()`` over ``repeats`` timed calls after ``warmup`` untimed ones.
 
-    On a CUDA ``device`` the device is synchronised before and after each timed call, so queued kernels are
-    counted. ``clock`` defaults to ``time.perf_counter``.
+    On a CUDA ``device`` each call is timed by CUDA events recorded on the device's stream around it (the span
+    from the first queued kernel to the last, launch gaps included), read after one synchronisation at the end;
+    elsewhere by ``clock`` (default ``time.perf_counter``).
     """
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    clock = clock or time.perf_counter
     cuda = device is not None and torch.device(device).type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     for _ in range(warmup):
         step()
+    if cuda and clock is None:
+        return statistics.median(_cuda_event_times(step, repeats, torch.device(device)))
+    clock = clock or time.perf_counter
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     times = []
     for _ in range(repeats):
         sync()
@@ -80,6 +87,18 @@ def measure_step_time(
         sync()
         times.append(clock() - start)
     return statistics.median(times)
+
+
+def _cuda_event_times(step: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
+    """Seconds of ``repeats`` calls of ``step()`` on ``device``, by CUDA events (one synchronisation, at the end)."""
+    with torch.cuda.device(device):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+        marks[0].record()
+        for k in range(repeats):
+            step()
+            marks[k + 1].record()
+        marks[-1].synchronize()
+    return [a.elapsed_time(b) / 1000.0 for a, b in zip(marks, marks[1:])]  # elapsed_time is in milliseconds
 
 
 class ShadowUpdate:
@@ -127,7 +146,7 @@ class ShadowUpdate:
 class StepTimer:
     """Each candidate's step time, measured once per stage (see the module docstring for ``scope``)."""
 
-    def __init__(self, repeats: int = 3, warmup: int = 2, scope: str = "forward-backward",
+    def __init__(self, repeats: int = REPEATS, warmup: int = WARMUP, scope: str = "forward-backward",
                  device: torch.device | str | None = None):
         if scope not in SCOPES:
             raise ConfigError(f"--step-time-scope must be one of {', '.join(SCOPES)}, got {scope!r}")

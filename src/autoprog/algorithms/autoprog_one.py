@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..options import check_bounds, option
 from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
 from ..space import GrowthSpace, SubNet, candidates
+from ..steptime import REPEATS
 from .elastic import ALPHA_RULES, choose, cycle_index, elastic_layout, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
 
@@ -98,7 +99,7 @@ class AutoProgOneConfig:
                                      "Measured over 3 seeds: gain is better near the original's plateau (30 epochs), "
                                      "paper in short runs (8 epochs), so paper stays the default",
                             choices=CRITERIA, group="AutoProg-One search")
-    time_repeats: int = option(3, "timed repeats per candidate (--search-step-time probe)", minimum=1, cli=False)
+    time_repeats: int = option(REPEATS, "timed repeats per candidate (--search-step-time probe)", minimum=1, cli=False)
 
     def validate(self) -> None:
         check_bounds(self)

@@ -219,7 +219,7 @@ class Trainer(GrowthCalls, RunTemplate):
         if self.budget.in_steps:
             return self._count_flops(subnet) / self._count_flops(self.net.full_subnet)
         with self.measuring():  # forward and backward whatever --step-time-scope says: a plan for any method
-            return self._timed(subnet, 3, scope="forward-backward")
+            return self._timed(subnet, scope="forward-backward")
 
     def _moved_end(self, end: int) -> None:
         """Budget mode moved the end: the number of epochs (a running epoch counts from its start)."""
@@ -398,7 +398,7 @@ class Trainer(GrowthCalls, RunTemplate):
             self.net.subnet = cur
             self.net.train(was)
 
-    def measure_step_time(self, subnet: SubNet, repeats: int = 3) -> float:
+    def measure_step_time(self, subnet: SubNet, repeats: int | None = None) -> float:
         """Seconds of one training step of ``subnet`` on a full batch (``step_time_scope``: forward and backward,
         or the whole step): measured (median of ``repeats`` after two warm-ups, once per stage), or with
         ``time_source="flops"`` its training FLOPs times seconds per FLOP (calibrated once on the full model), so
@@ -407,7 +407,7 @@ class Trainer(GrowthCalls, RunTemplate):
             return self._flops_time(subnet)
         return self.step_timer.time(f"{subnet.resolution}:{subnet.depth}", lambda: self._timed(subnet, repeats))
 
-    def _timed(self, subnet: SubNet, repeats: int, scope: str | None = None) -> float:
+    def _timed(self, subnet: SubNet, repeats: int | None = None, scope: str | None = None) -> float:
         """Seconds of a training step of ``subnet`` (two warm-ups: a new resolution's first pass pays one-off
         costs), not cached."""
         size = self.data.image_size

@@ -37,7 +37,7 @@ from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import OptimConfig, build_optimizer
 from ..options import check_bounds, option
 from ..space import GrowthSpace, SubNet
-from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
+from ..steptime import REPEATS, SearchMeasurements, ShadowUpdate, StepTimer
 from .data import DiffusionData
 from .dreambooth import SCORE_KEYS
 from .methods import export_backbone
@@ -92,7 +92,7 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
                                group="evaluation")
     cfg_scale: float = option(1.5, "classifier-free guidance scale for evaluation (as the paper)", minimum=1,
                               group="evaluation")
-    time_repeats: int = option(3, "timed repeats per candidate step time", minimum=1, cli=False)
+    time_repeats: int = option(REPEATS, "timed repeats per candidate step time", minimum=1, cli=False)
     budget: str | None = budget_option("--steps", "every 5 %% of the run")
     budget_steps: float | None = budget_steps_option("--steps", "full fine-tuning")
     checkpoint_every: int = option(0, "also checkpoint every this many steps between evaluation points (0 = only "
@@ -149,11 +149,14 @@ class DiffusionTrainer(RunTemplate):
         self.resolution = data.model_size
         self.steps_per_epoch = max(1, len(data.train_images) // self.global_batch)
         self._init_run_state()
+        if data.caption_ids is not None:  # a frozen text path: each step's prompts looked up on the device
+            self.model.expect_conditions(data.caption_ids)
+        self.health.guard(self.model.unexpected_conditions, "a training prompt was not among the run's captions")
         self._lr = lr
         self.trainable_steps = 0.0  # Σ trainable parameters over steps, for the mean
         self.flops_cache: dict[str, int] = {}
         self._proxy = None
-        self.step_timer = StepTimer(cfg.time_repeats, warmup=2, scope=cfg.step_time_scope, device=self.acc.device)
+        self.step_timer = StepTimer(cfg.time_repeats, scope=cfg.step_time_scope, device=self.acc.device)
         self._full_flops: int | None = None  # full fine-tuning's step FLOPs (budget mode's unit)
         self.budget = Budget.from_options(cfg.budget, cfg.budget_steps)
         self.budget_plan = BudgetPlan(self, self.budget) if self.budget else None
@@ -186,7 +189,7 @@ class DiffusionTrainer(RunTemplate):
             flops = self.step_flops() if own is None else self._candidate_flops(own)
             return flops / self._full_finetune_flops()
         with self.measuring():  # forward and backward whatever --step-time-scope says: a plan for any method
-            return self._timed(own, 3, scope="forward-backward")
+            return self._timed(own, scope="forward-backward")
 
     def _full_finetune_flops(self) -> int:
         if self._full_flops is None:

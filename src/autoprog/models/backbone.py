@@ -106,6 +106,14 @@ class DiffusionBackbone(CheckpointedBlocks, nn.Module):
         """The condition of classifier-free guidance's unconditional branch, shaped like ``y``."""
         return torch.full_like(y, self.null_class)
 
+    def expect_conditions(self, conditions: torch.Tensor | None) -> None:
+        """Declare the conditions every training step draws from (a model with prompts may then skip work; here
+        nothing)."""
+
+    def unexpected_conditions(self) -> torch.Tensor | None:
+        """A device count of training conditions outside the declared ones (None: not counted)."""
+        return None
+
     def freeze_fixed(self) -> None:
         """Freeze what no fine-tuning method trains (nothing here; a text-to-image model's text encoder)."""
 

@@ -139,20 +139,56 @@ class TextUNet(DiffusionBackbone):
 
         While nothing in the text path learns, each distinct prompt is encoded once and cached (a run has a
         few prompts): the cache is keyed by the token ids and by the storage and version counter of every text
-        weight, so any change to them (an optimizer or EMA step, a loaded checkpoint) makes it encode afresh."""
+        weight, so any change to them (an optimizer or EMA step, a loaded checkpoint) makes it encode afresh.
+        Training steps use the table of :meth:`expect_conditions` instead, where one is declared."""
         ids = self.with_sid(ids)
         learnable = self.sid is not None and self.sid.embedding.weight.requires_grad
         learnable = learnable or any(p.requires_grad for p in self.text_encoder.parameters())
         if learnable or (self.text_encoder.training and self.text_encoder.config.attention_dropout > 0):
             with torch.set_grad_enabled(torch.is_grad_enabled() and learnable):
                 return self.text_encoder(ids).last_hidden_state
+        if torch.is_grad_enabled() and getattr(self, "_table", None) is not None:  # a training step
+            return self._looked_up_text(ids)
         return self._cached_text(ids)
+
+    def expect_conditions(self, conditions: torch.Tensor | None) -> None:
+        """Declare the token ids ``(K, L)`` of which every training condition is a row (the run's captions; the
+        empty prompt is added), or ``None``. While the text path is frozen, a step with autograd on then looks its
+        prompts up in the encodings of that table on the device, with no read back to the host (the prompt cache
+        of :meth:`encode_text` reads the ids back once per call). A row not in the table is counted
+        (:meth:`unexpected_conditions`) for the trainer's health check, which raises on it."""
+        self._table = None if conditions is None else torch.unique(
+            torch.cat([conditions.cpu(), self.null_ids.cpu()[None]]), dim=0)
+        self._table_version = self._table_states = self._misses = None
+
+    def unexpected_conditions(self) -> torch.Tensor | None:
+        """How many training conditions were not rows of the declared table (a device count; None: none looked up)."""
+        return getattr(self, "_misses", None)
+
+    def _text_version(self, ids: torch.Tensor) -> tuple:
+        """What the encodings of ``ids`` depend on besides the ids: the text weights (their storage and version
+        counters: an optimizer or EMA step or a loaded checkpoint changes them), the device, the autocast type
+        and the SID's stage."""
+        params = [*self.text_encoder.parameters(), *(self.sid.parameters() if self.sid is not None else ())]
+        return (tuple((p.data_ptr(), p._version) for p in params), str(ids.device),
+                torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None,
+                self.sid.stage if self.sid is not None else None)
+
+    @torch.no_grad()
+    def _looked_up_text(self, ids: torch.Tensor) -> torch.Tensor:
+        version = self._text_version(ids)
+        if self._table_version != version:  # the table encoded once per weights (a frozen text path: once)
+            keys = self.with_sid(self._table.to(ids.device))
+            self._table_keys, self._table_states = keys, self.text_encoder(keys).last_hidden_state
+            self._table_version = version
+        match = (ids[:, None, :] == self._table_keys[None]).all(-1)  # (B, K), on the device
+        misses = (~match.any(1)).sum()
+        self._misses = misses if self._misses is None else self._misses + misses
+        return self._table_states[match.int().argmax(1)]
 
     @torch.no_grad()
     def _cached_text(self, ids: torch.Tensor) -> torch.Tensor:
-        params = [*self.text_encoder.parameters(), *(self.sid.parameters() if self.sid is not None else ())]
-        version = (tuple((p.data_ptr(), p._version) for p in params), str(ids.device),  # new or changed weights
-                   torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None)
+        version = self._text_version(ids)
         if getattr(self, "_text_cache_version", None) != version or len(self._text_cache) > 256:
             self._text_cache, self._text_cache_version = {}, version
         rows, inverse = torch.unique(ids, dim=0, return_inverse=True)
