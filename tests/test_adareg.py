@@ -72,3 +72,37 @@ def test_pretrain_with_adareg_runs_and_records_it(cli, fake_fmnist, tmp_path):
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["done"] and res["summary"]["adareg"] is True
+
+
+def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magnitude(cli, image_folder, tmp_path,
+                                                                                        monkeypatch):
+    """ImageFolder data: RandAugment runs where the images are decoded (the loader), each epoch at the magnitude
+    of its stage's sub-network, sent with the samples; the trainer does no RandAugment of its own."""
+    from autoprog.classification.adareg import AdaptiveRegularization
+    from autoprog.data import SeededSamples
+
+    seen, magnitudes = [], []
+    real_get = SeededSamples.__getitem__
+
+    def recorded(self, item):
+        if isinstance(item, tuple):
+            seen.append(item[2] if len(item) == 3 else None)
+            out = real_get(self, item)
+            magnitudes.append({op.magnitude for op in self.randaugment.ops})
+            return out
+        return real_get(self, item)
+
+    def host_randaugment(self, x):
+        raise AssertionError("decoded images were RandAugmented again by the trainer")
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", recorded)
+    monkeypatch.setattr(AdaptiveRegularization, "randaugment", host_randaugment)
+    out = tmp_path / "run"
+    rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", out, "--subset", "0", "--batch-size", "4",
+                     "--epochs", "2", "--num-stages", "2", "--method", "prog", "--adareg", "--embed-dim", "16",
+                     "--depth", "4", "--num-heads", "2", "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu")
+    assert rc == 0, err
+    per_epoch = len(seen) // 2  # 10 training images, each read once an epoch
+    first, last = set(seen[:per_epoch]), set(seen[per_epoch:])
+    assert len(first) == 1 and len(last) == 1 and min(first) < max(last) == 9.0  # the full model: Table 14's max
+    assert all(m == {s} for m, s in zip(magnitudes, seen))  # the workers' operations at the magnitude sent

@@ -98,3 +98,21 @@ def test_the_whole_recipe_trains_and_resumes_mid_epoch_bit_identical(cli, fake_f
     assert all(torch.equal(a[k], b[k]) for k in b)
     cfg = json.loads((full / "config.json").read_text())["train"]
     assert (cfg["mixup"], cfg["cutmix"], cfg["random_erasing"]) == (0.8, 1.0, 0.25)
+
+
+def test_a_worker_randaugment_goes_before_the_tensor_conversion_of_a_copy(image_folder):
+    from autoprog.data import EpochSampler, load_dataset, randaugment_transform
+
+    data = load_dataset(str(image_folder))
+    before = list(data.train.transform.transforms)
+    ra = randaugment_transform("rand-m9-n2-mstd0.5", 32, (0.5, 0.5, 0.5))
+    added = data.with_worker_randaugment(ra)
+    assert data.train.transform.transforms == before and data.worker_randaugment is None  # the bundle kept
+    names = [type(t).__name__ for t in added.train.transform.transforms]
+    assert names[-2:] == ["RandAugment", "PILToTensor"] and added.worker_randaugment is ra
+    sampler = EpochSampler(4, seed=0, keyed=True)
+    assert all(len(item) == 2 for item in sampler)
+    sampler.magnitude = 4.5
+    assert [item[2] for item in sampler] == [4.5] * 4
+    with pytest.raises(ValueError, match="in-memory"):
+        load_dataset("digits").with_worker_randaugment(ra)

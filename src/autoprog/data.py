@@ -13,6 +13,7 @@ so they do not depend on the number of workers, and a resumed epoch skips what i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import os
@@ -77,12 +78,15 @@ class EpochSampler(Sampler):
 
     The order is the one a shuffling ``DataLoader`` seeded with ``seed + epoch`` drew (it took one 64-bit number
     for its workers' seed first), so runs from before the loader was built once replay exactly. ``keyed``:
-    yield ``(epoch key, index)`` pairs, which :class:`SeededSamples` turns into per-image random transforms.
+    yield ``(epoch key, index)`` pairs, which :class:`SeededSamples` turns into per-image random transforms;
+    with a :attr:`magnitude` set, ``(epoch key, index, magnitude)``: the loader workers' RandAugment magnitude
+    for the epoch (AdaReg's, by the sub-network's size), read when the epoch's iteration begins.
     """
 
     def __init__(self, size: int, seed: int, keyed: bool = False):
         self.size, self.seed, self.keyed = size, seed, keyed
         self.epoch, self.skip = 0, 0
+        self.magnitude: float | None = None
 
     def begin_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next iteration is ``epoch``'s order without its first ``skip`` items (already trained)."""
@@ -96,16 +100,20 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(key)
         torch.empty((), dtype=torch.int64).random_(generator=g)
         order = torch.randperm(self.size, generator=g)[self.skip:].tolist()
-        return ((key, i) for i in order) if self.keyed else iter(order)
+        if not self.keyed:
+            return iter(order)
+        m = self.magnitude
+        return ((key, i) for i in order) if m is None else ((key, i, m) for i in order)
 
 
 class SeededSamples(Dataset):
     """A dataset whose random transforms are seeded per image: item ``(key, i)`` is image ``i`` transformed with
     torch's, Python's and numpy's random numbers seeded from ``key`` and ``i`` (the caller's random state
-    untouched), whichever worker reads it; a plain index reads the image as the dataset would."""
+    untouched), whichever worker reads it; a plain index reads the image as the dataset would. Item
+    ``(key, i, magnitude)`` first sets ``randaugment``'s operations to ``magnitude`` (AdaReg's)."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, randaugment=None):
+        self.dataset, self.randaugment = dataset, randaugment
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -113,7 +121,12 @@ class SeededSamples(Dataset):
     def __getitem__(self, item):
         if not isinstance(item, tuple):
             return self.dataset[item]
-        key, i = item
+        key, i = item[:2]
+        if len(item) == 3:
+            if self.randaugment is None:
+                raise ValueError("a RandAugment magnitude for a dataset without an adjustable RandAugment")
+            for op in self.randaugment.ops:
+                op.magnitude = item[2]
         seed = (key * 1_000_003 + i) % (2**63 - 1)
         if torch.utils.data.get_worker_info() is not None:  # a worker's streams serve nothing else
             _seed_all(seed)
@@ -159,6 +172,7 @@ class DataBundle:
     hflip: bool = True
     pad: int = 2
     train_plain: Dataset | None = None  # the training images without random transforms (None: ``train`` is)
+    worker_randaugment: object = None  # decoded data: a RandAugment in the workers' transform, magnitude per epoch
     test_at_size: Callable[[int], Dataset] | None = None  # decoded data: the test images cropped at another size
 
     def test_at(self, size: int) -> Dataset:
@@ -190,7 +204,7 @@ class DataBundle:
         if limit is not None:
             ds = _take(ds, min(limit, len(ds)), seed=1234)
         if sampler is not None and getattr(sampler, "keyed", False):
-            ds = SeededSamples(ds)
+            ds = SeededSamples(ds, self.worker_randaugment if split == "train" else None)
         kw = dict(batch_size=batch_size, drop_last=drop_last, sampler=sampler, shuffle=shuffle and sampler is None,
                   generator=torch.Generator().manual_seed(seed),  # the loader's own draws leave torch's stream alone
                   pin_memory=pin_memory and self.device.type == "cpu")
@@ -213,15 +227,30 @@ class DataBundle:
                 setattr(self, name, TensorImages(ds.images.to(device), ds.labels.to(device)))
         return self
 
+    def with_worker_randaugment(self, transform) -> DataBundle:
+        """This decoded data with RandAugment ``transform`` (timm's, on PIL images) added to the training images'
+        transform, in the loader workers, before the conversion to a tensor; its magnitude comes with each sample
+        (:class:`EpochSampler`'s ``magnitude``). This bundle is left as it is."""
+        import copy
+
+        from torchvision import transforms
+
+        if self.in_memory:
+            raise ValueError("in-memory images are RandAugmented by the trainer, not in loader workers")
+        train = copy.copy(self.train)
+        steps = list(train.transform.transforms)  # a torchvision Compose: ..., PILToTensor()
+        train.transform = transforms.Compose([*steps[:-1], transform, steps[-1]])
+        return dataclasses.replace(self, train=train, worker_randaugment=transform)
+
     def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None,
                 regularizer=None) -> torch.Tensor:
         """uint8 → normalised float; for training, random translation (±pad px) and horizontal flips.
 
         ``regularizer`` (an :class:`~autoprog.classification.adareg.AdaptiveRegularization`) adds RandAugment to
-        in-memory data and random erasing to any training batch.
+        in-memory data (decoded data gets it in the loader workers) and random erasing to any training batch.
         """
         if x.dtype == torch.uint8:
-            if train and regularizer is not None:
+            if train and regularizer is not None and self.in_memory:
                 x = regularizer.randaugment(x)
             x = x.float().div_(255.0)
             if train:

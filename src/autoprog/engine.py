@@ -201,8 +201,8 @@ class RunTemplate:
         """Train to the next evaluation point and evaluate there; True when the run stops after it."""
         seg, share = self._open_segment()
         bar = self._progress_bar()
+        self._start_clock()  # (a task may enter the due stage before its batches: that is training time)
         batches = self._segment_batches(seg["start_step"], share)
-        self._start_clock()
         for batch in batches:
             if self.step >= self.total_steps or self._point_due(seg):  # (a segment resumed at its end)
                 break
@@ -228,9 +228,7 @@ class RunTemplate:
     def _train_one(self, batch, seg: dict):
         """One optimizer step, with the controller driven around it; returns the detached loss."""
         t0 = time.perf_counter()
-        if enter_due_stage(self) and self.budget_plan is not None:
-            self.budget_plan.stage_started(self.step)
-            self._replan(entering=True)
+        self._enter_due_stage()
         loss = self._train_step(batch)
         seg["loss_sum"] += loss
         seg["loss_n"] += 1
@@ -250,6 +248,15 @@ class RunTemplate:
         self._stop_agreed = agree_stop(self.acc, self._stop_requested(), at_check)
         seg["step_times"].append(time.perf_counter() - t0)
         return loss
+
+    def _enter_due_stage(self) -> bool:
+        """Enter the stage due at this step, if it is a new one (:func:`enter_due_stage`; budget mode replans
+        there); whether one began."""
+        entered = enter_due_stage(self)
+        if entered and self.budget_plan is not None:
+            self.budget_plan.stage_started(self.step)
+            self._replan(entering=True)
+        return entered
 
     def _finish_point(self, record: dict, final: bool) -> bool:
         """Evaluate an evaluation point, checkpoint it, write the results; whether ``stop_after_*`` stops here."""

@@ -87,6 +87,14 @@ class AdaptiveRegularization:
                 elif mod is not None and rate > 0:
                     setattr(blk, name, DropPath(rate))
 
+    def pil_randaugment(self, channels: int):
+        """A RandAugment transform of its own for PIL images with ``channels`` channels (decoded data's loader
+        workers), at the current magnitude; the trainer sends each epoch's magnitude with the samples."""
+        ra = self._make_ra(channels)
+        for op in ra.ops:
+            op.magnitude = self.settings.randaug_magnitude
+        return ra
+
     def randaugment(self, x: torch.Tensor) -> torch.Tensor:
         """RandAugment each image of a uint8 batch (N, C, H, W)."""
         c = x.shape[1]

@@ -148,6 +148,8 @@ class Trainer(GrowthCalls, RunTemplate):
             schedule = ScheduleController(schedule)
         self.controller = schedule
         self.adareg = adareg  # optional AdaptiveRegularization, re-set whenever the sub-network changes
+        if adareg is not None and not data.in_memory:  # decoded images: its RandAugment in the loader workers
+            data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans))
         self.recipe = TrainingRecipe(cfg, data.num_classes, data.in_memory, data.image_size, data.mean)
         self.net, self.growth, self.data, self.cfg = net, growth, data, cfg
         self.out = Path(out_dir)
@@ -488,7 +490,11 @@ class Trainer(GrowthCalls, RunTemplate):
         self._gen.manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
         trained = (self.step - start_step) * self.global_batch if share else 0  # skipped unread
         self.sampler.begin_epoch(self.epoch, skip=trained)
-        batches = iter(self.train_loader)
+        if self.data.worker_randaugment is not None:  # AdaReg's magnitude of the epoch goes with its samples
+            if self.step < self.total_steps:
+                self._enter_due_stage()  # stages begin at epochs: the epoch's sub-network sets it
+            self.sampler.magnitude = self.adareg.settings.randaug_magnitude
+        batches = iter(self.train_loader)  # (the workers start reading ahead here)
         if share:
             self._restore_rngs(share, self._gen)
         return batches
