@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_args
 
 SYNCS = ("item", "__float__", "__bool__", "__int__", "cpu", "tolist")
+HOST_ONLY = ("sample_index", "cycle_index")  # draw from a CPU generator whatever the training device: no sync
 CHECK_EVERY = 50  # the engine's default --check-every
 
 
@@ -28,8 +29,10 @@ def count_syncs(monkeypatch):
         real = getattr(torch.Tensor, name)
 
         def counted(self, *a, _real=real, _name=name, **k):
-            if inside[0] and sys._getframe(1).f_globals.get("__name__", "").startswith("autoprog"):
-                counts[f"{_name} in {sys._getframe(1).f_code.co_name}"] += 1
+            caller = sys._getframe(1)
+            if (inside[0] and caller.f_globals.get("__name__", "").startswith("autoprog")
+                    and caller.f_code.co_name not in HOST_ONLY):
+                counts[f"{_name} in {caller.f_code.co_name}"] += 1
             return _real(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
@@ -105,3 +108,25 @@ def test_transfer_steps_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs):
                      "--no-flops", "--cpu", "--out", tmp_path / "ft")  # 1797 * 0.9 / 16: about 100 steps
     assert rc == 0, err
     assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3 + 2, dict(count_syncs)  # + a stage change
+
+
+def test_autoprog_one_finetuning_supernet_steps_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs, monkeypatch):
+    """The fine-tuning baseline's supernet phase keeps each step's loss on the device until its search ends."""
+    from autoprog.algorithms.autoprog_one import AutoProgOneFinetune
+
+    real_finish = AutoProgOneFinetune._finish_search
+
+    def finish(self, trainer):  # the search's end reads the losses once: a stage's decision, not a step
+        before = collections.Counter(count_syncs)
+        real_finish(self, trainer)
+        count_syncs.clear()
+        count_syncs.update(before)
+
+    monkeypatch.setattr(AutoProgOneFinetune, "_finish_search", finish)
+    rc, _, err = cli("finetune", "--method", "autoprog-one", "--steps", "100", "--batch-size", "8", "--eval-points",
+                     "1", "--fd-samples", "8", "--curve-samples", "8", "--sample-steps", "2", "--feature-epochs", "1",
+                     "--checkpoint-every", "0", "--search-fraction", "0.9", "--num-stages", "2", "--time-source",
+                     "flops", "--cache-dir", tmp_path / "cache", "--data-root", fake_fmnist, "--out", tmp_path / "ft",
+                     "--cpu")
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3, dict(count_syncs)

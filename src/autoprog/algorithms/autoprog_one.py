@@ -19,6 +19,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import torch
+
 from ..controllers import (
     Controller,
     GainServices,
@@ -442,10 +444,10 @@ class AutoProgOneFinetune(SearchingController):
         self._current = sample_index(self.seed, step, len(self.cands))
         return self.cands[self._current]
 
-    def after_step(self, trainer, loss: float) -> None:
+    def after_step(self, trainer, loss) -> None:
         if not self.cands or self._current is None:
             return
-        self.losses[self._current].append(float(loss))
+        self.losses[self._current].append(loss.detach() if torch.is_tensor(loss) else float(loss))  # read at the end
         self._current = None
         if trainer.step >= self.search_end:  # the steps finished so far
             self._finish_search(trainer)
@@ -453,7 +455,7 @@ class AutoProgOneFinetune(SearchingController):
     def _finish_search(self, trainer) -> None:
         t0 = time.perf_counter()
         seen = [i for i in range(len(self.cands)) if self.losses[i]]
-        losses = [sum(self.losses[i]) / len(self.losses[i]) for i in seen]
+        losses = [sum(float(v) for v in self.losses[i]) / len(self.losses[i]) for i in seen]
         times = [trainer.measure_step_time(self.cands[i]) for i in seen]
         best, alpha, sc = choose(losses, times, self.alpha)
         best = trainer.broadcast(best)
@@ -467,7 +469,7 @@ class AutoProgOneFinetune(SearchingController):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "cands": [c.to_dict() for c in self.cands],
-                "losses": {str(i): v for i, v in self.losses.items()}, "search_end": self.search_end,
+                "losses": {str(i): [float(x) for x in v] for i, v in self.losses.items()}, "search_end": self.search_end,
                 "stage": getattr(self, "_stage", -1)}
 
     def load_state_dict(self, state: dict) -> None:
