@@ -17,6 +17,7 @@
 # then through the device tool, carrying what prepare made:
 #     run(command="bash benchmarks/device_check.sh run", carry=[".whl", ".data"], timeout_s=600)
 # Every figure, log and JSON lands in $OUT (the device tool brings it back); quote them with the card's name.
+# `bash benchmarks/device_check.sh smoke` runs the same steps at toy sizes on this CPU (OUT=runs/device-smoke).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,15 +31,24 @@ prepare)
   cp -r "${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}" .data/
   du -sh .whl .data
   ;;
-run)
+run|smoke)
+  # smoke: the same steps at toy sizes on this CPU (about 3 minutes), so that a lent GPU's minutes are not spent
+  # on a flag that no longer parses; its figures mean nothing
   OUT=${OUT:-runs/device}
   mkdir -p "$OUT"
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-  if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import diffusers" 2>/dev/null; then  # only what is missing
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  if [ "$1" = smoke ]; then
+    py=.venv/bin/python cpu=--cpu img=64 batch=8 images=64 steps=2 epochs=2 dit=DiT-S/2 dit_batch=2 ft_steps=8 fd=16
+    data=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist} ft_extra="--curve-samples 16 --sample-steps 2 --feature-epochs 1"
+  else
+    py=python3 cpu= img=224 batch=256 images=4096 steps=20 epochs=3 dit=DiT-XL/2 dit_batch=32 ft_steps=60 fd=500
+    data=.data/fashion-mnist ft_extra=
+  fi
+  if ls .whl/*.whl >/dev/null 2>&1 && ! $py -c "import diffusers" 2>/dev/null; then  # only what is missing
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
-  autoprog() { python3 -m autoprog.cli "$@"; }
+  autoprog() { $py -m autoprog.cli "$@"; }
   fails=0
   step() {  # name, command...: run it, log it, count a failure but go on with the next check
     local name=$1; shift
@@ -49,28 +59,36 @@ run)
     echo "=== $name: exit $rc in $((SECONDS - t0)) s"
     [ "$rc" = 0 ] || fails=$((fails + 1))
   }
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-  step deit_s_step_speed python3 benchmarks/step_speed.py --model timm:deit_small_patch16_224 --batch-size 256 \
-    --amp bf16 --steps 20 --out "$OUT/deit_s_step_speed.json"
-  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
-from loader_speed import make_folder; make_folder(Path('/tmp/jpegs'), 4096, 224, classes=10)"
-  step deit_trainer autoprog compare --methods original,prog --model timm:deit_small_patch16_224 --img-size 224 \
-    --patch-size 16 --dataset /tmp/jpegs --epochs 3 --batch-size 128 --front 1 --no-budget-baseline \
-    --out /tmp/device-deit
-  cp /tmp/device-deit/summary.md "$OUT/deit_trainer.md" 2>/dev/null
-  step loader_speed python3 benchmarks/loader_speed.py --device cuda --images 2048 --batch-size 128 --model none \
-    --out "$OUT/loader_speed.json"
-  step dit_xl_step_speed python3 benchmarks/finetune_step_speed.py --preset DiT-XL/2 --batch-size 32 --amp bf16 \
-    --steps 20 --out "$OUT/dit_xl_step_speed.json"
-  step dit_xl_tail_no_grad python3 benchmarks/finetune_step_speed.py --preset DiT-XL/2 --batch-size 32 --amp bf16 \
-    --steps 20 --layout tail --frozen-prefix no-grad --out "$OUT/dit_xl_tail_no_grad.json"
-  step finetune_autoprog_zero autoprog finetune --method autoprog-zero --steps 60 --eval-points 1 --fd-samples 500 \
-    --data-root .data/fashion-mnist --out /tmp/device-finetune
+  if [ "$1" = run ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  else
+    echo "smoke: CPU" > "$OUT/gpu.txt"
+  fi
+  step deit_s_step_speed $py benchmarks/step_speed.py --model timm:deit_small_patch16_224 --img-size $img \
+    --batch-size $batch --amp bf16 --steps $steps --out "$OUT/deit_s_step_speed.json"
+  jpegs=$(mktemp -d)/jpegs
+  $py -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img, classes=10)"
+  step deit_trainer autoprog compare --methods original,prog --model timm:deit_small_patch16_224 --img-size $img \
+    --patch-size 16 --dataset "$jpegs" --epochs $epochs --batch-size $((batch / 2)) --front 1 --no-budget-baseline \
+    --out "$jpegs-compare" $cpu
+  cp "$jpegs-compare/summary.md" "$OUT/deit_trainer.md" 2>/dev/null
+  $py -c "import json, sys; rows = json.load(open(sys.argv[1])); print('\nrealised fraction (wall-clock ÷ FLOPs \
+speed-up): ' + ', '.join(f\"{r['method']} {r['realised_fraction']}\" for r in rows))" "$jpegs-compare/summary.json" \
+    2>/dev/null | tee -a "$OUT/deit_trainer.md"
+  step loader_speed $py benchmarks/loader_speed.py --device "$([ "$1" = run ] && echo cuda || echo cpu)" \
+    --images $((images / 2)) --batch-size $((batch / 2)) --model none --out "$OUT/loader_speed.json"
+  step dit_xl_step_speed $py benchmarks/finetune_step_speed.py --preset $dit --batch-size $dit_batch --amp bf16 \
+    --steps $steps --out "$OUT/dit_xl_step_speed.json"
+  step dit_xl_tail_no_grad $py benchmarks/finetune_step_speed.py --preset $dit --batch-size $dit_batch --amp bf16 \
+    --steps $steps --layout tail --frozen-prefix no-grad --out "$OUT/dit_xl_tail_no_grad.json"
+  step finetune_autoprog_zero autoprog finetune --method autoprog-zero --steps $ft_steps --eval-points 1 \
+    --fd-samples $fd $ft_extra --data-root "$data" --out "$jpegs-finetune" $cpu
   echo "device check: $fails check(s) failed"
   exit "$fails"
   ;;
 *)
-  echo "usage: bash benchmarks/device_check.sh prepare|run" >&2
+  echo "usage: bash benchmarks/device_check.sh prepare|run|smoke" >&2
   exit 2
   ;;
 esac
