@@ -554,3 +554,47 @@ def test_a_learned_sigma_base_is_pre_trained_with_the_hybrid_loss_and_fine_tunes
                      "--data-root", fake_fmnist, "--out", tmp_path / "ft", *TRAIN_FLAGS)
     assert rc == 0, err
     assert load_backbone(tmp_path / "ft" / "model")[0].learned_sigma
+
+
+def test_under_the_hybrid_loss_the_searches_measure_what_training_trains(base, fake_fmnist, cache_dir, tmp_path,
+                                                                       monkeypatch):
+    """As the official AutoProg-Zero search does under DiT's hybrid loss: ZiCo's gradients and the timed steps take
+    the hybrid loss, and the NTK sees the whole output (ε and the variance values)."""
+    import autoprog.diffusion.sampling as sampling
+    import autoprog.diffusion.trainer as trainer_mod
+    from autoprog.diffusion.trainer import DiffusionTrainer
+    from autoprog.models.dit import build_backbone, save_backbone
+
+    _, meta = load_backbone(base)
+    torch.manual_seed(0)
+    m = build_backbone("dit", image_size=28, patch_size=4, in_chans=1, num_classes=10, hidden_size=16, depth=2,
+                       num_heads=2, learn_sigma=True)
+    save_backbone(m, tmp_path / "base", extra={"classes": meta["classes"]})
+    calls = []
+    for module in (sampling, trainer_mod):
+        real = module.hybrid_loss
+
+        def spied(out, *a, _real=real, _where=module.__name__.rsplit(".", 1)[-1]):
+            calls.append((_where, out.shape[1]))
+            return _real(out, *a)
+
+        monkeypatch.setattr(module, "hybrid_loss", spied)
+    spec = spec_for("autoprog-zero", tmp_path / "base", fake_fmnist, cache_dir, hybrid_loss=True)
+    res = finetune(spec, tmp_path / "run")
+    assert res["done"] and math.isfinite(res["summary"]["fd"])
+    assert ("trainer", 2) in calls  # the proxies' loss (ZiCo) on both output halves
+    timed = []
+    real_timed = DiffusionTrainer._timed
+
+    def spy_timed(self, *a, **k):
+        before = len(calls)
+        out = real_timed(self, *a, **k)
+        timed.append(len(calls) - before)
+        return out
+
+    monkeypatch.setattr(DiffusionTrainer, "_timed", spy_timed)
+    finetune(replace(spec, train=replace(spec.train, time_source="measured")), tmp_path / "timed")
+    assert timed and all(n > 0 for n in timed)  # every timed step took the hybrid loss
+    calls.clear()
+    finetune(replace(spec, train=replace(spec.train, hybrid_loss=False)), tmp_path / "plain")
+    assert calls == []  # without it nothing does

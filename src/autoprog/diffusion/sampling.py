@@ -51,14 +51,7 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
         y = torch.where(drop.view(-1, *([1] * (y.ndim - 1))), null, y)
     xt = scheduler.add_noise(x0, noise, t)
     if variance:
-        out = model(xt, t, y)
-        c = x0.shape[1]
-        if out.shape[1] != 2 * c:
-            raise ValueError(f"the hybrid loss needs the noise and the variance values ({2 * c} channels), the model "
-                             f"returned {out.shape[1]}")
-        eps = out[:, :c]
-        per_sample = torch.nn.functional.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
-        per_sample = per_sample + variational_bound(scheduler, x0, xt, t, eps.detach(), out[:, c:])
+        per_sample = hybrid_loss(model(xt, t, y), noise, scheduler, x0, xt, t)
     elif weights is None:
         return torch.nn.functional.mse_loss(model(xt, t, y), noise)
     else:
@@ -66,6 +59,19 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
     if weights is None:
         return per_sample.mean()
     return (per_sample * to_device(weights, dev).to(per_sample.dtype)).mean()
+
+
+def hybrid_loss(out: torch.Tensor, noise: torch.Tensor, scheduler, x0: torch.Tensor, xt: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+    """DiT's hybrid loss per sample: the noise MSE of ``out``'s first C channels plus :func:`variational_bound`
+    of its variance values (the other C)."""
+    c = x0.shape[1]
+    if out.shape[1] != 2 * c:
+        raise ValueError(f"the hybrid loss needs the noise and the variance values ({2 * c} channels), the model "
+                         f"returned {out.shape[1]}")
+    eps = out[:, :c]
+    per_sample = torch.nn.functional.mse_loss(eps, noise, reduction="none").flatten(1).mean(1)
+    return per_sample + variational_bound(scheduler, x0, xt, t, eps.detach(), out[:, c:])
 
 
 _TERMS: dict = {}  # (scheduler, device) → the posterior's coefficients, computed once

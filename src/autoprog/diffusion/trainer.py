@@ -45,6 +45,7 @@ from .sampling import (
     balanced_labels,
     check_sample_steps,
     diffusion_loss,
+    hybrid_loss,
     sample,
     sampling_scheduler,
     training_scheduler,
@@ -226,7 +227,7 @@ class DiffusionTrainer(RunTemplate):
 
                 def step():
                     with torch.random.fork_rng(devices=[]):
-                        diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y)).backward()
+                        self.training_loss(self.model, x0, y).backward()
                     for p in self.model.parameters():
                         p.grad = None
 
@@ -269,16 +270,41 @@ class DiffusionTrainer(RunTemplate):
         """The model with ``subnet`` learnable and fixed proxy batches at its resolution (see proxy_batches)."""
         prev = self.subnet
         self.use_subnet(subnet)
+
+        def loss(m, b):  # the training loss (under --hybrid-loss DiT's, as the official search's ZiCo takes it)
+            out = m(b[0], b[1], b[2])
+            if self.cfg.hybrid_loss:
+                return hybrid_loss(out, b[3], self.noise, b[4], b[0], b[1]).mean()
+            return (out - b[3]).pow(2).mean()
+
         try:
-            yield ProxyTask(self.model, self.proxy_batches(subnet.resolution),
-                            forward=lambda m, b: m(b[0], b[1], b[2]),
-                            loss=lambda m, b: (m(b[0], b[1], b[2]) - b[3]).pow(2).mean())
+            with self.training_output():  # the NTK of the whole output: ε, and the variance values it trains
+                yield ProxyTask(self.model, self.proxy_batches(subnet.resolution),
+                                forward=lambda m, b: m(b[0], b[1], b[2]), loss=loss)
         finally:
             if prev is not None:
                 self.use_subnet(prev)
 
+    @contextmanager
+    def training_output(self):
+        """While inside: the model returns what training trains, ε and (under --hybrid-loss) its variance values."""
+        was = self.model.variance_output
+        self.model.variance_output = self.cfg.hybrid_loss
+        try:
+            yield
+        finally:
+            self.model.variance_output = was
+
+    def training_loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator=None, class_dropout: float = 0.0,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss a training step takes of ``model`` (the backbone or its wrapper) on ``x0``, ``y``: the noise MSE,
+        or under --hybrid-loss DiT's hybrid loss; the step itself, the step timer and the FLOPs count use it."""
+        with self.training_output():
+            return diffusion_loss(model, x0, y, self.noise, self.model.null_condition(y), generator=generator,
+                                  class_dropout=class_dropout, weights=weights, variance=self.cfg.hybrid_loss)
+
     def proxy_batches(self, resolution: int) -> list[tuple]:
-        """Fixed small batches ``(x_t, t, y, noise)`` at ``resolution`` (same images, noise and timesteps for
+        """Fixed small batches ``(x_t, t, y, noise, x_0)`` at ``resolution`` (same images, noise and timesteps for
         every candidate), for the zero-shot proxies."""
         if self._proxy is None:
             g = torch.Generator().manual_seed(self.cfg.seed * 31 + 5)
@@ -296,8 +322,8 @@ class DiffusionTrainer(RunTemplate):
         xt = self.noise.add_noise(x, noise, t)
         dev = self.acc.device
         b = self.cfg.proxy_batch_size
-        return [(xt[i:i + b].to(dev), t[i:i + b].to(dev), y[i:i + b].to(dev), noise[i:i + b].to(dev))
-                for i in range(0, len(xt), b)]
+        return [(xt[i:i + b].to(dev), t[i:i + b].to(dev), y[i:i + b].to(dev), noise[i:i + b].to(dev),
+                 x[i:i + b].to(dev)) for i in range(0, len(xt), b)]
 
     def _fixed_indices(self, n: int, g: torch.Generator) -> torch.Tensor:
         """``n`` training images drawn by ``g``, in the proportions training batches have (DreamBooth's few
@@ -343,8 +369,7 @@ class DiffusionTrainer(RunTemplate):
 
         def forward_backward():
             with self.autocast():
-                loss = diffusion_loss(self.model, x0, y, self.noise, self.model.null_condition(y),
-                                      generator=torch.Generator().manual_seed(0))
+                loss = self.training_loss(self.model, x0, y, generator=torch.Generator().manual_seed(0))
             loss.backward()
 
         def clear_grads():
@@ -415,13 +440,8 @@ class DiffusionTrainer(RunTemplate):
         # the backward pass inside the dropout too: under --gradient-checkpointing it runs the blocks again
         with sid.dropping(drop) if drop is not None else nullcontext():
             with self.autocast():
-                self.model.variance_output = self.cfg.hybrid_loss
-                try:
-                    loss = diffusion_loss(self.wrapped, x0, y, self.noise, self.model.null_condition(y),
-                                          generator=noise_gen, class_dropout=self.cfg.class_dropout,
-                                          weights=self.data.loss_weights(idx), variance=self.cfg.hybrid_loss)
-                finally:
-                    self.model.variance_output = False
+                loss = self.training_loss(self.wrapped, x0, y, generator=noise_gen,
+                                          class_dropout=self.cfg.class_dropout, weights=self.data.loss_weights(idx))
             self._apply_update(loss, self.model)
         return loss.detach()
 
