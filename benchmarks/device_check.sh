@@ -32,9 +32,9 @@ prepare)
   du -sh .whl .data
   ;;
 run|smoke)
-  # smoke: the same steps at toy sizes on this CPU (about 3 minutes), so that a lent GPU's minutes are not spent
-  # on a flag that no longer parses; its figures mean nothing
-  OUT=${OUT:-runs/device}
+  # smoke: the same steps at toy sizes on this CPU (about 1-2 minutes), so that a lent GPU's minutes are not
+  # spent on a flag that no longer parses; its figures mean nothing
+  OUT=${OUT:-runs/device$([ "$1" = smoke ] && echo -smoke)}
   mkdir -p "$OUT"
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   if [ "$1" = smoke ]; then

@@ -106,3 +106,39 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     first, last = set(seen[:per_epoch]), set(seen[per_epoch:])
     assert len(first) == 1 and len(last) == 1 and min(first) < max(last) == 9.0  # the full model: Table 14's max
     assert all(m == {s} for m, s in zip(magnitudes, seen))  # the workers' operations at the magnitude sent
+
+
+def test_adareg_on_a_subset_of_decoded_images_resumes_from_an_epochs_last_step_identical(cli, image_folder, tmp_path,
+                                                                                        monkeypatch):
+    """A --subset smaller than the folder (a Subset over it) takes the workers' RandAugment too; Ctrl-C at an
+    epoch's last step (checkpointed before that epoch's evaluation) resumes into the same epoch records, its
+    evaluation with its own stage's sub-network, and the same weights as an uninterrupted run."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from autoprog.classification.trainer import Trainer
+
+    args = ["--dataset", image_folder, "--subset", "8", "--batch-size", "4", "--epochs", "3", "--num-stages", "3",
+            "--method", "prog", "--adareg", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size",
+            "4", "--workers", "0", "--no-flops", "--cpu"]
+    rc, _, err = cli("pretrain", "--out", tmp_path / "full", *args)
+    assert rc == 0, err
+    step = Trainer._train_step
+
+    def ctrl_c(self, batch):
+        if self.step == 1:  # the last of epoch 1's two steps
+            signal.raise_signal(signal.SIGINT)
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
+    rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
+    assert rc == 130 and "interrupted at step 2" in err, err
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    rc, _, err = cli("pretrain", "--resume", tmp_path / "run", "--cpu")
+    assert rc == 0, err
+    got, want = (json.loads((tmp_path / r / "results.json").read_text())["epochs"] for r in ("run", "full"))
+    fields = ("stage", "resolution", "depth", "train_loss")
+    assert [[e[k] for k in fields] for e in got] == [[e[k] for k in fields] for e in want]
+    a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("run", "full"))
+    assert all(torch.equal(a[k], b[k]) for k in b)

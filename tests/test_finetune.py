@@ -571,10 +571,10 @@ def test_under_the_hybrid_loss_the_searches_measure_what_training_trains(base, f
                        num_heads=2, learn_sigma=True)
     save_backbone(m, tmp_path / "base", extra={"classes": meta["classes"]})
     calls = []
-    for module in (sampling, trainer_mod):
+    for module, where in ((sampling, "sampling"), (trainer_mod, "trainer")):
         real = module.hybrid_loss
 
-        def spied(out, *a, _real=real, _where=module.__name__.rsplit(".", 1)[-1]):
+        def spied(out, *a, _real=real, _where=where):
             calls.append((_where, out.shape[1]))
             return _real(out, *a)
 

@@ -51,9 +51,9 @@ def count_syncs(monkeypatch):
 
     real_enter = engine.enter_due_stage
 
-    def enter(trainer):  # a stage's start (its search) is not a steady-state step: what it reads is not counted
+    def enter(trainer, step_subnet=True):  # a stage's start (its search) is not a steady-state step: not counted
         before = collections.Counter(counts)
-        entered = real_enter(trainer)
+        entered = real_enter(trainer, step_subnet)
         if entered:
             counts.clear()
             counts.update(before)

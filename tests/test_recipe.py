@@ -103,13 +103,17 @@ def test_the_whole_recipe_trains_and_resumes_mid_epoch_bit_identical(cli, fake_f
 def test_a_worker_randaugment_goes_before_the_tensor_conversion_of_a_copy(image_folder):
     from autoprog.data import EpochSampler, load_dataset, randaugment_transform
 
-    data = load_dataset(str(image_folder))
-    before = list(data.train.transform.transforms)
     ra = randaugment_transform("rand-m9-n2-mstd0.5", 32, (0.5, 0.5, 0.5))
-    added = data.with_worker_randaugment(ra)
-    assert data.train.transform.transforms == before and data.worker_randaugment is None  # the bundle kept
-    names = [type(t).__name__ for t in added.train.transform.transforms]
-    assert names[-2:] == ["RandAugment", "PILToTensor"] and added.worker_randaugment is ra
+    for subset in (None, 4):  # a --subset smaller than the folder wraps it in a Subset
+        data = load_dataset(str(image_folder), subset=subset)
+        folder = data.train if subset is None else data.train.dataset
+        before = list(folder.transform.transforms)
+        added = data.with_worker_randaugment(ra)
+        assert folder.transform.transforms == before and data.worker_randaugment is None  # the bundle kept
+        new = added.train if subset is None else added.train.dataset
+        names = [type(t).__name__ for t in new.transform.transforms]
+        assert names[-2:] == ["RandAugment", "PILToTensor"] and added.worker_randaugment is ra
+        assert len(added.train) == (10 if subset is None else 4)
     sampler = EpochSampler(4, seed=0, keyed=True)
     assert all(len(item) == 2 for item in sampler)
     sampler.magnitude = 4.5

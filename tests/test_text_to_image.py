@@ -514,3 +514,24 @@ def test_the_health_check_raises_on_a_training_prompt_outside_the_table():
     m.encode_text(m.tokenize(["a photo of a bag"]))
     with pytest.raises(RuntimeError, match="internal error: a training prompt was not among"):
         watch.check(acc)
+
+
+def test_a_step_flops_count_leaves_out_the_one_off_encoding_of_the_prompt_table(text_base, fake_fmnist, cache_dir,
+                                                                               tmp_path):
+    from autoprog.diffusion.runner import TextFinetuneSpec, build_finetune
+    from autoprog.diffusion.trainer import DiffusionTrainer
+    from autoprog.metrics import count_flops
+
+    data, model, controller, unfreezer, lr = build_finetune(TextFinetuneSpec(
+        base=str(text_base), data_root=str(fake_fmnist), image_size=8, method="full", feature_epochs=1,
+        cache_dir=str(cache_dir), train=TINY))
+    trainer = DiffusionTrainer(model, controller, data, TINY, tmp_path, lr, unfreezer=unfreezer)
+    counted = trainer.step_flops()
+    x0, y = data.batch(torch.arange(2), trainer.resolution, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        trainer.training_loss(model, x0, y).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    assert counted == int(count_flops(step) / 2 * trainer.global_batch)  # as a warm step counts

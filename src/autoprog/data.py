@@ -237,10 +237,17 @@ class DataBundle:
 
         if self.in_memory:
             raise ValueError("in-memory images are RandAugmented by the trainer, not in loader workers")
-        train = copy.copy(self.train)
-        steps = list(train.transform.transforms)  # a torchvision Compose: ..., PILToTensor()
-        train.transform = transforms.Compose([*steps[:-1], transform, steps[-1]])
-        return dataclasses.replace(self, train=train, worker_randaugment=transform)
+
+        def added(ds):  # a copy of each level (a --subset's Subset over the ImageFolder), this bundle's untouched
+            ds = copy.copy(ds)
+            if isinstance(ds, torch.utils.data.Subset):
+                ds.dataset = added(ds.dataset)
+            else:
+                steps = list(ds.transform.transforms)  # a torchvision Compose: ..., PILToTensor()
+                ds.transform = transforms.Compose([*steps[:-1], transform, steps[-1]])
+            return ds
+
+        return dataclasses.replace(self, train=added(self.train), worker_randaugment=transform)
 
     def prepare(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None,
                 regularizer=None) -> torch.Tensor:

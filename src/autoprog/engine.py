@@ -201,7 +201,8 @@ class RunTemplate:
         """Train to the next evaluation point and evaluate there; True when the run stops after it."""
         seg, share = self._open_segment()
         bar = self._progress_bar()
-        self._start_clock()  # (a task may enter the due stage before its batches: that is training time)
+        self._start_clock()  # a task may enter the due stage before its batches (training time; and so is the
+        # loader's start, whose first batch was always waited for inside the clock)
         batches = self._segment_batches(seg["start_step"], share)
         for batch in batches:
             if self.step >= self.total_steps or self._point_due(seg):  # (a segment resumed at its end)
@@ -249,10 +250,10 @@ class RunTemplate:
         seg["step_times"].append(time.perf_counter() - t0)
         return loss
 
-    def _enter_due_stage(self) -> bool:
+    def _enter_due_stage(self, step_subnet: bool = True) -> bool:
         """Enter the stage due at this step, if it is a new one (:func:`enter_due_stage`; budget mode replans
         there); whether one began."""
-        entered = enter_due_stage(self)
+        entered = enter_due_stage(self, step_subnet)
         if entered and self.budget_plan is not None:
             self.budget_plan.stage_started(self.step)
             self._replan(entering=True)
@@ -664,11 +665,11 @@ class RunTemplate:
         raise NotImplementedError
 
 
-def enter_due_stage(trainer) -> bool:
+def enter_due_stage(trainer, step_subnet: bool = True) -> bool:
     """Drive the controller before a step: enter the stage it assigns to ``trainer.step`` when that is a new one
-    (the step timer starts afresh, the trainer hears of it), then the step's own sub-network if it names one.
-    Returns whether a stage began. The one place a controller's stage calls are made, for every trainer and
-    :class:`~autoprog.loop.ProgressiveLoop`."""
+    (the step timer starts afresh, the trainer hears of it), then (``step_subnet``) the step's own sub-network if
+    it names one. Returns whether a stage began. The one place a controller's stage calls are made, for every
+    trainer and :class:`~autoprog.loop.ProgressiveLoop`."""
     k = trainer.controller.stage_at(trainer.step)
     entered = k != trainer.stage
     if entered:
@@ -680,6 +681,8 @@ def enter_due_stage(trainer) -> bool:
         trainer._stage_entered(k)
         trainer.stage = k
         trainer.search_time += time.perf_counter() - t0
+    if not step_subnet:
+        return entered
     sub = trainer.controller.step_subnet(trainer, trainer.step)
     if sub is not None and sub != trainer.subnet:
         trainer.use_subnet(sub)
@@ -708,7 +711,8 @@ class HealthWatch:
 
     def guard(self, count, meaning: str) -> None:
         """Also read, at every check and in the same sync, the device count ``count()`` returns (None: nothing
-        counted yet); a non-zero count raises ``RuntimeError(meaning)``: an invariant of autoprog's own broken."""
+        counted yet); a non-zero count raises ``RuntimeError("internal error: " + meaning)``: an invariant of
+        autoprog's own broken."""
         self._guards.append((count, meaning))
 
     def watch(self, step: int, loss, grad_norm) -> None:

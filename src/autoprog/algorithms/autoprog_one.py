@@ -455,7 +455,7 @@ class AutoProgOneFinetune(SearchingController):
     def _finish_search(self, trainer) -> None:
         t0 = time.perf_counter()
         seen = [i for i in range(len(self.cands)) if self.losses[i]]
-        losses = [sum(float(v) for v in self.losses[i]) / len(self.losses[i]) for i in seen]
+        losses = [sum(_floats(self.losses[i])) / len(self.losses[i]) for i in seen]
         times = [trainer.measure_step_time(self.cands[i]) for i in seen]
         best, alpha, sc = choose(losses, times, self.alpha)
         best = trainer.broadcast(best)
@@ -469,7 +469,7 @@ class AutoProgOneFinetune(SearchingController):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "cands": [c.to_dict() for c in self.cands],
-                "losses": {str(i): [float(x) for x in v] for i, v in self.losses.items()}, "search_end": self.search_end,
+                "losses": {str(i): _floats(v) for i, v in self.losses.items()}, "search_end": self.search_end,
                 "stage": getattr(self, "_stage", -1)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -480,3 +480,13 @@ class AutoProgOneFinetune(SearchingController):
 
     def resize_floor(self) -> int:
         return self.search_end + 1 if self.cands and self.search_end >= 0 else 0
+
+
+def _floats(values: list) -> list[float]:
+    """Step losses kept as device tensors (and floats, after a resume) as floats, in one read from the device."""
+    at = [i for i, v in enumerate(values) if torch.is_tensor(v)]
+    out = [None if torch.is_tensor(v) else float(v) for v in values]
+    if at:
+        for i, f in zip(at, torch.stack([values[i].reshape(()).float() for i in at]).tolist()):
+            out[i] = f
+    return out

@@ -148,6 +148,7 @@ class Trainer(GrowthCalls, RunTemplate):
             schedule = ScheduleController(schedule)
         self.controller = schedule
         self.adareg = adareg  # optional AdaptiveRegularization, re-set whenever the sub-network changes
+        self._stage_magnitude: float | None = None  # AdaReg's RandAugment magnitude for the running stage
         if adareg is not None and not data.in_memory:  # decoded images: its RandAugment in the loader workers
             data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans))
         self.recipe = TrainingRecipe(cfg, data.num_classes, data.in_memory, data.image_size, data.mean)
@@ -490,10 +491,10 @@ class Trainer(GrowthCalls, RunTemplate):
         self._gen.manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
         trained = (self.step - start_step) * self.global_batch if share else 0  # skipped unread
         self.sampler.begin_epoch(self.epoch, skip=trained)
-        if self.data.worker_randaugment is not None:  # AdaReg's magnitude of the epoch goes with its samples
-            if self.step < self.total_steps:
-                self._enter_due_stage()  # stages begin at epochs: the epoch's sub-network sets it
-            self.sampler.magnitude = self.adareg.settings.randaug_magnitude
+        if self.data.worker_randaugment is not None:  # AdaReg's magnitude of the stage goes with the samples
+            if self.step < self.total_steps and not self._point_due(self._segment):
+                self._enter_due_stage(step_subnet=False)  # stages begin at epochs: before the workers read ahead
+            self.sampler.magnitude = self._stage_magnitude
         batches = iter(self.train_loader)  # (the workers start reading ahead here)
         if share:
             self._restore_rngs(share, self._gen)
@@ -623,10 +624,14 @@ class Trainer(GrowthCalls, RunTemplate):
     def _momentum_module(self):
         return self.ema.module
 
+    def _stage_entered(self, k: int) -> None:
+        if self.adareg is not None:  # decoded data's RandAugment magnitude: the stage's, as it enters (a supernet
+            self._stage_magnitude = self.adareg.settings.randaug_magnitude  # phase: its largest candidate's)
+
     def _task_state(self) -> dict:
         return {"epoch": self.epoch, "subnet": self.net.subnet.to_dict(), "gated_blocks": self.net.gated_blocks(),
                 "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],
-                "block_segments": segment_sizes(self.net)}
+                "block_segments": segment_sizes(self.net), "stage_magnitude": self._stage_magnitude}
 
     def _load_weights(self, state: dict, weights: dict, ema: dict | None) -> None:
         self._set_gates(state["gated_blocks"])
@@ -643,6 +648,7 @@ class Trainer(GrowthCalls, RunTemplate):
             self.adareg.set_subnet(self.net, self.net.subnet)
         self._rewrap_if_needed()
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
+        self._stage_magnitude = state.get("stage_magnitude")  # (checkpoints before 2026-12-06 have none)
         if self.budget_plan is not None:
             self._moved_end(self.total_steps)
 

@@ -231,6 +231,7 @@ class DiffusionTrainer(RunTemplate):
                     for p in self.model.parameters():
                         p.grad = None
 
+                step()  # warm: a frozen text path encodes its prompt table once, which no step repeats
                 per_image = count_flops(step) / 2
                 self.flops_cache[key] = int(per_image * self.global_batch)
         return self.flops_cache[key]

@@ -140,7 +140,8 @@ class TextUNet(DiffusionBackbone):
         While nothing in the text path learns, each distinct prompt is encoded once and cached (a run has a
         few prompts): the cache is keyed by the token ids and by the storage and version counter of every text
         weight, so any change to them (an optimizer or EMA step, a loaded checkpoint) makes it encode afresh.
-        Training steps use the table of :meth:`expect_conditions` instead, where one is declared."""
+        With autograd on (training steps, and the searches' and FLOPs counts' steps) the table of
+        :meth:`expect_conditions` serves instead, where one is declared."""
         ids = self.with_sid(ids)
         learnable = self.sid is not None and self.sid.embedding.weight.requires_grad
         learnable = learnable or any(p.requires_grad for p in self.text_encoder.parameters())
