@@ -73,9 +73,6 @@ from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img,
     --patch-size 16 --dataset "$jpegs" --epochs $epochs --batch-size $((batch / 2)) --front 1 --no-budget-baseline \
     --out "$jpegs-compare" $cpu
   cp "$jpegs-compare/summary.md" "$OUT/deit_trainer.md" 2>/dev/null
-  $py -c "import json, sys; rows = json.load(open(sys.argv[1])); print('\nrealised fraction (wall-clock ÷ FLOPs \
-speed-up): ' + ', '.join(f\"{r['method']} {r['realised_fraction']}\" for r in rows))" "$jpegs-compare/summary.json" \
-    2>/dev/null | tee -a "$OUT/deit_trainer.md"
   step loader_speed $py benchmarks/loader_speed.py --device "$([ "$1" = run ] && echo cuda || echo cpu)" \
     --images $((images / 2)) --batch-size $((batch / 2)) --model none --out "$OUT/loader_speed.json"
   step dit_xl_step_speed $py benchmarks/finetune_step_speed.py --preset $dit --batch-size $dit_batch --amp bf16 \

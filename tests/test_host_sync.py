@@ -130,3 +130,32 @@ def test_autoprog_one_finetuning_supernet_steps_do_not_sync(cli, fake_fmnist, tm
                      "--cpu")
     assert rc == 0, err
     assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+def test_pretraining_steps_with_randaugment_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs):
+    """In-memory images with --randaugment stay on the host until RandAugment (PIL) has run: nothing comes back."""
+    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "run", "--randaugment",
+                     "rand-m9-mstd0.5-inc1", *tiny_args(fake_fmnist, epochs="13"))
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 104 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+@pytest.mark.parametrize("randaugment, adareg", [(None, False), ("rand-m9-mstd0.5-inc1", False), (None, True)])
+def test_in_memory_images_randaugmented_on_the_host_reach_the_device_after_it(randaugment, adareg, fake_fmnist,
+                                                                               tmp_path):
+    """The loader leaves such batches on the host (the trainer copies them after RandAugment, without waiting);
+    other in-memory batches are put on the device by the loader (the images were moved there once)."""
+    from accelerate import Accelerator
+
+    from autoprog.classification.adareg import AdaptiveRegularization
+    from autoprog.classification.runner import RunSpec, build_run
+    from autoprog.classification.trainer import TrainConfig, Trainer
+
+    spec = RunSpec(method="prog", data_root=str(fake_fmnist), subset=64, embed_dim=16, depth=4, num_heads=2,
+                   patch_size=4, train=TrainConfig(batch_size=8, epochs=1, randaugment=randaugment, count_flops=False))
+    data, net, schedule, growth = build_run(spec)
+    reg = AdaptiveRegularization(net.growth_space(4, 0.5)) if adareg else None
+    t = Trainer(net, schedule, growth, data, spec.train, tmp_path, Accelerator(cpu=True), adareg=reg)
+    on_host = randaugment is not None or adareg
+    assert (t.host_randaugment is not None) == on_host
+    assert (t.train_loader.device is None) == on_host

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_args
@@ -120,3 +121,20 @@ def test_a_worker_randaugment_goes_before_the_tensor_conversion_of_a_copy(image_
     assert [item[2] for item in sampler] == [4.5] * 4
     with pytest.raises(ValueError, match="in-memory"):
         load_dataset("digits").with_worker_randaugment(ra)
+
+
+@pytest.mark.parametrize("config, name, level", [("rand-m9-mstd0.5-inc1", "PosterizeIncreasing", 10.0),
+                                                 ("rand-m9-n2-mstd0.5", "Posterize", 2.0)])
+def test_posterize_to_no_bits_gives_a_black_image_not_an_error(config, name, level):
+    """The levels where timm asks Pillow to keep 0 bits (which Pillow 10+ refuses): a black image, as before."""
+    from PIL import Image
+
+    from autoprog.data import rand_augment
+
+    transform = rand_augment(config, {"translate_const": 10, "img_mean": (128, 128, 128)})
+    op = next(o for o in transform.ops if o.name == name)
+    op.prob, op.magnitude, op.magnitude_std = 1.0, level, 0.0
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert np.asarray(op(img)).max() == 0
+    op.magnitude = 5.0  # other levels keep some bits, as timm does
+    assert np.asarray(op(img)).max() > 0

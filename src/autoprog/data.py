@@ -253,12 +253,11 @@ class DataBundle:
                 regularizer=None) -> torch.Tensor:
         """uint8 → normalised float; for training, random translation (±pad px) and horizontal flips.
 
-        ``regularizer`` (an :class:`~autoprog.classification.adareg.AdaptiveRegularization`) adds RandAugment to
-        in-memory data (decoded data gets it in the loader workers) and random erasing to any training batch.
+        ``regularizer`` (an :class:`~autoprog.classification.adareg.AdaptiveRegularization` or the training recipe)
+        adds random erasing to any training batch. (RandAugment comes before: in the loader workers for decoded
+        data, on the host from the trainer for in-memory data.)
         """
         if x.dtype == torch.uint8:
-            if train and regularizer is not None and self.in_memory:
-                x = regularizer.randaugment(x)
             x = x.float().div_(255.0)
             if train:
                 x = _augment(x, self.pad, self.hflip, generator)
@@ -409,10 +408,8 @@ def _test_images_at(root: Path, test_dir: Path, size: int) -> Dataset:
 
 def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...]):
     """timm's RandAugment for PIL images from its config string (``rand-m9-mstd0.5-inc1``); a bad string is a
-    one-line error."""
+    one-line error. (:func:`rand_augment`: posterize to 0 bits gives a black image.)"""
     import re
-
-    from timm.data.auto_augment import rand_augment_transform
 
     section = r"(m|mstd|mmax|p)\d+(\.\d+)?|n\d+|w\d+|inc[01]"
     if not re.fullmatch(rf"rand(-({section}))*", config):
@@ -420,10 +417,35 @@ def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...])
                           "(sections: mN magnitude, nN operations, mstdX, mmaxX, incN, wN, pX)")
     fill = tuple(min(255, round(255 * m)) for m in mean)
     try:
-        return rand_augment_transform(config, {"translate_const": max(1, int(image_size * 0.45)), "img_mean": fill})
+        return rand_augment(config, {"translate_const": max(1, int(image_size * 0.45)), "img_mean": fill})
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as "
                           f"rand-m9-mstd0.5-inc1 ({e or 'unknown section'})") from None
+
+
+def rand_augment(config: str, hparams: dict):
+    """timm's ``rand_augment_transform(config, hparams)``, its posterize operations keeping 0 bits as a black image.
+
+    timm maps the highest magnitudes (``inc1``: a level of 10, which ``mstd`` noise reaches) and, without
+    ``inc1``, levels below 2.5 to posterize with 0 bits kept; Pillow up to 9 returned a black image for that,
+    Pillow 10 and later raise "bits must be between or equal to 1 and 8", which would stop a run (the paper's
+    ``rand-m9-mstd0.5-inc1`` hits it every few hundred images). Here they give the black image again."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    transform = rand_augment_transform(config, hparams)
+    for op in transform.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit cleared: what Pillow < 10 gave
+    return posterize(img, bits_to_keep, **kwargs)
 
 
 def randaugment_images(x: torch.Tensor, transform) -> torch.Tensor:
@@ -431,13 +453,14 @@ def randaugment_images(x: torch.Tensor, transform) -> torch.Tensor:
     batch comes back on its device."""
     from PIL import Image
 
-    dev, host = x.device, x.cpu()
+    dev = x.device
+    host = x if dev.type == "cpu" else x.cpu()  # (a device batch waits for the device here)
     out = torch.empty_like(host)
     for i in range(len(host)):
         a = host[i].permute(1, 2, 0).numpy()
         img = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
         out[i] = torch.from_numpy(np.asarray(transform(img)).copy()).reshape(a.shape).permute(2, 0, 1)
-    return out.to(dev, non_blocking=True)
+    return out if dev.type == "cpu" else out.to(dev)
 
 
 def read_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = False):

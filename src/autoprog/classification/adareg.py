@@ -46,10 +46,11 @@ class AdaptiveRegularization:
         p = space.patch_size
         self._lo = _size(space.subnet(space.start_ratio), p)
         self._hi = _size(space.full, p)
-        from timm.data.auto_augment import rand_augment_transform
         from timm.data.random_erasing import RandomErasing
 
-        self._make_ra = lambda c: rand_augment_transform(
+        from ..data import rand_augment
+
+        self._make_ra = lambda c: rand_augment(
             "rand-m9-n2-mstd0.5", {"img_mean": (128,) * c, "translate_const": max(1, space.full_resolution // 7)}
         )
         self._randaug = {}  # one per channel count (the fill colour's length must match)

@@ -60,6 +60,11 @@ class TrainingRecipe:
                                label_smoothing=cfg.label_smoothing, num_classes=num_classes)
 
     @property
+    def randaugments(self) -> bool:
+        """Whether :meth:`randaugment` changes batches (in-memory data with ``--randaugment``)."""
+        return self._ra is not None
+
+    @property
     def active(self) -> bool:
         return self._ra is not None or self._erase is not None or self.mixup is not None
 

@@ -19,20 +19,21 @@ def _name(r: dict) -> str:
 
 def summary_markdown(rows: list[dict], title: str = "", baseline: str = "original") -> str:
     """One row per method: time-to-quality speed-up against the ``baseline``'s front, runtime, wall-clock and
-    theoretical (FLOPs) speed-up at equal epochs, top-1, EMA top-1."""
+    theoretical (FLOPs) speed-up at equal epochs and the share of the second the first realises, top-1, EMA
+    top-1."""
     lines = [f"## {title}", ""] if title else []
     size = next((r["eval_size"] for r in rows if r.get("eval_size")), None)  # --eval-size: its column too
     lines += [
         "| method | time-to-quality speed-up | growth | schedule | wall time (s) | speed-up | FLOPs speed-up | "
-        "top-1 (%) | EMA top-1 (%) |" + (f" top-1 at {size} px (%) |" if size else ""),
-        "|---|---:|---|---|---:|---:|---:|---:|---:|" + ("---:|" if size else ""),
+        "realised / theoretical | top-1 (%) | EMA top-1 (%) |" + (f" top-1 at {size} px (%) |" if size else ""),
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if size else ""),
     ]
     for r in rows:
         lines.append(
             f"| {_name(r)} | {speedup_cell(r.get('tq_speedup'), r.get('tq_bound'))} | {r.get('growth') or '–'} | "
             f"{r.get('schedule_str') or '–'} | {fmt(r['wall_time_s'], '.1f')} | "
             f"{fmt(r.get('speedup'), '.2f')}× | {fmt(r.get('flops_speedup'), '.2f')}× | "
-            f"{fmt(r.get('top1'), '.2f')} | {fmt(r.get('top1_ema'), '.2f')} |"
+            f"{fmt(r.get('realised_fraction'), '.2f')} | {fmt(r.get('top1'), '.2f')} | {fmt(r.get('top1_ema'), '.2f')} |"
             + (f" {fmt(r.get('top1_at_eval_size'), '.2f')} |" if size else "")
         )
     return "\n".join(lines) + "\n\n" + speedup_note(baseline) + "\n"

@@ -26,7 +26,7 @@ from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, Mo
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..compute import compile_blocks
 from ..controllers import ProxyTask, ScheduleController
-from ..data import DataBundle, default_workers
+from ..data import DataBundle, default_workers, to_device
 from ..engine import PreparedModel, RunTemplate
 from ..errors import ConfigError, warn
 from ..metrics import train_step_flops
@@ -152,13 +152,16 @@ class Trainer(GrowthCalls, RunTemplate):
         if adareg is not None and not data.in_memory:  # decoded images: its RandAugment in the loader workers
             data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans))
         self.recipe = TrainingRecipe(cfg, data.num_classes, data.in_memory, data.image_size, data.mean)
+        # in-memory images RandAugmented (PIL, on the host) stay on the host until after it: no copy back per step
+        self.host_randaugment = (adareg if adareg is not None else self.recipe) if data.in_memory and (
+            adareg is not None or self.recipe.randaugments) else None
         self.net, self.growth, self.data, self.cfg = net, growth, data, cfg
         self.out = Path(out_dir)
         self.acc = accelerator or Accelerator()
         self.run_info = run_info or {}
         self.net.to(self.acc.device)
         self.net.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        if self.acc.device.type == "cuda":
+        if self.acc.device.type == "cuda" and self.host_randaugment is None:
             data.to(self.acc.device)  # in-memory images, copied once
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers
         self.optimizer = build_optimizer(self.net, cfg.lr, cfg.weight_decay)
@@ -239,7 +242,8 @@ class Trainer(GrowthCalls, RunTemplate):
         from accelerate.data_loader import prepare_data_loader
 
         return prepare_data_loader(loader, self.acc.device, num_processes=self.acc.num_processes,
-                                   process_index=self.acc.process_index, put_on_device=True, non_blocking=cuda)
+                                   process_index=self.acc.process_index,
+                                   put_on_device=self.host_randaugment is None, non_blocking=cuda)
 
     def _step_flops(self, subnet: SubNet) -> int:
         """FLOPs of one training step of ``subnet`` for the run's figures (0 when counting is off)."""
@@ -567,6 +571,9 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _train_step(self, batch) -> torch.Tensor:
         x, y = batch
+        if self.host_randaugment is not None:  # on the host, then to the device without waiting
+            x = self.host_randaugment.randaugment(x)
+            x, y = to_device(x, self.acc.device), to_device(y, self.acc.device)
         x = self.data.prepare(x, train=True, generator=self._gen,
                               regularizer=self.adareg if self.adareg is not None else self.recipe)
         x, target = self.recipe.mix(x, y)
