@@ -9,7 +9,9 @@
 #   4. per-step speed and peak memory of the unfreezing stages for DiT-XL/2 on 32x32x4 latents (256-px
 #      images), bf16, the uniform linear schedule: as the paper trains it, and with --layout tail
 #      --frozen-prefix no-grad;
-#   5. `autoprog finetune --method autoprog-zero` (60 steps) on the GPU.
+#   5. `autoprog finetune --method autoprog-zero` (60 steps) on the GPU;
+#   6. Fashion-MNIST pre-training with the paper's recipe (host RandAugment, Mixup/CutMix, erasing), stopped after
+#      an epoch and resumed.
 # At most 8 files: gpu.txt, device_check.log (every step's output) and one JSON or table per measurement.
 #
 # Here, first (downloads the diffusers wheel, which the device image lacks, and copies Fashion-MNIST):
@@ -40,9 +42,10 @@ run|smoke)
   if [ "$1" = smoke ]; then
     py=.venv/bin/python cpu=--cpu img=64 batch=8 images=64 steps=2 epochs=2 dit=DiT-S/2 dit_batch=2 ft_steps=8 fd=16
     data=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist} ft_extra="--curve-samples 16 --sample-steps 2 --feature-epochs 1"
+    fm_extra="--subset 256 --batch-size 32"
   else
     py=python3 cpu= img=224 batch=256 images=4096 steps=20 epochs=3 dit=DiT-XL/2 dit_batch=32 ft_steps=60 fd=500
-    data=.data/fashion-mnist ft_extra=
+    data=.data/fashion-mnist ft_extra= fm_extra=
   fi
   if ls .whl/*.whl >/dev/null 2>&1 && ! $py -c "import diffusers" 2>/dev/null; then  # only what is missing
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -81,6 +84,11 @@ from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img,
     --steps $steps --layout tail --frozen-prefix no-grad --out "$OUT/dit_xl_tail_no_grad.json"
   step finetune_autoprog_zero autoprog finetune --method autoprog-zero --steps $ft_steps --eval-points 1 \
     --fd-samples $fd $ft_extra --data-root "$data" --out "$jpegs-finetune" $cpu
+  # in-memory data with the paper's recipe (RandAugment on the host, each batch copied after it), stopped after
+  # an epoch and resumed on the device
+  step fmnist_recipe autoprog pretrain --method prog --randaugment rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0 \
+    --random-erasing 0.25 --epochs 2 --stop-after-epochs 1 $fm_extra --data-root "$data" --out "$jpegs-recipe" $cpu
+  step fmnist_recipe_resume autoprog pretrain --resume "$jpegs-recipe" $cpu
   echo "device check: $fails check(s) failed"
   exit "$fails"
   ;;

@@ -101,6 +101,10 @@ def test_a_diverged_method_is_listed_but_never_ranked():
     rows = diverged_rows([{"method": "original", "wall_time_s": 1.0, "top1": 70.0}], diverged)
     assert rows[-1]["top1"] is None and rows[-1]["diverged"]
     assert "bad — diverged, not ranked" in summary_markdown(rows)
+    table = summary_markdown([{"method": "prog", "wall_time_s": 4.3, "speedup": 1.4, "flops_speedup": 1.97,
+                               "realised_fraction": 0.71, "top1": 70.0, "top1_ema": 70.0}]).splitlines()
+    assert "realised / theoretical" in table[0] and "| 1.97× | 0.71 | 70.00 |" in table[2]
+    assert table[0].count("|") == table[1].count("|") == table[2].count("|")
     with pytest.raises(DivergedError):
         run_methods(["bad"], run, "bad", log=lambda s: None)
 

@@ -142,11 +142,12 @@ def test_pretraining_steps_with_randaugment_do_not_sync(cli, fake_fmnist, tmp_pa
 
 @pytest.mark.parametrize("randaugment, adareg", [(None, False), ("rand-m9-mstd0.5-inc1", False), (None, True)])
 def test_in_memory_images_randaugmented_on_the_host_reach_the_device_after_it(randaugment, adareg, fake_fmnist,
-                                                                               tmp_path):
+                                                                               tmp_path, monkeypatch):
     """The loader leaves such batches on the host (the trainer copies them after RandAugment, without waiting);
     other in-memory batches are put on the device by the loader (the images were moved there once)."""
     from accelerate import Accelerator
 
+    import autoprog.classification.trainer as trainer_module
     from autoprog.classification.adareg import AdaptiveRegularization
     from autoprog.classification.runner import RunSpec, build_run
     from autoprog.classification.trainer import TrainConfig, Trainer
@@ -159,3 +160,8 @@ def test_in_memory_images_randaugmented_on_the_host_reach_the_device_after_it(ra
     on_host = randaugment is not None or adareg
     assert (t.host_randaugment is not None) == on_host
     assert (t.train_loader.device is None) == on_host
+    copied = []
+    monkeypatch.setattr(trainer_module, "to_device", lambda x, device: copied.append(x.dtype) or x.to(device))
+    t._gen = torch.Generator()
+    assert torch.isfinite(t._train_step(next(iter(t.train_loader))))
+    assert copied == ([torch.uint8, torch.int64] if on_host else [])  # the RandAugmented images and labels

@@ -1,7 +1,8 @@
 """Datasets: Fashion-MNIST (from the Debian package), scikit-learn digits, and any ImageFolder directory.
 
-Small datasets are held in memory as uint8 tensors (on the training device, :meth:`DataBundle.to`) and
-augmented a whole batch at a time there; ImageFolder images are decoded, cropped and flipped by torchvision in
+Small datasets are held in memory as uint8 tensors (on the training device, :meth:`DataBundle.to`, unless a
+host-side RandAugment needs them: then each RandAugmented batch is copied there without waiting) and augmented a
+whole batch at a time there; ImageFolder images are decoded, cropped and flipped by torchvision in
 loader workers and travel as uint8. Either way a loader yields ``(x, y)`` and :meth:`DataBundle.prepare` turns
 ``x`` into normalised float images on the device. The model adapter then resizes them to the current
 sub-network's resolution.

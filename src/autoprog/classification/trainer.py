@@ -98,7 +98,8 @@ class TrainConfig(OptimConfig, SearchMeasurements):
     num_workers: int | None = option(None, "data-loader workers per process for ImageFolder data (default: this "
                                            "machine's cores shared among the processes launched on it, less one, "
                                            "at most 8; 0 reads in the training process). "
-                                           "Fashion-MNIST and digits need none: they stay on the device",
+                                           "Fashion-MNIST and digits need none: they stay on the device (with "
+                                           "--randaugment or --adareg on the host, each batch copied after it)",
                                      flag="--workers", minimum=0, group="data", show_default=False)
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
@@ -491,7 +492,7 @@ class Trainer(GrowthCalls, RunTemplate):
         torch.manual_seed(epoch_seed)
         random.seed(epoch_seed)  # RandAugment and random erasing draw from Python's RNG
         np.random.seed(epoch_seed % 2**32)  # Mixup/CutMix from numpy's
-        self._gen = torch.Generator(self.acc.device)  # augmentations drawn where the images are
+        self._gen = torch.Generator(self.acc.device)  # augmentations drawn where the batches are prepared
         self._gen.manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
         trained = (self.step - start_step) * self.global_batch if share else 0  # skipped unread
         self.sampler.begin_epoch(self.epoch, skip=trained)
