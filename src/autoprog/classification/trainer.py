@@ -239,7 +239,8 @@ class Trainer(GrowthCalls, RunTemplate):
         """The training loader, built once: its workers persist and :attr:`sampler` sets each epoch's order."""
         cuda = self.acc.device.type == "cuda"
         loader = self.data.loader("train", self.cfg.batch_size, drop_last=True, num_workers=self.workers,
-                                  pin_memory=cuda, sampler=self.sampler)
+                                  pin_memory=cuda and self.host_randaugment is None,  # (else pinned after it)
+                                  sampler=self.sampler)
         from accelerate.data_loader import prepare_data_loader
 
         return prepare_data_loader(loader, self.acc.device, num_processes=self.acc.num_processes,
