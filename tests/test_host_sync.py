@@ -13,7 +13,9 @@ import torch
 from conftest import tiny_args
 
 SYNCS = ("item", "__float__", "__bool__", "__int__", "cpu", "tolist")
-HOST_ONLY = ("sample_index", "cycle_index")  # draw from a CPU generator whatever the training device: no sync
+# host tensors whatever the training device, so no sync: candidate indices drawn by a CPU generator, and a
+# DreamBooth batch's image indices (CPU permutations) and the loss weights made from them before any copy
+HOST_ONLY = ("sample_index", "cycle_index", "batch_indices", "_cycled", "loss_weights")
 CHECK_EVERY = 50  # the engine's default --check-every
 
 
@@ -165,3 +167,16 @@ def test_in_memory_images_randaugmented_on_the_host_reach_the_device_after_it(ra
     t._gen = torch.Generator()
     assert torch.isfinite(t._train_step(next(iter(t.train_loader))))
     assert copied == ([torch.uint8, torch.int64] if on_host else [])  # the RandAugmented images and labels
+
+
+@pytest.mark.slow
+def test_dreambooth_steps_with_prior_preservation_do_not_sync(cli, text_base, fake_fmnist, cache_dir,  # noqa: F811
+                                                             tmp_path, count_syncs):
+    """Paired subject/class batches weight their losses from host-side batch indices: nothing read back."""
+    rc, _, err = cli("finetune", "--task", "dreambooth", "--base", text_base, "--method", "full", "--steps", "100",
+                     "--batch-size", "4", "--image-size", "8", "--eval-points", "1", "--fd-samples", "4",
+                     "--curve-samples", "4", "--sample-steps", "2", "--feature-epochs", "1", "--checkpoint-every", "0",
+                     "--with-prior-preservation", "--num-class-images", "4", "--class-dir", tmp_path / "class",
+                     "--cache-dir", cache_dir, "--data-root", fake_fmnist, "--out", tmp_path / "db", "--cpu")
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3, dict(count_syncs)
