@@ -430,7 +430,7 @@ def rand_augment(config: str, hparams: dict):
     timm maps the highest magnitudes (``inc1``: a level of 10, which ``mstd`` noise reaches) and, without
     ``inc1``, levels below 2.5 to posterize with 0 bits kept; Pillow up to 9 returned a black image for that,
     Pillow 10 and later raise "bits must be between or equal to 1 and 8", which would stop a run (the paper's
-    ``rand-m9-mstd0.5-inc1`` hits it every few hundred images). Here they give the black image again."""
+    ``rand-m9-mstd0.5-inc1`` hits it in about one image in 650). Here they give the black image again."""
     from timm.data.auto_augment import rand_augment_transform
 
     transform = rand_augment_transform(config, hparams)

@@ -154,7 +154,8 @@ class Trainer(GrowthCalls, RunTemplate):
             data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans))
         self.recipe = TrainingRecipe(cfg, data.num_classes, data.in_memory, data.image_size, data.mean)
         # in-memory images RandAugmented (PIL, on the host) stay on the host until after it: no copy back per step
-        self.host_randaugment = (adareg if adareg is not None else self.recipe) if data.in_memory and (
+        self.regularizer = adareg if adareg is not None else self.recipe  # RandAugment and erasing of batches
+        self.host_randaugment = self.regularizer if data.in_memory and (
             adareg is not None or self.recipe.randaugments) else None
         self.net, self.growth, self.data, self.cfg = net, growth, data, cfg
         self.out = Path(out_dir)
@@ -577,7 +578,7 @@ class Trainer(GrowthCalls, RunTemplate):
             x = self.host_randaugment.randaugment(x)
             x, y = to_device(x, self.acc.device), to_device(y, self.acc.device)
         x = self.data.prepare(x, train=True, generator=self._gen,
-                              regularizer=self.adareg if self.adareg is not None else self.recipe)
+                              regularizer=self.regularizer)
         x, target = self.recipe.mix(x, y)
         with self.autocast():
             logits = self.wrapped(x)

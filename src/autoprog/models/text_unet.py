@@ -62,6 +62,7 @@ class TextUNet(DiffusionBackbone):
         self.register_buffer("_sid_lut", None, persistent=False)  # token id → stage (−1: not a SID token)
         self._sid_suffix: list[list[int]] = []
         self.register_buffer("null_ids", self.tokenize([""])[0], persistent=False)
+        self.expect_conditions(None)  # no training prompts declared yet
         self.text_encoder.get_input_embeddings().register_forward_hook(self._sid_rows)
 
     # ------------------------------------------------------------------------------- the interface
@@ -148,7 +149,7 @@ class TextUNet(DiffusionBackbone):
         if learnable or (self.text_encoder.training and self.text_encoder.config.attention_dropout > 0):
             with torch.set_grad_enabled(torch.is_grad_enabled() and learnable):
                 return self.text_encoder(ids).last_hidden_state
-        if torch.is_grad_enabled() and getattr(self, "_table", None) is not None:  # a training step
+        if torch.is_grad_enabled() and self._table is not None:  # a training step
             return self._looked_up_text(ids)
         return self._cached_text(ids)
 
@@ -164,7 +165,7 @@ class TextUNet(DiffusionBackbone):
 
     def unexpected_conditions(self) -> torch.Tensor | None:
         """How many training conditions were not rows of the declared table (a device count; None: none looked up)."""
-        return getattr(self, "_misses", None)
+        return self._misses
 
     def _text_version(self, ids: torch.Tensor) -> tuple:
         """What the encodings of ``ids`` depend on besides the ids: the text weights (their storage and version
