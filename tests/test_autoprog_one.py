@@ -912,17 +912,78 @@ def test_the_searches_read_their_training_subset_once_per_run(fake_fmnist, tmp_p
     assert [tr.candidate_loss(sub, 16, part, 4) for part in range(4)] == first
 
 
-def test_the_search_waits_for_the_device_only_on_supernet_steps():
-    """Timing a candidate's whole step needs its queued GPU work done: one sync per supernet step, none after."""
+def _fake_cuda_events(monkeypatch, log: list, gpu_ms):
+    """torch.cuda.Event as a fake: ``record()`` reads the device clock ``gpu_ms`` (an iterator of milliseconds)."""
+    import contextlib
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = next(gpu_ms)
+            log.append("record")
+
+        def synchronize(self):
+            log.append("event sync")
+
+        def elapsed_time(self, later):
+            assert later.at is not None and self.at is not None
+            return later.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+
+def test_the_supernet_phase_times_its_steps_by_device_events_and_waits_only_at_its_end(monkeypatch):
+    """On a GPU each supernet step is timed by CUDA events marked between steps, read when the search ends: no
+    wait for the device during the phase, and each candidate's T is the device's time (7 ms a step here), not the
+    host clock's (which says 0)."""
+    import itertools
+
+    from autoprog.steptime import StepMarks
+
+    log = []
+    _fake_cuda_events(monkeypatch, log, itertools.count(0.0, 7.0))
     tr = FakeTrainer(8)
-    syncs = []
-    tr.sync = lambda: syncs.append(tr.step)
-    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=1, alpha=0.0), seed=0)
+    tr.sync = lambda: log.append("device sync")
+    tr.step_marks = StepMarks(tr.elapsed, "cuda:0")
+    ctrl = AutoProgOne(SPACE6, AutoProgOneConfig(search_fraction=0.05, search_min_updates=3, alpha=0.0,
+                                                 score_points=1), seed=0)
     ctrl.setup(tr, 400)
     ctrl.enter_stage(tr, 0)
     end = ctrl.search_end
     for s in range(end + 20):
         ctrl.step_subnet(tr, s)
         tr.step = s + 1
+        if tr.step == end:
+            assert "event sync" not in log and "device sync" not in log, "no wait during the supernet phase"
         ctrl.after_step(tr)
-    assert syncs == list(range(1, end + 1)), "steady-state steps after the search never wait"
+    assert "device sync" not in log
+    (search,) = ctrl.search_log
+    assert search["step_time_from"] == "supernet steps"
+    assert [c["step_time_s"] for c in search["candidates"]] == [0.007] * len(ctrl.cands)
+    assert log.count("record") == end + 1, "one mark per supernet step and the phase's start; none after"
+
+
+def test_step_marks_compare_device_events_within_one_stretch_of_the_clock(monkeypatch):
+    """The seconds between two marks: on a GPU the events' gap, or None where the training clock stopped or
+    measured between them (the events would count that); on the CPU the clock's seconds, as before."""
+    from autoprog.steptime import StepMarks
+
+    host = iter([1.0, 1.5, 2.5, 4.0])
+    cpu = StepMarks(lambda: next(host))
+    a, b = cpu.mark(), cpu.mark()
+    assert cpu.seconds(a, b) == 0.5 and a.event is None
+
+    log, stretch = [], [0]
+    _fake_cuda_events(monkeypatch, log, iter([10.0, 14.0, 20.0]))
+    gpu = StepMarks(lambda: 0.0, "cuda:0", stretch=lambda: stretch[0])
+    a, b = gpu.mark(), gpu.mark()
+    stretch[0] += 1  # an evaluation, a checkpoint or a FLOP count
+    c = gpu.mark()
+    assert log == ["record"] * 3, "marking never waits"
+    assert gpu.seconds(a, b) == 0.004
+    assert gpu.seconds(b, c) is None
+    assert log[3:] == ["event sync"], "reading waits for the later mark"

@@ -81,7 +81,11 @@ class TrainerServices(Protocol):
 
 @runtime_checkable
 class GrowthServices(TrainerServices, Protocol):
-    """What AutoProg-One's elastic supernet needs besides :class:`TrainerServices` (pre-training)."""
+    """What AutoProg-One's elastic supernet needs besides :class:`TrainerServices` (pre-training).
+
+    Optional: ``step_marks``, a :class:`~autoprog.steptime.StepMarks` on the training clock (CUDA events on a GPU),
+    by which the supernet phase times each candidate's steps without a synchronisation per step; without it the
+    controller marks ``elapsed()``, which on a GPU counts only the host's share of a step."""
 
     def grow_to(self, dst: SubNet, block_map: dict[int, int | None] | None = None,
                 inserted: list[int] | None = None) -> dict | None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from . import tracking
+from .steptime import StepMarks
 
 
 def trained_ids(module: nn.Module) -> set[int]:
@@ -117,6 +118,10 @@ class RunTemplate:
         self.diverged: str | None = None  # why training stopped, when it diverged
         self._t_run: float | None = None  # the training clock's start, while it runs
         self._instrument_time = 0.0  # seconds inside the running clock that were measurement, not training
+        self._clock_stretch = 0  # counts the clock's starts (step marks of different stretches are not compared)
+        # marks between steps on the training clock (CUDA events on a GPU): a controller times the steps it runs
+        # without a synchronisation per step
+        self.step_marks = StepMarks(self.elapsed, self.acc.device, lambda: (self._clock_stretch, self._instrument_time))
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._segment: dict | None = None  # the running segment's accumulators
         self._in_segment: dict | None = None  # a segment checkpointed part-way, to continue on resume
@@ -358,6 +363,7 @@ class RunTemplate:
     def _start_clock(self) -> None:
         self.sync()
         self._instrument_time = 0.0
+        self._clock_stretch += 1
         self._t_run = time.perf_counter()
 
     def _stop_clock(self) -> None:

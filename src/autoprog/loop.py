@@ -51,7 +51,7 @@ from .errors import ConfigError
 from .optim import remap_block_state
 from .schedules import MANUAL_METHODS, Schedule
 from .space import GrowthSpace, SubNet
-from .steptime import StepTimer
+from .steptime import StepMarks, StepTimer
 
 LOOP_STATE_FORMAT = "autoprog-loop/1"
 GATE_GROUP = "autoprog_gates"  # marks the optimizer group of the parameters a growth added
@@ -342,6 +342,12 @@ class ProgressiveLoop(GrowthCalls):
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._t0
+
+    @property
+    def step_marks(self) -> StepMarks:
+        """Marks between your steps on :meth:`elapsed`'s clock; CUDA events where the model is on a GPU, so a
+        supernet phase times its candidates' steps without waiting for the device."""
+        return StepMarks(self.elapsed, next(self.model.parameters()).device)
 
     def broadcast(self, obj: Any) -> Any:
         """Every decision of the controller goes through here: under ``torch.distributed`` (initialised, more than

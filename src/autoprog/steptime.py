@@ -5,6 +5,8 @@
 * :class:`ShadowUpdate` -- the update half of a training step (gradient clipping, the optimizer step, the
   momentum update) run on shadow copies of the learnable parameters, so timing it changes no weight and no
   optimizer state.
+* :class:`StepMarks` -- marks between the steps of a running training loop, read later: on a GPU CUDA events, so
+  timing a run's own steps (AutoProg-One's supernet phase) never waits for the device.
 * :class:`StepTimer` -- measures a candidate once per stage (a cache keyed by the candidate) in one of
   :data:`SCOPES`: ``"forward-backward"`` is the paper's runtime ("the total GPU hours used in forward and backward
   pass", footnote 1) and what the official code times; ``"whole"`` (ours) adds the update: gradient clipping and
@@ -99,6 +101,54 @@ def _cuda_event_times(step: Callable[[], None], repeats: int, device: torch.devi
             marks[k + 1].record()
         marks[-1].synchronize()
     return [a.elapsed_time(b) / 1000.0 for a, b in zip(marks, marks[1:])]  # elapsed_time is in milliseconds
+
+
+@dataclass(frozen=True)
+class StepMark:
+    """A point between two training steps (see :class:`StepMarks`): the training clock's seconds, the stretch of
+    the clock it belongs to and, on a GPU, a CUDA event recorded there."""
+
+    seconds: float
+    stretch: object = None
+    event: object = None
+
+
+class StepMarks:
+    """Marks between the steps of a running training loop, and the seconds between two of them.
+
+    ``clock()`` gives the training clock's seconds (evaluation and measurement left out). On a CUDA ``device`` a
+    mark also records a CUDA event on the device's stream, and the seconds between two marks are the device's:
+    from the end of the work queued before the first to the end of the work queued before the second, launch and
+    data waits included. So a loop's steps are timed as they run, overlapped with the host, without a host-device
+    synchronisation per step; :meth:`seconds` synchronises on the later mark's event, so read the marks when a
+    decision needs them. ``stretch()`` names the clock's running stretch: on a GPU two marks of different
+    stretches (an evaluation or a measurement came between them, which the events would count) give ``None``.
+    Elsewhere the seconds are the clock's, as before.
+    """
+
+    def __init__(self, clock: Callable[[], float], device: torch.device | str | None = None,
+                 stretch: Callable[[], object] | None = None):
+        self.clock, self.stretch = clock, stretch or (lambda: None)
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.device = torch.device(device) if self.cuda else None
+
+    def mark(self) -> StepMark:
+        """A mark here, after the work queued so far (no synchronisation)."""
+        event = None
+        if self.cuda:
+            with torch.cuda.device(self.device):
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+        return StepMark(self.clock(), self.stretch(), event)
+
+    def seconds(self, start: StepMark, end: StepMark) -> float | None:
+        """Seconds from ``start`` to ``end`` (a mark made after it), or None where they cannot be compared."""
+        if start.event is None or end.event is None:
+            return end.seconds - start.seconds
+        if start.stretch != end.stretch:
+            return None
+        end.event.synchronize()
+        return start.event.elapsed_time(end.event) / 1000.0  # elapsed_time is in milliseconds
 
 
 class ShadowUpdate:

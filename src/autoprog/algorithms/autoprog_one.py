@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..options import check_bounds, option
 from ..schedules import Schedule, Stage, keep_last_stage, prog, stage_index
 from ..space import GrowthSpace, SubNet, candidates
-from ..steptime import REPEATS
+from ..steptime import REPEATS, StepMarks
 from .elastic import ALPHA_RULES, choose, cycle_index, elastic_layout, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
 
@@ -151,7 +151,9 @@ class AutoProgOne(Controller):
         self._stage_scoring = 0.0  # seconds of the running search's scoring points
         self.search_start = 0  # the running search's first step
         self.step_times: list[list[float]] = []  # seconds of each candidate's supernet steps so far
-        self._current, self._t_last = None, None  # the candidate of the running step; when it began
+        self._marked: list[tuple] = []  # steps timed by marks not read yet: (candidate, start mark, end mark)
+        self._step_marks: StepMarks | None = None  # the trainer's, which made them
+        self._current, self._t_last = None, None  # the candidate of the running step; the mark it began at
         self.time_source = "probe"
 
     @property
@@ -235,7 +237,9 @@ class AutoProgOne(Controller):
         self._stage_scoring = 0.0
         self.search_start = trainer.step
         self.step_times = [[] for _ in self.cands]  # seconds of each candidate's supernet steps
-        self._current, self._t_last = None, trainer.elapsed()
+        self._marked = []
+        self._step_marks = self._marks(trainer)
+        self._current, self._t_last = None, self._step_marks.mark()
         trainer.log_stage({"stage": k, "supernet": top.to_dict(), "candidates": [c.to_dict() for c in self.cands],
                            "growth": growth})
         trainer.print(f"stage {k + 1}/{self.num_stages}: supernet {top} with {len(self.cands)} candidates, "
@@ -278,17 +282,31 @@ class AutoProgOne(Controller):
     def after_step(self, trainer, loss=None) -> None:
         if not self.searching:
             return
-        if self.cfg.search_step_time == "supernet" and callable(getattr(trainer, "sync", None)):
-            trainer.sync()  # a GPU step's queued optimizer and momentum work is this candidate's (search steps only)
-        now = trainer.elapsed()
+        marks = self._step_marks = self._marks(trainer)
+        now = marks.mark()  # on a GPU an event after the step's queued work: no synchronisation
         if self._current is not None and self._t_last is not None:  # the whole step of the candidate just trained
-            self.step_times[self._current].append(now - self._t_last)
+            self._marked.append((self._current, self._t_last, now))
             self._current = None
-        if self.cfg.criterion == "paper" and trainer.step in self.score_at and trainer.step < self.search_end:
+        scored = self.cfg.criterion == "paper" and trainer.step in self.score_at and trainer.step < self.search_end
+        if scored:
             self._score(trainer)
         if trainer.step >= self.search_end:
             self._search(trainer)
-        self._t_last = trainer.elapsed()  # the scoring is not the next step's time
+        self._t_last = marks.mark() if scored else now  # the scoring is not the next step's time
+
+    @staticmethod
+    def _marks(trainer) -> StepMarks:
+        """The trainer's step marks (CUDA events on a GPU), or marks on its training clock."""
+        marks = getattr(trainer, "step_marks", None)
+        return marks if marks is not None else StepMarks(trainer.elapsed)
+
+    def _read_marks(self) -> None:
+        """Add the steps timed by marks so far to :attr:`step_times` (on a GPU, one synchronisation)."""
+        for i, start, end in self._marked:
+            seconds = self._step_marks.seconds(start, end)
+            if seconds is not None:  # an evaluation or a measurement came between its marks
+                self.step_times[i].append(seconds)
+        self._marked = []
 
     def _score(self, trainer) -> float:
         """Every candidate's loss at one scoring point, on its own part of the scoring subset; its seconds."""
@@ -307,6 +325,7 @@ class AutoProgOne(Controller):
         # the supernet's training steps; the scoring points inside the phase are scoring time
         self.supernet_time += trainer.elapsed() - self._t_stage - self._stage_scoring
         t0 = time.perf_counter()
+        self._read_marks()
         times = self._step_times(trainer)
         if self.cfg.criterion == "gain":  # the losses come with the gradients, on gain's own subset
             idx, alpha, score, losses = self._by_gain(trainer, times)
@@ -384,6 +403,7 @@ class AutoProgOne(Controller):
                 "search": self.search_log, "recycle": self.cfg.recycle}
 
     def state_dict(self) -> dict:
+        self._read_marks()  # (a checkpoint synchronises anyway)
         return {"chosen": [c.to_dict() for c in self.chosen], "cands": [c.to_dict() for c in self.cands],
                 "searching": self.searching, "search_end": self.search_end, "search_log": self.search_log,
                 "search_time": self.search_time, "supernet_time": self.supernet_time, "t_stage": self._t_stage,
@@ -409,6 +429,7 @@ class AutoProgOne(Controller):
         self._stage_scoring = state.get("stage_scoring", 0.0)
         self.search_start = state.get("search_start", 0)
         self.step_times = state.get("step_times", [[] for _ in range(n)])
+        self._marked = []
         self._current, self._t_last = None, None  # the first step after a resume is not timed (the clock restarts)
 
 
