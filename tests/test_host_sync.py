@@ -180,3 +180,52 @@ def test_dreambooth_steps_with_prior_preservation_do_not_sync(cli, text_base, fa
                      "--cache-dir", cache_dir, "--data-root", fake_fmnist, "--out", tmp_path / "db", "--cpu")
     assert rc == 0, err
     assert sum(count_syncs.values()) <= 100 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+def test_autoprog_one_pretraining_supernet_steps_do_not_sync(cli, fake_fmnist, tmp_path, count_syncs, monkeypatch):
+    """Pre-training's supernet phase times each candidate's own steps by marks between them (CUDA events on a GPU),
+    read when its search ends: no tensor read and no wait for the device in its steps (the scoring points and the
+    search's end, a stage's decisions, excluded)."""
+    import json
+
+    from autoprog.algorithms.autoprog_one import AutoProgOne
+    from autoprog.engine import RunTemplate
+
+    decisions = [0]
+    for name in ("_score", "_search"):
+        real = getattr(AutoProgOne, name)
+
+        def excluded(self, trainer, _real=real):
+            before = collections.Counter(count_syncs)
+            decisions[0] += 1
+            try:
+                return _real(self, trainer)
+            finally:
+                decisions[0] -= 1
+                count_syncs.clear()
+                count_syncs.update(before)
+
+        monkeypatch.setattr(AutoProgOne, name, excluded)
+    waits, real_sync = [], RunTemplate.sync
+
+    def sync(self):
+        frames = [f.f_code.co_name for f in _stack()]
+        if "after_step" in frames and not decisions[0]:
+            waits.append(self.step)
+        real_sync(self)
+
+    monkeypatch.setattr(RunTemplate, "sync", sync)
+    rc, _, err = cli("pretrain", "--method", "autoprog-one", "--out", tmp_path / "run",
+                     *tiny_args(fake_fmnist, epochs="13"))
+    assert rc == 0, err
+    searches = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]["search"]
+    assert any(s["step_time_from"] == "supernet steps" for s in searches), searches
+    assert waits == [], "a supernet step waited for the device"
+    assert sum(count_syncs.values()) <= 104 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+def _stack():
+    frame = sys._getframe(2)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
