@@ -10,8 +10,9 @@
 #      images), bf16, the uniform linear schedule: as the paper trains it, and with --layout tail
 #      --frozen-prefix no-grad;
 #   5. `autoprog finetune --method autoprog-zero` (60 steps) on the GPU;
-#   6. Fashion-MNIST pre-training with the paper's recipe (host RandAugment, Mixup/CutMix, erasing), stopped after
-#      an epoch and resumed.
+#   6. Fashion-MNIST pre-training by AutoProg-One with the paper's recipe (host RandAugment, Mixup/CutMix, erasing;
+#      the supernet steps timed by CUDA events), stopped after an epoch and resumed.
+#   7. (run only, last) Fashion-MNIST prog pre-training with --compile (inductor), through its growth.
 # At most 8 files: gpu.txt, device_check.log (every step's output) and one JSON or table per measurement.
 #
 # Here, first (downloads the diffusers wheel, which the device image lacks, and copies Fashion-MNIST):
@@ -31,6 +32,10 @@ prepare)
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "diffusers==$version"
   cp -r "${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}" .data/
+  # the FD feature classifier, trained on the CPU once (the same weights anywhere): the device need not train it
+  mkdir -p .data/cache
+  cp "${AUTOPROG_CACHE:-$HOME/.cache/autoprog}"/feature-net-* .data/cache/ 2>/dev/null \
+    || echo "no cached feature classifier: the device machine trains it on its CPU (about a minute)"
   du -sh .whl .data
   ;;
 run|smoke)
@@ -51,19 +56,21 @@ run|smoke)
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
-  autoprog() { $py -m autoprog.cli "$@"; }
+  if [ "$1" = run ]; then export AUTOPROG_CACHE=${AUTOPROG_CACHE:-$PWD/.data/cache}; fi
   fails=0
-  step() {  # name, command...: run it, log it, count a failure but go on with the next check
+  step() {  # name, command...: run it (at most STEP_LIMIT s), log it, count a failure but go on with the next
     local name=$1; shift
     echo "=== $name"
     local t0=$SECONDS
-    "$@" 2>&1 | tee -a "$OUT/device_check.log" | grep -v -E "it/s\]|s/it\]" | tail -25
+    timeout "${STEP_LIMIT:-240}" "$@" 2>&1 | tee -a "$OUT/device_check.log" | grep -v -E "it/s\]|s/it\]" | tail -25
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc in $((SECONDS - t0)) s"
     [ "$rc" = 0 ] || fails=$((fails + 1))
   }
   if [ "$1" = run ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    { $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nproc; df -h /dev/shm; } \
+      2>&1 | tee -a "$OUT/gpu.txt"  # the loader workers' batches travel through /dev/shm
   else
     echo "smoke: CPU" > "$OUT/gpu.txt"
   fi
@@ -72,7 +79,7 @@ run|smoke)
   jpegs=$(mktemp -d)/jpegs
   $py -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
 from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img, classes=10)"
-  step deit_trainer autoprog compare --methods original,prog --model timm:deit_small_patch16_224 --img-size $img \
+  step deit_trainer $py -m autoprog.cli compare --methods original,prog --model timm:deit_small_patch16_224 --img-size $img \
     --patch-size 16 --dataset "$jpegs" --epochs $epochs --batch-size $((batch / 2)) --front 1 --no-budget-baseline \
     --out "$jpegs-compare" $cpu
   cp "$jpegs-compare/summary.md" "$OUT/deit_trainer.md" 2>/dev/null
@@ -82,13 +89,17 @@ from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img,
     --steps $steps --out "$OUT/dit_xl_step_speed.json"
   step dit_xl_tail_no_grad $py benchmarks/finetune_step_speed.py --preset $dit --batch-size $dit_batch --amp bf16 \
     --steps $steps --layout tail --frozen-prefix no-grad --out "$OUT/dit_xl_tail_no_grad.json"
-  step finetune_autoprog_zero autoprog finetune --method autoprog-zero --steps $ft_steps --eval-points 1 \
+  step finetune_autoprog_zero $py -m autoprog.cli finetune --method autoprog-zero --steps $ft_steps --eval-points 1 \
     --fd-samples $fd $ft_extra --data-root "$data" --out "$jpegs-finetune" $cpu
-  # in-memory data with the paper's recipe (RandAugment on the host, each batch copied after it), stopped after
-  # an epoch and resumed on the device
-  step fmnist_recipe autoprog pretrain --method prog --randaugment rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0 \
+  # in-memory data with the paper's recipe (RandAugment on the host, each batch copied after it) and AutoProg-One's
+  # supernet steps timed by CUDA events, stopped after an epoch and resumed on the device
+  step fmnist_recipe $py -m autoprog.cli pretrain --method autoprog-one --randaugment rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0 \
     --random-erasing 0.25 --epochs 2 --stop-after-epochs 1 $fm_extra --data-root "$data" --out "$jpegs-recipe" $cpu
-  step fmnist_recipe_resume autoprog pretrain --resume "$jpegs-recipe" $cpu
+  step fmnist_recipe_resume $py -m autoprog.cli pretrain --resume "$jpegs-recipe" $cpu
+  if [ "$1" = run ]; then  # last, as it may take longest: torch.compile (inductor) through a growing prog run
+    step fmnist_compile $py -m autoprog.cli pretrain --method prog --compile --epochs 2 --subset 4096 \
+      --data-root "$data" --out "$jpegs-compile"
+  fi
   echo "device check: $fails check(s) failed"
   exit "$fails"
   ;;

@@ -115,7 +115,9 @@ class PeakRSS:
 def time_stage(model, unfreezer, subnet, batch, steps, amp, device, scheduler, warmup: int = 2) -> dict:
     unfreezer.apply(subnet)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    # on CUDA as the trainer's: fused (build_optimizer), the noise drawn on the device by a generator there (the
+    # CPU keeps torch's default AdamW, so its figures stay comparable with those recorded before)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
     r = subnet.resolution
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, model.in_chans, r, r, generator=g).to(device)
@@ -124,9 +126,11 @@ def time_stage(model, unfreezer, subnet, batch, steps, amp, device, scheduler, w
     else:
         y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
 
+    noise_gen = torch.Generator(device).manual_seed(0) if device.type == "cuda" else g
+
     def step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = diffusion_loss(model, x0, y, scheduler, model.null_condition(y), generator=g)
+            loss = diffusion_loss(model, x0, y, scheduler, model.null_condition(y), generator=noise_gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -164,7 +168,7 @@ def time_stage(model, unfreezer, subnet, batch, steps, amp, device, scheduler, w
 
         with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = diffusion_loss(model, x0, y, scheduler, model.null_condition(y), generator=g)
+                loss = diffusion_loss(model, x0, y, scheduler, model.null_condition(y), generator=noise_gen)
         del loss
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         return sum(n for (ptr, _), n in seen.items() if ptr not in params)  # weights are not activations

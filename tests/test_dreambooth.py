@@ -428,3 +428,18 @@ def test_prompt_scores_are_clip_t_to_that_prompt_and_the_classifiers_agreement(t
     assert [h for _, h, _ in cols] == ["subject fidelity (autoprog features)", "CLIP-T, prompt 1", "CLIP-T, prompt 2"]
     with pytest.raises(ValueError, match="prompt index"):
         ev.prompt_scores(gen, "x", 5)
+
+
+def test_class_images_are_generated_on_the_runs_device(text_base, fake_fmnist, cache_dir, tmp_path, monkeypatch):
+    """With ``--cpu`` on a machine that has a GPU, the class images are generated where the run trains (the
+    accelerator's device), not on whatever GPU there is."""
+    from autoprog.diffusion.runner import build_finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU this process must not use
+    inst = tmp_path / "subject"
+    write_images(images(2, size=8), inst, prefix="img")
+    spec = DreamBoothSpec(base=str(text_base), data_root=str(fake_fmnist), instance_dir=str(inst), subject_class=3,
+                          with_prior_preservation=True, num_class_images=2, class_dir=str(tmp_path / "class"),
+                          cache_dir=str(cache_dir), train=DB)
+    build_finetune(spec, device=torch.device("cpu"))
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 2

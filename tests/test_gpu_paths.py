@@ -267,3 +267,53 @@ def test_an_augmentation_stream_saved_on_another_device_is_reseeded_with_a_warni
     Trainer._restore_rngs(trainer, states, gen)
     assert "drawn on cuda" in capsys.readouterr().err
     assert torch.equal(gen.get_state(), torch.Generator().manual_seed(3 * 7 + 2 * 104729 + 17).get_state())
+
+
+def test_a_device_without_an_index_is_its_indexed_form():
+    """Accelerate names a single GPU ``cuda`` (the current device); tensors and generators there say ``cuda:0``.
+    Comparing them with ``==`` sent every diffusion step's noise to be drawn on the host with a CUDA generator."""
+    from autoprog.data import same_device, to_device
+
+    assert same_device("cuda", "cuda:0") and same_device(torch.device("cuda:1"), "cuda")
+    assert not same_device("cuda:0", "cuda:1") and not same_device("cpu", "cuda") and same_device("cpu", "cpu")
+    t = torch.ones(2)
+    assert to_device(t, torch.device("cpu")) is t
+
+
+def test_a_fused_optimizers_step_count_is_loaded_onto_the_parameters_device():
+    """Torch's fused AdamW kernel reads the step count where the parameter is; checkpoints keep it on the host. As
+    torch's own ``load_state_dict`` does: fused or capturable groups get it on the parameter's device as float32,
+    others keep a host tensor (here the parameters are on the meta device, to see where each goes)."""
+    from autoprog.optim import load_optimizer_state
+
+    saved = {"weight::step": torch.tensor(7.0, dtype=torch.float64), "weight::exp_avg": torch.ones(2, 2)}
+    for fused in (True, False):
+        model = torch.nn.Linear(2, 2, bias=False, device="meta")
+        opt = torch.optim.AdamW(model.parameters(), foreach=False)
+        opt.param_groups[0]["fused"] = fused  # (AdamW refuses fused=True for meta parameters)
+        load_optimizer_state(opt, model, saved)
+        state = opt.state[model.weight]
+        assert state["exp_avg"].device.type == "meta"
+        if fused:
+            assert state["step"].device.type == "meta" and state["step"].dtype == torch.float32
+        else:
+            assert state["step"].device.type == "cpu" and state["step"] is not saved["weight::step"]
+
+
+def test_forked_rng_keeps_a_cuda_devices_stream_too(monkeypatch):
+    """Scoring, FLOP counts and seeded set-ups fork the training device's generator as well as the host's: on a GPU
+    drop path and dropout draw there, and a ``torch.manual_seed`` inside reseeds it."""
+    from autoprog.rng import forked_rng
+
+    seen = []
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None, **k: seen.append(devices))
+    forked_rng(torch.device("cuda"))
+    forked_rng("cpu")
+    forked_rng(None)
+    assert seen == [[torch.device("cuda")], [], []]
+    monkeypatch.undo()
+    state = torch.get_rng_state()
+    with forked_rng("cpu"):
+        torch.manual_seed(123)
+        torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), state)

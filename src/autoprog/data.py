@@ -224,7 +224,7 @@ class DataBundle:
         device = torch.device(device)
         for name in ("train", "test", "train_plain"):
             ds = getattr(self, name)
-            if isinstance(ds, TensorImages) and ds.images.device != device:
+            if isinstance(ds, TensorImages) and not same_device(ds.images.device, device):
                 setattr(self, name, TensorImages(ds.images.to(device), ds.labels.to(device)))
         return self
 
@@ -275,10 +275,20 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
     return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether ``a`` and ``b`` name one device: a device without an index (Accelerate's ``cuda`` on a single GPU,
+    the current one) is the same as its indexed form (``cuda:0``, a tensor's device there)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; from the host to a CUDA device through page-locked memory without waiting for the
     device's queued work (the same numbers as on the CPU); a tensor already there is returned as it is."""
-    if t.device == device or device.type != "cuda":
+    device = torch.device(device)
+    if same_device(t.device, device):
+        return t
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

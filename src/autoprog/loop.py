@@ -49,6 +49,7 @@ from .controllers import Controller, ProxyTask, ScheduleController
 from .engine import enter_due_stage
 from .errors import ConfigError
 from .optim import remap_block_state
+from .rng import forked_rng
 from .schedules import MANUAL_METHODS, Schedule
 from .space import GrowthSpace, SubNet
 from .steptime import StepMarks, StepTimer
@@ -308,7 +309,7 @@ class ProgressiveLoop(GrowthCalls):
         proxy = self._need_proxy("AutoProg-Zero's proxies")
         snap, was = self.snapshot(), self.model.training
         try:
-            with torch.random.fork_rng(devices=[]):  # scoring draws no training randomness
+            with forked_rng(next(self.model.parameters()).device):  # scoring draws no training randomness
                 if subnet != self.subnet:
                     self.enter_subnet(subnet)
                 self.model.eval()  # no dropout / drop path: the proxies are deterministic

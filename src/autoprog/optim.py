@@ -105,11 +105,21 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) 
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Optimizer state from :func:`optimizer_state_tensors`: moments on their parameters' devices; the step count
+    where torch's own ``load_state_dict`` puts it (on the parameter's device, float32, for a fused or capturable
+    group, whose kernels read it there; else a host tensor)."""
     params = dict(model.named_parameters())
+    on_device = {id(q) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for q in g["params"]}
     optimizer.state.clear()
     for key, v in tensors.items():
         name, k = key.rsplit("::", 1)
         p = params.get(name)
         if p is None:
             continue
-        optimizer.state.setdefault(p, {})[k] = v.to(p.device) if k != "step" else v.clone()
+        if k != "step":
+            v = v.to(p.device)
+        elif id(p) in on_device:
+            v = v.to(device=p.device, dtype=torch.float32)
+        else:
+            v = v.clone()
+        optimizer.state.setdefault(p, {})[k] = v

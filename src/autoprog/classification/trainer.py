@@ -39,6 +39,7 @@ from ..optim import (
     sync_params,
 )
 from ..options import MAX_IMAGE_SIZE, check_bounds, default, option
+from ..rng import forked_rng
 from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
@@ -266,7 +267,7 @@ class Trainer(GrowthCalls, RunTemplate):
             if cur != subnet:
                 self.net.apply_subnet(subnet)
             try:
-                with self.measuring(), torch.random.fork_rng(devices=[]):  # counting FLOPs is not training
+                with self.measuring(), forked_rng(self.acc.device):  # counting FLOPs is not training
                     self.flops_cache[key] = train_step_flops(self.net, sample, self.data.num_classes) * self.global_batch
             finally:
                 if cur != subnet:
@@ -303,7 +304,7 @@ class Trainer(GrowthCalls, RunTemplate):
         training images; weights, momentum weights and optimizer state are restored on exit."""
         snap, was = self.snapshot(), self.net.training
         try:
-            with torch.random.fork_rng(devices=[]):  # scoring draws no training randomness
+            with forked_rng(self.acc.device):  # scoring draws no training randomness
                 if subnet != self.net.subnet:
                     self.enter_subnet(subnet)
                 self.net.eval()  # no drop path or dropout: the proxies are deterministic
@@ -327,7 +328,7 @@ class Trainer(GrowthCalls, RunTemplate):
 
     @contextmanager
     def _growth_rng(self):
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng(self.acc.device):
             torch.manual_seed(self.cfg.seed * 1009 + self.step)  # same fresh weights on every process
             yield
 

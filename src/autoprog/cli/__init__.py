@@ -316,8 +316,11 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
                               "raise --rendezvous-timeout") from None
         if acc.device.type == "cuda":  # the current device is per thread: the group was joined in another one
             torch.cuda.set_device(acc.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.set_timeout(timedelta(minutes=30))
+        if torch.distributed.is_initialized():  # (set_timeout is torch 2.14's name; before it, _set_pg_timeout)
+            set_timeout = getattr(torch.distributed, "set_timeout", None) or getattr(
+                torch.distributed.distributed_c10d, "_set_pg_timeout", None)
+            if set_timeout is not None:
+                set_timeout(timedelta(minutes=30))
     if acc.device.type == "cuda":  # TF32 matrix products for whatever runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -25,6 +25,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from autoprog.errors import ConfigError, DivergedError
+from autoprog.rng import forked_rng
 
 CACHE_FORMAT = "autoprog-feature-net-v1"  # bump when the architecture or training recipe changes
 CLASSIFIER_METRIC = "FD (classifier features)"
@@ -151,7 +152,7 @@ def train_feature_classifier(
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     labels = labels.long()
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng(device):
         torch.manual_seed(seed)
         net = FeatureClassifier(images.shape[1], num_classes, feature_dim=feature_dim)
     net.to(device).train()
@@ -407,7 +408,7 @@ class QualityEvaluator:
         self._update(fake_images, real=False)
         self.kid.subset_size = min(self.kid_subset_size, len(fake_images), self.num_real)
         fd = float(self.fid.compute())
-        with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG
+        with forked_rng(self.device):  # KID draws its subsets from the global RNG
             torch.manual_seed(self.seed)
             kid, kid_std = (float(v) for v in self.kid.compute())
         return {

@@ -404,7 +404,7 @@ def _subject_evaluator(spec: DreamBoothSpec, data, device, log):
     return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip, feature_size=size)
 
 
-def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
+def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device=None):
     """The subject's images (``--instance-dir`` or the built-in subject) and, with prior preservation, the class
     images, at the base model's pixel size and channels."""
     from .dreambooth import (
@@ -442,7 +442,7 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path):
             spec.cache_dir or default_cache_dir(), base, class_prompt, settings)
         prior = class_images(model, lambda x: decode_samples({**meta, "vae": vae}, x), class_prompt,
                              spec.num_class_images, folder, size, chans, t.sample_steps, CLASS_CFG_SCALE,
-                             t.sample_eta, 0)
+                             t.sample_eta, 0, device=device)
     name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
     return dreambooth_data(instance, prior, instance_prompt, class_prompt,
                            spec.prior_loss_weight if prior is not None else None, model.tokenize, name,
@@ -466,10 +466,11 @@ def _base_path(spec: FinetuneSpec) -> Path:
     return path
 
 
-def build_finetune(spec: FinetuneSpec, seed: int | None = None):
-    """Load data and base model, apply the method; returns ``(data, model, controller, unfreezer, lr)``."""
+def build_finetune(spec: FinetuneSpec, seed: int | None = None, device: torch.device | str | None = None):
+    """Load data and base model, apply the method; returns ``(data, model, controller, unfreezer, lr)``.
+    ``device``: where DreamBooth's class images are generated, if they must be (default: a GPU if there is one)."""
     chosen = get_method(spec.method, FINETUNE)
-    data, model = _data_and_base(spec)
+    data, model = _data_and_base(spec, device)
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
     if chosen.kind == "static":
         prepare_static(model, chosen.base, spec.lora_rank if chosen.options.get("rank") is None
@@ -487,7 +488,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None):
     return data, model, controller, unfreezer, spec.train.lr
 
 
-def _data_and_base(spec: FinetuneSpec):
+def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None):
     """The training data and the base model, checked against each other and fitted to the data (input size,
     classes or captions)."""
     dreambooth, text = isinstance(spec, DreamBoothSpec), isinstance(spec, TextFinetuneSpec)
@@ -502,7 +503,7 @@ def _data_and_base(spec: FinetuneSpec):
                           f"--task {task} needs a text-to-image base (a pipeline directory); "
                           f"{base} is a class-conditional {model.kind}")
     if dreambooth:
-        data = _dreambooth_data(spec, model, meta, base)
+        data = _dreambooth_data(spec, model, meta, base, device)
     vae = spec.vae or meta.get("vae")
     if vae:
         with_latents(data, vae, spec.cache_dir or default_cache_dir())
@@ -590,15 +591,16 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
     ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there)."""
     out = Path(out)
     spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume, overwrite)
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
     torch.manual_seed(spec.train.seed)
-    data, model, controller, unfreezer, lr = build_finetune(spec)
+    with acc.main_process_first():  # DreamBooth's class images are generated once, by the main process
+        data, model, controller, unfreezer, lr = build_finetune(spec, device=acc.device)
     if get_method(spec.method, FINETUNE).base == "prog" and not spec.schedule and not resume:
         note = unfreezer.space(spec.num_stages, spec.start_ratio).repeated_stages_note()
         if note:
             warn(note)
-    from accelerate import Accelerator
-
-    acc = accelerator or Accelerator()
     if evaluator is None:
         with acc.main_process_first():  # the feature classifier is trained and cached once
             evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
@@ -686,8 +688,8 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     out = comparison_dir(Path(out), {**experiment.input_paths(spec), "--base": _base_path(spec)})
     _check_comparison(spec, methods)
     acc = accelerator or Accelerator()
-    data, *_ = build_finetune(replace(spec, method="full"))
     with acc.main_process_first():
+        data, *_ = build_finetune(replace(spec, method="full"), device=acc.device)
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     results, diverged = experiment.run_methods(
         methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator), "full", acc.print)

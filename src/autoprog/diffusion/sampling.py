@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..data import to_device
+from ..data import same_device, to_device
 from ..models.dit import DiffusionBackbone
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -40,7 +40,7 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, scheduler, null_cla
     dev = x0.device
     # drawn where the batch is when the generator is that device's (no copy, no host work), else on the host
     # and copied: a CPU generator gives the same numbers on any device
-    here = generator is None or generator.device == dev
+    here = generator is None or same_device(generator.device, dev)
     draw_on = dev if here else torch.device("cpu")
     noise = to_device(torch.randn(x0.shape, generator=generator, device=draw_on), dev)
     t = to_device(torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=draw_on),

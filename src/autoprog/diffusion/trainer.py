@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import OptimConfig, build_optimizer
 from ..options import check_bounds, option
+from ..rng import forked_rng
 from ..space import GrowthSpace, SubNet
 from ..steptime import REPEATS, SearchMeasurements, ShadowUpdate, StepTimer
 from .data import DiffusionData
@@ -226,7 +227,7 @@ class DiffusionTrainer(RunTemplate):
                 x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
                 def step():
-                    with torch.random.fork_rng(devices=[]):
+                    with forked_rng(self.acc.device):
                         self.training_loss(self.model, x0, y).backward()
                     for p in self.model.parameters():
                         p.grad = None
@@ -368,9 +369,10 @@ class DiffusionTrainer(RunTemplate):
         x0, y = self.data.batch(idx, subnet.resolution if subnet is not None else self.resolution, generator=g)
         x0, y = x0.to(self.acc.device), y.to(self.acc.device)
 
-        def forward_backward():
+        def forward_backward():  # the noise drawn where a training step draws it (on a GPU, there: no host work)
+            gen = torch.Generator().manual_seed(0) if self.acc.device.type == "cpu" else self._device_generator(0)
             with self.autocast():
-                loss = self.training_loss(self.model, x0, y, generator=torch.Generator().manual_seed(0))
+                loss = self.training_loss(self.model, x0, y, generator=gen)
             loss.backward()
 
         def clear_grads():
