@@ -5,6 +5,8 @@
 #   2. the real trainer: `autoprog compare --methods original,prog` for DeiT-S at 224 px with the defaults
 #      (bf16, loader workers) on a generated ImageFolder of 224-px JPEGs: prog's realised fraction of its
 #      FLOPs speed-up and images/s (summary in deit_trainer.md);
+#   2b. host-device synchronisations inside the steps of a real run, by torch's sync debug mode
+#      (benchmarks/cuda_sync_count.py): Fashion-MNIST pre-training and DiT fine-tuning, prog, 100 steps each;
 #   3. the ImageFolder loader's images/s with the defaults against the old loader (benchmarks/loader_speed.py);
 #   4. per-step speed and peak memory of the unfreezing stages for DiT-XL/2 on 32x32x4 latents (256-px
 #      images), bf16, the uniform linear schedule: as the paper trains it, and with --layout tail
@@ -13,7 +15,8 @@
 #   6. Fashion-MNIST pre-training by AutoProg-One with the paper's recipe (host RandAugment, Mixup/CutMix, erasing;
 #      the supernet steps timed by CUDA events), stopped after an epoch and resumed.
 #   7. (run only, last) Fashion-MNIST prog pre-training with --compile (inductor), through its growth.
-# At most 8 files: gpu.txt, device_check.log (every step's output) and one JSON or table per measurement.
+# At most 8 files: gpu.txt, device_check.log (every step's output, the sync counts' JSON too) and one JSON or
+# table per other measurement.
 #
 # Here, first (downloads the diffusers wheel, which the device image lacks, and copies Fashion-MNIST):
 #     bash benchmarks/device_check.sh prepare
@@ -46,10 +49,12 @@ run|smoke)
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   if [ "$1" = smoke ]; then
     py=.venv/bin/python cpu=--cpu img=64 batch=8 images=64 steps=2 epochs=2 dit=DiT-S/2 dit_batch=2 ft_steps=8 fd=16
+    sync_steps=4
     data=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist} ft_extra="--curve-samples 16 --sample-steps 2 --feature-epochs 1"
     fm_extra="--subset 256 --batch-size 32"
   else
     py=python3 cpu= img=224 batch=256 images=4096 steps=20 epochs=3 dit=DiT-XL/2 dit_batch=32 ft_steps=60 fd=500
+    sync_steps=100
     data=.data/fashion-mnist ft_extra= fm_extra=
   fi
   if ls .whl/*.whl >/dev/null 2>&1 && ! $py -c "import diffusers" 2>/dev/null; then  # only what is missing
@@ -83,6 +88,13 @@ from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img,
     --patch-size 16 --dataset "$jpegs" --epochs $epochs --batch-size $((batch / 2)) --front 1 --no-budget-baseline \
     --out "$jpegs-compare" $cpu
   cp "$jpegs-compare/summary.md" "$OUT/deit_trainer.md" 2>/dev/null
+  # the waits for the GPU inside the steps, by torch's sync debug mode: Fashion-MNIST on the device (prog, 100 steps)
+  # and DiT fine-tuning (prog, with its SID; 100 steps); their JSON is in device_check.log
+  step sync_pretrain $py benchmarks/cuda_sync_count.py -- pretrain --method prog \
+    --epochs 1 --subset $((sync_steps * 128)) --batch-size 128 --data-root "$data" --out "$jpegs-sync-pre" $cpu
+  step sync_finetune $py benchmarks/cuda_sync_count.py -- finetune --method prog \
+    --steps $sync_steps --eval-points 1 --fd-samples 64 --curve-samples 16 --sample-steps 5 $ft_extra \
+    --data-root "$data" --out "$jpegs-sync-ft" $cpu
   step loader_speed $py benchmarks/loader_speed.py --device "$([ "$1" = run ] && echo cuda || echo cpu)" \
     --images $((images / 2)) --batch-size $((batch / 2)) --model none --out "$OUT/loader_speed.json"
   step dit_xl_step_speed $py benchmarks/finetune_step_speed.py --preset $dit --batch-size $dit_batch --amp bf16 \

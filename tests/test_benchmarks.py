@@ -169,3 +169,38 @@ def test_loader_speed_compares_the_defaults_with_the_old_loader(tmp_path, monkey
         assert row["old_images_per_s"] > 0 and row["new_images_per_s"] > 0
         assert len(row["per_epoch"]["old"]) == len(row["per_epoch"]["new"]) == 1
         assert row["ratio"] == pytest.approx(row["new_images_per_s"] / row["old_images_per_s"], rel=1e-2)
+
+
+def test_cuda_sync_count_attributes_each_sync_warning_to_its_step_and_line(fake_fmnist, tmp_path, monkeypatch):
+    """The GPU check's counter (``benchmarks/cuda_sync_count.py``): a synchronising CUDA call warns under torch's
+    sync debug mode; here a stand-in warning in every step's health watch and in every stage entry's growth is
+    counted apart, each with its autoprog line, and nothing outside the steps is counted."""
+    import importlib.util
+    import warnings
+
+    import autoprog.engine as engine
+    from autoprog.classification.trainer import Trainer
+
+    spec = importlib.util.spec_from_file_location("cuda_sync_count", BENCH / "cuda_sync_count.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real_watch, real_grow = engine.HealthWatch.watch, Trainer.grow_to
+
+    def watch(self, *a, **k):
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        return real_watch(self, *a, **k)
+
+    def grow_to(self, *a, **k):
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        return real_grow(self, *a, **k)
+
+    monkeypatch.setattr(engine.HealthWatch, "watch", watch)
+    monkeypatch.setattr(Trainer, "grow_to", grow_to)
+    res = mod.count_syncs(["pretrain", "--method", "prog", "--out", str(tmp_path / "run"),
+                           *tiny_args(fake_fmnist, epochs="2")])  # 16 steps, 4 stages: 3 growths
+    assert res["exit"] == 0 and res["steps"] == 16
+    assert res["syncs_in_steady_steps"] == 16 and res["syncs_in_stage_entries"] == 3, res
+    (site, n), = res["steady_sites"]  # the autoprog line that called it (the stand-ins are this file's)
+    assert site.startswith("engine.py:") and site.endswith(" _apply_update") and n == 16
+    assert res["stage_entry_sites"][0][0].split(":")[0].endswith(".py")
+    assert engine.RunTemplate._train_one.__name__ == "_train_one", "the engine is left as it was"

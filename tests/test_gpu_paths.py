@@ -317,3 +317,103 @@ def test_forked_rng_keeps_a_cuda_devices_stream_too(monkeypatch):
         torch.manual_seed(123)
         torch.rand(3)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_learned_sigma_diffusers_dit_copies_its_variance_mask_once(monkeypatch):
+    """Without the hybrid loss the variance rows' gradients are zeroed by a mask made on the host at load time; on
+    a GPU copying it at every backward pass (weight and bias) waited for the device twice a step."""
+    import sys
+
+    from autoprog.models.dit import build_backbone
+
+    torch.manual_seed(0)
+    m = build_backbone("diffusers-dit", image_size=8, patch_size=4, in_chans=1, num_classes=10, hidden_size=16,
+                       depth=1, num_heads=2, learned_sigma=True)
+    copies, real = [], torch.Tensor.to
+
+    def to(self, *a, **k):
+        caller = sys._getframe(1)
+        if caller.f_globals.get("__name__") == "autoprog.models.dit" and caller.f_code.co_name in (
+                "<lambda>", "zero_variance_rows"):
+            copies.append(caller.f_code.co_name)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    head = m.model.proj_out_2
+    for _ in range(3):
+        m.zero_grad()
+        m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 3])).square().mean().backward()
+    assert len(copies) == 1, copies
+    out = head.out_features // 16  # rows per pixel of a 4×4 patch (2C), channel fastest
+    variance = (torch.arange(head.out_features) % out) >= out // 2
+    assert head.weight.grad[variance].abs().sum() == 0 and head.weight.grad[~variance].abs().sum() > 0
+
+
+def test_in_memory_batches_are_indexed_on_the_images_device(monkeypatch):
+    """Fashion-MNIST and digits live on the GPU: a host index into them is copied by the indexing with a blocking
+    copy (a wait for every queued step); the index is copied there first, without waiting (here: the meta device,
+    to see where it goes)."""
+    import autoprog.data as data
+
+    seen, real = [], data.to_device
+    monkeypatch.setattr(data, "to_device", lambda t, d: seen.append((t.dtype, torch.device(d))) or real(t, d))
+    ds = data.TensorImages(torch.zeros(4, 1, 2, 2, dtype=torch.uint8, device="meta"),
+                           torch.zeros(4, dtype=torch.long, device="meta"))
+    x, y = ds.__getitems__([0, 2])
+    assert seen == [(torch.int64, torch.device("meta"))]
+    assert x.shape == (2, 1, 2, 2) and x.device.type == "meta" and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("capability, local_rank, expected", [((9, 0), "0", "bf16"), ((8, 0), "1", "bf16"),
+                                                              ((7, 0), "0", "no")])
+def test_auto_precision_reads_this_processs_gpu_without_allocating_on_it(capability, local_rank, expected,
+                                                                       monkeypatch):
+    """bf16 where this process's GPU runs it natively (Ampere or later); an older card would emulate it. Read from
+    the device's properties: nothing is allocated, on GPU 0 or any other, before the process takes its own."""
+    from autoprog.cli import resolve_precision
+
+    asked = []
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: asked.append(i) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("allocates a test tensor"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_precision("auto", cpu=False) == expected and asked == [int(local_rank)]
+    assert resolve_precision("auto", cpu=True) == "no"
+
+
+def test_the_budget_matched_run_trains_every_processs_agreed_choice():
+    """Each process measured its own wall-clock (a checkpoint stops only the main process's clock), so under
+    torchrun they would pick different step counts and their collectives would stop matching: the choice goes
+    through ``agree`` (the main process's, broadcast)."""
+    from autoprog.experiment import BUDGET_SUFFIX, budget_matched_run
+
+    results = {"original": {"summary": {"wall_time_s": 100.0}}, "prog": {"summary": {"wall_time_s": 50.0}},
+               "autoprog-one": {"summary": {"wall_time_s": 60.0}}}
+    runs, offered = [], []
+
+    def agree(choice):
+        offered.append(choice)
+        return "autoprog-one", 30  # what the main process measured
+
+    budget_matched_run(results, "original", ["prog", "autoprog-one"], None, 80,
+                       lambda name, steps: runs.append((name, steps)) or {"summary": {}}, log=lambda *a: None,
+                       agree=agree)
+    assert offered == [("prog", 40)] and runs == [("original" + BUDGET_SUFFIX, 30)]
+    assert results["original" + BUDGET_SUFFIX]["summary"]["budget_of"] == "autoprog-one"
+
+
+def test_the_stage_identifiers_dropout_mask_reaches_the_device_without_waiting(cli, fake_fmnist, tmp_path,
+                                                                              monkeypatch):
+    """The SID's dropout mask is drawn on the host from the step's seed; every block reads it on the device, so it
+    is copied there once per step through ``to_device`` (pinned, not waiting), not by each block."""
+    import autoprog.diffusion.trainer as trainer_module
+
+    seen, real = [], trainer_module.to_device
+    monkeypatch.setattr(trainer_module, "to_device", lambda t, d: seen.append(t.dtype) or real(t, d))
+    rc, _, err = cli("finetune", "--method", "prog", "--steps", "4", "--batch-size", "8", "--eval-points", "1",
+                     "--fd-samples", "8", "--curve-samples", "8", "--sample-steps", "2", "--feature-epochs", "1",
+                     "--cache-dir", tmp_path / "cache", "--data-root", fake_fmnist, "--out", tmp_path / "ft", "--cpu")
+    assert rc == 0, err
+    assert seen.count(torch.bool) == 4, seen

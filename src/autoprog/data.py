@@ -56,7 +56,9 @@ class TensorImages(Dataset):
         return self.images[i], self.labels[i]
 
     def __getitems__(self, indices):
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        # indices on the images' device, copied without waiting: a host index into device images would make the
+        # indexing copy it with a blocking copy, which waits for every queued step
+        idx = to_device(torch.as_tensor(indices, dtype=torch.long), self.images.device)
         return self.images[idx], self.labels[idx]
 
     def subset(self, indices: torch.Tensor) -> TensorImages:

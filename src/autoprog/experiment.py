@@ -164,11 +164,12 @@ def diverged_rows(rows: list[dict], diverged: dict[str, str]) -> list[dict]:
 
 def budget_matched_run(results: dict[str, dict], baseline: str, methods: list[str], budget_mode: str | None,
                        total_steps: int, run: Callable[[str, int], dict], min_steps: int = 1,
-                       log: Callable[[str], None] = print) -> None:
+                       log: Callable[[str], None] = print, agree: Callable = lambda choice: choice) -> None:
     """Add ``baseline@budget`` to ``results``: the baseline trained for the wall-clock of the fastest of
     ``methods`` (its steps scaled from the baseline's ``total_steps`` by the measured times; at least
     ``min_steps``), with ``run(name, steps)``. Under a budget (``budget_mode`` describes it) every method had the
-    same budget, so the baseline is its own budget-matched run and none is added."""
+    same budget, so the baseline is its own budget-matched run and none is added. ``agree``: the main process's
+    choice on every process (each process measured its own times; they must train the same steps)."""
     if budget_mode is not None:
         log(f"budget mode: every method had the same budget ({budget_mode}), so {baseline} is the budget-matched "
             f"baseline itself (no {baseline}{BUDGET_SUFFIX})")
@@ -177,7 +178,7 @@ def budget_matched_run(results: dict[str, dict], baseline: str, methods: list[st
         return
     fastest = min(methods, key=lambda m: results[m]["summary"]["wall_time_s"])
     ratio = results[fastest]["summary"]["wall_time_s"] / results[baseline]["summary"]["wall_time_s"]
-    steps = max(min_steps, round(total_steps * ratio))
+    fastest, steps = agree((fastest, max(min_steps, round(total_steps * ratio))))
     name = baseline + BUDGET_SUFFIX
     log(f"\n=== {name}: {baseline} for {steps} steps, the wall-clock of {fastest} ===")
     results[name] = run(name, steps)

@@ -358,7 +358,8 @@ class ProgressiveLoop(GrowthCalls):
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             box = [obj]
-            dist.broadcast_object_list(box, src=0)
+            device = next(self.model.parameters()).device  # NCCL's objects travel on this process's own GPU
+            dist.broadcast_object_list(box, src=0, device=device if dist.get_backend() == "nccl" else None)
             return box[0]
         return obj
 

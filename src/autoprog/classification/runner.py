@@ -17,6 +17,7 @@ from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, 
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..data import load_dataset
+from ..engine import broadcast
 from ..errors import ConfigError, warn
 from ..experiment import (
     add_speedups,
@@ -379,7 +380,8 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     if budget_baseline:
         steps_per_epoch = orig["total_steps"] / orig["epochs"] if orig["epochs"] else orig["total_steps"]
         budget_matched_run(results, first, progressive, budget.describe() if budget else None,
-                           orig["total_steps"], budget_point, int(round(steps_per_epoch)), acc.print)
+                           orig["total_steps"], budget_point, int(round(steps_per_epoch)), acc.print,
+                           agree=lambda choice: broadcast(acc, choice))
     def front_point(name: str, steps: int, fraction: float) -> dict:
         train = replace(base.train, **({"max_steps": steps} if budget is None else budget.scaled(fraction)))
         return run_or_reuse(replace(base, method=first, train=train), out / name, acc)

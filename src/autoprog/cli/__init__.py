@@ -11,6 +11,7 @@ option names with ``_`` for ``-``; options given on the command line win over th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import (
@@ -214,19 +215,25 @@ def _run(args, acc) -> int:
 
 
 def resolve_precision(requested: str, cpu: bool) -> str:
-    """``--mixed-precision auto``: bf16 where a CUDA device that supports it will run the job, else no."""
+    """``--mixed-precision auto``: bf16 where the CUDA device this process will run on supports it natively
+    (compute capability 8 or more: Ampere, Hopper, ...; pre-Ampere cards would emulate it slowly), else no. The
+    device is read by its properties: nothing is allocated on it before the process takes its own GPU."""
     if requested != "auto":
         return requested
     import torch
 
-    return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if cpu or not torch.cuda.is_available():
+        return "no"
+    if torch.version.hip:
+        return "bf16"
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    index = local if local < torch.cuda.device_count() else 0
+    return "bf16" if torch.cuda.get_device_capability(index)[0] >= 8 else "no"
 
 
 def launch_env() -> tuple[int, int]:
     """``(WORLD_SIZE, RANK)`` set by a launcher (1, 0 without one); a value that is not a valid count or rank is a
     one-line error."""
-    import os
-
     values = {}
     if os.environ.get("WORLD_SIZE", "1").strip() == "1":  # one process: a stray RANK or LOCAL_RANK=-1 means nothing
         return 1, 0
@@ -316,6 +323,10 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
                               "raise --rendezvous-timeout") from None
         if acc.device.type == "cuda":  # the current device is per thread: the group was joined in another one
             torch.cuda.set_device(acc.device)
+        # NCCL forms its communicator at the first collective, every process but the first fetching its id through
+        # the store under the rendezvous timeout: form it now, while every process is here, not after the main
+        # process's first solo work (a feature classifier, class images, latents), which may take longer
+        acc.wait_for_everyone()
         if torch.distributed.is_initialized():  # (set_timeout is torch 2.14's name; before it, _set_pg_timeout)
             set_timeout = getattr(torch.distributed, "set_timeout", None) or getattr(
                 torch.distributed.distributed_c10d, "_set_pg_timeout", None)

@@ -90,8 +90,8 @@ def seed(text: str) -> int:
 def add_run_flags(g, command: str) -> None:
     """Flags of every training command that are not part of a spec: devices, precision, option files."""
     g.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                   help="mixed precision through Accelerate: auto (default) is bf16 on a CUDA device that supports "
-                        "it and no (fp32) elsewhere; on CUDA, fp32 matrix products use TF32")
+                   help="mixed precision through Accelerate: auto (default) is bf16 on a CUDA device that runs it "
+                        "natively (Ampere or later) and no (fp32) elsewhere; on CUDA, fp32 matrix products use TF32")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     g.add_argument("--log-with", metavar="TRACKERS",
                    help="experiment trackers through Accelerate, comma-separated: tensorboard (files under "

@@ -20,6 +20,7 @@ from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
+from ..engine import broadcast
 from ..errors import ConfigError, warn
 from ..formats import check_fields
 from ..front import DEFAULT_FRONT
@@ -706,7 +707,8 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
 
     if budget:
         experiment.budget_matched_run(results, "full", prog, run_budget.describe() if run_budget else None,
-                                      spec.train.steps, budget_point, log=acc.print)
+                                      spec.train.steps, budget_point, log=acc.print,
+                                      agree=lambda choice: broadcast(acc, choice))
     def front_point(name: str, steps: int, fraction: float) -> dict:
         # the front is the stricter baseline: its learning rate fully decayed within each budget, whatever the
         # methods' own schedule

@@ -440,6 +440,7 @@ class DiffusionTrainer(RunTemplate):
         # SID dropout from a stream of its own (seeded by the step, so a resumed run draws the same), leaving the
         # noise, timesteps and class dropout exactly as without it
         drop = sid.dropout_mask(len(y), torch.Generator().manual_seed(2**40 + seed)) if sid is not None else None
+        drop = to_device(drop, self.acc.device) if drop is not None else None  # (without waiting; every block reads it)
         # the backward pass inside the dropout too: under --gradient-checkpointing it runs the blocks again
         with sid.dropping(drop) if drop is not None else nullcontext():
             with self.autocast():

@@ -226,9 +226,16 @@ class DiffusersDiT(DiffusionBackbone):
             self.config["learned_sigma"] = True
             head = model.proj_out_2  # rows ordered (patch row, patch column, channel), channel fastest
             variance = (torch.arange(head.out_features, device=head.weight.device) % out) >= cfg.in_channels
+            on = {}  # the mask on each device the gradients come from, copied there once (not at every backward)
+
+            def zero_variance_rows(g):
+                m = on.get(g.device)
+                if m is None:
+                    m = on[g.device] = variance.to(g.device)
+                return g.masked_fill(m.view(-1, *([1] * (g.ndim - 1))), 0)
+
             for p in (head.weight, head.bias):  # the variance rows learn only under the hybrid loss
-                p.register_hook(lambda g, m=variance: g if self.train_variance  # (the mask follows the model
-                                else g.masked_fill(m.to(g.device).view(-1, *([1] * (g.ndim - 1))), 0))  # to a GPU)
+                p.register_hook(lambda g: g if self.train_variance else zero_variance_rows(g))
         self.sid = None
         for emb in self._label_embedders():
             emb.dropout_prob = 0.0
