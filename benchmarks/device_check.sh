@@ -74,8 +74,11 @@ run|smoke)
   }
   if [ "$1" = run ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    { $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nproc; df -h /dev/shm; } \
-      2>&1 | tee -a "$OUT/gpu.txt"  # the loader workers' batches travel through /dev/shm
+    # the libraries the checks ran with (the image's, not the versions pyproject.toml pins), the cores, and /dev/shm,
+    # through which the loader workers' batches travel
+    { $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+      $py -m pip list 2>/dev/null | grep -iE "^(torchvision|timm|accelerate|diffusers|transformers|peft|pillow|numpy) "
+      nproc; df -h /dev/shm; } 2>&1 | tee -a "$OUT/gpu.txt"
   else
     echo "smoke: CPU" > "$OUT/gpu.txt"
   fi

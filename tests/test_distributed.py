@@ -207,6 +207,27 @@ def test_a_supernet_search_builds_one_ddp_wrapper_per_trainable_set_and_stage(tm
                             "at every change, as before, builds changes + 1)"
 
 
+def test_a_zero_shot_search_builds_no_ddp_wrapper_for_the_candidates_it_only_scores(tmp_path, fake_fmnist):
+    """AutoProg-Zero grows into each candidate to score it and never trains the ones it does not choose: no DDP
+    wrapper (a broadcast of every parameter and the candidate's gradient buckets, kept until the next stage) is
+    built for them, only for the sets that train, one a stage at most."""
+    from conftest import tiny_args
+
+    out = tmp_path / "az-ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "autoprog.cli",
+           "pretrain", "--out", str(out), *tiny_args(fake_fmnist, epochs="4"), "--batch-size", "16",
+           "--method", "autoprog-zero", "--depth", "6", "--proxy-batches", "2", "--proxy-batch-size", "4"]
+    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=out)
+    assert proc.returncode == 0, log[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    stages = json.loads((out / "schedule.json").read_text())["stages"]
+    assert len(stages) == 4
+    # a trainable set is a depth: Accelerate's first wrapper, then one per depth the schedule trains (each
+    # scored candidate got its own before: 5 against 3 here, with 22 set changes)
+    depths = {s["depth"] for s in stages}
+    assert res["summary"]["ddp_wrappers_built"] <= 1 + len(depths), (res["summary"], stages)
+
+
 LOOP_DRIVER = textwrap.dedent('''
     import json
     import sys

@@ -24,8 +24,9 @@ class PreparedModel:
     DDP tracks only the parameters that required grad when it was built. A search that trains a different
     candidate at each step (a supernet epoch) changes that set most steps; rebuilding the wrapper each time would
     broadcast every parameter and allocate new gradient buckets every step. Instead a wrapper is built once per
-    set and kept until the next stage begins (:meth:`keep_current_only`): at most one per candidate of a stage.
-    An idle wrapper's gradient hooks do nothing (DDP acts only on the backward of its own forward).
+    set, when a training step first runs it (:meth:`current`; a set a search only scores gets none), and kept
+    until the next stage begins (:meth:`keep_current_only`): at most one per candidate of a stage. An idle
+    wrapper's gradient hooks do nothing (DDP acts only on the backward of its own forward).
     """
 
     def __init__(self, acc, module: nn.Module):
@@ -51,10 +52,15 @@ class PreparedModel:
         return wrapped
 
     def keep_current_only(self) -> None:
-        """Forget every other set's wrapper (a stage began: its candidates are new), Accelerate's first one too, so
-        that no stage keeps the gradient buckets of a set it no longer trains."""
-        self._by_set = {k: w for k, w in self._by_set.items() if w is self.wrapped}
-        if self._first is not self.wrapped and self._first is not self.module:
+        """Forget every wrapper but the one of the set that requires grad now, if it has one (a stage began: its
+        candidates are new), Accelerate's first one too, so that no stage keeps the gradient buckets of a set it
+        no longer trains."""
+        if self.acc.num_processes == 1:
+            return
+        key = frozenset(trained_ids(self.module))
+        kept = self._by_set.get(key)
+        self._by_set = {key: kept} if kept is not None else {}
+        if self._first is not kept and self._first is not self.module:
             self.acc._models = [m for m in self.acc._models if m is not self._first]
             self._first = self.module
 
@@ -128,6 +134,7 @@ class RunTemplate:
         self._pending_point: dict | None = None  # a trained final point whose evaluation has not finished
         self.health = HealthWatch()  # the divergence guard, read every health.every steps
         self.checkpoint_time = 0.0  # seconds spent writing checkpoints (outside the training time)
+        self._wrapper_stale = True  # the trainable set may have changed since the training module was last taken
         self._last_checkpoint = time.perf_counter()
         self._scaler = None  # --mixed-precision fp16: the loss scaler (unscales before clipping, skips overflows)
         if self.acc.mixed_precision == "fp16":
@@ -463,8 +470,16 @@ class RunTemplate:
         self.prepared.release()
 
     def _rewrap_if_needed(self) -> None:
-        """Under DDP, the wrapper that tracks the parameters that require grad now (the trainable set changed)."""
-        self.wrapped = self.prepared.current()
+        """The trainable set may have changed: the next training step takes the wrapper that tracks it (under DDP
+        built then if the set is new, so a set a search only scores, never trains, gets none)."""
+        self._wrapper_stale = True
+
+    def _training_module(self) -> nn.Module:
+        """The module a training step runs: under DDP the wrapper of the parameters that require grad now."""
+        if self._wrapper_stale:
+            self.wrapped = self.prepared.current()
+            self._wrapper_stale = False
+        return self.wrapped
 
     # ------------------------------------------------------------------------------ progress
     def _progress_bar(self):

@@ -582,7 +582,7 @@ class Trainer(GrowthCalls, RunTemplate):
                               regularizer=self.regularizer)
         x, target = self.recipe.mix(x, y)
         with self.autocast():
-            logits = self.wrapped(x)
+            logits = self._training_module()(x)
             loss = self.recipe.loss(logits, target)
         self._apply_update(loss, self.net)
         return loss.detach()

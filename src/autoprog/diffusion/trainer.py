@@ -444,7 +444,7 @@ class DiffusionTrainer(RunTemplate):
         # the backward pass inside the dropout too: under --gradient-checkpointing it runs the blocks again
         with sid.dropping(drop) if drop is not None else nullcontext():
             with self.autocast():
-                loss = self.training_loss(self.wrapped, x0, y, generator=noise_gen,
+                loss = self.training_loss(self._training_module(), x0, y, generator=noise_gen,
                                           class_dropout=self.cfg.class_dropout, weights=self.data.loss_weights(idx))
             self._apply_update(loss, self.model)
         return loss.detach()
