@@ -24,6 +24,8 @@
 #     run(command="bash benchmarks/device_check.sh run", carry=[".whl", ".data"], timeout_s=600)
 # Every figure, log and JSON lands in $OUT (the device tool brings it back); quote them with the card's name.
 # `bash benchmarks/device_check.sh smoke` runs the same steps at toy sizes on this CPU (OUT=runs/device-smoke).
+# CHECKS=deit_trainer,sync_pretrain (step names, as the log prints them) runs only those; STEP_LIMIT=240 caps each
+# step's seconds (a stuck step is stopped and counted as failed, the next one runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +67,7 @@ run|smoke)
   fails=0
   step() {  # name, command...: run it (at most STEP_LIMIT s), log it, count a failure but go on with the next
     local name=$1; shift
+    if [ -n "${CHECKS:-}" ] && [[ ",$CHECKS," != *",$name,"* ]]; then return; fi  # CHECKS=a,b: only those
     echo "=== $name"
     local t0=$SECONDS
     timeout "${STEP_LIMIT:-240}" "$@" 2>&1 | tee -a "$OUT/device_check.log" | grep -v -E "it/s\]|s/it\]" | tail -25
