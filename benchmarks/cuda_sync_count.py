@@ -5,7 +5,7 @@ It cannot see a wait that only a CUDA run makes (a blocking copy, an index moved
 This runs one ``autoprog`` command in-process under torch's sync debug mode (``torch.cuda.set_sync_debug_mode``),
 which warns at every synchronising CUDA call, and counts the warnings raised inside the engine's steps: in
 stage entries (a search, a growth: decisions, not steady-state steps) apart from the rest, each with the
-autoprog line that made it. Target: at most steps / 50 (the health check) + a few in the steady-state steps.
+autoprog line that made it. (A search's scoring inside a step, AutoProg-One's, counts as steady: read the lines.) Target: at most steps / 50 (the health check) + a few in the steady-state steps.
 
     python benchmarks/cuda_sync_count.py --out runs/sync_pretrain.json -- pretrain --method prog --epochs 1
 
@@ -53,25 +53,29 @@ def count_syncs(argv: list[str]) -> dict:
             where["stage"] -= 1
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if not where["step"] or SYNC_WARNING not in str(message):
+        if SYNC_WARNING not in str(message):
+            return shown(message, category, filename, lineno, file, line)  # every other warning, as before
+        if not where["step"]:
             return
         ours = [f for f in traceback.extract_stack()[:-1] if "/autoprog/" in f.filename]
         site = (f"{ours[-1].filename.rsplit('/autoprog/', 1)[-1]}:{ours[-1].lineno} {ours[-1].name}" if ours
                 else f"{filename}:{lineno}")
         sites["stage entries" if where["stage"] else "steady"][site] += 1
 
-    engine.RunTemplate._train_one, engine.enter_due_stage = train_one, enter
-    warnings.showwarning = show
-    warnings.simplefilter("always")
     cuda = torch.cuda.is_available() and "--cpu" not in argv
-    if cuda:
-        torch.cuda.set_sync_debug_mode("warn")
-    try:
-        rc = autoprog_main(argv)
-    finally:
+    with warnings.catch_warnings():  # (restores the filters and showwarning after)
+        shown = warnings.showwarning
+        warnings.showwarning = show
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}.*")
+        engine.RunTemplate._train_one, engine.enter_due_stage = train_one, enter
         if cuda:
-            torch.cuda.set_sync_debug_mode("default")
-        engine.RunTemplate._train_one, engine.enter_due_stage = real_step, real_enter
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rc = autoprog_main(argv)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            engine.RunTemplate._train_one, engine.enter_due_stage = real_step, real_enter
     return {"command": ["autoprog", *argv], "exit": rc,
             "device": torch.cuda.get_device_name() if cuda else "cpu (nothing is counted)",
             "steps": counted["steps"], "syncs_in_steady_steps": sum(sites["steady"].values()),

@@ -269,13 +269,17 @@ def test_an_augmentation_stream_saved_on_another_device_is_reseeded_with_a_warni
     assert torch.equal(gen.get_state(), torch.Generator().manual_seed(3 * 7 + 2 * 104729 + 17).get_state())
 
 
-def test_a_device_without_an_index_is_its_indexed_form():
+def test_a_device_without_an_index_is_its_indexed_form(monkeypatch):
     """Accelerate names a single GPU ``cuda`` (the current device); tensors and generators there say ``cuda:0``.
     Comparing them with ``==`` sent every diffusion step's noise to be drawn on the host with a CUDA generator."""
     from autoprog.data import same_device, to_device
 
-    assert same_device("cuda", "cuda:0") and same_device(torch.device("cuda:1"), "cuda")
+    assert same_device("cuda", "cuda:0") and same_device(torch.device("cuda:1"), "cuda")  # (no GPU to ask here)
     assert not same_device("cuda:0", "cuda:1") and not same_device("cpu", "cuda") and same_device("cpu", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert same_device("cuda", "cuda:0") and same_device("cuda:0", "cuda") and not same_device("cuda:1", "cuda")
+    monkeypatch.undo()
     t = torch.ones(2)
     assert to_device(t, torch.device("cpu")) is t
 
@@ -364,9 +368,11 @@ def test_in_memory_batches_are_indexed_on_the_images_device(monkeypatch):
     assert x.shape == (2, 1, 2, 2) and x.device.type == "meta" and y.device.type == "meta"
 
 
-@pytest.mark.parametrize("capability, local_rank, expected", [((9, 0), "0", "bf16"), ((8, 0), "1", "bf16"),
-                                                              ((7, 0), "0", "no")])
-def test_auto_precision_reads_this_processs_gpu_without_allocating_on_it(capability, local_rank, expected,
+@pytest.mark.parametrize("capability, local_rank, expected, index", [
+    ((9, 0), "0", "bf16", 0), ((8, 0), "1", "bf16", 1), ((7, 0), "0", "no", 0),
+    ((9, 0), "3", "bf16", 1),  # more processes than GPUs: Accelerate's local rank modulo the GPUs
+    ((9, 0), "-1", "bf16", 0), ((9, 0), "x", "bf16", 0)])  # stray values outside a launcher mean nothing
+def test_auto_precision_reads_this_processs_gpu_without_allocating_on_it(capability, local_rank, expected, index,
                                                                        monkeypatch):
     """bf16 where this process's GPU runs it natively (Ampere or later); an older card would emulate it. Read from
     the device's properties: nothing is allocated, on GPU 0 or any other, before the process takes its own."""
@@ -379,7 +385,7 @@ def test_auto_precision_reads_this_processs_gpu_without_allocating_on_it(capabil
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: asked.append(i) or capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("allocates a test tensor"))
     monkeypatch.setattr(torch.version, "hip", None)
-    assert resolve_precision("auto", cpu=False) == expected and asked == [int(local_rank)]
+    assert resolve_precision("auto", cpu=False) == expected and asked == [index]
     assert resolve_precision("auto", cpu=True) == "no"
 
 
@@ -417,3 +423,24 @@ def test_the_stage_identifiers_dropout_mask_reaches_the_device_without_waiting(c
                      "--cache-dir", tmp_path / "cache", "--data-root", fake_fmnist, "--out", tmp_path / "ft", "--cpu")
     assert rc == 0, err
     assert seen.count(torch.bool) == 4, seen
+
+
+@pytest.mark.parametrize("method", ["prog", "autoprog-one"])
+def test_a_finished_run_leaves_no_trainer_behind_without_a_garbage_collection(method, fake_fmnist, tmp_path):
+    """A comparison runs its methods one after the other in one process: a trainer caught in a reference cycle
+    would keep its model, optimizer and data on the GPU through the next run, until a garbage collection that
+    nothing asks for. Reference counting alone must free it."""
+    import gc
+
+    from autoprog.cli import main
+    from autoprog.engine import RunTemplate
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert main(["pretrain", "--method", method, "--out", str(tmp_path / "run"),
+                     *tiny_args(fake_fmnist, epochs="4")]) == 0
+        alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, RunTemplate)]
+    finally:
+        gc.enable()
+    assert alive == []

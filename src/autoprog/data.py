@@ -278,10 +278,17 @@ def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torc
 
 
 def same_device(a: torch.device | str, b: torch.device | str) -> bool:
-    """Whether ``a`` and ``b`` name one device: a device without an index (Accelerate's ``cuda`` on a single GPU,
-    the current one) is the same as its indexed form (``cuda:0``, a tensor's device there)."""
+    """Whether ``a`` and ``b`` name one device: a device without an index (Accelerate's ``cuda`` on a single GPU)
+    is the current one of its type (``cuda:0`` there, a tensor's device)."""
     a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        if a.type == "cuda" and torch.cuda.is_available():
+            current = torch.cuda.current_device()
+            return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+        return True
+    return a.index == b.index
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

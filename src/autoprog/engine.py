@@ -35,7 +35,7 @@ class PreparedModel:
         self._first = self.wrapped  # the one Accelerate knows (it may have wrapped forward for mixed precision)
         self._by_set = {frozenset(trained_ids(module)): self.wrapped}
         self.built = 1  # wrappers built over the run (DDP's cost; a test counts them)
-        self.changes = 0  # times the trainable set changed (what re-wrapping each time would have built)
+        self.changes = 0  # times a training step found the trainable set changed (re-wrapping each time: as many builds)
 
     def current(self) -> nn.Module:
         """The wrapper that tracks the parameters that require grad now (built on first use of this set)."""
@@ -125,9 +125,6 @@ class RunTemplate:
         self._t_run: float | None = None  # the training clock's start, while it runs
         self._instrument_time = 0.0  # seconds inside the running clock that were measurement, not training
         self._clock_stretch = 0  # counts the clock's starts (step marks of different stretches are not compared)
-        # marks between steps on the training clock (CUDA events on a GPU): a controller times the steps it runs
-        # without a synchronisation per step
-        self.step_marks = StepMarks(self.elapsed, self.acc.device, lambda: (self._clock_stretch, self._instrument_time))
         self._sec_per_flop: float | None = None  # time_source="flops": the calibration, measured once
         self._segment: dict | None = None  # the running segment's accumulators
         self._in_segment: dict | None = None  # a segment checkpointed part-way, to continue on resume
@@ -159,6 +156,17 @@ class RunTemplate:
         """Training seconds so far (evaluation and checkpoints excluded), the running stretch included."""
         running = time.perf_counter() - self._t_run - self._instrument_time if self._t_run is not None else 0.0
         return self.train_time + running
+
+    @property
+    def step_marks(self) -> StepMarks:
+        """Marks between steps on the training clock (CUDA events on a GPU): a controller times the steps it runs
+        without a synchronisation per step. Made afresh at each call (kept on the trainer, its clock would make
+        a reference cycle that keeps a finished run's model alive until a garbage collection)."""
+        return StepMarks(self.elapsed, self.acc.device, self._clock_now)
+
+    def _clock_now(self) -> tuple[int, float]:
+        """The training clock's stretch (its starts) and measurement seconds so far: marks are compared within one."""
+        return self._clock_stretch, self._instrument_time
 
     def sync(self) -> None:
         """Wait for the device's queued work (a no-op on the CPU): timings call it."""

@@ -106,11 +106,23 @@ def _cuda_event_times(step: Callable[[], None], repeats: int, device: torch.devi
 @dataclass(frozen=True)
 class StepMark:
     """A point between two training steps (see :class:`StepMarks`): the training clock's seconds, the stretch of
-    the clock it belongs to and, on a GPU, a CUDA event recorded there."""
+    the clock it belongs to and, on a GPU, a CUDA event recorded there. It refers to no trainer, so a controller
+    may keep marks without keeping the trainer alive."""
 
     seconds: float
     stretch: object = None
     event: object = None
+
+    def seconds_to(self, end: StepMark) -> float | None:
+        """Seconds from this mark to ``end`` (a mark made after it), or None where they cannot be compared: on a
+        GPU the device's time between the two events (waiting for ``end``'s), and None across two stretches of
+        the clock; elsewhere the clock's."""
+        if self.event is None or end.event is None:
+            return end.seconds - self.seconds
+        if self.stretch != end.stretch:
+            return None
+        end.event.synchronize()
+        return self.event.elapsed_time(end.event) / 1000.0  # elapsed_time is in milliseconds
 
 
 class StepMarks:
@@ -123,7 +135,8 @@ class StepMarks:
     synchronisation per step; :meth:`seconds` synchronises on the later mark's event, so read the marks when a
     decision needs them. ``stretch()`` names the clock's running stretch: on a GPU two marks of different
     stretches (an evaluation or a measurement came between them, which the events would count) give ``None``.
-    Elsewhere the seconds are the clock's, as before.
+    Elsewhere the seconds are the clock's, as before. Build one when marking (a trainer's ``step_marks``
+    property): it holds the trainer's clock, and kept on the trainer it would make a reference cycle.
     """
 
     def __init__(self, clock: Callable[[], float], device: torch.device | str | None = None,
@@ -141,14 +154,10 @@ class StepMarks:
                 event.record()
         return StepMark(self.clock(), self.stretch(), event)
 
-    def seconds(self, start: StepMark, end: StepMark) -> float | None:
-        """Seconds from ``start`` to ``end`` (a mark made after it), or None where they cannot be compared."""
-        if start.event is None or end.event is None:
-            return end.seconds - start.seconds
-        if start.stretch != end.stretch:
-            return None
-        end.event.synchronize()
-        return start.event.elapsed_time(end.event) / 1000.0  # elapsed_time is in milliseconds
+    @staticmethod
+    def seconds(start: StepMark, end: StepMark) -> float | None:
+        """Seconds from ``start`` to ``end`` (:meth:`StepMark.seconds_to`)."""
+        return start.seconds_to(end)
 
 
 class ShadowUpdate:

@@ -152,7 +152,6 @@ class AutoProgOne(Controller):
         self.search_start = 0  # the running search's first step
         self.step_times: list[list[float]] = []  # seconds of each candidate's supernet steps so far
         self._marked: list[tuple] = []  # steps timed by marks not read yet: (candidate, start mark, end mark)
-        self._step_marks: StepMarks | None = None  # the trainer's, which made them
         self._current, self._t_last = None, None  # the candidate of the running step; the mark it began at
         self.time_source = "probe"
 
@@ -238,8 +237,7 @@ class AutoProgOne(Controller):
         self.search_start = trainer.step
         self.step_times = [[] for _ in self.cands]  # seconds of each candidate's supernet steps
         self._marked = []
-        self._step_marks = self._marks(trainer)
-        self._current, self._t_last = None, self._step_marks.mark()
+        self._current, self._t_last = None, self._marks(trainer).mark()
         trainer.log_stage({"stage": k, "supernet": top.to_dict(), "candidates": [c.to_dict() for c in self.cands],
                            "growth": growth})
         trainer.print(f"stage {k + 1}/{self.num_stages}: supernet {top} with {len(self.cands)} candidates, "
@@ -282,7 +280,7 @@ class AutoProgOne(Controller):
     def after_step(self, trainer, loss=None) -> None:
         if not self.searching:
             return
-        marks = self._step_marks = self._marks(trainer)
+        marks = self._marks(trainer)
         now = marks.mark()  # on a GPU an event after the step's queued work: no synchronisation
         if self._current is not None and self._t_last is not None:  # the whole step of the candidate just trained
             self._marked.append((self._current, self._t_last, now))
@@ -303,13 +301,15 @@ class AutoProgOne(Controller):
     def _read_marks(self) -> None:
         """Add the steps timed by marks so far to :attr:`step_times` (on a GPU, one synchronisation)."""
         for i, start, end in self._marked:
-            seconds = self._step_marks.seconds(start, end)
+            seconds = start.seconds_to(end)
             if seconds is not None:  # an evaluation or a measurement came between its marks
                 self.step_times[i].append(seconds)
         self._marked = []
 
     def _score(self, trainer) -> float:
-        """Every candidate's loss at one scoring point, on its own part of the scoring subset; its seconds."""
+        """Every candidate's loss at one scoring point, on its own part of the scoring subset; its seconds (from
+        when the supernet steps queued before it are done: a GPU's wait for them is training time)."""
+        _sync(trainer)
         t0 = time.perf_counter()
         part = len(self.partial[0])
         for i, c in enumerate(self.cands):
@@ -322,10 +322,10 @@ class AutoProgOne(Controller):
 
     def _search(self, trainer) -> None:
         k = trainer.stage
+        self._read_marks()  # (on a GPU: waits for the supernet's queued steps, which are the supernet's time)
         # the supernet's training steps; the scoring points inside the phase are scoring time
         self.supernet_time += trainer.elapsed() - self._t_stage - self._stage_scoring
         t0 = time.perf_counter()
-        self._read_marks()
         times = self._step_times(trainer)
         if self.cfg.criterion == "gain":  # the losses come with the gradients, on gain's own subset
             idx, alpha, score, losses = self._by_gain(trainer, times)
@@ -511,3 +511,10 @@ def _floats(values: list) -> list[float]:
         for i, f in zip(at, torch.stack([values[i].reshape(()).float() for i in at]).tolist()):
             out[i] = f
     return out
+
+
+def _sync(trainer) -> None:
+    """Wait for the trainer's queued device work, where it can say (a no-op on the CPU)."""
+    sync = getattr(trainer, "sync", None)
+    if callable(sync):
+        sync()

@@ -226,8 +226,11 @@ def resolve_precision(requested: str, cpu: bool) -> str:
         return "no"
     if torch.version.hip:
         return "bf16"
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    index = local if local < torch.cuda.device_count() else 0
+    try:  # (a stray or invalid LOCAL_RANK outside a launcher means nothing: launch_env says so)
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    except ValueError:
+        local = 0
+    index = local % torch.cuda.device_count() if local >= 0 else 0  # the GPU Accelerate will give this process
     return "bf16" if torch.cuda.get_device_capability(index)[0] >= 8 else "no"
 
 
