@@ -180,3 +180,28 @@ def saved_tensors_and_grads(model, loss_fn) -> tuple[int, dict]:
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return count, grads
+
+
+def fake_cuda_events(monkeypatch, log: list, gpu_ms, sync_word: str = "event sync") -> None:
+    """``torch.cuda.Event`` as a fake on the CPU: ``record()`` reads the device clock ``gpu_ms`` (an iterator of
+    milliseconds) and logs "record", ``synchronize()`` logs ``sync_word``; ``torch.cuda.device`` does nothing."""
+    import contextlib
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = next(gpu_ms)
+            log.append("record")
+
+        def synchronize(self):
+            log.append(sync_word)
+
+        def elapsed_time(self, later):
+            assert later.at is not None and self.at is not None
+            return later.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())

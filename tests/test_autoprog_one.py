@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import replay_fixed, tiny_args, tiny_vit
+from conftest import fake_cuda_events, replay_fixed, tiny_args, tiny_vit
 from safetensors.torch import load_file
 
 from autoprog.algorithms import autoprog_one
@@ -912,30 +912,6 @@ def test_the_searches_read_their_training_subset_once_per_run(fake_fmnist, tmp_p
     assert [tr.candidate_loss(sub, 16, part, 4) for part in range(4)] == first
 
 
-def _fake_cuda_events(monkeypatch, log: list, gpu_ms):
-    """torch.cuda.Event as a fake: ``record()`` reads the device clock ``gpu_ms`` (an iterator of milliseconds)."""
-    import contextlib
-
-    class FakeEvent:
-        def __init__(self, enable_timing=False):
-            assert enable_timing
-            self.at = None
-
-        def record(self):
-            self.at = next(gpu_ms)
-            log.append("record")
-
-        def synchronize(self):
-            log.append("event sync")
-
-        def elapsed_time(self, later):
-            assert later.at is not None and self.at is not None
-            return later.at - self.at
-
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-
-
 def test_the_supernet_phase_times_its_steps_by_device_events_and_waits_only_at_its_end(monkeypatch):
     """On a GPU each supernet step is timed by CUDA events marked between steps, read when the search ends: no
     wait for the device during the phase, and each candidate's T is the device's time (7 ms a step here), not the
@@ -945,7 +921,7 @@ def test_the_supernet_phase_times_its_steps_by_device_events_and_waits_only_at_i
     from autoprog.steptime import StepMarks
 
     log = []
-    _fake_cuda_events(monkeypatch, log, itertools.count(0.0, 7.0))
+    fake_cuda_events(monkeypatch, log, itertools.count(0.0, 7.0))
     tr = FakeTrainer(8)
     tr.sync = lambda: log.append("device sync")
     tr.step_marks = StepMarks(tr.elapsed, "cuda:0")
@@ -978,7 +954,7 @@ def test_step_marks_compare_device_events_within_one_stretch_of_the_clock(monkey
     assert cpu.seconds(a, b) == 0.5 and a.event is None
 
     log, stretch = [], [0]
-    _fake_cuda_events(monkeypatch, log, iter([10.0, 14.0, 20.0]))
+    fake_cuda_events(monkeypatch, log, iter([10.0, 14.0, 20.0]))
     gpu = StepMarks(lambda: 0.0, "cuda:0", stretch=lambda: stretch[0])
     a, b = gpu.mark(), gpu.mark()
     stretch[0] += 1  # an evaluation, a checkpoint or a FLOP count

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -324,25 +323,11 @@ def test_measure_step_time_synchronises_cuda_around_each_call_of_a_given_clock(m
 
 def test_measure_step_time_on_cuda_reads_events_recorded_between_steps_and_syncs_once(monkeypatch):
     """On a GPU the steps are timed by CUDA events, one after each step: the median of their gaps, in seconds."""
-    log, gpu_ms = [], iter([0.0, 4.0, 5.0, 8.0, 108.0, 110.0])  # gaps 4, 1, 3, 100, 2 ms: median 3 ms
+    from conftest import fake_cuda_events
 
-    class FakeEvent:
-        def __init__(self, enable_timing=False):
-            assert enable_timing
-            self.at = None
-
-        def record(self):
-            self.at = next(gpu_ms)
-            log.append("record")
-
-        def synchronize(self):
-            log.append("sync")
-
-        def elapsed_time(self, later):
-            return later.at - self.at
-
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    log = []
+    fake_cuda_events(monkeypatch, log, iter([0.0, 4.0, 5.0, 8.0, 108.0, 110.0]),  # gaps 4, 1, 3, 100, 2 ms: median 3
+                     sync_word="sync")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("device sync"))
     assert measure_step_time(lambda: log.append("step"), repeats=5, warmup=2, device="cuda:0") == 0.003
     assert log == ["step", "step", "record"] + ["step", "record"] * 5 + ["sync"]
