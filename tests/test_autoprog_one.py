@@ -951,7 +951,7 @@ def test_step_marks_compare_device_events_within_one_stretch_of_the_clock(monkey
     host = iter([1.0, 1.5, 2.5, 4.0])
     cpu = StepMarks(lambda: next(host))
     a, b = cpu.mark(), cpu.mark()
-    assert cpu.seconds(a, b) == 0.5 and a.event is None
+    assert a.seconds_to(b) == 0.5 and a.event is None
 
     log, stretch = [], [0]
     fake_cuda_events(monkeypatch, log, iter([10.0, 14.0, 20.0]))
@@ -960,6 +960,6 @@ def test_step_marks_compare_device_events_within_one_stretch_of_the_clock(monkey
     stretch[0] += 1  # an evaluation, a checkpoint or a FLOP count
     c = gpu.mark()
     assert log == ["record"] * 3, "marking never waits"
-    assert gpu.seconds(a, b) == 0.004
-    assert gpu.seconds(b, c) is None
+    assert a.seconds_to(b) == 0.004
+    assert b.seconds_to(c) is None
     assert log[3:] == ["event sync"], "reading waits for the later mark"

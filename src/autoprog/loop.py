@@ -309,7 +309,7 @@ class ProgressiveLoop(GrowthCalls):
         proxy = self._need_proxy("AutoProg-Zero's proxies")
         snap, was = self.snapshot(), self.model.training
         try:
-            with forked_rng(next(self.model.parameters()).device):  # scoring draws no training randomness
+            with forked_rng(self._device):  # scoring draws no training randomness
                 if subnet != self.subnet:
                     self.enter_subnet(subnet)
                 self.model.eval()  # no dropout / drop path: the proxies are deterministic
@@ -335,7 +335,7 @@ class ProgressiveLoop(GrowthCalls):
                 p.grad = None
 
         try:
-            self.step_timer.device = next(self.model.parameters()).device
+            self.step_timer.device = self._device
             return self.step_timer.measure(lambda: proxy.loss(self.model, batch).backward(), None, clear_grads,
                                            repeats)
         finally:
@@ -345,10 +345,15 @@ class ProgressiveLoop(GrowthCalls):
         return time.perf_counter() - self._t0
 
     @property
+    def _device(self) -> torch.device:
+        """Where your model is (its first parameter's device)."""
+        return next(self.model.parameters()).device
+
+    @property
     def step_marks(self) -> StepMarks:
         """Marks between your steps on :meth:`elapsed`'s clock; CUDA events where the model is on a GPU, so a
         supernet phase times its candidates' steps without waiting for the device."""
-        return StepMarks(self.elapsed, next(self.model.parameters()).device)
+        return StepMarks(self.elapsed, self._device)
 
     def broadcast(self, obj: Any) -> Any:
         """Every decision of the controller goes through here: under ``torch.distributed`` (initialised, more than
@@ -358,8 +363,8 @@ class ProgressiveLoop(GrowthCalls):
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             box = [obj]
-            device = next(self.model.parameters()).device  # NCCL's objects travel on this process's own GPU
-            dist.broadcast_object_list(box, src=0, device=device if dist.get_backend() == "nccl" else None)
+            # NCCL's objects travel on this process's own GPU
+            dist.broadcast_object_list(box, src=0, device=self._device if dist.get_backend() == "nccl" else None)
             return box[0]
         return obj
 

@@ -132,8 +132,8 @@ class StepMarks:
     mark also records a CUDA event on the device's stream, and the seconds between two marks are the device's:
     from the end of the work queued before the first to the end of the work queued before the second, launch and
     data waits included. So a loop's steps are timed as they run, overlapped with the host, without a host-device
-    synchronisation per step; :meth:`seconds` synchronises on the later mark's event, so read the marks when a
-    decision needs them. ``stretch()`` names the clock's running stretch: on a GPU two marks of different
+    synchronisation per step; :meth:`StepMark.seconds_to` synchronises on the later mark's event, so read the
+    marks when a decision needs them. ``stretch()`` names the clock's running stretch: on a GPU two marks of different
     stretches (an evaluation or a measurement came between them, which the events would count) give ``None``.
     Elsewhere the seconds are the clock's, as before. Build one when marking (a trainer's ``step_marks``
     property): it holds the trainer's clock, and kept on the trainer it would make a reference cycle.
@@ -153,11 +153,6 @@ class StepMarks:
                 event = torch.cuda.Event(enable_timing=True)
                 event.record()
         return StepMark(self.clock(), self.stretch(), event)
-
-    @staticmethod
-    def seconds(start: StepMark, end: StepMark) -> float | None:
-        """Seconds from ``start`` to ``end`` (:meth:`StepMark.seconds_to`)."""
-        return start.seconds_to(end)
 
 
 class ShadowUpdate:
