@@ -21,7 +21,14 @@ from autoprog.diffusion.methods import (
     prepare_difffit,
     prepare_lora,
 )
-from autoprog.diffusion.sampling import balanced_labels, diffusion_loss, sample, training_scheduler
+from autoprog.diffusion.sampling import (
+    balanced_labels,
+    diffusion_loss,
+    sample,
+    shard_bounds,
+    shard_indices,
+    training_scheduler,
+)
 from autoprog.errors import ConfigError, DataError
 from autoprog.models.dit import (
     DiffusersDiT,
@@ -844,6 +851,40 @@ def test_sample_model_calls_and_cfg_batching():
     assert [bs for bs, _, _ in calls] == [2, 2, 2, 2, 1, 1]
     handle.remove()
     assert sample(m, torch.tensor([], dtype=torch.long), steps=2).shape == (0, 1, 8, 8)
+
+
+def test_shard_bounds_split_each_batch_evenly_and_cover_every_sample_once():
+    assert shard_bounds(7, 0, 2, batch_size=5) == [(0, 2), (5, 6)]
+    assert shard_bounds(7, 1, 2, batch_size=5) == [(2, 5), (6, 7)]
+    assert shard_bounds(2, 2, 3, batch_size=5) == [(1, 2)] and shard_bounds(2, 0, 3, batch_size=5) == [(0, 0)]
+    for n, world in [(0, 2), (1, 4), (13, 3), (1000, 8), (501, 8)]:
+        got = torch.cat([shard_indices(n, r, world) for r in range(world)])
+        assert sorted(got.tolist()) == list(range(n))
+    with pytest.raises(ValueError, match="rank 2"):
+        shard_bounds(4, 2, 2)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_sharded_samples_are_one_process_samples_whatever_the_process_count(eta):
+    """Each process draws the whole batch's noise from the one stream and keeps its part: reassembled, the shards
+    are the samples of one process, even where a batch has fewer samples than processes (empty shards)."""
+    torch.manual_seed(0)
+    m = tiny("dit")
+    perturb(m, std=0.3)
+    labels = torch.arange(7) % 4
+    alone = sample(m, labels, steps=3, cfg_scale=2.0, seed=5, batch_size=5, eta=eta)
+    for world in (2, 3, 8):
+        calls, handle = _counting(m)
+        together = torch.empty_like(alone)
+        for r in range(world):
+            part = sample(m, labels, steps=3, cfg_scale=2.0, seed=5, batch_size=5, eta=eta, shard=(r, world))
+            idx = shard_indices(7, r, world, batch_size=5)
+            assert len(part) == len(idx)
+            together[idx] = part
+        handle.remove()
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)  # a smaller batch rounds apart
+        # the model ran on each sample once per step (twice under guidance): the work is split, not repeated
+        assert sum(bs for bs, _, _ in calls) == 2 * 3 * 7
 
 
 def test_cfg_scale_one_equals_conditional_prediction():

@@ -97,7 +97,60 @@ DRIVER = textwrap.dedent('''
             return res
 
 
-    runner.DiffusionTrainer = RecordingTrainer  # finetune() looks the trainer up in its module
+    import autoprog.diffusion.trainer as trainer_module
+    from autoprog.diffusion.quality import to_uint8
+    from autoprog.diffusion.sampling import balanced_labels
+    from autoprog.errors import DivergedError
+
+    one_process_sample = trainer_module.sample
+    sampled = []  # (samples asked for, samples this process made) per sample() call
+
+
+    def counting_sample(model, conditions, *args, **kwargs):
+        out = one_process_sample(model, conditions, *args, **kwargs)
+        sampled.append([len(conditions), len(out)])
+        return out
+
+
+    trainer_module.sample = counting_sample
+
+
+    class EvaluatingTrainer(RecordingTrainer):
+        def fit(self, resume=False):
+            res = super().fit(resume)
+            rank = self.acc.process_index
+            d = root / "ranks" / self.run_info["method"]
+            info = json.loads((d / f"rank{rank}.json").read_text())
+            info["sampled"] = list(sampled)
+            sampled.clear()
+            # the evaluation images, sampled in shares and gathered, against one process sampling them all
+            conds = self.data.conditions(balanced_labels(self.data.classes, 7))
+            gathered = self._eval_images(conds, seed=5)
+            if rank == 0:
+                alone = to_uint8(self.data.decode(one_process_sample(
+                    self.eval_model(), conds, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale, seed=5,
+                    eta=self.cfg.sample_eta)))
+                info["gathered_vs_alone"] = [list(gathered.shape), list(alone.shape),
+                                             int((gathered.int() - alone.int()).abs().max())]
+            else:
+                info["gathered_vs_alone"] = gathered
+            # a non-finite sample on one process stops both (no process left waiting in a collective)
+            decode = self.data.decode
+            if rank == 1:
+                self.data.decode = lambda x: torch.full_like(decode(x), float("nan"))
+            try:
+                self._eval_images(conds, seed=5)
+                info["nan_raised"] = None
+            except DivergedError as e:
+                info["nan_raised"] = str(e)
+            finally:
+                self.data.decode = decode
+                sampled.clear()  # the next method's count starts empty
+            (d / f"rank{rank}.json").write_text(json.dumps(info))
+            return res
+
+
+    runner.DiffusionTrainer = EvaluatingTrainer  # finetune() looks the trainer up in its module
     cfg = DiffusionConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, eval_points=2, curve_samples=8,
                           fd_samples=16, sample_steps=2, proxy_batches=2, proxy_batch_size=4, time_repeats=1)
     # a collective that one process never joins fails after pg_timeout seconds instead of hanging for 30 minutes
@@ -333,3 +386,15 @@ def test_rewrapping_under_mixed_precision_does_not_nest_forward_wrappers(base, f
     depths = [d for i in infos for d in i["forward_depths"]]
     assert len(depths) == 2 * STEPS
     assert len(set(depths)) == 1, f"the forward runs deeper after each re-wrap: {depths}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_evaluation_samples_are_shared_out_and_scored_on_the_main_process(ddp_runs, method):
+    """Each process samples half of every evaluation (the curve point's 8 images, the final 16); the main process
+    gets them all, the images one process would make; a non-finite sample on one process stops both."""
+    infos, _ = _ranks(ddp_runs[0], method)
+    assert [i["sampled"] for i in infos] == [[[8, 4], [16, 8]]] * 2
+    gathered, alone, differ = infos[0]["gathered_vs_alone"]
+    assert gathered == alone and gathered[0] == 7 and differ <= 1  # a smaller batch may round a pixel apart
+    assert infos[1]["gathered_vs_alone"] is None
+    assert all(i["nan_raised"] and "not finite" in i["nan_raised"] for i in infos), [i["nan_raised"] for i in infos]

@@ -4,6 +4,7 @@ trainable set (:class:`PreparedModel`)."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -96,6 +97,33 @@ def broadcast(acc, obj):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([obj], from_process=0)[0]
+
+
+def gather_rows(acc, local, counts: list[int], chunk_bytes: int = 64 << 20):
+    """Every process's ``local`` rows (process ``r`` holds ``counts[r]``, possibly none) concatenated in process
+    order on the main process, on the host; ``None`` on the others. Sent in collectives of at most about
+    ``chunk_bytes`` per process (padded to one size), so that no device holds every process's rows at once."""
+    import torch
+
+    if acc.num_processes == 1:
+        return local
+    if len(local) != counts[acc.process_index]:
+        raise ValueError(f"process {acc.process_index} holds {len(local)} rows, {counts[acc.process_index]} expected")
+    row_shape = tuple(local.shape[1:])
+    per = max(1, chunk_bytes // max(1, math.prod(row_shape) * local.element_size()))
+    parts: list[list] = [[] for _ in counts]
+    for start in range(0, max(counts), per):
+        piece = torch.zeros((per, *row_shape), dtype=local.dtype, device=acc.device)
+        mine = local[start:start + per]
+        piece[:len(mine)] = mine.to(acc.device)
+        everyone = acc.gather(piece)
+        if acc.is_main_process:
+            everyone = everyone.cpu()
+            for r, n in enumerate(counts):
+                parts[r].append(everyone[r * per: r * per + min(per, max(0, n - start))])
+    if not acc.is_main_process:
+        return None
+    return torch.cat([t for rank in parts for t in rank]) if max(counts) else local
 
 
 class RunTemplate:

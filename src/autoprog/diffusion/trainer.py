@@ -31,8 +31,8 @@ from ..checkpoint import replace_dir
 from ..compute import compile_blocks
 from ..controllers import ProxyTask
 from ..data import to_device
-from ..engine import PreparedModel, RunTemplate
-from ..errors import ConfigError
+from ..engine import PreparedModel, RunTemplate, gather_rows
+from ..errors import ConfigError, DivergedError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import OptimConfig, build_optimizer
 from ..options import check_bounds, option
@@ -49,6 +49,7 @@ from .sampling import (
     hybrid_loss,
     sample,
     sampling_scheduler,
+    shard_indices,
     training_scheduler,
 )
 
@@ -475,11 +476,13 @@ class DiffusionTrainer(RunTemplate):
         point = dict(record)
         if self.evaluator is not None:
             t0 = time.perf_counter()
+            seed = self.cfg.seed + 99991
+            # every process samples its share; the main process scores them all
+            imgs = self._eval_images(self.data.conditions(balanced_labels(self.data.classes, n)), seed)
+            more = [self._eval_images(self.eval_model().tokenize([prompt] * n), seed + i)  # --eval-prompts (Table 8)
+                    for i, prompt in enumerate(self.data.eval_prompts, 1)] \
+                if hasattr(self.evaluator, "prompt_scores") else []
             if self.acc.is_main_process:
-                imgs = self.generate(n, seed=self.cfg.seed + 99991)
-                from .quality import to_uint8
-
-                imgs = to_uint8(imgs)
                 self._save_validation_grid(imgs)
                 q = self.evaluator.evaluate(imgs)
                 if "fd" in q:
@@ -494,9 +497,8 @@ class DiffusionTrainer(RunTemplate):
                 else:  # scores that are means over images (DreamBooth's): no sample-count bias to correct
                     point.update({k: round(v, 5) for k, v in q.items() if k in SCORE_KEYS},
                                  fd_samples=n, metric=q["metric"], headline=q["headline"])
-                    for i, prompt in enumerate(self.data.eval_prompts, 1):  # --eval-prompts (Table 8)
-                        more = to_uint8(self.generate_from(prompt, n, seed=self.cfg.seed + 99991 + i))
-                        point.update({k: round(v, 5) for k, v in self.evaluator.prompt_scores(more, prompt, i).items()})
+                    for i, (prompt, images) in enumerate(zip(self.data.eval_prompts, more), 1):
+                        point.update({k: round(v, 5) for k, v in self.evaluator.prompt_scores(images, prompt, i).items()})
             point = self.broadcast(point)
             point["eval_time_s"] = round(time.perf_counter() - t0, 2)
         self.history.append(point)
@@ -504,6 +506,34 @@ class DiffusionTrainer(RunTemplate):
         fd = f" {point.get('metric', 'FD')} {point[key]:.3f}" if key in point else ""
         self.print(f"step {self.step}/{self.total_steps} stage {self.stage + 1} loss {point['train_loss']:.4f}{fd} "
                    f"time {self.train_time:.1f}s (search {self.search_time:.1f}s)")
+
+    def _eval_images(self, conditions: torch.Tensor, seed: int) -> torch.Tensor | None:
+        """The evaluation model's samples for ``conditions`` as uint8 images, on the main process (``None`` on
+        the others). Under several processes each samples and decodes its share (:func:`sample`'s ``shard``):
+        the same images as one process makes, in ``1 / processes`` of the time, and no process waits alone past
+        the collective timeout. A non-finite sample anywhere stops every process."""
+        from .quality import to_uint8
+
+        world = self.acc.num_processes
+        shard = (self.acc.process_index, world) if world > 1 else None
+        x0 = sample(self.eval_model(), conditions, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
+                    seed=seed, eta=self.cfg.sample_eta, shard=shard)
+        imgs = self.data.decode(x0)
+        if shard is None:
+            return to_uint8(imgs)
+        bad = torch.tensor(int((~torch.isfinite(imgs)).sum()), device=self.acc.device)
+        bad = int(self.acc.reduce(bad, reduction="sum"))  # every process raises, or none
+        if bad:
+            raise DivergedError(f"{bad} generated pixel values are not finite (a diverged model, or a non-finite "
+                                "guidance scale); refusing to score or save them")
+        counts = [len(shard_indices(len(conditions), r, world)) for r in range(world)]
+        imgs = gather_rows(self.acc, to_uint8(imgs), counts)
+        if imgs is None:
+            return None
+        order = torch.cat([shard_indices(len(conditions), r, world) for r in range(world)])
+        out = torch.empty_like(imgs)
+        out[order] = imgs
+        return out
 
     def _save_validation_grid(self, imgs: torch.Tensor) -> None:
         """``OUT/samples/step<N>.png``: this point's first samples, one row per class (prompt), to look at."""
