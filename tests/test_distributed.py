@@ -280,3 +280,47 @@ def test_a_progressive_loop_follows_the_main_process_decisions_on_every_rank(tmp
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
     a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert a == b and len(a) == 4, "both ranks ran the main process's schedule"
+
+
+HOOK_DRIVER = textwrap.dedent('''
+    import json
+    import sys
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+    from torch import nn
+
+    from autoprog.engine import PreparedModel
+
+    ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16, bucket_cap_mb=1)
+    acc = Accelerator(cpu=True, kwargs_handlers=[ddp])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    prepared = PreparedModel(acc, model)
+    hooks = []
+    for frozen in (None, 0, 1, None):  # the whole model, then each layer alone, then the whole model again
+        for i, layer in enumerate(model):
+            layer.requires_grad_(i != frozen)
+        wrapper = prepared.current()
+        wrapper(torch.randn(2, 4)).sum().backward()
+        hooks.append([h.__qualname__ for h, _ in wrapper._comm_hooks])
+    if acc.is_main_process:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"hooks": hooks, "built": prepared.built}, f)
+    acc.end_training()
+''')
+
+
+def test_every_ddp_wrapper_gets_the_accelerators_communication_hook(tmp_path):
+    """A comm hook set through Accelerate's DDP settings (fp16 compression here) is registered on every wrapper
+    of a changing trainable set, not only on the one Accelerate built."""
+    driver = tmp_path / "hook_driver.py"
+    driver.write_text(HOOK_DRIVER)
+    out = tmp_path / "hooks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(out)]
+    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
+    res = json.loads(out.read_text())
+    assert res["built"] == 3  # Accelerate's, then one per single layer; the whole model's is reused
+    assert res["hooks"] == [["fp16_compress_hook"]] * 4

@@ -67,13 +67,18 @@ class PreparedModel:
 
     def _ddp(self) -> nn.Module:
         """A DDP wrapper as Accelerate builds one, around the module Accelerate already prepared (its forward keeps
-        the mixed-precision wrapper Accelerate gave it once)."""
+        the mixed-precision wrapper Accelerate gave it once), with the communication hook of the accelerator's
+        DDP settings (``DistributedDataParallelKwargs(comm_hook=...)``), if any, as Accelerate registers it."""
         from torch.nn.parallel import DistributedDataParallel
 
-        kwargs = self.acc.ddp_handler.to_kwargs() if self.acc.ddp_handler is not None else {}
+        handler = self.acc.ddp_handler
+        kwargs = handler.to_kwargs() if handler is not None else {}
         if self.acc.device.type == "cuda":
             kwargs.update(device_ids=[self.acc.local_process_index], output_device=self.acc.local_process_index)
-        return DistributedDataParallel(self.module, **kwargs)
+        wrapper = DistributedDataParallel(self.module, **kwargs)
+        if handler is not None:
+            handler.register_comm_hook(wrapper)
+        return wrapper
 
     def release(self) -> None:
         """Forget every wrapper (a comparison's later runs must not keep this model alive)."""
