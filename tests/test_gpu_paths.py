@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 
 def test_auto_precision_is_fp32_on_the_cpu_and_explicit_choices_stay():
-    from autoprog.cli import resolve_precision
+    from autoprog.accelerator import resolve_precision
 
     assert resolve_precision("auto", cpu=True) == "no"
     assert resolve_precision("bf16", cpu=True) == "bf16" and resolve_precision("no", cpu=False) == "no"
@@ -376,7 +376,7 @@ def test_auto_precision_reads_this_processs_gpu_without_allocating_on_it(capabil
                                                                        monkeypatch):
     """bf16 where this process's GPU runs it natively (Ampere or later); an older card would emulate it. Read from
     the device's properties: nothing is allocated, on GPU 0 or any other, before the process takes its own."""
-    from autoprog.cli import resolve_precision
+    from autoprog.accelerator import resolve_precision
 
     asked = []
     monkeypatch.setenv("LOCAL_RANK", local_rank)
@@ -444,3 +444,55 @@ def test_a_finished_run_leaves_no_trainer_behind_without_a_garbage_collection(me
     finally:
         gc.enable()
     assert alive == []
+
+
+class _Built(Exception):
+    pass
+
+
+def _library_calls():
+    from autoprog.classification.runner import RunSpec, TransferSpec, compare, finetune_classifier, pretrain
+    from autoprog.diffusion.runner import FinetuneSpec, compare_finetune, finetune
+
+    return {"pretrain": lambda out: pretrain(RunSpec(method="prog"), out),
+            "compare": lambda out: compare(RunSpec(), ["original", "prog"], out),
+            "finetune_classifier": lambda out: finetune_classifier(TransferSpec(method="prog"), out),
+            "finetune": lambda out: finetune(FinetuneSpec(method="prog"), out),
+            "compare_finetune": lambda out: compare_finetune(["full", "prog"], FinetuneSpec(), out)}
+
+
+@pytest.mark.parametrize("call", ["pretrain", "compare", "finetune_classifier", "finetune", "compare_finetune"])
+def test_a_library_call_given_no_accelerator_builds_the_clis(call, monkeypatch, tmp_path, fresh_accelerate):
+    """A library call without an accelerator gets the CLI's (bf16 on a GPU that runs it, TF32, the launcher's
+    group checked), not ``Accelerator()``'s fp32: it asks :func:`default_accelerator` before any work."""
+    import autoprog.accelerator as accelerator
+
+    monkeypatch.setattr(accelerator, "default_accelerator", lambda: (_ for _ in ()).throw(_Built()))
+    with pytest.raises(_Built):
+        _library_calls()[call](tmp_path / "out")
+
+
+def test_the_default_accelerator_is_the_clis_unless_accelerate_is_set_up(monkeypatch, fresh_accelerate):
+    from accelerate import Accelerator
+
+    import autoprog.accelerator as accelerator
+
+    asked = []
+    real = accelerator.make_accelerator
+    monkeypatch.setattr(accelerator, "make_accelerator", lambda precision: asked.append(precision) or real(precision))
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert accelerator.default_accelerator().mixed_precision == "no" and asked == ["auto"]  # auto: fp32 on a CPU
+    fresh_accelerate_state()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert accelerator.default_accelerator().mixed_precision == "bf16" and asked == ["auto", "bf16"]
+    fresh_accelerate_state()
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    Accelerator(cpu=True, mixed_precision="bf16")  # the caller's own: followed, not refused by Accelerate
+    assert accelerator.default_accelerator().mixed_precision == "bf16" and asked == ["auto", "bf16"]
+
+
+def fresh_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -183,7 +183,7 @@ def test_a_broken_launch_environment_is_one_line(cli, monkeypatch, tmp_path, env
 
 
 def test_one_process_ignores_stray_rank_variables(monkeypatch):
-    from autoprog.cli import launch_env
+    from autoprog.accelerator import launch_env
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "-1")

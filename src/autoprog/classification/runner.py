@@ -352,9 +352,9 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     time-to-quality speed-up (``tq_speedup``, see :mod:`autoprog.front`). With ``budget_baseline`` the original
     is also trained for the wall-clock of the fastest progressive method (``original@budget``, a front point).
     """
-    from accelerate import Accelerator
+    from ..accelerator import default_accelerator
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or default_accelerator()
     out = comparison_dir(Path(out), input_paths(base))
     methods = list(dict.fromkeys(methods))
     task, first = base.method_task, base.baseline
@@ -436,9 +436,9 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
 
     Speed-ups are averaged per seed (each is a ratio within one comparison on one machine).
     """
-    from accelerate import Accelerator
+    from ..accelerator import default_accelerator
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or default_accelerator()
     out = Path(out)
     per_seed = {s: compare(replace(base, train=replace(base.train, seed=s)), methods, out / f"seed{s}",
                            budget_baseline, acc, front) for s in seeds}

@@ -142,7 +142,7 @@ class Trainer(GrowthCalls, RunTemplate):
     def __init__(self, net: ElasticModel, schedule, growth: GrowthOperator, data: DataBundle,
                  cfg: TrainConfig, out_dir: str | Path, accelerator=None, run_info: dict | None = None,
                  adareg=None):
-        from accelerate import Accelerator
+        from ..accelerator import default_accelerator
 
         cfg.validate()
         if isinstance(schedule, Schedule):
@@ -160,7 +160,7 @@ class Trainer(GrowthCalls, RunTemplate):
             adareg is not None or self.recipe.randaugments) else None
         self.net, self.growth, self.data, self.cfg = net, growth, data, cfg
         self.out = Path(out_dir)
-        self.acc = accelerator or Accelerator()
+        self.acc = accelerator or default_accelerator()
         self.run_info = run_info or {}
         self.net.to(self.acc.device)
         self.net.set_gradient_checkpointing(cfg.gradient_checkpointing)

@@ -592,9 +592,9 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
     ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there)."""
     out = Path(out)
     spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume, overwrite)
-    from accelerate import Accelerator
+    from ..accelerator import default_accelerator
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or default_accelerator()
     torch.manual_seed(spec.train.seed)
     with acc.main_process_first():  # DreamBooth's class images are generated once, by the main process
         data, model, controller, unfreezer, lr = build_finetune(spec, device=acc.device)
@@ -636,9 +636,9 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
                                **({"learn_sigma" if spec.backbone == "dit" else "learned_sigma": True}
                                   if spec.learn_sigma else {}))
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
-    from accelerate import Accelerator
+    from ..accelerator import default_accelerator
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or default_accelerator()
     with acc.main_process_first():
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
@@ -684,11 +684,11 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     ones resumed. Returns one row per run with pre-training's ratios (``speedup``, ``flops_speedup``,
     ``tq_speedup``); ``summary.json`` adds the front and the curves.
     """
-    from accelerate import Accelerator
+    from ..accelerator import default_accelerator
 
     out = comparison_dir(Path(out), {**experiment.input_paths(spec), "--base": _base_path(spec)})
     _check_comparison(spec, methods)
-    acc = accelerator or Accelerator()
+    acc = accelerator or default_accelerator()
     with acc.main_process_first():
         data, *_ = build_finetune(replace(spec, method="full"), device=acc.device)
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
@@ -815,11 +815,10 @@ def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Pa
                            budget: bool = True, accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT
                            ) -> list[dict]:
     """:func:`compare_finetune` once per seed (``out/seed<N>``), then mean ± std per method in ``out/summary.*``."""
-    from accelerate import Accelerator
-
+    from ..accelerator import default_accelerator
     from .report import finetune_seeds_markdown
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or default_accelerator()
     out = Path(out)
     per_seed = {s: compare_finetune(methods, replace(spec, train=replace(spec.train, seed=s)), out / f"seed{s}",
                                     budget, acc, front) for s in seeds}

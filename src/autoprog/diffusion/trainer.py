@@ -115,7 +115,7 @@ class DiffusionTrainer(RunTemplate):
     def __init__(self, model: DiffusionBackbone, controller, data: DiffusionData, cfg: DiffusionConfig,
                  out_dir: str | Path, lr: float, accelerator=None, evaluator=None, run_info: dict | None = None,
                  unfreezer: Unfreezer | None = None):
-        from accelerate import Accelerator
+        from ..accelerator import default_accelerator
 
         cfg.validate()
         if cfg.hybrid_loss and not model.learned_sigma:
@@ -127,7 +127,7 @@ class DiffusionTrainer(RunTemplate):
         self.model, self.controller, self.data, self.cfg = model, controller, data, cfg
         self.unfreezer = unfreezer
         self.out = Path(out_dir)
-        self.acc = accelerator or Accelerator()
+        self.acc = accelerator or default_accelerator()
         self.evaluator = evaluator
         self.run_info = run_info or {}
         self.model.to(self.acc.device)
