@@ -324,3 +324,42 @@ def test_every_ddp_wrapper_gets_the_accelerators_communication_hook(tmp_path):
     res = json.loads(out.read_text())
     assert res["built"] == 3  # Accelerate's, then one per single layer; the whole model's is reused
     assert res["hooks"] == [["fp16_compress_hook"]] * 4
+
+
+LONE_LIBRARY_CALL = textwrap.dedent('''
+    import sys
+
+    import autoprog.accelerator as accelerator
+    from autoprog.classification.runner import RunSpec, pretrain
+    from autoprog.errors import ConfigError
+
+    accelerator.LIBRARY_RENDEZVOUS_S = 3
+    try:
+        pretrain(RunSpec(method="prog"), sys.argv[1])
+    except ConfigError as e:
+        print(f"ConfigError: {e}")
+''')
+
+
+@pytest.mark.parametrize("how", ["cli", "library"])
+def test_a_process_whose_group_never_forms_stops_with_one_line(how, tmp_path):
+    """Process 0 of 2 launched alone: the CLI (``--rendezvous-timeout``) and a library call given no accelerator
+    (the same set-up) stop after the rendezvous timeout with one line, not after torch's 30-minute default."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
+    env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "run"
+    if how == "cli":
+        cmd = [sys.executable, "-m", "autoprog.cli", "pretrain", "--out", str(out), "--rendezvous-timeout", "3", "--cpu"]
+    else:
+        (tmp_path / "lone.py").write_text(LONE_LIBRARY_CALL)
+        cmd = [sys.executable, str(tmp_path / "lone.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert "process 0 of 2 could not join its group" in log and "within 3 s" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

@@ -479,7 +479,8 @@ def test_the_default_accelerator_is_the_clis_unless_accelerate_is_set_up(monkeyp
 
     asked = []
     real = accelerator.make_accelerator
-    monkeypatch.setattr(accelerator, "make_accelerator", lambda precision: asked.append(precision) or real(precision))
+    monkeypatch.setattr(accelerator, "make_accelerator",
+                        lambda precision, **kw: asked.append(precision) or real(precision, **kw))
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert accelerator.default_accelerator().mixed_precision == "no" and asked == ["auto"]  # auto: fp32 on a CPU
     fresh_accelerate_state()
@@ -489,6 +490,11 @@ def test_the_default_accelerator_is_the_clis_unless_accelerate_is_set_up(monkeyp
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     Accelerator(cpu=True, mixed_precision="bf16")  # the caller's own: followed, not refused by Accelerate
     assert accelerator.default_accelerator().mixed_precision == "bf16" and asked == ["auto", "bf16"]
+    fresh_accelerate_state()
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # the caller's own process state: followed too
+    assert accelerator.default_accelerator().device.type == "cpu" and asked == ["auto", "bf16"]
 
 
 def fresh_accelerate_state() -> None:

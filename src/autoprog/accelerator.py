@@ -8,18 +8,23 @@ import os
 
 from .errors import ConfigError, first_line
 
+LIBRARY_RENDEZVOUS_S = 600  # a library call's processes may reach their first collective minutes apart
+
 
 def default_accelerator():
     """The Accelerator of a library call given none. An Accelerate state this process already holds (an
-    ``Accelerator`` the caller built) is followed, as ``Accelerator()`` would; otherwise the CLI's defaults
-    (:func:`make_accelerator`), with the precision of ``accelerate launch --mixed_precision`` if it set one
-    (``ACCELERATE_MIXED_PRECISION``), else ``auto``."""
+    ``Accelerator`` or ``PartialState`` the caller built) is followed, as ``Accelerator()`` would; otherwise the
+    CLI's defaults (:func:`make_accelerator`), with the precision and device ``accelerate launch`` set, if any
+    (``ACCELERATE_MIXED_PRECISION``: its ``--mixed_precision``, ``no`` when not given; ``ACCELERATE_USE_CPU``),
+    else ``auto``. Processes wait up to :data:`LIBRARY_RENDEZVOUS_S` for each other to join."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
 
-    if AcceleratorState._shared_state:
+    if AcceleratorState._shared_state or PartialState._shared_state:
         return Accelerator()
-    return make_accelerator(os.environ.get("ACCELERATE_MIXED_PRECISION") or "auto")
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return make_accelerator(os.environ.get("ACCELERATE_MIXED_PRECISION") or "auto", cpu=cpu,
+                            rendezvous_timeout=LIBRARY_RENDEZVOUS_S)
 
 
 def resolve_precision(requested: str, cpu: bool) -> str:
@@ -131,7 +136,7 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise ConfigError(f"process {rank} of {world} could not join its group at {where} within "
                               f"{rendezvous_timeout:g} s ({first_line(e)[:120]}); start all {world} processes, or "
-                              "raise --rendezvous-timeout") from None
+                              "raise the rendezvous timeout (--rendezvous-timeout)") from None
         if acc.device.type == "cuda":  # the current device is per thread: the group was joined in another one
             torch.cuda.set_device(acc.device)
         # NCCL forms its communicator at the first collective, every process but the first fetching its id through

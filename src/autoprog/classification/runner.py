@@ -281,6 +281,10 @@ def finetune_classifier(spec: TransferSpec, out: str | Path, accelerator=None, r
 def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume: bool, overwrite: bool) -> dict:
     import torch
 
+    from ..accelerator import default_accelerator
+
+    accelerator = accelerator or default_accelerator()  # first: the processes join their group together
+
     out = Path(out)
     if resume:
         spec = spec_cls.from_dict(read_run_config(out, spec_cls.task), str(out / "config.json"))

@@ -618,8 +618,10 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
 def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: bool = False,
                   overwrite: bool = False) -> dict:
     """Train a base DiT from scratch on ``spec.classes``; the model is written to ``out/model``."""
+    from ..accelerator import default_accelerator
     from ..controllers import StaticController
 
+    acc = accelerator or default_accelerator()  # first: the processes join their group together
     out = Path(out)
     spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
@@ -636,9 +638,6 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
                                **({"learn_sigma" if spec.backbone == "dit" else "learned_sigma": True}
                                   if spec.learn_sigma else {}))
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
-    from ..accelerator import default_accelerator
-
-    acc = accelerator or default_accelerator()
     with acc.main_process_first():
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     if acc.is_main_process:
