@@ -1,6 +1,6 @@
 #!/bin/bash
-# The same four short runs on an older commit and on the working tree; the trained weights and per-point
-# losses must be identical (a refactor of the engine changes no number).
+# The same four short runs on an older commit and on the working tree; the trained weights, per-point losses
+# and evaluations (FD, top-1) must be identical (a refactor of the engine changes no number).
 #   bash benchmarks/engine_equivalence.sh a2b6190      # the commit before the one training engine
 #   bash benchmarks/engine_equivalence.sh b27b20f HEAD # two commits (the working tree stays free to edit)
 # Needs the project's .venv; about 6 minutes on 2 CPU cores. Writes runs/engine-equivalence/{old,new}.
@@ -43,7 +43,9 @@ for run, f in [("prog", "checkpoint/model.safetensors"), ("ap1", "checkpoint/mod
     key = "epochs" if "epochs" in ra else "curve"
     la, lb = ([p.get("train_loss") for p in r[key]] for r in (ra, rb))
     sched = ra["summary"]["schedule"] == rb["summary"]["schedule"]
-    ok &= same and la == lb and sched
-    print(f"{run}: weights identical {same}, losses {la} vs {lb}, schedule identical {sched}")
+    qa, qb = ([p.get("fd", p.get("top1")) for p in r[key]] for r in (ra, rb))  # evaluations: FD or top-1
+    ok &= same and la == lb and sched and qa == qb
+    print(f"{run}: weights identical {same}, losses {la} vs {lb}, schedule identical {sched}, "
+          f"evaluations {qa} vs {qb}")
 sys.exit(0 if ok else 1)
 PY
