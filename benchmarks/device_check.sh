@@ -68,7 +68,8 @@ run|smoke)
   if [ "$1" = run ]; then export AUTOPROG_CACHE=${AUTOPROG_CACHE:-$PWD/.data/cache}; fi
   names=",deit_s_step_speed,deit_trainer,sync_pretrain,sync_finetune,loader_speed,dit_xl_step_speed,\
 dit_xl_tail_no_grad,finetune_autoprog_zero,fmnist_recipe,fmnist_recipe_resume,fmnist_compile,"
-  for name in ${CHECKS//,/ }; do
+  checks=${CHECKS:-}  # (unset: every step)
+  for name in ${checks//,/ }; do
     if [[ "$names" != *",$name,"* ]]; then echo "CHECKS: no step named $name (the steps: ${names//,/ })" >&2; exit 2; fi
   done
   fails=0 skipped=0 deadline=${DEADLINE:-570}  # the device tool stops a call at 600 s: end inside it, reporting

@@ -204,3 +204,22 @@ def test_cuda_sync_count_attributes_each_sync_warning_to_its_step_and_line(fake_
     assert site.startswith("engine.py:") and site.endswith(" _apply_update") and n == 16
     assert res["stage_entry_sites"][0][0].split(":")[0].endswith(".py")
     assert engine.RunTemplate._train_one.__name__ == "_train_one", "the engine is left as it was"
+
+
+@pytest.mark.parametrize("checks, code, says", [
+    (None, 0, "device check: 0 check(s) failed, 10 skipped for time"),  # CHECKS unset: every step, none in time
+    ("deit_trainer,sync_pretrain", 0, "device check: 0 check(s) failed, 2 skipped for time"),
+    ("deit_trainer,bogus", 2, "CHECKS: no step named bogus"),
+])
+def test_device_check_runs_every_step_or_the_named_ones(checks, code, says, tmp_path):
+    """The device check's step selection, with no time left (``DEADLINE=0``: each step is skipped, not run): its
+    ``set -u`` must not stop it when ``CHECKS`` is unset, and an unknown name is refused before anything runs."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "CHECKS"}
+    env.update(OUT=str(tmp_path / "out"), DEADLINE="0", **({"CHECKS": checks} if checks else {}))
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", "smoke"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == code and says in proc.stdout + proc.stderr, proc.stdout + proc.stderr
