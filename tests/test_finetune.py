@@ -397,9 +397,23 @@ def test_missing_shipped_base_explains_how_to_make_one(monkeypatch, tmp_path, fa
         runner.build_finetune(FinetuneSpec(data_root=str(fake_fmnist)))
 
 
-def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, tmp_path):
-    """--vae: a (tiny, locally saved) AutoencoderKL; the base remembers it and fine-tuning/sampling decode with it."""
+def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, tmp_path, monkeypatch):
+    """--vae: a (tiny, locally saved) AutoencoderKL; the base remembers it and fine-tuning/sampling decode with it,
+    on the run's device (the accelerator's: on a GPU job the VAE encodes the data and decodes every evaluation
+    there, not on the host)."""
     from diffusers import AutoencoderKL
+
+    from autoprog.diffusion.latent import LatentCodec
+
+    devices = []  # the device each VAE was loaded for: the accelerator's torch.device, never the default "cpu"
+    load = LatentCodec.from_pretrained.__func__
+    monkeypatch.setattr(LatentCodec, "from_pretrained", classmethod(
+        lambda cls, path, device="cpu", **kw: devices.append(device) or load(cls, path, device=device, **kw)))
+
+    def loaded_on_the_runs_device():
+        got = list(devices)
+        devices.clear()
+        return got and all(isinstance(d, torch.device) and d.type == "cpu" for d in got), got
 
     torch.manual_seed(0)
     vae_dir = tmp_path / "vae"
@@ -414,6 +428,8 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
     model, meta = load_backbone(base / "model")
     assert model.in_chans == 4 and model.image_size == 14 and meta["vae"] == str(vae_dir)
     assert list((cache_dir / "latents").glob("latents-*.safetensors"))
+    ok, got = loaded_on_the_runs_device()
+    assert ok, got
     out = tmp_path / "ft"
     rc, _, err = cli("finetune", "--method", "prog", "--base", base / "model", "--data-root", fake_fmnist,
                      "--cache-dir", cache_dir, "--out", out, *TRAIN_FLAGS)
@@ -421,8 +437,12 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
     res = json.loads((out / "results.json").read_text())
     assert math.isfinite(res["summary"]["fd"])
     assert [s["subnet"]["resolution"] for s in res["stages"]][-1] == 14  # stages are in latent pixels
+    ok, got = loaded_on_the_runs_device()
+    assert ok, got
     rc, _, err = cli("sample", out, "--per-class", "1", "--sample-steps", "2")
     assert rc == 0, err
+    ok, got = loaded_on_the_runs_device()
+    assert ok, got
     from PIL import Image
 
     assert Image.open(out / "model" / "samples" / "class5.png").mode == "RGB"  # decoded grey images, saved as PNG

@@ -143,7 +143,7 @@ def run_sample(args, acc) -> None:
         names = [saved_class_label(meta, c) for c in classes]
         conditions = conditions_for(model, meta, torch.tensor([c for c in classes for _ in range(args.per_class)]))
     imgs = decode_samples(meta, sample(model, conditions, steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                                       seed=args.seed, eta=args.eta))
+                                       seed=args.seed, eta=args.eta), device=acc.device)
     how = f"DDIM {args.sample_steps} steps, guidance {args.cfg_scale:g}" + (
         f", stage {args.stage}" if args.stage is not None else "")
     for i, (group, name) in enumerate(zip(groups, names)):

@@ -441,7 +441,8 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
                     "size": size, "channels": chans, "vae": vae}
         folder = Path(spec.class_dir) if spec.class_dir else class_images_dir(
             spec.cache_dir or default_cache_dir(), base, class_prompt, settings)
-        prior = class_images(model, lambda x: decode_samples({**meta, "vae": vae}, x), class_prompt,
+        device = device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+        prior = class_images(model, lambda x: decode_samples({**meta, "vae": vae}, x, device), class_prompt,
                              spec.num_class_images, folder, size, chans, t.sample_steps, CLASS_CFG_SCALE,
                              t.sample_eta, 0, device=device)
     name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
@@ -506,8 +507,8 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None)
     if dreambooth:
         data = _dreambooth_data(spec, model, meta, base, device)
     vae = spec.vae or meta.get("vae")
-    if vae:
-        with_latents(data, vae, spec.cache_dir or default_cache_dir())
+    if vae:  # encoded once (cached), and every evaluation decoded, on the run's device
+        with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device if device is not None else "cpu")
     if data.model_chans != model.in_chans:
         space = "latent" if vae else "image"
         raise ConfigError(f"the {space} has {data.model_chans} channels, the base model takes {model.in_chans}"
@@ -626,8 +627,9 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
     spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                spec.subset, seed=0)
-    if spec.vae:
-        with_latents(data, spec.vae, spec.cache_dir or default_cache_dir())
+    if spec.vae:  # encoded on the run's device, by the main process first (the others read its cache)
+        with acc.main_process_first():
+            with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device)
     torch.manual_seed(spec.train.seed)
     if spec.backbone == "text-unet":
         model = _build_text_base(spec, data)
@@ -801,13 +803,14 @@ def conditions_for(model, meta: dict, labels: torch.Tensor) -> torch.Tensor:
     return model.tokenize([captions[int(c)] for c in labels])
 
 
-def decode_samples(meta: dict, x0: torch.Tensor) -> torch.Tensor:
-    """A model's samples as pixels: decoded by its VAE when it was trained in latent space."""
+def decode_samples(meta: dict, x0: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A model's samples as pixels (on the CPU): decoded by its VAE, on ``device``, when it was trained in latent
+    space."""
     if not meta.get("vae"):
         return x0
     from .latent import LatentCodec
 
-    return LatentCodec.from_pretrained(meta["vae"]).decode(x0, out_channels=meta.get("image_channels"))
+    return LatentCodec.from_pretrained(meta["vae"], device=device).decode(x0, out_channels=meta.get("image_channels"))
 
 
 def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Path, seeds: list[int],
