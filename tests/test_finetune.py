@@ -618,3 +618,37 @@ def test_under_the_hybrid_loss_the_searches_measure_what_training_trains(base, f
     calls.clear()
     finetune(replace(spec, train=replace(spec.train, hybrid_loss=False)), tmp_path / "plain")
     assert calls == []  # without it nothing does
+
+
+def test_the_evaluators_feature_classifier_trains_on_the_runs_device(base, fake_fmnist, cache_dir, monkeypatch):
+    """The FD feature classifier is trained (once, then cached) on the device the evaluator is built for: on a GPU
+    job that is the GPU, not the host (about 2 minutes of CPU for the default Fashion-MNIST one)."""
+    import autoprog.diffusion.quality as quality
+    from autoprog.diffusion.data import load_diffusion_data
+    from autoprog.diffusion.runner import build_evaluator
+
+    asked = []
+    real = quality.load_or_train_feature_net
+    monkeypatch.setattr(quality, "load_or_train_feature_net",
+                        lambda *a, device="cpu", **k: asked.append(device) or real(*a, device=device, **k))
+    spec = FinetuneSpec(data_root=str(fake_fmnist), cache_dir=str(cache_dir), feature_epochs=1)
+    data = load_diffusion_data(spec.dataset, spec.data_root, (5, 6), 28, None, seed=0)
+    run_device = torch.device("cpu", 0)  # the run's device, told apart from the "cpu" default
+    build_evaluator(spec, data, run_device)
+    assert asked == [run_device]
+
+
+def test_the_comparisons_sample_grid_is_made_on_the_runs_device(base, tmp_path, monkeypatch):
+    """``samples.png`` of a comparison: each method's model is sampled, and decoded, on the run's device."""
+    import shutil
+
+    import autoprog.diffusion.runner as runner
+
+    shutil.copytree(base, tmp_path / "full" / "model")
+    decoded_on = []
+    real = runner.decode_samples
+    monkeypatch.setattr(runner, "decode_samples",
+                        lambda meta, x0, device="cpu": decoded_on.append(device) or real(meta, x0, device))
+    run_device = torch.device("cpu", 0)
+    png = runner.sample_comparison(["full"], tmp_path, (0, 1), per_class=1, steps=2, device=run_device)
+    assert png.is_file() and decoded_on == [run_device]

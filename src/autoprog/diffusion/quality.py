@@ -157,14 +157,16 @@ def train_feature_classifier(
         net = FeatureClassifier(images.shape[1], num_classes, feature_dim=feature_dim)
     net.to(device).train()
     _train_classifier(net, images, labels, epochs, batch_size, lr, torch.Generator().manual_seed(seed), flip, device)
+    top1 = classifier_top1(net, *test) if test is not None else None  # (on the training device)
     net.cpu().eval()
     info = {
         "train_images": len(images),
         "epochs": epochs,
         "seed": seed,
         "image_size": list(images.shape[1:]),
-        "test_top1": classifier_top1(net, *test) if test is not None else None,
+        "test_top1": top1,
         "train_seconds": round(time.perf_counter() - start, 2),
+        "device": torch.device(device).type,
     }
     return net, info
 

@@ -368,7 +368,7 @@ def build_evaluator(spec, data, device, log=print):
     if spec.fid_weights:
         evaluator = inception_evaluator(spec.fid_weights, real, device=device)
     else:
-        net, _ = _feature_net(spec, data.image_size, log)
+        net, _ = _feature_net(spec, data.image_size, log, device)
         evaluator = QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
     clip_model = getattr(spec, "clip_model", None)
     if data.captions is not None and (clip_model or net is not None):  # text-to-image: CLIP-T with CLIP weights,
@@ -381,15 +381,15 @@ def build_evaluator(spec, data, device, log=print):
     return evaluator
 
 
-def _feature_net(spec: ImageDataSpec, image_size: int | None, log):
+def _feature_net(spec: ImageDataSpec, image_size: int | None, log, device: torch.device | str = "cpu"):
     """The feature classifier of every class of ``spec.dataset`` at ``image_size`` (None: the dataset's own),
-    trained once and cached; returns ``(net, the size it was trained at)``."""
+    trained once (on ``device``) and cached; returns ``(net, the size it was trained at)``."""
     from .quality import load_or_train_feature_net
 
     src = load_diffusion_data(spec.dataset, spec.data_root, classes=None, image_size=image_size)
     net, _ = load_or_train_feature_net(src.train_images, src.train_labels, src.num_classes,
                                        spec.cache_dir or default_cache_dir(), test=(src.test_images, src.test_labels),
-                                       epochs=spec.feature_epochs, log=log)
+                                       epochs=spec.feature_epochs, log=log, device=device)
     return net, src.image_size
 
 
@@ -400,7 +400,7 @@ def _subject_evaluator(spec: DreamBoothSpec, data, device, log):
     clip = ClipScorer(spec.clip_model, device) if spec.clip_model else None
     net = size = None
     if dino is None or spec.subject() is not None:  # the feature classifier answers what the weights do not
-        net, size = _feature_net(spec, None, log)  # at its own size: generated images are resized to it
+        net, size = _feature_net(spec, None, log, device)  # at its own size: generated images are resized to it
         net.to(device)
     return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip, feature_size=size)
 
@@ -731,7 +731,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
                "front": baseline_front.envelope if baseline_front else [], "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
         _write_comparison(summary, [m for m in results if m not in front_results], out, data.classes, spec.train,
-                          acc.print)
+                          acc.print, acc.device)
     return rows
 
 
@@ -752,20 +752,23 @@ def _comparison_row(name: str, s: dict, full: dict) -> dict:
             "search_time_s": s["search_time_s"], "schedule": s.get("schedule", {}).get("stages", [])}
 
 
-def _write_comparison(summary: dict, sampled: list[str], out: Path, classes, train: DiffusionConfig, log) -> None:
+def _write_comparison(summary: dict, sampled: list[str], out: Path, classes, train: DiffusionConfig, log,
+                      device: torch.device | str = "cpu") -> None:
     """``summary.json``, ``summary.md``, the curves, the front and ``samples.png`` of the ``sampled`` methods."""
     from .report import write_finetune_report
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
     write_finetune_report(summary, out)
-    sample_comparison(sampled, out, classes, seed=train.seed, eta=train.sample_eta)
+    sample_comparison(sampled, out, classes, seed=train.seed, eta=train.sample_eta, device=device)
     log("\n" + (out / "summary.md").read_text())
 
 
 def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], per_class: int = 2,
-                      cfg_scale: float = 4.0, steps: int = 50, seed: int = 0, eta: float = 1.0) -> Path:
-    """``samples.png``: one row per method, the same noise and classes in every row (Fig. 9 style)."""
+                      cfg_scale: float = 4.0, steps: int = 50, seed: int = 0, eta: float = 1.0,
+                      device: torch.device | str = "cpu") -> Path:
+    """``samples.png``: one row per method, the same noise and classes in every row (Fig. 9 style), each
+    method's model sampled (and its VAE decoding) on ``device``."""
     from ..models.dit import load_backbone
     from .quality import save_grid
     from .sampling import sample
@@ -774,8 +777,9 @@ def sample_comparison(methods: list[str], out: Path, classes: tuple[int, ...], p
     rows = []
     for m in methods:
         model, meta = load_backbone(out / m / "model")
-        rows.append(decode_samples(meta, sample(model, conditions_for(model, meta, labels), steps=steps,
-                                                cfg_scale=cfg_scale, seed=seed, eta=eta)))
+        rows.append(decode_samples(meta, sample(model.to(device), conditions_for(model, meta, labels), steps=steps,
+                                                cfg_scale=cfg_scale, seed=seed, eta=eta), device))
+        del model  # (one method's model on the device at a time)
     (out / "samples.txt").write_text("rows, top to bottom: " + ", ".join(methods) +
                                      f"\nclasses {list(classes)}, {per_class} each, DDIM {steps} steps, "
                                      f"guidance {cfg_scale}, eta {eta}\n")
