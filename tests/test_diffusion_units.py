@@ -896,3 +896,21 @@ def test_cfg_scale_one_equals_conditional_prediction():
     one = sample(m, labels, steps=3, cfg_scale=1.0, seed=3)
     near_one = sample(m, labels, steps=3, cfg_scale=1.0 + 1e-7, seed=3)
     torch.testing.assert_close(one, near_one, rtol=0, atol=1e-4)
+
+
+def test_batch_indices_draw_each_epochs_order_once_and_the_same_order(monkeypatch):
+    """A fine-tuning step's batch is a slice of its epoch's permutation: drawn once per epoch (not per step:
+    a permutation of the whole set, 20 ms a step for a million images), the same slices as drawing it afresh."""
+    n, batch, seed = 50, 8, 3
+    data = DiffusionData("x", torch.zeros(n, 1, 8, 8, dtype=torch.uint8), torch.zeros(n, dtype=torch.long),
+                         torch.zeros(1, 1, 8, 8, dtype=torch.uint8), torch.tensor([0]), 1, (0,))
+    drawn = []
+    randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: drawn.append(a[0]) or randperm(*a, **k))
+    steps = 2 * (n // batch) + 1  # two whole epochs and a step of the third
+    got = [data.batch_indices(s, batch, seed) for s in range(steps)]
+    assert drawn == [n, n, n]
+    for s, idx in enumerate(got):
+        epoch, pos = divmod(s, n // batch)
+        fresh = randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        assert torch.equal(idx, fresh[pos * batch:(pos + 1) * batch])

@@ -96,8 +96,10 @@ class DiffusionData:
         if self.num_instance is None:
             per_epoch = max(1, n // global_batch)
             epoch, pos = divmod(step, per_epoch)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            return perm[pos * global_batch:(pos + 1) * global_batch]
+            key = (n, seed, epoch)
+            if getattr(self, "_epoch_order", (None,))[0] != key:  # drawn once per epoch, not at every step
+                self._epoch_order = (key, torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)))
+            return self._epoch_order[1][pos * global_batch:(pos + 1) * global_batch].clone()
         if not self.paired:
             return _cycled(torch.arange(self.num_instance), step, global_batch, seed)
         is_inst = (torch.arange(global_batch) // num_processes) % 2 == 0
