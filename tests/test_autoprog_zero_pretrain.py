@@ -99,3 +99,28 @@ def test_the_flops_time_source_makes_choices_independent_of_timing(cli, fake_fmn
         tb = [c["time_s"] for c in sb["candidates"]]
         assert [x / ta[0] for x in ta] == pytest.approx([x / tb[0] for x in tb], rel=1e-9)
         assert len(set(ta)) > 1, "candidates of different sizes cost differently"
+
+
+def test_a_candidates_snapshot_keeps_the_optimizer_state_where_it_is(fake_fmnist, tmp_path, monkeypatch):
+    """Trying a candidate snapshots and restores the optimizer state: copies on the parameters' device (on a GPU,
+    no copy through the host and no wait per tensor), which later steps do not change."""
+    tr = _trainer(fake_fmnist, tmp_path)
+    tr.use_subnet(SubNet(16, 2))
+    tr.stage = 0
+    x = torch.randn(4, 1, 16, 16)
+    torch.nn.functional.cross_entropy(tr.net(x), torch.tensor([0, 1, 2, 3])).backward()
+    tr.optimizer.step()  # some state to keep
+    state = {p: {k: v.clone() for k, v in st.items()} for p, st in tr.optimizer.state.items()}
+    to_host = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: to_host.append(t.shape) or cpu(t, *a, **k))
+    snap = tr.snapshot()
+    assert to_host == [], f"{len(to_host)} optimizer tensors copied to the host"
+    monkeypatch.undo()
+    for st in tr.optimizer.state.values():  # a later step changes the live state, not the snapshot
+        for v in st.values():
+            v.add_(1.0)
+    tr.restore(snap)
+    for p, st in tr.optimizer.state.items():
+        for k, v in st.items():
+            torch.testing.assert_close(v.float(), state[p][k].float(), rtol=0, atol=0, msg=k)

@@ -91,8 +91,10 @@ def remap_block_state(optimizer: torch.optim.Optimizer, model: nn.Module, block_
                 optimizer.state[p] = {k: v.clone() for k, v in src[n].items()}
 
 
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Optimizer state keyed by parameter name, for safetensors."""
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module,
+                            host: bool = True) -> dict[str, torch.Tensor]:
+    """Optimizer state keyed by parameter name: copies on the host, for safetensors; with ``host=False`` copies
+    where the state is (a snapshot to restore within the run: no copy through the host, no wait for the GPU)."""
     names = {p: n for n, p in model.named_parameters()}
     out = {}
     for p, st in optimizer.state.items():
@@ -100,7 +102,7 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) 
             continue
         for k, v in st.items():
             t = v if torch.is_tensor(v) else torch.tensor(v)
-            out[f"{names[p]}::{k}"] = t.detach().cpu().contiguous()
+            out[f"{names[p]}::{k}"] = t.detach().cpu().contiguous() if host else t.detach().clone()
     return out
 
 

@@ -342,7 +342,7 @@ class Trainer(GrowthCalls, RunTemplate):
             "subnet": self.net.subnet, "gated": self.net.gated_blocks(),
             "model": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
             "ema": {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()},
-            "optimizer": {k: v.clone() for k, v in optimizer_state_tensors(self.optimizer, self.net).items()},
+            "optimizer": optimizer_state_tensors(self.optimizer, self.net, host=False),  # copies on the device
             "lr_step": self.lr_step,
         }
 
