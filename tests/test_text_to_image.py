@@ -535,3 +535,32 @@ def test_a_step_flops_count_leaves_out_the_one_off_encoding_of_the_prompt_table(
 
     step()
     assert counted == int(count_flops(step) / 2 * trainer.global_batch)  # as a warm step counts
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("sid", [0, 2])
+def test_sampling_encodes_each_batchs_prompts_once_not_at_every_step(sid, cfg_scale, monkeypatch):
+    """The sampler hands a text model the same conditions at every DDIM step: they are encoded once per batch,
+    not once per step (a learnable SID's text path encoded at every step; a frozen one read its ids back to the
+    host for the prompt cache at every step, a wait for the GPU); the samples are the same."""
+    torch.manual_seed(0)
+    m = tiny(sid=sid)
+    if sid:
+        m.set_stage(1)
+    else:
+        m.text_encoder.requires_grad_(False)
+    y = m.tokenize(CAPTIONS)
+    m._text_cache = {}
+    before = sample(m, y, steps=4, cfg_scale=cfg_scale, seed=0, batch_size=2)
+    m._text_cache, m._last_text = {}, None  # as a fresh model
+    encodes, reads = [], []
+    hook = m.text_encoder.register_forward_hook(lambda mod, args, out: encodes.append(args[0].shape[0]))
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(t.shape) or cpu(t, *a, **k))
+    again = sample(m, y, steps=4, cfg_scale=cfg_scale, seed=0, batch_size=2)
+    monkeypatch.undo()
+    hook.remove()
+    assert len(encodes) == 2, encodes  # two batches (3 prompts, 2 a batch), four steps each
+    # per batch: the finished samples, and (a frozen text path's prompt cache) the prompt ids once
+    assert len(reads) == 2 * (1 if sid else 2), reads
+    assert torch.equal(before, again)

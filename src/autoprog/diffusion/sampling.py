@@ -186,9 +186,11 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
             lo, hi = (b * shard[0] // shard[1], b * (shard[0] + 1) // shard[1]) if shard else (0, b)
             y = conditions[start + lo:start + hi].to(dev)
             x = torch.randn((b, model.in_chans, res, res), generator=gen)[lo:hi].to(dev)
-            null = model.null_condition(y) if hi > lo else None
+            # the conditions of every step, made once: a text model encodes them once (its prompt cache reads the
+            # ids back to the host), not at each step
+            cond = (y if cfg_scale == 1.0 else torch.cat([y, model.null_condition(y)])) if hi > lo else None
             for t in sched.timesteps:
-                eps = _guided_eps(model, x, t.to(dev), y, null, cfg_scale) if hi > lo else x
+                eps = _guided_eps(model, x, t.to(dev), cond, cfg_scale) if hi > lo else x
                 # the step's ancestral noise for the whole batch, as diffusers would draw it, then this share's
                 noise = torch.randn((b, *eps.shape[1:]), generator=gen, dtype=eps.dtype)[lo:hi] if eta > 0 else None
                 if hi > lo:
@@ -202,12 +204,13 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
     return torch.cat(out) if out else torch.empty(0, model.in_chans, res, res)
 
 
-def _guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor,
-                cfg_scale: float) -> torch.Tensor:
+def _guided_eps(model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """ε with classifier-free guidance; ``cond``: the conditions, followed by the null ones unless ``cfg_scale``
+    is 1."""
     if cfg_scale == 1.0:
-        return model(x, t, y)
-    cond, uncond = model(torch.cat([x, x]), t, torch.cat([y, null])).chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+        return model(x, t, cond)
+    c, uncond = model(torch.cat([x, x]), t, cond).chunk(2)
+    return uncond + cfg_scale * (c - uncond)
 
 
 def sampling_scheduler(config: dict | None = None):

@@ -142,7 +142,21 @@ class TextUNet(DiffusionBackbone):
         few prompts): the cache is keyed by the token ids and by the storage and version counter of every text
         weight, so any change to them (an optimizer or EMA step, a loaded checkpoint) makes it encode afresh.
         With autograd on (training steps, and the searches' and FLOPs counts' steps) the table of
-        :meth:`expect_conditions` serves instead, where one is declared."""
+        :meth:`expect_conditions` serves instead, where one is declared. Without autograd, the same ids tensor
+        given again (a sampler's every step) gets the same encodings back, with no work and no read back to the
+        host, while the text weights, device, autocast type and stage are unchanged."""
+        random = self.text_encoder.training and self.text_encoder.config.attention_dropout > 0
+        if torch.is_grad_enabled() or random:
+            return self._encode_text(ids)
+        key = (ids._version, self._text_version(ids))
+        last = getattr(self, "_last_text", None)
+        if last is not None and last[0] is ids and last[1] == key:
+            return last[2]
+        out = self._encode_text(ids)
+        self._last_text = (ids, key, out)
+        return out
+
+    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self.with_sid(ids)
         learnable = self.sid is not None and self.sid.embedding.weight.requires_grad
         learnable = learnable or any(p.requires_grad for p in self.text_encoder.parameters())
