@@ -502,3 +502,28 @@ def fresh_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.mark.parametrize("counts, chunk_rows, gathers", [([5, 3], 2, 3), ([5, 5], 64, 1), ([4, 0], 3, 2), ([0, 0], 3, 0)])
+def test_gather_rows_sends_bounded_chunks_and_keeps_each_processs_rows(counts, chunk_rows, gathers):
+    """The main process's rows of every process, in process order, gathered in collectives of at most
+    ``chunk_bytes`` per process and never larger than the most rows a process holds (a small evaluation sends
+    a small buffer). A stand-in accelerator plays both processes: process 1 sends the rows process 0 sends."""
+    from types import SimpleNamespace
+
+    from autoprog.engine import gather_rows
+
+    local = torch.arange(counts[0] * 6, dtype=torch.uint8).view(counts[0], 1, 2, 3)
+    sent = []
+
+    def gather(piece):
+        sent.append(len(piece))
+        return torch.cat([piece, piece])
+
+    acc = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True, device=torch.device("cpu"),
+                          gather=gather)
+    out = gather_rows(acc, local, counts, chunk_bytes=chunk_rows * 6)
+    assert len(sent) == gathers and all(n <= min(chunk_rows, max(counts)) for n in sent), sent
+    assert torch.equal(out, torch.cat([local, local[:counts[1]]]))
+    with pytest.raises(ValueError, match="holds"):
+        gather_rows(acc, torch.zeros(counts[0] + 1, 1, 2, 3, dtype=torch.uint8), counts)

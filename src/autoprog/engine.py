@@ -115,7 +115,7 @@ def gather_rows(acc, local, counts: list[int], chunk_bytes: int = 64 << 20):
     if len(local) != counts[acc.process_index]:
         raise ValueError(f"process {acc.process_index} holds {len(local)} rows, {counts[acc.process_index]} expected")
     row_shape = tuple(local.shape[1:])
-    per = max(1, chunk_bytes // max(1, math.prod(row_shape) * local.element_size()))
+    per = max(1, min(max(counts), chunk_bytes // max(1, math.prod(row_shape) * local.element_size())))
     parts: list[list] = [[] for _ in counts]
     for start in range(0, max(counts), per):
         piece = torch.zeros((per, *row_shape), dtype=local.dtype, device=acc.device)
