@@ -124,3 +124,6 @@ def test_a_candidates_snapshot_keeps_the_optimizer_state_where_it_is(fake_fmnist
     for p, st in tr.optimizer.state.items():
         for k, v in st.items():
             torch.testing.assert_close(v.float(), state[p][k].float(), rtol=0, atol=0, msg=k)
+    # the restored state is the optimizer's own copy: later steps do not change the snapshot
+    live = {id(v) for st in tr.optimizer.state.values() for v in st.values()}
+    assert not any(id(v) in live for v in snap["optimizer"].values())

@@ -564,3 +564,7 @@ def test_sampling_encodes_each_batchs_prompts_once_not_at_every_step(sid, cfg_sc
     # per batch: the finished samples, and (a frozen text path's prompt cache) the prompt ids once
     assert len(reads) == 2 * (1 if sid else 2), reads
     assert torch.equal(before, again)
+    assert m._last_text is None  # the sampler's encodings are not kept (on a GPU, through the training after it)
+    with torch.inference_mode():  # inference tensors (no version counter) are encoded, not remembered
+        ids = m.tokenize(CAPTIONS)
+        assert ids.is_inference() and m.encode_text(ids).shape[0] == len(ids) and m._last_text is None

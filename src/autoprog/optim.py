@@ -118,10 +118,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ten
         p = params.get(name)
         if p is None:
             continue
-        if k != "step":
-            v = v.to(p.device)
+        if k != "step":  # (copies: a snapshot stays as it was, whatever the optimizer does next)
+            v = v.to(p.device, copy=True)
         elif id(p) in on_device:
-            v = v.to(device=p.device, dtype=torch.float32)
+            v = v.to(device=p.device, dtype=torch.float32, copy=True)
         else:
             v = v.clone()
         optimizer.state.setdefault(p, {})[k] = v

@@ -693,6 +693,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     with acc.main_process_first():
         data, *_ = build_finetune(replace(spec, method="full"), device=acc.device)
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+    data.codec = None  # (its VAE on the device: each run loads its own)
     results, diverged = experiment.run_methods(
         methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator), "full", acc.print)
     full = results["full"]["summary"]

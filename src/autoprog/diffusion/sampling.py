@@ -201,6 +201,8 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
                 progress(len(y))
     finally:
         model.train(was_training)
+        if hasattr(model, "forget_encodings"):  # a text model's encodings of this call's prompts
+            model.forget_encodings()
     return torch.cat(out) if out else torch.empty(0, model.in_chans, res, res)
 
 

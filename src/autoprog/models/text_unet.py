@@ -146,7 +146,7 @@ class TextUNet(DiffusionBackbone):
         given again (a sampler's every step) gets the same encodings back, with no work and no read back to the
         host, while the text weights, device, autocast type and stage are unchanged."""
         random = self.text_encoder.training and self.text_encoder.config.attention_dropout > 0
-        if torch.is_grad_enabled() or random:
+        if torch.is_grad_enabled() or random or ids.is_inference():  # (inference tensors have no version counter)
             return self._encode_text(ids)
         key = (ids._version, self._text_version(ids))
         last = getattr(self, "_last_text", None)
@@ -155,6 +155,11 @@ class TextUNet(DiffusionBackbone):
         out = self._encode_text(ids)
         self._last_text = (ids, key, out)
         return out
+
+    def forget_encodings(self) -> None:
+        """Drop the encodings :meth:`encode_text` keeps for the ids tensor it was last given (a sampler calls this
+        when it ends, so they do not stay on the device through training)."""
+        self._last_text = None
 
     def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self.with_sid(ids)
