@@ -103,7 +103,6 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
     form the group their launcher announced are refused, never run as independent copies. A process waits
     ``rendezvous_timeout`` seconds for the others to join (Ctrl-C stops the wait); collectives then wait up to 30
     minutes."""
-    import os
     from datetime import timedelta
 
     import torch

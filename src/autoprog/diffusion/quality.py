@@ -461,13 +461,18 @@ def inception_evaluator(
 # Images
 
 
+def nonfinite_pixels(bad: int, total: int) -> DivergedError:
+    """The error for ``bad`` of ``total`` generated pixel values that are not finite."""
+    return DivergedError(f"{bad} of {total} generated pixel values are not finite (a diverged model, or a non-finite "
+                         "guidance scale); refusing to score or save them")
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] -> uint8 in [0, 255] (clamped, rounded); uint8 input is returned as is."""
     if x.dtype == torch.uint8:
         return x
     if not torch.isfinite(x).all():
-        raise DivergedError(f"{int((~torch.isfinite(x)).sum())} of {x.numel()} generated pixel values are not finite "
-                            "(a diverged model, or a non-finite guidance scale); refusing to score or save them")
+        raise nonfinite_pixels(int((~torch.isfinite(x)).sum()), x.numel())
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 

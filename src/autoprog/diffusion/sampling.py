@@ -181,10 +181,10 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
     gen = torch.Generator().manual_seed(seed)
     out = []
     try:
-        for start in range(0, len(conditions), batch_size):
-            b = min(batch_size, len(conditions) - start)
-            lo, hi = (b * shard[0] // shard[1], b * (shard[0] + 1) // shard[1]) if shard else (0, b)
-            y = conditions[start + lo:start + hi].to(dev)
+        n = len(conditions)
+        for start, (first, end) in zip(range(0, n, batch_size), shard_bounds(n, *(shard or (0, 1)), batch_size)):
+            b, lo, hi = min(batch_size, n - start), first - start, end - start  # this process's share of the batch
+            y = conditions[first:end].to(dev)
             x = torch.randn((b, model.in_chans, res, res), generator=gen)[lo:hi].to(dev)
             # the conditions of every step, made once: a text model encodes them once (its prompt cache reads the
             # ids back to the host), not at each step

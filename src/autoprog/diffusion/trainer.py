@@ -32,7 +32,7 @@ from ..compute import compile_blocks
 from ..controllers import ProxyTask
 from ..data import to_device
 from ..engine import PreparedModel, RunTemplate, gather_rows
-from ..errors import ConfigError, DivergedError
+from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import OptimConfig, build_optimizer
 from ..options import check_bounds, option
@@ -512,7 +512,7 @@ class DiffusionTrainer(RunTemplate):
         the others). Under several processes each samples and decodes its share (:func:`sample`'s ``shard``):
         the same images as one process makes, in ``1 / processes`` of the time, and no process waits alone past
         the collective timeout. A non-finite sample anywhere stops every process."""
-        from .quality import to_uint8
+        from .quality import nonfinite_pixels, to_uint8
 
         world = self.acc.num_processes
         shard = (self.acc.process_index, world) if world > 1 else None
@@ -521,18 +521,16 @@ class DiffusionTrainer(RunTemplate):
         imgs = self.data.decode(x0)
         if shard is None:
             return to_uint8(imgs)
-        bad = torch.tensor(int((~torch.isfinite(imgs)).sum()), device=self.acc.device)
-        bad = int(self.acc.reduce(bad, reduction="sum"))  # every process raises, or none
+        counts = torch.tensor([int((~torch.isfinite(imgs)).sum()), imgs.numel()], device=self.acc.device)
+        bad, total = self.acc.reduce(counts, reduction="sum").tolist()  # every process raises, or none
         if bad:
-            raise DivergedError(f"{bad} generated pixel values are not finite (a diverged model, or a non-finite "
-                                "guidance scale); refusing to score or save them")
-        counts = [len(shard_indices(len(conditions), r, world)) for r in range(world)]
-        imgs = gather_rows(self.acc, to_uint8(imgs), counts)
+            raise nonfinite_pixels(bad, total)
+        shares = [shard_indices(len(conditions), r, world) for r in range(world)]
+        imgs = gather_rows(self.acc, to_uint8(imgs), [len(i) for i in shares])
         if imgs is None:
             return None
-        order = torch.cat([shard_indices(len(conditions), r, world) for r in range(world)])
         out = torch.empty_like(imgs)
-        out[order] = imgs
+        out[torch.cat(shares)] = imgs
         return out
 
     def _save_validation_grid(self, imgs: torch.Tensor) -> None:
