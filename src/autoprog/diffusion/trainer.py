@@ -516,9 +516,7 @@ class DiffusionTrainer(RunTemplate):
 
         world = self.acc.num_processes
         shard = (self.acc.process_index, world) if world > 1 else None
-        x0 = sample(self.eval_model(), conditions, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
-                    seed=seed, eta=self.cfg.sample_eta, shard=shard)
-        imgs = self.data.decode(x0)
+        imgs = self._sample(conditions, seed, shard)
         if shard is None:
             return to_uint8(imgs)
         counts = torch.tensor([int((~torch.isfinite(imgs)).sum()), imgs.numel()], device=self.acc.device)
@@ -558,10 +556,11 @@ class DiffusionTrainer(RunTemplate):
         appended as in training)."""
         return self._sample(self.eval_model().tokenize([prompt] * n), seed)
 
-    def _sample(self, conditions: torch.Tensor, seed: int) -> torch.Tensor:
-        """Samples of the evaluation model for ``conditions``, with the run's sampler settings, decoded."""
+    def _sample(self, conditions: torch.Tensor, seed: int, shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """Samples of the evaluation model for ``conditions`` (this process's ``shard`` of them, see
+        :func:`sample`), with the run's sampler settings, decoded."""
         x0 = sample(self.eval_model(), conditions, steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
-                    seed=seed, eta=self.cfg.sample_eta)
+                    seed=seed, eta=self.cfg.sample_eta, shard=shard)
         return self.data.decode(x0)
 
     # ------------------------------------------------------------------------------------ results
