@@ -49,6 +49,7 @@ DRIVER = textwrap.dedent('''
     from accelerate import Accelerator
 
     import autoprog.classification.runner as runner
+    from autoprog.accelerator import end_processes
     from autoprog.classification.runner import RunSpec
     from autoprog.classification.trainer import TrainConfig
 
@@ -83,7 +84,7 @@ DRIVER = textwrap.dedent('''
                    train=TrainConfig(epochs=2, batch_size=16, eval_samples=64, count_flops=False))
     acc = Accelerator(cpu=True)
     runner.pretrain(spec, out, acc)
-    acc.end_training()  # destroy the process group before exit, as autoprog's CLI does
+    end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
 ''')
 
 
@@ -266,6 +267,7 @@ LOOP_DRIVER = textwrap.dedent('''
     sched = [[s.subnet.resolution, s.subnet.depth] for s in loop.schedule().stages]
     with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
         json.dump(sched, f)
+    dist.barrier()  # a group destroyed while the other process still works can abort at exit
     dist.destroy_process_group()
 ''')
 
@@ -291,6 +293,7 @@ HOOK_DRIVER = textwrap.dedent('''
     from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
     from torch import nn
 
+    from autoprog.accelerator import end_processes
     from autoprog.engine import PreparedModel
 
     ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16, bucket_cap_mb=1)
@@ -308,7 +311,7 @@ HOOK_DRIVER = textwrap.dedent('''
     if acc.is_main_process:
         with open(sys.argv[1], "w") as f:
             json.dump({"hooks": hooks, "built": prepared.built}, f)
-    acc.end_training()
+    end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
 ''')
 
 

@@ -51,6 +51,7 @@ DRIVER = textwrap.dedent('''
     from accelerate.utils import InitProcessGroupKwargs
 
     import autoprog.diffusion.runner as runner
+    from autoprog.accelerator import end_processes
     from autoprog.diffusion.runner import FinetuneSpec
     from autoprog.diffusion.trainer import DiffusionConfig
 
@@ -161,7 +162,7 @@ DRIVER = textwrap.dedent('''
         spec = FinetuneSpec(method=method, base=base, data_root=data_root, cache_dir=cache_dir, feature_epochs=1,
                             train=replace(cfg, steps=int(steps)))
         runner.finetune(spec, root / method, acc)
-    acc.end_training()  # destroy the process group before exit, as autoprog's CLI does
+    end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
 ''')
 
 

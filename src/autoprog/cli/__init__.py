@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..accelerator import launch_env, make_accelerator
+from ..accelerator import end_processes, launch_env, make_accelerator
 from ..errors import (
     AutoprogError,
     DataError,
@@ -279,13 +279,13 @@ def _main(argv: list[str]) -> int:
             return 2
         acc = make_accelerator(getattr(args, "mixed_precision", "auto"), getattr(args, "cpu", False),
                                getattr(args, "log_with", None), getattr(args, "rendezvous_timeout", 120))
+        succeeded = False
         try:
-            return _run(args, acc)
+            code = _run(args, acc)
+            succeeded = True
+            return code
         finally:
-            # tear the process group down before exit: a gloo group left to interpreter shutdown can abort
-            # rank 0 ("terminate called without an active exception") after a successful run
-            if acc.num_processes > 1:
-                acc.end_training()
+            end_processes(acc, succeeded)  # a gloo group left to interpreter shutdown can abort a finished run
     except DivergedError as e:  # decided on every process alike
         _say(f"error: {one_line(e)}")
         return 3
