@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import image_folder, load_digits, load_fashion_mnist
+from ..data import image_folder, load_digits, load_fashion_mnist, to_device
 from ..errors import ConfigError, DataError
 
 FASHION_MNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -72,14 +72,25 @@ class DiffusionData:
         """Generated ``x_0`` back to pixels in [-1, 1] (the identity in pixel space)."""
         return self.codec.decode(x, out_channels=self.in_chans) if self.codec is not None else x
 
-    def batch(self, idx: torch.Tensor, resolution: int | None = None, generator: torch.Generator | None = None):
+    def batch(self, idx: torch.Tensor, resolution: int | None = None, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None):
         """Training batch ``idx`` (see :meth:`inputs`) at ``resolution`` (antialiased), randomly flipped, with
-        its conditions (see :meth:`conditions`)."""
-        x = self.inputs(idx)
-        if self.hflip:
-            flip = torch.rand(len(x), generator=generator) < 0.5
+        its conditions (see :meth:`conditions`), on ``device`` (default: where the data is).
+
+        Built where it trains: only the stored rows (uint8 pixels, or the latents), the flip mask and the
+        conditions cross to ``device``, without waiting for its queued work; scaling to [-1, 1], flipping and
+        resizing run there. The same numbers as building it on the host."""
+        flip = torch.rand(len(idx), generator=generator) < 0.5 if self.hflip else None
+        x = self.latents[idx] if self.latents is not None else self.train_images[idx]
+        y = self.conditions(self.train_labels[idx])
+        if device is not None:
+            x, y = to_device(x, device), to_device(y, device)
+        if self.latents is None:
+            x = to_float(x)
+        if flip is not None:
+            flip = to_device(flip, x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return resize(x, resolution), self.conditions(self.train_labels[idx])
+        return resize(x, resolution), y
 
     @property
     def paired(self) -> bool:

@@ -224,8 +224,8 @@ class DiffusionTrainer(RunTemplate):
             from ..metrics import count_flops
 
             with self.measuring():
-                x0, y = self.data.batch(torch.arange(2), self.resolution, generator=torch.Generator().manual_seed(0))
-                x0, y = x0.to(self.acc.device), y.to(self.acc.device)
+                x0, y = self.data.batch(torch.arange(2), self.resolution, generator=torch.Generator().manual_seed(0),
+                                        device=self.acc.device)
 
                 def step():
                     with forked_rng(self.acc.device):
@@ -367,8 +367,8 @@ class DiffusionTrainer(RunTemplate):
             self.unfreezer.apply(subnet)
         g = torch.Generator().manual_seed(self.cfg.seed + 17)
         idx = self._fixed_indices(self.cfg.batch_size, g)
-        x0, y = self.data.batch(idx, subnet.resolution if subnet is not None else self.resolution, generator=g)
-        x0, y = x0.to(self.acc.device), y.to(self.acc.device)
+        x0, y = self.data.batch(idx, subnet.resolution if subnet is not None else self.resolution, generator=g,
+                                device=self.acc.device)
 
         def forward_backward():  # the noise drawn where a training step draws it (on a GPU, there: no host work)
             gen = torch.Generator().manual_seed(0) if self.acc.device.type == "cpu" else self._device_generator(0)
@@ -434,8 +434,7 @@ class DiffusionTrainer(RunTemplate):
         idx = self._batch_indices(self.step)
         seed = self.cfg.seed * 1000003 + self.step * 101 + self.acc.process_index
         gen = torch.Generator().manual_seed(seed)
-        x0, y = self.data.batch(idx, self.resolution, generator=gen)
-        x0, y = to_device(x0, self.acc.device), to_device(y, self.acc.device)
+        x0, y = self.data.batch(idx, self.resolution, generator=gen, device=self.acc.device)
         noise_gen = gen if self.acc.device.type == "cpu" else self._device_generator(seed)  # (the CPU: one stream)
         sid = self.model.sid
         # SID dropout from a stream of its own (seeded by the step, so a resumed run draws the same), leaving the
