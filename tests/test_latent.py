@@ -147,3 +147,76 @@ def test_encode_cached(tmp_path, vae_dir, monkeypatch):
     files[0].write_bytes(b"garbage")  # a damaged entry is re-encoded and replaced
     torch.testing.assert_close(codec.encode_cached(x, cache), z1)
     assert len(calls) == 3 and len(list(cache.iterdir())) == 2
+
+
+@pytest.mark.parametrize("posterior", [False, True])
+def test_shares_of_the_encoding_are_the_rows_of_encoding_them_all(vae_dir, posterior):
+    """Each process's share is whole batches, in order, and its latents are those that one process encoding
+    every row gets (the same batches; under ``sample_posterior`` the same draws), empty shares included."""
+    from autoprog.diffusion.latent import shard_rows
+
+    codec = LatentCodec.from_pretrained(vae_dir, sample_posterior=posterior, seed=3)
+    x = images(n=7)
+    alone = codec.encode(x, batch_size=2)
+    for world in (2, 3, 5):
+        bounds = [shard_rows(7, 2, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == 7 and all(b[1] == c[0] for b, c in zip(bounds, bounds[1:]))
+        assert all(lo % 2 == 0 for lo, _ in bounds)  # whole batches
+        parts = [codec.encode(x, batch_size=2, shard=(r, world)) for r in range(world)]
+        assert [len(p) for p in parts] == [hi - lo for lo, hi in bounds]
+        assert torch.equal(torch.cat(parts), alone)
+
+
+LATENT_DRIVER = '''
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from autoprog.accelerator import end_processes
+from autoprog.diffusion.latent import LatentCodec
+
+vae_dir, cache, out = sys.argv[1:4]
+acc = Accelerator(cpu=True)
+encoded = []
+real = LatentCodec.encode
+
+
+def counting(self, x, *a, **k):
+    z = real(self, x, *a, **k)
+    encoded.append(len(z))
+    return z
+
+
+LatentCodec.encode = counting
+x = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+codec = LatentCodec.from_pretrained(vae_dir)
+first = codec.encode_cached(x, cache, batch_size=2, accelerator=acc)
+again = codec.encode_cached(x, cache, batch_size=2, accelerator=acc)  # the main process's cache, read by all
+alone = real(codec, x, batch_size=2)
+with open(f"{out}/rank{acc.process_index}.json", "w") as f:
+    json.dump({"encoded": encoded, "first": torch.equal(first, alone), "again": torch.equal(again, alone)}, f)
+end_processes(acc)
+'''
+
+
+def test_two_processes_encode_a_share_each_and_both_get_every_latent(vae_dir, tmp_path):
+    """Under two processes neither encodes the whole set while the other waits (a large set through a large VAE
+    could outlast the 30-minute collective timeout): each encodes its share of the batches (4 and 5 of 9 rows),
+    both get all the latents, equal to one process's, and the next call reads the main process's cache (no
+    encoding at all)."""
+    import sys
+
+    from test_distributed import _torchrun
+
+    driver = tmp_path / "latent_driver.py"
+    driver.write_text(LATENT_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(vae_dir), str(tmp_path / "cache"), str(tmp_path)]
+    proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["encoded"] for r in ranks] == [[4], [5]]
+    assert all(r["first"] and r["again"] for r in ranks)
+    assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 1

@@ -104,16 +104,18 @@ def broadcast(acc, obj):
     return broadcast_object_list([obj], from_process=0)[0]
 
 
-def gather_rows(acc, local, counts: list[int], chunk_bytes: int = 64 << 20):
+def gather_rows(acc, local, counts: list[int], chunk_bytes: int = 64 << 20, everywhere: bool = False):
     """Every process's ``local`` rows (process ``r`` holds ``counts[r]``, possibly none) concatenated in process
-    order on the main process, on the host; ``None`` on the others. Sent in collectives of at most about
-    ``chunk_bytes`` per process (padded to one size), so that no device holds every process's rows at once."""
+    order on the main process (on every process if ``everywhere``), on the host; ``None`` on the others. Sent in
+    collectives of at most about ``chunk_bytes`` per process (padded to one size), so that no device holds every
+    process's rows at once."""
     import torch
 
     if acc.num_processes == 1:
         return local
     if len(local) != counts[acc.process_index]:
         raise ValueError(f"process {acc.process_index} holds {len(local)} rows, {counts[acc.process_index]} expected")
+    keep = everywhere or acc.is_main_process
     row_shape = tuple(local.shape[1:])
     per = max(1, min(max(counts), chunk_bytes // max(1, math.prod(row_shape) * local.element_size())))
     parts: list[list] = [[] for _ in counts]
@@ -122,11 +124,11 @@ def gather_rows(acc, local, counts: list[int], chunk_bytes: int = 64 << 20):
         mine = local[start:start + per]
         piece[:len(mine)] = mine.to(acc.device)
         everyone = acc.gather(piece)
-        if acc.is_main_process:
+        if keep:
             everyone = everyone.cpu()
             for r, n in enumerate(counts):
                 parts[r].append(everyone[r * per: r * per + min(per, max(0, n - start))])
-    if not acc.is_main_process:
+    if not keep:
         return None
     return torch.cat([t for rank in parts for t in rank]) if max(counts) else local
 

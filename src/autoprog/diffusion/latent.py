@@ -95,10 +95,14 @@ class LatentCodec:
 
     @torch.no_grad()
     def encode(self, images_uint8: torch.Tensor, batch_size: int = 64,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               progress: Callable[[int, int], None] | None = None,
+               shard: tuple[int, int] | None = None) -> torch.Tensor:
         """uint8 ``(N, C, H, W)`` → float32 latents ``(N, latent_channels, H/d, W/d)`` on the CPU.
 
         ``progress(done, total)`` is called after each batch. Remembers ``C`` for :meth:`decode`.
+        ``shard=(rank, world)``: only the rows of process ``rank``'s even share of the batches
+        (:func:`shard_rows`), the numbers that encoding every row gives them (the same batches, and under
+        ``sample_posterior`` the same draws).
         """
         x = images_uint8
         if x.dtype != torch.uint8 or x.ndim != 4:
@@ -107,18 +111,22 @@ class LatentCodec:
         if c not in (1, self.in_channels):
             raise ConfigError(f"images have {c} channels; the VAE takes {self.in_channels} (or 1, repeated)")
         lh, lw = self.latent_size(h), self.latent_size(w)
-        out = torch.empty(n, self.latent_channels, lh, lw, dtype=torch.float32)
+        lo, hi = shard_rows(n, batch_size, *shard) if shard is not None else (0, n)
+        out = torch.empty(hi - lo, self.latent_channels, lh, lw, dtype=torch.float32)
         gen = torch.Generator().manual_seed(self.seed) if self.sample_posterior else None
         dtype = self._dtype
-        for i in range(0, n, batch_size):
+        if gen is not None:  # the draws of the batches before this share, as diffusers makes them (on the host)
+            for i in range(0, lo, batch_size):
+                torch.randn((min(batch_size, n - i), self.latent_channels, lh, lw), generator=gen, dtype=dtype)
+        for i in range(lo, hi, batch_size):
             xb = to_float(x[i:i + batch_size]).to(self.device, dtype)
             if c != self.in_channels:
                 xb = xb.repeat(1, self.in_channels, 1, 1)
             dist = self.vae.encode(xb).latent_dist
             z = dist.sample(generator=gen) if self.sample_posterior else dist.mean
-            out[i:i + len(xb)] = ((z - self.shift_factor) * self.scaling_factor).float().cpu()
+            out[i - lo:i - lo + len(xb)] = ((z - self.shift_factor) * self.scaling_factor).float().cpu()
             if progress is not None:
-                progress(min(i + batch_size, n), n)
+                progress(min(i + batch_size, hi) - lo, hi - lo)
         self.image_channels = c
         return out
 
@@ -167,35 +175,77 @@ class LatentCodec:
         return h.hexdigest()
 
     def encode_cached(self, images_uint8: torch.Tensor, cache_path: str | Path, batch_size: int = 64,
-                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                      progress: Callable[[int, int], None] | None = None, accelerator=None) -> torch.Tensor:
         """:meth:`encode`, cached as ``cache_path/latents-<key[:16]>.safetensors`` (written atomically).
 
-        A damaged or foreign cache file is ignored and overwritten.
+        A damaged or foreign cache file is ignored and overwritten. With an ``accelerator`` of several processes
+        (call it on every process, outside ``main_process_first``), the main process looks the cache up for all;
+        on a miss each process encodes its share of the batches, every process gets all the latents and the main
+        process writes the cache, so no process waits alone for the whole encoding (a large set through a large
+        VAE can outlast the collectives' 30-minute timeout).
         """
         key = self.cache_key(images_uint8)
         folder = Path(cache_path).expanduser()
         file = folder / f"latents-{key[:16]}.safetensors"
-        if file.is_file():
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    meta = f.metadata() or {}
-                    if meta.get("key") == key and meta.get("format") == CACHE_FORMAT:
-                        latents = f.get_tensor("latents")
-                        self.image_channels = int(meta["image_channels"])
-                        return latents
-            except Exception:  # unreadable: re-encode below
-                pass
+        world = accelerator.num_processes if accelerator is not None else 1
+        if world > 1:
+            from ..engine import broadcast, gather_rows
+
+            main = accelerator.is_main_process
+            cached = self._read_cache(file, key) if main else None
+            if broadcast(accelerator, cached is not None if main else None):  # the others read it too, if they can
+                cached = cached if main else self._read_cache(file, key)
+                unread = accelerator.reduce(torch.tensor([float(cached is None)], device=accelerator.device),
+                                            reduction="sum")
+                if not unread.item():  # (a cache folder not shared by every machine: encoded again below)
+                    return cached
+            rank = accelerator.process_index
+            mine = self.encode(images_uint8, batch_size=batch_size, progress=progress, shard=(rank, world))
+            counts = [hi - lo for lo, hi in (shard_rows(len(images_uint8), batch_size, r, world) for r in range(world))]
+            latents = gather_rows(accelerator, mine, counts, everywhere=True)
+            if accelerator.is_main_process:
+                self._write_cache(file, key, latents, images_uint8.shape[1])
+            return latents
+        cached = self._read_cache(file, key)
+        if cached is not None:
+            return cached
         latents = self.encode(images_uint8, batch_size=batch_size, progress=progress)
+        self._write_cache(file, key, latents, images_uint8.shape[1])
+        return latents
+
+    def _read_cache(self, file: Path, key: str) -> torch.Tensor | None:
+        """The latents cached in ``file`` under ``key``, or None (absent, damaged or foreign)."""
+        if not file.is_file():
+            return None
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") == key and meta.get("format") == CACHE_FORMAT:
+                    latents = f.get_tensor("latents")
+                    self.image_channels = int(meta["image_channels"])
+                    return latents
+        except Exception:  # unreadable: re-encoded
+            pass
+        return None
+
+    def _write_cache(self, file: Path, key: str, latents: torch.Tensor, image_channels: int) -> None:
+        folder = file.parent
         folder.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        meta = {"format": CACHE_FORMAT, "key": key, "image_channels": str(images_uint8.shape[1]),
-                "vae": self.path or ""}
+        meta = {"format": CACHE_FORMAT, "key": key, "image_channels": str(image_channels), "vae": self.path or ""}
         try:
             save_file({"latents": latents.contiguous()}, str(tmp), metadata=meta)
             os.replace(tmp, file)
         finally:
             tmp.unlink(missing_ok=True)
-        return latents
+
+
+def shard_rows(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of process ``rank``'s share of ``n`` rows encoded in batches of ``batch_size``: an even
+    split of whole batches, in order (the last process may hold the short last batch; a share may be empty)."""
+    batches = -(-n // batch_size)
+    lo, hi = batches * rank // world, batches * (rank + 1) // world
+    return min(n, lo * batch_size), min(n, hi * batch_size)
 
 
 def _plain(cfg: dict) -> dict:
@@ -203,13 +253,15 @@ def _plain(cfg: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if not k.startswith("_")}
 
 
-__all__ = ["LatentCodec"]
+__all__ = ["LatentCodec", "shard_rows"]
 
 
-def with_latents(data: DiffusionData, vae_path: str, cache_dir: str | os.PathLike, device="cpu") -> DiffusionData:
-    """Encode ``data``'s training images with the AutoencoderKL at ``vae_path`` (cached) for latent-space training."""
+def with_latents(data: DiffusionData, vae_path: str, cache_dir: str | os.PathLike, device="cpu",
+                 accelerator=None) -> DiffusionData:
+    """Encode ``data``'s training images with the AutoencoderKL at ``vae_path`` (cached) for latent-space training;
+    with an ``accelerator``, in shares by every process (see :meth:`LatentCodec.encode_cached`)."""
     codec = LatentCodec.from_pretrained(vae_path, device=device)
     codec.latent_size(data.image_size)  # refuses sizes the VAE cannot halve down
-    data.latents = codec.encode_cached(data.train_images, Path(cache_dir) / "latents")
+    data.latents = codec.encode_cached(data.train_images, Path(cache_dir) / "latents", accelerator=accelerator)
     data.codec = codec
     return data

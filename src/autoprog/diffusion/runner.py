@@ -9,6 +9,7 @@ sized so a whole comparison runs in about half an hour on a 2-core CPU.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -468,11 +469,14 @@ def _base_path(spec: FinetuneSpec) -> Path:
     return path
 
 
-def build_finetune(spec: FinetuneSpec, seed: int | None = None, device: torch.device | str | None = None):
+def build_finetune(spec: FinetuneSpec, seed: int | None = None, device: torch.device | str | None = None,
+                   accelerator=None):
     """Load data and base model, apply the method; returns ``(data, model, controller, unfreezer, lr)``.
-    ``device``: where DreamBooth's class images are generated, if they must be (default: a GPU if there is one)."""
+    ``device``: where DreamBooth's class images are generated and a VAE runs (default: a GPU if there is one).
+    ``accelerator``: the run's, when several processes call this together (not inside ``main_process_first``):
+    the main process makes DreamBooth's class images first, and every process encodes a share of the latents."""
     chosen = get_method(spec.method, FINETUNE)
-    data, model = _data_and_base(spec, device)
+    data, model = _data_and_base(spec, device, accelerator)
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
     if chosen.kind == "static":
         prepare_static(model, chosen.base, spec.lora_rank if chosen.options.get("rank") is None
@@ -490,7 +494,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None, device: torch.de
     return data, model, controller, unfreezer, spec.train.lr
 
 
-def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None):
+def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None, acc=None):
     """The training data and the base model, checked against each other and fitted to the data (input size,
     classes or captions)."""
     dreambooth, text = isinstance(spec, DreamBoothSpec), isinstance(spec, TextFinetuneSpec)
@@ -505,10 +509,12 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None)
                           f"--task {task} needs a text-to-image base (a pipeline directory); "
                           f"{base} is a class-conditional {model.kind}")
     if dreambooth:
-        data = _dreambooth_data(spec, model, meta, base, device)
+        with acc.main_process_first() if acc is not None else nullcontext():  # class images made once, cached
+            data = _dreambooth_data(spec, model, meta, base, device)
     vae = spec.vae or meta.get("vae")
-    if vae:  # encoded once (cached), and every evaluation decoded, on the run's device
-        with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device if device is not None else "cpu")
+    if vae:  # encoded once (cached; in shares by the processes), and every evaluation decoded, on the run's device
+        with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device if device is not None else "cpu",
+                     accelerator=acc)
     if data.model_chans != model.in_chans:
         space = "latent" if vae else "image"
         raise ConfigError(f"the {space} has {data.model_chans} channels, the base model takes {model.in_chans}"
@@ -597,8 +603,7 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
 
     acc = accelerator or default_accelerator()
     torch.manual_seed(spec.train.seed)
-    with acc.main_process_first():  # DreamBooth's class images are generated once, by the main process
-        data, model, controller, unfreezer, lr = build_finetune(spec, device=acc.device)
+    data, model, controller, unfreezer, lr = build_finetune(spec, device=acc.device, accelerator=acc)
     if get_method(spec.method, FINETUNE).base == "prog" and not spec.schedule and not resume:
         note = unfreezer.space(spec.num_stages, spec.start_ratio).repeated_stages_note()
         if note:
@@ -627,9 +632,8 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
     spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
                                spec.subset, seed=0)
-    if spec.vae:  # encoded on the run's device, by the main process first (the others read its cache)
-        with acc.main_process_first():
-            with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device)
+    if spec.vae:  # encoded on the run's device, in shares by the processes (cached)
+        with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device, accelerator=acc)
     torch.manual_seed(spec.train.seed)
     if spec.backbone == "text-unet":
         model = _build_text_base(spec, data)
@@ -690,8 +694,8 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     out = comparison_dir(Path(out), {**experiment.input_paths(spec), "--base": _base_path(spec)})
     _check_comparison(spec, methods)
     acc = accelerator or default_accelerator()
-    with acc.main_process_first():
-        data, *_ = build_finetune(replace(spec, method="full"), device=acc.device)
+    data, *_ = build_finetune(replace(spec, method="full"), device=acc.device, accelerator=acc)
+    with acc.main_process_first():  # the feature classifier is trained and cached once
         evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
     data.codec = None  # (its VAE on the device: each run loads its own)
     results, diverged = experiment.run_methods(
