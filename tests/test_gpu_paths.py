@@ -544,22 +544,24 @@ class _Group:
         self.calls.append("destroy")
 
 
-@pytest.mark.parametrize("fails", [False, True])
-def test_the_cli_waits_for_every_process_before_destroying_the_group_after_a_successful_run(fails, monkeypatch):
+@pytest.mark.parametrize("ends", ["normally", "failed", "diverged"])
+def test_the_cli_waits_for_every_process_before_destroying_the_group_after_a_successful_run(ends, monkeypatch):
     """A gloo group destroyed while the other process still worked (DDP wrappers alive) aborted about one
-    two-process run in twenty at exit (SIGABRT after every file was written: a failed CI run). After a
-    successful command every process waits for the others first; after a failure none waits (they may never come),
-    and the group is still destroyed."""
+    two-process run in twenty at exit (SIGABRT after every file was written: a failed CI run). After a command
+    that ends alike on every process (done, or diverged) every process waits for the others first; after a
+    failure none waits (they may never come), and the group is still destroyed."""
     import autoprog.cli as cli
 
     group = _Group()
     monkeypatch.setattr(cli, "make_accelerator", lambda *a, **k: group)
 
     def run(args, acc):
-        if fails:
+        if ends == "failed":
             raise cli.AutoprogError("a stand-in failure")
+        if ends == "diverged":
+            raise cli.DivergedError("a stand-in divergence")
         return 0
 
     monkeypatch.setattr(cli, "_run", run)
-    assert cli._main(["compare"]) == (2 if fails else 0)
-    assert group.calls == (["destroy"] if fails else ["wait", "destroy"])
+    assert cli._main(["compare"]) == {"normally": 0, "failed": 2, "diverged": 3}[ends]
+    assert group.calls == (["destroy"] if ends == "failed" else ["wait", "destroy"])

@@ -35,9 +35,11 @@ def end_processes(acc, succeeded: bool = True) -> None:
     an active exception", exit code -6, after every file was written). After a failure there is no wait (the
     others may never arrive); the group is still destroyed."""
     if acc.num_processes > 1:
-        if succeeded:
-            acc.wait_for_everyone()
-        acc.end_training()
+        try:
+            if succeeded:
+                acc.wait_for_everyone()
+        finally:
+            acc.end_training()
 
 
 def resolve_precision(requested: str, cpu: bool) -> str:
@@ -153,7 +155,7 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
             torch.cuda.set_device(acc.device)
         # NCCL forms its communicator at the first collective, every process but the first fetching its id through
         # the store under the rendezvous timeout: form it now, while every process is here, not after the main
-        # process's first solo work (a feature classifier, class images, latents), which may take longer
+        # process's first solo work (a feature classifier, class images), which may take longer
         acc.wait_for_everyone()
         if torch.distributed.is_initialized():  # (set_timeout is torch 2.14's name; before it, _set_pg_timeout)
             set_timeout = getattr(torch.distributed, "set_timeout", None) or getattr(

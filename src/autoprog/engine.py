@@ -106,7 +106,7 @@ def broadcast(acc, obj):
 
 def gather_rows(acc, local, counts: list[int], chunk_bytes: int = 64 << 20, everywhere: bool = False):
     """Every process's ``local`` rows (process ``r`` holds ``counts[r]``, possibly none) concatenated in process
-    order on the main process (on every process if ``everywhere``), on the host; ``None`` on the others. Sent in
+    order on the main process (on every process if ``everywhere``), on the host; else ``None`` on the others. Sent in
     collectives of at most about ``chunk_bytes`` per process (padded to one size), so that no device holds every
     process's rows at once."""
     import torch

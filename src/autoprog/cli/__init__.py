@@ -284,6 +284,9 @@ def _main(argv: list[str]) -> int:
             code = _run(args, acc)
             succeeded = True
             return code
+        except DivergedError:  # decided on every process alike: all of them are here
+            succeeded = True
+            raise
         finally:
             end_processes(acc, succeeded)  # a gloo group left to interpreter shutdown can abort a finished run
     except DivergedError as e:  # decided on every process alike

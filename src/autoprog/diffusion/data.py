@@ -79,7 +79,8 @@ class DiffusionData:
 
         Built where it trains: only the stored rows (uint8 pixels, or the latents), the flip mask and the
         conditions cross to ``device``, without waiting for its queued work; scaling to [-1, 1], flipping and
-        resizing run there. The same numbers as building it on the host."""
+        resizing run there. On the CPU, the same numbers as building it on the host (a GPU's division and resize may
+        round a last bit apart)."""
         flip = torch.rand(len(idx), generator=generator) < 0.5 if self.hflip else None
         x = self.latents[idx] if self.latents is not None else self.train_images[idx]
         y = self.conditions(self.train_labels[idx])

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import ConfigError, first_line
+from ..errors import ConfigError, first_line, warn
 from ..formats import read_json_object
 from .data import DiffusionData, to_float
 
@@ -99,8 +99,8 @@ class LatentCodec:
                shard: tuple[int, int] | None = None) -> torch.Tensor:
         """uint8 ``(N, C, H, W)`` → float32 latents ``(N, latent_channels, H/d, W/d)`` on the CPU.
 
-        ``progress(done, total)`` is called after each batch. Remembers ``C`` for :meth:`decode`.
-        ``shard=(rank, world)``: only the rows of process ``rank``'s even share of the batches
+        ``progress(done, total)`` is called after each batch (counting this share's rows). Remembers ``C`` for
+        :meth:`decode`. ``shard=(rank, world)``: only the rows of process ``rank``'s even share of the batches
         (:func:`shard_rows`), the numbers that encoding every row gives them (the same batches, and under
         ``sample_posterior`` the same draws).
         """
@@ -117,7 +117,8 @@ class LatentCodec:
         dtype = self._dtype
         if gen is not None:  # the draws of the batches before this share, as diffusers makes them (on the host)
             for i in range(0, lo, batch_size):
-                torch.randn((min(batch_size, n - i), self.latent_channels, lh, lw), generator=gen, dtype=dtype)
+                torch.randn((min(batch_size, n - i), self.latent_channels, lh, lw), generator=gen, dtype=dtype,
+                            device="cpu")
         for i in range(lo, hi, batch_size):
             xb = to_float(x[i:i + batch_size]).to(self.device, dtype)
             if c != self.in_channels:
@@ -204,7 +205,10 @@ class LatentCodec:
             counts = [hi - lo for lo, hi in (shard_rows(len(images_uint8), batch_size, r, world) for r in range(world))]
             latents = gather_rows(accelerator, mine, counts, everywhere=True)
             if accelerator.is_main_process:
-                self._write_cache(file, key, latents, images_uint8.shape[1])
+                try:  # the others went on with the latents: an unwritable cache must not stop the main process alone
+                    self._write_cache(file, key, latents, images_uint8.shape[1])
+                except OSError as e:
+                    warn(f"the latents were not cached in {folder}: {first_line(e)}")
             return latents
         cached = self._read_cache(file, key)
         if cached is not None:
