@@ -49,7 +49,7 @@ DRIVER = textwrap.dedent('''
     from accelerate import Accelerator
 
     import autoprog.classification.runner as runner
-    from autoprog.accelerator import end_processes
+    from autoprog.accelerator import end_processes, leave_process
     from autoprog.classification.runner import RunSpec
     from autoprog.classification.trainer import TrainConfig
 
@@ -85,6 +85,7 @@ DRIVER = textwrap.dedent('''
     acc = Accelerator(cpu=True)
     runner.pretrain(spec, out, acc)
     end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
+    leave_process(0)  # skipping the interpreter's shutdown, as autoprog's CLI does
 ''')
 
 
@@ -237,6 +238,7 @@ LOOP_DRIVER = textwrap.dedent('''
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from autoprog.accelerator import leave_process
     from autoprog.adapters.vit import ElasticViT
     from autoprog.algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
     from autoprog.loop import ProgressiveLoop, ProxyData
@@ -269,6 +271,7 @@ LOOP_DRIVER = textwrap.dedent('''
         json.dump(sched, f)
     dist.barrier()  # a group destroyed while the other process still works can abort at exit
     dist.destroy_process_group()
+    leave_process(0)
 ''')
 
 
@@ -293,7 +296,7 @@ HOOK_DRIVER = textwrap.dedent('''
     from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
     from torch import nn
 
-    from autoprog.accelerator import end_processes
+    from autoprog.accelerator import end_processes, leave_process
     from autoprog.engine import PreparedModel
 
     ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16, bucket_cap_mb=1)
@@ -312,6 +315,7 @@ HOOK_DRIVER = textwrap.dedent('''
         with open(sys.argv[1], "w") as f:
             json.dump({"hooks": hooks, "built": prepared.built}, f)
     end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
+    leave_process(0)  # skipping the interpreter's shutdown, as autoprog's CLI does
 ''')
 
 

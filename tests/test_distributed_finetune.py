@@ -51,7 +51,7 @@ DRIVER = textwrap.dedent('''
     from accelerate.utils import InitProcessGroupKwargs
 
     import autoprog.diffusion.runner as runner
-    from autoprog.accelerator import end_processes
+    from autoprog.accelerator import end_processes, leave_process
     from autoprog.diffusion.runner import FinetuneSpec
     from autoprog.diffusion.trainer import DiffusionConfig
 
@@ -163,6 +163,7 @@ DRIVER = textwrap.dedent('''
                             train=replace(cfg, steps=int(steps)))
         runner.finetune(spec, root / method, acc)
     end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
+    leave_process(0)  # skipping the interpreter's shutdown, as autoprog's CLI does
 ''')
 
 

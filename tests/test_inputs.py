@@ -229,6 +229,35 @@ def test_the_program_does_not_die_by_the_signal_after_finishing(monkeypatch, cap
     assert e.value.code == 130 and "results complete" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_launched_process_leaves_without_the_interpreters_shutdown(world, monkeypatch, capsys):
+    """One of several launched processes exits at once after its output is flushed (the shutdown's destruction of
+    a gloo group's threads, kept by DDP, aborted finished two-process runs); a lone process exits normally."""
+    import os
+
+    import autoprog.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "main", lambda argv=None: print("done") or 0)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    left = []
+
+    def leave(code):
+        left.append((code, capsys.readouterr().out))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", leave)
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli_module.entry()
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+    assert e.value.code == 0
+    assert left == ([(0, "done\n")] if world > 1 else [])
+
+
 def test_out_of_memory_is_one_line(cli, fake_fmnist, tmp_path, monkeypatch):
     def no_memory(self, resume=False):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "

@@ -174,7 +174,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from autoprog.accelerator import end_processes
+from autoprog.accelerator import end_processes, leave_process
 from autoprog.diffusion.latent import LatentCodec
 
 vae_dir, cache, out = sys.argv[1:4]
@@ -198,6 +198,7 @@ alone = real(codec, x, batch_size=2)
 with open(f"{out}/rank{acc.process_index}.json", "w") as f:
     json.dump({"encoded": encoded, "first": torch.equal(first, alone), "again": torch.equal(again, alone)}, f)
 end_processes(acc)
+leave_process(0)  # skipping the interpreter's shutdown, as autoprog's CLI does
 '''
 
 

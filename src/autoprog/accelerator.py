@@ -42,6 +42,24 @@ def end_processes(acc, succeeded: bool = True) -> None:
             acc.end_training()
 
 
+def leave_process(code: int = 0) -> None:
+    """Exit a launched process at once, its output flushed, skipping the interpreter's shutdown; call it after
+    :func:`end_processes`, once every result is written. DDP's reducers keep a destroyed group's gloo threads
+    alive, and destroying them in the shutdown aborted finished processes ("terminate called without an active
+    exception", SIGABRT): about 1 two-process launch in 20 without the final wait, about 1 in 200 with it, none in
+    100 leaving this way."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 def resolve_precision(requested: str, cpu: bool) -> str:
     """``--mixed-precision auto``: bf16 where the CUDA device this process will run on supports it natively
     (compute capability 8 or more: Ampere, Hopper, ...; pre-Ampere cards would emulate it slowly), else no. The

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..accelerator import end_processes, launch_env, make_accelerator
+from ..accelerator import end_processes, launch_env, leave_process, make_accelerator
 from ..errors import (
     AutoprogError,
     DataError,
@@ -243,6 +243,12 @@ def entry() -> None:
         code = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        launched = launch_env()[0] > 1
+    except AutoprogError:  # (already said by main)
+        launched = False
+    if launched:
+        leave_process(code)
     sys.exit(code)
 
 
