@@ -212,13 +212,8 @@ def test_the_interrupt_message_follows_what_is_on_disk(tmp_path):
     assert "results complete" in _interrupted(args)
 
 
-def test_the_program_does_not_die_by_the_signal_after_finishing(monkeypatch, capsys):
-    import autoprog.cli as cli_module
-
-    def late_interrupt(argv=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli_module, "main", late_interrupt)
+def _exit_of_entry(cli_module):
+    """The SystemExit of the ``autoprog`` program's entry, with the signal handlers it changes put back."""
     old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as e:
@@ -226,6 +221,17 @@ def test_the_program_does_not_die_by_the_signal_after_finishing(monkeypatch, cap
     finally:
         signal.signal(signal.SIGINT, old[0])
         signal.signal(signal.SIGTERM, old[1])
+    return e
+
+
+def test_the_program_does_not_die_by_the_signal_after_finishing(monkeypatch, capsys):
+    import autoprog.cli as cli_module
+
+    def late_interrupt(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "main", late_interrupt)
+    e = _exit_of_entry(cli_module)
     assert e.value.code == 130 and "results complete" in capsys.readouterr().err
 
 
@@ -247,13 +253,7 @@ def test_a_launched_process_leaves_without_the_interpreters_shutdown(world, monk
         raise SystemExit(code)
 
     monkeypatch.setattr(os, "_exit", leave)
-    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli_module.entry()
-    finally:
-        signal.signal(signal.SIGINT, old[0])
-        signal.signal(signal.SIGTERM, old[1])
+    e = _exit_of_entry(cli_module)
     assert e.value.code == 0
     assert left == ([(0, "done\n")] if world > 1 else [])
 
