@@ -204,7 +204,7 @@ class LatentCodec:
             mine = self.encode(images_uint8, batch_size=batch_size, progress=progress, shard=(rank, world))
             counts = [hi - lo for lo, hi in (shard_rows(len(images_uint8), batch_size, r, world) for r in range(world))]
             latents = gather_rows(accelerator, mine, counts, everywhere=True)
-            if accelerator.is_main_process:
+            if main:
                 try:  # the others went on with the latents: an unwritable cache must not stop the main process alone
                     self._write_cache(file, key, latents, images_uint8.shape[1])
                 except OSError as e:

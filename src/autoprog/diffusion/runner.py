@@ -472,7 +472,8 @@ def _base_path(spec: FinetuneSpec) -> Path:
 def build_finetune(spec: FinetuneSpec, seed: int | None = None, device: torch.device | str | None = None,
                    accelerator=None):
     """Load data and base model, apply the method; returns ``(data, model, controller, unfreezer, lr)``.
-    ``device``: where DreamBooth's class images are generated and a VAE runs (default: a GPU if there is one).
+    ``device``: where DreamBooth's class images are generated and a VAE runs (default: the class images on a GPU
+    if there is one, the VAE on the CPU).
     ``accelerator``: the run's, when several processes call this together (not inside ``main_process_first``):
     the main process makes DreamBooth's class images first, and every process encodes a share of the latents."""
     chosen = get_method(spec.method, FINETUNE)
