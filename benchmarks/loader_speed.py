@@ -25,10 +25,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 
-def make_folder(root: Path, images: int, size: int, classes: int = 4) -> Path:
-    """``images`` random-texture JPEGs of ``size``×``size`` in train/ and a few in val/."""
+def make_folder(root: Path, images: int, size: int, classes: int = 4, val: int | None = None) -> Path:
+    """``images`` random-texture JPEGs of ``size``×``size`` in train/ and ``val`` (default: one per class) in val/."""
     rng = np.random.default_rng(0)
-    for split, count in (("train", images), ("val", classes)):
+    for split, count in (("train", images), ("val", classes if val is None else val)):
         for i in range(count):
             d = root / split / f"c{i % classes}"
             d.mkdir(parents=True, exist_ok=True)

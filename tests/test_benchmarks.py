@@ -223,3 +223,12 @@ def test_device_check_runs_every_step_or_the_named_ones(checks, code, says, tmp_
     proc = subprocess.run(["bash", "benchmarks/device_check.sh", "smoke"], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == code and says in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_folder_read_speed_compares_the_fine_tuning_read_with_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "read.json"
+    run_script("folder_read_speed.py", "--images", "20", "--size", "32", "--read-size", "16", "--repeats", "1",
+               "--workers", "2", "--out", str(out), monkeypatch=monkeypatch)
+    d = json.loads(out.read_text())
+    assert d["workers"] == 2 and len(d["times"]["old"]) == len(d["times"]["new"]) == 1
+    assert d["old_s"] > 0 and d["new_s"] > 0 and d["speedup"] == pytest.approx(d["old_s"] / d["new_s"], rel=1e-2)

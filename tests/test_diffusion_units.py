@@ -755,6 +755,69 @@ def test_load_diffusion_data_selects_classes(fake_fmnist):
         load_diffusion_data("fashion-mnist", data_root=str(fake_fmnist), classes=(3, 10))
 
 
+def _count_reads(monkeypatch, log):
+    """Make every image read (in this process or a loader worker) append its process id to ``log``."""
+    import os
+
+    import autoprog.data as data_mod
+
+    real = data_mod.read_image
+
+    def read(path, *a, **k):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(data_mod, "read_image", read)
+    return lambda: log.read_text().split() if log.exists() else []
+
+
+def test_an_image_folder_is_decoded_by_loader_workers_in_the_folders_order(image_folder, tmp_path, monkeypatch):
+    """A fine-tuning ImageFolder is read into memory by loader workers, one per core the process may use (it only
+    waits), not image by image in the process: the same tensors, in the folder's order."""
+    import os
+
+    import autoprog.data as data_mod
+    import autoprog.diffusion.data as ddata
+
+    reads = _count_reads(monkeypatch, tmp_path / "reads")
+    serial = ddata._image_folder(image_folder, 16, workers=0)
+    assert set(reads()) == {str(os.getpid())}
+    ddata._DECODED.clear()
+    (tmp_path / "reads").unlink()
+    monkeypatch.setattr(data_mod, "default_workers", lambda reserve=1: 2 if reserve == 0 else 1)  # 2 cores
+    d = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    assert len(reads()) == 14 and str(os.getpid()) not in reads()  # every file once, none in this process
+    for a, b in zip(serial[:4], (d.train_images, d.train_labels, d.test_images, d.test_labels)):
+        assert torch.equal(a, b)
+    assert d.train_labels.tolist() == [0] * 5 + [1] * 5 and d.class_names == ("circle", "square")
+
+
+def test_an_image_folder_read_twice_in_a_process_is_decoded_once_while_held(image_folder, tmp_path, monkeypatch):
+    """The evaluator's feature classifier reads the whole folder after the training data did: while the first
+    tensors are alive and the files unchanged it gets them again instead of decoding every image a second time."""
+    import gc
+    import os
+
+    reads = _count_reads(monkeypatch, tmp_path / "reads")
+    first = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    assert len(reads()) == 14
+    again = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    assert len(reads()) == 14 and again.train_images is first.train_images
+    load_diffusion_data(str(image_folder), classes=None, image_size=12)  # another size is another decode
+    assert len(reads()) == 28
+    first = again = None
+    gc.collect()
+    load_diffusion_data(str(image_folder), classes=None, image_size=16)  # nothing held it: decoded again
+    assert len(reads()) == 42
+    held = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    f = image_folder / "train" / "circle" / "1.png"
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a file changed since: decoded again
+    changed = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    assert len(reads()) == 70 and changed.train_images is not held.train_images
+
+
 @pytest.mark.parametrize("res", [None, 16, 8])
 def test_diffusion_batch_range_and_resolution(fake_fmnist, res):
     d = load_diffusion_data("fashion-mnist", data_root=str(fake_fmnist), classes=(5, 6, 7, 8, 9))

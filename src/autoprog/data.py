@@ -65,15 +65,15 @@ class TensorImages(Dataset):
         return TensorImages(self.images[indices], self.labels[indices])
 
 
-def default_workers() -> int:
+def default_workers(reserve: int = 1) -> int:
     """Loader workers per process for decoded (ImageFolder) data: this machine's cores shared among the processes
-    launched on it, less one for the training loop, at most 8."""
+    launched on it, less ``reserve`` for the process's own work (the training loop), at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # processes sharing this machine's cores
-    return max(0, min(8, cores // per_node - 1))
+    return max(0, min(8, cores // per_node - reserve))
 
 
 class EpochSampler(Sampler):

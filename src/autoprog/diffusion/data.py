@@ -8,12 +8,16 @@ resized and centre-cropped to ``image_size``.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from ..data import image_folder, load_digits, load_fashion_mnist, to_device
 from ..errors import ConfigError, DataError
@@ -226,21 +230,62 @@ def parse_classes(text: str | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
-def _image_folder(root: Path, image_size: int):
+# The last decoded ImageFolder per (folder, size), held weakly: a second read in the process (the feature
+# classifier's, after the training data's) reuses the tensors while the first reader still holds them.
+_DECODED: dict[tuple, tuple] = {}
+
+
+def _image_folder(root: Path, image_size: int, workers: int | None = None):
+    """``(train images, train labels, test images, test labels, class names)`` of the ImageFolder at ``root``,
+    resized and centre-cropped to ``image_size``, decoded by ``workers`` loader processes (default: one per core
+    this process may use, :func:`~autoprog.data.default_workers`; the order is the folder's either way). Read
+    again in the same process while the earlier tensors are alive, unchanged files (same names, sizes and
+    modification times) are not decoded twice."""
     from torchvision import transforms
+
+    from ..data import default_workers
 
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
-    out = []
-    for d in (root / "train", test_dir):
-        ds = image_folder(root, d, tf)
-        xs, ys = zip(*(ds[i] for i in range(len(ds))))
-        out.append((torch.stack(xs), torch.tensor(ys), ds.classes))
-    if out[0][2] != out[1][2]:
+    splits = [image_folder(root, d, tf) for d in (root / "train", test_dir)]
+    if splits[0].classes != splits[1].classes:
         raise DataError(f"{root}/train and {test_dir} have different class folders")
-    return out[0][0], out[0][1], out[1][0], out[1][1], tuple(c.replace("_", " ") for c in out[0][2])
+    key = (str(root.resolve()), image_size, _manifest(splits))
+    held = [ref() for ref in _DECODED.get(key, ())]
+    if held and all(t is not None for t in held):
+        xtr, ytr, xte, yte = held
+    else:
+        if workers is None:  # the process itself only waits, so every core decodes
+            workers = default_workers(reserve=0)
+        workers = workers if workers > 1 else 0  # one worker is no faster than the process itself
+        (xtr, ytr), (xte, yte) = (_decode(ds, workers) for ds in splits)
+        _DECODED.clear()
+        _DECODED[key] = tuple(weakref.ref(t) for t in (xtr, ytr, xte, yte))
+    return xtr, ytr, xte, yte, tuple(c.replace("_", " ") for c in splits[0].classes)
+
+
+def _manifest(splits) -> str:
+    """sha256 over every file's path, size and modification time."""
+    h = hashlib.sha256()
+    for ds in splits:
+        for path, label in ds.samples:
+            st = os.stat(path)
+            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _decode(ds, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of ``ds`` in order, stacked: ``(uint8 (N, C, H, W), int64 labels)``."""
+    loader = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=_stack)
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _stack(items):
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.tensor(ys)
 
 
 def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = None,
