@@ -123,6 +123,7 @@ DRIVER = textwrap.dedent('''
             d = root / "ranks" / self.run_info["method"]
             info = json.loads((d / f"rank{rank}.json").read_text())
             info["sampled"] = list(sampled)
+            info["evaluator"] = type(self.evaluator).__name__  # built by the main process alone
             sampled.clear()
             # the evaluation images, sampled in shares and gathered, against one process sampling them all
             conds = self.data.conditions(balanced_labels(self.data.classes, 7))
@@ -393,10 +394,12 @@ def test_rewrapping_under_mixed_precision_does_not_nest_forward_wrappers(base, f
 @pytest.mark.parametrize("method", METHODS)
 def test_evaluation_samples_are_shared_out_and_scored_on_the_main_process(ddp_runs, method):
     """Each process samples half of every evaluation (the curve point's 8 images, the final 16); the main process
-    gets them all, the images one process would make; a non-finite sample on one process stops both."""
+    gets them all, the images one process would make, and alone builds the evaluator and scores them; a
+    non-finite sample on one process stops both."""
     infos, _ = _ranks(ddp_runs[0], method)
     assert [i["sampled"] for i in infos] == [[[8, 4], [16, 8]]] * 2
     gathered, alone, differ = infos[0]["gathered_vs_alone"]
     assert gathered == alone and gathered[0] == 7 and differ <= 1  # a smaller batch may round a pixel apart
     assert infos[1]["gathered_vs_alone"] is None
+    assert [i["evaluator"] for i in infos] == ["QualityEvaluator", "ScoredOnMainProcess"]
     assert all(i["nan_raised"] and "not finite" in i["nan_raised"] for i in infos), [i["nan_raised"] for i in infos]

@@ -652,3 +652,60 @@ def test_the_comparisons_sample_grid_is_made_on_the_runs_device(base, tmp_path, 
     run_device = torch.device("cpu", 0)
     png = runner.sample_comparison(["full"], tmp_path, (0, 1), per_class=1, steps=2, device=run_device)
     assert png.is_file() and decoded_on == [run_device]
+
+
+class _Roles:
+    """An accelerator of two processes as one of them sees it."""
+
+    def __init__(self, main: bool):
+        self.num_processes, self.is_main_process, self.device = 2, main, torch.device("cpu")
+
+    def print(self, *args):
+        pass
+
+
+def test_only_the_main_process_builds_the_evaluator_and_the_others_learn_what_it_scores(monkeypatch):
+    """Under several processes the evaluator (feature classifier, real features, CLIP or DINO weights) is built
+    on the main process alone; the others get what they need of it: its headline, its direction, whether it
+    scores --eval-prompts."""
+    import autoprog.diffusion.runner as runner
+
+    class Subject:
+        headline, higher_is_better = "dino", True
+
+        def prompt_scores(self, *a):
+            return {}
+
+    built, told = [], []
+    monkeypatch.setattr(runner, "build_evaluator", lambda *a, **k: built.append(a) or Subject())
+    monkeypatch.setattr(runner, "broadcast", lambda acc, obj: told.append(obj) or told[0])
+    evaluator = runner.run_evaluator(None, None, _Roles(main=True))
+    assert isinstance(evaluator, Subject) and len(built) == 1
+    assert told == [{"error": None, "headline": "dino", "higher_is_better": True, "prompt_scores": True}]
+    other = runner.run_evaluator(None, None, _Roles(main=False))  # told[0]: what the main process said
+    assert len(built) == 1 and isinstance(other, runner.ScoredOnMainProcess)
+    assert (other.headline, other.higher_is_better, hasattr(other, "prompt_scores")) == ("dino", True, True)
+    with pytest.raises(RuntimeError, match="only the main process scores"):
+        other.evaluate(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_an_evaluator_the_main_process_cannot_build_stops_every_process(monkeypatch):
+    import autoprog.diffusion.runner as runner
+    from autoprog.errors import AutoprogError, ConfigError
+
+    told = []
+
+    def fail(*a, **k):
+        raise ConfigError("--fid-weights /x: no such file")
+
+    monkeypatch.setattr(runner, "build_evaluator", fail)
+    monkeypatch.setattr(runner, "broadcast", lambda acc, obj: told.append(obj) or told[0])
+    with pytest.raises(ConfigError, match="no such file"):  # the main process raises its own error, after telling
+        runner.run_evaluator(None, None, _Roles(main=True))
+    assert told[0]["error"] == (True, "--fid-weights /x: no such file")
+    with pytest.raises(AutoprogError, match="main process could not build the evaluator: --fid-weights /x"):
+        runner.run_evaluator(None, None, _Roles(main=False))
+    told[0]["error"] = (False, "CUDA out of memory")  # not the user's to fix: not an AutoprogError
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as caught:
+        runner.run_evaluator(None, None, _Roles(main=False))
+    assert not isinstance(caught.value, AutoprogError)

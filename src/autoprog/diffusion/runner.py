@@ -22,7 +22,7 @@ from ..algorithms.gain import CRITERIA
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..engine import broadcast
-from ..errors import ConfigError, warn
+from ..errors import AutoprogError, ConfigError, one_line, warn
 from ..formats import check_fields
 from ..front import DEFAULT_FRONT
 from ..methods import FINETUNE, SearchSettings, get_method, methods_help
@@ -382,6 +382,50 @@ def build_evaluator(spec, data, device, log=print):
     return evaluator
 
 
+class ScoredOnMainProcess:
+    """What a process other than the main one knows of a run's evaluator: only the main process scores (the others
+    sample their share of each evaluation), so only it trains or loads the feature classifier, hashes the data,
+    computes the real images' features and loads CLIP or DINO weights. ``headline`` and ``higher_is_better`` are
+    the main process's evaluator's; ``prompt_scores`` is there when that evaluator scores ``--eval-prompts``."""
+
+    def __init__(self, headline: str = "fd", higher_is_better: bool = False, prompt_scores: bool = False):
+        self.headline, self.higher_is_better = headline, higher_is_better
+        if prompt_scores:
+            self.prompt_scores = self._elsewhere
+
+    def evaluate(self, images):
+        return self._elsewhere()
+
+    def _elsewhere(self, *_):
+        raise RuntimeError("only the main process scores a run's samples")
+
+
+def run_evaluator(spec, data, acc):
+    """The run's evaluator (:func:`build_evaluator`) on the main process; on the others a
+    :class:`ScoredOnMainProcess`. An error in building it is raised on every process (a one-line error of the
+    same kind), so none waits for the main process in vain."""
+    if acc.num_processes == 1:
+        return build_evaluator(spec, data, acc.device, log=acc.print)
+    evaluator = error = None
+    if acc.is_main_process:
+        try:
+            evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+        except Exception as e:  # told to the others, then raised here
+            error = e
+    told = broadcast(acc, {"error": None if error is None else (isinstance(error, AutoprogError), one_line(error)),
+                           "headline": getattr(evaluator, "headline", "fd"),
+                           "higher_is_better": getattr(evaluator, "higher_is_better", False),
+                           "prompt_scores": hasattr(evaluator, "prompt_scores")})
+    if error is not None:
+        raise error
+    if told["error"] is not None:
+        user_fixable, text = told["error"]
+        raise (AutoprogError if user_fixable else RuntimeError)(f"the main process could not build the evaluator: "
+                                                                f"{text}")
+    return evaluator if acc.is_main_process else ScoredOnMainProcess(
+        told["headline"], told["higher_is_better"], told["prompt_scores"])
+
+
 def _feature_net(spec: ImageDataSpec, image_size: int | None, log, device: torch.device | str = "cpu"):
     """The feature classifier of every class of ``spec.dataset`` at ``image_size`` (None: the dataset's own),
     trained once (on ``device``) and cached; returns ``(net, the size it was trained at)``."""
@@ -610,8 +654,7 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
         if note:
             warn(note)
     if evaluator is None:
-        with acc.main_process_first():  # the feature classifier is trained and cached once
-            evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+        evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"task": "finetune", "spec_class": type(spec).__name__,
@@ -645,8 +688,7 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
                                **({"learn_sigma" if spec.backbone == "dit" else "learned_sigma": True}
                                   if spec.learn_sigma else {}))
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
-    with acc.main_process_first():
-        evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+    evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"task": "diffusion", "spec_class": type(spec).__name__,
@@ -696,8 +738,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     _check_comparison(spec, methods)
     acc = accelerator or default_accelerator()
     data, *_ = build_finetune(replace(spec, method="full"), device=acc.device, accelerator=acc)
-    with acc.main_process_first():  # the feature classifier is trained and cached once
-        evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
+    evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
     data.codec = None  # (its VAE on the device: each run loads its own)
     results, diverged = experiment.run_methods(
         methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator), "full", acc.print)
