@@ -284,7 +284,7 @@ def test_compare_dreambooth_ranks_by_subject_fidelity_on_full_finetunings_front(
 
     spec = DreamBoothSpec(base=str(text_base), data_root=str(fake_fmnist), feature_epochs=1, cache_dir=str(cache_dir),
                           train=DB)
-    rows = {r["method"]: r for r in compare_finetune(["full", "prog"], spec, tmp_path, budget=False, front=(0.5, 1))}
+    rows = {r["method"]: r for r in compare_finetune(spec, ["full", "prog"], tmp_path, budget=False, front=(0.5, 1))}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows"] == list(rows.values())
     assert summary["headline"] == "subject_fidelity" and set(rows) == {"full", "prog", "full@0.5", "full@1"}  # full@1: the cosine-decayed whole run

@@ -709,3 +709,18 @@ def test_an_evaluator_the_main_process_cannot_build_stops_every_process(monkeypa
     with pytest.raises(RuntimeError, match="CUDA out of memory") as caught:
         runner.run_evaluator(None, None, _Roles(main=False))
     assert not isinstance(caught.value, AutoprogError)
+
+
+def test_compare_finetune_takes_the_spec_first_as_compare_does_and_still_reads_the_old_order(monkeypatch):
+    import inspect
+
+    import autoprog.diffusion.runner as runner
+    from autoprog.classification.runner import compare
+
+    assert list(inspect.signature(compare).parameters)[:3] == ["base", "methods", "out"]
+    for f in (runner.compare_finetune, runner.compare_finetune_seeds):
+        assert list(inspect.signature(f).parameters)[:3] == ["spec", "methods", "out"]
+    spec = FinetuneSpec()
+    assert runner._spec_first(spec, ["full"], "compare_finetune") == (spec, ["full"])
+    with pytest.warns(DeprecationWarning, match="pass the spec first"):
+        assert runner._spec_first(["full"], spec, "compare_finetune") == (spec, ["full"])

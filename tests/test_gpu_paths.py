@@ -458,7 +458,7 @@ def _library_calls():
             "compare": lambda out: compare(RunSpec(), ["original", "prog"], out),
             "finetune_classifier": lambda out: finetune_classifier(TransferSpec(method="prog"), out),
             "finetune": lambda out: finetune(FinetuneSpec(method="prog"), out),
-            "compare_finetune": lambda out: compare_finetune(["full", "prog"], FinetuneSpec(), out)}
+            "compare_finetune": lambda out: compare_finetune(FinetuneSpec(), ["full", "prog"], out)}
 
 
 @pytest.mark.parametrize("call", ["pretrain", "compare", "finetune_classifier", "finetune", "compare_finetune"])

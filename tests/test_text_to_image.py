@@ -401,7 +401,7 @@ def test_compare_text_to_image_reads_every_method_off_full_finetunings_front(tex
 
     spec = TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8, feature_epochs=1,
                             cache_dir=str(cache_dir), train=TINY)
-    rows = {r["method"]: r for r in compare_finetune(["full", "prog"], spec, tmp_path, budget=False, front=(0.5, 1))}
+    rows = {r["method"]: r for r in compare_finetune(spec, ["full", "prog"], tmp_path, budget=False, front=(0.5, 1))}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows"] == list(rows.values())
     assert set(rows) == {"full", "prog", "full@0.5", "full@1"}  # full@1: the whole run with the rate decayed

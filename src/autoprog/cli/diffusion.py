@@ -168,8 +168,8 @@ def run_diffusion(args, acc) -> None:
                           f"({s['wall_time_s']:.1f}s of training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
         return
     spec, front = finetune_spec(args, "full"), front_of(args)
-    run_compare(args, acc, lambda methods, budget: runner.compare_finetune(methods, spec, args.out, budget, acc,
+    run_compare(args, acc, lambda methods, budget: runner.compare_finetune(spec, methods, args.out, budget, acc,
                                                                            front),
-                lambda methods, seeds, budget: runner.compare_finetune_seeds(methods, spec, args.out, seeds, budget,
+                lambda methods, seeds, budget: runner.compare_finetune_seeds(spec, methods, args.out, seeds, budget,
                                                                              acc, front),
                 "fd_curves.png, front.png, samples.png")

@@ -719,7 +719,19 @@ def _build_text_base(spec: TextBaseSpec, data):
 
 
 # ------------------------------------------------------------------------------------------- compare
-def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, budget: bool = True,
+def _spec_first(spec, methods, name: str):
+    """``(spec, methods)`` of a comparison; the order before 2026-12-07, ``(methods, spec)``, still works, with a
+    DeprecationWarning."""
+    if isinstance(spec, (list, tuple)) and isinstance(methods, Spec):
+        import warnings
+
+        warnings.warn(f"{name}(methods, spec, ...) is deprecated: pass the spec first, as compare() takes it",
+                      DeprecationWarning, stacklevel=3)
+        return methods, spec
+    return spec, methods
+
+
+def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, budget: bool = True,
                      accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT) -> list[dict]:
     """Fine-tune with each method (same base, data, seed and steps) and the budget-matched ``full@budget``.
 
@@ -734,6 +746,7 @@ def compare_finetune(methods: list[str], spec: FinetuneSpec, out: str | Path, bu
     """
     from ..accelerator import default_accelerator
 
+    spec, methods = _spec_first(spec, methods, "compare_finetune")
     out = comparison_dir(Path(out), {**experiment.input_paths(spec), "--base": _base_path(spec)})
     _check_comparison(spec, methods)
     acc = accelerator or default_accelerator()
@@ -864,16 +877,17 @@ def decode_samples(meta: dict, x0: torch.Tensor, device: torch.device | str = "c
     return LatentCodec.from_pretrained(meta["vae"], device=device).decode(x0, out_channels=meta.get("image_channels"))
 
 
-def compare_finetune_seeds(methods: list[str], spec: FinetuneSpec, out: str | Path, seeds: list[int],
+def compare_finetune_seeds(spec: FinetuneSpec, methods: list[str], out: str | Path, seeds: list[int],
                            budget: bool = True, accelerator=None, front: tuple[float, ...] = DEFAULT_FRONT
                            ) -> list[dict]:
     """:func:`compare_finetune` once per seed (``out/seed<N>``), then mean ± std per method in ``out/summary.*``."""
     from ..accelerator import default_accelerator
     from .report import finetune_seeds_markdown
 
+    spec, methods = _spec_first(spec, methods, "compare_finetune_seeds")
     acc = accelerator or default_accelerator()
     out = Path(out)
-    per_seed = {s: compare_finetune(methods, replace(spec, train=replace(spec.train, seed=s)), out / f"seed{s}",
+    per_seed = {s: compare_finetune(replace(spec, train=replace(spec.train, seed=s)), methods, out / f"seed{s}",
                                     budget, acc, front) for s in seeds}
     rows = experiment.seed_rows(per_seed, seeds,
                                 ("tq_speedup", "wall_time_s", "speedup", "flops_speedup", "fd", "kid",
