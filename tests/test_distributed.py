@@ -299,38 +299,60 @@ HOOK_DRIVER = textwrap.dedent('''
     from autoprog.accelerator import end_processes, leave_process
     from autoprog.engine import PreparedModel
 
-    ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16, bucket_cap_mb=1)
+    kind = sys.argv[2]
+    if kind == "fp16":
+        ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16, bucket_cap_mb=1)
+    else:  # PowerSGD after 3 steps
+        ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.POWER_SGD, bucket_cap_mb=1,
+                                            comm_state_option={"start_powerSGD_iter": 3})
     acc = Accelerator(cpu=True, kwargs_handlers=[ddp])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     prepared = PreparedModel(acc, model)
-    hooks = []
-    for frozen in (None, 0, 1, None):  # the whole model, then each layer alone, then the whole model again
+    hooks, steps = [], []  # each step's hook, and the step count its state started that step from
+    # the whole model for 3 steps, then each layer alone, then the whole model again; a stage begins before the last
+    for frozen in (None, None, None, 0, 1, None, "stage", 0):
+        if frozen == "stage":
+            prepared.keep_current_only()
+            continue
         for i, layer in enumerate(model):
             layer.requires_grad_(i != frozen)
         wrapper = prepared.current()
+        state = wrapper._comm_hooks[0][1]
+        steps.append(getattr(state, "iter", None))
         wrapper(torch.randn(2, 4)).sum().backward()
         hooks.append([h.__qualname__ for h, _ in wrapper._comm_hooks])
     if acc.is_main_process:
         with open(sys.argv[1], "w") as f:
-            json.dump({"hooks": hooks, "built": prepared.built}, f)
+            json.dump({"hooks": hooks, "built": prepared.built, "steps": steps}, f)
     end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
     leave_process(0)  # skipping the interpreter's shutdown, as autoprog's CLI does
 ''')
 
 
-def test_every_ddp_wrapper_gets_the_accelerators_communication_hook(tmp_path):
-    """A comm hook set through Accelerate's DDP settings (fp16 compression here) is registered on every wrapper
-    of a changing trainable set, not only on the one Accelerate built."""
+@pytest.mark.parametrize("kind", ["fp16", "powersgd"])
+def test_every_ddp_wrapper_gets_the_accelerators_communication_hook(kind, tmp_path):
+    """A comm hook set through Accelerate's DDP settings is registered on every wrapper of a changing trainable
+    set, not only on the one Accelerate built. PowerSGD: each wrapper gets its own state, whose step count goes
+    on from the run's (compression starts after start_powerSGD_iter steps of the run, not of each wrapper)."""
     driver = tmp_path / "hook_driver.py"
     driver.write_text(HOOK_DRIVER)
     out = tmp_path / "hooks.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(out),
+           kind]
     proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
     res = json.loads(out.read_text())
-    assert res["built"] == 3  # Accelerate's, then one per single layer; the whole model's is reused
-    assert res["hooks"] == [["fp16_compress_hook"]] * 4
+    # Accelerate's, then one per single layer; the whole model's is reused; after the stage began, layer 0's anew
+    assert res["built"] == 4
+    if kind == "fp16":
+        assert res["hooks"] == [["fp16_compress_hook"]] * 7 and res["steps"] == [None] * 7
+        return
+    assert res["hooks"] == [["powerSGD_hook"]] * 7
+    # Accelerate's state ran steps 0-2; the second layer's wrapper starts at 3 (start_powerSGD_iter: it compresses
+    # at once), the first layer's at 4; the whole model's own state goes on at 3; the new stage's wrapper at 6, the
+    # steps run so far
+    assert res["steps"] == [0, 1, 2, 3, 4, 3, 6]
 
 
 LONE_LIBRARY_CALL = textwrap.dedent('''

@@ -37,6 +37,14 @@ class PreparedModel:
         self._by_set = {frozenset(trained_ids(module)): self.wrapped}
         self.built = 1  # wrappers built over the run (DDP's cost; a test counts them)
         self.changes = 0  # times a training step found the trainable set changed (re-wrapping each time: as many builds)
+        # PowerSGD: each wrapper needs its own state (its error feedback is per bucket), but the count of steps
+        # before compression starts (start_powerSGD_iter) is the run's, not the wrapper's: id -> (state, start)
+        self._power_states: dict[int, tuple] = {}
+        self._power_done = 0  # steps run by forgotten wrappers' states
+        first_state = next((st for _, st in getattr(self.wrapped, "_comm_hooks", ()) if hasattr(st, "start_powerSGD_iter")),
+                           None)
+        if first_state is not None:
+            self._power_states[id(self.wrapped)] = (first_state, first_state.iter)
 
     def current(self) -> nn.Module:
         """The wrapper that tracks the parameters that require grad now (built on first use of this set)."""
@@ -64,6 +72,7 @@ class PreparedModel:
         if self._first is not kept and self._first is not self.module:
             self.acc._models = [m for m in self.acc._models if m is not self._first]
             self._first = self.module
+        self._forget_power_states(keep=kept)
 
     def _ddp(self) -> nn.Module:
         """A DDP wrapper as Accelerate builds one, around the module Accelerate already prepared (its forward keeps
@@ -76,15 +85,47 @@ class PreparedModel:
         if self.acc.device.type == "cuda":
             kwargs.update(device_ids=[self.acc.local_process_index], output_device=self.acc.local_process_index)
         wrapper = DistributedDataParallel(self.module, **kwargs)
-        if handler is not None:
+        if handler is not None and _power_sgd(handler):
+            self._register_power_sgd(handler, wrapper)
+        elif handler is not None:
             handler.register_comm_hook(wrapper)
         return wrapper
+
+    def _register_power_sgd(self, handler, wrapper: nn.Module) -> None:
+        """Accelerate's PowerSGD hook (and compression wrapper, if any) on ``wrapper``, with a fresh state whose
+        step count goes on from the steps every earlier wrapper ran: compression starts after
+        ``start_powerSGD_iter`` steps of the run, not of each wrapper (a wrapper per stage or candidate would
+        otherwise never reach it)."""
+        from accelerate.utils import DDPCommunicationHookType as Hook
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+        hook = powerSGD_hook.batched_powerSGD_hook if handler.comm_hook == Hook.BATCHED_POWER_SGD \
+            else powerSGD_hook.powerSGD_hook
+        compress = {Hook.FP16: default_hooks.fp16_compress_wrapper,
+                    Hook.BF16: default_hooks.bf16_compress_wrapper}.get(handler.comm_wrapper)
+        state = powerSGD_hook.PowerSGDState(None, **handler.comm_state_option)
+        state.iter = self._power_done + sum(st.iter - start for st, start in self._power_states.values())
+        self._power_states[id(wrapper)] = (state, state.iter)
+        wrapper.register_comm_hook(state=state, hook=compress(hook) if compress else hook)
+
+    def _forget_power_states(self, keep: nn.Module | None = None) -> None:
+        """Count the steps of the PowerSGD states of every wrapper but ``keep`` as done, and drop the states."""
+        for key in [k for k in self._power_states if keep is None or k != id(keep)]:
+            state, start = self._power_states.pop(key)
+            self._power_done += state.iter - start
 
     def release(self) -> None:
         """Forget every wrapper (a comparison's later runs must not keep this model alive)."""
         self._by_set = {}
+        self._forget_power_states()
         release(self.acc, self._first, self.module)  # (the module itself once the first wrapper is gone)
         self.wrapped = self._first = self.module
+
+
+def _power_sgd(handler) -> bool:
+    from accelerate.utils import DDPCommunicationHookType as Hook
+
+    return handler.comm_hook in (Hook.POWER_SGD, Hook.BATCHED_POWER_SGD)
 
 
 def release(acc, wrapped: nn.Module, module: nn.Module) -> None:
