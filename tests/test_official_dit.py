@@ -91,6 +91,22 @@ def test_the_variational_bound_is_zero_for_the_true_posterior_and_the_closed_for
     assert torch.allclose(nll, torch.full((4,), bits), rtol=1e-2)
 
 
+def test_the_bounds_terms_are_made_whatever_device_add_noise_left_the_schedule_on():
+    """diffusers' ``add_noise`` moves ``alphas_cumprod`` to the batch's device (a GPU's) and leaves ``betas`` on the
+    host: the posterior's terms must not mix the two (a GPU run's first hybrid-loss step raised). The meta device
+    stands in for a GPU."""
+    import autoprog.diffusion.sampling as sampling
+
+    sch = _schedule()
+    want = sampling._posterior_terms(sch, "cpu")
+    sch2 = _schedule()
+    sch2.add_noise(torch.zeros(1, 1, 2, 2, device="meta"), torch.zeros(1, 1, 2, 2, device="meta"),
+                   torch.zeros(1, dtype=torch.long, device="meta"))
+    assert sch2.alphas_cumprod.device.type == "meta" and sch2.betas.device.type == "cpu"
+    got = sampling._posterior_terms(sch2, "cpu")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_the_hybrid_loss_trains_the_variance_head_and_only_through_the_bound():
     from autoprog.diffusion.sampling import diffusion_loss
 

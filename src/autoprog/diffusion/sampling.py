@@ -81,8 +81,11 @@ def _posterior_terms(scheduler, device) -> dict[str, torch.Tensor]:
     """q(x_{t-1} | x_t, x_0)'s coefficients over the schedule (improved DDPM's, as DiT's gaussian_diffusion)."""
     key = (id(scheduler), str(device))
     if key not in _TERMS:
-        betas = scheduler.betas.double()
-        ac = scheduler.alphas_cumprod.double()
+        # from the betas, on the host, as diffusers makes alphas_cumprod: its add_noise moves alphas_cumprod to each
+        # batch's device (a GPU's) while the betas stay here
+        betas = scheduler.betas.cpu()
+        ac = torch.cumprod(1.0 - betas, dim=0).double()
+        betas = betas.double()
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         post_var = betas * (1 - ac_prev) / (1 - ac)
         terms = {"log_beta": betas.log(), "sqrt_recip_ac": (1 / ac).sqrt(), "sqrt_recipm1_ac": (1 / ac - 1).sqrt(),
