@@ -76,6 +76,30 @@ def test_try_candidate_grows_then_restores_everything(fake_fmnist, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_the_proxies_see_the_models_own_forward_under_bf16_training(fake_fmnist, tmp_path, fresh_accelerate):
+    """Training in bf16 (Accelerate wraps the model's forward in autocast): inside ``try_candidate`` the proxies
+    run the model's own forward, in fp32, as the official search computes them; the training forward is back
+    after."""
+    from accelerate import Accelerator
+
+    spec = RunSpec(method="autoprog-zero", data_root=str(fake_fmnist), subset=256, depth=4, embed_dim=16,
+                   num_heads=2, patch_size=4, train=TrainConfig(epochs=1, batch_size=32, count_flops=False))
+    torch.manual_seed(0)
+    data, net, controller, growth = build_run(spec)
+    tr = Trainer(net, controller, growth, data, spec.train, tmp_path,
+                 accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    x = torch.zeros(2, 1, 28, 28)
+    inner = []  # autocast inside the first block: training's forward, the proxies', training's again
+    first_block = next(m for m in tr.net.modules() if type(m).__name__ == "Block")
+    first_block.register_forward_pre_hook(lambda m, a: inner.append(torch.is_autocast_enabled("cpu")))
+    with torch.no_grad():
+        tr.net(x)
+        with tr.try_candidate(SubNet(28, 4)) as task:
+            task.forward(task.model, task.batches[0])
+        tr.net(x)
+    assert inner == [True, False, True]
+
+
 def test_proxy_batches_below_two_are_refused(cli, fake_fmnist, tmp_path):
     rc, _, err = cli("pretrain", "--method", "autoprog-zero", "--proxy-batches", "1", "--out", tmp_path / "r",
                      *tiny_args(fake_fmnist))

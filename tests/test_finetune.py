@@ -724,3 +724,41 @@ def test_compare_finetune_takes_the_spec_first_as_compare_does_and_still_reads_t
     assert runner._spec_first(spec, ["full"], "compare_finetune") == (spec, ["full"])
     with pytest.warns(DeprecationWarning, match="pass the spec first"):
         assert runner._spec_first(["full"], spec, "compare_finetune") == (spec, ["full"])
+
+
+def test_the_zero_shot_proxies_run_in_fp32_when_training_runs_in_bf16(base, fake_fmnist, cache_dir, tmp_path,
+                                                                       monkeypatch, fresh_accelerate):
+    """As the official search computes them (fp32): the NTK condition number and ZiCo see the model's own forward,
+    not the bf16 autocast Accelerate wraps it in for training (bf16 on the CPU here, as on a GPU)."""
+    from accelerate import Accelerator
+
+    import autoprog.algorithms.autoprog_zero as zero
+    import autoprog.diffusion.runner as runner
+    import autoprog.diffusion.trainer as trainer_module
+
+    seen = {"proxy": [], "other": []}  # autocast inside a block's forward: in a proxy, or elsewhere (training)
+    where = ["other"]
+
+    def in_proxy(f):
+        def run(*a, **k):
+            where.append("proxy")
+            try:
+                return f(*a, **k)
+            finally:
+                where.pop()
+        return run
+
+    monkeypatch.setattr(zero, "ntk_condition_number", in_proxy(zero.ntk_condition_number))
+    monkeypatch.setattr(zero, "zico", in_proxy(zero.zico))
+
+    class Watching(trainer_module.DiffusionTrainer):
+        def __init__(self, model, *a, **k):
+            model.blocks[0].register_forward_pre_hook(
+                lambda m, args: seen[where[-1]].append(torch.is_autocast_enabled("cpu")))
+            super().__init__(model, *a, **k)
+
+    monkeypatch.setattr(runner, "DiffusionTrainer", Watching)
+    spec = spec_for("autoprog-zero", base, fake_fmnist, cache_dir, eval_points=1)
+    finetune(spec, tmp_path / "run", accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    assert seen["proxy"] and not any(seen["proxy"]), "the proxies ran under autocast"
+    assert seen["other"] and all(seen["other"]), "training ran in bf16"

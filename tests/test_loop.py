@@ -164,6 +164,13 @@ def test_a_search_with_rezero_gates_restores_structure_and_optimizer():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(torch.get_rng_state(), rng), "scoring a candidate draws no training randomness"
+    own = model.forward
+    model._original_forward, model.forward = own, lambda *a: None  # as Accelerate's prepare_model under bf16
+    training_forward = model.forward
+    with loop.try_candidate(model.full_subnet) as task:
+        assert task.model.forward == own, "the proxies run the model's own forward (fp32), not the autocast one"
+    assert model.forward is training_forward
+    del model.forward, model._original_forward
 
 
 def _resumable_run(make, growth, total, stop=None, state=None):

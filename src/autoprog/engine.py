@@ -128,6 +128,21 @@ def _power_sgd(handler) -> bool:
     return handler.comm_hook in (Hook.POWER_SGD, Hook.BATCHED_POWER_SGD)
 
 
+@contextmanager
+def full_precision(module: nn.Module):
+    """While inside: ``module``'s forward without the mixed-precision autocast Accelerate wrapped it in
+    (``prepare_model`` replaces ``forward`` in place and keeps the original as ``_original_forward``): the zero-shot
+    proxies are computed in fp32, as the official code computes them, whatever precision training runs in."""
+    patched, original = module.__dict__.get("forward"), module.__dict__.get("_original_forward")
+    if patched is not None and original is not None:
+        module.forward = original
+    try:
+        yield module
+    finally:
+        if patched is not None and original is not None:
+            module.forward = patched
+
+
 def release(acc, wrapped: nn.Module, module: nn.Module) -> None:
     """Forget a prepared model: Accelerate lists the module itself (not its DDP wrapper) and, under mixed
     precision, wraps its ``forward`` in place; undo both so re-preparing does not nest wrappers and a

@@ -46,7 +46,7 @@ from .algorithms.growth import (
     get_growth_operator,
 )
 from .controllers import Controller, ProxyTask, ScheduleController
-from .engine import enter_due_stage
+from .engine import enter_due_stage, full_precision
 from .errors import ConfigError
 from .optim import remap_block_state
 from .rng import forked_rng
@@ -314,8 +314,9 @@ class ProgressiveLoop(GrowthCalls):
                     self.enter_subnet(subnet)
                 self.model.eval()  # no dropout / drop path: the proxies are deterministic
                 forward = proxy.forward or (lambda m, b: m(b[0]))
-                yield ProxyTask(self.model, [self._at(b, subnet.resolution) for b in proxy.batches], forward,
-                                proxy.loss)
+                with full_precision(self.model):  # in fp32 whatever the training precision, as the official search
+                    yield ProxyTask(self.model, [self._at(b, subnet.resolution) for b in proxy.batches], forward,
+                                    proxy.loss)
         finally:
             self.model.train(was)
             self.restore(snap)

@@ -27,7 +27,7 @@ from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_op
 from ..compute import compile_blocks
 from ..controllers import ProxyTask, ScheduleController
 from ..data import DataBundle, default_workers, to_device
-from ..engine import PreparedModel, RunTemplate
+from ..engine import PreparedModel, RunTemplate, full_precision
 from ..errors import ConfigError, warn
 from ..metrics import train_step_flops
 from ..optim import (
@@ -311,8 +311,9 @@ class Trainer(GrowthCalls, RunTemplate):
                 batches = [(self.data.prepare(x.to(self.acc.device), train=False), y.to(self.acc.device))
                            for x, y in self._proxy_loader()]
                 smoothing = self.cfg.label_smoothing
-                yield ProxyTask(self.net, batches, forward=lambda m, b: m(b[0]),
-                                loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing))
+                with full_precision(self.net):  # in fp32 whatever the training precision, as the official search
+                    yield ProxyTask(self.net, batches, forward=lambda m, b: m(b[0]),
+                                    loss=lambda m, b: F.cross_entropy(m(b[0]), b[1], label_smoothing=smoothing))
         finally:
             self.net.train(was)
             self.restore(snap)

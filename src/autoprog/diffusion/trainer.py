@@ -31,7 +31,7 @@ from ..checkpoint import replace_dir
 from ..compute import compile_blocks
 from ..controllers import ProxyTask
 from ..data import to_device
-from ..engine import PreparedModel, RunTemplate, gather_rows
+from ..engine import PreparedModel, RunTemplate, full_precision, gather_rows
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
 from ..optim import OptimConfig, build_optimizer
@@ -280,8 +280,8 @@ class DiffusionTrainer(RunTemplate):
                 return hybrid_loss(out, b[3], self.noise, b[4], b[0], b[1]).mean()
             return (out - b[3]).pow(2).mean()
 
-        try:
-            with self.training_output():  # the NTK of the whole output: ε, and the variance values it trains
+        try:  # the NTK of the whole output (ε, and the variance values it trains), in fp32 as the official search
+            with self.training_output(), full_precision(self.model):
                 yield ProxyTask(self.model, self.proxy_batches(subnet.resolution),
                                 forward=lambda m, b: m(b[0], b[1], b[2]), loss=loss)
         finally:
