@@ -228,6 +228,28 @@ def test_image_folder_by_name_and_size(image_folder):
         load_dataset("imagefolder", None)
 
 
+def test_loader_workers_fit_the_shared_memory_their_batches_pass_through(image_folder, monkeypatch, capsys):
+    """Workers hand batches over through /dev/shm; a container's default 64 MB fits few batches of 224-px images, and
+    a worker that finds it full dies of a bus error mid-run. The loader takes as many workers as fit, saying so."""
+    from collections import namedtuple
+
+    import autoprog.data as data_mod
+
+    usage = namedtuple("usage", "total used free")
+    b = load_dataset(str(image_folder))  # 32-px RGB: a batch of 100 is 300 kB
+    batch = 100 * 3 * 32 * 32
+    monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    assert b.loader("train", 100, num_workers=4).num_workers == 4 and capsys.readouterr().err == ""
+    free = int((2 * 3 + 2) * batch / 0.8) + 1  # three workers' batches, two ahead each, and two on their way: no more
+    monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda path: usage(free, 0, free))
+    assert b.loader("train", 100, num_workers=4).num_workers == 3
+    err = capsys.readouterr().err
+    assert "/dev/shm has 2.9 MB free" in err and "batches of 0.3 MB" in err and "using 3" in err and "--shm-size" in err
+    assert b.loader("test", 100, num_workers=4, size=64).num_workers == 0  # 4 times the pixels: none fits
+    monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)))
+    assert b.loader("train", 100, num_workers=4).num_workers == 4  # no such folder: as asked
+
+
 def test_image_folder_test_split_name(image_folder):
     (image_folder / "val").rename(image_folder / "test")
     assert len(load_dataset(str(image_folder)).test) == 4

@@ -19,6 +19,7 @@ import functools
 import gzip
 import os
 import random
+import shutil
 import struct
 import zlib
 from collections.abc import Callable
@@ -74,6 +75,32 @@ def default_workers(reserve: int = 1) -> int:
         cores = os.cpu_count() or 1
     per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # processes sharing this machine's cores
     return max(0, min(8, cores // per_node - reserve))
+
+
+SHARED_MEMORY = "/dev/shm"  # where loader workers hand their batches to the training process (Linux)
+PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetch_factor)
+
+
+def workers_for_shared_memory(workers: int, batch_bytes: int, prefetch: int = PREFETCH) -> int:
+    """``workers``, or as many as the free space of the shared-memory folder can serve: each worker hands
+    ``prefetch`` batches of about ``batch_bytes`` ahead through it (two more are on their way to the device), and
+    a worker that finds it full dies of a bus error mid-run. A container's default is 64 MB; a batch of 128
+    224-px images is 19 MB. Warns when it takes fewer; unchanged where there is no such folder."""
+    if workers <= 0 or batch_bytes <= 0:
+        return workers
+    try:
+        free = shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:  # not Linux
+        return workers
+    fit = max(0, int((0.8 * free / batch_bytes - 2) // prefetch))
+    if fit >= workers:
+        return workers
+    from .errors import warn
+
+    warn(f"{SHARED_MEMORY} has {free / 2**20:.1f} MB free, too little for {workers} loader workers passing "
+         f"batches of {batch_bytes / 2**20:.1f} MB ({prefetch} ahead each): using {fit} (give the machine or "
+         "container more shared memory, e.g. docker run --shm-size=8g, or lower --batch-size)")
+    return fit
 
 
 class EpochSampler(Sampler):
@@ -213,6 +240,8 @@ class DataBundle:
                   pin_memory=pin_memory and self.device.type == "cpu")
         if self.in_memory:
             return DataLoader(ds, collate_fn=_collate_batched, **kw)
+        side = size or self.image_size
+        num_workers = workers_for_shared_memory(num_workers, batch_size * self.in_chans * side * side)
         return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
 
     @property

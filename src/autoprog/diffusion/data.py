@@ -233,6 +233,7 @@ def parse_classes(text: str | None) -> tuple[int, ...] | None:
 # The last decoded ImageFolder per (folder, size), held weakly: a second read in the process (the feature
 # classifier's, after the training data's) reuses the tensors while the first reader still holds them.
 _DECODED: dict[tuple, tuple] = {}
+DECODE_BATCH = 64  # images a worker decodes and hands over at a time
 
 
 def _image_folder(root: Path, image_size: int, workers: int | None = None):
@@ -243,7 +244,7 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None):
     modification times) are not decoded twice."""
     from torchvision import transforms
 
-    from ..data import default_workers
+    from ..data import default_workers, workers_for_shared_memory
 
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
@@ -259,6 +260,7 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None):
     else:
         if workers is None:  # the process itself only waits, so every core decodes
             workers = default_workers(reserve=0)
+        workers = workers_for_shared_memory(workers, DECODE_BATCH * 3 * image_size * image_size)
         workers = workers if workers > 1 else 0  # one worker is no faster than the process itself
         (xtr, ytr), (xte, yte) = (_decode(ds, workers) for ds in splits)
         _DECODED.clear()
@@ -278,7 +280,7 @@ def _manifest(splits) -> str:
 
 def _decode(ds, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of ``ds`` in order, stacked: ``(uint8 (N, C, H, W), int64 labels)``."""
-    loader = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=_stack)
+    loader = DataLoader(ds, batch_size=DECODE_BATCH, num_workers=workers, collate_fn=_stack)
     xs, ys = zip(*loader)
     return torch.cat(xs), torch.cat(ys)
 
