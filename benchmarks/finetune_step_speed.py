@@ -158,7 +158,9 @@ def time_stage(model, unfreezer, subnet, batch, steps, amp, device, scheduler, w
 
     def saved_bytes() -> int:
         """Bytes autograd keeps for the backward pass of one step (each storage once): the activation memory a
-        stage needs, exactly, where the CPU's resident-memory peak is blurred by the allocator."""
+        stage needs, exactly, where the CPU's resident-memory peak is blurred by the allocator. Under ``--amp``
+        this includes autocast's low-precision copies of the weights a backward pass goes through (about 2 bytes
+        per such parameter in bf16): memory the stage needs too, but not there in an fp32 run."""
         seen = {}
 
         def pack(t):
