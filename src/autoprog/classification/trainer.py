@@ -98,7 +98,8 @@ class TrainConfig(OptimConfig, SearchMeasurements):
     budget_steps: float | None = budget_steps_option("--epochs", "full-model")
     num_workers: int | None = option(None, "data-loader workers per process for ImageFolder data (default: this "
                                            "machine's cores shared among the processes launched on it, less one, "
-                                           "at most 8; 0 reads in the training process). "
+                                           "at most 8; fewer if /dev/shm cannot hold their batches; 0 reads in "
+                                           "the training process). "
                                            "Fashion-MNIST and digits need none: they stay on the device (with "
                                            "--randaugment or --adareg on the host, each batch copied after it)",
                                      flag="--workers", minimum=0, group="data", show_default=False)
