@@ -403,3 +403,64 @@ def test_evaluation_samples_are_shared_out_and_scored_on_the_main_process(ddp_ru
     assert infos[1]["gathered_vs_alone"] is None
     assert [i["evaluator"] for i in infos] == ["QualityEvaluator", "ScoredOnMainProcess"]
     assert all(i["nan_raised"] and "not finite" in i["nan_raised"] for i in infos), [i["nan_raised"] for i in infos]
+
+
+FOLDER_DRIVER = textwrap.dedent('''
+    import json
+    import sys
+
+    import torch
+    from accelerate import Accelerator
+
+    import autoprog.data as data_mod
+    import autoprog.diffusion.data as ddata
+    from autoprog.accelerator import end_processes, leave_process
+    from autoprog.errors import DataError
+
+    folder, out = sys.argv[1:3]
+    acc = Accelerator(cpu=True)
+    reads = []
+    real = data_mod.read_image
+    data_mod.read_image = lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k)
+    first = ddata.load_diffusion_data(folder, classes=None, image_size=16, accelerator=acc)
+    first_reads = list(reads)
+    again = ddata.load_diffusion_data(folder, classes=None, image_size=16, accelerator=acc)  # held: no decoding
+    again_reads = len(reads) - len(first_reads)
+    ddata._DECODED.clear()
+    alone = ddata.load_diffusion_data(folder, classes=None, image_size=16)  # this process alone, every image
+    same = all(torch.equal(getattr(first, k), getattr(alone, k))
+               for k in ("train_images", "train_labels", "test_images", "test_labels"))
+    # an unreadable image in process 1's share of the training split stops both, neither waiting for the other
+    bad = sorted(p for p in reads if "/train/" in p)[-1]
+    if acc.process_index == 1:
+        data_mod.read_image = lambda path, *a, **k: (_ for _ in ()).throw(DataError(f"cannot read image {path}")) \\
+            if str(path) == bad else real(path, *a, **k)
+    ddata._DECODED.clear()
+    try:
+        ddata.load_diffusion_data(folder, classes=None, image_size=16, accelerator=acc)
+        error = None
+    except DataError as e:
+        error = str(e)
+    with open(f"{out}/rank{acc.process_index}.json", "w") as f:
+        json.dump({"reads": first_reads, "again": again_reads, "same": same, "error": error}, f)
+    end_processes(acc)
+    leave_process(0)
+''')
+
+
+def test_an_image_folder_is_decoded_in_shares_by_the_processes(image_folder, tmp_path):
+    """Fine-tuning on an ImageFolder under two processes: each decodes half of each split (5 of 10 training, 2 of
+    4 validation images) and both hold every image, equal to one process's read; a second read while held decodes
+    nothing; an unreadable image in one process's share stops both with a DataError."""
+    driver = tmp_path / "folder_driver.py"
+    driver.write_text(FOLDER_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(image_folder), str(tmp_path)]
+    rc, log = _launch(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
+    assert rc == 0, f"torchrun failed ({rc}):\n{log[-6000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert sum("/train/" in p for p in r["reads"]) == 5 and sum("/val/" in p for p in r["reads"]) == 2
+        assert r["again"] == 0 and r["same"]
+    assert not set(ranks[0]["reads"]) & set(ranks[1]["reads"])
+    assert "cannot read image" in ranks[1]["error"] and "another process could not read" in ranks[0]["error"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..data import image_folder, load_digits, load_fashion_mnist, to_device
 from ..errors import ConfigError, DataError
@@ -236,12 +236,14 @@ _DECODED: dict[tuple, tuple] = {}
 DECODE_BATCH = 64  # images a worker decodes and hands over at a time
 
 
-def _image_folder(root: Path, image_size: int, workers: int | None = None):
+def _image_folder(root: Path, image_size: int, workers: int | None = None, accelerator=None):
     """``(train images, train labels, test images, test labels, class names)`` of the ImageFolder at ``root``,
     resized and centre-cropped to ``image_size``, decoded by ``workers`` loader processes (default: one per core
-    this process may use, :func:`~autoprog.data.default_workers`; the order is the folder's either way). Read
-    again in the same process while the earlier tensors are alive, unchanged files (same names, sizes and
-    modification times) are not decoded twice."""
+    this process may use, :func:`~autoprog.data.default_workers`; the order is the folder's either way). With an
+    ``accelerator`` of several processes (call it on every one), each decodes an even share of each split and every
+    process gets all of them; an unreadable image in any share stops every process. Read again in the same process
+    while the earlier tensors are alive, unchanged files (same names, sizes and modification times) are not
+    decoded twice."""
     from torchvision import transforms
 
     from ..data import default_workers, workers_for_shared_memory
@@ -255,14 +257,20 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None):
         raise DataError(f"{root}/train and {test_dir} have different class folders")
     key = (str(root.resolve()), image_size, _manifest(splits))
     held = [ref() for ref in _DECODED.get(key, ())]
-    if held and all(t is not None for t in held):
+    shared = accelerator is not None and accelerator.num_processes > 1
+    hit = bool(held) and all(t is not None for t in held)
+    if shared:  # every process decodes, or none: the decoding's collectives must be reached by all
+        hit = _count(accelerator, not hit) == 0
+    if hit:
         xtr, ytr, xte, yte = held
     else:
         if workers is None:  # the process itself only waits, so every core decodes
             workers = default_workers(reserve=0)
         workers = workers_for_shared_memory(workers, DECODE_BATCH * 3 * image_size * image_size)
         workers = workers if workers > 1 else 0  # one worker is no faster than the process itself
-        (xtr, ytr), (xte, yte) = (_decode(ds, workers) for ds in splits)
+        xtr, xte = (_decode_shares(ds, workers, image_size, accelerator, root) if shared
+                    else _decode(ds, workers, image_size) for ds in splits)
+        ytr, yte = (torch.tensor(ds.targets, dtype=torch.long) for ds in splits)
         _DECODED.clear()
         _DECODED[key] = tuple(weakref.ref(t) for t in (xtr, ytr, xte, yte))
     return xtr, ytr, xte, yte, tuple(c.replace("_", " ") for c in splits[0].classes)
@@ -278,22 +286,46 @@ def _manifest(splits) -> str:
     return h.hexdigest()
 
 
-def _decode(ds, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of ``ds`` in order, stacked: ``(uint8 (N, C, H, W), int64 labels)``."""
-    loader = DataLoader(ds, batch_size=DECODE_BATCH, num_workers=workers, collate_fn=_stack)
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
+def _decode(ds, workers: int, image_size: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Images ``rows`` (default: all) of ``ds`` in order, stacked: uint8 ``(N, 3, image_size, image_size)``."""
+    lo, hi = rows if rows is not None else (0, len(ds))
+    if hi <= lo:
+        return torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+    part = ds if (lo, hi) == (0, len(ds)) else Subset(ds, range(lo, hi))
+    return torch.cat(list(DataLoader(part, batch_size=DECODE_BATCH, num_workers=workers, collate_fn=_stack)))
+
+
+def _decode_shares(ds, workers: int, image_size: int, acc, root: Path) -> torch.Tensor:
+    """Every image of ``ds`` on every process, each process decoding an even share (:func:`_decode`)."""
+    from ..engine import gather_rows
+
+    n, world = len(ds), acc.num_processes
+    bounds = [(n * r // world, n * (r + 1) // world) for r in range(world)]
+    error = None
+    try:
+        mine = _decode(ds, workers, image_size, bounds[acc.process_index])
+    except DataError as e:  # told to the others before it is raised, so none waits in the gather below
+        error, mine = e, None
+    if _count(acc, error is not None):
+        raise error if error is not None else DataError(
+            f"another process could not read an image of its share of {root} (its message names the file)")
+    return gather_rows(acc, mine, [hi - lo for lo, hi in bounds], everywhere=True)
+
+
+def _count(acc, flag: bool) -> int:
+    """How many processes raise ``flag``."""
+    return int(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
 
 
 def _stack(items):
-    xs, ys = zip(*items)
-    return torch.stack(xs), torch.tensor(ys)
+    return torch.stack([x for x, _ in items])
 
 
 def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = None,
                         classes: tuple[int, ...] | None = TRANSFER_CLASSES, image_size: int | None = None,
-                        subset: int | None = None, seed: int = 0) -> DiffusionData:
-    """Load ``dataset`` (``fashion-mnist``, ``digits`` or an ImageFolder path) keeping ``classes`` only."""
+                        subset: int | None = None, seed: int = 0, accelerator=None) -> DiffusionData:
+    """Load ``dataset`` (``fashion-mnist``, ``digits`` or an ImageFolder path) keeping ``classes`` only; an
+    ImageFolder is decoded in shares by the ``accelerator``'s processes, if given (call it on every one)."""
     key = dataset.lower().replace("_", "-")
     hflip = True
     if key in ("fashion-mnist", "fashionmnist", "digits"):
@@ -304,7 +336,7 @@ def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = 
         name = b.name
         names = FASHION_MNIST_NAMES if key != "digits" else DIGIT_NAMES
     elif Path(dataset).is_dir():
-        xtr, ytr, xte, yte, names = _image_folder(Path(dataset), image_size or 32)
+        xtr, ytr, xte, yte, names = _image_folder(Path(dataset), image_size or 32, accelerator=accelerator)
         n = len(names)
         name = Path(dataset).name
     else:

@@ -545,7 +545,7 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
     dreambooth, text = isinstance(spec, DreamBoothSpec), isinstance(spec, TextFinetuneSpec)
     if not dreambooth:
         data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
-                                   spec.subset, seed=0)
+                                   spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
     base = _base_path(spec)
     model, meta = load_backbone(base, with_sid=False)
     if text != (model.kind == "text-unet"):
@@ -675,7 +675,7 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
     out = Path(out)
     spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
-                               spec.subset, seed=0)
+                               spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
     if spec.vae:  # encoded on the run's device, in shares by the processes (cached)
         with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device, accelerator=acc)
     torch.manual_seed(spec.train.seed)
