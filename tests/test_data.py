@@ -246,6 +246,10 @@ def test_loader_workers_fit_the_shared_memory_their_batches_pass_through(image_f
     err = capsys.readouterr().err
     assert "/dev/shm has 2.9 MB free" in err and "batches of 0.3 MB" in err and "using 3" in err and "--shm-size" in err
     assert b.loader("test", 100, num_workers=4, size=64).num_workers == 0  # 4 times the pixels: none fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share the space: half each
+    free = int((2 * 3 + 2) * batch / 0.8) * 2 + 2
+    monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda path: usage(free, 0, free))
+    assert b.loader("train", 100, num_workers=4).num_workers == 3 and "for each of 2 processes" in capsys.readouterr().err
     monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)))
     assert b.loader("train", 100, num_workers=4).num_workers == 4  # no such folder: as asked
 

@@ -793,6 +793,24 @@ def test_an_image_folder_is_decoded_by_loader_workers_in_the_folders_order(image
     assert d.train_labels.tolist() == [0] * 5 + [1] * 5 and d.class_names == ("circle", "square")
 
 
+def test_the_fine_tuning_read_takes_the_workers_shared_memory_serves(image_folder, monkeypatch, capsys):
+    from collections import namedtuple
+
+    import autoprog.data as data_mod
+    import autoprog.diffusion.data as ddata
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(data_mod, "default_workers", lambda reserve=1: 4)
+    monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda path: usage(10**5, 0, 10**5))  # 100 kB: no batch of 64 fits
+    taken = []
+    real = ddata.DataLoader
+    monkeypatch.setattr(ddata, "DataLoader", lambda *a, num_workers=0, **k: taken.append(num_workers) or
+                        real(*a, num_workers=num_workers, **k))
+    ddata._image_folder(image_folder, 16)
+    err = capsys.readouterr().err
+    assert taken == [0, 0] and "too little for 4 loader workers" in err and "--batch-size" not in err
+
+
 def test_an_image_folder_read_twice_in_a_process_is_decoded_once_while_held(image_folder, tmp_path, monkeypatch):
     """The evaluator's feature classifier reads the whole folder after the training data did: while the first
     tensors are alive and the files unchanged it gets them again instead of decoding every image a second time."""
@@ -804,11 +822,11 @@ def test_an_image_folder_read_twice_in_a_process_is_decoded_once_while_held(imag
     assert len(reads()) == 14
     again = load_diffusion_data(str(image_folder), classes=None, image_size=16)
     assert len(reads()) == 14 and again.train_images is first.train_images
-    load_diffusion_data(str(image_folder), classes=None, image_size=12)  # another size is another decode
-    assert len(reads()) == 28
     first = again = None
     gc.collect()
     load_diffusion_data(str(image_folder), classes=None, image_size=16)  # nothing held it: decoded again
+    assert len(reads()) == 28
+    load_diffusion_data(str(image_folder), classes=None, image_size=12)  # another size is another decode
     assert len(reads()) == 42
     held = load_diffusion_data(str(image_folder), classes=None, image_size=16)
     f = image_folder / "train" / "circle" / "1.png"

@@ -349,10 +349,10 @@ def test_every_ddp_wrapper_gets_the_accelerators_communication_hook(kind, tmp_pa
         assert res["hooks"] == [["fp16_compress_hook"]] * 7 and res["steps"] == [None] * 7
         return
     assert res["hooks"] == [["powerSGD_hook"]] * 7
-    # Accelerate's state ran steps 0-2; the second layer's wrapper starts at 3 (start_powerSGD_iter: it compresses
-    # at once), the first layer's at 4; the whole model's own state goes on at 3; the new stage's wrapper at 6, the
-    # steps run so far
-    assert res["steps"] == [0, 1, 2, 3, 4, 3, 6]
+    # each wrapper, new or reused, goes on from the steps the run has made: Accelerate's state ran steps 0-2, the
+    # second layer's wrapper starts at 3 (start_powerSGD_iter: it compresses at once), the first layer's at 4, the
+    # whole model's (reused) at 5, the new stage's wrapper at 6
+    assert res["steps"] == [0, 1, 2, 3, 4, 5, 6]
 
 
 LONE_LIBRARY_CALL = textwrap.dedent('''

@@ -565,3 +565,27 @@ def test_the_cli_waits_for_every_process_before_destroying_the_group_after_a_suc
     monkeypatch.setattr(cli, "_run", run)
     assert cli._main(["compare"]) == {"normally": 0, "failed": 2, "diverged": 3}[ends]
     assert group.calls == (["destroy"] if ends == "failed" else ["wait", "destroy"])
+
+
+def test_full_precision_finds_the_module_accelerate_patched_inside_a_wrapper():
+    """``engine.full_precision`` undoes Accelerate's autocast forward on the module it patched, also when handed a
+    DDP-like wrapper (``.module``) or torch.compile's (``._orig_mod``) around it, and puts it back after."""
+    from autoprog.engine import full_precision
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, name, inner):
+            super().__init__()
+            setattr(self, name, inner)
+
+    for name in ("module", "_orig_mod", None):
+        inner = torch.nn.Linear(2, 2)
+        own = inner.forward
+        inner._original_forward, inner.forward = own, lambda x: x  # as Accelerate's prepare_model under bf16
+        patched = inner.forward
+        outer = Wrapper(name, inner) if name else inner
+        with full_precision(outer) as m:
+            assert m is outer and inner.forward == own
+        assert inner.forward is patched
+    plain = torch.nn.Linear(2, 2)
+    with full_precision(plain):  # nothing patched: nothing changed
+        assert "forward" not in plain.__dict__

@@ -43,7 +43,7 @@ def compile_blocks(blocks, sizes: int) -> None:
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    cfg.cache_size_limit = max(cfg.cache_size_limit, 8 * sizes)
-    cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 8 * sizes * len(blocks))
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 12 * sizes)  # (the proxies run without autocast: more kinds)
+    cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 12 * sizes * len(blocks))
     for block in blocks:
         block.compile(backend=COMPILE_BACKEND, dynamic=False)

@@ -81,25 +81,30 @@ SHARED_MEMORY = "/dev/shm"  # where loader workers hand their batches to the tra
 PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetch_factor)
 
 
-def workers_for_shared_memory(workers: int, batch_bytes: int, prefetch: int = PREFETCH) -> int:
-    """``workers``, or as many as the free space of the shared-memory folder can serve: each worker hands
-    ``prefetch`` batches of about ``batch_bytes`` ahead through it (two more are on their way to the device), and
-    a worker that finds it full dies of a bus error mid-run. A container's default is 64 MB; a batch of 128
-    224-px images is 19 MB. Warns when it takes fewer; unchanged where there is no such folder."""
+def workers_for_shared_memory(workers: int, batch_bytes: int, prefetch: int = PREFETCH,
+                              advice: str = ", or lower --batch-size") -> int:
+    """``workers``, or as many as this process's part of the shared-memory folder's free space can serve (the
+    processes launched on this machine share it alike): each worker hands ``prefetch`` batches of about
+    ``batch_bytes`` ahead through it (two more are on their way to the device), and a worker that finds it full
+    dies of a bus error mid-run. A container's default is 64 MB; a batch of 128 224-px images is 19 MB. Warns
+    (ending with ``advice``) when it takes fewer; unchanged where there is no such folder."""
     if workers <= 0 or batch_bytes <= 0:
         return workers
     try:
         free = shutil.disk_usage(SHARED_MEMORY).free
     except OSError:  # not Linux
         return workers
-    fit = max(0, int((0.8 * free / batch_bytes - 2) // prefetch))
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    mine = free / per_node
+    fit = max(0, int((0.8 * mine / batch_bytes - 2) // prefetch))
     if fit >= workers:
         return workers
     from .errors import warn
 
-    warn(f"{SHARED_MEMORY} has {free / 2**20:.1f} MB free, too little for {workers} loader workers passing "
+    share = f" ({mine / 2**20:.1f} MB for each of {per_node} processes)" if per_node > 1 else ""
+    warn(f"{SHARED_MEMORY} has {free / 2**20:.1f} MB free{share}, too little for {workers} loader workers passing "
          f"batches of {batch_bytes / 2**20:.1f} MB ({prefetch} ahead each): using {fit} (give the machine or "
-         "container more shared memory, e.g. docker run --shm-size=8g, or lower --batch-size)")
+         f"container more shared memory, e.g. docker run --shm-size=8g{advice})")
     return fit
 
 

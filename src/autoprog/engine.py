@@ -57,6 +57,11 @@ class PreparedModel:
             wrapped = self._ddp() if key else self.module
             self._by_set[key] = wrapped
             self.built += 1
+        elif wrapped is not self.wrapped and id(wrapped) in self._power_states:  # its count goes on from the run's
+            state, start = self._power_states[id(wrapped)]
+            ran = state.iter - start
+            state.iter = self._power_steps()
+            self._power_states[id(wrapped)] = (state, state.iter - ran)
         self.wrapped = wrapped
         return wrapped
 
@@ -93,9 +98,9 @@ class PreparedModel:
 
     def _register_power_sgd(self, handler, wrapper: nn.Module) -> None:
         """Accelerate's PowerSGD hook (and compression wrapper, if any) on ``wrapper``, with a fresh state whose
-        step count goes on from the steps every earlier wrapper ran: compression starts after
-        ``start_powerSGD_iter`` steps of the run, not of each wrapper (a wrapper per stage or candidate would
-        otherwise never reach it)."""
+        step count goes on from the steps every wrapper ran (and so does a reused wrapper's, :meth:`current`):
+        compression starts after ``start_powerSGD_iter`` steps of the run, not of each wrapper (a wrapper per stage
+        or candidate would otherwise never reach it)."""
         from accelerate.utils import DDPCommunicationHookType as Hook
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
@@ -104,9 +109,13 @@ class PreparedModel:
         compress = {Hook.FP16: default_hooks.fp16_compress_wrapper,
                     Hook.BF16: default_hooks.bf16_compress_wrapper}.get(handler.comm_wrapper)
         state = powerSGD_hook.PowerSGDState(None, **handler.comm_state_option)
-        state.iter = self._power_done + sum(st.iter - start for st, start in self._power_states.values())
+        state.iter = self._power_steps()
         self._power_states[id(wrapper)] = (state, state.iter)
         wrapper.register_comm_hook(state=state, hook=compress(hook) if compress else hook)
+
+    def _power_steps(self) -> int:
+        """Steps the run's PowerSGD states have run, all wrappers together."""
+        return self._power_done + sum(st.iter - start for st, start in self._power_states.values())
 
     def _forget_power_states(self, keep: nn.Module | None = None) -> None:
         """Count the steps of the PowerSGD states of every wrapper but ``keep`` as done, and drop the states."""
@@ -133,14 +142,19 @@ def full_precision(module: nn.Module):
     """While inside: ``module``'s forward without the mixed-precision autocast Accelerate wrapped it in
     (``prepare_model`` replaces ``forward`` in place and keeps the original as ``_original_forward``): the zero-shot
     proxies are computed in fp32, as the official code computes them, whatever precision training runs in."""
-    patched, original = module.__dict__.get("forward"), module.__dict__.get("_original_forward")
+    inner = module
+    for _ in range(4):  # through a DDP wrapper (.module) or torch.compile's (._orig_mod) to the patched module
+        if "_original_forward" in inner.__dict__:
+            break
+        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None) or inner
+    patched, original = inner.__dict__.get("forward"), inner.__dict__.get("_original_forward")
     if patched is not None and original is not None:
-        module.forward = original
+        inner.forward = original
     try:
         yield module
     finally:
         if patched is not None and original is not None:
-            module.forward = patched
+            inner.forward = patched
 
 
 def release(acc, wrapped: nn.Module, module: nn.Module) -> None:

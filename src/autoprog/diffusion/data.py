@@ -266,7 +266,7 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None, accel
     else:
         if workers is None:  # the process itself only waits, so every core decodes
             workers = default_workers(reserve=0)
-        workers = workers_for_shared_memory(workers, DECODE_BATCH * 3 * image_size * image_size)
+        workers = workers_for_shared_memory(workers, DECODE_BATCH * 3 * image_size * image_size, advice="")
         workers = workers if workers > 1 else 0  # one worker is no faster than the process itself
         xtr, xte = (_decode_shares(ds, workers, image_size, accelerator, root) if shared
                     else _decode(ds, workers, image_size) for ds in splits)
@@ -304,11 +304,11 @@ def _decode_shares(ds, workers: int, image_size: int, acc, root: Path) -> torch.
     error = None
     try:
         mine = _decode(ds, workers, image_size, bounds[acc.process_index])
-    except DataError as e:  # told to the others before it is raised, so none waits in the gather below
+    except Exception as e:  # told to the others before it is raised, so none waits in the gather below
         error, mine = e, None
     if _count(acc, error is not None):
         raise error if error is not None else DataError(
-            f"another process could not read an image of its share of {root} (its message names the file)")
+            f"another process could not read its share of {root} (its message says why)")
     return gather_rows(acc, mine, [hi - lo for lo, hi in bounds], everywhere=True)
 
 

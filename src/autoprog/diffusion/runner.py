@@ -410,7 +410,7 @@ def run_evaluator(spec, data, acc):
     if acc.is_main_process:
         try:
             evaluator = build_evaluator(spec, data, acc.device, log=acc.print)
-        except Exception as e:  # told to the others, then raised here
+        except BaseException as e:  # (an interrupt too) told to the others, then raised here
             error = e
     told = broadcast(acc, {"error": None if error is None else (isinstance(error, AutoprogError), one_line(error)),
                            "headline": getattr(evaluator, "headline", "fd"),
