@@ -762,3 +762,18 @@ def test_the_zero_shot_proxies_run_in_fp32_when_training_runs_in_bf16(base, fake
     finetune(spec, tmp_path / "run", accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
     assert seen["proxy"] and not any(seen["proxy"]), "the proxies ran under autocast"
     assert seen["other"] and all(seen["other"]), "training ran in bf16"
+
+
+def test_an_interrupt_while_the_main_process_builds_the_evaluator_is_told_to_the_others(monkeypatch):
+    import autoprog.diffusion.runner as runner
+
+    told = []
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "build_evaluator", interrupted)
+    monkeypatch.setattr(runner, "broadcast", lambda acc, obj: told.append(obj) or told[0])
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_evaluator(None, None, _Roles(main=True))
+    assert told[0]["error"] == (False, "KeyboardInterrupt")  # the others stop too, instead of waiting
