@@ -793,6 +793,22 @@ def test_an_image_folder_is_decoded_by_loader_workers_in_the_folders_order(image
     assert d.train_labels.tolist() == [0] * 5 + [1] * 5 and d.class_names == ("circle", "square")
 
 
+def test_a_share_of_an_image_folder_is_its_rows_in_order_and_may_be_empty(image_folder):
+    """What each process decodes of a split under several processes (``_decode``'s rows): its rows of the whole
+    read, in order; a share of none (more processes than images) is an empty batch of the right shape."""
+    from torchvision import transforms
+
+    import autoprog.diffusion.data as ddata
+    from autoprog.data import image_folder as folder_of
+
+    tf = transforms.Compose([transforms.Resize(16), transforms.CenterCrop(16), transforms.PILToTensor()])
+    ds = folder_of(image_folder, image_folder / "train", tf)
+    whole = ddata._decode(ds, 0, 16)
+    assert whole.shape == (10, 3, 16, 16) and whole.dtype == torch.uint8
+    assert torch.equal(torch.cat([ddata._decode(ds, 0, 16, (lo, hi)) for lo, hi in ((0, 3), (3, 3), (3, 10))]), whole)
+    assert ddata._decode(ds, 0, 16, (3, 3)).shape == (0, 3, 16, 16)
+
+
 def test_the_fine_tuning_read_takes_the_workers_shared_memory_serves(image_folder, monkeypatch, capsys):
     from collections import namedtuple
 
