@@ -589,3 +589,45 @@ def test_full_precision_finds_the_module_accelerate_patched_inside_a_wrapper():
     plain = torch.nn.Linear(2, 2)
     with full_precision(plain):  # nothing patched: nothing changed
         assert "forward" not in plain.__dict__
+
+
+class _Event:
+    """A CUDA event's stand-in: recorded at ``ms`` milliseconds of device time."""
+
+    def __init__(self, ms):
+        self.ms, self.waited = ms, False
+
+    def synchronize(self):
+        self.waited = True
+
+    def elapsed_time(self, end):
+        return end.ms - self.ms
+
+
+def test_a_segments_step_times_on_a_gpu_are_the_devices_between_the_marked_steps(monkeypatch, fresh_accelerate):
+    """On a GPU a step's host time is the time to queue it; the step times a point records come from the CUDA
+    events marked before each step, read once at the segment's end (a step split by a measurement is left out);
+    on the CPU they are the host clock's."""
+    from autoprog.steptime import StepMark
+
+    t = _OneLayer("no")
+    seg = {"step_times": [0.01, 0.01, 0.01]}
+    assert t.step_seconds(seg) == [0.01, 0.01, 0.01]  # no marks (the CPU): the clock's
+    end = StepMark(9.0, 1, _Event(1000.0))
+    monkeypatch.setattr(type(t), "step_marks", property(lambda self: type("M", (), {"mark": lambda s: end})()))
+    seg["marks"] = [StepMark(0.0, 0, _Event(0.0)), StepMark(0.1, 0, _Event(250.0)),  # a measurement came after
+                    StepMark(0.2, 1, _Event(700.0))]                                # this one: a new stretch
+    assert t.step_seconds(seg) == [0.25, 0.3] and end.event.waited
+
+
+def test_pretraining_records_the_segments_step_times_as_step_seconds_gives_them(cli, fake_fmnist, tmp_path,
+                                                                                 monkeypatch):
+    import json
+
+    from autoprog.classification.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "step_seconds", lambda self, seg: [0.7, 0.2, 0.4])
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "r", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0, err
+    curve = json.loads((tmp_path / "r" / "results.json").read_text())["epochs"]
+    assert [p["step_time_median_s"] for p in curve] == [0.4]

@@ -354,6 +354,8 @@ class RunTemplate:
     def _train_one(self, batch, seg: dict):
         """One optimizer step, with the controller driven around it; returns the detached loss."""
         t0 = time.perf_counter()
+        if self.acc.device.type == "cuda":  # the device's step times, read once per segment (step_seconds)
+            seg.setdefault("marks", []).append(self.step_marks.mark())
         self._enter_due_stage()
         loss = self._train_step(batch)
         seg["loss_sum"] += loss
@@ -443,6 +445,16 @@ class RunTemplate:
                          "loss_sum": torch.tensor(mine.get("loss_sum", 0.0), device=self.acc.device),
                          "loss_n": mine.get("loss_n", 0)}
         return self._segment, mine
+
+    def step_seconds(self, seg: dict) -> list[float]:
+        """The segment's step times: on a GPU the device's, between CUDA events marked before each step (read here,
+        one wait for the last; a step a measurement or evaluation interrupted is left out), else the host clock's
+        per step (on a GPU that would be the time to queue a step, not to run it)."""
+        marks = seg.get("marks")
+        if not marks:
+            return list(seg["step_times"])
+        ends = [*marks[1:], self.step_marks.mark()]
+        return [t for t in (a.seconds_to(b) for a, b in zip(marks, ends)) if t is not None]
 
     def _own_share(self, part: dict) -> dict:
         """This process's share of a checkpointed segment ({} at a segment's start)."""

@@ -518,7 +518,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.epoch += 1
         if self.budget_plan is not None:
             self._replan()
-        steps, epoch_time, times = self.step - seg["start_step"], seg["time_s"], sorted(seg["step_times"])
+        steps, epoch_time, times = self.step - seg["start_step"], seg["time_s"], sorted(self.step_seconds(seg))
         return {
             "epoch": self.epoch, "step": self.step, "stage": self.stage + 1,
             "resolution": self.net.subnet.resolution, "depth": self.net.subnet.depth,
