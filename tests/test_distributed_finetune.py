@@ -441,8 +441,17 @@ FOLDER_DRIVER = textwrap.dedent('''
         error = None
     except DataError as e:
         error = str(e)
+    # a file gone while process 1 lists the folder: both stop, neither waiting for the other
+    data_mod.read_image = real
+    if acc.process_index == 1:
+        ddata._manifest = lambda splits: (_ for _ in ()).throw(FileNotFoundError(f"{bad}: gone"))
+    try:
+        ddata.load_diffusion_data(folder, classes=None, image_size=16, accelerator=acc)
+        listing = None
+    except (DataError, OSError) as e:
+        listing = f"{type(e).__name__}: {e}"
     with open(f"{out}/rank{acc.process_index}.json", "w") as f:
-        json.dump({"reads": first_reads, "again": again_reads, "same": same, "error": error}, f)
+        json.dump({"reads": first_reads, "again": again_reads, "same": same, "error": error, "listing": listing}, f)
     end_processes(acc)
     leave_process(0)
 ''')
@@ -451,7 +460,8 @@ FOLDER_DRIVER = textwrap.dedent('''
 def test_an_image_folder_is_decoded_in_shares_by_the_processes(image_folder, tmp_path):
     """Fine-tuning on an ImageFolder under two processes: each decodes half of each split (5 of 10 training, 2 of
     4 validation images) and both hold every image, equal to one process's read; a second read while held decodes
-    nothing; an unreadable image in one process's share stops both with a DataError."""
+    nothing; an unreadable image in one process's share, or a file gone while one process lists the folder, stops
+    both."""
     driver = tmp_path / "folder_driver.py"
     driver.write_text(FOLDER_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
@@ -464,3 +474,4 @@ def test_an_image_folder_is_decoded_in_shares_by_the_processes(image_folder, tmp
         assert r["again"] == 0 and r["same"]
     assert not set(ranks[0]["reads"]) & set(ranks[1]["reads"])
     assert "cannot read image" in ranks[1]["error"] and "another process could not read" in ranks[0]["error"]
+    assert ranks[1]["listing"].startswith("FileNotFoundError") and "another process could not list" in ranks[0]["listing"]

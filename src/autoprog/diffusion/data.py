@@ -252,15 +252,25 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None, accel
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
-    splits = [image_folder(root, d, tf) for d in (root / "train", test_dir)]
-    if splits[0].classes != splits[1].classes:
-        raise DataError(f"{root}/train and {test_dir} have different class folders")
-    key = (str(root.resolve()), image_size, _manifest(splits))
-    held = [ref() for ref in _DECODED.get(key, ())]
     shared = accelerator is not None and accelerator.num_processes > 1
+    error = held = None
+    try:
+        splits = [image_folder(root, d, tf) for d in (root / "train", test_dir)]
+        if splits[0].classes != splits[1].classes:
+            raise DataError(f"{root}/train and {test_dir} have different class folders")
+        key = (str(root.resolve()), image_size, _manifest(splits))  # (a file may vanish while it is listed)
+        held = [ref() for ref in _DECODED.get(key, ())]
+    except Exception as e:
+        if not shared:
+            raise
+        error = e
     hit = bool(held) and all(t is not None for t in held)
-    if shared:  # every process decodes, or none: the decoding's collectives must be reached by all
-        hit = _count(accelerator, not hit) == 0
+    if shared:  # every process lists the folder, then decodes, or none does: all reach the same collectives
+        failed, misses = _counts(accelerator, error is not None, not hit)
+        if failed:
+            raise error if error is not None else DataError(
+                f"another process could not list {root} (its message says why)")
+        hit = misses == 0
     if hit:
         xtr, ytr, xte, yte = held
     else:
@@ -306,15 +316,16 @@ def _decode_shares(ds, workers: int, image_size: int, acc, root: Path) -> torch.
         mine = _decode(ds, workers, image_size, bounds[acc.process_index])
     except Exception as e:  # told to the others before it is raised, so none waits in the gather below
         error, mine = e, None
-    if _count(acc, error is not None):
+    if _counts(acc, error is not None)[0]:
         raise error if error is not None else DataError(
             f"another process could not read its share of {root} (its message says why)")
     return gather_rows(acc, mine, [hi - lo for lo, hi in bounds], everywhere=True)
 
 
-def _count(acc, flag: bool) -> int:
-    """How many processes raise ``flag``."""
-    return int(acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum").item())
+def _counts(acc, *flags: bool) -> list[int]:
+    """How many processes raise each of ``flags`` (one reduction)."""
+    total = acc.reduce(torch.tensor([float(f) for f in flags], device=acc.device), reduction="sum")
+    return [int(v) for v in total.tolist()]
 
 
 def _stack(items):
