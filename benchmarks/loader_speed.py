@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workers", type=int, default=None, help="the new loader's workers (default: autoprog's)")
+    p.add_argument("--stage-resolution", type=int, default=None,
+                   help="the new loader crops at this side, as at a stage of that resolution (needs --model none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model trained on each batch in the second "
                                                                     "measurement ('none': only the first)")
@@ -99,6 +101,10 @@ def main(argv=None) -> dict:
         root = make_folder(Path(tmp) / "jpegs", a.images, a.size)
         bundle = load_image_folder(root, a.size)
         sampler = bundle.epoch_sampler(seed=0)
+        if a.stage_resolution:
+            if a.model != "none":
+                raise SystemExit("--stage-resolution needs --model none (the model's step is at --size)")
+            sampler.resolution = a.stage_resolution
         new = bundle.loader("train", a.batch_size, drop_last=True, num_workers=workers,
                             pin_memory=device.type == "cuda", sampler=sampler)
         for what, step in steps.items():

@@ -81,14 +81,15 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     from autoprog.classification.adareg import AdaptiveRegularization
     from autoprog.data import SeededSamples
 
-    seen, magnitudes = [], []
+    seen, magnitudes, sides = [], [], []
     real_get = SeededSamples.__getitem__
 
     def recorded(self, item):
         if isinstance(item, tuple):
-            seen.append(item[2] if len(item) == 3 else None)
+            seen.append(item[2] if len(item) >= 3 else None)
             out = real_get(self, item)
             magnitudes.append({op.magnitude for op in self.randaugment.ops})
+            sides.append((item[3] if len(item) == 4 else None, tuple(out[0].shape[-2:])))
             return out
         return real_get(self, item)
 
@@ -106,6 +107,11 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     first, last = set(seen[:per_epoch]), set(seen[per_epoch:])
     assert len(first) == 1 and len(last) == 1 and min(first) < max(last) == 9.0  # the full model: Table 14's max
     assert all(m == {s} for m, s in zip(magnitudes, seen))  # the workers' operations at the magnitude sent
+    # and each image cropped at its stage's resolution, sent with it (the official code's loader per stage)
+    first_sides, last_sides = set(sides[:per_epoch]), set(sides[per_epoch:])
+    assert len(first_sides) == 1 and last_sides == {(32, (32, 32))}
+    (side, shape), = first_sides
+    assert side < 32 and shape == (side, side)
 
 
 def test_adareg_on_a_subset_of_decoded_images_resumes_from_an_epochs_last_step_identical(cli, image_folder, tmp_path,

@@ -468,3 +468,36 @@ def test_image_folder_test_images_at_another_size(image_folder):
     assert tuple(next(iter(b.loader("test", 4)))[0].shape[-2:]) == (16, 16)
     mem = load_digits()
     assert mem.test_at(24) is mem.test, "in-memory images are resized by the model"
+
+
+@pytest.mark.parametrize("where", ["stage", "full"])
+def test_decoded_training_images_are_cropped_at_the_stages_resolution_in_the_workers(where, cli, image_folder,
+                                                                                     tmp_path, monkeypatch):
+    """As the official code builds its training loader at each stage's resolution, the loader workers crop ImageFolder
+    images at the stage's side (``--loader-resolution stage``, the default); ``full`` crops at the training size and
+    the model resizes on the device. The model sees the stage's resolution either way."""
+    from autoprog.classification.trainer import Trainer
+
+    batches, inputs = [], []
+    real_step = Trainer._train_step
+
+    def recorded(self, batch):
+        batches.append(tuple(batch[0].shape[-2:]))
+        hook = self.net.register_forward_pre_hook(lambda m, a: inputs.append(self.net.subnet.resolution))
+        try:
+            return real_step(self, batch)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(Trainer, "_train_step", recorded)
+    rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", tmp_path / "r", "--subset", "0", "--batch-size",
+                     "4", "--epochs", "2", "--num-stages", "2", "--method", "prog", "--embed-dim", "16", "--depth", "4",
+                     "--num-heads", "2", "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu",
+                     "--loader-resolution", where)
+    assert rc == 0, err
+    half = len(batches) // 2  # 2 steps an epoch, one epoch a stage
+    assert inputs[:half] != inputs[half:] and inputs[half:] == [32] * half
+    if where == "stage":
+        assert batches == [(r, r) for r in inputs]
+    else:
+        assert batches == [(32, 32)] * len(batches)

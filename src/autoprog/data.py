@@ -115,13 +115,16 @@ class EpochSampler(Sampler):
     for its workers' seed first), so runs from before the loader was built once replay exactly. ``keyed``:
     yield ``(epoch key, index)`` pairs, which :class:`SeededSamples` turns into per-image random transforms;
     with a :attr:`magnitude` set, ``(epoch key, index, magnitude)``: the loader workers' RandAugment magnitude
-    for the epoch (AdaReg's, by the sub-network's size), read when the epoch's iteration begins.
+    for the epoch (AdaReg's, by the sub-network's size); with a :attr:`resolution` set, ``(epoch key, index,
+    magnitude or None, resolution)``: the side the workers crop the epoch's images to (the stage's). Both are read
+    when the epoch's iteration begins.
     """
 
     def __init__(self, size: int, seed: int, keyed: bool = False):
         self.size, self.seed, self.keyed = size, seed, keyed
         self.epoch, self.skip = 0, 0
         self.magnitude: float | None = None
+        self.resolution: int | None = None
 
     def begin_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next iteration is ``epoch``'s order without its first ``skip`` items (already trained)."""
@@ -137,7 +140,9 @@ class EpochSampler(Sampler):
         order = torch.randperm(self.size, generator=g)[self.skip:].tolist()
         if not self.keyed:
             return iter(order)
-        m = self.magnitude
+        m, r = self.magnitude, self.resolution
+        if r is not None:
+            return ((key, i, m, r) for i in order)
         return ((key, i) for i in order) if m is None else ((key, i, m) for i in order)
 
 
@@ -145,10 +150,13 @@ class SeededSamples(Dataset):
     """A dataset whose random transforms are seeded per image: item ``(key, i)`` is image ``i`` transformed with
     torch's, Python's and numpy's random numbers seeded from ``key`` and ``i`` (the caller's random state
     untouched), whichever worker reads it; a plain index reads the image as the dataset would. Item
-    ``(key, i, magnitude)`` first sets ``randaugment``'s operations to ``magnitude`` (AdaReg's)."""
+    ``(key, i, magnitude)`` first sets ``randaugment``'s operations to ``magnitude`` (AdaReg's); item ``(key, i,
+    magnitude or None, resolution)`` also sets the random crop's output side (``crop``; an item without one crops
+    at the side ``crop`` was made with)."""
 
-    def __init__(self, dataset: Dataset, randaugment=None):
-        self.dataset, self.randaugment = dataset, randaugment
+    def __init__(self, dataset: Dataset, randaugment=None, crop=None):
+        self.dataset, self.randaugment, self.crop = dataset, randaugment, crop
+        self.full_size = tuple(crop.size) if crop is not None else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -157,11 +165,15 @@ class SeededSamples(Dataset):
         if not isinstance(item, tuple):
             return self.dataset[item]
         key, i = item[:2]
-        if len(item) == 3:
+        if len(item) >= 3 and item[2] is not None:
             if self.randaugment is None:
                 raise ValueError("a RandAugment magnitude for a dataset without an adjustable RandAugment")
             for op in self.randaugment.ops:
                 op.magnitude = item[2]
+        if self.crop is not None:
+            self.crop.size = (item[3], item[3]) if len(item) == 4 else self.full_size
+        elif len(item) == 4:
+            raise ValueError("a crop resolution for a dataset without a random crop")
         seed = (key * 1_000_003 + i) % (2**63 - 1)
         if torch.utils.data.get_worker_info() is not None:  # a worker's streams serve nothing else
             _seed_all(seed)
@@ -239,7 +251,8 @@ class DataBundle:
         if limit is not None:
             ds = _take(ds, min(limit, len(ds)), seed=1234)
         if sampler is not None and getattr(sampler, "keyed", False):
-            ds = SeededSamples(ds, self.worker_randaugment if split == "train" else None)
+            train = split == "train"
+            ds = SeededSamples(ds, self.worker_randaugment if train else None, self.worker_crop if train else None)
         kw = dict(batch_size=batch_size, drop_last=drop_last, sampler=sampler, shuffle=shuffle and sampler is None,
                   generator=torch.Generator().manual_seed(seed),  # the loader's own draws leave torch's stream alone
                   pin_memory=pin_memory and self.device.type == "cpu")
@@ -248,6 +261,18 @@ class DataBundle:
         side = size or self.image_size
         num_workers = workers_for_shared_memory(num_workers, batch_size * self.in_chans * side * side)
         return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
+
+    @property
+    def worker_crop(self):
+        """Decoded data: the training images' random crop in the loader workers (its output side can follow the
+        stage, :class:`EpochSampler`'s ``resolution``); None for in-memory data."""
+        ds = self.train
+        while isinstance(ds, torch.utils.data.Subset):
+            ds = ds.dataset
+        steps = getattr(getattr(ds, "transform", None), "transforms", ())
+        from torchvision import transforms
+
+        return next((t for t in steps if isinstance(t, transforms.RandomResizedCrop)), None)
 
     @property
     def device(self) -> torch.device:

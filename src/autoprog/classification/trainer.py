@@ -103,6 +103,10 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                            "Fashion-MNIST and digits need none: they stay on the device (with "
                                            "--randaugment or --adareg on the host, each batch copied after it)",
                                      flag="--workers", minimum=0, group="data", show_default=False)
+    loader_resolution: str = option("stage", "ImageFolder data: the side the loader workers crop training images "
+                                    "to: the stage's resolution, as the official code builds its loader per stage "
+                                    "(stage), or the training size, resized to the stage's on the device (full)",
+                                    choices=("stage", "full"), group="data")
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
                                                  "with --resume)", minimum=1, show_default=False)
@@ -501,10 +505,12 @@ class Trainer(GrowthCalls, RunTemplate):
         self._gen.manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
         trained = (self.step - start_step) * self.global_batch if share else 0  # skipped unread
         self.sampler.begin_epoch(self.epoch, skip=trained)
-        if self.data.worker_randaugment is not None:  # AdaReg's magnitude of the stage goes with the samples
+        stage_crops = self.cfg.loader_resolution == "stage" and self.data.worker_crop is not None
+        if self.data.worker_randaugment is not None or stage_crops:  # the stage's settings go with the samples
             if self.step < self.total_steps and not self._point_due(self._segment):
                 self._enter_due_stage(step_subnet=False)  # stages begin at epochs: before the workers read ahead
             self.sampler.magnitude = self._stage_magnitude
+            self.sampler.resolution = self.net.subnet.resolution if stage_crops else None
         batches = iter(self.train_loader)  # (the workers start reading ahead here)
         if share:
             self._restore_rngs(share, self._gen)
