@@ -101,7 +101,8 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     out = tmp_path / "run"
     rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", out, "--subset", "0", "--batch-size", "4",
                      "--epochs", "2", "--num-stages", "2", "--method", "prog", "--adareg", "--embed-dim", "16",
-                     "--depth", "4", "--num-heads", "2", "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu")
+                     "--depth", "4", "--num-heads", "2", "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu",
+                     "--loader-resolution", "stage")
     assert rc == 0, err
     per_epoch = len(seen) // 2  # 10 training images, each read once an epoch
     first, last = set(seen[:per_epoch]), set(seen[per_epoch:])
@@ -109,7 +110,7 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     assert all(m == {s} for m, s in zip(magnitudes, seen))  # the workers' operations at the magnitude sent
     # and each image cropped at its stage's resolution, sent with it (the official code's loader per stage)
     first_sides, last_sides = set(sides[:per_epoch]), set(sides[per_epoch:])
-    assert len(first_sides) == 1 and last_sides == {(32, (32, 32))}
+    assert len(first_sides) == 1 and last_sides == {(None, (32, 32))}  # the training size: sent as none
     (side, shape), = first_sides
     assert side < 32 and shape == (side, side)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 from pathlib import Path
@@ -501,3 +502,63 @@ def test_decoded_training_images_are_cropped_at_the_stages_resolution_in_the_wor
         assert batches == [(r, r) for r in inputs]
     else:
         assert batches == [(32, 32)] * len(batches)
+
+
+def test_stage_crops_resume_a_checkpoint_at_a_stages_end_within_an_epoch_identical(cli, image_folder, tmp_path,
+                                                                                  monkeypatch):
+    """Stages here begin within epochs (at steps 3 and 5 of 8, 4 an epoch), where a checkpoint is taken. Resumed
+    from one, the epoch's samples carry the side and magnitude the epoch began with, and the due stage is entered
+    at its step, as in the uninterrupted run (entered early, AutoProg-Zero's search drew from a random stream that
+    the restored one then replaced): the same weights."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from autoprog.classification.trainer import Trainer
+
+    args = ["--dataset", image_folder, "--subset", "8", "--batch-size", "2", "--epochs", "2", "--num-stages", "3",
+            "--method", "autoprog-zero", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size", "4",
+            "--workers", "0", "--no-flops", "--cpu", "--loader-resolution", "stage", "--time-source", "flops",
+            "--proxy-batches", "2", "--proxy-batch-size", "2"]
+    rc, _, err = cli("pretrain", "--out", tmp_path / "full", *args)
+    assert rc == 0, err
+    starts = [s["step"] for s in json.loads((tmp_path / "full" / "results.json").read_text())["stages"]]
+    assert starts == [0, 3, 5]
+    step = Trainer._train_step
+
+    def ctrl_c(self, batch):
+        if self.step == 2:  # stage 1's last step: the checkpoint is stage 2's start, within epoch 1
+            signal.raise_signal(signal.SIGINT)
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
+    rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
+    assert rc == 130 and "interrupted at step 3" in err, err
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    rc, _, err = cli("pretrain", "--resume", tmp_path / "run", "--cpu")
+    assert rc == 0, err
+    a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("run", "full"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_an_epochs_crop_side_is_never_smaller_than_a_step_of_it_trains_at():
+    """``--loader-resolution stage``: the running stage's side as it was entered (a supernet phase's largest
+    candidate's); with a later stage beginning within the epoch, the largest side decided for it, or the training
+    size (None) while it is not decided; the training size is sent as None."""
+    from types import SimpleNamespace
+
+    from autoprog.classification.trainer import Trainer
+    from autoprog.space import SubNet
+
+    chosen = {1: SubNet(24, 3)}
+    t = SimpleNamespace(_stage_resolution=16, net=SimpleNamespace(subnet=SubNet(20, 2)), steps_per_epoch=4,
+                        data=SimpleNamespace(image_size=32),
+                        controller=SimpleNamespace(stage_starts=lambda: [0, 6, 9], decided=chosen.get))
+    side = Trainer._epoch_crop_side
+    assert side(t, 0) == 16  # steps 0-3: stage 1 alone, at the side it entered with (not the last candidate's 20)
+    assert side(t, 4) == 24  # steps 4-7: stage 2 begins at 6 and is decided
+    assert side(t, 8) is None  # steps 8-11: stage 3 begins at 9, not decided yet: the training size
+    chosen[2] = SubNet(32, 4)
+    assert side(t, 8) is None  # decided at the training size: sent as none
+    t._stage_resolution = None  # (a checkpoint from before the stage's side was kept)
+    assert side(t, 0) == 20

@@ -103,10 +103,11 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                            "Fashion-MNIST and digits need none: they stay on the device (with "
                                            "--randaugment or --adareg on the host, each batch copied after it)",
                                      flag="--workers", minimum=0, group="data", show_default=False)
-    loader_resolution: str = option("stage", "ImageFolder data: the side the loader workers crop training images "
-                                    "to: the stage's resolution, as the official code builds its loader per stage "
-                                    "(stage), or the training size, resized to the stage's on the device (full)",
-                                    choices=("stage", "full"), group="data")
+    loader_resolution: str = option("full", "ImageFolder data: the side the loader workers crop training images "
+                                    "to: the training size, resized to the stage's on the device (full), or the "
+                                    "stage's, as the official code builds its loader per stage (stage; an epoch in "
+                                    "which a later stage begins is cropped at the largest side known for it)",
+                                    choices=("full", "stage"), group="data")
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
                                                  "with --resume)", minimum=1, show_default=False)
@@ -156,6 +157,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.controller = schedule
         self.adareg = adareg  # optional AdaptiveRegularization, re-set whenever the sub-network changes
         self._stage_magnitude: float | None = None  # AdaReg's RandAugment magnitude for the running stage
+        self._stage_resolution: int | None = None  # the running stage's side as it was entered
         if adareg is not None and not data.in_memory:  # decoded images: its RandAugment in the loader workers
             data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans))
         self.recipe = TrainingRecipe(cfg, data.num_classes, data.in_memory, data.image_size, data.mean)
@@ -506,15 +508,32 @@ class Trainer(GrowthCalls, RunTemplate):
         trained = (self.step - start_step) * self.global_batch if share else 0  # skipped unread
         self.sampler.begin_epoch(self.epoch, skip=trained)
         stage_crops = self.cfg.loader_resolution == "stage" and self.data.worker_crop is not None
-        if self.data.worker_randaugment is not None or stage_crops:  # the stage's settings go with the samples
+        if share and "epoch_sampler" in share:  # a resumed epoch: the settings it began with
+            self.sampler.magnitude, self.sampler.resolution = share["epoch_sampler"]
+        elif self.data.worker_randaugment is not None or stage_crops:  # the stage's settings go with the samples
             if self.step < self.total_steps and not self._point_due(self._segment):
                 self._enter_due_stage(step_subnet=False)  # stages begin at epochs: before the workers read ahead
             self.sampler.magnitude = self._stage_magnitude
-            self.sampler.resolution = self.net.subnet.resolution if stage_crops else None
+            self.sampler.resolution = self._epoch_crop_side(start_step) if stage_crops else None
         batches = iter(self.train_loader)  # (the workers start reading ahead here)
         if share:
             self._restore_rngs(share, self._gen)
         return batches
+
+    def _epoch_crop_side(self, start_step: int) -> int | None:
+        """The side the loader workers crop the epoch beginning at ``start_step`` to (``--loader-resolution stage``):
+        the running stage's as it was entered (a supernet phase: its largest candidate's); if later stages begin
+        within the epoch, the largest of theirs, or the training size (None) while one is not decided yet; never
+        more than the data's own size. So no training image is cropped smaller than its step's resolution."""
+        side = self._stage_resolution or self.net.subnet.resolution
+        end = start_step + self.steps_per_epoch
+        for k, start in enumerate(self.controller.stage_starts()):
+            if start_step < start < end:
+                later = self.controller.decided(k)
+                if later is None:
+                    return None
+                side = max(side, later.resolution)
+        return None if side >= self.data.image_size else side
 
     def _point_due(self, seg: dict | None) -> bool:
         return seg is not None and (self.step - seg["start_step"] >= self.steps_per_epoch
@@ -560,7 +579,9 @@ class Trainer(GrowthCalls, RunTemplate):
         states = {"python": _jsonable(random.getstate()), "generator": self._gen.get_state().tolist(),
                   "generator_device": self._gen.device.type,
                   "torch": torch.get_rng_state().tolist(),
-                  "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+                  "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                  # what the epoch's samples carry (AdaReg's magnitude, the crops' side), as the epoch began
+                  "epoch_sampler": [self.sampler.magnitude, self.sampler.resolution]}
         if torch.cuda.is_available() and self.acc.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.acc.device).tolist()
         return states
@@ -644,13 +665,15 @@ class Trainer(GrowthCalls, RunTemplate):
         return self.ema.module
 
     def _stage_entered(self, k: int) -> None:
+        self._stage_resolution = self.net.subnet.resolution  # (a supernet phase: its largest candidate's)
         if self.adareg is not None:  # decoded data's RandAugment magnitude: the stage's, as it enters (a supernet
             self._stage_magnitude = self.adareg.settings.randaug_magnitude  # phase: its largest candidate's)
 
     def _task_state(self) -> dict:
         return {"epoch": self.epoch, "subnet": self.net.subnet.to_dict(), "gated_blocks": self.net.gated_blocks(),
                 "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],
-                "block_segments": segment_sizes(self.net), "stage_magnitude": self._stage_magnitude}
+                "block_segments": segment_sizes(self.net), "stage_magnitude": self._stage_magnitude,
+                "stage_resolution": self._stage_resolution}
 
     def _load_weights(self, state: dict, weights: dict, ema: dict | None) -> None:
         self._set_gates(state["gated_blocks"])
@@ -668,6 +691,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self._rewrap_if_needed()
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
         self._stage_magnitude = state.get("stage_magnitude")  # (checkpoints before 2026-12-06 have none)
+        self._stage_resolution = state.get("stage_resolution")
         if self.budget_plan is not None:
             self._moved_end(self.total_steps)
 
