@@ -443,6 +443,7 @@ FOLDER_DRIVER = textwrap.dedent('''
         error = str(e)
     # a file gone while process 1 lists the folder: both stop, neither waiting for the other
     data_mod.read_image = real
+    real_manifest = ddata._manifest
     if acc.process_index == 1:
         ddata._manifest = lambda splits: (_ for _ in ()).throw(FileNotFoundError(f"{bad}: gone"))
     try:
@@ -450,8 +451,16 @@ FOLDER_DRIVER = textwrap.dedent('''
         listing = None
     except (DataError, OSError) as e:
         listing = f"{type(e).__name__}: {e}"
+    # process 1 sees one training image fewer (the folder changed while it was listed): both stop
+    ddata._manifest = real_manifest if acc.process_index == 0 else lambda splits: "another list"
+    try:
+        ddata.load_diffusion_data(folder, classes=None, image_size=16, accelerator=acc)
+        apart = None
+    except DataError as e:
+        apart = str(e)
     with open(f"{out}/rank{acc.process_index}.json", "w") as f:
-        json.dump({"reads": first_reads, "again": again_reads, "same": same, "error": error, "listing": listing}, f)
+        json.dump({"reads": first_reads, "again": again_reads, "same": same, "error": error, "listing": listing,
+                   "apart": apart}, f)
     end_processes(acc)
     leave_process(0)
 ''')
@@ -460,8 +469,8 @@ FOLDER_DRIVER = textwrap.dedent('''
 def test_an_image_folder_is_decoded_in_shares_by_the_processes(image_folder, tmp_path):
     """Fine-tuning on an ImageFolder under two processes: each decodes half of each split (5 of 10 training, 2 of
     4 validation images) and both hold every image, equal to one process's read; a second read while held decodes
-    nothing; an unreadable image in one process's share, or a file gone while one process lists the folder, stops
-    both."""
+    nothing; an unreadable image in one process's share, a file gone while one process lists the folder, or
+    processes that list different files, stop both."""
     driver = tmp_path / "folder_driver.py"
     driver.write_text(FOLDER_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
@@ -475,3 +484,4 @@ def test_an_image_folder_is_decoded_in_shares_by_the_processes(image_folder, tmp
     assert not set(ranks[0]["reads"]) & set(ranks[1]["reads"])
     assert "cannot read image" in ranks[1]["error"] and "another process could not read" in ranks[0]["error"]
     assert ranks[1]["listing"].startswith("FileNotFoundError") and "another process could not list" in ranks[0]["listing"]
+    assert all("the processes see different files" in r["apart"] for r in ranks)

@@ -618,6 +618,12 @@ def test_a_segments_step_times_on_a_gpu_are_the_devices_between_the_marked_steps
     seg["marks"] = [StepMark(0.0, 0, _Event(0.0)), StepMark(0.1, 0, _Event(250.0)),  # a measurement came after
                     StepMark(0.2, 1, _Event(700.0))]                                # this one: a new stretch
     assert t.step_seconds(seg) == [0.25, 0.3] and end.event.waited
+    seg["end_mark"] = StepMark(0.3, 1, _Event(800.0))  # marked as the segment's steps ended, before anything else
+    assert t.step_seconds(seg) == [0.25, 0.1]
+    from autoprog.classification.trainer import Trainer
+    from autoprog.diffusion.trainer import DiffusionTrainer
+
+    assert Trainer.records_step_times and not DiffusionTrainer.records_step_times  # no events a task never reads
 
 
 def test_pretraining_records_the_segments_step_times_as_step_seconds_gives_them(cli, fake_fmnist, tmp_path,

@@ -216,6 +216,7 @@ class RunTemplate:
 
     prepared: PreparedModel  # set by the task's trainer: ``self.prepared = PreparedModel(acc, model)``
     history_key = "curve"  # results.json's name for the evaluation points
+    records_step_times = False  # whether an evaluation point records its steps' times (:meth:`step_seconds`)
     point_name = "step"  # what an evaluation point is called in the progress bar and messages
 
     def _init_run_state(self) -> None:
@@ -341,6 +342,8 @@ class RunTemplate:
                                              or self._stage_ends_here()):
                 self._checkpoint_now()
                 self._start_clock()
+        if seg.get("marks"):  # the last step's end, before anything else is queued or timed
+            seg["end_mark"] = self.step_marks.mark()
         bar.close()
         self._stop_clock()
         self._segment = None
@@ -354,7 +357,7 @@ class RunTemplate:
     def _train_one(self, batch, seg: dict):
         """One optimizer step, with the controller driven around it; returns the detached loss."""
         t0 = time.perf_counter()
-        if self.acc.device.type == "cuda":  # the device's step times, read once per segment (step_seconds)
+        if self.records_step_times and self.acc.device.type == "cuda":  # the device's, read once (step_seconds)
             seg.setdefault("marks", []).append(self.step_marks.mark())
         self._enter_due_stage()
         loss = self._train_step(batch)
@@ -453,7 +456,7 @@ class RunTemplate:
         marks = seg.get("marks")
         if not marks:
             return list(seg["step_times"])
-        ends = [*marks[1:], self.step_marks.mark()]
+        ends = [*marks[1:], seg.get("end_mark") or self.step_marks.mark()]
         return [t for t in (a.seconds_to(b) for a, b in zip(marks, ends)) if t is not None]
 
     def _own_share(self, part: dict) -> dict:

@@ -488,6 +488,7 @@ class Trainer(GrowthCalls, RunTemplate):
     # ------------------------------------------------------------------ the engine's task interface
     point_name = "epoch"
     history_key = "epochs"
+    records_step_times = True  # step_time_median_s
 
     @property
     def subnet(self) -> SubNet:

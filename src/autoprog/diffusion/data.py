@@ -266,10 +266,17 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None, accel
         error = e
     hit = bool(held) and all(t is not None for t in held)
     if shared:  # every process lists the folder, then decodes, or none does: all reach the same collectives
-        failed, misses = _counts(accelerator, error is not None, not hit)
+        from ..engine import broadcast
+
+        main_key = broadcast(accelerator, None if error is not None else key[2])
+        differs = error is None and main_key is not None and key[2] != main_key
+        failed, misses, apart = _counts(accelerator, error is not None, not hit, differs)
         if failed:
             raise error if error is not None else DataError(
                 f"another process could not list {root} (its message says why)")
+        if apart:  # each would decode and gather a different share of a different list
+            raise DataError(f"the processes see different files in {root} (changed while it was read, or not the "
+                            "same folder on every machine)")
         hit = misses == 0
     if hit:
         xtr, ytr, xte, yte = held
