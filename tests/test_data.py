@@ -562,3 +562,12 @@ def test_an_epochs_crop_side_is_never_smaller_than_a_step_of_it_trains_at():
     assert side(t, 8) is None  # decided at the training size: sent as none
     t._stage_resolution = None  # (a checkpoint from before the stage's side was kept)
     assert side(t, 0) == 20
+
+
+def test_stage_crops_asked_for_in_memory_data_are_said_to_change_nothing(cli, fake_fmnist, tmp_path):
+    from conftest import tiny_args
+
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "r", "--loader-resolution", "stage",
+                     *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0, err
+    assert "--loader-resolution stage crops ImageFolder images in the loader workers" in err and "held in memory" in err

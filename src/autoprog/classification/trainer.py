@@ -10,6 +10,7 @@ Every epoch it evaluates top-1 (online and momentum/EMA model) at full resolutio
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterator
@@ -174,6 +175,9 @@ class Trainer(GrowthCalls, RunTemplate):
         if self.acc.device.type == "cuda" and self.host_randaugment is None:
             data.to(self.acc.device)  # in-memory images, copied once
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+        if cfg.loader_resolution == "stage" and data.worker_crop is None:
+            _warn_once(f"--loader-resolution stage crops ImageFolder images in the loader workers; {data.name} is "
+                       "held in memory and resized to each stage's resolution on the device, as with full")
         self.optimizer = build_optimizer(self.net, cfg.lr, cfg.weight_decay)
         self.prepared = PreparedModel(self.acc, self.net)
         self.wrapped = self.prepared.wrapped
@@ -695,6 +699,12 @@ class Trainer(GrowthCalls, RunTemplate):
         self._stage_resolution = state.get("stage_resolution")
         if self.budget_plan is not None:
             self._moved_end(self.total_steps)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """:func:`~autoprog.errors.warn`, once per process for each message (a comparison builds a trainer per run)."""
+    warn(message)
 
 
 def _jsonable(state):
