@@ -66,6 +66,12 @@ class TensorImages(Dataset):
         return TensorImages(self.images[indices], self.labels[indices])
 
 
+def processes_on_this_machine() -> int:
+    """The processes a launcher started on this machine (``LOCAL_WORLD_SIZE``; 1 outside a launcher): they share
+    its cores and its shared memory."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def default_workers(reserve: int = 1) -> int:
     """Loader workers per process for decoded (ImageFolder) data: this machine's cores shared among the processes
     launched on it, less ``reserve`` for the process's own work (the training loop), at most 8."""
@@ -73,8 +79,7 @@ def default_workers(reserve: int = 1) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # processes sharing this machine's cores
-    return max(0, min(8, cores // per_node - reserve))
+    return max(0, min(8, cores // processes_on_this_machine() - reserve))
 
 
 SHARED_MEMORY = "/dev/shm"  # where loader workers hand their batches to the training process (Linux)
@@ -94,7 +99,7 @@ def workers_for_shared_memory(workers: int, batch_bytes: int, prefetch: int = PR
         free = shutil.disk_usage(SHARED_MEMORY).free
     except OSError:  # not Linux
         return workers
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    per_node = processes_on_this_machine()
     mine = free / per_node
     fit = max(0, int((0.8 * mine / batch_bytes - 2) // prefetch))
     if fit >= workers:

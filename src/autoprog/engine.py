@@ -174,6 +174,22 @@ def broadcast(acc, obj):
     return broadcast_object_list([obj], from_process=0)[0]
 
 
+def shard_rows(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of process ``rank``'s share of ``n`` rows handled in batches of ``batch_size``: an even
+    split of whole batches, in order (the last process may hold the short last batch; a share may be empty)."""
+    batches = -(-n // batch_size)
+    lo, hi = batches * rank // world, batches * (rank + 1) // world
+    return min(n, lo * batch_size), min(n, hi * batch_size)
+
+
+def count_flags(acc, *flags: bool) -> list[int]:
+    """How many processes raise each of ``flags`` (one reduction; every process must call it)."""
+    import torch
+
+    total = acc.reduce(torch.tensor([float(f) for f in flags], device=acc.device), reduction="sum")
+    return [int(v) for v in total.tolist()]
+
+
 def gather_rows(acc, local, counts: list[int], chunk_bytes: int = 64 << 20, everywhere: bool = False):
     """Every process's ``local`` rows (process ``r`` holds ``counts[r]``, possibly none) concatenated in process
     order on the main process (on every process if ``everywhere``), on the host; else ``None`` on the others. Sent in

@@ -266,11 +266,11 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None, accel
         error = e
     hit = bool(held) and all(t is not None for t in held)
     if shared:  # every process lists the folder, then decodes, or none does: all reach the same collectives
-        from ..engine import broadcast
+        from ..engine import broadcast, count_flags
 
         main_key = broadcast(accelerator, None if error is not None else key[2])
         differs = error is None and main_key is not None and key[2] != main_key
-        failed, misses, apart = _counts(accelerator, error is not None, not hit, differs)
+        failed, misses, apart = count_flags(accelerator, error is not None, not hit, differs)
         if failed:
             raise error if error is not None else DataError(
                 f"another process could not list {root} (its message says why)")
@@ -314,25 +314,18 @@ def _decode(ds, workers: int, image_size: int, rows: tuple[int, int] | None = No
 
 def _decode_shares(ds, workers: int, image_size: int, acc, root: Path) -> torch.Tensor:
     """Every image of ``ds`` on every process, each process decoding an even share (:func:`_decode`)."""
-    from ..engine import gather_rows
+    from ..engine import count_flags, gather_rows, shard_rows
 
-    n, world = len(ds), acc.num_processes
-    bounds = [(n * r // world, n * (r + 1) // world) for r in range(world)]
+    bounds = [shard_rows(len(ds), 1, r, acc.num_processes) for r in range(acc.num_processes)]
     error = None
     try:
         mine = _decode(ds, workers, image_size, bounds[acc.process_index])
     except Exception as e:  # told to the others before it is raised, so none waits in the gather below
         error, mine = e, None
-    if _counts(acc, error is not None)[0]:
+    if count_flags(acc, error is not None)[0]:
         raise error if error is not None else DataError(
             f"another process could not read its share of {root} (its message says why)")
     return gather_rows(acc, mine, [hi - lo for lo, hi in bounds], everywhere=True)
-
-
-def _counts(acc, *flags: bool) -> list[int]:
-    """How many processes raise each of ``flags`` (one reduction)."""
-    total = acc.reduce(torch.tensor([float(f) for f in flags], device=acc.device), reduction="sum")
-    return [int(v) for v in total.tolist()]
 
 
 def _stack(items):

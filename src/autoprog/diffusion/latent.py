@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..engine import shard_rows
 from ..errors import ConfigError, first_line, warn
 from ..formats import read_json_object
 from .data import DiffusionData, to_float
@@ -190,16 +191,14 @@ class LatentCodec:
         file = folder / f"latents-{key[:16]}.safetensors"
         world = accelerator.num_processes if accelerator is not None else 1
         if world > 1:
-            from ..engine import broadcast, gather_rows
+            from ..engine import broadcast, count_flags, gather_rows
 
             main = accelerator.is_main_process
             cached = self._read_cache(file, key) if main else None
             if broadcast(accelerator, cached is not None if main else None):  # the others read it too, if they can
                 cached = cached if main else self._read_cache(file, key)
-                unread = accelerator.reduce(torch.tensor([float(cached is None)], device=accelerator.device),
-                                            reduction="sum")
-                if not unread.item():  # (a cache folder not shared by every machine: encoded again below)
-                    return cached
+                if not count_flags(accelerator, cached is None)[0]:  # (a cache folder not shared by every machine:
+                    return cached                                     # encoded again below)
             rank = accelerator.process_index
             mine = self.encode(images_uint8, batch_size=batch_size, progress=progress, shard=(rank, world))
             counts = [hi - lo for lo, hi in (shard_rows(len(images_uint8), batch_size, r, world) for r in range(world))]
@@ -242,14 +241,6 @@ class LatentCodec:
             os.replace(tmp, file)
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def shard_rows(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of process ``rank``'s share of ``n`` rows encoded in batches of ``batch_size``: an even
-    split of whole batches, in order (the last process may hold the short last batch; a share may be empty)."""
-    batches = -(-n // batch_size)
-    lo, hi = batches * rank // world, batches * (rank + 1) // world
-    return min(n, lo * batch_size), min(n, hi * batch_size)
 
 
 def _plain(cfg: dict) -> dict:
