@@ -453,10 +453,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
     from torchvision import transforms
 
     root = Path(root)
-    train_dir = root / "train"
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
+    train_dir, test_dir = image_folder_dirs(root)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     augment = []
     if randaugment:
@@ -559,6 +556,14 @@ def read_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = False
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: bad or huge files
         raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}); replace it with a readable "
                         "image (removing it changes the data set: start the run again)") from None
+
+
+def image_folder_dirs(root: Path) -> tuple[Path, Path]:
+    """``(root/train, root/val or root/test)`` of an ImageFolder dataset; a one-line :class:`DataError` without them."""
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
+    return root / "train", test_dir
 
 
 def image_folder(root: Path, split: Path, transform: Callable | None = None, min_classes: int = 1):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..data import image_folder, load_digits, load_fashion_mnist, to_device
+from ..data import image_folder, image_folder_dirs, load_digits, load_fashion_mnist, to_device
 from ..errors import ConfigError, DataError
 
 FASHION_MNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -248,16 +248,14 @@ def _image_folder(root: Path, image_size: int, workers: int | None = None, accel
 
     from ..data import default_workers, workers_for_shared_memory
 
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise DataError(f"{root} is not an ImageFolder dataset: it needs train/<class>/ and val/<class>/ (or test/)")
+    train_dir, test_dir = image_folder_dirs(root)
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
     shared = accelerator is not None and accelerator.num_processes > 1
     error = held = None
     try:
-        splits = [image_folder(root, d, tf) for d in (root / "train", test_dir)]
+        splits = [image_folder(root, d, tf) for d in (train_dir, test_dir)]
         if splits[0].classes != splits[1].classes:
-            raise DataError(f"{root}/train and {test_dir} have different class folders")
+            raise DataError(f"{train_dir} and {test_dir} have different class folders")
         key = (str(root.resolve()), image_size, _manifest(splits))  # (a file may vanish while it is listed)
         held = [ref() for ref in _DECODED.get(key, ())]
     except Exception as e:
