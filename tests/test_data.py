@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAKE_TEST, FAKE_TRAIN, make_fake_fashion_mnist, write_idx_gz
+from conftest import FAKE_TEST, FAKE_TRAIN, ctrl_c_at_step, make_fake_fashion_mnist, write_idx_gz
 
 from autoprog.data import DataBundle, TensorImages, load_dataset, load_digits, load_fashion_mnist
 from autoprog.errors import DataError
@@ -471,7 +471,7 @@ def test_image_folder_test_images_at_another_size(image_folder):
     assert mem.test_at(24) is mem.test, "in-memory images are resized by the model"
 
 
-@pytest.mark.parametrize("where", ["stage", "full"])
+@pytest.mark.parametrize("where", [None, "stage", "full"])
 def test_decoded_training_images_are_cropped_at_the_stages_resolution_in_the_workers(where, cli, image_folder,
                                                                                      tmp_path, monkeypatch):
     """As the official code builds its training loader at each stage's resolution, the loader workers crop ImageFolder
@@ -494,27 +494,24 @@ def test_decoded_training_images_are_cropped_at_the_stages_resolution_in_the_wor
     rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", tmp_path / "r", "--subset", "0", "--batch-size",
                      "4", "--epochs", "2", "--num-stages", "2", "--method", "prog", "--embed-dim", "16", "--depth", "4",
                      "--num-heads", "2", "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu",
-                     "--loader-resolution", where)
+                     *(["--loader-resolution", where] if where else []))
     assert rc == 0, err
     half = len(batches) // 2  # 2 steps an epoch, one epoch a stage
     assert inputs[:half] != inputs[half:] and inputs[half:] == [32] * half
-    if where == "stage":
+    if where != "full":
         assert batches == [(r, r) for r in inputs]
     else:
         assert batches == [(32, 32)] * len(batches)
 
 
-def test_stage_crops_resume_a_checkpoint_at_a_stages_end_within_an_epoch_identical(cli, image_folder, tmp_path,
-                                                                                  monkeypatch):
+def test_stage_crops_resume_a_checkpoint_at_a_stages_end_within_an_epoch_identical(cli, image_folder, tmp_path):
     """Stages here begin within epochs (at steps 3 and 5 of 8, 4 an epoch), where a checkpoint is taken. Resumed
     from one, the epoch's samples carry the side and magnitude the epoch began with, and the due stage is entered
     at its step, as in the uninterrupted run (entered early, AutoProg-Zero's search drew from a random stream that
     the restored one then replaced): the same weights."""
-    import signal
 
     from safetensors.torch import load_file
 
-    from autoprog.classification.trainer import Trainer
 
     args = ["--dataset", image_folder, "--subset", "8", "--batch-size", "2", "--epochs", "2", "--num-stages", "3",
             "--method", "autoprog-zero", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size", "4",
@@ -524,17 +521,9 @@ def test_stage_crops_resume_a_checkpoint_at_a_stages_end_within_an_epoch_identic
     assert rc == 0, err
     starts = [s["step"] for s in json.loads((tmp_path / "full" / "results.json").read_text())["stages"]]
     assert starts == [0, 3, 5]
-    step = Trainer._train_step
-
-    def ctrl_c(self, batch):
-        if self.step == 2:  # stage 1's last step: the checkpoint is stage 2's start, within epoch 1
-            signal.raise_signal(signal.SIGINT)
-        return step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
-    rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
-    assert rc == 130 and "interrupted at step 3" in err, err
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    with ctrl_c_at_step(2):  # stage 1's last step: the checkpoint is stage 2's start, within epoch 1
+        rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
+        assert rc == 130 and "interrupted at step 3" in err, err
     rc, _, err = cli("pretrain", "--resume", tmp_path / "run", "--cpu")
     assert rc == 0, err
     a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("run", "full"))
@@ -571,3 +560,5 @@ def test_stage_crops_asked_for_in_memory_data_are_said_to_change_nothing(cli, fa
                      *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 0, err
     assert "--loader-resolution stage crops ImageFolder images in the loader workers" in err and "held in memory" in err
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "d", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0 and "--loader-resolution" not in err, err  # the default (stage) says nothing there
