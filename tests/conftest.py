@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import signal
@@ -121,6 +122,26 @@ def cli(capsys):
         return rc, out, err
 
     return run
+
+
+@contextlib.contextmanager
+def ctrl_c_at_step(step: int):
+    """Within it, pre-training's ``Trainer`` gets a Ctrl-C (SIGINT, as a user's arrives) as it begins
+    training step ``step`` (0-based): a run stops with the checkpoint after that step; outside it, as ever."""
+    from autoprog.classification.trainer import Trainer
+
+    real = Trainer._train_step
+
+    def ctrl_c(self, batch):
+        if self.step == step:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, batch)
+
+    Trainer._train_step = ctrl_c
+    try:
+        yield
+    finally:
+        Trainer._train_step = real
 
 
 def replay_fixed(cli, run_dir: Path, out: Path, *args) -> tuple[dict, dict]:

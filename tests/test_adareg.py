@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_args, tiny_vit
+from conftest import ctrl_c_at_step, tiny_args, tiny_vit
 from timm.layers import DropPath
 
 from autoprog.classification.adareg import AdaptiveRegularization, AdaRegRanges
@@ -115,33 +115,22 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     assert side < 32 and shape == (side, side)
 
 
-def test_adareg_on_a_subset_of_decoded_images_resumes_from_an_epochs_last_step_identical(cli, image_folder, tmp_path,
-                                                                                        monkeypatch):
+def test_adareg_on_a_subset_of_decoded_images_resumes_from_an_epochs_last_step_identical(cli, image_folder, tmp_path):
     """A --subset smaller than the folder (a Subset over it) takes the workers' RandAugment too; Ctrl-C at an
     epoch's last step (checkpointed before that epoch's evaluation) resumes into the same epoch records, its
     evaluation with its own stage's sub-network, and the same weights as an uninterrupted run."""
-    import signal
 
     from safetensors.torch import load_file
 
-    from autoprog.classification.trainer import Trainer
 
     args = ["--dataset", image_folder, "--subset", "8", "--batch-size", "4", "--epochs", "3", "--num-stages", "3",
             "--method", "prog", "--adareg", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size",
             "4", "--workers", "0", "--no-flops", "--cpu"]
     rc, _, err = cli("pretrain", "--out", tmp_path / "full", *args)
     assert rc == 0, err
-    step = Trainer._train_step
-
-    def ctrl_c(self, batch):
-        if self.step == 1:  # the last of epoch 1's two steps
-            signal.raise_signal(signal.SIGINT)
-        return step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
-    rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
-    assert rc == 130 and "interrupted at step 2" in err, err
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    with ctrl_c_at_step(1):  # the last of epoch 1's two steps
+        rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
+        assert rc == 130 and "interrupted at step 2" in err, err
     rc, _, err = cli("pretrain", "--resume", tmp_path / "run", "--cpu")
     assert rc == 0, err
     got, want = (json.loads((tmp_path / r / "results.json").read_text())["epochs"] for r in ("run", "full"))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import ctrl_c_at_step, tiny_args
 from safetensors.torch import load_file
 
 from autoprog.budget import Budget, LRRemap, parse_duration, plan_steps
@@ -118,24 +118,14 @@ def test_a_time_budget_ends_near_it(cli, fake_fmnist, tmp_path):
     assert res["epochs"][-1]["lr"] == pytest.approx(MIN_LR, rel=0.01)
 
 
-def test_a_budget_run_stopped_mid_epoch_resumes_identical(cli, fake_fmnist, tmp_path, monkeypatch):
-    import signal
+def test_a_budget_run_stopped_mid_epoch_resumes_identical(cli, fake_fmnist, tmp_path):
 
-    from autoprog.classification.trainer import Trainer
 
     want = _run(cli, fake_fmnist, tmp_path / "full", "prog", "--budget-steps", "24")
-    step = Trainer._train_step
-
-    def ctrl_c(self, batch):
-        if self.step == 12:
-            signal.raise_signal(signal.SIGINT)
-        return step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
     run = tmp_path / "run"
-    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, "--budget-steps", "24"))
-    assert rc == 130 and "interrupted at step 13" in err, err
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    with ctrl_c_at_step(12):
+        rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, "--budget-steps", "24"))
+        assert rc == 130 and "interrupted at step 13" in err, err
     rc, _, err = cli("pretrain", "--resume", run, "--cpu")
     assert rc == 0, err
     got = json.loads((run / "results.json").read_text())

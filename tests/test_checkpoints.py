@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import ctrl_c_at_step, tiny_args
 from safetensors.torch import load_file, save_file
 
 from autoprog.checkpoint import has_checkpoint, read_checkpoint
@@ -143,28 +143,17 @@ def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(fake_fmnist, tmp_path):
 
 
 @pytest.mark.parametrize("at", [5, 13, 24])
-def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resumes_identical(runs, cli, fake_fmnist, tmp_path, monkeypatch,
-                                                                      at):
+def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resumes_identical(runs, cli, fake_fmnist, tmp_path, at):
     """Ctrl-C during step ``at`` (8 steps an epoch): that step is finished and checkpointed with the epoch's
     position and random states; the resumed run ends bit-identical to the uninterrupted one."""
-    import signal
 
-    from autoprog.classification.trainer import Trainer
 
-    step = Trainer._train_step
-
-    def ctrl_c(self, batch):
-        if self.step == at - 1:
-            signal.raise_signal(signal.SIGINT)
-        return step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
     run = tmp_path / "run"
-    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
-    assert rc == 130 and f"interrupted at step {at}" in err, err
-    state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert state["step"] == at and state["in_segment"]["start_step"] == (at - 1) // 8 * 8
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    with ctrl_c_at_step(at - 1):
+        rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
+        assert rc == 130 and f"interrupted at step {at}" in err, err
+        state = json.loads((run / "checkpoint" / "state.json").read_text())
+        assert state["step"] == at and state["in_segment"]["start_step"] == (at - 1) // 8 * 8
     rc, _, err = cli("pretrain", "--resume", run, "--cpu")
     assert rc == 0, err
     got, want = (json.loads((r / "results.json").read_text()) for r in (run, runs / "full"))

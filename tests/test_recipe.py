@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import ctrl_c_at_step, tiny_args
 from safetensors.torch import load_file
 
 from autoprog.classification.recipe import DEIT_RECIPE, TrainingRecipe, check_recipe
@@ -73,24 +72,15 @@ def test_the_cli_refuses_a_bad_recipe_in_one_line(cli, fake_fmnist, tmp_path):
     assert rc == 2 and "not a timm RandAugment string" in err and len(err.strip().splitlines()) == 1
 
 
-def test_the_whole_recipe_trains_and_resumes_mid_epoch_bit_identical(cli, fake_fmnist, tmp_path, monkeypatch):
+def test_the_whole_recipe_trains_and_resumes_mid_epoch_bit_identical(cli, fake_fmnist, tmp_path):
     """RandAugment (host), Mixup/CutMix (numpy's random numbers) and random erasing (Python's): a run stopped
     mid-epoch and resumed ends with the uninterrupted run's weights."""
-    from autoprog.classification.trainer import Trainer
 
     args = (*tiny_args(fake_fmnist, epochs="2"), "--method", "prog", *RECIPE_ARGS)
     full, run = tmp_path / "full", tmp_path / "run"
     assert cli("pretrain", *args, "--out", full)[0] == 0
-    step = Trainer._train_step
-
-    def ctrl_c(self, batch):
-        if self.step == 10:
-            signal.raise_signal(signal.SIGINT)
-        return step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", ctrl_c)
-    assert cli("pretrain", *args, "--out", run)[0] == 130
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    with ctrl_c_at_step(10):
+        assert cli("pretrain", *args, "--out", run)[0] == 130
     rc, _, err = cli("pretrain", "--resume", run)
     assert rc == 0, err
     got, want = (json.loads((r / "results.json").read_text()) for r in (run, full))
