@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -485,3 +486,105 @@ def test_an_image_folder_is_decoded_in_shares_by_the_processes(image_folder, tmp
     assert "cannot read image" in ranks[1]["error"] and "another process could not read" in ranks[0]["error"]
     assert ranks[1]["listing"].startswith("FileNotFoundError") and "another process could not list" in ranks[0]["listing"]
     assert all("the processes see different files" in r["apart"] for r in ranks)
+
+
+CLASS_IMAGES_DRIVER = textwrap.dedent('''
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+    from accelerate import Accelerator
+
+    tests, work = sys.argv[1:3]
+    sys.path.insert(0, tests)
+    import test_text_to_image as t2i
+
+    import autoprog.diffusion.sampling as sampling
+    from autoprog.accelerator import end_processes, leave_process
+    from autoprog.diffusion.dreambooth import class_images, read_images
+    from autoprog.errors import ConfigError, DataError
+
+    work = Path(work)
+    acc = Accelerator(cpu=True)
+    rank = acc.process_index
+    model, logs, sampled = t2i.tiny(), [], []
+    real_sample = sampling.sample
+
+    def counted(*a, **k):
+        x = real_sample(*a, **k)
+        sampled.append(len(x))
+        return x
+
+    sampling.sample = counted
+
+    def make(n, folder, **k):
+        return class_images(model, lambda x: x, "a photo of a dress", n, folder, 8, 1, 2, 4.0, 1.0, 0,
+                            log=logs.append, accelerator=acc, **k)
+
+    def outcome(call):
+        try:
+            call()
+            return None
+        except (ConfigError, DataError, RuntimeError) as e:
+            return f"{type(e).__name__}: {e}"
+
+    folder = work / "class"
+    first = make(5, folder)
+    first_sampled = list(sampled)
+    on_disk = read_images(folder, 8, 1)
+    more = make(7, folder)  # topped up: 2 more, one on each process
+    more_sampled = sampled[len(first_sampled):]
+    again = make(7, folder)  # all there: none generated
+    again_sampled = len(sampled) - len(first_sampled) - len(more_sampled)
+    alone = None
+    if rank == 0:  # one process alone, into another folder: the same images, 5 then topped up to 7
+        for n in (5, 7):
+            alone = class_images(model, lambda x: x, "a photo of a dress", n, work / "alone", 8, 1, 2, 4.0, 1.0, 0,
+                                 log=lambda *_: None)
+    # the main process cannot write the folder: both stop with its message
+    (work / "a-file").write_text("x")
+    unwritable = outcome(lambda: make(2, work / "a-file" / "class"))
+    # process 1's sampling fails: both stop, neither waits for the other
+    sampling.sample = (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory"))) if rank == 1 \\
+        else counted
+    failed = outcome(lambda: make(3, work / "other"))
+    sampling.sample = counted
+    # an unreadable image in the main process's folder: both stop with its message
+    (work / "broken").mkdir(exist_ok=True)
+    (work / "broken" / "class-00000.png").write_bytes(b"not a png")
+    unreadable = outcome(lambda: make(2, work / "broken"))
+    out = {"first_sampled": first_sampled, "more_sampled": more_sampled, "again_sampled": again_sampled,
+           "equal_disk": torch.equal(first, on_disk), "kept": torch.equal(more[:5], first),
+           "again_same": torch.equal(again, more), "shape": list(more.shape), "logs": logs,
+           "files": len(list(folder.glob("class-*.png"))), "unwritable": unwritable, "failed": failed,
+           "unreadable": unreadable, "more": more.tolist(),
+           "alone_differ": None if alone is None else int((alone.int() - more.int()).abs().gt(1).sum())}
+    with open(work / f"rank{rank}.json", "w") as f:
+        json.dump(out, f)
+    end_processes(acc)
+    leave_process(0)
+''')
+
+
+def test_dreambooth_class_images_are_generated_in_shares_by_the_processes(tmp_path):
+    """Prior preservation under two processes: each samples half of the missing class images (2 and 3 of 5, then
+    1 and 1 of the 2 topping them up to 7, then none), the main process writes them, and both return the same
+    images, those the folder holds and one process alone makes; the main process's unwritable or unreadable
+    folder, or one process's failed sampling, stop both."""
+    driver = tmp_path / "class_driver.py"
+    driver.write_text(CLASS_IMAGES_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(Path(__file__).parent), str(tmp_path)]
+    rc, log = _launch(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
+    assert rc == 0, f"torchrun failed ({rc}):\n{log[-6000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["first_sampled"], r1["first_sampled"]) == ([2], [3])
+    assert (r0["more_sampled"], r1["more_sampled"]) == ([1], [1]) and r0["again_sampled"] == r1["again_sampled"] == 0
+    for r in (r0, r1):
+        assert r["equal_disk"] and r["kept"] and r["again_same"] and r["shape"] == [7, 1, 8, 8] and r["files"] == 7
+    assert r0["more"] == r1["more"] and r0["alone_differ"] == 0  # (a smaller batch may round a pixel by one)
+    assert "generating 5 class images" in r0["logs"][0] and "generating 2" in r0["logs"][1] and not r1["logs"]
+    assert all("cannot write images to" in r["unwritable"] for r in (r0, r1))
+    assert "out of memory" in r1["failed"] and "another process could not generate" in r0["failed"]
+    assert all(r["unreadable"].startswith("DataError: cannot read image") for r in (r0, r1))

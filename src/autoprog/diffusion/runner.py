@@ -9,7 +9,6 @@ sized so a whole comparison runs in about half an hour on a 2-core CPU.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -450,7 +449,7 @@ def _subject_evaluator(spec: DreamBoothSpec, data, device, log):
     return SubjectEvaluator(data.test_images, spec.prompts()[1], net, spec.subject(), dino, clip, feature_size=size)
 
 
-def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device=None):
+def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device=None, acc=None):
     """The subject's images (``--instance-dir`` or the built-in subject) and, with prior preservation, the class
     images, at the base model's pixel size and channels."""
     from .dreambooth import (
@@ -489,7 +488,7 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
         device = device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
         prior = class_images(model, lambda x: decode_samples({**meta, "vae": vae}, x, device), class_prompt,
                              spec.num_class_images, folder, size, chans, t.sample_steps, CLASS_CFG_SCALE,
-                             t.sample_eta, 0, device=device)
+                             t.sample_eta, 0, device=device, accelerator=acc)
     name = Path(spec.instance_dir).name if spec.instance_dir else "fashion-mnist-subject"
     return dreambooth_data(instance, prior, instance_prompt, class_prompt,
                            spec.prior_loss_weight if prior is not None else None, model.tokenize, name,
@@ -519,7 +518,7 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None, device: torch.de
     ``device``: where DreamBooth's class images are generated and a VAE runs (default: the class images on a GPU
     if there is one, the VAE on the CPU).
     ``accelerator``: the run's, when several processes call this together (not inside ``main_process_first``):
-    the main process makes DreamBooth's class images first, and every process encodes a share of the latents."""
+    every process generates a share of DreamBooth's class images and encodes a share of the latents."""
     chosen = get_method(spec.method, FINETUNE)
     data, model = _data_and_base(spec, device, accelerator)
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
@@ -554,8 +553,7 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
                           f"--task {task} needs a text-to-image base (a pipeline directory); "
                           f"{base} is a class-conditional {model.kind}")
     if dreambooth:
-        with acc.main_process_first() if acc is not None else nullcontext():  # class images made once, cached
-            data = _dreambooth_data(spec, model, meta, base, device)
+        data = _dreambooth_data(spec, model, meta, base, device, acc)  # class images in shares, made once
     vae = spec.vae or meta.get("vae")
     if vae:  # encoded once (cached; in shares by the processes), and every evaluation decoded, on the run's device
         with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device if device is not None else "cpu",
