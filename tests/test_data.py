@@ -554,11 +554,15 @@ def test_an_epochs_crop_side_is_never_smaller_than_a_step_of_it_trains_at():
 
 
 def test_stage_crops_asked_for_in_memory_data_are_said_to_change_nothing(cli, fake_fmnist, tmp_path):
+    """Typed, ``--loader-resolution stage`` says once that in-memory data has no crops; the default says nothing."""
     from conftest import tiny_args
 
+    from autoprog.classification.trainer import _warn_once
+
+    _warn_once.cache_clear()  # (once per process: another test may have said it)
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "d", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0 and "--loader-resolution" not in err, err
     rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "r", "--loader-resolution", "stage",
                      *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 0, err
     assert "--loader-resolution stage crops ImageFolder images in the loader workers" in err and "held in memory" in err
-    rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "d", *tiny_args(fake_fmnist, epochs="1"))
-    assert rc == 0 and "--loader-resolution" not in err, err  # the default (stage) says nothing there

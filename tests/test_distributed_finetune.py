@@ -506,6 +506,7 @@ CLASS_IMAGES_DRIVER = textwrap.dedent('''
     from autoprog.errors import ConfigError, DataError
 
     work = Path(work)
+    work.mkdir(exist_ok=True)
     acc = Accelerator(cpu=True)
     rank = acc.process_index
     model, logs, sampled = t2i.tiny(), [], []
@@ -554,7 +555,23 @@ CLASS_IMAGES_DRIVER = textwrap.dedent('''
     (work / "broken").mkdir(exist_ok=True)
     (work / "broken" / "class-00000.png").write_bytes(b"not a png")
     unreadable = outcome(lambda: make(2, work / "broken"))
-    out = {"first_sampled": first_sampled, "more_sampled": more_sampled, "again_sampled": again_sampled,
+    # a folder with a user's image that sorts after the new ones, and a gap: nothing overwritten, and every
+    # process gets what the folder reads back
+    import autoprog.diffusion.dreambooth as db
+    mixed = work / "mixed"
+    if rank == 0:
+        db.write_images(first[:1], mixed, start=1)  # class-00001.png only
+        db.write_images(first[1:2], mixed, prefix="dog")  # dog-00000.png
+    acc.wait_for_everyone()
+    got = make(4, mixed)
+    mixed_ok = torch.equal(got, read_images(mixed, 8, 1)) and len(list(mixed.iterdir())) == 4
+    # the main process cannot list its folder: both stop with its message
+    real_files = db.image_files
+    if rank == 0:
+        db.image_files = lambda folder: (_ for _ in ()).throw(PermissionError(f"{folder}: permission denied"))
+    unlisted = outcome(lambda: make(2, work / "locked"))
+    db.image_files = real_files
+    out = {"mixed_ok": mixed_ok, "unlisted": unlisted, "first_sampled": first_sampled, "more_sampled": more_sampled, "again_sampled": again_sampled,
            "equal_disk": torch.equal(first, on_disk), "kept": torch.equal(more[:5], first),
            "again_same": torch.equal(again, more), "shape": list(more.shape), "logs": logs,
            "files": len(list(folder.glob("class-*.png"))), "unwritable": unwritable, "failed": failed,
@@ -570,15 +587,16 @@ CLASS_IMAGES_DRIVER = textwrap.dedent('''
 def test_dreambooth_class_images_are_generated_in_shares_by_the_processes(tmp_path):
     """Prior preservation under two processes: each samples half of the missing class images (2 and 3 of 5, then
     1 and 1 of the 2 topping them up to 7, then none), the main process writes them, and both return the same
-    images, those the folder holds and one process alone makes; the main process's unwritable or unreadable
-    folder, or one process's failed sampling, stop both."""
-    driver = tmp_path / "class_driver.py"
+    images, those the folder holds (read back, as a resumed run reads them) and one process alone makes; added
+    images overwrite none there; the main process's unwritable, unreadable or unlistable folder, or one process's
+    failed sampling, stop both."""
+    driver, work = tmp_path / "class_driver.py", tmp_path / "work"
     driver.write_text(CLASS_IMAGES_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-           str(Path(__file__).parent), str(tmp_path)]
-    rc, log = _launch(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
+           str(Path(__file__).parent), str(work)]
+    rc, log = _launch(cmd, cwd=tmp_path, run_dir=work)  # (a retry starts from an empty work directory)
     assert rc == 0, f"torchrun failed ({rc}):\n{log[-6000:]}"
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((work / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["first_sampled"], r1["first_sampled"]) == ([2], [3])
     assert (r0["more_sampled"], r1["more_sampled"]) == ([1], [1]) and r0["again_sampled"] == r1["again_sampled"] == 0
     for r in (r0, r1):
@@ -588,3 +606,6 @@ def test_dreambooth_class_images_are_generated_in_shares_by_the_processes(tmp_pa
     assert all("cannot write images to" in r["unwritable"] for r in (r0, r1))
     assert "out of memory" in r1["failed"] and "another process could not generate" in r0["failed"]
     assert all(r["unreadable"].startswith("DataError: cannot read image") for r in (r0, r1))
+    assert r0["mixed_ok"] and r1["mixed_ok"]
+    assert all(r["unlisted"].startswith("DataError: cannot read") and "permission denied" in r["unlisted"]
+               for r in (r0, r1))

@@ -131,6 +131,18 @@ def test_class_images_are_generated_once_topped_up_and_then_reused(tmp_path):
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in folder.iterdir() if p.name in mtimes)
 
 
+def test_class_images_added_to_a_folder_overwrite_none_there(tmp_path):
+    """A folder holding ``class-00001.png`` alone (say, ``class-00000.png`` deleted): the two images topping it up to
+    three are written after it, not over it."""
+    model = t2i.tiny()
+    folder = tmp_path / "class"
+    write_images(images(1, size=8, chans=1), folder, start=1)
+    kept = (folder / "class-00001.png").read_bytes()
+    got = class_images(model, lambda x: x, "a photo of a dress", 3, folder, 8, 1, 2, 4.0, 1.0, 0, log=lambda *_: None)
+    assert sorted(p.name for p in folder.iterdir()) == ["class-00001.png", "class-00002.png", "class-00003.png"]
+    assert (folder / "class-00001.png").read_bytes() == kept and got.shape[0] == 3
+
+
 def test_written_images_read_back_unchanged(tmp_path):
     x = images(3, size=8, chans=3)
     write_images(x, tmp_path, prefix="img")

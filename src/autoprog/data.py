@@ -585,6 +585,11 @@ def image_folder(root: Path, split: Path, transform: Callable | None = None, min
 
 
 # ------------------------------------------------------------------------------------------ entry
+def is_image_folder(name: str) -> bool:
+    """Whether ``--dataset name`` is read as an ImageFolder (decoded by loader workers), not held in memory."""
+    return name.lower().replace("_", "-") not in ("fashion-mnist", "fashionmnist", "digits")
+
+
 def load_dataset(name: str, data_root: str | None = None, subset: int | None = None, image_size: int | None = None,
                  seed: int = 0, randaugment: str | None = None) -> DataBundle:
     """Load a dataset by name (``fashion-mnist``, ``digits``) or as an ImageFolder directory path."""

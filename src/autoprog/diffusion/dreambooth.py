@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -130,8 +131,9 @@ def class_images(model, decode, prompt: str, n: int, folder: Path, size: int, ch
     With an ``accelerator`` of several processes (call it on every process, not inside ``main_process_first``),
     the main process reads the folder and sends its images to the others, every process samples and decodes an
     even share of the missing ones (:func:`~autoprog.diffusion.sampling.sample`'s ``shard``: the images one
-    process makes, in ``1 / processes`` of the time), the main process writes them, and every process returns
-    them all; an error reading or writing the folder stops every process."""
+    process makes, in ``1 / processes`` of the time), the main process writes them and reads the folder again,
+    and every process returns what it read; an error reading or writing the folder, or one process's failed
+    sampling, stops every process."""
     world = accelerator.num_processes if accelerator is not None else 1
     if world > 1:
         return _class_images_in_shares(model, decode, prompt, n, folder, size, channels, steps, cfg_scale, eta,
@@ -141,7 +143,7 @@ def class_images(model, decode, prompt: str, n: int, folder: Path, size: int, ch
         log(f"DreamBooth: generating {n - len(have)} class images for {prompt!r} with the base model into {folder}")
         new = _generate(model, decode, prompt, n - len(have), size, channels, steps, cfg_scale, eta,
                         seed + len(have), device)
-        write_images(new, folder, start=len(have))
+        write_images(new, folder, start=_free_index(folder))
         have = read_images(folder, size, channels)  # as a resumed run will read them: sorted by name
     else:
         log(f"DreamBooth: {n} class images from {folder}")
@@ -151,6 +153,33 @@ def class_images(model, decode, prompt: str, n: int, folder: Path, size: int, ch
 def _folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
     return (read_images(folder, size, channels) if image_files(folder) else
             torch.empty(0, channels, size, size, dtype=torch.uint8))
+
+
+def _free_index(folder: Path, prefix: str = "class") -> int:
+    """One past the largest ``k`` of the folder's ``<prefix>-<k>.png`` files (0 when none), so that images
+    added to a folder never overwrite one there."""
+    taken = [int(m.group(1)) for p in image_files(folder) if (m := re.fullmatch(rf"{prefix}-(\d+)\.png", p.name))]
+    return max(taken, default=-1) + 1
+
+
+def _main_folder_images(acc, folder: Path, size: int, channels: int, n: int) -> torch.Tensor:
+    """The first ``n`` images of ``folder`` as the main process reads them, on every process; a folder the main
+    process cannot read stops every process with its message."""
+    from ..engine import broadcast, gather_rows
+
+    have, outcome = torch.empty(0, channels, size, size, dtype=torch.uint8), None
+    if acc.is_main_process:
+        try:
+            have = _folder_images(folder, size, channels)[:n]
+            outcome = len(have)
+        except DataError as e:
+            outcome = str(e)
+        except OSError as e:
+            outcome = f"cannot read {folder}: {first_line(e)}"
+    outcome = broadcast(acc, outcome)  # how many it holds, or why it cannot be read
+    if isinstance(outcome, str):
+        raise DataError(outcome)
+    return gather_rows(acc, have, [outcome] + [0] * (acc.num_processes - 1), everywhere=True)
 
 
 def _generate(model, decode, prompt: str, n: int, size: int, channels: int, steps: int, cfg_scale: float,
@@ -176,17 +205,7 @@ def _class_images_in_shares(model, decode, prompt, n, folder, size, channels, st
     from .sampling import shard_indices
 
     main, world = acc.is_main_process, acc.num_processes
-    have, outcome = torch.empty(0, channels, size, size, dtype=torch.uint8), None
-    if main:
-        try:
-            have = _folder_images(folder, size, channels)[:n]
-            outcome = len(have)
-        except DataError as e:
-            outcome = str(e)
-    outcome = broadcast(acc, outcome)  # how many the folder holds, or why it cannot be read
-    if isinstance(outcome, str):
-        raise DataError(outcome)
-    have = gather_rows(acc, have, [outcome] + [0] * (world - 1), everywhere=True)  # the main process's, to all
+    have = _main_folder_images(acc, folder, size, channels, n)
     missing = n - len(have)
     if missing <= 0:
         if main:
@@ -205,18 +224,18 @@ def _class_images_in_shares(model, decode, prompt, n, folder, size, channels, st
         raise error if error is not None else RuntimeError(
             "another process could not generate its share of the class images (its message says why)")
     shares = [shard_indices(missing, r, world, CLASS_BATCH) for r in range(world)]
-    got = gather_rows(acc, mine, [len(i) for i in shares], everywhere=True)
-    new = torch.empty_like(got)
-    new[torch.cat(shares)] = got
+    got = gather_rows(acc, mine, [len(i) for i in shares])  # (on the main process, which writes them)
     if main:
+        new = torch.empty_like(got)
+        new[torch.cat(shares)] = got
         try:
-            write_images(new, folder, start=len(have))
+            write_images(new, folder, start=_free_index(folder))
         except ConfigError as e:
             error = str(e)
     error = broadcast(acc, error)
     if error is not None:
         raise ConfigError(error)
-    return torch.cat([have, new])  # what the folder now holds (PNG is lossless, the images at their size)
+    return _main_folder_images(acc, folder, size, channels, n)  # as a resumed run will read them: sorted by name
 
 
 def match_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
