@@ -168,7 +168,7 @@ def test_loader_speed_compares_the_defaults_with_the_old_loader(tmp_path, monkey
     for row in d["rows"]:
         assert row["old_images_per_s"] > 0 and row["new_images_per_s"] > 0
         assert len(row["per_epoch"]["old"]) == len(row["per_epoch"]["new"]) == 1
-        assert row["ratio"] == pytest.approx(row["new_images_per_s"] / row["old_images_per_s"], rel=1e-2)
+        assert row["ratio"] == round(row["per_epoch"]["new"][0] / row["per_epoch"]["old"][0], 3)  # (the rates rounded)
 
 
 def test_cuda_sync_count_attributes_each_sync_warning_to_its_step_and_line(fake_fmnist, tmp_path, monkeypatch):
@@ -231,4 +231,4 @@ def test_folder_read_speed_compares_the_fine_tuning_read_with_the_old_one(tmp_pa
                "--workers", "2", "--out", str(out), monkeypatch=monkeypatch)
     d = json.loads(out.read_text())
     assert d["workers"] == 2 and len(d["times"]["old"]) == len(d["times"]["new"]) == 1
-    assert d["old_s"] > 0 and d["new_s"] > 0 and d["speedup"] == pytest.approx(d["old_s"] / d["new_s"], rel=1e-2)
+    assert d["old_s"] > 0 and d["new_s"] > 0 and d["speedup"] == round(d["old_s"] / d["new_s"], 3)
