@@ -128,3 +128,67 @@ def test_posterize_to_no_bits_gives_a_black_image_not_an_error(config, name, lev
     assert np.asarray(op(img)).max() == 0
     op.magnitude = 5.0  # other levels keep some bits, as timm does
     assert np.asarray(op(img)).max() > 0
+
+
+def test_repeated_augmentation_draws_each_image_n_times_in_a_row_each_copy_keyed_apart():
+    """DeiT's RASampler: the epoch keeps its length and draws the first size/N images of the permutation, each N
+    times in a row; a keyed copy c gets the epoch key plus c strides (its own augmentations); a resumed epoch
+    skips into the same list; one repeat is the plain order."""
+    from autoprog.data import REPEAT_KEY_STRIDE, EpochSampler
+
+    plain = EpochSampler(10, seed=3)
+    plain.begin_epoch(2)
+    perm = list(plain)
+    rep = EpochSampler(10, seed=3, repeats=3)
+    rep.begin_epoch(2)
+    assert list(rep) == [i for i in perm[:4] for _ in range(3)][:10] and len(rep) == 10
+    keyed = EpochSampler(10, seed=3, keyed=True, repeats=3)
+    keyed.begin_epoch(2)
+    items = list(keyed)
+    key = 3 + 2
+    assert items[:3] == [(key + c * REPEAT_KEY_STRIDE, perm[0]) for c in range(3)]
+    keyed.begin_epoch(2, skip=4)
+    assert list(keyed) == items[4:] and len(keyed) == 6
+    keyed.resolution = 16
+    keyed.begin_epoch(2)
+    assert [(k, i) for k, i, _m, _r in keyed] == items
+    one = EpochSampler(10, seed=3, keyed=True)
+    one.begin_epoch(2)
+    assert list(one) == [(key, i) for i in perm]
+    with pytest.raises(ValueError, match="at least 1"):
+        EpochSampler(10, seed=3, repeats=0)
+
+
+def test_repeated_copies_of_a_decoded_image_are_augmented_apart(image_folder):
+    from autoprog.data import EpochSampler, load_dataset
+
+    bundle = load_dataset(str(image_folder), image_size=16)
+    sampler = EpochSampler(len(bundle.train), seed=0, keyed=True, repeats=3)
+    x, y = next(iter(bundle.loader("train", 3, sampler=sampler)))
+    assert y.tolist() == [y[0].item()] * 3, "one image, three times"
+    assert not torch.equal(x[0], x[1]) or not torch.equal(x[1], x[2]), "each copy cropped and flipped on its own"
+
+
+def test_the_deit_preset_sets_the_papers_whole_recipe():
+    from autoprog.cli.config import load_preset
+
+    options = load_preset("deit-s-paper")["options"]
+    assert {k: options.get(k) for k in DEIT_RECIPE} == DEIT_RECIPE
+
+
+def test_repeated_augmentation_trains_and_resumes_mid_epoch_identical(cli, image_folder, tmp_path):
+    """ImageFolder data (each copy keyed apart in the workers' transforms), stopped mid-epoch and resumed: the
+    uninterrupted run's weights."""
+    args = ["--dataset", image_folder, "--subset", "8", "--batch-size", "2", "--epochs", "2", "--num-stages", "2",
+            "--method", "prog", "--aug-repeats", "3", "--embed-dim", "16", "--depth", "4", "--num-heads", "2",
+            "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu"]
+    rc, _, err = cli("pretrain", "--out", tmp_path / "full", *args)
+    assert rc == 0, err
+    with ctrl_c_at_step(2):
+        rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
+        assert rc == 130 and "interrupted at step 3" in err, err
+    rc, _, err = cli("pretrain", "--resume", tmp_path / "run", "--cpu")
+    assert rc == 0, err
+    a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("run", "full"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["aug_repeats"] == 3

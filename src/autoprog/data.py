@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import itertools
 import os
 import random
 import shutil
@@ -84,6 +85,9 @@ def default_workers(reserve: int = 1) -> int:
 
 SHARED_MEMORY = "/dev/shm"  # where loader workers hand their batches to the training process (Linux)
 PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetch_factor)
+# a repeated copy's epoch key is this many past the last (keys are seed + epoch); below 2^32 and odd, because
+# torch's and numpy's generators take a seed's low 32 bits only
+REPEAT_KEY_STRIDE = (1 << 31) - 1
 
 
 def workers_for_shared_memory(workers: int, batch_bytes: int, prefetch: int = PREFETCH,
@@ -123,10 +127,17 @@ class EpochSampler(Sampler):
     for the epoch (AdaReg's, by the sub-network's size); with a :attr:`resolution` set, ``(epoch key, index,
     magnitude or None, resolution)``: the side the workers crop the epoch's images to (the stage's). Both are read
     when the epoch's iteration begins.
+
+    ``repeats`` > 1 is DeiT's repeated augmentation (its ``RASampler``; timm's ``RepeatAugSampler``): the epoch
+    keeps its length but draws ``size / repeats`` images of the permutation, each ``repeats`` times in a row, so a
+    global batch holds each of its images ``repeats`` times, each copy randomly transformed on its own (a keyed
+    copy ``c`` gets the epoch key plus ``c`` × :data:`REPEAT_KEY_STRIDE`).
     """
 
-    def __init__(self, size: int, seed: int, keyed: bool = False):
-        self.size, self.seed, self.keyed = size, seed, keyed
+    def __init__(self, size: int, seed: int, keyed: bool = False, repeats: int = 1):
+        if repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {repeats}")
+        self.size, self.seed, self.keyed, self.repeats = size, seed, keyed, repeats
         self.epoch, self.skip = 0, 0
         self.magnitude: float | None = None
         self.resolution: int | None = None
@@ -142,13 +153,18 @@ class EpochSampler(Sampler):
         key = self.seed + self.epoch
         g = torch.Generator().manual_seed(key)
         torch.empty((), dtype=torch.int64).random_(generator=g)
-        order = torch.randperm(self.size, generator=g)[self.skip:].tolist()
+        order = torch.randperm(self.size, generator=g)
+        if self.repeats == 1:
+            order, keys = order[self.skip:].tolist(), itertools.repeat(key)
+        else:
+            order = order.repeat_interleave(self.repeats)[:self.size][self.skip:].tolist()
+            keys = (key + (p % self.repeats) * REPEAT_KEY_STRIDE for p in range(self.skip, self.size))
         if not self.keyed:
             return iter(order)
         m, r = self.magnitude, self.resolution
         if r is not None:
-            return ((key, i, m, r) for i in order)
-        return ((key, i) for i in order) if m is None else ((key, i, m) for i in order)
+            return ((k, i, m, r) for k, i in zip(keys, order))
+        return ((k, i) for k, i in zip(keys, order)) if m is None else ((k, i, m) for k, i in zip(keys, order))
 
 
 class SeededSamples(Dataset):
@@ -237,10 +253,10 @@ class DataBundle:
             return self.train_plain if self.train_plain is not None else self.train
         return self.train if split == "train" else self.test
 
-    def epoch_sampler(self, seed: int) -> EpochSampler:
-        """The training split's order, epoch by epoch (:class:`EpochSampler`); decoded data is keyed so that
-        each image's random transforms are seeded."""
-        return EpochSampler(len(self.train), seed, keyed=not self.in_memory)
+    def epoch_sampler(self, seed: int, repeats: int = 1) -> EpochSampler:
+        """The training split's order, epoch by epoch (:class:`EpochSampler`, ``repeats``: repeated augmentation);
+        decoded data is keyed so that each image's random transforms are seeded."""
+        return EpochSampler(len(self.train), seed, keyed=not self.in_memory, repeats=repeats)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
                num_workers: int = 0, limit: int | None = None, pin_memory: bool = False,
@@ -587,7 +603,7 @@ def image_folder(root: Path, split: Path, transform: Callable | None = None, min
 # ------------------------------------------------------------------------------------------ entry
 def is_image_folder(name: str) -> bool:
     """Whether ``--dataset name`` is read as an ImageFolder (decoded by loader workers), not held in memory."""
-    return name.lower().replace("_", "-") not in ("fashion-mnist", "fashionmnist", "digits")
+    return name.lower() not in BUILTIN_DATASETS
 
 
 def load_dataset(name: str, data_root: str | None = None, subset: int | None = None, image_size: int | None = None,

@@ -1,5 +1,6 @@
-"""The paper's training recipe for DeiT (Appendix B) through timm: RandAugment, Mixup/CutMix, random erasing and
-label smoothing, each an option (off by default, as autoprog's short CPU runs train without them).
+"""The paper's training recipe for DeiT (Appendix B) through timm: RandAugment, Mixup/CutMix, random erasing,
+label smoothing and repeated augmentation, each an option (off by default, as autoprog's short CPU runs train
+without them).
 
 * RandAugment (``--randaugment rand-m9-mstd0.5-inc1``, timm's config string) runs where the images are decoded:
   in the loader workers for ImageFolder data (:func:`autoprog.data.load_image_folder`), on the host per image for
@@ -8,6 +9,9 @@ label smoothing, each an option (off by default, as autoprog's short CPU runs tr
   DeiT does); the loss is then the soft-target cross-entropy, label smoothing folded into the targets.
 * Random erasing (``--random-erasing 0.25``) erases on the normalised batch on the device (timm's
   ``RandomErasing``, pixel mode).
+* Repeated augmentation (``--aug-repeats 3``, DeiT's ``RASampler``) is the training order's
+  (:class:`autoprog.data.EpochSampler`): an epoch draws a third of the images, each three times in a row, each
+  copy augmented on its own. The official AutoProg code, built on timm's VOLO script, has none.
 
 :class:`TrainingRecipe` offers the same ``randaugment``/``erase``/``set_subnet`` calls as AdaReg
 (:mod:`.adareg`), which varies RandAugment and random erasing with the sub-network's size instead; the two do
@@ -23,7 +27,8 @@ from ..data import randaugment_images, randaugment_transform
 from ..errors import ConfigError
 
 # the paper's DeiT recipe (Appendix B), what the deit-s-paper preset sets
-DEIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25}
+DEIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25,
+               "aug_repeats": 3}
 
 
 def check_recipe(cfg, adareg: bool) -> None:

@@ -76,6 +76,10 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                       maximum=1, group="augmentation")
     random_erasing: float = option(0.0, "random-erasing probability per image (DeiT: 0.25; 0 = off), on the device",
                                    minimum=0, maximum=1, group="augmentation")
+    aug_repeats: int = option(1, "repeated augmentation (DeiT's, in the paper's DeiT recipe, Appendix B: 3): an "
+                                 "epoch trains on 1/N of the images, each N times in a row, so in the same global "
+                                 "batch, each copy augmented on its own; 1 = off", minimum=1, maximum=64,
+                              group="augmentation")
     ema_decay: float = option(
         PAPER_EMA_DECAY, "momentum m per step of the EMA network MoGrow copies from and AutoProg-One scores (the "
                          "paper's 0.998; rescaled to the epoch unless --no-ema-rescale)", minimum=0, below=1,
@@ -195,7 +199,7 @@ class Trainer(GrowthCalls, RunTemplate):
                 raise ConfigError(f"--eval-size {cfg.eval_size} is not a multiple of the patch size {self.net.patch_size}")
             self.size_loader = self.acc.prepare_data_loader(
                 data.loader("test", cfg.batch_size * 2, num_workers=self.workers, size=cfg.eval_size))
-        self.sampler = data.epoch_sampler(cfg.seed * 7919)
+        self.sampler = data.epoch_sampler(cfg.seed * 7919, repeats=cfg.aug_repeats)
         self.train_loader = self._train_loader()
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
