@@ -8,8 +8,8 @@
 #      FLOPs speed-up and images/s (summary in deit_trainer.md);
 #   2b. host-device synchronisations inside the steps of a real run, by torch's sync debug mode
 #      (benchmarks/cuda_sync_count.py): Fashion-MNIST pre-training and DiT fine-tuning, prog, 100 steps each;
-#   3. the ImageFolder loader's images/s with the defaults against the old loader, both cropping at 224 px (the
-#      last stage's side; benchmarks/loader_speed.py);
+#   3. the ImageFolder loader's images/s with the defaults against the old loader, both cropping at 224 px
+#      (benchmarks/loader_speed.py);
 #   4. per-step speed and peak memory of the unfreezing stages for DiT-XL/2 on 32x32x4 latents (256-px
 #      images), bf16, the uniform linear schedule: as the paper trains it, and with --layout tail
 #      --frozen-prefix no-grad;

@@ -1,9 +1,10 @@
 """Images per second that the ImageFolder training loader delivers, prepared on the device, with autoprog's
 defaults (workers, uint8 batches, one loader for the run) against the loader it replaced (0 workers, float32
 batches normalised as they are decoded, a new loader every epoch), in one run on a generated ImageFolder of JPEGs.
-Both crop at the training size (``--size``), the trainer's crops in its last stage; ``--stage-resolution`` crops
-the new loader's images at an earlier stage's side, as the trainer does by default (``--loader-resolution stage``). Twice: with no model (the data path's ceiling), and
-with a training step of a small ViT on every batch (``--model``), where workers decode while the model trains.
+Both crop at the training size (``--size``), as the trainer does by default; ``--stage-resolution`` crops the new
+loader's images at an earlier stage's side, as the trainer does with ``--loader-resolution stage``. Twice: with no
+model (the data path's ceiling), and with a training step of a small ViT on every batch (``--model``), where
+workers decode while the model trains.
 
     python benchmarks/loader_speed.py                      # 224-px JPEGs, 512 images, 3 epochs, batch 64
     python benchmarks/loader_speed.py --images 256 --size 128 --epochs 2 --out loader.json

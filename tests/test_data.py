@@ -474,9 +474,9 @@ def test_image_folder_test_images_at_another_size(image_folder):
 @pytest.mark.parametrize("where", [None, "stage", "full"])
 def test_decoded_training_images_are_cropped_at_the_stages_resolution_in_the_workers(where, cli, image_folder,
                                                                                      tmp_path, monkeypatch):
-    """As the official code builds its training loader at each stage's resolution, the loader workers crop ImageFolder
-    images at the stage's side (``--loader-resolution stage``, the default); ``full`` crops at the training size and
-    the model resizes on the device. The model sees the stage's resolution either way."""
+    """``--loader-resolution stage``: the loader workers crop ImageFolder images at the stage's side; ``full`` (the
+    default, as the official code's stage loaders crop at 224) crops at the training size and the model resizes on
+    the device. The model sees the stage's resolution either way."""
     from autoprog.classification.trainer import Trainer
 
     batches, inputs = [], []
@@ -498,7 +498,7 @@ def test_decoded_training_images_are_cropped_at_the_stages_resolution_in_the_wor
     assert rc == 0, err
     half = len(batches) // 2  # 2 steps an epoch, one epoch a stage
     assert inputs[:half] != inputs[half:] and inputs[half:] == [32] * half
-    if where != "full":
+    if where == "stage":
         assert batches == [(r, r) for r in inputs]
     else:
         assert batches == [(32, 32)] * len(batches)
@@ -554,7 +554,7 @@ def test_an_epochs_crop_side_is_never_smaller_than_a_step_of_it_trains_at():
 
 
 def test_stage_crops_asked_for_in_memory_data_are_said_to_change_nothing(cli, fake_fmnist, tmp_path):
-    """Typed, ``--loader-resolution stage`` says once that in-memory data has no crops; the default says nothing."""
+    """``--loader-resolution stage`` says once that in-memory data has no crops; the default says nothing."""
     from conftest import tiny_args
 
     from autoprog.classification.trainer import _warn_once

@@ -59,12 +59,9 @@ class RunSpec(Spec, AutoProgOneConfig):
     def from_dict(cls, d: dict, where: str | None = None):
         """A saved spec; one made before 2026-12-05 (no ``train.ema_rescale``) keeps what it ran: the built-in ViT's
         4×4 default grid, the per-epoch momentum when none was given (an explicit one was per step), and
-        AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing; one
-        made before ``--loader-resolution`` cropped ImageFolder images at the training size (``full``)."""
+        AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing."""
         d = json.loads(json.dumps(d))
         train = d.get("train") if isinstance(d, dict) else None
-        if isinstance(train, dict):  # made before --loader-resolution (2026-12-07): cropped at the training size
-            train.setdefault("loader_resolution", "full")
         if isinstance(train, dict) and "ema_rescale" not in train:
             train["ema_rescale"] = train.get("ema_decay") is None
             if train.get("ema_decay") is None:
@@ -336,13 +333,10 @@ OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixe
 
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
-    """How the run in ``out`` differs from ``spec`` in what its method reads (None: no run there). The crops'
-    default (unset) is ``stage``, and in-memory data has no crops to differ in."""
-    def settled(s: RunSpec) -> RunSpec:
-        return replace(s, train=replace(s.train, loader_resolution=s.train.loader_resolution or "stage"))
-
+    """How the run in ``out`` differs from ``spec`` in what its method reads (None: no run there); in-memory
+    data has no crops to differ in (``--loader-resolution``)."""
     crops = () if is_image_folder(spec.dataset) else ("loader_resolution",)
-    return saved_differences(out, settled(spec), lambda d: settled(type(spec).from_dict(d, str(out / "config.json"))),
+    return saved_differences(out, spec, lambda d: type(spec).from_dict(d, str(out / "config.json")),
                              ignore=("stop_after_epochs", *crops,
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))
 

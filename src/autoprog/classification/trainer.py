@@ -108,11 +108,12 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                            "Fashion-MNIST and digits need none: they stay on the device (with "
                                            "--randaugment or --adareg on the host, each batch copied after it)",
                                      flag="--workers", minimum=0, group="data", show_default=False)
-    loader_resolution: str | None = option(
-        None, "ImageFolder data: the side the loader workers crop training images to: the stage's, as the official "
-              "code builds its loader per stage (stage, the default; an epoch in which a later stage begins is "
-              "cropped at the largest side known for it), or the training size, resized to the stage's on the "
-              "device (full)", choices=("full", "stage"), group="data", show_default=False)
+    loader_resolution: str = option(
+        "full", "ImageFolder data: the side the loader workers crop training images to: the training size, "
+                "resized to the stage's on the device (full, as the official code's stage loaders crop at 224 "
+                "and resize on the GPU), or the stage's, less work for the loader in early stages (stage; an "
+                "epoch in which a later stage begins is cropped at the largest side known for it)",
+        choices=("full", "stage"), group="data")
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
                                                  "with --resume)", minimum=1, show_default=False)
@@ -179,7 +180,7 @@ class Trainer(GrowthCalls, RunTemplate):
         if self.acc.device.type == "cuda" and self.host_randaugment is None:
             data.to(self.acc.device)  # in-memory images, copied once
         self.workers = default_workers() if cfg.num_workers is None else cfg.num_workers
-        if cfg.loader_resolution == "stage" and data.worker_crop is None:  # asked for (the default is silent)
+        if cfg.loader_resolution == "stage" and data.worker_crop is None:
             _warn_once(f"--loader-resolution stage crops ImageFolder images in the loader workers; {data.name} is "
                        "held in memory and resized to each stage's resolution on the device, as with full")
         self.optimizer = build_optimizer(self.net, cfg.lr, cfg.weight_decay)
@@ -516,7 +517,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self._gen.manual_seed(self.cfg.seed * 7 + self.epoch * 104729 + self.acc.process_index)
         trained = (self.step - start_step) * self.global_batch if share else 0  # skipped unread
         self.sampler.begin_epoch(self.epoch, skip=trained)
-        stage_crops = self.cfg.loader_resolution != "full" and self.data.worker_crop is not None
+        stage_crops = self.cfg.loader_resolution == "stage" and self.data.worker_crop is not None
         if share and "epoch_sampler" in share:  # a resumed epoch: the settings it began with
             self.sampler.magnitude, self.sampler.resolution = share["epoch_sampler"]
         elif self.data.worker_randaugment is not None or stage_crops:  # the stage's settings go with the samples
