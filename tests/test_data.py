@@ -471,6 +471,20 @@ def test_image_folder_test_images_at_another_size(image_folder):
     assert mem.test_at(24) is mem.test, "in-memory images are resized by the model"
 
 
+def test_imagefolder_training_crops_take_the_official_scale_or_the_one_given(image_folder, tmp_path):
+    """RandomResizedCrop's smallest area fraction: 0.08 (timm's, DeiT's and the official code's) unless
+    ``--crop-scale`` says otherwise; the run's data is built with it."""
+    from autoprog.classification.runner import RunSpec, build_run
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.data import load_dataset
+
+    assert load_dataset(str(image_folder)).worker_crop.scale == (0.08, 1.0)
+    assert load_dataset(str(image_folder), crop_scale=0.5).worker_crop.scale == (0.5, 1.0)
+    spec = RunSpec(dataset=str(image_folder), embed_dim=16, depth=4, num_heads=2, patch_size=4,
+                   train=TrainConfig(crop_scale=0.25))
+    assert build_run(spec)[0].worker_crop.scale == (0.25, 1.0)
+
+
 @pytest.mark.parametrize("where", [None, "stage", "full"])
 def test_decoded_training_images_are_cropped_at_the_stages_resolution_in_the_workers(where, cli, image_folder,
                                                                                      tmp_path, monkeypatch):

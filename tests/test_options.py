@@ -181,17 +181,19 @@ def test_a_pretraining_spec_saved_before_2026_12_05_keeps_what_it_ran():
 
 
 def test_a_comparison_ignores_the_crops_of_in_memory_data(tmp_path):
-    """``--loader-resolution`` changes nothing for Fashion-MNIST or digits, so a saved run that differs only there
-    is the same run; for an ImageFolder it is another. A run saved before the option cropped at the training size,
-    the default."""
+    """``--loader-resolution`` and ``--crop-scale`` change nothing for Fashion-MNIST or digits, so a saved run that
+    differs only there is the same run; for an ImageFolder it is another. A run saved before the options cropped at
+    the training size (the default) and at 0.35 of the area and up."""
     import json
 
     from autoprog.classification.runner import RunSpec, TransferSpec, run_differences
 
     for cls in (RunSpec, TransferSpec):
         old = cls().to_dict()
-        del old["train"]["loader_resolution"]
-        assert cls.from_dict(old).train.loader_resolution == "full"
+        del old["train"]["loader_resolution"], old["train"]["crop_scale"]
+        got = cls.from_dict(old).train
+        assert got.loader_resolution == "full" and got.crop_scale == 0.35, "the crops it ran with"
+        assert cls.from_dict(cls().to_dict()).train.crop_scale == 0.08
 
     def differ(saved: str, wanted: str, dataset: str) -> list[str]:
         spec = RunSpec(dataset=dataset)
@@ -203,6 +205,14 @@ def test_a_comparison_ignores_the_crops_of_in_memory_data(tmp_path):
 
     assert differ("stage", "full", str(tmp_path)) == ["train.loader_resolution: 'stage' there, 'full' now"]
     assert differ("stage", "full", "fashion-mnist") == [] and differ("full", "stage", "digits") == []
+    spec = RunSpec(dataset="digits")
+    stored = spec.to_dict()
+    stored["train"]["crop_scale"] = 0.35
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert run_differences(tmp_path, spec) == []
+    spec.dataset = stored["dataset"] = str(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert run_differences(tmp_path, spec) == ["train.crop_scale: 0.35 there, 0.08 now"]
 
 
 def test_autoprog_ones_settings_are_declared_once():

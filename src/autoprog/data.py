@@ -88,6 +88,7 @@ PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetc
 # a repeated copy's epoch key is this many past the last (keys are seed + epoch); below 2^32 and odd, because
 # torch's and numpy's generators take a seed's low 32 bits only
 REPEAT_KEY_STRIDE = (1 << 31) - 1
+CROP_SCALE = 0.08  # an ImageFolder training crop's smallest area fraction: timm's, DeiT's and the official code's
 
 
 def workers_for_shared_memory(workers: int, batch_bytes: int, prefetch: int = PREFETCH,
@@ -463,8 +464,10 @@ def load_digits() -> DataBundle:
 
 
 # ------------------------------------------------------------------------------------ ImageFolder
-def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment: str | None = None) -> DataBundle:
+def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment: str | None = None,
+                      crop_scale: float = CROP_SCALE) -> DataBundle:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), torchvision's ImageFolder layout.
+    Training images are randomly resized-cropped (``crop_scale``: the smallest area fraction) and flipped;
     ``randaugment``: timm's RandAugment string, applied to training images in the loader workers."""
     from torchvision import transforms
 
@@ -475,7 +478,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
     if randaugment:
         augment = [randaugment_transform(randaugment, image_size, mean)]
     train_tf = transforms.Compose([  # uint8 out: a quarter of float32's bytes; normalised on the device
-        transforms.RandomResizedCrop(image_size, scale=(0.35, 1.0)),
+        transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
         *augment,
         transforms.PILToTensor(),
@@ -607,8 +610,9 @@ def is_image_folder(name: str) -> bool:
 
 
 def load_dataset(name: str, data_root: str | None = None, subset: int | None = None, image_size: int | None = None,
-                 seed: int = 0, randaugment: str | None = None) -> DataBundle:
-    """Load a dataset by name (``fashion-mnist``, ``digits``) or as an ImageFolder directory path."""
+                 seed: int = 0, randaugment: str | None = None, crop_scale: float = CROP_SCALE) -> DataBundle:
+    """Load a dataset by name (``fashion-mnist``, ``digits``) or as an ImageFolder directory path
+    (``randaugment``, ``crop_scale``: see :func:`load_image_folder`)."""
     key = name.lower().replace("_", "-")
     if key in ("fashion-mnist", "fashionmnist"):
         bundle = load_fashion_mnist(data_root)
@@ -618,7 +622,7 @@ def load_dataset(name: str, data_root: str | None = None, subset: int | None = N
         path = data_root if key == "imagefolder" else name
         if not path:
             raise DataError("--dataset imagefolder needs --data-root DIR")
-        bundle = load_image_folder(path, image_size or 32, randaugment)
+        bundle = load_image_folder(path, image_size or 32, randaugment, crop_scale)
     else:
         raise DataError(f"unknown dataset {name!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
     if subset is not None:

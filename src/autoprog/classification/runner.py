@@ -59,9 +59,12 @@ class RunSpec(Spec, AutoProgOneConfig):
     def from_dict(cls, d: dict, where: str | None = None):
         """A saved spec; one made before 2026-12-05 (no ``train.ema_rescale``) keeps what it ran: the built-in ViT's
         4×4 default grid, the per-epoch momentum when none was given (an explicit one was per step), and
-        AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing."""
+        AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing; one made
+        before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up."""
         d = json.loads(json.dumps(d))
         train = d.get("train") if isinstance(d, dict) else None
+        if isinstance(train, dict):  # made before --crop-scale: ImageFolder crops of 0.35 and up
+            train.setdefault("crop_scale", 0.35)
         if isinstance(train, dict) and "ema_rescale" not in train:
             train["ema_rescale"] = train.get("ema_decay") is None
             if train.get("ema_decay") is None:
@@ -187,7 +190,8 @@ def build_run(spec: RunSpec):
     chosen = get_method(spec.method, PRETRAIN)
     if spec.adareg:
         check_recipe(spec.train, adareg=True)
-    data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size, randaugment=spec.train.randaugment)
+    data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size, randaugment=spec.train.randaugment,
+                        crop_scale=spec.train.crop_scale)
     img_size = spec.img_size
     if img_size is None and spec.model == "vit":
         img_size = data.image_size
@@ -233,7 +237,8 @@ def _build_transfer(spec: TransferSpec):
         raise ConfigError(f"a fine-tuning run takes its architecture and schedule from the base and its method: "
                           f"{', '.join(unread)} cannot be set")
     size = pretrained_resolution(spec.base_path, spec.model)
-    data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment)
+    data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment,
+                        crop_scale=spec.train.crop_scale)
     net, info = load_pretrained(spec.base_path, data.num_classes, data.in_chans, spec.model)
     net.build_args = info["build_args"]
     net.set_unfreezing(chosen.base != "full")
@@ -334,8 +339,8 @@ OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixe
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     """How the run in ``out`` differs from ``spec`` in what its method reads (None: no run there); in-memory
-    data has no crops to differ in (``--loader-resolution``)."""
-    crops = () if is_image_folder(spec.dataset) else ("loader_resolution",)
+    data has no crops to differ in (``--loader-resolution``, ``--crop-scale``)."""
+    crops = () if is_image_folder(spec.dataset) else ("loader_resolution", "crop_scale")
     return saved_differences(out, spec, lambda d: type(spec).from_dict(d, str(out / "config.json")),
                              ignore=("stop_after_epochs", *crops,
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))

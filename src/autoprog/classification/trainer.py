@@ -27,7 +27,7 @@ from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, Mo
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..compute import compile_blocks
 from ..controllers import ProxyTask, ScheduleController
-from ..data import DataBundle, default_workers, to_device
+from ..data import CROP_SCALE, DataBundle, default_workers, to_device
 from ..engine import PreparedModel, RunTemplate, full_precision
 from ..errors import ConfigError, warn
 from ..metrics import train_step_flops
@@ -76,6 +76,9 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                       maximum=1, group="augmentation")
     random_erasing: float = option(0.0, "random-erasing probability per image (DeiT: 0.25; 0 = off), on the device",
                                    minimum=0, maximum=1, group="augmentation")
+    crop_scale: float = option(CROP_SCALE, "ImageFolder data: the smallest area fraction of a training image's random "
+                                     "resized crop (0.08: timm's, DeiT's and the official code's; autoprog cropped "
+                                     "at 0.35 and up before 2026-12-07)", above=0, maximum=1, group="augmentation")
     aug_repeats: int = option(1, "repeated augmentation (DeiT's, in the paper's DeiT recipe, Appendix B: 3): an "
                                  "epoch trains on 1/N of the images, each N times in a row, so in the same global "
                                  "batch, each copy augmented on its own; 1 = off", minimum=1, maximum=64,
