@@ -44,7 +44,9 @@ def old_loader(root: Path, size: int, batch: int, epoch: int) -> DataLoader:
     """The loader autoprog used before: float32 normalised in the worker, 0 workers, built every epoch."""
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.35, 1.0)), transforms.RandomHorizontalFlip(),
+    from autoprog.data import CROP_SCALE  # (the crops the new loader makes: the same work)
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(CROP_SCALE, 1.0)), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     ds = datasets.ImageFolder(str(root / "train"), transform=lambda im: tf(im.convert("RGB")))
     return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(epoch))

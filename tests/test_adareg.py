@@ -108,7 +108,7 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     first, last = set(seen[:per_epoch]), set(seen[per_epoch:])
     assert len(first) == 1 and len(last) == 1 and min(first) < max(last) == 9.0  # the full model: Table 14's max
     assert all(m == {s} for m, s in zip(magnitudes, seen))  # the workers' operations at the magnitude sent
-    # and each image cropped at its stage's resolution, sent with it (the official code's loader per stage)
+    # and each image cropped at its stage's resolution, sent with it (--loader-resolution stage)
     first_sides, last_sides = set(sides[:per_epoch]), set(sides[per_epoch:])
     assert len(first_sides) == 1 and last_sides == {(None, (32, 32))}  # the training size: sent as none
     (side, shape), = first_sides

@@ -194,6 +194,9 @@ def test_a_comparison_ignores_the_crops_of_in_memory_data(tmp_path):
         got = cls.from_dict(old).train
         assert got.loader_resolution == "full" and got.crop_scale == 0.35, "the crops it ran with"
         assert cls.from_dict(cls().to_dict()).train.crop_scale == 0.08
+        unset = cls().to_dict()
+        unset["train"]["loader_resolution"] = None  # (saved for some hours of 2026-12-07: it meant stage)
+        assert cls.from_dict(unset).train.loader_resolution == "stage"
 
     def differ(saved: str, wanted: str, dataset: str) -> list[str]:
         spec = RunSpec(dataset=dataset)

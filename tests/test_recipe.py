@@ -157,6 +157,10 @@ def test_repeated_augmentation_draws_each_image_n_times_in_a_row_each_copy_keyed
     assert list(one) == [(key, i) for i in perm]
     with pytest.raises(ValueError, match="at least 1"):
         EpochSampler(10, seed=3, repeats=0)
+    # torch and numpy seed from a seed's low 32 bits: no copy of an image shares them with another copy or epoch
+    seeds = {((5 + e + c * REPEAT_KEY_STRIDE) * 1_000_003 + 7) % (2**63 - 1) % 2**32 for e in range(2000)
+             for c in range(64)}
+    assert len(seeds) == 2000 * 64
 
 
 def test_repeated_copies_of_a_decoded_image_are_augmented_apart(image_folder):

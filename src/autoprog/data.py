@@ -85,9 +85,10 @@ def default_workers(reserve: int = 1) -> int:
 
 SHARED_MEMORY = "/dev/shm"  # where loader workers hand their batches to the training process (Linux)
 PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetch_factor)
-# a repeated copy's epoch key is this many past the last (keys are seed + epoch); below 2^32 and odd, because
-# torch's and numpy's generators take a seed's low 32 bits only
-REPEAT_KEY_STRIDE = (1 << 31) - 1
+# a repeated copy's epoch key is this many past the last (keys are seed + epoch). torch's and numpy's generators
+# take a seed's low 32 bits only: copy c of epoch e and copy c' of epoch e' seed alike only when e - e' is
+# (c' - c) strides modulo 2^32, which no run of fewer than 2^24 epochs and 256 copies reaches
+REPEAT_KEY_STRIDE = 1 << 24
 CROP_SCALE = 0.08  # an ImageFolder training crop's smallest area fraction: timm's, DeiT's and the official code's
 
 
