@@ -144,6 +144,25 @@ def ctrl_c_at_step(step: int):
         Trainer._train_step = real
 
 
+def resumes_like_uninterrupted(cli, tmp_path: Path, args: list, step: int) -> tuple[Path, Path]:
+    """``pretrain *args`` run whole into ``tmp_path/full``, and into ``tmp_path/run`` stopped by a Ctrl-C at training
+    step ``step`` (see :func:`ctrl_c_at_step`) then resumed; asserts both end with the same weights and returns
+    ``(run, full)`` for the caller's further checks."""
+    from safetensors.torch import load_file
+
+    run, full = tmp_path / "run", tmp_path / "full"
+    rc, _, err = cli("pretrain", "--out", full, *args)
+    assert rc == 0, err
+    with ctrl_c_at_step(step):
+        rc, _, err = cli("pretrain", "--out", run, *args)
+        assert rc == 130 and f"interrupted at step {step + 1}" in err, err
+    rc, _, err = cli("pretrain", "--resume", run, "--cpu")
+    assert rc == 0, err
+    a, b = (load_file(r / "checkpoint" / "model.safetensors") for r in (run, full))
+    assert all(torch.equal(a[k], b[k]) for k in b), "the resumed run's weights differ from the uninterrupted run's"
+    return run, full
+
+
 def replay_fixed(cli, run_dir: Path, out: Path, *args) -> tuple[dict, dict]:
     """Replay ``run_dir``'s schedule.json with ``pretrain --method fixed``; the two runs' results."""
     import json

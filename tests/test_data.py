@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAKE_TEST, FAKE_TRAIN, ctrl_c_at_step, make_fake_fashion_mnist, write_idx_gz
+from conftest import FAKE_TEST, FAKE_TRAIN, make_fake_fashion_mnist, resumes_like_uninterrupted, write_idx_gz
 
 from autoprog.data import DataBundle, TensorImages, load_dataset, load_digits, load_fashion_mnist
 from autoprog.errors import DataError
@@ -524,24 +524,16 @@ def test_stage_crops_resume_a_checkpoint_at_a_stages_end_within_an_epoch_identic
     at its step, as in the uninterrupted run (entered early, AutoProg-Zero's search drew from a random stream that
     the restored one then replaced): the same weights."""
 
-    from safetensors.torch import load_file
 
 
     args = ["--dataset", image_folder, "--subset", "8", "--batch-size", "2", "--epochs", "2", "--num-stages", "3",
             "--method", "autoprog-zero", "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size", "4",
             "--workers", "0", "--no-flops", "--cpu", "--loader-resolution", "stage", "--time-source", "flops",
             "--proxy-batches", "2", "--proxy-batch-size", "2"]
-    rc, _, err = cli("pretrain", "--out", tmp_path / "full", *args)
-    assert rc == 0, err
-    starts = [s["step"] for s in json.loads((tmp_path / "full" / "results.json").read_text())["stages"]]
+    # Ctrl-C at stage 1's last step: the checkpoint is stage 2's start, within epoch 1
+    _, full = resumes_like_uninterrupted(cli, tmp_path, args, step=2)
+    starts = [s["step"] for s in json.loads((full / "results.json").read_text())["stages"]]
     assert starts == [0, 3, 5]
-    with ctrl_c_at_step(2):  # stage 1's last step: the checkpoint is stage 2's start, within epoch 1
-        rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
-        assert rc == 130 and "interrupted at step 3" in err, err
-    rc, _, err = cli("pretrain", "--resume", tmp_path / "run", "--cpu")
-    assert rc == 0, err
-    a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("run", "full"))
-    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_an_epochs_crop_side_is_never_smaller_than_a_step_of_it_trains_at():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ctrl_c_at_step, tiny_args
+from conftest import ctrl_c_at_step, resumes_like_uninterrupted, tiny_args
 from safetensors.torch import load_file
 
 from autoprog.classification.recipe import DEIT_RECIPE, TrainingRecipe, check_recipe
@@ -186,13 +186,5 @@ def test_repeated_augmentation_trains_and_resumes_mid_epoch_identical(cli, image
     args = ["--dataset", image_folder, "--subset", "8", "--batch-size", "2", "--epochs", "2", "--num-stages", "2",
             "--method", "prog", "--aug-repeats", "3", "--embed-dim", "16", "--depth", "4", "--num-heads", "2",
             "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu"]
-    rc, _, err = cli("pretrain", "--out", tmp_path / "full", *args)
-    assert rc == 0, err
-    with ctrl_c_at_step(2):
-        rc, _, err = cli("pretrain", "--out", tmp_path / "run", *args)
-        assert rc == 130 and "interrupted at step 3" in err, err
-    rc, _, err = cli("pretrain", "--resume", tmp_path / "run", "--cpu")
-    assert rc == 0, err
-    a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("run", "full"))
-    assert all(torch.equal(a[k], b[k]) for k in b)
-    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["aug_repeats"] == 3
+    _, full = resumes_like_uninterrupted(cli, tmp_path, args, step=2)
+    assert json.loads((full / "config.json").read_text())["train"]["aug_repeats"] == 3
