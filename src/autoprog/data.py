@@ -164,9 +164,8 @@ class EpochSampler(Sampler):
         if not self.keyed:
             return iter(order)
         m, r = self.magnitude, self.resolution
-        if r is not None:
-            return ((k, i, m, r) for k, i in zip(keys, order))
-        return ((k, i) for k, i in zip(keys, order)) if m is None else ((k, i, m) for k, i in zip(keys, order))
+        settings = (m, r) if r is not None else () if m is None else (m,)  # what each item carries
+        return ((k, i, *settings) for k, i in zip(keys, order))
 
 
 class SeededSamples(Dataset):

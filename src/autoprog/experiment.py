@@ -54,12 +54,12 @@ PATH_SETTINGS = ("dataset", "data_root", "base", "vae", "schedule", "instance_di
 def input_paths(spec) -> dict[str, str]:
     """Flag → value of every setting of ``spec`` in :data:`PATH_SETTINGS` that names an existing file or folder
     (a built-in dataset's name is no path), which its ``--out`` must neither be nor hold."""
-    from .data import BUILTIN_DATASETS
+    from .data import is_image_folder
 
     out = {}
     for name in PATH_SETTINGS:
         v = getattr(spec, name, None)
-        if isinstance(v, str) and v and Path(v).exists() and not (name == "dataset" and v.lower() in BUILTIN_DATASETS):
+        if isinstance(v, str) and v and Path(v).exists() and (name != "dataset" or is_image_folder(v)):
             out["--" + name.replace("_", "-")] = v
     return out
 

@@ -63,10 +63,10 @@ class RunSpec(Spec, AutoProgOneConfig):
         before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up."""
         d = json.loads(json.dumps(d))
         train = d.get("train") if isinstance(d, dict) else None
-        if isinstance(train, dict) and "loader_resolution" in train and train["loader_resolution"] is None:
-            train["loader_resolution"] = "stage"  # saved unset for some hours of 2026-12-07, when that meant stage
-        if isinstance(train, dict):  # made before --crop-scale: ImageFolder crops of 0.35 and up
-            train.setdefault("crop_scale", 0.35)
+        if isinstance(train, dict):
+            if "loader_resolution" in train and train["loader_resolution"] is None:
+                train["loader_resolution"] = "stage"  # saved unset for some hours of 2026-12-07: it meant stage
+            train.setdefault("crop_scale", 0.35)  # made before --crop-scale: ImageFolder crops of 0.35 and up
         if isinstance(train, dict) and "ema_rescale" not in train:
             train["ema_rescale"] = train.get("ema_decay") is None
             if train.get("ema_decay") is None:
