@@ -326,6 +326,8 @@ class DataBundle:
             ds = copy.copy(ds)
             if isinstance(ds, torch.utils.data.Subset):
                 ds.dataset = added(ds.dataset)
+            elif hasattr(ds, "with_randaugment"):  # a dataset that RandAugments more than the image (token labels)
+                ds = ds.with_randaugment(transform)
             else:
                 steps = list(ds.transform.transforms)  # a torchvision Compose: ..., PILToTensor()
                 ds.transform = transforms.Compose([*steps[:-1], transform, steps[-1]])

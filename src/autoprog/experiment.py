@@ -48,7 +48,7 @@ def read_run_config(out: Path, kind: str) -> dict:
 
 # the settings that name files or folders a run reads (a dataset, a base model, a VAE, a schedule...)
 PATH_SETTINGS = ("dataset", "data_root", "base", "vae", "schedule", "instance_dir", "fid_weights", "clip_model",
-                 "dino_model")
+                 "dino_model", "token_labels")
 
 
 def input_paths(spec) -> dict[str, str]:
@@ -58,7 +58,7 @@ def input_paths(spec) -> dict[str, str]:
 
     out = {}
     for name in PATH_SETTINGS:
-        v = getattr(spec, name, None)
+        v = getattr(spec, name, None) or getattr(getattr(spec, "train", None), name, None)
         if isinstance(v, str) and v and Path(v).exists() and (name != "dataset" or is_image_folder(v)):
             out["--" + name.replace("_", "-")] = v
     return out

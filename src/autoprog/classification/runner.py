@@ -42,6 +42,7 @@ from ..schedules import build_schedule
 from .pretrained import build_args_of, load_pretrained, pretrained_resolution
 from .recipe import check_recipe
 from .report import seeds_markdown, summary_markdown
+from .token_labels import prepare_token_labels
 from .trainer import MAX_EPOCHS, TrainConfig, Trainer
 
 
@@ -201,6 +202,7 @@ def build_run(spec: RunSpec):
                                grid=spec.builtin_grid)
     net = build_elastic(spec.model, data.num_classes, data.in_chans, overrides)
     net.build_args = build_args_of(spec.model, overrides, net)  # the model folder the run writes records them
+    data = prepare_token_labels(spec.train, data, net)
     space = net.growth_space(spec.num_stages, spec.start_ratio)
     if chosen.base == "autoprog-one":
         from ..algorithms.autoprog_one import AutoProgOne
@@ -243,6 +245,7 @@ def _build_transfer(spec: TransferSpec):
                         crop_scale=spec.train.crop_scale)
     net, info = load_pretrained(spec.base_path, data.num_classes, data.in_chans, spec.model)
     net.build_args = info["build_args"]
+    data = prepare_token_labels(spec.train, data, net)
     net.set_unfreezing(chosen.base != "full")
     space = net.growth_space(spec.num_stages, spec.start_ratio)
     if chosen.base == "autoprog-zero":

@@ -45,6 +45,14 @@ from ..schedules import Schedule
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
 from .recipe import TrainingRecipe, check_recipe
+from .token_labels import (
+    DENSE_WEIGHT,
+    GEOMETRIES,
+    is_token_labelled,
+    prepare_model_for_token_labels,
+    token_label_loss,
+    token_label_targets,
+)
 
 MAX_EPOCHS = 10 ** 9  # far beyond any real run; more would overflow the step count
 
@@ -85,6 +93,17 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                  "epoch trains on 1/N of the images, each N times in a row, so in the same global "
                                  "batch, each copy augmented on its own; 1 = off", minimum=1, maximum=64,
                               group="augmentation")
+    token_labels: str | None = option(
+        None, "token labeling with MixToken, the paper's VOLO recipe (Appendix B): a folder of teacher score maps, "
+              "<dir>/<class>/<image stem>.pt, each [2, k, H, W] float16 (the top-k logits and their class indices "
+              "at each place) as the TokenLabeling repository's generate_label.py writes them; ImageFolder data and "
+              "timm:volo_* models", show_default=False, group="augmentation")
+    dense_weight: float = option(DENSE_WEIGHT, "token labeling: weight of the tokens' loss beside the class token's "
+                                               "(the official --dense-weight)", minimum=0, group="augmentation")
+    token_label_geometry: str = option(
+        "official", "token labeling: how a crop's box is cut from a score map and a rotation turns it: official (as "
+                    "the official code: the box transposed, rotations half a cell off the centre) or corrected",
+        choices=GEOMETRIES, group="augmentation")
     ema_decay: float = option(
         PAPER_EMA_DECAY, "momentum m per step of the EMA network MoGrow copies from and AutoProg-One scores (the "
                          "paper's 0.998; rescaled to the epoch unless --no-ema-rescale)", minimum=0, below=1,
@@ -171,6 +190,11 @@ class Trainer(GrowthCalls, RunTemplate):
         self._stage_resolution: int | None = None  # the running stage's side as it was entered
         if adareg is not None and not data.in_memory:  # decoded images: its RandAugment in the loader workers
             data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans))
+        if cfg.token_labels is not None:
+            if not is_token_labelled(data):
+                raise ConfigError("--token-labels: the training data carries no score maps (build it with "
+                                  "autoprog.classification.token_labels.with_token_labels)")
+            prepare_model_for_token_labels(net)
         self.recipe = TrainingRecipe(cfg, data.num_classes, data.in_memory, data.image_size, data.mean)
         # in-memory images RandAugmented (PIL, on the host) stay on the host until after it: no copy back per step
         self.regularizer = adareg if adareg is not None else self.recipe  # RandAugment and erasing of batches
@@ -624,12 +648,25 @@ class Trainer(GrowthCalls, RunTemplate):
             x, y = to_device(x, self.acc.device), to_device(y, self.acc.device)
         x = self.data.prepare(x, train=True, generator=self._gen,
                               regularizer=self.regularizer)
-        x, target = self.recipe.mix(x, y)
-        with self.autocast():
-            logits = self._training_module()(x)
-            loss = self.recipe.loss(logits, target)
+        if self.cfg.token_labels is not None:
+            loss = self._token_labelled_loss(x, *y)
+        else:
+            x, target = self.recipe.mix(x, y)
+            with self.autocast():
+                logits = self._training_module()(x)
+                loss = self.recipe.loss(logits, target)
         self._apply_update(loss, self.net)
         return loss.detach()
+
+    def _token_labelled_loss(self, x: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
+                             boxes: torch.Tensor) -> torch.Tensor:
+        """Token labeling's loss of a batch: targets from the score maps at the stage's token grid, MixToken in the
+        model (:mod:`.token_labels`)."""
+        cls_target, token_target = token_label_targets(maps, boxes, self.data.num_classes, self.net.token_grid(),
+                                                       self.cfg.label_smoothing, self.cfg.token_label_geometry)
+        with self.autocast(), self.net.token_labelled():
+            cls, tokens, box = self._training_module()(x)
+            return token_label_loss(cls, tokens, box, cls_target, token_target, self.cfg.dense_weight)
 
     def _update_momentum(self) -> None:
         self.ema.update(self.net)

@@ -1,0 +1,326 @@
+"""Token labeling with MixToken (Jiang et al., "All tokens matter"), the paper's VOLO recipe (Appendix B), as the
+official AutoProg code runs it (its ``--token-label --token-label-data DIR``, the TokenLabeling package ``tlt``).
+
+**Score maps.** A teacher's dense predictions, one file per training image: ``<DIR>/<class>/<stem>.pt`` (the image
+``train/<class>/<stem>.JPEG``), a ``[2, k, H, W]`` float16 tensor: the top-``k`` logits at each of ``H`` × ``W``
+places (``[0]``) and their class indices (``[1]``), as the TokenLabeling repository's ``generate_label.py`` writes
+them (its ImageNet maps: ``k`` = 5, 15 × 15, from NFNet-F6). autoprog downloads none: bring your own.
+
+**In the loader workers** (:class:`TokenLabelFolder`) each image and its map go through the same random geometry,
+in the official order: a horizontal flip, RandAugment on the whole image (its rotations, shears and translations
+also move the map, :class:`LabelRandAugment`), then the random resized crop, whose box travels with the map as four
+fractions of the image (top, left, height, width).
+
+**On the device** (:func:`token_label_targets`) the map is made dense over the classes, the crop's box is cut out
+of it with ``roi_align`` at one target per coarse token of the stage (its side ``resolution // 16``, the official
+``current_r // 16``) and once whole for the class token, each passed through a softmax and label smoothing.
+
+**In the model** MixToken swaps a random box of patch tokens with the batch's reverse after the patch embedding and
+swaps the auxiliary head's token outputs back (:meth:`autoprog.adapters.volo.ElasticVOLO.token_labelled`);
+:func:`token_label_loss` is the class token's cross-entropy against the teacher's crop label, mixed by the box's
+area, plus ``dense_weight`` (0.5) times the tokens' against theirs. (The official ``--ground-truth`` variant and
+token labeling with Mixup/CutMix are not built.)
+
+``geometry="official"`` (the default) reproduces two quirks of the official code: its ``roi_align`` box gives the
+crop's rows as ``x`` and its columns as ``y`` (so the map is cut transposed), and its rotations of the map turn
+about a point half a cell off the map's centre. ``"corrected"`` cuts the box the right way round and turns about
+the centre. Neither mode knows whether a map covers the whole image or (as the official ImageNet maps, made from
+centre crops) a part of it: the box is taken as fractions of the map.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+
+GEOMETRIES = ("official", "corrected")
+DENSE_WEIGHT = 0.5  # the official --dense-weight: the tokens' loss against the class token's (--cls-weight 1)
+MAX_CLASS_INDEX = 2048  # float16 holds every integer up to here: the maps' class indices must fit
+
+
+# ------------------------------------------------------------------------------------------- files
+def score_map_path(label_root: Path, image_path: str | Path) -> Path:
+    """Where the score map of ``image_path`` lies: ``label_root/<class>/<name up to its first dot>.pt``."""
+    p = Path(image_path)
+    return Path(label_root) / p.parent.name / (p.name.split(".")[0] + ".pt")
+
+
+def load_score_map(path: Path, num_classes: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The score map at ``path`` as float32 ``[2, k, H, W]``, checked: a missing, unreadable or malformed file (not
+    ``[2, k, H, W]``, another shape than ``shape``, non-finite logits, indices that are not classes of the data) is a
+    one-line :class:`DataError` naming it."""
+    if not path.is_file():
+        raise DataError(f"no token-label score map at {path}: --token-labels needs one per training image "
+                        "(<dir>/<class>/<image stem>.pt)")
+    try:
+        m = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise DataError(f"cannot read token-label score map {path} ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(m, torch.Tensor) or m.ndim != 4 or m.shape[0] != 2 or not m.is_floating_point() \
+            or min(m.shape) < 1:
+        what = f"a {tuple(m.shape)} {m.dtype} tensor" if isinstance(m, torch.Tensor) else type(m).__name__
+        raise DataError(f"token-label score map {path} is {what}, not [2, k, H, W] floats (top-k logits and their "
+                        "class indices)")
+    if shape is not None and tuple(m.shape) != tuple(shape):
+        raise DataError(f"token-label score map {path} is {list(m.shape)}, the first one read was {list(shape)}: "
+                        "all maps must have one shape")
+    m = m.float()
+    idx = m[1]
+    if not torch.isfinite(m[0]).all():
+        raise DataError(f"token-label score map {path} holds non-finite logits")
+    if not (torch.equal(idx, idx.round()) and idx.min() >= 0 and idx.max() < num_classes):
+        raise DataError(f"token-label score map {path} has class indices outside 0..{num_classes - 1} (the data's "
+                        f"{num_classes} classes) or not whole")
+    return m
+
+
+# ------------------------------------------------------------------- the maps' geometry (workers)
+def affine_label(label: torch.Tensor, matrix: tuple[float, ...]) -> torch.Tensor:
+    """PIL's affine ``matrix`` (a, b, c, d, e, f) applied to a ``[2, k, H, W]`` map the official way: scipy's
+    nearest-neighbour ``affine_transform`` over (row, column), logits filled with 0 outside, indices with the
+    nearest edge."""
+    from scipy import ndimage
+
+    a, b, c, d, e, f = matrix
+    m = [[1, 0, 0, 0], [0, a, b, c], [0, d, e, f]]
+    value = ndimage.affine_transform(label[0].numpy(), matrix=m, order=0, mode="constant")
+    index = ndimage.affine_transform(label[1].numpy(), matrix=m, order=0, mode="nearest")
+    return torch.from_numpy(np.stack([value, index]))
+
+
+def _shear_x_label(label, factor):  # (rows, columns): PIL's x-shear is a shear of the columns by the rows
+    return affine_label(label, (1, 0, 0, factor, 1, 0))
+
+
+def _shear_y_label(label, factor):
+    return affine_label(label, (1, factor, 0, 0, 1, 0))
+
+
+def _translate_x_rel_label(label, pct):
+    return affine_label(label, (1, 0, 0, 0, 1, pct * label.shape[3]))
+
+
+def _translate_y_rel_label(label, pct):
+    return affine_label(label, (1, 0, pct * label.shape[2], 0, 1, 0))
+
+
+def _rotate_label(label, degrees, geometry="official"):
+    """PIL's ``rotate(degrees)`` on the map; ``official`` turns about (H/2, W/2) in cell indices (the official
+    code's pivot, half a cell off), ``corrected`` about the centre ((H-1)/2, (W-1)/2)."""
+    h, w = label.shape[2:]
+    cr, cc = (h / 2.0, w / 2.0) if geometry == "official" else ((h - 1) / 2.0, (w - 1) / 2.0)
+    angle = math.radians(degrees)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    # in (row, column): input = R @ (output - centre) + centre
+    return affine_label(label, (cos, sin, cr - cos * cr - sin * cc, -sin, cos, cc + sin * cr - cos * cc))
+
+
+LABEL_OPS = {"Rotate": _rotate_label, "ShearX": _shear_x_label, "ShearY": _shear_y_label,
+             "TranslateXRel": _translate_x_rel_label, "TranslateYRel": _translate_y_rel_label}
+UNSUPPORTED_OPS = ("TranslateX", "TranslateY")  # absolute translations: the official code has no map op for them
+
+
+class LabelRandAugment:
+    """timm's RandAugment on an image and its score map: the operations, their choice and magnitudes are timm's
+    (``ops``: timm ``AugmentOp``s, whose ``magnitude`` AdaReg sets per epoch); the geometric ones (rotate, shear,
+    relative translate) also move the map (:data:`LABEL_OPS`), as the official code's."""
+
+    def __init__(self, randaugment, geometry: str = "official"):
+        bad = [op.name for op in randaugment.ops if op.name in UNSUPPORTED_OPS]
+        if bad:
+            raise ConfigError(f"RandAugment operation(s) {', '.join(bad)} move the image by absolute pixels, which "
+                              "the score maps cannot follow; use the rand-* policies (relative translations)")
+        self.ops, self.num_layers = randaugment.ops, randaugment.num_layers
+        self.choice_weights = randaugment.choice_weights
+        self.geometry = geometry
+
+    def __call__(self, img, label):
+        ops = np.random.choice(self.ops, self.num_layers, replace=self.choice_weights is None, p=self.choice_weights)
+        for op in ops:
+            img, label = self._apply(op, img, label)
+        return img, label
+
+    def _apply(self, op, img, label):
+        """timm's ``AugmentOp.__call__`` (the same random draws), the level's arguments also given to the map's op."""
+        if op.prob < 1.0 and random.random() > op.prob:
+            return img, label
+        magnitude = op.magnitude
+        if op.magnitude_std > 0:
+            magnitude = random.uniform(0, magnitude) if op.magnitude_std == float("inf") \
+                else random.gauss(magnitude, op.magnitude_std)
+        magnitude = max(0.0, min(magnitude, op.magnitude_max or 10))
+        args = op.level_fn(magnitude, op.hparams) if op.level_fn is not None else ()
+        img = op.aug_fn(img, *args, **op.kwargs)
+        fn = LABEL_OPS.get(op.name)
+        if fn is _rotate_label:
+            label = fn(label, *args, geometry=self.geometry)
+        elif fn is not None:
+            label = fn(label, *args)
+        return img, label
+
+
+class TokenLabelTransform:
+    """A training image and its score map through the official order: horizontal flip (p = 0.5), RandAugment
+    (optional, :class:`LabelRandAugment`), the random resized crop (torchvision's, its box returned as fractions
+    ``(top, left, height, width)`` of the image), uint8 tensor. ``transforms`` lists the crop so that the trainer
+    can set its output side (``--loader-resolution stage``)."""
+
+    def __init__(self, crop, randaugment: LabelRandAugment | None = None):
+        self.crop, self.randaugment = crop, randaugment
+        self.transforms = [crop]
+
+    def __call__(self, img, label):
+        from torchvision.transforms import functional as TF
+
+        if torch.rand(1) < 0.5:
+            img, label = TF.hflip(img), label.flip(3)
+        if self.randaugment is not None:
+            img, label = self.randaugment(img, label)
+        i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        W, H = img.size
+        coords = torch.tensor([i / H, j / W, h / H, w / W])
+        img = TF.resized_crop(img, i, j, h, w, list(self.crop.size), self.crop.interpolation, antialias=True)
+        return TF.pil_to_tensor(img), label.half(), coords
+
+
+class TokenLabelFolder(Dataset):
+    """An ImageFolder's training images with their score maps: item ``i`` is ``(uint8 image, (class, map, box))``,
+    the map ``[2, k, H, W]`` float16 and the crop's box as :class:`TokenLabelTransform` gives them."""
+
+    def __init__(self, folder, label_root: str | Path, transform: TokenLabelTransform, num_classes: int):
+        self.folder, self.label_root, self.transform = folder, Path(label_root), transform
+        self.num_classes = num_classes
+        if not self.label_root.is_dir():
+            raise DataError(f"--token-labels {self.label_root} is not a directory of score maps")
+        first = load_score_map(score_map_path(self.label_root, folder.samples[0][0]), num_classes)
+        self.map_shape = tuple(first.shape)
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        path, y = self.folder.samples[i]
+        img = self.folder.loader(path)
+        label = load_score_map(score_map_path(self.label_root, path), self.num_classes, self.map_shape)
+        x, label, coords = self.transform(img, label)
+        return x, (y, label, coords)
+
+    def with_randaugment(self, randaugment) -> TokenLabelFolder:
+        """A copy whose transform RandAugments image and map with timm's ``randaugment`` (AdaReg's)."""
+        import copy
+
+        out = copy.copy(self)
+        geometry = self.transform.randaugment.geometry if self.transform.randaugment else "official"
+        out.transform = TokenLabelTransform(self.transform.crop, LabelRandAugment(randaugment, geometry))
+        return out
+
+
+def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = None,
+                      geometry: str = "official"):
+    """``bundle`` (an ImageFolder's) whose training images come with their score maps (:class:`TokenLabelFolder`,
+    ``randaugment``: timm's config string, applied to image and map); the first map is read and checked now."""
+    import dataclasses
+
+    from torch.utils.data import Subset
+
+    from ..data import randaugment_transform
+
+    if geometry not in GEOMETRIES:
+        raise ConfigError(f"--token-label-geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
+    if bundle.in_memory or bundle.worker_crop is None:
+        raise ConfigError(f"--token-labels needs an ImageFolder dataset (its score maps are per image file); "
+                          f"{bundle.name} is held in memory")
+    ra = None
+    if randaugment:
+        ra = LabelRandAugment(randaugment_transform(randaugment, bundle.image_size, bundle.mean), geometry)
+    transform = TokenLabelTransform(bundle.worker_crop, ra)
+
+    def wrapped(ds):
+        if isinstance(ds, Subset):
+            return Subset(wrapped(ds.dataset), ds.indices)
+        return TokenLabelFolder(ds, label_root, transform, bundle.num_classes)
+
+    return dataclasses.replace(bundle, train=wrapped(bundle.train))
+
+
+def prepare_model_for_token_labels(net) -> None:
+    """Refuse a model that token labeling cannot train: it needs VOLO's class token and auxiliary head."""
+    if not hasattr(net, "token_labelled"):
+        raise ConfigError(f"--token-labels trains VOLO's auxiliary head on the score maps; {net.family} has none: "
+                          "use --model timm:volo_d1_224 (or another timm:volo_*)")
+    net.check_token_labels()
+
+
+def prepare_token_labels(cfg, bundle, net):
+    """The data of a run with ``cfg.token_labels`` (a :class:`TrainConfig`): checked against ``net`` and given its
+    score maps (:func:`with_token_labels`); ``bundle`` as it is without."""
+    if cfg.token_labels is None:
+        return bundle
+    prepare_model_for_token_labels(net)
+    return with_token_labels(bundle, cfg.token_labels, cfg.randaugment, cfg.token_label_geometry)
+
+
+def is_token_labelled(bundle) -> bool:
+    """Whether ``bundle``'s training items carry score maps (:func:`with_token_labels`)."""
+    from torch.utils.data import Subset
+
+    ds = bundle.train
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return isinstance(ds, TokenLabelFolder)
+
+
+# ------------------------------------------------------------------------------- targets (device)
+def token_label_targets(maps: torch.Tensor, coords: torch.Tensor, num_classes: int, label_size: int,
+                        smoothing: float = 0.1, geometry: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets of a batch of score maps ``[B, 2, k, H, W]`` and crop boxes ``[B, 4]``, on their device: the
+    class token's ``[B, C]`` (the whole box) and the tokens' ``[B, label_size², C]`` (the box cut into
+    ``label_size`` × ``label_size`` cells), each the softmax of the ``roi_align``-ed logits (zero for classes
+    outside the top ``k``), smoothed as the official code does (``p · (1 − s + s/C) + s/C``)."""
+    from torchvision.ops import roi_align
+
+    b, _, _, h, w = maps.shape
+    dense = torch.zeros(b, num_classes, h, w, device=maps.device, dtype=torch.float32)
+    dense.scatter_(1, maps[:, 1].long(), maps[:, 0].float())
+    top, left, height, width = coords.float().unbind(1)
+    if geometry == "official":  # rows given as x, columns as y, both scaled by the map's width
+        box = torch.stack([top, left, top + height, left + width], 1) * w
+    else:
+        box = torch.stack([left * w, top * h, (left + width) * w, (top + height) * h], 1)
+    rois = torch.cat([torch.arange(b, device=maps.device, dtype=torch.float32).view(b, 1), box - 0.5], 1)
+    tokens = roi_align(dense, rois, output_size=(label_size, label_size))  # [B, C, S, S]
+    whole = roi_align(dense, rois, output_size=(1, 1)).flatten(1)  # [B, C]
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    cls = F.softmax(whole, dim=1) * on + off
+    tok = F.softmax(tokens.flatten(2), dim=1) * on + off  # softmax over the classes of each cell
+    return cls, tok.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------- model and loss
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def token_label_loss(cls_logits: torch.Tensor, token_logits: torch.Tensor, box: tuple[int, int, int, int],
+                     cls_target: torch.Tensor, token_target: torch.Tensor, dense_weight: float = DENSE_WEIGHT,
+                     cls_weight: float = 1.0) -> torch.Tensor:
+    """The official ``TokenLabelCrossEntropy``: the class token against the teacher's crop label, mixed with the
+    batch's reverse by the share of tokens MixToken swapped, plus ``dense_weight`` × each token against its own
+    (the model undid the swap of the token outputs)."""
+    n = token_logits.shape[1]
+    swapped = (box[2] - box[0]) * (box[3] - box[1])
+    lam = 1.0 - swapped / n
+    if lam < 1:
+        cls_target = lam * cls_target + (1 - lam) * cls_target.flip(0)
+    c = token_logits.shape[-1]
+    return cls_weight * soft_cross_entropy(cls_logits, cls_target) + \
+        dense_weight * soft_cross_entropy(token_logits.reshape(-1, c), token_target.reshape(-1, c))
