@@ -1,0 +1,280 @@
+"""Token labeling with MixToken (the paper's VOLO recipe): score maps, their geometry, targets, MixToken, the loss,
+and runs from the command line."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from autoprog.classification import token_labels as tl
+from autoprog.errors import ConfigError, DataError
+
+C = 3  # classes of the synthetic folders
+
+
+def _map(top: torch.Tensor, second: torch.Tensor | None = None, logit: float = 8.0) -> torch.Tensor:
+    """A [2, 2, H, W] score map: class ``top`` (H, W ints) with ``logit``, the next class with 0."""
+    second = (top + 1) % C if second is None else second
+    values = torch.stack([torch.full(top.shape, logit), torch.zeros(top.shape)])
+    return torch.stack([values, torch.stack([top, second]).float()]).half()
+
+
+def write_token_folder(root, maps_root, per_class=6, val=2, size=(40, 36), map_side=4, seed=0):
+    """An ImageFolder (classes c0..c2, a bright bar per class) and a score map per training image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val)):
+        for c in range(C):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = (rng.random((*size, 3)) * 80).astype(np.uint8)
+                a[4 + 8 * c:12 + 8 * c, 6:30] = 255
+                Image.fromarray(a).save(d / f"img{i}.x.png")  # a name with two dots: the map is img{i}.pt
+                if split == "train":
+                    top = torch.from_numpy(rng.integers(0, C, (map_side, map_side)))
+                    (maps_root / f"c{c}").mkdir(parents=True, exist_ok=True)
+                    torch.save(_map(top), maps_root / f"c{c}" / f"img{i}.pt")
+    return root
+
+
+@pytest.fixture
+def token_folder(tmp_path):
+    return write_token_folder(tmp_path / "data", tmp_path / "maps"), tmp_path / "maps"
+
+
+# ------------------------------------------------------------------------------------------ files
+def test_score_maps_are_found_by_image_name_and_checked_in_one_line(tmp_path):
+    assert tl.score_map_path(tmp_path, "/d/train/n01/n01_1.JPEG") == tmp_path / "n01" / "n01_1.pt"
+    ok = _map(torch.zeros(3, 3, dtype=torch.long))
+    bad = {"missing": None, "shape": torch.zeros(5, 3, 3), "ints": ok.long(), "nan": ok.clone(),
+           "index": ok.clone(), "fraction": ok.clone(), "other": ok[:, :, :2], "junk": b"not a tensor"}
+    bad["nan"][0, 0, 0, 0] = float("nan")
+    bad["index"][1, 0, 0, 0] = C
+    bad["fraction"][1, 0, 0, 0] = 0.5
+    torch.save(ok, tmp_path / "ok.pt")
+    assert tl.load_score_map(tmp_path / "ok.pt", C).dtype == torch.float32
+    for name, value in bad.items():
+        path = tmp_path / f"{name}.pt"
+        if name == "junk":
+            path.write_bytes(value)
+        elif value is not None:
+            torch.save(value, path)
+        with pytest.raises(DataError) as e:
+            tl.load_score_map(path, C, shape=tuple(ok.shape))
+        assert str(path) in str(e.value) and "\n" not in str(e.value), name
+
+
+# ------------------------------------------------------------------------------- geometry (workers)
+def _blob_image_and_map(side=64, cells=16):
+    """A grey image with a white off-centre rectangle, and its exact map: class 1 on the rectangle's cells."""
+    from PIL import Image
+
+    a = np.full((side, side, 3), 40, np.uint8)
+    a[8:24, 36:56] = 255
+    cell = side // cells
+    top = torch.zeros(cells, cells, dtype=torch.long)
+    top[8 // cell:24 // cell, 36 // cell:56 // cell] = 1
+    return Image.fromarray(a), _map(top).float()
+
+
+def _agreement(img, label, cells=16) -> float:
+    """Share of the map's cells inside the picture whose class matches the image's rectangle there."""
+    a = torch.from_numpy(np.asarray(img)[..., 0].copy()).float()
+    blob = (torch.nn.functional.avg_pool2d(a[None, None], a.shape[0] // cells)[0, 0] > 128).long()
+    inside = label[0, 0] > 0  # cells moved in from outside have no logits
+    return (label[1, 0].long()[inside] == blob[inside]).float().mean().item()
+
+
+def _one_op(name):
+    """timm's RandAugment with the single operation ``name`` at magnitude 9, always applied."""
+    from timm.data.auto_augment import AugmentOp, RandAugment
+
+    return RandAugment([AugmentOp(name, prob=1.0, magnitude=9, hparams={"img_mean": (40, 40, 40),
+                                                                       "translate_pct": 0.45})], 1)
+
+
+@pytest.mark.parametrize("op", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+def test_corrected_geometry_moves_the_map_with_the_image(op):
+    img, label = _blob_image_and_map()
+    ra = tl.LabelRandAugment(_one_op(op), "corrected")
+    for seed in range(4):  # both signs
+        random.seed(seed)
+        np.random.seed(seed)
+        out_img, out_label = ra(img, label)
+        moved = _agreement(out_img, out_label)
+        assert moved >= 0.95, (op, seed, moved)  # (a shift by a fraction of a cell blurs the edge)
+        assert _agreement(out_img, label) < moved - 0.03, "the operation moved the rectangle: the test can fail"
+
+
+def test_official_geometry_is_the_official_codes_including_its_rotation_pivot():
+    """Shears and translations are the same in both modes; a rotation turns about (H/2, W/2) in cell indices."""
+    from scipy import ndimage
+
+    _, label = _blob_image_and_map()
+    for op in ("ShearX", "TranslateYRel"):
+        random.seed(1)
+        a = tl.LabelRandAugment(_one_op(op), "official")(_blob_image_and_map()[0], label)[1]
+        random.seed(1)
+        b = tl.LabelRandAugment(_one_op(op), "corrected")(_blob_image_and_map()[0], label)[1]
+        assert torch.equal(a, b)
+    rotated = tl._rotate_label(label, 27.0, geometry="official")
+    h = label.shape[2]
+    theta = np.radians(27.0)
+    c, s = np.cos(theta), np.sin(theta)
+    centre = np.array([h / 2.0, h / 2.0])  # the official pivot, not (h - 1) / 2
+    rot = np.array([[c, s], [-s, c]])
+    offset = centre - rot @ centre
+    expect = ndimage.affine_transform(label[1].numpy(), np.block([[np.eye(1), np.zeros((1, 2))],
+                                                                   [np.zeros((2, 1)), rot]]),
+                                      offset=[0, *offset], order=0, mode="nearest")
+    assert np.array_equal(rotated[1].numpy(), expect)
+    assert not torch.equal(rotated, tl._rotate_label(label, 27.0, geometry="corrected"))
+
+
+def test_the_folder_gives_image_map_and_crop_box_seeded_per_image(token_folder):
+    from autoprog.data import EpochSampler, load_dataset
+
+    data_dir, maps = token_folder
+    bundle = tl.with_token_labels(load_dataset(str(data_dir), image_size=16), maps, "rand-m9-mstd0.5-inc1")
+    assert tl.is_token_labelled(bundle)
+    x, (y, label, box) = bundle.train[0]
+    assert x.dtype == torch.uint8 and x.shape == (3, 16, 16) and label.shape == (2, 2, 4, 4)
+    assert label.dtype == torch.float16 and box.shape == (4,) and 0 < box[2] <= 1 and 0 < box[3] <= 1
+    sampler = EpochSampler(len(bundle.train), seed=3, keyed=True)
+    a = [b[1] for b in bundle.loader("train", 6, sampler=sampler, num_workers=0)]
+    b = [b[1] for b in bundle.loader("train", 6, sampler=sampler, num_workers=2)]
+    assert len(a) == 3 and all(torch.equal(u, v) for p, q in zip(a, b) for u, v in zip(p, q)), "workers alike"
+
+
+def test_adareg_magnitude_reaches_the_label_aware_randaugment(token_folder):
+    from autoprog.classification.adareg import AdaptiveRegularization
+    from autoprog.data import load_dataset
+
+    data_dir, maps = token_folder
+    bundle = tl.with_token_labels(load_dataset(str(data_dir), image_size=16), maps)
+    adareg = AdaptiveRegularization(_tiny_volo().growth_space(2, 0.5))
+    ra = adareg.pil_randaugment(3)
+    with_ra = bundle.with_worker_randaugment(ra)
+    folder = with_ra.train
+    assert isinstance(folder, tl.TokenLabelFolder) and folder.transform.randaugment.ops is ra.ops
+    assert bundle.train.transform.randaugment is None, "the bundle given is left as it was"
+
+
+# ----------------------------------------------------------------------------------- targets
+def test_targets_cut_the_crop_box_from_the_map_official_transposed_and_corrected():
+    """The map's top half is class 1, its bottom half class 0; the crop is the image's top half."""
+    top = torch.zeros(4, 4, dtype=torch.long)
+    top[:2] = 1
+    maps = _map(top, logit=20.0)[None].repeat(2, 1, 1, 1, 1)
+    box = torch.tensor([[0.0, 0.0, 0.5, 1.0]] * 2)  # (top, left, height, width)
+    cls, tok = tl.token_label_targets(maps, box, C, label_size=2, smoothing=0.0, geometry="corrected")
+    assert cls.shape == (2, C) and tok.shape == (2, 4, C)
+    assert (tok.argmax(-1) == 1).all() and cls[0].argmax() == 1
+    cls, tok = tl.token_label_targets(maps, box, C, label_size=2, smoothing=0.0, geometry="official")
+    assert tok[0].argmax(-1).tolist() == [1, 1, 0, 0], "the official box is the map's left half: rows as x"
+    smoothed, _ = tl.token_label_targets(maps, box, C, label_size=2, smoothing=0.1)
+    assert torch.allclose(smoothed, cls * (1 - 0.1 + 0.1 / C) + 0.1 / C), "p · on + off, as the official code"
+
+
+def test_the_loss_mixes_the_class_target_by_the_share_of_swapped_tokens():
+    torch.manual_seed(0)
+    cls_t = torch.softmax(torch.randn(4, C), 1)
+    tok_t = torch.softmax(torch.randn(4, 9, C), 2)
+    cls, tok = torch.randn(4, C), torch.randn(4, 9, C)
+    plain = tl.token_label_loss(cls, tok, (0, 0, 0, 0), cls_t, tok_t)
+    expect = tl.soft_cross_entropy(cls, cls_t) + 0.5 * tl.soft_cross_entropy(tok.reshape(-1, C), tok_t.reshape(-1, C))
+    assert torch.allclose(plain, expect)
+    lam = 1 - 4 / 9  # a 2 × 2 box of a 3 × 3 grid
+    mixed = tl.token_label_loss(cls, tok, (0, 1, 2, 3), cls_t, tok_t, dense_weight=0.0)
+    assert torch.allclose(mixed, tl.soft_cross_entropy(cls, lam * cls_t + (1 - lam) * cls_t.flip(0)))
+
+
+# ----------------------------------------------------------------------------------- MixToken
+def _tiny_volo():
+    from timm.models.volo import VOLO
+
+    from autoprog.adapters import elastic
+
+    torch.manual_seed(0)
+    return elastic(VOLO(layers=(2, 1, 2, 1), img_size=32, in_chans=3, num_classes=C, embed_dims=(16, 32, 32, 32),
+                        num_heads=(1, 2, 2, 2), stem_hidden_dim=8))
+
+
+def test_mix_token_swaps_a_box_of_tokens_and_the_outputs_come_back_unswapped():
+    from autoprog.adapters.volo import mix_token_box, swap_box
+
+    net = _tiny_volo().train()
+    x = torch.randn(4, 3, 32, 32)
+    np.random.seed(5)
+    box = mix_token_box((4, 4), 2)
+    np.random.seed(5)
+    with net.token_labelled():
+        cls, tokens, got = net(x)
+    assert got == box and cls.shape == (4, C) and tokens.shape == (4, net.token_grid() ** 2, C)
+    assert not net.token_labelling, "only within the context"
+    grid = torch.arange(2 * 4 * 4).view(2, 4, 4)
+    assert torch.equal(swap_box(swap_box(grid, (0, 1, 1, 2)), (0, 1, 1, 2)), grid)
+    assert torch.equal(swap_box(grid, (0, 1, 1, 2), scale=2)[0, :2, 2:4], grid[1, :2, 2:4])
+    net.eval()
+    with net.token_labelled():
+        assert torch.equal(net(x), net.model(x)), "evaluation: timm's VOLO output (class + 0.5 × max token)"
+    boxes = set()
+    for seed in range(30):
+        np.random.seed(seed)
+        r0, c0, r1, c1 = mix_token_box((28, 28), 2)
+        assert 0 <= r0 <= r1 <= 14 and 0 <= c0 <= c1 <= 14
+        boxes.add((r0, c0, r1, c1))
+    assert len(boxes) > 20
+
+
+# ---------------------------------------------------------------------------------- command line
+def _args(data_dir, maps, *extra):
+    return ["--model", "timm:volo_d1_224", "--img-size", "32", "--dataset", str(data_dir), "--token-labels",
+            str(maps), "--batch-size", "6", "--eval-samples", "0", "--no-flops", "--cpu", "--workers", "0", "--subset",
+            "0", *extra]
+
+
+def test_token_labeling_trains_volo_from_the_command_line_and_resumes_identically(cli, token_folder, tmp_path):
+    from conftest import resumes_like_uninterrupted
+
+    data_dir, maps = token_folder
+    args = _args(data_dir, maps, "--method", "prog", "--epochs", "2", "--randaugment", "rand-m9-mstd0.5-inc1")
+    resumes_like_uninterrupted(cli, tmp_path, args, step=4)
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert cfg["train"]["token_labels"] == str(maps) and cfg["train"]["dense_weight"] == 0.5
+
+
+def test_token_labels_refuse_what_they_cannot_train_in_one_line(cli, token_folder, fake_fmnist, tmp_path):
+    data_dir, maps = token_folder
+    cases = {
+        "in memory": (["--model", "timm:volo_d1_224", "--img-size", "32", "--data-root", str(fake_fmnist),
+                       "--token-labels", str(maps), "--subset", "0"], "ImageFolder"),
+        "a ViT": (["--dataset", str(data_dir), "--token-labels", str(maps), "--img-size", "32", "--subset", "0"], "VOLO"),
+        "mixup": (_args(data_dir, maps, "--mixup", "0.8"), "Mixup"),
+        "no folder": (_args(data_dir, tmp_path / "none"), "not a directory"),
+        "geometry": (_args(data_dir, maps, "--token-label-geometry", "exact"), "geometry"),
+    }
+    for name, (args, words) in cases.items():
+        rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / name, *args)
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, (name, err)
+    wrong = maps / "c1" / "img3.pt"
+    torch.save(_map(torch.full((4, 4), 7)), wrong)  # class 7 of 3
+    rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / "bad",
+                     *_args(data_dir, maps))
+    assert rc != 0 and str(wrong) in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", maps / "run", *_args(data_dir, maps))
+    assert rc == 2 and "--token-labels" in err, "the run's folder must not be inside the maps"
+
+
+def test_a_token_labeling_run_without_its_maps_in_the_data_is_refused():
+    from autoprog.classification.trainer import TrainConfig
+
+    with pytest.raises(ConfigError, match="score maps"):
+        from autoprog.classification.trainer import Trainer
+        from autoprog.data import load_digits
+
+        Trainer(_tiny_volo(), None, None, load_digits(), TrainConfig(token_labels="x"), "/tmp/unused")
