@@ -22,9 +22,10 @@ area, plus ``dense_weight`` (0.5) times the tokens' against theirs. (The officia
 token labeling with Mixup/CutMix are not built.)
 
 ``geometry="official"`` (the default) reproduces two quirks of the official code: its ``roi_align`` box gives the
-crop's rows as ``x`` and its columns as ``y`` (so the map is cut transposed), and its rotations of the map turn
-about a point half a cell off the map's centre. ``"corrected"`` cuts the box the right way round and turns about
-the centre. Neither mode knows whether a map covers the whole image or (as the official ImageNet maps, made from
+crop's rows as ``x`` and its columns as ``y`` (so the map is cut transposed), and it rotates and shears the map in
+cell units (rotations about a point half a cell off the centre), which follows the image only when the image is
+square. ``"corrected"`` cuts the box the right way round and moves the map with each operation's own pixel
+geometry. Neither mode knows whether a map covers the whole image or (as the official ImageNet maps, made from
 centre crops) a part of it: the box is taken as fractions of the map.
 """
 
@@ -43,7 +44,6 @@ from ..errors import ConfigError, DataError
 
 GEOMETRIES = ("official", "corrected")
 DENSE_WEIGHT = 0.5  # the official --dense-weight: the tokens' loss against the class token's (--cls-weight 1)
-MAX_CLASS_INDEX = 2048  # float16 holds every integer up to here: the maps' class indices must fit
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -51,6 +51,21 @@ def score_map_path(label_root: Path, image_path: str | Path) -> Path:
     """Where the score map of ``image_path`` lies: ``label_root/<class>/<name up to its first dot>.pt``."""
     p = Path(image_path)
     return Path(label_root) / p.parent.name / (p.name.split(".")[0] + ".pt")
+
+
+def missing_score_maps(label_root: Path, image_paths: list) -> list[Path]:
+    """The score maps of ``image_paths`` that ``label_root`` lacks (each class folder listed once)."""
+    import os
+
+    listed: dict[Path, set[str]] = {}
+    out = []
+    for image in image_paths:
+        path = score_map_path(label_root, image)
+        if path.parent not in listed:
+            listed[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+        if path.name not in listed[path.parent]:
+            out.append(path)
+    return out
 
 
 def load_score_map(path: Path, num_classes: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -112,26 +127,58 @@ def _translate_y_rel_label(label, pct):
     return affine_label(label, (1, 0, pct * label.shape[2], 0, 1, 0))
 
 
-def _rotate_label(label, degrees, geometry="official"):
-    """PIL's ``rotate(degrees)`` on the map; ``official`` turns about (H/2, W/2) in cell indices (the official
-    code's pivot, half a cell off), ``corrected`` about the centre ((H-1)/2, (W-1)/2)."""
+def _rotate_label(label, degrees):
+    """PIL's ``rotate(degrees)`` on the map as the official code turns it: in cell units, about (H/2, W/2) in cell
+    indices (half a cell off the centre)."""
     h, w = label.shape[2:]
-    cr, cc = (h / 2.0, w / 2.0) if geometry == "official" else ((h - 1) / 2.0, (w - 1) / 2.0)
+    cr, cc = h / 2.0, w / 2.0
     angle = math.radians(degrees)
     cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
     # in (row, column): input = R @ (output - centre) + centre
     return affine_label(label, (cos, sin, cr - cos * cr - sin * cc, -sin, cos, cc + sin * cr - cos * cc))
 
 
-LABEL_OPS = {"Rotate": _rotate_label, "ShearX": _shear_x_label, "ShearY": _shear_y_label,
-             "TranslateXRel": _translate_x_rel_label, "TranslateYRel": _translate_y_rel_label}
+OFFICIAL_LABEL_OPS = {"Rotate": _rotate_label, "ShearX": _shear_x_label, "ShearY": _shear_y_label,
+                      "TranslateXRel": _translate_x_rel_label, "TranslateYRel": _translate_y_rel_label}
+
+
+def pil_matrix(name: str, args: tuple, size: tuple[int, int]) -> tuple[float, ...]:
+    """The affine matrix (a, b, c, d, e, f) that timm's operation ``name`` with level ``args`` gives PIL for an
+    image of ``size`` (width, height): input (x, y) = (a x + b y + c, d x + e y + f), pixel centres at +0.5."""
+    w, h = size
+    if name == "Rotate":  # PIL's Image.rotate: about (w/2, h/2)
+        angle = -math.radians(args[0])
+        a, b, d, e = math.cos(angle), math.sin(angle), -math.sin(angle), math.cos(angle)
+        cx, cy = w / 2.0, h / 2.0
+        return a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy
+    if name == "ShearX":
+        return 1, args[0], 0, 0, 1, 0
+    if name == "ShearY":
+        return 1, 0, 0, args[0], 1, 0
+    if name == "TranslateXRel":
+        return 1, 0, args[0] * w, 0, 1, 0
+    return 1, 0, 0, 0, 1, args[0] * h  # TranslateYRel
+
+
+def corrected_label_op(label: torch.Tensor, name: str, args: tuple, size: tuple[int, int]) -> torch.Tensor:
+    """The image operation's own geometry on the map (``geometry="corrected"``): PIL's pixel matrix
+    (:func:`pil_matrix`) carried to cell indices, whatever the cells' aspect: a cell's centre (r, c) is the pixel
+    ((c + 0.5) · w/W, (r + 0.5) · h/H)."""
+    a, b, c, d, e, f = pil_matrix(name, args, size)
+    sh, sw = size[1] / label.shape[2], size[0] / label.shape[3]  # pixels per cell down and across
+    row = (e, d * sw / sh, (d * 0.5 * sw + e * 0.5 * sh + f) / sh - 0.5)
+    col = (b * sh / sw, a, (a * 0.5 * sw + b * 0.5 * sh + c) / sw - 0.5)
+    return affine_label(label, (*row, *col))
+
+
 UNSUPPORTED_OPS = ("TranslateX", "TranslateY")  # absolute translations: the official code has no map op for them
 
 
 class LabelRandAugment:
     """timm's RandAugment on an image and its score map: the operations, their choice and magnitudes are timm's
     (``ops``: timm ``AugmentOp``s, whose ``magnitude`` AdaReg sets per epoch); the geometric ones (rotate, shear,
-    relative translate) also move the map (:data:`LABEL_OPS`), as the official code's."""
+    relative translate) also move the map: in cell units as the official code (:data:`OFFICIAL_LABEL_OPS`), or
+    (``corrected``) with the image's own pixel geometry (:func:`corrected_label_op`)."""
 
     def __init__(self, randaugment, geometry: str = "official"):
         bad = [op.name for op in randaugment.ops if op.name in UNSUPPORTED_OPS]
@@ -158,12 +205,11 @@ class LabelRandAugment:
                 else random.gauss(magnitude, op.magnitude_std)
         magnitude = max(0.0, min(magnitude, op.magnitude_max or 10))
         args = op.level_fn(magnitude, op.hparams) if op.level_fn is not None else ()
+        size = img.size
         img = op.aug_fn(img, *args, **op.kwargs)
-        fn = LABEL_OPS.get(op.name)
-        if fn is _rotate_label:
-            label = fn(label, *args, geometry=self.geometry)
-        elif fn is not None:
-            label = fn(label, *args)
+        if op.name in OFFICIAL_LABEL_OPS:
+            label = OFFICIAL_LABEL_OPS[op.name](label, *args) if self.geometry == "official" \
+                else corrected_label_op(label, op.name, args, size)
         return img, label
 
 
@@ -173,8 +219,8 @@ class TokenLabelTransform:
     ``(top, left, height, width)`` of the image), uint8 tensor. ``transforms`` lists the crop so that the trainer
     can set its output side (``--loader-resolution stage``)."""
 
-    def __init__(self, crop, randaugment: LabelRandAugment | None = None):
-        self.crop, self.randaugment = crop, randaugment
+    def __init__(self, crop, randaugment: LabelRandAugment | None = None, geometry: str = "official"):
+        self.crop, self.randaugment, self.geometry = crop, randaugment, geometry
         self.transforms = [crop]
 
     def __call__(self, img, label):
@@ -188,18 +234,22 @@ class TokenLabelTransform:
         W, H = img.size
         coords = torch.tensor([i / H, j / W, h / H, w / W])
         img = TF.resized_crop(img, i, j, h, w, list(self.crop.size), self.crop.interpolation, antialias=True)
-        return TF.pil_to_tensor(img), label.half(), coords
+        return TF.pil_to_tensor(img), label, coords
 
 
 class TokenLabelFolder(Dataset):
     """An ImageFolder's training images with their score maps: item ``i`` is ``(uint8 image, (class, map, box))``,
-    the map ``[2, k, H, W]`` float16 and the crop's box as :class:`TokenLabelTransform` gives them."""
+    the map ``[2, k, H, W]`` float32 (class indices above 2048 stay exact) and the crop's box as :class:`TokenLabelTransform` gives them."""
 
     def __init__(self, folder, label_root: str | Path, transform: TokenLabelTransform, num_classes: int):
         self.folder, self.label_root, self.transform = folder, Path(label_root), transform
         self.num_classes = num_classes
         if not self.label_root.is_dir():
             raise DataError(f"--token-labels {self.label_root} is not a directory of score maps")
+        missing = missing_score_maps(self.label_root, [p for p, _ in folder.samples])
+        if missing:
+            raise DataError(f"--token-labels {self.label_root} lacks the score maps of {len(missing)} of "
+                            f"{len(folder.samples)} training images, such as {missing[0]}")
         first = load_score_map(score_map_path(self.label_root, folder.samples[0][0]), num_classes)
         self.map_shape = tuple(first.shape)
 
@@ -218,8 +268,8 @@ class TokenLabelFolder(Dataset):
         import copy
 
         out = copy.copy(self)
-        geometry = self.transform.randaugment.geometry if self.transform.randaugment else "official"
-        out.transform = TokenLabelTransform(self.transform.crop, LabelRandAugment(randaugment, geometry))
+        geometry = self.transform.geometry
+        out.transform = TokenLabelTransform(self.transform.crop, LabelRandAugment(randaugment, geometry), geometry)
         return out
 
 
@@ -241,7 +291,7 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
     ra = None
     if randaugment:
         ra = LabelRandAugment(randaugment_transform(randaugment, bundle.image_size, bundle.mean), geometry)
-    transform = TokenLabelTransform(bundle.worker_crop, ra)
+    transform = TokenLabelTransform(bundle.worker_crop, ra, geometry)
 
     def wrapped(ds):
         if isinstance(ds, Subset):
