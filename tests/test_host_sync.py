@@ -229,3 +229,16 @@ def _stack():
     while frame is not None:
         yield frame
         frame = frame.f_back
+
+
+def test_token_labelled_volo_steps_do_not_sync(cli, tmp_path, count_syncs):
+    """Token labeling's targets (roi_align of the score maps) and MixToken's box (numpy's draws) stay off the host."""
+    from test_token_labels import write_token_folder
+
+    data = write_token_folder(tmp_path / "data", tmp_path / "maps", per_class=4)
+    rc, _, err = cli("pretrain", "--method", "original", "--model", "timm:volo_d1_224", "--img-size", "32",
+                     "--dataset", data, "--token-labels", tmp_path / "maps", "--subset", "0", "--batch-size", "2",
+                     "--epochs", "17", "--eval-samples", "2", "--no-flops", "--workers", "0", "--cpu",
+                     "--out", tmp_path / "run")  # 6 steps an epoch: 102 steps
+    assert rc == 0, err
+    assert sum(count_syncs.values()) <= 102 // CHECK_EVERY + 3, dict(count_syncs)
