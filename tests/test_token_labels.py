@@ -237,6 +237,10 @@ def test_mix_token_swaps_a_box_of_tokens_and_the_outputs_come_back_unswapped():
     net.eval()
     with net.token_labelled():
         assert torch.equal(net(x), net.model(x)), "evaluation: timm's VOLO output (class + 0.5 × max token)"
+    per_place = net.token_logits(x)  # a teacher's: the auxiliary head on each coarse token
+    assert per_place.shape == (4, 2, 2, C)
+    cls_only = net(x) - 0.5 * per_place.flatten(1, 2).max(1).values
+    assert not torch.allclose(cls_only, net(x)) and torch.isfinite(cls_only).all()
     boxes = set()
     for seed in range(30):
         np.random.seed(seed)
@@ -298,3 +302,56 @@ def test_a_token_labeling_run_without_its_maps_in_the_data_is_refused():
         from autoprog.data import load_digits
 
         Trainer(_tiny_volo(), None, None, load_digits(), TrainConfig(token_labels="x"), "/tmp/unused")
+
+
+# ------------------------------------------------------------------------------ generating score maps
+def test_a_trained_teacher_writes_score_maps_that_train_a_volo(cli, token_folder, fake_fmnist, tmp_path):
+    """``autoprog token-labels``: a ViT teacher's head on each patch token, top k per place, in the format read;
+    maps already there are kept; a teacher of other classes or channels is refused in one line."""
+    from autoprog.classification.score_maps import load_teacher
+    from autoprog.data import load_dataset
+
+    data_dir, _ = token_folder
+    teacher_run, maps = tmp_path / "teacher", tmp_path / "made"
+    rc, _, err = cli("pretrain", "--method", "original", "--dataset", data_dir, "--img-size", "16", "--patch-size", "4",
+                     "--embed-dim", "16", "--depth", "2", "--num-heads", "2", "--subset", "0", "--batch-size", "6",
+                     "--epochs", "1", "--eval-samples", "0", "--no-flops", "--workers", "0", "--cpu", "--out",
+                     teacher_run)
+    assert rc == 0, err
+    rc, out, err = cli("token-labels", "--teacher", teacher_run, "--dataset", data_dir, "--out", maps, "--top-k", "2",
+                       "--cpu", "--workers", "0")
+    assert rc == 0 and "wrote 18 score maps of 4 x 4 places" in out, err
+    m = torch.load(maps / "c1" / "img2.pt")
+    assert m.shape == (2, 2, 4, 4) and m.dtype == torch.float16
+    teacher = load_teacher(teacher_run)
+    from torchvision.transforms import functional as TF
+
+    from autoprog.data import read_image
+
+    img = TF.pil_to_tensor(TF.resize(read_image(data_dir / "train" / "c1" / "img2.x.png"), [16, 16], antialias=True))
+    mean, std = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1), torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    with torch.no_grad():
+        logits = teacher.token_logits(((img.float() / 255 - mean) / std)[None])[0]
+    assert torch.equal(m[1, 0].long(), logits.argmax(-1)), "the top class at each place is the teacher's"
+    assert torch.allclose(m[0, 0].float(), logits.max(-1).values, atol=1e-2)
+    bundle = tl.with_token_labels(load_dataset(str(data_dir), image_size=16), maps)
+    assert bundle.train[5][1][1].shape == (2, 2, 4, 4)
+    (maps / "c0" / "img1.pt").unlink()
+    before = (maps / "c2" / "img0.pt").stat().st_mtime_ns
+    rc, out, err = cli("token-labels", "--teacher", teacher_run, "--dataset", data_dir, "--out", maps, "--cpu",
+                       "--workers", "0", "--top-k", "2")
+    assert rc == 0 and "wrote 1 score maps" in out and "17 already there" in out, err
+    assert (maps / "c0" / "img1.pt").is_file() and (maps / "c2" / "img0.pt").stat().st_mtime_ns == before
+    rc, _, err = cli("pretrain", "--method", "original", "--data-root", fake_fmnist, "--img-size", "16", "--subset",
+                     "64", "--epochs", "1", "--batch-size", "32", "--embed-dim", "16", "--depth", "2", "--num-heads",
+                     "2", "--patch-size", "4", "--eval-samples", "0", "--no-flops", "--cpu", "--out", tmp_path / "grey")
+    assert rc == 0, err
+    rc, _, err = cli("token-labels", "--teacher", tmp_path / "grey", "--dataset", data_dir, "--out", tmp_path / "g")
+    assert rc == 2 and "1-channel" in err and len(err.strip().splitlines()) == 1, err
+    other = tmp_path / "two"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (other / split / c).mkdir(parents=True)
+            (other / split / c / "0.png").write_bytes((data_dir / "train" / "c0" / "img0.x.png").read_bytes())
+    rc, _, err = cli("token-labels", "--teacher", teacher_run, "--dataset", other, "--out", tmp_path / "o")
+    assert rc == 2 and "3 classes" in err and len(err.strip().splitlines()) == 1, err

@@ -83,6 +83,12 @@ class ElasticModel(CheckpointedBlocks, nn.Module):
     def init_block(self, block: nn.Module) -> None:
         raise NotImplementedError
 
+    def token_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits at each place of the final token grid, ``[B, rows, cols, classes]`` (a teacher's score maps
+        for token labeling); families without a per-token head refuse."""
+        raise ConfigError(f"{self.family} gives no per-token class logits: a teacher for token labeling must be a "
+                          "ViT/DeiT or a VOLO")
+
     # ------------------------------------------------------------------------------- sub-networks
     @property
     def full_subnet(self) -> SubNet:

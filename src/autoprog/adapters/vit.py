@@ -61,10 +61,23 @@ class ElasticViT(ElasticModel):
     def init_block(self, block: nn.Module) -> None:
         block.apply(init_weights)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = resize_input(x, self.subnet.resolution)
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         for i in self.running_blocks:
             x = self.run_block(m.blocks[i], x)
-        return m.forward_head(m.norm(x))
+        return m.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self._features(x))
+
+    def token_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on each patch token (after ``fc_norm`` where the model pools that way)."""
+        m = self.model
+        if getattr(m, "attn_pool", None) is not None:
+            raise ConfigError("a ViT pooled by attention gives no per-token class logits")
+        tokens = self._features(x)[:, getattr(m, "num_prefix_tokens", 1):]
+        logits = m.head(getattr(m, "fc_norm", nn.Identity())(tokens))
+        side = self.subnet.resolution // self.patch_size
+        return logits.reshape(logits.shape[0], side, side, -1)

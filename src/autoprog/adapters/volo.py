@@ -90,6 +90,7 @@ class ElasticVOLO(ElasticModel):
         if model.pos_embed is None:
             raise ConfigError("this VOLO has no position embedding to resample")
         self.token_labelling = False  # see the module docstring
+        self._token_logits = False  # within token_logits: the forward returns the auxiliary head's grid
         self._outlookers = len(first)
         self._blocks = [*first, *(b for s in stages for b in s)]  # plain list: the modules stay registered in model
         self._segments = Segments((self._outlookers, len(self._blocks) - self._outlookers),
@@ -132,6 +133,16 @@ class ElasticVOLO(ElasticModel):
         """The coarse token grid's side at the running resolution: one token label per coarse token."""
         return self.subnet.resolution // GRID
 
+    def token_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The auxiliary head on each coarse token, ``[B, rows, cols, classes]``."""
+        if self.model.aux_head is None:
+            raise ConfigError("this VOLO has no auxiliary head: it gives no per-token class logits")
+        self._token_logits = True
+        try:
+            return self(x)
+        finally:
+            self._token_logits = False
+
     @contextlib.contextmanager
     def token_labelled(self):
         """Within: a training forward runs MixToken and returns ``(class logits, token logits, box)``."""
@@ -168,6 +179,8 @@ class ElasticVOLO(ElasticModel):
         if m.post_network is not None:
             x = m.forward_cls(x)
         x = m.norm(x)
+        if self._token_logits:
+            return m.aux_head(x[:, 1:]).reshape(x.shape[0], *grid, -1)
         if not dense:
             return m.forward_head(x)
         cls = m.head(m.head_drop(x[:, 0]))

@@ -16,6 +16,7 @@ import sys
 from ..accelerator import end_processes, launch_env, leave_process, make_accelerator
 from ..errors import (
     AutoprogError,
+    ConfigError,
     DataError,
     DivergedError,
     Interrupted,
@@ -23,7 +24,7 @@ from ..errors import (
     one_line,
     out_of_memory,
 )
-from .common import Parser, add_front_flag, add_out_flags, given_dests
+from .common import Parser, add_front_flag, add_out_flags, given_dests, positive_int
 from .config import check_preset_fits, command_task, list_presets, load_preset, options_argv, read_options
 
 TASKS = {"pretrain": ("classification", "diffusion", "text-to-image"),
@@ -53,10 +54,50 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     _add_compare(sub, task)
     _add_finetune(sub, task)
     cli_diffusion.add_sample_parser(sub)
+    _add_token_labels(sub)
     sub.add_parser("presets", help="list the shipped option presets (use one with --preset NAME)",
                    description="List the YAML option presets shipped with autoprog: the paper's settings and our "
                                "CPU defaults. A preset's values come first; --config and flags win over them.")
     return parser
+
+
+def _add_token_labels(sub) -> None:
+    t = sub.add_parser("token-labels", help="write a teacher's score maps for token labeling (--token-labels)",
+                       description="Run a trained classifier over every training image of an ImageFolder and write "
+                                   "its class logits at each place of its token grid (the top k, with their class "
+                                   "indices), OUT/<class>/<stem>.pt, the format --token-labels reads (the "
+                                   "TokenLabeling repository's). Each image is resized whole to the teacher's "
+                                   "resolution. Maps already in OUT are kept: run it again to continue.")
+    t.add_argument("--teacher", required=True, help="the classifier: a run folder or its model/ folder, a timm "
+                                                    "checkpoint folder, or a weights file with --model timm:NAME; a "
+                                                    "ViT/DeiT (its head on each patch token) or a VOLO (its "
+                                                    "auxiliary head)")
+    t.add_argument("--model", default="vit", help="timm:NAME for a bare weights file")
+    t.add_argument("--dataset", required=True, help="the ImageFolder dataset (its train/ images are labelled)")
+    t.add_argument("--out", required=True, help="the folder of score maps to write")
+    t.add_argument("--top-k", type=positive_int, help="classes kept per place (default: 5, the official maps', or "
+                                                      "every class when there are fewer)")
+    t.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
+    t.add_argument("--workers", type=int, default=None, help="loader workers (default: this machine's cores less "
+                                                             "one, at most 8)")
+    t.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+
+
+def _run_token_labels(args, acc) -> None:
+    from ..classification.score_maps import generate_score_maps, load_teacher
+    from ..data import default_workers
+
+    if acc.num_processes > 1:
+        raise ConfigError("token-labels runs in one process: start it without torchrun/accelerate launch")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be at least 0, got {args.workers}")
+    teacher = load_teacher(args.teacher, args.model)
+    done = generate_score_maps(teacher, args.dataset, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                               workers=default_workers() if args.workers is None else args.workers,
+                               device=acc.device, progress=lambda m: print(m, end="\r", flush=True))
+    grid = f" of {done['grid'][0]} x {done['grid'][1]} places" if done["grid"] else ""
+    print(f"\nwrote {done['written']} score maps{grid} ({done['kept']} already there), top {done['top_k']} classes, "
+          f"in {args.out}")
 
 
 def _add_pretrain(sub, task: str | None) -> None:
@@ -198,6 +239,9 @@ def _run(args, acc) -> int:
 
     if args.command == "sample":
         cli_diffusion.run_sample(args, acc)
+        return 0
+    if args.command == "token-labels":
+        _run_token_labels(args, acc)
         return 0
     if args.command == "presets":
         for name, commands, description in list_presets():
