@@ -239,6 +239,22 @@ def _images(root: Path, classes: dict[str, int], bad: dict[str, bytes] | None = 
     return root
 
 
+def _token_data(d: Path, change=None) -> Path:
+    """An image folder (``d/ds``, classes a and b) with a valid 2 × 2 score map per training image (``d/maps``);
+    ``change(maps)`` spoils them."""
+    import torch
+
+    _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2})
+    for cls in ("a", "b"):
+        (d / "maps" / cls).mkdir(parents=True)
+        for k in range(4):
+            m = torch.stack([torch.randn(2, 2, 2), torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 2, 2)])
+            torch.save(m.half(), d / "maps" / cls / f"{k}.pt")
+    if change is not None:
+        change(d / "maps")
+    return d
+
+
 def _model_copy(d: Path, change=None) -> Path:
     """A copy of the shipped base model whose config.json is rewritten by ``change(config) -> text``."""
     from autoprog.diffusion.runner import DEFAULT_BASE
@@ -317,6 +333,13 @@ FIXTURES = {
                                             {"train/b/empty.png": b""}),
     "images-one-class": lambda d: _images(d / "ds", {"train/a": 8, "val/a": 2}),
     "images-no-val-images": lambda d: _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 0, "val/b": 0}),
+    "token-data": lambda d: _token_data(d),
+    "token-missing-map": lambda d: _token_data(d, lambda m: (m / "b" / "3.pt").unlink()),
+    "token-map-shape": lambda d: _token_data(d, lambda m: __import__("torch").save(
+        __import__("torch").zeros(3, 2, 2), m / "a" / "0.pt")),
+    "token-map-class": lambda d: _token_data(d, lambda m: __import__("torch").save(
+        __import__("torch").full((2, 2, 2, 2), 7.0).half(), m / "a" / "0.pt")),
+    "token-map-garbage": lambda d: _write(_token_data(d) / "maps" / "a" / "0.pt", b"not a tensor").parent.parent.parent,
     "instance-corrupt": lambda d: _images(d / "inst", {"": 3}, {"bad.jpg": b"\x00\x01"}),
     "instance-empty": lambda d: _images(d / "inst", {"": 0}),
     "run-pretrain": lambda d: _run_folder(d.parent / "fixture-pretrain", PRETRAIN_RUN),

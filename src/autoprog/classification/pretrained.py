@@ -81,14 +81,14 @@ class Located:
         return net
 
 
-def locate(base: str | Path, model: str = "vit") -> Located:
-    """Read what ``base`` is (see :func:`load_pretrained`) without loading its weights."""
+def locate(base: str | Path, model: str = "vit", flag: str = "--base") -> Located:
+    """Read what ``base`` is (see :func:`load_pretrained`) without loading its weights; errors name it ``flag``."""
     path = Path(base)
     if not path.exists():
-        raise ConfigError(f"--base {path} does not exist")
+        raise ConfigError(f"{flag} {path} does not exist")
     if path.is_file():
         if not model.startswith("timm:"):
-            raise ConfigError(f"--base {path} is a weights file: name its architecture with --model timm:NAME "
+            raise ConfigError(f"{flag} {path} is a weights file: name its architecture with --model timm:NAME "
                               "(e.g. timm:deit_small_patch16_224)")
         return Located(model, ModelOverrides(), path, {}, [])
     if model != "vit":
@@ -99,7 +99,7 @@ def locate(base: str | Path, model: str = "vit") -> Located:
     if not cfg_file.is_file():
         hint = (" (a run writes OUT/model when it finishes; this one has not finished)"
                 if (path / "checkpoint").is_dir() else "")
-        raise ConfigError(f"--base {path} has no {CONFIG_FILE}: give an autoprog model folder (a run's OUT/model), "
+        raise ConfigError(f"{flag} {path} has no {CONFIG_FILE}: give an autoprog model folder (a run's OUT/model), "
                           f"a timm checkpoint folder, or a weights file with --model timm:NAME{hint}")
     cfg = read_json_object(cfg_file, "model config")
     where = str(cfg_file)

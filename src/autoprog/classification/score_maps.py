@@ -31,7 +31,7 @@ def load_teacher(path: str | Path, model: str = "vit"):
     from ..formats import read_weights
     from .pretrained import locate
 
-    found = locate(path, model)
+    found = locate(path, model, flag="--teacher")
     num_classes = found.config.get("num_classes")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"--teacher {path}: its config names no number of classes (num_classes); a teacher needs "

@@ -78,7 +78,11 @@ def load_score_map(path: Path, num_classes: int, shape: tuple[int, ...] | None =
     try:
         m = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise DataError(f"cannot read token-label score map {path} ({' '.join(str(e).split())[:120]})") from None
+        import pickle
+
+        why = "not a tensor file torch reads safely" if isinstance(e, pickle.UnpicklingError) \
+            else " ".join(str(e).split())[:120]
+        raise DataError(f"cannot read token-label score map {path} ({why})") from None
     if not isinstance(m, torch.Tensor) or m.ndim != 4 or m.shape[0] != 2 or not m.is_floating_point() \
             or min(m.shape) < 1:
         what = f"a {tuple(m.shape)} {m.dtype} tensor" if isinstance(m, torch.Tensor) else type(m).__name__
