@@ -355,3 +355,6 @@ def test_a_trained_teacher_writes_score_maps_that_train_a_volo(cli, token_folder
             (other / split / c / "0.png").write_bytes((data_dir / "train" / "c0" / "img0.x.png").read_bytes())
     rc, _, err = cli("token-labels", "--teacher", teacher_run, "--dataset", other, "--out", tmp_path / "o")
     assert rc == 2 and "3 classes" in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = cli("token-labels", "--teacher", teacher_run, "--dataset", data_dir, "--out",
+                     data_dir / "train" / "maps")
+    assert rc == 2 and "inside the dataset's train/" in err and len(err.strip().splitlines()) == 1, err

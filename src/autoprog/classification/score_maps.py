@@ -49,6 +49,17 @@ def load_teacher(path: str | Path, model: str = "vit"):
     return net.eval()
 
 
+def check_maps_out(dataset: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """The ImageFolder's (train, test) splits; a one-line error when ``out`` lies inside one of them."""
+    root, out = Path(dataset), Path(out)
+    splits = image_folder_dirs(root)
+    for split in splits:
+        if out.resolve().is_relative_to(split.resolve()):
+            raise ConfigError(f"--out {out} lies inside the dataset's {split.name}/ split; write the maps elsewhere "
+                              f"(beside it, e.g. {root / 'token-labels'}, is fine)")
+    return splits
+
+
 class _WholeImages(torch.utils.data.Dataset):
     """The training images resized whole to ``size`` × ``size`` (uint8) with their index."""
 
@@ -74,7 +85,7 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
     from .token_labels import missing_score_maps
 
     root, out = Path(dataset), Path(out)
-    train_dir, _ = image_folder_dirs(root)
+    train_dir, _ = check_maps_out(root, out)
     folder = image_folder(root, train_dir, min_classes=2)
     if teacher.num_classes != len(folder.classes):
         raise ConfigError(f"the teacher has {teacher.num_classes} classes, {train_dir} {len(folder.classes)}: token "

@@ -84,13 +84,14 @@ def _add_token_labels(sub) -> None:
 
 
 def _run_token_labels(args, acc) -> None:
-    from ..classification.score_maps import generate_score_maps, load_teacher
+    from ..classification.score_maps import check_maps_out, generate_score_maps, load_teacher
     from ..data import default_workers
 
     if acc.num_processes > 1:
         raise ConfigError("token-labels runs in one process: start it without torchrun/accelerate launch")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be at least 0, got {args.workers}")
+    check_maps_out(args.dataset, args.out)
     teacher = load_teacher(args.teacher, args.model)
     done = generate_score_maps(teacher, args.dataset, args.out, top_k=args.top_k, batch_size=args.batch_size,
                                workers=default_workers() if args.workers is None else args.workers,
