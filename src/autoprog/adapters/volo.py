@@ -135,8 +135,8 @@ class ElasticVOLO(ElasticModel):
 
     def token_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The auxiliary head on each coarse token, ``[B, rows, cols, classes]``."""
-        if self.model.aux_head is None:
-            raise ConfigError("this VOLO has no auxiliary head: it gives no per-token class logits")
+        if self.model.aux_head is None or self.model.post_network is None:
+            raise ConfigError("this VOLO has no auxiliary head or no class token: it gives no per-token class logits")
         self._token_logits = True
         try:
             return self(x)

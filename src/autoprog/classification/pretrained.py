@@ -92,7 +92,7 @@ def locate(base: str | Path, model: str = "vit", flag: str = "--base") -> Locate
                               "(e.g. timm:deit_small_patch16_224)")
         return Located(model, ModelOverrides(), path, {}, [])
     if model != "vit":
-        raise ConfigError(f"--model {model}: the folder --base {path} names its own architecture; drop --model")
+        raise ConfigError(f"--model {model}: the folder {flag} {path} names its own architecture; drop --model")
     if (path / "model" / CONFIG_FILE).is_file():  # a run folder: its exported model
         path = path / "model"
     cfg_file = path / CONFIG_FILE

@@ -23,29 +23,43 @@ from ..errors import ConfigError, DataError
 from .token_labels import score_map_path
 
 FP16_EXACT = 2048  # float16 holds every whole number up to here
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # autoprog's ImageFolder loader's
+MANIFEST = "token-labels.json"  # what made the maps of a folder: a continued generation must be the same
 
 
 def load_teacher(path: str | Path, model: str = "vit"):
     """The classifier at ``path`` with its own head (``model``: ``timm:NAME`` for a bare weights file), in its
-    elastic adapter at full size, in evaluation mode."""
+    elastic adapter at full size, in evaluation mode; ``norm``: the (mean, std) it was trained with (a timm
+    checkpoint's ``pretrained_cfg``, else ImageNet's, as autoprog's ImageFolder loader)."""
     from ..formats import read_weights
     from .pretrained import locate
 
     found = locate(path, model, flag="--teacher")
-    num_classes = found.config.get("num_classes")
+    weights = read_weights(found.weights)
+    cfg = found.config
+    pretrained_cfg = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+    head = weights.get("head.weight")
+    num_classes = cfg.get("num_classes") or (int(head.shape[0]) if head is not None and head.ndim == 2 else None)
     if not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"--teacher {path}: its config names no number of classes (num_classes); a teacher needs "
-                          "its trained head")
-    in_chans = int(found.config.get("in_chans") or 3)
+        raise ConfigError(f"--teacher {path}: neither its config (num_classes) nor its weights (head.weight) say its "
+                          "number of classes; a teacher needs its trained head")
+    input_size = pretrained_cfg.get("input_size")
+    in_chans = int(cfg.get("in_chans") or (input_size[0] if isinstance(input_size, list) and input_size else 3))
     if in_chans != 3:
         raise ConfigError(f"--teacher {path} takes {in_chans}-channel images; ImageFolder images are read as RGB")
     net = found.build(num_classes, in_chans)
-    weights = read_weights(found.weights)
-    missing, unexpected = net.model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = net.model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # tensors of other shapes
+        raise ConfigError(f"--teacher {found.weights} does not fit its own architecture "
+                          f"({' '.join(str(e).split())[:160]})") from None
     if missing or unexpected:
         what = ", ".join([*(f"missing {k}" for k in missing[:3]), *(f"unexpected {k}" for k in unexpected[:3])])
         raise ConfigError(f"--teacher {found.weights} does not fit its own architecture ({what})")
-    net.num_classes = num_classes
+    net.num_classes, net.source = num_classes, str(found.weights.resolve())
+    mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
+    ok = all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (mean, std))
+    net.norm = (tuple(mean), tuple(std)) if ok else (IMAGENET_MEAN, IMAGENET_STD)
     return net.eval()
 
 
@@ -81,7 +95,9 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
                         progress: Callable[[str], None] = print) -> dict:
     """Write the score map of every training image of the ImageFolder ``dataset`` into ``out`` with ``teacher``
     (:func:`load_teacher`), its ``top_k`` classes per place (default: 5, the official maps', or all when there
-    are fewer); returns ``{"written", "kept", "grid", "top_k"}``."""
+    are fewer); returns ``{"written", "kept", "grid", "top_k"}``. ``out`` records what made its maps
+    (:data:`MANIFEST`: the teacher's weights file, ``top_k``, the resolution); maps kept from a run with other
+    settings are refused."""
     from .token_labels import missing_score_maps
 
     root, out = Path(dataset), Path(out)
@@ -96,8 +112,10 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
     todo = set(map(str, missing_score_maps(out, [p for p, _ in folder.samples])))
     samples = [(p, y) for p, y in folder.samples if str(score_map_path(out, p)) in todo]
     kept = len(folder.samples) - len(samples)
-    mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)  # load_image_folder's statistics
-    std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
+    _check_manifest(out, {"teacher": getattr(teacher, "source", None), "top_k": top_k,
+                          "resolution": teacher.full_resolution}, kept)
+    mean = torch.tensor(teacher.norm[0], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(teacher.norm[1], device=device).view(1, 3, 1, 1)
     loader = torch.utils.data.DataLoader(_WholeImages(samples, teacher.full_resolution), batch_size=batch_size,
                                          num_workers=workers)
     teacher.to(device)
@@ -111,12 +129,35 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
                 raise DataError("the teacher gave non-finite logits: a diverged model cannot label")
             values, classes = logits.topk(top_k, dim=-1)  # [B, H, W, k]
             maps = torch.stack([values, classes.float()], 1).permute(0, 1, 4, 2, 3).to(dtype).cpu()
+            if not torch.isfinite(maps).all():
+                raise DataError(f"the teacher's logits exceed {dtype}'s range: they cannot be stored as score maps")
             grid = tuple(maps.shape[-2:])
             for m, i in zip(maps, index.tolist()):
                 _save(m.clone(), score_map_path(out, samples[i][0]))
             written += len(index)
             progress(f"score maps: {written + kept}/{len(folder.samples)}")
     return {"written": written, "kept": kept, "grid": grid, "top_k": top_k}
+
+
+def _check_manifest(out: Path, made_by: dict, kept: int) -> None:
+    """Write what makes the maps of ``out``; refuse when maps already there were made otherwise."""
+    import json
+
+    from ..formats import read_json_object
+
+    path = out / MANIFEST
+    if path.is_file():
+        before = read_json_object(path, "token-labels manifest")
+        differ = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in made_by.items() if before.get(k) != v]
+        if differ and kept:
+            raise ConfigError(f"--out {out} holds score maps made otherwise ({'; '.join(differ)}): use another --out "
+                              "or empty it")
+    elif kept:
+        raise ConfigError(f"--out {out} holds {kept} score maps of unknown making (no {MANIFEST}): use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(made_by, indent=1))
+    os.replace(tmp, path)
 
 
 def _save(tensor: torch.Tensor, path: Path) -> None:

@@ -54,13 +54,19 @@ def score_map_path(label_root: Path, image_path: str | Path) -> Path:
 
 
 def missing_score_maps(label_root: Path, image_paths: list) -> list[Path]:
-    """The score maps of ``image_paths`` that ``label_root`` lacks (each class folder listed once)."""
+    """The score maps of ``image_paths`` that ``label_root`` lacks (each class folder listed once); two images of
+    one map name (``a.png`` and ``a.jpg``: the name up to its first dot) are a one-line :class:`DataError`."""
     import os
 
     listed: dict[Path, set[str]] = {}
+    seen: dict[Path, str] = {}
     out = []
     for image in image_paths:
         path = score_map_path(label_root, image)
+        if path in seen:
+            raise DataError(f"{seen[path]} and {image} would share the score map {path} (a map is named by the image's "
+                            "name up to its first dot): rename one")
+        seen[path] = str(image)
         if path.parent not in listed:
             listed[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
         if path.name not in listed[path.parent]:
@@ -102,15 +108,17 @@ def load_score_map(path: Path, num_classes: int, shape: tuple[int, ...] | None =
 
 
 # ------------------------------------------------------------------- the maps' geometry (workers)
-def affine_label(label: torch.Tensor, matrix: tuple[float, ...]) -> torch.Tensor:
-    """PIL's affine ``matrix`` (a, b, c, d, e, f) applied to a ``[2, k, H, W]`` map the official way: scipy's
-    nearest-neighbour ``affine_transform`` over (row, column), logits filled with 0 outside, indices with the
-    nearest edge."""
+def affine_label(label: torch.Tensor, matrix: tuple[float, ...], outside: str = "constant") -> torch.Tensor:
+    """The affine ``matrix`` (a, b, c, d, e, f: input row = a·row + b·col + c, input column = d·row + e·col + f, in
+    cell indices) applied to a ``[2, k, H, W]`` map the official way: scipy's nearest-neighbour ``affine_transform``,
+    logits filled with 0 outside (``outside``: scipy's mode; the official ``constant`` also empties a source
+    within half a cell beyond the edge cells, ``grid-constant`` keeps it, as PIL does), indices with the nearest
+    edge."""
     from scipy import ndimage
 
     a, b, c, d, e, f = matrix
     m = [[1, 0, 0, 0], [0, a, b, c], [0, d, e, f]]
-    value = ndimage.affine_transform(label[0].numpy(), matrix=m, order=0, mode="constant")
+    value = ndimage.affine_transform(label[0].numpy(), matrix=m, order=0, mode=outside)
     index = ndimage.affine_transform(label[1].numpy(), matrix=m, order=0, mode="nearest")
     return torch.from_numpy(np.stack([value, index]))
 
@@ -172,7 +180,7 @@ def corrected_label_op(label: torch.Tensor, name: str, args: tuple, size: tuple[
     sh, sw = size[1] / label.shape[2], size[0] / label.shape[3]  # pixels per cell down and across
     row = (e, d * sw / sh, (d * 0.5 * sw + e * 0.5 * sh + f) / sh - 0.5)
     col = (b * sh / sw, a, (a * 0.5 * sw + b * 0.5 * sh + c) / sw - 0.5)
-    return affine_label(label, (*row, *col))
+    return affine_label(label, (*row, *col), outside="grid-constant")
 
 
 UNSUPPORTED_OPS = ("TranslateX", "TranslateY")  # absolute translations: the official code has no map op for them
