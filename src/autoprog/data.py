@@ -89,6 +89,7 @@ PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetc
 # take a seed's low 32 bits only: copy c of epoch e and copy c' of epoch e' seed alike only when e - e' is
 # (c' - c) strides modulo 2^32, which no run of fewer than 2^24 epochs and 256 copies reaches
 REPEAT_KEY_STRIDE = 1 << 24
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageFolder images' normalisation
 CROP_SCALE = 0.08  # an ImageFolder training crop's smallest area fraction: timm's, DeiT's and the official code's
 
 
@@ -475,7 +476,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
 
     root = Path(root)
     train_dir, test_dir = image_folder_dirs(root)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     augment = []
     if randaugment:
         augment = [randaugment_transform(randaugment, image_size, mean)]

@@ -41,7 +41,7 @@ def check_recipe(cfg, adareg: bool) -> None:
                           f"{cfg.batch_size}")
     if cfg.randaugment:
         randaugment_transform(cfg.randaugment, 32, (0.5,))
-    if getattr(cfg, "token_labels", None) is not None and (cfg.mixup or cfg.cutmix):
+    if cfg.token_labels is not None and (cfg.mixup or cfg.cutmix):
         raise ConfigError("--token-labels with --mixup/--cutmix is not built (the official TokenLabelMixup mixes the "
                           "score maps too); the paper's VOLO recipe uses neither")
 

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..data import image_folder, image_folder_dirs, read_image
+from ..data import IMAGENET_MEAN, IMAGENET_STD, image_folder, image_folder_dirs, read_image
 from ..errors import ConfigError, DataError
 from .token_labels import score_map_path
 
 FP16_EXACT = 2048  # float16 holds every whole number up to here
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # autoprog's ImageFolder loader's
 MANIFEST = "token-labels.json"  # what made the maps of a folder: a continued generation must be the same
 
 
@@ -109,8 +108,8 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
     top_k = min(5, len(folder.classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(folder.classes):
         raise ConfigError(f"--top-k must be between 1 and the {len(folder.classes)} classes, got {top_k}")
-    todo = set(map(str, missing_score_maps(out, [p for p, _ in folder.samples])))
-    samples = [(p, y) for p, y in folder.samples if str(score_map_path(out, p)) in todo]
+    todo = set(missing_score_maps(out, [p for p, _ in folder.samples]))
+    samples = [(p, y) for p, y in folder.samples if score_map_path(out, p) in todo]
     kept = len(folder.samples) - len(samples)
     _check_manifest(out, {"teacher": getattr(teacher, "source", None), "top_k": top_k,
                           "resolution": teacher.full_resolution}, kept)
@@ -141,8 +140,7 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
 
 def _check_manifest(out: Path, made_by: dict, kept: int) -> None:
     """Write what makes the maps of ``out``; refuse when maps already there were made otherwise."""
-    import json
-
+    from ..checkpoint import write_json
     from ..formats import read_json_object
 
     path = out / MANIFEST
@@ -155,9 +153,7 @@ def _check_manifest(out: Path, made_by: dict, kept: int) -> None:
     elif kept:
         raise ConfigError(f"--out {out} holds {kept} score maps of unknown making (no {MANIFEST}): use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(made_by, indent=1))
-    os.replace(tmp, path)
+    write_json(path, made_by)
 
 
 def _save(tensor: torch.Tensor, path: Path) -> None:

@@ -95,7 +95,7 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                               group="augmentation")
     token_labels: str | None = option(
         None, "token labeling with MixToken, the paper's VOLO recipe (Appendix B): a folder of teacher score maps, "
-              "<dir>/<class>/<image stem>.pt, each [2, k, H, W] float16 (the top-k logits and their class indices "
+              "<dir>/<class>/<image stem>.pt, each [2, k, H, W] float16 or float32 (the top-k logits and their class indices "
               "at each place) as the TokenLabeling repository's generate_label.py writes them; ImageFolder data and "
               "timm:volo_* models", show_default=False, group="augmentation")
     dense_weight: float = option(DENSE_WEIGHT, "token labeling: weight of the tokens' loss beside the class token's "
