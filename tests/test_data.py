@@ -572,3 +572,70 @@ def test_stage_crops_asked_for_in_memory_data_are_said_to_change_nothing(cli, fa
                      *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 0, err
     assert "--loader-resolution stage crops ImageFolder images in the loader workers" in err and "held in memory" in err
+
+
+def test_imagefolder_training_crops_resample_as_the_official_code(image_folder):
+    """``--train-interpolation random`` (the official default): each image's crop is resampled bilinearly or
+    bicubically, drawn per image after its box, so each seeded sample equals the one or the other fixed choice's,
+    and both occur; the box itself does not depend on the choice."""
+    from autoprog.data import SeededSamples
+
+    ds = {mode: SeededSamples(load_dataset(str(image_folder), image_size=40, interpolation=mode).train)
+          for mode in ("random", "bilinear", "bicubic")}
+    picked = []
+    for i in range(24):
+        x = {mode: d[(7 + i, i % 10)][0] for mode, d in ds.items()}
+        assert not torch.equal(x["bilinear"], x["bicubic"]), "a textured image enlarged resamples differently"
+        same = [m for m in ("bilinear", "bicubic") if torch.equal(x["random"], x[m])]
+        assert len(same) == 1, "the random crop is one of the fixed ones, box for box"
+        picked += same
+    assert {"bilinear", "bicubic"} <= set(picked)
+
+
+def test_imagefolder_evaluation_crops_follow_the_models_crop_fraction(image_folder, tmp_path):
+    """Evaluation images are resized to floor(side / crop_pct) and centre-cropped with the model's resampling
+    (timm's eval transform, as the official code): a crop of 1.0 keeps an image's border, 0.5 only its centre;
+    the run takes the model's fraction (VOLO-D1 0.96, the built-in ViT 0.9) unless ``--eval-crop-pct`` says."""
+    from PIL import Image
+
+    from autoprog.classification.runner import RunSpec, eval_crop
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.data import EvalCrop
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / "framed" / split / cls
+            d.mkdir(parents=True)
+            arr = np.zeros((32, 32, 3), np.uint8)
+            arr[:4], arr[-4:], arr[:, :4], arr[:, -4:] = 255, 255, 255, 255  # a white frame
+            Image.fromarray(arr).save(d / "0.png")
+    root = str(tmp_path / "framed")
+    whole = load_dataset(root, image_size=32, eval_crop=EvalCrop(1.0, "bilinear")).test[0][0]
+    centre = load_dataset(root, image_size=32, eval_crop=EvalCrop(0.5, "bicubic")).test[0][0]
+    assert whole[:, 0].float().mean() > 200 and centre[:, 0].float().mean() < 10
+    plain = load_dataset(root, image_size=32, eval_crop=EvalCrop(0.5, "bicubic")).train_plain[0][0]
+    assert torch.equal(plain, centre), "searches score the training images cropped as the test images"
+    at = load_dataset(root, image_size=16, eval_crop=EvalCrop(0.5, "bicubic")).test_at(32)[0][0]
+    assert torch.equal(at, centre), "another evaluation size keeps the crop"
+    assert eval_crop(TrainConfig(), "timm:volo_d1_224") == EvalCrop(0.96, "bicubic")
+    assert eval_crop(TrainConfig(), "vit") == EvalCrop(0.9, "bicubic")
+    assert eval_crop(TrainConfig(eval_crop_pct=0.8, eval_interpolation="bilinear"), "vit") == EvalCrop(0.8, "bilinear")
+    old = RunSpec().to_dict()
+    for key in ("train_interpolation", "eval_crop_pct", "eval_interpolation"):
+        del old["train"][key]
+    train = RunSpec.from_dict(old).train
+    assert (train.train_interpolation, train.eval_interpolation) == ("bilinear", "bilinear"), "an older run's"
+    assert eval_crop(train, "vit").crop_pct == pytest.approx(1 / 1.14)
+
+
+def test_randaugment_resamples_as_the_training_crop():
+    """timm's rule: an explicit training interpolation reaches RandAugment's geometric operations; ``random``
+    leaves them drawing bilinear or bicubic per operation."""
+    from PIL import Image
+
+    from autoprog.data import randaugment_transform
+
+    fixed = randaugment_transform("rand-m9-mstd0.5-inc1", 32, (0.5, 0.5, 0.5), "bicubic")
+    drawn = randaugment_transform("rand-m9-mstd0.5-inc1", 32, (0.5, 0.5, 0.5))
+    assert {op.kwargs["resample"] for op in fixed.ops} == {Image.BICUBIC}
+    assert all(isinstance(op.kwargs["resample"], tuple) and len(op.kwargs["resample"]) == 2 for op in drawn.ops)

@@ -91,6 +91,8 @@ PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetc
 REPEAT_KEY_STRIDE = 1 << 24
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageFolder images' normalisation
 CROP_SCALE = 0.08  # an ImageFolder training crop's smallest area fraction: timm's, DeiT's and the official code's
+TRAIN_INTERPOLATIONS = ("random", "bilinear", "bicubic")  # an ImageFolder training crop's resampling (timm's names)
+EVAL_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def workers_for_shared_memory(workers: int, batch_bytes: int, prefetch: int = PREFETCH,
@@ -244,6 +246,7 @@ class DataBundle:
     train_plain: Dataset | None = None  # the training images without random transforms (None: ``train`` is)
     worker_randaugment: object = None  # decoded data: a RandAugment in the workers' transform, magnitude per epoch
     test_at_size: Callable[[int], Dataset] | None = None  # decoded data: the test images cropped at another size
+    train_interpolation: str = "random"  # decoded data: the training crop's resampling (RandAugment's follows it)
 
     def test_at(self, size: int) -> Dataset:
         """The test images for evaluation at ``size`` pixels: decoded images are resized and cropped at that size
@@ -293,9 +296,7 @@ class DataBundle:
         while isinstance(ds, torch.utils.data.Subset):
             ds = ds.dataset
         steps = getattr(getattr(ds, "transform", None), "transforms", ())
-        from torchvision import transforms
-
-        return next((t for t in steps if isinstance(t, transforms.RandomResizedCrop)), None)
+        return next((t for t in steps if isinstance(t, _random_crops())), None)
 
     @property
     def device(self) -> torch.device:
@@ -467,26 +468,47 @@ def load_digits() -> DataBundle:
 
 
 # ------------------------------------------------------------------------------------ ImageFolder
+@dataclass(frozen=True)
+class EvalCrop:
+    """How ImageFolder evaluation images are made: resized so that the centre crop of the model's side is
+    ``crop_pct`` of the shorter side (to ``floor(side / crop_pct)``), with ``interpolation``, as timm's
+    ``transforms_imagenet_eval`` and the official code (the model's ``crop_pct`` and interpolation)."""
+
+    crop_pct: float = 0.9  # timm's ViT/DeiT configuration, which the official code's DeiT models take
+    interpolation: str = "bicubic"
+
+
+LEGACY_EVAL_CROP = EvalCrop(1 / 1.14, "bilinear")  # runs made before 2026-12-07: resized to 1.14x, bilinear
+
+
 def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment: str | None = None,
-                      crop_scale: float = CROP_SCALE) -> DataBundle:
+                      crop_scale: float = CROP_SCALE, interpolation: str = "random",
+                      eval_crop: EvalCrop = EvalCrop()) -> DataBundle:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), torchvision's ImageFolder layout.
-    Training images are randomly resized-cropped (``crop_scale``: the smallest area fraction) and flipped;
-    ``randaugment``: timm's RandAugment string, applied to training images in the loader workers."""
+    Training images are randomly resized-cropped (``crop_scale``: the smallest area fraction; ``interpolation``:
+    its resampling, ``random`` drawing bilinear or bicubic per image as the official code) and flipped;
+    ``randaugment``: timm's RandAugment string, applied to training images in the loader workers. Evaluation
+    images (and the unaugmented training images that searches score on) are centre-cropped as ``eval_crop``."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms
 
+    if interpolation not in TRAIN_INTERPOLATIONS:
+        raise ConfigError(f"--train-interpolation must be one of {', '.join(TRAIN_INTERPOLATIONS)}, got "
+                          f"{interpolation!r}")
+    check_eval_crop(eval_crop)
     root = Path(root)
     train_dir, test_dir = image_folder_dirs(root)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     augment = []
     if randaugment:
-        augment = [randaugment_transform(randaugment, image_size, mean)]
+        augment = [randaugment_transform(randaugment, image_size, mean, interpolation)]
     train_tf = transforms.Compose([  # uint8 out: a quarter of float32's bytes; normalised on the device
-        transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
+        RandomResizedCropAndInterpolation(image_size, scale=(crop_scale, 1.0), interpolation=interpolation),
         transforms.RandomHorizontalFlip(),
         *augment,
         transforms.PILToTensor(),
     ])
-    test_tf = _test_transform(image_size)
+    test_tf = _test_transform(image_size, eval_crop)
     train = image_folder(root, train_dir, train_tf, min_classes=2)
     plain = image_folder(root, train_dir, test_tf, min_classes=2)
     test = image_folder(root, test_dir, test_tf)
@@ -494,24 +516,50 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
         raise DataError(f"{train_dir} and {test_dir} have different class folders")
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
                       hflip=False, pad=0, train_plain=plain,  # cropped and flipped in the workers
-                      test_at_size=functools.partial(_test_images_at, root, test_dir))
+                      test_at_size=functools.partial(_test_images_at, root, test_dir, eval_crop),
+                      train_interpolation=interpolation)
 
 
-def _test_transform(size: int):
-    """Evaluation images at ``size``: resized to 1.14× (DeiT's 256/224) and centre-cropped, as uint8."""
+def check_eval_crop(eval_crop: EvalCrop) -> None:
+    if not 0 < eval_crop.crop_pct <= 2:
+        raise ConfigError(f"--eval-crop-pct must be in (0, 2], got {eval_crop.crop_pct}")
+    if eval_crop.interpolation not in EVAL_INTERPOLATIONS:
+        raise ConfigError(f"--eval-interpolation must be one of {', '.join(EVAL_INTERPOLATIONS)}, got "
+                          f"{eval_crop.interpolation!r}")
+
+
+def _random_crops() -> tuple[type, ...]:
+    """The random resized crops an ImageFolder's training transform may hold (timm's, torchvision's)."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms
 
-    return transforms.Compose([transforms.Resize(int(size * 1.14)), transforms.CenterCrop(size),
-                               transforms.PILToTensor()])
+    return RandomResizedCropAndInterpolation, transforms.RandomResizedCrop
 
 
-def _test_images_at(root: Path, test_dir: Path, size: int) -> Dataset:
-    return image_folder(root, test_dir, _test_transform(size))
+def crop_interpolation(crop):
+    """The resampling of one image's random crop: drawn from a crop of several (timm's ``random``) with Python's
+    random numbers, as timm's crop draws it after its box."""
+    choices = crop.interpolation
+    return random.choice(choices) if isinstance(choices, (tuple, list)) else choices
 
 
-def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...]):
+def _test_transform(size: int, eval_crop: EvalCrop):
+    """Evaluation images at ``size``, as uint8 (timm's ``transforms_imagenet_eval``, ``eval_crop``)."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    return transforms_imagenet_eval(size, crop_pct=eval_crop.crop_pct, interpolation=eval_crop.interpolation,
+                                    use_prefetcher=True)
+
+
+def _test_images_at(root: Path, test_dir: Path, eval_crop: EvalCrop, size: int) -> Dataset:
+    return image_folder(root, test_dir, _test_transform(size, eval_crop))
+
+
+def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...], interpolation: str = "random"):
     """timm's RandAugment for PIL images from its config string (``rand-m9-mstd0.5-inc1``); a bad string is a
-    one-line error. (:func:`rand_augment`: posterize to 0 bits gives a black image.)"""
+    one-line error. Its rotations and shears resample with ``interpolation`` (``random``: bilinear or bicubic
+    per operation, timm's default), as timm's ``create_transform`` passes the training interpolation on.
+    (:func:`rand_augment`: posterize to 0 bits gives a black image.)"""
     import re
 
     section = r"(m|mstd|mmax|p)\d+(\.\d+)?|n\d+|w\d+|inc[01]"
@@ -519,8 +567,13 @@ def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...])
         raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as rand-m9-mstd0.5-inc1 "
                           "(sections: mN magnitude, nN operations, mstdX, mmaxX, incN, wN, pX)")
     fill = tuple(min(255, round(255 * m)) for m in mean)
+    hparams = {"translate_const": max(1, int(image_size * 0.45)), "img_mean": fill}
+    if interpolation != "random":
+        from timm.data.transforms import str_to_pil_interp
+
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
     try:
-        return rand_augment(config, {"translate_const": max(1, int(image_size * 0.45)), "img_mean": fill})
+        return rand_augment(config, hparams)
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as "
                           f"rand-m9-mstd0.5-inc1 ({e or 'unknown section'})") from None
@@ -613,9 +666,10 @@ def is_image_folder(name: str) -> bool:
 
 
 def load_dataset(name: str, data_root: str | None = None, subset: int | None = None, image_size: int | None = None,
-                 seed: int = 0, randaugment: str | None = None, crop_scale: float = CROP_SCALE) -> DataBundle:
+                 seed: int = 0, randaugment: str | None = None, crop_scale: float = CROP_SCALE,
+                 interpolation: str = "random", eval_crop: EvalCrop = EvalCrop()) -> DataBundle:
     """Load a dataset by name (``fashion-mnist``, ``digits``) or as an ImageFolder directory path
-    (``randaugment``, ``crop_scale``: see :func:`load_image_folder`)."""
+    (``randaugment``, ``crop_scale``, ``interpolation``, ``eval_crop``: see :func:`load_image_folder`)."""
     key = name.lower().replace("_", "-")
     if key in ("fashion-mnist", "fashionmnist"):
         bundle = load_fashion_mnist(data_root)
@@ -625,7 +679,7 @@ def load_dataset(name: str, data_root: str | None = None, subset: int | None = N
         path = data_root if key == "imagefolder" else name
         if not path:
             raise DataError("--dataset imagefolder needs --data-root DIR")
-        bundle = load_image_folder(path, image_size or 32, randaugment, crop_scale)
+        bundle = load_image_folder(path, image_size or 32, randaugment, crop_scale, interpolation, eval_crop)
     else:
         raise DataError(f"unknown dataset {name!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
     if subset is not None:

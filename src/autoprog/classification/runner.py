@@ -10,13 +10,13 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ..adapters.factory import ModelOverrides, build_elastic
+from ..adapters.factory import ModelOverrides, build_elastic, model_eval_crop
 from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
-from ..data import is_image_folder, load_dataset
+from ..data import LEGACY_EVAL_CROP, EvalCrop, is_image_folder, load_dataset
 from ..engine import broadcast
 from ..errors import ConfigError, warn
 from ..experiment import (
@@ -39,7 +39,7 @@ from ..methods import PRETRAIN, TRANSFER, SearchSettings, get_method, method_nam
 from ..options import MAX_IMAGE_SIZE, Spec, default, option
 from ..report import plot_curves, plot_front, reading, schedule_string
 from ..schedules import build_schedule
-from .pretrained import build_args_of, load_pretrained, pretrained_resolution
+from .pretrained import build_args_of, load_pretrained, locate, pretrained_resolution
 from .recipe import check_recipe
 from .report import seeds_markdown, summary_markdown
 from .token_labels import prepare_token_labels
@@ -61,13 +61,18 @@ class RunSpec(Spec, AutoProgOneConfig):
         """A saved spec; one made before 2026-12-05 (no ``train.ema_rescale``) keeps what it ran: the built-in ViT's
         4×4 default grid, the per-epoch momentum when none was given (an explicit one was per step), and
         AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing; one made
-        before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up."""
+        before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up; one made before
+        ``--train-interpolation`` cropped them bilinearly and evaluated them resized to 1.14x, bilinearly
+        (its crops' boxes are drawn by timm's crop now, from Python's random numbers, not torchvision's)."""
         d = json.loads(json.dumps(d))
         train = d.get("train") if isinstance(d, dict) else None
         if isinstance(train, dict):
             if "loader_resolution" in train and train["loader_resolution"] is None:
                 train["loader_resolution"] = "stage"  # saved unset for some hours of 2026-12-07: it meant stage
             train.setdefault("crop_scale", 0.35)  # made before --crop-scale: ImageFolder crops of 0.35 and up
+            if "train_interpolation" not in train:  # made before 2026-12-07: bilinear crops, evaluated at 1/1.14
+                train.update(train_interpolation="bilinear", eval_crop_pct=LEGACY_EVAL_CROP.crop_pct,
+                             eval_interpolation=LEGACY_EVAL_CROP.interpolation)
         if isinstance(train, dict) and "ema_rescale" not in train:
             train["ema_rescale"] = train.get("ema_decay") is None
             if train.get("ema_decay") is None:
@@ -194,7 +199,8 @@ def build_run(spec: RunSpec):
     if spec.adareg:
         check_recipe(spec.train, adareg=True)
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size, randaugment=spec.train.randaugment,
-                        crop_scale=spec.train.crop_scale)
+                        crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
+                        eval_crop=eval_crop(spec.train, spec.model))
     img_size = spec.img_size
     if img_size is None and spec.model == "vit":
         img_size = data.image_size
@@ -232,6 +238,12 @@ def build_run(spec: RunSpec):
     return data, net, schedule, growth
 
 
+def eval_crop(train: TrainConfig, model: str) -> EvalCrop:
+    """ImageFolder evaluation crops: ``--eval-crop-pct`` and ``--eval-interpolation``, or the model's."""
+    crop_pct, interpolation = model_eval_crop(model)
+    return EvalCrop(train.eval_crop_pct or crop_pct, train.eval_interpolation or interpolation)
+
+
 def _build_transfer(spec: TransferSpec):
     """A fine-tuning run: the pre-trained classifier with a new head; ``full`` trains it whole, the progressive
     methods unfreeze it by (resolution, learnable blocks from the output side)."""
@@ -242,7 +254,8 @@ def _build_transfer(spec: TransferSpec):
                           f"{', '.join(unread)} cannot be set")
     size = pretrained_resolution(spec.base_path, spec.model)
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment,
-                        crop_scale=spec.train.crop_scale)
+                        crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
+                        eval_crop=eval_crop(spec.train, locate(spec.base_path, spec.model).model))
     net, info = load_pretrained(spec.base_path, data.num_classes, data.in_chans, spec.model)
     net.build_args = info["build_args"]
     data = prepare_token_labels(spec.train, data, net)
@@ -345,7 +358,8 @@ OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixe
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     """How the run in ``out`` differs from ``spec`` in what its method reads (None: no run there); in-memory
     data has no crops to differ in (``--loader-resolution``, ``--crop-scale``)."""
-    crops = () if is_image_folder(spec.dataset) else ("loader_resolution", "crop_scale")
+    crops = () if is_image_folder(spec.dataset) else ("loader_resolution", "crop_scale", "train_interpolation",
+                                                      "eval_crop_pct", "eval_interpolation")
     return saved_differences(out, spec, lambda d: type(spec).from_dict(d, str(out / "config.json")),
                              ignore=("stop_after_epochs", *crops,
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..data import crop_interpolation
 from ..errors import ConfigError, DataError
 
 GEOMETRIES = ("official", "corrected")
@@ -227,8 +228,8 @@ class LabelRandAugment:
 
 class TokenLabelTransform:
     """A training image and its score map through the official order: horizontal flip (p = 0.5), RandAugment
-    (optional, :class:`LabelRandAugment`), the random resized crop (torchvision's, its box returned as fractions
-    ``(top, left, height, width)`` of the image), uint8 tensor. ``transforms`` lists the crop so that the trainer
+    (optional, :class:`LabelRandAugment`), the random resized crop (timm's, its resampling drawn per image when
+    ``random``; its box returned as fractions ``(top, left, height, width)`` of the image), uint8 tensor. ``transforms`` lists the crop so that the trainer
     can set its output side (``--loader-resolution stage``)."""
 
     def __init__(self, crop, randaugment: LabelRandAugment | None = None, geometry: str = "official"):
@@ -245,7 +246,7 @@ class TokenLabelTransform:
         i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
         W, H = img.size
         coords = torch.tensor([i / H, j / W, h / H, w / W])
-        img = TF.resized_crop(img, i, j, h, w, list(self.crop.size), self.crop.interpolation, antialias=True)
+        img = TF.resized_crop(img, i, j, h, w, list(self.crop.size), crop_interpolation(self.crop), antialias=True)
         return TF.pil_to_tensor(img), label, coords
 
 
@@ -302,7 +303,8 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
                           f"{bundle.name} is held in memory")
     ra = None
     if randaugment:
-        ra = LabelRandAugment(randaugment_transform(randaugment, bundle.image_size, bundle.mean), geometry)
+        ra = LabelRandAugment(randaugment_transform(randaugment, bundle.image_size, bundle.mean,
+                                                    bundle.train_interpolation), geometry)
     transform = TokenLabelTransform(bundle.worker_crop, ra, geometry)
 
     def wrapped(ds):

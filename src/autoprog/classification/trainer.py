@@ -27,7 +27,14 @@ from ..algorithms.growth import PAPER_EMA_DECAY, GrowthCalls, GrowthOperator, Mo
 from ..budget import Budget, BudgetPlan, LRRemap, budget_option, budget_steps_option
 from ..compute import compile_blocks
 from ..controllers import ProxyTask, ScheduleController
-from ..data import CROP_SCALE, DataBundle, default_workers, to_device
+from ..data import (
+    CROP_SCALE,
+    EVAL_INTERPOLATIONS,
+    TRAIN_INTERPOLATIONS,
+    DataBundle,
+    default_workers,
+    to_device,
+)
 from ..engine import PreparedModel, RunTemplate, full_precision
 from ..errors import ConfigError, warn
 from ..metrics import train_step_flops
@@ -89,6 +96,18 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                            "small images in short runs may do better with 0.35: 28-px "
                                            "Fashion-MNIST, 8 epochs, top-1 66.6 against 68.9, docs/results.md)",
                                above=0, maximum=1, group="augmentation")
+    train_interpolation: str = option(
+        "random", "ImageFolder data: the training crop's resampling: random (bilinear or bicubic, drawn per image: "
+                  "the official code's default), bilinear or bicubic (RandAugment's rotations and shears then use "
+                  "it too, as timm's)", choices=TRAIN_INTERPOLATIONS, group="augmentation")
+    eval_crop_pct: float | None = option(
+        None, "ImageFolder data: the evaluation images' centre crop as a fraction of the resized image (resized to "
+              "floor(side / crop_pct)); default: the model's, as timm's pretrained configuration gives it (0.9 for "
+              "the built-in ViT and DeiT, 0.96 for VOLO-D1), which the official code reads", above=0, maximum=2,
+        show_default=False, group="data")
+    eval_interpolation: str | None = option(
+        None, "ImageFolder data: the evaluation images' resampling; default: the model's (bicubic for ViT, DeiT "
+              "and VOLO)", choices=EVAL_INTERPOLATIONS, show_default=False, group="data")
     aug_repeats: int = option(1, "repeated augmentation (DeiT's, in the paper's DeiT recipe, Appendix B: 3): an "
                                  "epoch trains on 1/N of the images, each N times in a row, so in the same global "
                                  "batch, each copy augmented on its own; 1 = off", minimum=1, maximum=64,
