@@ -436,3 +436,28 @@ def test_two_images_of_one_map_name_and_maps_made_otherwise_are_refused(cli, tok
     assert rc == 0 and "wrote 1 score maps" in out, err
     rc, _, err = cli(*args, "--top-k", "2", "--out", maps)  # maps of unknown making
     assert rc == 2 and "unknown making" in err, err
+
+
+def test_a_searchs_step_time_runs_the_token_labelled_step(token_folder, tmp_path, monkeypatch):
+    """The step timer times what a token-labelled training step does (targets from score maps, MixToken, the
+    tokens' loss), not a plain class-label step, and gives MixToken's numpy draws back."""
+    from autoprog.classification import token_labels, trainer
+    from autoprog.classification.trainer import TrainConfig, Trainer
+    from autoprog.data import load_dataset
+    from autoprog.schedules import build_schedule
+
+    data_dir, maps = token_folder
+    net = _tiny_volo()
+    data = token_labels.with_token_labels(load_dataset(str(data_dir), image_size=32), maps)
+    cfg = TrainConfig(token_labels=str(maps), batch_size=4, epochs=1, count_flops=False, num_workers=0)
+    run = Trainer(net, build_schedule("original", net.growth_space(2, 0.5)), None, data, cfg, tmp_path / "r")
+    calls = []
+    real = trainer.token_label_targets
+    monkeypatch.setattr(trainer, "token_label_targets", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    assert run._timed(net.full_subnet, repeats=1) > 0
+    assert calls and calls[0] == (4, 2, 2, 4, 4), "score maps of the data's shape, a batch of them"
+    np.random.seed(3)
+    expected = np.random.rand()
+    np.random.seed(3)
+    run._timed(net.full_subnet, repeats=1)
+    assert np.random.rand() == expected, "MixToken's draws while timing are given back"

@@ -342,6 +342,21 @@ def is_token_labelled(bundle) -> bool:
     return isinstance(ds, TokenLabelFolder)
 
 
+def probe_token_labels(bundle, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random score maps of ``bundle``'s shape and crop boxes, on ``device``: what a step timer feeds
+    :func:`token_label_targets` so that a timed step costs what a token-labelled training step does."""
+    from torch.utils.data import Subset
+
+    ds = bundle.train
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    _, k, h, w = ds.map_shape
+    maps = torch.stack([torch.randn(batch_size, k, h, w, device=device),
+                        torch.randint(0, bundle.num_classes, (batch_size, k, h, w), device=device).float()], 1)
+    boxes = torch.tensor([0.1, 0.2, 0.6, 0.5], device=device).expand(batch_size, 4)
+    return maps, boxes
+
+
 # ------------------------------------------------------------------------------- targets (device)
 def token_label_targets(maps: torch.Tensor, coords: torch.Tensor, num_classes: int, label_size: int,
                         smoothing: float = 0.1, geometry: str = "official") -> tuple[torch.Tensor, torch.Tensor]:

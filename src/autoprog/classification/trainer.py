@@ -57,6 +57,7 @@ from .token_labels import (
     GEOMETRIES,
     is_token_labelled,
     prepare_model_for_token_labels,
+    probe_token_labels,
     token_label_loss,
     token_label_targets,
 )
@@ -485,16 +486,23 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _timed(self, subnet: SubNet, repeats: int | None = None, scope: str | None = None) -> float:
         """Seconds of a training step of ``subnet`` (two warm-ups: a new resolution's first pass pays one-off
-        costs), not cached."""
+        costs), not cached. A token-labelled run's step makes its targets from score maps of the data's shape and
+        runs MixToken and the tokens' loss, as its training steps do (MixToken's numpy draws are given back)."""
         size = self.data.image_size
         x = torch.randn(self.cfg.batch_size, self.data.in_chans, size, size, device=self.acc.device)
         y = torch.randint(0, self.data.num_classes, (self.cfg.batch_size,), device=self.acc.device)
+        token_labels = probe_token_labels(self.data, self.cfg.batch_size, self.acc.device) \
+            if self.cfg.token_labels is not None else None
+        numpy_state = np.random.get_state()
         cur = self.net.subnet
         self.net.apply_subnet(subnet)
 
         def forward_backward():
-            with self.autocast():
-                loss = F.cross_entropy(self.net(x), y)
+            if token_labels is not None:
+                loss = self._token_labelled_loss(x, y, *token_labels)
+            else:
+                with self.autocast():
+                    loss = F.cross_entropy(self.net(x), y)
             loss.backward()
 
         def clear_grads():
@@ -508,6 +516,7 @@ class Trainer(GrowthCalls, RunTemplate):
         finally:
             clear_grads()
             self.net.apply_subnet(cur)
+            np.random.set_state(numpy_state)
 
     def _flops_time(self, subnet: SubNet) -> float:
         with self.counted_as_search():
