@@ -358,6 +358,7 @@ def test_a_trained_teacher_writes_score_maps_that_train_a_volo(cli, token_folder
                      "--epochs", "1", "--eval-samples", "0", "--no-flops", "--workers", "0", "--cpu", "--out",
                      teacher_run)
     assert rc == 0, err
+    assert json.loads((teacher_run / "model" / "config.json").read_text())["classes"] == ["c0", "c1", "c2"]
     rc, out, err = cli("token-labels", "--teacher", teacher_run, "--dataset", data_dir, "--out", maps, "--top-k", "2",
                        "--cpu", "--workers", "0")
     assert rc == 0 and "wrote 18 score maps of 4 x 4 places" in out, err
@@ -461,3 +462,36 @@ def test_a_searchs_step_time_runs_the_token_labelled_step(token_folder, tmp_path
     np.random.seed(3)
     run._timed(net.full_subnet, repeats=1)
     assert np.random.rand() == expected, "MixToken's draws while timing are given back"
+
+
+def test_teachers_and_maps_of_other_class_names_are_refused(token_folder, tmp_path):
+    """A run's model folder records its data's class names; a teacher naming other classes (or the same in
+    another order) than the data it labels is refused, and so are maps whose manifest names other classes than the
+    data a student trains on: a class count alone would let a teacher of other data through."""
+    import shutil
+
+    from conftest import tiny_vit
+
+    from autoprog.adapters.factory import ModelOverrides
+    from autoprog.classification.pretrained import build_args_of, save_classifier
+    from autoprog.classification.score_maps import generate_score_maps, load_teacher
+    from autoprog.data import load_dataset
+
+    data_dir, _ = token_folder
+    net = tiny_vit(img_size=16, patch_size=4, in_chans=3, num_classes=C)
+    args = build_args_of("vit", ModelOverrides(), net)
+    save_classifier(net, tmp_path / "swapped", args, extra={"classes": ["c0", "c2", "c1"]})
+    with pytest.raises(ConfigError, match="teacher's class 1 is 'c2'"):
+        generate_score_maps(load_teacher(tmp_path / "swapped"), data_dir, tmp_path / "m0", progress=lambda s: None)
+    save_classifier(net, tmp_path / "right", args, extra={"classes": ["c0", "c1", "c2"]})
+    maps = tmp_path / "m1"
+    generate_score_maps(load_teacher(tmp_path / "right"), data_dir, maps, progress=lambda s: None)
+    assert json.loads((maps / tl.MANIFEST).read_text())["classes"] == ["c0", "c1", "c2"]
+    tl.with_token_labels(load_dataset(str(data_dir), image_size=16), maps)  # the same classes: accepted
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data_dir, renamed)
+    for split in ("train", "val"):
+        (renamed / split / "c2").rename(renamed / split / "c9")
+    shutil.copytree(maps / "c2", maps / "c9")
+    with pytest.raises(DataError, match="number 2 is 'c2', the data's is 'c9'"):
+        tl.with_token_labels(load_dataset(str(renamed), image_size=16), maps)

@@ -247,6 +247,7 @@ class DataBundle:
     worker_randaugment: object = None  # decoded data: a RandAugment in the workers' transform, magnitude per epoch
     test_at_size: Callable[[int], Dataset] | None = None  # decoded data: the test images cropped at another size
     train_interpolation: str = "random"  # decoded data: the training crop's resampling (RandAugment's follows it)
+    classes: tuple[str, ...] | None = None  # the class names, in label order (an ImageFolder's folder names)
 
     def test_at(self, size: int) -> Dataset:
         """The test images for evaluation at ``size`` pixels: decoded images are resized and cropped at that size
@@ -436,6 +437,10 @@ def _find(root: Path, stem: str) -> Path:
     raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}; {FASHION_MNIST_FIX}")
 
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
 def load_fashion_mnist(root: str | os.PathLike | None = None) -> DataBundle:
     root = Path(root or FASHION_MNIST_ROOT)
     if not root.is_dir():
@@ -449,7 +454,8 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> DataBundle:
         if len(x) == 0:
             raise DataError(f"Fashion-MNIST {split} split in {root} is empty; {FASHION_MNIST_FIX}")
         splits[split] = TensorImages(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
-    return DataBundle("fashion-mnist", splits["train"], splits["test"], 10, 1, 28, (0.2860,), (0.3530,))
+    return DataBundle("fashion-mnist", splits["train"], splits["test"], 10, 1, 28, (0.2860,), (0.3530,),
+                      classes=FASHION_MNIST_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------- digits
@@ -464,7 +470,8 @@ def load_digits() -> DataBundle:
     tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
     tr, te = torch.from_numpy(tr), torch.from_numpy(te)
     full = TensorImages(x, y)
-    return DataBundle("digits", full.subset(tr), full.subset(te), 10, 1, 8, (0.3,), (0.4,), hflip=False, pad=1)
+    return DataBundle("digits", full.subset(tr), full.subset(te), 10, 1, 8, (0.3,), (0.4,), hflip=False, pad=1,
+                      classes=tuple(str(d) for d in range(10)))
 
 
 # ------------------------------------------------------------------------------------ ImageFolder
@@ -517,7 +524,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
                       hflip=False, pad=0, train_plain=plain,  # cropped and flipped in the workers
                       test_at_size=functools.partial(_test_images_at, root, test_dir, eval_crop),
-                      train_interpolation=interpolation)
+                      train_interpolation=interpolation, classes=tuple(train.classes))
 
 
 def check_eval_crop(eval_crop: EvalCrop) -> None:

@@ -105,7 +105,7 @@ def locate(base: str | Path, model: str = "vit", flag: str = "--base") -> Locate
     where = str(cfg_file)
     if cfg.get("format") == FORMAT:
         check_fields(cfg, {"format": str, "model": str, "architecture": dict, "num_classes": int, "in_chans": int,
-                           "gated_blocks": [int]}, where, required=("model", "architecture"))
+                           "gated_blocks": [int], "classes": [str]}, where, required=("model", "architecture"))
         check_fields(cfg["architecture"], _ARCH_FIELDS, f"{where}: architecture", closed=True)
         if not (path / WEIGHTS_FILE).is_file():
             raise ConfigError(f"{path} has no {WEIGHTS_FILE}")

@@ -20,10 +20,9 @@ import torch
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD, image_folder, image_folder_dirs, read_image
 from ..errors import ConfigError, DataError
-from .token_labels import score_map_path
+from .token_labels import MANIFEST, score_map_path
 
 FP16_EXACT = 2048  # float16 holds every whole number up to here
-MANIFEST = "token-labels.json"  # what made the maps of a folder: a continued generation must be the same
 
 
 def load_teacher(path: str | Path, model: str = "vit"):
@@ -56,6 +55,10 @@ def load_teacher(path: str | Path, model: str = "vit"):
         what = ", ".join([*(f"missing {k}" for k in missing[:3]), *(f"unexpected {k}" for k in unexpected[:3])])
         raise ConfigError(f"--teacher {found.weights} does not fit its own architecture ({what})")
     net.num_classes, net.source = num_classes, str(found.weights.resolve())
+    names = cfg.get("classes")  # an autoprog model folder's class names (a run made after 2026-12-07)
+    if names is not None and len(names) != num_classes:
+        raise ConfigError(f"--teacher {path}: its config names {len(names)} classes for its {num_classes} outputs")
+    net.class_names = tuple(names) if names is not None else None
     mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
     ok = all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (mean, std))
     net.norm = (tuple(mean), tuple(std)) if ok else (IMAGENET_MEAN, IMAGENET_STD)
@@ -95,7 +98,7 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
     """Write the score map of every training image of the ImageFolder ``dataset`` into ``out`` with ``teacher``
     (:func:`load_teacher`), its ``top_k`` classes per place (default: 5, the official maps', or all when there
     are fewer); returns ``{"written", "kept", "grid", "top_k"}``. ``out`` records what made its maps
-    (:data:`MANIFEST`: the teacher's weights file, ``top_k``, the resolution); maps kept from a run with other
+    (:data:`MANIFEST`: the teacher's weights file, ``top_k``, the resolution, the class names); maps kept from a run with other
     settings are refused."""
     from .token_labels import missing_score_maps
 
@@ -105,6 +108,11 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
     if teacher.num_classes != len(folder.classes):
         raise ConfigError(f"the teacher has {teacher.num_classes} classes, {train_dir} {len(folder.classes)}: token "
                           "labels must name the data's classes")
+    names = getattr(teacher, "class_names", None)
+    if names is not None and tuple(names) != tuple(folder.classes):
+        first = next(i for i, (a, b) in enumerate(zip(names, folder.classes)) if a != b)
+        raise ConfigError(f"the teacher's class {first} is {names[first]!r}, {train_dir}'s {folder.classes[first]!r}: "
+                          "token labels must name the data's classes, in the data's order")
     top_k = min(5, len(folder.classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(folder.classes):
         raise ConfigError(f"--top-k must be between 1 and the {len(folder.classes)} classes, got {top_k}")
@@ -112,7 +120,7 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
     samples = [(p, y) for p, y in folder.samples if score_map_path(out, p) in todo]
     kept = len(folder.samples) - len(samples)
     _check_manifest(out, {"teacher": getattr(teacher, "source", None), "top_k": top_k,
-                          "resolution": teacher.full_resolution}, kept)
+                          "resolution": teacher.full_resolution, "classes": list(folder.classes)}, kept)
     mean = torch.tensor(teacher.norm[0], device=device).view(1, 3, 1, 1)
     std = torch.tensor(teacher.norm[1], device=device).view(1, 3, 1, 1)
     loader = torch.utils.data.DataLoader(_WholeImages(samples, teacher.full_resolution), batch_size=batch_size,
@@ -146,7 +154,8 @@ def _check_manifest(out: Path, made_by: dict, kept: int) -> None:
     path = out / MANIFEST
     if path.is_file():
         before = read_json_object(path, "token-labels manifest")
-        differ = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in made_by.items() if before.get(k) != v]
+        differ = [f"{k}: {before[k]!r} there, {v!r} now" for k, v in made_by.items()  # (a key added since: not
+                  if k in before and before[k] != v]                                   # known, not compared)
         if differ and kept:
             raise ConfigError(f"--out {out} holds score maps made otherwise ({'; '.join(differ)}): use another --out "
                               "or empty it")

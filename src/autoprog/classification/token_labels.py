@@ -44,6 +44,7 @@ from ..data import crop_interpolation
 from ..errors import ConfigError, DataError
 
 GEOMETRIES = ("official", "corrected")
+MANIFEST = "token-labels.json"  # what made a folder's maps (``autoprog token-labels``): teacher, top-k, classes
 DENSE_WEIGHT = 0.5  # the official --dense-weight: the tokens' loss against the class token's (--cls-weight 1)
 
 
@@ -301,6 +302,7 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
     if bundle.in_memory or bundle.worker_crop is None:
         raise ConfigError(f"--token-labels needs an ImageFolder dataset (its score maps are per image file); "
                           f"{bundle.name} is held in memory")
+    check_map_classes(Path(label_root), bundle.classes)
     ra = None
     if randaugment:
         ra = LabelRandAugment(randaugment_transform(randaugment, bundle.image_size, bundle.mean,
@@ -313,6 +315,25 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
         return TokenLabelFolder(ds, label_root, transform, bundle.num_classes)
 
     return dataclasses.replace(bundle, train=wrapped(bundle.train))
+
+
+def check_map_classes(label_root: Path, classes: tuple[str, ...] | None) -> None:
+    """Refuse score maps whose manifest (:data:`MANIFEST`, ``autoprog token-labels``') names other classes than
+    the data's, or the same in another order (maps without a manifest, such as the official ones, are not checked)."""
+    from ..formats import check_fields, read_json_object
+
+    manifest = label_root / MANIFEST
+    if classes is None or not manifest.is_file():
+        return
+    made = read_json_object(manifest, "token-labels manifest")
+    check_fields(made, {"classes": [str]}, str(manifest))
+    names = made.get("classes")
+    if names is not None and tuple(names) != tuple(classes):
+        differ = next((i for i, (a, b) in enumerate(zip(names, classes)) if a != b), min(len(names), len(classes)))
+        there = names[differ] if differ < len(names) else "none"
+        here = classes[differ] if differ < len(classes) else "none"
+        raise DataError(f"--token-labels {label_root} labels {len(names)} classes whose number {differ} is {there!r}, "
+                        f"the data's is {here!r}: its maps name other classes")
 
 
 def prepare_model_for_token_labels(net) -> None:

@@ -710,7 +710,8 @@ class Trainer(GrowthCalls, RunTemplate):
         last = self.history[-1] if self.history else {}
         save_classifier(self.net, self.out / "model", build_args,
                         extra={"method": self.run_info.get("method"), "dataset": self.run_info.get("dataset"),
-                               "steps": self.step, "top1": last.get("top1")})
+                               "steps": self.step, "top1": last.get("top1"),
+                               **({"classes": list(self.data.classes)} if self.data.classes else {})})
 
     @property
     def unfreezes(self) -> bool:
