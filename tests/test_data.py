@@ -620,12 +620,30 @@ def test_imagefolder_evaluation_crops_follow_the_models_crop_fraction(image_fold
     assert eval_crop(TrainConfig(), "timm:volo_d1_224") == EvalCrop(0.96, "bicubic")
     assert eval_crop(TrainConfig(), "vit") == EvalCrop(0.9, "bicubic")
     assert eval_crop(TrainConfig(eval_crop_pct=0.8, eval_interpolation="bilinear"), "vit") == EvalCrop(0.8, "bilinear")
+    assert eval_crop(TrainConfig(), "timm:deit3_small_patch16_224", {"crop_pct": 1.0}).crop_pct == 1.0, \
+        "a checkpoint's own configuration first"
+
+
+def test_runs_saved_before_the_official_crops_keep_their_own(image_folder):
+    """A run saved before ``--train-interpolation`` keeps what it ran (``legacy``): torchvision's bilinear crop,
+    RandAugment's resampling drawn, evaluation images resized to 1.14x bilinearly (300 px: 342 by timm's rule at
+    1/1.14, 341 as then)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from autoprog.classification.runner import RunSpec
+    from autoprog.data import _test_transform
+
     old = RunSpec().to_dict()
     for key in ("train_interpolation", "eval_crop_pct", "eval_interpolation"):
         del old["train"][key]
-    train = RunSpec.from_dict(old).train
-    assert (train.train_interpolation, train.eval_interpolation) == ("bilinear", "bilinear"), "an older run's"
-    assert eval_crop(train, "vit").crop_pct == pytest.approx(1 / 1.14)
+    assert RunSpec.from_dict(old).train.train_interpolation == "legacy"
+    b = load_dataset(str(image_folder), image_size=16, interpolation="legacy", randaugment="rand-m9-mstd0.5-inc1")
+    assert type(b.worker_crop) is transforms.RandomResizedCrop and b.worker_crop.interpolation.value == "bilinear"
+    assert b.randaugment_interpolation == "random"
+    img = Image.fromarray((np.random.default_rng(0).random((400, 420, 3)) * 255).astype(np.uint8))
+    then = transforms.Compose([transforms.Resize(341), transforms.CenterCrop(300), transforms.PILToTensor()])
+    assert torch.equal(_test_transform(300, None)(img), then(img))
 
 
 def test_randaugment_resamples_as_the_training_crop():
@@ -639,3 +657,9 @@ def test_randaugment_resamples_as_the_training_crop():
     drawn = randaugment_transform("rand-m9-mstd0.5-inc1", 32, (0.5, 0.5, 0.5))
     assert {op.kwargs["resample"] for op in fixed.ops} == {Image.BICUBIC}
     assert all(isinstance(op.kwargs["resample"], tuple) and len(op.kwargs["resample"]) == 2 for op in drawn.ops)
+    from autoprog.classification.adareg import AdaptiveRegularization
+    from autoprog.space import GrowthSpace
+
+    adareg = AdaptiveRegularization(GrowthSpace(32, 4, 4, num_stages=2, start_ratio=0.5))
+    assert {op.kwargs["resample"] for op in adareg.pil_randaugment(3, "bicubic").ops} == {Image.BICUBIC}
+    assert all(isinstance(op.kwargs["resample"], tuple) for op in adareg.pil_randaugment(3).ops)

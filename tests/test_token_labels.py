@@ -452,6 +452,7 @@ def test_a_searchs_step_time_runs_the_token_labelled_step(token_folder, tmp_path
     data = token_labels.with_token_labels(load_dataset(str(data_dir), image_size=32), maps)
     cfg = TrainConfig(token_labels=str(maps), batch_size=4, epochs=1, count_flops=False, num_workers=0)
     run = Trainer(net, build_schedule("original", net.growth_space(2, 0.5)), None, data, cfg, tmp_path / "r")
+    monkeypatch.setattr(Trainer, "_training_module", lambda self: pytest.fail("timed through DDP's wrapper"))
     calls = []
     real = trainer.token_label_targets
     monkeypatch.setattr(trainer, "token_label_targets", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))

@@ -2,7 +2,7 @@
 
 Small datasets are held in memory as uint8 tensors (on the training device, :meth:`DataBundle.to`, unless a
 host-side RandAugment needs them: then each RandAugmented batch is copied there without waiting) and augmented a
-whole batch at a time there; ImageFolder images are decoded, cropped and flipped by torchvision in
+whole batch at a time there; ImageFolder images are decoded, cropped (timm's random resized crop) and flipped in
 loader workers and travel as uint8. Either way a loader yields ``(x, y)`` and :meth:`DataBundle.prepare` turns
 ``x`` into normalised float images on the device. The model adapter then resizes them to the current
 sub-network's resolution.
@@ -214,8 +214,8 @@ class SeededSamples(Dataset):
 
 
 def _seed_all(seed: int) -> None:
-    """torch's, Python's and numpy's streams (torchvision crops with torch's; timm's RandAugment picks operations
-    with numpy's and magnitudes with Python's)."""
+    """torch's, Python's and numpy's streams (timm's crop draws its box and resampling with Python's, torchvision's
+    flip with torch's; timm's RandAugment picks operations with numpy's and magnitudes with Python's)."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -246,7 +246,7 @@ class DataBundle:
     train_plain: Dataset | None = None  # the training images without random transforms (None: ``train`` is)
     worker_randaugment: object = None  # decoded data: a RandAugment in the workers' transform, magnitude per epoch
     test_at_size: Callable[[int], Dataset] | None = None  # decoded data: the test images cropped at another size
-    train_interpolation: str = "random"  # decoded data: the training crop's resampling (RandAugment's follows it)
+    randaugment_interpolation: str = "random"  # decoded data: RandAugment's resampling (the training crop's)
     classes: tuple[str, ...] | None = None  # the class names, in label order (an ImageFolder's folder names)
 
     def test_at(self, size: int) -> Dataset:
@@ -485,7 +485,7 @@ class EvalCrop:
     interpolation: str = "bicubic"
 
 
-LEGACY_EVAL_CROP = EvalCrop(1 / 1.14, "bilinear")  # runs made before 2026-12-07: resized to 1.14x, bilinear
+LEGACY_CROPS = "legacy"  # ``interpolation`` of runs made before 2026-12-07 (see :func:`load_image_folder`)
 
 
 def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment: str | None = None,
@@ -495,26 +495,33 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
     Training images are randomly resized-cropped (``crop_scale``: the smallest area fraction; ``interpolation``:
     its resampling, ``random`` drawing bilinear or bicubic per image as the official code) and flipped;
     ``randaugment``: timm's RandAugment string, applied to training images in the loader workers. Evaluation
-    images (and the unaugmented training images that searches score on) are centre-cropped as ``eval_crop``."""
+    images (and the unaugmented training images that searches score on) are centre-cropped as ``eval_crop``.
+    ``interpolation="legacy"``: what autoprog did before 2026-12-07, for its saved runs (torchvision's bilinear
+    crop, RandAugment's resampling drawn, evaluation images resized to 1.14x bilinearly; ``eval_crop`` unread)."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms
 
-    if interpolation not in TRAIN_INTERPOLATIONS:
+    legacy = interpolation == LEGACY_CROPS
+    if not legacy and interpolation not in TRAIN_INTERPOLATIONS:
         raise ConfigError(f"--train-interpolation must be one of {', '.join(TRAIN_INTERPOLATIONS)}, got "
                           f"{interpolation!r}")
     check_eval_crop(eval_crop)
     root = Path(root)
     train_dir, test_dir = image_folder_dirs(root)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    ra_interpolation = "random" if legacy else interpolation
     augment = []
     if randaugment:
-        augment = [randaugment_transform(randaugment, image_size, mean, interpolation)]
+        augment = [randaugment_transform(randaugment, image_size, mean, ra_interpolation)]
+    crop = transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)) if legacy else \
+        RandomResizedCropAndInterpolation(image_size, scale=(crop_scale, 1.0), interpolation=interpolation)
     train_tf = transforms.Compose([  # uint8 out: a quarter of float32's bytes; normalised on the device
-        RandomResizedCropAndInterpolation(image_size, scale=(crop_scale, 1.0), interpolation=interpolation),
+        crop,
         transforms.RandomHorizontalFlip(),
         *augment,
         transforms.PILToTensor(),
     ])
+    eval_crop = None if legacy else eval_crop
     test_tf = _test_transform(image_size, eval_crop)
     train = image_folder(root, train_dir, train_tf, min_classes=2)
     plain = image_folder(root, train_dir, test_tf, min_classes=2)
@@ -524,7 +531,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
     return DataBundle(root.name, train, test, len(train.classes), 3, image_size, mean, std, in_memory=False,
                       hflip=False, pad=0, train_plain=plain,  # cropped and flipped in the workers
                       test_at_size=functools.partial(_test_images_at, root, test_dir, eval_crop),
-                      train_interpolation=interpolation, classes=tuple(train.classes))
+                      randaugment_interpolation=ra_interpolation, classes=tuple(train.classes))
 
 
 def check_eval_crop(eval_crop: EvalCrop) -> None:
@@ -550,21 +557,26 @@ def crop_interpolation(crop):
     return random.choice(choices) if isinstance(choices, (tuple, list)) else choices
 
 
-def _test_transform(size: int, eval_crop: EvalCrop):
-    """Evaluation images at ``size``, as uint8 (timm's ``transforms_imagenet_eval``, ``eval_crop``)."""
+def _test_transform(size: int, eval_crop: EvalCrop | None):
+    """Evaluation images at ``size``, as uint8 (timm's ``transforms_imagenet_eval``, ``eval_crop``; None: resized
+    to 1.14x bilinearly, as autoprog did before 2026-12-07)."""
     from timm.data.transforms_factory import transforms_imagenet_eval
+    from torchvision import transforms
 
+    if eval_crop is None:
+        return transforms.Compose([transforms.Resize(int(size * 1.14)), transforms.CenterCrop(size),
+                                   transforms.PILToTensor()])
     return transforms_imagenet_eval(size, crop_pct=eval_crop.crop_pct, interpolation=eval_crop.interpolation,
                                     use_prefetcher=True)
 
 
-def _test_images_at(root: Path, test_dir: Path, eval_crop: EvalCrop, size: int) -> Dataset:
+def _test_images_at(root: Path, test_dir: Path, eval_crop: EvalCrop | None, size: int) -> Dataset:
     return image_folder(root, test_dir, _test_transform(size, eval_crop))
 
 
 def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...], interpolation: str = "random"):
     """timm's RandAugment for PIL images from its config string (``rand-m9-mstd0.5-inc1``); a bad string is a
-    one-line error. Its rotations and shears resample with ``interpolation`` (``random``: bilinear or bicubic
+    one-line error. Its rotations, shears and translations resample with ``interpolation`` (``random``: bilinear or bicubic
     per operation, timm's default), as timm's ``create_transform`` passes the training interpolation on.
     (:func:`rand_augment`: posterize to 0 bits gives a black image.)"""
     import re

@@ -57,21 +57,24 @@ def build_model(name: str, num_classes: int, in_chans: int, overrides: ModelOver
     raise ConfigError(f"unknown model {name!r}: use 'vit' (built-in) or 'timm:<name>', e.g. timm:deit_tiny_patch16_224")
 
 
-def model_eval_crop(name: str) -> tuple[float, str]:
+def model_eval_crop(name: str, pretrained_cfg: dict | None = None) -> tuple[float, str]:
     """The evaluation crop (``crop_pct``, interpolation) of model ``name``, as the official code reads it from the
-    model: timm's pretrained configuration for ``timm:NAME`` (DeiT-S 0.9, VOLO-D1 0.96, bicubic), timm's ViT
-    configuration (0.9, bicubic) for the built-in ViT."""
+    model: a checkpoint's own ``pretrained_cfg`` when given, else timm's pretrained configuration for ``timm:NAME``
+    (DeiT-S 0.9, VOLO-D1 0.96, bicubic), timm's ViT configuration (0.9, bicubic) for the built-in ViT."""
     crop_pct, interpolation = 0.9, "bicubic"
-    if name.startswith("timm:"):
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else None
+    if cfg is None and name.startswith("timm:"):
         import timm
 
         try:
-            cfg = timm.models.get_pretrained_cfg(name.removeprefix("timm:"))
+            found = timm.models.get_pretrained_cfg(name.removeprefix("timm:"))
         except (RuntimeError, ValueError, KeyError):
-            cfg = None
-        if cfg is not None:
-            crop_pct = cfg.crop_pct or crop_pct
-            interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else interpolation
+            found = None
+        cfg = found.to_dict() if found is not None else None
+    if cfg is not None:
+        pct, interp = cfg.get("crop_pct"), cfg.get("interpolation")
+        crop_pct = float(pct) if isinstance(pct, (int, float)) and 0 < pct <= 2 else crop_pct
+        interpolation = interp if interp in ("bilinear", "bicubic") else interpolation
     return crop_pct, interpolation
 
 

@@ -88,10 +88,17 @@ class AdaptiveRegularization:
                 elif mod is not None and rate > 0:
                     setattr(blk, name, DropPath(rate))
 
-    def pil_randaugment(self, channels: int):
+    def pil_randaugment(self, channels: int, interpolation: str = "random"):
         """A RandAugment transform of its own for PIL images with ``channels`` channels (decoded data's loader
-        workers), at the current magnitude; the trainer sends each epoch's magnitude with the samples."""
+        workers), at the current magnitude; the trainer sends each epoch's magnitude with the samples.
+        ``interpolation``: its resampling (``random``: drawn per operation; else the training crop's, as the
+        official stage loaders pass ``--train-interpolation`` on)."""
         ra = self._make_ra(channels)
+        if interpolation != "random":
+            from timm.data.transforms import str_to_pil_interp
+
+            for op in ra.ops:
+                op.kwargs["resample"] = str_to_pil_interp(interpolation)
         for op in ra.ops:
             op.magnitude = self.settings.randaug_magnitude
         return ra

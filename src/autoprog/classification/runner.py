@@ -16,7 +16,7 @@ from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
-from ..data import LEGACY_EVAL_CROP, EvalCrop, is_image_folder, load_dataset
+from ..data import LEGACY_CROPS, EvalCrop, is_image_folder, load_dataset
 from ..engine import broadcast
 from ..errors import ConfigError, warn
 from ..experiment import (
@@ -62,17 +62,15 @@ class RunSpec(Spec, AutoProgOneConfig):
         4×4 default grid, the per-epoch momentum when none was given (an explicit one was per step), and
         AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing; one made
         before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up; one made before
-        ``--train-interpolation`` cropped them bilinearly and evaluated them resized to 1.14x, bilinearly
-        (its crops' boxes are drawn by timm's crop now, from Python's random numbers, not torchvision's)."""
+        ``--train-interpolation`` keeps autoprog's crops of then (``legacy``: torchvision's, bilinear; evaluation
+        images resized to 1.14x, bilinearly)."""
         d = json.loads(json.dumps(d))
         train = d.get("train") if isinstance(d, dict) else None
         if isinstance(train, dict):
             if "loader_resolution" in train and train["loader_resolution"] is None:
                 train["loader_resolution"] = "stage"  # saved unset for some hours of 2026-12-07: it meant stage
             train.setdefault("crop_scale", 0.35)  # made before --crop-scale: ImageFolder crops of 0.35 and up
-            if "train_interpolation" not in train:  # made before 2026-12-07: bilinear crops, evaluated at 1/1.14
-                train.update(train_interpolation="bilinear", eval_crop_pct=LEGACY_EVAL_CROP.crop_pct,
-                             eval_interpolation=LEGACY_EVAL_CROP.interpolation)
+            train.setdefault("train_interpolation", LEGACY_CROPS)  # made before 2026-12-07: autoprog's own crops
         if isinstance(train, dict) and "ema_rescale" not in train:
             train["ema_rescale"] = train.get("ema_decay") is None
             if train.get("ema_decay") is None:
@@ -238,9 +236,10 @@ def build_run(spec: RunSpec):
     return data, net, schedule, growth
 
 
-def eval_crop(train: TrainConfig, model: str) -> EvalCrop:
-    """ImageFolder evaluation crops: ``--eval-crop-pct`` and ``--eval-interpolation``, or the model's."""
-    crop_pct, interpolation = model_eval_crop(model)
+def eval_crop(train: TrainConfig, model: str, pretrained_cfg: dict | None = None) -> EvalCrop:
+    """ImageFolder evaluation crops: ``--eval-crop-pct`` and ``--eval-interpolation``, or the model's (a timm
+    checkpoint's own ``pretrained_cfg`` first)."""
+    crop_pct, interpolation = model_eval_crop(model, pretrained_cfg)
     return EvalCrop(train.eval_crop_pct or crop_pct, train.eval_interpolation or interpolation)
 
 
@@ -253,9 +252,10 @@ def _build_transfer(spec: TransferSpec):
         raise ConfigError(f"a fine-tuning run takes its architecture and schedule from the base and its method: "
                           f"{', '.join(unread)} cannot be set")
     size = pretrained_resolution(spec.base_path, spec.model)
+    base = locate(spec.base_path, spec.model)
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment,
                         crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
-                        eval_crop=eval_crop(spec.train, locate(spec.base_path, spec.model).model))
+                        eval_crop=eval_crop(spec.train, base.model, base.config.get("pretrained_cfg")))
     net, info = load_pretrained(spec.base_path, data.num_classes, data.in_chans, spec.model)
     net.build_args = info["build_args"]
     data = prepare_token_labels(spec.train, data, net)

@@ -306,7 +306,7 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
     ra = None
     if randaugment:
         ra = LabelRandAugment(randaugment_transform(randaugment, bundle.image_size, bundle.mean,
-                                                    bundle.train_interpolation), geometry)
+                                                    bundle.randaugment_interpolation), geometry)
     transform = TokenLabelTransform(bundle.worker_crop, ra, geometry)
 
     def wrapped(ds):

@@ -30,6 +30,7 @@ from ..controllers import ProxyTask, ScheduleController
 from ..data import (
     CROP_SCALE,
     EVAL_INTERPOLATIONS,
+    LEGACY_CROPS,
     TRAIN_INTERPOLATIONS,
     DataBundle,
     default_workers,
@@ -99,8 +100,11 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                above=0, maximum=1, group="augmentation")
     train_interpolation: str = option(
         "random", "ImageFolder data: the training crop's resampling: random (bilinear or bicubic, drawn per image: "
-                  "the official code's default), bilinear or bicubic (RandAugment's rotations and shears then use "
-                  "it too, as timm's)", choices=TRAIN_INTERPOLATIONS, group="augmentation")
+                  "the official code's default), bilinear or bicubic (RandAugment's and AdaReg's rotations, shears "
+                  "and translations then use it too, as timm's); legacy: autoprog's crops before 2026-12-07, "
+                  "which its runs saved then keep (torchvision's bilinear crop, evaluation images resized to 1.14x "
+                  "bilinearly, the --eval-* options unread)", choices=(*TRAIN_INTERPOLATIONS, LEGACY_CROPS),
+        group="augmentation")
     eval_crop_pct: float | None = option(
         None, "ImageFolder data: the evaluation images' centre crop as a fraction of the resized image (resized to "
               "floor(side / crop_pct)); default: the model's, as timm's pretrained configuration gives it (0.9 for "
@@ -209,7 +213,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self._stage_magnitude: float | None = None  # AdaReg's RandAugment magnitude for the running stage
         self._stage_resolution: int | None = None  # the running stage's side as it was entered
         if adareg is not None and not data.in_memory:  # decoded images: its RandAugment in the loader workers
-            data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans))
+            data = data.with_worker_randaugment(adareg.pil_randaugment(data.in_chans, data.randaugment_interpolation))
         if cfg.token_labels is not None:
             if not is_token_labelled(data):
                 raise ConfigError("--token-labels: the training data carries no score maps (build it with "
@@ -499,7 +503,7 @@ class Trainer(GrowthCalls, RunTemplate):
 
         def forward_backward():
             if token_labels is not None:
-                loss = self._token_labelled_loss(x, y, *token_labels)
+                loss = self._token_labelled_loss(x, y, *token_labels, module=self.net)  # no DDP: timed alone
             else:
                 with self.autocast():
                     loss = F.cross_entropy(self.net(x), y)
@@ -687,13 +691,14 @@ class Trainer(GrowthCalls, RunTemplate):
         return loss.detach()
 
     def _token_labelled_loss(self, x: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
-                             boxes: torch.Tensor) -> torch.Tensor:
+                             boxes: torch.Tensor, module=None) -> torch.Tensor:
         """Token labeling's loss of a batch: targets from the score maps at the stage's token grid, MixToken in the
-        model (:mod:`.token_labels`)."""
+        model (:mod:`.token_labels`); ``module``: the model to run (default: the training module, DDP's wrapper
+        under several processes)."""
         cls_target, token_target = token_label_targets(maps, boxes, self.data.num_classes, self.net.token_grid(),
                                                        self.cfg.label_smoothing, self.cfg.token_label_geometry)
         with self.autocast(), self.net.token_labelled():
-            cls, tokens, box = self._training_module()(x)
+            cls, tokens, box = (module if module is not None else self._training_module())(x)
             return token_label_loss(cls, tokens, box, cls_target, token_target, self.cfg.dense_weight)
 
     def _update_momentum(self) -> None:
