@@ -496,3 +496,23 @@ def test_teachers_and_maps_of_other_class_names_are_refused(token_folder, tmp_pa
     shutil.copytree(maps / "c2", maps / "c9")
     with pytest.raises(DataError, match="number 2 is 'c2', the data's is 'c9'"):
         tl.with_token_labels(load_dataset(str(renamed), image_size=16), maps)
+
+
+def test_the_ground_truth_variant_mixes_the_true_class_as_the_official_loss(cli, token_folder, tmp_path):
+    """``--token-label-ground-truth`` (the official ``--ground-truth``): the class token's target becomes the
+    teacher's × 0.5 + the smoothed true label × 0.5 where the teacher's top class is the true one, × 0.9 + × 0.1
+    where it is not; a run trains with it, and it is refused without token labels."""
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1]])
+    got = tl.with_ground_truth(teacher, torch.tensor([0, 2]), smoothing=0.3)
+    truth = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])
+    assert torch.allclose(got[0], 0.5 * teacher[0] + 0.5 * truth[0])
+    assert torch.allclose(got[1], 0.9 * teacher[1] + 0.1 * truth[1])
+    assert torch.allclose(got.sum(1), torch.ones(2))
+    data_dir, maps = token_folder
+    rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / "gt",
+                     *_args(data_dir, maps, "--token-label-ground-truth"))
+    assert rc == 0, err
+    assert json.loads((tmp_path / "gt" / "config.json").read_text())["train"]["token_label_ground_truth"] is True
+    rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / "no",
+                     "--token-label-ground-truth", "--subset", "64", "--cpu")
+    assert rc == 2 and "needs --token-labels" in err and len(err.strip().splitlines()) == 1, err

@@ -405,6 +405,18 @@ def token_label_targets(maps: torch.Tensor, coords: torch.Tensor, num_classes: i
     return cls, tok.transpose(1, 2)
 
 
+def with_ground_truth(cls_target: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
+    """The official ``--ground-truth`` class-token target (``TokenLabelGTCrossEntropy``): the teacher's crop label
+    ``cls_target`` ``[B, C]`` mixed with the smoothed one-hot true ``labels``, the teacher's weighted 0.5 where its
+    top class is the true one and 0.9 where it is not (the official ``0.9 − 0.4 · agree``), on the device."""
+    c = cls_target.shape[1]
+    off = smoothing / c
+    truth = F.one_hot(labels.long(), c).float() * (1.0 - smoothing) + off
+    agree = (cls_target.argmax(1) == labels).float().unsqueeze(1)
+    ratio = 0.9 - 0.4 * agree
+    return cls_target * ratio + truth * (1 - ratio)
+
+
 # ----------------------------------------------------------------------------------- model and loss
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()

@@ -61,6 +61,7 @@ from .token_labels import (
     probe_token_labels,
     token_label_loss,
     token_label_targets,
+    with_ground_truth,
 )
 
 MAX_EPOCHS = 10 ** 9  # far beyond any real run; more would overflow the step count
@@ -124,6 +125,11 @@ class TrainConfig(OptimConfig, SearchMeasurements):
               "timm:volo_* models", show_default=False, group="augmentation")
     dense_weight: float = option(DENSE_WEIGHT, "token labeling: weight of the tokens' loss beside the class token's "
                                                "(the official --dense-weight)", minimum=0, group="augmentation")
+    token_label_ground_truth: bool = option(
+        False, "token labeling: mix the true class into the class token's target, as the official --ground-truth "
+               "(TokenLabelGTCrossEntropy): the teacher's crop label weighted 0.5 against the smoothed true label "
+               "where its top class is the true one, 0.9 where it is not (the official weights; its comment says "
+               "it meant to rely more on the true label there)", group="augmentation")
     token_label_geometry: str = option(
         "official", "token labeling: how a crop's box is cut from a score map and a rotation turns it: official (as "
                     "the official code: the box transposed, rotations half a cell off the centre) or corrected",
@@ -697,6 +703,8 @@ class Trainer(GrowthCalls, RunTemplate):
         under several processes)."""
         cls_target, token_target = token_label_targets(maps, boxes, self.data.num_classes, self.net.token_grid(),
                                                        self.cfg.label_smoothing, self.cfg.token_label_geometry)
+        if self.cfg.token_label_ground_truth:
+            cls_target = with_ground_truth(cls_target, labels, self.cfg.label_smoothing)
         with self.autocast(), self.net.token_labelled():
             cls, tokens, box = (module if module is not None else self._training_module())(x)
             return token_label_loss(cls, tokens, box, cls_target, token_target, self.cfg.dense_weight)
