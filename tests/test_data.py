@@ -598,7 +598,7 @@ def test_imagefolder_evaluation_crops_follow_the_models_crop_fraction(image_fold
     the run takes the model's fraction (VOLO-D1 0.96, the built-in ViT 0.9) unless ``--eval-crop-pct`` says."""
     from PIL import Image
 
-    from autoprog.classification.runner import RunSpec, eval_crop
+    from autoprog.classification.runner import eval_crop
     from autoprog.classification.trainer import TrainConfig
     from autoprog.data import EvalCrop
 
