@@ -609,3 +609,66 @@ def test_dreambooth_class_images_are_generated_in_shares_by_the_processes(tmp_pa
     assert r0["mixed_ok"] and r1["mixed_ok"]
     assert all(r["unlisted"].startswith("DataError: cannot read") and "permission denied" in r["unlisted"]
                for r in (r0, r1))
+
+
+LATENT_WRAPPER = textwrap.dedent('''
+    import json
+    import runpy
+    import sys
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    import autoprog.diffusion.runner as runner
+
+    record = Path(sys.argv[1])
+    fit = runner.DiffusionTrainer.fit
+
+    def recording_fit(self, resume=False):
+        res = fit(self, resume)
+        rank = dist.get_rank()
+        (record / f"rank{rank}.json").write_text(json.dumps({
+            "pixels": self.data.train_images.device.type, "test_pixels": self.data.test_images.device.type,
+            "images": len(self.data.train_images), "latents": self.data.latents.device.type}))
+        return res
+
+    runner.DiffusionTrainer.fit = recording_fit
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    sys.argv = ["autoprog", *sys.argv[2:]]
+    runpy.run_module("autoprog.cli", run_name="__main__", alter_sys=True)
+''')
+
+
+def test_latent_fine_tuning_holds_the_pixels_on_the_main_process_alone(fake_fmnist, cache_dir, tmp_path):
+    """In latent space only the main process, which scores, keeps the images' pixels; the other trains on the
+    latents with its pixels dropped to meta tensors (so any read of them would fail, not pass silently), and the
+    run ends with the same results as ever."""
+    from diffusers import AutoencoderKL
+
+    from autoprog.cli import main
+
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=4, layers_per_block=1, sample_size=28).save_pretrained(vae_dir)
+    flags = ["--batch-size", "8", "--curve-samples", "8", "--fd-samples", "16", "--sample-steps", "2",
+             "--feature-epochs", "1", "--eval-points", "1", "--cpu"]
+    base = tmp_path / "base"
+    assert main(["pretrain", "--task", "diffusion", "--vae", str(vae_dir), "--patch-size", "2", "--hidden-size", "16",
+                 "--depth", "2", "--num-heads", "2", "--data-root", str(fake_fmnist), "--cache-dir", str(cache_dir),
+                 "--out", str(base), "--steps", "2", *flags]) == 0
+    wrapper, record, out = tmp_path / "wrapper.py", tmp_path / "record", tmp_path / "ft"
+    wrapper.write_text(LATENT_WRAPPER)
+    record.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           str(record), "finetune", "--method", "full", "--base", str(base / "model"), "--data-root", str(fake_fmnist),
+           "--cache-dir", str(cache_dir), "--out", str(out), "--steps", "4", *flags]
+    rc, log = _launch(cmd, cwd=tmp_path, run_dir=out)
+    assert rc == 0, log[-4000:]
+    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["pixels"] == ranks[0]["test_pixels"] == "cpu", "the main process scores against the pixels"
+    assert ranks[1]["pixels"] == ranks[1]["test_pixels"] == "meta" and ranks[1]["latents"] == "cpu"
+    assert ranks[0]["images"] == ranks[1]["images"] > 0
+    assert json.loads((out / "results.json").read_text())["done"] is True

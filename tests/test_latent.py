@@ -221,3 +221,20 @@ def test_two_processes_encode_a_share_each_and_both_get_every_latent(vae_dir, tm
     assert [r["encoded"] for r in ranks] == [[4], [5]]
     assert all(r["first"] and r["again"] for r in ranks)
     assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 1
+
+
+def test_a_latent_space_run_can_drop_its_pixels_and_a_read_of_them_fails():
+    from autoprog.diffusion.data import DiffusionData
+
+    images = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
+    data = DiffusionData("x", images, torch.zeros(6, dtype=torch.long), images[:2], torch.zeros(2, dtype=torch.long),
+                         1, (0,))
+    with pytest.raises(ValueError, match="pixel-space"):
+        data.drop_pixels()
+    data.latents = torch.randn(6, 4, 4, 4)
+    data.drop_pixels()
+    assert len(data.train_images) == 6 and data.image_size == 8 and data.in_chans == 3, "counts and sizes still read"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        data.train_images[:2].tolist()
+    x, _ = data.batch(torch.tensor([0, 1]))
+    assert x.shape == (2, 4, 4, 4), "training batches come from the latents"

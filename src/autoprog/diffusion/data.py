@@ -72,6 +72,15 @@ class DiffusionData:
         """The denoiser's clean inputs ``x_0`` for training images ``idx``: pixels in [-1, 1], or latents."""
         return self.latents[idx] if self.latents is not None else to_float(self.train_images[idx])
 
+    def drop_pixels(self) -> None:
+        """Let go of the images' pixels once a latent-space run holds their latents and this process scores
+        nothing (every process but the main one): each set becomes a meta tensor of its shape, so counts and sizes
+        still read, while any read of a pixel fails instead of being silently wrong."""
+        if self.latents is None:
+            raise ValueError("pixel-space training reads the pixels: only a latent-space run can drop them")
+        self.train_images = torch.empty_like(self.train_images, device="meta")
+        self.test_images = torch.empty_like(self.test_images, device="meta")
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Generated ``x_0`` back to pixels in [-1, 1] (the identity in pixel space)."""
         return self.codec.decode(x, out_channels=self.in_chans) if self.codec is not None else x

@@ -425,6 +425,13 @@ def run_evaluator(spec, data, acc):
         told["headline"], told["higher_is_better"], told["prompt_scores"])
 
 
+def _drop_unscored_pixels(data, acc) -> None:
+    """In a latent-space run of several processes, the processes that score nothing train on the latents alone:
+    they let the pixels go (:meth:`DiffusionData.drop_pixels`), so that N processes do not hold N copies."""
+    if data.latents is not None and not acc.is_main_process:
+        data.drop_pixels()
+
+
 def _feature_net(spec: ImageDataSpec, image_size: int | None, log, device: torch.device | str = "cpu"):
     """The feature classifier of every class of ``spec.dataset`` at ``image_size`` (None: the dataset's own),
     trained once (on ``device``) and cached; returns ``(net, the size it was trained at)``."""
@@ -653,6 +660,7 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
             warn(note)
     if evaluator is None:
         evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
+    _drop_unscored_pixels(data, acc)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"task": "finetune", "spec_class": type(spec).__name__,
@@ -687,6 +695,7 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
                                   if spec.learn_sigma else {}))
     check_sample_steps(spec.train.sample_steps, training_scheduler(getattr(model, "noise_config", None)))
     evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
+    _drop_unscored_pixels(data, acc)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"task": "diffusion", "spec_class": type(spec).__name__,
@@ -750,7 +759,8 @@ def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, bu
     acc = accelerator or default_accelerator()
     data, *_ = build_finetune(replace(spec, method="full"), device=acc.device, accelerator=acc)
     evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
-    data.codec = None  # (its VAE on the device: each run loads its own)
+    classes = data.classes
+    del data  # (its pixels, latents and VAE: each run loads its own; the evaluator keeps what it scores against)
     results, diverged = experiment.run_methods(
         methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator), "full", acc.print)
     full = results["full"]["summary"]
@@ -788,7 +798,7 @@ def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, bu
                **({"reference": evaluator.reference()} if hasattr(evaluator, "reference") else {}),
                "front": baseline_front.envelope if baseline_front else [], "curves": {n: r["curve"] for n, r in results.items()}}
     if acc.is_main_process:
-        _write_comparison(summary, [m for m in results if m not in front_results], out, data.classes, spec.train,
+        _write_comparison(summary, [m for m in results if m not in front_results], out, classes, spec.train,
                           acc.print, acc.device)
     return rows
 
