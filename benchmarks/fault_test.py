@@ -333,7 +333,10 @@ FIXTURES = {
                                             {"train/b/empty.png": b""}),
     "images-one-class": lambda d: _images(d / "ds", {"train/a": 8, "val/a": 2}),
     "images-no-val-images": lambda d: _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 0, "val/b": 0}),
+    "images": lambda d: _images(d / "ds", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2}),
     "token-data": lambda d: _token_data(d),
+    "token-maps-of-other-classes": lambda d: _token_data(d, lambda m: _write(
+        m / "token-labels.json", json.dumps({"top_k": 2, "classes": ["a", "c"]}))),
     "token-missing-map": lambda d: _token_data(d, lambda m: (m / "b" / "3.pt").unlink()),
     "token-map-shape": lambda d: _token_data(d, lambda m: __import__("torch").save(
         __import__("torch").zeros(3, 2, 2), m / "a" / "0.pt")),

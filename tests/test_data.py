@@ -638,6 +638,12 @@ def test_runs_saved_before_the_official_crops_keep_their_own(image_folder):
     for key in ("train_interpolation", "eval_crop_pct", "eval_interpolation"):
         del old["train"][key]
     assert RunSpec.from_dict(old).train.train_interpolation == "legacy"
+    from autoprog.classification.runner import eval_crop
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="legacy evaluates as"):  # an evaluation crop it would not read
+        eval_crop(TrainConfig(train_interpolation="legacy", eval_crop_pct=0.9), "vit")
     b = load_dataset(str(image_folder), image_size=16, interpolation="legacy", randaugment="rand-m9-mstd0.5-inc1")
     assert type(b.worker_crop) is transforms.RandomResizedCrop and b.worker_crop.interpolation.value == "bilinear"
     assert b.randaugment_interpolation == "random"

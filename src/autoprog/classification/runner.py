@@ -239,6 +239,9 @@ def build_run(spec: RunSpec):
 def eval_crop(train: TrainConfig, model: str, pretrained_cfg: dict | None = None) -> EvalCrop:
     """ImageFolder evaluation crops: ``--eval-crop-pct`` and ``--eval-interpolation``, or the model's (a timm
     checkpoint's own ``pretrained_cfg`` first)."""
+    if train.train_interpolation == LEGACY_CROPS and (train.eval_crop_pct or train.eval_interpolation):
+        raise ConfigError("--train-interpolation legacy evaluates as autoprog did before 2026-12-07 (resized to 1.14x, "
+                          "bilinearly): drop --eval-crop-pct/--eval-interpolation, or choose another interpolation")
     crop_pct, interpolation = model_eval_crop(model, pretrained_cfg)
     return EvalCrop(train.eval_crop_pct or crop_pct, train.eval_interpolation or interpolation)
 
