@@ -516,3 +516,57 @@ def test_the_ground_truth_variant_mixes_the_true_class_as_the_official_loss(cli,
     rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / "no",
                      "--token-label-ground-truth", "--subset", "64", "--cpu")
     assert rc == 2 and "needs --token-labels" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_centre_square_map_moves_with_its_part_of_a_wide_image(op):
+    """``--token-label-map-frame centre-square`` (the official ImageNet maps cover each image's central square):
+    on a 96 × 48 image whose map covers pixels 24-72 across, the corrected operations move the map as the square
+    of the image moves; taking the map as covering the whole image does not."""
+    from PIL import Image
+
+    a = np.full((48, 96, 3), 40, np.uint8)
+    a[18:30, 24 + 27:24 + 42] = 255  # the rectangle at cells 6-10 x 9-14 of the square's 16 x 16 (3 px a cell)
+    top = torch.zeros(16, 16, dtype=torch.long)
+    top[6:10, 9:14] = 1
+    img, label = Image.fromarray(a), _map(top).float()
+    square = lambda im: im.crop((24, 0, 72, 48))  # noqa: E731
+    framed = tl.LabelRandAugment(_one_op(op), "corrected", "centre-square")
+    whole = tl.LabelRandAugment(_one_op(op), "corrected")
+    for seed in range(4):
+        random.seed(seed)
+        np.random.seed(seed)
+        out_img, out_label = framed(img, label)
+        moved = _iou(square(out_img), out_label)
+        assert moved >= 0.8, (op, seed, moved)
+        assert _iou(square(out_img), label) < moved - 0.15, "the operation moved the rectangle: the test can fail"
+        if op in ("Rotate", "ShearY", "TranslateXRel"):  # those that move a square's contents unlike the whole's
+            random.seed(seed)
+            np.random.seed(seed)
+            assert _iou(square(out_img), whole(img, label)[1]) < moved - 0.15, (op, seed)
+
+
+def test_a_centre_square_maps_crop_box_is_in_the_squares_frame(token_folder, tmp_path, monkeypatch):
+    """The crop's box as fractions of the square a centre-square map covers (it may reach beyond it); the
+    option is refused with the official geometry and for maps autoprog wrote (they cover the whole image)."""
+    from PIL import Image
+
+    from autoprog.data import load_dataset
+
+    crop = load_dataset(str(token_folder[0]), image_size=16).worker_crop
+    monkeypatch.setattr(type(crop), "get_params", staticmethod(lambda img, scale, ratio: (0, 24, 48, 48)))
+    img = Image.new("RGB", (96, 48))
+    label = _map(torch.zeros(4, 4, dtype=torch.long)).float()
+    torch.manual_seed(0)
+    _, _, framed = tl.TokenLabelTransform(crop, None, "corrected", "centre-square")(img, label)
+    torch.manual_seed(0)
+    _, _, whole = tl.TokenLabelTransform(crop, None, "corrected")(img, label)
+    assert framed.tolist() == [0.0, 0.0, 1.0, 1.0] and whole.tolist() == [0.0, 0.25, 1.0, 0.5]
+    data_dir, maps = token_folder
+    bundle = load_dataset(str(data_dir), image_size=16)
+    with pytest.raises(ConfigError, match="needs --token-label-geometry corrected"):
+        tl.with_token_labels(bundle, maps, frame="centre-square")
+    tl.with_token_labels(bundle, maps, geometry="corrected", frame="centre-square")
+    (maps / tl.MANIFEST).write_text(json.dumps({"top_k": 2}))
+    with pytest.raises(ConfigError, match="cover the whole image"):
+        tl.with_token_labels(bundle, maps, geometry="corrected", frame="centre-square")

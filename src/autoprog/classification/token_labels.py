@@ -44,6 +44,7 @@ from ..data import crop_interpolation
 from ..errors import ConfigError, DataError
 
 GEOMETRIES = ("official", "corrected")
+MAP_FRAMES = ("whole", "centre-square")  # the part of its image a score map covers
 MANIFEST = "token-labels.json"  # what made a folder's maps (``autoprog token-labels``): teacher, top-k, classes
 DENSE_WEIGHT = 0.5  # the official --dense-weight: the tokens' loss against the class token's (--cls-weight 1)
 
@@ -174,14 +175,27 @@ def pil_matrix(name: str, args: tuple, size: tuple[int, int]) -> tuple[float, ..
     return 1, 0, 0, 0, 1, args[0] * h  # TranslateYRel
 
 
-def corrected_label_op(label: torch.Tensor, name: str, args: tuple, size: tuple[int, int]) -> torch.Tensor:
+def map_frame(size: tuple[int, int], frame: str = "whole") -> tuple[float, float, float, float]:
+    """The pixels ``(x0, y0, width, height)`` of an image of ``size`` (width, height) that its score map covers:
+    all of it, or (``centre-square``) its central square, as the TokenLabeling repository's ImageNet maps (made
+    from centre crops of the whole shorter side, ``generate_label.py --crop-pct 1.0``)."""
+    w, h = size
+    if frame == "whole":
+        return 0.0, 0.0, float(w), float(h)
+    side = min(w, h)
+    return (w - side) / 2.0, (h - side) / 2.0, float(side), float(side)
+
+
+def corrected_label_op(label: torch.Tensor, name: str, args: tuple, size: tuple[int, int],
+                       frame: str = "whole") -> torch.Tensor:
     """The image operation's own geometry on the map (``geometry="corrected"``): PIL's pixel matrix
     (:func:`pil_matrix`) carried to cell indices, whatever the cells' aspect: a cell's centre (r, c) is the pixel
-    ((c + 0.5) · w/W, (r + 0.5) · h/H)."""
+    (x0 + (c + 0.5) · w/W, y0 + (r + 0.5) · h/H) of the part of the image the map covers (:func:`map_frame`)."""
     a, b, c, d, e, f = pil_matrix(name, args, size)
-    sh, sw = size[1] / label.shape[2], size[0] / label.shape[3]  # pixels per cell down and across
-    row = (e, d * sw / sh, (d * 0.5 * sw + e * 0.5 * sh + f) / sh - 0.5)
-    col = (b * sh / sw, a, (a * 0.5 * sw + b * 0.5 * sh + c) / sw - 0.5)
+    x0, y0, fw, fh = map_frame(size, frame)
+    sh, sw = fh / label.shape[2], fw / label.shape[3]  # pixels per cell down and across
+    row = (e, d * sw / sh, (d * (x0 + 0.5 * sw) + e * (y0 + 0.5 * sh) + f - y0) / sh - 0.5)
+    col = (b * sh / sw, a, (a * (x0 + 0.5 * sw) + b * (y0 + 0.5 * sh) + c - x0) / sw - 0.5)
     return affine_label(label, (*row, *col), outside="grid-constant")
 
 
@@ -194,14 +208,14 @@ class LabelRandAugment:
     relative translate) also move the map: in cell units as the official code (:data:`OFFICIAL_LABEL_OPS`), or
     (``corrected``) with the image's own pixel geometry (:func:`corrected_label_op`)."""
 
-    def __init__(self, randaugment, geometry: str = "official"):
+    def __init__(self, randaugment, geometry: str = "official", frame: str = "whole"):
         bad = [op.name for op in randaugment.ops if op.name in UNSUPPORTED_OPS]
         if bad:
             raise ConfigError(f"RandAugment operation(s) {', '.join(bad)} move the image by absolute pixels, which "
                               "the score maps cannot follow; use the rand-* policies (relative translations)")
         self.ops, self.num_layers = randaugment.ops, randaugment.num_layers
         self.choice_weights = randaugment.choice_weights
-        self.geometry = geometry
+        self.geometry, self.frame = geometry, frame
 
     def __call__(self, img, label):
         ops = np.random.choice(self.ops, self.num_layers, replace=self.choice_weights is None, p=self.choice_weights)
@@ -223,18 +237,20 @@ class LabelRandAugment:
         img = op.aug_fn(img, *args, **op.kwargs)
         if op.name in OFFICIAL_LABEL_OPS:
             label = OFFICIAL_LABEL_OPS[op.name](label, *args) if self.geometry == "official" \
-                else corrected_label_op(label, op.name, args, size)
+                else corrected_label_op(label, op.name, args, size, self.frame)
         return img, label
 
 
 class TokenLabelTransform:
     """A training image and its score map through the official order: horizontal flip (p = 0.5), RandAugment
     (optional, :class:`LabelRandAugment`), the random resized crop (timm's, its resampling drawn per image when
-    ``random``; its box returned as fractions ``(top, left, height, width)`` of the image), uint8 tensor. ``transforms`` lists the crop so that the trainer
-    can set its output side (``--loader-resolution stage``)."""
+    ``random``; its box returned as fractions ``(top, left, height, width)`` of the part of the image the map
+    covers, ``frame``: :func:`map_frame`), uint8 tensor. ``transforms`` lists the crop so that the trainer can set
+    its output side (``--loader-resolution stage``)."""
 
-    def __init__(self, crop, randaugment: LabelRandAugment | None = None, geometry: str = "official"):
-        self.crop, self.randaugment, self.geometry = crop, randaugment, geometry
+    def __init__(self, crop, randaugment: LabelRandAugment | None = None, geometry: str = "official",
+                 frame: str = "whole"):
+        self.crop, self.randaugment, self.geometry, self.frame = crop, randaugment, geometry, frame
         self.transforms = [crop]
 
     def __call__(self, img, label):
@@ -245,8 +261,8 @@ class TokenLabelTransform:
         if self.randaugment is not None:
             img, label = self.randaugment(img, label)
         i, j, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-        W, H = img.size
-        coords = torch.tensor([i / H, j / W, h / H, w / W])
+        x0, y0, W, H = map_frame(img.size, self.frame)
+        coords = torch.tensor([(i - y0) / H, (j - x0) / W, h / H, w / W])
         img = TF.resized_crop(img, i, j, h, w, list(self.crop.size), crop_interpolation(self.crop), antialias=True)
         return TF.pil_to_tensor(img), label, coords
 
@@ -282,15 +298,17 @@ class TokenLabelFolder(Dataset):
         import copy
 
         out = copy.copy(self)
-        geometry = self.transform.geometry
-        out.transform = TokenLabelTransform(self.transform.crop, LabelRandAugment(randaugment, geometry), geometry)
+        geometry, frame = self.transform.geometry, self.transform.frame
+        out.transform = TokenLabelTransform(self.transform.crop, LabelRandAugment(randaugment, geometry, frame),
+                                            geometry, frame)
         return out
 
 
 def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = None,
-                      geometry: str = "official"):
+                      geometry: str = "official", frame: str = "whole"):
     """``bundle`` (an ImageFolder's) whose training images come with their score maps (:class:`TokenLabelFolder`,
-    ``randaugment``: timm's config string, applied to image and map); the first map is read and checked now."""
+    ``randaugment``: timm's config string, applied to image and map; ``frame``: the part of each image its map
+    covers, :func:`map_frame`); the first map is read and checked now."""
     import dataclasses
 
     from torch.utils.data import Subset
@@ -299,6 +317,14 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
 
     if geometry not in GEOMETRIES:
         raise ConfigError(f"--token-label-geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
+    if frame not in MAP_FRAMES:
+        raise ConfigError(f"--token-label-map-frame must be one of {', '.join(MAP_FRAMES)}, got {frame!r}")
+    if frame != "whole" and geometry != "corrected":
+        raise ConfigError("--token-label-map-frame centre-square needs --token-label-geometry corrected (the "
+                          "official code cuts every box from the map as if it covered the whole image)")
+    if frame != "whole" and (Path(label_root) / MANIFEST).is_file():
+        raise ConfigError(f"--token-labels {label_root} was written by autoprog token-labels, whose maps cover the "
+                          "whole image: drop --token-label-map-frame centre-square")
     if bundle.in_memory or bundle.worker_crop is None:
         raise ConfigError(f"--token-labels needs an ImageFolder dataset (its score maps are per image file); "
                           f"{bundle.name} is held in memory")
@@ -306,8 +332,8 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
     ra = None
     if randaugment:
         ra = LabelRandAugment(randaugment_transform(randaugment, bundle.image_size, bundle.mean,
-                                                    bundle.randaugment_interpolation), geometry)
-    transform = TokenLabelTransform(bundle.worker_crop, ra, geometry)
+                                                    bundle.randaugment_interpolation), geometry, frame)
+    transform = TokenLabelTransform(bundle.worker_crop, ra, geometry, frame)
 
     def wrapped(ds):
         if isinstance(ds, Subset):
@@ -350,7 +376,8 @@ def prepare_token_labels(cfg, bundle, net):
     if cfg.token_labels is None:
         return bundle
     prepare_model_for_token_labels(net)
-    return with_token_labels(bundle, cfg.token_labels, cfg.randaugment, cfg.token_label_geometry)
+    return with_token_labels(bundle, cfg.token_labels, cfg.randaugment, cfg.token_label_geometry,
+                             cfg.token_label_map_frame)
 
 
 def is_token_labelled(bundle) -> bool:

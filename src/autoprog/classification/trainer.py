@@ -56,6 +56,7 @@ from .recipe import TrainingRecipe, check_recipe
 from .token_labels import (
     DENSE_WEIGHT,
     GEOMETRIES,
+    MAP_FRAMES,
     is_token_labelled,
     prepare_model_for_token_labels,
     probe_token_labels,
@@ -134,6 +135,12 @@ class TrainConfig(OptimConfig, SearchMeasurements):
         "official", "token labeling: how a crop's box is cut from a score map and a rotation turns it: official (as "
                     "the official code: the box transposed, rotations half a cell off the centre) or corrected",
         choices=GEOMETRIES, group="augmentation")
+    token_label_map_frame: str = option(
+        "whole", "token labeling: the part of each image its score map covers: whole (autoprog token-labels' maps) "
+                 "or centre-square (the TokenLabeling repository's ImageNet maps, made from the central square of "
+                 "each image, generate_label.py --crop-pct 1.0), which needs --token-label-geometry corrected: crop "
+                 "boxes and map operations are then taken in the square's frame (the official code takes the whole "
+                 "image's)", choices=MAP_FRAMES, group="augmentation")
     ema_decay: float = option(
         PAPER_EMA_DECAY, "momentum m per step of the EMA network MoGrow copies from and AutoProg-One scores (the "
                          "paper's 0.998; rescaled to the epoch unless --no-ema-rescale)", minimum=0, below=1,
