@@ -570,3 +570,35 @@ def test_a_centre_square_maps_crop_box_is_in_the_squares_frame(token_folder, tmp
     (maps / tl.MANIFEST).write_text(json.dumps({"top_k": 2}))
     with pytest.raises(ConfigError, match="cover the whole image"):
         tl.with_token_labels(bundle, maps, geometry="corrected", frame="centre-square")
+
+
+def test_what_a_centre_square_map_does_not_cover_is_not_trained_towards_a_guess(cli, token_folder, tmp_path):
+    """A crop reaching beyond a centre-square map: the tokens whose centres lie outside it are left out of the
+    tokens' loss (not trained towards the uniform target that an empty place gives), and the class token's target
+    comes from the part of the box on the map; a run trains with the option, which needs token labels."""
+    mask = tl.tokens_inside(torch.tensor([[0.0, -0.5, 1.0, 2.0]]), 4)
+    assert mask.view(4, 4).tolist() == [[0.0, 1.0, 1.0, 0.0]] * 4
+    top = torch.zeros(4, 4, dtype=torch.long)
+    top[:, 2:] = 2
+    maps = _map(top).float()[None]
+    beyond, _ = tl.token_label_targets(maps, torch.tensor([[0.0, 0.25, 1.0, 1.5]]), C, 2, 0.0, "corrected")
+    on_map, _ = tl.token_label_targets(maps, torch.tensor([[0.0, 0.25, 1.0, 0.75]]), C, 2, 0.0, "corrected")
+    assert torch.allclose(beyond, on_map), "the class token's target from the box's part on the map"
+    logits, target = torch.randn(2, 4, C), torch.softmax(torch.randn(2, 4, C), -1)
+    cls = torch.randn(2, C)
+    plain = tl.token_label_loss(cls, logits, (0, 0, 0, 0), target[:, 0], target)
+    assert torch.allclose(plain, tl.token_label_loss(cls, logits, (0, 0, 0, 0), target[:, 0], target,
+                                                     token_weights=torch.ones(2, 4)))
+    w = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    kept = tl.token_label_loss(cls, logits, (0, 0, 0, 0), target[:, 0], target, dense_weight=1.0, cls_weight=0.0,
+                               token_weights=w)
+    expect = tl.soft_cross_entropy(logits[w.bool()], target[w.bool()])
+    assert torch.allclose(kept, expect)
+    data_dir, maps_dir = token_folder  # 40 x 36 images: the square is 36 x 36
+    rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / "sq",
+                     *_args(data_dir, maps_dir, "--token-label-geometry", "corrected", "--token-label-map-frame",
+                            "centre-square"))
+    assert rc == 0, err
+    rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / "no",
+                     "--token-label-map-frame", "centre-square", "--subset", "64", "--cpu")
+    assert rc == 2 and "needs --token-labels" in err and len(err.strip().splitlines()) == 1, err

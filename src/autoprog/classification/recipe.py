@@ -44,6 +44,9 @@ def check_recipe(cfg, adareg: bool) -> None:
     if cfg.token_label_ground_truth and cfg.token_labels is None:
         raise ConfigError("--token-label-ground-truth mixes the true class into token labeling's targets: it needs "
                           "--token-labels")
+    if cfg.token_label_map_frame != "whole" and cfg.token_labels is None:
+        raise ConfigError("--token-label-map-frame says what part of an image a score map covers: it needs "
+                          "--token-labels")
     if cfg.token_labels is not None and (cfg.mixup or cfg.cutmix):
         raise ConfigError("--token-labels with --mixup/--cutmix is not built (the official TokenLabelMixup mixes the "
                           "score maps too); the paper's VOLO recipe uses neither")

@@ -418,13 +418,18 @@ def token_label_targets(maps: torch.Tensor, coords: torch.Tensor, num_classes: i
     dense = torch.zeros(b, num_classes, h, w, device=maps.device, dtype=torch.float32)
     dense.scatter_(1, maps[:, 1].long(), maps[:, 0].float())
     top, left, height, width = coords.float().unbind(1)
+    index = torch.arange(b, device=maps.device, dtype=torch.float32).view(b, 1)
     if geometry == "official":  # rows given as x, columns as y, both scaled by the map's width
         box = torch.stack([top, left, top + height, left + width], 1) * w
+        inside = box
     else:
         box = torch.stack([left * w, top * h, (left + width) * w, (top + height) * h], 1)
-    rois = torch.cat([torch.arange(b, device=maps.device, dtype=torch.float32).view(b, 1), box - 0.5], 1)
-    tokens = roi_align(dense, rois, output_size=(label_size, label_size))  # [B, C, S, S]
-    whole = roi_align(dense, rois, output_size=(1, 1)).flatten(1)  # [B, C]
+        # the class token's target from the part of the box the map covers (a centre-square map's box may reach
+        # beyond it, :func:`tokens_inside`; a whole-image map's never does)
+        scale = torch.tensor([w, h, w, h], device=maps.device, dtype=torch.float32)
+        inside = torch.minimum(torch.maximum(box, torch.zeros_like(box)), scale)
+    tokens = roi_align(dense, torch.cat([index, box - 0.5], 1), output_size=(label_size, label_size))  # [B, C, S, S]
+    whole = roi_align(dense, torch.cat([index, inside - 0.5], 1), output_size=(1, 1)).flatten(1)  # [B, C]
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
     cls = F.softmax(whole, dim=1) * on + off
@@ -444,6 +449,19 @@ def with_ground_truth(cls_target: torch.Tensor, labels: torch.Tensor, smoothing:
     return cls_target * ratio + truth * (1 - ratio)
 
 
+def tokens_inside(coords: torch.Tensor, label_size: int) -> torch.Tensor:
+    """``[B, label_size²]`` (row-major, as the tokens' targets): 1 where a token's centre lies on the map, 0 where
+    the crop's box reaches beyond it (a centre-square map, ``--token-label-map-frame centre-square``), so that the
+    tokens' loss skips what the map does not label instead of training them towards a uniform guess."""
+    top, left, height, width = coords.float().unbind(1)
+    at = (torch.arange(label_size, device=coords.device, dtype=torch.float32) + 0.5) / label_size
+    rows = top[:, None] + at[None] * height[:, None]  # [B, S]
+    cols = left[:, None] + at[None] * width[:, None]
+    row_in = (rows >= 0) & (rows <= 1)
+    col_in = (cols >= 0) & (cols <= 1)
+    return (row_in[:, :, None] & col_in[:, None, :]).flatten(1).float()
+
+
 # ----------------------------------------------------------------------------------- model and loss
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -451,15 +469,20 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 def token_label_loss(cls_logits: torch.Tensor, token_logits: torch.Tensor, box: tuple[int, int, int, int],
                      cls_target: torch.Tensor, token_target: torch.Tensor, dense_weight: float = DENSE_WEIGHT,
-                     cls_weight: float = 1.0) -> torch.Tensor:
+                     cls_weight: float = 1.0, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The official ``TokenLabelCrossEntropy``: the class token against the teacher's crop label, mixed with the
     batch's reverse by the share of tokens MixToken swapped, plus ``dense_weight`` × each token against its own
-    (the model undid the swap of the token outputs)."""
+    (the model undid the swap of the token outputs); ``token_weights`` ``[B, N]`` (:func:`tokens_inside`): the
+    tokens' loss is their weighted mean (all ones: the official mean)."""
     n = token_logits.shape[1]
     swapped = (box[2] - box[0]) * (box[3] - box[1])
     lam = 1.0 - swapped / n
     if lam < 1:
         cls_target = lam * cls_target + (1 - lam) * cls_target.flip(0)
     c = token_logits.shape[-1]
-    return cls_weight * soft_cross_entropy(cls_logits, cls_target) + \
-        dense_weight * soft_cross_entropy(token_logits.reshape(-1, c), token_target.reshape(-1, c))
+    if token_weights is None:
+        dense = soft_cross_entropy(token_logits.reshape(-1, c), token_target.reshape(-1, c))
+    else:
+        per_token = torch.sum(-token_target * F.log_softmax(token_logits.float(), dim=-1), dim=-1)  # [B, N]
+        dense = (per_token * token_weights).sum() / token_weights.sum().clamp_min(1.0)
+    return cls_weight * soft_cross_entropy(cls_logits, cls_target) + dense_weight * dense

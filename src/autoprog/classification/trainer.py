@@ -62,6 +62,7 @@ from .token_labels import (
     probe_token_labels,
     token_label_loss,
     token_label_targets,
+    tokens_inside,
     with_ground_truth,
 )
 
@@ -712,9 +713,11 @@ class Trainer(GrowthCalls, RunTemplate):
                                                        self.cfg.label_smoothing, self.cfg.token_label_geometry)
         if self.cfg.token_label_ground_truth:
             cls_target = with_ground_truth(cls_target, labels, self.cfg.label_smoothing)
+        weights = tokens_inside(boxes, self.net.token_grid()) if self.cfg.token_label_map_frame != "whole" else None
         with self.autocast(), self.net.token_labelled():
             cls, tokens, box = (module if module is not None else self._training_module())(x)
-            return token_label_loss(cls, tokens, box, cls_target, token_target, self.cfg.dense_weight)
+            return token_label_loss(cls, tokens, box, cls_target, token_target, self.cfg.dense_weight,
+                                    token_weights=weights)
 
     def _update_momentum(self) -> None:
         self.ema.update(self.net)

@@ -757,7 +757,7 @@ def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, bu
     out = comparison_dir(Path(out), {**experiment.input_paths(spec), "--base": _base_path(spec)})
     _check_comparison(spec, methods)
     acc = accelerator or default_accelerator()
-    data, *_ = build_finetune(replace(spec, method="full"), device=acc.device, accelerator=acc)
+    data = build_finetune(replace(spec, method="full"), device=acc.device, accelerator=acc)[0]  # (its model let go)
     evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
     classes = data.classes
     del data  # (its pixels, latents and VAE: each run loads its own; the evaluator keeps what it scores against)
