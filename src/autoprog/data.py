@@ -535,6 +535,7 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, randaugment
 
 
 def check_eval_crop(eval_crop: EvalCrop) -> None:
+    """Refuse an evaluation crop timm's transform cannot make, in one line."""
     if not 0 < eval_crop.crop_pct <= 2:
         raise ConfigError(f"--eval-crop-pct must be in (0, 2], got {eval_crop.crop_pct}")
     if eval_crop.interpolation not in EVAL_INTERPOLATIONS:
