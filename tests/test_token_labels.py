@@ -602,3 +602,15 @@ def test_what_a_centre_square_map_does_not_cover_is_not_trained_towards_a_guess(
     rc, _, err = cli("pretrain", "--method", "original", "--epochs", "1", "--out", tmp_path / "no",
                      "--token-label-map-frame", "centre-square", "--subset", "64", "--cpu")
     assert rc == 2 and "needs --token-labels" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_token_labeling_settings_without_maps_are_warned_about(capsys):
+    """--dense-weight and --token-label-geometry shape token labeling only: given without --token-labels they are
+    unread, which a warning says (configs saved with them still run)."""
+    from autoprog.classification.trainer import TrainConfig
+
+    TrainConfig(dense_weight=1.0, token_label_geometry="corrected").validate()
+    err = capsys.readouterr().err
+    assert "--dense-weight and --token-label-geometry set without --token-labels" in err
+    TrainConfig().validate()
+    assert "token" not in capsys.readouterr().err

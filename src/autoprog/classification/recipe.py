@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import randaugment_images, randaugment_transform
-from ..errors import ConfigError
+from ..errors import ConfigError, warn
+from .token_labels import DENSE_WEIGHT
 
 # the paper's DeiT recipe (Appendix B), what the deit-s-paper preset sets
 DEIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25,
@@ -47,6 +48,11 @@ def check_recipe(cfg, adareg: bool) -> None:
     if cfg.token_label_map_frame != "whole" and cfg.token_labels is None:
         raise ConfigError("--token-label-map-frame says what part of an image a score map covers: it needs "
                           "--token-labels")
+    unread = [flag for flag, name, default in (("--dense-weight", "dense_weight", DENSE_WEIGHT),
+                                               ("--token-label-geometry", "token_label_geometry", "official"))
+              if getattr(cfg, name) != default]
+    if unread and cfg.token_labels is None:  # (a warning: configs saved with them must still run)
+        warn(f"{' and '.join(unread)} set without --token-labels: unread (they shape token labeling only)")
     if cfg.token_labels is not None and (cfg.mixup or cfg.cutmix):
         raise ConfigError("--token-labels with --mixup/--cutmix is not built (the official TokenLabelMixup mixes the "
                           "score maps too); the paper's VOLO recipe uses neither")
