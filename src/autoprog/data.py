@@ -587,20 +587,18 @@ def randaugment_transform(config: str, image_size: int, mean: tuple[float, ...],
         raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as rand-m9-mstd0.5-inc1 "
                           "(sections: mN magnitude, nN operations, mstdX, mmaxX, incN, wN, pX)")
     fill = tuple(min(255, round(255 * m)) for m in mean)
-    hparams = {"translate_const": max(1, int(image_size * 0.45)), "img_mean": fill}
-    if interpolation != "random":
-        from timm.data.transforms import str_to_pil_interp
-
-        hparams["interpolation"] = str_to_pil_interp(interpolation)
     try:
-        return rand_augment(config, hparams)
+        return rand_augment(config, {"translate_const": max(1, int(image_size * 0.45)), "img_mean": fill},
+                            interpolation)
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         raise ConfigError(f"--randaugment {config!r} is not a timm RandAugment string such as "
                           f"rand-m9-mstd0.5-inc1 ({e or 'unknown section'})") from None
 
 
-def rand_augment(config: str, hparams: dict):
-    """timm's ``rand_augment_transform(config, hparams)``, its posterize operations keeping 0 bits as a black image.
+def rand_augment(config: str, hparams: dict, interpolation: str = "random"):
+    """timm's ``rand_augment_transform(config, hparams)``, its posterize operations keeping 0 bits as a black image;
+    ``interpolation``: its geometric operations' resampling (``random``: drawn per operation, timm's default; a
+    fixed one goes in as timm's ``interpolation`` hparam, as ``create_transform`` passes it).
 
     timm maps the highest magnitudes (``inc1``: a level of 10, which ``mstd`` noise reaches) and, without
     ``inc1``, levels below 2.5 to posterize with 0 bits kept; Pillow up to 9 returned a black image for that,
@@ -608,6 +606,10 @@ def rand_augment(config: str, hparams: dict):
     ``rand-m9-mstd0.5-inc1`` hits it in about one image in 650). Here they give the black image again."""
     from timm.data.auto_augment import rand_augment_transform
 
+    if interpolation != "random":
+        from timm.data.transforms import str_to_pil_interp
+
+        hparams = {**hparams, "interpolation": str_to_pil_interp(interpolation)}
     transform = rand_augment_transform(config, hparams)
     for op in transform.ops:
         if op.name.startswith("Posterize"):

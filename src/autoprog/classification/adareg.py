@@ -50,9 +50,9 @@ class AdaptiveRegularization:
 
         from ..data import rand_augment
 
-        self._make_ra = lambda c: rand_augment(
-            "rand-m9-n2-mstd0.5", {"img_mean": (128,) * c, "translate_const": max(1, space.full_resolution // 7)}
-        )
+        self._make_ra = lambda c, interpolation="random": rand_augment(
+            "rand-m9-n2-mstd0.5", {"img_mean": (128,) * c, "translate_const": max(1, space.full_resolution // 7)},
+            interpolation)
         self._randaug = {}  # one per channel count (the fill colour's length must match)
         self.erasing = RandomErasing(probability=0.0, mode="pixel", device="cpu")
         self.settings = self.values(space.full)
@@ -93,12 +93,7 @@ class AdaptiveRegularization:
         workers), at the current magnitude; the trainer sends each epoch's magnitude with the samples.
         ``interpolation``: its resampling (``random``: drawn per operation; else the training crop's, as the
         official stage loaders pass ``--train-interpolation`` on)."""
-        ra = self._make_ra(channels)
-        if interpolation != "random":
-            from timm.data.transforms import str_to_pil_interp
-
-            for op in ra.ops:
-                op.kwargs["resample"] = str_to_pil_interp(interpolation)
+        ra = self._make_ra(channels, interpolation)
         for op in ra.ops:
             op.magnitude = self.settings.randaug_magnitude
         return ra

@@ -20,7 +20,7 @@ import torch
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD, image_folder, image_folder_dirs, read_image
 from ..errors import ConfigError, DataError
-from .token_labels import MANIFEST, score_map_path
+from .token_labels import MANIFEST, first_difference, score_map_path
 
 FP16_EXACT = 2048  # float16 holds every whole number up to here
 
@@ -109,8 +109,8 @@ def generate_score_maps(teacher, dataset: str | Path, out: str | Path, top_k: in
         raise ConfigError(f"the teacher has {teacher.num_classes} classes, {train_dir} {len(folder.classes)}: token "
                           "labels must name the data's classes")
     names = getattr(teacher, "class_names", None)
-    if names is not None and tuple(names) != tuple(folder.classes):
-        first = next(i for i, (a, b) in enumerate(zip(names, folder.classes)) if a != b)
+    first = first_difference(names, folder.classes) if names is not None else None
+    if first is not None:  # (as many names as classes: checked above)
         raise ConfigError(f"the teacher's class {first} is {names[first]!r}, {train_dir}'s {folder.classes[first]!r}: "
                           "token labels must name the data's classes, in the data's order")
     top_k = min(5, len(folder.classes)) if top_k is None else top_k

@@ -343,6 +343,15 @@ def with_token_labels(bundle, label_root: str | Path, randaugment: str | None = 
     return dataclasses.replace(bundle, train=wrapped(bundle.train))
 
 
+def first_difference(names, classes) -> int | None:
+    """The first place where two lists of class names differ (the shorter one's length when one extends the
+    other); None when they are the same."""
+    names, classes = tuple(names), tuple(classes)
+    if names == classes:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(names, classes)) if a != b), min(len(names), len(classes)))
+
+
 def check_map_classes(label_root: Path, classes: tuple[str, ...] | None) -> None:
     """Refuse score maps whose manifest (:data:`MANIFEST`, ``autoprog token-labels``') names other classes than
     the data's, or the same in another order (maps without a manifest, such as the official ones, are not checked)."""
@@ -354,8 +363,8 @@ def check_map_classes(label_root: Path, classes: tuple[str, ...] | None) -> None
     made = read_json_object(manifest, "token-labels manifest")
     check_fields(made, {"classes": [str]}, str(manifest))
     names = made.get("classes")
-    if names is not None and tuple(names) != tuple(classes):
-        differ = next((i for i, (a, b) in enumerate(zip(names, classes)) if a != b), min(len(names), len(classes)))
+    differ = first_difference(names, classes) if names is not None else None
+    if differ is not None:
         there = names[differ] if differ < len(names) else "none"
         here = classes[differ] if differ < len(classes) else "none"
         raise DataError(f"--token-labels {label_root} labels {len(names)} classes whose number {differ} is {there!r}, "
@@ -380,25 +389,25 @@ def prepare_token_labels(cfg, bundle, net):
                              cfg.token_label_map_frame)
 
 
-def is_token_labelled(bundle) -> bool:
-    """Whether ``bundle``'s training items carry score maps (:func:`with_token_labels`)."""
+def _token_folder(bundle) -> TokenLabelFolder | None:
+    """``bundle``'s :class:`TokenLabelFolder` under any ``--subset``'s Subsets (None: no score maps)."""
     from torch.utils.data import Subset
 
     ds = bundle.train
     while isinstance(ds, Subset):
         ds = ds.dataset
-    return isinstance(ds, TokenLabelFolder)
+    return ds if isinstance(ds, TokenLabelFolder) else None
+
+
+def is_token_labelled(bundle) -> bool:
+    """Whether ``bundle``'s training items carry score maps (:func:`with_token_labels`)."""
+    return _token_folder(bundle) is not None
 
 
 def probe_token_labels(bundle, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random score maps of ``bundle``'s shape and crop boxes, on ``device``: what a step timer feeds
     :func:`token_label_targets` so that a timed step costs what a token-labelled training step does."""
-    from torch.utils.data import Subset
-
-    ds = bundle.train
-    while isinstance(ds, Subset):
-        ds = ds.dataset
-    _, k, h, w = ds.map_shape
+    _, k, h, w = _token_folder(bundle).map_shape
     maps = torch.stack([torch.randn(batch_size, k, h, w, device=device),
                         torch.randint(0, bundle.num_classes, (batch_size, k, h, w), device=device).float()], 1)
     boxes = torch.tensor([0.1, 0.2, 0.6, 0.5], device=device).expand(batch_size, 4)
