@@ -1,9 +1,11 @@
-"""Adaptive regularization: strengths scale with the sub-network, and reach the batches and the blocks."""
+"""Adaptive regularization: strengths grow by stage (the official rule) or with the sub-network (the size rule),
+and reach the batches and the blocks."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import ctrl_c_at_step, tiny_args, tiny_vit
@@ -15,8 +17,75 @@ from autoprog.space import GrowthSpace, SubNet
 SPACE = GrowthSpace(28, 4, 6, 4, 0.5)
 
 
-def test_strengths_run_from_min_at_the_smallest_subnet_to_max_at_the_full_model():
+def official_schedule(num_stages, aa_scale=0.5, aa_max=9.0, dp_scale=0.0, dp_max=0.1, re_scale=0.0, re_max=0.25):
+    """The official progressive_schedule's RandAugment policies, drop-path rates and erasing probabilities
+    (changlin31/AutoProg prog/progressive.py), the oracle of the stage rule."""
+    m = [round(max(0.0, i)) for i in np.linspace(aa_scale, 1.0, num_stages) * aa_max]
+    dp = [max(0.0, i) for i in np.linspace(dp_scale, 1.0, num_stages) * dp_max]
+    re = [max(0.0, i) for i in np.linspace(re_scale, 1.0, num_stages) * re_max]
+    return m, dp, re
+
+
+def test_the_stage_rule_gives_the_official_codes_strengths_stage_by_stage():
+    """4 stages: magnitudes 4, 6, 7, 9 (numpy's 7.4999... rounds down, as there), erasing 0 to 0.25, drop path 0
+    to 0.1; other stage counts and Table 14's D1 column too; one stage (the original model) at the maximum."""
     reg = AdaptiveRegularization(SPACE)
+    assert reg.rule == "stage"
+    for n in (2, 3, 4, 5, 6):
+        m, dp, re = official_schedule(n)
+        got = [reg.stage_values(k, n) for k in range(n)]
+        assert [g.randaug_magnitude for g in got] == m
+        assert [g.drop_path for g in got] == pytest.approx(dp) and [g.erase_prob for g in got] == pytest.approx(re)
+    assert [reg.stage_values(k, 4).randaug_magnitude for k in range(4)] == [4, 6, 7, 9]
+    d1 = AdaptiveRegularization(SPACE, AdaRegRanges(erase_prob=(0.0625, 0.25), drop_path=(0.1, 0.2)))
+    m, dp, re = official_schedule(4, dp_scale=0.5, dp_max=0.2, re_scale=0.25)
+    assert [d1.stage_values(k, 4).drop_path for k in range(4)] == pytest.approx(dp)
+    assert [d1.stage_values(k, 4).erase_prob for k in range(4)] == pytest.approx(re)
+    assert reg.stage_values(0, 1) == reg.stage_values(3, 4)
+    with pytest.raises(ValueError, match="at least 0.5"):
+        AdaptiveRegularization(SPACE, AdaRegRanges(randaug_magnitude=(0.0, 9.0)))
+    with pytest.raises(ValueError, match="stage, size"):
+        AdaptiveRegularization(SPACE, rule="depth")
+
+
+def test_the_stage_rule_ignores_the_subnets_size_and_a_supernet_phase_takes_the_final_strengths():
+    """Stage k's strengths whatever sub-network it trains; inside a supernet, the last stage's, with drop-path
+    rates over the supernet's blocks that a candidate does not change (the official max model's)."""
+    net = tiny_vit(depth=6)
+    reg = AdaptiveRegularization(SPACE, AdaRegRanges(drop_path=(0.0, 0.3)))
+    rates = lambda: [getattr(net.blocks[i].drop_path1, "drop_prob", 0.0) for i in range(6)]  # noqa: E731
+    reg.set_subnet(net, SPACE.full, stage=1, num_stages=4)  # the full model at stage 2: stage 2's strengths
+    assert (reg.settings.randaug_magnitude, reg.settings.erase_prob) == (6, pytest.approx(0.25 / 3))
+    assert rates() == pytest.approx([0.1 * j / 5 for j in range(6)])
+    reg.set_subnet(net, SPACE.subnet(0.5), stage=1, num_stages=4)  # a small one at stage 2: the same strengths
+    assert reg.settings == reg.stage_values(1, 4)
+    supernet = SubNet(28, 6)
+    reg.set_subnet(net, SubNet(20, 3), stage=1, num_stages=4, supernet=supernet)
+    assert reg.settings == reg.stage_values(3, 4)
+    assert rates() == pytest.approx([0.3 * j / 5 for j in range(6)])  # the supernet's six blocks, not the three's
+    reg.randaugment(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    assert {op.magnitude for op in reg._randaug[1].ops} == {9}
+
+
+def test_the_stage_rules_randaugment_is_the_official_policy_filled_with_the_datas_mean():
+    """rand-m9-mstd0.5-inc1 (the increasing operations, two a time, magnitude std 0.5), filled with the mean
+    the data is normalised by; the size rule keeps rand-m9-n2-mstd0.5 with a grey fill."""
+    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS
+
+    mean = (0.485, 0.456, 0.406)
+    reg = AdaptiveRegularization(SPACE, mean=mean)
+    ra = reg.pil_randaugment(3)
+    assert [op.name for op in ra.ops] == _RAND_INCREASING_TRANSFORMS and ra.num_layers == 2
+    assert {op.magnitude_std for op in ra.ops} == {0.5}
+    rotate = next(op for op in ra.ops if op.name == "Rotate")
+    assert rotate.kwargs["fillcolor"] == (124, 116, 104)
+    size = AdaptiveRegularization(SPACE, rule="size", mean=mean).pil_randaugment(3)
+    assert "Posterize" in [op.name for op in size.ops]  # (not PosterizeIncreasing)
+    assert next(op for op in size.ops if op.name == "Rotate").kwargs["fillcolor"] == (128, 128, 128)
+
+
+def test_strengths_run_from_min_at_the_smallest_subnet_to_max_at_the_full_model():
+    reg = AdaptiveRegularization(SPACE, rule="size")
     small, full = SPACE.subnet(0.5), SPACE.full
     assert reg.fraction(small) == 0.0 and reg.fraction(full) == 1.0
     lo, hi = reg.values(small), reg.values(full)
@@ -32,9 +101,9 @@ def test_strengths_run_from_min_at_the_smallest_subnet_to_max_at_the_full_model(
     assert reg.values(mid).erase_prob == pytest.approx(0.25 * f)
 
 
-def test_set_subnet_sets_linear_drop_path_over_the_active_blocks_and_the_augment_strengths():
+def test_the_size_rule_sets_linear_drop_path_over_the_active_blocks_and_the_augment_strengths():
     net = tiny_vit(depth=6)
-    reg = AdaptiveRegularization(SPACE, AdaRegRanges(drop_path=(0.0, 0.3)))
+    reg = AdaptiveRegularization(SPACE, AdaRegRanges(drop_path=(0.0, 0.3)), rule="size")
     reg.set_subnet(net, SPACE.full)
     rates = [getattr(net.blocks[i].drop_path1, "drop_prob", 0.0) for i in range(6)]
     assert rates == pytest.approx([0.0, 0.06, 0.12, 0.18, 0.24, 0.3])
@@ -138,3 +207,51 @@ def test_adareg_on_a_subset_of_decoded_images_resumes_from_an_epochs_last_step_i
     assert [[e[k] for k in fields] for e in got] == [[e[k] for k in fields] for e in want]
     a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("run", "full"))
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_autoprog_one_under_the_stage_rule_trains_supernets_at_the_final_strengths_and_each_choice_at_its_stages(
+        cli, fake_fmnist, tmp_path, monkeypatch):
+    """24 steps, 4 stages of 6, each searched stage's supernet training its first 4 steps: every supernet step at
+    the final strengths (magnitude 9, erasing 0.25, the supernet's drop-path rates for every candidate), the chosen
+    sub-network's last 2 steps at its stage's (4, 6, 7 as the official 4-stage schedule), the full last stage at 9."""
+    seen, nets = [], []
+    real_adopt, real_erase = AdaptiveRegularization._adopt, AdaptiveRegularization.erase
+
+    def adopt(self, net, s, rated):
+        nets[:] = [net]
+        return real_adopt(self, net, s, rated)
+
+    def erase(self, x):
+        rates = tuple(round(getattr(b.drop_path1, "drop_prob", 0.0), 6) for b in nets[0].blocks)
+        seen.append((self.settings.randaug_magnitude, round(self.erasing.probability, 6), rates))
+        return real_erase(self, x)
+
+    monkeypatch.setattr(AdaptiveRegularization, "_adopt", adopt)
+    monkeypatch.setattr(AdaptiveRegularization, "erase", erase)
+    rc, _, err = cli("pretrain", "--out", tmp_path / "ap", *tiny_args(fake_fmnist, epochs="3"), "--method",
+                     "autoprog-one", "--depth", "6", "--alpha", "0", "--search-epochs", "0.5", "--search-min-updates",
+                     "0", "--search-samples", "64", "--adareg")
+    assert rc == 0, err
+    assert [m for m, _, _ in seen] == [9] * 4 + [4] * 2 + [9] * 4 + [6] * 2 + [9] * 4 + [7] * 2 + [9] * 6
+    assert {p for m, p, _ in seen if m == 9} == {0.25} and {p for m, p, _ in seen if m == 4} == {0.0}
+    supernet_rates = {r for _, _, r in seen[:4]}
+    assert len(supernet_rates) == 1  # one set of rates while the candidates change
+    (rates,) = supernet_rates
+    assert rates[0] == 0.0 and max(rates) == pytest.approx(0.1)  # the final rate at the supernet's last block
+    first = json.loads((tmp_path / "ap" / "results.json").read_text())["summary"]["schedule"]["stages"][0]
+    d = first["depth"]  # the choice, compacted to blocks 0..d-1 (the others idle, their rates unread)
+    assert d < 6 and {r[:d] for _, _, r in seen[4:6]} == {(0.0,) * d}  # stage 1's rate: 0
+    assert {r[:6] for _, _, r in seen[-6:]} == {tuple(round(0.1 * j / 5, 6) for j in range(6))}
+    config = json.loads((tmp_path / "ap" / "config.json").read_text())
+    assert config["adareg_rule"] == "stage"
+
+
+def test_a_saved_run_with_adareg_from_before_the_stage_rule_keeps_the_size_rule():
+    from autoprog.classification.runner import RunSpec
+
+    saved = RunSpec(adareg=True).to_dict()
+    assert saved["adareg_rule"] == "stage" and RunSpec.from_dict(saved).adareg_rule == "stage"
+    del saved["adareg_rule"]  # saved before the option
+    assert RunSpec.from_dict(saved).adareg_rule == "size"
+    saved["adareg"] = False  # (without --adareg it stays unread and unwarned)
+    assert RunSpec.from_dict(saved).adareg_rule == "stage"

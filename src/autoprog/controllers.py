@@ -12,6 +12,9 @@ step are made in one place, :func:`autoprog.engine.enter_due_stage`, for every t
     at the first step of stage ``k``: the controller chooses ψ_k and asks the trainer to enter it.
 ``step_subnet(trainer, step)``
     a per-step override (a supernet phase samples one candidate per step), or None.
+``training_supernet()``
+    the supernet a search phase trains now (its deepest candidate at the largest side), or None: AdaReg's
+    official rule regularizes it as one model at the final strengths.
 ``after_step(trainer, loss)``
     after every optimizer step, once ``trainer.step`` counts it, with that step's loss: a detached 0-d tensor
     (or a float); read its value (a host-device sync) only when a decision needs it.
@@ -174,6 +177,10 @@ class Controller:
         pass
 
     def step_subnet(self, trainer: TrainerServices, step: int) -> SubNet | None:
+        return None
+
+    def training_supernet(self) -> SubNet | None:
+        """The supernet a search phase is training now, or None (see the module docstring)."""
         return None
 
     def after_step(self, trainer: TrainerServices, loss=None) -> None:

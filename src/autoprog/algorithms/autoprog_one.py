@@ -251,6 +251,14 @@ class AutoProgOne(Controller):
                          else sample_index(self.seed, step, n))
         return self.cands[self._current]
 
+    def training_supernet(self) -> SubNet | None:
+        """While the supernet trains: its deepest candidate's blocks at the largest candidate side (the elastic
+        layout's supernet)."""
+        if not self.searching or not self.cands:
+            return None
+        deepest = max(self.cands, key=lambda c: c.depth)
+        return SubNet(max(c.resolution for c in self.cands), deepest.depth, deepest.blocks)
+
     def _fit_search(self, cands: list[SubNet], first_stage: bool,
                     stage_len: float | None = None) -> tuple[list[SubNet], int, str | None]:
         """The candidates and supernet length for a stage of ``stage_len`` steps, and a notice when the rules moved
@@ -339,6 +347,7 @@ class AutoProgOne(Controller):
                   "score": round(sc, 6), "chosen": i == idx}
                  for i, (c, lo, t, sc) in enumerate(zip(self.cands, losses, times, score))]
         chosen = SubNet(best.resolution, best.depth)
+        self.searching = False  # (before the choice is applied: the trainer regularizes it as the stage's own)
         if self.cfg.recycle:  # weight recycling: keep the supernet's weights, compact to blocks 0..l-1 (per segment)
             trainer.relayout(self.space.block_segments.compaction(best.active_blocks), chosen)
         else:
@@ -349,7 +358,6 @@ class AutoProgOne(Controller):
             else:
                 trainer.use_subnet(chosen)
         self.chosen.append(chosen)
-        self.searching = False
         dt = time.perf_counter() - t0
         self.search_time += dt
         self.search_log.append({"stage": k + 1, "criterion": self.cfg.criterion, "alpha": round(alpha, 6),

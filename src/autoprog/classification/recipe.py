@@ -14,8 +14,8 @@ without them).
   copy augmented on its own. The official AutoProg code, built on timm's VOLO script, has none.
 
 :class:`TrainingRecipe` offers the same ``randaugment``/``erase``/``set_subnet`` calls as AdaReg
-(:mod:`.adareg`), which varies RandAugment and random erasing with the sub-network's size instead; the two do
-not combine.
+(:mod:`.adareg`), which varies RandAugment and random erasing over training instead (by stage, or by the
+sub-network's size); the two do not combine.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ DEIT_RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.
 def check_recipe(cfg, adareg: bool) -> None:
     """Refuse what cannot run, before anything trains."""
     if adareg and (cfg.randaugment or cfg.random_erasing):
-        raise ConfigError("--adareg sets RandAugment and random erasing itself (by the sub-network's size): give "
+        raise ConfigError("--adareg sets RandAugment and random erasing itself (by stage or sub-network size): give "
                           "--randaugment/--random-erasing without it, or neither")
     if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
         raise ConfigError(f"--mixup/--cutmix need an even --batch-size (timm mixes a batch with its reverse), got "

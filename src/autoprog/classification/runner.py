@@ -63,8 +63,10 @@ class RunSpec(Spec, AutoProgOneConfig):
         AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing; one made
         before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up; one made before
         ``--train-interpolation`` keeps autoprog's crops of then (``legacy``: torchvision's, bilinear; evaluation
-        images resized to 1.14x, bilinearly)."""
+        images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule."""
         d = json.loads(json.dumps(d))
+        if isinstance(d, dict) and d.get("adareg"):
+            d.setdefault("adareg_rule", "size")  # made before 2026-12-08: AdaReg by the sub-network's size
         train = d.get("train") if isinstance(d, dict) else None
         if isinstance(train, dict):
             if "loader_resolution" in train and train["loader_resolution"] is None:
@@ -115,8 +117,14 @@ class RunSpec(Spec, AutoProgOneConfig):
                                   show_default=False, group="growth")
     time_tolerance: float = time_tolerance_option("AutoProg-Zero search")
     adareg: bool = option(False, "adaptive regularization: RandAugment magnitude (4.5-9), random-erasing "
-                                 "probability (0-0.25) and drop-path rate (0-0.1) grow linearly with the "
-                                 "sub-network's size (Table 14)", group="growth")
+                                 "probability (0-0.25) and drop-path rate (0-0.1) grow linearly over training "
+                                 "(Table 14), by --adareg-rule", group="growth")
+    adareg_rule: str = option("stage", "how --adareg's strengths grow: stage (the official code: by stage index, "
+                                       "the magnitude an integer, RandAugment rand-mM-mstd0.5-inc1 filled with the "
+                                       "data's mean, a supernet phase at the final strengths) or size (autoprog's "
+                                       "earlier rule: by the sub-network's patches x depth, every supernet candidate "
+                                       "its own; rand-m9-n2-mstd0.5 with a grey fill)", choices=("stage", "size"),
+                              group="growth")
     train: TrainConfig = option(default_factory=TrainConfig)
 
 
@@ -185,7 +193,7 @@ class TransferSpec(RunSpec):
 
 # RunSpec options a fine-tuning run takes from its base or does not have (no flag for them)
 TRANSFER_EXCLUDE = {"growth", "img_size", "patch_size", "depth", "embed_dim", "num_heads", "drop_path", "schedule",
-                    "adareg"}
+                    "adareg", "adareg_rule"}
 
 
 def build_run(spec: RunSpec):
@@ -196,6 +204,8 @@ def build_run(spec: RunSpec):
     chosen = get_method(spec.method, PRETRAIN)
     if spec.adareg:
         check_recipe(spec.train, adareg=True)
+    elif spec.adareg_rule != "stage":
+        warn(f"--adareg-rule {spec.adareg_rule} set without --adareg: unread")
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size, randaugment=spec.train.randaugment,
                         crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
                         eval_crop=eval_crop(spec.train, spec.model))
@@ -327,7 +337,8 @@ def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume:
     if spec.adareg:
         from .adareg import AdaptiveRegularization
 
-        adareg = AdaptiveRegularization(net.growth_space(spec.num_stages, spec.start_ratio))
+        adareg = AdaptiveRegularization(net.growth_space(spec.num_stages, spec.start_ratio), rule=spec.adareg_rule,
+                                        mean=data.mean, image_size=data.image_size)
     if spec.subset and spec.subset > len(data.train) and not resume:
         warn(f"--subset {spec.subset}: {spec.dataset} has {len(data.train)} training images, and all of them are used")
     info = {"method": spec.method, "model": net.build_args["model"], "dataset": spec.dataset,

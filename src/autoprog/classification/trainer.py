@@ -49,7 +49,7 @@ from ..optim import (
 )
 from ..options import MAX_IMAGE_SIZE, check_bounds, default, option
 from ..rng import forked_rng
-from ..schedules import Schedule
+from ..schedules import Schedule, stage_index
 from ..space import GrowthSpace, SubNet
 from ..steptime import SearchMeasurements, ShadowUpdate, StepTimer
 from .recipe import TrainingRecipe, check_recipe
@@ -362,10 +362,21 @@ class Trainer(GrowthCalls, RunTemplate):
         """Apply ``subnet`` to the model and its momentum copy (no weights change)."""
         self.net.apply_subnet(subnet)
         self.ema.module.apply_subnet(subnet)
-        if self.adareg is not None:
-            self.adareg.set_subnet(self.net, subnet)
+        self._regularize(subnet)
         self._rewrap_if_needed()
         self._step_flops(subnet)
+
+    def _regularize(self, subnet: SubNet) -> None:
+        """AdaReg's strengths for training ``subnet`` now: at the stage this step belongs to (the one being
+        entered, during its entry), inside the supernet a search phase trains. Under the stage rule the decoded
+        data's RandAugment magnitude follows (read as the next epoch begins: a search's end changes it)."""
+        if self.adareg is None:
+            return
+        ctrl = self.controller
+        k = stage_index(ctrl.stage_starts(), self.step)
+        self.adareg.set_subnet(self.net, subnet, k, ctrl.num_stages, ctrl.training_supernet())
+        if self.adareg.rule == "stage":
+            self._stage_magnitude = self.adareg.settings.randaug_magnitude
 
     def growth_space(self) -> GrowthSpace:
         """Ω of the model at full size: patches per side × depth."""
@@ -771,7 +782,8 @@ class Trainer(GrowthCalls, RunTemplate):
     def _stage_entered(self, k: int) -> None:
         self._stage_resolution = self.net.subnet.resolution  # (a supernet phase: its largest candidate's)
         if self.adareg is not None:  # decoded data's RandAugment magnitude: the stage's, as it enters (a supernet
-            self._stage_magnitude = self.adareg.settings.randaug_magnitude  # phase: its largest candidate's)
+            self._regularize(self.net.subnet)  # phase: the final one, or its largest candidate's by size)
+            self._stage_magnitude = self.adareg.settings.randaug_magnitude
 
     def _task_state(self) -> dict:
         return {"epoch": self.epoch, "subnet": self.net.subnet.to_dict(), "gated_blocks": self.net.gated_blocks(),
@@ -790,8 +802,7 @@ class Trainer(GrowthCalls, RunTemplate):
         self.epoch = state["epoch"]
         self.net.apply_subnet(SubNet.from_dict(state["subnet"]))
         self.ema.module.apply_subnet(self.net.subnet)
-        if self.adareg is not None:  # the sub-network's regularisation strengths, as use_subnet sets them
-            self.adareg.set_subnet(self.net, self.net.subnet)
+        self._regularize(self.net.subnet)  # AdaReg's strengths, as use_subnet sets them
         self._rewrap_if_needed()
         self.flops_cache = {(r, tuple(b)): f for r, b, f in state["flops_cache"]}
         self._stage_magnitude = state.get("stage_magnitude")  # (checkpoints before 2026-12-06 have none)
