@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ctrl_c_at_step, tiny_args, tiny_vit
+from conftest import ctrl_c_at_step, resumes_like_uninterrupted, tiny_args, tiny_vit
 from timm.layers import DropPath
 
 from autoprog.classification.adareg import AdaptiveRegularization, AdaRegRanges
@@ -143,10 +143,13 @@ def test_pretrain_with_adareg_runs_and_records_it(cli, fake_fmnist, tmp_path):
     assert res["done"] and res["summary"]["adareg"] is True
 
 
+@pytest.mark.parametrize("rule, first_magnitude", [("stage", 4), ("size", 4.5)])
 def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magnitude(cli, image_folder, tmp_path,
-                                                                                        monkeypatch):
-    """ImageFolder data: RandAugment runs where the images are decoded (the loader), each epoch at the magnitude
-    of its stage's sub-network, sent with the samples; the trainer does no RandAugment of its own."""
+                                                                                        monkeypatch, rule,
+                                                                                        first_magnitude):
+    """ImageFolder data: RandAugment runs where the images are decoded (the loader), each epoch at its stage's
+    magnitude (stage rule: stage 1 of 2's, rounded; size rule: its sub-network's, the smallest's), sent with the
+    samples; the trainer does no RandAugment of its own."""
     from autoprog.classification.adareg import AdaptiveRegularization
     from autoprog.data import SeededSamples
 
@@ -171,11 +174,11 @@ def test_on_decoded_images_adareg_randaugments_in_the_loader_at_each_stages_magn
     rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", out, "--subset", "0", "--batch-size", "4",
                      "--epochs", "2", "--num-stages", "2", "--method", "prog", "--adareg", "--embed-dim", "16",
                      "--depth", "4", "--num-heads", "2", "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu",
-                     "--loader-resolution", "stage")
+                     "--loader-resolution", "stage", "--adareg-rule", rule)
     assert rc == 0, err
     per_epoch = len(seen) // 2  # 10 training images, each read once an epoch
     first, last = set(seen[:per_epoch]), set(seen[per_epoch:])
-    assert len(first) == 1 and len(last) == 1 and min(first) < max(last) == 9.0  # the full model: Table 14's max
+    assert first == {first_magnitude} and last == {9.0}  # the full model: Table 14's max
     assert all(m == {s} for m, s in zip(magnitudes, seen))  # the workers' operations at the magnitude sent
     # and each image cropped at its stage's resolution, sent with it (--loader-resolution stage)
     first_sides, last_sides = set(sides[:per_epoch]), set(sides[per_epoch:])
@@ -232,15 +235,22 @@ def test_autoprog_one_under_the_stage_rule_trains_supernets_at_the_final_strengt
                      "autoprog-one", "--depth", "6", "--alpha", "0", "--search-epochs", "0.5", "--search-min-updates",
                      "0", "--search-samples", "64", "--adareg")
     assert rc == 0, err
-    assert [m for m, _, _ in seen] == [9] * 4 + [4] * 2 + [9] * 4 + [6] * 2 + [9] * 4 + [7] * 2 + [9] * 6
+    summary = json.loads((tmp_path / "ap" / "results.json").read_text())["summary"]
+    sizes = [len(e["candidates"]) for e in summary["search"]]
+    # (a stage whose previous choice is already the largest searches one candidate: no supernet, its own strengths)
+    want = [m for k, n in enumerate(sizes) for m in ([9] * 4 + [(4, 6, 7)[k]] * 2 if n > 1 else [(4, 6, 7)[k]] * 6)]
+    assert sizes[0] > 1 and [m for m, _, _ in seen] == want + [9] * 6
     assert {p for m, p, _ in seen if m == 9} == {0.25} and {p for m, p, _ in seen if m == 4} == {0.0}
     supernet_rates = {r for _, _, r in seen[:4]}
     assert len(supernet_rates) == 1  # one set of rates while the candidates change
     (rates,) = supernet_rates
     assert rates[0] == 0.0 and max(rates) == pytest.approx(0.1)  # the final rate at the supernet's last block
-    first = json.loads((tmp_path / "ap" / "results.json").read_text())["summary"]["schedule"]["stages"][0]
-    d = first["depth"]  # the choice, compacted to blocks 0..d-1 (the others idle, their rates unread)
+    d = summary["schedule"]["stages"][0]["depth"]  # the choice, compacted to blocks 0..d-1 (the others idle, their rates unread)
     assert d < 6 and {r[:d] for _, _, r in seen[4:6]} == {(0.0,) * d}  # stage 1's rate: 0
+    for k, steps in ((1, slice(10, 12)), (2, slice(16, 18))):  # stages 2 and 3's choices: their stage's rates
+        d = summary["schedule"]["stages"][k]["depth"]
+        want = tuple(round(0.1 * k / 3 * j / max(1, d - 1), 6) for j in range(d))
+        assert {r[:d] for _, _, r in seen[steps]} == {want}, k
     assert {r[:6] for _, _, r in seen[-6:]} == {tuple(round(0.1 * j / 5, 6) for j in range(6))}
     config = json.loads((tmp_path / "ap" / "config.json").read_text())
     assert config["adareg_rule"] == "stage"
@@ -255,3 +265,65 @@ def test_a_saved_run_with_adareg_from_before_the_stage_rule_keeps_the_size_rule(
     assert RunSpec.from_dict(saved).adareg_rule == "size"
     saved["adareg"] = False  # (without --adareg it stays unread and unwarned)
     assert RunSpec.from_dict(saved).adareg_rule == "stage"
+
+
+AP_ADAREG = ("--method", "autoprog-one", "--depth", "6", "--alpha", "0", "--search-epochs", "0.5",
+             "--search-min-updates", "0", "--search-samples", "64", "--adareg")
+
+
+@pytest.mark.parametrize("step", [2, 10], ids=["mid-supernet", "mid-stage"])
+def test_under_the_stage_rule_a_run_resumed_mid_supernet_or_mid_stage_trains_as_one_never_stopped(
+        cli, fake_fmnist, tmp_path, step):
+    """Stopped in stage 1's supernet phase (step 2 of 0-3), or in stage 2 after its search (step 10, whose choice
+    trains at stage 2's strengths), the resumed run takes the strengths it stopped with: the same weights."""
+    resumes_like_uninterrupted(cli, tmp_path, [*tiny_args(fake_fmnist, epochs="3"), *AP_ADAREG], step)
+
+
+def test_on_decoded_images_an_autoprog_one_supernet_epoch_randaugments_at_the_final_magnitude(cli, image_folder,
+                                                                                            tmp_path, monkeypatch):
+    """Stage 1 of 2 (two epochs of three steps) searches its first epoch: that epoch's samples carry the final
+    magnitude (9), the next one stage 1's (4), the full model's stage 9."""
+    from autoprog.data import SeededSamples
+
+    seen = []
+    real_get = SeededSamples.__getitem__
+
+    def recorded(self, item):
+        if isinstance(item, tuple):
+            seen.append(item[2])
+        return real_get(self, item)
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", recorded)
+    rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", tmp_path / "run", "--subset", "0",
+                     "--batch-size", "4", "--epochs", "4", "--num-stages", "2", "--method", "autoprog-one", "--adareg",
+                     "--search-epochs", "1", "--search-min-updates", "0", "--alpha", "0", "--search-samples", "8",
+                     "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size", "4", "--workers", "0",
+                     "--no-flops", "--cpu")
+    assert rc == 0, err
+    per_epoch = len(seen) // 4
+    assert [set(seen[e * per_epoch:(e + 1) * per_epoch]) for e in range(4)] == [{9}, {4}, {9}, {9}]
+
+
+def test_the_rule_counts_in_a_saved_runs_settings_only_with_adareg(tmp_path):
+    """A comparison reuses a finished run whose settings match: the rule differs only when --adareg reads it, and
+    a run saved with --adareg before the option (the size rule) is another run than one with today's default."""
+    from autoprog.classification.runner import RunSpec, run_differences
+
+    def differ(saved: dict, spec: RunSpec) -> list[str]:
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        return run_differences(tmp_path, spec)
+
+    assert differ(RunSpec(adareg_rule="size").to_dict(), RunSpec()) == []
+    assert differ(RunSpec(adareg=True, adareg_rule="size").to_dict(), RunSpec(adareg=True)) == [
+        "adareg_rule: 'size' there, 'stage' now"]
+    old = RunSpec(adareg=True).to_dict()
+    del old["adareg_rule"]
+    assert differ(old, RunSpec(adareg=True)) == ["adareg_rule: 'size' there, 'stage' now"]
+    assert differ(old, RunSpec(adareg=True, adareg_rule="size")) == []
+
+
+def test_supernet_only_trains_the_full_models_drop_path_rates_throughout():
+    from autoprog.algorithms.supernet import SupernetOnly
+
+    ctrl = SupernetOnly(SPACE)
+    assert ctrl.training_supernet() == ctrl.full and ctrl.full.depth == SPACE.full.depth

@@ -253,8 +253,9 @@ class AutoProgOne(Controller):
 
     def training_supernet(self) -> SubNet | None:
         """While the supernet trains: its deepest candidate's blocks at the largest candidate side (the elastic
-        layout's supernet)."""
-        if not self.searching or not self.cands:
+        layout's supernet). A phase of one candidate (the previous choice already the largest there is) is no
+        supernet: the official code skips its search."""
+        if not self.searching or len(self.cands) < 2:
             return None
         deepest = max(self.cands, key=lambda c: c.depth)
         return SubNet(max(c.resolution for c in self.cands), deepest.depth, deepest.blocks)

@@ -38,6 +38,10 @@ class SupernetOnly(Controller):
         self.counts[i] += 1
         return self.cands[i]
 
+    def training_supernet(self) -> SubNet:
+        """The whole run trains the supernet: the full model with every block."""
+        return self.full
+
     def after_step(self, trainer, loss=None) -> None:
         if trainer.subnet != self.full:  # evaluations and checkpoints see the full model
             trainer.use_subnet(self.full)

@@ -371,11 +371,12 @@ OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixe
 
 def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     """How the run in ``out`` differs from ``spec`` in what its method reads (None: no run there); in-memory
-    data has no crops to differ in (``--loader-resolution``, ``--crop-scale``)."""
+    data has no crops to differ in (``--loader-resolution``, ``--crop-scale``), a run without ``--adareg`` no rule."""
     crops = () if is_image_folder(spec.dataset) else ("loader_resolution", "crop_scale", "train_interpolation",
                                                       "eval_crop_pct", "eval_interpolation")
+    unread = () if spec.adareg else ("adareg_rule",)
     return saved_differences(out, spec, lambda d: type(spec).from_dict(d, str(out / "config.json")),
-                             ignore=("stop_after_epochs", *crops,
+                             ignore=("stop_after_epochs", *crops, *unread,
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))
 
 
