@@ -8,7 +8,7 @@ to their maximum (:class:`AdaRegRanges`), by one of two rules:
   maximum), RandAugment's magnitude rounded to an integer and its policy timm's ``rand-mM-mstd0.5-inc1`` with the
   normalisation mean as fill; an AutoProg-One supernet phase trains at the final (maximum) strengths, its candidates
   at the supernet's drop-path rates (``auto_grow`` builds the supernet with the last stage's settings).
-* ``size`` (autoprog's rule before 2026-12-08, the paper's "regarding the model size"): by the sub-network's size,
+* ``size`` (autoprog's rule until 2026-12-07, the paper's "regarding the model size"): by the sub-network's size,
   patches times depth relative to the full model, from the growth space's smallest sub-network to the full model,
   every sub-network its own strengths (a supernet's candidates too); magnitude continuous, policy
   ``rand-m9-n2-mstd0.5`` with a grey fill.

@@ -66,7 +66,7 @@ class RunSpec(Spec, AutoProgOneConfig):
         images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule."""
         d = json.loads(json.dumps(d))
         if isinstance(d, dict) and d.get("adareg"):
-            d.setdefault("adareg_rule", "size")  # made before 2026-12-08: AdaReg by the sub-network's size
+            d.setdefault("adareg_rule", "size")  # made before --adareg-rule (2026-12-07): AdaReg by the sub-network's size
         train = d.get("train") if isinstance(d, dict) else None
         if isinstance(train, dict):
             if "loader_resolution" in train and train["loader_resolution"] is None:
