@@ -327,3 +327,13 @@ def test_supernet_only_trains_the_full_models_drop_path_rates_throughout():
 
     ctrl = SupernetOnly(SPACE)
     assert ctrl.training_supernet() == ctrl.full and ctrl.full.depth == SPACE.full.depth
+
+
+def test_a_rule_without_adareg_is_warned_about_as_unread(fake_fmnist, capsys):
+    from autoprog.classification.runner import RunSpec, build_run
+
+    build_run(RunSpec(adareg_rule="size", data_root=str(fake_fmnist), subset=64, depth=2, embed_dim=16, num_heads=2))
+    assert "--adareg-rule size set without --adareg: unread" in capsys.readouterr().err
+    build_run(RunSpec(adareg=True, adareg_rule="size", data_root=str(fake_fmnist), subset=64, depth=2, embed_dim=16,
+                      num_heads=2))
+    assert "unread" not in capsys.readouterr().err
