@@ -129,7 +129,7 @@ class EpochSampler(Sampler):
     for its workers' seed first), so runs from before the loader was built once replay exactly. ``keyed``:
     yield ``(epoch key, index)`` pairs, which :class:`SeededSamples` turns into per-image random transforms;
     with a :attr:`magnitude` set, ``(epoch key, index, magnitude)``: the loader workers' RandAugment magnitude
-    for the epoch (AdaReg's, by the sub-network's size); with a :attr:`resolution` set, ``(epoch key, index,
+    for the epoch (AdaReg's, by stage or by the sub-network's size); with a :attr:`resolution` set, ``(epoch key, index,
     magnitude or None, resolution)``: the side the workers crop the epoch's images to (the stage's). Both are read
     when the epoch's iteration begins.
 
