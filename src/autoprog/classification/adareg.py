@@ -87,14 +87,19 @@ class AdaptiveRegularization:
         self.settings = self.values(space.full) if rule == "size" else self.stage_values(0, 1)
 
     def _make_ra(self, channels: int, interpolation: str = "random"):
+        """The rule's RandAugment for images of ``channels`` channels, at the current magnitude."""
         from ..data import rand_augment, randaugment_transform
 
         if self.rule == "size":
-            return rand_augment(SIZE_POLICY, {"img_mean": (128,) * channels,
-                                              "translate_const": max(1, self.space.full_resolution // 7)},
-                                interpolation)
-        mean = self._mean if self._mean is not None and len(self._mean) == channels else (0.5,) * channels
-        return randaugment_transform(STAGE_POLICY, self._image_size, mean, interpolation)
+            ra = rand_augment(SIZE_POLICY, {"img_mean": (128,) * channels,
+                                            "translate_const": max(1, self.space.full_resolution // 7)},
+                              interpolation)
+        else:
+            mean = self._mean if self._mean is not None and len(self._mean) == channels else (0.5,) * channels
+            ra = randaugment_transform(STAGE_POLICY, self._image_size, mean, interpolation)
+        for op in ra.ops:
+            op.magnitude = self.settings.randaug_magnitude
+        return ra
 
     def fraction(self, subnet: SubNet) -> float:
         """The size rule's position: 0 at the growth space's smallest sub-network, 1 at the full model."""
@@ -154,18 +159,13 @@ class AdaptiveRegularization:
         workers), at the current magnitude; the trainer sends each epoch's magnitude with the samples.
         ``interpolation``: its resampling (``random``: drawn per operation; else the training crop's, as the
         official stage loaders pass ``--train-interpolation`` on)."""
-        ra = self._make_ra(channels, interpolation)
-        for op in ra.ops:
-            op.magnitude = self.settings.randaug_magnitude
-        return ra
+        return self._make_ra(channels, interpolation)
 
     def randaugment(self, x: torch.Tensor) -> torch.Tensor:
         """RandAugment each image of a uint8 batch (N, C, H, W)."""
         c = x.shape[1]
         if c not in self._randaug:
             self._randaug[c] = self._make_ra(c)
-            for op in self._randaug[c].ops:
-                op.magnitude = self.settings.randaug_magnitude
         return randaugment_images(x, self._randaug[c])
 
     def erase(self, x: torch.Tensor) -> torch.Tensor:

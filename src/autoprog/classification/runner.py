@@ -39,6 +39,7 @@ from ..methods import PRETRAIN, TRANSFER, SearchSettings, get_method, method_nam
 from ..options import MAX_IMAGE_SIZE, Spec, default, option
 from ..report import plot_curves, plot_front, reading, schedule_string
 from ..schedules import build_schedule
+from .adareg import RULES
 from .pretrained import build_args_of, load_pretrained, locate, pretrained_resolution
 from .recipe import check_recipe
 from .report import seeds_markdown, summary_markdown
@@ -123,7 +124,7 @@ class RunSpec(Spec, AutoProgOneConfig):
                                        "the magnitude an integer, RandAugment rand-mM-mstd0.5-inc1 filled with the "
                                        "data's mean, a supernet phase at the final strengths) or size (autoprog's "
                                        "earlier rule: by the sub-network's patches x depth, every supernet candidate "
-                                       "its own; rand-m9-n2-mstd0.5 with a grey fill)", choices=("stage", "size"),
+                                       "its own; rand-m9-n2-mstd0.5 with a grey fill)", choices=RULES,
                               group="growth")
     train: TrainConfig = option(default_factory=TrainConfig)
 
