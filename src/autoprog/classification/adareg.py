@@ -68,7 +68,7 @@ class AdaptiveRegularization:
     timm's ``create_transform`` fills); ``image_size`` its ``translate_const`` (unused by RandAugment's relative
     translations; default the full resolution)."""
 
-    def __init__(self, space: GrowthSpace, ranges: AdaRegRanges | None = None, seed: int = 0, rule: str = "stage",
+    def __init__(self, space: GrowthSpace, ranges: AdaRegRanges | None = None, rule: str = "stage",
                  mean: tuple[float, ...] | None = None, image_size: int | None = None):
         if rule not in RULES:
             raise ValueError(f"AdaReg rule {rule!r}: one of {', '.join(RULES)}")

@@ -126,23 +126,23 @@ def locate(base: str | Path, model: str = "vit", flag: str = "--base") -> Locate
                       "(an 'architecture' name)")
 
 
-def pretrained_resolution(base: str | Path, model: str = "vit") -> int:
-    """The input resolution of the classifier at ``base`` (built without weights)."""
-    found = locate(base, model)
+def pretrained_resolution(base: str | Path | Located, model: str = "vit") -> int:
+    """The input resolution of the classifier at ``base`` (or already located; built without weights)."""
+    found = base if isinstance(base, Located) else locate(base, model)
     if found.overrides.img_size is not None:
         return found.overrides.img_size
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # a timm model at its own size
         return found.build(2, 3).full_resolution
 
 
-def load_pretrained(base: str | Path, num_classes: int, in_chans: int, model: str = "vit"
+def load_pretrained(base: str | Path | Located, num_classes: int, in_chans: int, model: str = "vit"
                     ) -> tuple[ElasticModel, dict]:
     """The classifier at ``base`` with a new, randomly initialised head of ``num_classes`` and inputs of
     ``in_chans`` channels (a different count adapts the first convolution as timm does), in its elastic adapter.
     ``base``: an autoprog model folder or run folder, a timm checkpoint folder, or a weights file (then ``model``
-    names the timm architecture). Returns the model and what is known of it: its config and ``build_args``
-    (see :func:`save_classifier`)."""
-    found = locate(base, model)
+    names the timm architecture), or what :func:`locate` read of one. Returns the model and what is known of it:
+    its config and ``build_args`` (see :func:`save_classifier`)."""
+    found = base if isinstance(base, Located) else locate(base, model)
     net = found.build(num_classes, in_chans)
     load_matching(net.model, read_weights(found.weights), str(found.weights))
     return net, {**found.config, "base": str(found.weights.parent if found.config else found.weights),

@@ -265,12 +265,12 @@ def _build_transfer(spec: TransferSpec):
     if unread:  # (the command line has no such flags; a Python caller or a --config file may set them)
         raise ConfigError(f"a fine-tuning run takes its architecture and schedule from the base and its method: "
                           f"{', '.join(unread)} cannot be set")
-    size = pretrained_resolution(spec.base_path, spec.model)
-    base = locate(spec.base_path, spec.model)
+    base = locate(spec.base_path, spec.model)  # read once: its config, then its weights
+    size = pretrained_resolution(base)
     data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment,
                         crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
                         eval_crop=eval_crop(spec.train, base.model, base.config.get("pretrained_cfg")))
-    net, info = load_pretrained(spec.base_path, data.num_classes, data.in_chans, spec.model)
+    net, info = load_pretrained(base, data.num_classes, data.in_chans)
     net.build_args = info["build_args"]
     data = prepare_token_labels(spec.train, data, net)
     net.set_unfreezing(chosen.base != "full")
