@@ -304,6 +304,62 @@ def test_on_decoded_images_an_autoprog_one_supernet_epoch_randaugments_at_the_fi
     assert [set(seen[e * per_epoch:(e + 1) * per_epoch]) for e in range(4)] == [{9}, {4}, {9}, {9}]
 
 
+def decoded_search_args(image_folder, workers: str = "0") -> list:
+    """Decoded images, 4 epochs of 5 steps, 2 stages: stage 1 searches its first 2 steps (0.4 of an epoch)."""
+    return ["--dataset", image_folder, "--subset", "0", "--batch-size", "2", "--epochs", "4", "--num-stages", "2",
+            "--method", "autoprog-one", "--adareg", "--search-epochs", "0.4", "--search-min-updates", "0",
+            "--alpha", "0", "--search-samples", "8", "--embed-dim", "16", "--depth", "4", "--num-heads", "2",
+            "--patch-size", "4", "--workers", workers, "--no-flops", "--cpu"]
+
+
+def test_on_decoded_images_a_search_ending_mid_epoch_switches_the_magnitude_at_its_end(cli, image_folder,
+                                                                                       tmp_path, monkeypatch):
+    """Stage 1's search ends after 2 of its first epoch's 5 steps: the images its supernet trained on carry the
+    final magnitude (9), every later image of that epoch stage 1's (4): the epoch's rest is re-read at it (what
+    was read ahead at 9 is read again, not trained on)."""
+    from autoprog.data import SeededSamples
+
+    reads = []
+    real_get = SeededSamples.__getitem__
+
+    def recorded(self, item):
+        if isinstance(item, tuple):
+            reads.append((item[0], item[1], item[2]))
+        return real_get(self, item)
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", recorded)
+    rc, _, err = cli("pretrain", "--out", tmp_path / "run", *decoded_search_args(image_folder))
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())["summary"]
+    assert len(summary["search"][0]["candidates"]) > 1
+    trained = {}  # each epoch's images, in order, at the magnitude they were last read with
+    for key, i, m in reads:
+        trained.setdefault(key, {})[i] = m
+    epochs = [list(trained[k].values()) for k in sorted(trained)]
+    assert epochs == [[9] * 4 + [4] * 6, [4] * 10, [9] * 10, [9] * 10]
+    assert len(reads) > 40  # (the first epoch's read-ahead at 9 was read again)
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_on_decoded_images_a_run_resumed_around_a_mid_epoch_search_end_trains_as_one_never_stopped(
+        cli, image_folder, tmp_path, step):
+    """Stopped in the supernet phase (step 1) or after the epoch's rest was re-read at stage 1's magnitude
+    (step 3), the resumed run reads the same images at the same magnitudes: the same weights."""
+    resumes_like_uninterrupted(cli, tmp_path, decoded_search_args(image_folder), step)
+
+
+def test_on_decoded_images_the_mid_epoch_switch_gives_the_same_run_with_loader_workers(cli, image_folder, tmp_path):
+    """Two persistent loader workers, whose read-ahead at the old magnitude is dropped when the epoch is re-read:
+    the same weights as reading in the training process."""
+    from safetensors.torch import load_file
+
+    for workers in ("0", "2"):
+        rc, _, err = cli("pretrain", "--out", tmp_path / workers, *decoded_search_args(image_folder, workers))
+        assert rc == 0, err
+    a, b = (load_file(tmp_path / w / "checkpoint" / "model.safetensors") for w in ("0", "2"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_the_rule_counts_in_a_saved_runs_settings_only_with_adareg(tmp_path):
     """A comparison reuses a finished run whose settings match: the rule differs only when --adareg reads it, and
     a run saved with --adareg before the option (the size rule) is another run than one with today's default."""

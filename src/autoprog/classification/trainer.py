@@ -369,7 +369,7 @@ class Trainer(GrowthCalls, RunTemplate):
     def _regularize(self, subnet: SubNet) -> None:
         """AdaReg's strengths for training ``subnet`` now: at the stage this step belongs to (the one being
         entered, during its entry), inside the supernet a search phase trains. Under the stage rule the decoded
-        data's RandAugment magnitude follows (read as the next epoch begins: a search's end changes it)."""
+        data's RandAugment magnitude follows (a search's end changes it: the epoch's rest is re-read at it)."""
         if self.adareg is None:
             return
         ctrl = self.controller
@@ -614,7 +614,32 @@ class Trainer(GrowthCalls, RunTemplate):
         batches = iter(self.train_loader)  # (the workers start reading ahead here)
         if share:
             self._restore_rngs(share, self._gen)
-        return batches
+        if self.data.worker_randaugment is None:
+            return batches
+        return self._following_magnitude(batches, start_step)
+
+    def _following_magnitude(self, batches, start_step: int):
+        """The epoch's batches, its rest re-read from the current step on whenever AdaReg's magnitude for decoded
+        images changes within it (a search ending mid-epoch: its choice trains at its stage's magnitude from its
+        first step, as erasing and drop path do). The same images come in the same order with the same per-image
+        random draws, at the new magnitude; what the workers had read ahead is dropped. Training's random
+        streams are untouched (a new iteration draws its workers' seed inside a forked stream)."""
+        import torch
+
+        while True:
+            magnitude = self._stage_magnitude
+            if magnitude is not None and magnitude != self.sampler.magnitude:
+                batches.close()
+                self.train_loader.end()  # (Accelerate's bookkeeping of the iteration left)
+                self.sampler.begin_epoch(self.epoch, skip=(self.step - start_step) * self.global_batch)
+                self.sampler.magnitude = magnitude
+                with torch.random.fork_rng(devices=[]):
+                    batches = iter(self.train_loader)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
 
     def _epoch_crop_side(self, start_step: int) -> int | None:
         """The side the loader workers crop the epoch beginning at ``start_step`` to (``--loader-resolution stage``):
