@@ -23,7 +23,7 @@ SPECS = [RunSpec, FinetuneSpec, BaseSpec]
 @pytest.mark.parametrize("cls", SPECS)
 def test_from_dict_round_trips_and_refuses_unknown_keys(cls):
     spec = cls()
-    assert cls.from_dict(spec.to_dict()) == spec
+    assert cls.from_dict(spec.to_dict()).to_dict() == spec.to_dict()  # (saved with its dataset's defaults filled in)
     with pytest.raises(ConfigError, match="unknown setting.*bogus") as e:
         cls.from_dict({**spec.to_dict(), "bogus": 1})
     assert "\n" not in str(e.value)
@@ -34,7 +34,7 @@ def test_from_dict_round_trips_and_refuses_unknown_keys(cls):
 def test_missing_keys_take_defaults_but_not_the_method_or_a_section():
     d = dataclasses.replace(RunSpec(), method="original").to_dict()
     del d["train"]["warmup_epochs"], d["num_stages"]  # settings a file written before them lacks
-    assert RunSpec.from_dict(d) == dataclasses.replace(RunSpec(), method="original")
+    assert RunSpec.from_dict(d) == dataclasses.replace(RunSpec(), method="original", subset=10000)  # (as saved)
     for cut in ({"method": "original"}, {"train": {}}):
         with pytest.raises(ConfigError, match="lacks"):
             RunSpec.from_dict(cut, "run/config.json")
@@ -177,7 +177,7 @@ def test_a_pretraining_spec_saved_before_2026_12_05_keeps_what_it_ran():
     spec = RunSpec.from_dict(old)
     assert spec.train.ema_decay == 0.99 and spec.train.ema_rescale is False, "an explicit momentum was per step"
     new = RunSpec.from_dict(RunSpec().to_dict())
-    assert new == RunSpec(), "a spec saved now loads as it is"
+    assert new.to_dict() == RunSpec().to_dict(), "a spec saved now loads as it is"
 
 
 def test_a_comparison_ignores_the_crops_of_in_memory_data(tmp_path):
@@ -228,3 +228,33 @@ def test_autoprog_ones_settings_are_declared_once():
     one = AutoProgOneConfig.__dataclass_fields__
     assert all(RunSpec.__dataclass_fields__[name] is f for name, f in one.items())
     assert {f.name for f in dataclasses.fields(RunSpec)} >= set(one)
+
+
+def test_a_pretraining_run_takes_10k_fashion_mnist_images_by_default_and_any_other_dataset_whole(tmp_path):
+    """--subset unset: the built-in experiment's 10,000 Fashion-MNIST images; digits or a folder of the user's own
+    whole; 0 is all anywhere. A saved spec names what it took (0: all), and one saved before these defaults with no
+    subset (then: all) still takes all."""
+    def args(*a):
+        parsed = _parse(build_parser(), ["pretrain", "--out", "x", *a])
+        return spec_from_args(parsed, parsed.method)
+
+    assert args().train_subset == 10000 and args().to_dict()["subset"] == 10000
+    assert args("--dataset", "digits").train_subset is None
+    folder = args("--dataset", str(tmp_path))
+    assert folder.train_subset is None and folder.to_dict()["subset"] == 0
+    assert args("--subset", "0").train_subset is None and args("--dataset", str(tmp_path), "--subset", "50").train_subset == 50
+    old = {**RunSpec().to_dict(), "subset": None}
+    assert RunSpec.from_dict(old).train_subset is None
+
+
+def test_an_image_folder_is_trained_whole_without_a_subset_warning(cli, image_folder, tmp_path):
+    import json
+
+    rc, _, err = cli("pretrain", "--dataset", image_folder, "--out", tmp_path / "run", "--batch-size", "4",
+                     "--epochs", "1", "--method", "original", "--embed-dim", "16", "--depth", "2",
+                     "--num-heads", "2", "--patch-size", "8", "--workers", "0", "--no-flops", "--cpu")
+    assert rc == 0, err
+    assert "--subset" not in err  # (the 10,000 default once warned about a folder of 10 images)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["summary"]["train_images"] == 10
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["subset"] == 0

@@ -46,6 +46,10 @@ from .report import seeds_markdown, summary_markdown
 from .token_labels import prepare_token_labels
 from .trainer import MAX_EPOCHS, TrainConfig, Trainer
 
+# Training images a pre-training run takes when --subset is not given: the built-in CPU experiment's 10k of
+# Fashion-MNIST; any other dataset (digits, a folder of the user's own) whole.
+DEFAULT_SUBSET = {"fashion-mnist": 10000}
+
 
 @dataclass
 class RunSpec(Spec, AutoProgOneConfig):
@@ -66,6 +70,8 @@ class RunSpec(Spec, AutoProgOneConfig):
         ``--train-interpolation`` keeps autoprog's crops of then (``legacy``: torchvision's, bilinear; evaluation
         images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule."""
         d = json.loads(json.dumps(d))
+        if isinstance(d, dict) and "subset" in d and d["subset"] is None:
+            d["subset"] = 0  # saved before 2026-12-07's dataset defaults: none meant all (now written as 0)
         if isinstance(d, dict) and d.get("adareg"):
             d.setdefault("adareg_rule", "size")  # made before --adareg-rule (2026-12-07): AdaReg by the sub-network's size
         train = d.get("train") if isinstance(d, dict) else None
@@ -108,8 +114,9 @@ class RunSpec(Spec, AutoProgOneConfig):
                                            "and val/)", group="data")
     data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
                                          "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
-    subset: int | None = option(10000, "train on this many training images (fixed random subset; 0 = all)",
-                                minimum=0, zero_is_none=True, group="data")
+    subset: int | None = option(None, "train on this many training images (a fixed random subset; 0 = all; default: "
+                                      f"{DEFAULT_SUBSET['fashion-mnist']} of Fashion-MNIST's 60000, all of another "
+                                      "dataset)", minimum=0, show_default=False, group="data")
     num_stages: int = option(4, "number of stages", minimum=1, group="growth")
     start_ratio: float = option(0.5, "initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25", above=0,
                                 maximum=1, group="growth")
@@ -127,6 +134,17 @@ class RunSpec(Spec, AutoProgOneConfig):
                                        "its own; rand-m9-n2-mstd0.5 with a grey fill)", choices=RULES,
                               group="growth")
     train: TrainConfig = option(default_factory=TrainConfig)
+
+    @property
+    def train_subset(self) -> int | None:
+        """How many training images the run takes (None: all): ``subset``, or unset the dataset's default
+        (:data:`DEFAULT_SUBSET`; a folder of the user's own is used whole)."""
+        n = self.subset if self.subset is not None else DEFAULT_SUBSET.get(self.dataset, 0)
+        return n or None
+
+    def to_dict(self) -> dict:
+        """The spec as saved: ``subset`` as the run takes it (0: all), so that a saved run names its images."""
+        return {**super().to_dict(), "subset": self.train_subset or 0}
 
 
 
@@ -182,6 +200,10 @@ class TransferSpec(RunSpec):
     def base_path(self) -> str:
         return self.base or str(SHIPPED_VIT)
 
+    @property
+    def train_subset(self) -> int | None:
+        return self.subset or None
+
     def to_dict(self) -> dict:
         return {"task": self.task, **super().to_dict()}
 
@@ -207,7 +229,7 @@ def build_run(spec: RunSpec):
         check_recipe(spec.train, adareg=True)
     elif spec.adareg_rule != "stage":
         warn(f"--adareg-rule {spec.adareg_rule} set without --adareg: unread")
-    data = load_dataset(spec.dataset, spec.data_root, spec.subset, spec.img_size, randaugment=spec.train.randaugment,
+    data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, spec.img_size, randaugment=spec.train.randaugment,
                         crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
                         eval_crop=eval_crop(spec.train, spec.model))
     img_size = spec.img_size
@@ -267,7 +289,7 @@ def _build_transfer(spec: TransferSpec):
                           f"{', '.join(unread)} cannot be set")
     base = locate(spec.base_path, spec.model)  # read once: its config, then its weights
     size = pretrained_resolution(base)
-    data = load_dataset(spec.dataset, spec.data_root, spec.subset, size, randaugment=spec.train.randaugment,
+    data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, size, randaugment=spec.train.randaugment,
                         crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
                         eval_crop=eval_crop(spec.train, base.model, base.config.get("pretrained_cfg")))
     net, info = load_pretrained(base, data.num_classes, data.in_chans)
@@ -340,8 +362,8 @@ def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume:
 
         adareg = AdaptiveRegularization(net.growth_space(spec.num_stages, spec.start_ratio), rule=spec.adareg_rule,
                                         mean=data.mean, image_size=data.image_size)
-    if spec.subset and spec.subset > len(data.train) and not resume:
-        warn(f"--subset {spec.subset}: {spec.dataset} has {len(data.train)} training images, and all of them are used")
+    if spec.train_subset and spec.train_subset > len(data.train) and not resume:
+        warn(f"--subset {spec.train_subset}: {spec.dataset} has {len(data.train)} training images, and all of them are used")
     info = {"method": spec.method, "model": net.build_args["model"], "dataset": spec.dataset,
             "train_images": len(data.train)}
     if isinstance(spec, TransferSpec):
@@ -464,7 +486,7 @@ def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_f
     write_json(out / "summary.json", rows)
     used = {res["summary"].get("train_images") for res in results.values()} - {None}  # as trained (a run before
     # 2026-12-06 did not record it: then the --subset asked for)
-    n = used.pop() if len(used) == 1 else base.subset
+    n = used.pop() if len(used) == 1 else base.train_subset
     title = _title(base) + (f" ({n} images)" if n else "")
     md = summary_markdown(rows, title, base.baseline)
     (out / "summary.md").write_text(md)
