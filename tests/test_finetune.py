@@ -777,3 +777,40 @@ def test_an_interrupt_while_the_main_process_builds_the_evaluator_is_told_to_the
     with pytest.raises(KeyboardInterrupt):
         runner.run_evaluator(None, None, _Roles(main=True))
     assert told[0]["error"] == (False, "KeyboardInterrupt")  # the others stop too, instead of waiting
+
+
+def test_the_built_in_class_split_is_the_default_of_fashion_mnist_and_digits_only():
+    """Unset --classes: the built-in task's classes on Fashion-MNIST and digits (base 0-4, fine-tuning 5-9); a
+    folder of the user's own whole; a saved spec names what it took, and one saved with none (then: all) takes all."""
+    from autoprog.diffusion.runner import BaseSpec, DreamBoothSpec, FinetuneSpec, TextFinetuneSpec
+
+    assert FinetuneSpec().class_selection == "5-9" and FinetuneSpec(dataset="digits").class_selection == "5-9"
+    assert TextFinetuneSpec().class_selection == "5-9" and BaseSpec().class_selection == "0-4"
+    for cls in (FinetuneSpec, TextFinetuneSpec, BaseSpec):
+        assert cls(dataset="/data/flowers").class_selection == "all"
+        assert cls(dataset="/data/flowers", classes="1,2").class_selection == "1,2"
+        assert cls().to_dict()["classes"] == cls().class_selection  # saved as taken
+    assert DreamBoothSpec().class_selection == "all"  # (its data is the subject's)
+    assert FinetuneSpec.from_dict({**FinetuneSpec().to_dict(), "classes": None}).class_selection == "all"
+
+
+def test_a_base_and_its_fine_tuning_on_an_image_folder_take_all_its_classes(cli, image_folder, cache_dir, tmp_path):
+    """A two-class folder: the base trains on both (the built-in 0-4 once asked for classes it lacks) and so
+    does fine-tuning it (5-9 once)."""
+    flags = [*TRAIN_FLAGS, "--dataset", image_folder, "--image-size", "16", "--batch-size", "4"]
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--hidden-size", "16", "--depth", "2", "--num-heads", "2",
+                     "--out", tmp_path / "base", *flags)
+    assert rc == 0, err
+    _, meta = load_backbone(tmp_path / "base" / "model")
+    assert meta["classes"] == [0, 1]
+    rc, _, err = cli("finetune", "--method", "full", "--base", tmp_path / "base" / "model", "--out", tmp_path / "ft",
+                     *flags)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["spec"]["classes"] == "all"
+
+
+def test_a_greyscale_base_on_colour_images_says_to_train_a_base_on_them(cli, base, image_folder, tmp_path):
+    rc, _, err = cli("finetune", "--method", "full", "--base", base, "--dataset", image_folder, "--out",
+                     tmp_path / "ft", *TRAIN_FLAGS)
+    assert rc == 2 and "the image has 3 channels, the base model takes 1: give a base made for 3-channel" in err
+    assert "--vae" not in err and "\n" not in err.strip()

@@ -47,6 +47,22 @@ def test_every_readme_command_parses(argv):
     assert args.command == argv[0]
 
 
+INLINE = [a for a in COMMANDS if a[0] == "pretrain" and "--schedule" in a and not a[a.index("--schedule") + 1]
+          .endswith(".json") and "--dataset" not in a]
+
+
+@pytest.mark.parametrize("argv", INLINE, ids=[" ".join(a)[:70] for a in INLINE])
+def test_the_readmes_inline_schedules_fit_the_built_in_model(argv, fake_fmnist):
+    """An inline schedule on the default data and model is checked as a run checks it (each resolution a
+    multiple of the patch size, each depth within the model)."""
+    from autoprog.classification.runner import validate_spec
+    from autoprog.cli import _parse, build_parser
+    from autoprog.cli.classification import spec_from_args
+
+    args = _parse(build_parser(), [*argv, "--data-root", str(fake_fmnist), "--cpu"])
+    validate_spec(spec_from_args(args, args.method))
+
+
 class _Results(dict):
     """A run's results, as the examples read them: any key, nested."""
 

@@ -682,6 +682,12 @@ def image_folder(root: Path, split: Path, transform: Callable | None = None, min
 
 
 # ------------------------------------------------------------------------------------------ entry
+def builtin_dataset(name: str) -> str | None:
+    """The built-in dataset ``--dataset name`` names (``fashion-mnist`` or ``digits``), or None (a folder)."""
+    key = name.lower().replace("_", "-")
+    return "fashion-mnist" if key in ("fashion-mnist", "fashionmnist") else "digits" if key == "digits" else None
+
+
 def is_image_folder(name: str) -> bool:
     """Whether ``--dataset name`` is read as an ImageFolder (decoded by loader workers), not held in memory."""
     return name.lower() not in BUILTIN_DATASETS

@@ -16,7 +16,7 @@ from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
-from ..data import LEGACY_CROPS, EvalCrop, is_image_folder, load_dataset
+from ..data import LEGACY_CROPS, EvalCrop, builtin_dataset, is_image_folder, load_dataset
 from ..engine import broadcast
 from ..errors import ConfigError, warn
 from ..experiment import (
@@ -139,7 +139,7 @@ class RunSpec(Spec, AutoProgOneConfig):
     def train_subset(self) -> int | None:
         """How many training images the run takes (None: all): ``subset``, or unset the dataset's default
         (:data:`DEFAULT_SUBSET`; a folder of the user's own is used whole)."""
-        n = self.subset if self.subset is not None else DEFAULT_SUBSET.get(self.dataset, 0)
+        n = self.subset if self.subset is not None else DEFAULT_SUBSET.get(builtin_dataset(self.dataset), 0)
         return n or None
 
     def to_dict(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
 from ..budget import Budget
 from ..checkpoint import comparison_dir, new_run_dir, write_json
+from ..data import builtin_dataset
 from ..engine import broadcast
 from ..errors import AutoprogError, ConfigError, one_line, warn
 from ..formats import check_fields
@@ -89,11 +91,32 @@ class ImageDataSpec(Spec):
     cache_dir: str | None = option(None, "where the feature classifier is cached (default: $AUTOPROG_CACHE or "
                                          "~/.cache/autoprog)", show_default=False, group="evaluation")
 
+    builtin_classes: ClassVar[tuple[int, ...] | None] = None  # the built-in task's classes (see class_selection)
+
+    @property
+    def class_selection(self) -> str:
+        """The classes the run trains on, as ``--classes`` reads them: ``classes``, or unset the built-in task's on
+        Fashion-MNIST and digits (:attr:`builtin_classes`) and all of any other dataset (a folder of the user's)."""
+        chosen = getattr(self, "classes", None)
+        if chosen is not None:
+            return chosen
+        if self.builtin_classes is not None and builtin_dataset(self.dataset):
+            return _classes_text(self.builtin_classes)
+        return "all"
+
+    def to_dict(self) -> dict:
+        """The spec as saved: the classes as the run takes them, so that a saved run names them."""
+        d = super().to_dict()
+        return {**d, "classes": self.class_selection} if "classes" in d else d
+
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
         """A saved spec; one made before a setting whose default changed ran with the old behaviour
-        (:data:`BEFORE_SETTING`), which it keeps, so that resuming or reusing it does not change what it did."""
+        (:data:`BEFORE_SETTING`), which it keeps, so that resuming or reusing it does not change what it did; one
+        saved with no classes trained on all (before 2026-12-07's dataset defaults)."""
         d = json.loads(json.dumps(d))
+        if isinstance(d, dict) and "classes" in d and d["classes"] is None:
+            d["classes"] = "all"
         names = {f for f in cls.__dataclass_fields__}
         for key, old in BEFORE_SETTING.items():
             *parents, leaf = key.split(".")
@@ -111,14 +134,17 @@ class FinetuneSpec(ImageDataSpec):
     """Everything that defines a fine-tuning run besides its output directory."""
 
     settings_name = "fine-tuning settings"
+    builtin_classes = TRANSFER_CLASSES
 
     method: str = option("autoprog-zero", methods_help(FINETUNE) + "; lora-rN: LoRA of rank N")
     base: str | None = option(None, "base model: autoprog's model/ folder, a diffusers DiTTransformer2DModel folder, "
                                     "or the official DiT code's .pt state dict (DiT-XL-2-256x256.pt; its ε half) "
                                     "(default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
                               metavar="PATH", show_default=False)
-    classes: str | None = option(_classes_text(TRANSFER_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or "
-                                                                  "'all'", group="data")
+    classes: str | None = option(None, "class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: "
+                                       f"{_classes_text(TRANSFER_CLASSES)} of Fashion-MNIST and digits, the built-in "
+                                       "task's classes the shipped base never saw; all of another dataset)",
+                                 show_default=False, group="data")
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
                                    "are cached); fine-tuning uses the base model's VAE by default", metavar="PATH",
                              show_default=False, group="data")
@@ -223,6 +249,7 @@ class DreamBoothSpec(TextFinetuneSpec):
     images and an instance prompt with a rare identifier; see :mod:`autoprog.diffusion.dreambooth`."""
 
     settings_name = "DreamBooth settings"
+    builtin_classes = None  # (its data: the subject's images and the prior's)
 
     classes: str | None = option(None, "unused by DreamBooth", cli=False)
     caption: str = option(DEFAULT_CAPTION, "unused by DreamBooth", cli=False)
@@ -311,9 +338,12 @@ class BaseSpec(ImageDataSpec):
     """A base DiT trained from scratch (``autoprog pretrain --task diffusion``)."""
 
     settings_name = "base-model settings"
+    builtin_classes = BASE_CLASSES
 
     backbone: str = option("dit", "built-in DiT or diffusers' DiTTransformer2DModel", choices=("dit", "diffusers-dit"))
-    classes: str | None = option(_classes_text(BASE_CLASSES), "class ids to train on, e.g. 5-9 or 0,2,4, or 'all'",
+    classes: str | None = option(None, "class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: "
+                                       f"{_classes_text(BASE_CLASSES)} of Fashion-MNIST and digits, the built-in "
+                                       "task's base classes; all of another dataset)", show_default=False,
                                  group="data")
     num_classes: int | None = option(None, "size of the class table (default: the dataset's, so that fine-tuning "
                                            "can add the other classes)", minimum=1, show_default=False, group="model")
@@ -550,7 +580,7 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
     classes or captions)."""
     dreambooth, text = isinstance(spec, DreamBoothSpec), isinstance(spec, TextFinetuneSpec)
     if not dreambooth:
-        data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
+        data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection), spec.image_size,
                                    spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
     base = _base_path(spec)
     model, meta = load_backbone(base, with_sid=False)
@@ -567,8 +597,10 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
                      accelerator=acc)
     if data.model_chans != model.in_chans:
         space = "latent" if vae else "image"
-        raise ConfigError(f"the {space} has {data.model_chans} channels, the base model takes {model.in_chans}"
-                          + ("" if vae else " (was it trained in a VAE's latent space? pass --vae)"))
+        hint = "" if vae else (" (was it trained in a VAE's latent space? pass --vae)" if model.in_chans not in (1, 3)
+                               else f": give a base made for {data.model_chans}-channel images, or train one on this "
+                                    "data first (autoprog pretrain --task diffusion --dataset ...)")
+        raise ConfigError(f"the {space} has {data.model_chans} channels, the base model takes {model.in_chans}{hint}")
     if data.model_size % model.patch_size:
         raise ConfigError(f"input size {data.model_size} is not divisible by the model's patch size {model.patch_size}")
     model.config["image_size"] = data.model_size
@@ -680,7 +712,7 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
     acc = accelerator or default_accelerator()  # first: the processes join their group together
     out = Path(out)
     spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite)
-    data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.classes), spec.image_size,
+    data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection), spec.image_size,
                                spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
     if spec.vae:  # encoded on the run's device, in shares by the processes (cached)
         with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device, accelerator=acc)
@@ -917,7 +949,7 @@ def _task_title(spec: FinetuneSpec) -> str:
         inst = spec.prompts()[0]
         prior = f", prior preservation ×{spec.prior_loss_weight:g}" if spec.with_prior_preservation else ""
         return f"DreamBooth {spec.instance_dir or 'built-in subject'} ({inst!r}{prior})"
-    return f"Fine-tuning {spec.dataset} classes {spec.classes}"
+    return f"Fine-tuning {spec.dataset} classes {spec.class_selection}"
 
 
 def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
