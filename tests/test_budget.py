@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,3 +155,22 @@ def test_compare_under_a_budget_draws_the_front_in_fractions_of_it(cli, fake_fmn
     assert "original@budget" not in rows and "no original@budget" in out
     assert rows["original"]["steps"] == 16 and rows["original@0.5"]["steps"] == 8
     assert rows["prog"]["budget_used"] <= 1.0 and rows["prog"]["steps"] > 16
+
+
+def test_a_budget_warns_that_the_length_it_replaces_is_unread(cli, fake_fmnist, tmp_path, capsys):
+    """--budget/--budget-steps size the run: an --epochs (or fine-tuning's --steps) other than the default is
+    said to be unread, once, and the run goes on; at the default, or without a budget, nothing is said."""
+    from autoprog.budget import warn_unread_length
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.diffusion.runner import FinetuneSpec
+
+    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "x",
+                     *tiny_args(fake_fmnist, "--budget-steps", "8"))  # (tiny_args train 2 epochs)
+    assert rc == 0 and err.count("--epochs 2 is not read: --budget-steps sizes the run") == 1, err
+    ft = FinetuneSpec().train
+    for cfg, default, field in ((TrainConfig(budget="5m"), TrainConfig(), "epochs"),
+                                (TrainConfig(epochs=3), TrainConfig(), "epochs"),
+                                (replace(ft, budget_steps=100.0), ft, "steps")):
+        warn_unread_length(cfg, default, field)
+    warn_unread_length(replace(ft, steps=50, budget="2m"), ft, "steps")
+    assert capsys.readouterr().err.strip().splitlines() == ["autoprog: warning: --steps 50 is not read: --budget sizes the run"]

@@ -99,6 +99,41 @@ def test_a_bad_config_file_gives_one_line(cli, tmp_path, text, needle):
     assert needle in _one_error_line(err)
 
 
+def test_a_copy_of_a_shipped_preset_is_a_config_file(cli, tmp_path):
+    """The natural way to customise a preset: copy its file, edit it, pass it with --config; its task must fit
+    the command, as a preset's must."""
+    from importlib import resources
+
+    from autoprog.cli import _parse, build_parser
+
+    text = (resources.files("autoprog") / "configs" / "cpu-pretrain.yaml").read_text()
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(text.replace("epochs: 8", "epochs: 3"))
+    args = _parse(build_parser(), ["pretrain", "--out", "x", "--config", str(cfg)])
+    assert (args.__dict__["train.epochs"], args.subset, args.__dict__["train.batch_size"]) == (3, 10000, 128)
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--out", tmp_path / "run", "--config", cfg)
+    assert rc == 2 and "is for autoprog pretrain / autoprog compare, not for pretrain with diffusion" in \
+        _one_error_line(err)
+    cfg.write_text("description: mine\noptions: [1]\n")
+    rc, _, err = cli("pretrain", "--out", tmp_path / "run", "--config", cfg)
+    assert rc == 2 and "options must be a mapping" in _one_error_line(err)
+
+
+def test_an_interrupted_comparison_says_to_run_it_again_and_its_folder_is_not_resumed(cli, fake_fmnist, tmp_path):
+    """A Ctrl-C inside a comparison's run: the way on is the same compare command (its finished runs reused, the
+    stopped one resumed), not --resume of one run; --resume of the comparison's folder says so."""
+    from conftest import ctrl_c_at_step
+
+    out = tmp_path / "cmp"
+    with ctrl_c_at_step(3):
+        rc, _, err = cli("compare", "--methods", "original,prog", "--front", "1", "--no-budget-baseline", "--out",
+                         out, *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 130 and "run the same compare command again to continue" in err and "--resume" not in err, err
+    rc, _, err = cli("pretrain", "--resume", out, "--cpu")
+    assert rc == 2 and "that is a comparison's folder (runs original); run the same compare command again" in \
+        _one_error_line(err)
+
+
 def test_missing_config_file(cli, tmp_path):
     rc, _, err = cli("pretrain", "--out", tmp_path / "run", "--config", tmp_path / "nope.yaml")
     assert rc == 2

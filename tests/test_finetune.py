@@ -330,13 +330,14 @@ def test_cli_finetune_sample_and_stage(cli, base, fake_fmnist, cache_dir, tmp_pa
                           "--cache-dir", cache_dir, "--out", out, *TRAIN_FLAGS)
     assert rc == 0, err
     assert "model in" in stdout
-    rc, stdout, err = cli("sample", out, "--per-class", "2", "--sample-steps", "2", "--stage", "1")
+    rc, stdout, err = cli("sample", out, "--per-class", "2", "--sample-steps", "2", "--stage", "1", "--cpu")
     assert rc == 0, err
     from PIL import Image
 
     for c in range(5, 10):
-        assert Image.open(out / "model" / "samples" / f"class{c}.png").size[0] > 28
-    assert (out / "model" / "samples" / "all.png").is_file()
+        assert Image.open(out / "model-samples" / f"class{c}.png").size[0] > 28
+    assert (out / "model-samples" / "all.png").is_file()
+    assert not (out / "model" / "samples").exists()  # a model folder is never written into
 
 
 def test_cli_pretrain_diffusion_writes_a_base_model(cli, fake_fmnist, cache_dir, tmp_path):
@@ -445,7 +446,7 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
     assert ok, got
     from PIL import Image
 
-    assert Image.open(out / "model" / "samples" / "class5.png").mode == "RGB"  # decoded grey images, saved as PNG
+    assert Image.open(out / "model-samples" / "class5.png").mode == "RGB"  # decoded grey images, saved as PNG
     # a pixel-space base refuses latent data that does not fit it
     rc, _, err = cli("finetune", "--method", "full", "--base", base / "model", "--vae", "/nonexistent/vae",
                      "--data-root", fake_fmnist, "--out", tmp_path / "bad", *TRAIN_FLAGS)

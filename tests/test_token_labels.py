@@ -614,3 +614,17 @@ def test_token_labeling_settings_without_maps_are_warned_about(capsys):
     assert "--dense-weight and --token-label-geometry set without --token-labels" in err
     TrainConfig().validate()
     assert "token" not in capsys.readouterr().err
+
+
+def test_score_maps_are_never_written_into_the_dataset_or_its_own_folder(tmp_path):
+    from autoprog.classification.score_maps import check_maps_out
+    from autoprog.errors import ConfigError
+
+    root = tmp_path / "ds"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="is the dataset's own folder"):
+        check_maps_out(root, root)
+    with pytest.raises(ConfigError, match="lies inside the dataset's train/ split"):
+        check_maps_out(root, root / "train" / "maps")
+    assert check_maps_out(root, root / "token-labels") == (root / "train", root / "val")

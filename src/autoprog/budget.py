@@ -230,6 +230,20 @@ def _key(subnet):
     return type(subnet)(subnet.resolution, subnet.depth)
 
 
+def warn_unread_length(train, default_train, field: str) -> None:
+    """With ``--budget``/``--budget-steps`` the budget sizes the run: the length option ``field`` set other than
+    its default (``default_train``'s) is not read, which a warning says (a preset's length with a budget is a
+    sensible command, so not an error)."""
+    from .errors import warn
+
+    if Budget.from_options(train.budget, train.budget_steps) is None:
+        return
+    value = getattr(train, field)
+    if value != getattr(default_train, field):
+        flag = "--budget" if train.budget else "--budget-steps"
+        warn(f"--{field} {value:g} is not read: {flag} sizes the run")
+
+
 def budget_option(instead_of: str, replanned: str):
     """The ``--budget`` field of a trainer's config (``instead_of``: the length option it replaces)."""
     from .options import option

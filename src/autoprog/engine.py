@@ -583,8 +583,8 @@ class RunTemplate:
         from .checkpoint import CHECKPOINT_DIR
         from .errors import Interrupted
 
-        raise Interrupted(f"interrupted at step {self.step}; {self.out / CHECKPOINT_DIR} holds that step "
-                          f"(continue with --resume {self.out})")
+        raise Interrupted(f"interrupted at step {self.step}; {self.out / CHECKPOINT_DIR} holds that step",
+                          resume=f"--resume {self.out}")
 
     def _checkpoint_time_due(self) -> bool:
         """``checkpoint_minutes`` of wall-clock since the last checkpoint (several processes: the main process's

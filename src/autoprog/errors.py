@@ -57,4 +57,18 @@ def warn(message: str) -> None:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped training at a step boundary, after a checkpoint of that step was written."""
+    """Ctrl-C or SIGTERM stopped training at a step boundary, after a checkpoint of that step was written;
+    ``resume``: the flag that continues the run (a comparison is continued by running it again)."""
+
+    def __init__(self, message: str, resume: str | None = None):
+        self.message, self.resume = message, resume
+        super().__init__(self.advice(None))
+
+    def advice(self, command: str | None) -> str:
+        """The message with how to continue, for the ``command`` that was stopped."""
+        if self.resume is None:
+            return self.message
+        if command == "compare":
+            return f"{self.message} (run the same compare command again to continue: finished runs are reused, " \
+                   "this one resumes)"
+        return f"{self.message} (continue with {self.resume})"

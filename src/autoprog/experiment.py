@@ -33,6 +33,11 @@ def read_run_config(out: Path, kind: str) -> dict:
         raise ConfigError(f"--resume {out}: that is a model folder, not a run's (a run folder holds config.json "
                           "and checkpoint/)")
     if not cfg.is_file():
+        runs = sorted(d.name for d in out.iterdir() if (d / "config.json").is_file()) if out.is_dir() else []
+        if runs:  # a comparison's folder: its runs lie inside
+            raise ConfigError(f"--resume {out}: that is a comparison's folder (runs {', '.join(runs[:4])}"
+                              f"{', ...' if len(runs) > 4 else ''}); run the same compare command again to continue "
+                              f"it, or --resume one of its runs ({out / runs[0]})")
         raise ConfigError(f"--resume {out}: no config.json there; it is not a run directory")
     d = read_json_object(cfg, "run settings")
     if "task" not in d and "method" not in d:

@@ -14,7 +14,7 @@ from ..adapters.factory import ModelOverrides, build_elastic, model_eval_crop
 from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
-from ..budget import Budget
+from ..budget import Budget, warn_unread_length
 from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..data import LEGACY_CROPS, EvalCrop, builtin_dataset, is_image_folder, load_dataset
 from ..engine import broadcast
@@ -95,7 +95,8 @@ class RunSpec(Spec, AutoProgOneConfig):
                                "DeiT III (timm:deit_tiny_patch16_224), Eva (timm:eva02_tiny_patch14_224), VOLO "
                                "(timm:volo_d1_224; its depth counts outlookers and transformers)",
                         group="model")
-    img_size: int | None = option(None, "full input resolution (default: the dataset's, 224 for timm)", minimum=1,
+    img_size: int | None = option(None, "full input resolution (default: the dataset's, 28 for Fashion-MNIST, 8 "
+                                        "for digits, 32 for an ImageFolder; a timm model's own, e.g. 224)", minimum=1,
                                   maximum=MAX_IMAGE_SIZE,
                                   show_default=False, group="model")
     builtin_grid: int = option(7, "the built-in ViT's least grid of patches when --patch-size is not given",
@@ -229,8 +230,9 @@ def build_run(spec: RunSpec):
         check_recipe(spec.train, adareg=True)
     elif spec.adareg_rule != "stage":
         warn(f"--adareg-rule {spec.adareg_rule} set without --adareg: unread")
-    data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, spec.img_size, randaugment=spec.train.randaugment,
-                        crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
+    warn_unread_length(spec.train, type(spec)().train, "epochs")
+    data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, spec.img_size,
+                        randaugment=spec.train.randaugment, crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
                         eval_crop=eval_crop(spec.train, spec.model))
     img_size = spec.img_size
     if img_size is None and spec.model == "vit":
@@ -289,6 +291,7 @@ def _build_transfer(spec: TransferSpec):
                           f"{', '.join(unread)} cannot be set")
     base = locate(spec.base_path, spec.model)  # read once: its config, then its weights
     size = pretrained_resolution(base)
+    warn_unread_length(spec.train, type(spec)().train, "epochs")
     data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, size, randaugment=spec.train.randaugment,
                         crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
                         eval_crop=eval_crop(spec.train, base.model, base.config.get("pretrained_cfg")))

@@ -69,6 +69,9 @@ def check_maps_out(dataset: str | Path, out: str | Path) -> tuple[Path, Path]:
     """The ImageFolder's (train, test) splits; a one-line error when ``out`` lies inside one of them."""
     root, out = Path(dataset), Path(out)
     splits = image_folder_dirs(root)
+    if out.resolve() == root.resolve():
+        raise ConfigError(f"--out {out} is the dataset's own folder: the maps' class folders would lie beside train/ "
+                          f"and val/; write them to a folder of their own (e.g. {root / 'token-labels'})")
     for split in splits:
         if out.resolve().is_relative_to(split.resolve()):
             raise ConfigError(f"--out {out} lies inside the dataset's {split.name}/ split; write the maps elsewhere "

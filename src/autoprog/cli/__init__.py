@@ -227,7 +227,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         check_preset_fits(preset, args.command, command_task(args))
         front += options_argv(sub, preset["options"], f"preset {args.preset}")
     if args.config is not None:
-        front += options_argv(sub, read_options(args.config), f"--config {args.config}")
+        front += options_argv(sub, read_options(args.config, args.command, command_task(args)),
+                              f"--config {args.config}")
     given, dests = args.given, args.given_dests
     args = parser.parse_args([args.command, *front, *argv[argv.index(args.command) + 1:]])
     args.given, args.given_dests = given, dests
@@ -350,7 +351,7 @@ def _main(argv: list[str]) -> int:
         _say(f"error: {one_line(e)}")
         return 2
     except Interrupted as e:
-        _say(str(e))
+        _say(e.advice(getattr(args, "command", None)))
         return 130
     except KeyboardInterrupt:
         _say(_interrupted(args) if args is not None and args.command is not None else "interrupted")

@@ -1,5 +1,5 @@
 """Option values from YAML: ``--config FILE`` (keys are option names with ``_`` or ``-``) and the shipped presets
-(``--preset NAME``; ``autoprog presets`` lists them). Values become command-line tokens, so argparse checks
+(``--preset NAME``; ``autoprog presets`` lists them; a copy of one is a --config file). Values become command-line tokens, so argparse checks
 their types and choices exactly as it checks flags."""
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ PRESET_TASKS = {"classification": "autoprog pretrain / autoprog compare",
                 "finetune": "autoprog finetune / autoprog compare --task finetune"}
 
 
-def read_options(path: str) -> dict:
-    """The option mapping of a --config file (UTF-8 YAML, each key once, not empty)."""
+PRESET_KEYS = {"description", "task", "options"}
+
+
+def read_options(path: str, command: str, task: str) -> dict:
+    """The option mapping of a --config file (UTF-8 YAML, each key once, not empty): ``option: value`` lines, or
+    a preset's layout (a copy of a shipped preset, edited): its ``options``, its ``task`` fitting the command."""
     if not path:
         raise ConfigError("--config needs a YAML file's path, got ''")
     values = parse_yaml(read_text(path, "--config"), f"--config {path}")
@@ -24,6 +28,17 @@ def read_options(path: str) -> dict:
         raise ConfigError(f"--config {path} is empty; give option: value lines, or drop --config")
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path} must be a mapping of option: value")
+    if "options" in values and set(values) <= PRESET_KEYS:  # a preset's layout
+        if not isinstance(values["options"], dict):
+            raise ConfigError(f"--config {path}: options must be a mapping of option: value")
+        if "task" in values:
+            if values["task"] not in PRESET_TASKS:
+                raise ConfigError(f"--config {path}: task must be one of {', '.join(PRESET_TASKS)}, "
+                                  f"got {values['task']!r}")
+            if values["task"] != task:
+                raise ConfigError(f"--config {path} is for {PRESET_TASKS[values['task']]}, not for {command} "
+                                  f"with {task}")
+        return values["options"]
     return values
 
 

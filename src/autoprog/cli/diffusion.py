@@ -77,7 +77,8 @@ def add_sample_parser(sub) -> None:
                        description="Sample with DDIM and classifier-free guidance from a model directory (a run's "
                                    "model/, or a run directory) and write one grid per class plus one of all classes.")
     s.add_argument("model", help="model directory (or a fine-tuning run directory holding model/)")
-    s.add_argument("--out", help="output directory (default: MODEL/samples)")
+    s.add_argument("--out", help="output directory (default: beside the model folder, NAME-samples: "
+                                 "RUN/model-samples for a run; a model folder is never written into)")
     s.add_argument("--classes", help="class ids (default: the classes the model was trained on; a text-to-image "
                                      "model samples their captions)")
     s.add_argument("--prompt", action="append", help="a text-to-image model: sample this prompt (repeatable; the "
@@ -88,6 +89,7 @@ def add_sample_parser(sub) -> None:
     s.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default: 4.0, the paper's for visualisation)")
     s.add_argument("--stage", type=positive_int, help="use stage K's identifier (default: the last stage's)")
     s.add_argument("--seed", type=seed, default=0, help="a 32-bit integer (default: 0)")
+    s.add_argument("--cpu", action="store_true", help="sample on the CPU even if a GPU is available")
 
 
 def run_sample(args, acc) -> None:
@@ -118,10 +120,11 @@ def run_sample(args, acc) -> None:
         model.set_stage(args.stage - 1)
     from ..diffusion.runner import conditions_for, decode_samples, saved_class_label
 
-    out = Path(args.out) if args.out else path / "samples"
+    default_out = path.parent / f"{path.name}-samples"  # (never inside a model folder)
+    out = Path(args.out) if args.out else default_out
     if args.out and is_model_dir(out):
         raise ConfigError(f"--out {out} is a model folder; sample grids go to a folder of their own "
-                          f"(default: {path / 'samples'})")
+                          f"(default: {default_out})")
     others = sorted(f.name for f in out.iterdir() if not re.fullmatch(r"(class\d+|prompt\d+|all)\.png", f.name)) \
         if out.is_dir() else []
     if others:

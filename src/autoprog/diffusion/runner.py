@@ -19,7 +19,7 @@ from .. import experiment
 from ..adapters.unfreezer import FROZEN_PREFIX, LAYOUTS, Unfreezer
 from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
-from ..budget import Budget
+from ..budget import Budget, warn_unread_length
 from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..data import builtin_dataset
 from ..engine import broadcast
@@ -661,6 +661,8 @@ def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False):
             reads["--base"] = _base_path(spec)
         new_run_dir(out, overwrite, reads)
     spec.train.validate()
+    if not resume:
+        warn_unread_length(spec.train, type(spec)().train, "steps")
     _check_prompts(spec)
     return spec
 
