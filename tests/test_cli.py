@@ -134,6 +134,22 @@ def test_an_interrupted_comparison_says_to_run_it_again_and_its_folder_is_not_re
         _one_error_line(err)
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["finetune", "--task", "classification", "--method", "lora", "--out", "x"],
+     "(see 'autoprog finetune --task classification --help')"),
+    (["pretrain", "--schedule", "16x4", "20x5", "--out", "x"], "unrecognized arguments: 20x5 (see 'autoprog pretrain "
+                                                               "--help')"),
+    (["sample", "x", "--cpux"], "(see 'autoprog sample --help')"),
+    (["finetune", "--base", "SHIPPED_VIT", "--out", "x"], "it is an image classifier: fine-tune it with 'autoprog "
+                                                          "finetune --task classification --base"),
+])
+def test_a_mistake_points_to_the_help_it_was_made_against(cli, argv, says):
+    from autoprog.classification.runner import SHIPPED_VIT
+
+    rc, _, err = cli(*[str(SHIPPED_VIT) if a == "SHIPPED_VIT" else a for a in argv])
+    assert rc == 2 and says in _one_error_line(err)
+
+
 def test_missing_config_file(cli, tmp_path):
     rc, _, err = cli("pretrain", "--out", tmp_path / "run", "--config", tmp_path / "nope.yaml")
     assert rc == 2

@@ -58,6 +58,10 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the shipped option presets (use one with --preset NAME)",
                    description="List the YAML option presets shipped with autoprog: the paper's settings and our "
                                "CPU defaults. A preset's values come first; --config and flags win over them.")
+    if task is not None:  # a mistake's hint names the options it was parsed with
+        for name, command in sub.choices.items():
+            if any("--task" in a.option_strings for a in command._actions):
+                command.help_command = f"autoprog {name} --task {task} --help"
     return parser
 
 

@@ -27,8 +27,19 @@ def seconds(s: str) -> int:
 class Parser(argparse.ArgumentParser):
     """argparse, but mistakes give the one-line ``autoprog: error: ...`` (exit 2) of every other error."""
 
+    help_command: str | None = None  # the help a mistake points to (default: PROG --help)
+
     def error(self, message: str):
-        self.exit(2, f"autoprog: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"autoprog: error: {message} (see '{self.help_command or self.prog + ' --help'}')\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but words no option takes are reported by the command they were given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(ns, "command", None)
+            chosen = self._subparsers._group_actions[0].choices.get(command) if self._subparsers and command else None
+            (chosen or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
 
 
 def given_dests(parser: argparse.ArgumentParser, flags: list[str]) -> dict[str, str]:

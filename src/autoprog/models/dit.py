@@ -337,7 +337,10 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     if meta.get("_class_name") in ("DiTTransformer2DModel", "Transformer2DModel"):
         return _load_diffusers_dit(path, meta)
     if meta.get("format") != "autoprog-diffusion/1":
-        raise ConfigError(f"{cfg_file} is neither an autoprog diffusion model nor a diffusers DiT")
+        hint = ("; it is an image classifier: fine-tune it with 'autoprog finetune --task classification --base "
+                f"{path}'" if str(meta.get("format", "")).startswith("autoprog-classifier/")
+                or isinstance(meta.get("architecture"), str) else "")
+        raise ConfigError(f"{cfg_file} is neither an autoprog diffusion model nor a diffusers DiT{hint}")
     check_model_config(meta, str(cfg_file))
     model = build_backbone(meta["kind"], **meta["config"])
     weights = path / WEIGHTS_FILE
