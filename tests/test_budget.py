@@ -151,6 +151,7 @@ def test_compare_under_a_budget_draws_the_front_in_fractions_of_it(cli, fake_fmn
     rc, out, err = cli("compare", "--methods", "original,prog", "--front", "0.5,1", "--out", tmp_path / "c",
                        *tiny_args(fake_fmnist, "--budget-steps", "16"))
     assert rc == 0, err
+    assert err.count("--epochs 2 is not read: --budget-steps sizes the run") == 1, err  # (not once per run)
     rows = {r["method"]: r for r in json.loads((tmp_path / "c" / "summary.json").read_text())}
     assert "original@budget" not in rows and "no original@budget" in out
     assert rows["original"]["steps"] == 16 and rows["original@0.5"]["steps"] == 8
@@ -159,7 +160,8 @@ def test_compare_under_a_budget_draws_the_front_in_fractions_of_it(cli, fake_fmn
 
 def test_a_budget_warns_that_the_length_it_replaces_is_unread(cli, fake_fmnist, tmp_path, capsys):
     """--budget/--budget-steps size the run: an --epochs (or fine-tuning's --steps) other than the default is
-    said to be unread, once, and the run goes on; at the default, or without a budget, nothing is said."""
+    said to be unread, once however many runs read it, and the run goes on; at the default, or without a budget,
+    nothing is said."""
     from autoprog.budget import warn_unread_length
     from autoprog.classification.trainer import TrainConfig
     from autoprog.diffusion.runner import FinetuneSpec
@@ -167,10 +169,14 @@ def test_a_budget_warns_that_the_length_it_replaces_is_unread(cli, fake_fmnist, 
     rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "x",
                      *tiny_args(fake_fmnist, "--budget-steps", "8"))  # (tiny_args train 2 epochs)
     assert rc == 0 and err.count("--epochs 2 is not read: --budget-steps sizes the run") == 1, err
+    from autoprog.errors import forget_warnings
+
+    forget_warnings()  # (said once per command: the run above said its own)
     ft = FinetuneSpec().train
     for cfg, default, field in ((TrainConfig(budget="5m"), TrainConfig(), "epochs"),
                                 (TrainConfig(epochs=3), TrainConfig(), "epochs"),
                                 (replace(ft, budget_steps=100.0), ft, "steps")):
         warn_unread_length(cfg, default, field)
-    warn_unread_length(replace(ft, steps=50, budget="2m"), ft, "steps")
+    for _ in range(2):
+        warn_unread_length(replace(ft, steps=50, budget="2m"), ft, "steps")
     assert capsys.readouterr().err.strip().splitlines() == ["autoprog: warning: --steps 50 is not read: --budget sizes the run"]

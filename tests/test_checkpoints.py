@@ -247,3 +247,15 @@ def test_checkpoints_by_elapsed_time_change_no_weight_and_report_their_time(runs
     assert got["summary"]["checkpoint_time_s"] > 0
     a, b = (load_file(r / "checkpoint" / "model.safetensors") for r in (run, runs / "full"))
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_overwrite_removes_the_sample_grids_autoprog_sample_wrote_beside_the_model(tmp_path):
+    from autoprog.checkpoint import new_run_dir
+
+    run = tmp_path / "run"
+    for d in ("checkpoint", "model", "model-samples"):
+        (run / d).mkdir(parents=True)
+    (run / "results.json").write_text("{}")
+    (run / "model-samples" / "all.png").write_bytes(b"")
+    new_run_dir(run, overwrite=True)
+    assert not (run / "model-samples").exists()

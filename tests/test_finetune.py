@@ -782,7 +782,7 @@ def test_an_interrupt_while_the_main_process_builds_the_evaluator_is_told_to_the
 
 def test_the_built_in_class_split_is_the_default_of_fashion_mnist_and_digits_only():
     """Unset --classes: the built-in task's classes on Fashion-MNIST and digits (base 0-4, fine-tuning 5-9); a
-    folder of the user's own whole; a saved spec names what it took, and one saved with none (then: all) takes all."""
+    folder of the user's own whole; None is all, as ever; a saved spec names what it took."""
     from autoprog.diffusion.runner import BaseSpec, DreamBoothSpec, FinetuneSpec, TextFinetuneSpec
 
     assert FinetuneSpec().class_selection == "5-9" and FinetuneSpec(dataset="digits").class_selection == "5-9"
@@ -793,6 +793,7 @@ def test_the_built_in_class_split_is_the_default_of_fashion_mnist_and_digits_onl
         assert cls().to_dict()["classes"] == cls().class_selection  # saved as taken
     assert DreamBoothSpec().class_selection == "all"  # (its data is the subject's)
     assert FinetuneSpec.from_dict({**FinetuneSpec().to_dict(), "classes": None}).class_selection == "all"
+    assert FinetuneSpec(classes=None).class_selection == "all" == BaseSpec(classes=None).class_selection  # as ever
 
 
 def test_a_base_and_its_fine_tuning_on_an_image_folder_take_all_its_classes(cli, image_folder, cache_dir, tmp_path):

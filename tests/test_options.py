@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from conftest import tiny_args
@@ -232,8 +233,8 @@ def test_autoprog_ones_settings_are_declared_once():
 
 def test_a_pretraining_run_takes_10k_fashion_mnist_images_by_default_and_any_other_dataset_whole(tmp_path):
     """--subset unset: the built-in experiment's 10,000 Fashion-MNIST images; digits or a folder of the user's own
-    whole; 0 is all anywhere. A saved spec names what it took (0: all), and one saved before these defaults with no
-    subset (then: all) still takes all."""
+    whole; 0 is all anywhere, and so is a Python caller's None, as ever. A saved spec names what it took (null:
+    all)."""
     def args(*a):
         parsed = _parse(build_parser(), ["pretrain", "--out", "x", *a])
         return spec_from_args(parsed, parsed.method)
@@ -241,10 +242,24 @@ def test_a_pretraining_run_takes_10k_fashion_mnist_images_by_default_and_any_oth
     assert args().train_subset == 10000 and args().to_dict()["subset"] == 10000
     assert args("--dataset", "digits").train_subset is None
     folder = args("--dataset", str(tmp_path))
-    assert folder.train_subset is None and folder.to_dict()["subset"] == 0
+    assert folder.train_subset is None and folder.to_dict()["subset"] is None
     assert args("--subset", "0").train_subset is None and args("--dataset", str(tmp_path), "--subset", "50").train_subset == 50
-    old = {**RunSpec().to_dict(), "subset": None}
-    assert RunSpec.from_dict(old).train_subset is None
+    assert RunSpec(subset=None).train_subset is None and RunSpec(subset=0).train_subset is None
+    assert RunSpec.from_dict({**RunSpec().to_dict(), "subset": None}).train_subset is None
+
+
+def test_a_comparison_reuses_a_run_saved_with_the_old_10k_default_on_a_smaller_dataset(tmp_path):
+    """Before 2026-12-07 a digits run (or a small folder's) saved subset 10000, the old default, though it took
+    every image: a comparison today (all) reuses it; a real subset, below the images taken, still differs."""
+    from autoprog.classification.runner import run_differences
+
+    spec = RunSpec(dataset="digits", method="original")
+    for saved, taken, differ in ((10000, 1437, False), (1000, 1000, True), (None, 1437, False)):
+        run = tmp_path / f"{saved}-{taken}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({**spec.to_dict(), "subset": saved}))
+        (run / "results.json").write_text(json.dumps({"summary": {"train_images": taken}}))
+        assert bool(run_differences(run, spec)) == differ, run_differences(run, spec)
 
 
 def test_an_image_folder_is_trained_whole_without_a_subset_warning(cli, image_folder, tmp_path):
@@ -257,4 +272,4 @@ def test_an_image_folder_is_trained_whole_without_a_subset_warning(cli, image_fo
     assert "--subset" not in err  # (the 10,000 default once warned about a folder of 10 images)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["summary"]["train_images"] == 10
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["subset"] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["subset"] is None

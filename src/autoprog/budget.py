@@ -241,7 +241,7 @@ def warn_unread_length(train, default_train, field: str) -> None:
     value = getattr(train, field)
     if value != getattr(default_train, field):
         flag = "--budget" if train.budget else "--budget-steps"
-        warn(f"--{field} {value:g} is not read: {flag} sizes the run")
+        warn(f"--{field} {value:g} is not read: {flag} sizes the run", once=True)
 
 
 def budget_option(instead_of: str, replanned: str):

@@ -70,7 +70,7 @@ def writable_dir(out: Path) -> Path:
 
 
 # what a run writes in its folder (besides hidden temporary files): all that --overwrite removes
-RUN_FILES = ("config.json", "results.json", "schedule.json", "samples", "logs",
+RUN_FILES = ("config.json", "results.json", "schedule.json", "samples", "logs", "model-samples",  # (autoprog sample's)
              *(d + s for d in (CHECKPOINT_DIR, "model") for s in ("", PREVIOUS_SUFFIX, ".tmp")))
 
 

@@ -47,13 +47,26 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(s in str(error) for s in _NO_MEMORY)
 
 
-def warn(message: str) -> None:
-    """Print ``autoprog: warning: message`` once (on the main process of a launch)."""
+_WARNED: set[str] = set()  # what warn(once=True) has said since forget_warnings()
+
+
+def warn(message: str, once: bool = False) -> None:
+    """Print ``autoprog: warning: message`` (on the main process of a launch); ``once``: not again until
+    :func:`forget_warnings` (a setting's warning, met by every run of a comparison)."""
     import os
     import sys
 
+    if once:
+        if message in _WARNED:
+            return
+        _WARNED.add(message)
     if os.environ.get("RANK", "0") == "0":
         print(f"autoprog: warning: {message}", file=sys.stderr)
+
+
+def forget_warnings() -> None:
+    """Let ``warn(once=True)`` say its messages again (each command line starts afresh)."""
+    _WARNED.clear()
 
 
 class Interrupted(KeyboardInterrupt):

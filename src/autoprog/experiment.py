@@ -33,7 +33,8 @@ def read_run_config(out: Path, kind: str) -> dict:
         raise ConfigError(f"--resume {out}: that is a model folder, not a run's (a run folder holds config.json "
                           "and checkpoint/)")
     if not cfg.is_file():
-        runs = sorted(d.name for d in out.iterdir() if (d / "config.json").is_file()) if out.is_dir() else []
+        runs = sorted(d.name for d in out.iterdir() if (d / "config.json").is_file() and not is_model_dir(d)) \
+            if out.is_dir() else []
         if runs:  # a comparison's folder: its runs lie inside
             raise ConfigError(f"--resume {out}: that is a comparison's folder (runs {', '.join(runs[:4])}"
                               f"{', ...' if len(runs) > 4 else ''}); run the same compare command again to continue "

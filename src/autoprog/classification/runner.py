@@ -18,7 +18,7 @@ from ..budget import Budget, warn_unread_length
 from ..checkpoint import comparison_dir, new_run_dir, write_json
 from ..data import LEGACY_CROPS, EvalCrop, builtin_dataset, is_image_folder, load_dataset
 from ..engine import broadcast
-from ..errors import ConfigError, warn
+from ..errors import AutoprogError, ConfigError, warn
 from ..experiment import (
     add_speedups,
     budget_matched_run,
@@ -34,6 +34,7 @@ from ..experiment import (
     seed_rows,
     seed_speedup,
 )
+from ..formats import read_json_object
 from ..front import DEFAULT_FRONT
 from ..methods import PRETRAIN, TRANSFER, SearchSettings, get_method, method_names, methods_help
 from ..options import MAX_IMAGE_SIZE, Spec, default, option
@@ -49,6 +50,7 @@ from .trainer import MAX_EPOCHS, TrainConfig, Trainer
 # Training images a pre-training run takes when --subset is not given: the built-in CPU experiment's 10k of
 # Fashion-MNIST; any other dataset (digits, a folder of the user's own) whole.
 DEFAULT_SUBSET = {"fashion-mnist": 10000}
+DATASET_DEFAULT = -1  # RunSpec.subset: the dataset's default (None, as ever, is all)
 
 
 @dataclass
@@ -70,8 +72,6 @@ class RunSpec(Spec, AutoProgOneConfig):
         ``--train-interpolation`` keeps autoprog's crops of then (``legacy``: torchvision's, bilinear; evaluation
         images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule."""
         d = json.loads(json.dumps(d))
-        if isinstance(d, dict) and "subset" in d and d["subset"] is None:
-            d["subset"] = 0  # saved before 2026-12-07's dataset defaults: none meant all (now written as 0)
         if isinstance(d, dict) and d.get("adareg"):
             d.setdefault("adareg_rule", "size")  # made before --adareg-rule (2026-12-07): AdaReg by the sub-network's size
         train = d.get("train") if isinstance(d, dict) else None
@@ -115,9 +115,11 @@ class RunSpec(Spec, AutoProgOneConfig):
                                            "and val/)", group="data")
     data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
                                          "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
-    subset: int | None = option(None, "train on this many training images (a fixed random subset; 0 = all; default: "
-                                      f"{DEFAULT_SUBSET['fashion-mnist']} of Fashion-MNIST's 60000, all of another "
-                                      "dataset)", minimum=0, show_default=False, group="data")
+    subset: int | None = option(DATASET_DEFAULT, "train on this many training images (a fixed random subset; 0 = "
+                                                 f"all; default ({DATASET_DEFAULT}): "
+                                                 f"{DEFAULT_SUBSET['fashion-mnist']} of Fashion-MNIST's 60000, all "
+                                                 "of another dataset)", minimum=DATASET_DEFAULT, zero_is_none=True,
+                                show_default=False, group="data")
     num_stages: int = option(4, "number of stages", minimum=1, group="growth")
     start_ratio: float = option(0.5, "initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25", above=0,
                                 maximum=1, group="growth")
@@ -138,14 +140,14 @@ class RunSpec(Spec, AutoProgOneConfig):
 
     @property
     def train_subset(self) -> int | None:
-        """How many training images the run takes (None: all): ``subset``, or unset the dataset's default
-        (:data:`DEFAULT_SUBSET`; a folder of the user's own is used whole)."""
-        n = self.subset if self.subset is not None else DEFAULT_SUBSET.get(builtin_dataset(self.dataset), 0)
+        """How many training images the run takes (None: all): ``subset``, or at :data:`DATASET_DEFAULT` the
+        dataset's default (:data:`DEFAULT_SUBSET`; a folder of the user's own is used whole)."""
+        n = DEFAULT_SUBSET.get(builtin_dataset(self.dataset)) if self.subset == DATASET_DEFAULT else self.subset
         return n or None
 
     def to_dict(self) -> dict:
-        """The spec as saved: ``subset`` as the run takes it (0: all), so that a saved run names its images."""
-        return {**super().to_dict(), "subset": self.train_subset or 0}
+        """The spec as saved: ``subset`` as the run takes it (null: all), so that a saved run names its images."""
+        return {**super().to_dict(), "subset": self.train_subset}
 
 
 
@@ -229,7 +231,7 @@ def build_run(spec: RunSpec):
     if spec.adareg:
         check_recipe(spec.train, adareg=True)
     elif spec.adareg_rule != "stage":
-        warn(f"--adareg-rule {spec.adareg_rule} set without --adareg: unread")
+        warn(f"--adareg-rule {spec.adareg_rule} set without --adareg: unread", once=True)
     warn_unread_length(spec.train, type(spec)().train, "epochs")
     data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, spec.img_size,
                         randaugment=spec.train.randaugment, crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
@@ -401,9 +403,22 @@ def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     crops = () if is_image_folder(spec.dataset) else ("loader_resolution", "crop_scale", "train_interpolation",
                                                       "eval_crop_pct", "eval_interpolation")
     unread = () if spec.adareg else ("adareg_rule",)
-    return saved_differences(out, spec, lambda d: type(spec).from_dict(d, str(out / "config.json")),
+    return saved_differences(out, spec, lambda d: _as_taken(type(spec).from_dict(d, str(out / "config.json")), out),
                              ignore=("stop_after_epochs", *crops, *unread,
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))
+
+
+def _as_taken(saved: RunSpec, out: Path) -> RunSpec:
+    """A saved run's spec with a ``subset`` above the training images it recorded read as all: it took them all
+    (a run on digits or a small folder saved before 2026-12-07 named the 10,000 default)."""
+    if saved.subset is None or saved.subset == DATASET_DEFAULT:
+        return saved
+    try:
+        summary = read_json_object(out / "results.json", "run results").get("summary")
+    except AutoprogError:  # none yet, or cut: as saved
+        return saved
+    taken = summary.get("train_images") if isinstance(summary, dict) else None
+    return replace(saved, subset=None) if isinstance(taken, int) and saved.subset > taken else saved
 
 
 def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:

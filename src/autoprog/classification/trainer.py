@@ -623,9 +623,7 @@ class Trainer(GrowthCalls, RunTemplate):
         images changes within it (a search ending mid-epoch: its choice trains at its stage's magnitude from its
         first step, as erasing and drop path do). The same images come in the same order with the same per-image
         random draws, at the new magnitude; what the workers had read ahead is dropped. Training's random
-        streams are untouched (a new iteration draws its workers' seed inside a forked stream)."""
-        import torch
-
+        streams are untouched (the loader draws its workers' seeds from its own generator)."""
         while True:
             magnitude = self._stage_magnitude
             if magnitude is not None and magnitude != self.sampler.magnitude:
@@ -633,8 +631,7 @@ class Trainer(GrowthCalls, RunTemplate):
                 self.train_loader.end()  # (Accelerate's bookkeeping of the iteration left)
                 self.sampler.begin_epoch(self.epoch, skip=(self.step - start_step) * self.global_batch)
                 self.sampler.magnitude = magnitude
-                with torch.random.fork_rng(devices=[]):
-                    batches = iter(self.train_loader)
+                batches = iter(self.train_loader)
             try:
                 batch = next(batches)
             except StopIteration:

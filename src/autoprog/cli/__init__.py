@@ -21,6 +21,7 @@ from ..errors import (
     DivergedError,
     Interrupted,
     first_line,
+    forget_warnings,
     one_line,
     out_of_memory,
 )
@@ -326,6 +327,7 @@ def _interrupted(args) -> str:
 
 
 def _main(argv: list[str]) -> int:
+    forget_warnings()  # (a settings warning is said once per command)
     args = None
     try:
         parser = build_parser(task_of(argv))  # imports torch and the tasks: a Ctrl-C here is a clean stop too

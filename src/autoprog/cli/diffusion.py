@@ -120,7 +120,7 @@ def run_sample(args, acc) -> None:
         model.set_stage(args.stage - 1)
     from ..diffusion.runner import conditions_for, decode_samples, saved_class_label
 
-    default_out = path.parent / f"{path.name}-samples"  # (never inside a model folder)
+    default_out = path.resolve().parent / f"{path.resolve().name}-samples"  # (never inside a model folder)
     out = Path(args.out) if args.out else default_out
     if args.out and is_model_dir(out):
         raise ConfigError(f"--out {out} is a model folder; sample grids go to a folder of their own "

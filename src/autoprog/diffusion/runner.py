@@ -67,6 +67,9 @@ BEFORE_SETTING = {"train.lr_schedule": "cosine", "candidate_space": "autoprog-on
                   "sid_dropout": 0.0}
 
 
+DATASET_DEFAULT = "default"  # --classes: the dataset's (the built-in split, or all of a folder); None is all
+
+
 def _classes_text(c: tuple[int, ...]) -> str:
     return f"{c[0]}-{c[-1]}" if list(c) == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
 
@@ -95,11 +98,12 @@ class ImageDataSpec(Spec):
 
     @property
     def class_selection(self) -> str:
-        """The classes the run trains on, as ``--classes`` reads them: ``classes``, or unset the built-in task's on
-        Fashion-MNIST and digits (:attr:`builtin_classes`) and all of any other dataset (a folder of the user's)."""
+        """The classes the run trains on, as ``--classes`` reads them: ``classes`` (None: all), or at ``default``
+        the built-in task's on Fashion-MNIST and digits (:attr:`builtin_classes`) and all of any other dataset (a
+        folder of the user's own)."""
         chosen = getattr(self, "classes", None)
-        if chosen is not None:
-            return chosen
+        if chosen != DATASET_DEFAULT:
+            return "all" if chosen is None else chosen
         if self.builtin_classes is not None and builtin_dataset(self.dataset):
             return _classes_text(self.builtin_classes)
         return "all"
@@ -112,11 +116,8 @@ class ImageDataSpec(Spec):
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None):
         """A saved spec; one made before a setting whose default changed ran with the old behaviour
-        (:data:`BEFORE_SETTING`), which it keeps, so that resuming or reusing it does not change what it did; one
-        saved with no classes trained on all (before 2026-12-07's dataset defaults)."""
+        (:data:`BEFORE_SETTING`), which it keeps, so that resuming or reusing it does not change what it did."""
         d = json.loads(json.dumps(d))
-        if isinstance(d, dict) and "classes" in d and d["classes"] is None:
-            d["classes"] = "all"
         names = {f for f in cls.__dataclass_fields__}
         for key, old in BEFORE_SETTING.items():
             *parents, leaf = key.split(".")
@@ -141,10 +142,10 @@ class FinetuneSpec(ImageDataSpec):
                                     "or the official DiT code's .pt state dict (DiT-XL-2-256x256.pt; its ε half) "
                                     "(default: the shipped DiT pre-trained on Fashion-MNIST classes 0-4)",
                               metavar="PATH", show_default=False)
-    classes: str | None = option(None, "class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: "
-                                       f"{_classes_text(TRANSFER_CLASSES)} of Fashion-MNIST and digits, the built-in "
-                                       "task's classes the shipped base never saw; all of another dataset)",
-                                 show_default=False, group="data")
+    classes: str | None = option(DATASET_DEFAULT, "class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: "
+                                                  f"{_classes_text(TRANSFER_CLASSES)} of Fashion-MNIST and digits, "
+                                                  "the built-in task's classes the shipped base never saw; all of "
+                                                  "another dataset)", show_default=False, group="data")
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
                                    "are cached); fine-tuning uses the base model's VAE by default", metavar="PATH",
                              show_default=False, group="data")
@@ -341,10 +342,10 @@ class BaseSpec(ImageDataSpec):
     builtin_classes = BASE_CLASSES
 
     backbone: str = option("dit", "built-in DiT or diffusers' DiTTransformer2DModel", choices=("dit", "diffusers-dit"))
-    classes: str | None = option(None, "class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: "
-                                       f"{_classes_text(BASE_CLASSES)} of Fashion-MNIST and digits, the built-in "
-                                       "task's base classes; all of another dataset)", show_default=False,
-                                 group="data")
+    classes: str | None = option(DATASET_DEFAULT, "class ids to train on, e.g. 5-9 or 0,2,4, or 'all' (default: "
+                                                  f"{_classes_text(BASE_CLASSES)} of Fashion-MNIST and digits, the "
+                                                  "built-in task's base classes; all of another dataset)",
+                                 show_default=False, group="data")
     num_classes: int | None = option(None, "size of the class table (default: the dataset's, so that fine-tuning "
                                            "can add the other classes)", minimum=1, show_default=False, group="model")
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
