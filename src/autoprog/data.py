@@ -40,7 +40,6 @@ FASHION_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 DATASETS = ("fashion-mnist", "digits", "<ImageFolder directory>")
-BUILTIN_DATASETS = ("fashion-mnist", "fashionmnist", "fashion_mnist", "digits")  # names, never paths
 
 
 class TensorImages(Dataset):
@@ -683,14 +682,15 @@ def image_folder(root: Path, split: Path, transform: Callable | None = None, min
 
 # ------------------------------------------------------------------------------------------ entry
 def builtin_dataset(name: str) -> str | None:
-    """The built-in dataset ``--dataset name`` names (``fashion-mnist`` or ``digits``), or None (a folder)."""
+    """The built-in dataset ``--dataset name`` names (``fashion-mnist`` or ``digits``, however spelt: names,
+    never paths), or None (a folder)."""
     key = name.lower().replace("_", "-")
     return "fashion-mnist" if key in ("fashion-mnist", "fashionmnist") else "digits" if key == "digits" else None
 
 
 def is_image_folder(name: str) -> bool:
     """Whether ``--dataset name`` is read as an ImageFolder (decoded by loader workers), not held in memory."""
-    return name.lower() not in BUILTIN_DATASETS
+    return builtin_dataset(name) is None
 
 
 def load_dataset(name: str, data_root: str | None = None, subset: int | None = None, image_size: int | None = None,
@@ -698,10 +698,10 @@ def load_dataset(name: str, data_root: str | None = None, subset: int | None = N
                  interpolation: str = "random", eval_crop: EvalCrop = EvalCrop()) -> DataBundle:
     """Load a dataset by name (``fashion-mnist``, ``digits``) or as an ImageFolder directory path
     (``randaugment``, ``crop_scale``, ``interpolation``, ``eval_crop``: see :func:`load_image_folder`)."""
-    key = name.lower().replace("_", "-")
-    if key in ("fashion-mnist", "fashionmnist"):
+    key, builtin = name.lower().replace("_", "-"), builtin_dataset(name)
+    if builtin == "fashion-mnist":
         bundle = load_fashion_mnist(data_root)
-    elif key == "digits":
+    elif builtin == "digits":
         bundle = load_digits()
     elif key == "imagefolder" or Path(name).is_dir():
         path = data_root if key == "imagefolder" else name

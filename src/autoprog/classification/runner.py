@@ -234,8 +234,8 @@ def build_run(spec: RunSpec):
         warn(f"--adareg-rule {spec.adareg_rule} set without --adareg: unread", once=True)
     warn_unread_length(spec.train, type(spec)().train, "epochs")
     data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, spec.img_size,
-                        randaugment=spec.train.randaugment, crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
-                        eval_crop=eval_crop(spec.train, spec.model))
+                        randaugment=spec.train.randaugment, crop_scale=spec.train.crop_scale,
+                        interpolation=spec.train.train_interpolation, eval_crop=eval_crop(spec.train, spec.model))
     img_size = spec.img_size
     if img_size is None and spec.model == "vit":
         img_size = data.image_size
@@ -368,7 +368,8 @@ def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume:
         adareg = AdaptiveRegularization(net.growth_space(spec.num_stages, spec.start_ratio), rule=spec.adareg_rule,
                                         mean=data.mean, image_size=data.image_size)
     if spec.train_subset and spec.train_subset > len(data.train) and not resume:
-        warn(f"--subset {spec.train_subset}: {spec.dataset} has {len(data.train)} training images, and all of them are used")
+        warn(f"--subset {spec.train_subset}: {spec.dataset} has {len(data.train)} training images, and all of them "
+             "are used")
     info = {"method": spec.method, "model": net.build_args["model"], "dataset": spec.dataset,
             "train_images": len(data.train)}
     if isinstance(spec, TransferSpec):

@@ -156,8 +156,9 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                       group="data")
     eval_size: int | None = option(None, "also report the final top-1 at this test resolution, as the paper's "
                                          "Tables 3 and 15 do (e.g. 288 for 224-px training, 1.29x; 36 for 28-px "
-                                         "Fashion-MNIST in 4-px patches): position embeddings are interpolated; ImageFolder test images are "
-                                         "resized and cropped at this size, in-memory ones resized by the model",
+                                         "Fashion-MNIST in 4-px patches): position embeddings are interpolated; "
+                                         "ImageFolder test images are resized and cropped at this size, in-memory "
+                                         "ones resized by the model",
                                    minimum=1, maximum=MAX_IMAGE_SIZE, show_default=False, group="data")
     max_steps: int | None = option(None, "stop the learning-rate schedule and training after this many steps "
                                          "(the budget-matched original)", minimum=1, cli=False)

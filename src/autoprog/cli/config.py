@@ -1,6 +1,6 @@
 """Option values from YAML: ``--config FILE`` (keys are option names with ``_`` or ``-``) and the shipped presets
-(``--preset NAME``; ``autoprog presets`` lists them; a copy of one is a --config file). Values become command-line tokens, so argparse checks
-their types and choices exactly as it checks flags."""
+(``--preset NAME``; ``autoprog presets`` lists them; a copy of one is a --config file). Values become
+command-line tokens, so argparse checks their types and choices exactly as it checks flags."""
 
 from __future__ import annotations
 
@@ -35,9 +35,7 @@ def read_options(path: str, command: str, task: str) -> dict:
             if values["task"] not in PRESET_TASKS:
                 raise ConfigError(f"--config {path}: task must be one of {', '.join(PRESET_TASKS)}, "
                                   f"got {values['task']!r}")
-            if values["task"] != task:
-                raise ConfigError(f"--config {path} is for {PRESET_TASKS[values['task']]}, not for {command} "
-                                  f"with {task}")
+            check_preset_fits(values, command, task, f"--config {path}")
         return values["options"]
     return values
 
@@ -99,9 +97,10 @@ def command_task(args: argparse.Namespace) -> str:
     return "finetune" if args.command == "finetune" else getattr(args, "task", "classification")
 
 
-def check_preset_fits(preset: dict, command: str, task: str) -> None:
+def check_preset_fits(preset: dict, command: str, task: str, what: str = "this preset") -> None:
+    """A one-line error when ``preset`` (or a --config file in its layout, ``what``) is for another task."""
     if preset["task"] != task:
-        raise ConfigError(f"this preset is for {PRESET_TASKS[preset['task']]}, not for {command} with {task}")
+        raise ConfigError(f"{what} is for {PRESET_TASKS[preset['task']]}, not for {command} with {task}")
 
 
 def list_presets() -> list[tuple[str, str, str]]:

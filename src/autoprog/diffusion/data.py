@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..data import image_folder, image_folder_dirs, load_digits, load_fashion_mnist, to_device
+from ..data import (
+    builtin_dataset,
+    image_folder,
+    image_folder_dirs,
+    load_digits,
+    load_fashion_mnist,
+    to_device,
+)
 from ..errors import ConfigError, DataError
 
 FASHION_MNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -344,15 +351,15 @@ def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = 
                         subset: int | None = None, seed: int = 0, accelerator=None) -> DiffusionData:
     """Load ``dataset`` (``fashion-mnist``, ``digits`` or an ImageFolder path) keeping ``classes`` only; an
     ImageFolder is decoded in shares by the ``accelerator``'s processes, if given (call it on every one)."""
-    key = dataset.lower().replace("_", "-")
+    builtin = builtin_dataset(dataset)
     hflip = True
-    if key in ("fashion-mnist", "fashionmnist", "digits"):
-        b = load_fashion_mnist(data_root) if key != "digits" else load_digits()
-        hflip = key != "digits"
+    if builtin is not None:
+        b = load_fashion_mnist(data_root) if builtin != "digits" else load_digits()
+        hflip = builtin != "digits"
         tr, te = b.train, b.test
         xtr, ytr, xte, yte, n = tr.images, tr.labels, te.images, te.labels, b.num_classes
         name = b.name
-        names = FASHION_MNIST_NAMES if key != "digits" else DIGIT_NAMES
+        names = FASHION_MNIST_NAMES if builtin != "digits" else DIGIT_NAMES
     elif Path(dataset).is_dir():
         xtr, ytr, xte, yte, names = _image_folder(Path(dataset), image_size or 32, accelerator=accelerator)
         n = len(names)

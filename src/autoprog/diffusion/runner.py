@@ -581,8 +581,8 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
     classes or captions)."""
     dreambooth, text = isinstance(spec, DreamBoothSpec), isinstance(spec, TextFinetuneSpec)
     if not dreambooth:
-        data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection), spec.image_size,
-                                   spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
+        data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection),
+                                   spec.image_size, spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
     base = _base_path(spec)
     model, meta = load_backbone(base, with_sid=False)
     if text != (model.kind == "text-unet"):
