@@ -102,7 +102,9 @@ dit_xl_tail_no_grad,finetune_autoprog_zero,fmnist_recipe,fmnist_recipe_resume,fm
   fi
   step deit_s_step_speed $py benchmarks/step_speed.py --model timm:deit_small_patch16_224 --img-size $img \
     --batch-size $batch --amp bf16 --steps $steps --out "$OUT/deit_s_step_speed.json"
-  jpegs=$(mktemp -d)/jpegs
+  work=$(mktemp -d)  # the generated images and every run's folder (GBs): removed when the script ends
+  trap 'rm -rf "$work"' EXIT
+  jpegs=$work/jpegs
   $py -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
 from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img, classes=10)"
   step deit_trainer $py -m autoprog.cli compare --methods original,prog --model timm:deit_small_patch16_224 --img-size $img \

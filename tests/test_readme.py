@@ -107,3 +107,10 @@ def test_the_readme_python_examples_run_against_the_api(monkeypatch, tmp_path):
         except Exception as e:
             raise AssertionError(f"the README example beginning {block.splitlines()[0]!r}: {e!r}") from e
     assert set(calls) == {"pretrain", "compare", "finetune_classifier", "finetune", "compare_finetune"}, calls
+
+
+def test_the_test_command_keeps_no_passing_tests_folders(request):
+    """The README's test command runs on machines with little disk (CI fills up otherwise: a VOLO run's folder is
+    ~0.9 GB): a passing test's tmp_path goes when it ends and only the last session's failures are kept."""
+    assert request.config.getini("tmp_path_retention_policy") == "failed"
+    assert int(request.config.getini("tmp_path_retention_count")) <= 1
