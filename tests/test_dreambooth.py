@@ -334,6 +334,11 @@ def test_the_built_in_subject_needs_fashion_mnist_and_prior_preservation_a_batch
 
     with pytest.raises(ConfigError, match="built-in subject is Fashion-MNIST's"):
         _dreambooth_data(DreamBoothSpec(dataset="digits"), None, {}, tmp_path)
+    for spelling in ("Fashion-MNIST", "fashion_mnist"):  # every spelling the loaders read names the subject's data
+        data = _dreambooth_data(DreamBoothSpec(dataset=spelling, data_root=str(fake_fmnist),
+                                               with_prior_preservation=False), t2i.tiny(),
+                                {"image_size": 8, "image_channels": 1}, tmp_path)
+        assert len(data.train_images) > 0
     with pytest.raises(ConfigError, match="at least 2 per process"):
         DiffusionTrainer(t2i.tiny(), None, toy_data(), DiffusionConfig(batch_size=1), tmp_path, 1e-3)
 

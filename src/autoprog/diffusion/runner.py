@@ -499,7 +499,7 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
         read_images,
     )
 
-    if spec.instance_dir is None and spec.dataset.lower() not in ("fashion-mnist", "fashionmnist"):
+    if spec.instance_dir is None and builtin_dataset(spec.dataset) != "fashion-mnist":
         raise ConfigError(f"the built-in subject is Fashion-MNIST's; with --dataset {spec.dataset} give --instance-dir")
     instance_prompt, class_prompt = spec.prompts()
     size, chans = meta.get("image_size"), meta.get("image_channels")
