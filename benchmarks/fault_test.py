@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shlex
 import shutil
@@ -52,10 +53,12 @@ def read_bad_inputs(path: Path = BAD_INPUTS_FILE) -> list[tuple[list[str], str]]
 BAD_INPUTS = read_bad_inputs()
 
 
-def autoprog(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def autoprog(*argv: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``autoprog ARGV`` in a new process (``env``: variables set on top of this process's)."""
     cmd = [sys.executable, "-m", "autoprog.cli", *map(str, argv)]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env} if env else None)
     except subprocess.TimeoutExpired:  # it trained instead of refusing (or hung): not clean
         return subprocess.CompletedProcess(cmd, -9, "", f"timed out after {timeout} s")
 
@@ -398,11 +401,13 @@ def case_argv(argv: list[str], run: Path) -> tuple[list[str], dict]:
     return out, env
 
 
-def bad_inputs(out: Path, match: str = "", start: int = 0, timeout: int = 90) -> dict:
-    import os
+def bad_inputs(out: Path, match: str = "", start: int = 0, timeout: int = 90, jobs: int = 1) -> dict:
+    """Every case of bad_inputs.txt (or those whose reason matches ``match``): its fixtures made here in turn, its
+    command run in ``jobs`` processes at once (each case in its own folder)."""
     import re
+    from concurrent.futures import ThreadPoolExecutor
 
-    counts = {"bad inputs": 0, "clean": 0}
+    cases = []
     for i, (argv, why) in enumerate(BAD_INPUTS):
         if i < start or (match and not re.search(match, why)):
             continue
@@ -410,25 +415,22 @@ def bad_inputs(out: Path, match: str = "", start: int = 0, timeout: int = 90) ->
         shutil.rmtree(run, ignore_errors=True)
         args, env = case_argv(argv, run)
         cpu = ["--cpu"] if args[0] in ("pretrain", "finetune", "compare") else []
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            proc = autoprog(*args, *cpu, timeout=timeout)
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        counts["bad inputs"] += 1
-        ok = one_clean_line(proc)
-        counts["clean"] += ok
-        if not ok:
-            print(f"  not clean: {why}: {' '.join(argv)}: rc {proc.returncode}: {proc.stderr[-300:]}", flush=True)
+        cases.append((argv, why, args + cpu, env))
+    counts = {"bad inputs": 0, "clean": 0}
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        procs = pool.map(lambda case: autoprog(*case[2], timeout=timeout, env=case[3]), cases)
+        for (argv, why, _, _), proc in zip(cases, procs, strict=True):
+            counts["bad inputs"] += 1
+            ok = one_clean_line(proc)
+            counts["clean"] += ok
+            if not ok:
+                print(f"  not clean: {why}: {' '.join(argv)}: rc {proc.returncode}: {proc.stderr[-300:]}", flush=True)
     return counts
 
 
 def fuzz(out: Path, examples: int) -> dict:
     """tests/test_fuzz.py with ``examples`` new random examples (not the suite's fixed sequence): hypothesis stops
     at the first case that is not clean and shrinks it; its report goes to OUT/fuzz.log."""
-    import os
 
     env = {**os.environ, "AUTOPROG_FUZZ_EXAMPLES": str(examples), "AUTOPROG_FUZZ_RANDOM": "1"}
     root = Path(__file__).resolve().parent.parent
@@ -451,6 +453,8 @@ def main() -> None:
     p.add_argument("--fuzz", type=int, default=300, help="random command lines for the fuzz part (default: 300)")
     p.add_argument("--match", default="", help="bad inputs: only the cases whose reason matches this regex")
     p.add_argument("--start", type=int, default=0, help="bad inputs: skip the first START cases")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="bad inputs: cases run at once (default: the machine's cores)")
     p.add_argument("--timeout", type=int, default=90, help="bad inputs: seconds before a case counts as accepted "
                                                            "(it trains instead of refusing) (default: 90)")
     a = p.parse_args()
@@ -461,7 +465,7 @@ def main() -> None:
     for part, run in (("kills", lambda: kills(out, a.kills, random.Random(a.seed))),
                       ("interrupts", lambda: kills(out, a.interrupts, random.Random(a.seed + 1), signal.SIGINT)),
                       ("corruptions", lambda: corruptions(out)),
-                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out, a.match, a.start, a.timeout)),
+                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out, a.match, a.start, a.timeout, a.jobs)),
                       ("fuzz", lambda: fuzz(out, a.fuzz))):
         if part not in skip:
             figures[part] = run()

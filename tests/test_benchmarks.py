@@ -85,10 +85,12 @@ def test_fault_test_counts_clean_bad_inputs(tmp_path, monkeypatch):
     ft = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ft)
     assert len(ft.BAD_INPUTS) >= 50
-    picked = [b for b in ft.BAD_INPUTS if b[1] in ("resume with other settings", "sample guidance nan")]
-    monkeypatch.setattr(ft, "BAD_INPUTS", picked + [(["pretrain", "--help"], "not bad: help exits 0")])
-    counts = ft.bad_inputs(tmp_path)
-    assert counts == {"bad inputs": 3, "clean": 2}, "two clean one-line errors; --help is not one"
+    picked = [b for b in ft.BAD_INPUTS if b[1] in ("resume with other settings", "sample guidance nan",
+                                                    "world size not a number")]
+    monkeypatch.setattr(ft, "BAD_INPUTS", picked + [(["pretrain", "--help"], "not bad: help exits 0"),
+                                                    (["RANK=0", "pretrain", "--help"], "not bad, with a variable")])
+    counts = ft.bad_inputs(tmp_path, jobs=2)  # two at a time, each case with its own environment variables
+    assert counts == {"bad inputs": 5, "clean": 3}, "three clean one-line errors; --help is not one"
 
 
 def test_fault_test_fixtures_and_environment_prefixes(tmp_path):
