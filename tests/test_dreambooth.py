@@ -460,3 +460,17 @@ def test_class_images_are_generated_on_the_runs_device(text_base, fake_fmnist, c
                           cache_dir=str(cache_dir), train=DB)
     build_finetune(spec, device=torch.device("cpu"))
     assert len(list((tmp_path / "class").glob("class-*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_a_subject_of_one_image_trains(text_base, fake_fmnist, cache_dir, tmp_path):
+    """One subject image (the help asks for 3-6; one is still a subject): its FLOPs, proxies and steps repeat it
+    (before, the FLOPs count's batch of two indexed past it)."""
+    from autoprog.diffusion.runner import finetune
+
+    inst = tmp_path / "subject"
+    write_images(images(1, size=8), inst, prefix="img")
+    spec = DreamBoothSpec(method="autoprog-zero", base=str(text_base), data_root=str(fake_fmnist),
+                          instance_dir=str(inst), subject_class=3, feature_epochs=1, cache_dir=str(cache_dir),
+                          train=replace(DB, time_source="flops"))
+    assert finetune(spec, tmp_path / "run")["done"]

@@ -816,3 +816,13 @@ def test_a_greyscale_base_on_colour_images_says_to_train_a_base_on_them(cli, bas
                      tmp_path / "ft", *TRAIN_FLAGS)
     assert rc == 2 and "the image has 3 channels, the base model takes 1: give a base made for 3-channel" in err
     assert "--vae" not in err and "\n" not in err.strip()
+
+
+def test_autoprog_zero_searches_a_dataset_smaller_than_its_proxy_batches(base, fake_fmnist, cache_dir, tmp_path):
+    """Fewer training images than --proxy-batches × --proxy-batch-size (8 here): the proxies' fixed images repeat
+    to fill their batches (before, the timesteps drawn for 8 met 6 images and the search crashed)."""
+    spec = replace(spec_for("autoprog-zero", base, fake_fmnist, cache_dir, steps=4, eval_points=1, batch_size=4),
+                   subset=6)
+    res = finetune(spec, tmp_path / "az")
+    assert res["done"]
+    assert len(res["summary"]["search"]) >= 1

@@ -224,7 +224,7 @@ class DiffusionTrainer(RunTemplate):
             from ..metrics import count_flops
 
             with self.measuring():
-                x0, y = self.data.batch(torch.arange(2), self.resolution, generator=torch.Generator().manual_seed(0),
+                x0, y = self.data.batch(torch.arange(2) % len(self.data.train_images), self.resolution, generator=torch.Generator().manual_seed(0),
                                         device=self.acc.device)
 
                 def step():
@@ -330,9 +330,10 @@ class DiffusionTrainer(RunTemplate):
 
     def _fixed_indices(self, n: int, g: torch.Generator) -> torch.Tensor:
         """``n`` training images drawn by ``g``, in the proportions training batches have (DreamBooth's few
-        subject images are repeated to fill ``n``)."""
+        subject images, or a dataset of fewer than ``n``, repeated to fill ``n``)."""
         if self.data.num_instance is None:
-            return torch.randperm(len(self.data.train_images), generator=g)[:n]
+            order = torch.randperm(len(self.data.train_images), generator=g)
+            return order.repeat(-(-n // len(order)))[:n]
         return self.data.batch_indices(0, n, int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
 
     def measure_step_time(self, subnet: SubNet) -> float:
