@@ -426,6 +426,23 @@ def test_a_base_of_the_other_kind_is_refused_in_one_line(text_base, fake_fmnist,
         build_finetune(TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), caption="a photo"))
 
 
+def test_captions_the_text_encoder_cuts_to_the_same_prompt_are_refused(text_base, fake_fmnist, capsys):
+    """The text encoder reads 12 tokens here (words it does not know spelt letter by letter): captions that differ
+    only beyond them would train every class on one prompt, silently; cut but distinct ones are warned about,
+    with the stage identifier's room taken; the default caption is neither."""
+    from autoprog.diffusion.runner import TextFinetuneSpec, build_finetune
+
+    spec = TextFinetuneSpec(base=str(text_base), data_root=str(fake_fmnist), image_size=8, method="full")
+    with pytest.raises(ConfigError, match="--caption: the prompts 'a simple black and white drawing of a .*' and .* "
+                                          "are the same in the 10 tokens the text encoder reads; make them differ"):
+        build_finetune(replace(spec, caption="a simple black and white drawing of a {}"))
+    build_finetune(replace(spec, method="prog"))
+    assert "warning" not in capsys.readouterr().err
+    build_finetune(replace(spec, method="prog", caption="{} of a photo of a photo"))
+    err = capsys.readouterr().err
+    assert "prompt(s) longer than the 7 tokens the text encoder reads beside the stage identifier are cut" in err
+
+
 def test_gradient_checkpointing_and_the_text_encoder_flag_reach_the_model(text_base, fake_fmnist):
     from autoprog.diffusion.runner import TextFinetuneSpec, build_finetune
     from autoprog.diffusion.trainer import DiffusionConfig

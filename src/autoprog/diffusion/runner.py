@@ -567,13 +567,22 @@ def build_finetune(spec: FinetuneSpec, seed: int | None = None, device: torch.de
         lr = spec.train.lr if chosen.base == "full" else spec.train.peft_lr or 10 * spec.train.lr  # few parameters
         from ..controllers import StaticController
 
+        _check_captions(spec, data, model)
         return data, model, StaticController(spec.method), None, lr
     unfreezer = Unfreezer(model, spec.learnable_layout, groups=max(1, round(1 / spec.start_ratio)),
                           frozen_prefix=spec.frozen_prefix)
     space = unfreezer.space(spec.num_stages, spec.start_ratio)
     controller = _progressive_controller(spec, chosen, model, space, seed)
+    _check_captions(spec, data, model)  # with the stage identifier's room taken
     unfreezer.apply(space.full)
     return data, model, controller, unfreezer, spec.train.lr
+
+
+def _check_captions(spec, data, model) -> None:
+    """A text-to-image run's prompts, as its text encoder reads them (:meth:`TextUNet.check_prompts`)."""
+    if data.captions and model.kind == "text-unet":
+        what = "--instance-prompt/--class-prompt" if isinstance(spec, DreamBoothSpec) else "--caption"
+        model.check_prompts(data.captions, what)
 
 
 def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None, acc=None):
@@ -757,6 +766,7 @@ def _build_text_base(spec: TextBaseSpec, data):
     model = build_text_unet(data.model_size, data.model_chans, channels, spec.text_dim, spec.text_layers,
                             words, spec.max_length)
     data.caption(model.tokenize, spec.caption)
+    model.check_prompts(data.captions, "--caption")
     return model
 
 

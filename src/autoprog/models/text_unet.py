@@ -135,6 +135,30 @@ class TextUNet(DiffusionBackbone):
         return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 
+    def check_prompts(self, prompts, what: str) -> None:
+        """Refuse ``prompts`` (a run's captions) of which two differ but reach the UNet as the same token ids, cut
+        to the text encoder's length (less the room the longest stage identifier takes); warn once when any is cut.
+        ``what`` names the option they come from."""
+        from ..errors import warn
+
+        length = self.tokenizer.model_max_length
+        room = max((len(s) for s in self._sid_suffix), default=0) if self.sid is not None else 0
+        keep = length - 1 - room  # tokens a prompt keeps, its start-of-text one included (with_sid, tokenize)
+        eos, seen, cut = self.tokenizer.eos_token_id, {}, []
+        for prompt in dict.fromkeys(prompts):
+            ids = self.tokenizer(prompt, verbose=False).input_ids  # whole: no warning about its length
+            ids = ids[:-1] if ids and ids[-1] == eos else ids
+            if len(ids) > keep:
+                cut.append(prompt)
+            other = seen.setdefault(tuple(ids[:keep]), prompt)
+            if other != prompt:
+                raise ConfigError(f"{what}: the prompts {other!r} and {prompt!r} are the same in the "
+                                  f"{keep - 1} tokens the text encoder reads{' beside the stage identifier' * bool(room)}"
+                                  "; make them differ earlier (shorter, or the class name first)")
+        if cut:
+            warn(f"{what}: {len(cut)} prompt(s) longer than the {keep - 1} tokens the text encoder reads"
+                 f"{' beside the stage identifier' * bool(room)} are cut, e.g. {cut[0]!r}", once=True)
+
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """The UNet's ``encoder_hidden_states`` for token ids (the current stage's SID appended).
 
