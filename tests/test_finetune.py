@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_base_dit
@@ -814,8 +815,38 @@ def test_a_base_and_its_fine_tuning_on_an_image_folder_take_all_its_classes(cli,
 def test_a_greyscale_base_on_colour_images_says_to_train_a_base_on_them(cli, base, image_folder, tmp_path):
     rc, _, err = cli("finetune", "--method", "full", "--base", base, "--dataset", image_folder, "--out",
                      tmp_path / "ft", *TRAIN_FLAGS)
-    assert rc == 2 and "the image has 3 channels, the base model takes 1: give a base made for 3-channel" in err
+    assert rc == 2 and "the images have 3 channels (colour), the base model takes 1: give a base made for 3-channel" \
+        in err and "autoprog pretrain --task diffusion --dataset" in err
     assert "--vae" not in err and "\n" not in err.strip()
+
+
+def test_a_folder_of_greyscale_images_fine_tunes_a_greyscale_base(cli, base, image_folder, tmp_path):
+    """Greyscale files (which an ImageFolder reads as RGB) train a 1-channel base as one channel, value for value;
+    one colour file among them keeps the folder colour (refused as above)."""
+    from PIL import Image
+
+    from autoprog.diffusion.data import load_diffusion_data
+
+    for f in image_folder.rglob("*.png"):
+        Image.open(f).convert("L").save(f)
+    rgb = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    assert rgb.in_chans == 3 and rgb.to_greyscale() and rgb.in_chans == 1
+    assert torch.equal(rgb.train_images[:, 0], load_diffusion_data(str(image_folder), classes=None, image_size=16).train_images[:, 1])
+    rc, out, err = cli("finetune", "--method", "full", "--base", base, "--dataset", image_folder, "--image-size", "16",
+                       "--batch-size", "4", "--out", tmp_path / "ft", *TRAIN_FLAGS[:2], *TRAIN_FLAGS[4:])
+    assert rc == 0, err
+    assert "greyscale images, trained as one channel" in out
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(image_folder / "train" / "circle" / "red.png")
+    rc, _, err = cli("finetune", "--method", "full", "--base", base, "--dataset", image_folder, "--image-size", "16",
+                     "--out", tmp_path / "ft2", *TRAIN_FLAGS)
+    assert rc == 2 and "have 3 channels (colour)" in err
+    from autoprog.diffusion.data import DiffusionData
+
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)  # the feature classifier's colour images: as PIL
+    d = DiffusionData("x", x, torch.zeros(2).long(), x.clone(), torch.zeros(2).long(), 1, (0,))
+    assert not d.to_greyscale() and d.to_greyscale(luma=True) and d.in_chans == 1
+    pil = Image.fromarray(x[1].permute(1, 2, 0).numpy()).convert("L")
+    assert torch.equal(d.train_images[1, 0], torch.from_numpy(np.asarray(pil).copy()))
 
 
 def test_autoprog_zero_searches_a_dataset_smaller_than_its_proxy_batches(base, fake_fmnist, cache_dir, tmp_path):

@@ -75,6 +75,24 @@ class DiffusionData:
     def model_size(self) -> int:
         return self.latents.shape[-1] if self.latents is not None else self.image_size
 
+    def to_greyscale(self, luma: bool = False) -> bool:
+        """Keep one channel of RGB pixels whose three channels are equal in every image (greyscale files, which
+        an ImageFolder reads as RGB), for a 1-channel model: no value changes. ``luma``: colour pixels too, by
+        PIL's ``convert("L")`` (which leaves equal channels' value as it is). Returns whether it did."""
+        sets = (self.train_images, self.test_images)
+        if self.latents is not None or self.in_chans != 3:
+            return False
+        if all(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]) for x in sets):
+            self.train_images, self.test_images = (x[:, :1].contiguous() for x in sets)
+            return True
+        if not luma:
+            return False
+        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)  # PIL's, in 1/65536
+        self.train_images, self.test_images = (
+            ((x.int() * weights).sum(1, keepdim=True) + 32768).div(65536, rounding_mode="floor").to(torch.uint8)
+            for x in sets)
+        return True
+
     def inputs(self, idx: torch.Tensor) -> torch.Tensor:
         """The denoiser's clean inputs ``x_0`` for training images ``idx``: pixels in [-1, 1], or latents."""
         return self.latents[idx] if self.latents is not None else to_float(self.train_images[idx])

@@ -79,7 +79,8 @@ class ImageDataSpec(Spec):
     """The data and quality settings both diffusion specs share."""
 
     dataset: str = option("fashion-mnist", "fashion-mnist, digits, or a path to an ImageFolder directory (train/ "
-                                           "and val/)", group="data")
+                                           "and val/; read as RGB, or as one channel when every image is greyscale "
+                                           "and the base model takes one)", group="data")
     data_root: str | None = option(None, "where Fashion-MNIST's .gz files are (default: "
                                          "/usr/share/datasets/fashion-mnist)", show_default=False, group="data")
     subset: int | None = option(None, "train on this many images (fixed random subset; 0 = all)", minimum=0,
@@ -399,7 +400,7 @@ def build_evaluator(spec, data, device, log=print):
     if spec.fid_weights:
         evaluator = inception_evaluator(spec.fid_weights, real, device=device)
     else:
-        net, _ = _feature_net(spec, data.image_size, log, device)
+        net, _ = _feature_net(spec, data.image_size, log, device, channels=data.in_chans)
         evaluator = QualityEvaluator(ClassifierFeatures(net), real, input_img_size=tuple(real.shape[1:]), device=device)
     clip_model = getattr(spec, "clip_model", None)
     if data.captions is not None and (clip_model or net is not None):  # text-to-image: CLIP-T with CLIP weights,
@@ -463,12 +464,16 @@ def _drop_unscored_pixels(data, acc) -> None:
         data.drop_pixels()
 
 
-def _feature_net(spec: ImageDataSpec, image_size: int | None, log, device: torch.device | str = "cpu"):
+def _feature_net(spec: ImageDataSpec, image_size: int | None, log, device: torch.device | str = "cpu",
+                 channels: int | None = None):
     """The feature classifier of every class of ``spec.dataset`` at ``image_size`` (None: the dataset's own),
-    trained once (on ``device``) and cached; returns ``(net, the size it was trained at)``."""
+    trained once (on ``device``) and cached; returns ``(net, the size it was trained at)``. ``channels`` 1: on
+    a folder's images in grey, as a greyscale base fine-tunes on them (:meth:`DiffusionData.to_greyscale`)."""
     from .quality import load_or_train_feature_net
 
     src = load_diffusion_data(spec.dataset, spec.data_root, classes=None, image_size=image_size)
+    if channels == 1:
+        src.to_greyscale(luma=True)
     net, _ = load_or_train_feature_net(src.train_images, src.train_labels, src.num_classes,
                                        spec.cache_dir or default_cache_dir(), test=(src.test_images, src.test_labels),
                                        epochs=spec.feature_epochs, log=log, device=device)
@@ -605,12 +610,17 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
     if vae:  # encoded once (cached; in shares by the processes), and every evaluation decoded, on the run's device
         with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device if device is not None else "cpu",
                      accelerator=acc)
+    if model.in_chans == 1 and data.to_greyscale() and (acc is None or acc.is_main_process):  # read as RGB
+        print(f"{spec.dataset}: greyscale images, trained as one channel as the base model takes them")
     if data.model_chans != model.in_chans:
-        space = "latent" if vae else "image"
+        space = "latents" if vae else "images"
+        task = "text-to-image" if text else "diffusion"
         hint = "" if vae else (" (was it trained in a VAE's latent space? pass --vae)" if model.in_chans not in (1, 3)
                                else f": give a base made for {data.model_chans}-channel images, or train one on this "
-                                    "data first (autoprog pretrain --task diffusion --dataset ...)")
-        raise ConfigError(f"the {space} has {data.model_chans} channels, the base model takes {model.in_chans}{hint}")
+                                    f"data first (autoprog pretrain --task {task} --dataset ...)")
+        colour = " (colour)" if not vae and data.model_chans == 3 else ""
+        raise ConfigError(f"the {space} have {data.model_chans} channels{colour}, the base model takes "
+                          f"{model.in_chans}{hint}")
     if data.model_size % model.patch_size:
         raise ConfigError(f"input size {data.model_size} is not divisible by the model's patch size {model.patch_size}")
     model.config["image_size"] = data.model_size
