@@ -669,3 +669,35 @@ def test_randaugment_resamples_as_the_training_crop():
     adareg = AdaptiveRegularization(GrowthSpace(32, 4, 4, num_stages=2, start_ratio=0.5))
     assert {op.kwargs["resample"] for op in adareg.pil_randaugment(3, "bicubic").ops} == {Image.BICUBIC}
     assert all(isinstance(op.kwargs["resample"], tuple) for op in adareg.pil_randaugment(3).ops)
+
+
+def test_a_resume_refuses_training_data_that_changed(cli, image_folder, tmp_path):
+    """A checkpoint records its training set's identity (the folder's files below it and their labels): resumed
+    after an image was added, or after a class folder was added (the classifier's output then another size), the
+    run stops with one line instead of training on other data or failing to load; a copy of the folder elsewhere
+    is the same data; a dataset of tensors is digested by count, shape, labels and evenly spaced images."""
+    import shutil
+
+    from PIL import Image
+
+    from autoprog.data import TensorImages, dataset_identity
+
+    args = ["--dataset", image_folder, "--batch-size", "2", "--epochs", "2", "--method", "original", "--embed-dim",
+            "16", "--depth", "2", "--num-heads", "2", "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu"]
+    assert cli("pretrain", "--out", tmp_path / "r", "--stop-after-epochs", "1", *args)[0] == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(image_folder, moved)
+    shutil.rmtree(image_folder)
+    moved.rename(image_folder)  # the same files, copied: new modification times
+    Image.new("RGB", (24, 24)).save(image_folder / "train" / "circle" / "new.png")
+    rc, _, err = cli("pretrain", "--resume", tmp_path / "r", "--cpu")
+    assert rc == 2 and "the training data differ from those this run started with (10 images then, 11 now)" in err
+    (image_folder / "train" / "circle" / "new.png").unlink()
+    rc, _, err = cli("pretrain", "--resume", tmp_path / "r", "--cpu")
+    assert rc == 0, err
+    x, y = torch.zeros(4, 1, 3, 3, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    same = dataset_identity(TensorImages(x, y))
+    assert dataset_identity(TensorImages(x.clone(), y.clone())) == same
+    assert dataset_identity(TensorImages(x, y.flip(0))) != same
+    x[3, 0, 1, 1] = 1  # the last image is among those digested
+    assert dataset_identity(TensorImages(x, y)) != same

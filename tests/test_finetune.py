@@ -857,3 +857,24 @@ def test_autoprog_zero_searches_a_dataset_smaller_than_its_proxy_batches(base, f
     res = finetune(spec, tmp_path / "az")
     assert res["done"]
     assert len(res["summary"]["search"]) >= 1
+
+
+def test_a_diffusion_resume_refuses_training_data_that_changed(cli, image_folder, tmp_path):
+    """A class folder added before a resume: one line naming the change (before, the base's class table failed to
+    load), and the same data resumes."""
+    import shutil
+
+    flags = ["--dataset", image_folder, "--image-size", "16", "--batch-size", "4", "--hidden-size", "16", "--depth",
+             "2", "--num-heads", "2", "--steps", "4", "--eval-points", "1", "--curve-samples", "4", "--fd-samples",
+             "4", "--sample-steps", "2", "--feature-epochs", "1", "--cpu"]
+    out = tmp_path / "base"
+    assert cli("pretrain", "--task", "diffusion", "--out", out, "--stop-after-steps", "2", *flags)[0] == 0
+    for split in ("train", "val"):
+        shutil.copytree(image_folder / split / "circle", image_folder / split / "triangle")
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--resume", out, "--cpu")
+    assert rc == 2 and "the training data differ from those this run started with (10 images then, 15 now)" in err
+    assert "\n" not in err.strip()
+    for split in ("train", "val"):
+        shutil.rmtree(image_folder / split / "triangle")
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--resume", out, "--cpu")
+    assert rc == 0, err

@@ -387,6 +387,46 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+IDENTITY_ROWS = 256  # images whose pixels a training set's identity digests (evenly spaced)
+
+
+def tensor_identity(images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """What a resumed run checks in-memory training images against (:func:`dataset_identity`): their count and
+    shape, and a digest of every label and of ``IDENTITY_ROWS`` evenly spaced images (read once, not per step)."""
+    import hashlib
+
+    n = len(images)
+    rows = torch.linspace(0, n - 1, min(n, IDENTITY_ROWS)).round().long()
+    h = hashlib.sha256(images[rows.to(images.device)].cpu().contiguous().numpy().tobytes())
+    h.update(labels.cpu().to(torch.int64).numpy().tobytes())
+    return {"images": n, "shape": list(images.shape[1:]), "digest": h.hexdigest()[:16]}
+
+
+def dataset_identity(ds: Dataset) -> dict:
+    """What a resumed run checks its training set against (the data it started with): in-memory images by
+    :func:`tensor_identity`; an ImageFolder's by its files' paths below its folder and labels (not their bytes:
+    a folder copied elsewhere is the same data); any other dataset by its length."""
+    import hashlib
+
+    indices = None
+    while isinstance(ds, (torch.utils.data.Subset, SeededSamples)):
+        if isinstance(ds, torch.utils.data.Subset):
+            indices = list(ds.indices) if indices is None else [ds.indices[i] for i in indices]
+        ds = ds.dataset
+    if isinstance(ds, TensorImages):
+        pick = torch.as_tensor(indices, dtype=torch.long) if indices is not None else None
+        return tensor_identity(ds.images if pick is None else ds.images[pick.to(ds.images.device)],
+                               ds.labels if pick is None else ds.labels[pick.to(ds.labels.device)])
+    samples = getattr(ds, "samples", None)
+    if samples is None:
+        return {"images": len(ds) if indices is None else len(indices)}
+    rows = samples if indices is None else [samples[i] for i in indices]
+    h = hashlib.sha256()
+    for path, label in rows:
+        h.update(f"{os.path.relpath(path, ds.root)}\0{label}\n".encode())
+    return {"images": len(rows), "digest": h.hexdigest()[:16]}
+
+
 def _take(ds: Dataset, n: int, seed: int) -> Dataset:
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     if isinstance(ds, TensorImages):

@@ -703,7 +703,7 @@ class RunTemplate:
                  "scaler": self._scaler.state_dict() if self._scaler is not None else None,
                  "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
                             "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
-                 **self._task_state()}
+                 "data": self._data_identity(), **self._task_state()}
         save_checkpoint(self.out, self.acc, self._module(), self._momentum_module(), self.optimizer, state)
         self._last_checkpoint = time.perf_counter()
         self.checkpoint_time += self._last_checkpoint - t0
@@ -717,6 +717,13 @@ class RunTemplate:
         state, weights, ema, opt = read_checkpoint(self.out, None if self.budget_plan else self.total_steps,
                                                    self.acc.device, log=self.acc.print,
                                                    need_ema=self._momentum_module() is not None)
+        saved = state.get("data")  # (checkpoints before 2026-12-07 have none)
+        if saved is not None and saved != self._data_identity():
+            now = self._data_identity()
+            counts = f" ({saved.get('images')} images then, {now.get('images')} now)" * (saved.get("images") !=
+                                                                                         now.get("images"))
+            raise ConfigError(f"the training data differ from those this run started with{counts}: resume it with "
+                              "the same data, or start a new run")
         budget = state.get("budget")
         if (budget is None) != (self.budget_plan is None):
             raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "
@@ -743,8 +750,19 @@ class RunTemplate:
         self._set_lr(self.lr_step)
         self.print(f"resumed from {state['checkpoint_dir']} at step {self.step}")
 
+    def _data_identity(self) -> dict:
+        """The training data's identity (:func:`~autoprog.data.dataset_identity`), made once per run; a checkpoint
+        records it and a resume checks it."""
+        if getattr(self, "_data_id", None) is None:
+            self._data_id = self._training_data_identity()
+        return self._data_id
+
     # --------------------------------------------------------------------------- TASK INTERFACE
     # What a task's trainer implements (each a few lines in the two trainers).
+    def _training_data_identity(self) -> dict:
+        """The training set's :func:`~autoprog.data.dataset_identity` (or :func:`~autoprog.data.tensor_identity`)."""
+        raise NotImplementedError
+
     def _train_step(self, batch):
         """One optimizer step on ``batch`` (ending in :meth:`_apply_update`); the detached loss."""
         raise NotImplementedError

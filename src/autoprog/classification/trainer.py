@@ -808,6 +808,11 @@ class Trainer(GrowthCalls, RunTemplate):
             self._regularize(self.net.subnet)  # phase: the final one, or its largest candidate's by size)
             self._stage_magnitude = self.adareg.settings.randaug_magnitude
 
+    def _training_data_identity(self) -> dict:
+        from ..data import dataset_identity
+
+        return dataset_identity(self.data.train)
+
     def _task_state(self) -> dict:
         return {"epoch": self.epoch, "subnet": self.net.subnet.to_dict(), "gated_blocks": self.net.gated_blocks(),
                 "flops_cache": [[r, list(b), f] for (r, b), f in self.flops_cache.items()],

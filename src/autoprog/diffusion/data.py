@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,16 @@ class DiffusionData:
     num_instance: int | None = None  # DreamBooth: the first this many training images are the subject's
     prior_weight: float | None = None  # DreamBooth: the class images' loss weight (prior preservation)
     eval_prompts: tuple[str, ...] = ()  # DreamBooth: more prompts to generate the subject from at evaluations
+    _identity: dict | None = field(default=None, init=False, repr=False, compare=False)
+
+    def identity(self) -> dict:
+        """The training images' :func:`~autoprog.data.tensor_identity` (what a resumed run checks), made once:
+        before :meth:`drop_pixels`, so every process of a latent-space run has it."""
+        if self._identity is None:
+            from ..data import tensor_identity
+
+            self._identity = tensor_identity(self.train_images, self.train_labels)
+        return self._identity
 
     @property
     def in_chans(self) -> int:
@@ -103,6 +113,7 @@ class DiffusionData:
         still read, while any read of a pixel fails instead of being silently wrong."""
         if self.latents is None:
             raise ValueError("pixel-space training reads the pixels: only a latent-space run can drop them")
+        self.identity()
         self.train_images = torch.empty_like(self.train_images, device="meta")
         self.test_images = torch.empty_like(self.test_images, device="meta")
 

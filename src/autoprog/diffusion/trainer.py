@@ -607,6 +607,9 @@ class DiffusionTrainer(RunTemplate):
     def _momentum_module(self):
         return self.ema.module if self.ema is not None else None
 
+    def _training_data_identity(self) -> dict:
+        return self.data.identity()
+
     def _task_state(self) -> dict:
         return {"resolution": self.resolution, "subnet": self.subnet.to_dict() if self.subnet is not None else None,
                 "trainable_steps": self.trainable_steps, "flops_cache": self.flops_cache,
