@@ -849,6 +849,15 @@ def test_a_folder_of_greyscale_images_fine_tunes_a_greyscale_base(cli, base, ima
     assert torch.equal(d.train_images[1, 0], torch.from_numpy(np.asarray(pil).copy()))
 
 
+def test_a_search_of_fewer_steps_than_stages_runs_the_stages_that_get_a_step(base, fake_fmnist, cache_dir, tmp_path):
+    """Two steps for three stages: the stages without a step are left out of the schedule (before, the first
+    checkpoint's schedule had no stage and the run stopped with 'a schedule needs at least one stage')."""
+    res = finetune(spec_for("autoprog-zero", base, fake_fmnist, cache_dir, steps=2, eval_points=1,
+                            time_source="flops"), tmp_path / "az")
+    stages = res["summary"]["schedule"]["stages"]
+    assert res["done"] and 1 <= len(stages) <= 2 and sum(s["fraction"] for s in stages) == pytest.approx(1)
+
+
 def test_autoprog_zero_searches_a_dataset_smaller_than_its_proxy_batches(base, fake_fmnist, cache_dir, tmp_path):
     """Fewer training images than --proxy-batches × --proxy-batch-size (8 here): the proxies' fixed images repeat
     to fill their batches (before, the timesteps drawn for 8 met 6 images and the search crashed)."""

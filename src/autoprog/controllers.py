@@ -259,7 +259,7 @@ class ScheduleController(Controller):
         self.starts = list(state.get("starts", self.starts))  # budget mode moves them
         self._total = state.get("total", self._total)
 
-    def schedule(self) -> Schedule:
+    def schedule(self) -> Schedule | None:
         """The schedule run: the fixed one, with the stage fractions as run when the end moved."""
         if self._total is None:
             return self._schedule
@@ -338,15 +338,16 @@ def moved_starts(starts: list[int], step: int, old_total: int, new_total: int, f
 
 
 def realised(method: str, subnets: list[SubNet], starts: list[int], total_steps: int,
-             default_growth: str = "mogrow") -> Schedule:
+             default_growth: str = "mogrow") -> Schedule | None:
     """The schedule of ``subnets`` entered at steps ``starts`` of a run of ``total_steps``, as fractions of it
-    (empty stages left out)."""
+    (empty stages left out); None while none of them has a step (a run of fewer steps than stages, whose first
+    stages are empty, at its first checkpoint)."""
     stages = []
     for i, sub in enumerate(subnets):
         end = starts[i + 1] if i + 1 < len(starts) else total_steps
         if end > starts[i]:
             stages.append(Stage(sub, (end - starts[i]) / max(1, total_steps)))
-    return Schedule(method, tuple(stages), default_growth=default_growth)
+    return Schedule(method, tuple(stages), default_growth=default_growth) if stages else None
 
 
 def print_table(trainer: TrainerServices, k: int, rows: list[dict], cols: list[str], winner: int) -> None:
