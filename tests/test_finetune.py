@@ -887,3 +887,31 @@ def test_a_diffusion_resume_refuses_training_data_that_changed(cli, image_folder
         shutil.rmtree(image_folder / split / "triangle")
     rc, _, err = cli("pretrain", "--task", "diffusion", "--resume", out, "--cpu")
     assert rc == 0, err
+
+
+def test_a_folders_classes_take_the_base_models_rows_by_name(cli, image_folder, tmp_path, capsys):
+    """A base of circle and square fine-tuned on square and triangle: square starts from the base's square row
+    (before, from circle's, by position) and triangle from a new one; the built-in split of one label space and a
+    base of other classes keep every row in place."""
+    from autoprog.diffusion.runner import class_rows
+
+    flags = ["--image-size", "16", "--batch-size", "4", "--hidden-size", "16", "--depth", "2", "--num-heads", "2",
+             "--steps", "2", "--eval-points", "1", "--curve-samples", "4", "--fd-samples", "4", "--sample-steps", "2",
+             "--feature-epochs", "1", "--cpu"]
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--dataset", image_folder, "--out", tmp_path / "b", *flags)
+    assert rc == 0, err
+    base, _ = load_backbone(tmp_path / "b" / "model")
+    for split in ("train", "val"):
+        (image_folder / split / "circle").rename(image_folder / split / "triangle")
+    from autoprog.diffusion.runner import FinetuneSpec, build_finetune
+
+    spec = FinetuneSpec(method="full", base=str(tmp_path / "b" / "model"), dataset=str(image_folder), image_size=16)
+    data, model, *_ = build_finetune(spec)
+    assert data.class_names == ("square", "triangle")
+    table, old = model.class_embedding_modules()[0].weight, base.class_embedding_modules()[0].weight
+    assert torch.equal(table[0], old[1]) and not torch.equal(table[1], old[0]) and not torch.equal(table[1], old[1])
+    assert torch.equal(table[2], old[2]), "the null class keeps its row"
+    assert "classes the base model knows, by name: square (the others new)" in capsys.readouterr().out
+    names = ["t-shirt", "trouser", "pullover"]
+    assert class_rows(names, names, 3) is None and class_rows(["a", "b"], ["c", "d"], 2) is None
+    assert class_rows(["a", "b"], ["a", "c"], 2) == [0, None] and class_rows(None, ["a"], 1) is None

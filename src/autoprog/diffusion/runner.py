@@ -629,9 +629,25 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
         model.set_gradient_checkpointing(spec.train.gradient_checkpointing)
         if not dreambooth:
             data.caption(model.tokenize, spec.caption)
-    elif data.num_classes != model.num_classes:
-        model.resize_classes(data.num_classes)
+    else:
+        rows = class_rows(meta.get("class_names"), data.class_names, model.num_classes)
+        if rows is not None and (acc is None or acc.is_main_process):
+            shared = [n for n, r in zip(data.class_names, rows, strict=True) if r is not None]
+            print(f"classes the base model knows, by name: {', '.join(shared)} (the others new)")
+        if rows is not None or data.num_classes != model.num_classes:
+            model.resize_classes(data.num_classes, rows)
     return data, model
+
+
+def class_rows(base_names, names, base_classes: int) -> list[int | None] | None:
+    """The base model's class-table row for each of the data's classes, matched by name (a class the base lacks:
+    None, a new row), when the two share a name; None when that keeps every row in place (the built-in split of
+    one label space) or nothing is shared (a base of other classes, or one that names none): the rows kept where
+    they are, as a start."""
+    if not base_names or not names or not set(base_names) & set(names):
+        return None
+    rows = [base_names.index(n) if n in base_names else None for n in names]
+    return None if rows == [i if i < base_classes else None for i in range(len(names))] else rows
 
 
 def _progressive_controller(spec: FinetuneSpec, chosen, model, space, seed: int | None):

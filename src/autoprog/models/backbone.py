@@ -146,15 +146,21 @@ class DiffusionBackbone(CheckpointedBlocks, nn.Module):
         if self.sid is not None:
             self.sid.set_stage(k)
 
-    def resize_classes(self, num_classes: int) -> None:
-        """Give the class table ``num_classes`` rows (plus the null class), keeping rows that exist."""
-        if num_classes == self.num_classes:
-            return
+    def resize_classes(self, num_classes: int, rows: list[int | None] | None = None) -> None:
+        """Give the class table ``num_classes`` rows (plus the null class): row ``i`` the present table's row
+        ``rows[i]`` (None: a new random one); by default the rows that exist kept where they are."""
+        if rows is None:
+            if num_classes == self.num_classes:
+                return
+            rows = [i if i < self.num_classes else None for i in range(num_classes)]
+        if len(rows) != num_classes or any(r is not None and not 0 <= r < self.num_classes for r in rows):
+            raise ValueError(f"rows {rows} for {num_classes} classes of a table of {self.num_classes}")
         for emb in self.class_embedding_modules():
             old = emb.weight.data
             new = torch.randn(num_classes + 1, old.shape[1], device=old.device, dtype=old.dtype) * 0.02
-            keep = min(num_classes, self.num_classes)
-            new[:keep] = old[:keep]
+            for i, r in enumerate(rows):
+                if r is not None:
+                    new[i] = old[r]
             new[num_classes] = old[self.num_classes]  # the null class keeps its embedding
             emb.weight = nn.Parameter(new, requires_grad=emb.weight.requires_grad)
             emb.num_embeddings = num_classes + 1
