@@ -360,7 +360,7 @@ def test_cli_pretrain_diffusion_writes_a_base_model(cli, fake_fmnist, cache_dir,
     (["finetune", "--cfg-scale", "0.5", "--out", "x"], "--cfg-scale must be at least 1"),
     (["finetune", "--eta", "2", "--out", "x"], "--eta must be in [0, 1]"),
     (["finetune", "--time-tolerance", "-0.1", "--out", "x"], "--time-tolerance must be in [0, 1)"),
-    (["sample", "/nonexistent/model"], "is not a model directory"),
+    (["sample", "/nonexistent/model"], "/nonexistent/model: no such model directory"),
 ])
 def test_cli_errors_are_one_line(cli, base, argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -915,3 +915,17 @@ def test_a_folders_classes_take_the_base_models_rows_by_name(cli, image_folder, 
     names = ["t-shirt", "trouser", "pullover"]
     assert class_rows(names, names, 3) is None and class_rows(["a", "b"], ["c", "d"], 2) is None
     assert class_rows(["a", "b"], ["a", "c"], 2) == [0, None] and class_rows(None, ["a"], 1) is None
+
+
+def test_a_runs_folder_given_as_a_model_says_where_its_model_is(cli, base, fake_fmnist, tmp_path):
+    """--base of a finished run's folder names its model folder; sample of a run stopped before its end says it
+    has no model yet; a path that does not exist says so."""
+    rc, _, err = cli("finetune", "--method", "full", "--base", base.parent, "--out", tmp_path / "ft", *TRAIN_FLAGS)
+    assert rc == 2 and f"{base.parent} is a run's folder: its model is {base}" in err
+    stopped = tmp_path / "stopped"
+    assert cli("pretrain", "--task", "diffusion", "--data-root", fake_fmnist, "--hidden-size", "16", "--depth", "2",
+               "--num-heads", "2", "--out", stopped, "--stop-after-steps", "2", *TRAIN_FLAGS)[0] == 0
+    rc, _, err = cli("sample", stopped, "--cpu")
+    assert rc == 2 and "is a run's folder with no model yet (it stopped before its end): finish it with --resume" in err
+    rc, _, err = cli("sample", tmp_path / "nowhere", "--cpu")
+    assert rc == 2 and "nowhere: no such model directory" in err

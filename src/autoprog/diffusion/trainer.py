@@ -89,7 +89,8 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
                                 minimum=2, group="evaluation")
     fd_samples: int = option(500, "generated images for the final FD/KID (a covariance needs 2)", minimum=2,
                              group="evaluation")
-    sample_steps: int = option(50, "DDIM steps", minimum=1, group="evaluation")
+    sample_steps: int = option(50, "DDIM steps of every sample: evaluations, grids and DreamBooth's class images",
+                               minimum=1, group="evaluation")
     sample_eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 ancestral noise at every step; small CPU-trained "
                                     "models sample far better with 1", flag="--eta", minimum=0, maximum=1,
                                group="evaluation")

@@ -319,6 +319,17 @@ def save_backbone(model: DiffusionBackbone, path: str | Path, extra: dict | None
     return path
 
 
+def _refuse_run_folder(path: Path) -> None:
+    """A one-line error for a run's folder given as a model: its model is ``path/model`` once the run ends."""
+    from ..checkpoint import has_checkpoint
+
+    if (path / "model" / CONFIG_FILE).is_file() or (path / "model" / "unet").is_dir():
+        raise ConfigError(f"{path} is a run's folder: its model is {path / 'model'}")
+    if has_checkpoint(path) or (path / "results.json").is_file():
+        raise ConfigError(f"{path} is a run's folder with no model yet (it stopped before its end): finish it with "
+                          "--resume, or give a model folder")
+
+
 def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBackbone, dict]:
     """Load a backbone written by :func:`save_backbone`, a diffusers ``DiTTransformer2DModel`` directory
     (``config.json`` with ``_class_name`` and ``diffusion_pytorch_model.safetensors``) or a Stable Diffusion
@@ -331,6 +342,9 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     if is_text_unet_dir(path):
         return load_text_unet(path, with_sid)
     cfg_file = path / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: no such model directory")
+    _refuse_run_folder(path)
     if not cfg_file.is_file():
         raise ConfigError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
     meta = read_json_object(cfg_file, "model config")
