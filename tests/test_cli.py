@@ -388,6 +388,20 @@ def test_stop_and_resume_gives_the_same_weights(prog_run, cli, fake_fmnist, tmp_
             torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=f"{name}: {k}")
 
 
+def test_a_resumed_run_may_stop_again_and_says_done_at_its_end(cli, fake_fmnist, tmp_path):
+    """A run continued in parts: --resume with --stop-after-epochs stops again (at that many epochs of the whole
+    run) and says how to go on; the last --resume prints the run's done line, as a run that never stopped."""
+    out = tmp_path / "r"
+    args = tiny_args(fake_fmnist, epochs="3")
+    assert cli("pretrain", "--method", "prog", "--out", out, "--stop-after-epochs", "1", *args)[0] == 0
+    rc, stdout, err = cli("pretrain", "--resume", out, "--stop-after-epochs", "2", "--cpu")
+    assert rc == 0, err
+    assert f"stopped early as asked; continue with --resume {out}" in stdout and len(_results(out)["epochs"]) == 2
+    rc, stdout, err = cli("pretrain", "--resume", out, "--cpu")
+    assert rc == 0, err
+    assert _results(out)["done"] and "done: top-1" in stdout
+
+
 def test_stop_and_resume_with_rezero_gates(cli, fake_fmnist, tmp_path):
     """identity growth adds gate parameters (and their AdamW moments) that the checkpoint must restore."""
     a, b = tmp_path / "a", tmp_path / "b"

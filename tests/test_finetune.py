@@ -929,3 +929,16 @@ def test_a_runs_folder_given_as_a_model_says_where_its_model_is(cli, base, fake_
     assert rc == 2 and "is a run's folder with no model yet (it stopped before its end): finish it with --resume" in err
     rc, _, err = cli("sample", tmp_path / "nowhere", "--cpu")
     assert rc == 2 and "nowhere: no such model directory" in err
+
+
+def test_a_resumed_diffusion_run_may_stop_again(cli, fake_fmnist, tmp_path):
+    out = tmp_path / "b"
+    flags = ["--data-root", fake_fmnist, "--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--steps", "4",
+             "--eval-points", "4", "--batch-size", "16", "--curve-samples", "4", "--fd-samples", "8", "--sample-steps",
+             "2", "--feature-epochs", "1", "--cpu"]
+    assert cli("pretrain", "--task", "diffusion", "--out", out, "--stop-after-steps", "1", *flags)[0] == 0
+    rc, stdout, err = cli("pretrain", "--task", "diffusion", "--resume", out, "--stop-after-steps", "2", "--cpu")
+    assert rc == 0 and "stopped early as asked" in stdout, err
+    assert json.loads((out / "results.json").read_text())["summary"]["steps"] == 2
+    rc, stdout, err = cli("pretrain", "--task", "diffusion", "--resume", out, "--cpu")
+    assert rc == 0 and "done: " in stdout and "after 4 steps" in stdout, err

@@ -324,25 +324,29 @@ def validate_spec(spec: RunSpec) -> None:
         build_run(spec)
 
 
-def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False, overwrite: bool = False) -> dict:
+def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = False, overwrite: bool = False,
+             stop_after: int | None = None) -> dict:
     """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json,
     and the trained model is written to ``out/model`` (see :mod:`.pretrained`). ``out`` must be a new or empty
-    folder, or hold a run's files only (``overwrite``: replacing a run there).
+    folder, or hold a run's files only (``overwrite``: replacing a run there). A resumed run goes to its end, or
+    with ``stop_after`` stops again after that many epochs (of the whole run).
 
     Under ``torchrun``/``accelerate launch``, call ``accelerator.end_training()`` when done (the CLI does),
     so the process group is torn down before the interpreter exits.
     """
-    return _train(RunSpec, spec, out, accelerator, resume, overwrite)
+    return _train(RunSpec, spec, out, accelerator, resume, overwrite, stop_after)
 
 
 def finetune_classifier(spec: TransferSpec, out: str | Path, accelerator=None, resume: bool = False,
-                        overwrite: bool = False) -> dict:
+                        overwrite: bool = False, stop_after: int | None = None) -> dict:
     """Fine-tune (or resume fine-tuning) a pre-trained classifier on ``spec.dataset`` into ``out`` (Table 4's
-    transfer): ``full``, ``prog`` (unfreezing) or ``autoprog-zero``; the model is written to ``out/model``."""
-    return _train(TransferSpec, spec, out, accelerator, resume, overwrite)
+    transfer): ``full``, ``prog`` (unfreezing) or ``autoprog-zero``; the model is written to ``out/model``.
+    ``stop_after``: as :func:`pretrain`'s."""
+    return _train(TransferSpec, spec, out, accelerator, resume, overwrite, stop_after)
 
 
-def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume: bool, overwrite: bool) -> dict:
+def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume: bool, overwrite: bool,
+           stop_after: int | None = None) -> dict:
     import torch
 
     from ..accelerator import default_accelerator
@@ -352,7 +356,7 @@ def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume:
     out = Path(out)
     if resume:
         spec = spec_cls.from_dict(read_run_config(out, spec_cls.task), str(out / "config.json"))
-        spec = replace(spec, train=replace(spec.train, stop_after_epochs=None))  # resume runs to the end
+        spec = replace(spec, train=replace(spec.train, stop_after_epochs=stop_after))  # (None: to the end)
     else:
         new_run_dir(out, overwrite, input_paths(spec))
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process

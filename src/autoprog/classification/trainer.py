@@ -179,7 +179,7 @@ class TrainConfig(OptimConfig, SearchMeasurements):
         choices=("full", "stage"), group="data")
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
-                                                 "with --resume)", minimum=1, show_default=False)
+                                                 "with --resume, which may stop again with this option)", minimum=1, show_default=False)
 
     def validate(self) -> None:
         check_bounds(self)  # every option's bounds and choices, as declared

@@ -145,23 +145,27 @@ def front_of(args) -> tuple[float, ...]:
     return tuple(fractions)
 
 
-RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision", "--log-with", "--rendezvous-timeout")  # what --resume may come with
+STOP_FLAGS = ("--stop-after-epochs", "--stop-after-steps")  # a resumed run may stop again
+RESUME_FLAGS = ("--resume", "--task", "--cpu", "--mixed-precision", "--log-with", "--rendezvous-timeout",
+                *STOP_FLAGS)  # what --resume may come with
 
 
 def run_one(args, acc, what: str, run, make_spec, done) -> None:
-    """One run: continue ``--resume DIR``, or start ``make_spec()`` into ``--out`` (required); then print
-    ``done(summary)``, or how to continue a run stopped early on purpose."""
+    """One run: continue ``--resume DIR`` (to its end, or to ``--stop-after-*`` again), or start ``make_spec()``
+    into ``--out`` (required); then print ``done(summary)``, or how to continue a run stopped early on purpose."""
     if args.resume:
         other = [f for f in getattr(args, "given", []) if f not in RESUME_FLAGS]
         if other:
             raise ConfigError(f"--resume continues a run with its own saved settings; drop {', '.join(other)} "
                               "(or start a new run with --out)")
-        run(None, args.resume, acc, resume=True)
-        return
-    if not args.out:
-        raise ConfigError(f"{what} needs --out DIR (or --resume DIR)")
-    res = run(make_spec(), args.out, acc, overwrite=args.overwrite)
-    acc.print(done(res["summary"]) if res.get("done") else f"stopped early as asked; continue with --resume {args.out}")
+        stop = next((getattr(args, "train." + f[2:].replace("-", "_")) for f in STOP_FLAGS
+                     if f in getattr(args, "given", [])), None)
+        res, out = run(None, args.resume, acc, resume=True, stop_after=stop), args.resume
+    else:
+        if not args.out:
+            raise ConfigError(f"{what} needs --out DIR (or --resume DIR)")
+        res, out = run(make_spec(), args.out, acc, overwrite=args.overwrite), args.out
+    acc.print(done(res["summary"]) if res.get("done") else f"stopped early as asked; continue with --resume {out}")
 
 
 def compare_methods(args) -> list[str]:

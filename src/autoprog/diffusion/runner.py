@@ -684,13 +684,13 @@ def saved_spec(stored: dict, cls, where: str):
     return SPEC_CLASSES[name].from_dict(stored["spec"], where)
 
 
-def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False):
-    """The spec to run into ``out``: the stored one when resuming (to the end), else ``spec`` if ``out`` may hold
-    a new run (:func:`~autoprog.checkpoint.new_run_dir`)."""
+def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False, stop_after: int | None = None):
+    """The spec to run into ``out``: the stored one when resuming (to the end, or to ``stop_after`` steps), else
+    ``spec`` if ``out`` may hold a new run (:func:`~autoprog.checkpoint.new_run_dir`)."""
     if resume:
         stored = experiment.read_run_config(out, "diffusion" if issubclass(cls, BaseSpec) else "finetune")
         spec = saved_spec(stored, cls, str(out / "config.json"))
-        spec = replace(spec, train=replace(spec.train, stop_after_steps=None))
+        spec = replace(spec, train=replace(spec.train, stop_after_steps=stop_after))
     else:
         reads = experiment.input_paths(spec)
         if isinstance(spec, FinetuneSpec):
@@ -714,11 +714,13 @@ def _check_prompts(spec) -> None:
 
 
 def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, stop_after: int | None = None) -> dict:
     """Run (or resume) one fine-tuning run into ``out``; returns the results also written to results.json.
-    ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there)."""
+    ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there). A
+    resumed run goes to its end, or with ``stop_after`` stops again at the first evaluation point after that many
+    steps (of the whole run)."""
     out = Path(out)
-    spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume, overwrite)
+    spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume, overwrite, stop_after)
     from ..accelerator import default_accelerator
 
     acc = accelerator or default_accelerator()
@@ -742,14 +744,15 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
 
 
 def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: bool = False,
-                  overwrite: bool = False) -> dict:
-    """Train a base DiT from scratch on ``spec.classes``; the model is written to ``out/model``."""
+                  overwrite: bool = False, stop_after: int | None = None) -> dict:
+    """Train a base DiT from scratch on ``spec.classes``; the model is written to ``out/model``. ``stop_after``:
+    as :func:`finetune`'s."""
     from ..accelerator import default_accelerator
     from ..controllers import StaticController
 
     acc = accelerator or default_accelerator()  # first: the processes join their group together
     out = Path(out)
-    spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite)
+    spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite, stop_after)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection), spec.image_size,
                                spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
     if spec.vae:  # encoded on the run's device, in shares by the processes (cached)

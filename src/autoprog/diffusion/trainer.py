@@ -103,7 +103,7 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
                                       "at them, at stage ends and every --checkpoint-minutes)", minimum=0,
                                    group="optimisation")
     stop_after_steps: int | None = option(None, "stop at the first evaluation point after this many steps "
-                                                "(continue with --resume)", minimum=1, show_default=False)
+                                                "(continue with --resume, which may stop again with this option)", minimum=1, show_default=False)
 
     def validate(self) -> None:
         check_bounds(self)  # every option's bounds and choices, as declared
