@@ -260,6 +260,22 @@ def test_image_folder_test_split_name(image_folder):
     assert len(load_dataset(str(image_folder)).test) == 4
 
 
+def test_an_image_folder_reads_gifs_and_says_which_files_it_skips(image_folder, capsys):
+    """A GIF is an image (its first frame); a file of another kind is skipped with one warning naming it and the
+    kinds read (before, silently); hidden files (.DS_Store) are skipped without one."""
+    from PIL import Image
+
+    from autoprog.errors import forget_warnings
+
+    forget_warnings()
+    Image.new("P", (20, 20)).save(image_folder / "train" / "circle" / "x.gif")
+    (image_folder / "train" / "circle" / "notes.txt").write_text("not an image")
+    (image_folder / "train" / "square" / ".DS_Store").write_bytes(b"\0")
+    assert len(load_dataset(str(image_folder)).train) == 11
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "1 file(s) not read" in err and "circle/notes.txt" in err and ".gif" in err
+
+
 def test_directory_without_train_raises(tmp_path):
     (tmp_path / "val" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="ImageFolder"):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, warn
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FIX = "install it with `apt-get install dataset-fashion-mnist` or pass --data-root DIR"
@@ -694,6 +694,10 @@ def read_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = False
                         "image (removing it changes the data set: start the run again)") from None
 
 
+# the files an ImageFolder's images are read from: torchvision's kinds and GIF (its first frame), by PIL
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
 def image_folder_dirs(root: Path) -> tuple[Path, Path]:
     """``(root/train, root/val or root/test)`` of an ImageFolder dataset; a one-line :class:`DataError` without them."""
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
@@ -708,10 +712,21 @@ def image_folder(root: Path, split: Path, transform: Callable | None = None, min
     ``min_classes`` classes."""
     from torchvision import datasets
 
+    skipped = []
+
+    def readable(path: str) -> bool:
+        ok = path.lower().endswith(IMAGE_SUFFIXES)
+        if not ok and not os.path.basename(path).startswith("."):
+            skipped.append(path)
+        return ok
+
     try:
-        ds = datasets.ImageFolder(str(split), transform=transform, loader=read_image)
+        ds = datasets.ImageFolder(str(split), transform=transform, loader=read_image, is_valid_file=readable)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot read ImageFolder dataset at {root}: {' '.join(str(e).split())[:200]}") from None
+    if skipped:
+        warn(f"{split}: {len(skipped)} file(s) not read, of a kind that is not an image read here (e.g. "
+             f"{os.path.relpath(skipped[0], split)}; the kinds read: {' '.join(IMAGE_SUFFIXES)})", once=True)
     if len(ds) == 0:
         raise DataError(f"{split} holds no images")
     if len(ds.classes) < min_classes:

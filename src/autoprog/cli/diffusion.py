@@ -154,7 +154,7 @@ def run_sample(args, acc) -> None:
                   nrow=max(1, int(args.per_class ** 0.5)), title=f"{name} · {how}")
     shown = f"{path.parent.name}/{path.name}" if path.name == "model" else path.name  # a run's model: the run's name
     save_grid(imgs, out / "all.png", nrow=args.per_class, labels=names, title=f"{shown} · {how}")
-    acc.print(f"wrote {len(groups)} grids and all.png to {out}")
+    acc.print(f"wrote {len(groups)} grid{'s' * (len(groups) != 1)} and all.png to {out}")
 
 
 def run_diffusion(args, acc) -> None:

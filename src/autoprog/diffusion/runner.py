@@ -222,7 +222,9 @@ class TextFinetuneSpec(FinetuneSpec):
                                     "tokenizer/, and vae/ for a latent model) (default: the shipped text-to-image "
                                     "UNet pre-trained on captioned Fashion-MNIST classes 0-4)", metavar="PATH",
                               show_default=False)
-    caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name", group="data")
+    caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name (one prompt per class: "
+                                           "captions of each image, as CUB's or a metadata.jsonl, are not read)",
+                          group="data")
     sid_init: str = option("normal", "unused by text-to-image: its SID tokens start at the token table's mean",
                            cli=False)
     sid_dropout: float | None = option(None, "unused by text-to-image: its SID tokens are not dropped", cli=False)
@@ -378,7 +380,9 @@ class TextBaseSpec(BaseSpec):
                            group="model")
     text_layers: int = option(2, "text encoder layers", minimum=1, group="model")
     max_length: int = option(16, "prompt length in tokens", minimum=8, group="model")
-    caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name", group="data")
+    caption: str = option(DEFAULT_CAPTION, "every image's prompt; {} is its class name (one prompt per class: "
+                                           "captions of each image, as CUB's or a metadata.jsonl, are not read)",
+                          group="data")
     train: DiffusionConfig = option(default_factory=lambda: DiffusionConfig(
         steps=3000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200, ema_decay=0.999,
         eval_points=2))
