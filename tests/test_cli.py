@@ -593,3 +593,13 @@ def test_a_subset_larger_than_the_dataset_is_said_and_the_images_used_are_record
     assert f"--subset 100000: fashion-mnist has {FAKE_TRAIN} training images, and all of them are used" in err
     summary = json.loads((tmp_path / "r" / "results.json").read_text())["summary"]
     assert summary["train_images"] == FAKE_TRAIN
+
+
+def test_task_given_twice_is_the_last_as_every_option(cli):
+    from autoprog.cli import _parse, build_parser, task_of
+
+    argv = ["finetune", "--task", "dreambooth", "--task=text-to-image", "--out", "x"]
+    assert task_of(argv) == "text-to-image"
+    assert _parse(build_parser(task_of(argv)), argv).task == "text-to-image"
+    rc, out, _ = cli("finetune", "--task", "dreambooth", "--task", "text-to-image", "--help")
+    assert rc == 0 and "--caption" in out and "--instance-dir" not in out

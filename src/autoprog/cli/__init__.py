@@ -208,13 +208,15 @@ def _add_finetune(sub, task: str | None) -> None:
 
 
 def task_of(argv: list[str]) -> str | None:
-    """The ``--task`` value on the command line, if any (it chooses which options the command has)."""
+    """The ``--task`` value on the command line, if any (it chooses which options the command has); given twice,
+    the last, as for every other option."""
+    task = None
     for i, a in enumerate(argv):
         if a == "--task" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--task="):
-            return a.split("=", 1)[1]
-    return None
+            task = argv[i + 1]
+        elif a.startswith("--task="):
+            task = a.split("=", 1)[1]
+    return task
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
