@@ -396,10 +396,11 @@ def test_a_resumed_run_may_stop_again_and_says_done_at_its_end(cli, fake_fmnist,
     assert cli("pretrain", "--method", "prog", "--out", out, "--stop-after-epochs", "1", *args)[0] == 0
     rc, stdout, err = cli("pretrain", "--resume", out, "--stop-after-epochs", "2", "--cpu")
     assert rc == 0, err
-    assert f"stopped early as asked; continue with --resume {out}" in stdout and len(_results(out)["epochs"]) == 2
+    assert f"stopped early as asked; continue with `autoprog pretrain --resume {out}`" in stdout
+    assert len(_results(out)["epochs"]) == 2
     rc, stdout, err = cli("pretrain", "--resume", out, "--cpu")
     assert rc == 0, err
-    assert _results(out)["done"] and "done: top-1" in stdout
+    assert _results(out)["done"] and "done: top-1" in stdout and f"model in {out}/model" in stdout
 
 
 def test_stop_and_resume_with_rezero_gates(cli, fake_fmnist, tmp_path):

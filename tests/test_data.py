@@ -184,9 +184,33 @@ def test_truncated_gzip_file_raises_data_error(fake_fmnist, tmp_path):
     _assert_fix_message(err)
 
 
-def test_unknown_dataset_raises():
+def test_unknown_dataset_raises(tmp_path):
+    """A name that is none of the built-in ones is unknown; a path that is not there, or not a folder, says so
+    (both tasks)."""
+    from autoprog.diffusion.data import load_diffusion_data
+
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("cifar-1000")
+    (tmp_path / "file.txt").write_text("x")
+    for load in (load_dataset, lambda p: load_diffusion_data(p, classes=None)):
+        with pytest.raises(DataError, match="nonexist: no such directory"):
+            load(str(tmp_path / "nonexist"))
+        with pytest.raises(DataError, match="file.txt: not a directory"):
+            load(str(tmp_path / "file.txt"))
+
+
+def test_16_bit_greyscale_images_are_read_by_their_top_byte(tmp_path):
+    """PIL converts a 16-bit greyscale PNG to RGB by clipping at 255: a 0-65535 ramp came out nearly all white."""
+    from PIL import Image
+
+    from autoprog.data import read_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (4, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    x = np.asarray(read_image(tmp_path / "deep.png"))
+    assert x.shape == (4, 64, 3) and np.array_equal(x[..., 0], (ramp >> 8).astype(np.uint8))
+    Image.fromarray(np.full((4, 4), 200, np.int32), mode="I").save(tmp_path / "eight.tif")
+    assert np.asarray(read_image(tmp_path / "eight.tif")).max() == 200, "32-bit storage of 8-bit values kept"
 
 
 # ----------------------------------------------------------------------------------------- digits

@@ -273,3 +273,15 @@ def test_an_image_folder_is_trained_whole_without_a_subset_warning(cli, image_fo
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["summary"]["train_images"] == 10
     assert json.loads((tmp_path / "run" / "config.json").read_text())["subset"] is None
+
+
+def test_a_learning_rate_floor_above_the_peak_is_refused():
+    """--min-lr above --lr made the cosine 'decay' raise the learning rate, silently."""
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.diffusion.trainer import DiffusionConfig
+    from autoprog.errors import ConfigError
+
+    for cfg in (TrainConfig(lr=1e-3, min_lr=1e-2), DiffusionConfig(lr=1e-3, min_lr=1e-2)):
+        with pytest.raises(ConfigError, match="--min-lr 0.01 is above --lr 0.001"):
+            cfg.validate()
+    TrainConfig(lr=1e-3, min_lr=1e-3).validate()

@@ -373,7 +373,7 @@ def test_the_commands_pretrain_finetune_resume_and_sample(cli, fake_fmnist, cach
                        "prog", "--out", tmp_path / "ft", "--steps", "8", *common, "--eval-points", "2",
                        "--stop-after-steps", "4", "--caption", "a picture of a {}", "--gradient-checkpointing")
     assert rc == 0, err
-    assert "continue with --resume" in out
+    assert f"continue with `autoprog finetune --resume {tmp_path / 'ft'}`" in out
     rc, out, err = cli("finetune", "--resume", tmp_path / "ft")  # no --task: the run knows its own
     assert rc == 0, err
     meta = json.loads((tmp_path / "ft" / "model" / "autoprog.json").read_text())

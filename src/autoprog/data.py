@@ -688,7 +688,14 @@ def read_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = False
 
     try:
         with Image.open(path) as im:
-            return (ImageOps.exif_transpose(im) if upright else im).convert(mode)
+            im = ImageOps.exif_transpose(im) if upright else im
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit) greyscale: to 8 bits by its top
+                # byte, which PIL's convert would instead clip at 255 (nearly every pixel white)
+                deep = np.asarray(im).astype(np.int64)
+                top = 65535 if im.mode.startswith("I;16") else int(deep.max(initial=0))
+                shift = 0 if top < 256 else 8 if top < 65536 else 24  # ("I": 8-bit values stay as they are)
+                im = Image.fromarray((deep >> shift).clip(0, 255).astype(np.uint8))
+            return im.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: bad or huge files
         raise DataError(f"cannot read image {path} ({' '.join(str(e).split())[:120]}); replace it with a readable "
                         "image (removing it changes the data set: start the run again)") from None
@@ -723,7 +730,7 @@ def image_folder(root: Path, split: Path, transform: Callable | None = None, min
     try:
         ds = datasets.ImageFolder(str(split), transform=transform, loader=read_image, is_valid_file=readable)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"cannot read ImageFolder dataset at {root}: {' '.join(str(e).split())[:200]}") from None
+        raise DataError(f"cannot read ImageFolder dataset at {split}: {' '.join(str(e).split())[:200]}") from None
     if skipped:
         warn(f"{split}: {len(skipped)} file(s) not read, of a kind that is not an image read here (e.g. "
              f"{os.path.relpath(skipped[0], split)}; the kinds read: {' '.join(IMAGE_SUFFIXES)})", once=True)
@@ -763,6 +770,8 @@ def load_dataset(name: str, data_root: str | None = None, subset: int | None = N
         if not path:
             raise DataError("--dataset imagefolder needs --data-root DIR")
         bundle = load_image_folder(path, image_size or 32, randaugment, crop_scale, interpolation, eval_crop)
+    elif any(c in name for c in "/\\.") or Path(name).exists():
+        raise DataError(f"--dataset {name}: {'not a directory' if Path(name).exists() else 'no such directory'}")
     else:
         raise DataError(f"unknown dataset {name!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
     if subset is not None:

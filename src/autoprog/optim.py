@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .options import option
 
 SEED_MIN, SEED_MAX = -(2 ** 31), 2 ** 32 - 1  # 32 bits, signed or not: derived seeds (seed * 1000003 + step) stay
@@ -125,3 +126,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ten
         else:
             v = v.clone()
         optimizer.state.setdefault(p, {})[k] = v
+
+
+def check_lr_floor(cfg) -> None:
+    """A cosine schedule's floor ``min_lr`` above its peak ``lr`` would raise the learning rate as it 'decays'."""
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the schedule would raise the learning "
+                          "rate instead of decaying it")

@@ -42,6 +42,7 @@ from ..metrics import train_step_flops
 from ..optim import (
     OptimConfig,
     build_optimizer,
+    check_lr_floor,
     load_optimizer_state,
     optimizer_state_tensors,
     remap_block_state,
@@ -185,6 +186,7 @@ class TrainConfig(OptimConfig, SearchMeasurements):
         check_bounds(self)  # every option's bounds and choices, as declared
         if Budget.from_options(self.budget, self.budget_steps) is not None and self.max_steps is not None:
             raise ConfigError("a budget sizes the run itself: give --budget/--budget-steps or max_steps, not both")
+        check_lr_floor(self)
         check_recipe(self, adareg=False)
 
 

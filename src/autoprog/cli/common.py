@@ -160,12 +160,14 @@ def run_one(args, acc, what: str, run, make_spec, done) -> None:
                               "(or start a new run with --out)")
         stop = next((getattr(args, "train." + f[2:].replace("-", "_")) for f in STOP_FLAGS
                      if f in getattr(args, "given", [])), None)
-        res, out = run(None, args.resume, acc, resume=True, stop_after=stop), args.resume
+        res = run(None, args.resume, acc, resume=True, stop_after=stop)
+        args.out = args.resume  # the run's folder, for ``done``
     else:
         if not args.out:
             raise ConfigError(f"{what} needs --out DIR (or --resume DIR)")
-        res, out = run(make_spec(), args.out, acc, overwrite=args.overwrite), args.out
-    acc.print(done(res["summary"]) if res.get("done") else f"stopped early as asked; continue with --resume {out}")
+        res = run(make_spec(), args.out, acc, overwrite=args.overwrite)
+    acc.print(done(res["summary"]) if res.get("done") else
+              f"stopped early as asked; continue with `autoprog {what} --resume {args.out}`")
 
 
 def compare_methods(args) -> list[str]:

@@ -34,7 +34,7 @@ from ..data import to_device
 from ..engine import PreparedModel, RunTemplate, full_precision, gather_rows
 from ..errors import ConfigError
 from ..models.dit import DiffusionBackbone, num_parameters, save_backbone
-from ..optim import OptimConfig, build_optimizer
+from ..optim import OptimConfig, build_optimizer, check_lr_floor
 from ..options import check_bounds, option
 from ..rng import forked_rng
 from ..space import GrowthSpace, SubNet
@@ -103,10 +103,12 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
                                       "at them, at stage ends and every --checkpoint-minutes)", minimum=0,
                                    group="optimisation")
     stop_after_steps: int | None = option(None, "stop at the first evaluation point after this many steps "
-                                                "(continue with --resume, which may stop again with this option)", minimum=1, show_default=False)
+                                                "(continue with --resume, which may stop again with this option)",
+                                          minimum=1, show_default=False)
 
     def validate(self) -> None:
         check_bounds(self)  # every option's bounds and choices, as declared
+        check_lr_floor(self)
         Budget.from_options(self.budget, self.budget_steps)
 
 
