@@ -604,3 +604,19 @@ def test_task_given_twice_is_the_last_as_every_option(cli):
     assert _parse(build_parser(task_of(argv)), argv).task == "text-to-image"
     rc, out, _ = cli("finetune", "--task", "dreambooth", "--task", "text-to-image", "--help")
     assert rc == 0 and "--caption" in out and "--instance-dir" not in out
+
+
+def test_a_comparison_never_reuses_a_run_trained_on_other_data(cli, image_folder, tmp_path):
+    """A comparison run again after images were added to its folder: a finished run on the old data is refused by
+    name instead of reused beside new runs in one table; on the same data it is reused."""
+    from PIL import Image
+
+    args = ["compare", "--methods", "original", "--front", "1", "--no-budget-baseline", "--dataset", image_folder,
+            "--batch-size", "2", "--epochs", "1", "--embed-dim", "16", "--depth", "2", "--num-heads", "2",
+            "--patch-size", "4", "--workers", "0", "--no-flops", "--cpu", "--out", tmp_path / "c"]
+    assert cli(*args)[0] == 0
+    rc, stdout, err = cli(*args)
+    assert rc == 0 and "original: reusing finished run" in stdout, err
+    Image.new("RGB", (24, 24)).save(image_folder / "train" / "circle" / "new.png")
+    rc, _, err = cli(*args)
+    assert rc == 2 and "holds an original run on other training data (10 images then, 11 now)" in err

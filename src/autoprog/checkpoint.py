@@ -3,6 +3,7 @@ each written so that a crash leaves the old or the new version, never a part of 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -138,6 +139,19 @@ def comparison_dir(out: Path, protected: dict[str, str | Path | None] | None = N
 def has_checkpoint(out: Path) -> bool:
     """Whether ``out`` holds a checkpoint to resume from (the newest or its fallback)."""
     return any((out / (CHECKPOINT_DIR + s) / "state.json").is_file() for s in ("", PREVIOUS_SUFFIX))
+
+
+def saved_data_identity(out: Path) -> dict | None:
+    """The training data's identity the newest readable checkpoint of the run in ``out`` records (None: no
+    checkpoint, or one from before 2026-12-07 that records none)."""
+    for suffix in ("", PREVIOUS_SUFFIX):
+        try:
+            state = json.loads((out / (CHECKPOINT_DIR + suffix) / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        data = state.get("data") if isinstance(state, dict) else None
+        return data if isinstance(data, dict) else None
+    return None
 
 
 def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, optimizer, state: dict) -> None:

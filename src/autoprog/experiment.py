@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import has_checkpoint, is_model_dir
+from .checkpoint import has_checkpoint, is_model_dir, saved_data_identity
 from .errors import ConfigError, DivergedError
 from .formats import read_json_object
 from .front import FRONT_SEPARATOR, Front, Speedup, front_name, mean_speedup
@@ -108,17 +108,25 @@ def drop_stale_budget_run(out: Path, differ: list[str] | None, steps_key: str, a
 
 
 def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable[[bool], dict],
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, data: Callable[[], dict] | None = None) -> dict:
     """The results of the run in ``out``: reused when finished, else ``run(resume)`` (resuming when a checkpoint
     is there). ``differ`` lists how a saved run's settings differ from the wanted ones (None: no saved run);
-    a run made with other settings is refused, naming them."""
+    a run made with other settings is refused, naming them. ``data``: the wanted training data's identity, which
+    a finished run's checkpoint must record to be reused (a resumed one checks it itself)."""
+    article = "an" if method[:1].lower() in "aeiou" else "a"
     if differ:
-        raise ConfigError(f"{out} holds a {method} run with different settings ({', '.join(differ)}); "
+        raise ConfigError(f"{out} holds {article} {method} run with different settings ({', '.join(differ)}); "
                           "use another --out for this comparison")
     res_file = out / "results.json"
     if differ is not None and res_file.is_file():
         res = json.loads(res_file.read_text())
         if res.get("done"):
+            saved = saved_data_identity(out) if data is not None else None
+            if saved is not None and saved != (now := data()):
+                counts = f" ({saved.get('images')} images then, {now.get('images')} now)" * (
+                    saved.get("images") != now.get("images"))
+                raise ConfigError(f"{out} holds {article} {method} run on other training data{counts}; use another --out "
+                                  "for this comparison")
             log(f"{method}: reusing finished run in {out}")
             return res
         if res.get("diverged"):  # it would diverge again: same settings, same seed

@@ -16,7 +16,7 @@ from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
 from ..budget import Budget, warn_unread_length
 from ..checkpoint import comparison_dir, new_run_dir, write_json
-from ..data import LEGACY_CROPS, EvalCrop, builtin_dataset, is_image_folder, load_dataset
+from ..data import LEGACY_CROPS, EvalCrop, builtin_dataset, dataset_identity, is_image_folder, load_dataset
 from ..engine import broadcast
 from ..errors import AutoprogError, ConfigError, warn
 from ..experiment import (
@@ -430,7 +430,8 @@ def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
     return reuse_or_run(out, spec.method, run_differences(out, spec),
                         lambda resume: _train(type(spec), spec, out, accelerator, resume, overwrite=False),
-                        log=accelerator.print if accelerator is not None else print)
+                        log=accelerator.print if accelerator is not None else print,
+                        data=lambda: dataset_identity(build_run(spec)[0].train))
 
 
 def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline: bool = True,
