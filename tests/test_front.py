@@ -112,4 +112,7 @@ def test_reading_says_whether_the_best_method_beats_the_front():
     assert "no method beats" in line and "prog, 0.60×" in line
     rows[3].update(tq_speedup=1.2, tq_bound="<")
     assert "no method beats" in reading(rows, "original"), "an upper bound above 1 is no claim that it pays"
+    rows[3].update(tq_speedup=1.13, tq_bound="~")  # seeds of <1.22× and >1.04×: their mean is no claim either way
+    line = reading(rows, "original")
+    assert "no verdict from the seed means" in line and "pays" not in line and "~1.13×" in line
     assert reading(rows[:3], "original") is None

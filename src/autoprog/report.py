@@ -51,6 +51,9 @@ def reading(rows: list[dict], baseline: str) -> str | None:
         return None
     best = max(ranked, key=lambda r: r["tq_speedup"])
     cell = speedup_cell(best["tq_speedup"], best.get("tq_bound"))
+    if best.get("tq_bound") == "~":  # a seed mean of exact figures and bounds (or of fewer seeds): no verdict
+        return (f"reading: no verdict from the seed means: {best['method']}'s speed-up ({cell}) averages figures of "
+                "different kinds (bounds beyond or before the front, or a diverged seed); read the per-seed rows")
     if best["tq_speedup"] >= 1.0 and best.get("tq_bound") != "<":
         return (f"reading: {best['method']} reaches its quality {cell} sooner than the {baseline}'s front (the "
                 f"{baseline} trained for less time, learning rate decayed): progressive training pays here")
