@@ -124,7 +124,8 @@ class RunSpec(Spec, AutoProgOneConfig):
     start_ratio: float = option(0.5, "initial scaling ratio s1 of patches and depth: 0.5, 0.4 or 0.25", above=0,
                                 maximum=1, group="growth")
     schedule: str | None = option(None, "schedule to replay with --method fixed: a schedule.json, or inline RESxDEPTH "
-                                        "per stage, e.g. 16x4,20x5,24x7,28x8 (equal stages) or 16x8@0.5,28x8@0.5",
+                                        "per stage, e.g. 16x4,20x5,24x7,28x8 (equal stages) or 16x8@0.5,28x8@0.5 "
+                                        "(shares of the steps, scaled to sum to 1)",
                                   show_default=False, group="growth")
     time_tolerance: float = time_tolerance_option("AutoProg-Zero search")
     adareg: bool = option(False, "adaptive regularization: RandAugment magnitude (4.5-9), random-erasing "
