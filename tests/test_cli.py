@@ -620,3 +620,21 @@ def test_a_comparison_never_reuses_a_run_trained_on_other_data(cli, image_folder
     Image.new("RGB", (24, 24)).save(image_folder / "train" / "circle" / "new.png")
     rc, _, err = cli(*args)
     assert rc == 2 and "holds an original run on other training data (10 images then, 11 now)" in err
+
+
+def test_the_python_api_stops_new_runs_and_refuses_a_changed_spec_on_resume(fake_fmnist, tmp_path):
+    """pretrain(spec, out, stop_after=1) stops a new run too (it was read on a resume only); resume=True with a
+    spec of other settings is refused (it was silently replaced by the saved one), with the same spec it goes on."""
+    from dataclasses import replace
+
+    from autoprog.classification.runner import RunSpec, pretrain
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.errors import ConfigError
+
+    spec = RunSpec(method="prog", data_root=str(fake_fmnist), subset=256, embed_dim=16, depth=4, num_heads=2,
+                   patch_size=4, train=TrainConfig(epochs=2, batch_size=32, eval_samples=64, count_flops=False))
+    res = pretrain(spec, tmp_path / "r", stop_after=1)
+    assert not res["done"] and len(res["epochs"]) == 1
+    with pytest.raises(ConfigError, match="the spec given differs"):
+        pretrain(replace(spec, train=replace(spec.train, epochs=3)), tmp_path / "r", resume=True)
+    assert pretrain(spec, tmp_path / "r", resume=True)["done"]

@@ -329,8 +329,9 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
              stop_after: int | None = None) -> dict:
     """Run (or resume) one pre-training run into ``out``; returns the results dict also written to results.json,
     and the trained model is written to ``out/model`` (see :mod:`.pretrained`). ``out`` must be a new or empty
-    folder, or hold a run's files only (``overwrite``: replacing a run there). A resumed run goes to its end, or
-    with ``stop_after`` stops again after that many epochs (of the whole run).
+    folder, or hold a run's files only (``overwrite``: replacing a run there). ``stop_after``: stop after that
+    many epochs of the whole run (a new run or a resumed one, which otherwise goes to its end); ``resume`` continues
+    with the run's saved settings (``spec``: None, or the same settings).
 
     Under ``torchrun``/``accelerate launch``, call ``accelerator.end_training()`` when done (the CLI does),
     so the process group is torn down before the interpreter exits.
@@ -356,10 +357,16 @@ def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume:
 
     out = Path(out)
     if resume:
+        differ = run_differences(out, spec) if spec is not None else None
+        if differ:  # a caller's spec is no new setting for a saved run (as the CLI refuses other flags)
+            raise ConfigError(f"resume continues the run in {out} with its saved settings; the spec given differs "
+                              f"({', '.join(differ)}): give spec=None, or start a new run")
         spec = spec_cls.from_dict(read_run_config(out, spec_cls.task), str(out / "config.json"))
         spec = replace(spec, train=replace(spec.train, stop_after_epochs=stop_after))  # (None: to the end)
     else:
         new_run_dir(out, overwrite, input_paths(spec))
+        if stop_after is not None:
+            spec = replace(spec, train=replace(spec.train, stop_after_epochs=stop_after))
     torch.manual_seed(spec.train.seed)  # same initial weights for every method and process
     data, net, schedule, growth = build_run(spec)
     if spec.method == "prog" and not resume and spec_cls is RunSpec:  # progstack: three stages whatever --num-stages

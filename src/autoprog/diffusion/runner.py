@@ -696,6 +696,8 @@ def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False, stop_
         spec = saved_spec(stored, cls, str(out / "config.json"))
         spec = replace(spec, train=replace(spec.train, stop_after_steps=stop_after))
     else:
+        if stop_after is not None:
+            spec = replace(spec, train=replace(spec.train, stop_after_steps=stop_after))
         reads = experiment.input_paths(spec)
         if isinstance(spec, FinetuneSpec):
             reads["--base"] = _base_path(spec)
@@ -720,9 +722,9 @@ def _check_prompts(spec) -> None:
 def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool = False, evaluator=None,
              overwrite: bool = False, stop_after: int | None = None) -> dict:
     """Run (or resume) one fine-tuning run into ``out``; returns the results also written to results.json.
-    ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there). A
-    resumed run goes to its end, or with ``stop_after`` stops again at the first evaluation point after that many
-    steps (of the whole run)."""
+    ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there).
+    ``stop_after``: stop at the first evaluation point after that many steps of the whole run (a new run or a
+    resumed one, which otherwise goes to its end)."""
     out = Path(out)
     spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume, overwrite, stop_after)
     from ..accelerator import default_accelerator
