@@ -638,3 +638,19 @@ def test_the_python_api_stops_new_runs_and_refuses_a_changed_spec_on_resume(fake
     with pytest.raises(ConfigError, match="the spec given differs"):
         pretrain(replace(spec, train=replace(spec.train, epochs=3)), tmp_path / "r", resume=True)
     assert pretrain(spec, tmp_path / "r", resume=True)["done"]
+
+
+def test_a_comparison_never_writes_into_a_runs_folder_or_a_folder_of_other_files(cli, fake_fmnist, tmp_path):
+    """As --out of pretrain refuses them: a folder of the user's files, or a run's folder (a comparison's own
+    folder, with its summaries and run folders, is reused as ever)."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    for out, message in ((notes, "holds files that are not a comparison's (notes.txt)"),
+                         (run, "holds a run, not a comparison")):
+        rc, _, err = cli("compare", "--methods", "prog", "--out", out, *tiny_args(fake_fmnist))
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in notes.iterdir()) == ["notes.txt"]

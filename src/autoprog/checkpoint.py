@@ -75,6 +75,11 @@ RUN_FILES = ("config.json", "results.json", "schedule.json", "samples", "logs", 
              *(d + s for d in (CHECKPOINT_DIR, "model") for s in ("", PREVIOUS_SUFFIX, ".tmp")))
 
 
+# the files a comparison writes in its folder, beside a folder per run
+COMPARISON_FILES = ("summary.json", "summary.md", "curves.png", "fd_curves.png", "front.png", "samples.png",
+                    "samples.txt")
+
+
 def is_model_dir(path: Path) -> bool:
     """Whether ``path`` holds an exported model (autoprog's, a diffusers model or pipeline, or a timm checkpoint)."""
     return any((path / f).exists() for f in ("model.safetensors", "diffusion_pytorch_model.safetensors",
@@ -133,6 +138,14 @@ def comparison_dir(out: Path, protected: dict[str, str | Path | None] | None = N
     _refuse_overlap(out, protected)
     if out.is_dir() and is_model_dir(out):
         raise ConfigError(f"--out {out} is a model folder; choose a new or empty folder")
+    if out.is_dir() and (has_checkpoint(out) or any((out / f).is_file() for f in ("config.json", "results.json"))):
+        raise ConfigError(f"--out {out} holds a run, not a comparison; choose a new or empty folder (or the "
+                          "comparison's own)")
+    others = sorted(e.name for e in out.iterdir() if e.is_file() and not e.name.startswith(".")
+                    and e.name not in COMPARISON_FILES) if out.is_dir() else []
+    if others:
+        raise ConfigError(f"--out {out} holds files that are not a comparison's ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
     return writable_dir(out)
 
 
