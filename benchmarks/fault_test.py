@@ -424,7 +424,8 @@ def bad_inputs(out: Path, match: str = "", start: int = 0, timeout: int = 90, jo
             ok = one_clean_line(proc)
             counts["clean"] += ok
             if not ok:
-                print(f"  not clean: {why}: {' '.join(argv)}: rc {proc.returncode}: {proc.stderr[-300:]}", flush=True)
+                print(f"  not clean: {why}: {' '.join(argv)}: rc {proc.returncode}: {proc.stderr[-300:]}",
+                      flush=True)
     return counts
 
 
@@ -465,7 +466,8 @@ def main() -> None:
     for part, run in (("kills", lambda: kills(out, a.kills, random.Random(a.seed))),
                       ("interrupts", lambda: kills(out, a.interrupts, random.Random(a.seed + 1), signal.SIGINT)),
                       ("corruptions", lambda: corruptions(out)),
-                      ("divergence", lambda: divergence(out)), ("bad", lambda: bad_inputs(out, a.match, a.start, a.timeout, a.jobs)),
+                      ("divergence", lambda: divergence(out)),
+                      ("bad", lambda: bad_inputs(out, a.match, a.start, a.timeout, a.jobs)),
                       ("fuzz", lambda: fuzz(out, a.fuzz))):
         if part not in skip:
             figures[part] = run()

@@ -402,6 +402,13 @@ def tensor_identity(images: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"images": n, "shape": list(images.shape[1:]), "digest": h.hexdigest()[:16]}
 
 
+def identity_change(saved: dict, now: dict) -> str:
+    """How training data of identity ``now`` differ from ``saved``'s, for a message: their counts when those
+    differ (`` (10 images then, 11 now)``), else nothing."""
+    then, count = saved.get("images"), now.get("images")
+    return f" ({then} images then, {count} now)" if then != count else ""
+
+
 def dataset_identity(ds: Dataset) -> dict:
     """What a resumed run checks its training set against (the data it started with): in-memory images by
     :func:`tensor_identity`; an ImageFolder's by its files' paths below its folder and labels (not their bytes:
@@ -750,6 +757,14 @@ def builtin_dataset(name: str) -> str | None:
     return "fashion-mnist" if key in ("fashion-mnist", "fashionmnist") else "digits" if key == "digits" else None
 
 
+def unknown_dataset(name: str) -> DataError:
+    """The error for a ``--dataset`` that names neither a built-in dataset nor a folder: a path (it looks like
+    one, or something is there) that is no folder, or an unknown name."""
+    if any(c in name for c in "/\\.") or Path(name).exists():
+        return DataError(f"--dataset {name}: {'not a directory' if Path(name).exists() else 'no such directory'}")
+    return DataError(f"unknown dataset {name!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
+
+
 def is_image_folder(name: str) -> bool:
     """Whether ``--dataset name`` is read as an ImageFolder (decoded by loader workers), not held in memory."""
     return builtin_dataset(name) is None
@@ -770,10 +785,8 @@ def load_dataset(name: str, data_root: str | None = None, subset: int | None = N
         if not path:
             raise DataError("--dataset imagefolder needs --data-root DIR")
         bundle = load_image_folder(path, image_size or 32, randaugment, crop_scale, interpolation, eval_crop)
-    elif any(c in name for c in "/\\.") or Path(name).exists():
-        raise DataError(f"--dataset {name}: {'not a directory' if Path(name).exists() else 'no such directory'}")
     else:
-        raise DataError(f"unknown dataset {name!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
+        raise unknown_dataset(name)
     if subset is not None:
         if subset < 1:
             raise DataError(f"--subset must be positive, got {subset}")

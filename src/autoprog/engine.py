@@ -719,11 +719,11 @@ class RunTemplate:
                                                    need_ema=self._momentum_module() is not None)
         saved = state.get("data")  # (checkpoints before 2026-12-07 have none)
         if saved is not None and saved != self._data_identity():
-            now = self._data_identity()
-            counts = f" ({saved.get('images')} images then, {now.get('images')} now)" * (saved.get("images") !=
-                                                                                         now.get("images"))
-            raise ConfigError(f"the training data differ from those this run started with{counts}: resume it with "
-                              "the same data, or start a new run")
+            from .data import identity_change
+
+            raise ConfigError(f"the training data differ from those this run started with"
+                              f"{identity_change(saved, self._data_identity())}: resume it with the same data, or "
+                              "start a new run")
         budget = state.get("budget")
         if (budget is None) != (self.budget_plan is None):
             raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "

@@ -123,10 +123,10 @@ def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable
         if res.get("done"):
             saved = saved_data_identity(out) if data is not None else None
             if saved is not None and saved != (now := data()):
-                counts = f" ({saved.get('images')} images then, {now.get('images')} now)" * (
-                    saved.get("images") != now.get("images"))
-                raise ConfigError(f"{out} holds {article} {method} run on other training data{counts}; use another --out "
-                                  "for this comparison")
+                from .data import identity_change
+
+                raise ConfigError(f"{out} holds {article} {method} run on other training data"
+                                  f"{identity_change(saved, now)}; use another --out for this comparison")
             log(f"{method}: reusing finished run in {out}")
             return res
         if res.get("diverged"):  # it would diverge again: same settings, same seed

@@ -33,6 +33,7 @@ from ..data import (
     LEGACY_CROPS,
     TRAIN_INTERPOLATIONS,
     DataBundle,
+    dataset_identity,
     default_workers,
     to_device,
 )
@@ -180,7 +181,8 @@ class TrainConfig(OptimConfig, SearchMeasurements):
         choices=("full", "stage"), group="data")
     count_flops: bool = option(True, "skip counting FLOPs per step", flag="--no-flops", group="optimisation")
     stop_after_epochs: int | None = option(None, "stop after this many epochs, keeping the checkpoint (continue "
-                                                 "with --resume, which may stop again with this option)", minimum=1, show_default=False)
+                                                 "with --resume, which may stop again with this option)", minimum=1,
+                                           show_default=False)
 
     def validate(self) -> None:
         check_bounds(self)  # every option's bounds and choices, as declared
@@ -811,8 +813,6 @@ class Trainer(GrowthCalls, RunTemplate):
             self._stage_magnitude = self.adareg.settings.randaug_magnitude
 
     def _training_data_identity(self) -> dict:
-        from ..data import dataset_identity
-
         return dataset_identity(self.data.train)
 
     def _task_state(self) -> dict:

@@ -26,6 +26,7 @@ from ..data import (
     load_digits,
     load_fashion_mnist,
     to_device,
+    unknown_dataset,
 )
 from ..errors import ConfigError, DataError
 
@@ -393,10 +394,8 @@ def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = 
         xtr, ytr, xte, yte, names = _image_folder(Path(dataset), image_size or 32, accelerator=accelerator)
         n = len(names)
         name = Path(dataset).name
-    elif any(c in dataset for c in "/\\.") or Path(dataset).exists():
-        raise DataError(f"--dataset {dataset}: {'not a directory' if Path(dataset).exists() else 'no such directory'}")
     else:
-        raise DataError(f"unknown dataset {dataset!r}: use fashion-mnist, digits, or a path to an ImageFolder directory")
+        raise unknown_dataset(dataset)
     if classes is not None:
         bad = [c for c in classes if not 0 <= c < n]
         if bad:

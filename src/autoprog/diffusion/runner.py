@@ -274,7 +274,8 @@ class DreamBoothSpec(TextFinetuneSpec):
                                                   "model does not turn every dress into the subject", group="data")
     prior_loss_weight: float = option(1.0, "weight of the class images' loss", minimum=0, group="data")
     num_class_images: int = option(100, "class images for prior preservation (generated once by the base model "
-                                        "with guidance 4 and --sample-steps and --eta, then reused)", minimum=1, group="data")
+                                        "with guidance 4 and --sample-steps and --eta, then reused)", minimum=1,
+                                   group="data")
     class_dir: str | None = option(None, "where the class images are: those there are used, missing ones are "
                                          "generated into it (default: a folder of the cache keyed by base model, "
                                          "prompt and sampler)", metavar="DIR", show_default=False, group="data")

@@ -227,8 +227,8 @@ class DiffusionTrainer(RunTemplate):
             from ..metrics import count_flops
 
             with self.measuring():
-                x0, y = self.data.batch(torch.arange(2) % len(self.data.train_images), self.resolution, generator=torch.Generator().manual_seed(0),
-                                        device=self.acc.device)
+                x0, y = self.data.batch(torch.arange(2) % len(self.data.train_images), self.resolution,  # (one image:
+                                        generator=torch.Generator().manual_seed(0), device=self.acc.device)  # twice)
 
                 def step():
                     with forked_rng(self.acc.device):

@@ -144,6 +144,7 @@ class TextUNet(DiffusionBackbone):
         length = self.tokenizer.model_max_length
         room = max((len(s) for s in self._sid_suffix), default=0) if self.sid is not None else 0
         keep = length - 1 - room  # tokens a prompt keeps, its start-of-text one included (with_sid, tokenize)
+        beside = " beside the stage identifier" if room else ""
         eos, seen, cut = self.tokenizer.eos_token_id, {}, []
         for prompt in dict.fromkeys(prompts):
             ids = self.tokenizer(prompt, verbose=False).input_ids  # whole: no warning about its length
@@ -152,12 +153,12 @@ class TextUNet(DiffusionBackbone):
                 cut.append(prompt)
             other = seen.setdefault(tuple(ids[:keep]), prompt)
             if other != prompt:
-                raise ConfigError(f"{what}: the prompts {other!r} and {prompt!r} are the same in the "
-                                  f"{keep - 1} tokens the text encoder reads{' beside the stage identifier' * bool(room)}"
-                                  "; make them differ earlier (shorter, or the class name first)")
+                raise ConfigError(f"{what}: the prompts {other!r} and {prompt!r} are the same in the {keep - 1} "
+                                  f"tokens the text encoder reads{beside}; make them differ earlier (shorter, or the "
+                                  "class name first)")
         if cut:
-            warn(f"{what}: {len(cut)} prompt(s) longer than the {keep - 1} tokens the text encoder reads"
-                 f"{' beside the stage identifier' * bool(room)} are cut, e.g. {cut[0]!r}", once=True)
+            warn(f"{what}: {len(cut)} prompt(s) longer than the {keep - 1} tokens the text encoder reads{beside} are "
+                 f"cut, e.g. {cut[0]!r}", once=True)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """The UNet's ``encoder_hidden_states`` for token ids (the current stage's SID appended).
