@@ -142,6 +142,31 @@ def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(fake_fmnist, tmp_path):
     assert has_checkpoint(run)
 
 
+def test_sigterm_to_the_process_group_with_loader_workers_stops_at_the_step(image_folder, tmp_path):
+    """``scancel`` and ``timeout`` signal the whole process group: the ImageFolder loader's workers ignore it, so
+    the trainer stops at its step (130) instead of dying of a killed worker (1, from the last checkpoint)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "autoprog.cli", "pretrain", "--method", "prog", "--out", str(run),
+                             "--dataset", str(image_folder), "--subset", "0", "--batch-size", "4", "--epochs", "400",
+                             "--embed-dim", "16", "--depth", "4", "--num-heads", "2", "--patch-size", "4",
+                             "--no-flops", "--cpu", "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoint" / "state.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err and "Traceback" not in err and "killed by signal" not in err
+    assert has_checkpoint(run)
+
+
 @pytest.mark.parametrize("at", [5, 13, 24])
 def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resumes_identical(runs, cli, fake_fmnist, tmp_path, at):
     """Ctrl-C during step ``at`` (8 steps an epoch): that step is finished and checkpointed with the epoch's

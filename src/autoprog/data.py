@@ -212,6 +212,18 @@ class SeededSamples(Dataset):
             np.random.set_state(states[2])
 
 
+def leave_stops_to_the_trainer(worker_id: int | None = None) -> None:
+    """A loader worker's ``worker_init_fn``: it ignores SIGTERM and SIGINT. A scheduler's stop (Slurm's
+    ``scancel``, ``timeout``) and Ctrl-C reach the whole process group; the trainer, not its workers, decides when to
+    stop (it finishes and checkpoints its step first), and torch's worker handler would otherwise die by SIGTERM,
+    which kills the trainer with a loader error. The workers still end when the trainer closes its loader or is
+    gone (torch's watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _seed_all(seed: int) -> None:
     """torch's, Python's and numpy's streams (timm's crop draws its box and resampling with Python's, torchvision's
     flip with torch's; timm's RandAugment picks operations with numpy's and magnitudes with Python's)."""
@@ -286,7 +298,8 @@ class DataBundle:
             return DataLoader(ds, collate_fn=_collate_batched, **kw)
         side = size or self.image_size
         num_workers = workers_for_shared_memory(num_workers, batch_size * self.in_chans * side * side)
-        return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0, **kw)
+        return DataLoader(ds, num_workers=num_workers, persistent_workers=num_workers > 0,
+                          worker_init_fn=leave_stops_to_the_trainer if num_workers else None, **kw)
 
     @property
     def worker_crop(self):
