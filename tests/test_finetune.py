@@ -942,3 +942,23 @@ def test_a_resumed_diffusion_run_may_stop_again(cli, fake_fmnist, tmp_path):
     assert json.loads((out / "results.json").read_text())["summary"]["steps"] == 2
     rc, stdout, err = cli("pretrain", "--task", "diffusion", "--resume", out, "--cpu")
     assert rc == 0 and "done: " in stdout and "after 4 steps" in stdout, err
+
+
+def test_a_fine_tuning_comparison_never_reuses_a_run_trained_on_other_data(cli, base, image_folder, cache_dir,
+                                                                          tmp_path):
+    """Images added to the folder between two invocations of one comparison: its finished runs on the old images
+    are refused by name instead of reused beside new ones; on the same images they are reused."""
+    from PIL import Image
+
+    for f in image_folder.rglob("*.png"):
+        Image.open(f).convert("L").save(f)
+    args = ["compare", "--task", "finetune", "--methods", "full", "--front", "1", "--no-budget-baseline", "--base",
+            base, "--dataset", image_folder, "--image-size", "16", "--cache-dir", cache_dir, "--out", tmp_path / "c",
+            *TRAIN_FLAGS[:2], "--batch-size", "4", *TRAIN_FLAGS[4:]]
+    rc, _, err = cli(*args)
+    assert rc == 0, err
+    rc, stdout, err = cli(*args)
+    assert rc == 0 and stdout.count("reusing finished run") == 2, err
+    Image.new("L", (20, 20)).save(image_folder / "train" / "circle" / "new.png")
+    rc, _, err = cli(*args)
+    assert rc == 2 and "holds a full run on other training data (10 images then, 11 now)" in err, err

@@ -840,10 +840,11 @@ def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, bu
     acc = accelerator or default_accelerator()
     data = build_finetune(replace(spec, method="full"), device=acc.device, accelerator=acc)[0]  # (its model let go)
     evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
-    classes = data.classes
+    classes, identity = data.classes, data.identity()  # (a finished run is reused only on the same data)
     del data  # (its pixels, latents and VAE: each run loads its own; the evaluator keeps what it scores against)
     results, diverged = experiment.run_methods(
-        methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator), "full", acc.print)
+        methods, lambda m: _run_once(replace(spec, method=m), out / m, acc, evaluator, identity), "full",
+        acc.print)
     full = results["full"]["summary"]
     prog = [m for m in results if get_method(m, FINETUNE).kind != "static"]
     run_budget = Budget.from_options(spec.train.budget, spec.train.budget_steps)
@@ -851,7 +852,7 @@ def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, bu
     def budget_point(name: str, steps: int) -> dict:
         bspec = replace(spec, method="full", train=replace(spec.train, steps=steps, lr_schedule="cosine"))
         experiment.drop_stale_budget_run(out / name, _saved_differences(out / name, bspec), "train.steps", acc)
-        res = _run_once(bspec, out / name, acc, evaluator)
+        res = _run_once(bspec, out / name, acc, evaluator, identity)
         res["summary"]["method"] = name
         return res
 
@@ -864,7 +865,7 @@ def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, bu
         # methods' own schedule
         train = replace(spec.train, lr_schedule="cosine",
                         **({"steps": steps} if run_budget is None else run_budget.scaled(fraction)))
-        return _run_once(replace(spec, method="full", train=train), out / name, acc, evaluator)
+        return _run_once(replace(spec, method="full", train=train), out / name, acc, evaluator, identity)
 
     front_results = experiment.front_runs("full", list(front), spec.train.steps, front_point, acc.print,
                                           run_budget.describe() if run_budget else None,
@@ -1001,10 +1002,12 @@ def _task_title(spec: FinetuneSpec) -> str:
     return f"Fine-tuning {spec.dataset} classes {spec.class_selection}"
 
 
-def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator) -> dict:
-    """Reuse a finished run with the same settings, resume an unfinished one, or start it."""
+def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator, identity: dict) -> dict:
+    """Reuse a finished run with the same settings and training data (``identity``), resume an unfinished one,
+    or start it."""
     return experiment.reuse_or_run(out, spec.method, _saved_differences(out, spec),
-                        lambda resume: finetune(spec, out, acc, resume=resume, evaluator=evaluator), log=acc.print)
+                                   lambda resume: finetune(spec, out, acc, resume=resume, evaluator=evaluator),
+                                   log=acc.print, data=lambda: identity)
 
 
 # Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
