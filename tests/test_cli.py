@@ -500,6 +500,8 @@ def test_compare_writes_summary_and_reuses_runs(cli, fake_fmnist, tmp_path):
 
     md = (out / "summary.md").read_text()
     assert "| original |" in md and "| prog |" in md and "budget of prog" in md and "time-to-quality" in md
+    last = md.rstrip().splitlines()[-1]  # the printed reading, kept with the table
+    assert last.startswith("reading: ") and last in stdout
     for png in ("curves.png", "front.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -654,3 +656,14 @@ def test_a_comparison_never_writes_into_a_runs_folder_or_a_folder_of_other_files
         rc, _, err = cli("compare", "--methods", "prog", "--out", out, *tiny_args(fake_fmnist))
         assert rc == 2 and message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in notes.iterdir()) == ["notes.txt"]
+
+
+def test_a_warm_up_set_over_half_the_run_warns_that_it_is_cut(cli, fake_fmnist, tmp_path):
+    """The schedule warms up over at most half the run: --warmup-epochs set longer is said, not cut silently;
+    the default's cut in a one-epoch run is what its help says."""
+    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "a",
+                     *tiny_args(fake_fmnist, "--warmup-epochs", "1.5", epochs="2"))
+    assert rc == 0 and "warning: --warmup-epochs 1.5 is over half the run (2 epochs): the learning rate warms up " \
+        "over its first half" in err, err
+    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "b", *tiny_args(fake_fmnist, epochs="1"))
+    assert rc == 0 and "warning" not in err, err

@@ -292,6 +292,7 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
         assert math.isfinite(r["fd"]) and r["wall_time_s"] > 0 and r["trainable_params"] > 0
     md = (out / "summary.md").read_text()
     assert "FD (classifier features)" in md and "full@budget (time of prog)" in md and "time-to-quality" in md
+    assert md.rstrip().splitlines()[-1].startswith("reading: ")
     assert "full@0.5" not in (out / "samples.txt").read_text(), "the front's runs are not sampled"
     for f in ("fd_curves.png", "front.png", "samples.png", "samples.txt"):
         assert (out / f).stat().st_size > 0
@@ -962,3 +963,9 @@ def test_a_fine_tuning_comparison_never_reuses_a_run_trained_on_other_data(cli, 
     Image.new("L", (20, 20)).save(image_folder / "train" / "circle" / "new.png")
     rc, _, err = cli(*args)
     assert rc == 2 and "holds a full run on other training data (10 images then, 11 now)" in err, err
+
+
+def test_a_warm_up_set_over_half_the_run_warns_that_it_is_cut(cli, base, fake_fmnist, cache_dir, tmp_path):
+    rc, _, err = cli("finetune", "--method", "bitfit", "--base", base, "--data-root", fake_fmnist, "--cache-dir",
+                     cache_dir, "--out", tmp_path / "ft", *TRAIN_FLAGS, "--warmup-steps", "6")
+    assert rc == 0 and "warning: --warmup-steps 6 is over half the run (8 steps)" in err, err

@@ -116,3 +116,13 @@ def test_reading_says_whether_the_best_method_beats_the_front():
     line = reading(rows, "original")
     assert "no verdict from the seed means" in line and "pays" not in line and "~1.13×" in line
     assert reading(rows[:3], "original") is None
+    full = [{**r, "method": r["method"].replace("original", "full")} for r in rows]
+    full[3].update(tq_speedup=1.3, tq_bound="=")
+    assert "sooner than full fine-tuning's front (full fine-tuning for less time" in reading(full, "full")
+    full[3].update(tq_speedup=0.8)
+    assert "no method beats full fine-tuning for less time" in reading(full, "full") and "fine-tune fully" in \
+        reading(full, "full")
+    from autoprog.report import with_reading
+
+    assert with_reading("| t |\n", full, "full", " (seed means)").endswith("regime further from its plateau (seed means)\n")
+    assert with_reading("| t |\n", full[:3], "full") == "| t |\n"

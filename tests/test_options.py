@@ -285,3 +285,49 @@ def test_a_learning_rate_floor_above_the_peak_is_refused():
         with pytest.raises(ConfigError, match="--min-lr 0.01 is above --lr 0.001"):
             cfg.validate()
     TrainConfig(lr=1e-3, min_lr=1e-3).validate()
+
+
+def test_a_spec_made_in_python_takes_paths_and_refuses_wrong_types_by_name():
+    """``RunSpec(dataset=Path(...))`` once failed deep in loading (``'PosixPath' object has no attribute 'lower'``)
+    and ``TrainConfig(epochs="2")`` in arithmetic; now a path is its string and a wrong type one line at once."""
+    from pathlib import Path
+
+    from autoprog.classification.runner import RunSpec, TransferSpec
+    from autoprog.classification.trainer import TrainConfig
+    from autoprog.diffusion.runner import DreamBoothSpec, FinetuneSpec
+    from autoprog.diffusion.trainer import DiffusionConfig
+
+    assert RunSpec(dataset=Path("/data/shapes")).dataset == "/data/shapes"
+    assert TransferSpec(base=Path("runs/a/model")).base == "runs/a/model"
+    assert DreamBoothSpec(instance_dir=Path("dog")).instance_dir == "dog"
+    assert RunSpec(train=TrainConfig(epochs=2)).train.epochs == 2  # an int where a float is declared
+    with pytest.raises(ConfigError, match=r"^RunSpec: train\.epochs must be a number, got '2'$"):
+        RunSpec(train=TrainConfig(epochs="2"))
+    with pytest.raises(ConfigError, match=r"^FinetuneSpec: train\.steps must be an integer, got 8\.0$"):
+        FinetuneSpec(train=DiffusionConfig(steps=8.0))
+    with pytest.raises(ConfigError, match=r"^RunSpec: train must be a TrainConfig, got a mapping$"):
+        RunSpec(train={"epochs": 2})
+    with pytest.raises(ConfigError, match=r"^FinetuneSpec: train must be a DiffusionConfig, got a TrainConfig$"):
+        FinetuneSpec(train=TrainConfig())
+    assert TransferSpec(train=TrainConfig(epochs=3)).train.epochs == 3  # the same settings, other defaults
+    with pytest.raises(ConfigError, match=r"^TransferSpec: train\.batch_size must be an integer, got True$"):
+        TransferSpec(train=TrainConfig(batch_size=True))
+
+
+@pytest.mark.parametrize("task", ["classification", "diffusion", "text-to-image", "dreambooth"])
+def test_no_flag_states_its_default_twice(task):
+    """A help text that says its default itself shows no generated ``(default: …)`` beside it (``--subset`` of
+    classification fine-tuning read ``(default: all) (default: 0)``)."""
+    import argparse
+
+    def actions(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub, p in a.choices.items():
+                    yield from actions(p, f"{name} {sub}")
+            elif a.help:
+                yield name, a
+
+    twice = [(name, a.option_strings[0]) for name, a in actions(build_parser(task), task)
+             if a.help.count("default:") > 1]
+    assert not twice

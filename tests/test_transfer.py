@@ -218,6 +218,7 @@ def test_compare_transfer_measures_against_full_fine_tunings_front(pretrained_ru
     assert rows[0]["tq_speedup"] is not None and rows[1]["growth"] is None
     md = (out / "summary.md").read_text()
     assert "full's front" in md and "fine-tuned on digits" in md
+    assert "\nreading: " in md and "full fine-tuning" in md.rstrip().splitlines()[-1]
 
 
 def test_unfreezing_volo_trains_its_class_token_and_post_network_with_the_last_blocks():

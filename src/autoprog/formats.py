@@ -89,7 +89,7 @@ def read_json_object(path: str | Path, what: str = "") -> dict:
     """:func:`read_json`, which must be a JSON object."""
     value = read_json(path, what)
     if not isinstance(value, dict):
-        raise ConfigError(f"{what} {path}".strip() + f" must hold a JSON object, not a {_kind(value)}")
+        raise ConfigError(f"{what} {path}".strip() + f" must hold a JSON object, not a {kind_of(value)}")
     return value
 
 
@@ -128,7 +128,8 @@ def read_yaml(path: str | Path, what: str = "") -> Any:
 
 
 # ------------------------------------------------------------------------------------------- schemas
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """How an error names a value's type: mapping, list, string, true/false, integer, number, null, or its class."""
     return {dict: "mapping", list: "list", str: "string", bool: "true/false", int: "integer", float: "number",
             type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -166,7 +167,7 @@ def check_value(value: Any, expected: Any, where: str) -> None:
         if option in (str, dict) and isinstance(value, option):
             return
     names = " or ".join(_WANTED.get(o, "a list") if not isinstance(o, list) else "a list" for o in options)
-    shown = f"a {_kind(value)}" if isinstance(value, (dict, list)) else repr(value)
+    shown = f"a {kind_of(value)}" if isinstance(value, (dict, list)) else repr(value)
     raise ConfigError(f"{where} must be {names}, got {shown}")
 
 
@@ -179,7 +180,7 @@ def check_fields(d: Mapping, schema: Mapping[str, Any], where: str, required: tu
     """Check each key of ``schema`` present in ``d`` with :func:`check_value`; ``required`` keys must be present,
     and with ``closed`` no other key may be."""
     if not isinstance(d, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got a {_kind(d)}")
+        raise ConfigError(f"{where} must be a mapping, got a {kind_of(d)}")
     unknown = sorted(set(d) - set(schema)) if closed else []
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")

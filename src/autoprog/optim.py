@@ -128,6 +128,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ten
         optimizer.state.setdefault(p, {})[k] = v
 
 
+def warn_long_warmup(flag: str, warmup: float, default: float, length: float, unit: str) -> None:
+    """A warm-up set (not the ``default``) over half the run is cut to its first half, the schedule's rule: a
+    warning says so (the default's cut in a short run is what its help says)."""
+    from .errors import warn
+
+    if warmup != default and warmup > length / 2:
+        warn(f"{flag} {warmup:g} is over half the run ({length:g} {unit}): the learning rate warms up over its "
+             f"first half", once=True)
+
+
 def check_lr_floor(cfg) -> None:
     """A cosine schedule's floor ``min_lr`` above its peak ``lr`` would raise the learning rate as it 'decays'."""
     if cfg.min_lr > cfg.lr:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from typing import Any
 
 from .errors import ConfigError
-from .formats import INT64, check_value
+from .formats import INT64, check_value, kind_of
 
 MAX_IMAGE_SIZE = 65536  # pixels per side: beyond it sizes overflow torch's 64-bit counts before memory runs out
 
@@ -256,10 +257,34 @@ def option_names(spec_cls, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def check_types(spec, where: str, prefix: str = "") -> None:
+    """Raise a one-line :class:`ConfigError` naming ``where`` and the field for a value of the wrong type (a
+    spec made in Python: ``TrainConfig(epochs="2")``), nested specs included; a path (``pathlib.Path``) where a
+    string is declared becomes that string."""
+    hints = _hints(type(spec))
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if _is_spec(hints[f.name]):
+            names = {g.name for g in dataclasses.fields(hints[f.name])}
+            if not (dataclasses.is_dataclass(v) and {g.name for g in dataclasses.fields(v)} == names):
+                got = type(v).__name__ if dataclasses.is_dataclass(v) else kind_of(v)
+                raise ConfigError(f"{where}: {prefix}{f.name} must be a {hints[f.name].__name__}, got a {got}")
+            check_types(v, where, prefix + f.name + ".")  # (a TrainConfig in a TransferSpec: the same settings)
+            continue
+        kind, _ = _scalar_type(hints[f.name])
+        if kind is str and isinstance(v, os.PathLike):
+            object.__setattr__(spec, f.name, v := os.fspath(v))
+        check_value(v, _expected(hints[f.name]), f"{where}: {prefix}{f.name}")
+
+
 class Spec:
-    """Mixin of the run specs: ``to_dict`` (what ``config.json`` holds) and the one ``from_dict`` rule."""
+    """Mixin of the run specs: ``to_dict`` (what ``config.json`` holds) and the one ``from_dict`` rule. Made in
+    Python, a spec checks its fields' types (:func:`check_types`)."""
 
     settings_name = "settings"  # how errors name this spec
+
+    def __post_init__(self):
+        check_types(self, type(self).__name__)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

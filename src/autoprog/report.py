@@ -43,22 +43,32 @@ def speedup_cell(value, bound: str | None) -> str:
     return f"{'' if bound in (None, '=') else bound}{value:.2f}×"
 
 
+BASELINE_WORDS = {"original": ("the original", "train the original"), "full": ("full fine-tuning", "fine-tune fully")}
+
+
 def reading(rows: list[dict], baseline: str) -> str | None:
     """One line that reads a comparison: whether the best method beats training ``baseline`` for less time."""
     ranked = [r for r in rows if r["method"] != baseline and "@" not in r["method"]  # not the baseline's own runs
               and r.get("tq_speedup") is not None]
     if not ranked:
         return None
+    noun, verb = BASELINE_WORDS.get(baseline, (f"the {baseline}", f"train the {baseline}"))
     best = max(ranked, key=lambda r: r["tq_speedup"])
     cell = speedup_cell(best["tq_speedup"], best.get("tq_bound"))
     if best.get("tq_bound") == "~":  # a seed mean of exact figures and bounds (or of fewer seeds): no verdict
         return (f"reading: no verdict from the seed means: {best['method']}'s speed-up ({cell}) averages figures of "
                 "different kinds (bounds beyond or before the front, or a diverged seed); read the per-seed rows")
     if best["tq_speedup"] >= 1.0 and best.get("tq_bound") != "<":
-        return (f"reading: {best['method']} reaches its quality {cell} sooner than the {baseline}'s front (the "
-                f"{baseline} trained for less time, learning rate decayed): progressive training pays here")
-    return (f"reading: no method beats training the {baseline} for less time here (best: {best['method']}, {cell}); "
-            f"for this budget train the {baseline} (--budget), or a regime further from its plateau")
+        return (f"reading: {best['method']} reaches its quality {cell} sooner than {noun}'s front ({noun} for "
+                f"less time, learning rate decayed): {best['method']} pays here")
+    return (f"reading: no method beats {noun} for less time here (best: {best['method']}, {cell}); for this budget "
+            f"{verb} (--budget), or a regime further from its plateau")
+
+
+def with_reading(md: str, rows: list[dict], baseline: str, note: str = "") -> str:
+    """A comparison's markdown summary ended by its :func:`reading` line (``note`` after it), when it has one."""
+    line = reading(rows, baseline)
+    return md if line is None else md.rstrip("\n") + f"\n\n{line}{note}\n"
 
 
 def speedup_mean_cell(row: dict) -> str:

@@ -37,8 +37,9 @@ from ..experiment import (
 from ..formats import read_json_object
 from ..front import DEFAULT_FRONT
 from ..methods import PRETRAIN, TRANSFER, SearchSettings, get_method, method_names, methods_help
+from ..optim import warn_long_warmup
 from ..options import MAX_IMAGE_SIZE, Spec, default, option
-from ..report import plot_curves, plot_front, reading, schedule_string
+from ..report import plot_curves, plot_front, schedule_string, with_reading
 from ..schedules import build_schedule
 from .adareg import RULES
 from .pretrained import build_args_of, load_pretrained, locate, pretrained_resolution
@@ -194,7 +195,7 @@ class TransferSpec(RunSpec):
                                     "task), fashion-mnist, or an ImageFolder directory (train/ and val/); images "
                                     "are resized to the base model's resolution", group="data")
     subset: int | None = option(None, "fine-tune on this many training images (fixed random subset; default: all)",
-                                minimum=0, zero_is_none=True, group="data")
+                                minimum=0, zero_is_none=True, show_default=False, group="data")
     start_ratio: float = option(0.25, "unfreezing's first sub-network as a ratio of input patches per side and of "
                                       "learnable blocks (the paper's fine-tuning 0.25)", above=0, maximum=1,
                                 group="growth")
@@ -223,6 +224,14 @@ TRANSFER_EXCLUDE = {"growth", "img_size", "patch_size", "depth", "embed_dim", "n
                     "adareg", "adareg_rule"}
 
 
+def _warn_long_warmup(spec: RunSpec) -> None:
+    """--warmup-epochs over half of --epochs (a run of its own length: not a budget's, nor a front's max_steps)."""
+    train = spec.train
+    if train.max_steps is None and Budget.from_options(train.budget, train.budget_steps) is None:
+        warn_long_warmup("--warmup-epochs", train.warmup_epochs, type(spec)().train.warmup_epochs, train.epochs,
+                         "epochs")
+
+
 def build_run(spec: RunSpec):
     """Load data, build the elastic model, the schedule and the growth operator for ``spec`` (a
     :class:`TransferSpec`: the pre-trained model with a new head, unfreezing instead of growing)."""
@@ -234,6 +243,7 @@ def build_run(spec: RunSpec):
     elif spec.adareg_rule != "stage":
         warn(f"--adareg-rule {spec.adareg_rule} set without --adareg: unread", once=True)
     warn_unread_length(spec.train, type(spec)().train, "epochs")
+    _warn_long_warmup(spec)
     data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, spec.img_size,
                         randaugment=spec.train.randaugment, crop_scale=spec.train.crop_scale,
                         interpolation=spec.train.train_interpolation, eval_crop=eval_crop(spec.train, spec.model))
@@ -295,6 +305,7 @@ def _build_transfer(spec: TransferSpec):
     base = locate(spec.base_path, spec.model)  # read once: its config, then its weights
     size = pretrained_resolution(base)
     warn_unread_length(spec.train, type(spec)().train, "epochs")
+    _warn_long_warmup(spec)
     data = load_dataset(spec.dataset, spec.data_root, spec.train_subset, size, randaugment=spec.train.randaugment,
                         crop_scale=spec.train.crop_scale, interpolation=spec.train.train_interpolation,
                         eval_crop=eval_crop(spec.train, base.model, base.config.get("pretrained_cfg")))
@@ -520,13 +531,11 @@ def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_f
     # 2026-12-06 did not record it: then the --subset asked for)
     n = used.pop() if len(used) == 1 else base.train_subset
     title = _title(base) + (f" ({n} images)" if n else "")
-    md = summary_markdown(rows, title, base.baseline)
+    md = with_reading(summary_markdown(rows, title, base.baseline), rows, base.baseline)
     (out / "summary.md").write_text(md)
     plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")
     plot_front(rows, baseline_front.envelope if baseline_front else [], out / "front.png", "top1", "top-1 (%)")
-    log("\n" + md)
-    if (line := reading(rows, base.baseline)) is not None:
-        log(line)
+    log("\n" + md.rstrip("\n"))
 
 
 def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: list[int],
@@ -549,10 +558,8 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
         "schedules": [r["schedule_str"] for r in runs], **seed_speedup(runs)})
     if acc.is_main_process:
         write_json(out / "summary.json", rows)
-        md = seeds_markdown(rows, f"{_title(base)}, seeds {', '.join(map(str, seeds))} (mean ± std)",
-                            base.baseline)
+        md = with_reading(seeds_markdown(rows, f"{_title(base)}, seeds {', '.join(map(str, seeds))} (mean ± std)",
+                                         base.baseline), rows, base.baseline, " (seed means)")
         (out / "summary.md").write_text(md)
-        acc.print("\n" + md)
-        if (line := reading(rows, base.baseline)) is not None:
-            acc.print(line + " (seed means)")
+        acc.print("\n" + md.rstrip("\n"))
     return rows

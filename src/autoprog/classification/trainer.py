@@ -82,7 +82,7 @@ class TrainConfig(OptimConfig, SearchMeasurements):
     lr: float = default(OptimConfig, "lr", 1e-3)
     min_lr: float = default(OptimConfig, "min_lr", 1e-5)
     weight_decay: float = default(OptimConfig, "weight_decay", 0.05)
-    warmup_epochs: float = option(1.0, "linear warm-up length", minimum=0, group="optimisation")
+    warmup_epochs: float = option(1.0, "linear warm-up length, at most half the run", minimum=0, group="optimisation")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", minimum=0, below=1,
                                     group="optimisation")
     randaugment: str | None = option(None, "RandAugment as timm's config string, e.g. rand-m9-mstd0.5-inc1 (the "

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import fmt, plot_curves, plot_front, schedule_string, speedup_cell, speedup_mean_cell
+from ..report import (
+    fmt,
+    plot_curves,
+    plot_front,
+    schedule_string,
+    speedup_cell,
+    speedup_mean_cell,
+    with_reading,
+)
 from .dreambooth import SCORE_LABELS
 
 SPEEDUP_NOTE = ("time-to-quality speed-up: the time full fine-tuning's front (its runs at several budgets, each "
@@ -77,7 +85,7 @@ def write_finetune_report(summary: dict, out: str | Path) -> None:
     if summary.get("reference"):
         md += ("\nThe subject images themselves score " + ", ".join(f"{SCORE_LABELS[k]} {v:.3f}" for k, v in
                                                               summary["reference"].items()) + ".\n")
-    (out / "summary.md").write_text(md)
+    (out / "summary.md").write_text(with_reading(md, rows, "full"))
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
     key = summary.get("headline", "fd")
     curve_key = "fd_curve" if key == "fd" else key

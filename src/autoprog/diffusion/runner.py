@@ -28,6 +28,7 @@ from ..formats import check_fields
 from ..front import DEFAULT_FRONT
 from ..methods import FINETUNE, SearchSettings, get_method, methods_help
 from ..models.dit import OFFICIAL_SUFFIXES, build_backbone, load_backbone
+from ..optim import warn_long_warmup
 from ..options import MAX_IMAGE_SIZE, Spec, option
 from ..schedules import Schedule
 from .data import (
@@ -706,6 +707,9 @@ def _run_spec(cls, spec, out: Path, resume: bool, overwrite: bool = False, stop_
     spec.train.validate()
     if not resume:
         warn_unread_length(spec.train, type(spec)().train, "steps")
+        if Budget.from_options(spec.train.budget, spec.train.budget_steps) is None:
+            warn_long_warmup("--warmup-steps", spec.train.warmup_steps, type(spec)().train.warmup_steps,
+                             spec.train.steps, "steps")
     _check_prompts(spec)
     return spec
 
@@ -972,6 +976,7 @@ def compare_finetune_seeds(spec: FinetuneSpec, methods: list[str], out: str | Pa
                            ) -> list[dict]:
     """:func:`compare_finetune` once per seed (``out/seed<N>``), then mean ± std per method in ``out/summary.*``."""
     from ..accelerator import default_accelerator
+    from ..report import with_reading
     from .report import finetune_seeds_markdown
 
     spec, methods = _spec_first(spec, methods, "compare_finetune_seeds")
@@ -989,8 +994,9 @@ def compare_finetune_seeds(spec: FinetuneSpec, methods: list[str], out: str | Pa
         write_json(out / "summary.json", rows)
         md = finetune_seeds_markdown(rows, f"{_task_title(spec)}, {spec.train.steps} steps, seeds "
                                            f"{', '.join(map(str, seeds))} (mean ± std)")
+        md = with_reading(md, rows, "full", " (seed means)")
         (out / "summary.md").write_text(md)
-        acc.print("\n" + md)
+        acc.print("\n" + md.rstrip("\n"))
     return rows
 
 
@@ -1002,12 +1008,18 @@ def _task_title(spec: FinetuneSpec) -> str:
     return f"Fine-tuning {spec.dataset} classes {spec.class_selection}"
 
 
-def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator, identity: dict) -> dict:
-    """Reuse a finished run with the same settings and training data (``identity``), resume an unfinished one,
-    or start it."""
+def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator, identity: dict | None = None) -> dict:
+    """Reuse a finished run with the same settings and training data (``identity``: the data's, loaded when not
+    given), resume an unfinished one, or start it."""
+    def data() -> dict:
+        if identity is not None:
+            return identity
+        with torch.random.fork_rng(devices=[]):  # (the runs after it start from the same random state)
+            return build_finetune(spec, device=acc.device)[0].identity()
+
     return experiment.reuse_or_run(out, spec.method, _saved_differences(out, spec),
                                    lambda resume: finetune(spec, out, acc, resume=resume, evaluator=evaluator),
-                                   log=acc.print, data=lambda: identity)
+                                   log=acc.print, data=data)
 
 
 # Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
