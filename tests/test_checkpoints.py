@@ -42,7 +42,8 @@ def test_the_previous_checkpoint_is_kept(runs):
 
 
 @pytest.mark.parametrize("damage", ["truncate-model", "garbage-state", "nan-weights", "no-optimizer", "no-rng",
-                                    "no-ema"])
+                                    "no-ema", "tensor-missing", "tensor-reshaped", "moment-missing",
+                                    "moment-reshaped"])
 def test_a_damaged_newest_checkpoint_falls_back_and_ends_identical(runs, cli, tmp_path, damage):
     run = _copy(runs, tmp_path)
     ck = run / "checkpoint"
@@ -59,6 +60,22 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_identical(runs, cli, tm
         (ck / "optimizer.safetensors").unlink()
     elif damage == "no-ema":
         (ck / "ema.safetensors").unlink()
+    elif damage in ("tensor-missing", "tensor-reshaped"):  # files that read but do not fit the model
+        w = load_file(ck / "model.safetensors")
+        name = "model.blocks.0.attn.proj.bias"
+        if damage == "tensor-missing":
+            del w[name]
+        else:
+            w[name] = torch.zeros(3, 3)
+        save_file(w, ck / "model.safetensors")
+    elif damage in ("moment-missing", "moment-reshaped"):
+        opt = load_file(ck / "optimizer.safetensors")
+        name = next(k for k in opt if k.endswith("::exp_avg"))
+        if damage == "moment-missing":
+            del opt[name]
+        else:
+            opt[name] = torch.zeros(3, 3)
+        save_file(opt, ck / "optimizer.safetensors")
     else:
         opt = load_file(ck / "optimizer.safetensors")
         del opt["__rng__"]
@@ -79,6 +96,19 @@ def test_both_damaged_is_one_line_and_names_the_files(runs, cli, tmp_path):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, err
     assert "no usable checkpoint" in lines[0] and "state.json" in lines[0] and "model.safetensors" in lines[0]
+
+
+def test_a_checkpoint_of_another_process_count_is_one_line(runs, cli, tmp_path):
+    """Under torchrun the global batch, and so the steps, follow from the process count: a run resumed by another
+    count is refused naming both (a checkpoint records its count)."""
+    run = _copy(runs, tmp_path)
+    for ck in ("checkpoint", "checkpoint.prev"):
+        state = json.loads((run / ck / "state.json").read_text())
+        assert state["processes"] == 1
+        (run / ck / "state.json").write_text(json.dumps({**state, "processes": 2}))
+    rc, _, err = cli("pretrain", "--resume", run)
+    assert rc == 2 and err.strip().count("\n") == 0, err
+    assert "this run was trained by 2 processes and this launch has 1: resume it with 2" in err
 
 
 def test_a_crash_between_the_renames_loses_nothing(runs, cli, tmp_path, fake_fmnist):

@@ -619,6 +619,14 @@ def test_a_comparison_never_reuses_a_run_trained_on_other_data(cli, image_folder
     assert cli(*args)[0] == 0
     rc, stdout, err = cli(*args)
     assert rc == 0 and "original: reusing finished run" in stdout, err
+    assert json.loads((tmp_path / "c" / "original" / "results.json").read_text())["summary"]["processes"] == 1
+    state_file = tmp_path / "c" / "original" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "processes": 2}))  # as torchrun --nproc_per_node 2 records it
+    rc, _, err = cli(*args)
+    assert rc == 2 and "holds an original run trained by 2 processes and this launch has 1 (another global batch)" \
+        in err and err.strip().count("\n") == 0, err
+    state_file.write_text(json.dumps(state))
     Image.new("RGB", (24, 24)).save(image_folder / "train" / "circle" / "new.png")
     rc, _, err = cli(*args)
     assert rc == 2 and "holds an original run on other training data (10 images then, 11 now)" in err

@@ -392,3 +392,22 @@ def test_a_process_whose_group_never_forms_stops_with_one_line(how, tmp_path):
     log = proc.stdout + proc.stderr
     assert "process 0 of 2 could not join its group" in log and "within 3 s" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_run_stopped_under_torchrun_resumes_under_torchrun(tmp_path, fake_fmnist):
+    """A two-process run stopped early says to continue in a launch of two processes, and does (each process's
+    device is ``cpu:0`` there, which safetensors once refused as if the checkpoint were damaged)."""
+    from conftest import tiny_args
+
+    out = tmp_path / "stopped"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+              "autoprog.cli", "pretrain"]
+    proc, log = _torchrun([*launch, "--method", "prog", "--out", str(out), *tiny_args(fake_fmnist, epochs="2"),
+                           "--stop-after-epochs", "1"], cwd=tmp_path, run_dir=out)
+    assert proc.returncode == 0, log[-4000:]
+    assert f"--resume {out}` in a launch of 2 processes, as this one" in log
+    proc, log = _torchrun([*launch, "--resume", str(out)], cwd=tmp_path, run_dir=tmp_path / "unused")
+    assert proc.returncode == 0, log[-4000:]
+    assert f"resumed from {out / 'checkpoint'} at step 4" in log
+    res = json.loads((out / "results.json").read_text())
+    assert res["done"] and [e["epoch"] for e in res["epochs"]] == [1, 2]

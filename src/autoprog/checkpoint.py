@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
-from .errors import ConfigError
+from .errors import AutoprogError, ConfigError
 from .formats import check_fields, read_json_object
 
 CHECKPOINT_DIR = "checkpoint"  # inside a run directory: the latest resumable state
@@ -154,17 +155,21 @@ def has_checkpoint(out: Path) -> bool:
     return any((out / (CHECKPOINT_DIR + s) / "state.json").is_file() for s in ("", PREVIOUS_SUFFIX))
 
 
-def saved_data_identity(out: Path) -> dict | None:
-    """The training data's identity the newest readable checkpoint of the run in ``out`` records (None: no
-    checkpoint, or one from before 2026-12-07 that records none)."""
+def saved_run_record(out: Path) -> tuple[dict | None, int | None]:
+    """``(data identity, processes)`` the newest readable checkpoint of the run in ``out`` records: its training
+    data's identity and the number of processes that trained it (None: no checkpoint, or one from before
+    2026-12-07 that records neither)."""
     for suffix in ("", PREVIOUS_SUFFIX):
         try:
             state = json.loads((out / (CHECKPOINT_DIR + suffix) / "state.json").read_text())
         except (OSError, ValueError):
             continue
-        data = state.get("data") if isinstance(state, dict) else None
-        return data if isinstance(data, dict) else None
-    return None
+        if not isinstance(state, dict):
+            return None, None
+        data, processes = state.get("data"), state.get("processes")
+        return (data if isinstance(data, dict) else None,
+                processes if isinstance(processes, int) and not isinstance(processes, bool) else None)
+    return None, None
 
 
 def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, optimizer, state: dict) -> None:
@@ -199,12 +204,15 @@ def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, opt
     replace_dir(tmp, out / CHECKPOINT_DIR)
 
 
-def read_checkpoint(out: Path, total_steps: int | None, device, log=print, need_ema: bool = False
+def read_checkpoint(out: Path, total_steps: int | None, device, log=print, need_ema: bool = False,
+                    processes: int | None = None, apply: Callable | None = None
                     ) -> tuple[dict, dict, dict | None, dict]:
     """``(state, model weights, ema weights or None, optimizer tensors)`` of the newest usable checkpoint in
-    ``out``, with the torch RNG restored. A damaged newest checkpoint falls back to the previous one (and says
-    so); none usable, or one made for another number of steps (unless ``total_steps`` is None: a budget run's
-    end moves), is a one-line :class:`ConfigError`."""
+    ``out``, with the torch RNG restored. ``apply(state, weights, ema, optimizer)`` loads them into the run: a
+    checkpoint that does not fit it (a missing tensor, another shape: ``RuntimeError``, ``KeyError`` or
+    ``ValueError``) counts as damaged. A damaged newest checkpoint falls back to the previous one (and says so);
+    none usable, one made by another number of ``processes`` (its global batch), or for another number of steps
+    (unless ``total_steps`` is None: a budget run's end moves), is a one-line :class:`ConfigError`."""
     from .errors import ConfigError
 
     problems = []
@@ -217,14 +225,28 @@ def read_checkpoint(out: Path, total_steps: int | None, device, log=print, need_
         except _Damaged as e:
             problems.append(str(e))
             continue
+        made_by = found[0].get("processes")  # (checkpoints before 2026-12-07 do not say)
+        if processes is not None and made_by is not None and made_by != processes:
+            raise ConfigError(f"this run was trained by {made_by} process{'es' * (made_by != 1)} and this launch "
+                              f"has {processes}: resume it with {made_by}, as it started (the global batch, and so "
+                              "the steps, follow from the count)")
         if total_steps is not None and found[0]["total_steps"] != total_steps:
             raise ConfigError(f"checkpoint was made for {found[0]['total_steps']} steps, this run has {total_steps}")
+        found = (migrate_state(found[0]), *found[1:])
+        rng = found[3].pop("__rng__")
+        if apply is not None:
+            try:
+                apply(*found)
+            except (RuntimeError, KeyError, ValueError) as e:
+                if isinstance(e, AutoprogError):  # (the run's own refusal: other data, settings)
+                    raise
+                problems.append(f"{ck} does not fit this run ({' '.join(str(e).split())[:160]})")
+                continue
         if problems:
             log(f"warning: {problems[0]}; resuming from the previous checkpoint {ck} instead")
         import torch
 
-        torch.set_rng_state(found[3].pop("__rng__"))
-        found = (migrate_state(found[0]), *found[1:])
+        torch.set_rng_state(rng)
         found[0]["checkpoint_dir"] = str(ck)
         return found
     if problems:
@@ -283,7 +305,7 @@ def _read_one(ck: Path, device, need_ema: bool) -> tuple[dict, dict, dict | None
                 raise _Damaged(f"{path} is missing")
             return None
         try:
-            tensors = load_file(path, device=str(on))
+            tensors = load_file(path, device="cpu" if torch.device(on).type == "cpu" else str(on))  # (not cpu:0)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise _Damaged(f"{path} cannot be read ({' '.join(str(e).split())[:120]})") from None
         if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):

@@ -581,10 +581,10 @@ class RunTemplate:
 
     def _raise_interrupted(self) -> None:
         from .checkpoint import CHECKPOINT_DIR
-        from .errors import Interrupted
+        from .errors import Interrupted, launch_note
 
         raise Interrupted(f"interrupted at step {self.step}; {self.out / CHECKPOINT_DIR} holds that step",
-                          resume=f"--resume {self.out}")
+                          resume=f"--resume {self.out}{launch_note(self.acc.num_processes)}")
 
     def _checkpoint_time_due(self) -> bool:
         """``checkpoint_minutes`` of wall-clock since the last checkpoint (several processes: the main process's
@@ -680,7 +680,8 @@ class RunTemplate:
     def _common_summary(self) -> dict:
         """The summary fields every task reports."""
         sched = self.controller.schedule()
-        return {"steps": self.step, "total_steps": self.total_steps, "wall_time_s": round(self.train_time, 3),
+        return {"steps": self.step, "total_steps": self.total_steps, "processes": self.acc.num_processes,
+                "wall_time_s": round(self.train_time, 3),
                 "checkpoint_time_s": round(self.checkpoint_time, 3),
                 "flops_per_step": self.flops_sum / max(1, self.step),
                 "schedule": sched.to_dict() if sched else {"stages": []},
@@ -703,7 +704,7 @@ class RunTemplate:
                  "scaler": self._scaler.state_dict() if self._scaler is not None else None,
                  "budget": {**self.budget_plan.state_dict(), "total_steps": self.total_steps,
                             "lr_remap": self.lr_remap.state_dict()} if self.budget_plan else None,
-                 "data": self._data_identity(), **self._task_state()}
+                 "data": self._data_identity(), "processes": self.acc.num_processes, **self._task_state()}
         save_checkpoint(self.out, self.acc, self._module(), self._momentum_module(), self.optimizer, state)
         self._last_checkpoint = time.perf_counter()
         self.checkpoint_time += self._last_checkpoint - t0
@@ -714,25 +715,29 @@ class RunTemplate:
         from .optim import load_optimizer_state
         from .space import SubNet
 
+        def apply(state: dict, weights: dict, ema: dict | None, opt: dict) -> None:
+            saved = state.get("data")  # (checkpoints before 2026-12-07 have none)
+            if saved is not None and saved != self._data_identity():
+                from .data import identity_change
+
+                raise ConfigError(f"the training data differ from those this run started with"
+                                  f"{identity_change(saved, self._data_identity())}: resume it with the same data, "
+                                  "or start a new run")
+            budget = state.get("budget")
+            if (budget is None) != (self.budget_plan is None):
+                raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; "
+                                  "resume it with the settings it started with")
+            if budget is not None:  # the plan as made (step costs measured then), not a new one
+                self.budget_plan.load_state_dict(budget, SubNet.from_dict)
+                self._start(self.budget_plan.steps)
+            self._load_weights(state, weights, ema)  # (a tensor missing or of another shape: the previous one)
+            load_optimizer_state(self.optimizer, self._module(), opt)
+
         state, weights, ema, opt = read_checkpoint(self.out, None if self.budget_plan else self.total_steps,
                                                    self.acc.device, log=self.acc.print,
-                                                   need_ema=self._momentum_module() is not None)
-        saved = state.get("data")  # (checkpoints before 2026-12-07 have none)
-        if saved is not None and saved != self._data_identity():
-            from .data import identity_change
-
-            raise ConfigError(f"the training data differ from those this run started with"
-                              f"{identity_change(saved, self._data_identity())}: resume it with the same data, or "
-                              "start a new run")
+                                                   need_ema=self._momentum_module() is not None,
+                                                   processes=self.acc.num_processes, apply=apply)
         budget = state.get("budget")
-        if (budget is None) != (self.budget_plan is None):
-            raise ConfigError("this checkpoint was made " + ("with" if budget else "without") + " a budget; resume "
-                              "it with the settings it started with")
-        if budget is not None:  # the plan as made (step costs measured then), not a new one
-            self.budget_plan.load_state_dict(budget, SubNet.from_dict)
-            self._start(self.budget_plan.steps)
-        self._load_weights(state, weights, ema)
-        load_optimizer_state(self.optimizer, self._module(), opt)
         self.controller.load_state_dict(state["controller"])
         self.step, self.stage, self.lr_step = state["step"], state["stage"], state["lr_step"]
         self.train_time, self.search_time = state["train_time_s"], state["search_time_s"]

@@ -69,6 +69,11 @@ def forget_warnings() -> None:
     _WARNED.clear()
 
 
+def launch_note(processes: int) -> str:
+    """How a run of several processes is continued: by a launch of as many (its global batch follows)."""
+    return f" in a launch of {processes} processes, as this one" if processes > 1 else ""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped training at a step boundary, after a checkpoint of that step was written;
     ``resume``: the flag that continues the run (a comparison is continued by running it again)."""

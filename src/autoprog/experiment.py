@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import has_checkpoint, is_model_dir, saved_data_identity
+from .checkpoint import has_checkpoint, is_model_dir, saved_run_record
 from .errors import ConfigError, DivergedError
 from .formats import read_json_object
 from .front import FRONT_SEPARATOR, Front, Speedup, front_name, mean_speedup
@@ -108,11 +108,13 @@ def drop_stale_budget_run(out: Path, differ: list[str] | None, steps_key: str, a
 
 
 def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable[[bool], dict],
-                 log: Callable[[str], None] = print, data: Callable[[], dict] | None = None) -> dict:
+                 log: Callable[[str], None] = print, data: Callable[[], dict] | None = None,
+                 processes: int | None = None) -> dict:
     """The results of the run in ``out``: reused when finished, else ``run(resume)`` (resuming when a checkpoint
     is there). ``differ`` lists how a saved run's settings differ from the wanted ones (None: no saved run);
-    a run made with other settings is refused, naming them. ``data``: the wanted training data's identity, which
-    a finished run's checkpoint must record to be reused (a resumed one checks it itself)."""
+    a run made with other settings is refused, naming them. ``data``: the wanted training data's identity, and
+    ``processes``: this launch's, which a finished run's checkpoint must record to be reused (a global batch of
+    another count is another run; a resumed one checks both itself)."""
     article = "an" if method[:1].lower() in "aeiou" else "a"
     if differ:
         raise ConfigError(f"{out} holds {article} {method} run with different settings ({', '.join(differ)}); "
@@ -121,7 +123,13 @@ def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable
     if differ is not None and res_file.is_file():
         res = json.loads(res_file.read_text())
         if res.get("done"):
-            saved = saved_data_identity(out) if data is not None else None
+            saved, made_by = saved_run_record(out)
+            if processes is not None and made_by is not None and made_by != processes:
+                raise ConfigError(f"{out} holds {article} {method} run trained by {made_by} process"
+                                  f"{'es' * (made_by != 1)} and this launch has {processes} (another global "
+                                  f"batch): run the comparison in a launch of {made_by}, or use another --out")
+            if data is None:
+                saved = None
             if saved is not None and saved != (now := data()):
                 from .data import identity_change
 

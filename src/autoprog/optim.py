@@ -113,6 +113,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ten
     group, whose kernels read it there; else a host tensor)."""
     params = dict(model.named_parameters())
     on_device = {id(q) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for q in g["params"]}
+    kinds: dict[str, set[str]] = {}
+    for key, v in tensors.items():
+        name, k = key.rsplit("::", 1)
+        kinds.setdefault(name, set()).add(k)
+        if name in params and k != "step" and v.shape != params[name].shape:
+            raise ValueError(f"the optimizer state {key} has shape {tuple(v.shape)}, its parameter "
+                             f"{tuple(params[name].shape)}")
+    if len({frozenset(v) for v in kinds.values()}) > 1:  # every parameter with a state has the same kinds
+        name = min(kinds, key=lambda n: len(kinds[n]))
+        lacks = sorted(set.union(*kinds.values()) - kinds[name])
+        raise ValueError(f"the optimizer state of {name} lacks {', '.join(lacks)}")
     optimizer.state.clear()
     for key, v in tensors.items():
         name, k = key.rsplit("::", 1)

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from ..accelerator import launch_env
 from ..adapters.factory import ModelOverrides, build_elastic, model_eval_crop
 from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
@@ -450,7 +451,8 @@ def run_or_reuse(spec: RunSpec, out: Path, accelerator) -> dict:
     return reuse_or_run(out, spec.method, run_differences(out, spec),
                         lambda resume: _train(type(spec), spec, out, accelerator, resume, overwrite=False),
                         log=accelerator.print if accelerator is not None else print,
-                        data=lambda: dataset_identity(build_run(spec)[0].train))
+                        data=lambda: dataset_identity(build_run(spec)[0].train),
+                        processes=accelerator.num_processes if accelerator is not None else launch_env()[0])
 
 
 def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline: bool = True,

@@ -22,6 +22,7 @@ from ..errors import (
     Interrupted,
     first_line,
     forget_warnings,
+    launch_note,
     one_line,
     out_of_memory,
 )
@@ -324,7 +325,8 @@ def _interrupted(args) -> str:
     if done:
         return f"interrupted after the run had finished; results complete in {run}"
     if has_checkpoint(Path(run)):
-        return f"interrupted; the last checkpoint in {run} is kept (continue with --resume {run})"
+        return f"interrupted; the last checkpoint in {run} is kept (continue with --resume {run}" \
+               f"{launch_note(launch_env()[0])})"
     return f"interrupted before the first checkpoint; nothing to resume in {run} (start the run again)"
 
 

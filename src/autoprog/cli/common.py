@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError
+from ..errors import ConfigError, launch_note
 from ..optim import SEED_MAX, SEED_MIN
 from ..options import parse_number
 
@@ -167,7 +167,8 @@ def run_one(args, acc, what: str, run, make_spec, done) -> None:
             raise ConfigError(f"{what} needs --out DIR (or --resume DIR)")
         res = run(make_spec(), args.out, acc, overwrite=args.overwrite)
     acc.print(done(res["summary"]) if res.get("done") else
-              f"stopped early as asked; continue with `autoprog {what} --resume {args.out}`")
+              f"stopped early as asked; continue with `autoprog {what} --resume {args.out}`"
+              f"{launch_note(acc.num_processes)}")
 
 
 def compare_methods(args) -> list[str]:

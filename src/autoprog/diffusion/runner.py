@@ -1019,7 +1019,7 @@ def _run_once(spec: FinetuneSpec, out: Path, acc, evaluator, identity: dict | No
 
     return experiment.reuse_or_run(out, spec.method, _saved_differences(out, spec),
                                    lambda resume: finetune(spec, out, acc, resume=resume, evaluator=evaluator),
-                                   log=acc.print, data=data)
+                                   log=acc.print, data=data, processes=acc.num_processes)
 
 
 # Settings only the searches read, so that a comparison of search settings reuses the other methods' runs.
