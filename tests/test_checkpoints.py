@@ -314,3 +314,30 @@ def test_overwrite_removes_the_sample_grids_autoprog_sample_wrote_beside_the_mod
     (run / "model-samples" / "all.png").write_bytes(b"")
     new_run_dir(run, overwrite=True)
     assert not (run / "model-samples").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(cli, fake_fmnist, tmp_path,
+                                                                                   monkeypatch):
+    """safetensors names a full disk only in its own error's text: it is raised as the OSError it is, the half-written
+    checkpoint is removed, and the command says in one line what is kept and how to go on."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real, calls = safetensors.torch.save_file, []
+
+    def fills_the_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 3:  # the first checkpoint's three files are written, then the disk is full
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_the_disk)
+    run = tmp_path / "run"
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
+    assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert f"cannot write {run / 'checkpoint.tmp'}" in err and "No space left on device" in err
+    assert f"the last checkpoint in {run} is kept" in err and f"continue with --resume {run}" in err
+    assert not (run / "checkpoint.tmp").exists() and has_checkpoint(run)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    rc, _, err = cli("pretrain", "--resume", run)
+    assert rc == 0, err

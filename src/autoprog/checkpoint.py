@@ -179,7 +179,6 @@ def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, opt
     import json
 
     import torch
-    from safetensors.torch import save_file
 
     from .optim import optimizer_state_tensors
 
@@ -193,15 +192,36 @@ def save_checkpoint(out: Path, acc, model: nn.Module, ema: nn.Module | None, opt
                             "the last good checkpoint")
     tmp = out / (CHECKPOINT_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-    opt = optimizer_state_tensors(optimizer, model)
-    opt["__rng__"] = torch.get_rng_state()
-    save_file(opt, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps(strict_json(state), indent=2, allow_nan=False))
+    try:
+        tmp.mkdir(parents=True)
+        save_tensors({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        if ema is not None:
+            save_tensors({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        opt = optimizer_state_tensors(optimizer, model)
+        opt["__rng__"] = torch.get_rng_state()
+        save_tensors(opt, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps(strict_json(state), indent=2, allow_nan=False))
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # (a full disk: what it took is given back)
+        raise
     replace_dir(tmp, out / CHECKPOINT_DIR)
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, whose I/O failures (a full disk) are raised as the :class:`OSError` they are
+    (safetensors raises its own error type, naming the OS error only in its text)."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def read_checkpoint(out: Path, total_steps: int | None, device, log=print, need_ema: bool = False,

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapters.base import ElasticModel, elastic
 from ..adapters.factory import ModelOverrides, build_model
-from ..checkpoint import replace_dir
+from ..checkpoint import replace_dir, save_tensors
 from ..errors import ConfigError
 from ..formats import check_fields, check_finite, read_json_object, read_weights
 
@@ -33,7 +33,6 @@ _ARCH_FIELDS = {f.name: (int, float) if f.name == "drop_path" else (int, None) f
 def save_classifier(net: ElasticModel, path: Path, build_args: dict, extra: dict | None = None) -> Path:
     """Write ``net`` (its whole model, as trained) to the model folder ``path``, atomically; ``build_args``:
     ``{"model": name, **ModelOverrides fields}`` as the run built it."""
-    from safetensors.torch import save_file
 
     from ..checkpoint import write_json
 
@@ -44,7 +43,7 @@ def save_classifier(net: ElasticModel, path: Path, build_args: dict, extra: dict
     meta = {"format": FORMAT, "model": build_args["model"], "architecture": arch,
             "num_classes": _num_classes(net.model), "in_chans": _in_chans(net.model),
             "gated_blocks": net.gated_blocks(), **(extra or {})}
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.model.state_dict().items()}, tmp / WEIGHTS_FILE)
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in net.model.state_dict().items()}, tmp / WEIGHTS_FILE)
     write_json(tmp / CONFIG_FILE, meta)
     replace_dir(tmp, path)
     return path

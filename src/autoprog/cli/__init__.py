@@ -11,6 +11,7 @@ option names with ``_`` for ``-``; options given on the command line win over th
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from ..accelerator import end_processes, launch_env, leave_process, make_accelerator
@@ -306,6 +307,26 @@ def entry() -> None:
     sys.exit(code)
 
 
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # (a full disk, a read-only one)
+
+
+def _write_failed(args) -> str:
+    """What a failed write (a full or read-only disk) leaves, and how to go on."""
+    from pathlib import Path
+
+    from ..checkpoint import has_checkpoint
+
+    command = getattr(args, "command", None)
+    run = getattr(args, "resume", None) or (getattr(args, "out", None) if command in ("pretrain", "finetune")
+                                            else None)
+    if run is not None and has_checkpoint(Path(run)):
+        return (f"the last checkpoint in {run} is kept: free space (or copy the run to a writable disk), then "
+                f"continue with --resume {run}{launch_note(launch_env()[0])}")
+    if command == "compare":
+        return "free space, then run the same command again: finished runs are reused"
+    return "free space (or choose a writable --out) and start again"
+
+
 def _interrupted(args) -> str:
     """What a Ctrl-C outside a training step (loading, building, evaluating, writing) leaves, truthfully."""
     from pathlib import Path
@@ -366,6 +387,11 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _say(_interrupted(args) if args is not None and args.command is not None else "interrupted")
         return 130
+    except OSError as e:
+        if e.errno not in WRITE_FAILURES:
+            raise
+        _say(f"error: cannot write {e.filename or 'a file'}: {e.strerror}; {_write_failed(args)}")
+        return 2
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..checkpoint import save_tensors
 from ..engine import shard_rows
 from ..errors import ConfigError, first_line, warn
 from ..formats import read_json_object
@@ -237,7 +237,7 @@ class LatentCodec:
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         meta = {"format": CACHE_FORMAT, "key": key, "image_channels": str(image_channels), "vae": self.path or ""}
         try:
-            save_file({"latents": latents.contiguous()}, str(tmp), metadata=meta)
+            save_tensors({"latents": latents.contiguous()}, tmp, metadata=meta)
             os.replace(tmp, file)
         finally:
             tmp.unlink(missing_ok=True)

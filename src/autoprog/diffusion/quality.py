@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
+from autoprog.checkpoint import save_tensors
 from autoprog.errors import ConfigError, DivergedError
 from autoprog.rng import forked_rng
 
@@ -265,7 +266,7 @@ def load_or_train_feature_net(
         images, labels, num_classes, epochs=epochs, seed=seed, test=test, device=device
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights, lambda p: save_file(net.state_dict(), str(p)))
+    _atomic_write(weights, lambda p: save_tensors(net.state_dict(), p))
     record = {"format": CACHE_FORMAT, "key": key, "config": net.config(), "info": info}
     _atomic_write(meta, lambda p: p.write_text(json.dumps(record, indent=2)))
     return net, {**info, "cached": False}

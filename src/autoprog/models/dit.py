@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
+from ..checkpoint import save_tensors
 from ..errors import ConfigError, first_line
 from ..formats import check_fields, check_finite, check_value, read_json_object, read_weights
 from .backbone import SAVED_META_FIELDS, DiffusionBackbone
@@ -314,7 +314,7 @@ def save_backbone(model: DiffusionBackbone, path: str | Path, extra: dict | None
     meta = {"format": "autoprog-diffusion/1", "kind": model.kind, "config": config,
             "sid_stages": model.sid.num_stages if model.sid is not None else 0, **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, path / WEIGHTS_FILE)
+    save_tensors(state, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 

@@ -505,9 +505,9 @@ def save_text_unet(model: TextUNet, path: str | Path, extra: dict | None = None,
     with _quiet():
         _write_pipeline(model, path, scheduler, vae)
     if getattr(model, "extras", None) is not None:
-        from safetensors.torch import save_file
+        from ..checkpoint import save_tensors
 
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.extras.state_dict().items()},
+        save_tensors({k: v.detach().contiguous().cpu() for k, v in model.extras.state_dict().items()},
                   str(path / EXTRAS_FILE))
     meta = {"format": FORMAT, "kind": model.kind, "config": model.config, "sid_stages": stages,
             "prompt_suffix": suffix, **(extra or {})}
