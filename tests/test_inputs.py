@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_args
 
 from autoprog.engine import RunTemplate
+from autoprog.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -283,3 +284,23 @@ def test_seeds_are_refused_outside_numpys_range(cli, tmp_path):
     assert "fits in 64 bits" in _error(cli, "pretrain", "--seed", str(2 ** 70), "--out", tmp_path / "r", "--cpu")
     assert "--seeds must be 32-bit integers" in _error(cli, "compare", "--seeds", "0,4294967296", "--out",
                                                        tmp_path / "c", "--cpu")
+
+
+def test_a_seed_named_twice_and_methods_as_one_string(cli, tmp_path):
+    """--seeds 0,0 once trained seed 0 once and showed two agreeing seeds (std 0); the Python API read
+    compare(spec, "original,prog", ...) letter by letter; a refused comparison leaves no folder behind."""
+    from autoprog.classification.runner import RunSpec, compare, compare_seeds
+    from autoprog.diffusion.runner import FinetuneSpec, compare_finetune_seeds
+    from autoprog.experiment import method_list
+
+    assert "--seeds names 0 twice" in _error(cli, "compare", "--seeds", "0,1,0", "--out", tmp_path / "c", "--cpu")
+    for call in (lambda: compare_seeds(RunSpec(), ["original"], tmp_path / "p", [3, 3]),
+                 lambda: compare_finetune_seeds(FinetuneSpec(), ["full"], tmp_path / "f", [1, 1])):
+        with pytest.raises(ConfigError, match="names 3 twice|names 1 twice"):
+            call()
+    assert method_list("original, prog,original") == ["original", "prog"] == method_list(("original", "prog"))
+    with pytest.raises(ConfigError, match="unknown method.*bogus"):
+        compare(RunSpec(), "original,bogus", tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ConfigError, match="must be names"):
+        method_list(["original", 3])

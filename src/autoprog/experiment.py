@@ -144,6 +144,32 @@ def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable
     return run(resume)
 
 
+def method_list(methods) -> list[str]:
+    """A comparison's methods: names in a list, or one comma-separated string as ``--methods`` takes them; each
+    once, in order."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(methods)
+    bad = [m for m in methods if not isinstance(m, str)]
+    if bad:
+        raise ConfigError(f"methods must be names (strings), got {bad[0]!r}")
+    if not methods:
+        raise ConfigError("no method to compare")
+    return list(dict.fromkeys(methods))
+
+
+def check_seeds(seeds) -> list[int]:
+    """A seed comparison's seeds: at least one, none twice (a repeat would read as seeds that agree)."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ConfigError("--seeds is empty")
+    repeated = next((s for s in seeds if seeds.count(s) > 1), None)
+    if repeated is not None:
+        raise ConfigError(f"--seeds names {repeated} twice: each seed is one comparison (a repeat would read as "
+                          "seeds that agree)")
+    return seeds
+
+
 def seed_rows(per_seed: dict[int, list[dict]], seeds: list[int], keys, describe) -> list[dict]:
     """One row per method over ``seeds``: mean, std and per-seed values of each of ``keys``, plus ``describe(runs)``.
 

@@ -23,11 +23,13 @@ from ..errors import AutoprogError, ConfigError, warn
 from ..experiment import (
     add_speedups,
     budget_matched_run,
+    check_seeds,
     comparison_row,
     diverged_rows,
     drop_stale_budget_run,
     front_runs,
     input_paths,
+    method_list,
     read_run_config,
     reuse_or_run,
     run_methods,
@@ -467,13 +469,13 @@ def compare(base: RunSpec, methods: list[str], out: str | Path, budget_baseline:
     """
     from ..accelerator import default_accelerator
 
-    acc = accelerator or default_accelerator()
-    out = comparison_dir(Path(out), input_paths(base))
-    methods = list(dict.fromkeys(methods))
+    methods = method_list(methods)
     task, first = base.method_task, base.baseline
     bad = [m for m in methods if m not in method_names(task)]
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(method_names(task))}")
+    acc = accelerator or default_accelerator()
+    out = comparison_dir(Path(out), input_paths(base))
     if first not in methods:
         methods.insert(0, first)
     methods.sort(key=lambda m: m != first)
@@ -549,6 +551,7 @@ def compare_seeds(base: RunSpec, methods: list[str], out: str | Path, seeds: lis
     """
     from ..accelerator import default_accelerator
 
+    seeds = check_seeds(seeds)
     acc = accelerator or default_accelerator()
     out = Path(out)
     per_seed = {s: compare(replace(base, train=replace(base.train, seed=s)), methods, out / f"seed{s}",

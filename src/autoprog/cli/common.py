@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError, launch_note
+from ..experiment import check_seeds
 from ..optim import SEED_MAX, SEED_MIN
 from ..options import parse_number
 
@@ -82,12 +83,10 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise ConfigError("--seeds is empty")
     bad = [s for s in seeds if not SEED_MIN <= s <= SEED_MAX]
     if bad:
         raise ConfigError(f"--seeds must be 32-bit integers (-2^31 to 2^32-1), got {bad[0]}")
-    return seeds
+    return check_seeds(seeds)
 
 
 def seed(text: str) -> int:

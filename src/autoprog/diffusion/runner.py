@@ -839,8 +839,9 @@ def compare_finetune(spec: FinetuneSpec, methods: list[str], out: str | Path, bu
     from ..accelerator import default_accelerator
 
     spec, methods = _spec_first(spec, methods, "compare_finetune")
+    methods = experiment.method_list(methods)
+    _check_comparison(spec, methods)  # (before a folder is made for it)
     out = comparison_dir(Path(out), {**experiment.input_paths(spec), "--base": _base_path(spec)})
-    _check_comparison(spec, methods)
     acc = accelerator or default_accelerator()
     data = build_finetune(replace(spec, method="full"), device=acc.device, accelerator=acc)[0]  # (its model let go)
     evaluator = run_evaluator(spec, data, acc)  # built and used by the main process alone
@@ -980,6 +981,7 @@ def compare_finetune_seeds(spec: FinetuneSpec, methods: list[str], out: str | Pa
     from .report import finetune_seeds_markdown
 
     spec, methods = _spec_first(spec, methods, "compare_finetune_seeds")
+    seeds = experiment.check_seeds(seeds)
     acc = accelerator or default_accelerator()
     out = Path(out)
     per_seed = {s: compare_finetune(replace(spec, train=replace(spec.train, seed=s)), methods, out / f"seed{s}",
