@@ -304,3 +304,13 @@ def test_a_seed_named_twice_and_methods_as_one_string(cli, tmp_path):
     assert not (tmp_path / "q").exists()
     with pytest.raises(ConfigError, match="must be names"):
         method_list(["original", 3])
+
+
+def test_a_refused_run_leaves_no_folder_behind(cli, fake_fmnist, tmp_path):
+    """A setting refused once the run's folder is made (a model that cannot be built) left an empty --out."""
+    err = _error(cli, "pretrain", "--out", tmp_path / "new" / "run", *tiny_args(fake_fmnist, "--num-heads", "3"))
+    assert "is not divisible by --num-heads 3" in err
+    assert not (tmp_path / "new" / "run").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    _error(cli, "pretrain", "--out", tmp_path / "kept", *tiny_args(fake_fmnist, "--num-heads", "3"))
+    assert (tmp_path / "kept").is_dir()

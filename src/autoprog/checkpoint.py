@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -102,6 +103,23 @@ def _refuse_overlap(out: Path, protected: dict[str, str | Path | None] | None) -
             raise ConfigError(f"--out {out} is inside {what} {path}, which this run reads; choose another --out")
         if _same_or_inside(Path(path), out):
             raise ConfigError(f"{what} {path} lies inside --out {out}, where the run writes; choose another --out")
+
+
+@contextmanager
+def no_empty_folder_left(out: str | os.PathLike):
+    """While active, a run's folder that did not exist before and is still empty when the run fails (refused
+    settings, a crash before anything was written) is removed again: a refused command leaves nothing behind."""
+    out = Path(out)
+    new = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if new and out.is_dir() and not any(out.iterdir()):
+            try:
+                out.rmdir()
+            except OSError:  # (another process wrote there, or removed it first)
+                pass
+        raise
 
 
 def new_run_dir(out: Path, overwrite: bool = False, protected: dict[str, str | Path | None] | None = None) -> Path:

@@ -16,7 +16,7 @@ from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
 from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
 from ..budget import Budget, warn_unread_length
-from ..checkpoint import comparison_dir, new_run_dir, write_json
+from ..checkpoint import comparison_dir, new_run_dir, no_empty_folder_left, write_json
 from ..data import LEGACY_CROPS, EvalCrop, builtin_dataset, dataset_identity, is_image_folder, load_dataset
 from ..engine import broadcast
 from ..errors import AutoprogError, ConfigError, warn
@@ -363,6 +363,12 @@ def finetune_classifier(spec: TransferSpec, out: str | Path, accelerator=None, r
 
 def _train(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume: bool, overwrite: bool,
            stop_after: int | None = None) -> dict:
+    with no_empty_folder_left(out):  # (a run refused before it wrote anything leaves no folder)
+        return _train_in(spec_cls, spec, out, accelerator, resume, overwrite, stop_after)
+
+
+def _train_in(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resume: bool, overwrite: bool,
+              stop_after: int | None) -> dict:
     import torch
 
     from ..accelerator import default_accelerator

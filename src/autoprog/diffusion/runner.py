@@ -20,7 +20,7 @@ from ..adapters.unfreezer import FROZEN_PREFIX, LAYOUTS, Unfreezer
 from ..algorithms.autoprog_zero import CANDIDATE_SPACES, time_tolerance_option
 from ..algorithms.gain import CRITERIA
 from ..budget import Budget, warn_unread_length
-from ..checkpoint import comparison_dir, new_run_dir, write_json
+from ..checkpoint import comparison_dir, new_run_dir, no_empty_folder_left, write_json
 from ..data import builtin_dataset
 from ..engine import broadcast
 from ..errors import AutoprogError, ConfigError, one_line, warn
@@ -730,7 +730,12 @@ def finetune(spec: FinetuneSpec, out: str | Path, accelerator=None, resume: bool
     ``out`` must be a new or empty folder, or hold a run's files only (``overwrite``: replacing a run there).
     ``stop_after``: stop at the first evaluation point after that many steps of the whole run (a new run or a
     resumed one, which otherwise goes to its end)."""
-    out = Path(out)
+    with no_empty_folder_left(out):  # (a run refused before it wrote anything leaves no folder)
+        return _finetune(spec, Path(out), accelerator, resume, evaluator, overwrite, stop_after)
+
+
+def _finetune(spec: FinetuneSpec, out: Path, accelerator, resume: bool, evaluator, overwrite: bool,
+              stop_after: int | None) -> dict:
     spec = _run_spec(type(spec) if spec is not None else FinetuneSpec, spec, out, resume, overwrite, stop_after)
     from ..accelerator import default_accelerator
 
@@ -758,11 +763,16 @@ def pretrain_base(spec: BaseSpec, out: str | Path, accelerator=None, resume: boo
                   overwrite: bool = False, stop_after: int | None = None) -> dict:
     """Train a base DiT from scratch on ``spec.classes``; the model is written to ``out/model``. ``stop_after``:
     as :func:`finetune`'s."""
+    with no_empty_folder_left(out):  # (a run refused before it wrote anything leaves no folder)
+        return _pretrain_base(spec, Path(out), accelerator, resume, overwrite, stop_after)
+
+
+def _pretrain_base(spec: BaseSpec, out: Path, accelerator, resume: bool, overwrite: bool,
+                   stop_after: int | None) -> dict:
     from ..accelerator import default_accelerator
     from ..controllers import StaticController
 
     acc = accelerator or default_accelerator()  # first: the processes join their group together
-    out = Path(out)
     spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite, stop_after)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection), spec.image_size,
                                spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
