@@ -259,6 +259,35 @@ def test_prompts_fill_in_the_subject_class_and_must_differ():
         DreamBoothSpec(subject_class=12).prompts()
 
 
+def test_an_own_subject_takes_its_class_name_from_its_dataset(image_folder, tmp_path):
+    """--subject-class names a class of --dataset: its folder's name (it took Fashion-MNIST's: class 1 of a
+    circle/square folder was 'trouser'), and a class the dataset lacks is refused (it was accepted on a {}-less
+    prompt)."""
+    spec = DreamBoothSpec(instance_dir="x", dataset=str(image_folder), subject_class=1)
+    assert spec.prompts() == ("a photo of sks square", "a photo of a square")
+    with pytest.raises(ConfigError, match=f"--subject-class 7: {image_folder} has classes 0-1"):
+        replace(spec, subject_class=7, instance_prompt="a photo of sks thing", class_prompt="a photo of a thing"
+                ).prompts()
+    assert DreamBoothSpec(instance_dir="x", dataset="digits", subject_class=3).prompts()[1] == "a photo of a three"
+
+
+def test_class_images_never_go_into_the_subjects_folder(cli, text_base, tmp_path):
+    """--class-dir naming the --instance-dir (or a folder in it, or around it) once wrote generated class images
+    among the subject's, which every later run then read as the subject."""
+    from PIL import Image
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for i in range(3):
+        Image.new("L", (24, 24), 40 * i).save(subject / f"s{i}.png")
+    for class_dir in (subject, subject / "class", tmp_path):
+        rc, _, err = cli("finetune", "--task", "dreambooth", "--method", "full", "--base", text_base, "--instance-dir",
+                         subject, "--subject-class", "8", "--with-prior-preservation", "--class-dir", class_dir,
+                         "--out", tmp_path / "db", "--steps", "2", "--cpu")
+        assert rc == 2 and "share a folder" in err, err
+    assert sorted(p.name for p in subject.iterdir()) == ["s0.png", "s1.png", "s2.png"]
+
+
 # ------------------------------------------------------------------------------------------ end to end
 text_base = t2i.text_base  # the tiny text-to-image base, a fixture
 DB = replace(t2i.TINY, steps=6, batch_size=8, fd_samples=6)  # larger than the built-in subject's 5 images

@@ -141,7 +141,8 @@ def new_run_dir(out: Path, overwrite: bool = False, protected: dict[str, str | P
                               f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
         if has_checkpoint(out) or (out / "results.json").is_file():
             if not overwrite:
-                raise ConfigError(f"{out} already holds a run: pass --resume {out} to continue it, --overwrite to "
+                raise ConfigError(f"{out} already holds a run: pass --resume {out} (in Python: resume=True) to "
+                                  "continue it, --overwrite (overwrite=True) to "
                                   "start it again, or choose another --out")
             if os.environ.get("RANK", "0") == "0":  # one process removes; the others only check
                 for name in entries:

@@ -347,8 +347,8 @@ def pretrain(spec: RunSpec, out: str | Path, accelerator=None, resume: bool = Fa
     many epochs of the whole run (a new run or a resumed one, which otherwise goes to its end); ``resume`` continues
     with the run's saved settings (``spec``: None, or the same settings).
 
-    Under ``torchrun``/``accelerate launch``, call ``accelerator.end_training()`` when done (the CLI does),
-    so the process group is torn down before the interpreter exits.
+    Under ``torchrun``/``accelerate launch``, end with ``autoprog.accelerator.end_processes(accelerator)`` and
+    ``leave_process(0)``, as the CLI does, so the process group is torn down before the interpreter exits.
     """
     return _train(RunSpec, spec, out, accelerator, resume, overwrite, stop_after)
 

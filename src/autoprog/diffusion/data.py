@@ -376,6 +376,18 @@ def _stack(items):
     return torch.stack([x for x, _ in items])
 
 
+def class_names(dataset: str) -> tuple[str, ...]:
+    """A dataset's class names by id, without reading its images: Fashion-MNIST's, the digits', or an ImageFolder's
+    class folders, sorted as torchvision numbers them."""
+    builtin = builtin_dataset(dataset)
+    if builtin is not None:
+        return FASHION_MNIST_NAMES if builtin != "digits" else DIGIT_NAMES
+    if not Path(dataset).is_dir():
+        raise unknown_dataset(dataset)
+    train, _ = image_folder_dirs(Path(dataset))
+    return tuple(sorted(d.name for d in os.scandir(train) if d.is_dir()))
+
+
 def load_diffusion_data(dataset: str = "fashion-mnist", data_root: str | None = None,
                         classes: tuple[int, ...] | None = TRANSFER_CLASSES, image_size: int | None = None,
                         subset: int | None = None, seed: int = 0, accelerator=None) -> DiffusionData:

@@ -297,18 +297,19 @@ class DreamBoothSpec(TextFinetuneSpec):
         sample_steps=25))
 
     def _filled(self, flag: str, prompt: str) -> str:
-        """``prompt`` with {} filled by the subject class's name."""
-        from .data import DIGIT_NAMES, FASHION_MNIST_NAMES
+        """``prompt`` with {} filled by the subject class's name: in ``--dataset`` for an ``--instance-dir``
+        subject (whose classifier scores it), in Fashion-MNIST for the built-in one."""
+        from .data import FASHION_MNIST_NAMES, class_names
 
         cls = self.subject()
-        names = {"digits": DIGIT_NAMES}.get(self.dataset, FASHION_MNIST_NAMES)
-        if check_template(prompt, flag, required=False):  # it has a {} slot
-            if cls is None:
-                raise ConfigError(f"{flag} {prompt!r}: with --instance-dir, write the class name in the prompt "
-                                  "(or give --subject-class to fill {})")
-            if not 0 <= cls < len(names):
-                raise ConfigError(f"--subject-class {cls}: {self.dataset} has classes 0-{len(names) - 1}")
-        return fill_template(prompt, names[cls] if cls is not None and 0 <= cls < len(names) else "")
+        names = class_names(self.dataset) if self.instance_dir else FASHION_MNIST_NAMES
+        if cls is not None and not 0 <= cls < len(names):
+            where = self.dataset if self.instance_dir else "the built-in subject's Fashion-MNIST"
+            raise ConfigError(f"--subject-class {cls}: {where} has classes 0-{len(names) - 1}")
+        if check_template(prompt, flag, required=False) and cls is None:  # a {} slot with nothing to fill it
+            raise ConfigError(f"{flag} {prompt!r}: with --instance-dir, write the class name in the prompt "
+                              "(or give --subject-class to fill {})")
+        return fill_template(prompt, names[cls] if cls is not None else "")
 
     def evaluation_prompts(self) -> tuple[str, ...]:
         """``--eval-prompts``, each filled (Table 8's Prompt-A and Prompt-B)."""
@@ -529,6 +530,12 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
         instance = match_images(default_subject(spec.data_root, spec.subject()), size, chans)
     prior = None
     if spec.with_prior_preservation:
+        if spec.class_dir and spec.instance_dir:
+            a, b = Path(spec.class_dir).resolve(), Path(spec.instance_dir).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise ConfigError(f"--class-dir {spec.class_dir} and --instance-dir {spec.instance_dir} share a "
+                                  "folder: the class images generated there would be read as the subject; give "
+                                  "the class images a folder of their own")
         t = spec.train
         settings = {"steps": t.sample_steps, "cfg_scale": CLASS_CFG_SCALE, "eta": t.sample_eta, "seed": 0,
                     "size": size, "channels": chans, "vae": vae}
