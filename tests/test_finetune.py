@@ -424,12 +424,13 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
                   norm_num_groups=4, layers_per_block=1, sample_size=28).save_pretrained(vae_dir)
     base = tmp_path / "base"
-    rc, _, err = cli("pretrain", "--task", "diffusion", "--vae", vae_dir, "--patch-size", "2", "--hidden-size", "16",
+    monkeypatch.chdir(tmp_path)  # a VAE given relative to here: the model records where it is, not as typed
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--vae", "vae", "--patch-size", "2", "--hidden-size", "16",
                      "--depth", "2", "--num-heads", "2", "--data-root", fake_fmnist, "--cache-dir", cache_dir,
                      "--out", base, *TRAIN_FLAGS)
     assert rc == 0, err
     model, meta = load_backbone(base / "model")
-    assert model.in_chans == 4 and model.image_size == 14 and meta["vae"] == str(vae_dir)
+    assert model.in_chans == 4 and model.image_size == 14 and meta["vae"] == str(vae_dir.resolve())
     assert list((cache_dir / "latents").glob("latents-*.safetensors"))
     ok, got = loaded_on_the_runs_device()
     assert ok, got

@@ -589,7 +589,7 @@ class DiffusionTrainer(RunTemplate):
         extra = {"method": self.run_info.get("method"), "classes": list(self.data.classes), "steps": self.step,
                  "image_channels": self.data.in_chans, "image_size": self.data.image_size}
         if self.data.codec is not None:
-            extra["vae"] = self.data.codec.path
+            extra["vae"] = str(Path(self.data.codec.path).resolve())  # (read from any folder: never as typed)
         if self.data.captions is not None:
             extra["captions"] = list(self.data.captions)
         if self.data.class_names is not None:
