@@ -360,6 +360,20 @@ def test_text_to_image_methods_finetune_end_to_end(method, text_base, fake_fmnis
     assert sorted(p.name for p in (tmp_path / method / "samples").iterdir()) == ["step4.png", "step8.png"]
 
 
+def test_lora_with_a_trained_text_encoder_writes_no_adapter_that_leaves_it_out(text_base, fake_fmnist, cache_dir,
+                                                                               tmp_path, capsys):
+    """--train-text-encoder trains the encoder fully: model/lora (the UNet's adapter alone, for
+    pipe.load_lora_weights on the base) would not be the model trained, so it is not written, and a line says so."""
+    from autoprog.diffusion.runner import TextFinetuneSpec, finetune
+
+    spec = TextFinetuneSpec(method="lora", base=str(text_base), data_root=str(fake_fmnist), image_size=8,
+                            feature_epochs=1, cache_dir=str(cache_dir), train_text_encoder=True,
+                            train=replace(TINY, steps=2, eval_points=1))
+    finetune(spec, tmp_path / "ft")
+    assert "model/lora is not written: the text encoder trained fully" in capsys.readouterr().out
+    assert (tmp_path / "ft" / "model" / "unet").is_dir() and not (tmp_path / "ft" / "model" / "lora").exists()
+
+
 @pytest.mark.slow
 def test_the_commands_pretrain_finetune_resume_and_sample(cli, fake_fmnist, cache_dir, tmp_path):
     common = ["--data-root", fake_fmnist, "--image-size", "8", "--batch-size", "8", "--eval-points", "1",

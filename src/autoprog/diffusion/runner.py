@@ -229,8 +229,10 @@ class TextFinetuneSpec(FinetuneSpec):
     sid_init: str = option("normal", "unused by text-to-image: its SID tokens start at the token table's mean",
                            cli=False)
     sid_dropout: float | None = option(None, "unused by text-to-image: its SID tokens are not dropped", cli=False)
-    train_text_encoder: bool = option(False, "also train the CLIP text encoder (frozen by default, as in Stable "
-                                             "Diffusion fine-tuning)", group="unfreezing")
+    train_text_encoder: bool = option(False, "also train the CLIP text encoder, fully whatever the method (frozen by "
+                                             "default, as in Stable Diffusion fine-tuning); with lora the model "
+                                             "folder then has no lora/ of the UNet's adapter alone",
+                                      group="unfreezing")
     clip_model: str | None = option(None, "a local CLIP checkpoint (transformers CLIPModel + processor): also report "
                                           "CLIP-T, the mean cosine between each generated image and its prompt "
                                           "(Table 7). Without it: text agreement, autoprog's classifier's mean "

@@ -595,6 +595,10 @@ class DiffusionTrainer(RunTemplate):
         if self.data.class_names is not None:
             extra["class_names"] = list(self.data.class_names)
         lora = m.lora_layers() if hasattr(m, "lora_layers") else None
+        if lora and getattr(m, "train_text_encoder", False):  # the adapter alone would not be the model trained
+            self.print("model/lora is not written: the text encoder trained fully (--train-text-encoder), which "
+                       "the UNet's adapter alone leaves out; the model folder holds the whole pipeline")
+            lora = None
         export_backbone(m)
         if getattr(m, "extras", None) is not None:  # Adapter / VPT-Deep: reinstalled when the model loads
             extra["extras"] = m.extras.settings()
