@@ -294,6 +294,7 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     assert "FD (classifier features)" in md and "full@budget (time of prog)" in md and "time-to-quality" in md
     assert md.rstrip().splitlines()[-1].startswith("reading: ")
     assert "full@0.5" not in (out / "samples.txt").read_text(), "the front's runs are not sampled"
+    assert "DDIM 3 steps" in (out / "samples.txt").read_text(), "--sample-steps sets the grid's steps too"
     for f in ("fd_curves.png", "front.png", "samples.png", "samples.txt"):
         assert (out / f).stat().st_size > 0
     # a second invocation reuses every finished run
@@ -970,3 +971,10 @@ def test_a_warm_up_set_over_half_the_run_warns_that_it_is_cut(cli, base, fake_fm
     rc, _, err = cli("finetune", "--method", "bitfit", "--base", base, "--data-root", fake_fmnist, "--cache-dir",
                      cache_dir, "--out", tmp_path / "ft", *TRAIN_FLAGS, "--warmup-steps", "6")
     assert rc == 0 and "warning: --warmup-steps 6 is over half the run (8 steps)" in err, err
+
+
+def test_images_too_small_for_the_feature_classifier_are_one_line(cli, base, fake_fmnist, cache_dir, tmp_path):
+    rc, _, err = cli("finetune", "--method", "full", "--base", base, "--data-root", fake_fmnist, "--cache-dir",
+                     cache_dir, "--image-size", "4", "--out", tmp_path / "ft", *TRAIN_FLAGS)
+    assert rc == 2 and "Traceback" not in err and "needs images of at least 8x8 px, got 4x4: give --image-size 8" \
+        in err, err

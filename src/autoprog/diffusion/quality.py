@@ -146,9 +146,8 @@ def train_feature_classifier(
     """
     _check_images(images, "feature classifier")
     if images.shape[-1] < 8 or images.shape[-2] < 8:
-        raise ValueError(
-            f"feature classifier needs images of at least 8x8 px, got {tuple(images.shape[-2:])}"
-        )
+        raise ConfigError(f"the feature classifier that scores FD needs images of at least 8x8 px, got "
+                          f"{images.shape[-2]}x{images.shape[-1]}: give --image-size 8 or more")
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     labels = labels.long()

@@ -934,7 +934,8 @@ def _write_comparison(summary: dict, sampled: list[str], out: Path, classes, tra
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
     write_finetune_report(summary, out)
-    sample_comparison(sampled, out, classes, seed=train.seed, eta=train.sample_eta, device=device)
+    sample_comparison(sampled, out, classes, steps=train.sample_steps, seed=train.seed, eta=train.sample_eta,
+                      device=device)
     log("\n" + (out / "summary.md").read_text())
 
 
