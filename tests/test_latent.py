@@ -238,3 +238,26 @@ def test_a_latent_space_run_can_drop_its_pixels_and_a_read_of_them_fails():
         data.train_images[:2].tolist()
     x, _ = data.batch(torch.tensor([0, 1]))
     assert x.shape == (2, 4, 4, 4), "training batches come from the latents"
+
+
+def test_a_folder_of_greyscale_images_encodes_with_a_one_channel_vae(image_folder, tmp_path):
+    """An ImageFolder reads greyscale files as RGB: a 1-channel VAE takes them as one channel (it refused them as
+    3-channel images); colour files are still refused, called colour."""
+    from PIL import Image
+
+    from autoprog.diffusion.data import load_diffusion_data
+    from autoprog.diffusion.latent import with_latents
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                            norm_num_groups=4, layers_per_block=1, sample_size=16).save_pretrained(tmp_path / "vae1")
+    for f in image_folder.rglob("*.png"):
+        Image.open(f).convert("L").save(f)
+    data = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    with_latents(data, str(tmp_path / "vae1"), tmp_path / "cache")
+    assert data.in_chans == 1 and data.latents.shape[1:] == (4, 8, 8)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(image_folder / "train" / "circle" / "red.png")
+    colour = load_diffusion_data(str(image_folder), classes=None, image_size=16)
+    with pytest.raises(ConfigError, match=r"images have 3 channels \(colour\); the VAE takes 1"):
+        with_latents(colour, str(tmp_path / "vae1"), tmp_path / "cache")

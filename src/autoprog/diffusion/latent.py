@@ -110,7 +110,8 @@ class LatentCodec:
             raise ConfigError(f"encode expects uint8 images (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
         n, c, h, w = x.shape
         if c not in (1, self.in_channels):
-            raise ConfigError(f"images have {c} channels; the VAE takes {self.in_channels} (or 1, repeated)")
+            kind = " (colour)" if c == 3 else ""
+            raise ConfigError(f"images have {c} channels{kind}; the VAE takes {self.in_channels} (or 1, repeated)")
         lh, lw = self.latent_size(h), self.latent_size(w)
         lo, hi = shard_rows(n, batch_size, *shard) if shard is not None else (0, n)
         out = torch.empty(hi - lo, self.latent_channels, lh, lw, dtype=torch.float32)
@@ -257,6 +258,8 @@ def with_latents(data: DiffusionData, vae_path: str, cache_dir: str | os.PathLik
     with an ``accelerator``, in shares by every process (see :meth:`LatentCodec.encode_cached`)."""
     codec = LatentCodec.from_pretrained(vae_path, device=device)
     codec.latent_size(data.image_size)  # refuses sizes the VAE cannot halve down
+    if codec.in_channels == 1:  # greyscale files, which an ImageFolder reads as RGB: one channel, value for value
+        data.to_greyscale()
     data.latents = codec.encode_cached(data.train_images, Path(cache_dir) / "latents", accelerator=accelerator)
     data.codec = codec
     return data
