@@ -130,6 +130,13 @@ def run_sample(args, acc) -> None:
     if others:
         raise ConfigError(f"--out {out} holds files that are not sample grids ({', '.join(others[:3])}); choose a "
                           "new or empty folder")
+    if args.prompt and args.classes:
+        raise ConfigError("--classes and --prompt: give one (a text-to-image model samples the prompts, or the "
+                          "captions of its classes)")
+    if out.is_dir():  # an earlier call's grids (of other classes, or another model) would read as this one's
+        for f in out.iterdir():
+            if f.is_file():  # (only grids: anything else was refused above)
+                f.unlink()
     if args.prompt:
         if model.kind != "text-unet":
             raise ConfigError("--prompt needs a text-to-image model; this one is class-conditional (use --classes)")
