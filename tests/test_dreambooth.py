@@ -83,7 +83,7 @@ def test_the_weighted_loss_is_the_subject_mean_plus_the_prior_weight_times_the_c
 
 
 # ------------------------------------------------------------------------------------------------ images
-def test_a_folder_of_images_is_read_resized_cropped_and_converted(tmp_path):
+def test_a_folder_of_images_is_read_resized_cropped_and_converted(tmp_path, capsys):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -91,8 +91,12 @@ def test_a_folder_of_images_is_read_resized_cropped_and_converted(tmp_path):
     Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / "b.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
     grey = read_images(tmp_path, 8, 1)
+    assert "1 of the 2 subject images are in colour; the base model takes 1 channel, so they train in grey" in \
+        capsys.readouterr().err  # (said, not done silently)
     rgb = read_images(tmp_path, 8, 3)
     assert grey.shape == (2, 1, 8, 8) and rgb.shape == (2, 3, 8, 8) and grey.dtype == torch.uint8
+    assert torch.equal(grey[1, 0], rgb[1, 0]), "a greyscale file keeps its values"
+    assert "colour" not in capsys.readouterr().err
 
 
 def test_bad_image_folders_are_one_line_errors(tmp_path):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import read_image
-from ..errors import ConfigError, DataError, DivergedError, first_line
+from ..errors import ConfigError, DataError, DivergedError, first_line, warn
 from .data import DiffusionData, resize, to_float
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -68,8 +68,20 @@ def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    # phone photos upright, as diffusers' DreamBooth reads them
-    return torch.stack([tf(read_image(f, "L" if channels == 1 else "RGB", upright=True)) for f in files])
+    images = [read_image(f, "RGB", upright=True) for f in files]  # phone photos upright, as diffusers' DreamBooth
+    if channels == 1:
+        from PIL import ImageChops
+
+        def coloured(im) -> bool:
+            r, g, b = im.split()
+            return ImageChops.difference(r, g).getbbox() is not None or ImageChops.difference(g, b).getbbox() is not None
+
+        n = sum(map(coloured, images))
+        if n:
+            warn(f"{folder}: {n} of the {len(images)} subject images are in colour; the base model takes 1 channel, "
+                 "so they train in grey")
+        images = [im.convert("L") for im in images]
+    return torch.stack([tf(im) for im in images])
 
 
 def image_files(folder: Path) -> list[Path]:
