@@ -275,6 +275,17 @@ def test_an_own_subject_takes_its_class_name_from_its_dataset(image_folder, tmp_
     assert DreamBoothSpec(instance_dir="x", dataset="digits", subject_class=3).prompts()[1] == "a photo of a three"
 
 
+def test_dreambooth_takes_no_image_size_or_subset_it_would_not_read(cli, text_base, tmp_path):
+    """DreamBooth trains on the subject's images at the base model's size: --image-size and --subset were listed
+    in its help, saved in its config, and not read."""
+    from autoprog.diffusion.runner import finetune
+
+    rc, _, err = cli("finetune", "--task", "dreambooth", "--image-size", "16", "--out", tmp_path / "a")
+    assert rc == 2 and "unrecognized arguments: --image-size 16" in err
+    with pytest.raises(ConfigError, match="subset=2 is not read"):
+        finetune(DreamBoothSpec(base=str(text_base), subset=2), tmp_path / "b")
+
+
 def test_class_images_never_go_into_the_subjects_folder(cli, text_base, tmp_path):
     """--class-dir naming the --instance-dir (or a folder in it, or around it) once wrote generated class images
     among the subject's, which every later run then read as the subject."""

@@ -260,6 +260,8 @@ class DreamBoothSpec(TextFinetuneSpec):
 
     classes: str | None = option(None, "unused by DreamBooth", cli=False)
     caption: str = option(DEFAULT_CAPTION, "unused by DreamBooth", cli=False)
+    subset: int | None = option(None, "unused by DreamBooth: it trains on the subject's images", cli=False)
+    image_size: int | None = option(None, "unused by DreamBooth: it trains at the base model's size", cli=False)
     instance_dir: str | None = option(None, "a folder of 3-6 images of the subject (default: 5 near-identical "
                                             "Fashion-MNIST test images of --subject-class, which the shipped base "
                                             "never saw)", metavar="DIR", show_default=False, group="data")
@@ -513,6 +515,10 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
         read_images,
     )
 
+    unread = [f"{name}={getattr(spec, name)}" for name in ("subset", "image_size") if getattr(spec, name) is not None]
+    if unread:  # (no such flags for DreamBooth; a Python caller or a --config file may set them)
+        raise ConfigError(f"DreamBooth trains on its subject's images at the base model's size: {', '.join(unread)} "
+                          "is not read; leave it unset")
     if spec.instance_dir is None and builtin_dataset(spec.dataset) != "fashion-mnist":
         raise ConfigError(f"the built-in subject is Fashion-MNIST's; with --dataset {spec.dataset} give --instance-dir")
     instance_prompt, class_prompt = spec.prompts()
