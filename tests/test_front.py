@@ -126,3 +126,18 @@ def test_reading_says_whether_the_best_method_beats_the_front():
 
     assert with_reading("| t |\n", full, "full", " (seed means)").endswith("regime further from its plateau (seed means)\n")
     assert with_reading("| t |\n", full[:3], "full") == "| t |\n"
+
+
+def test_a_budget_matched_run_floored_at_its_least_says_so():
+    """original@budget trains at least one epoch: when the fastest method's wall-clock is fewer steps, the log
+    says the run is the least, not that it matches that wall-clock."""
+    from autoprog.experiment import budget_matched_run
+
+    results = {"original": {"summary": {"wall_time_s": 100.0}}, "prog": {"summary": {"wall_time_s": 5.0}}}
+    lines, runs = [], []
+    budget_matched_run(results, "original", ["prog"], None, 80, lambda n, s: runs.append(s) or {"summary": {}},
+                       min_steps=8, log=lines.append)
+    assert runs == [8] and "original for 8 steps, its least run; the wall-clock of prog is 4 of its steps" in lines[0]
+    budget_matched_run(results, "original", ["prog"], None, 800, lambda n, s: runs.append(s) or {"summary": {}},
+                       min_steps=8, log=lines.append)
+    assert runs[-1] == 40 and lines[-1].endswith("original for 40 steps, the wall-clock of prog ===")
