@@ -398,6 +398,8 @@ def test_a_resumed_run_may_stop_again_and_says_done_at_its_end(cli, fake_fmnist,
     assert rc == 0, err
     assert f"stopped early as asked; continue with `autoprog pretrain --resume {out}`" in stdout
     assert len(_results(out)["epochs"]) == 2
+    rc, stdout, err = cli("pretrain", "--resume", out, "--stop-after-epochs", "1", "--cpu")  # already past it
+    assert rc == 0 and "stopped early as asked" in stdout and len(_results(out)["epochs"]) == 2, err
     rc, stdout, err = cli("pretrain", "--resume", out, "--cpu")
     assert rc == 0, err
     assert _results(out)["done"] and "done: top-1" in stdout and f"model in {out}/model" in stdout

@@ -331,7 +331,9 @@ class RunTemplate:
         if self._pending_point is not None:  # stopped during the final evaluation: only that is left to do
             self._finish_point(self._pending_point, final=True)
         self.wrapped.train()
-        stopped = False
+        # resumed at an evaluation point already at or past stop_after_*: nothing more to train (not one more segment)
+        stopped = self.step > 0 and not self._in_segment and self.step < self.total_steps \
+            and self._stop_after_reached()
         while (self.step < self.total_steps or self._in_segment) and not stopped:  # (stopped at the last step)
             stopped = self._run_segment()
         if not stopped:
