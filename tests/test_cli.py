@@ -677,3 +677,15 @@ def test_a_warm_up_set_over_half_the_run_warns_that_it_is_cut(cli, fake_fmnist, 
         "over its first half" in err, err
     rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "b", *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 0 and "warning" not in err, err
+
+
+def test_each_fine_tuning_task_compares_into_its_own_default_folder():
+    """compare --task text-to-image and --task dreambooth both wrote runs/finetune, so the README's commands run
+    one after the other collided (refused as "different settings")."""
+    from autoprog.cli import _parse, build_parser, task_of
+
+    outs = {}
+    for task in ("finetune", "text-to-image", "dreambooth"):
+        argv = ["compare", "--task", task]
+        outs[task] = _parse(build_parser(task_of(argv)), argv).out
+    assert outs == {"finetune": "runs/finetune", "text-to-image": "runs/text-to-image", "dreambooth": "runs/dreambooth"}

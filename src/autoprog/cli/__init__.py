@@ -150,7 +150,8 @@ def _add_compare(sub, task: str | None) -> None:
         _task_flag(c, "compare")
         c.add_argument("--methods", default=",".join(DEFAULT_COMPARE),
                        help=f"comma-separated methods; full is required (default: {','.join(DEFAULT_COMPARE)})")
-        c.add_argument("--out", default="runs/finetune", help="output directory (default: runs/finetune)")
+        out = {"finetune": "runs/finetune"}.get(task, f"runs/{task}")  # (each task its own: they never collide)
+        c.add_argument("--out", default=out, help=f"output directory (default: {out})")
         c.add_argument("--no-budget-baseline", action="store_true", help="skip the full@budget run")
         c.add_argument("--seeds", help="comma-separated seeds: one comparison per seed in OUT/seed<N>, mean ± std "
                                       "in OUT/summary.json and summary.md (overrides --seed)")

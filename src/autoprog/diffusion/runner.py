@@ -654,7 +654,8 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
         rows = class_rows(meta.get("class_names"), data.class_names, model.num_classes)
         if rows is not None and (acc is None or acc.is_main_process):
             shared = [n for n, r in zip(data.class_names, rows, strict=True) if r is not None]
-            print(f"classes the base model knows, by name: {', '.join(shared)} (the others new)")
+            others = " (the others new)" if len(shared) < len(rows) else ""
+            print(f"classes the base model knows, by name: {', '.join(shared)}{others}")
         if rows is not None or data.num_classes != model.num_classes:
             model.resize_classes(data.num_classes, rows)
     return data, model
