@@ -139,6 +139,24 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, ten
         optimizer.state.setdefault(p, {})[k] = v
 
 
+def cosine_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup: int, peak: float, floor: float):
+    """timm's per-step cosine from ``peak`` to ``floor`` over ``steps``, after a linear ``warmup`` from 1 % of the
+    peak. timm's warning that a one-step cosine has no effect (a run of two steps) is not printed: the schedule is
+    the one asked for."""
+    import logging
+
+    from timm.scheduler import CosineLRScheduler
+
+    log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, steps - warmup), lr_min=floor, warmup_t=warmup,
+                                 warmup_lr_init=peak * 0.01, warmup_prefix=True, t_in_epochs=False)
+    finally:
+        log.setLevel(level)
+
+
 def warn_long_warmup(flag: str, warmup: float, default: float, length: float, unit: str) -> None:
     """A warm-up set (not the ``default``) over half the run is cut to its first half, the schedule's rule: a
     warning says so (the default's cut in a short run is what its help says)."""

@@ -298,16 +298,13 @@ class Trainer(GrowthCalls, RunTemplate):
 
     def _start(self, lr_steps: int) -> None:
         """Set the controller up for ``lr_steps`` and build the learning-rate schedule over them."""
-        from timm.scheduler import CosineLRScheduler
+        from ..optim import cosine_scheduler
 
         self.lr_steps = lr_steps
         self.total_steps = self.controller.setup(self, lr_steps)
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         warmup = min(lr_steps // 2, round(self.cfg.warmup_epochs * self.steps_per_epoch))
-        self.lr_sched = CosineLRScheduler(
-            self.optimizer, t_initial=max(1, lr_steps - warmup), lr_min=self.cfg.min_lr, warmup_t=warmup,
-            warmup_lr_init=self.cfg.lr * 0.01, warmup_prefix=True, t_in_epochs=False,
-        )
+        self.lr_sched = cosine_scheduler(self.optimizer, lr_steps, warmup, self.cfg.lr, self.cfg.min_lr)
         self.lr_remap = LRRemap(lr_steps)  # the identity until budget mode moves the end
 
     def budget_cost(self, subnet: SubNet) -> float:

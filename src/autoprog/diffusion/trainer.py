@@ -170,15 +170,13 @@ class DiffusionTrainer(RunTemplate):
 
     def _start(self, steps: int) -> None:
         """Set the controller up for ``steps``, the learning-rate schedule over them and the evaluation points."""
-        from timm.scheduler import CosineLRScheduler
+        from ..optim import cosine_scheduler
 
         self.total_steps = self.controller.setup(self, steps)
         warm = min(self.cfg.warmup_steps, self.total_steps // 2)
         # constant: a cosine from the peak to the peak, so the warm-up is the same linear ramp in both schedules
         floor = self._lr if self.cfg.lr_schedule == "constant" else self.cfg.min_lr
-        self.lr_sched = CosineLRScheduler(self.optimizer, t_initial=max(1, self.total_steps - warm),
-                                          lr_min=floor, warmup_t=warm, warmup_lr_init=self._lr * 0.01,
-                                          warmup_prefix=True, t_in_epochs=False)
+        self.lr_sched = cosine_scheduler(self.optimizer, self.total_steps, warm, self._lr, floor)
         self.lr_remap = LRRemap(self.total_steps)  # the identity until budget mode moves the end
         self._set_lr(0)
         self.eval_steps = self._eval_plan(self.total_steps)
