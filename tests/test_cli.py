@@ -696,3 +696,10 @@ def test_a_two_step_run_prints_no_scheduler_noise(cli, fake_fmnist, tmp_path, ca
     rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "r", *tiny_args(fake_fmnist, epochs="0.25"))
     assert rc == 0, err
     assert not [r for r in caplog.records if "Cosine annealing" in r.getMessage()]
+
+
+def test_the_task_flags_help_points_to_every_tasks_options(cli):
+    """It named only the last task (``--task classification``), so text-to-image's and DreamBooth's options looked
+    absent from ``autoprog finetune --help``."""
+    rc, out, _ = cli("finetune", "--help")
+    assert rc == 0 and "see 'autoprog finetune --task TASK --help'" in " ".join(out.split())

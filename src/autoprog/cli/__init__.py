@@ -38,8 +38,8 @@ TASKS = {"pretrain": ("classification", "diffusion", "text-to-image"),
 def _task_flag(p: argparse.ArgumentParser, command: str) -> None:
     first, *others = TASKS[command]
     p.add_argument("--task", choices=TASKS[command], default=first,
-                   help=f"{first} (default), {' or '.join(others)}; see 'autoprog {command} --task {others[-1]} "
-                        "--help' for that task's options")
+                   help=f"{first} (default), {' or '.join(others)}; each task has options of its own: see "
+                        f"'autoprog {command} --task TASK --help' (e.g. --task {others[0]})")
 
 
 def build_parser(task: str | None = None) -> argparse.ArgumentParser:
