@@ -286,6 +286,14 @@ def test_dreambooth_takes_no_image_size_or_subset_it_would_not_read(cli, text_ba
         finetune(DreamBoothSpec(base=str(text_base), subset=2), tmp_path / "b")
 
 
+def test_prior_preservations_settings_without_it_are_said_to_be_unread(text_base, fake_fmnist, capsys):
+    from autoprog.diffusion.runner import build_finetune
+
+    build_finetune(DreamBoothSpec(base=str(text_base), data_root=str(fake_fmnist), prior_loss_weight=5.0,
+                                  class_dir="/nonexistent"))
+    assert "--prior-loss-weight, --class-dir are read only with --with-prior-preservation" in capsys.readouterr().err
+
+
 def test_class_images_never_go_into_the_subjects_folder(cli, text_base, tmp_path):
     """--class-dir naming the --instance-dir (or a folder in it, or around it) once wrote generated class images
     among the subject's, which every later run then read as the subject."""

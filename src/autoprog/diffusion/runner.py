@@ -537,6 +537,12 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
     else:
         instance = match_images(default_subject(spec.data_root, spec.subject()), size, chans)
     prior = None
+    unread = [flag for flag, name in (("--prior-loss-weight", "prior_loss_weight"),
+                                      ("--num-class-images", "num_class_images"), ("--class-dir", "class_dir"))
+              if getattr(spec, name) != getattr(DreamBoothSpec, name)]
+    if unread and not spec.with_prior_preservation:
+        warn(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read only with --with-prior-preservation",
+             once=True)
     if spec.with_prior_preservation:
         if spec.class_dir and spec.instance_dir:
             a, b = Path(spec.class_dir).resolve(), Path(spec.instance_dir).resolve()
