@@ -238,6 +238,34 @@ def test_ctrl_c_during_the_final_evaluation_says_the_run_is_complete(cli, fake_f
     assert json.loads((run / "results.json").read_text())["done"] is True
 
 
+def test_ctrl_c_during_an_evaluation_stops_at_its_point_and_resumes_identical(runs, cli, fake_fmnist, tmp_path,
+                                                                              monkeypatch):
+    """A stop asked while an evaluation runs (minutes on a big model) stops at that point, which is checkpointed,
+    instead of training one more step first; the resumed run ends as the uninterrupted one."""
+    import signal
+
+    from autoprog.classification.trainer import Trainer
+
+    evaluate, calls = Trainer.evaluate, []
+
+    def ctrl_c_in_the_first(self, full=False):
+        calls.append(full)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return evaluate(self, full)
+
+    monkeypatch.setattr(Trainer, "evaluate", ctrl_c_in_the_first)
+    run = tmp_path / "run"
+    rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
+    assert rc == 130 and "interrupted at step 8" in err, err
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 8
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    rc, _, err = cli("pretrain", "--resume", run)
+    assert rc == 0, err
+    want, got = _weights(runs / "full"), _weights(run)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_ctrl_c_while_starting_up_is_one_line(cli, monkeypatch):
     import autoprog.cli as cli_module
 

@@ -370,7 +370,11 @@ class RunTemplate:
         if final:  # the whole training is safe before the final evaluation
             self._pending_point = record
             self._save_checkpoint()
-        return self._finish_point(record, final) and not final
+        stop = self._finish_point(record, final) and not final
+        if not final and not stop and agree_stop(self.acc, self._stop_requested(), at_check=True):
+            self._release()  # asked during the evaluation, which is checkpointed: no step more
+            self._raise_interrupted()
+        return stop
 
     def _train_one(self, batch, seg: dict):
         """One optimizer step, with the controller driven around it; returns the detached loss."""
