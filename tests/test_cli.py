@@ -693,7 +693,8 @@ def test_each_fine_tuning_task_compares_into_its_own_default_folder():
 
 def test_a_two_step_run_prints_no_scheduler_noise(cli, fake_fmnist, tmp_path, caplog):
     """timm warned, once per process, that a one-step cosine "will have no effect" on a run of two steps."""
-    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "r", *tiny_args(fake_fmnist, epochs="0.25"))
+    rc, _, err = cli("pretrain", "--method", "original", "--out", tmp_path / "r",
+                     *tiny_args(fake_fmnist, epochs="0.25"))
     assert rc == 0, err
     assert not [r for r in caplog.records if "Cosine annealing" in r.getMessage()]
 

@@ -124,7 +124,8 @@ def test_reading_says_whether_the_best_method_beats_the_front():
         reading(full, "full")
     from autoprog.report import with_reading
 
-    assert with_reading("| t |\n", full, "full", " (seed means)").endswith("regime further from its plateau (seed means)\n")
+    md = with_reading("| t |\n", full, "full", " (seed means)")
+    assert md.endswith("regime further from its plateau (seed means)\n")
     assert with_reading("| t |\n", full[:3], "full") == "| t |\n"
 
 

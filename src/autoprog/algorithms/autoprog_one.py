@@ -240,7 +240,8 @@ class AutoProgOne(Controller):
         self._current, self._t_last = None, self._marks(trainer).mark()
         trainer.log_stage({"stage": k, "supernet": top.to_dict(), "candidates": [c.to_dict() for c in self.cands],
                            "growth": growth})
-        trainer.print(f"stage {k + 1}/{self.num_stages}: supernet {top} with {len(self.cands)} candidates, "
+        n = len(self.cands)
+        trainer.print(f"stage {k + 1}/{self.num_stages}: supernet {top} with {n} candidate{'s' * (n != 1)}, "
                       f"searching for {length} steps, scored at steps {self.score_at}")
 
     def step_subnet(self, trainer, step: int) -> SubNet | None:

@@ -540,7 +540,7 @@ def _write_comparison(base: RunSpec, rows: list[dict], results: dict, baseline_f
     used = {res["summary"].get("train_images") for res in results.values()} - {None}  # as trained (a run before
     # 2026-12-06 did not record it: then the --subset asked for)
     n = used.pop() if len(used) == 1 else base.train_subset
-    title = _title(base) + (f" ({n} images)" if n else "")
+    title = _title(base) + (f" ({n} image{'s' * (n != 1)})" if n else "")
     md = with_reading(summary_markdown(rows, title, base.baseline), rows, base.baseline)
     (out / "summary.md").write_text(md)
     plot_curves({m: r["epochs"] for m, r in results.items()}, out / "curves.png")

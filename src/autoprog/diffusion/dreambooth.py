@@ -74,7 +74,7 @@ def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
 
         def coloured(im) -> bool:
             r, g, b = im.split()
-            return ImageChops.difference(r, g).getbbox() is not None or ImageChops.difference(g, b).getbbox() is not None
+            return any(ImageChops.difference(a, b).getbbox() is not None for a, b in ((r, g), (g, b)))
 
         n = sum(map(coloured, images))
         if n:
