@@ -174,7 +174,7 @@ def test_dreambooth_steps_with_prior_preservation_do_not_sync(cli, text_base, fa
                                                              tmp_path, count_syncs):
     """Paired subject/class batches weight their losses from host-side batch indices: nothing read back."""
     rc, _, err = cli("finetune", "--task", "dreambooth", "--base", text_base, "--method", "full", "--steps", "100",
-                     "--batch-size", "4", "--image-size", "8", "--eval-points", "1", "--fd-samples", "4",
+                     "--batch-size", "4", "--eval-points", "1", "--fd-samples", "4",
                      "--curve-samples", "4", "--sample-steps", "2", "--feature-epochs", "1", "--checkpoint-every", "0",
                      "--with-prior-preservation", "--num-class-images", "4", "--class-dir", tmp_path / "class",
                      "--cache-dir", cache_dir, "--data-root", fake_fmnist, "--out", tmp_path / "db", "--cpu")
