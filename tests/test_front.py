@@ -95,6 +95,18 @@ def test_seed_tables_lead_with_the_mean_speedup_and_its_bound():
     assert "| prog | >1.25× ± 0.07 |" in md and "| original | 1.00× ± 0.00 |" in md
     ft = [{**r, "fd": 100.0, "fd_std": 1.0, "kid": 1.0, "kid_std": 0.0, "metric": "FD"} for r in rows]
     assert "| prog | >1.25× ± 0.07 |" in finetune_seeds_markdown(ft, "t")
+    # every ratio column writes its unit after the mean, as the speed-up's does (they read 1.60 ± 0.00×)
+    assert "| 1.60× ± 0.00 | 1.80× ± 0.00 |" in md and "| 1.60× ± 0.00 | 1.80× ± 0.00 |" in \
+        finetune_seeds_markdown(ft, "t")
+
+
+def test_a_ratio_not_counted_reads_as_a_dash():
+    """--no-flops leaves the FLOPs speed-up unknown: its cell was '–×'."""
+    from autoprog.classification.report import summary_markdown
+
+    md = summary_markdown([{"method": "original", "tq_speedup": 1.0, "tq_bound": "=", "wall_time_s": 1.0,
+                            "speedup": 1.0, "flops_speedup": None}], "t")
+    assert "| 1.00× | – |" in md and "–×" not in md
 
 
 def test_reading_says_whether_the_best_method_beats_the_front():

@@ -9,6 +9,16 @@ def fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def times(v, spec: str = ".2f") -> str:
+    """A ratio cell: ``1.42×``, or ``–`` when unknown (no FLOPs counted: ``--no-flops``)."""
+    return "–" if v is None else f"{v:{spec}}×"
+
+
+def mean_cell(row: dict, key: str, spec: str, unit: str = "") -> str:
+    """A seed mean with its std, the unit after the mean as a single run's cell has it: ``1.42× ± 0.10``."""
+    return "–" if row.get(key) is None else f"{row[key]:{spec}}{unit} ± {row.get(key + '_std', 0.0):{spec}}"
+
+
 def schedule_string(schedule: dict) -> str:
     return " → ".join(f"{s['resolution']}px·{s['depth']}" for s in schedule.get("stages", []))
 

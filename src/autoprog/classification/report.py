@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..report import fmt, speedup_cell, speedup_mean_cell
+from ..report import fmt, mean_cell, speedup_cell, speedup_mean_cell, times
 
 
 def speedup_note(baseline: str = "original") -> str:
@@ -32,7 +32,7 @@ def summary_markdown(rows: list[dict], title: str = "", baseline: str = "origina
         lines.append(
             f"| {_name(r)} | {speedup_cell(r.get('tq_speedup'), r.get('tq_bound'))} | {r.get('growth') or '–'} | "
             f"{r.get('schedule_str') or '–'} | {fmt(r['wall_time_s'], '.1f')} | "
-            f"{fmt(r.get('speedup'), '.2f')}× | {fmt(r.get('flops_speedup'), '.2f')}× | "
+            f"{times(r.get('speedup'))} | {times(r.get('flops_speedup'))} | "
             f"{fmt(r.get('realised_fraction'), '.2f')} | {fmt(r.get('top1'), '.2f')} | {fmt(r.get('top1_ema'), '.2f')} |"
             + (f" {fmt(r.get('top1_at_eval_size'), '.2f')} |" if size else "")
         )
@@ -41,16 +41,14 @@ def summary_markdown(rows: list[dict], title: str = "", baseline: str = "origina
 
 def seeds_markdown(rows: list[dict], title: str, baseline: str = "original") -> str:
     """Mean ± std over seeds, one row per method."""
-    def cell(r, k, spec):
-        return "–" if r[k] is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
-
     lines = [f"## {title}", "",
              "| method | time-to-quality speed-up | wall time (s) | speed-up | FLOPs speed-up | realised / theoretical "
              "| top-1 (%) | EMA top-1 (%) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tq = speedup_mean_cell(r)
-        lines.append(f"| {_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | {cell(r, 'speedup', '.2f')}× | "
-                     f"{cell(r, 'flops_speedup', '.2f')}× | {cell(r, 'realised_fraction', '.2f')} | "
-                     f"{cell(r, 'top1', '.2f')} | {cell(r, 'top1_ema', '.2f')} |")
+        lines.append(f"| {_name(r)} | {tq} | {mean_cell(r, 'wall_time_s', '.1f')} | "
+                     f"{mean_cell(r, 'speedup', '.2f', '×')} | {mean_cell(r, 'flops_speedup', '.2f', '×')} | "
+                     f"{mean_cell(r, 'realised_fraction', '.2f')} | "
+                     f"{mean_cell(r, 'top1', '.2f')} | {mean_cell(r, 'top1_ema', '.2f')} |")
     return "\n".join(lines) + "\n\n" + speedup_note(baseline) + "\n"

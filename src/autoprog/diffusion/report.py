@@ -6,11 +6,13 @@ from pathlib import Path
 
 from ..report import (
     fmt,
+    mean_cell,
     plot_curves,
     plot_front,
     schedule_string,
     speedup_cell,
     speedup_mean_cell,
+    times,
     with_reading,
 )
 from .dreambooth import SCORE_LABELS
@@ -50,16 +52,14 @@ def finetune_markdown(rows: list[dict], title: str = "") -> str:
     for r in rows:
         lines.append(f"| {_finetune_name(r)} | {speedup_cell(r.get('tq_speedup'), r.get('tq_bound'))} | "
                      f"{schedule_string({'stages': r.get('schedule') or []}) or '–'} | "
-                     f"{fmt(r['wall_time_s'], '.1f')} | {fmt(r.get('speedup'), '.2f')}× | "
-                     f"{fmt(r.get('flops_speedup'), '.2f')}× | "
+                     f"{fmt(r['wall_time_s'], '.1f')} | {times(r.get('speedup'))} | "
+                     f"{times(r.get('flops_speedup'))} | "
                      f"{fmt(r.get('search_time_s'), '.1f')} | {_params(r.get('mean_trainable_params'))} | "
                      + " | ".join(fmt(r.get(k), f) for k, _, f in cols) + " |")
     return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE.format(metric=metric) + "\n"
 
 
 def finetune_seeds_markdown(rows: list[dict], title: str) -> str:
-    def cell(r, k, spec):
-        return "–" if r.get(k) is None else f"{r[k]:{spec}} ± {r[k + '_std']:{spec}}"
 
     metric = next((r["metric"] for r in rows if r.get("metric")), "FD")
     cols = quality_columns(rows)
@@ -68,9 +68,9 @@ def finetune_seeds_markdown(rows: list[dict], title: str) -> str:
              "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         tq = speedup_mean_cell(r)
-        lines.append(f"| {_finetune_name(r)} | {tq} | {cell(r, 'wall_time_s', '.1f')} | "
-                     f"{cell(r, 'speedup', '.2f')}× | {cell(r, 'flops_speedup', '.2f')}× | "
-                     + " | ".join(cell(r, k, f) for k, _, f in cols) + " |")
+        lines.append(f"| {_finetune_name(r)} | {tq} | {mean_cell(r, 'wall_time_s', '.1f')} | "
+                     f"{mean_cell(r, 'speedup', '.2f', '×')} | {mean_cell(r, 'flops_speedup', '.2f', '×')} | "
+                     + " | ".join(mean_cell(r, k, f) for k, _, f in cols) + " |")
     return "\n".join(lines) + "\n\n" + SPEEDUP_NOTE.format(metric=metric) + "\n"
 
 
