@@ -91,8 +91,9 @@ def test_a_folder_of_images_is_read_resized_cropped_and_converted(tmp_path, caps
     Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / "b.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
     grey = read_images(tmp_path, 8, 1)
-    assert "1 of the 2 subject images are in colour; the base model takes 1 channel, so they train in grey" in \
-        capsys.readouterr().err  # (said, not done silently)
+    err = capsys.readouterr().err  # (said, not done silently)
+    assert "1 of the 2 subject images are in colour; the base model takes 1 channel, so they train in grey" in err
+    assert "skipping 1 non-image file" in err and "e.g. notes.txt" in err
     rgb = read_images(tmp_path, 8, 3)
     assert grey.shape == (2, 1, 8, 8) and rgb.shape == (2, 3, 8, 8) and grey.dtype == torch.uint8
     assert torch.equal(grey[1, 0], rgb[1, 0]), "a greyscale file keeps its values"

@@ -67,6 +67,10 @@ def read_images(folder: str | Path, size: int, channels: int) -> torch.Tensor:
     files = image_files(folder)
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    skipped = sorted(p.name for p in folder.iterdir() if p not in files and not p.name.startswith("."))
+    if skipped:
+        warn(f"{folder}: skipping {len(skipped)} non-image file{'s' * (len(skipped) != 1)} (images are "
+             f"{', '.join(IMAGE_SUFFIXES)}), e.g. {skipped[0]}")
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
     images = [read_image(f, "RGB", upright=True) for f in files]  # phone photos upright, as diffusers' DreamBooth
     if channels == 1:
