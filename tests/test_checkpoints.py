@@ -219,19 +219,25 @@ def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resumes_identical(runs, cli,
         assert all(torch.equal(a[k], b[k]) for k in b), name
 
 
-def test_ctrl_c_during_the_final_evaluation_says_the_run_is_complete(cli, fake_fmnist, tmp_path, monkeypatch):
+def _ctrl_c_in_an_evaluation(monkeypatch, when) -> None:
+    """Ctrl-C inside the trainer's evaluations for which ``when(full, calls so far)`` holds."""
     import signal
 
     from autoprog.classification.trainer import Trainer
 
-    evaluate = Trainer.evaluate
+    evaluate, calls = Trainer.evaluate, []
 
-    def ctrl_c_in_final(self, full=False):
-        if full:
+    def ctrl_c(self, full=False):
+        calls.append(full)
+        if when(full, len(calls)):
             signal.raise_signal(signal.SIGINT)
         return evaluate(self, full)
 
-    monkeypatch.setattr(Trainer, "evaluate", ctrl_c_in_final)
+    monkeypatch.setattr(Trainer, "evaluate", ctrl_c)
+
+
+def test_ctrl_c_during_the_final_evaluation_says_the_run_is_complete(cli, fake_fmnist, tmp_path, monkeypatch):
+    _ctrl_c_in_an_evaluation(monkeypatch, lambda full, calls: full)
     run = tmp_path / "run"
     rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="1"))
     assert rc == 130 and "had finished training and is complete" in err, err
@@ -242,24 +248,12 @@ def test_ctrl_c_during_an_evaluation_stops_at_its_point_and_resumes_identical(ru
                                                                               monkeypatch):
     """A stop asked while an evaluation runs (minutes on a big model) stops at that point, which is checkpointed,
     instead of training one more step first; the resumed run ends as the uninterrupted one."""
-    import signal
-
-    from autoprog.classification.trainer import Trainer
-
-    evaluate, calls = Trainer.evaluate, []
-
-    def ctrl_c_in_the_first(self, full=False):
-        calls.append(full)
-        if len(calls) == 1:
-            signal.raise_signal(signal.SIGINT)
-        return evaluate(self, full)
-
-    monkeypatch.setattr(Trainer, "evaluate", ctrl_c_in_the_first)
+    _ctrl_c_in_an_evaluation(monkeypatch, lambda full, calls: calls == 1)
     run = tmp_path / "run"
     rc, _, err = cli("pretrain", "--method", "prog", "--out", run, *tiny_args(fake_fmnist, epochs="3"))
     assert rc == 130 and "interrupted at step 8" in err, err
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 8
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.undo()  # (the evaluation as it is)
     rc, _, err = cli("pretrain", "--resume", run)
     assert rc == 0, err
     want, got = _weights(runs / "full"), _weights(run)
