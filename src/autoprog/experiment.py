@@ -128,9 +128,7 @@ def reuse_or_run(out: Path, method: str, differ: list[str] | None, run: Callable
                 raise ConfigError(f"{out} holds {article} {method} run trained by {made_by} process"
                                   f"{'es' * (made_by != 1)} and this launch has {processes} (another global "
                                   f"batch): run the comparison in a launch of {made_by}, or use another --out")
-            if data is None:
-                saved = None
-            if saved is not None and saved != (now := data()):
+            if data is not None and saved is not None and saved != (now := data()):
                 from .data import identity_change
 
                 raise ConfigError(f"{out} holds {article} {method} run on other training data"

@@ -311,19 +311,23 @@ def entry() -> None:
 WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # (a full disk, a read-only one)
 
 
+def _run_folder(args) -> str | None:
+    """The run a ``pretrain``/``finetune`` command (or any ``--resume``) trains in; None for the others."""
+    return getattr(args, "resume", None) or (getattr(args, "out", None) if getattr(args, "command", None) in
+                                             ("pretrain", "finetune") else None)
+
+
 def _write_failed(args) -> str:
     """What a failed write (a full or read-only disk) leaves, and how to go on."""
     from pathlib import Path
 
     from ..checkpoint import has_checkpoint
 
-    command = getattr(args, "command", None)
-    run = getattr(args, "resume", None) or (getattr(args, "out", None) if command in ("pretrain", "finetune")
-                                            else None)
+    run = _run_folder(args)
     if run is not None and has_checkpoint(Path(run)):
         return (f"the last checkpoint in {run} is kept: free space (or copy the run to a writable disk), then "
                 f"continue with --resume {run}{launch_note(launch_env()[0])}")
-    if command == "compare":
+    if getattr(args, "command", None) == "compare":
         return "free space, then run the same command again: finished runs are reused"
     return "free space (or choose a writable --out) and start again"
 
@@ -335,8 +339,7 @@ def _interrupted(args) -> str:
     from ..checkpoint import has_checkpoint
     from ..formats import read_json_object
 
-    run = getattr(args, "resume", None) or (getattr(args, "out", None) if args.command in ("pretrain", "finetune")
-                                            else None)
+    run = _run_folder(args)
     if run is None:
         return "interrupted (re-run the same command to continue: finished runs are reused)" \
             if args.command == "compare" else "interrupted"
