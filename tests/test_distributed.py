@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -32,12 +33,16 @@ def _torchrun(cmd: list[str], cwd, run_dir):
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    for _attempt in range(2):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
-        log = proc.stdout + proc.stderr
-        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
-            break
+    env["TMPDIR"] = scratch = tempfile.mkdtemp()  # torchrun leaves its torchelastic_* folders in TMPDIR
+    try:
+        for _attempt in range(2):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
+            log = proc.stdout + proc.stderr
+            if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
+                break
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return proc, log
 
 DRIVER = textwrap.dedent('''

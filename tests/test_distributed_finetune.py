@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -192,18 +193,22 @@ def _launch(cmd: list[str], cwd, run_dir, timeout: int = 200):
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    for _attempt in range(2):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-            log, _ = proc.communicate()
-            pytest.fail(f"torchrun did not finish in {timeout}s:\n{log[-6000:]}")
-        if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
-            break
+    env["TMPDIR"] = scratch = tempfile.mkdtemp()  # torchrun leaves its torchelastic_* folders in TMPDIR
+    try:
+        for _attempt in range(2):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            try:
+                log, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+                log, _ = proc.communicate()
+                pytest.fail(f"torchrun did not finish in {timeout}s:\n{log[-6000:]}")
+            if proc.returncode == 0 or not any(m in log for m in PORT_RACE):
+                break
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return proc.returncode, log
 
 
