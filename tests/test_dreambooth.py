@@ -464,9 +464,14 @@ def test_text_to_image_without_clip_reports_the_own_classifiers_agreement_with_e
         PromptAgreement(FD(), ("a",), classes=(0,))
 
 
-def test_eval_prompts_are_filled_bounded_and_need_a_scorer():
+def test_eval_prompts_are_filled_bounded_and_need_a_scorer(capsys):
     spec = DreamBoothSpec(eval_prompts="a photo of sks {} sleeping under a tree | a photo of sks {} on the beach")
     assert spec.evaluation_prompts() == ("a photo of sks dress sleeping under a tree", "a photo of sks dress on the beach")
+    assert "warning" not in capsys.readouterr().err
+    spec = DreamBoothSpec(eval_prompts="a photo of sks {} on the beach|a photo of a {} on the beach")
+    assert len(spec.evaluation_prompts()) == 2  # the second names the class only: said, and still scored
+    assert ("--eval-prompts 'a photo of a dress on the beach' lacks the identifier of --instance-prompt (sks): it asks "
+            "for the subject's class, not the subject") in capsys.readouterr().err
     assert DreamBoothSpec().evaluation_prompts() == ()
     with pytest.raises(ConfigError, match="empty prompt"):
         DreamBoothSpec(eval_prompts="a|").evaluation_prompts()
@@ -516,9 +521,9 @@ def test_class_images_are_generated_on_the_runs_device(text_base, fake_fmnist, c
 
 
 @pytest.mark.slow
-def test_a_subject_of_one_image_trains(text_base, fake_fmnist, cache_dir, tmp_path):
-    """One subject image (the help asks for 3-6; one is still a subject): its FLOPs, proxies and steps repeat it
-    (before, the FLOPs count's batch of two indexed past it)."""
+def test_a_subject_of_one_image_trains(text_base, fake_fmnist, cache_dir, tmp_path, capsys):
+    """One subject image (the help asks for 3-6; one is still a subject, and the run says it is few): its FLOPs,
+    proxies and steps repeat it (before, the FLOPs count's batch of two indexed past it)."""
     from autoprog.diffusion.runner import finetune
 
     inst = tmp_path / "subject"
@@ -527,3 +532,5 @@ def test_a_subject_of_one_image_trains(text_base, fake_fmnist, cache_dir, tmp_pa
                           instance_dir=str(inst), subject_class=3, feature_epochs=1, cache_dir=str(cache_dir),
                           train=replace(DB, time_source="flops"))
     assert finetune(spec, tmp_path / "run")["done"]
+    assert f"--instance-dir {inst} holds 1 image of the subject; DreamBooth learns a subject from 3-6" in \
+        capsys.readouterr().err

@@ -327,7 +327,14 @@ class DreamBoothSpec(TextFinetuneSpec):
         if self.clip_model is None and self.subject() is None:
             raise ConfigError("--eval-prompts: nothing would score them; give --clip-model (CLIP-T) or --subject-class "
                               "(autoprog's classifier's text agreement)")
-        return tuple(self._filled("--eval-prompts", p) for p in parts)
+        filled = tuple(self._filled("--eval-prompts", p) for p in parts)
+        instance, cls = self.prompts()
+        identifier = [w for w in instance.split() if w not in cls.split()]  # the word(s) naming the subject
+        lacking = [p for p in filled if not set(identifier) & set(p.split())]
+        if identifier and lacking:
+            warn(f"--eval-prompts {lacking[0]!r} lacks the identifier of --instance-prompt ({' '.join(identifier)}): "
+                 "it asks for the subject's class, not the subject", once=True)
+        return filled
 
     def prompts(self) -> tuple[str, str]:
         """The instance and class prompts, {} filled with the subject class's name."""
@@ -507,6 +514,7 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
     """The subject's images (``--instance-dir`` or the built-in subject) and, with prior preservation, the class
     images, at the base model's pixel size and channels."""
     from .dreambooth import (
+        FEW_SUBJECT_IMAGES,
         class_images,
         class_images_dir,
         default_subject,
@@ -534,6 +542,10 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
         if not Path(spec.instance_dir).is_dir():
             raise ConfigError(f"--instance-dir {spec.instance_dir}: no such directory")
         instance = read_images(spec.instance_dir, size, chans)
+        if len(instance) < FEW_SUBJECT_IMAGES:
+            warn(f"--instance-dir {spec.instance_dir} holds {len(instance)} image{'s' * (len(instance) != 1)} of the "
+                 f"subject; DreamBooth learns a subject from {FEW_SUBJECT_IMAGES}-6 (from fewer it tends to copy them)",
+                 once=True)
     else:
         instance = match_images(default_subject(spec.data_root, spec.subject()), size, chans)
     prior = None
