@@ -327,6 +327,13 @@ def test_cli_compare_finetune_writes_reports_and_budget_row(cli, base, fake_fmni
     assert rc == 0 and stdout.count("reusing finished run") == 6, err
 
 
+def test_the_done_line_says_the_search_is_part_of_the_training_time():
+    from autoprog.cli.diffusion import _training_time
+
+    assert _training_time({"wall_time_s": 12.34, "search_time_s": 1.26}) == "12.3s of training, of which 1.3s search"
+    assert _training_time({"wall_time_s": 12.34, "search_time_s": 0.01}) == "12.3s of training"
+
+
 def test_cli_finetune_sample_and_stage(cli, base, fake_fmnist, cache_dir, tmp_path):
     out = tmp_path / "ft"
     rc, stdout, err = cli("finetune", "--method", "prog", "--base", base, "--data-root", fake_fmnist,

@@ -164,6 +164,12 @@ def run_sample(args, acc) -> None:
     acc.print(f"wrote {len(groups)} grid{'s' * (len(groups) != 1)} and all.png to {out}")
 
 
+def _training_time(summary: dict) -> str:
+    """A run's training time for its done line: the search is part of it (the clock runs while candidates are timed)."""
+    search = summary.get("search_time_s") or 0
+    return f"{summary['wall_time_s']:.1f}s of training" + (f", of which {search:.1f}s search" if search >= 0.05 else "")
+
+
 def run_diffusion(args, acc) -> None:
     from ..diffusion import runner
 
@@ -175,7 +181,7 @@ def run_diffusion(args, acc) -> None:
                 runner.pretrain_base if base else runner.finetune,
                 (lambda: base_spec(args)) if base else (lambda: finetune_spec(args, args.method)),
                 lambda s: f"done: {s['metric']} {s[s.get('headline', 'fd')]:.3f} after {s['steps']} steps "
-                          f"({s['wall_time_s']:.1f}s of training, search {s.get('search_time_s') or 0:.1f}s); model in {args.out}/model")
+                          f"({_training_time(s)}); model in {args.out}/model")
         return
     spec, front = finetune_spec(args, "full"), front_of(args)
     run_compare(args, acc, lambda methods, budget: runner.compare_finetune(spec, methods, args.out, budget, acc,
