@@ -348,6 +348,8 @@ def test_cli_finetune_sample_and_stage(cli, base, fake_fmnist, cache_dir, tmp_pa
         assert Image.open(out / "model-samples" / f"class{c}.png").size[0] > 28
     assert (out / "model-samples" / "all.png").is_file()
     assert not (out / "model" / "samples").exists()  # a model folder is never written into
+    rc, _, err = cli("sample", out / "model" / "config.json", "--cpu")
+    assert rc == 2 and f"config.json is a file; give the model directory that holds it ({out / 'model'})" in err, err
     rc, _, err = cli("sample", out, "--classes", "6", "--per-class", "1", "--sample-steps", "2", "--cpu")
     assert rc == 0, err  # the folder again: the earlier call's grids of other classes are gone, not mixed in
     assert sorted(p.name for p in (out / "model-samples").iterdir()) == ["all.png", "class6.png"]

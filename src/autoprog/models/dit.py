@@ -344,6 +344,9 @@ def load_backbone(path: str | Path, with_sid: bool = True) -> tuple[DiffusionBac
     cfg_file = path / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{path}: no such model directory")
+    if path.is_file():  # say, RUN/model/config.json
+        raise ConfigError(f"{path} is a file; give the model directory that holds it"
+                          + (f" ({path.parent})" if (path.parent / CONFIG_FILE).is_file() else ""))
     _refuse_run_folder(path)
     if not cfg_file.is_file():
         raise ConfigError(f"{path} is not a model directory: {CONFIG_FILE} is missing")
