@@ -38,6 +38,34 @@ RES = 28
 )
 def test_depth_mapping_matches_appendix_a(kind, n_src, n_dst, expected):
     assert depth_mapping(kind, n_src, n_dst) == expected
+    assert depth_mapping(kind, n_src, n_dst, "spread") == expected  # (the two copy orders agree on these)
+
+
+@pytest.mark.parametrize("n_src, n_dst, last, spread", [
+    (9, 12, [0, 1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 8], [0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 8]),
+    (4, 6, [0, 1, 2, 2, 3, 3], [0, 1, 1, 2, 3, 3]),
+    (6, 8, [0, 1, 2, 3, 4, 4, 5, 5], [0, 1, 2, 2, 3, 4, 5, 5]),
+    (4, 12, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]),
+    (3, 8, [0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 2, 2, 2]),
+])
+def test_interpolation_copies_the_last_blocks_as_the_official_code_or_spreads_them(n_src, n_dst, last, spread):
+    """The official code's growth (``new_idx``) gives each of the last ``n_dst mod n_src`` blocks one more copy:
+    9 -> 12 copies blocks 6, 7 and 8, as the elastic supernet's layout does; ``spread`` copies 2, 5 and 8."""
+    assert depth_mapping("interpolation", n_src, n_dst) == last
+    assert depth_mapping("interpolation", n_src, n_dst, "spread") == spread
+    with pytest.raises(ConfigError, match="unknown copy order 'middle'"):
+        depth_mapping("interpolation", n_src, n_dst, "middle")
+
+
+def test_the_default_copies_are_the_elastic_supernets():
+    """Growing ψ*_{k-1} straight to a depth copies the same source blocks as the supernet holding that depth."""
+    from autoprog.algorithms.elastic import ElasticLayout
+
+    for base in range(1, 9):
+        for top in range(base, 3 * base + 1):
+            lay = ElasticLayout(base, top)
+            sources = sorted([*range(base), *lay.source_map().values()])
+            assert depth_mapping("interpolation", base, top) == sources, (base, top)
 
 
 def _appendix_a(kind, l_s, l_l):
@@ -59,9 +87,15 @@ def _appendix_a(kind, l_s, l_l):
 def test_depth_mapping_properties(kind):
     for n_src in range(1, 7):
         for n_dst in range(n_src, 13):
-            m = depth_mapping(kind, n_src, n_dst)
+            m = depth_mapping(kind, n_src, n_dst, "spread")
             assert len(m) == n_dst
             assert m == _appendix_a(kind, n_src, n_dst)
+            last = depth_mapping(kind, n_src, n_dst)
+            if kind != "interpolation":
+                assert last == m, "the copy order is interpolation's only"
+            else:
+                counts = [last.count(b) for b in range(n_src)]
+                assert last == sorted(last) and counts == sorted(counts) and max(counts) - min(counts) <= 1
             # the classifier-side block is always the source's last block
             assert m[-1] == n_src - 1
             if n_dst == n_src:
@@ -357,6 +391,35 @@ def test_remap_block_state_moves_adam_moments_with_the_weights(op, expected):
     sync_params(opt, net, 0.05)
     _train_one_step(net, opt)
     assert all(_block_state(opt, net, i) for i in range(4))
+
+
+@pytest.mark.parametrize("mode", ["reset", "carry"])
+def test_a_growth_starts_a_fresh_optimizer_as_the_official_code_or_carries_its_moments(mode, tmp_path, fake_fmnist,
+                                                                                         monkeypatch):
+    """prog 3 -> 4 -> 5 -> 6 blocks: by default every growth that adds blocks clears AdamW's state (the official code
+    builds a new optimizer for each grown model), so the next step counts from 1; ``carry`` keeps the moments."""
+    from accelerate import Accelerator
+
+    from autoprog.classification import trainer as tr
+    from autoprog.classification.runner import RunSpec, pretrain
+    from autoprog.classification.trainer import TrainConfig
+
+    seen, copy = [], tr.Trainer._after_block_copy
+
+    def spy(self, block_map):
+        copy(self, block_map)
+        steps = [int(s["step"]) for s in self.optimizer.state.values()]
+        seen.append((self.step, any(s != d for d, s in block_map.items()), steps))
+
+    monkeypatch.setattr(tr.Trainer, "_after_block_copy", spy)
+    spec = RunSpec(method="prog", patch_size=4, depth=6, embed_dim=16, num_heads=2, data_root=str(fake_fmnist),
+                   subset=128, train=TrainConfig(epochs=2, batch_size=32, eval_samples=64, count_flops=False,
+                                                 optimizer_at_growth=mode))
+    assert pretrain(spec, tmp_path / "run", Accelerator(cpu=True))["done"]
+    grown = [(step, steps) for step, changed, steps in seen if changed]
+    assert len(grown) == 3 and all(step > 0 for step, _ in grown)
+    for step, steps in grown:
+        assert steps == [] if mode == "reset" else (steps and max(steps) == step), (step, steps)
 
 
 def test_remapped_state_is_a_copy():

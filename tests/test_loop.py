@@ -42,11 +42,15 @@ def _run(loop, model, optimizer, data, start=0, stop=None):
         loop.after_step(loss)
 
 
-def test_growing_follows_prog_and_moves_optimizer_state_with_the_weights():
+@pytest.mark.parametrize("mode", ["carry", "reset"])
+def test_growing_follows_prog_and_moves_optimizer_state_with_the_weights_or_clears_it(mode):
+    """By default (``reset``, as the official code) a growth that adds blocks clears the optimizer's state;
+    ``carry`` moves each copied block's moments with its weights."""
     torch.manual_seed(0)
     model = tiny_vit()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loop = ProgressiveLoop.growing(model, opt, 16, log=lambda s: None)
+    loop = ProgressiveLoop.growing(model, opt, 16, log=lambda s: None,
+                                   **({"optimizer_at_growth": "carry"} if mode == "carry" else {}))
     assert isinstance(loop, GrowthServices) and isinstance(loop, ZeroShotServices)
     data = _batches()
     seen, checked = [], 0
@@ -57,7 +61,10 @@ def test_growing_follows_prog_and_moves_optimizer_state_with_the_weights():
         if loop.before_step() and loop.stage > 0:
             grown = loop.stage_log[-1]["growth"]["block_map"]
             names = dict(model.named_parameters())
-            for dst, src in grown.items():
+            if mode == "reset" and any(int(d) != s for d, s in grown.items()):
+                assert not opt.state, "a growth that adds blocks starts a fresh optimizer"
+                checked += 1
+            for dst, src in grown.items() if mode == "carry" else ():
                 if src is not None and int(dst) != src:
                     for n in [n for n in before if n.startswith(f"model.blocks.{src}.")]:
                         moved = n.replace(f"blocks.{src}.", f"blocks.{dst}.", 1)

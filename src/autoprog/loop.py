@@ -81,9 +81,12 @@ class ProgressiveLoop(GrowthCalls):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, controller: Controller,
                  total_steps: int, space: GrowthSpace, growth: GrowthOperator | None = None,
                  ema_decay: float | None = None, proxy: ProxyData | None = None, steps_per_epoch: int | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, optimizer_at_growth: str = "reset"):
         if total_steps < 1:
             raise ConfigError(f"total_steps must be positive, got {total_steps}")
+        if optimizer_at_growth not in ("reset", "carry"):
+            raise ConfigError(f"optimizer_at_growth must be reset or carry, got {optimizer_at_growth!r}")
+        self.optimizer_at_growth = optimizer_at_growth
         self.model, self.optimizer, self.controller, self._space = model, optimizer, controller, space
         self._user_params = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer else set()
         self.growth, self.proxy, self._log_fn = growth, proxy, log
@@ -103,17 +106,21 @@ class ProgressiveLoop(GrowthCalls):
     @classmethod
     def growing(cls, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
                 schedule: str | Schedule | Controller = "prog", growth: str = "mogrow", num_stages: int = 4,
-                start_ratio: float = 0.5, ema_decay: float | None = None, **kw) -> ProgressiveLoop:
+                start_ratio: float = 0.5, ema_decay: float | None = None, growth_copies: str = "last",
+                **kw) -> ProgressiveLoop:
         """Pre-training: grow ``model`` (an :class:`~autoprog.adapters.base.ElasticModel`: ``ElasticViT(vit)``,
         ``ElasticVOLO(volo)``, or ``autoprog.adapters.elastic(model)``) in resolution and depth along ``schedule``:
         ``"prog"``, ``"progstack"``, an inline schedule (``"14x3,21x4,28x6"``), a :class:`Schedule`, or a
         controller (``AutoProgZero(space)``, ``AutoProgOne(space)``). ``ema_decay`` is MoGrow's momentum m
-        (default: the paper's 0.998 rescaled to ``steps_per_epoch``, see :func:`auto_ema_decay`)."""
+        (default: the paper's 0.998 rescaled to ``steps_per_epoch``, see :func:`auto_ema_decay`). As the official
+        code, a growth copies the last blocks (``growth_copies="spread"``: spread evenly) and, when it adds or moves
+        blocks, clears ``optimizer``'s state (``optimizer_at_growth="carry"``: moments follow the weights)."""
         if not isinstance(model, ElasticModel):
             raise ConfigError("ProgressiveLoop.growing needs an elastic model: wrap yours with "
                               "autoprog.adapters.elastic(model) (ViT/DeiT, VOLO)")
         space = model.growth_space(num_stages, start_ratio)
-        op = get_growth_operator(growth if not isinstance(schedule, str) or schedule != "progstack" else "stacking")
+        op = get_growth_operator(growth if not isinstance(schedule, str) or schedule != "progstack" else "stacking",
+                                 growth_copies)
         return cls(model, optimizer, _controller(schedule, space), total_steps, space, growth=op,
                    ema_decay=ema_decay, **kw)
 
@@ -233,7 +240,10 @@ class ProgressiveLoop(GrowthCalls):
     def _after_block_copy(self, block_map) -> None:
         if self.optimizer is None:
             return
-        remap_block_state(self.optimizer, self.model, block_map)
+        if self.optimizer_at_growth == "reset" and any(s != d for d, s in block_map.items()):
+            self.optimizer.state.clear()  # a fresh optimizer, as the official code's for each grown model
+        else:
+            remap_block_state(self.optimizer, self.model, block_map)
         self._sync_gate_group()
 
     def _sync_gate_group(self) -> None:

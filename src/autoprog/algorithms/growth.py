@@ -5,8 +5,12 @@ Following the paper, layer index *i* is counted from the classifier side: i = 0 
 
 * ``randinit``:      ω_ℓ^i = ω_s^i for i < l_s, new blocks randomly initialised        (Eq. 20)
 * ``stacking``:      ω_ℓ^i = ω_s^(i mod l_s)                                          (Eq. 21)
-* ``interpolation``: ω_ℓ^i = ω_s^⌊i·l_s/l_ℓ⌋, i.e. each new block copies its nearest  (Eq. 22)
-                     neighbour, inserted starting from the final layers
+* ``interpolation``: each new block is a copy of its nearest neighbour, inserted in between   (Eq. 22)
+                     the original blocks starting from the final layers: by default (``copies="last"``)
+                     each of the last l_ℓ mod l_s blocks gets one more copy than the others, as the
+                     official code (``new_idx``) and the elastic supernet's layout; ``copies="spread"`` reads
+                     Eq. 22 as ω_ℓ^i = ω_s^⌊i·l_s/l_ℓ⌋ (i from the classifier side), which spreads the copies
+                     evenly (autoprog's rule before 2026-12-08; the same for doublings and l_ℓ < l_s + 3)
 * ``identity``:      interpolation, with every inserted copy gated by a zero-initialised learnable
                      scalar (ReZero), so the network function is unchanged at the moment of growth
 * ``mogrow``:        interpolation from the momentum (EMA) network: ω_k = ζ_Interp(ω̃_{k-1})   (Eq. 4)
@@ -26,14 +30,22 @@ from ..errors import ConfigError
 from ..space import SubNet
 
 MAPPINGS = ("randinit", "stacking", "interpolation")
+COPIES = ("last", "spread")  # which blocks an interpolating growth copies (see the module docstring)
 
 
-def depth_mapping(kind: str, n_src: int, n_dst: int) -> list[int | None]:
-    """Source block (forward position in ψ_s) for each forward position of ψ_ℓ; ``None`` = random init."""
+def depth_mapping(kind: str, n_src: int, n_dst: int, copies: str = "last") -> list[int | None]:
+    """Source block (forward position in ψ_s) for each forward position of ψ_ℓ; ``None`` = random init.
+    ``copies`` (interpolation only): ``last`` gives the last ``n_dst mod n_src`` blocks one more copy each (the
+    official code's), ``spread`` spreads the copies evenly (Eq. 22 taken literally)."""
     if kind not in MAPPINGS:
         raise ConfigError(f"unknown depth mapping {kind!r}; choose from {', '.join(MAPPINGS)}")
+    if copies not in COPIES:
+        raise ConfigError(f"unknown copy order {copies!r}; choose from {', '.join(COPIES)}")
     if n_dst < n_src:
         raise ConfigError(f"cannot grow from depth {n_src} to a smaller depth {n_dst}")
+    if kind == "interpolation" and copies == "last":
+        q, r = divmod(n_dst, n_src)
+        return [b for b in range(n_src) for _ in range(q + (b >= n_src - r))]
     out: list[int | None] = []
     for j in range(n_dst):
         i = n_dst - 1 - j  # index from the classifier side
@@ -77,6 +89,11 @@ class GrowthOperator:
     from_momentum = False
     rezero = False
 
+    def __init__(self, copies: str = "last"):
+        if copies not in COPIES:
+            raise ConfigError(f"unknown copy order {copies!r}; choose from {', '.join(COPIES)}")
+        self.copies = copies  # which blocks an interpolating growth copies (:func:`depth_mapping`)
+
     def grow(self, model: ElasticModel, ema: ElasticModel | None, src: SubNet, dst: SubNet) -> GrowthResult:
         """Write ψ_ℓ=``dst``'s block weights into ``model`` (and ``ema`` if given) from ψ_s=``src``."""
         if dst.depth < src.depth or dst.resolution < src.resolution:
@@ -89,7 +106,7 @@ class GrowthOperator:
             if len(dst_phys) < len(src_phys):
                 raise ConfigError(f"growth from {src} to {dst} would remove blocks of block segment {s} "
                                   f"({len(src_phys)} -> {len(dst_phys)})")
-            mapping = depth_mapping(self.mapping, len(src_phys), len(dst_phys))
+            mapping = depth_mapping(self.mapping, len(src_phys), len(dst_phys), self.copies)
             block_map.update({dst_phys[j]: (None if m is None else src_phys[m]) for j, m in enumerate(mapping)})
             inserted += [dst_phys[j] for j in inserted_positions(mapping)]
         return self.apply(model, ema, block_map, inserted=inserted)
@@ -187,11 +204,13 @@ GROWTH_OPERATORS: dict[str, type[GrowthOperator]] = {
 }
 
 
-def get_growth_operator(name: str) -> GrowthOperator:
+def get_growth_operator(name: str, copies: str = "last") -> GrowthOperator:
+    """The growth operator ``name``; ``copies``: which blocks its interpolation copies (:func:`depth_mapping`)."""
     try:
-        return GROWTH_OPERATORS[name]()
+        cls = GROWTH_OPERATORS[name]
     except KeyError:
         raise ConfigError(f"unknown growth operator {name!r}; choose from {', '.join(GROWTH_OPERATORS)}") from None
+    return cls(copies)
 
 
 PAPER_EMA_DECAY = 0.998

@@ -14,7 +14,7 @@ from ..accelerator import launch_env
 from ..adapters.factory import ModelOverrides, build_elastic, model_eval_crop
 from ..algorithms.autoprog_one import AutoProgOneConfig
 from ..algorithms.autoprog_zero import time_tolerance_option
-from ..algorithms.growth import GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
+from ..algorithms.growth import COPIES, GROWTH_OPERATORS, PAPER_EMA_DECAY, KeepWeights, get_growth_operator
 from ..budget import Budget, warn_unread_length
 from ..checkpoint import comparison_dir, new_run_dir, no_empty_folder_left, write_json
 from ..data import LEGACY_CROPS, EvalCrop, builtin_dataset, dataset_identity, is_image_folder, load_dataset
@@ -74,8 +74,13 @@ class RunSpec(Spec, AutoProgOneConfig):
         AutoProg-One's earlier rules (:data:`BEFORE_2026_12_05`), so resuming or reusing it changes nothing; one made
         before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up; one made before
         ``--train-interpolation`` keeps autoprog's crops of then (``legacy``: torchvision's, bilinear; evaluation
-        images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule."""
+        images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule; one made
+        before ``--growth-copies`` its evenly spread copies and carried optimizer moments."""
         d = json.loads(json.dumps(d))
+        if isinstance(d, dict) and "growth_copies" not in d and cls.task == RunSpec.task:  # (fine-tuning: no growth)
+            d["growth_copies"] = "spread"  # made before --growth-copies (2026-12-08): copies spread evenly
+            if isinstance(d.get("train"), dict):
+                d["train"].setdefault("optimizer_at_growth", "carry")  # ... and moments carried along
         if isinstance(d, dict) and d.get("adareg"):
             d.setdefault("adareg_rule", "size")  # made before --adareg-rule (2026-12-07): AdaReg by the sub-network's size
         train = d.get("train") if isinstance(d, dict) else None
@@ -95,6 +100,11 @@ class RunSpec(Spec, AutoProgOneConfig):
     method: str = option("prog", methods_help(PRETRAIN), choices=method_names(PRETRAIN))
     growth: str | None = option(None, "growth operator (default: mogrow; stacking for progstack)",
                                 choices=sorted(GROWTH_OPERATORS), show_default=False, group="growth")
+    growth_copies: str = option("last", "which blocks a growth by interpolation (mogrow, interpolation, identity) "
+                                        "copies: last (the last l_new mod l_old blocks get one more copy each, as the "
+                                        "official code and the supernet's layout: 9 -> 12 copies blocks 6, 7, 8) or "
+                                        "spread (copies spread evenly, Eq. 22 read literally: 9 -> 12 copies 2, 5, 8; "
+                                        "autoprog's rule before 2026-12-08)", choices=COPIES, group="growth")
     model: str = option("vit", "'vit' (built-in, timm-style) or 'timm:<name>' of a family autoprog grows: ViT/DeiT/"
                                "DeiT III (timm:deit_tiny_patch16_224), Eva (timm:eva02_tiny_patch14_224), VOLO "
                                "(timm:volo_d1_224; its depth counts outlookers and transformers)",
@@ -223,7 +233,7 @@ class TransferSpec(RunSpec):
 
 
 # RunSpec options a fine-tuning run takes from its base or does not have (no flag for them)
-TRANSFER_EXCLUDE = {"growth", "img_size", "patch_size", "depth", "embed_dim", "num_heads", "drop_path", "schedule",
+TRANSFER_EXCLUDE = {"growth", "growth_copies", "img_size", "patch_size", "depth", "embed_dim", "num_heads", "drop_path", "schedule",
                     "adareg", "adareg_rule"}
 
 
@@ -266,7 +276,7 @@ def build_run(spec: RunSpec):
         cfg = replace(cfg, criterion=chosen.options.get("criterion", spec.criterion),
                       search_step_time="probe" if spec.train.time_source == "flops" else spec.search_step_time)
         schedule = AutoProgOne(space, cfg, seed=spec.train.seed)
-        growth = get_growth_operator(spec.growth or "mogrow")
+        growth = get_growth_operator(spec.growth or "mogrow", spec.growth_copies)
         return data, net, schedule, growth
     if chosen.base == "autoprog-zero":
         from ..algorithms.autoprog_zero import AutoProgZero
@@ -276,13 +286,13 @@ def build_run(spec: RunSpec):
         return data, net, AutoProgZero(space, time_rtol=spec.time_tolerance,
                                        criterion=chosen.options.get("criterion", spec.criterion),
                                        gain_folds=spec.gain_folds), \
-            get_growth_operator(spec.growth or "mogrow")
+            get_growth_operator(spec.growth or "mogrow", spec.growth_copies)
     if chosen.base == "supernet-only":
         from ..algorithms.supernet import SupernetOnly
 
-        return data, net, SupernetOnly(space, seed=spec.train.seed), get_growth_operator(spec.growth or "mogrow")
+        return data, net, SupernetOnly(space, seed=spec.train.seed), get_growth_operator(spec.growth or "mogrow", spec.growth_copies)
     schedule = build_schedule(spec.method, space, spec.schedule)
-    growth = get_growth_operator(spec.growth or schedule.default_growth)
+    growth = get_growth_operator(spec.growth or schedule.default_growth, spec.growth_copies)
     schedule = replace(schedule, default_growth=growth.name)  # schedule.json records the operator used
     return data, net, schedule, growth
 
@@ -426,7 +436,8 @@ SEARCH_SETTINGS = SearchSettings(
 GROWING = ("prog", "autoprog-one", "autoprog-zero", "supernet-only")  # the methods that read the growth space
 OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixed",
                 "criterion": lambda m: m.kind == "search" and "criterion" not in m.options,  # -gain sets its own
-                "growth": lambda m: m.base not in ("original", "supernet-only"),
+                **dict.fromkeys(("growth", "growth_copies", "optimizer_at_growth"),
+                                lambda m: m.base not in ("original", "supernet-only")),
                 **dict.fromkeys(("num_stages", "start_ratio"), lambda m: m.base in GROWING)}
 
 
@@ -436,6 +447,8 @@ def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     crops = () if is_image_folder(spec.dataset) else ("loader_resolution", "crop_scale", "train_interpolation",
                                                       "eval_crop_pct", "eval_interpolation")
     unread = () if spec.adareg else ("adareg_rule",)
+    if not OPTION_USERS["growth"](get_method(spec.method, spec.method_task)):  # it never grows
+        unread += ("growth_copies", "optimizer_at_growth")
     return saved_differences(out, spec, lambda d: _as_taken(type(spec).from_dict(d, str(out / "config.json")), out),
                              ignore=("stop_after_epochs", *crops, *unread,
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))

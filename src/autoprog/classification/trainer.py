@@ -83,6 +83,11 @@ class TrainConfig(OptimConfig, SearchMeasurements):
     min_lr: float = default(OptimConfig, "min_lr", 1e-5)
     weight_decay: float = default(OptimConfig, "weight_decay", 0.05)
     warmup_epochs: float = option(1.0, "linear warm-up length, at most half the run", minimum=0, group="optimisation")
+    optimizer_at_growth: str = option("reset", "AdamW's state when a growth adds or moves blocks: reset (fresh moments "
+                                               "and step counts for every parameter, as the official code builds a "
+                                               "new optimizer for each grown model) or carry (each block keeps, and "
+                                               "each copy takes, its source's moments; autoprog's rule before "
+                                               "2026-12-08)", choices=("reset", "carry"), group="growth")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", minimum=0, below=1,
                                     group="optimisation")
     randaugment: str | None = option(None, "RandAugment as timm's config string, e.g. rand-m9-mstd0.5-inc1 (the "
@@ -430,7 +435,10 @@ class Trainer(GrowthCalls, RunTemplate):
             yield
 
     def _after_block_copy(self, block_map) -> None:
-        remap_block_state(self.optimizer, self.net, block_map)
+        if self.cfg.optimizer_at_growth == "reset" and any(s != d for d, s in block_map.items()):
+            self.optimizer.state.clear()  # a fresh optimizer, as the official code's for each grown model
+        else:
+            remap_block_state(self.optimizer, self.net, block_map)
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)  # gates may have come or gone
 
     def snapshot(self) -> dict:

@@ -31,7 +31,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str, transfer: bool = F
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     exclude = {"method", "train.stop_after_epochs"} if command == "compare" else set()
     if transfer:
-        exclude |= TRANSFER_EXCLUDE | set(SEARCH_SETTINGS.autoprog_one)
+        exclude |= TRANSFER_EXCLUDE | set(SEARCH_SETTINGS.autoprog_one) | {"train.optimizer_at_growth"}  # no growth
     add_options(p, TransferSpec if transfer else RunSpec, exclude=exclude, groups=groups)
     add_run_flags(groups["optimisation"], command)
 
