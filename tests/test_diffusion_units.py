@@ -917,6 +917,20 @@ def test_sample_deterministic_range_shape_mode(training):
     assert m.training == training
 
 
+def test_sample_copies_the_timesteps_to_the_device_once_not_at_every_step(monkeypatch):
+    """On a GPU each ``t.to(device)`` of a host timestep is a blocking copy: one per call, not one per step."""
+    import autoprog.diffusion.sampling as sampling
+
+    m = tiny("dit")
+    copies = []
+    real = sampling.to_device
+    monkeypatch.setattr(sampling, "to_device", lambda t, d: copies.append(tuple(t.shape)) or real(t, d))
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copies.append(("to", t.dim())) or real_to(t, *a, **k))
+    sample(m, torch.tensor([0, 1]), steps=5, cfg_scale=2.0, eta=0.0)
+    assert copies.count((5,)) == 1 and ("to", 0) not in copies, copies
+
+
 def test_sample_restores_mode_after_error():
     torch.manual_seed(0)
     m = tiny("dit").train()

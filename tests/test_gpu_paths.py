@@ -497,6 +497,16 @@ def test_the_default_accelerator_is_the_clis_unless_accelerate_is_set_up(monkeyp
     assert accelerator.default_accelerator().device.type == "cpu" and asked == ["auto", "bf16"]
 
 
+def test_the_clis_ddp_wrappers_use_bucket_views_and_broadcast_no_buffers(fresh_accelerate):
+    """Every DDP wrapper a command builds (Accelerate's first, and one per trainable set) takes the accelerator's
+    DDP settings: gradients as views of the all-reduce buckets, no buffer broadcast before each forward."""
+    from autoprog.accelerator import DDP_SETTINGS, make_accelerator
+
+    acc = make_accelerator(cpu=True)
+    assert DDP_SETTINGS == {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+    assert acc.ddp_handler is not None and acc.ddp_handler.to_kwargs() == DDP_SETTINGS
+
+
 def fresh_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState
 

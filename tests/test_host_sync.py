@@ -231,12 +231,29 @@ def _stack():
         frame = frame.f_back
 
 
-def test_token_labelled_volo_steps_do_not_sync(cli, tmp_path, count_syncs):
-    """Token labeling's targets (roi_align of the score maps) and MixToken's box (numpy's draws) stay off the host."""
+@pytest.mark.parametrize("geometry", ["official", "corrected"])
+def test_token_labelled_volo_steps_do_not_sync(cli, tmp_path, count_syncs, geometry, monkeypatch):
+    """Token labeling's targets (roi_align of the score maps) and MixToken's box (numpy's draws) stay off the host,
+    with either box geometry (the corrected one once built a tensor from host numbers at every step)."""
+    import types
+
     from test_token_labels import write_token_folder
 
+    import autoprog.classification.token_labels as token_labels
+
+    class Torch(types.ModuleType):  # the module's torch, counting tensors made from host data on a device
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def tensor(self, *a, **k):  # on a GPU a blocking copy: a sync
+            if k.get("device") is not None:
+                count_syncs[f"torch.tensor(device=) in {sys._getframe(1).f_code.co_name}"] += 1
+            return torch.tensor(*a, **k)
+
+    monkeypatch.setattr(token_labels, "torch", Torch("torch"))
     data = write_token_folder(tmp_path / "data", tmp_path / "maps", per_class=4)
     rc, _, err = cli("pretrain", "--method", "original", "--model", "timm:volo_d1_224", "--img-size", "32",
+                     "--token-label-geometry", geometry,
                      "--dataset", data, "--token-labels", tmp_path / "maps", "--subset", "0", "--batch-size", "2",
                      "--epochs", "17", "--eval-samples", "2", "--no-flops", "--workers", "0", "--cpu",
                      "--out", tmp_path / "run")  # 6 steps an epoch: 102 steps

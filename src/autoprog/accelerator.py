@@ -129,6 +129,13 @@ def _while_listening(fn):
     return box["value"]
 
 
+# A command's DDP wrappers: gradients as views of the all-reduce buckets (no second gradient-sized buffer per
+# wrapper, no copy into it at every step; a search keeps a wrapper per candidate's trainable set), and no broadcast
+# of buffers before every forward (autoprog's models' buffers never change in training: position ids, the stage
+# identifier's lookup table, which every process sets alike). A library caller's own Accelerator keeps its settings.
+DDP_SETTINGS = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+
+
 def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with: str | None = None,
                      rendezvous_timeout: float = 120):
     """The Accelerator of a command. Launched by torchrun on a machine without GPUs, the processes join one gloo
@@ -140,7 +147,7 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     world, rank = launch_env()
     cpu = cpu or (world > 1 and not torch.cuda.is_available())
@@ -155,7 +162,8 @@ def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, log_with:
     def accelerator():
         return Accelerator(mixed_precision=resolve_precision(mixed_precision, cpu), cpu=cpu, log_with=trackers or None,
                            project_config=project,
-                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=rendezvous_timeout))])
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=rendezvous_timeout)),
+                                            DistributedDataParallelKwargs(**DDP_SETTINGS)])
 
     if world == 1:
         acc = accelerator()

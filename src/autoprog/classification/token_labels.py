@@ -435,8 +435,8 @@ def token_label_targets(maps: torch.Tensor, coords: torch.Tensor, num_classes: i
         box = torch.stack([left * w, top * h, (left + width) * w, (top + height) * h], 1)
         # the class token's target from the part of the box the map covers (a centre-square map's box may reach
         # beyond it, :func:`tokens_inside`; a whole-image map's never does)
-        scale = torch.tensor([w, h, w, h], device=maps.device, dtype=torch.float32)
-        inside = torch.minimum(torch.maximum(box, torch.zeros_like(box)), scale)
+        x0, y0, x1, y1 = box.unbind(1)  # clamped by Python numbers: no tensor built from host data, no sync
+        inside = torch.stack([x0.clamp(0, w), y0.clamp(0, h), x1.clamp(0, w), y1.clamp(0, h)], 1)
     tokens = roi_align(dense, torch.cat([index, box - 0.5], 1), output_size=(label_size, label_size))  # [B, C, S, S]
     whole = roi_align(dense, torch.cat([index, inside - 0.5], 1), output_size=(1, 1)).flatten(1)  # [B, C]
     off = smoothing / num_classes

@@ -182,6 +182,7 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
+    on_device = to_device(sched.timesteps, dev)  # once, not a blocking copy at every denoising step
     out = []
     try:
         n = len(conditions)
@@ -192,8 +193,8 @@ def sample(model: DiffusionBackbone, conditions: torch.Tensor, steps: int = 50, 
             # the conditions of every step, made once: a text model encodes them once (its prompt cache reads the
             # ids back to the host), not at each step
             cond = (y if cfg_scale == 1.0 else torch.cat([y, model.null_condition(y)])) if hi > lo else None
-            for t in sched.timesteps:
-                eps = _guided_eps(model, x, t.to(dev), cond, cfg_scale) if hi > lo else x
+            for t, t_dev in zip(sched.timesteps, on_device):
+                eps = _guided_eps(model, x, t_dev, cond, cfg_scale) if hi > lo else x
                 # the step's ancestral noise for the whole batch, as diffusers would draw it, then this share's
                 noise = torch.randn((b, *eps.shape[1:]), generator=gen, dtype=eps.dtype)[lo:hi] if eta > 0 else None
                 if hi > lo:
