@@ -68,7 +68,8 @@ class AutoProgOneConfig:
                                         "space only (the paper's rule, the default, also keeps the current depth)",
                                  group="AutoProg-One search")
     search_samples: int = option(256, "training images (fixed, not augmented) each candidate's loss is measured on "
-                                      "at each scoring point", minimum=1, group="AutoProg-One search")
+                                      "at each scoring point (the paper: a 50K subset, which the *-paper presets "
+                                      "set; 256 suits a CPU)", minimum=1, group="AutoProg-One search")
     score_points: int = option(5, "the candidates' losses are averaged over this many points spread over the second "
                                   "half of the supernet phase (the official code: 5, the start and quarters of its "
                                   "last search epoch; 1 = at its end only)", minimum=1, group="AutoProg-One search")
