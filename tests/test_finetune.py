@@ -84,8 +84,18 @@ def test_prog_replays_an_inline_schedule_with_one_sid_per_stage(base, fake_fmnis
     assert model.sid.num_stages == 2 and model.sid.stage == 1
 
 
-def test_autoprog_zero_picks_the_ranked_vote_winner(base, fake_fmnist, cache_dir, tmp_path):
+def test_autoprog_zero_picks_the_ranked_vote_winner(base, fake_fmnist, cache_dir, tmp_path, monkeypatch):
+    from autoprog.algorithms.autoprog_zero import AutoProgZero
+
+    searched_with, enter = [], AutoProgZero.enter_stage  # the stage identifier its proxies and timings see
+
+    def spy(self, trainer, k):
+        searched_with.append((k, trainer.model.sid.stage))
+        enter(self, trainer, k)
+
+    monkeypatch.setattr(AutoProgZero, "enter_stage", spy)
     res = finetune(spec_for("autoprog-zero", base, fake_fmnist, cache_dir), tmp_path / "az")
+    assert searched_with == [(k, k) for k in range(4)], "stage k's candidates are searched with stage k's SID"
     search = res["summary"]["search"]
     assert [s["stage"] for s in search] == [1, 2, 3]
     # the official AutoProg-Zero candidates: the two smallest resolutions x depths of 0.25Ω, then neighbours

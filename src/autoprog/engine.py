@@ -837,6 +837,9 @@ class RunTemplate:
     def _progress_fields(self) -> dict:
         return {}
 
+    def _stage_entering(self, k: int) -> None:
+        """Stage ``k`` is about to begin: before the controller enters it (and searches its candidates)."""
+
     def _stage_entered(self, k: int) -> None:
         """Stage ``k`` began (after the controller entered it)."""
 
@@ -868,6 +871,7 @@ def enter_due_stage(trainer, step_subnet: bool = True) -> bool:
     entered = k != trainer.stage
     if entered:
         trainer.step_timer.clear()  # candidates are timed afresh at every stage, never for the whole run
+        trainer._stage_entering(k)
         t0 = time.perf_counter()
         trainer.controller.enter_stage(trainer, k)
         if getattr(trainer, "prepared", None) is not None:

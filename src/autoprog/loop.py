@@ -153,9 +153,12 @@ class ProgressiveLoop(GrowthCalls):
         enter_due_stage(self)
         return self.subnet != before
 
-    def _stage_entered(self, k: int) -> None:
+    def _stage_entering(self, k: int) -> None:
         if self._unfreezer is not None and hasattr(self.model, "set_stage"):
-            self.model.set_stage(k)  # the stage identifier (SID), when the backbone has one
+            self.model.set_stage(k)  # the stage identifier (SID), when the backbone has one (its search's too)
+
+    def _stage_entered(self, k: int) -> None:
+        """(Nothing to do once a stage began.)"""
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (N, C, H, W) at the current stage's resolution."""

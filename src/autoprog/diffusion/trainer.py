@@ -418,8 +418,9 @@ class DiffusionTrainer(RunTemplate):
     def _finish_run(self) -> None:
         self._export()
 
-    def _stage_entered(self, k: int) -> None:
-        self.model.set_stage(k)  # the stage identifier (SID), when the model has one
+    def _stage_entering(self, k: int) -> None:
+        self.model.set_stage(k)  # the stage identifier (SID), when the model has one: the search's too, as the
+        # official code searches stage k's candidates with stage k's identifier
 
     def _count_step(self) -> None:
         self.trainable_steps += num_parameters(self.model, trainable=True)
