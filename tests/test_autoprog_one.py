@@ -964,3 +964,33 @@ def test_step_marks_compare_device_events_within_one_stretch_of_the_clock(monkey
     assert a.seconds_to(b) == 0.004
     assert b.seconds_to(c) is None
     assert log[3:] == ["event sync"], "reading waits for the later mark"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["copies", "random"])
+def test_the_first_supernet_grows_from_its_smallest_candidate_as_the_official_code(first, tmp_path, fake_fmnist,
+                                                                                   monkeypatch):
+    """The official code starts from its smallest model and grows it into the first supernet, so the inserted
+    blocks are copies of that model's; ``random`` keeps the full model's own initial blocks there."""
+    from accelerate import Accelerator
+
+    from autoprog.classification.runner import RunSpec, pretrain
+    from autoprog.classification.trainer import TrainConfig
+
+    seen, enter = [], AutoProgOne.enter_stage
+
+    def spy(self, trainer, k):
+        enter(self, trainer, k)
+        if k == 0:
+            lay = ElasticLayout(min(c.depth for c in self.cands), max(c.depth for c in self.cands))
+            blocks = trainer.net.blocks
+            seen.extend(all(torch.equal(a, b) for a, b in zip(blocks[p].state_dict().values(),
+                                                              blocks[s].state_dict().values()))
+                        for p, s in lay.source_map().items())
+
+    monkeypatch.setattr(AutoProgOne, "enter_stage", spy)
+    spec = RunSpec(method="autoprog-one", patch_size=4, depth=6, embed_dim=16, num_heads=2, data_root=str(fake_fmnist),
+                   subset=128, search_epochs=0.25, search_min_updates=0, search_samples=32, first_supernet=first,
+                   train=TrainConfig(epochs=1, batch_size=32, eval_samples=32, count_flops=False))
+    assert pretrain(spec, tmp_path / "run", Accelerator(cpu=True))["done"]
+    assert seen and (all(seen) if first == "copies" else not any(seen)), seen

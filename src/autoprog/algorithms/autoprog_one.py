@@ -85,6 +85,11 @@ class AutoProgOneConfig:
                                                "forward+backward passes of a full batch after the supernet phase, "
                                                "as the official code times them); --time-source flops uses FLOPs",
                                    choices=STEP_TIMES, group="AutoProg-One search")
+    first_supernet: str = option("copies", "the first stage's supernet: copies (its inserted blocks are copies of "
+                                           "the smallest candidate's, grown as every later supernet is, as the "
+                                           "official code grows its first, smallest model) or random (the full "
+                                           "model's own initial blocks; autoprog's rule before 2026-12-08)",
+                                 choices=("copies", "random"), group="AutoProg-One search")
     gain_samples: int = option(512, "--criterion gain: training images (the first of the search subset) on which "
                                     "every candidate's gradient and loss are taken", minimum=2,
                                group="AutoProg-One search")
@@ -225,9 +230,9 @@ class AutoProgOne(Controller):
         top = SubNet(max(c.resolution for c in cands), layout.max_depth, layout.blocks(layout.max_depth))
         if not self.cfg.recycle:
             self._snapshot = trainer.snapshot()
-        if prev is None:  # nothing trained yet: the supernet starts from the initial weights
-            growth = trainer.use_subnet(top)
-        else:
+        if prev is None and (self.cfg.first_supernet == "random" or not layout.source_map()):
+            growth = trainer.use_subnet(top)  # the full model's initial blocks
+        else:  # (the first stage: grown from the initial weights of its smallest candidate)
             block_map = layout.source_map()
             growth = trainer.grow_to(top, block_map=block_map, inserted=list(block_map))
         self.searching = True

@@ -75,10 +75,12 @@ class RunSpec(Spec, AutoProgOneConfig):
         before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up; one made before
         ``--train-interpolation`` keeps autoprog's crops of then (``legacy``: torchvision's, bilinear; evaluation
         images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule; one made
-        before ``--growth-copies`` its evenly spread copies and carried optimizer moments."""
+        before ``--growth-copies`` its evenly spread copies, carried optimizer moments and a first supernet of
+        random blocks."""
         d = json.loads(json.dumps(d))
         if isinstance(d, dict) and "growth_copies" not in d and cls.task == RunSpec.task:  # (fine-tuning: no growth)
-            d["growth_copies"] = "spread"  # made before --growth-copies (2026-12-08): copies spread evenly
+            d["growth_copies"] = "spread"  # made before --growth-copies (2026-12-08): copies spread evenly,
+            d.setdefault("first_supernet", "random")  # the first supernet the full model's initial blocks
             if isinstance(d.get("train"), dict):
                 d["train"].setdefault("optimizer_at_growth", "carry")  # ... and moments carried along
         if isinstance(d, dict) and d.get("adareg"):
@@ -427,7 +429,7 @@ def _train_in(spec_cls, spec: RunSpec | None, out: str | Path, accelerator, resu
 SEARCH_SETTINGS = SearchSettings(
     autoprog_one=("search_epochs", "search_fraction", "search_min_updates", "alpha", "alpha_rule", "forced_growth",
                   "search_samples", "score_points", "score_momentum", "supernet_sampling", "search_step_time",
-                  "gain_samples", "recycle", "time_repeats"),
+                  "gain_samples", "recycle", "time_repeats", "first_supernet"),
     autoprog_zero=("time_tolerance",),
     both=("criterion", "gain_folds", "time_source", "step_time_scope"))
 
