@@ -243,13 +243,13 @@ LOOP_DRIVER = textwrap.dedent('''
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from autoprog.accelerator import leave_process
+    from autoprog.accelerator import leave_process, make_accelerator
     from autoprog.adapters.vit import ElasticViT
     from autoprog.algorithms.autoprog_one import AutoProgOne, AutoProgOneConfig
     from autoprog.loop import ProgressiveLoop, ProxyData
     from autoprog.models.vit import VisionTransformer
 
-    dist.init_process_group("gloo")
+    acc = make_accelerator(cpu=True)  # joins the gloo group of the launch
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = ElasticViT(VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16,
@@ -263,17 +263,22 @@ LOOP_DRIVER = textwrap.dedent('''
     ctrl = AutoProgOne(model.growth_space(), AutoProgOneConfig(search_fraction=0.5, search_min_updates=1,
                                                                search_samples=16, alpha=0.0))
     loop = ProgressiveLoop.growing(model, opt, 16, schedule=ctrl, proxy=proxy, steps_per_epoch=4,
-                                   log=lambda s: None)
+                                   log=lambda s: None, accelerator=acc)
     for i in range(loop.total_steps):
         x, y = batches[i % 4]
+        x, y = x + rank, (y + rank) % 10  # each process its own batch: only DDP's all-reduce keeps them alike
         loop.before_step()
-        F.cross_entropy(model(loop.resize(x)), y).backward()
+        F.cross_entropy(loop.train_model(loop.resize(x)), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         loop.after_step()
     sched = [[s.subnet.resolution, s.subnet.depth] for s in loop.schedule().stages]
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(weights) for _ in range(2)]
+    dist.all_gather(gathered, weights)
     with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
-        json.dump(sched, f)
+        json.dump({"schedule": sched, "same_weights": bool(torch.equal(*gathered)),
+                   "wrappers": loop.prepared.built}, f)
     dist.barrier()  # a group destroyed while the other process still works can abort at exit
     dist.destroy_process_group()
     leave_process(0)
@@ -289,7 +294,11 @@ def test_a_progressive_loop_follows_the_main_process_decisions_on_every_rank(tmp
     proc, log = _torchrun(cmd, cwd=tmp_path, run_dir=tmp_path / "scratch")
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
     a, b = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert a == b and len(a) == 4, "both ranks ran the main process's schedule"
+    assert a["schedule"] == b["schedule"] and len(a["schedule"]) == 4, "both ranks ran the main process's schedule"
+    # with accelerator=, training forwards run through one DDP wrapper per learnable set: the ranks' different
+    # batches leave the same weights, and wrappers are built per set, not per step (16 steps)
+    assert a["same_weights"] and b["same_weights"]
+    assert 1 < a["wrappers"] < 16, a
 
 
 HOOK_DRIVER = textwrap.dedent('''

@@ -7,16 +7,20 @@ chooses. Four calls::
 
     loop = ProgressiveLoop.growing(ElasticViT(vit), optimizer, total_steps=1000)     # pre-training
     for x, y in batches:
-        loop.before_step()            # stage starts: grow (optimizer state follows the weights) or unfreeze
+        loop.before_step()            # stage starts: grow (a fresh optimizer state, as the official code) or unfreeze
         x = loop.resize(x)            # the stage's resolution
-        loss = F.cross_entropy(loop.model(x), y)
+        loss = F.cross_entropy(loop.train_model(x), y)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
         loop.after_step(loss)         # momentum network, the controller's bookkeeping, the step count
 
 ``ProgressiveLoop.unfreezing(dit, optimizer, total_steps)`` does the same for fine-tuning a diffusion backbone
 (:class:`autoprog.models.dit.DiffusionBackbone`): frozen parameters get no gradients, so an optimizer over all
 parameters keeps no state for them. The searches need a few fixed batches and your loss (``proxy=``).
-``before_step`` returns True when the learnable set changed: under DDP, re-prepare the model then.
+``before_step`` returns True when the learnable set changed. Under DDP, give the loop your Accelerator
+(``accelerator=acc``; do not prepare the model yourself) and run training forwards through ``loop.train_model``:
+the DDP wrapper of the current learnable set, built once per set and kept for the stage
+(:class:`autoprog.engine.PreparedModel`), where re-preparing the model at every change would build a new
+wrapper at most steps of an AutoProg-One supernet phase.
 
 To resume mid-schedule (mid-search included), save ``loop.state_dict()`` beside your model's and optimizer's; to
 resume, build the loop as before, call ``loop.load_state_dict(state)`` *first* (it rebuilds the grown or unfrozen
@@ -46,7 +50,7 @@ from .algorithms.growth import (
     get_growth_operator,
 )
 from .controllers import Controller, ProxyTask, ScheduleController
-from .engine import enter_due_stage, full_precision
+from .engine import PreparedModel, enter_due_stage, full_precision
 from .errors import ConfigError
 from .optim import remap_block_state
 from .rng import forked_rng
@@ -81,12 +85,14 @@ class ProgressiveLoop(GrowthCalls):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, controller: Controller,
                  total_steps: int, space: GrowthSpace, growth: GrowthOperator | None = None,
                  ema_decay: float | None = None, proxy: ProxyData | None = None, steps_per_epoch: int | None = None,
-                 log: Callable[[str], None] = print, optimizer_at_growth: str = "reset"):
+                 log: Callable[[str], None] = print, optimizer_at_growth: str = "reset", accelerator=None):
         if total_steps < 1:
             raise ConfigError(f"total_steps must be positive, got {total_steps}")
         if optimizer_at_growth not in ("reset", "carry"):
             raise ConfigError(f"optimizer_at_growth must be reset or carry, got {optimizer_at_growth!r}")
         self.optimizer_at_growth = optimizer_at_growth
+        # under DDP, a wrapper per learnable set (the engine's; its stage starts drop the last stage's wrappers)
+        self.prepared = PreparedModel(accelerator, model) if accelerator is not None else None
         self.model, self.optimizer, self.controller, self._space = model, optimizer, controller, space
         self._user_params = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer else set()
         self.growth, self.proxy, self._log_fn = growth, proxy, log
@@ -137,6 +143,12 @@ class ProgressiveLoop(GrowthCalls):
     @property
     def subnet(self) -> SubNet:
         return self.model.subnet if self._unfreezer is None else (self._unfreezer.subnet or self._space.full)
+
+    @property
+    def train_model(self) -> nn.Module:
+        """What training forwards run through: with ``accelerator=``, the prepared model (under DDP the wrapper of
+        the current learnable set, built once per set); else :attr:`model` itself."""
+        return self.prepared.current() if self.prepared is not None else self.model
 
     @property
     def unfreezes(self) -> bool:
