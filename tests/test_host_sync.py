@@ -259,3 +259,27 @@ def test_token_labelled_volo_steps_do_not_sync(cli, tmp_path, count_syncs, geome
                      "--out", tmp_path / "run")  # 6 steps an epoch: 102 steps
     assert rc == 0, err
     assert sum(count_syncs.values()) <= 102 // CHECK_EVERY + 3, dict(count_syncs)
+
+
+def test_an_evaluation_and_a_candidates_score_read_the_device_once_each(cli, fake_fmnist, tmp_path, monkeypatch):
+    """Top-1 (online and momentum network) and a candidate's plain cross-entropy are summed on the device and read
+    once per network, not after every batch (each read waits for the device's queued work)."""
+    reads = collections.Counter()
+    for name in ("__int__", "__float__", "item"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            reads[sys._getframe(1).f_code.co_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    rc, _, err = cli("pretrain", "--method", "autoprog-one", "--out", tmp_path / "run",
+                     *tiny_args(fake_fmnist, epochs="2"), "--search-samples", "192", "--search-min-updates", "0",
+                     "--eval-samples", "192")  # 3 batches of 64 at each
+    assert rc == 0, err
+    res = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
+    evaluations, points = len(res["epochs"]), sum(len(s.get("scored_at", ())) for s in res["summary"]["search"])
+    assert evaluations >= 2 and points >= 1
+    assert reads["evaluate"] <= 2 * evaluations + 2, reads  # (the last evaluation: once more on the whole test set)
+    assert reads["plain_cross_entropy"] <= sum(len(s["candidates"]) * len(s.get("scored_at", ()))
+                                               for s in res["summary"]["search"]), reads

@@ -208,12 +208,12 @@ def plain_cross_entropy(net, data, subnet: SubNet, loader) -> float:
         with torch.no_grad():
             for x, y in loader:
                 x = data.prepare(x, train=False)
-                total += float(F.cross_entropy(net(x), y, reduction="sum"))
+                total = total + F.cross_entropy(net(x), y, reduction="sum").double()  # on the device until the end
                 n += len(y)
     finally:
         net.subnet = cur
         net.train(was)
-    return total / max(1, n)
+    return float(total) / max(1, n)
 
 
 class Trainer(GrowthCalls, RunTemplate):
@@ -575,19 +575,19 @@ class Trainer(GrowthCalls, RunTemplate):
             net.subnet = replace(cur, resolution=size or net.full_resolution)
             was = net.training
             net.eval()
-            correct = total = 0
+            correct, total = torch.zeros((), dtype=torch.long, device=self.acc.device), 0
             try:
                 for x, y in loader:
                     x = self.data.prepare(x, train=False)
                     with self.autocast():
                         logits = net(x)
                     hits = self.acc.gather_for_metrics(logits.argmax(dim=-1) == y)
-                    correct += int(hits.sum())
+                    correct += hits.sum()  # on the device: read once, not after every batch
                     total += hits.numel()
             finally:
                 net.subnet = cur
                 net.train(was)
-            accs.append(100.0 * correct / max(1, total))
+            accs.append(100.0 * int(correct) / max(1, total))
         return accs[0], accs[1]
 
     # ------------------------------------------------------------------ the engine's task interface
