@@ -574,7 +574,7 @@ def _recorded_run(out: Path, data_root: Path, recycle: bool):
 
     spec = RunSpec(method="autoprog-one", growth="mogrow", patch_size=4, depth=6, embed_dim=16, num_heads=2,
                    data_root=str(data_root), subset=256, search_epochs=0.25, search_min_updates=0, search_samples=64,
-                   recycle=recycle,  # (moments carried, so that the test can follow them; the default resets)
+                   recycle=recycle,  # (moments carried, as by default, so that the test can follow them)
                    train=TrainConfig(epochs=2, batch_size=32, eval_samples=64, count_flops=False,
                                      optimizer_at_growth="carry"))
     with pytest.MonkeyPatch.context() as mp:

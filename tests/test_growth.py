@@ -396,8 +396,9 @@ def test_remap_block_state_moves_adam_moments_with_the_weights(op, expected):
 @pytest.mark.parametrize("mode", ["reset", "carry"])
 def test_a_growth_starts_a_fresh_optimizer_as_the_official_code_or_carries_its_moments(mode, tmp_path, fake_fmnist,
                                                                                          monkeypatch):
-    """prog 3 -> 4 -> 5 -> 6 blocks: by default every growth that adds blocks clears AdamW's state (the official code
-    builds a new optimizer for each grown model), so the next step counts from 1; ``carry`` keeps the moments."""
+    """prog 3 -> 4 -> 5 -> 6 blocks: ``reset`` clears AdamW's state at every growth that adds blocks (the official
+    code builds a new optimizer for each grown model), so the next step counts from 1; ``carry`` (the default)
+    keeps the moments."""
     from accelerate import Accelerator
 
     from autoprog.classification import trainer as tr

@@ -44,13 +44,13 @@ def _run(loop, model, optimizer, data, start=0, stop=None):
 
 @pytest.mark.parametrize("mode", ["carry", "reset"])
 def test_growing_follows_prog_and_moves_optimizer_state_with_the_weights_or_clears_it(mode):
-    """By default (``reset``, as the official code) a growth that adds blocks clears the optimizer's state;
-    ``carry`` moves each copied block's moments with its weights."""
+    """By default (``carry``) each copied block's moments move with its weights; ``reset`` (the official code's)
+    clears the optimizer's state at a growth that adds blocks."""
     torch.manual_seed(0)
     model = tiny_vit()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loop = ProgressiveLoop.growing(model, opt, 16, log=lambda s: None,
-                                   **({"optimizer_at_growth": "carry"} if mode == "carry" else {}))
+                                   **({"optimizer_at_growth": "reset"} if mode == "reset" else {}))
     assert isinstance(loop, GrowthServices) and isinstance(loop, ZeroShotServices)
     data = _batches()
     seen, checked = [], 0

@@ -7,7 +7,7 @@ chooses. Four calls::
 
     loop = ProgressiveLoop.growing(ElasticViT(vit), optimizer, total_steps=1000)     # pre-training
     for x, y in batches:
-        loop.before_step()            # stage starts: grow (a fresh optimizer state, as the official code) or unfreeze
+        loop.before_step()            # stage starts: grow (optimizer moments follow the weights) or unfreeze
         x = loop.resize(x)            # the stage's resolution
         loss = F.cross_entropy(loop.train_model(x), y)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
@@ -85,7 +85,7 @@ class ProgressiveLoop(GrowthCalls):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, controller: Controller,
                  total_steps: int, space: GrowthSpace, growth: GrowthOperator | None = None,
                  ema_decay: float | None = None, proxy: ProxyData | None = None, steps_per_epoch: int | None = None,
-                 log: Callable[[str], None] = print, optimizer_at_growth: str = "reset", accelerator=None):
+                 log: Callable[[str], None] = print, optimizer_at_growth: str = "carry", accelerator=None):
         if total_steps < 1:
             raise ConfigError(f"total_steps must be positive, got {total_steps}")
         if optimizer_at_growth not in ("reset", "carry"):
@@ -119,8 +119,9 @@ class ProgressiveLoop(GrowthCalls):
         ``"prog"``, ``"progstack"``, an inline schedule (``"14x3,21x4,28x6"``), a :class:`Schedule`, or a
         controller (``AutoProgZero(space)``, ``AutoProgOne(space)``). ``ema_decay`` is MoGrow's momentum m
         (default: the paper's 0.998 rescaled to ``steps_per_epoch``, see :func:`auto_ema_decay`). As the official
-        code, a growth copies the last blocks (``growth_copies="spread"``: spread evenly) and, when it adds or moves
-        blocks, clears ``optimizer``'s state (``optimizer_at_growth="carry"``: moments follow the weights)."""
+        code, a growth copies the last blocks (``growth_copies="spread"``: spread evenly); ``optimizer``'s moments
+        follow the weights (``optimizer_at_growth="reset"``: cleared at a growth that adds or moves blocks, as the
+        official code's new optimizer per grown model)."""
         if not isinstance(model, ElasticModel):
             raise ConfigError("ProgressiveLoop.growing needs an elastic model: wrap yours with "
                               "autoprog.adapters.elastic(model) (ViT/DeiT, VOLO)")
