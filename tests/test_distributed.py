@@ -277,8 +277,10 @@ LOOP_DRIVER = textwrap.dedent('''
     gathered = [torch.empty_like(weights) for _ in range(2)]
     dist.all_gather(gathered, weights)
     with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
+        wrapper = loop.prepared.current()
         json.dump({"schedule": sched, "same_weights": bool(torch.equal(*gathered)),
-                   "wrappers": loop.prepared.built}, f)
+                   "wrappers": loop.prepared.built, "bucket_view": wrapper.gradient_as_bucket_view,
+                   "broadcast_buffers": wrapper.broadcast_buffers}, f)
     dist.barrier()  # a group destroyed while the other process still works can abort at exit
     dist.destroy_process_group()
     leave_process(0)
@@ -299,6 +301,7 @@ def test_a_progressive_loop_follows_the_main_process_decisions_on_every_rank(tmp
     # batches leave the same weights, and wrappers are built per set, not per step (16 steps)
     assert a["same_weights"] and b["same_weights"]
     assert 1 < a["wrappers"] < 16, a
+    assert a["bucket_view"] and not a["broadcast_buffers"], "the command's DDP settings (accelerator.DDP_SETTINGS)"
 
 
 HOOK_DRIVER = textwrap.dedent('''

@@ -472,6 +472,8 @@ def test_eval_prompts_are_filled_bounded_and_need_a_scorer(capsys):
     assert len(spec.evaluation_prompts()) == 2  # the second names the class only: said, and still scored
     assert ("--eval-prompts 'a photo of a dress on the beach' lacks the identifier of --instance-prompt (sks): it asks "
             "for the subject's class, not the subject") in capsys.readouterr().err
+    DreamBoothSpec(eval_prompts="a photo of sks, the {}, on the beach").evaluation_prompts()  # (punctuation aside)
+    assert "warning" not in capsys.readouterr().err
     assert DreamBoothSpec().evaluation_prompts() == ()
     with pytest.raises(ConfigError, match="empty prompt"):
         DreamBoothSpec(eval_prompts="a|").evaluation_prompts()

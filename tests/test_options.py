@@ -219,6 +219,49 @@ def test_a_comparison_ignores_the_crops_of_in_memory_data(tmp_path):
     assert run_differences(tmp_path, spec) == ["train.crop_scale: 0.35 there, 0.08 now"]
 
 
+def test_a_run_saved_before_the_official_growth_rules_keeps_its_own_and_is_reused_only_where_they_matter(tmp_path):
+    """A pre-training run saved before 2026-12-08 ran spread copies, carried moments and a first supernet of random
+    blocks: loading its config keeps them (a fine-tuning run, which never grows, is left alone). A comparison reuses
+    it where the setting is unread (the original, progstack's stacking) and not where it matters (prog's copies)."""
+    import json
+
+    from autoprog.classification.runner import RunSpec, TransferSpec, run_differences
+
+    def saved_before(spec):
+        d = spec.to_dict()
+        for key in ("growth_copies", "first_supernet"):
+            d.pop(key, None)
+        d["train"].pop("optimizer_at_growth", None)
+        return d
+
+    old = RunSpec.from_dict(saved_before(RunSpec()))
+    assert (old.growth_copies, old.first_supernet, old.train.optimizer_at_growth) == ("spread", "random", "carry")
+    now = RunSpec()
+    assert (now.growth_copies, now.first_supernet, now.train.optimizer_at_growth) == ("last", "copies", "carry")
+    ft = TransferSpec.from_dict(saved_before(TransferSpec()))
+    assert ft.growth_copies == "last" and ft.first_supernet == "copies"  # (defaults: nothing to keep)
+
+    def differ(method: str, growth: str | None = None) -> list[str]:
+        spec = RunSpec(method=method, growth=growth)
+        (tmp_path / "config.json").write_text(json.dumps(saved_before(spec)))
+        return run_differences(tmp_path, spec)
+
+    assert differ("original") == [] and differ("progstack") == [] and differ("prog", "stacking") == []
+    assert differ("prog") == ["growth_copies: 'spread' there, 'last' now"]
+    assert "first_supernet: 'random' there, 'copies' now" in differ("autoprog-one")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--method", "original", "--growth-copies", "spread"], "--growth-copies"),
+    (["--method", "progstack", "--growth-copies", "spread"], "--growth-copies"),
+    (["--method", "supernet-only", "--optimizer-at-growth", "reset"], "--optimizer-at-growth"),
+    (["--method", "prog", "--first-supernet", "random"], "--first-supernet"),
+])
+def test_growth_rule_flags_a_method_never_reads_are_refused(cli, tmp_path, argv, flag):
+    rc, _, err = cli("pretrain", *argv, "--out", tmp_path / "x")
+    assert rc == 2 and f"{flag} is read only by" in err and "\n" not in err.strip(), err
+
+
 def test_autoprog_ones_settings_are_declared_once():
     """The pre-training spec inherits AutoProg-One's settings (flags, help, bounds) instead of repeating them."""
     import dataclasses

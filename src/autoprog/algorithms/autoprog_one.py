@@ -68,8 +68,9 @@ class AutoProgOneConfig:
                                         "space only (the paper's rule, the default, also keeps the current depth)",
                                  group="AutoProg-One search")
     search_samples: int = option(256, "training images (fixed, not augmented) each candidate's loss is measured on "
-                                      "at each scoring point (the paper: a 50K subset, which the *-paper presets "
-                                      "set; 256 suits a CPU)", minimum=1, group="AutoProg-One search")
+                                      "at each scoring point, other images at each (the paper scores on a 50K "
+                                      "subset: the *-paper presets take 10K at each of 5 points; 256 suits a CPU)",
+                                 minimum=1, group="AutoProg-One search")
     score_points: int = option(5, "the candidates' losses are averaged over this many points spread over the second "
                                   "half of the supernet phase (the official code: 5, the start and quarters of its "
                                   "last search epoch; 1 = at its end only)", minimum=1, group="AutoProg-One search")
@@ -232,7 +233,11 @@ class AutoProgOne(Controller):
             self._snapshot = trainer.snapshot()
         if prev is None and (self.cfg.first_supernet == "random" or not layout.source_map()):
             growth = trainer.use_subnet(top)  # the full model's initial blocks
-        else:  # (the first stage: grown from the initial weights of its smallest candidate)
+        elif prev is None and not trainer.growth.rezero:  # copies of the smallest candidate's initial blocks, in the
+            block_map = layout.source_map()  # model and its momentum copy: nothing trained yet to take momentum from
+            trainer.relayout(block_map, top)
+            growth = {"operator": "copy", "block_map": {str(d): s for d, s in block_map.items()}, "gated": []}
+        else:
             block_map = layout.source_map()
             growth = trainer.grow_to(top, block_map=block_map, inserted=list(block_map))
         self.searching = True

@@ -10,7 +10,7 @@ Following the paper, layer index *i* is counted from the classifier side: i = 0 
                      each of the last l_ℓ mod l_s blocks gets one more copy than the others, as the
                      official code (``new_idx``) and the elastic supernet's layout; ``copies="spread"`` reads
                      Eq. 22 as ω_ℓ^i = ω_s^⌊i·l_s/l_ℓ⌋ (i from the classifier side), which spreads the copies
-                     evenly (autoprog's rule before 2026-12-08; the same for doublings and l_ℓ < l_s + 3)
+                     evenly (autoprog's rule before 2026-12-08; the same when one block is added, for multiples, and l_s ≤ 3)
 * ``identity``:      interpolation, with every inserted copy gated by a zero-initialised learnable
                      scalar (ReZero), so the network function is unchanged at the moment of growth
 * ``mogrow``:        interpolation from the momentum (EMA) network: ω_k = ζ_Interp(ω̃_{k-1})   (Eq. 4)

@@ -438,8 +438,8 @@ SEARCH_SETTINGS = SearchSettings(
 GROWING = ("prog", "autoprog-one", "autoprog-zero", "supernet-only")  # the methods that read the growth space
 OPTION_USERS = {**SEARCH_SETTINGS.users(), "schedule": lambda m: m.kind == "fixed",
                 "criterion": lambda m: m.kind == "search" and "criterion" not in m.options,  # -gain sets its own
-                **dict.fromkeys(("growth", "growth_copies", "optimizer_at_growth"),
-                                lambda m: m.base not in ("original", "supernet-only")),
+                **dict.fromkeys(("growth", "optimizer_at_growth"), lambda m: m.base not in ("original", "supernet-only")),
+                "growth_copies": lambda m: m.base not in ("original", "supernet-only", "progstack"),  # (stacking)
                 **dict.fromkeys(("num_stages", "start_ratio"), lambda m: m.base in GROWING)}
 
 
@@ -449,8 +449,11 @@ def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     crops = () if is_image_folder(spec.dataset) else ("loader_resolution", "crop_scale", "train_interpolation",
                                                       "eval_crop_pct", "eval_interpolation")
     unread = () if spec.adareg else ("adareg_rule",)
-    if not OPTION_USERS["growth"](get_method(spec.method, spec.method_task)):  # it never grows
+    method = get_method(spec.method, spec.method_task)
+    if not OPTION_USERS["growth"](method):  # it never grows
         unread += ("growth_copies", "optimizer_at_growth")
+    elif (spec.growth or ("stacking" if method.base == "progstack" else "mogrow")) in ("stacking", "randinit"):
+        unread += ("growth_copies",)  # (only interpolation has a copy order)
     return saved_differences(out, spec, lambda d: _as_taken(type(spec).from_dict(d, str(out / "config.json")), out),
                              ignore=("stop_after_epochs", *crops, *unread,
                              *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))

@@ -40,7 +40,7 @@ from .data import DiffusionData, resize, to_float
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_SUBJECT_CLASS = 3  # Fashion-MNIST "dress": a class the shipped text-to-image base was trained on
 DEFAULT_SUBJECT_IMAGES = 5
-FEW_SUBJECT_IMAGES = 3  # DreamBooth's paper: 3-5 images of a subject; fewer are warned about
+FEW_SUBJECT_IMAGES = 3  # DreamBooth's paper: 3-5 images of a subject (the help asks 3-6); fewer are warned about
 DEFAULT_INSTANCE_PROMPT = "a photo of sks {}"
 DEFAULT_CLASS_PROMPT = "a photo of a {}"
 CLASS_CFG_SCALE = 4.0  # guidance of the generated class images (autoprog sample's default; diffusers' uses 7.5)

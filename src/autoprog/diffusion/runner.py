@@ -9,6 +9,7 @@ sized so a whole comparison runs in about half an hour on a 2-core CPU.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -329,8 +330,11 @@ class DreamBoothSpec(TextFinetuneSpec):
                               "(autoprog's classifier's text agreement)")
         filled = tuple(self._filled("--eval-prompts", p) for p in parts)
         instance, cls = self.prompts()
-        identifier = [w for w in instance.split() if w not in cls.split()]  # the word(s) naming the subject
-        lacking = [p for p in filled if not set(identifier) & set(p.split())]
+        def words(text: str) -> list[str]:
+            return re.findall(r"[\w\[\]<>]+", text.lower())
+
+        identifier = [w for w in words(instance) if w not in words(cls)]  # the word(s) naming the subject
+        lacking = [p for p in filled if not set(identifier) & set(words(p))]
         if identifier and lacking:
             warn(f"--eval-prompts {lacking[0]!r} lacks the identifier of --instance-prompt ({' '.join(identifier)}): "
                  "it asks for the subject's class, not the subject", once=True)
