@@ -233,8 +233,8 @@ class AutoProgOne(Controller):
             self._snapshot = trainer.snapshot()
         if prev is None and (self.cfg.first_supernet == "random" or not layout.source_map()):
             growth = trainer.use_subnet(top)  # the full model's initial blocks
-        elif prev is None and not trainer.growth.rezero:  # copies of the smallest candidate's initial blocks, in the
-            block_map = layout.source_map()  # model and its momentum copy: nothing trained yet to take momentum from
+        elif prev is None:  # copies of the smallest candidate's initial blocks, in the model and its momentum copy
+            block_map = layout.source_map()  # (nothing trained yet to take momentum from; no ReZero gates either)
             trainer.relayout(block_map, top)
             growth = {"operator": "copy", "block_map": {str(d): s for d, s in block_map.items()}, "gated": []}
         else:
