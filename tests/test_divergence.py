@@ -66,6 +66,29 @@ def test_divergence_mid_run_keeps_the_last_good_checkpoint(cli, fake_fmnist, tmp
         reuse_or_run(out, "prog", [], lambda resume: pytest.fail("must not train"))
 
 
+def test_a_non_finite_gradient_under_a_finite_loss_is_caught_without_clipping(cli, fake_fmnist, tmp_path,
+                                                                               monkeypatch):
+    """Clipping is off by default (as the official code): the guard still reads the gradient's norm, so step 8's NaN
+    gradient (its loss finite) stops the run at step 8, and the checkpoint written at that step's epoch end is
+    never one of NaN weights."""
+    from autoprog.engine import RunTemplate
+
+    apply = RunTemplate._apply_update
+
+    def poisoned(self, loss, module):
+        if self.step == 7:  # the 8th step: its gradient NaN, its loss finite
+            p = next(q for q in module.parameters() if q.requires_grad)
+            p.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return apply(self, loss, module)
+
+    monkeypatch.setattr(RunTemplate, "_apply_update", poisoned)
+    out = tmp_path / "run"
+    rc, _, err = cli("pretrain", "--method", "original", "--out", out, *tiny_args(fake_fmnist))
+    assert rc == 3 and "diverged at step 8" in _one_line(err), err
+    assert not (out / "checkpoint").exists() or all(
+        torch.isfinite(v).all() for v in load_file(out / "checkpoint" / "model.safetensors").values())
+
+
 def test_diverged_finetuning_exports_nothing(cli, tmp_path, fake_fmnist):
     out = tmp_path / "ft"
     rc, _, err = cli("finetune", "--method", "full", "--lr", "1e6", "--steps", "20", "--batch-size", "16",

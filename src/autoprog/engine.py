@@ -440,6 +440,10 @@ class RunTemplate:
             if self.cfg.grad_clip:
                 norm = self.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
                                                 self.cfg.grad_clip)
+            else:  # not clipped: the norm still tells the divergence guard of a non-finite gradient before the step
+                import torch
+
+                norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
         else:
             import torch
 

@@ -24,9 +24,9 @@ class OptimConfig:
     lr: float = option(2e-4, "peak AdamW learning rate (after the warm-up)", above=0, group="optimisation")
     min_lr: float = option(0.0, "final learning rate of the cosine schedule", minimum=0, group="optimisation")
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, group="optimisation")
-    grad_clip: float | None = option(1.0, "max gradient norm, 0 = off (autoprog's default; the paper's official code "
-                                          "does not clip, and the *-paper presets set 0)", minimum=0,
-                                     zero_is_none=True,
+    grad_clip: float | None = option(None, "max gradient norm (default: off, as the paper's official code; autoprog "
+                                           "clipped at 1 before 2026-12-08, which three seeds of prog did not find "
+                                           "better); 0 = off", minimum=0, zero_is_none=True, show_default=False,
                                      group="optimisation")
     seed: int = option(0, "random seed, a 32-bit integer (-2^31 to 2^32-1)", minimum=SEED_MIN, maximum=SEED_MAX,
                        group="optimisation")
