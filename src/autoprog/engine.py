@@ -434,6 +434,8 @@ class RunTemplate:
         """Backward, clip, the divergence and stop check, the optimizer, the learning rate and momentum networks.
         Under fp16 the gradients are unscaled before clipping and a step whose gradients overflowed is skipped (the
         scale then halves); only ``OVERFLOW_PATIENCE`` overflows in a row count as divergence."""
+        import torch
+
         norm = None
         if self._scaler is None:
             self.acc.backward(loss)
@@ -441,12 +443,8 @@ class RunTemplate:
                 norm = self.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
                                                 self.cfg.grad_clip)
             else:  # not clipped: the norm still tells the divergence guard of a non-finite gradient before the step
-                import torch
-
                 norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
         else:
-            import torch
-
             self._scaler.scale(loss).backward()
             self._scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],

@@ -52,7 +52,7 @@ from .algorithms.growth import (
 from .controllers import Controller, ProxyTask, ScheduleController
 from .engine import PreparedModel, enter_due_stage, full_precision
 from .errors import ConfigError
-from .optim import remap_block_state
+from .optim import OPTIMIZER_AT_GROWTH, follow_growth
 from .rng import forked_rng
 from .schedules import MANUAL_METHODS, Schedule
 from .space import GrowthSpace, SubNet
@@ -88,8 +88,9 @@ class ProgressiveLoop(GrowthCalls):
                  log: Callable[[str], None] = print, optimizer_at_growth: str = "carry", accelerator=None):
         if total_steps < 1:
             raise ConfigError(f"total_steps must be positive, got {total_steps}")
-        if optimizer_at_growth not in ("reset", "carry"):
-            raise ConfigError(f"optimizer_at_growth must be reset or carry, got {optimizer_at_growth!r}")
+        if optimizer_at_growth not in OPTIMIZER_AT_GROWTH:
+            raise ConfigError(f"optimizer_at_growth must be one of {', '.join(OPTIMIZER_AT_GROWTH)}, "
+                              f"got {optimizer_at_growth!r}")
         self.optimizer_at_growth = optimizer_at_growth
         # under DDP, a wrapper per learnable set (the engine's; its stage starts drop the last stage's wrappers)
         self.prepared = PreparedModel(accelerator, model) if accelerator is not None else None
@@ -256,10 +257,7 @@ class ProgressiveLoop(GrowthCalls):
     def _after_block_copy(self, block_map) -> None:
         if self.optimizer is None:
             return
-        if self.optimizer_at_growth == "reset" and any(s != d for d, s in block_map.items()):
-            self.optimizer.state.clear()  # a fresh optimizer, as the official code's for each grown model
-        else:
-            remap_block_state(self.optimizer, self.model, block_map)
+        follow_growth(self.optimizer, self.model, block_map, self.optimizer_at_growth)
         self._sync_gate_group()
 
     def _sync_gate_group(self) -> None:

@@ -74,6 +74,22 @@ def sync_params(optimizer: torch.optim.Optimizer, model: nn.Module, weight_decay
         old["params"] = new["params"]
 
 
+OPTIMIZER_AT_GROWTH = ("carry", "reset")  # --optimizer-at-growth: what AdamW's state does when a growth moves blocks
+
+
+def follow_growth(optimizer: torch.optim.Optimizer, model: nn.Module, block_map: dict[int, int | None],
+                  rule: str = "carry") -> None:
+    """The optimizer's side of a growth by ``block_map``: ``carry`` moves each block's moments with its weights
+    (:func:`remap_block_state`); ``reset`` clears every parameter's state when the growth adds or moves blocks, as
+    the official code builds a new optimizer for each grown model."""
+    if rule not in OPTIMIZER_AT_GROWTH:
+        raise ConfigError(f"optimizer_at_growth must be one of {', '.join(OPTIMIZER_AT_GROWTH)}, got {rule!r}")
+    if rule == "reset" and any(s != d for d, s in block_map.items()):
+        optimizer.state.clear()
+    else:
+        remap_block_state(optimizer, model, block_map)
+
+
 def remap_block_state(optimizer: torch.optim.Optimizer, model: nn.Module, block_map: dict[int, int | None]) -> None:
     """Move optimizer state along with the weights a growth copied: block ``dst`` gets ``src``'s moments.
 

@@ -36,6 +36,7 @@ from ..space import GrowthSpace, SubNet, candidates
 from ..steptime import REPEATS, StepMarks
 from .elastic import ALPHA_RULES, choose, cycle_index, elastic_layout, sample_index
 from .gain import CRITERIA, choose_by_gain, gain_per_second
+from .growth import GrowthResult
 
 SAMPLINGS = ("cycle", "random")  # which candidate each supernet step trains
 STEP_TIMES = ("supernet", "probe")  # where a candidate's step time T comes from
@@ -231,14 +232,13 @@ class AutoProgOne(Controller):
         top = SubNet(max(c.resolution for c in cands), layout.max_depth, layout.blocks(layout.max_depth))
         if not self.cfg.recycle:
             self._snapshot = trainer.snapshot()
-        if prev is None and (self.cfg.first_supernet == "random" or not layout.source_map()):
+        block_map = layout.source_map()
+        if prev is None and (self.cfg.first_supernet == "random" or not block_map):
             growth = trainer.use_subnet(top)  # the full model's initial blocks
         elif prev is None:  # copies of the smallest candidate's initial blocks, in the model and its momentum copy
-            block_map = layout.source_map()  # (nothing trained yet to take momentum from; no ReZero gates either)
-            trainer.relayout(block_map, top)
-            growth = {"operator": "copy", "block_map": {str(d): s for d, s in block_map.items()}, "gated": []}
+            trainer.relayout(block_map, top)  # (nothing trained yet to take momentum from; no ReZero gates either)
+            growth = GrowthResult(block_map).record("copy")
         else:
-            block_map = layout.source_map()
             growth = trainer.grow_to(top, block_map=block_map, inserted=list(block_map))
         self.searching = True
         self.search_end = trainer.step + length

@@ -33,14 +33,18 @@ MAPPINGS = ("randinit", "stacking", "interpolation")
 COPIES = ("last", "spread")  # which blocks an interpolating growth copies (see the module docstring)
 
 
+def _check_copies(copies: str) -> None:
+    if copies not in COPIES:
+        raise ConfigError(f"unknown copy order {copies!r}; choose from {', '.join(COPIES)}")
+
+
 def depth_mapping(kind: str, n_src: int, n_dst: int, copies: str = "last") -> list[int | None]:
     """Source block (forward position in ψ_s) for each forward position of ψ_ℓ; ``None`` = random init.
     ``copies`` (interpolation only): ``last`` gives the last ``n_dst mod n_src`` blocks one more copy each (the
     official code's), ``spread`` spreads the copies evenly (Eq. 22 taken literally)."""
     if kind not in MAPPINGS:
         raise ConfigError(f"unknown depth mapping {kind!r}; choose from {', '.join(MAPPINGS)}")
-    if copies not in COPIES:
-        raise ConfigError(f"unknown copy order {copies!r}; choose from {', '.join(COPIES)}")
+    _check_copies(copies)
     if n_dst < n_src:
         raise ConfigError(f"cannot grow from depth {n_src} to a smaller depth {n_dst}")
     if kind == "interpolation" and copies == "last":
@@ -90,8 +94,7 @@ class GrowthOperator:
     rezero = False
 
     def __init__(self, copies: str = "last"):
-        if copies not in COPIES:
-            raise ConfigError(f"unknown copy order {copies!r}; choose from {', '.join(COPIES)}")
+        _check_copies(copies)
         self.copies = copies  # which blocks an interpolating growth copies (:func:`depth_mapping`)
 
     def grow(self, model: ElasticModel, ema: ElasticModel | None, src: SubNet, dst: SubNet) -> GrowthResult:

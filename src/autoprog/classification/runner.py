@@ -75,14 +75,11 @@ class RunSpec(Spec, AutoProgOneConfig):
         before ``--crop-scale`` cropped ImageFolder images at 0.35 of their area and up; one made before
         ``--train-interpolation`` keeps autoprog's crops of then (``legacy``: torchvision's, bilinear; evaluation
         images resized to 1.14x, bilinearly); one made before ``--adareg-rule`` keeps AdaReg's size rule; one made
-        before ``--growth-copies`` its evenly spread copies, carried optimizer moments and a first supernet of
-        random blocks."""
+        before ``--growth-copies`` its evenly spread copies and a first supernet of random blocks."""
         d = json.loads(json.dumps(d))
         if isinstance(d, dict) and "growth_copies" not in d and cls.task == RunSpec.task:  # (fine-tuning: no growth)
             d["growth_copies"] = "spread"  # made before --growth-copies (2026-12-08): copies spread evenly,
             d.setdefault("first_supernet", "random")  # the first supernet the full model's initial blocks
-            if isinstance(d.get("train"), dict):
-                d["train"].setdefault("optimizer_at_growth", "carry")  # ... and moments carried along
         if isinstance(d, dict) and d.get("adareg"):
             d.setdefault("adareg_rule", "size")  # made before --adareg-rule (2026-12-07): AdaReg by the sub-network's size
         train = d.get("train") if isinstance(d, dict) else None
@@ -235,8 +232,8 @@ class TransferSpec(RunSpec):
 
 
 # RunSpec options a fine-tuning run takes from its base or does not have (no flag for them)
-TRANSFER_EXCLUDE = {"growth", "growth_copies", "img_size", "patch_size", "depth", "embed_dim", "num_heads", "drop_path", "schedule",
-                    "adareg", "adareg_rule"}
+TRANSFER_EXCLUDE = {"growth", "growth_copies", "img_size", "patch_size", "depth", "embed_dim", "num_heads",
+                    "drop_path", "schedule", "adareg", "adareg_rule"}
 
 
 def _warn_long_warmup(spec: RunSpec) -> None:
@@ -278,8 +275,7 @@ def build_run(spec: RunSpec):
         cfg = replace(cfg, criterion=chosen.options.get("criterion", spec.criterion),
                       search_step_time="probe" if spec.train.time_source == "flops" else spec.search_step_time)
         schedule = AutoProgOne(space, cfg, seed=spec.train.seed)
-        growth = get_growth_operator(spec.growth or "mogrow", spec.growth_copies)
-        return data, net, schedule, growth
+        return data, net, schedule, _growth_operator(spec)
     if chosen.base == "autoprog-zero":
         from ..algorithms.autoprog_zero import AutoProgZero
 
@@ -288,15 +284,20 @@ def build_run(spec: RunSpec):
         return data, net, AutoProgZero(space, time_rtol=spec.time_tolerance,
                                        criterion=chosen.options.get("criterion", spec.criterion),
                                        gain_folds=spec.gain_folds), \
-            get_growth_operator(spec.growth or "mogrow", spec.growth_copies)
+            _growth_operator(spec)
     if chosen.base == "supernet-only":
         from ..algorithms.supernet import SupernetOnly
 
-        return data, net, SupernetOnly(space, seed=spec.train.seed), get_growth_operator(spec.growth or "mogrow", spec.growth_copies)
+        return data, net, SupernetOnly(space, seed=spec.train.seed), _growth_operator(spec)
     schedule = build_schedule(spec.method, space, spec.schedule)
-    growth = get_growth_operator(spec.growth or schedule.default_growth, spec.growth_copies)
+    growth = _growth_operator(spec, schedule.default_growth)
     schedule = replace(schedule, default_growth=growth.name)  # schedule.json records the operator used
     return data, net, schedule, growth
+
+
+def _growth_operator(spec: RunSpec, default: str = "mogrow"):
+    """The growth operator a run grows with: ``--growth``, else the method's, with ``--growth-copies``."""
+    return get_growth_operator(spec.growth or default, spec.growth_copies)
 
 
 def eval_crop(train: TrainConfig, model: str, pretrained_cfg: dict | None = None) -> EvalCrop:
@@ -455,8 +456,7 @@ def run_differences(out: Path, spec: RunSpec) -> list[str] | None:
     elif (spec.growth or ("stacking" if method.base == "progstack" else "mogrow")) in ("stacking", "randinit"):
         unread += ("growth_copies",)  # (only interpolation has a copy order)
     return saved_differences(out, spec, lambda d: _as_taken(type(spec).from_dict(d, str(out / "config.json")), out),
-                             ignore=("stop_after_epochs", *crops, *unread,
-                             *SEARCH_SETTINGS.unread_by(get_method(spec.method, spec.method_task))))
+                             ignore=("stop_after_epochs", *crops, *unread, *SEARCH_SETTINGS.unread_by(method)))
 
 
 def _as_taken(saved: RunSpec, out: Path) -> RunSpec:

@@ -41,12 +41,13 @@ from ..engine import PreparedModel, RunTemplate, full_precision
 from ..errors import ConfigError, warn
 from ..metrics import train_step_flops
 from ..optim import (
+    OPTIMIZER_AT_GROWTH,
     OptimConfig,
     build_optimizer,
     check_lr_floor,
+    follow_growth,
     load_optimizer_state,
     optimizer_state_tensors,
-    remap_block_state,
     sync_params,
 )
 from ..options import MAX_IMAGE_SIZE, check_bounds, default, option
@@ -88,7 +89,7 @@ class TrainConfig(OptimConfig, SearchMeasurements):
                                                "top-1 above reset for prog over three seeds, docs/results.md) or reset "
                                                "(fresh moments and step counts for every parameter, as the official "
                                                "code builds a new optimizer for each grown model)",
-                                      choices=("carry", "reset"), group="growth")
+                                      choices=OPTIMIZER_AT_GROWTH, group="growth")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", minimum=0, below=1,
                                     group="optimisation")
     randaugment: str | None = option(None, "RandAugment as timm's config string, e.g. rand-m9-mstd0.5-inc1 (the "
@@ -436,10 +437,7 @@ class Trainer(GrowthCalls, RunTemplate):
             yield
 
     def _after_block_copy(self, block_map) -> None:
-        if self.cfg.optimizer_at_growth == "reset" and any(s != d for d, s in block_map.items()):
-            self.optimizer.state.clear()  # a fresh optimizer, as the official code's for each grown model
-        else:
-            remap_block_state(self.optimizer, self.net, block_map)
+        follow_growth(self.optimizer, self.net, block_map, self.cfg.optimizer_at_growth)
         sync_params(self.optimizer, self.net, self.cfg.weight_decay)  # gates may have come or gone
 
     def snapshot(self) -> dict:

@@ -94,8 +94,8 @@ class DiffusionConfig(OptimConfig, SearchMeasurements):
     sample_eta: float = option(1.0, "DDIM eta: 0 deterministic, 1 ancestral noise at every step; small CPU-trained "
                                     "models sample far better with 1", flag="--eta", minimum=0, maximum=1,
                                group="evaluation")
-    cfg_scale: float = option(1.5, "classifier-free guidance scale for evaluation (the paper's for DiT; it evaluates Stable Diffusion at 3.0)", minimum=1,
-                              group="evaluation")
+    cfg_scale: float = option(1.5, "classifier-free guidance scale for evaluation (the paper's for DiT; it evaluates "
+                                   "Stable Diffusion at 3.0)", minimum=1, group="evaluation")
     time_repeats: int = option(REPEATS, "timed repeats per candidate step time", minimum=1, cli=False)
     budget: str | None = budget_option("--steps", "every 5 %% of the run")
     budget_steps: float | None = budget_steps_option("--steps", "full fine-tuning")
