@@ -25,15 +25,21 @@ pytestmark = pytest.mark.slow
 PORT_RACE = ("Address already in use", "EADDRINUSE", "DistNetworkError")
 
 
+def torchrun_env(scratch: str) -> dict:
+    """The environment of a torchrun launch on the CPU, its temporary files (torchrun's torchelastic_* folders, which
+    it leaves behind) in ``scratch``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TMPDIR=scratch)
+    return env
+
+
 def _torchrun(cmd: list[str], cwd, run_dir):
     """Run ``cmd`` (a torchrun command line) on the CPU; returns (process, combined log).
 
     torchrun --standalone picks a free port that another process can take before the rendezvous binds it;
     that, and only that, is worth a second try (from an empty run directory).
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env["TMPDIR"] = scratch = tempfile.mkdtemp()  # torchrun leaves its torchelastic_* folders in TMPDIR
+    env = torchrun_env(scratch := tempfile.mkdtemp())
     try:
         for _attempt in range(2):
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -30,7 +30,7 @@ import pytest
 import torch
 from conftest import tiny_base_dit
 from safetensors.torch import load_file
-from test_distributed import PORT_RACE
+from test_distributed import PORT_RACE, torchrun_env
 
 from autoprog.diffusion.trainer import DiffusionConfig
 
@@ -191,9 +191,7 @@ def _launch(cmd: list[str], cwd, run_dir, timeout: int = 200):
     As test_distributed's ``_torchrun`` (one more try, from an empty run directory, when the rendezvous port
     was taken), but in its own session so that a run past ``timeout`` is killed with all its workers.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTEST_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env["TMPDIR"] = scratch = tempfile.mkdtemp()  # torchrun leaves its torchelastic_* folders in TMPDIR
+    env = torchrun_env(scratch := tempfile.mkdtemp())
     try:
         for _attempt in range(2):
             shutil.rmtree(run_dir, ignore_errors=True)
