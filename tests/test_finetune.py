@@ -140,6 +140,45 @@ def test_progressive_unfreezing_leaves_frozen_blocks_untouched(base, fake_fmnist
     assert changed
 
 
+def test_the_fine_tuning_ema_is_timms_and_moves_no_frozen_block(base, fake_fmnist, cache_dir, tmp_path, monkeypatch):
+    from timm.utils import ModelEmaV3
+
+    from autoprog.ema import LazyEma
+
+    refs, moved, init, update, lerp = [], [], LazyEma.__init__, LazyEma.update, LazyEma._foreach_lerp_
+
+    def init_spy(self, model, decay, **kw):
+        init(self, model, decay, **kw)
+        refs.append(ModelEmaV3(model, decay=decay))  # timm's, alongside
+        self.total = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+
+    def update_spy(self, model, step=None):
+        moved.append(0)
+        self.counting = True  # (not the deferred updates applied before reads and optimizer steps)
+        update(self, model, step)
+        self.counting = False
+        refs[-1].update(model)
+
+    def lerp_spy(self, ema_values, model_values, weight):
+        if getattr(self, "counting", False):
+            moved[-1] += sum(t.numel() for t in ema_values)
+        return lerp(self, ema_values, model_values, weight)
+
+    monkeypatch.setattr(LazyEma, "__init__", init_spy)
+    monkeypatch.setattr(LazyEma, "update", update_spy)
+    monkeypatch.setattr(LazyEma, "_foreach_lerp_", lerp_spy)
+    out = tmp_path / "prog"
+    finetune(spec_for("prog", base, fake_fmnist, cache_dir, ema_decay=0.9), out)
+    assert len(refs) == 1 and len(moved) == 8
+    total = sum(v.numel() for v in refs[0].module.state_dict().values() if v.is_floating_point())
+    assert moved[0] == total, "the first update moves everything"
+    assert all(0 < m < total for m in moved[1:6]), "the partial stages leave their frozen blocks' updates to later"
+    exported = load_file(out / "model" / "model.safetensors")  # the EMA
+    expected = refs[0].module.state_dict()
+    for name, w in exported.items():
+        assert torch.allclose(w, expected[name], atol=1e-6), name
+
+
 def test_the_official_layout_trains_input_side_blocks_and_everything_outside_the_blocks(base, fake_fmnist, cache_dir,
                                                                                        tmp_path):
     out = tmp_path / "official"

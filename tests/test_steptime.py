@@ -43,7 +43,9 @@ def test_the_shadow_update_steps_copies_and_leaves_the_real_weights_and_state_al
     snap = _snapshot(m, opt)
     update = ShadowUpdate(m.parameters(), opt, grad_clip=1e-3, ema_decay=0.9)
     assert len(update.shadow) == 2 and update.optimizer.defaults["foreach"] is True
-    assert len(update.momentum) == 4, "the momentum network covers every parameter, frozen ones too"
+    assert len(update.momentum) == 4, "pre-training's momentum network covers every parameter, frozen ones too"
+    assert len(ShadowUpdate(m.parameters(), opt, None, 0.9, ema_frozen=False).momentum) == 2, \
+        "fine-tuning's defers the frozen weights"
     before = [s.detach().clone() for s in update.shadow]
     for _ in range(3):
         m(torch.randn(4, 6)).sum().backward()

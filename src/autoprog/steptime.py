@@ -10,8 +10,8 @@
 * :class:`StepTimer` -- measures a candidate once per stage (a cache keyed by the candidate) in one of
   :data:`SCOPES`: ``"forward-backward"`` is the paper's runtime ("the total GPU hours used in forward and backward
   pass", footnote 1) and what the official code times; ``"whole"`` (ours) adds the update: gradient clipping and
-  the optimizer step, which freezing saves (frozen weights have neither), and the momentum update of every
-  parameter, as the trainers run it.
+  the optimizer step, which freezing saves (frozen weights have neither), and the momentum update, as the trainers
+  run it (fine-tuning's skips the frozen weights).
 """
 
 from __future__ import annotations
@@ -161,14 +161,15 @@ class ShadowUpdate:
     Each call clips the learnable parameters' real gradients (they are discarded after timing), hands them to an
     optimizer of the trainer's optimizer's class and default settings (per-group settings such as the no-decay
     group cost the same and are not copied) over shadows of the learnable parameters, steps it, and moves a
-    momentum copy of *every* parameter, as the trainers' momentum network does (frozen weights included, so
-    freezing saves no momentum time today): the work a real step does, touching none of the real weights or
-    state. Parameters without a gradient are skipped by the optimizer, as the real one skips them. It holds
-    about three copies of the learnable parameters and one of the model while it lives.
+    momentum copy of the parameters the trainer's momentum network moves: every one (``ema_frozen``, as
+    pre-training's does), or only the learnable ones (as fine-tuning's :class:`~autoprog.ema.LazyEma`, which
+    defers the frozen weights' updates): the work a real step does, touching none of the real weights or state.
+    Parameters without a gradient are skipped by the optimizer, as the real one skips them. It holds about three
+    copies of the learnable parameters and one of the momentum's while it lives.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None,
-                 ema_decay: float | None):
+                 ema_decay: float | None, ema_frozen: bool = True):
         every = list(params)
         self.params = [p for p in every if p.requires_grad]
         self.shadow = [p.detach().clone().requires_grad_(True) for p in self.params]
@@ -179,7 +180,8 @@ class ShadowUpdate:
             self.optimizer = type(real)(self.shadow, **{k: v for k, v in real.defaults.items() if k in accepts})
         self.grad_clip = grad_clip
         self.decay = ema_decay
-        self.targets = [p.detach() for p in every if p.is_floating_point()] if ema_decay else []
+        moved = every if ema_frozen else self.params
+        self.targets = [p.detach() for p in moved if p.is_floating_point()] if ema_decay else []
         self.momentum = [t.clone() for t in self.targets]
 
     def __call__(self) -> None:

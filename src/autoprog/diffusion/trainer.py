@@ -139,10 +139,11 @@ class DiffusionTrainer(RunTemplate):
         self.prepared = PreparedModel(self.acc, self.model)
         self.wrapped = self.prepared.wrapped
         self.ema = None
-        if cfg.ema_decay is not None:
-            from timm.utils import ModelEmaV3
+        if cfg.ema_decay is not None:  # frozen weights' updates deferred and applied at once (the same average)
+            from ..ema import LazyEma
 
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+            self.ema = LazyEma(self.model, decay=cfg.ema_decay)
+            self.ema.follow(self.optimizer)
         if cfg.compile:  # after the momentum copy, which runs uncompiled (sampling only)
             compile_blocks(list(self.model.blocks), model.image_size // model.patch_size)
         self.noise = training_scheduler(getattr(model, "noise_config", None))
@@ -384,7 +385,7 @@ class DiffusionTrainer(RunTemplate):
 
         def update():
             return ShadowUpdate(self.model.parameters(), self.optimizer, self.cfg.grad_clip,
-                                self.cfg.ema_decay if self.ema is not None else None)
+                                self.cfg.ema_decay if self.ema is not None else None, ema_frozen=False)
 
         try:
             return self.step_timer.measure(forward_backward, update, clear_grads, repeats, scope)
@@ -465,7 +466,7 @@ class DiffusionTrainer(RunTemplate):
 
     # --------------------------------------------------------------------------------- evaluation
     def eval_model(self) -> DiffusionBackbone:
-        return self.ema.module if self.ema is not None else self.model
+        return self.ema.averaged() if self.ema is not None else self.model
 
     def _point_record(self, seg: dict, mean_loss: float) -> dict:
         return {"step": self.step, "stage": self.stage + 1, "train_time_s": round(self.train_time, 3),
@@ -611,7 +612,7 @@ class DiffusionTrainer(RunTemplate):
 
     # -------------------------------------------------------------------------------- checkpoints
     def _momentum_module(self):
-        return self.ema.module if self.ema is not None else None
+        return self.ema.averaged() if self.ema is not None else None
 
     def _training_data_identity(self) -> dict:
         return self.data.identity()
@@ -625,6 +626,7 @@ class DiffusionTrainer(RunTemplate):
         self.model.load_state_dict(weights)
         if self.ema is not None:
             self.ema.module.load_state_dict(ema)
+            self.ema.forget()
 
     def _load_task_state(self, state: dict) -> None:
         if state["subnet"] is not None:

@@ -1,0 +1,104 @@
+"""An EMA of a model's weights that does no work for the weights a step leaves unchanged.
+
+timm's ``ModelEmaV3`` moves every floating tensor of the state dict after every optimizer step. When most of a
+model is frozen (progressive unfreezing, BitFit, LoRA), that is most of its memory traffic for nothing new: a
+frozen weight ``v`` is constant, and ``k`` updates with decays ``d_1 … d_k`` towards a constant are one,
+
+    ema ← v + (Π d_i)·(ema − v)  =  lerp(ema, v, 1 − Π d_i).
+
+:class:`LazyEma` defers the update of every frozen weight (a parameter that does not require a gradient) left
+unchanged since the previous update (its in-place version counter has not moved) and applies the deferred steps
+at once, before anything reads the average (:meth:`LazyEma.averaged`) and before the optimizer changes the weight
+(a step pre-hook, :meth:`LazyEma.follow`). Learnable weights and buffers are moved at every update, as timm moves
+them (a fused optimizer and BatchNorm's running statistics change tensors without moving their version). The
+average is the one timm's computes, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+
+class LazyEma(ModelEmaV3):
+    """timm's ``ModelEmaV3`` (every floating tensor of the state dict, buffers too), skipping unchanged tensors.
+
+    Read the average through :meth:`averaged` (it applies what is owed); call :meth:`follow` with the optimizer
+    that trains the model, and :meth:`forget` after loading weights into the model or the average.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, **kw):
+        super().__init__(model, decay=decay, **kw)
+        self._seen: dict[int, int] = {}  # id(model tensor) → its version counter at the previous update
+        self._owed: dict[int, list] = {}  # id(model tensor) → [ema tensor, model tensor, product of decays owed]
+
+    def follow(self, optimizer: torch.optim.Optimizer):
+        """Apply the deferred updates of the tensors ``optimizer`` is about to change, before each of its steps
+        (a tensor it steps has a gradient). Returns the hook's handle."""
+        return optimizer.register_step_pre_hook(lambda opt, *_: self._before_step(opt))
+
+    def averaged(self) -> nn.Module:
+        """The average, with every deferred update applied."""
+        self._settle(None)
+        return self.module
+
+    def forget(self) -> None:
+        """Drop what is owed and every remembered version: after weights were loaded into either model, the next
+        update moves every tensor."""
+        self._seen.clear()
+        self._owed.clear()
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        super().set(model)
+        self.forget()
+
+    @torch.no_grad()
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        ema_values, model_values = [], []
+        for ema_v, model_v in zip(self.module.state_dict(keep_vars=True).values(),
+                                  model.state_dict(keep_vars=True).values()):
+            if not ema_v.is_floating_point():
+                ema_v.copy_(model_v)
+                continue
+            key, version = id(model_v), model_v._version
+            owed = self._owed.get(key)
+            frozen = isinstance(model_v, nn.Parameter) and not model_v.requires_grad
+            if frozen and self._seen.get(key) == version:  # unchanged since the previous update: defer this one
+                if owed is None:
+                    self._owed[key] = [ema_v, model_v, decay]
+                else:
+                    owed[2] *= decay
+                continue
+            if owed is not None:  # changed while its updates were owed, not through the optimizer
+                raise RuntimeError("a frozen weight changed outside the optimizer while its EMA updates were "
+                                   "deferred; call LazyEma.averaged() before changing weights by hand")
+            self._seen[key] = version
+            ema_values.append(ema_v.data)
+            model_values.append(model_v.data)
+        if ema_values:
+            self._foreach_lerp_(ema_values, model_values, weight=1.0 - decay)
+
+    def apply_update_no_buffers_(self, model: nn.Module, decay: float) -> None:
+        raise NotImplementedError("LazyEma averages buffers too (exclude_buffers=False)")
+
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer is about to step every parameter with a gradient (a frozen one too, should it hold a
+        stale gradient): apply what they owe towards the values they still have. (Deferring again after the step
+        is exact whatever their version says: the owed updates move towards the value they then have.)"""
+        if self._owed:
+            self._settle({id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None})
+
+    @torch.no_grad()
+    def _settle(self, keys: set[int] | None) -> None:
+        """Apply the deferred updates of the owed tensors (those of ``keys``, or all)."""
+        due = [k for k in self._owed if keys is None or k in keys]
+        groups: dict[float, tuple[list, list]] = {}
+        for key in due:
+            ema_v, model_v, product = self._owed.pop(key)
+            ema_list, model_list = groups.setdefault(1.0 - product, ([], []))
+            ema_list.append(ema_v.data)
+            model_list.append(model_v.data)
+        for weight, (ema_list, model_list) in groups.items():
+            self._foreach_lerp_(ema_list, model_list, weight=weight)
