@@ -527,6 +527,39 @@ def test_training_steps_look_prompts_up_in_the_declared_table_and_count_stranger
     assert int(m.unexpected_conditions()) == 1
 
 
+@pytest.mark.parametrize("learns", ["identifier", "text encoder"])
+def test_a_learnable_text_path_encodes_each_declared_prompt_once_per_step_with_the_same_gradients(learns):
+    m = tiny(sid=2).double()  # (in float32 the two sums' roundings differ by a layer norm's cancellations)
+    m.text_encoder.requires_grad_(learns == "text encoder")
+    m.expect_conditions(m.tokenize(CAPTIONS))
+    calls = []
+    m.text_encoder.register_forward_hook(lambda mod, a, o: calls.append(a[0].shape[0]))
+    ids = torch.cat([m.tokenize([CAPTIONS[2], CAPTIONS[0], CAPTIONS[2], CAPTIONS[2], CAPTIONS[0]]), m.null_ids[None]])
+    learnable = [p for p in m.parameters() if p.requires_grad and p.dtype.is_floating_point]
+    weights = torch.randn(len(ids), 1, 1, dtype=torch.float64)
+
+    def grads(encode):
+        for p in learnable:
+            p.grad = None
+        out = encode()
+        (out * weights).sum().backward()
+        return out.detach(), [p.grad.clone() if p.grad is not None else None for p in learnable]
+
+    per_row, per_row_grads = grads(lambda: m.text_encoder(m.with_sid(ids)).last_hidden_state)
+    calls.clear()
+    once, once_grads = grads(lambda: m.encode_text(ids))
+    assert calls == [4], "the 3 captions and the empty prompt, not the batch's 6 rows"
+    assert torch.allclose(once, per_row, atol=1e-12)
+    assert all((a is None) == (b is None) for a, b in zip(once_grads, per_row_grads))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(once_grads, per_row_grads) if a is not None)
+    assert int(m.unexpected_conditions()) == 0
+    calls.clear()
+    m.encode_text(ids[:3])  # a batch with no more rows than the run has prompts: encoded row by row
+    assert calls == [3]
+    m.encode_text(torch.cat([ids, m.tokenize(["a photo of a bag"])]))  # a stranger: counted for the health check
+    assert int(m.unexpected_conditions()) == 1
+
+
 def test_the_health_check_raises_on_a_training_prompt_outside_the_table():
     from accelerate import Accelerator
 

@@ -190,8 +190,15 @@ class TextUNet(DiffusionBackbone):
         ids = self.with_sid(ids)
         learnable = self.sid is not None and self.sid.embedding.weight.requires_grad
         learnable = learnable or any(p.requires_grad for p in self.text_encoder.parameters())
-        if learnable or (self.text_encoder.training and self.text_encoder.config.attention_dropout > 0):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and learnable):
+        random = self.text_encoder.training and self.text_encoder.config.attention_dropout > 0
+        if learnable or random:
+            grad = torch.is_grad_enabled() and learnable
+            with torch.set_grad_enabled(grad):
+                if grad and not random and self._table is not None and len(self._table) < len(ids):
+                    # a training step with fewer prompts in the run than rows in the batch: each prompt encoded
+                    # once, its rows gathered (the same encodings; the gradients of a prompt's rows summed)
+                    keys = self._table_keys(ids)
+                    return self.text_encoder(keys).last_hidden_state[self._table_rows(ids, keys)]
                 return self.text_encoder(ids).last_hidden_state
         if torch.is_grad_enabled() and self._table is not None:  # a training step
             return self._looked_up_text(ids)
@@ -205,7 +212,7 @@ class TextUNet(DiffusionBackbone):
         (:meth:`unexpected_conditions`) for the trainer's health check, which raises on it."""
         self._table = None if conditions is None else torch.unique(
             torch.cat([conditions.cpu(), self.null_ids.cpu()[None]]), dim=0)
-        self._table_version = self._table_states = self._misses = None
+        self._table_version = self._table_states = self._misses = self._keys_for = None
 
     def unexpected_conditions(self) -> torch.Tensor | None:
         """How many training conditions were not rows of the declared table (a device count; None: none looked up)."""
@@ -224,13 +231,25 @@ class TextUNet(DiffusionBackbone):
     def _looked_up_text(self, ids: torch.Tensor) -> torch.Tensor:
         version = self._text_version(ids)
         if self._table_version != version:  # the table encoded once per weights (a frozen text path: once)
-            keys = self.with_sid(self._table.to(ids.device))
-            self._table_keys, self._table_states = keys, self.text_encoder(keys).last_hidden_state
+            self._table_states = self.text_encoder(self._table_keys(ids)).last_hidden_state
             self._table_version = version
-        match = (ids[:, None, :] == self._table_keys[None]).all(-1)  # (B, K), on the device
+        return self._table_states[self._table_rows(ids, self._table_keys(ids))]
+
+    def _table_keys(self, ids: torch.Tensor) -> torch.Tensor:
+        """The declared table's token ids with the current stage's SID, on ``ids``' device (made once per stage
+        and device, not copied at every step)."""
+        key = (self.sid.stage if self.sid is not None else None, ids.device)
+        if (getattr(self, "_keys_for", None) or (None,))[0] != key:
+            self._keys_for = (key, self.with_sid(self._table.to(ids.device)))
+        return self._keys_for[1]
+
+    def _table_rows(self, ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Each row of ``ids``' index in ``keys``, on the device; rows not in it are counted
+        (:meth:`unexpected_conditions`) and given row 0."""
+        match = (ids[:, None, :] == keys[None]).all(-1)  # (B, K)
         misses = (~match.any(1)).sum()
         self._misses = misses if self._misses is None else self._misses + misses
-        return self._table_states[match.int().argmax(1)]
+        return match.int().argmax(1)
 
     @torch.no_grad()
     def _cached_text(self, ids: torch.Tensor) -> torch.Tensor:
