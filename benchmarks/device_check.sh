@@ -13,6 +13,8 @@
 #   4. per-step speed and peak memory of the unfreezing stages for DiT-XL/2 on 32x32x4 latents (256-px
 #      images), bf16, the uniform linear schedule: as the paper trains it, and with --layout tail
 #      --frozen-prefix no-grad;
+#   4b. one EMA update per unfreezing stage of DiT-XL/2: timm's (every weight) against autoprog's LazyEma (the
+#      frozen weights' updates deferred), benchmarks/ema_update_speed.py;
 #   5. `autoprog finetune --method autoprog-zero` (60 steps) on the GPU;
 #   6. Fashion-MNIST pre-training by AutoProg-One with the paper's recipe (host RandAugment, Mixup/CutMix, erasing;
 #      the supernet steps timed by CUDA events), stopped after an epoch and resumed.
@@ -68,7 +70,7 @@ run|smoke)
   fi
   if [ "$1" = run ]; then export AUTOPROG_CACHE=${AUTOPROG_CACHE:-$PWD/.data/cache}; fi
   names=",deit_s_step_speed,deit_trainer,sync_pretrain,sync_finetune,loader_speed,dit_xl_step_speed,\
-dit_xl_tail_no_grad,finetune_autoprog_zero,fmnist_recipe,fmnist_recipe_resume,fmnist_compile,"
+dit_xl_tail_no_grad,ema_update_speed,finetune_autoprog_zero,fmnist_recipe,fmnist_recipe_resume,fmnist_compile,"
   checks=${CHECKS:-}  # (unset: every step)
   for name in ${checks//,/ }; do
     if [[ "$names" != *",$name,"* ]]; then echo "CHECKS: no step named $name (the steps: ${names//,/ })" >&2; exit 2; fi
@@ -124,6 +126,8 @@ from loader_speed import make_folder; make_folder(Path('$jpegs'), $images, $img,
     --steps $steps --out "$OUT/dit_xl_step_speed.json"
   step dit_xl_tail_no_grad $py benchmarks/finetune_step_speed.py --preset $dit --batch-size $dit_batch --amp bf16 \
     --steps $steps --layout tail --frozen-prefix no-grad --out "$OUT/dit_xl_tail_no_grad.json"
+  step ema_update_speed $py benchmarks/ema_update_speed.py --preset $dit --updates $((steps / 2)) \
+    --out "$OUT/ema_update_speed.json"
   step finetune_autoprog_zero $py -m autoprog.cli finetune --method autoprog-zero --steps $ft_steps --eval-points 1 \
     --fd-samples $fd $ft_extra --data-root "$data" --out "$jpegs-finetune" $cpu
   # in-memory data with the paper's recipe (RandAugment on the host, each batch copied after it) and AutoProg-One's

@@ -47,6 +47,16 @@ def test_finetune_step_speed_times_a_text_to_image_unets_stages_with_their_memor
     assert all(r["peak_gib"] is not None and r["peak_gib"] >= 0 for r in [d["full"], *d["stages"]])
 
 
+def test_ema_update_speed_times_both_emas_at_every_stage(tmp_path, monkeypatch):
+    out = tmp_path / "ema.json"
+    run_script("ema_update_speed.py", "--preset", "tiny", "--updates", "1", "--out", str(out), monkeypatch=monkeypatch)
+    d = json.loads(out.read_text())
+    assert [r["subnet"] for r in d["stages"]][-1] == "full" and len(d["stages"]) == 5
+    shares = [r["learnable_share"] for r in d["stages"]]
+    assert shares == sorted(shares) and shares[0] < 0.5 and shares[-1] == 1.0
+    assert all(r["timm_s"] > 0 and r["lazy_s"] > 0 for r in d["stages"])
+
+
 def test_pretrain_schedules_reuses_the_reference_and_replays_inline_schedules(fake_fmnist, tmp_path, monkeypatch):
     like = tmp_path / "original"
     args = [a for a in tiny_args(fake_fmnist, epochs="1") if a != "--no-flops"]
@@ -209,7 +219,7 @@ def test_cuda_sync_count_attributes_each_sync_warning_to_its_step_and_line(fake_
 
 
 @pytest.mark.parametrize("checks, code, says", [
-    (None, 0, "device check: 0 check(s) failed, 10 skipped for time"),  # CHECKS unset: every step, none in time
+    (None, 0, "device check: 0 check(s) failed, 11 skipped for time"),  # CHECKS unset: every step, none in time
     ("deit_trainer,sync_pretrain", 0, "device check: 0 check(s) failed, 2 skipped for time"),
     ("deit_trainer,bogus", 2, "CHECKS: no step named bogus"),
 ])

@@ -75,11 +75,11 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_caught_without_clipping(cl
 
     apply = RunTemplate._apply_update
 
-    def poisoned(self, loss, module):
+    def poisoned(self, loss):
         if self.step == 7:  # the 8th step: its gradient NaN, its loss finite
-            p = next(q for q in module.parameters() if q.requires_grad)
+            p = next(q for q in self.net.parameters() if q.requires_grad)
             p.register_hook(lambda g: torch.full_like(g, float("nan")))
-        return apply(self, loss, module)
+        return apply(self, loss)
 
     monkeypatch.setattr(RunTemplate, "_apply_update", poisoned)
     out = tmp_path / "run"

@@ -106,3 +106,25 @@ def test_forget_after_loading_weights():
     lazy.module.load_state_dict(model.state_dict())
     lazy.update(model)
     assert torch.equal(lazy.averaged()[0].weight, torch.zeros_like(model[0].weight))
+
+
+def test_the_models_tensors_are_listed_once_and_a_replaced_one_is_caught_at_the_next_read(monkeypatch):
+    model = _model()
+    lazy = LazyEma(model, decay=0.9)
+    walks = []
+    real = nn.Module.state_dict
+    tops = (model, lazy.module)  # (state_dict calls itself on every submodule)
+    monkeypatch.setattr(nn.Module, "state_dict",
+                        lambda self, *a, **k: (self in tops and walks.append(1)) or real(self, *a, **k))
+    for _ in range(5):
+        lazy.update(model)
+    assert len(walks) == 2, "the average's and the model's state listed at the first update only"
+    lazy.averaged()  # the check: listed afresh, the same tensors
+    model[0].bias = nn.Parameter(torch.zeros(8))  # replaced, not changed in place
+    lazy.update(model)
+    with pytest.raises(RuntimeError, match="replaced after its EMA was made"):
+        lazy.averaged()
+    lazy.forget()
+    before = lazy.module[0].bias.detach().clone()
+    lazy.update(model)  # listed afresh: towards the new bias
+    assert torch.allclose(lazy.averaged()[0].bias, 0.9 * before)

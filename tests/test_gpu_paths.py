@@ -99,7 +99,7 @@ def _step(t, scale_grads: float = 1.0):
         loss = t.model(x).float().pow(2).mean()  # a loss in fp32, as cross-entropy and MSE are under autocast
     hook = t.model.weight.register_hook(lambda g: g * scale_grads)
     try:
-        t._apply_update(loss, t.model)
+        t._apply_update(loss)
     finally:
         hook.remove()
     t.step += 1

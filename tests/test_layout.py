@@ -17,6 +17,7 @@ RANK = {
     "errors": 0, "formats": 0,
     "space": 1, "schedules": 1, "engine": 1, "metrics": 1, "data": 1, "report": 1, "optim": 1, "options": 1, "front": 1,
     "budget": 1, "steptime": 1, "methods": 1, "checkpoint": 1, "tracking": 1, "compute": 1, "rng": 0, "accelerator": 1,
+    "ema": 1,
     "controllers": 2, "experiment": 2, "models": 2,
     "adapters": 3,
     "algorithms": 4,

@@ -32,6 +32,7 @@ class LazyEma(ModelEmaV3):
         super().__init__(model, decay=decay, **kw)
         self._seen: dict[int, int] = {}  # id(model tensor) → its version counter at the previous update
         self._owed: dict[int, list] = {}  # id(model tensor) → [ema tensor, model tensor, product of decays owed]
+        self._paired: tuple | None = None  # (the model, its state's tensors beside the average's), listed once
 
     def follow(self, optimizer: torch.optim.Optimizer):
         """Apply the deferred updates of the tensors ``optimizer`` is about to change, before each of its steps
@@ -39,15 +40,31 @@ class LazyEma(ModelEmaV3):
         return optimizer.register_step_pre_hook(lambda opt, *_: self._before_step(opt))
 
     def averaged(self) -> nn.Module:
-        """The average, with every deferred update applied."""
+        """The average, with every deferred update applied. Checks that the model still holds the tensors the
+        updates have been moving towards (they are listed once, not at every update)."""
         self._settle(None)
+        if self._paired is not None and not _same_tensors(self._pairs(self._paired[0], fresh=True), self._paired[1]):
+            raise RuntimeError("a tensor of the model was replaced after its EMA was made (the EMA moved towards "
+                               "the old one); call LazyEma.forget() after replacing parameters or buffers")
         return self.module
 
     def forget(self) -> None:
-        """Drop what is owed and every remembered version: after weights were loaded into either model, the next
-        update moves every tensor."""
+        """Drop what is owed, every remembered version and the list of the model's tensors: after weights were
+        loaded into either model (or tensors replaced), the next update moves every tensor."""
         self._seen.clear()
         self._owed.clear()
+        self._paired = None
+
+    def _pairs(self, model: nn.Module, fresh: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The average's state tensors beside ``model``'s, listed once per model (walking a large model's module
+        tree costs milliseconds of Python at every step)."""
+        if fresh or self._paired is None or self._paired[0] is not model:
+            pairs = list(zip(self.module.state_dict(keep_vars=True).values(),
+                             model.state_dict(keep_vars=True).values()))
+            if fresh:
+                return pairs
+            self._paired = (model, pairs)
+        return self._paired[1]
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
@@ -57,8 +74,7 @@ class LazyEma(ModelEmaV3):
     @torch.no_grad()
     def apply_update_(self, model: nn.Module, decay: float) -> None:
         ema_values, model_values = [], []
-        for ema_v, model_v in zip(self.module.state_dict(keep_vars=True).values(),
-                                  model.state_dict(keep_vars=True).values()):
+        for ema_v, model_v in self._pairs(model):
             if not ema_v.is_floating_point():
                 ema_v.copy_(model_v)
                 continue
@@ -102,3 +118,8 @@ class LazyEma(ModelEmaV3):
             model_list.append(model_v.data)
         for weight, (ema_list, model_list) in groups.items():
             self._foreach_lerp_(ema_list, model_list, weight=weight)
+
+
+def _same_tensors(a: list[tuple], b: list[tuple]) -> bool:
+    """Whether two lists of tensor pairs hold the very same tensor objects (identity, never values)."""
+    return len(a) == len(b) and all(x is y for pa, pb in zip(a, b) for x, y in zip(pa, pb))

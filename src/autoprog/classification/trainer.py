@@ -743,7 +743,7 @@ class Trainer(GrowthCalls, RunTemplate):
             with self.autocast():
                 logits = self._training_module()(x)
                 loss = self.recipe.loss(logits, target)
-        self._apply_update(loss, self.net)
+        self._apply_update(loss)
         return loss.detach()
 
     def _token_labelled_loss(self, x: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
