@@ -96,13 +96,17 @@ def test_bounds_are_checked_on_library_specs_too():
 # ------------------------------------------------------------------------------------------- presets
 def test_presets_are_listed_and_each_parses_into_a_valid_spec():
     names = [n for n, _, _ in list_presets()]
-    assert {"cpu-pretrain", "cpu-deit", "deit-s-paper", "volo-d1-paper", "cpu-finetune", "dit-xl2-paper"} <= set(names)
+    assert {"cpu-pretrain", "cpu-deit", "deit-s-paper", "volo-d1-paper", "cpu-finetune", "dit-xl2-paper",
+            "sd-t2i-paper", "dreambooth-paper"} <= set(names)
     for name in names:
         task = load_preset(name)["task"]
         argv, spec_of, task_flag = {
             "classification": (["pretrain"], lambda a: spec_from_args(a, a.method), None),
             "finetune": (["finetune"], lambda a: finetune_spec(a, a.method), None),
             "diffusion": (["pretrain", "--task", "diffusion"], base_spec, "diffusion"),
+            "text-to-image": (["finetune", "--task", "text-to-image"], lambda a: finetune_spec(a, a.method),
+                              "text-to-image"),
+            "dreambooth": (["finetune", "--task", "dreambooth"], lambda a: finetune_spec(a, a.method), "dreambooth"),
         }[task]
         spec = spec_of(_parse(build_parser(task_flag), [*argv, "--preset", name, "--out", "x"]))
         check_bounds(spec)
@@ -121,6 +125,31 @@ def test_paper_preset_values(cli):
     # the paper's constant learning rate, by the schedule, not by a cosine floor: compare's front runs (cosine)
     # then still decay to --min-lr
     assert spec.train.lr_schedule == "constant" and spec.train.min_lr == 0 and spec.train.warmup_steps == 0
+
+
+def test_the_stable_diffusion_presets_fit_their_fine_tuning_tasks_only(cli, tmp_path):
+    from autoprog.diffusion.runner import DreamBoothSpec, TextFinetuneSpec
+
+    args = _parse(build_parser("text-to-image"), ["finetune", "--task", "text-to-image", "--preset", "sd-t2i-paper",
+                                                  "--out", "x"])
+    spec = finetune_spec(args, args.method)
+    assert isinstance(spec, TextFinetuneSpec) and spec.caption == "a {}." and spec.image_size == 256
+    assert (spec.train.lr, spec.train.batch_size, spec.train.cfg_scale, spec.train.sample_steps) == (1e-5, 32, 3.0, 50)
+    assert spec.train.lr_schedule == "constant" and spec.train.steps == 32 * (5994 // 32)
+    args = _parse(build_parser("dreambooth"), ["finetune", "--task", "dreambooth", "--preset", "dreambooth-paper",
+                                               "--out", "x"])
+    spec = finetune_spec(args, args.method)
+    assert isinstance(spec, DreamBoothSpec) and spec.train.lr == 5e-6 and spec.with_prior_preservation
+    assert spec.eval_prompts.split("|") == ["a photo of sks dog sleeping under a tree", "a photo of sks dog on the beach"]
+    from autoprog.cli.config import PRESET_TASKS
+
+    for argv, preset, task in ((["finetune"], "sd-t2i-paper", "text-to-image"),  # class-conditional
+                               (["finetune", "--task", "dreambooth"], "sd-t2i-paper", "text-to-image"),
+                               (["pretrain", "--task", "text-to-image"], "sd-t2i-paper", "text-to-image"),  # a base
+                               (["finetune", "--task", "text-to-image"], "dit-xl2-paper", "finetune"),
+                               (["finetune", "--task", "classification"], "dit-xl2-paper", "finetune")):  # transfer
+        rc, _, err = cli(*argv, "--preset", preset, "--out", tmp_path / "r")
+        assert rc == 2 and f"is for {PRESET_TASKS[task]}, not for" in err, (argv, err)
 
 
 def test_saved_specs_keep_what_they_ran_before_a_default_changed():

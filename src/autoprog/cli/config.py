@@ -12,7 +12,9 @@ from ..formats import parse_yaml, read_text
 
 PRESET_TASKS = {"classification": "autoprog pretrain / autoprog compare",
                 "diffusion": "autoprog pretrain --task diffusion",
-                "finetune": "autoprog finetune / autoprog compare --task finetune"}
+                "finetune": "autoprog finetune / autoprog compare --task finetune",
+                "text-to-image": "autoprog finetune --task text-to-image / autoprog compare --task text-to-image",
+                "dreambooth": "autoprog finetune --task dreambooth / autoprog compare --task dreambooth"}
 
 
 PRESET_KEYS = {"description", "task", "options"}
@@ -93,8 +95,15 @@ def load_preset(name: str) -> dict:
 
 
 def command_task(args: argparse.Namespace) -> str:
-    """The preset task a parsed command runs: classification, diffusion (base DiT) or finetune."""
-    return "finetune" if args.command == "finetune" else getattr(args, "task", "classification")
+    """The preset task a parsed command runs (a key of :data:`PRESET_TASKS` when a preset can fit it):
+    classification, diffusion (a base DiT), finetune (class-conditional), text-to-image or dreambooth fine-tuning,
+    or a task no preset is for (a text-to-image base model, transfer)."""
+    task = getattr(args, "task", "classification")
+    if args.command == "finetune":
+        return {"class-conditional": "finetune", "classification": "transfer"}.get(task, task)
+    if args.command == "pretrain" and task == "text-to-image":
+        return "text-to-image base"
+    return task
 
 
 def check_preset_fits(preset: dict, command: str, task: str, what: str = "this preset") -> None:
