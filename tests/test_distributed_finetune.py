@@ -156,7 +156,8 @@ DRIVER = textwrap.dedent('''
 
     runner.DiffusionTrainer = EvaluatingTrainer  # finetune() looks the trainer up in its module
     cfg = DiffusionConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, eval_points=2, curve_samples=8,
-                          fd_samples=16, sample_steps=2, proxy_batches=2, proxy_batch_size=4, time_repeats=1)
+                          fd_samples=16, sample_steps=2, proxy_batches=2, proxy_batch_size=4, time_repeats=1,
+                          ema_decay=0.9)  # the EMA too: a DDP wrapper built mid-stage must not upset its deferrals
     # a collective that one process never joins fails after pg_timeout seconds instead of hanging for 30 minutes
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=int(pg_timeout)))
     acc = Accelerator(cpu=True, mixed_precision=mixed_precision, kwargs_handlers=[pg])

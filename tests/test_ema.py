@@ -128,3 +128,64 @@ def test_the_models_tensors_are_listed_once_and_a_replaced_one_is_caught_at_the_
     before = lazy.module[0].bias.detach().clone()
     lazy.update(model)  # listed afresh: towards the new bias
     assert torch.allclose(lazy.averaged()[0].bias, 0.9 * before)
+
+
+def test_a_weight_learnable_again_but_not_stepped_keeps_timms_average():
+    """Unfrozen, then no gradient at its first step (or a skipped step): its deferred updates are applied at the
+    next update, not refused."""
+    model = _model()
+    ref, lazy = ModelEmaV3(model, decay=0.9), LazyEma(model, decay=0.9)
+    model[0].requires_grad_(False)
+    for _ in range(3):
+        ref.update(model), lazy.update(model)
+    model[0].requires_grad_(True)  # learnable again, no optimizer step
+    ref.update(model), lazy.update(model)
+    assert torch.allclose(ref.module[0].weight, lazy.averaged()[0].weight, atol=1e-7)
+
+
+class _TwoProcesses:
+    """An accelerator as PreparedModel sees one under DDP (its wrappers built by the patched ``_ddp``)."""
+
+    num_processes = 2
+
+    def prepare_model(self, module):
+        return module
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_a_ddp_wrapper_built_mid_stage_settles_the_ema_first(settled, monkeypatch):
+    """Building a DDP wrapper broadcasts every parameter in place (their versions move, their values do not): the
+    EMA's deferred updates are applied before, as the fine-tuning trainer asks (``before_build``); a search that
+    trains sets A, B, A, C (AutoProg-One's supernet phase) then keeps timm's average."""
+    from autoprog.engine import PreparedModel
+
+    def broadcast(self):
+        with torch.no_grad():
+            for p in self.module.parameters():
+                p.copy_(p.detach().clone())
+        return self.module
+
+    monkeypatch.setattr(PreparedModel, "_ddp", broadcast)
+    model = _model()
+    ref, lazy = ModelEmaV3(model, decay=0.9), LazyEma(model, decay=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    lazy.follow(opt)
+    prepared = PreparedModel(_TwoProcesses(), model)
+    if settled:
+        prepared.before_build = lazy.settle
+    g = torch.Generator().manual_seed(1)
+    for learnable in ({0}, {0, 3}, {0}, {0, 3, 4}):
+        for j, layer in enumerate(model):
+            layer.requires_grad_(j in learnable)
+        wrapped = prepared.current()
+        wrapped(torch.randn(8, 6, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref.update(model)
+        if not settled and learnable == {0, 3, 4}:
+            with pytest.raises(RuntimeError, match="outside the optimizer"):
+                lazy.update(model)
+            return
+        lazy.update(model)
+    for k, v in ref.module.state_dict().items():
+        assert torch.allclose(v.float(), lazy.averaged().state_dict()[k].float(), atol=1e-6), k

@@ -25,7 +25,8 @@ class LazyEma(ModelEmaV3):
     """timm's ``ModelEmaV3`` (every floating tensor of the state dict, buffers too), skipping unchanged tensors.
 
     Read the average through :meth:`averaged` (it applies what is owed); call :meth:`follow` with the optimizer
-    that trains the model, and :meth:`forget` after loading weights into the model or the average.
+    that trains the model, :meth:`settle` before changing weights any other way, and :meth:`forget` after loading
+    weights into the model or the average.
     """
 
     def __init__(self, model: nn.Module, decay: float, **kw):
@@ -38,6 +39,11 @@ class LazyEma(ModelEmaV3):
         """Apply the deferred updates of the tensors ``optimizer`` is about to change, before each of its steps
         (a tensor it steps has a gradient). Returns the hook's handle."""
         return optimizer.register_step_pre_hook(lambda opt, *_: self._before_step(opt))
+
+    def settle(self) -> None:
+        """Apply every deferred update now: before anything changes the model's weights other than the optimizer
+        (a DDP wrapper's build broadcasts every parameter in place, which moves their versions)."""
+        self._settle(None)
 
     def averaged(self) -> nn.Module:
         """The average, with every deferred update applied. Checks that the model still holds the tensors the
@@ -87,9 +93,11 @@ class LazyEma(ModelEmaV3):
                 else:
                     owed[2] *= decay
                 continue
-            if owed is not None:  # changed while its updates were owed, not through the optimizer
-                raise RuntimeError("a frozen weight changed outside the optimizer while its EMA updates were "
-                                   "deferred; call LazyEma.averaged() before changing weights by hand")
+            if owed is not None:
+                if self._seen.get(key) != version:  # changed while its updates were owed, not by the optimizer
+                    raise RuntimeError("a frozen weight changed outside the optimizer while its EMA updates were "
+                                       "deferred; call LazyEma.settle() before changing weights by hand")
+                self._settle({key})  # learnable again but not stepped (no gradient, or a skipped step): unchanged
             self._seen[key] = version
             ema_values.append(ema_v.data)
             model_values.append(model_v.data)

@@ -32,6 +32,7 @@ class PreparedModel:
 
     def __init__(self, acc, module: nn.Module):
         self.acc, self.module = acc, module
+        self.before_build = None  # called before a new wrapper broadcasts the parameters (in place), if set
         self.wrapped = acc.prepare_model(module)
         self._first = self.wrapped  # the one Accelerate knows (it may have wrapped forward for mixed precision)
         self._by_set = {frozenset(trained_ids(module)): self.wrapped}
@@ -54,6 +55,8 @@ class PreparedModel:
         wrapped = self._by_set.get(key)
         self.changes += wrapped is not self.wrapped
         if wrapped is None:
+            if key and self.before_build is not None:
+                self.before_build()
             wrapped = self._ddp() if key else self.module
             self._by_set[key] = wrapped
             self.built += 1

@@ -109,7 +109,9 @@ def command_task(args: argparse.Namespace) -> str:
 def check_preset_fits(preset: dict, command: str, task: str, what: str = "this preset") -> None:
     """A one-line error when ``preset`` (or a --config file in its layout, ``what``) is for another task."""
     if preset["task"] != task:
-        raise ConfigError(f"{what} is for {PRESET_TASKS[preset['task']]}, not for {command} with {task}")
+        typed = ({"finetune": "class-conditional", "transfer": "classification"} if command == "finetune"
+                 else {"text-to-image base": "text-to-image"}).get(task, task)  # the --task given (or its default)
+        raise ConfigError(f"{what} is for {PRESET_TASKS[preset['task']]}, not for {command} --task {typed}")
 
 
 def list_presets() -> list[tuple[str, str, str]]:

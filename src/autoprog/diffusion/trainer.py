@@ -144,6 +144,7 @@ class DiffusionTrainer(RunTemplate):
 
             self.ema = LazyEma(self.model, decay=cfg.ema_decay)
             self.ema.follow(self.optimizer)
+            self.prepared.before_build = self.ema.settle  # a DDP wrapper's build rewrites every weight in place
         if cfg.compile:  # after the momentum copy, which runs uncompiled (sampling only)
             compile_blocks(list(self.model.blocks), model.image_size // model.patch_size)
         self.noise = training_scheduler(getattr(model, "noise_config", None))
@@ -220,7 +221,8 @@ class DiffusionTrainer(RunTemplate):
     def _learnable_set(self) -> tuple[str, int]:
         """The current learnable set's name (a hash of its parameters' names) and size. The model's parameters
         are listed once (walking its module tree at every step costs milliseconds of Python for a Stable
-        Diffusion UNet); each step reads their flags only."""
+        Diffusion UNet); each step reads their flags only. They are fixed once the trainer is built, as the
+        optimizer's are (LoRA, extras and the SID are installed before)."""
         if getattr(self, "_named", None) is None:
             self._named, self._learnable_sets = list(self.model.named_parameters()), {}
         flags = tuple(p.requires_grad for _, p in self._named)
@@ -233,7 +235,9 @@ class DiffusionTrainer(RunTemplate):
 
     def step_flops(self) -> int:
         """FLOPs of one training step (global batch) with the current resolution and learnable set, counted
-        once per setting on a 2-image batch; the counting time is not training time."""
+        once per setting on a 2-image batch; the counting time is not training time. (A learnable text path is
+        counted for every row, where a step whose batch has more rows than the run has captions encodes each
+        caption once: the same overcount for every candidate of a stage.)"""
         key = f"{self.resolution}:{self._learnable_set()[0]}"
         if key not in self.flops_cache:
             from ..metrics import count_flops
