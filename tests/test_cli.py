@@ -112,7 +112,7 @@ def test_a_copy_of_a_shipped_preset_is_a_config_file(cli, tmp_path):
     args = _parse(build_parser(), ["pretrain", "--out", "x", "--config", str(cfg)])
     assert (args.__dict__["train.epochs"], args.subset, args.__dict__["train.batch_size"]) == (3, 10000, 128)
     rc, _, err = cli("pretrain", "--task", "diffusion", "--out", tmp_path / "run", "--config", cfg)
-    assert rc == 2 and "is for autoprog pretrain / autoprog compare, not for pretrain with diffusion" in \
+    assert rc == 2 and "is for autoprog pretrain / autoprog compare, not for pretrain --task diffusion" in \
         _one_error_line(err)
     cfg.write_text("description: mine\noptions: [1]\n")
     rc, _, err = cli("pretrain", "--out", tmp_path / "run", "--config", cfg)

@@ -156,15 +156,17 @@ DRIVER = textwrap.dedent('''
 
     runner.DiffusionTrainer = EvaluatingTrainer  # finetune() looks the trainer up in its module
     cfg = DiffusionConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, eval_points=2, curve_samples=8,
-                          fd_samples=16, sample_steps=2, proxy_batches=2, proxy_batch_size=4, time_repeats=1,
-                          ema_decay=0.9)  # the EMA too: a DDP wrapper built mid-stage must not upset its deferrals
+                          fd_samples=16, sample_steps=2, proxy_batches=2, proxy_batch_size=4, time_repeats=1)
     # a collective that one process never joins fails after pg_timeout seconds instead of hanging for 30 minutes
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=int(pg_timeout)))
     acc = Accelerator(cpu=True, mixed_precision=mixed_precision, kwargs_handlers=[pg])
     for item in methods.split(","):
         method, steps = item.split(":")
+        # AutoProg-One with an EMA: the DDP wrappers its supernet phase builds mid-stage must not upset the EMA's
+        # deferred updates
+        ema = 0.9 if method == "autoprog-one" else None
         spec = FinetuneSpec(method=method, base=base, data_root=data_root, cache_dir=cache_dir, feature_epochs=1,
-                            train=replace(cfg, steps=int(steps)))
+                            train=replace(cfg, steps=int(steps), ema_decay=ema))
         runner.finetune(spec, root / method, acc)
     end_processes(acc)  # wait for each other, then destroy the group, as autoprog's CLI does
     leave_process(0)  # skipping the interpreter's shutdown, as autoprog's CLI does
