@@ -514,6 +514,17 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
     from PIL import Image
 
     assert Image.open(out / "model-samples" / "class5.png").mode == "RGB"  # decoded grey images, saved as PNG
+    # the official encoding: each batch (the searches' too) encoded in its step, the posterior sampled
+    out = tmp_path / "ft-per-step"
+    rc, _, err = cli("finetune", "--method", "autoprog-zero", "--latent-encoding", "per-step", "--base", base / "model",
+                     "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert math.isfinite(res["summary"]["fd"]) and len(res["summary"]["search"]) == 3
+    assert json.loads((out / "config.json").read_text())["spec"]["latent_encoding"] == "per-step"
+    rc, _, err = cli("finetune", "--method", "full", "--latent-encoding", "per-step", "--data-root", fake_fmnist,
+                     "--out", tmp_path / "pixels", *TRAIN_FLAGS)  # the shipped base: pixel space
+    assert rc == 2 and "--latent-encoding per-step is for latent-space training" in err, err
     # a pixel-space base refuses latent data that does not fit it
     rc, _, err = cli("finetune", "--method", "full", "--base", base / "model", "--vae", "/nonexistent/vae",
                      "--data-root", fake_fmnist, "--out", tmp_path / "bad", *TRAIN_FLAGS)

@@ -261,3 +261,42 @@ def test_a_folder_of_greyscale_images_encodes_with_a_one_channel_vae(image_folde
     colour = load_diffusion_data(str(image_folder), classes=None, image_size=16)
     with pytest.raises(ConfigError, match=r"images have 3 channels \(colour\); the VAE takes 1"):
         with_latents(colour, str(tmp_path / "vae1"), tmp_path / "cache")
+
+
+def _small_data(n=6, size=16, c=3):
+    from autoprog.diffusion.data import DiffusionData
+
+    px = images(n, c, size, seed=3)
+    return DiffusionData("x", px, torch.arange(n) % 2, px[:2], torch.zeros(2, dtype=torch.long), 2, (0, 1))
+
+
+def test_per_step_encoding_encodes_each_batchs_flipped_pixels_at_the_stages_resolution(vae_dir, tmp_path):
+    """--latent-encoding per-step (the official train_apz.py's): no latents cached; a batch is the flipped pixels
+    resized to the stage's resolution times the VAE's factor, encoded, the posterior drawn from the step's seed."""
+    from autoprog.diffusion.data import resize, to_float
+    from autoprog.diffusion.latent import with_latents
+
+    data = with_latents(_small_data(), str(vae_dir), tmp_path / "cache", encoding="per-step")
+    assert data.latents is None and data.encode_each_batch and not (tmp_path / "cache").exists()
+    assert (data.model_chans, data.model_size) == (4, 8)
+    idx = torch.tensor([0, 3, 5])
+    x, y = data.batch(idx, 4, generator=torch.Generator().manual_seed(7))
+    assert x.shape == (3, 4, 4, 4) and torch.isfinite(x).all() and torch.equal(y, data.train_labels[idx])
+    again, _ = data.batch(idx, 4, generator=torch.Generator().manual_seed(7))
+    other, _ = data.batch(idx, 4, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(x, again) and not torch.allclose(x, other), "the step's seed draws the flips and posterior"
+    g = torch.Generator().manual_seed(7)
+    flip = torch.rand(3, generator=g) < 0.5
+    px = to_float(data.train_images[idx])
+    px = torch.where(flip.view(-1, 1, 1, 1), px.flip(-1), px)
+    codec = data.codec
+    gen = torch.Generator().manual_seed(7 ^ 0x5EED_1A7E)
+    assert torch.allclose(x, codec.encode_batch(resize(px, 8), generator=gen), atol=1e-6)
+    clean = data.clean(idx, 4, torch.Generator().manual_seed(1))  # the searches' batches: unflipped, encoded
+    assert clean.shape == (3, 4, 4, 4)
+    with pytest.raises(ValueError, match="per-step keeps no latents"):
+        data.inputs(idx)
+    cached = with_latents(_small_data(), str(vae_dir), tmp_path / "cache")
+    assert cached.latents.shape == (6, 4, 8, 8) and not cached.encode_each_batch
+    with pytest.raises(ConfigError, match="--latent-encoding must be one of cached, per-step"):
+        with_latents(_small_data(), str(vae_dir), tmp_path / "cache", encoding="sometimes")

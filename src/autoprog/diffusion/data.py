@@ -52,6 +52,9 @@ class DiffusionData:
     hflip: bool = True
     latents: torch.Tensor | None = None  # the training images in a VAE's latent space, when training there
     codec: object | None = None  # the :class:`~autoprog.diffusion.latent.LatentCodec` that made them
+    # latent space without cached latents (--latent-encoding per-step, the official train_apz.py's): each batch's
+    # pixels flipped, resized to the stage's resolution times the VAE's factor and encoded, the posterior sampled
+    encode_each_batch: bool = False
     class_names: tuple[str, ...] | None = None  # one per class id of the label space
     captions: tuple[str, ...] | None = None  # one prompt per class id, when a text-to-image model trains
     caption_ids: torch.Tensor | None = None  # those prompts' token ids (num_classes, L)
@@ -80,10 +83,14 @@ class DiffusionData:
     @property
     def model_chans(self) -> int:
         """Channels the denoiser sees: the image's, or the latent's in latent space."""
+        if self.encode_each_batch:
+            return self.codec.latent_channels
         return self.latents.shape[1] if self.latents is not None else self.in_chans
 
     @property
     def model_size(self) -> int:
+        if self.encode_each_batch:
+            return self.codec.latent_size(self.image_size)
         return self.latents.shape[-1] if self.latents is not None else self.image_size
 
     def to_greyscale(self, luma: bool = False) -> bool:
@@ -91,7 +98,7 @@ class DiffusionData:
         an ImageFolder reads as RGB), for a 1-channel model: no value changes. ``luma``: colour pixels too, by
         PIL's ``convert("L")`` (which leaves equal channels' value as it is). Returns whether it did."""
         sets = (self.train_images, self.test_images)
-        if self.latents is not None or self.in_chans != 3:
+        if self.latents is not None or self.encode_each_batch or self.in_chans != 3:
             return False
         if all(torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2]) for x in sets):
             self.train_images, self.test_images = (x[:, :1].contiguous() for x in sets)
@@ -106,7 +113,18 @@ class DiffusionData:
 
     def inputs(self, idx: torch.Tensor) -> torch.Tensor:
         """The denoiser's clean inputs ``x_0`` for training images ``idx``: pixels in [-1, 1], or latents."""
+        if self.encode_each_batch:
+            raise ValueError("--latent-encoding per-step keeps no latents: use clean() at a resolution")
         return self.latents[idx] if self.latents is not None else to_float(self.train_images[idx])
+
+    def clean(self, idx: torch.Tensor, resolution: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The clean inputs ``x_0`` of training images ``idx`` at ``resolution``, unflipped (the searches' fixed
+        batches): resized pixels or latents, or (:attr:`encode_each_batch`) the pixels resized to ``resolution``
+        times the VAE's factor and encoded on the VAE's device, the posterior drawn by ``generator`` (there)."""
+        if not self.encode_each_batch:
+            return resize(self.inputs(idx), resolution)
+        x = to_float(to_device(self.train_images[idx], self.codec.device))
+        return self.codec.encode_batch(resize(x, resolution * self.codec.downsample), generator=generator)
 
     def drop_pixels(self) -> None:
         """Let go of the images' pixels once a latent-space run holds their latents and this process scores
@@ -141,7 +159,19 @@ class DiffusionData:
         if flip is not None:
             flip = to_device(flip, x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.encode_each_batch:  # flipped pixels at the stage's resolution, encoded (the official order)
+            return self._encoded(x, resolution, generator).to(x.device), y
         return resize(x, resolution), y
+
+    def _encoded(self, x: torch.Tensor, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Pixels ``x`` resized to ``resolution`` latent pixels and encoded, the posterior drawn by a generator on
+        the VAE's device seeded from ``generator``'s seed (host-side: no wait), so a step's draws repeat."""
+        dev = self.codec.device
+        if getattr(self, "_posterior_gen", None) is None:
+            self._posterior_gen = torch.Generator(dev)
+        seed = (generator.initial_seed() if generator is not None else 0) ^ 0x5EED_1A7E
+        x = resize(to_device(x, dev), resolution * self.codec.downsample)
+        return self.codec.encode_batch(x, generator=self._posterior_gen.manual_seed(seed))
 
     @property
     def paired(self) -> bool:

@@ -134,6 +134,16 @@ class LatentCodec:
         return out
 
     @torch.no_grad()
+    def encode_batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Float images in [-1, 1] ``(N, C, H, W)`` on the VAE's device → scaled float32 latents there, with no
+        copy to the host: a training batch encoded inside its step (``--latent-encoding per-step``). The posterior
+        is sampled with ``generator`` (on the VAE's device), as the official ``train_apz.py`` samples it."""
+        if x.shape[1] != self.in_channels:
+            x = x.repeat(1, self.in_channels, 1, 1)  # (1 channel: checked when the run was set up)
+        z = self.vae.encode(x.to(self._dtype)).latent_dist.sample(generator=generator)
+        return ((z - self.shift_factor) * self.scaling_factor).float()
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64,
                out_channels: int | None = None) -> torch.Tensor:
         """Scaled latents → float32 images in [-1, 1] on the CPU, with ``out_channels`` channels (default:
@@ -249,17 +259,32 @@ def _plain(cfg: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if not k.startswith("_")}
 
 
-__all__ = ["LatentCodec", "shard_rows"]
+__all__ = ["LATENT_ENCODING", "LatentCodec", "shard_rows"]
+
+
+LATENT_ENCODING = ("cached", "per-step")  # --latent-encoding
 
 
 def with_latents(data: DiffusionData, vae_path: str, cache_dir: str | os.PathLike, device="cpu",
-                 accelerator=None) -> DiffusionData:
-    """Encode ``data``'s training images with the AutoencoderKL at ``vae_path`` (cached) for latent-space training;
-    with an ``accelerator``, in shares by every process (see :meth:`LatentCodec.encode_cached`)."""
+                 accelerator=None, encoding: str = "cached") -> DiffusionData:
+    """Latent-space training with the AutoencoderKL at ``vae_path``: ``encoding="cached"`` encodes ``data``'s
+    training images once (the posterior mean, full size; cached; with an ``accelerator`` in shares by every
+    process, see :meth:`LatentCodec.encode_cached`); ``"per-step"`` encodes each batch in its step instead
+    (:attr:`DiffusionData.encode_each_batch`)."""
+    if encoding not in LATENT_ENCODING:
+        raise ConfigError(f"--latent-encoding must be one of {', '.join(LATENT_ENCODING)}, got {encoding!r}")
     codec = LatentCodec.from_pretrained(vae_path, device=device)
     codec.latent_size(data.image_size)  # refuses sizes the VAE cannot halve down
     if codec.in_channels == 1:  # greyscale files, which an ImageFolder reads as RGB: one channel, value for value
         data.to_greyscale()
+    if encoding == "per-step":
+        if data.in_chans not in (1, codec.in_channels):  # (as encode() refuses them)
+            kind = " (colour)" if data.in_chans == 3 else ""
+            raise ConfigError(f"images have {data.in_chans} channels{kind}; the VAE takes {codec.in_channels} "
+                              "(or 1, repeated)")
+        codec.image_channels = data.in_chans
+        data.codec, data.encode_each_batch = codec, True
+        return data
     data.latents = codec.encode_cached(data.train_images, Path(cache_dir) / "latents", accelerator=accelerator)
     data.codec = codec
     return data

@@ -50,7 +50,7 @@ from .dreambooth import (
     MAX_EVAL_PROMPTS,
     SCORE_KEYS,
 )
-from .latent import with_latents
+from .latent import LATENT_ENCODING, with_latents
 from .methods import prepare_static
 from .quality import default_cache_dir
 from .sampling import check_sample_steps, training_scheduler
@@ -75,6 +75,13 @@ DATASET_DEFAULT = "default"  # --classes: the dataset's (the built-in split, or 
 def _classes_text(c: tuple[int, ...]) -> str:
     return f"{c[0]}-{c[-1]}" if list(c) == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
 
+
+
+LATENT_ENCODING_HELP = ("latent space: 'cached' (autoprog's) encodes every training image once (the posterior mean, "
+                        "full size) and flips and resizes the latents; 'per-step' (the official train_apz.py's) "
+                        "encodes each batch's flipped pixels at the stage's resolution inside its step, the "
+                        "posterior sampled, the searches' batches too (the VAE's encoder then runs in every step and "
+                        "counts in the measured time, not in the FLOPs)")
 
 @dataclass
 class ImageDataSpec(Spec):
@@ -152,6 +159,7 @@ class FinetuneSpec(ImageDataSpec):
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
                                    "are cached); fine-tuning uses the base model's VAE by default", metavar="PATH",
                              show_default=False, group="data")
+    latent_encoding: str = option("cached", LATENT_ENCODING_HELP, choices=LATENT_ENCODING, group="data")
     num_stages: int = option(4, "stages of progressive unfreezing", minimum=1, group="unfreezing")
     start_ratio: float = option(0.25, "first stage's share of input patches per side and learnable blocks "
                                       "(Sec. 5.1.2)", above=0, maximum=1, group="unfreezing")
@@ -371,6 +379,7 @@ class BaseSpec(ImageDataSpec):
                                            "can add the other classes)", minimum=1, show_default=False, group="model")
     vae: str | None = option(None, "a local diffusers AutoencoderKL directory: train in its latent space (latents "
                                    "are cached)", metavar="PATH", show_default=False, group="data")
+    latent_encoding: str = option("cached", LATENT_ENCODING_HELP, choices=LATENT_ENCODING, group="data")
     patch_size: int = option(4, "patch size", minimum=1, group="model")
     hidden_size: int = option(96, "transformer width", minimum=1, group="model")
     depth: int = option(6, "transformer blocks", minimum=1, group="model")
@@ -652,7 +661,10 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
     vae = spec.vae or meta.get("vae")
     if vae:  # encoded once (cached; in shares by the processes), and every evaluation decoded, on the run's device
         with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device if device is not None else "cpu",
-                     accelerator=acc)
+                     accelerator=acc, encoding=spec.latent_encoding)
+    elif spec.latent_encoding != "cached":
+        raise ConfigError(f"--latent-encoding {spec.latent_encoding} is for latent-space training: give --vae, or a "
+                          "base trained in a VAE's latent space")
     if model.in_chans == 1 and data.to_greyscale() and (acc is None or acc.is_main_process):  # read as RGB
         print(f"{spec.dataset}: greyscale images, trained as one channel as the base model takes them")
     if data.model_chans != model.in_chans:
@@ -815,7 +827,10 @@ def _pretrain_base(spec: BaseSpec, out: Path, accelerator, resume: bool, overwri
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection), spec.image_size,
                                spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
     if spec.vae:  # encoded on the run's device, in shares by the processes (cached)
-        with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device, accelerator=acc)
+        with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device, accelerator=acc,
+                     encoding=spec.latent_encoding)
+    elif spec.latent_encoding != "cached":
+        raise ConfigError(f"--latent-encoding {spec.latent_encoding} is for latent-space training: give --vae")
     torch.manual_seed(spec.train.seed)
     if spec.backbone == "text-unet":
         model = _build_text_base(spec, data)

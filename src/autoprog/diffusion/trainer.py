@@ -336,10 +336,11 @@ class DiffusionTrainer(RunTemplate):
             noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g)
             self._proxy = (idx, y, t, noise_seed)
-        from .data import resize
-
         idx, y, t, noise_seed = self._proxy
-        x = resize(self.data.inputs(idx), resolution)
+        codec = self.data.codec if self.data.encode_each_batch else None  # (per-step latents: encoded here too,
+        # as the official search encodes its batches, the posterior drawn the same for every candidate)
+        x = self.data.clean(idx, resolution, None if codec is None else
+                            torch.Generator(codec.device).manual_seed(noise_seed)).cpu()
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed))
         xt = self.noise.add_noise(x, noise, t)
         dev = self.acc.device
