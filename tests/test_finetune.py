@@ -515,10 +515,20 @@ def test_latent_space_pretrain_finetune_and_sample(cli, fake_fmnist, cache_dir, 
 
     assert Image.open(out / "model-samples" / "class5.png").mode == "RGB"  # decoded grey images, saved as PNG
     # the official encoding: each batch (the searches' too) encoded in its step, the posterior sampled
+    encoded, encode_batch = [], LatentCodec.encode_batch
+    monkeypatch.setattr(LatentCodec, "encode_batch", lambda self, x, generator=None: encoded.append(x.shape[-1])
+                        or encode_batch(self, x, generator))
+    monkeypatch.setattr(LatentCodec, "encode_cached", lambda *a, **k: pytest.fail("per-step caches no latents"))
     out = tmp_path / "ft-per-step"
     rc, _, err = cli("finetune", "--method", "autoprog-zero", "--latent-encoding", "per-step", "--base", base / "model",
                      "--data-root", fake_fmnist, "--cache-dir", cache_dir, "--out", out, *TINY_FLAGS)
     assert rc == 0, err
+    assert len(encoded) >= 8 and 28 in encoded and min(encoded) < 28, "every step's batch, at its stage's pixels"
+    encoded.clear()
+    rc, _, err = cli("pretrain", "--task", "diffusion", "--vae", "vae", "--latent-encoding", "per-step", "--patch-size",
+                     "2", "--hidden-size", "16", "--depth", "2", "--num-heads", "2", "--data-root", fake_fmnist,
+                     "--cache-dir", cache_dir, "--out", tmp_path / "base-per-step", *TRAIN_FLAGS)
+    assert rc == 0 and len(encoded) >= 8, err  # a base model too
     res = json.loads((out / "results.json").read_text())
     assert math.isfinite(res["summary"]["fd"]) and len(res["summary"]["search"]) == 3
     assert json.loads((out / "config.json").read_text())["spec"]["latent_encoding"] == "per-step"

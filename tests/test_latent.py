@@ -273,7 +273,7 @@ def _small_data(n=6, size=16, c=3):
 def test_per_step_encoding_encodes_each_batchs_flipped_pixels_at_the_stages_resolution(vae_dir, tmp_path):
     """--latent-encoding per-step (the official train_apz.py's): no latents cached; a batch is the flipped pixels
     resized to the stage's resolution times the VAE's factor, encoded, the posterior drawn from the step's seed."""
-    from autoprog.diffusion.data import resize, to_float
+    from autoprog.diffusion.data import POSTERIOR_SALT, resize, to_float
     from autoprog.diffusion.latent import with_latents
 
     data = with_latents(_small_data(), str(vae_dir), tmp_path / "cache", encoding="per-step")
@@ -290,10 +290,15 @@ def test_per_step_encoding_encodes_each_batchs_flipped_pixels_at_the_stages_reso
     px = to_float(data.train_images[idx])
     px = torch.where(flip.view(-1, 1, 1, 1), px.flip(-1), px)
     codec = data.codec
-    gen = torch.Generator().manual_seed(7 ^ 0x5EED_1A7E)
-    assert torch.allclose(x, codec.encode_batch(resize(px, 8), generator=gen), atol=1e-6)
+    vae = codec.vae  # the VAE's own posterior sample, scaled: the official `latent_dist.sample().mul_(0.18215)`
+    gen = torch.Generator().manual_seed(7 ^ POSTERIOR_SALT)
+    expected = vae.encode(resize(px, 8)).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+    assert torch.allclose(x, expected, atol=1e-6)
+    assert not torch.allclose(x, vae.encode(resize(px, 8)).latent_dist.mean * vae.config.scaling_factor, atol=1e-3)
     clean = data.clean(idx, 4, torch.Generator().manual_seed(1))  # the searches' batches: unflipped, encoded
-    assert clean.shape == (3, 4, 4, 4)
+    unflipped = vae.encode(resize(to_float(data.train_images[idx]), 8)).latent_dist
+    assert torch.allclose(clean, unflipped.sample(generator=torch.Generator().manual_seed(1))
+                          * vae.config.scaling_factor, atol=1e-6)
     with pytest.raises(ValueError, match="per-step keeps no latents"):
         data.inputs(idx)
     cached = with_latents(_small_data(), str(vae_dir), tmp_path / "cache")

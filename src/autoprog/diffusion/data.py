@@ -38,6 +38,10 @@ BASE_CLASSES = (0, 1, 2, 3, 4)
 TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 
 
+# the posterior's seed is the step's (or the searches' noise seed) with these bits flipped: a stream of its own, so
+# that on the CPU (where both generators are the host's) the posterior's draws are never the noise's
+POSTERIOR_SALT = 0x5EED_1A7E
+
 @dataclass
 class DiffusionData:
     """Train/test uint8 images ``(N, C, H, W)`` with labels, and what a model needs to know about them."""
@@ -169,7 +173,7 @@ class DiffusionData:
         dev = self.codec.device
         if getattr(self, "_posterior_gen", None) is None:
             self._posterior_gen = torch.Generator(dev)
-        seed = (generator.initial_seed() if generator is not None else 0) ^ 0x5EED_1A7E
+        seed = (generator.initial_seed() if generator is not None else 0) ^ POSTERIOR_SALT
         x = resize(to_device(x, dev), resolution * self.codec.downsample)
         return self.codec.encode_batch(x, generator=self._posterior_gen.manual_seed(seed))
 

@@ -80,8 +80,9 @@ def _classes_text(c: tuple[int, ...]) -> str:
 LATENT_ENCODING_HELP = ("latent space: 'cached' (autoprog's) encodes every training image once (the posterior mean, "
                         "full size) and flips and resizes the latents; 'per-step' (the official train_apz.py's) "
                         "encodes each batch's flipped pixels at the stage's resolution inside its step, the "
-                        "posterior sampled, the searches' batches too (the VAE's encoder then runs in every step and "
-                        "counts in the measured time, not in the FLOPs)")
+                        "posterior sampled, the searches' batches too (the VAE's encoder then runs in every step: in "
+                        "the run's time, not in the FLOPs nor in the candidates' step times, as the official search "
+                        "times them)")
 
 @dataclass
 class ImageDataSpec(Spec):
