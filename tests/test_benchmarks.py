@@ -57,6 +57,30 @@ def test_ema_update_speed_times_both_emas_at_every_stage(tmp_path, monkeypatch):
     assert all(r["timm_s"] > 0 and r["lazy_s"] > 0 for r in d["stages"])
 
 
+def test_the_previous_sid_rule_scores_stage_ks_candidates_with_the_stage_before(monkeypatch):
+    """benchmarks/previous_sid_rule.py: the stage identifier is set after the controller enters (and searches) a
+    stage, so the search sees the previous stage's; a trainer's own SID still changes at every stage."""
+    from autoprog.diffusion.trainer import DiffusionTrainer
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("_stage_entering", "_stage_entered"):  # put back after the test, whatever the script sets
+        monkeypatch.setattr(DiffusionTrainer, name, getattr(DiffusionTrainer, name))
+    set_stage = DiffusionTrainer._stage_entering
+    runpy.run_path(str(BENCH / "previous_sid_rule.py"), run_name="previous_sid_rule")
+    assert DiffusionTrainer._stage_entered is set_stage
+    stages = []
+
+    class Model:
+        def set_stage(self, k):
+            stages.append(k)
+
+    trainer = type("T", (), {"model": Model()})()
+    DiffusionTrainer._stage_entering(trainer, 2)
+    assert stages == []
+    DiffusionTrainer._stage_entered(trainer, 2)
+    assert stages == [2]
+
+
 def test_pretrain_schedules_reuses_the_reference_and_replays_inline_schedules(fake_fmnist, tmp_path, monkeypatch):
     like = tmp_path / "original"
     args = [a for a in tiny_args(fake_fmnist, epochs="1") if a != "--no-flops"]
