@@ -315,6 +315,20 @@ def test_an_evaluation_and_a_candidates_score_read_the_device_once_each(cli, fak
                                                for s in res["summary"]["search"]), reads
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "autoprog-zero"])  # the text path frozen, and an SID learning
+def test_text_to_image_steps_walk_no_module_tree(method, cli, text_base, fake_fmnist, cache_dir, tmp_path,  # noqa: F811
+                                                 count_walks):
+    rc, _, err = cli("finetune", "--task", "text-to-image", "--base", text_base, "--method", method, "--steps", "40",
+                     "--batch-size", "4", "--image-size", "8", "--eval-points", "1", "--fd-samples", "4",
+                     "--curve-samples", "4", "--sample-steps", "2", "--feature-epochs", "1", "--checkpoint-every",
+                     "0", "--ema-decay", "0.99", "--cache-dir", cache_dir, "--data-root", fake_fmnist,
+                     "--out", tmp_path / "t2i", "--cpu",
+                     *(["--proxy-batches", "2", "--proxy-batch-size", "2"] if method == "autoprog-zero" else []))
+    assert rc == 0, err
+    assert sum(count_walks.values()) <= 4, dict(count_walks)  # the first step's lists (and the text path's)
+
+
 def test_pretraining_steps_walk_no_module_tree(cli, fake_fmnist, tmp_path, count_walks):
     rc, _, err = cli("pretrain", "--method", "prog", "--out", tmp_path / "run", *tiny_args(fake_fmnist, epochs="4"))
     assert rc == 0, err

@@ -601,6 +601,32 @@ def test_a_step_flops_count_leaves_out_the_one_off_encoding_of_the_prompt_table(
     assert counted == int(count_flops(step) / 2 * trainer.global_batch)  # as a warm step counts
 
 
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_a_step_flops_count_charges_a_learnable_text_path_for_the_prompts_it_encodes(batch_size, text_base,
+                                                                                     fake_fmnist, cache_dir, tmp_path):
+    """With the text encoder learnable, a step of more rows than the run has captions (one per class id of the
+    label space, 10, and the empty prompt) encodes each caption once: the count is a real step's of that many
+    rows, not its 2-row count scaled up."""
+    from autoprog.diffusion.runner import TextFinetuneSpec, build_finetune
+    from autoprog.diffusion.trainer import DiffusionTrainer
+    from autoprog.metrics import count_flops
+
+    cfg = replace(TINY, batch_size=batch_size)
+    data, model, controller, unfreezer, lr = build_finetune(TextFinetuneSpec(
+        base=str(text_base), data_root=str(fake_fmnist), image_size=8, method="full", feature_epochs=1,
+        cache_dir=str(cache_dir), train_text_encoder=True, train=cfg))
+    trainer = DiffusionTrainer(model, controller, data, cfg, tmp_path, lr, unfreezer=unfreezer)
+    assert model.encoded_rows(batch_size) == min(batch_size, 11)
+    counted = trainer.step_flops()
+    x0, y = data.batch(torch.arange(batch_size), trainer.resolution, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        trainer.training_loss(model, x0, y).backward()
+        model.zero_grad(set_to_none=True)
+
+    assert counted == pytest.approx(count_flops(step), rel=1e-9)
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("sid", [0, 2])
 def test_sampling_encodes_each_batchs_prompts_once_not_at_every_step(sid, cfg_scale, monkeypatch):

@@ -235,9 +235,9 @@ class DiffusionTrainer(RunTemplate):
 
     def step_flops(self) -> int:
         """FLOPs of one training step (global batch) with the current resolution and learnable set, counted
-        once per setting on a 2-image batch; the counting time is not training time. (A learnable text path is
-        counted for every row, where a step whose batch has more rows than the run has captions encodes each
-        caption once: the same overcount for every candidate of a stage.)"""
+        once per setting on a 2-image batch; the counting time is not training time. A learnable text path that
+        a step runs on fewer prompts than its rows (the run's captions, each encoded once) is counted for those
+        prompts: the 2-image count's text encoding, per row, is taken out for the rows the step does not encode."""
         key = f"{self.resolution}:{self._learnable_set()[0]}"
         if key not in self.flops_cache:
             from ..metrics import count_flops
@@ -254,7 +254,19 @@ class DiffusionTrainer(RunTemplate):
 
                 counted_step()  # warm: a frozen text path encodes its prompt table once, which no step repeats
                 per_image = count_flops(counted_step) / 2
-                self.flops_cache[key] = int(per_image * self.global_batch)
+                flops = per_image * self.global_batch
+                encoded = getattr(self.model, "encoded_rows", None)  # (text-to-image: prompts a step encodes)
+                rows = encoded(self.cfg.batch_size) if encoded is not None else self.cfg.batch_size
+                if rows < self.cfg.batch_size:
+                    def counted_text():
+                        with forked_rng(self.acc.device):
+                            self.model.encode_text(y).float().sum().backward()
+                        for p in self.model.parameters():
+                            p.grad = None
+
+                    per_row = count_flops(counted_text) / 2
+                    flops -= per_row * (self.cfg.batch_size - rows) * self.acc.num_processes
+                self.flops_cache[key] = int(flops)
         return self.flops_cache[key]
 
     # ---------------------------------------------------------------------- services for controllers

@@ -186,15 +186,39 @@ class TextUNet(DiffusionBackbone):
         when it ends, so they do not stay on the device through training)."""
         self._last_text = None
 
+    def encoded_rows(self, rows: int) -> int:
+        """How many prompts a training step of ``rows`` rows runs a learnable text encoder on: the run's declared
+        captions when they are fewer (each encoded once, see :meth:`_encode_text`), else every row."""
+        return len(self._table) if self._encodes_table(rows) else rows
+
+    def _text_params(self) -> list[nn.Parameter]:
+        """The text path's parameters (the text encoder's, then the SID's), listed once per text encoder and SID
+        (walking the text encoder's modules at every step costs Python a GPU step waits for)."""
+        key = (id(self.text_encoder), id(self.sid), self.text_encoder.get_input_embeddings().weight)
+        cached = getattr(self, "_text_params_for", None)
+        if cached is None or cached[0][:2] != key[:2] or cached[0][2] is not key[2]:  # (a resized table: anew)
+            params = [*self.text_encoder.parameters(), *(self.sid.parameters() if self.sid is not None else ())]
+            self._text_params_for = cached = (key, params)
+        return cached[1]
+
+    def _text_learnable(self) -> bool:
+        return any(p.requires_grad for p in self._text_params())
+
+    def _text_random(self) -> bool:
+        return self.text_encoder.training and self.text_encoder.config.attention_dropout > 0
+
+    def _encodes_table(self, rows: int) -> bool:
+        """Whether a training step (autograd on) of ``rows`` rows encodes the declared captions once each."""
+        return (self._text_learnable() and not self._text_random() and self._table is not None
+                and len(self._table) < rows)
+
     def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self.with_sid(ids)
-        learnable = self.sid is not None and self.sid.embedding.weight.requires_grad
-        learnable = learnable or any(p.requires_grad for p in self.text_encoder.parameters())
-        random = self.text_encoder.training and self.text_encoder.config.attention_dropout > 0
+        learnable, random = self._text_learnable(), self._text_random()
         if learnable or random:
             grad = torch.is_grad_enabled() and learnable
             with torch.set_grad_enabled(grad):
-                if grad and not random and self._table is not None and len(self._table) < len(ids):
+                if grad and self._encodes_table(len(ids)):
                     # a training step with fewer prompts in the run than rows in the batch: each prompt encoded
                     # once, its rows gathered (the same encodings; the gradients of a prompt's rows summed)
                     keys = self._table_keys(ids)
@@ -222,8 +246,7 @@ class TextUNet(DiffusionBackbone):
         """What the encodings of ``ids`` depend on besides the ids: the text weights (their storage and version
         counters: an optimizer or EMA step or a loaded checkpoint changes them), the device, the autocast type
         and the SID's stage."""
-        params = [*self.text_encoder.parameters(), *(self.sid.parameters() if self.sid is not None else ())]
-        return (tuple((p.data_ptr(), p._version) for p in params), str(ids.device),
+        return (tuple((p.data_ptr(), p._version) for p in self._text_params()), str(ids.device),
                 torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None,
                 self.sid.stage if self.sid is not None else None)
 
