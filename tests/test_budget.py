@@ -115,9 +115,11 @@ def test_a_time_budget_ends_near_it(cli, fake_fmnist, tmp_path):
     assert b["unit"] == "s" and b["amount"] == 3.0 and b["replans"] >= 4
     assert 0.7 <= res["summary"]["wall_time_s"] / 3.0 <= 1.3, b
     # decayed by the end: the last re-plan lands within a step or two of the real end (step times on a shared
-    # machine), so the rate is within 0.1 % of the way back to the peak (1e-3), not exactly the minimum (exact
-    # failed about one run in four; within 1 % of the minimum failed once, at 2 %: 0.02 % of the way)
-    assert res["epochs"][-1]["lr"] - MIN_LR <= 1e-3 * (1e-3 - MIN_LR), res["epochs"][-1]["lr"]
+    # machine; a re-plan that finds the budget spent ends the run at once, one step short of the decay), so the rate
+    # is within 1 % of the way back to the peak (1e-3), not exactly the minimum (exact failed about one run in
+    # four; within 1 % of the minimum failed once, at 2 %: 0.02 % of the way; within 0.1 % of the way failed once
+    # in a fresh-clone CI run, at 0.17 % of the way); a run that never decayed is tens of percent of the way
+    assert res["epochs"][-1]["lr"] - MIN_LR <= 1e-2 * (1e-3 - MIN_LR), res["epochs"][-1]["lr"]
 
 
 def test_a_budget_run_stopped_mid_epoch_resumes_identical(cli, fake_fmnist, tmp_path):
