@@ -295,6 +295,19 @@ def test_prior_preservations_settings_without_it_are_said_to_be_unread(text_base
     assert "--prior-loss-weight, --class-dir are read only with --with-prior-preservation" in capsys.readouterr().err
 
 
+def test_the_built_in_subject_under_a_prompt_naming_another_class_is_warned_of(text_base, fake_fmnist, capsys):
+    from autoprog.diffusion.runner import build_finetune
+    from autoprog.errors import forget_warnings
+
+    forget_warnings()
+    build_finetune(DreamBoothSpec(base=str(text_base), data_root=str(fake_fmnist)))  # "a photo of sks {}": a dress
+    assert "does not name the built-in subject" not in capsys.readouterr().err
+    build_finetune(DreamBoothSpec(base=str(text_base), data_root=str(fake_fmnist), instance_prompt="a photo of sks dog",
+                                  class_prompt="a photo of dog"))  # the dreambooth-paper preset's, without its images
+    assert ("--instance-prompt 'a photo of sks dog' does not name the built-in subject, a Fashion-MNIST dress: give "
+            "--instance-dir") in capsys.readouterr().err
+
+
 def test_class_images_never_go_into_the_subjects_folder(cli, text_base, tmp_path):
     """--class-dir naming the --instance-dir (or a folder in it, or around it) once wrote generated class images
     among the subject's, which every later run then read as the subject."""

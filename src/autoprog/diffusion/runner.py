@@ -544,6 +544,14 @@ def _dreambooth_data(spec: DreamBoothSpec, model, meta: dict, base: Path, device
     if spec.instance_dir is None and builtin_dataset(spec.dataset) != "fashion-mnist":
         raise ConfigError(f"the built-in subject is Fashion-MNIST's; with --dataset {spec.dataset} give --instance-dir")
     instance_prompt, class_prompt = spec.prompts()
+    if spec.instance_dir is None:  # the built-in subject: a prompt naming another class trains it under that name
+        from .data import FASHION_MNIST_NAMES
+
+        name = FASHION_MNIST_NAMES[spec.subject()]
+        if not set(re.findall(r"\w+", name.lower())) <= set(re.findall(r"\w+", instance_prompt.lower())):
+            warn(f"--instance-prompt {instance_prompt!r} does not name the built-in subject, a Fashion-MNIST "
+                 f"{name}: give --instance-dir with your subject's images (e.g. the dreambooth-paper preset's dog)",
+                 once=True)
     size, chans = meta.get("image_size"), meta.get("image_channels")
     vae = spec.vae or meta.get("vae")
     if vae and not (size and chans):  # a pipeline autoprog did not make: pixels are the VAE's factor larger
