@@ -48,8 +48,8 @@ class LazyEma(ModelEmaV3):
     def averaged(self) -> nn.Module:
         """The average, with every deferred update applied. Checks that the model still holds the tensors the
         updates have been moving towards (they are listed once, not at every update)."""
-        self._settle(None)
-        if self._paired is not None and not _same_tensors(self._pairs(self._paired[0], fresh=True), self._paired[1]):
+        self.settle()
+        if self._paired is not None and not _same_tensors(self._listed(self._paired[0]), self._paired[1]):
             raise RuntimeError("a tensor of the model was replaced after its EMA was made (the EMA moved towards "
                                "the old one); call LazyEma.forget() after replacing parameters or buffers")
         return self.module
@@ -61,16 +61,16 @@ class LazyEma(ModelEmaV3):
         self._owed.clear()
         self._paired = None
 
-    def _pairs(self, model: nn.Module, fresh: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The average's state tensors beside ``model``'s, listed once per model (walking a large model's module
-        tree costs milliseconds of Python at every step)."""
-        if fresh or self._paired is None or self._paired[0] is not model:
-            pairs = list(zip(self.module.state_dict(keep_vars=True).values(),
-                             model.state_dict(keep_vars=True).values()))
-            if fresh:
-                return pairs
-            self._paired = (model, pairs)
+    def _pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`_listed`, once per model (walking a large model's module tree costs milliseconds of Python at
+        every step)."""
+        if self._paired is None or self._paired[0] is not model:
+            self._paired = (model, self._listed(model))
         return self._paired[1]
+
+    def _listed(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The average's state tensors beside ``model``'s."""
+        return list(zip(self.module.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()))
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:

@@ -42,6 +42,7 @@ TRANSFER_CLASSES = (5, 6, 7, 8, 9)
 # that on the CPU (where both generators are the host's) the posterior's draws are never the noise's
 POSTERIOR_SALT = 0x5EED_1A7E
 
+
 @dataclass
 class DiffusionData:
     """Train/test uint8 images ``(N, C, H, W)`` with labels, and what a model needs to know about them."""
@@ -121,14 +122,13 @@ class DiffusionData:
             raise ValueError("--latent-encoding per-step keeps no latents: use clean() at a resolution")
         return self.latents[idx] if self.latents is not None else to_float(self.train_images[idx])
 
-    def clean(self, idx: torch.Tensor, resolution: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def clean(self, idx: torch.Tensor, resolution: int, seed: int = 0) -> torch.Tensor:
         """The clean inputs ``x_0`` of training images ``idx`` at ``resolution``, unflipped (the searches' fixed
-        batches): resized pixels or latents, or (:attr:`encode_each_batch`) the pixels resized to ``resolution``
-        times the VAE's factor and encoded on the VAE's device, the posterior drawn by ``generator`` (there)."""
+        batches): resized pixels or latents, or (:attr:`encode_each_batch`) the pixels encoded as :meth:`batch`
+        encodes them, the posterior drawn from ``seed`` (see :meth:`_encoded`)."""
         if not self.encode_each_batch:
             return resize(self.inputs(idx), resolution)
-        x = to_float(to_device(self.train_images[idx], self.codec.device))
-        return self.codec.encode_batch(resize(x, resolution * self.codec.downsample), generator=generator)
+        return self._encoded(to_float(self.train_images[idx]), resolution, seed)
 
     def drop_pixels(self) -> None:
         """Let go of the images' pixels once a latent-space run holds their latents and this process scores
@@ -164,18 +164,18 @@ class DiffusionData:
             flip = to_device(flip, x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if self.encode_each_batch:  # flipped pixels at the stage's resolution, encoded (the official order)
-            return self._encoded(x, resolution, generator).to(x.device), y
+            seed = generator.initial_seed() if generator is not None else 0  # (the step's: host-side, no wait)
+            return self._encoded(x, resolution, seed).to(x.device), y
         return resize(x, resolution), y
 
-    def _encoded(self, x: torch.Tensor, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Pixels ``x`` resized to ``resolution`` latent pixels and encoded, the posterior drawn by a generator on
-        the VAE's device seeded from ``generator``'s seed (host-side: no wait), so a step's draws repeat."""
+    def _encoded(self, x: torch.Tensor, resolution: int, seed: int) -> torch.Tensor:
+        """Pixels ``x`` resized to ``resolution`` latent pixels and encoded on the VAE's device, the posterior drawn
+        by a generator there seeded from ``seed`` with :data:`POSTERIOR_SALT`, so the same seed draws the same."""
         dev = self.codec.device
         if getattr(self, "_posterior_gen", None) is None:
             self._posterior_gen = torch.Generator(dev)
-        seed = (generator.initial_seed() if generator is not None else 0) ^ POSTERIOR_SALT
         x = resize(to_device(x, dev), resolution * self.codec.downsample)
-        return self.codec.encode_batch(x, generator=self._posterior_gen.manual_seed(seed))
+        return self.codec.encode_batch(x, generator=self._posterior_gen.manual_seed(seed ^ POSTERIOR_SALT))
 
     @property
     def paired(self) -> bool:

@@ -76,13 +76,13 @@ def _classes_text(c: tuple[int, ...]) -> str:
     return f"{c[0]}-{c[-1]}" if list(c) == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
 
 
-
 LATENT_ENCODING_HELP = ("latent space: 'cached' (autoprog's) encodes every training image once (the posterior mean, "
                         "full size) and flips and resizes the latents; 'per-step' (the official train_apz.py's) "
                         "encodes each batch's flipped pixels at the stage's resolution inside its step, the "
                         "posterior sampled, the searches' batches too (the VAE's encoder then runs in every step: in "
                         "the run's time, not in the FLOPs nor in the candidates' step times, as the official search "
                         "times them)")
+
 
 @dataclass
 class ImageDataSpec(Spec):
@@ -651,6 +651,17 @@ def _check_captions(spec, data, model) -> None:
         model.check_prompts(data.captions, what)
 
 
+def _into_latent_space(data, spec, vae: str | None, device, acc, without: str) -> None:
+    """With a VAE, ``data`` in its latent space on ``device`` (``--latent-encoding``: encoded once, cached, in shares
+    by the processes; or per step); without one, ``--latent-encoding`` other than the default is refused (``without``
+    says what to give)."""
+    if vae:
+        with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device, accelerator=acc,
+                     encoding=spec.latent_encoding)
+    elif spec.latent_encoding != "cached":
+        raise ConfigError(f"--latent-encoding {spec.latent_encoding} is for latent-space training: {without}")
+
+
 def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None, acc=None):
     """The training data and the base model, checked against each other and fitted to the data (input size,
     classes or captions)."""
@@ -667,13 +678,9 @@ def _data_and_base(spec: FinetuneSpec, device: torch.device | str | None = None,
                           f"{base} is a class-conditional {model.kind}")
     if dreambooth:
         data = _dreambooth_data(spec, model, meta, base, device, acc)  # class images in shares, made once
-    vae = spec.vae or meta.get("vae")
-    if vae:  # encoded once (cached; in shares by the processes), and every evaluation decoded, on the run's device
-        with_latents(data, vae, spec.cache_dir or default_cache_dir(), device=device if device is not None else "cpu",
-                     accelerator=acc, encoding=spec.latent_encoding)
-    elif spec.latent_encoding != "cached":
-        raise ConfigError(f"--latent-encoding {spec.latent_encoding} is for latent-space training: give --vae, or a "
-                          "base trained in a VAE's latent space")
+    vae = spec.vae or meta.get("vae")  # every evaluation decoded on the run's device
+    _into_latent_space(data, spec, vae, device if device is not None else "cpu", acc,
+                       "give --vae, or a base trained in a VAE's latent space")
     if model.in_chans == 1 and data.to_greyscale() and (acc is None or acc.is_main_process):  # read as RGB
         print(f"{spec.dataset}: greyscale images, trained as one channel as the base model takes them")
     if data.model_chans != model.in_chans:
@@ -835,11 +842,7 @@ def _pretrain_base(spec: BaseSpec, out: Path, accelerator, resume: bool, overwri
     spec = _run_spec(type(spec) if spec is not None else BaseSpec, spec, out, resume, overwrite, stop_after)
     data = load_diffusion_data(spec.dataset, spec.data_root, parse_classes(spec.class_selection), spec.image_size,
                                spec.subset, seed=0, accelerator=acc)  # (an ImageFolder: in shares)
-    if spec.vae:  # encoded on the run's device, in shares by the processes (cached)
-        with_latents(data, spec.vae, spec.cache_dir or default_cache_dir(), device=acc.device, accelerator=acc,
-                     encoding=spec.latent_encoding)
-    elif spec.latent_encoding != "cached":
-        raise ConfigError(f"--latent-encoding {spec.latent_encoding} is for latent-space training: give --vae")
+    _into_latent_space(data, spec, spec.vae, acc.device, acc, "give --vae")
     torch.manual_seed(spec.train.seed)
     if spec.backbone == "text-unet":
         model = _build_text_base(spec, data)

@@ -39,7 +39,7 @@ from ..options import check_bounds, option
 from ..rng import forked_rng
 from ..space import GrowthSpace, SubNet
 from ..steptime import REPEATS, SearchMeasurements, ShadowUpdate, StepTimer
-from .data import POSTERIOR_SALT, DiffusionData
+from .data import DiffusionData
 from .dreambooth import SCORE_KEYS
 from .methods import export_backbone
 from .sampling import (
@@ -349,11 +349,9 @@ class DiffusionTrainer(RunTemplate):
             t = torch.randint(0, self.noise.config.num_train_timesteps, (n,), generator=g)
             self._proxy = (idx, y, t, noise_seed)
         idx, y, t, noise_seed = self._proxy
-        codec = self.data.codec if self.data.encode_each_batch else None  # (per-step latents: encoded here too,
-        # as the official search encodes its batches, the posterior drawn the same for every candidate, from a
-        # stream apart from the noise's)
-        x = self.data.clean(idx, resolution, None if codec is None else
-                            torch.Generator(codec.device).manual_seed(noise_seed ^ POSTERIOR_SALT)).cpu()
+        # (per-step latents: encoded here too, as the official search encodes its batches, the posterior drawn the
+        # same for every candidate, from a stream apart from the noise's)
+        x = self.data.clean(idx, resolution, seed=noise_seed).cpu()
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed))
         xt = self.noise.add_noise(x, noise, t)
         dev = self.acc.device

@@ -194,9 +194,9 @@ class TextUNet(DiffusionBackbone):
     def _text_params(self) -> list[nn.Parameter]:
         """The text path's parameters (the text encoder's, then the SID's), listed once per text encoder and SID
         (walking the text encoder's modules at every step costs Python a GPU step waits for)."""
-        key = (id(self.text_encoder), id(self.sid), self.text_encoder.get_input_embeddings().weight)
+        key = (self.text_encoder, self.sid, self.text_encoder.get_input_embeddings().weight)  # (a resized table: anew)
         cached = getattr(self, "_text_params_for", None)
-        if cached is None or cached[0][:2] != key[:2] or cached[0][2] is not key[2]:  # (a resized table: anew)
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
             params = [*self.text_encoder.parameters(), *(self.sid.parameters() if self.sid is not None else ())]
             self._text_params_for = cached = (key, params)
         return cached[1]
@@ -209,8 +209,11 @@ class TextUNet(DiffusionBackbone):
 
     def _encodes_table(self, rows: int) -> bool:
         """Whether a training step (autograd on) of ``rows`` rows encodes the declared captions once each."""
-        return (self._text_learnable() and not self._text_random() and self._table is not None
-                and len(self._table) < rows)
+        return self._text_learnable() and not self._text_random() and self._table_fits(rows)
+
+    def _table_fits(self, rows: int) -> bool:
+        """Whether the run declared fewer captions than ``rows``."""
+        return self._table is not None and len(self._table) < rows
 
     def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self.with_sid(ids)
@@ -218,7 +221,7 @@ class TextUNet(DiffusionBackbone):
         if learnable or random:
             grad = torch.is_grad_enabled() and learnable
             with torch.set_grad_enabled(grad):
-                if grad and self._encodes_table(len(ids)):
+                if grad and not random and self._table_fits(len(ids)):  # (as _encodes_table)
                     # a training step with fewer prompts in the run than rows in the batch: each prompt encoded
                     # once, its rows gathered (the same encodings; the gradients of a prompt's rows summed)
                     keys = self._table_keys(ids)
